@@ -1,0 +1,1 @@
+"""Crypto backends: each turns canonical MIME bytes into protected MIME bytes; no sockets."""

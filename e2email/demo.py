@@ -1,0 +1,234 @@
+"""``e2email demo``: the whole round trip on this machine, no network and no configuration.
+
+Alice signs and encrypts a message with an attachment to Bob; e2email submits it over implicit
+TLS (with AUTH) to a real SMTP server on 127.0.0.1 whose certificate comes from a throwaway CA;
+then, as Bob would, the bytes the server received are decrypted and the signature verified with
+Bob's own keystore. Every step is shown. The keys are the public demo keys in ``keys/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import hashlib
+import importlib.resources
+import shutil
+import tempfile
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.text import Text
+
+from e2email.client import AsyncMailer
+from e2email.config import Protection, SMTPSettings, TLSMode
+from e2email.errors import E2EmailError
+from e2email.keystore import Keystore
+from e2email.message import Attachment, Message
+from e2email.testing import LoopbackSMTPServer
+
+__all__ = ["DemoOutcome", "demo_keys_dir", "run_demo"]
+
+ALICE = "Alice Demo <alice@example.org>"
+BOB = "Bob Demo <bob@example.net>"
+_SMTP_USER, _SMTP_PASSWORD = "alice", "demo-password"
+
+_BODY = """Hi Bob,
+
+here are the quarterly numbers, as promised. Only you (and I) can read this:
+the server in the middle sees ciphertext, and the signature proves it is from me.
+
+From here on the plan is unchanged.
+  -- Alice
+"""
+_ATTACHMENT = b"quarter,revenue,cost\r\nQ1,120,80\r\nQ2,135,82\r\nQ3,150,90\r\n"
+
+
+def demo_keys_dir() -> Path:
+    """Where the demo keys are: inside the installed package, or ``keys/`` in a checkout."""
+    try:
+        packaged = importlib.resources.files("e2email.demo_keys")
+        path = Path(str(packaged))
+        if (path / "alice.sec.asc").is_file():
+            return path
+    except ModuleNotFoundError:
+        pass
+    # An editable install maps the e2email package to the checkout, so the keys sit beside it.
+    return Path(__file__).resolve().parent.parent / "keys"
+
+
+@dataclass(frozen=True)
+class DemoOutcome:
+    ok: bool
+    tls_version: str | None
+    signer: str | None
+    decrypted_text: str
+
+
+def _show(console: Console, title: str, body: str | Text) -> None:
+    console.print(Panel(body, title=title, title_align="left", expand=True))
+
+
+def _ciphertext_view(raw: bytes, *, lines: int = 28) -> Text:
+    shown = raw.decode("ascii", errors="replace").split("\r\n")
+    text = Text("\n".join(shown[:lines]))
+    if len(shown) > lines:
+        text.append(f"\n... ({len(shown) - lines} more lines, {len(raw)} bytes in all)", "dim")
+    return text
+
+
+def _decrypt_as_bob(
+    bob: Keystore, raw: bytes, sender_fingerprint: str
+) -> tuple[EmailMessage, str | None, bool]:
+    """Cut the encrypted part out of the received bytes and decrypt it with Bob's key; the
+    signature counts only if it is valid and made by the sender's key."""
+    outer = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(outer, EmailMessage)
+    parts = outer.get_payload()
+    if outer.get_content_type() != "multipart/encrypted" or not isinstance(parts, list):
+        raise ValueError(f"expected multipart/encrypted, got {outer.get_content_type()}")
+    armored = parts[1].get_payload(decode=True)
+    result = bob.gpg.decrypt(armored, extra_args=["--trust-model", "always"])
+    if not result.ok:
+        raise ValueError(f"decryption failed: {result.status}")
+    inner = email.message_from_bytes(result.data, policy=email.policy.default)
+    assert isinstance(inner, EmailMessage)
+    signed_by = {result.fingerprint, getattr(result, "pubkey_fingerprint", None)}
+    good = bool(result.valid) and sender_fingerprint in signed_by
+    return inner, getattr(result, "username", None), good
+
+
+async def _run(console: Console, work: Path) -> DemoOutcome:
+    keys = demo_keys_dir()
+    alice = Keystore(work / "alice")
+    bob = Keystore(work / "bob")
+    try:
+        for store, files in (
+            (alice, ("alice.sec.asc", "bob.pub.asc")),
+            (bob, ("bob.sec.asc", "alice.pub.asc")),
+        ):
+            for name in files:
+                store.import_file(keys / name)
+        alice_fpr = alice.find("alice@example.org")[0].fingerprint
+        _show(
+            console,
+            "1. Identities (public demo keys: never use them for real mail)",
+            f"sender    {ALICE}  signs with {alice_fpr}\n"
+            f"recipient {BOB}  encrypts to {alice.find('bob@example.net')[0].fingerprint}",
+        )
+
+        attachment_path = work / "quarterly-report-2026-q3-final-numbers.csv"
+        attachment_path.write_bytes(_ATTACHMENT)
+        message = Message(
+            sender=ALICE,
+            to=(BOB,),
+            subject="Quarterly numbers — confidential",
+            text=_BODY,
+            attachments=(Attachment.from_path(attachment_path),),
+        )
+
+        with LoopbackSMTPServer(tls="implicit", credentials={_SMTP_USER: _SMTP_PASSWORD}) as server:
+            assert server.ca_file is not None
+            _show(
+                console,
+                "2. A real SMTP server on loopback",
+                f"listening on {server.host}:{server.port} with implicit TLS (like port 465),\n"
+                f"certificate from a throwaway CA ({server.ca_file}), AUTH required after TLS",
+            )
+            mailer = AsyncMailer(
+                smtp=SMTPSettings(
+                    host=server.host,
+                    port=server.port,
+                    tls=TLSMode.IMPLICIT,
+                    username=_SMTP_USER,
+                    password=_SMTP_PASSWORD,
+                    ca_file=server.ca_file,
+                    timeout=30,
+                ),
+                keystore=alice,
+                protection=Protection(sign=True, encrypt=True),
+            )
+            result = await mailer.send(message)
+            delivery = result.copies[0].delivery
+            tls = delivery.tls
+            _show(
+                console,
+                "3. Signed, encrypted and submitted",
+                f"TLS {tls.version if tls else '?'} ({tls.cipher if tls else '?'}), "
+                f"certificate and host name verified\n"
+                f"accepted for {', '.join(result.accepted)}: {delivery.data_reply}",
+            )
+            received = server.messages[-1]
+
+        _show(
+            console,
+            f"4. What the server received ({received.tls_version}): ciphertext only",
+            _ciphertext_view(received.data),
+        )
+        plain_leaks = [
+            needle
+            for needle in (b"quarterly numbers", b"Quarterly", b"Q3,150", b"revenue")
+            if needle in received.data
+        ]
+
+        inner, signer, good = _decrypt_as_bob(bob, received.data, alice_fpr)
+        body_part = inner.get_body(preferencelist=("plain",))
+        # The wire form is CRLF; compare and show text with Python's newlines.
+        text = body_part.get_content().replace("\r\n", "\n") if body_part is not None else ""
+        files = [
+            (p.get_filename() or "", p.get_payload(decode=True))
+            for p in inner.iter_attachments()
+            if isinstance(p, EmailMessage)
+        ]
+        expected = hashlib.sha256(_ATTACHMENT).digest()
+        attachment_ok = any(
+            isinstance(data, bytes) and hashlib.sha256(data).digest() == expected
+            for _, data in files
+        )
+        verdict = Text()
+        verdict.append("signature: ")
+        verdict.append(
+            f"GOOD, by {signer}\n" if good else "NOT VERIFIED\n", "green" if good else "bold red"
+        )
+        verdict.append(f"protected subject: {inner['subject']}\n")
+        verdict.append(f"attachments: {', '.join(n for n, _ in files) or 'none'}")
+        verdict.append(" (bytes match)\n" if attachment_ok else " (MISMATCH)\n")
+        verdict.append("\n" + text)
+        _show(console, "5. Decrypted and verified by Bob", verdict)
+
+        ok = good and attachment_ok and text == _BODY and not plain_leaks
+        if plain_leaks:
+            console.print(f"[bold red]plaintext visible to the server: {plain_leaks}[/]")
+        console.print(
+            "[bold green]Round trip complete: only Bob could read it, and he knows Alice sent "
+            "it.[/]"
+            if ok
+            else "[bold red]Round trip FAILED[/]"
+        )
+        return DemoOutcome(
+            ok=ok,
+            tls_version=received.tls_version,
+            signer=signer,
+            decrypted_text=text,
+        )
+    finally:
+        alice.shutdown_agent()
+        bob.shutdown_agent()
+
+
+def run_demo(console: Console | None = None) -> int:
+    """Run the demo; 0 when every check passed."""
+    console = console or Console()
+    # A short path: gpg-agent's socket lives in the GnuPG home and socket paths are limited.
+    work = Path(tempfile.mkdtemp(prefix="e2e-demo-"))
+    try:
+        outcome = asyncio.run(_run(console, work))
+    except E2EmailError as exc:
+        console.print(f"[bold red]demo failed:[/] {exc}")
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if outcome.ok else 1

@@ -1,0 +1,574 @@
+"""Where keys live, how they are found by address, and whether they may be used.
+
+The keystore is a directory (``--home`` / ``$E2EMAIL_HOME``, by default the user's data
+directory) holding a GnuPG home for OpenPGP keys in ``gnupg/``. An existing GnuPG home can be
+named instead. Keys are judged by our own rules, not by GnuPG's web of trust: a key you import
+into the keystore is a key you chose, but it must still be current, unrevoked, strong enough and
+able to do the job (standards checklist item 14). Lookups fail closed with a reason per address.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import gnupg
+
+from e2email.config import default_home
+from e2email.errors import KeyProblem, KeyReason, KeystoreError
+
+__all__ = ["GeneratedKey", "ImportSummary", "Keystore", "OpenPGPKey", "SubKey"]
+
+#: OpenPGP public-key algorithm IDs (RFC 9580 §9.1) to names; RSA, DSA and Elgamal need a length.
+_ALGORITHMS = {
+    1: "rsa",
+    2: "rsa",
+    3: "rsa",
+    16: "elg",
+    17: "dsa",
+    18: "ecdh",
+    19: "ecdsa",
+    22: "eddsa",
+    25: "x25519",
+    26: "x448",
+    27: "ed25519",
+    28: "ed448",
+}
+_LENGTH_BOUND = {1, 2, 3, 16, 17}
+#: Below this an RSA, DSA or Elgamal key is refused (NIST SP 800-131A; standards item 14).
+MIN_RSA_BITS = 2048
+
+#: GnuPG colon-listing validity letters that make a key or subkey unusable (doc/DETAILS).
+_BAD_VALIDITY = {
+    "r": KeyReason.REVOKED,
+    "e": KeyReason.EXPIRED,
+    "d": KeyReason.DISABLED,
+    "i": KeyReason.INVALID,
+}
+
+_EMAIL_IN_UID = re.compile(r"<([^<>\s]+@[^<>\s]+)>\s*$")
+_BARE_EMAIL = re.compile(r"^\s*([^<>\s]+@[^<>\s]+)\s*$")
+
+
+def _uid_address(uid: str) -> str | None:
+    m = _EMAIL_IN_UID.search(uid) or _BARE_EMAIL.match(uid)
+    return m.group(1).lower() if m else None
+
+
+def _unescape_colons(text: str) -> str:
+    # Colon listings escape ':' and control characters as \xHH (doc/DETAILS, field 10).
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def _timestamp(text: str) -> datetime | None:
+    if not text:
+        return None
+    if "T" in text:  # ISO form; GnuPG uses it only with --fixed-list-mode off
+        return datetime.strptime(text, "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    return datetime.fromtimestamp(int(text), tz=UTC)
+
+
+@dataclass(frozen=True)
+class SubKey:
+    """A primary key or subkey as GnuPG lists it."""
+
+    fingerprint: str
+    algorithm_id: int
+    length: int
+    curve: str
+    capabilities: str
+    validity: str
+    created: datetime | None
+    expires: datetime | None
+    has_secret: bool = False
+
+    @property
+    def key_id(self) -> str:
+        return self.fingerprint[-16:]
+
+    @property
+    def algorithm(self) -> str:
+        """A short readable name: ``ed25519``, ``cv25519``, ``rsa3072``, ``dsa1024``."""
+        if self.algorithm_id in _LENGTH_BOUND:
+            return f"{_ALGORITHMS[self.algorithm_id]}{self.length}"
+        return self.curve or _ALGORITHMS.get(self.algorithm_id, f"algo{self.algorithm_id}")
+
+    def problem(self, now: datetime) -> tuple[KeyReason, str] | None:
+        """Why this (sub)key may not be used at ``now``, or None."""
+        reason = _BAD_VALIDITY.get(self.validity)
+        if reason is KeyReason.EXPIRED or (self.expires is not None and self.expires <= now):
+            when = f"on {self.expires:%Y-%m-%d}" if self.expires else ""
+            return KeyReason.EXPIRED, f"{self.key_id} expired {when}".strip()
+        if reason is not None:
+            return reason, self.key_id
+        if self.algorithm_id in _LENGTH_BOUND and self.length < MIN_RSA_BITS:
+            return KeyReason.WEAK, f"{self.algorithm} is below {MIN_RSA_BITS} bits"
+        return None
+
+
+@dataclass(frozen=True)
+class OpenPGPKey:
+    """An OpenPGP certificate in the keystore, with everything needed to judge it."""
+
+    primary: SubKey
+    subkeys: tuple[SubKey, ...]
+    #: (user ID, validity letter) pairs.
+    user_ids: tuple[tuple[str, str], ...]
+    disabled: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        return self.primary.fingerprint
+
+    @property
+    def has_secret(self) -> bool:
+        return any(k.has_secret for k in (self.primary, *self.subkeys))
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Lower-cased addresses on user IDs that are not revoked."""
+        found = []
+        for uid, validity in self.user_ids:
+            addr = _uid_address(uid)
+            if addr and validity != "r" and addr not in found:
+                found.append(addr)
+        return tuple(found)
+
+    @property
+    def expires(self) -> datetime | None:
+        return self.primary.expires
+
+    def _key_problem(self, now: datetime) -> tuple[KeyReason, str] | None:
+        if self.disabled:
+            return KeyReason.DISABLED, "disabled in the keyring"
+        return self.primary.problem(now)
+
+    def _usable(self, capability: str, now: datetime, *, need_secret: bool) -> list[SubKey]:
+        return [
+            k
+            for k in (self.primary, *self.subkeys)
+            if capability in k.capabilities
+            and k.problem(now) is None
+            and (k.has_secret or not need_secret)
+        ]
+
+    def encryption_subkeys(self, now: datetime | None = None) -> tuple[SubKey, ...]:
+        """The (sub)keys GnuPG may pick to encrypt to this certificate."""
+        return tuple(self._usable("e", now or datetime.now(UTC), need_secret=False))
+
+    def encryption_problem(self, now: datetime | None = None) -> tuple[KeyReason, str] | None:
+        """Why this certificate cannot be encrypted to, or None when it can."""
+        now = now or datetime.now(UTC)
+        problem = self._key_problem(now)
+        if problem is not None:
+            return problem
+        if self._usable("e", now, need_secret=False):
+            return None
+        return KeyReason.NO_ENCRYPTION_KEY, self._why_none("e", now, need_secret=False)
+
+    def signing_problem(self, now: datetime | None = None) -> tuple[KeyReason, str] | None:
+        """Why this key cannot sign, or None when it can."""
+        now = now or datetime.now(UTC)
+        problem = self._key_problem(now)
+        if problem is not None:
+            return problem
+        if self._usable("s", now, need_secret=True):
+            return None
+        if not self.has_secret:
+            return KeyReason.NO_SECRET_KEY, self.fingerprint
+        return KeyReason.NO_SIGNING_KEY, self._why_none("s", now, need_secret=True)
+
+    def _why_none(self, capability: str, now: datetime, *, need_secret: bool) -> str:
+        candidates = [k for k in (self.primary, *self.subkeys) if capability in k.capabilities]
+        for k in candidates:
+            problem = k.problem(now)
+            if problem is not None:
+                return f"{problem[0].value}: {problem[1]}"
+            if need_secret and not k.has_secret:
+                return f"no secret for {k.key_id}"
+        return "the certificate has none"
+
+    def status(self, now: datetime | None = None) -> str:
+        """One phrase for ``keys list``: ``usable`` or why not."""
+        enc = self.encryption_problem(now)
+        if enc is None:
+            if self.has_secret and self.signing_problem(now) is not None:
+                return "usable for encryption only"
+            return "usable"
+        return f"{enc[0].value} ({enc[1]})" if enc[1] else enc[0].value
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    """What an import changed."""
+
+    fingerprints: tuple[str, ...]
+    imported: int
+    unchanged: int
+    secret_imported: int
+    revoked: int = 0
+
+
+@dataclass(frozen=True)
+class GeneratedKey:
+    fingerprint: str
+    user_id: str
+
+
+@dataclass
+class _Listing:
+    stamp: tuple[int, ...]
+    keys: tuple[OpenPGPKey, ...] = field(default_factory=tuple)
+
+
+def _parse_colons(public: str, secret_fprs: set[str]) -> list[OpenPGPKey]:
+    """Parse ``gpg --with-colons --fixed-list-mode --list-keys`` output (doc/DETAILS)."""
+    keys: list[OpenPGPKey] = []
+    primary: dict[str, str] | None = None
+    subs: list[dict[str, str]] = []
+    uids: list[tuple[str, str]] = []
+    current: dict[str, str] | None = None
+
+    def flush() -> None:
+        if primary is None:
+            return
+        keys.append(
+            OpenPGPKey(
+                primary=_subkey(primary, secret_fprs),
+                subkeys=tuple(_subkey(s, secret_fprs) for s in subs if s.get("fpr")),
+                user_ids=tuple(uids),
+                disabled="D" in primary.get("caps", ""),
+            )
+        )
+
+    for line in public.splitlines():
+        f = line.split(":")
+        kind = f[0]
+        if kind == "pub":
+            flush()
+            primary, subs, uids = _record(f), [], []
+            current = primary
+        elif kind == "sub" and primary is not None:
+            current = _record(f)
+            subs.append(current)
+        elif kind == "fpr" and current is not None and "fpr" not in current:
+            current["fpr"] = f[9]
+        elif kind == "uid" and primary is not None:
+            uids.append((_unescape_colons(f[9]), f[1]))
+            current = None
+    flush()
+    return keys
+
+
+def _record(f: list[str]) -> dict[str, str]:
+    f = f + [""] * (20 - len(f))
+    return {
+        "validity": f[1],
+        "length": f[2],
+        "algo": f[3],
+        "created": f[5],
+        "expires": f[6],
+        "caps": f[11],
+        "curve": f[16],
+    }
+
+
+def _subkey(r: dict[str, str], secret_fprs: set[str]) -> SubKey:
+    return SubKey(
+        fingerprint=r["fpr"],
+        algorithm_id=int(r["algo"] or 0),
+        length=int(r["length"] or 0),
+        curve=r["curve"],
+        # Lower-case letters are the subkey's own usage; the primary's upper-case letters sum up
+        # the whole key and are not per-key capabilities.
+        capabilities="".join(c for c in r["caps"] if c.islower()),
+        validity=r["validity"],
+        created=_timestamp(r["created"]),
+        expires=_timestamp(r["expires"]),
+        has_secret=r["fpr"] in secret_fprs,
+    )
+
+
+class Keystore:
+    """The user's keys: a GnuPG home under ``home`` (or the one named by ``gnupg_home``).
+
+    Listings are cached and refreshed when the keyring files change, so looking up keys for
+    many messages does not start a gpg process per message.
+    """
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        gnupg_home: str | os.PathLike[str] | None = None,
+        gpg_binary: str = "gpg",
+    ) -> None:
+        self.home = Path(home) if home is not None else default_home()
+        self.gnupg_home = Path(gnupg_home) if gnupg_home is not None else self.home / "gnupg"
+        self.gpg_binary = gpg_binary
+        self._gpg: gnupg.GPG | None = None
+        self._lock = threading.Lock()
+        self._listing: _Listing | None = None
+
+    def __repr__(self) -> str:
+        return f"Keystore(home={str(self.home)!r}, gnupg_home={str(self.gnupg_home)!r})"
+
+    # -- GnuPG plumbing ---------------------------------------------------------------------
+
+    @property
+    def gpg(self) -> gnupg.GPG:
+        """The python-gnupg handle, creating the GnuPG home (mode 0700) on first use."""
+        with self._lock:
+            if self._gpg is None:
+                try:
+                    self.gnupg_home.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    self._gpg = gnupg.GPG(
+                        gpgbinary=self.gpg_binary, gnupghome=str(self.gnupg_home)
+                    )
+                except (OSError, ValueError, RuntimeError) as exc:
+                    raise KeystoreError(
+                        f"cannot use GnuPG home {self.gnupg_home}: {exc}"
+                    ) from exc
+                self._gpg.encoding = "utf-8"
+            return self._gpg
+
+    def _run_gpg(self, *args: str) -> str:
+        self.gpg  # noqa: B018 - ensures the home exists
+        cmd = [
+            self.gpg_binary,
+            "--homedir",
+            str(self.gnupg_home),
+            "--batch",
+            "--no-tty",
+            "--with-colons",
+            "--fixed-list-mode",
+            *args,
+        ]
+        try:
+            done = subprocess.run(cmd, capture_output=True, check=False, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KeystoreError(f"cannot run {self.gpg_binary}: {exc}") from exc
+        if done.returncode not in (0, 2):  # 2: "some keys not found", still a valid listing
+            raise KeystoreError(
+                f"gpg {' '.join(args)} failed: {done.stderr.decode(errors='replace').strip()}"
+            )
+        return done.stdout.decode("utf-8", errors="replace")
+
+    def _stamp(self) -> tuple[int, ...]:
+        stamp: list[int] = []
+        for name in ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "private-keys-v1.d"):
+            try:
+                st = (self.gnupg_home / name).stat()
+            except OSError:
+                stamp += [0, 0]
+            else:
+                stamp += [st.st_mtime_ns, st.st_size]
+        return tuple(stamp)
+
+    def invalidate(self) -> None:
+        """Forget the cached listing (done automatically when the keyring files change)."""
+        self._listing = None
+
+    # -- Listing and lookup -----------------------------------------------------------------
+
+    def keys(self) -> tuple[OpenPGPKey, ...]:
+        """Every certificate in the keystore."""
+        stamp = self._stamp()
+        listing = self._listing
+        if listing is not None and listing.stamp == stamp and stamp != (0,) * len(stamp):
+            return listing.keys
+        secret_out = self._run_gpg("--list-secret-keys")
+        secret = set()
+        fpr_owner: str | None = None
+        for line in secret_out.splitlines():
+            f = line.split(":")
+            if f[0] in ("sec", "ssb"):
+                # Field 15 is '+' when the secret is here, '#' for a stub (doc/DETAILS).
+                fpr_owner = "+" if len(f) > 14 and f[14] == "+" else None
+            elif f[0] == "fpr" and fpr_owner:
+                secret.add(f[9])
+                fpr_owner = None
+        keys = tuple(_parse_colons(self._run_gpg("--list-keys"), secret))
+        self._listing = _Listing(stamp=stamp, keys=keys)
+        return keys
+
+    def get(self, key_spec: str) -> OpenPGPKey | None:
+        """The certificate with this fingerprint or (long) key ID, or None."""
+        spec = key_spec.replace(" ", "").upper().removeprefix("0X")
+        for key in self.keys():
+            if key.fingerprint == spec or (len(spec) >= 16 and key.fingerprint.endswith(spec)):
+                return key
+            for sub in key.subkeys:
+                if sub.fingerprint == spec:
+                    return key
+        return None
+
+    def find(self, address: str) -> tuple[OpenPGPKey, ...]:
+        """Certificates whose non-revoked user IDs carry ``address`` (case-insensitive)."""
+        addr = address.strip().lower()
+        return tuple(k for k in self.keys() if addr in k.addresses)
+
+    def encryption_key(
+        self, address: str, *, key_map: Mapping[str, str] | None = None
+    ) -> OpenPGPKey | KeyProblem:
+        """The key to encrypt to ``address``, or the problem that prevents it.
+
+        ``key_map`` (address -> fingerprint) overrides lookup by address; the key it names need
+        not carry the address (peers' complaint: user IDs that do not match, envelope#9).
+        """
+        return self._choose(address, key_map, purpose="encrypt")
+
+    def signing_key(
+        self, address: str, *, key_map: Mapping[str, str] | None = None
+    ) -> OpenPGPKey | KeyProblem:
+        """The secret key to sign as ``address``, or the problem that prevents it."""
+        return self._choose(address, key_map, purpose="sign")
+
+    def _choose(
+        self, address: str, key_map: Mapping[str, str] | None, *, purpose: str
+    ) -> OpenPGPKey | KeyProblem:
+        addr = address.strip().lower()
+        now = datetime.now(UTC)
+        override = (key_map or {}).get(addr)
+        if override is not None:
+            key = self.get(override)
+            if key is None:
+                return KeyProblem(addr, KeyReason.NOT_FOUND, f"mapped key {override} not found")
+            candidates: Sequence[OpenPGPKey] = (key,)
+        else:
+            candidates = self.find(addr)
+            if not candidates:
+                return KeyProblem(addr, KeyReason.NOT_FOUND)
+
+        def problem_of(k: OpenPGPKey) -> tuple[KeyReason, str] | None:
+            return k.encryption_problem(now) if purpose == "encrypt" else k.signing_problem(now)
+
+        usable = [k for k in candidates if problem_of(k) is None]
+        if usable:
+            # Several good keys for one address: the newest wins, as GnuPG's auto-key-locate does.
+            return max(usable, key=lambda k: k.primary.created or now)
+        newest = max(candidates, key=lambda k: k.primary.created or now)
+        reason, detail = problem_of(newest) or (KeyReason.INVALID, "")
+        return KeyProblem(addr, reason, detail, fingerprint=newest.fingerprint)
+
+    def resolve_recipients(
+        self, addresses: Iterable[str], *, key_map: Mapping[str, str] | None = None
+    ) -> tuple[dict[str, OpenPGPKey], list[KeyProblem]]:
+        """Keys for every address, and a problem for each address that has none (fail closed:
+        the caller sends nothing when the problem list is not empty)."""
+        found: dict[str, OpenPGPKey] = {}
+        problems: list[KeyProblem] = []
+        for address in addresses:
+            choice = self.encryption_key(address, key_map=key_map)
+            if isinstance(choice, KeyProblem):
+                problems.append(choice)
+            else:
+                found[address.strip().lower()] = choice
+        return found, problems
+
+    # -- Import, export, generate -----------------------------------------------------------
+
+    def import_keys(self, data: bytes) -> ImportSummary:
+        """Import armored or binary OpenPGP keys, public or secret."""
+        if not data.strip():
+            raise KeystoreError("no key data given")
+        result = self.gpg.import_keys(data)
+        self.invalidate()
+        fprs = tuple(dict.fromkeys(r["fingerprint"] for r in result.results if r.get("fingerprint")))
+        if not fprs:
+            problems = "; ".join(
+                str(r.get("problem") or r.get("text") or "") for r in result.results
+            )
+            raise KeystoreError(f"no OpenPGP key found in the data{': ' + problems if problems else ''}")
+        return ImportSummary(
+            fingerprints=fprs,
+            imported=int(result.imported or 0),
+            unchanged=int(result.unchanged or 0),
+            secret_imported=int(result.sec_imported or 0),
+            revoked=int(result.n_revoc or 0),
+        )
+
+    def import_file(self, path: str | os.PathLike[str]) -> ImportSummary:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise KeystoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        return self.import_keys(data)
+
+    def export(self, address_or_fingerprint: str, *, armor: bool = True) -> bytes:
+        """The public certificate for an address or fingerprint."""
+        key = self.get(address_or_fingerprint)
+        if key is None:
+            found = self.find(address_or_fingerprint)
+            if not found:
+                raise KeystoreError(f"no key for {address_or_fingerprint} in the keystore")
+            key = max(found, key=lambda k: k.primary.created or datetime.now(UTC))
+        data = self.gpg.export_keys([key.fingerprint], armor=armor)
+        out = data.encode("ascii") if isinstance(data, str) else bytes(data)
+        if not out:
+            raise KeystoreError(f"gpg exported nothing for {key.fingerprint}")
+        return out
+
+    def generate(
+        self,
+        address: str,
+        *,
+        name: str = "",
+        algorithm: str = "ed25519",
+        passphrase: str | None = None,
+        expire: str = "3y",
+    ) -> GeneratedKey:
+        """Make a new key pair for ``address``: Ed25519 signing + Cv25519 encryption by default,
+        or ``rsa3072`` / ``rsa4096`` (RSA signing primary + RSA encryption subkey)."""
+        for label, value in (("address", address), ("name", name), ("expiry", expire)):
+            if any(c in value for c in "\r\n\0<>") or (label != "name" and " " in value.strip()):
+                raise KeystoreError(f"invalid character in {label} {value!r}")
+        if passphrase is not None and any(c in passphrase for c in "\r\n\0"):
+            raise KeystoreError("a passphrase cannot contain CR, LF or NUL")
+        if algorithm == "ed25519":
+            params = [
+                "Key-Type: EDDSA",
+                "Key-Curve: ed25519",
+                "Subkey-Type: ECDH",
+                "Subkey-Curve: cv25519",
+            ]
+        elif algorithm in ("rsa3072", "rsa4096"):
+            bits = algorithm[3:]
+            params = [
+                "Key-Type: RSA",
+                f"Key-Length: {bits}",
+                "Subkey-Type: RSA",
+                f"Subkey-Length: {bits}",
+            ]
+        else:
+            raise KeystoreError(f"unknown algorithm {algorithm!r} (ed25519, rsa3072, rsa4096)")
+        params += ["Key-Usage: sign", "Subkey-Usage: encrypt"]
+        if name:
+            params.append(f"Name-Real: {name}")
+        params += [f"Name-Email: {address.strip()}", f"Expire-Date: {expire}"]
+        params.append(f"Passphrase: {passphrase}" if passphrase else "%no-protection")
+        params.append("%commit")
+        result = self.gpg.gen_key("\n".join(params) + "\n")
+        self.invalidate()
+        fpr = getattr(result, "fingerprint", None)
+        if not fpr:
+            detail = (getattr(result, "stderr", "") or "").strip().splitlines()
+            raise KeystoreError(
+                "key generation failed" + (f": {detail[-1]}" if detail else "")
+            )
+        uid = f"{name} <{address.strip()}>" if name else f"<{address.strip()}>"
+        return GeneratedKey(fingerprint=str(fpr), user_id=uid)
+
+    def shutdown_agent(self) -> None:
+        """Stop the gpg-agent of this GnuPG home (used for throwaway homes in demo and tests)."""
+        subprocess.run(
+            ["gpgconf", "--homedir", str(self.gnupg_home), "--kill", "all"],
+            capture_output=True,
+            check=False,
+        )
