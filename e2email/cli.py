@@ -285,7 +285,7 @@ def _report(result: SendResult) -> None:
     help="Write the protected message to FILE (- for stdout) instead of sending it.",
 )
 @click.pass_obj
-def send(state: _State, **opts: Any) -> None:
+def send(state: _State, /, **opts: Any) -> None:
     """Sign, encrypt and send one message.
 
     The body comes from --body, --body-file or standard input. If anything prevents
@@ -457,7 +457,9 @@ def keys_export(state: _State, address: str, output: Path | None) -> None:
     show_default=True,
 )
 @click.option("--expire", default="3y", show_default=True, help="e.g. 2y, 180d, 0 (never).")
-@click.option("--passphrase-env", metavar="VAR", help="Protect the key with the passphrase in $VAR.")
+@click.option(
+    "--passphrase-env", metavar="VAR", help="Protect the key with the passphrase in $VAR."
+)
 @click.option("--ask-passphrase", is_flag=True, help="Ask for a passphrase on the terminal.")
 @click.pass_obj
 def keys_generate(

@@ -341,4 +341,3 @@ class Mailer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-

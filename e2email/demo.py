@@ -90,7 +90,9 @@ def _decrypt_as_bob(
     parts = outer.get_payload()
     if outer.get_content_type() != "multipart/encrypted" or not isinstance(parts, list):
         raise ValueError(f"expected multipart/encrypted, got {outer.get_content_type()}")
-    armored = parts[1].get_payload(decode=True)
+    encrypted = parts[1]
+    assert isinstance(encrypted, EmailMessage)
+    armored = encrypted.get_payload(decode=True)
     result = bob.gpg.decrypt(armored, extra_args=["--trust-model", "always"])
     if not result.ok:
         raise ValueError(f"decryption failed: {result.status}")
@@ -178,23 +180,21 @@ async def _run(console: Console, work: Path) -> DemoOutcome:
         body_part = inner.get_body(preferencelist=("plain",))
         # The wire form is CRLF; compare and show text with Python's newlines.
         text = body_part.get_content().replace("\r\n", "\n") if body_part is not None else ""
-        files = [
-            (p.get_filename() or "", p.get_payload(decode=True))
-            for p in inner.iter_attachments()
-            if isinstance(p, EmailMessage)
-        ]
         expected = hashlib.sha256(_ATTACHMENT).digest()
-        attachment_ok = any(
-            isinstance(data, bytes) and hashlib.sha256(data).digest() == expected
-            for _, data in files
-        )
+        names: list[str] = []
+        attachment_ok = False
+        for part in inner.iter_attachments():
+            names.append(part.get_filename() or "")
+            data = part.get_payload(decode=True)
+            if isinstance(data, bytes) and hashlib.sha256(data).digest() == expected:
+                attachment_ok = True
         verdict = Text()
         verdict.append("signature: ")
         verdict.append(
             f"GOOD, by {signer}\n" if good else "NOT VERIFIED\n", "green" if good else "bold red"
         )
         verdict.append(f"protected subject: {inner['subject']}\n")
-        verdict.append(f"attachments: {', '.join(n for n, _ in files) or 'none'}")
+        verdict.append(f"attachments: {', '.join(names) or 'none'}")
         verdict.append(" (bytes match)\n" if attachment_ok else " (MISMATCH)\n")
         verdict.append("\n" + text)
         _show(console, "5. Decrypted and verified by Bob", verdict)

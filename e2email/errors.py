@@ -4,9 +4,9 @@ Nothing here imports from the rest of the package, so any layer may raise these:
 
     E2EmailError
     ├── ConfigError                settings that cannot work (bad port/TLS mode, no password source)
-    │   └── InsecureTransportError plaintext or AUTH-before-TLS asked for without the explicit opt-in
+    │   └── InsecureTransportError plaintext or AUTH without TLS, not explicitly allowed
     ├── MessageError               bad input: header injection, invalid address, unreadable file
-    ├── KeyError_                  (abstract) something about keys
+    ├── KeyErrorBase               something about keys
     │   ├── RecipientKeyError      one or more recipients have no usable key (lists every one)
     │   ├── SignerKeyError         the sender's own key is missing or unusable
     │   ├── PassphraseError        a secret key's passphrase is missing or wrong

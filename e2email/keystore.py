@@ -140,6 +140,14 @@ class OpenPGPKey:
                 found.append(addr)
         return tuple(found)
 
+    def carries(self, address: str, *, include_revoked: bool = False) -> bool:
+        """Whether a user ID names ``address`` (lower-case); revoked user IDs count only when
+        asked, so that a revoked key is reported as revoked rather than as missing."""
+        return any(
+            _uid_address(uid) == address and (include_revoked or validity != "r")
+            for uid, validity in self.user_ids
+        )
+
     @property
     def expires(self) -> datetime | None:
         return self.primary.expires
@@ -328,13 +336,9 @@ class Keystore:
             if self._gpg is None:
                 try:
                     self.gnupg_home.mkdir(mode=0o700, parents=True, exist_ok=True)
-                    self._gpg = gnupg.GPG(
-                        gpgbinary=self.gpg_binary, gnupghome=str(self.gnupg_home)
-                    )
+                    self._gpg = gnupg.GPG(gpgbinary=self.gpg_binary, gnupghome=str(self.gnupg_home))
                 except (OSError, ValueError, RuntimeError) as exc:
-                    raise KeystoreError(
-                        f"cannot use GnuPG home {self.gnupg_home}: {exc}"
-                    ) from exc
+                    raise KeystoreError(f"cannot use GnuPG home {self.gnupg_home}: {exc}") from exc
                 self._gpg.encoding = "utf-8"
             return self._gpg
 
@@ -409,10 +413,10 @@ class Keystore:
                     return key
         return None
 
-    def find(self, address: str) -> tuple[OpenPGPKey, ...]:
+    def find(self, address: str, *, include_revoked: bool = False) -> tuple[OpenPGPKey, ...]:
         """Certificates whose non-revoked user IDs carry ``address`` (case-insensitive)."""
         addr = address.strip().lower()
-        return tuple(k for k in self.keys() if addr in k.addresses)
+        return tuple(k for k in self.keys() if k.carries(addr, include_revoked=include_revoked))
 
     def encryption_key(
         self, address: str, *, key_map: Mapping[str, str] | None = None
@@ -442,12 +446,15 @@ class Keystore:
                 return KeyProblem(addr, KeyReason.NOT_FOUND, f"mapped key {override} not found")
             candidates: Sequence[OpenPGPKey] = (key,)
         else:
-            candidates = self.find(addr)
+            candidates = self.find(addr, include_revoked=True)
             if not candidates:
                 return KeyProblem(addr, KeyReason.NOT_FOUND)
 
         def problem_of(k: OpenPGPKey) -> tuple[KeyReason, str] | None:
-            return k.encryption_problem(now) if purpose == "encrypt" else k.signing_problem(now)
+            problem = k.encryption_problem(now) if purpose == "encrypt" else k.signing_problem(now)
+            if problem is None and override is None and not k.carries(addr):
+                return KeyReason.ADDRESS_MISMATCH, "the user ID with this address is revoked"
+            return problem
 
         usable = [k for k in candidates if problem_of(k) is None]
         if usable:
@@ -480,12 +487,16 @@ class Keystore:
             raise KeystoreError("no key data given")
         result = self.gpg.import_keys(data)
         self.invalidate()
-        fprs = tuple(dict.fromkeys(r["fingerprint"] for r in result.results if r.get("fingerprint")))
+        fprs = tuple(
+            dict.fromkeys(r["fingerprint"] for r in result.results if r.get("fingerprint"))
+        )
         if not fprs:
             problems = "; ".join(
                 str(r.get("problem") or r.get("text") or "") for r in result.results
             )
-            raise KeystoreError(f"no OpenPGP key found in the data{': ' + problems if problems else ''}")
+            raise KeystoreError(
+                f"no OpenPGP key found in the data{': ' + problems if problems else ''}"
+            )
         return ImportSummary(
             fingerprints=fprs,
             imported=int(result.imported or 0),
@@ -559,9 +570,7 @@ class Keystore:
         fpr = getattr(result, "fingerprint", None)
         if not fpr:
             detail = (getattr(result, "stderr", "") or "").strip().splitlines()
-            raise KeystoreError(
-                "key generation failed" + (f": {detail[-1]}" if detail else "")
-            )
+            raise KeystoreError("key generation failed" + (f": {detail[-1]}" if detail else ""))
         uid = f"{name} <{address.strip()}>" if name else f"<{address.strip()}>"
         return GeneratedKey(fingerprint=str(fpr), user_id=uid)
 

@@ -35,7 +35,15 @@ __all__ = [
 ]
 
 #: RFC 9580 §9.5 hash algorithm IDs -> the names RFC 3156 §5 uses in micalg (lower case).
-_HASHES = {1: "md5", 2: "sha1", 3: "ripemd160", 8: "sha256", 9: "sha384", 10: "sha512", 11: "sha224"}
+_HASHES = {
+    1: "md5",
+    2: "sha1",
+    3: "ripemd160",
+    8: "sha256",
+    9: "sha384",
+    10: "sha512",
+    11: "sha224",
+}
 _WEAK_HASHES = {1, 2, 3}
 #: gpg options for every operation: strong digests first, never an encrypt-to key we did not
 #: choose, and --trust-model always because the keystore, not the web of trust, judged the keys.
@@ -323,4 +331,3 @@ def _check_encrypted(armored: bytes, recipients: Sequence[OpenPGPKey]) -> None:
             "gpg encrypted to an unexpected set of keys "
             f"({', '.join(key_ids)}); check encrypt-to/hidden-encrypt-to in gpg.conf"
         )
-
