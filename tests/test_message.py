@@ -1,0 +1,1215 @@
+"""Tests for e2email.message: MIME building, canonical form, header safety, wire gate."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import email
+import email.header
+import email.message
+import email.policy
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from e2email import message as message_module
+from e2email.errors import MessageError
+from e2email.message import (
+    HP,
+    Address,
+    Attachment,
+    Message,
+    build_message,
+    build_payload,
+    check_wire_safe,
+    new_boundary,
+    render_header,
+)
+
+UTC = datetime.UTC
+DATE = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone(datetime.timedelta(hours=2)))
+
+# Text bodies that break naive canonicalisation.
+NASTY_TEXTS = [
+    pytest.param("", id="empty"),
+    pytest.param("Hello, world.", id="plain"),
+    pytest.param("From me to you\nFrom here\n>From quoted", id="from-lines"),
+    pytest.param(".\n..\n.leading dot\n. \nend", id="leading-dots"),
+    pytest.param("trailing space \ntrailing tab\t\n \n\t\n  \t ", id="trailing-ws"),
+    pytest.param("x" * 1000, id="1000-char-line"),
+    pytest.param(("word " * 250).strip(), id="1250-char-line-with-spaces"),
+    pytest.param("é" * 500 + "\n" + "日本語のテキスト" * 40, id="non-ascii-long"),
+    pytest.param("lone\rcarriage return\r", id="lone-cr"),
+    pytest.param("lone\nline feed\n", id="lone-lf"),
+    pytest.param("mixed\r\nnew\rlines\nhere\r\n\r\rend", id="mixed-newlines"),
+    pytest.param("\n\n\n", id="only-newlines"),
+    pytest.param("x" * 75 + "From here on", id="from-after-soft-break"),
+    pytest.param("x" * 75 + ".dot after soft break", id="dot-after-soft-break"),
+    pytest.param("y" * 74 + "=3D" + "From x", id="escape-at-break"),
+    pytest.param("a=b==c =?utf-8?q?not_a_word?= =", id="equals-signs"),
+    pytest.param("bell\x07 esc\x1b[31m del\x7f vt\x0b ff\x0c", id="controls"),
+    pytest.param("\tleading tab\n--=_e2email_fake boundary\n-- \n", id="tabs-and-dashes"),
+    pytest.param("a\u2028b\x85c\u2029d", id="unicode-separators"),
+    pytest.param("x" * 74 + "€👍🏽" * 30, id="multibyte-at-break"),
+    pytest.param("x" * 76, id="76-chars-7bit"),
+    pytest.param("x" * 77, id="77-chars"),
+    pytest.param("From", id="bare-From-word"),
+    pytest.param("From ", id="From-space-only"),
+]
+
+
+def normalised(text: str) -> str:
+    """The text as the receiver sees it: every newline form turned into CRLF."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+
+
+def parse(data: bytes) -> email.message.EmailMessage:
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, email.message.EmailMessage)
+    return msg
+
+
+def make(**kwargs: object) -> Message:
+    """A finalized message with a sensible default sender, recipient, date and id."""
+    fields: dict[str, object] = {
+        "sender": "Alice Example <alice@example.org>",
+        "to": ["bob@example.net"],
+        "date": DATE,
+        "message_id": "0123abcd@example.org",
+    }
+    fields.update(kwargs)
+    return Message(**fields)  # type: ignore[arg-type]
+
+
+def fake_signed(payload: bytes) -> bytes:
+    """Stand-in for the crypto layer: a multipart/signed wrapper around ``payload``."""
+    return (
+        b'Content-Type: multipart/signed; boundary="sig";\r\n'
+        b' protocol="application/pgp-signature"; micalg=pgp-sha256\r\n\r\n'
+        b"--sig\r\n" + payload + b"\r\n--sig\r\n"
+        b"Content-Type: application/pgp-signature\r\n\r\nSIGNATURE\r\n--sig--\r\n"
+    )
+
+
+def full(msg: Message, hp: HP | None = None) -> bytes:
+    """build_message around build_payload: unwrapped without hp (the unprotected send),
+    inside a fake multipart/signed wrapper with hp."""
+    payload = build_payload(msg, hp=hp)
+    if hp is not None:
+        payload = fake_signed(payload)
+    return build_message(msg, payload=payload, hp=hp)
+
+
+def lines_of(data: bytes) -> list[bytes]:
+    assert data.endswith(b"\r\n") or not data.endswith(b"\n")
+    return data.split(b"\r\n")
+
+
+def assert_wire_invariants(data: bytes, *, max_line: int = 78) -> None:
+    """Everything we emit: CRLF only, 7-bit, no NUL, short lines, no trailing whitespace,
+    no line starting with "From " or "." (checked on the raw bytes, all parts at once)."""
+    assert b"\0" not in data
+    assert data.isascii()
+    assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
+    for line in lines_of(data):
+        assert len(line) <= max_line, line
+        assert not line.endswith((b" ", b"\t")), line
+        assert not line.startswith(b"From "), line
+        assert not line.startswith(b"."), line
+    check_wire_safe(data)
+
+
+def header_block(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+def header_names(block: bytes) -> list[str]:
+    return [
+        line.split(b":", 1)[0].decode()
+        for line in block.split(b"\r\n")
+        if line and not line.startswith((b" ", b"\t"))
+    ]
+
+
+def qp_parts(data: bytes) -> list[bytes]:
+    """The raw bodies of every quoted-printable part in ``data``."""
+    out = []
+    for chunk in re.split(rb"\r\n--=_e2email_[0-9a-f]{32}(?:--)?\r\n", data):
+        head, _, body = chunk.partition(b"\r\n\r\n")
+        if b"Content-Transfer-Encoding: quoted-printable" in head:
+            out.append(body)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Module surface
+# --------------------------------------------------------------------------------------------
+
+
+def test_all_lists_exactly_the_public_api() -> None:
+    """__all__ names exactly the public API the other modules build on."""
+    assert sorted(message_module.__all__) == sorted(
+        [
+            "Address",
+            "Attachment",
+            "HP",
+            "Message",
+            "build_message",
+            "build_payload",
+            "check_wire_safe",
+            "new_boundary",
+            "render_header",
+        ]
+    )
+
+
+def test_new_boundary_format_and_uniqueness() -> None:
+    """Boundaries start with "=_" (impossible in QP/base64 output) and are random."""
+    seen = {new_boundary() for _ in range(100)}
+    assert len(seen) == 100
+    for boundary in seen:
+        assert re.fullmatch(r"=_e2email_[0-9a-f]{32}", boundary)
+
+
+# --------------------------------------------------------------------------------------------
+# Addresses
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "addr_spec", "name"),
+    [
+        ("alice@example.org", "alice@example.org", ""),
+        ("  alice@example.org  ", "alice@example.org", ""),
+        ("<alice@example.org>", "alice@example.org", ""),
+        ("Alice Example <alice@example.org>", "alice@example.org", "Alice Example"),
+        ('"Example, Alice" <alice@example.org>', "alice@example.org", "Example, Alice"),
+        ('"Al \\"The Boss\\" Ice" <a@example.org>', "a@example.org", 'Al "The Boss" Ice'),
+        ("Zoé Ébène <zoe@example.org>", "zoe@example.org", "Zoé Ébène"),
+        ("山田太郎 <taro@example.jp>", "taro@example.jp", "山田太郎"),
+        ("John Q. Public <jqp@example.org>", "jqp@example.org", "John Q. Public"),
+        ("Alice@EXAMPLE.Org", "Alice@example.org", ""),
+        ("first.last+tag@sub.example.org", "first.last+tag@sub.example.org", ""),
+        ("user@bücher.example", "user@xn--bcher-kva.example", ""),
+        ("user@straße.de", "user@xn--strae-oqa.de", ""),
+        ("root@localhost", "root@localhost", ""),
+    ],
+)
+def test_address_parse_accepts(text: str, addr_spec: str, name: str) -> None:
+    """Address.parse reads the usual single-mailbox forms; the domain is lower-cased and
+    IDNA 2008 encoded (ß stays ß, not "ss"), the local part keeps its case."""
+    address = Address.parse(text)
+    assert address.addr_spec == addr_spec
+    assert address.display_name == name
+    assert address.domain == addr_spec.rpartition("@")[2]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("<>", "empty"),
+        ("alice@example.org, bob@example.org", "more than one"),
+        ("<a@example.org> <b@example.org>", "more than one"),
+        ("friends: alice@example.org;", "group"),
+        ("undisclosed-recipients:;", "group"),
+        ("alice.example.org", "missing '@'"),
+        ("alice @example.org", "spaces"),
+        ("alice@exa mple.org", "spaces"),
+        ("alice@", "no domain"),
+        ("@example.org", "nothing before"),
+        ("alice@-bad.example", "invalid domain"),
+        ("alice@bad-.example", "invalid domain"),
+        ("alice@example..org", "invalid domain"),
+        ("alice@example.org.", "invalid domain"),
+        ("alice@exa_mple.org", "invalid domain"),
+        ("alice@1.2.3.4", "IP address"),
+        ("alice@[192.0.2.1]", "domain literal"),
+        ("jörg@example.org", "SMTPUTF8"),
+        ('"quoted"@example.org', "quoted local"),
+        ("a..b@example.org", "invalid local part"),
+        (".a@example.org", "invalid local part"),
+        ("<alice@example.org", "without '>'"),
+        ("alice@example.org>", "without '<'"),
+        ("Alice <alice@example.org> extra", "after '>'"),
+        ("alice@example.org (Alice)", "comments"),
+        ("bob@evil.example <alice@example.org>", "double quotes"),
+        ("a" * 65 + "@example.org", "64"),
+        ("a@" + ".".join(["b" * 63] * 4) + ".org", "invalid domain"),
+        ("a" * 60 + "@" + ".".join(["b" * 40] * 5) + ".org", "254"),
+        ("alice@example.org\r\nBcc: eve@example.org", "CR"),
+        ("alice@example.org\nBcc: eve@example.org", "LF"),
+        ("alice@example.org\r", "CR"),
+        ("alice\0@example.org", "NUL"),
+        ("Alice\x1b <alice@example.org>", "U+001B"),
+        ("Alice\ud800 <alice@example.org>", "surrogate"),
+    ],
+)
+def test_address_parse_refuses(text: str, reason: str) -> None:
+    """Invalid, ambiguous or injecting address text is refused with a MessageError that says
+    why, and leaves the field for the caller to fill in."""
+    with pytest.raises(MessageError) as info:
+        Address.parse(text)
+    assert reason in str(info.value)
+    assert info.value.field is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Alice\r\nBcc: eve@example.org", "Alice\nX: y", "Alice\rX", "Al\0ice", "Al\tice", "A\x85B"],
+)
+def test_display_name_injection_refused_on_construction(name: str) -> None:
+    """A display name with CR, LF, NUL or other controls is refused even when the Address is
+    constructed directly, so header injection cannot bypass parse()."""
+    with pytest.raises(MessageError):
+        Address("alice@example.org", name)
+
+
+def test_address_constructor_validates_addr_spec() -> None:
+    """Direct construction normalises the domain and rejects bad addr-specs too."""
+    assert Address("bob@EXAMPLE.net").addr_spec == "bob@example.net"
+    with pytest.raises(MessageError):
+        Address("bob@example.net\r\nBcc: eve@example.org")
+    with pytest.raises(MessageError):
+        Address("not an address")
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        (Address("alice@example.org"), "alice@example.org"),
+        (Address("alice@example.org", "Alice Example"), "Alice Example <alice@example.org>"),
+        (
+            Address("alice@example.org", "Example, Alice"),
+            '"Example, Alice" <alice@example.org>',
+        ),
+        (
+            Address("alice@example.org", 'Al "Boss" \\ Ice'),
+            '"Al \\"Boss\\" \\\\ Ice" <alice@example.org>',
+        ),
+        (Address("alice@example.org", "A. Lice"), '"A. Lice" <alice@example.org>'),
+        (Address("alice@example.org", "(x) <y> [z] : ; @"), None),
+        (Address("zoe@example.org", "Zoé"), "=?utf-8?b?Wm/DqQ==?= <zoe@example.org>"),
+        (
+            Address("zoe@example.org", "Zoé Example"),
+            "=?utf-8?b?Wm/DqQ==?= Example <zoe@example.org>",
+        ),
+    ],
+)
+def test_header_form(address: Address, expected: str | None) -> None:
+    """header_form is ASCII, quotes names with specials using backslash escapes, encodes
+    non-ASCII names as RFC 2047 words, and parses back to the same mailbox."""
+    form = address.header_form()
+    assert form.isascii()
+    if expected is not None:
+        assert form == expected
+    parsed = parse(render_header("To", form) + b"\r\n")["to"].addresses
+    assert len(parsed) == 1
+    assert parsed[0].addr_spec == address.addr_spec
+    assert parsed[0].display_name == address.display_name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Ñandú Ñoño",
+        "Ünïcödé Ñame Ñame Ñame Ñame Ñame",
+        "=?utf-8?b?Zm9v?=",
+        "x" * 120,
+        "Very Long Display Name With Many Words " * 3,
+    ],
+)
+def test_header_form_round_trips_awkward_names(name: str) -> None:
+    """Long, encoded-word-looking and non-ASCII names fold to lines of at most 78 octets and
+    decode exactly under RFC 2047 (whitespace between adjacent encoded-words dropped). CPython's
+    address parser keeps that whitespace, so there we compare ignoring whitespace."""
+    address = Address("someone@example.org", name)
+    rendered = render_header("From", address.header_form())
+    for line in rendered.split(b"\r\n"):
+        assert len(line) <= 78
+    value = rendered.decode().removeprefix("From:").replace("\r\n", "").strip()
+    phrase = value.rsplit(" <", 1)[0]
+    if phrase.startswith('"'):
+        phrase = phrase[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+    decoded = str(email.header.make_header(email.header.decode_header(phrase)))
+    assert decoded == address.display_name
+    got = parse(rendered + b"\r\n")["from"].addresses[0]
+    assert "".join(got.display_name.split()) == "".join(address.display_name.split())
+    assert got.addr_spec == "someone@example.org"
+
+
+def test_long_non_ascii_name_splits_after_spaces() -> None:
+    """When a name needs several encoded-words, each split falls right after a space, so no
+    word is cut in two."""
+    address = Address("p@example.org", "Александр Сергеевич Пушкин Младший")
+    words = re.findall(r"=\?utf-8\?b\?([A-Za-z0-9+/=]*)\?=", address.header_form())
+    assert len(words) >= 2
+    pieces = [base64.b64decode(w).decode() for w in words]
+    assert "".join(pieces) == address.display_name
+    assert all(piece.endswith(" ") for piece in pieces[:-1])
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        Address("a@example.org"),
+        Address("a@example.org", "Plain Name"),
+        Address("a@example.org", "Example, Alice"),
+        Address("a@example.org", 'Quote " and \\ backslash'),
+        Address("a@example.org", "Zoé"),
+    ],
+)
+def test_str_is_human_and_parses_back(address: Address) -> None:
+    """str(address) is readable (Unicode kept) and Address.parse reads it back unchanged."""
+    assert Address.parse(str(address)) == address
+    if address.display_name == "Zoé":
+        assert str(address) == "Zoé <a@example.org>"
+
+
+# --------------------------------------------------------------------------------------------
+# Message validation
+# --------------------------------------------------------------------------------------------
+
+
+def test_message_coerces_strings_and_lists() -> None:
+    """Strings become Addresses and lists become tuples, so Message is hashable and typed."""
+    msg = Message(
+        sender="alice@example.org",
+        to="Bob <bob@example.net>",
+        cc=["carol@example.net", Address("dave@example.net")],
+        bcc=iter(["eve@example.net"]),  # type: ignore[arg-type]
+        reply_to=["list@example.org"],
+    )
+    assert msg.sender == Address("alice@example.org")
+    assert msg.to == (Address("bob@example.net", "Bob"),)
+    assert isinstance(msg.cc, tuple)
+    assert [a.addr_spec for a in msg.recipients] == [
+        "bob@example.net",
+        "carol@example.net",
+        "dave@example.net",
+        "eve@example.net",
+    ]
+    assert msg.reply_to == (Address("list@example.org"),)
+    hash(msg)
+
+
+@pytest.mark.parametrize("field", ["sender", "to", "cc", "bcc", "reply_to"])
+def test_bad_address_error_names_the_field(field: str) -> None:
+    """An invalid address in any field raises MessageError whose field says which one."""
+    kwargs: dict[str, object] = {"sender": "alice@example.org", "to": "bob@example.net"}
+    kwargs[field] = "not an address"
+    with pytest.raises(MessageError) as info:
+        Message(**kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert "not an address" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "subject", ["Hi\r\nBcc: eve@example.org", "Hi\nthere", "Hi\rthere", "Hi\0", "a\x1bb", "\x85"]
+)
+def test_subject_injection_refused(subject: str) -> None:
+    """CR, LF, NUL and other control characters in the subject are refused (field=subject)."""
+    with pytest.raises(MessageError) as info:
+        make(subject=subject)
+    assert info.value.field == "subject"
+
+
+def test_subject_tab_allowed() -> None:
+    """A TAB in the subject is not a control we refuse; it round-trips."""
+    msg = make(subject="a\tb")
+    assert parse(full(msg))["subject"] == "a\tb"
+
+
+@pytest.mark.parametrize("field", ["text", "html"])
+def test_nul_in_body_refused(field: str) -> None:
+    """NUL in text or html is refused with advice to attach binary data."""
+    with pytest.raises(MessageError) as info:
+        make(**{field: "abc\0def"})
+    assert info.value.field == field
+    assert "attach" in str(info.value)
+
+
+def test_lone_surrogate_in_text_refused() -> None:
+    """Text that cannot be encoded as UTF-8 (lone surrogate) is refused, not crashed on."""
+    with pytest.raises(MessageError) as info:
+        make(text="bad \udcff byte")
+    assert info.value.field == "text"
+
+
+def test_no_recipients_refused() -> None:
+    """A message needs at least one To, Cc or Bcc recipient."""
+    with pytest.raises(MessageError, match="recipient"):
+        Message(sender="alice@example.org", reply_to=["bob@example.net"])
+
+
+def test_bcc_only_is_allowed() -> None:
+    """Bcc alone counts as a recipient."""
+    msg = Message(sender="alice@example.org", bcc=["bob@example.net"])
+    assert msg.recipients == (Address("bob@example.net"),)
+
+
+@pytest.mark.parametrize(
+    ("to", "cc", "bcc", "field"),
+    [
+        (["bob@example.net"], [], ["BOB@Example.NET"], "bcc"),
+        (["bob@example.net"], ["Bob <bob@example.net>"], [], "cc"),
+        (["bob@example.net", "bob@EXAMPLE.net"], [], [], "to"),
+        ([], ["carol@example.net"], ["carol@example.net"], "bcc"),
+    ],
+)
+def test_duplicate_recipients_refused(
+    to: list[str], cc: list[str], bcc: list[str], field: str
+) -> None:
+    """A recipient listed twice (case-insensitive) is refused: a Bcc that is also a To or Cc
+    would defeat Bcc privacy."""
+    with pytest.raises(MessageError) as info:
+        Message(sender="alice@example.org", to=to, cc=cc, bcc=bcc)  # type: ignore[arg-type]
+    assert info.value.field == field
+    text = str(info.value).lower()
+    assert "bob@example.net" in text or "carol@example.net" in text
+
+
+@pytest.mark.parametrize(
+    "message_id",
+    ["<abc@example.org>", "abc", "a b@example.org", "abc@example.org\r\nX: y", "@example.org", ""],
+)
+def test_bad_message_id_refused(message_id: str) -> None:
+    """Message-ID must be id-left@id-right without brackets, spaces or line breaks."""
+    with pytest.raises(MessageError) as info:
+        make(message_id=message_id)
+    assert info.value.field == "message_id"
+
+
+def test_naive_date_refused() -> None:
+    """A date without a time zone is refused; the Date header needs an offset."""
+    with pytest.raises(MessageError) as info:
+        make(date=datetime.datetime(2024, 1, 1, 12, 0))
+    assert info.value.field == "date"
+
+
+def test_finalized_fills_date_and_message_id() -> None:
+    """finalized() adds an aware current date and a random id at the sender's domain, and
+    keeps values that were given."""
+    msg = Message(sender="alice@Example.ORG", to=["bob@example.net"])
+    assert msg.date is None
+    assert msg.message_id is None
+    done = msg.finalized()
+    assert done.date is not None
+    assert done.date.utcoffset() is not None
+    assert abs((datetime.datetime.now(UTC) - done.date).total_seconds()) < 60
+    assert done.message_id is not None
+    assert re.fullmatch(r"[0-9a-f]{32}@example\.org", done.message_id)
+    assert msg.finalized().message_id != done.message_id
+    again = done.finalized()
+    assert (again.date, again.message_id) == (done.date, done.message_id)
+
+
+def test_build_requires_finalized() -> None:
+    """build_message and build_payload with hp need Date and Message-ID (ValueError: a
+    programming error, not user input)."""
+    msg = Message(sender="alice@example.org", to=["bob@example.net"])
+    with pytest.raises(ValueError, match="finalized"):
+        build_payload(msg, hp=HP.CIPHER)
+    payload = build_payload(msg, hp=None)  # fine without
+    with pytest.raises(ValueError, match="finalized"):
+        build_message(msg, payload=payload, hp=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Body canonicalisation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", NASTY_TEXTS)
+def test_nasty_text_invariants_and_round_trip(text: str) -> None:
+    """Every nasty body comes out canonical (CRLF, 7-bit, short lines, no trailing
+    whitespace, no leading "From "/".") and a real parser gets back exactly the normalised
+    text, trailing whitespace included."""
+    msg = make(text=text, subject="nasty")
+    data = full(msg)
+    assert_wire_invariants(data)
+    assert parse(data).get_content() == normalised(text)
+
+
+@pytest.mark.parametrize("text", NASTY_TEXTS)
+def test_nasty_html_round_trip(text: str) -> None:
+    """The HTML alternative gets the same canonicalisation and round-trips too."""
+    msg = make(text=text, html=text)
+    data = full(msg)
+    assert_wire_invariants(data)
+    parsed = parse(data)
+    assert parsed.get_content_type() == "multipart/alternative"
+    plain, html = list(parsed.iter_parts())
+    assert plain.get_content_type() == "text/plain"
+    assert html.get_content_type() == "text/html"
+    assert plain.get_content() == normalised(text)
+    assert html.get_content() == normalised(text)
+
+
+@pytest.mark.parametrize("text", NASTY_TEXTS)
+def test_quoted_printable_lines_are_well_formed(text: str) -> None:
+    """Each QP line is <= 76 chars, every "=" starts a complete escape or a final soft break,
+    and decoding gives the UTF-8 of the CRLF-normalised text."""
+    data = build_payload(make(text=text), hp=None)
+    for body in qp_parts(data):
+        for line in body.split(b"\r\n"):
+            assert len(line) <= 76
+            assert re.fullmatch(rb"(?:[^=]|=[0-9A-F]{2})*=?", line), line
+            assert not line.startswith((b".", b"From "))
+        assert binascii.a2b_qp(body) == normalised(text).encode()
+
+
+def test_seven_bit_when_possible() -> None:
+    """Short printable ASCII lines go out unencoded (no CTE header), byte for byte."""
+    payload = build_payload(make(text="Hello Bob,\n\nsee you.\nAlice"), hp=None)
+    assert payload == (
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\nHello Bob,\r\n\r\nsee you.\r\nAlice"
+    )
+
+
+def test_signature_separator_is_encoded() -> None:
+    """The "-- " signature separator has a trailing space, so the body becomes QP and the
+    space survives as =20."""
+    payload = build_payload(make(text="Hi\n-- \nAlice"), hp=None)
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n" in payload
+    assert payload.endswith(b"\r\n\r\nHi\r\n--=20\r\nAlice")
+
+
+@pytest.mark.parametrize(
+    ("text", "needs_qp"),
+    [
+        ("x" * 76, False),
+        ("x" * 77, True),
+        ("ok\ttab", False),
+        ("trailing ", True),
+        ("From here", True),
+        ("from here", False),
+        ("Fromage", False),
+        (".", True),
+        ("a.b", False),
+        ("caf\u00e9", True),
+        ("bell\x07", True),
+    ],
+)
+def test_seven_bit_decision(text: str, needs_qp: bool) -> None:
+    """7bit only for printable ASCII lines <= 76 chars without trailing whitespace and not
+    starting with "From " or "."; anything else is quoted-printable."""
+    payload = build_payload(make(text=text), hp=None)
+    assert (b"Content-Transfer-Encoding: quoted-printable" in payload) is needs_qp
+
+
+def test_from_and_dot_encoding_exact() -> None:
+    """ "From " at line start becomes "=46rom ", a leading "." becomes "=2E", trailing space
+    and tab become =20 / =09 (pins the exact choice)."""
+    payload = build_payload(make(text="From x\n.y\nz \nw\t"), hp=None)
+    body = payload.split(b"\r\n\r\n", 1)[1]
+    assert body == b"=46rom x\r\n=2Ey\r\nz=20\r\nw=09"
+
+
+def test_from_after_soft_break_is_encoded() -> None:
+    """A soft line break that would leave "From " or "." at the start of the next encoded
+    line encodes that first character too."""
+    payload = build_payload(make(text="x" * 75 + "From here\n" + "x" * 75 + ".z"), hp=None)
+    body = payload.split(b"\r\n\r\n", 1)[1]
+    lines = body.split(b"\r\n")
+    assert lines == [b"x" * 75 + b"=", b"=46rom here", b"x" * 75 + b"=", b"=2Ez"]
+
+
+def test_qp_never_splits_escapes() -> None:
+    """Around every break position, a multi-byte character's =XX escapes stay whole and the
+    text decodes back exactly."""
+    for prefix in range(60, 80):
+        text = "x" * prefix + "é€👍" * 8 + "=" * 30
+        body = build_payload(make(text=text), hp=None).split(b"\r\n\r\n", 1)[1]
+        for line in body.split(b"\r\n"):
+            assert len(line) <= 76
+            assert re.fullmatch(rb"(?:[^=]|=[0-9A-F]{2})*=?", line)
+        assert binascii.a2b_qp(body).decode() == text
+
+
+def test_empty_text_body() -> None:
+    """An empty text body is allowed and yields an empty text/plain part."""
+    payload = build_payload(make(text=""), hp=None)
+    assert payload == b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Attachments
+# --------------------------------------------------------------------------------------------
+
+
+def attachment_parts(data: bytes) -> list[email.message.EmailMessage]:
+    parsed = parse(data)
+    return [p for p in parsed.walk() if p.get_content_disposition() == "attachment"]
+
+
+def test_attachment_structure_and_bytes() -> None:
+    """With attachments: multipart/mixed, body first, then each file base64 (76-char lines)
+    with name= and Content-Disposition: attachment; the bytes round-trip."""
+    blob = bytes(range(256)) * 40
+    msg = make(
+        text="see attached",
+        html="<p>see attached</p>",
+        attachments=[
+            Attachment("data.bin", blob),
+            Attachment("notes.txt", b"From x\r\n.\r\n", "text/plain"),
+            Attachment("empty", b""),
+        ],
+    )
+    data = full(msg)
+    assert_wire_invariants(data)
+    parsed = parse(data)
+    assert parsed.get_content_type() == "multipart/mixed"
+    parts = list(parsed.iter_parts())
+    assert parts[0].get_content_type() == "multipart/alternative"
+    assert [p.get_filename() for p in parts[1:]] == ["data.bin", "notes.txt", "empty"]
+    assert [p.get_content_type() for p in parts[1:]] == [
+        "application/octet-stream",
+        "text/plain",
+        "application/octet-stream",
+    ]
+    assert [p.get_payload(decode=True) for p in parts[1:]] == [blob, b"From x\r\n.\r\n", b""]
+    assert all(p["Content-Transfer-Encoding"] == "base64" for p in parts[1:])
+    assert parts[1].get_param("name") == "data.bin"
+    raw = data.split(b'filename="data.bin"\r\nContent-Transfer-Encoding: base64\r\n\r\n', 1)[1]
+    b64_lines = raw.split(b"\r\n--", 1)[0].split(b"\r\n")
+    assert all(len(line) == 76 for line in b64_lines[:-1])
+    assert base64.b64decode(b"".join(b64_lines)) == blob
+
+
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "a" * 36 + ".pdf",  # 40 characters
+        "résumé.pdf",
+        "日本語のファイル名.txt",
+        "Ünïcödé " * 12 + ".docx",
+        "x" * 200 + ".tar.gz",
+        'quote " and = and %20 and ; and *.txt',
+        "=?utf-8?b?Zm9v?=.txt",
+        "spaced  name .txt",
+        "emoji 👍🏽 file.png",
+    ],
+)
+def test_attachment_filename_round_trips(filename: str) -> None:
+    """40-character, non-ASCII, very long and special-character file names come back exactly,
+    with every header line <= 78 octets and an ASCII name= fallback."""
+    msg = make(attachments=[Attachment(filename, b"payload")])
+    data = full(msg)
+    assert_wire_invariants(data)
+    (part,) = attachment_parts(data)
+    assert part.get_filename() == filename
+    assert part.get_payload(decode=True) == b"payload"
+    fallback = part.get_param("name", header="content-type")
+    assert isinstance(fallback, str)
+    assert fallback.isascii()
+    assert fallback
+
+
+def test_long_filename_uses_rfc2231_continuations() -> None:
+    """A long non-ASCII name is written as filename*0*=utf-8''...; filename*1*=... ."""
+    data = full(make(attachments=[Attachment("é" * 60 + ".pdf", b"x")]))
+    assert b"filename*0*=utf-8''%C3%A9" in data
+    assert b"filename*1*=" in data
+    assert b'name="e' in data
+
+
+def test_attachment_filename_blanks_stripped() -> None:
+    """Leading and trailing blanks (which receivers drop and which can hide an extension)
+    are stripped from file names."""
+    assert Attachment("  report.pdf.exe  ", b"x").filename == "report.pdf.exe"
+    with pytest.raises(MessageError):
+        Attachment("   ", b"x")
+
+
+@pytest.mark.parametrize(
+    "filename", ["", "a/b.txt", "..\\evil.exe", "a\r\nX: y.txt", "a\nb", "nul\0.txt", "..", "."]
+)
+def test_attachment_bad_filename_refused(filename: str) -> None:
+    """Empty names, path separators and CR/LF/NUL in file names are refused."""
+    with pytest.raises(MessageError) as info:
+        Attachment(filename, b"x")
+    assert info.value.field == "attachment"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain; charset=latin1", "nonsense", "a b/c", "multipart/mixed", ""]
+)
+def test_attachment_bad_content_type_refused(content_type: str) -> None:
+    """Content types must be a bare type/subtype, and not multipart or message (which may not
+    be base64-encoded)."""
+    with pytest.raises(MessageError):
+        Attachment("a.txt", b"x", content_type)
+
+
+def test_attachment_content_type_lowercased() -> None:
+    """MIME types are case-insensitive; they are stored lower-case."""
+    assert Attachment("a.pdf", b"x", "Application/PDF").content_type == "application/pdf"
+
+
+def test_from_path_reads_and_guesses(tmp_path: Path) -> None:
+    """from_path reads the bytes, uses the file's name and guesses the type."""
+    path = tmp_path / "report.pdf"
+    path.write_bytes(b"%PDF-1.4")
+    att = Attachment.from_path(path)
+    assert (att.filename, att.content, att.content_type) == (
+        "report.pdf",
+        b"%PDF-1.4",
+        "application/pdf",
+    )
+    other = Attachment.from_path(str(path), filename="other.bin", content_type="image/png")
+    assert (other.filename, other.content_type) == ("other.bin", "image/png")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("blob.unknownext", "application/octet-stream"),
+        ("archive.tar.gz", "application/gzip"),
+        ("mail.eml", "application/octet-stream"),
+        ("noext", "application/octet-stream"),
+    ],
+)
+def test_from_path_type_guess_fallbacks(tmp_path: Path, name: str, expected: str) -> None:
+    """Unknown types fall back to octet-stream; compressed files get the compression type;
+    message/* guesses (not allowed in base64) become octet-stream."""
+    path = tmp_path / name
+    path.write_bytes(b"x")
+    assert Attachment.from_path(path).content_type == expected
+
+
+def test_from_path_missing_file(tmp_path: Path) -> None:
+    """A missing file raises MessageError(field="attachment") naming the path and reason."""
+    path = tmp_path / "nope.txt"
+    with pytest.raises(MessageError) as info:
+        Attachment.from_path(path)
+    assert info.value.field == "attachment"
+    assert str(path) in str(info.value)
+    assert "No such file" in str(info.value)
+
+
+def test_from_path_directory(tmp_path: Path) -> None:
+    """A directory is refused with MessageError naming the path."""
+    with pytest.raises(MessageError) as info:
+        Attachment.from_path(tmp_path)
+    assert info.value.field == "attachment"
+    assert str(tmp_path) in str(info.value)
+    assert "directory" in str(info.value)
+
+
+def test_from_path_unreadable(tmp_path: Path) -> None:
+    """A file we may not read is refused with MessageError naming the path."""
+    import os
+
+    path = tmp_path / "secret.txt"
+    path.write_bytes(b"x")
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):  # running as root: permissions do not apply
+            pytest.skip("running with privileges that ignore file modes")
+        with pytest.raises(MessageError) as info:
+            Attachment.from_path(path)
+        assert str(path) in str(info.value)
+        assert info.value.field == "attachment"
+    finally:
+        path.chmod(0o600)
+
+
+def test_from_path_fifo_refused(tmp_path: Path) -> None:
+    """A FIFO (or device) is refused instead of blocking forever on read."""
+    import os
+
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    with pytest.raises(MessageError, match="not a regular file"):
+        Attachment.from_path(path)
+
+
+def test_large_attachment_is_fast_and_safe() -> None:
+    """A 25 MB attachment builds and passes check_wire_safe in reasonable time (the gate
+    uses bytes methods, not a Python loop per byte)."""
+    blob = bytes(range(256)) * (25 * 1024 * 4)
+    msg = make(attachments=[Attachment("big.bin", blob)])
+    start = time.perf_counter()
+    data = full(msg)
+    check_wire_safe(data)
+    assert time.perf_counter() - start < 15
+    assert len(data) > 25 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Headers
+# --------------------------------------------------------------------------------------------
+
+ASCII_WORDS = "The quick brown fox jumps over the lazy dog and keeps on running far away"
+UTF8_WORDS = "Grüße aus Köln: Übermäßig lange Betreffzeilen sind ärgerlich für alle Leute"
+
+
+def subjects() -> list[str]:
+    """ASCII with spaces, UTF-8 with spaces, and one unbroken word, each 70..77 chars."""
+    out = []
+    for length in range(70, 78):
+        for words in (ASCII_WORDS, UTF8_WORDS):
+            text = (words * 2)[:length]
+            out.append(text[:-1] + "x" if text.endswith(" ") else text)
+        out.append("z" * length)
+    return out
+
+
+@pytest.mark.parametrize("subject", subjects())
+def test_subjects_70_to_77_chars_round_trip(subject: str) -> None:
+    """Subjects of 70-77 characters (ASCII, UTF-8, and one unbroken word) fold to lines of
+    at most 78 octets and parse back exactly, both outside (CLEAR) and protected inside."""
+    assert 70 <= len(subject) <= 77
+    msg = make(subject=subject)
+    payload = build_payload(msg, hp=HP.CLEAR)
+    data = full(msg, HP.CLEAR)
+    assert_wire_invariants(data)
+    assert parse(data)["subject"] == subject
+    assert parse(payload)["subject"] == subject
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "",
+        "Hi",
+        "x" * 990,
+        "a" * 100 + " b",
+        "word " * 60 + "end",
+        "é" * 300,
+        "=?utf-8?q?looks_encoded?=",
+        "  leading and trailing  ",
+        "double  space",
+        "mixed ascii and ünïcödé and 👍🏽 emoji " * 4,
+        "[...]",
+    ],
+)
+def test_subject_edge_cases_round_trip(subject: str) -> None:
+    """Empty, very long, unbroken, encoded-word-looking and whitespace-sensitive subjects
+    are legal on the wire and parse back exactly."""
+    data = full(make(subject=subject))
+    assert_wire_invariants(data)
+    assert parse(data)["subject"] == subject
+
+
+def test_render_header_ascii_folds_at_spaces() -> None:
+    """A long ASCII subject is folded at spaces (no encoding), each line <= 78 octets."""
+    value = "word " * 30 + "end"
+    rendered = render_header("Subject", value)
+    assert b"=?" not in rendered
+    lines = rendered.split(b"\r\n")
+    assert lines[-1] == b""
+    assert len(lines) > 2
+    assert all(len(line) <= 78 for line in lines)
+    assert all(line.startswith(b" ") for line in lines[1:-1])
+    assert rendered.replace(b"\r\n ", b" ") == b"Subject: " + value.encode() + b"\r\n"
+
+
+def test_render_header_encoded_words() -> None:
+    """Non-ASCII text becomes B encoded-words of UTF-8, each <= 75 chars, each decoding on
+    its own (no character split across words)."""
+    value = "€👍é" * 40
+    rendered = render_header("Subject", value)
+    assert rendered.isascii()
+    lines = rendered.split(b"\r\n")
+    assert all(len(line) <= 78 for line in lines)
+    words = re.findall(rb"=\?utf-8\?b\?([A-Za-z0-9+/=]*)\?=", rendered)
+    assert words
+    for word in re.findall(rb"=\?utf-8\?b\?[A-Za-z0-9+/=]*\?=", rendered):
+        assert len(word) <= 75
+    decoded = "".join(base64.b64decode(w).decode("utf-8") for w in words)
+    assert decoded == value
+
+
+def test_render_header_short_plain() -> None:
+    """A short ASCII header is rendered as is, ending in CRLF."""
+    assert render_header("Subject", "Hello") == b"Subject: Hello\r\n"
+    assert render_header("X-Test", "a b c") == b"X-Test: a b c\r\n"
+    assert render_header("Subject", "") == b"Subject:\r\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Subject", "a\r\nBcc: eve@example.org"),
+        ("Subject", "a\nb"),
+        ("Subject", "a\rb"),
+        ("Subject", "a\0b"),
+        ("X-Foo", "a\x1bb"),
+        ("Bad Name", "x"),
+        ("Bad:Name", "x"),
+        ("Bad\r\nName", "x"),
+        ("", "x"),
+        ("Näme", "x"),
+    ],
+)
+def test_render_header_refuses_injection(name: str, value: str) -> None:
+    """CR, LF, NUL (and other controls) in a header value, and anything but a field-name
+    token as the name, raise MessageError."""
+    with pytest.raises(MessageError):
+        render_header(name, value)
+
+
+def test_render_header_structured_needs_ascii() -> None:
+    """Structured headers (addresses etc.) must already be ASCII: no silent mis-encoding."""
+    with pytest.raises(MessageError):
+        render_header("From", "Zoé <zoe@example.org>")
+
+
+def test_render_header_structured_long_token() -> None:
+    """A long unbreakable token in a structured header stays legal (<= 998) and is rejected
+    beyond that rather than emitting an illegal line."""
+    addr = "a" * 64 + "@" + "b" * 63 + ".example.org"
+    rendered = render_header("To", f"x@example.org, {addr}")
+    assert all(len(line) <= 998 for line in rendered.split(b"\r\n"))
+    assert rendered.replace(b"\r\n ", b" ") == f"To: x@example.org, {addr}\r\n".encode()
+    with pytest.raises(MessageError):
+        render_header("X-Long", "k" * 1200)
+
+
+def test_many_recipients_fold() -> None:
+    """A long To list folds between addresses, lines <= 78, all addresses parse back."""
+    to = [f"User Number {i} <user{i}@example.net>" for i in range(30)]
+    data = full(make(to=to))
+    assert_wire_invariants(data)
+    got = [a.addr_spec for a in parse(data)["to"].addresses]
+    assert got == [f"user{i}@example.net" for i in range(30)]
+
+
+def test_outer_headers_order_and_values() -> None:
+    """build_message writes Date, From, To, Cc, Reply-To, Subject, Message-ID, MIME-Version,
+    then the payload exactly as given."""
+    msg = make(
+        to=["Bob <bob@example.net>"],
+        cc=["carol@example.net"],
+        reply_to=["list@example.org"],
+        subject="Hello",
+    )
+    payload = build_payload(msg, hp=None)
+    data = build_message(msg, payload=payload, hp=None)
+    assert data.endswith(payload)
+    outer = data[: len(data) - len(payload)]
+    assert header_names(outer) == [
+        "Date",
+        "From",
+        "To",
+        "Cc",
+        "Reply-To",
+        "Subject",
+        "Message-ID",
+        "MIME-Version",
+    ]
+    parsed = parse(data)
+    assert parsed["date"].datetime == DATE
+    assert parsed["from"].addresses[0].display_name == "Alice Example"
+    assert parsed["message-id"] == "<0123abcd@example.org>"
+    assert parsed["mime-version"] == "1.0"
+    assert parsed["reply-to"].addresses[0].addr_spec == "list@example.org"
+
+
+def test_payload_bytes_not_reserialised() -> None:
+    """An arbitrary payload (e.g. multipart/signed from the crypto layer) is appended
+    byte for byte, including odd-looking but legal content."""
+    payload = (
+        b'Content-Type: multipart/signed; boundary="b";\r\n protocol="application/pgp-signature"'
+        b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nFrom=20x\r\n--b--\r\n"
+    )
+    data = build_message(make(), payload=payload, hp=HP.CLEAR)
+    assert data.endswith(b"MIME-Version: 1.0\r\n" + payload)
+
+
+def test_build_message_rejects_headerless_payload() -> None:
+    """A payload without its own Content-Type header block is a programming error."""
+    with pytest.raises(ValueError, match="header"):
+        build_message(make(), payload=b"\r\nbody", hp=None)
+    with pytest.raises(ValueError, match="Content-Type"):
+        build_message(make(), payload=b"X-Foo: bar\r\n\r\nbody", hp=None)
+
+
+@pytest.mark.parametrize("hp", [HP.CIPHER, HP.CLEAR])
+def test_build_message_refuses_unwrapped_protected_payload(hp: HP) -> None:
+    """Passing the protected part itself (with its From/Subject/HP-Outer) to build_message
+    would put a second, cleartext Subject in the outer header: refused as a programming error."""
+    msg = make(subject="secret")
+    with pytest.raises(ValueError, match="wrapper"):
+        build_message(msg, payload=build_payload(msg, hp=hp), hp=hp)
+
+
+def test_undisclosed_recipients_when_only_bcc() -> None:
+    """With only Bcc recipients the outer To is "undisclosed-recipients:;"."""
+    msg = make(to=[], bcc=["secret@example.net"])
+    data = full(msg)
+    assert b"\r\nTo: undisclosed-recipients:;\r\n" in data
+    assert b"secret" not in data
+
+
+def test_cc_only_has_no_to() -> None:
+    """With Cc but no To, there is no To header at all."""
+    data = full(make(to=[], cc=["carol@example.net"]))
+    assert header_names(header_block(data)).count("To") == 0
+    assert b"\r\nCc: carol@example.net\r\n" in data
+
+
+# --------------------------------------------------------------------------------------------
+# Header protection and Bcc
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hp", [None, HP.CIPHER, HP.CLEAR])
+def test_bcc_never_written(hp: HP | None) -> None:
+    """No Bcc header and no Bcc address appear in the payload or the message, in any mode."""
+    msg = make(
+        to=["bob@example.net"], cc=["carol@example.net"], bcc=["Hidden Eve <eve@example.net>"]
+    )
+    payload = build_payload(msg, hp=hp)
+    data = full(msg, hp)
+    for blob in (payload, data):
+        assert b"eve@" not in blob.lower()
+        assert b"hidden" not in blob.lower()
+        assert b"bcc" not in blob.lower()
+
+
+@pytest.mark.parametrize("hp", [HP.CIPHER, HP.CLEAR])
+def test_protected_headers_in_payload(hp: HP) -> None:
+    """With hp, the payload's Content-Type carries protected-headers="v1" and hp=, and its
+    header block holds From, To, Cc, Reply-To, Subject, Date, Message-ID (in that order)
+    then HP-Outer fields recording the outer headers."""
+    msg = make(
+        to=["Bob <bob@example.net>"],
+        cc=["carol@example.net"],
+        reply_to=["list@example.org"],
+        subject="Secret plans",
+        attachments=[Attachment("a.txt", b"a")],
+    )
+    payload = build_payload(msg, hp=hp)
+    assert_wire_invariants(payload)
+    block = header_block(payload)
+    names = header_names(block)
+    assert names[0] == "Content-Type"
+    protected = [n for n in names if n not in ("Content-Type", "HP-Outer")]
+    assert protected == ["From", "To", "Cc", "Reply-To", "Subject", "Date", "Message-ID"]
+    assert names.index("HP-Outer") > names.index("Message-ID")
+    parsed = parse(payload)
+    assert parsed.get_content_type() == "multipart/mixed"
+    assert parsed.get_param("protected-headers") == "v1"
+    assert parsed.get_param("hp") == hp.value
+    assert parsed["subject"] == "Secret plans"
+    assert parsed["from"].addresses[0].addr_spec == "alice@example.org"
+    assert parsed["message-id"] == "<0123abcd@example.org>"
+    outer = [str(v) for v in parsed.get_all("HP-Outer", [])]
+    expected_subject = "Subject: [...]" if hp is HP.CIPHER else "Subject: Secret plans"
+    assert expected_subject in outer
+    assert "From: Alice Example <alice@example.org>" in outer
+    assert "To: Bob <bob@example.net>" in outer
+    assert "Cc: carol@example.net" in outer
+    assert "Reply-To: list@example.org" in outer
+    assert "Message-ID: <0123abcd@example.org>" in outer
+    assert any(v.startswith("Date: ") for v in outer)
+    assert len(outer) == 7
+
+
+def test_outer_subject_cipher_vs_clear() -> None:
+    """The outer Subject is "[...]" for CIPHER and the real subject for CLEAR or no hp."""
+    msg = make(subject="Quarterly results")
+    cipher = full(msg, HP.CIPHER)
+    clear = full(msg, HP.CLEAR)
+    plain = full(msg)
+    assert header_block(cipher).count(b"Subject: [...]\r\n") == 1
+    assert b"Quarterly" not in header_block(cipher)
+    assert parse(cipher)["subject"] == "[...]"
+    assert parse(clear)["subject"] == "Quarterly results"
+    assert parse(plain)["subject"] == "Quarterly results"
+
+
+def test_no_hp_means_no_protected_headers() -> None:
+    """Without hp the payload has only MIME headers: no From/Subject/HP-Outer inside."""
+    payload = build_payload(make(subject="x"), hp=None)
+    assert header_names(header_block(payload)) == ["Content-Type"]
+    assert b"protected-headers" not in payload
+
+
+def test_hp_outer_with_undisclosed_and_unicode() -> None:
+    """HP-Outer records "undisclosed-recipients:;" and encoded non-ASCII subjects, and the
+    protected block never gains a To header for Bcc-only mail."""
+    msg = make(to=[], bcc=["eve@example.net"], subject="Ünïcödé " * 12)
+    payload = build_payload(msg, hp=HP.CLEAR)
+    assert_wire_invariants(payload)
+    parsed = parse(payload)
+    assert parsed["to"] is None
+    outer = [str(v) for v in parsed.get_all("HP-Outer", [])]
+    assert "To: undisclosed-recipients:;" in outer
+    subject_lines = [v for v in outer if v.startswith("Subject:")]
+    assert len(subject_lines) == 1
+    assert subject_lines[0].startswith("Subject: Ünïcödé Ünïcödé")
+    assert b"\r\nHP-Outer: Subject: =?utf-8?b?" in payload
+    assert parsed["subject"] == "Ünïcödé " * 12
+
+
+def test_signed_part_is_stable_bytes() -> None:
+    """build_payload is deterministic apart from boundaries, and contains no bytes a
+    re-serialiser would rewrite (From-lines, trailing spaces) — what is signed is what is sent."""
+    msg = make(text="From the start \n.\n", html="<b>x</b>")
+    payload = build_payload(msg, hp=HP.CLEAR)
+    wrapped = fake_signed(payload)
+    data = build_message(msg, payload=wrapped, hp=HP.CLEAR)
+    assert data.endswith(wrapped)
+    assert payload in data
+    assert_wire_invariants(data)
+
+
+# --------------------------------------------------------------------------------------------
+# check_wire_safe
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"Subject: x\nbody\r\n", "bare"),
+        (b"Subject: x\r\nbo\rdy\r\n", "bare"),
+        (b"Subject: x\r\nbody\r", "bare"),
+        (b"\nSubject: x\r\n", "bare"),
+        (b"a\r\r\n", "bare"),
+        (b"a\r\n\n", "bare"),
+        (b"a\r\n.\n.\r\n", "bare"),
+        (b"x" * 999 + b"\r\n", "999"),
+        (b"ok\r\n" + b"x" * 5000, "5000"),
+        (b"a\0b\r\n", "NUL"),
+        (b"caf\xc3\xa9\r\n", "8-bit"),
+        (b"\xff", "8-bit"),
+    ],
+)
+def test_check_wire_safe_refuses(data: bytes, reason: str) -> None:
+    """Bare CR, bare LF, lines over 998 octets, NUL and 8-bit bytes are refused."""
+    with pytest.raises(MessageError) as info:
+        check_wire_safe(data)
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"a", b"x" * 998, b"x" * 998 + b"\r\n" + b"y" * 998 + b"\r\n", b"\r\n\r\n"]
+)
+def test_check_wire_safe_accepts(data: bytes) -> None:
+    """Clean CRLF ASCII with lines up to exactly 998 octets passes."""
+    check_wire_safe(data)
+
+
+def test_check_wire_safe_passes_our_output() -> None:
+    """Everything this module builds (all modes, attachments, Unicode) passes the gate."""
+    msg = make(
+        to=["Zoé <zoe@example.org>"],
+        cc=['"Example, Carol" <carol@example.net>'],
+        subject="Grüße " * 20,
+        text="From x\n.\ntrailing \n" + "é" * 300,
+        html="<p>" + "x" * 2000 + "</p>",
+        attachments=[Attachment("naïve.bin", bytes(range(256)))],
+    )
+    for hp in (None, HP.CIPHER, HP.CLEAR):
+        data = full(msg, hp)
+        check_wire_safe(data)
+        assert_wire_invariants(data)
