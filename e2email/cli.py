@@ -412,7 +412,7 @@ def keys_list(state: _State) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    found = state.keystore().keys()
+    found = state.keystore().all_keys()
     if not found:
         click.echo(f"no keys in {state.home} (import some with `e2email keys import FILE`)")
         return

@@ -381,7 +381,7 @@ class Keystore:
 
     # -- Listing and lookup -----------------------------------------------------------------
 
-    def keys(self) -> tuple[OpenPGPKey, ...]:
+    def all_keys(self) -> tuple[OpenPGPKey, ...]:
         """Every certificate in the keystore."""
         stamp = self._stamp()
         listing = self._listing
@@ -405,7 +405,7 @@ class Keystore:
     def get(self, key_spec: str) -> OpenPGPKey | None:
         """The certificate with this fingerprint or (long) key ID, or None."""
         spec = key_spec.replace(" ", "").upper().removeprefix("0X")
-        for key in self.keys():
+        for key in self.all_keys():
             if key.fingerprint == spec or (len(spec) >= 16 and key.fingerprint.endswith(spec)):
                 return key
             for sub in key.subkeys:
@@ -416,7 +416,7 @@ class Keystore:
     def find(self, address: str, *, include_revoked: bool = False) -> tuple[OpenPGPKey, ...]:
         """Certificates whose non-revoked user IDs carry ``address`` (case-insensitive)."""
         addr = address.strip().lower()
-        return tuple(k for k in self.keys() if k.carries(addr, include_revoked=include_revoked))
+        return tuple(k for k in self.all_keys() if k.carries(addr, include_revoked=include_revoked))
 
     def encryption_key(
         self, address: str, *, key_map: Mapping[str, str] | None = None

@@ -140,6 +140,14 @@ def test_keys_generate_makes_a_usable_ed25519_key_pair(tmp_path: Path) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_an_existing_gnupg_home_can_be_named(recipients_home: Path, tmp_path: Path) -> None:
+    """`--gnupg-home` uses the keys of an existing GnuPG home instead of HOME/gnupg."""
+    done = e2email("--gnupg-home", str(recipients_home), "keys", "list", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "bob@example.net" in done.stdout and "dave@example.com" in done.stdout
+    assert not (tmp_path / "gnupg").exists()
+
+
 # -- send ------------------------------------------------------------------------------------
 
 
