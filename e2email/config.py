@@ -116,7 +116,10 @@ class SMTPSettings:
     password: PasswordSource | None = field(default=None, repr=False)
     ca_file: Path | None = None
     timeout: float = 60.0
-    local_hostname: str | None = None
+    #: The name given in EHLO. Not the machine's host name by default: servers copy it into
+    #: the Received header, which would tell every recipient what the sender's machine is
+    #: called. An address literal (RFC 5321 §4.1.3) is what Thunderbird sends.
+    local_hostname: str = "[127.0.0.1]"
     #: The loudly named opt-in for a connection without TLS (test rigs only). Even then no
     #: credentials are ever sent over it.
     allow_insecure_plaintext: bool = False
@@ -130,8 +133,7 @@ class SMTPSettings:
             raise ConfigError("timeout must be positive")
         if self.tls is None and self.port is not None and self.port not in DEFAULT_PORTS:
             raise ConfigError(
-                f"port {self.port} has no standard TLS mode: say which "
-                "(implicit TLS or STARTTLS)"
+                f"port {self.port} has no standard TLS mode: say which (implicit TLS or STARTTLS)"
             )
         if self.effective_tls is TLSMode.INSECURE_PLAINTEXT:
             if not self.allow_insecure_plaintext:

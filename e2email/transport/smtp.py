@@ -1,0 +1,607 @@
+"""SMTP submission over verified TLS, built on :mod:`aiosmtplib`.
+
+This layer takes finished message bytes and envelope addresses; it never sees keys. It sends
+the bytes exactly as given (``sendmail()``, never ``send_message()``, which re-serialises:
+standards item 4) and refuses to move anything but an EHLO and STARTTLS in the clear:
+
+* Implicit TLS (port 465) is TLS from the first byte (RFC 8314 §3.3).
+* STARTTLS is *required*: a server that does not offer it is refused before anything else is
+  sent (RFC 3207 §4; aiosmtplib's default ``start_tls=None`` is opportunistic and a man in the
+  middle can strip the offer, so it is never used).
+* Certificates and host names are always verified (RFC 8314 §4.4, RFC 7817) and the protocol is
+  TLS 1.2 or newer (RFC 8997).
+* AUTH (PLAIN or LOGIN, RFC 4954) happens only after TLS, and the password source is asked for
+  the password only then.
+
+Every aiosmtplib, ssl and socket exception is translated here into the
+:mod:`e2email.errors` tree, chained with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import re
+import ssl
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import aiosmtplib
+
+from e2email.config import SMTPSettings, TLSMode
+from e2email.errors import (
+    AuthenticationError,
+    ConfigError,
+    ConnectError,
+    DeliveryError,
+    E2EmailError,
+    InsecureTransportError,
+    MessageError,
+    RecipientsRefusedError,
+    SMTPReply,
+    TLSError,
+    TransportError,
+)
+from e2email.message import check_wire_safe
+
+__all__ = [
+    "DeliveryResult",
+    "RecipientResult",
+    "SMTPConnection",
+    "SMTPTransport",
+    "TLSInfo",
+]
+
+log = logging.getLogger(__name__)
+
+#: The only AUTH mechanisms we use, in order of preference. Both send the password, so both are
+#: only ever used inside TLS (RFC 4954 §4, RFC 4616 §6). PLAIN needs one round trip.
+_AUTH_MECHANISMS = ("plain", "login")
+
+#: Negotiated protocol versions we accept (RFC 8997: TLS 1.2 is the minimum).
+_MIN_TLS = ssl.TLSVersion.TLSv1_2
+
+#: Characters that may never appear in an envelope address: controls (CR, LF and NUL would end
+#: or split the SMTP command line), space and the angle brackets that delimit the path.
+_BAD_ADDRESS_CHARS = re.compile(r"[\x00-\x20\x7f<>]")
+
+#: RFC 5321 §4.5.3.1.3: a reverse- or forward-path is at most 256 octets, brackets included.
+_MAX_PATH = 254
+
+#: OpenSSL reason codes that mean the two sides share no acceptable protocol version.
+_VERSION_REASONS = frozenset(
+    {
+        "UNSUPPORTED_PROTOCOL",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "NO_PROTOCOLS_AVAILABLE",
+        "WRONG_SSL_VERSION",
+    }
+)
+
+
+_HANDSHAKE_DROPPED_HINT = (
+    "the server closed the connection during the TLS handshake; it may not support TLS 1.2 "
+    "or newer (RFC 8997), or not speak TLS on this port"
+)
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    """What TLS protected the session: protocol version and cipher suite as OpenSSL names them,
+    e.g. ``TLSv1.3`` and ``TLS_AES_256_GCM_SHA384``."""
+
+    version: str
+    cipher: str
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """What the server said about one envelope recipient.
+
+    ``reply`` is the server's refusal when ``accepted`` is false; for an accepted recipient it
+    is ``None`` (aiosmtplib's ``sendmail()`` does not report positive RCPT replies).
+    """
+
+    address: str
+    accepted: bool
+    reply: SMTPReply | None
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """The outcome of one mail transaction (MAIL, RCPT..., DATA)."""
+
+    mail_from: str
+    recipients: tuple[RecipientResult, ...]
+    #: The final reply to DATA (e.g. ``250 OK queued as X``); ``None`` when DATA was not sent.
+    data_reply: SMTPReply | None
+    #: ``None`` only for the explicitly allowed insecure plaintext mode.
+    tls: TLSInfo | None
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        return tuple(r.address for r in self.recipients if r.accepted)
+
+    @property
+    def refused(self) -> tuple[RecipientResult, ...]:
+        return tuple(r for r in self.recipients if not r.accepted)
+
+
+def _check_address(address: str, *, field: str) -> None:
+    """Refuse an envelope address that could inject SMTP syntax (standards item 20).
+
+    aiosmtplib re-parses addresses with ``email.utils.parseaddr`` before quoting them; we
+    require that to be a no-op, so the path on the wire is exactly the address given.
+    """
+    if not address:
+        raise MessageError("empty envelope address", field=field)
+    if not address.isascii():
+        raise MessageError(
+            f"address {address!r} is not ASCII; that needs SMTPUTF8 (RFC 6531), "
+            "which e2email does not use",
+            field=field,
+        )
+    if _BAD_ADDRESS_CHARS.search(address):
+        raise MessageError(
+            f"address {address!r} contains a control character, space or angle bracket",
+            field=field,
+        )
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise MessageError(f"address {address!r} is not of the form local@domain", field=field)
+    if len(address) > _MAX_PATH:
+        raise MessageError(f"address {address[:40]!r}... is too long", field=field)
+    if email.utils.parseaddr(address)[1] != address:
+        raise MessageError(f"address {address!r} is not a plain addr-spec", field=field)
+
+
+def _check_envelope(mail_from: str, recipients: Sequence[str]) -> tuple[str, ...]:
+    """Validate the envelope; return the recipients with exact duplicates dropped."""
+    if isinstance(recipients, str):
+        # A bare string is a Sequence[str] too; sending to each of its characters is never meant.
+        raise MessageError("recipients must be a sequence of addresses, not a string")
+    _check_address(mail_from, field="mail_from")
+    if not recipients:
+        raise MessageError("no envelope recipients")
+    for rcpt in recipients:
+        _check_address(rcpt, field="recipients")
+    return tuple(dict.fromkeys(recipients))
+
+
+def _client_context(ca_file: Path | None) -> ssl.SSLContext:
+    """A client context that verifies the certificate chain and the host name.
+
+    With ``ca_file`` only that file is trusted (``create_default_context`` then skips the system
+    store); otherwise the system's trust store is used.
+    """
+    try:
+        ctx = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file is not None else None
+        )
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot load CA file {ca_file}: {exc}") from exc
+    # These are create_default_context's defaults; set them anyway so that no later change of
+    # default can weaken us (RFC 8314 §4.4, RFC 7817 §3).
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
+    ctx.minimum_version = _MIN_TLS
+    return ctx
+
+
+def _find_ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The ssl error behind ``exc``, if any (aiosmtplib wraps some, not others)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return current
+        todo.extend((current.__cause__, current.__context__))
+    return None
+
+
+def _ssl_text(exc: ssl.SSLError) -> str:
+    """OpenSSL's message without the ``(_ssl.c:1006)`` source location."""
+    text = exc.strerror if isinstance(exc.strerror, str) else str(exc)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)\s*$", "", text)
+
+
+def _tls_error(exc: ssl.SSLError, where: str) -> TLSError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # Pass OpenSSL's verify message through: it says what is wrong ("Hostname mismatch,
+        # certificate is not valid for 'x'", "self-signed certificate in certificate chain").
+        detail = exc.verify_message or _ssl_text(exc)
+        return TLSError(
+            f"TLS certificate of {where} not accepted: certificate verify failed: {detail}",
+            host=where,
+        )
+    text = _ssl_text(exc)
+    hint = ""
+    if exc.reason in _VERSION_REASONS:
+        hint = " (e2email requires TLS 1.2 or newer, RFC 8997)"
+    elif exc.reason == "WRONG_VERSION_NUMBER":
+        hint = " (is this a STARTTLS port? 465 uses implicit TLS, 587 STARTTLS)"
+    elif exc.reason == "UNEXPECTED_EOF_WHILE_READING":
+        hint = f" ({_HANDSHAKE_DROPPED_HINT})"
+    return TLSError(f"TLS handshake with {where} failed: {text}{hint}", host=where)
+
+
+def _reply(exc: aiosmtplib.SMTPResponseException) -> SMTPReply:
+    return SMTPReply(exc.code, exc.message)
+
+
+def _reason(exc: BaseException) -> str:
+    """The most telling text for a connection-level failure."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and str(cause):
+        return str(cause)
+    if isinstance(exc, aiosmtplib.SMTPException):
+        return exc.message
+    return str(exc) or type(exc).__name__
+
+
+async def _quit_quietly(smtp: aiosmtplib.SMTP) -> None:
+    """QUIT (RFC 5321 §4.1.1.10) if the session is still up, then close the socket.
+
+    Errors here cannot change the outcome, so they are ignored.
+    """
+    transport = smtp.transport
+    try:
+        if smtp.is_connected:
+            await smtp.quit()
+    except (aiosmtplib.SMTPException, OSError):
+        pass
+    finally:
+        smtp.close()
+        # aiosmtplib's close() on a TLS transport starts a close_notify exchange that needs
+        # more turns of the event loop; when the loop stops first (asyncio.run() returning)
+        # the socket leaks. After QUIT (or a failure) there is nothing left to protect, so
+        # drop the connection now and give the loop one turn to release the socket.
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+        await asyncio.sleep(0)
+
+
+class SMTPConnection:
+    """An open SMTP session: TLS-protected (unless the insecure plaintext opt-in was used) and
+    authenticated if a user name is configured. Made by :meth:`SMTPTransport.connect`; not
+    constructed directly."""
+
+    def __init__(
+        self,
+        smtp: aiosmtplib.SMTP,
+        *,
+        where: str,
+        tls: TLSInfo | None,
+        extensions: Mapping[str, str],
+    ) -> None:
+        self._smtp = smtp
+        self._where = where
+        self._tls = tls
+        self._extensions: Mapping[str, str] = MappingProxyType(dict(extensions))
+
+    @property
+    def tls(self) -> TLSInfo | None:
+        return self._tls
+
+    @property
+    def extensions(self) -> Mapping[str, str]:
+        """The EHLO keywords (lower case) the server announced *after* TLS was established."""
+        return self._extensions
+
+    async def send(
+        self, raw: bytes, *, mail_from: str, recipients: Sequence[str]
+    ) -> DeliveryResult:
+        """Send ``raw`` unchanged to ``recipients``.
+
+        Recipients the server refuses while others are accepted are reported in the result, not
+        raised. All refused: :class:`RecipientsRefusedError`. Sender or data refused:
+        :class:`DeliveryError`. Connection lost: :class:`ConnectError`. After a refused
+        transaction the session is reset (RSET, RFC 5321 §4.1.1.5) and can carry another message.
+        """
+        rcpts = _check_envelope(mail_from, recipients)
+        # SMTP smuggling (CVE-2023-51764) and RFC 5322 §2.1.1: only CRLF line ends, no NUL, no
+        # 8-bit bytes, lines of at most 998 octets. aiosmtplib would "repair" bare CR/LF; we
+        # refuse instead, so what was signed is what is sent.
+        check_wire_safe(raw)
+        where = self._where
+        try:
+            # aiosmtplib adds SIZE (RFC 1870) when offered, dot-stuffs (RFC 5321 §4.5.2) and
+            # issues RSET after any refusal, so the session stays usable.
+            errors, data_text = await self._smtp.sendmail(mail_from, list(rcpts), raw)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refusals = {e.recipient: SMTPReply(e.code, e.message) for e in exc.recipients}
+            result = DeliveryResult(
+                mail_from=mail_from,
+                recipients=tuple(
+                    RecipientResult(address=r, accepted=False, reply=refusals.get(r)) for r in rcpts
+                ),
+                data_reply=None,
+                tls=self._tls,
+            )
+            raise RecipientsRefusedError(
+                [(r.address, r.reply) for r in result.recipients if r.reply is not None],
+                host=where,
+                result=result,
+            ) from exc
+        except aiosmtplib.SMTPSenderRefused as exc:
+            raise DeliveryError(
+                f"{where} refused the sender {mail_from}", host=where, reply=_reply(exc)
+            ) from exc
+        except aiosmtplib.SMTPDataError as exc:
+            raise DeliveryError(
+                f"{where} refused the message data", host=where, reply=_reply(exc)
+            ) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            raise DeliveryError(
+                f"{where} refused the message", host=where, reply=_reply(exc)
+            ) from exc
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            raise ConnectError(
+                f"connection to {where} lost while sending: {_reason(exc)}", host=where
+            ) from exc
+        except aiosmtplib.SMTPException as exc:
+            raise TransportError(f"sending via {where} failed: {exc}", host=where) from exc
+        except ValueError as exc:  # aiosmtplib's own address/command-injection checks
+            raise MessageError(str(exc)) from exc
+
+        recipient_results = tuple(
+            RecipientResult(
+                address=r,
+                accepted=r not in errors,
+                reply=SMTPReply(errors[r].code, errors[r].message) if r in errors else None,
+            )
+            for r in rcpts
+        )
+        # sendmail() returns only when DATA got 250 (anything else raises SMTPDataError).
+        data_reply = SMTPReply(int(aiosmtplib.SMTPStatus.completed), data_text)
+        log.debug("%s accepted message for %d recipient(s)", where, len(rcpts) - len(errors))
+        return DeliveryResult(
+            mail_from=mail_from, recipients=recipient_results, data_reply=data_reply, tls=self._tls
+        )
+
+    async def _close(self) -> None:
+        await _quit_quietly(self._smtp)
+
+
+class SMTPTransport:
+    """Connects to one SMTP submission server as ``settings`` say."""
+
+    def __init__(self, settings: SMTPSettings) -> None:
+        self._settings = settings
+        self._mode = settings.effective_tls
+        self._port = settings.effective_port
+        self._where = f"{settings.host}:{self._port}"
+        if settings.username is not None and settings.password is None:
+            raise ConfigError("an SMTP user name is set but no password source")
+        if self._mode is TLSMode.INSECURE_PLAINTEXT:
+            # SMTPSettings enforces both already; checked again because this is where it counts.
+            if not settings.allow_insecure_plaintext:
+                raise InsecureTransportError("plaintext SMTP needs allow_insecure_plaintext")
+            if settings.username is not None:
+                raise InsecureTransportError("credentials are never sent without TLS")
+            self._context: ssl.SSLContext | None = None
+        else:
+            self._context = _client_context(settings.ca_file)
+
+    @property
+    def settings(self) -> SMTPSettings:
+        return self._settings
+
+    def connect(self) -> contextlib.AbstractAsyncContextManager[SMTPConnection]:
+        """Connect, establish TLS, EHLO (again, after STARTTLS) and AUTH; QUIT on exit."""
+        return self._session()
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[SMTPConnection]:
+        conn = await self._open()
+        try:
+            yield conn
+        finally:
+            await conn._close()
+
+    async def send(
+        self, raw: bytes, *, mail_from: str, recipients: Sequence[str]
+    ) -> DeliveryResult:
+        """Send one message over a connection of its own."""
+        # Check before connecting, so bad input never costs a connection or reaches a server.
+        _check_envelope(mail_from, recipients)
+        check_wire_safe(raw)
+        async with self.connect() as conn:
+            return await conn.send(raw, mail_from=mail_from, recipients=recipients)
+
+    async def _open(self) -> SMTPConnection:
+        settings = self._settings
+        mode = self._mode
+        smtp = aiosmtplib.SMTP(
+            hostname=settings.host,
+            port=self._port,
+            local_hostname=settings.local_hostname,
+            timeout=settings.timeout,
+            use_tls=mode is TLSMode.IMPLICIT,
+            # True, never None: None means "STARTTLS if offered", which a man in the middle
+            # defeats by deleting the offer (RFC 3207 §6). With True, aiosmtplib raises when
+            # the server does not offer it, having sent nothing but EHLO.
+            start_tls=mode is TLSMode.STARTTLS,
+            validate_certs=True,
+            tls_context=self._context,
+        )
+        try:
+            try:
+                await smtp.connect()
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                raise self._connect_error(exc) from exc
+            try:
+                tls = self._check_tls(smtp)
+                await self._ehlo(smtp)
+                extensions = dict(smtp.esmtp_extensions)
+                if settings.username is not None:
+                    await self._authenticate(smtp, tls, settings.username)
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+                raise ConnectError(
+                    f"connection to {self._where} lost: {_reason(exc)}", host=self._where
+                ) from exc
+            except aiosmtplib.SMTPException as exc:
+                raise TransportError(
+                    f"SMTP session with {self._where} failed: {exc}", host=self._where
+                ) from exc
+        except Exception:
+            # E.g. AUTH refused: the session is still up, so end it properly.
+            await _quit_quietly(smtp)
+            raise
+        except BaseException:  # cancelled: do not wait for the server
+            smtp.close()
+            raise
+        log.debug("connected to %s (%s)", self._where, tls or "no TLS")
+        return SMTPConnection(smtp, where=self._where, tls=tls, extensions=extensions)
+
+    def _connect_error(self, exc: BaseException) -> E2EmailError:
+        """Translate a failure of connect (TCP, greeting, STARTTLS, TLS handshake)."""
+        where = self._where
+        ssl_exc = _find_ssl_error(exc)
+        if ssl_exc is not None:
+            return _tls_error(ssl_exc, where)
+        if self._handshake_dropped(exc):
+            return TLSError(
+                f"TLS handshake with {where} failed: {_HANDSHAKE_DROPPED_HINT}", host=where
+            )
+        if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+            return ConnectError(f"{where} did not greet us with 220", host=where, reply=_reply(exc))
+        if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+            hint = ""
+            if self._mode is not TLSMode.IMPLICIT and isinstance(
+                exc.__cause__, aiosmtplib.SMTPReadTimeoutError
+            ):
+                # Connected, but no greeting: typical of a port that expects a TLS
+                # ClientHello first (RFC 8314 §3.3), e.g. 465.
+                hint = " (no greeting: if this port uses implicit TLS, e.g. 465, say so)"
+            return ConnectError(f"timed out talking to {where}: {_reason(exc)}{hint}", host=where)
+        if isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected)):
+            return ConnectError(f"cannot connect to {where}: {_reason(exc)}", host=where)
+        if isinstance(exc, aiosmtplib.SMTPHeloError):
+            return TransportError(f"{where} refused EHLO", host=where, reply=_reply(exc))
+        if self._mode is TLSMode.STARTTLS:
+            if isinstance(exc, aiosmtplib.SMTPResponseException):
+                return TLSError(f"{where} refused STARTTLS", host=where, reply=_reply(exc))
+            if isinstance(exc, aiosmtplib.SMTPException):
+                # aiosmtplib raises a bare SMTPException when STARTTLS is not in the EHLO reply.
+                return TLSError(
+                    f"server {where} does not offer STARTTLS; refusing to continue without "
+                    "TLS (nothing but EHLO was sent)",
+                    host=where,
+                )
+        if isinstance(exc, OSError):
+            return ConnectError(f"cannot connect to {where}: {exc}", host=where)
+        return TransportError(f"connecting to {where} failed: {exc}", host=where)
+
+    def _handshake_dropped(self, exc: BaseException) -> bool:
+        """Did the server drop the connection in the middle of the TLS handshake?
+
+        Servers (and asyncio-based ones in particular, which do not flush the TLS alert) often
+        just close the connection when they dislike the ClientHello, e.g. when they cannot do
+        TLS 1.2. That is a failure to establish TLS, not a network problem.
+        """
+        if self._mode is TLSMode.IMPLICIT and isinstance(exc, aiosmtplib.SMTPConnectError):
+            # aiosmtplib chains the OSError of create_connection(), which includes the
+            # handshake; a reset after the TCP connection was made can only come from there.
+            # (A failure to read the greeting is chained to SMTPServerDisconnected instead.)
+            cause = exc.__cause__
+            return isinstance(cause, ConnectionResetError | ConnectionAbortedError)
+        if self._mode is TLSMode.STARTTLS and isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+            # Raised by aiosmtplib's protocol.start_tls() after the server's 220 to STARTTLS.
+            return "upgrading transport" in exc.message
+        return False
+
+    def _check_tls(self, smtp: aiosmtplib.SMTP) -> TLSInfo | None:
+        """Confirm TLS is really up and new enough; return what was negotiated."""
+        if self._mode is TLSMode.INSECURE_PLAINTEXT:
+            return None
+        sslobj = smtp.get_transport_info("ssl_object")
+        if not isinstance(sslobj, ssl.SSLObject | ssl.SSLSocket):
+            # Cannot happen with use_tls/start_tls=True; refuse rather than trust that.
+            raise TLSError(f"TLS was not established with {self._where}", host=self._where)
+        version = sslobj.version() or ""
+        try:
+            negotiated = ssl.TLSVersion[version.replace(".", "_")]
+        except KeyError:
+            negotiated = None
+        if negotiated is None or negotiated < _MIN_TLS:
+            # Belt and braces: the context's minimum_version already forbids this (RFC 8997).
+            raise TLSError(
+                f"{self._where} negotiated {version or 'an unknown protocol'}; "
+                "TLS 1.2 or newer is required (RFC 8997)",
+                host=self._where,
+            )
+        cipher = sslobj.cipher()
+        return TLSInfo(version=version, cipher=cipher[0] if cipher else "")
+
+    async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
+        """EHLO inside TLS. After STARTTLS, aiosmtplib has dropped what the first EHLO said
+        (RFC 3207 §4.2: forget everything learned before TLS), so this asks again; for
+        implicit TLS it is the first EHLO."""
+        try:
+            await smtp.ehlo()
+        except aiosmtplib.SMTPHeloError as exc:
+            # RFC 5321 §4.1.4: a server that does not know EHLO still knows HELO. Without EHLO
+            # there are no extensions, so AUTH (if configured) fails below with a clear message.
+            if not smtp.is_connected or exc.code not in (500, 502):
+                raise TransportError(
+                    f"{self._where} refused EHLO", host=self._where, reply=_reply(exc)
+                ) from exc
+            await smtp.helo()
+
+    async def _authenticate(self, smtp: aiosmtplib.SMTP, tls: TLSInfo | None, user: str) -> None:
+        where = self._where
+        if tls is None:
+            # RFC 4954 §4 / RFC 8314: never send credentials in the clear.
+            raise InsecureTransportError("credentials are never sent without TLS")
+        if not smtp.supports_extension("auth"):
+            raise AuthenticationError(
+                f"{where} does not offer SMTP AUTH (after TLS), so user {user!r} cannot log in",
+                host=where,
+            )
+        offered = [m.lower() for m in smtp.server_auth_methods]
+        usable = [m for m in _AUTH_MECHANISMS if m in offered]
+        if not usable:
+            listed = " ".join(m.upper() for m in offered) or "none"
+            raise AuthenticationError(
+                f"{where} offers AUTH mechanisms {listed}; e2email supports only PLAIN and LOGIN",
+                host=where,
+            )
+        # Only now, with TLS verified, is the password source asked (it may run a command or
+        # prompt). A ConfigError from it propagates unchanged.
+        password = self._settings.resolve_password()
+        if password is None:
+            raise ConfigError("an SMTP user name is set but no password source")
+        last: aiosmtplib.SMTPAuthenticationError | None = None
+        for mech in usable:
+            try:
+                if mech == "plain":
+                    await smtp.auth_plain(user, password)
+                else:
+                    await smtp.auth_login(user, password)
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                last = exc
+                # 504: the server does not really support this mechanism although it
+                # advertised it (RFC 4954 §6); try the next. Any other refusal (535 bad
+                # credentials, 454 temporary) is final: retrying the same password with
+                # another mechanism only doubles the failed attempts the server counts.
+                if exc.code == 504:
+                    continue
+                break
+            else:
+                log.debug("authenticated to %s as %r with %s", where, user, mech.upper())
+                return
+        assert last is not None
+        raise AuthenticationError(
+            f"{where} refused the credentials for user {user!r}",
+            host=where,
+            reply=_reply(last),
+        ) from last

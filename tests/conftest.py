@@ -1,0 +1,46 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+# Session-scoped OpenPGP keys and homes (see fixtures_pgp.py).
+from fixtures_pgp import (  # noqa: F401
+    keys,
+    recipients_home,
+    sender_store,
+    session_ca,
+    smtp_settings,
+    tls_server,
+)
+
+from e2email.testing import LoopbackSMTPServer, TestCA
+
+
+@pytest.fixture(scope="module")
+def module_ca() -> Iterator[TestCA]:
+    """One throw-away CA per test module (making CAs and certificates costs time)."""
+    ca = TestCA()
+    yield ca
+    ca.cleanup()
+
+
+@pytest.fixture
+def smtp_server(module_ca: TestCA) -> Iterator[Callable[..., LoopbackSMTPServer]]:
+    """A factory for started :class:`LoopbackSMTPServer` instances (certificates from
+    ``module_ca`` unless ``ca``/``ssl_context`` is given); all are stopped after the test."""
+    servers: list[LoopbackSMTPServer] = []
+
+    def make(**kwargs: Any) -> LoopbackSMTPServer:
+        if "ssl_context" not in kwargs:
+            kwargs.setdefault("ca", module_ca)
+        server = LoopbackSMTPServer(**kwargs).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
