@@ -1,148 +1,38 @@
-"""The ``e2email`` command line.
-
-Every failure is one line on stderr (no traceback) and a documented exit status:
-
-====  ==============================================================
-0     sent (or written with --output)
-1     unexpected internal error (a bug: please report it)
-2     usage error or bad input (options, addresses, headers, files)
-3     key or crypto refusal (missing/expired/revoked/weak key, passphrase)
-4     connection or TLS refusal (unreachable, no STARTTLS, bad certificate)
-5     authentication failed
-6     the server refused the message or some recipients
-====  ==============================================================
-"""
+"""``e2email send``: build, protect and submit one message."""
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
+from e2email.cli.app import (
+    State,
+    cli,
+    exit_code_for,
+    fail,
+    prompt_for,
+    secret_source,
+)
 from e2email.client import Mailer, ProtectedCopy, SendResult
 from e2email.config import (
-    PasswordSource,
     Protection,
     SMTPSettings,
     TLSMode,
-    default_home,
-    password_from_command,
-    password_from_env,
 )
 from e2email.errors import (
-    AuthenticationError,
-    ConfigError,
-    ConnectError,
-    CryptoError,
-    DeliveryError,
     E2EmailError,
-    KeyErrorBase,
     MessageError,
-    TLSError,
     TransportError,
 )
-from e2email.keystore import Keystore
 from e2email.message import Attachment, Message
-
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_KEY = 3
-EXIT_CONNECTION = 4
-EXIT_AUTH = 5
-EXIT_REJECTED = 6
-
-#: Checked in order: the first matching class decides the exit status.
-_EXIT_CODES: Sequence[tuple[type[E2EmailError], int]] = (
-    (MessageError, EXIT_USAGE),
-    (ConfigError, EXIT_USAGE),
-    (KeyErrorBase, EXIT_KEY),
-    (CryptoError, EXIT_KEY),
-    (AuthenticationError, EXIT_AUTH),
-    (DeliveryError, EXIT_REJECTED),
-    (TLSError, EXIT_CONNECTION),
-    (ConnectError, EXIT_CONNECTION),
-    (TransportError, EXIT_CONNECTION),
-)
-
-
-def exit_code_for(error: E2EmailError) -> int:
-    for cls, code in _EXIT_CODES:
-        if isinstance(error, cls):
-            return code
-    return EXIT_INTERNAL
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"e2email: error: {message}", err=True)
-    sys.exit(code)
-
-
-class _State:
-    def __init__(self, home: Path, gnupg_home: Path | None) -> None:
-        self.home = home
-        self.gnupg_home = gnupg_home
-
-    def keystore(self) -> Keystore:
-        return Keystore(self.home, gnupg_home=self.gnupg_home)
-
-
-@click.group(
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    epilog="Exit status: 0 ok, 2 usage or bad input, 3 key/crypto refusal, 4 connection/TLS "
-    "refusal, 5 authentication failed, 6 server refused, 1 internal error.",
-)
-@click.option(
-    "--home",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="E2EMAIL_HOME",
-    help="e2email's home directory (keys, unsent mail). Env: E2EMAIL_HOME. "
-    f"Default: {default_home()}",
-)
-@click.option(
-    "--gnupg-home",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Use this existing GnuPG home for OpenPGP keys instead of HOME/gnupg.",
-)
-@click.version_option(package_name="e2email")
-@click.pass_context
-def cli(ctx: click.Context, home: Path | None, gnupg_home: Path | None) -> None:
-    """Send end-to-end encrypted email: OpenPGP (PGP/MIME) signed and encrypted, submitted
-    over verified TLS. Try `e2email demo` for a full round trip on this machine."""
-    ctx.obj = _State(home or default_home(), gnupg_home)
-
-
-# -- send ------------------------------------------------------------------------------------
-
-
-def _secret_source(env: str | None, command: str | None, what: str) -> PasswordSource | None:
-    if env and command:
-        raise click.UsageError(f"give the {what} either from an environment variable or a command")
-    if env:
-        return password_from_env(env)
-    if command:
-        return password_from_command(command)
-    return None
-
-
-def _prompt(what: str) -> Callable[[], str]:
-    def ask() -> str:
-        if not sys.stdin.isatty():
-            raise ConfigError(
-                f"a {what} is needed and there is no terminal to ask on: "
-                f"use --{what.split()[-1]}-env or --{what.split()[-1]}-command"
-            )
-        return getpass.getpass(f"{what.capitalize()}: ")
-
-    return ask
 
 
 def _parse_key_map(items: Sequence[str]) -> dict[str, str]:
@@ -285,7 +175,7 @@ def _report(result: SendResult) -> None:
     help="Write the protected message to FILE (- for stdout) instead of sending it.",
 )
 @click.pass_obj
-def send(state: _State, /, **opts: Any) -> None:
+def send(state: State, /, **opts: Any) -> None:
     """Sign, encrypt and send one message.
 
     The body comes from --body, --body-file or standard input. If anything prevents
@@ -305,10 +195,10 @@ def send(state: _State, /, **opts: Any) -> None:
             extra = f" (the undelivered protected message is kept in {paths[0].parent})"
         elif from_stdin and text and not isinstance(exc, TransportError):
             extra = f" (the body read from stdin is saved in {_save_draft(state.home, text)})"
-        _fail(f"{exc}{extra}", exit_code_for(exc))
+        fail(f"{exc}{extra}", exit_code_for(exc))
 
 
-def _send(state: _State, opts: dict[str, Any], text: str) -> None:
+def _send(state: State, opts: dict[str, Any], text: str) -> None:
     html = None
     if opts["html_file"] is not None:
         try:
@@ -332,14 +222,14 @@ def _send(state: _State, opts: dict[str, Any], text: str) -> None:
         encrypt_to_self=opts["encrypt_to_self"],
         key_map=_parse_key_map(opts["key_map"]),
     )
-    passphrase = _secret_source(
+    passphrase = secret_source(
         opts["passphrase_env"], opts["passphrase_command"], "passphrase"
-    ) or _prompt("signing key passphrase")
+    ) or prompt_for("signing key passphrase")
     smtp = None
     if opts["output"] is None:
-        password = _secret_source(opts["password_env"], opts["password_command"], "password")
+        password = secret_source(opts["password_env"], opts["password_command"], "password")
         if opts["user"] and password is None:
-            password = _prompt("SMTP password")
+            password = prompt_for("SMTP password")
         tls = TLSMode(opts["tls"]) if opts["tls"] else None
         if opts["insecure_plaintext"]:
             if opts["tls"]:
@@ -380,136 +270,3 @@ def _write_output(target: Path, copies: Sequence[ProtectedCopy]) -> None:
             raise MessageError(f"cannot write {path}: {exc.strerror or exc}") from exc
         who = ", ".join(copy.recipients)
         click.echo(f"wrote {path} ({'To/Cc copy' if copy.kind == 'main' else 'Bcc copy'}: {who})")
-
-
-# -- keys ------------------------------------------------------------------------------------
-
-
-@cli.group()
-def keys() -> None:
-    """Import, list, export and generate OpenPGP keys in the keystore."""
-
-
-@keys.command("import")
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.pass_obj
-def keys_import(state: _State, files: tuple[Path, ...]) -> None:
-    """Import keys from FILES (armored or binary, public or secret)."""
-    store = state.keystore()
-    for path in files:
-        summary = store.import_file(path)
-        secret = f", {summary.secret_imported} secret" if summary.secret_imported else ""
-        click.echo(
-            f"{path}: {summary.imported} imported, {summary.unchanged} unchanged{secret}: "
-            + ", ".join(summary.fingerprints)
-        )
-
-
-@keys.command("list")
-@click.pass_obj
-def keys_list(state: _State) -> None:
-    """List keys: address, fingerprint, algorithm, expiry, and usable or why not."""
-    from rich.console import Console
-    from rich.table import Table
-
-    found = state.keystore().all_keys()
-    if not found:
-        click.echo(f"no keys in {state.home} (import some with `e2email keys import FILE`)")
-        return
-    table = Table(box=None, pad_edge=False)
-    for col in ("address", "fingerprint", "algorithm", "expires", "secret", "status"):
-        table.add_column(col)
-    for key in found:
-        algos = "/".join(dict.fromkeys(k.algorithm for k in (key.primary, *key.subkeys)))
-        expires = f"{key.expires:%Y-%m-%d}" if key.expires else "never"
-        table.add_row(
-            "\n".join(key.addresses) or "(no address)",
-            key.fingerprint,
-            algos,
-            expires,
-            "yes" if key.has_secret else "no",
-            key.status(),
-        )
-    Console(width=200 if not sys.stdout.isatty() else None).print(table)
-
-
-@keys.command("export")
-@click.argument("address")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
-@click.pass_obj
-def keys_export(state: _State, address: str, output: Path | None) -> None:
-    """Export the public key of ADDRESS (or a fingerprint), armored."""
-    data = state.keystore().export(address)
-    if output is None:
-        sys.stdout.buffer.write(data)
-    else:
-        output.write_bytes(data)
-        click.echo(f"wrote {output}")
-
-
-@keys.command("generate")
-@click.argument("address")
-@click.option("--name", default="", help="A real name for the user ID.")
-@click.option(
-    "--algorithm",
-    type=click.Choice(["ed25519", "rsa3072", "rsa4096"]),
-    default="ed25519",
-    show_default=True,
-)
-@click.option("--expire", default="3y", show_default=True, help="e.g. 2y, 180d, 0 (never).")
-@click.option(
-    "--passphrase-env", metavar="VAR", help="Protect the key with the passphrase in $VAR."
-)
-@click.option("--ask-passphrase", is_flag=True, help="Ask for a passphrase on the terminal.")
-@click.pass_obj
-def keys_generate(
-    state: _State,
-    address: str,
-    name: str,
-    algorithm: str,
-    expire: str,
-    passphrase_env: str | None,
-    ask_passphrase: bool,
-) -> None:
-    """Generate a key pair for ADDRESS (Ed25519/Cv25519 by default)."""
-    passphrase = None
-    if passphrase_env:
-        passphrase = password_from_env(passphrase_env)()
-    elif ask_passphrase:
-        passphrase = getpass.getpass("Passphrase for the new key: ")
-        if getpass.getpass("Again: ") != passphrase:
-            raise ConfigError("the passphrases differ")
-    key = state.keystore().generate(
-        address, name=name, algorithm=algorithm, passphrase=passphrase, expire=expire
-    )
-    click.echo(f"generated {key.fingerprint} {key.user_id}")
-
-
-# -- demo ------------------------------------------------------------------------------------
-
-
-@cli.command()
-def demo() -> None:
-    """Run a full round trip on loopback: sign, encrypt, send over TLS, receive, decrypt, verify.
-
-    Needs no network and no configuration; uses the public demo keys shipped with e2email.
-    """
-    from e2email.demo import run_demo
-
-    sys.exit(run_demo())
-
-
-def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Entry point: run the CLI, turning every e2email error into one line and an exit code."""
-    try:
-        rv = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
-    except click.exceptions.Abort:
-        _fail("aborted", EXIT_USAGE)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(EXIT_USAGE)
-    except E2EmailError as exc:
-        _fail(str(exc), exit_code_for(exc))
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
