@@ -44,6 +44,11 @@ _LENGTH_BOUND = {1, 2, 3, 16, 17}
 #: Below this an RSA, DSA or Elgamal key is refused (NIST SP 800-131A; standards item 14).
 MIN_RSA_BITS = 2048
 
+#: Hash algorithm IDs (RFC 9580 §9.5) too weak for self-signatures: MD5, SHA-1, RIPEMD-160.
+#: A SHA-1 self-signature can be forged by a chosen-prefix collision (SHA-1 is a Shambles, 2020).
+WEAK_HASHES = {1: "MD5", 2: "SHA-1", 3: "RIPEMD-160"}
+_USER_ID_CERTIFICATIONS = {"10x", "11x", "12x", "13x"}
+
 #: GnuPG colon-listing validity letters that make a key or subkey unusable (doc/DETAILS).
 _BAD_VALIDITY = {
     "r": KeyReason.REVOKED,
@@ -87,6 +92,8 @@ class SubKey:
     created: datetime | None
     expires: datetime | None
     has_secret: bool = False
+    #: Hash algorithm of the newest subkey binding signature (None for a primary key).
+    binding_hash: int | None = None
 
     @property
     def key_id(self) -> str:
@@ -109,7 +116,29 @@ class SubKey:
             return reason, self.key_id
         if self.algorithm_id in _LENGTH_BOUND and self.length < MIN_RSA_BITS:
             return KeyReason.WEAK, f"{self.algorithm} is below {MIN_RSA_BITS} bits"
+        if self.binding_hash in WEAK_HASHES:
+            return (
+                KeyReason.WEAK,
+                f"{WEAK_HASHES[self.binding_hash]} binding signature on {self.key_id}",
+            )
         return None
+
+
+@dataclass(frozen=True)
+class UserID:
+    """A user ID, its validity letter and the hash of its newest self-signature."""
+
+    text: str
+    validity: str
+    self_sig_hash: int | None = None
+
+    @property
+    def address(self) -> str | None:
+        return _uid_address(self.text)
+
+    @property
+    def weak_self_signature(self) -> bool:
+        return self.self_sig_hash in WEAK_HASHES
 
 
 @dataclass(frozen=True)
@@ -118,8 +147,7 @@ class OpenPGPKey:
 
     primary: SubKey
     subkeys: tuple[SubKey, ...]
-    #: (user ID, validity letter) pairs.
-    user_ids: tuple[tuple[str, str], ...]
+    user_ids: tuple[UserID, ...]
     disabled: bool = False
 
     @property
@@ -134,9 +162,9 @@ class OpenPGPKey:
     def addresses(self) -> tuple[str, ...]:
         """Lower-cased addresses on user IDs that are not revoked."""
         found = []
-        for uid, validity in self.user_ids:
-            addr = _uid_address(uid)
-            if addr and validity != "r" and addr not in found:
+        for uid in self.user_ids:
+            addr = uid.address
+            if addr and uid.validity != "r" and addr not in found:
                 found.append(addr)
         return tuple(found)
 
@@ -144,9 +172,22 @@ class OpenPGPKey:
         """Whether a user ID names ``address`` (lower-case); revoked user IDs count only when
         asked, so that a revoked key is reported as revoked rather than as missing."""
         return any(
-            _uid_address(uid) == address and (include_revoked or validity != "r")
-            for uid, validity in self.user_ids
+            uid.address == address and (include_revoked or uid.validity != "r")
+            for uid in self.user_ids
         )
+
+    def user_id_problem(self, address: str | None = None) -> tuple[KeyReason, str] | None:
+        """A weak (SHA-1) self-signature on the user ID naming ``address`` (on every current
+        user ID when no address is given): such a binding can be forged (standards item 14)."""
+        current = [
+            u
+            for u in self.user_ids
+            if u.validity != "r" and (address is None or u.address == address)
+        ]
+        if current and all(u.weak_self_signature for u in current):
+            name = WEAK_HASHES[current[0].self_sig_hash or 2]
+            return KeyReason.WEAK, f"{name} self-signature on the user ID"
+        return None
 
     @property
     def expires(self) -> datetime | None:
@@ -173,7 +214,7 @@ class OpenPGPKey:
     def encryption_problem(self, now: datetime | None = None) -> tuple[KeyReason, str] | None:
         """Why this certificate cannot be encrypted to, or None when it can."""
         now = now or datetime.now(UTC)
-        problem = self._key_problem(now)
+        problem = self._key_problem(now) or self.user_id_problem()
         if problem is not None:
             return problem
         if self._usable("e", now, need_secret=False):
@@ -183,7 +224,7 @@ class OpenPGPKey:
     def signing_problem(self, now: datetime | None = None) -> tuple[KeyReason, str] | None:
         """Why this key cannot sign, or None when it can."""
         now = now or datetime.now(UTC)
-        problem = self._key_problem(now)
+        problem = self._key_problem(now) or self.user_id_problem()
         if problem is not None:
             return problem
         if self._usable("s", now, need_secret=True):
@@ -236,12 +277,15 @@ class _Listing:
 
 
 def _parse_colons(public: str, secret_fprs: set[str]) -> list[OpenPGPKey]:
-    """Parse ``gpg --with-colons --fixed-list-mode --list-keys`` output (doc/DETAILS)."""
+    """Parse ``gpg --with-colons --fixed-list-mode --list-sigs`` output (doc/DETAILS)."""
     keys: list[OpenPGPKey] = []
     primary: dict[str, str] | None = None
     subs: list[dict[str, str]] = []
-    uids: list[tuple[str, str]] = []
+    uids: list[dict[str, str]] = []
     current: dict[str, str] | None = None
+    # The record the following "sig" lines belong to (a uid or a sub), with the class of
+    # self-signature that binds it.
+    signed: tuple[dict[str, str], set[str]] | None = None
 
     def flush() -> None:
         if primary is None:
@@ -250,7 +294,10 @@ def _parse_colons(public: str, secret_fprs: set[str]) -> list[OpenPGPKey]:
             OpenPGPKey(
                 primary=_subkey(primary, secret_fprs),
                 subkeys=tuple(_subkey(s, secret_fprs) for s in subs if s.get("fpr")),
-                user_ids=tuple(uids),
+                user_ids=tuple(
+                    UserID(u["text"], u["validity"], int(u["hash"]) if u.get("hash") else None)
+                    for u in uids
+                ),
                 disabled="D" in primary.get("caps", ""),
             )
         )
@@ -261,15 +308,26 @@ def _parse_colons(public: str, secret_fprs: set[str]) -> list[OpenPGPKey]:
         if kind == "pub":
             flush()
             primary, subs, uids = _record(f), [], []
-            current = primary
+            current, signed = primary, None
         elif kind == "sub" and primary is not None:
             current = _record(f)
             subs.append(current)
+            signed = (current, {"18x"})
         elif kind == "fpr" and current is not None and "fpr" not in current:
             current["fpr"] = f[9]
         elif kind == "uid" and primary is not None:
-            uids.append((_unescape_colons(f[9]), f[1]))
-            current = None
+            uid = {"text": _unescape_colons(f[9]), "validity": f[1]}
+            uids.append(uid)
+            current, signed = None, (uid, _USER_ID_CERTIFICATIONS)
+        elif kind == "sig" and primary is not None and signed is not None and len(f) > 15:
+            target, classes = signed
+            # A self-signature: issued by the primary key, of the class that binds the record.
+            # The newest one is in force (RFC 9580 §5.2.3.10), so keep its hash.
+            when = f[5].zfill(12)
+            if f[4] == primary["keyid"] and f[10] in classes and when >= target.get("sigtime", ""):
+                target["sigtime"], target["hash"] = when, f[15]
+        elif kind == "uat":  # a user attribute (photo): its signatures bind nothing we read
+            signed = None
     flush()
     return keys
 
@@ -280,6 +338,7 @@ def _record(f: list[str]) -> dict[str, str]:
         "validity": f[1],
         "length": f[2],
         "algo": f[3],
+        "keyid": f[4],
         "created": f[5],
         "expires": f[6],
         "caps": f[11],
@@ -300,6 +359,7 @@ def _subkey(r: dict[str, str], secret_fprs: set[str]) -> SubKey:
         created=_timestamp(r["created"]),
         expires=_timestamp(r["expires"]),
         has_secret=r["fpr"] in secret_fprs,
+        binding_hash=int(r["hash"]) if r.get("hash") else None,
     )
 
 
@@ -398,7 +458,7 @@ class Keystore:
             elif f[0] == "fpr" and fpr_owner:
                 secret.add(f[9])
                 fpr_owner = None
-        keys = tuple(_parse_colons(self._run_gpg("--list-keys"), secret))
+        keys = tuple(_parse_colons(self._run_gpg("--list-sigs"), secret))
         self._listing = _Listing(stamp=stamp, keys=keys)
         return keys
 
@@ -452,8 +512,10 @@ class Keystore:
 
         def problem_of(k: OpenPGPKey) -> tuple[KeyReason, str] | None:
             problem = k.encryption_problem(now) if purpose == "encrypt" else k.signing_problem(now)
-            if problem is None and override is None and not k.carries(addr):
-                return KeyReason.ADDRESS_MISMATCH, "the user ID with this address is revoked"
+            if problem is None and override is None:
+                if not k.carries(addr):
+                    return KeyReason.ADDRESS_MISMATCH, "the user ID with this address is revoked"
+                problem = k.user_id_problem(addr)
             return problem
 
         usable = [k for k in candidates if problem_of(k) is None]

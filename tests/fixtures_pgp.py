@@ -4,7 +4,8 @@ Imported by conftest.py. Keys:
 
 * alice (sender, the public demo key) and bob (recipient, demo key)
 * carol, dave, erin: more recipients (Cc/Bcc)
-* expired (expired in 2020), revoked, weak (RSA-1024), signonly (no encryption subkey)
+* expired (expired in 2020), revoked, weak (RSA-1024), signonly (no encryption subkey),
+  sha1 (RSA-2048 whose self-signatures use SHA-1)
 * locked: a sender key protected by the passphrase ``LOCKED_PASSPHRASE``
 """
 
@@ -45,6 +46,7 @@ class Keys:
     weak: TestKey
     signonly: TestKey
     locked: TestKey
+    sha1: TestKey
 
     def all(self) -> list[TestKey]:
         return [getattr(self, name) for name in self.__dataclass_fields__]
@@ -68,6 +70,9 @@ def keys() -> Iterator[Keys]:
             weak=generate_key(factory, out, "weak@example.com", key_type="rsa1024"),
             signonly=generate_key(factory, out, "signonly@example.com", encryption_subkey=False),
             locked=generate_key(factory, out, "locked@example.org", passphrase=LOCKED_PASSPHRASE),
+            sha1=generate_key(
+                factory, out, "sha1@example.com", key_type="rsa2048", cert_digest="SHA1"
+            ),
         )
         yield made
     finally:

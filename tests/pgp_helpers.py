@@ -84,6 +84,7 @@ def generate_key(
     expire: str = "0",
     faked_time: str | None = None,
     encryption_subkey: bool = True,
+    cert_digest: str | None = None,
 ) -> TestKey:
     """Generate a key in the factory GnuPG home and export it to files in ``out``."""
     if key_type == "ed25519":
@@ -104,6 +105,8 @@ def generate_key(
         "%commit",
     ]
     extra = ["--faked-system-time", faked_time] if faked_time else []
+    if cert_digest:
+        extra += ["--cert-digest-algo", cert_digest]
     done = gpg(
         factory, *extra, "--status-fd", "1", "--gen-key", input=("\n".join(lines) + "\n").encode()
     )

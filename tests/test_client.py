@@ -70,13 +70,15 @@ def _armored(raw: bytes) -> bytes:
         ("revoked@example.com", KeyReason.REVOKED),
         ("weak@example.com", KeyReason.WEAK),
         ("signonly@example.com", KeyReason.NO_ENCRYPTION_KEY),
+        ("sha1@example.com", KeyReason.WEAK),
     ],
 )
 def test_one_unusable_recipient_key_sends_nothing(
     who: str, reason: KeyReason, sender_store: Keystore, smtp_server: ServerFactory
 ) -> None:
-    """A recipient whose key is missing, expired, revoked, weak or cannot encrypt stops the whole
-    message before any connection: the server sees not a single byte."""
+    """A recipient whose key is missing, expired, revoked, weak (RSA-1024, SHA-1 self-signatures)
+    or cannot encrypt stops the whole message before any connection: the server sees not a
+    single byte."""
     server = smtp_server(tls="implicit")
     message = Message(sender="alice@example.org", to=["bob@example.net", who], text="secret")
     with pytest.raises(RecipientKeyError) as info:

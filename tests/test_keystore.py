@@ -53,7 +53,7 @@ def test_lookup_is_case_insensitive_and_reports_why_keys_are_unusable(
 ) -> None:
     """Addresses match whatever their case; unusable keys come back as a KeyProblem with the
     reason and the fingerprint of the key that was found."""
-    for key in (keys.bob, keys.expired, keys.revoked, keys.weak, keys.signonly):
+    for key in (keys.bob, keys.expired, keys.revoked, keys.weak, keys.signonly, keys.sha1):
         store.import_file(key.cert)
     assert not isinstance(store.encryption_key("BOB@example.NET"), KeyProblem)
     for key, reason in (
@@ -61,6 +61,7 @@ def test_lookup_is_case_insensitive_and_reports_why_keys_are_unusable(
         (keys.revoked, KeyReason.REVOKED),
         (keys.weak, KeyReason.WEAK),
         (keys.signonly, KeyReason.NO_ENCRYPTION_KEY),
+        (keys.sha1, KeyReason.WEAK),
     ):
         problem = store.encryption_key(key.address)
         assert isinstance(problem, KeyProblem)
@@ -69,6 +70,9 @@ def test_lookup_is_case_insensitive_and_reports_why_keys_are_unusable(
     weak = store.encryption_key(keys.weak.address)
     assert isinstance(weak, KeyProblem)
     assert "rsa1024" in weak.detail
+    sha1 = store.encryption_key(keys.sha1.address)
+    assert isinstance(sha1, KeyProblem)
+    assert "SHA-1" in sha1.detail
     assert store.encryption_key("bob@example.net.evil") == KeyProblem(
         "bob@example.net.evil", KeyReason.NOT_FOUND
     )
