@@ -2,8 +2,9 @@
 
 Built on aiosmtpd and trustme: :class:`TestCA` makes a throw-away certificate authority and
 server certificates; :class:`LoopbackSMTPServer` runs an aiosmtpd server in a thread of its
-own, with implicit TLS, STARTTLS or (for test rigs) no TLS, optional AUTH, and a record of
-everything it received::
+own, with implicit TLS, STARTTLS or (for test rigs) no TLS, optional AUTH (PLAIN, LOGIN,
+XOAUTH2), optional REQUIRETLS (RFC 8689), injected faults (:class:`Fault`: error replies, dropped
+connections, stalls at a chosen stage) and a record of everything it received::
 
     with LoopbackSMTPServer(tls="starttls", credentials={"alice": "s3cret"}) as server:
         settings = SMTPSettings(host=server.host, port=server.port, tls=TLSMode.STARTTLS,
@@ -12,13 +13,21 @@ everything it received::
         server.messages[0].data          # the exact bytes received
         server.received_commands()       # ["EHLO", "STARTTLS", "EHLO", "AUTH", "MAIL", ...]
 
+    # The first DATA is answered 451, the second attempt (on any connection) succeeds.
+    with LoopbackSMTPServer(faults=[Fault("data-end", "reply", 451, "4.3.0 try later")]) as server:
+        ...
+        server.faults_fired              # [Fault(stage="data-end", ...)]
+
 Nothing here is meant for production mail.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import json
 import logging
 import ssl
 import tempfile
@@ -28,13 +37,13 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AnyStr, Literal
+from typing import Any, AnyStr, Literal, NoReturn
 
 import trustme
 from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-__all__ = ["LoopbackSMTPServer", "ReceivedMessage", "TestCA"]
+__all__ = ["Fault", "FaultAction", "FaultStage", "LoopbackSMTPServer", "ReceivedMessage", "TestCA"]
 
 _log = logging.getLogger(__name__)
 
@@ -110,6 +119,72 @@ class TestCA:
         self.cleanup()
 
 
+FaultStage = Literal["connect", "ehlo", "mail", "rcpt", "data", "data-end"]
+FaultAction = Literal["reply", "drop", "stall"]
+_STAGES = ("connect", "ehlo", "mail", "rcpt", "data", "data-end")
+_ACTIONS = ("reply", "drop", "stall")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A misbehaviour for :class:`LoopbackSMTPServer` to show at one stage of a session.
+
+    ``stage``:
+
+    * ``"connect"``: before the greeting;
+    * ``"ehlo"``, ``"mail"``, ``"rcpt"``: when that command arrives (EHLO before and after
+      STARTTLS both count);
+    * ``"data"``: when the DATA command arrives;
+    * ``"data-end"``: after the whole message was received, before the final reply.
+
+    ``action``:
+
+    * ``"reply"``: answer ``code text`` instead of the normal reply (at ``"connect"`` that is
+      the greeting). After a 421 the server closes the connection (RFC 5321 §3.8).
+    * ``"drop"``: close the connection abruptly, without a reply. At ``"data"`` the server first
+      says 354 and reads part of the message: a drop in the middle of DATA.
+    * ``"stall"``: wait ``seconds`` before answering normally (to exceed client timeouts). A
+      client that gives up during a stall at ``"data-end"`` leaves no message behind.
+
+    ``address`` (``"rcpt"`` only) makes the fault fire only for that recipient
+    (case-insensitive). ``times`` is how often it fires in the server's lifetime, counted
+    across connections (``None``: always), so a retry after a ``times=1`` fault succeeds.
+
+    A message whose transaction failed because of a fault (a reply at MAIL, DATA or data-end, a
+    drop) is not in :attr:`LoopbackSMTPServer.messages`: the server did not accept it. A
+    ``"rcpt"`` reply refuses only that recipient; if others were accepted, the message is
+    recorded for them, as a real server would deliver it.
+    """
+
+    stage: FaultStage
+    action: FaultAction
+    code: int = 0
+    text: str = ""
+    address: str | None = None
+    times: int | None = 1
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.stage not in _STAGES:
+            raise ValueError(f"fault stage must be one of {_STAGES}, not {self.stage!r}")
+        if self.action not in _ACTIONS:
+            raise ValueError(f"fault action must be one of {_ACTIONS}, not {self.action!r}")
+        if self.action == "reply" and not 200 <= self.code <= 599:
+            raise ValueError("a 'reply' fault needs an SMTP code (200-599)")
+        if any(c in self.text for c in "\r\n"):
+            raise ValueError("fault text must be one line")
+        if self.address is not None and self.stage != "rcpt":
+            raise ValueError("address applies only to the 'rcpt' stage")
+        if self.times is not None and self.times < 1:
+            raise ValueError("times must be at least 1 (or None for always)")
+        if self.seconds < 0:
+            raise ValueError("seconds must not be negative")
+
+    @property
+    def reply_line(self) -> str:
+        return f"{self.code} {self.text}".rstrip()
+
+
 @dataclass
 class ReceivedMessage:
     """One message as the server received it."""
@@ -122,6 +197,13 @@ class ReceivedMessage:
     tls_version: str | None
     cipher: str | None
     auth_user: str | None
+    #: The MAIL FROM parameters, upper case (e.g. ``("SIZE=1234", "REQUIRETLS")``).
+    mail_options: tuple[str, ...] = ()
+
+    @property
+    def requiretls(self) -> bool:
+        """Did MAIL FROM carry the REQUIRETLS parameter (RFC 8689 §4.1)?"""
+        return "REQUIRETLS" in self.mail_options
 
 
 def _tls_of(transport: Any) -> tuple[str | None, str | None]:
@@ -143,7 +225,8 @@ class _Handler:
     ) -> list[str]:
         # The five-argument hook must record the host name itself.
         session.host_name = hostname
-        auth = self._owner._advertised_auth
+        owner = self._owner
+        auth = owner._advertised_auth
         out: list[str] = []
         for line in responses:
             if line[4:].upper().startswith("AUTH"):
@@ -153,6 +236,10 @@ class _Handler:
                     out.append("250-AUTH " + " ".join(auth))
                 continue
             out.append(line)
+        if owner._offer_requiretls and server._tls_active():
+            # RFC 8689 §4.1: REQUIRETLS is offered only inside TLS. Before the last line
+            # ("250 HELP"), which must stay the one without a dash.
+            out.insert(len(out) - 1, "250-REQUIRETLS")
         return out
 
     async def handle_exception(self, error: Exception) -> str:
@@ -166,6 +253,12 @@ class _Handler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
+        fault = self._owner._take_fault("rcpt", address)
+        if fault is not None:
+            proto: _RecordingSMTP = server
+            reply = await proto._apply_fault(fault)
+            if reply is not None:
+                return reply
         refusal = self._owner._refuse.get(address.lower())
         if refusal is not None:
             code, text = refusal
@@ -177,11 +270,22 @@ class _Handler:
         data = envelope.original_content
         if not isinstance(data, bytes):  # decode_data=False guarantees bytes
             return "451 4.3.0 test server got no raw bytes"
+        owner = self._owner
+        fault = owner._take_fault("data-end")
+        if fault is not None:
+            proto: _RecordingSMTP = server
+            reply = await proto._apply_fault(fault)
+            if reply is not None:
+                # Refused (or closed with 421): the message was not accepted, so not recorded.
+                return reply
+            # A stall the client sat through: accept normally. (One that made the client give
+            # up cancelled this coroutine: nothing recorded, as the 250 was never sent.)
         version, cipher = _tls_of(server.transport)
         auth_user: str | None = None
-        if session.authenticated and isinstance(session.auth_data, LoginPassword):
-            auth_user = session.auth_data.login.decode("utf-8", "replace")
-        owner = self._owner
+        if session.authenticated:
+            login = getattr(session.auth_data, "login", None)
+            if isinstance(login, bytes):
+                auth_user = login.decode("utf-8", "replace")
         with owner._lock:
             owner.messages.append(
                 ReceivedMessage(
@@ -191,6 +295,7 @@ class _Handler:
                     tls_version=version,
                     cipher=cipher,
                     auth_user=auth_user,
+                    mail_options=tuple(envelope.mail_options),
                 )
             )
             number = len(owner.messages)
@@ -244,6 +349,144 @@ class _RecordingSMTP(_AiosmtpdSMTP):
         with self._owner._lock:
             self._owner._protocols.discard(self)
         super().connection_lost(error)
+
+    # -- fault injection -----------------------------------------------------------------
+
+    async def _drop(self) -> NoReturn:
+        """Close the connection abruptly (no reply, no TLS close_notify) and end this session."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+        elif transport is not None:
+            transport.close()
+        # connection_lost() cancels the session task, which is the one running this.
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _apply_fault(self, fault: Fault) -> str | None:
+        """Act out ``fault``: returns the reply line to send instead of the normal one, or
+        ``None`` to go on normally (after a stall). A drop does not return."""
+        if fault.action == "stall":
+            await asyncio.sleep(fault.seconds)
+            return None
+        if fault.action == "drop":
+            await self._drop()
+        if fault.code == 421:
+            # RFC 5321 §3.8: 421 means the server is closing the channel; do so right after.
+            await self.push(fault.reply_line)
+            transport = self.transport
+            if transport is not None:
+                transport.close()
+            await asyncio.Event().wait()  # cancelled by connection_lost()
+        return fault.reply_line
+
+    async def _handle_client(self) -> None:
+        fault = self._owner._take_fault("connect")
+        if fault is not None:
+            if fault.action == "reply":
+                # A greeting other than 220 (e.g. 421 or 554, RFC 5321 §3.1), then close.
+                await self.push(fault.reply_line)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            await self._apply_fault(fault)
+        await super()._handle_client()
+
+    async def _command_fault(self, stage: FaultStage) -> bool:
+        """Apply a fault for ``stage`` if one is due; True if it replied in place of the command."""
+        fault = self._owner._take_fault(stage)
+        if fault is None:
+            return False
+        reply = await self._apply_fault(fault)
+        if reply is None:
+            return False
+        await self.push(reply)
+        return True
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not await self._command_fault("ehlo"):
+            await super().smtp_EHLO(hostname)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self._command_fault("mail"):
+            return
+        requiretls = False
+        if arg is not None and self._owner._offer_requiretls and self._tls_active():
+            # aiosmtpd refuses parameters it does not know (555); take REQUIRETLS (RFC 8689
+            # §4.1, no value) out before it looks and put it back into the envelope after.
+            words = arg.split(" ")
+            kept = [w for w in words if w.upper() != "REQUIRETLS"]
+            requiretls = len(kept) != len(words)
+            arg = " ".join(kept)
+        await super().smtp_MAIL(arg)
+        envelope = self.envelope
+        if requiretls and envelope is not None and envelope.mail_from:
+            envelope.mail_options.append("REQUIRETLS")
+
+    async def smtp_DATA(self, arg: str) -> None:
+        fault = self._owner._take_fault("data")
+        if fault is not None and fault.action == "drop":
+            # Take the message, read a little of it, then hang up in the middle.
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            with contextlib.suppress(Exception):
+                await self._reader.readuntil(b"\r\n")
+            await self._drop()
+        if fault is not None:
+            reply = await self._apply_fault(fault)
+            if reply is not None:
+                await self.push(reply)
+                self.envelope = self._create_envelope()  # as after any DATA reply
+                return
+        await super().smtp_DATA(arg)
+
+    async def auth_XOAUTH2(self, _: Any, args: list[str]) -> AuthResult:
+        """SASL XOAUTH2 as Gmail and Microsoft 365 speak it: the initial response is
+        ``base64("user=" U "\\x01auth=Bearer " T "\\x01\\x01")``. A bad token gets a 334 with a
+        base64 JSON error; the client answers with an empty line and gets 535."""
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        user, token = _parse_xoauth2(blob)
+        owner = self._owner
+        tokens = owner._xoauth2_tokens or {}
+        ok = user is not None and token is not None and tokens.get(user) == token
+        with owner._lock:
+            owner.auth_attempts.append((user or "", ok))
+        if ok:
+            assert user is not None
+            return AuthResult(success=True, auth_data=_OAuthLogin(user.encode()))
+        error = json.dumps({"status": "401", "schemes": "Bearer", "scope": "https://mail.test/"})
+        await self.push("334 " + base64.b64encode(error.encode()).decode("ascii"))
+        # RFC 7628 §3.2.3: the client acknowledges the error challenge (an empty line, or "*").
+        with contextlib.suppress(Exception):
+            await self._reader.readuntil(b"\r\n")
+        await self.push("535 5.7.8 Username and Password not accepted (XOAUTH2)")
+        return AuthResult(success=False, handled=True)
+
+
+@dataclass(frozen=True)
+class _OAuthLogin:
+    """auth_data of an XOAUTH2 session (``login`` like aiosmtpd's LoginPassword)."""
+
+    login: bytes
+
+
+def _parse_xoauth2(blob: bytes) -> tuple[str | None, str | None]:
+    """(user, token) from an XOAUTH2 initial response, or Nones where it is malformed."""
+    user = token = None
+    for field in blob.split(b"\x01"):
+        if field.startswith(b"user="):
+            user = field[5:].decode("utf-8", "replace")
+        elif field.startswith(b"auth=Bearer "):
+            token = field[12:].decode("utf-8", "replace")
+    return user, token
 
 
 def _verbs(log: list[tuple[str, bool, bytes]]) -> list[str]:
@@ -310,11 +553,21 @@ class LoopbackSMTPServer:
     * ``ssl_context``: the server context; by default a :class:`TestCA` (``ca``, or one made
       and owned here) issues a certificate for ``identities``.
     * ``credentials``: user -> password. When given, AUTH is required before MAIL and is only
-      possible inside TLS. ``auth_mechanisms`` is what EHLO advertises (aiosmtpd implements
-      PLAIN and LOGIN; advertising another makes the server answer it with 504).
+      possible inside TLS. ``auth_mechanisms`` is what EHLO advertises (default: PLAIN and
+      LOGIN when ``credentials`` are given, XOAUTH2 when ``xoauth2_tokens`` are; the server
+      implements those three, and answers another advertised one with 504).
+    * ``xoauth2_tokens``: user -> OAuth2 access token accepted by AUTH XOAUTH2; also makes AUTH
+      required.
     * ``offer_starttls=False`` with ``tls="starttls"``: a server (or a man in the middle) that
       strips STARTTLS, for downgrade tests.
+    * ``tls_versions``: (minimum, maximum) protocol versions of the server's own context, e.g.
+      ``(TLSv1, TLSv1)`` for a TLS-1.0-only server (made at OpenSSL security level 0).
+    * ``offer_requiretls``: advertise REQUIRETLS (RFC 8689) after TLS and accept it on MAIL
+      FROM (recorded in :attr:`ReceivedMessage.mail_options`); without it a MAIL FROM carrying
+      REQUIRETLS is refused with 555, as by a server that does not know the extension.
     * ``refuse_recipients``: address -> (code, text) replied to RCPT for that address.
+    * ``faults``: misbehaviours to act out (see :class:`Fault`). :attr:`faults_fired` lists
+      those that fired, in order; :attr:`connections` counts accepted TCP connections.
     """
 
     def __init__(
@@ -325,10 +578,14 @@ class LoopbackSMTPServer:
         ca: TestCA | None = None,
         identities: Sequence[str] = ("127.0.0.1", "localhost"),
         credentials: Mapping[str, str] | None = None,
-        auth_mechanisms: Sequence[str] = ("PLAIN", "LOGIN"),
+        auth_mechanisms: Sequence[str] | None = None,
         offer_starttls: bool = True,
         refuse_recipients: Mapping[str, tuple[int, str]] | None = None,
         host: str = "127.0.0.1",
+        faults: Sequence[Fault] = (),
+        tls_versions: tuple[ssl.TLSVersion, ssl.TLSVersion] | None = None,
+        offer_requiretls: bool = False,
+        xoauth2_tokens: Mapping[str, str] | None = None,
     ) -> None:
         if tls not in ("implicit", "starttls", "none"):
             raise ValueError(f"tls must be 'implicit', 'starttls' or 'none', not {tls!r}")
@@ -342,15 +599,35 @@ class LoopbackSMTPServer:
             if ssl_context is None:
                 if ca is None:
                     ca = self._own_ca = TestCA()
-                ssl_context = ca.server_context(*identities)
+                if tls_versions is None:
+                    ssl_context = ca.server_context(*identities)
+                else:
+                    ssl_context = ca.server_context(
+                        *identities,
+                        minimum_version=tls_versions[0],
+                        maximum_version=tls_versions[1],
+                    )
             self._ssl_context = ssl_context
             self.ca_file = ca.ca_file if ca is not None else None
         self._offer_starttls = offer_starttls
         self._credentials = dict(credentials) if credentials is not None else None
+        self._xoauth2_tokens = dict(xoauth2_tokens) if xoauth2_tokens is not None else None
+        self._auth_required = self._credentials is not None or self._xoauth2_tokens is not None
+        if auth_mechanisms is None:
+            auth_mechanisms = ("PLAIN", "LOGIN") if self._credentials is not None else ()
+            if self._xoauth2_tokens is not None:
+                auth_mechanisms = (*auth_mechanisms, "XOAUTH2")
         self._advertised_auth = (
-            tuple(m.upper() for m in auth_mechanisms) if self._credentials is not None else ()
+            tuple(m.upper() for m in auth_mechanisms) if self._auth_required else ()
         )
         self._refuse = {k.lower(): v for k, v in (refuse_recipients or {}).items()}
+        self._offer_requiretls = offer_requiretls
+        self.faults: tuple[Fault, ...] = tuple(faults)
+        self._fault_budget: list[int | None] = [f.times for f in self.faults]
+        #: The faults that fired, in firing order.
+        self.faults_fired: list[Fault] = []
+        #: TCP connections accepted (counted before any TLS handshake).
+        self.connections = 0
 
         self._lock = threading.Lock()
         self.messages: list[ReceivedMessage] = []
@@ -383,6 +660,25 @@ class LoopbackSMTPServer:
         with self._lock:
             return b"".join(data for tls, data in self.transcript if not tls)
 
+    def _take_fault(self, stage: FaultStage, address: str | None = None) -> Fault | None:
+        """The first fault due at ``stage`` (for ``address`` at RCPT), counted as fired."""
+        with self._lock:
+            for index, fault in enumerate(self.faults):
+                if fault.stage != stage:
+                    continue
+                if fault.address is not None and (
+                    address is None or fault.address.lower() != address.lower()
+                ):
+                    continue
+                left = self._fault_budget[index]
+                if left is not None:
+                    if left <= 0:
+                        continue
+                    self._fault_budget[index] = left - 1
+                self.faults_fired.append(fault)
+                return fault
+        return None
+
     # -- lifecycle -----------------------------------------------------------------------
 
     def _authenticate(
@@ -404,7 +700,11 @@ class LoopbackSMTPServer:
         starttls_ctx = (
             self._ssl_context if self.tls == "starttls" and self._offer_starttls else None
         )
-        excluded = [m for m in ("PLAIN", "LOGIN") if m not in self._advertised_auth]
+        excluded = [m for m in ("PLAIN", "LOGIN", "XOAUTH2") if m not in self._advertised_auth]
+        with self._lock:
+            # asyncio calls the protocol factory once per accepted TCP connection, before any
+            # TLS handshake: so this counts connections whose handshake then fails, too.
+            self.connections += 1
         return _RecordingSMTP(
             _Handler(self),
             owner=self,
@@ -413,7 +713,7 @@ class LoopbackSMTPServer:
             tls_context=starttls_ctx,
             require_starttls=starttls_ctx is not None,
             implicit_tls=self.tls == "implicit",
-            auth_required=self._credentials is not None,
+            auth_required=self._auth_required,
             auth_require_tls=True,
             auth_exclude_mechanism=excluded,
             authenticator=self._authenticate,

@@ -4,24 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email
+import email.policy
+import re
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from e2email import Mailer, Message, Protection
+from e2email.cli import cli
 from e2email.config import SMTPSettings, TLSMode
 from e2email.errors import (
     AuthenticationError,
+    ConfigError,
     ConnectError,
+    DeliveryError,
     InsecureTransportError,
     MessageError,
     RecipientsRefusedError,
+    RequireTLSError,
     SMTPReply,
     TLSError,
+    TransportError,
 )
-from e2email.testing import LoopbackSMTPServer, TestCA
+from e2email.keystore import Keystore
+from e2email.message import check_wire_safe
+from e2email.testing import Fault, LoopbackSMTPServer, TestCA
 from e2email.transport import DeliveryResult, SMTPTransport
 
 ServerFactory = Callable[..., LoopbackSMTPServer]
@@ -471,3 +484,429 @@ def test_bad_envelope_refused_before_connecting(
     with pytest.raises(MessageError):
         send(settings_for(server), mail_from=mail_from, recipients=recipients)
     assert server.transcript == []
+
+
+# -- downgrades: refused, and nothing secret or from the message reaches the server -----------
+
+
+def _old_tls_context(module_ca: TestCA) -> ssl.SSLContext:
+    v1 = ssl.TLSVersion.TLSv1
+    return module_ca.server_context("127.0.0.1", minimum_version=v1, maximum_version=v1)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(
+    ("case", "tls", "kwargs"),
+    [
+        ("stripped-starttls", "starttls", {"offer_starttls": False}),
+        ("wrong-host-implicit", "implicit", {"identities": ("wrong.example",)}),
+        ("wrong-host-starttls", "starttls", {"identities": ("wrong.example",)}),
+        ("tls1.0-implicit", "implicit", {"old_tls": True}),
+        ("tls1.0-starttls", "starttls", {"old_tls": True}),
+    ],
+)
+def test_downgrade_refused_and_nothing_leaks(
+    smtp_server: ServerFactory, module_ca: TestCA, case: str, tls: str, kwargs: dict[str, Any]
+) -> None:
+    """Stripped STARTTLS, a certificate for another host, a TLS-1.0-only server (implicit and
+    STARTTLS): TLSError (not transient), and the server's own transcript shows no AUTH, MAIL,
+    RCPT or DATA, no password in any encoding, no envelope address and no message byte; the
+    password source is never asked and nothing is recorded."""
+    if kwargs.pop("old_tls", False):
+        kwargs["ssl_context"] = _old_tls_context(module_ca)
+    server = smtp_server(tls=tls, credentials={USER: PASSWORD}, **kwargs)
+    spy = PasswordSpy()
+    with pytest.raises(TLSError) as info:
+        send(settings_for(server, username=USER, password=spy, ca_file=module_ca.ca_file))
+
+    assert info.value.transient is False
+    if case.startswith("tls1.0"):
+        assert "TLS 1.2" in str(info.value)
+    commands = server.received_commands()
+    assert not {"AUTH", "MAIL", "RCPT", "DATA"} & set(commands)
+    assert commands in ([], ["EHLO"], ["EHLO", "STARTTLS"])
+    received = all_bytes(server)
+    assert all(form not in received for form in password_forms())
+    assert b"alice@example.org" not in received
+    assert b"bob@example.net" not in received
+    assert b"Hello Bob" not in received
+    assert spy.seen_at_call == []
+    assert server.messages == []
+
+
+# -- timeouts -----------------------------------------------------------------------------------
+
+
+def test_connect_timeout_is_separate(smtp_server: ServerFactory) -> None:
+    """connect_timeout bounds the wait for the greeting even when the command timeout is long:
+    ConnectError saying 'timed out', transient."""
+    server = smtp_server(tls="starttls", faults=[Fault("connect", "stall", seconds=2)])
+    settings = settings_for(server, connect_timeout=0.3, command_timeout=30)
+    with pytest.raises(ConnectError, match="timed out") as info:
+        send(settings)
+    assert info.value.transient is True
+    assert server.messages == []
+
+
+def test_command_timeout(smtp_server: ServerFactory) -> None:
+    """A server that stalls at MAIL beyond command_timeout: ConnectError 'timed out ... MAIL',
+    transient, nothing recorded."""
+    server = smtp_server(tls="implicit", faults=[Fault("mail", "stall", seconds=2)])
+    with pytest.raises(ConnectError, match=r"timed out after 0\.3 s .* MAIL") as info:
+        send(settings_for(server, command_timeout=0.3))
+    assert info.value.transient is True
+    assert server.messages == []
+
+
+def test_data_timeout_says_delivery_is_uncertain(smtp_server: ServerFactory) -> None:
+    """A server that stalls after the whole message beyond data_timeout: ConnectError 'timed
+    out' that says the message may or may not have been accepted; the command timeout alone is
+    not what counts for DATA."""
+    server = smtp_server(tls="implicit", faults=[Fault("data-end", "stall", seconds=2)])
+    with pytest.raises(ConnectError, match="timed out") as info:
+        send(settings_for(server, command_timeout=30, data_timeout=0.3))
+    assert "may or may not" in str(info.value)
+    assert info.value.transient is True
+
+
+# -- transient or permanent ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "transient"),
+    [
+        (Fault("data-end", "reply", 451, "4.3.0 try later"), DeliveryError, True),
+        (Fault("data-end", "reply", 554, "5.6.0 rejected"), DeliveryError, False),
+        (Fault("mail", "reply", 452, "4.3.1 out of space"), DeliveryError, True),
+        (Fault("mail", "reply", 421, "4.3.2 closing"), DeliveryError, True),
+        (Fault("mail", "reply", 553, "5.7.1 not your address"), DeliveryError, False),
+        (Fault("data", "drop"), ConnectError, True),
+        (Fault("data-end", "drop"), ConnectError, True),
+        (Fault("rcpt", "reply", 450, "4.2.1 busy"), RecipientsRefusedError, True),
+        (Fault("rcpt", "reply", 550, "5.1.1 no such user"), RecipientsRefusedError, False),
+        (Fault("connect", "reply", 421, "4.3.2 busy"), ConnectError, True),
+        (Fault("connect", "reply", 554, "5.3.2 no service"), ConnectError, False),
+    ],
+)
+def test_transient_tells_retryable_from_permanent(
+    smtp_server: ServerFactory, fault: Fault, error: type[Exception], transient: bool
+) -> None:
+    """Each failure maps to the right TransportError subclass and its transient flag: 4xx,
+    drops and timeouts are transient, 5xx are not. Nothing is recorded by the server."""
+    server = smtp_server(tls="implicit", faults=[fault])
+    with pytest.raises(error) as info:
+        send(settings_for(server))
+    assert isinstance(info.value, TransportError)
+    assert info.value.transient is transient
+    assert server.faults_fired == [fault]
+    assert server.messages == []
+
+
+def test_retry_after_transient_fault_succeeds(smtp_server: ServerFactory) -> None:
+    """After a transient data-end refusal (times=1) a second send delivers the exact bytes
+    once: the fault does not leave a half-recorded message."""
+    server = smtp_server(tls="implicit", faults=[Fault("data-end", "reply", 451, "4.3.0 later")])
+    with pytest.raises(DeliveryError):
+        send(settings_for(server))
+    send(settings_for(server))
+    assert [m.data for m in server.messages] == [RAW]
+    assert server.connections == 2
+
+
+def test_authentication_and_tls_errors_are_permanent(smtp_server: ServerFactory) -> None:
+    """Refused credentials (535) and an untrusted certificate are not transient."""
+    server = smtp_server(tls="implicit", credentials={USER: PASSWORD})
+    with pytest.raises(AuthenticationError) as auth:
+        send(settings_for(server, username=USER, password="wrong"))
+    assert auth.value.transient is False
+    assert TLSError("x").transient is False
+    assert ConnectError("x").transient is True
+    assert AuthenticationError("x", reply=SMTPReply(454, "4.7.0 try later")).transient is True
+
+
+# -- XOAUTH2 ------------------------------------------------------------------------------------
+
+TOKEN = "ya29.a0AfH6SMBx-secret-token"
+
+
+class TokenSpy:
+    """A token source that records what the server had seen when it was asked."""
+
+    def __init__(self, server: LoopbackSMTPServer, token: str = TOKEN) -> None:
+        self.server = server
+        self.token = token
+        self.seen_at_call: list[list[str]] = []
+
+    def __call__(self) -> str:
+        self.seen_at_call.append(self.server.received_commands())
+        return self.token
+
+
+def test_xoauth2_success(smtp_server: ServerFactory) -> None:
+    """XOAUTH2 with a good token: the token is asked for only after STARTTLS and EHLO, travels
+    only inside TLS in the SASL format, and the message is delivered as the user."""
+    server = smtp_server(tls="starttls", xoauth2_tokens={USER: TOKEN})
+    spy = TokenSpy(server)
+    send(settings_for(server, username=USER, oauth_token=spy))
+
+    assert spy.seen_at_call == [["EHLO", "STARTTLS", "EHLO"]]
+    assert server.auth_attempts == [(USER, True)]
+    assert server.messages[0].auth_user == USER
+    blob = base64.b64encode(f"user={USER}\x01auth=Bearer {TOKEN}\x01\x01".encode())
+    inside = b"".join(data for tls, data in server.transcript if tls)
+    assert b"AUTH XOAUTH2 " + blob in inside
+    assert TOKEN.encode() not in server.cleartext() and blob not in server.cleartext()
+
+
+def test_xoauth2_refused_token(smtp_server: ServerFactory) -> None:
+    """A stale token: the server's 334 JSON error is answered with an empty line and the final
+    535 becomes an AuthenticationError naming the user and the JSON status, never the token.
+    No MAIL is sent; not transient."""
+    server = smtp_server(tls="implicit", xoauth2_tokens={USER: TOKEN})
+    with pytest.raises(AuthenticationError) as info:
+        send(settings_for(server, username=USER, oauth_token="stale-token"))
+    err = info.value
+    assert err.reply is not None and err.reply.code == 535
+    assert "status 401" in str(err)
+    assert repr(USER) in str(err)
+    assert "stale-token" not in str(err)
+    assert err.transient is False
+    assert server.auth_attempts == [(USER, False)]
+    assert "MAIL" not in server.received_commands()
+
+
+def test_xoauth2_not_offered(smtp_server: ServerFactory) -> None:
+    """A token configured but the server offers only PLAIN/LOGIN: AuthenticationError saying so,
+    before the token source is asked and without any AUTH command."""
+    server = smtp_server(tls="implicit", credentials={USER: PASSWORD})
+    spy = TokenSpy(server)
+    with pytest.raises(AuthenticationError, match="not XOAUTH2"):
+        send(settings_for(server, username=USER, oauth_token=spy))
+    assert spy.seen_at_call == []
+    assert "AUTH" not in server.received_commands()
+
+
+def test_password_client_hints_at_xoauth2(smtp_server: ServerFactory) -> None:
+    """A password configured but the server offers only XOAUTH2: the error says a token is
+    needed."""
+    server = smtp_server(tls="implicit", xoauth2_tokens={USER: TOKEN})
+    with pytest.raises(AuthenticationError, match="XOAUTH2 is offered"):
+        send(settings_for(server, username=USER, password=PASSWORD))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"oauth_token": TOKEN},
+        {"oauth_token": TOKEN, "username": USER, "password": PASSWORD},
+        {"oauth_token": TOKEN, "username": "a\x01b"},
+    ],
+)
+def test_xoauth2_settings_checked(kwargs: dict[str, Any]) -> None:
+    """A token without a user name, together with a password, or with a user name that could
+    break the SASL fields: ConfigError when the settings are made."""
+    with pytest.raises(ConfigError):
+        SMTPSettings(host="smtp.example.org", **kwargs)
+
+
+def test_no_token_over_plaintext() -> None:
+    """A token over plaintext is refused like a password."""
+    with pytest.raises(InsecureTransportError):
+        SMTPSettings(
+            host="127.0.0.1",
+            port=2500,
+            tls=TLSMode.INSECURE_PLAINTEXT,
+            allow_insecure_plaintext=True,
+            username=USER,
+            oauth_token=TOKEN,
+        )
+
+
+# -- REQUIRETLS (RFC 8689) ----------------------------------------------------------------------
+
+
+def test_requiretls_offered_goes_on_mail_from(smtp_server: ServerFactory) -> None:
+    """require_tls with a server that offers REQUIRETLS: MAIL FROM carries the parameter and
+    the message is delivered; without require_tls it does not."""
+    server = smtp_server(tls="starttls", offer_requiretls=True)
+    send(settings_for(server, require_tls=True))
+    send(settings_for(server))
+    assert [m.requiretls for m in server.messages] == [True, False]
+    assert b"REQUIRETLS" in b"".join(d for tls, d in server.transcript if tls)
+
+
+def test_requiretls_not_offered_sends_nothing(smtp_server: ServerFactory) -> None:
+    """require_tls with a server that does not offer it: RequireTLSError (a TLSError, not
+    transient), raised before AUTH and MAIL, so neither credentials nor the message are sent."""
+    server = smtp_server(tls="implicit", credentials={USER: PASSWORD})
+    spy = PasswordSpy()
+    with pytest.raises(RequireTLSError, match="REQUIRETLS") as info:
+        send(settings_for(server, require_tls=True, username=USER, password=spy))
+    assert isinstance(info.value, TLSError)
+    assert info.value.transient is False
+    assert server.received_commands() == ["EHLO", "QUIT"]
+    assert spy.seen_at_call == []
+    assert server.messages == []
+
+
+def test_requiretls_per_message(smtp_server: ServerFactory) -> None:
+    """require_tls=True on one send over an open connection: refused before MAIL on a server
+    without REQUIRETLS; the connection still carries the next message."""
+    server = smtp_server(tls="implicit")
+    settings = settings_for(server)
+
+    async def run() -> None:
+        async with SMTPTransport(settings).connect() as conn:
+            with pytest.raises(RequireTLSError):
+                await conn.send(
+                    RAW,
+                    mail_from="alice@example.org",
+                    recipients=["bob@example.net"],
+                    require_tls=True,
+                )
+            await conn.send(RAW, mail_from="alice@example.org", recipients=["bob@example.net"])
+
+    asyncio.run(run())
+    assert server.received_commands() == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert len(server.messages) == 1
+
+
+# -- SMTP smuggling (CVE-2023-51764 and kin) ------------------------------------------------------
+
+SMUGGLED = "MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
+
+
+def test_smuggling_sequences_cannot_end_data_early(smtp_server: ServerFactory) -> None:
+    """A message whose lines include "." and what looks like a second transaction: dot-stuffing
+    keeps it inside DATA, so the server sees exactly one MAIL and one DATA and records exactly
+    one message with every byte."""
+    raw = (
+        b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: s\r\n\r\n"
+        b"before\r\n.\r\n" + SMUGGLED.encode() + b"From: evil@example.com\r\n\r\nforged\r\n"
+        b".\r\nafter\r\n"
+    )
+    server = smtp_server(tls="implicit")
+    send(settings_for(server), raw)
+    assert server.received_commands() == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert [m.data for m in server.messages] == [raw]
+
+
+@pytest.mark.parametrize(
+    "sequence", [b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\n.\n", b"\r\n.\r", b"\n\r\n"]
+)
+def test_wire_check_refuses_smuggling_sequences(
+    smtp_server: ServerFactory, sequence: bytes
+) -> None:
+    """Raw bytes with <LF>.<CR><LF>, <CR><LF>.<LF> and other bare CR/LF forms are refused
+    (MessageError) before any connection: nothing leaves e2email with a bare CR or LF."""
+    raw = b"Subject: s\r\n\r\nbefore" + sequence + SMUGGLED.encode() + b"after\r\n"
+    with pytest.raises(MessageError, match="bare CR or LF"):
+        check_wire_safe(raw)
+    server = smtp_server(tls="implicit")
+    with pytest.raises(MessageError):
+        send(settings_for(server), raw)
+    assert server.transcript == []
+    assert server.connections == 0
+
+
+@pytest.mark.parametrize(("sign", "encrypt"), [(False, False), (True, False), (True, True)])
+def test_message_text_with_smuggling_sequences_arrives_whole(
+    smtp_server: ServerFactory, sender_store: Keystore, sign: bool, encrypt: bool
+) -> None:
+    """End to end through the real client: a Message whose text contains <LF>.<CR><LF>,
+    <CR><LF>.<LF>, <CR>.<CR><LF> and a fake transaction arrives as exactly one message (one
+    MAIL, one DATA); unprotected and signed, its text part decodes to the full text."""
+    text = f"one\n.\r\n{SMUGGLED}.\ntwo\r.\r\nthree\r\n.\r\nfour\n"
+    server = smtp_server(tls="implicit")
+    message = Message(
+        sender="alice@example.org", to=["bob@example.net"], subject="smuggle", text=text
+    )
+    protection = Protection(sign=sign, encrypt=encrypt, encrypt_to_self=encrypt)
+    with Mailer(smtp=settings_for(server), keystore=sender_store, protection=protection) as mailer:
+        mailer.send(message)
+
+    assert server.received_commands() == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert len(server.messages) == 1
+    received = server.messages[0]
+    assert received.rcpt_tos == ("bob@example.net",)
+    check_wire_safe(received.data)
+    if encrypt:
+        assert b"evil@example.com" not in received.data
+        return
+    parsed = email.message_from_bytes(received.data, policy=email.policy.default)
+    part = next(p for p in parsed.walk() if p.get_content_type() == "text/plain")
+    decoded = part.get_payload(decode=True).decode("utf-8")
+    normalise = re.compile(r"\r\n|\r|\n")
+    assert normalise.sub("\n", decoded) == normalise.sub("\n", text)
+
+
+# -- the command line's connection options ------------------------------------------------------
+
+
+def cli_send(
+    server: LoopbackSMTPServer, home: Path, *extra: str, env: dict[str, str] | None = None
+) -> Any:
+    """``e2email send`` in-process, unsigned and unencrypted (no keys needed): the SMTP options
+    are what is under test."""
+    assert server.ca_file is not None
+    args = [
+        "--home", str(home),
+        "send", "--from", "alice@example.org", "--to", "bob@example.net",
+        "--body", "hello", "--no-sign", "--no-encrypt",
+        "--host", server.host, "--port", str(server.port), "--tls", server.tls,
+        "--ca-file", str(server.ca_file), "--timeout", "5",
+        *extra,
+    ]  # fmt: skip
+    return CliRunner().invoke(cli, args, env=env)
+
+
+def test_cli_xoauth2_from_env(smtp_server: ServerFactory, tmp_path: Path) -> None:
+    """--token-env: the token is read from the environment and used with XOAUTH2 (--auth
+    inferred); a wrong token exits 5 with the server's refusal."""
+    server = smtp_server(tls="implicit", xoauth2_tokens={USER: TOKEN})
+    ok = cli_send(server, tmp_path, "--user", USER, "--token-env", "TOK", env={"TOK": TOKEN})
+    assert ok.exit_code == 0, ok.output
+    assert server.auth_attempts == [(USER, True)]
+    bad = cli_send(
+        server, tmp_path, "--user", USER, "--auth", "xoauth2", "--token-env", "TOK",
+        env={"TOK": "expired"},
+    )  # fmt: skip
+    assert bad.exit_code == 5
+    assert server.auth_attempts[-1] == (USER, False)
+    assert len(server.messages) == 1
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--user", USER, "--auth", "xoauth2"),
+        ("--auth", "xoauth2", "--token-env", "TOK"),
+        ("--user", USER, "--auth", "password", "--token-env", "TOK"),
+        ("--user", USER, "--token-env", "TOK", "--password-env", "PW"),
+        ("--user", USER, "--token-env", "TOK", "--token-command", "echo t"),
+    ],
+)
+def test_cli_auth_options_checked(
+    smtp_server: ServerFactory, tmp_path: Path, extra: tuple[str, ...]
+) -> None:
+    """Contradictory or incomplete --auth/--token-*/--password-* options: usage error (2) and
+    nothing reaches the server."""
+    server = smtp_server(tls="implicit")
+    result = cli_send(server, tmp_path, *extra, env={"TOK": TOKEN, "PW": PASSWORD})
+    assert result.exit_code == 2
+    assert server.connections == 0
+
+
+def test_cli_require_tls(smtp_server: ServerFactory, tmp_path: Path) -> None:
+    """--require-tls: sent with REQUIRETLS where offered; refused (exit 4, nothing sent) where
+    not."""
+    offering = smtp_server(tls="starttls", offer_requiretls=True)
+    ok = cli_send(offering, tmp_path, "--require-tls")
+    assert ok.exit_code == 0, ok.output
+    assert offering.messages[0].requiretls
+    lacking = smtp_server(tls="starttls")
+    refused = cli_send(lacking, tmp_path, "--require-tls")
+    assert refused.exit_code == 4
+    assert "REQUIRETLS" in refused.output
+    assert lacking.messages == []
+    assert "MAIL" not in lacking.received_commands()

@@ -10,20 +10,30 @@ standards item 4) and refuses to move anything but an EHLO and STARTTLS in the c
   middle can strip the offer, so it is never used).
 * Certificates and host names are always verified (RFC 8314 §4.4, RFC 7817) and the protocol is
   TLS 1.2 or newer (RFC 8997).
-* AUTH (PLAIN or LOGIN, RFC 4954) happens only after TLS, and the password source is asked for
-  the password only then.
+* AUTH (PLAIN or LOGIN, RFC 4954; or XOAUTH2 with an OAuth2 access token) happens only after
+  TLS, and the password or token source is asked only then.
+* REQUIRETLS (RFC 8689) when asked: refused before MAIL if the server does not offer it.
+* Without a configured port, the ports of ``SMTPSettings.port_order`` are tried in turn, but
+  only past ports that cannot be reached; see :mod:`e2email.transport.ports`.
+* Separate timeouts for connecting, for each command and for the message data; every timeout
+  is a :class:`~e2email.errors.ConnectError` saying "timed out".
 
 Every aiosmtplib, ssl and socket exception is translated here into the
-:mod:`e2email.errors` tree, chained with ``raise ... from``.
+:mod:`e2email.errors` tree, chained with ``raise ... from``. Each error's ``transient`` tells a
+retry loop whether waiting may help.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import email.utils
+import json
 import logging
 import re
+import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,11 +52,18 @@ from e2email.errors import (
     InsecureTransportError,
     MessageError,
     RecipientsRefusedError,
+    RequireTLSError,
     SMTPReply,
     TLSError,
     TransportError,
 )
 from e2email.message import check_wire_safe
+from e2email.transport.ports import (
+    HostMemory,
+    Outcome,
+    PortAttempt,
+    order_candidates,
+)
 
 __all__ = [
     "DeliveryResult",
@@ -54,6 +71,7 @@ __all__ = [
     "SMTPConnection",
     "SMTPTransport",
     "TLSInfo",
+    "client_tls_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -172,6 +190,13 @@ def _check_envelope(mail_from: str, recipients: Sequence[str]) -> tuple[str, ...
     return tuple(dict.fromkeys(recipients))
 
 
+def client_tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """The TLS client context e2email submits with: chain and host name verified, TLS >= 1.2,
+    trusting only ``ca_file`` when given, else the system store. (``e2email doctor`` uses it
+    too, so it judges a server exactly as sending would.)"""
+    return _client_context(ca_file)
+
+
 def _client_context(ca_file: Path | None) -> ssl.SSLContext:
     """A client context that verifies the certificate chain and the host name.
 
@@ -269,6 +294,15 @@ async def _quit_quietly(smtp: aiosmtplib.SMTP) -> None:
         await asyncio.sleep(0)
 
 
+class _AttemptFailed(Exception):
+    """Internal: connecting on one port failed before the session was usable."""
+
+    def __init__(self, error: TransportError, outcome: Outcome) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.outcome = outcome
+
+
 class SMTPConnection:
     """An open SMTP session: TLS-protected (unless the insecure plaintext opt-in was used) and
     authenticated if a user name is configured. Made by :meth:`SMTPTransport.connect`; not
@@ -281,11 +315,21 @@ class SMTPConnection:
         where: str,
         tls: TLSInfo | None,
         extensions: Mapping[str, str],
+        settings: SMTPSettings | None = None,
+        port: int = 0,
+        mode: TLSMode = TLSMode.IMPLICIT,
+        attempts: Sequence[PortAttempt] = (),
     ) -> None:
         self._smtp = smtp
         self._where = where
         self._tls = tls
         self._extensions: Mapping[str, str] = MappingProxyType(dict(extensions))
+        self._settings = settings
+        self._port = port
+        self._mode = mode
+        self._attempts = tuple(attempts)
+        # One mail transaction at a time: MAIL..DATA of two sends must not interleave.
+        self._lock = asyncio.Lock()
 
     @property
     def tls(self) -> TLSInfo | None:
@@ -296,97 +340,222 @@ class SMTPConnection:
         """The EHLO keywords (lower case) the server announced *after* TLS was established."""
         return self._extensions
 
+    @property
+    def where(self) -> str:
+        """``host:port`` of this session."""
+        return self._where
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def mode(self) -> TLSMode:
+        return self._mode
+
+    @property
+    def attempts(self) -> tuple[PortAttempt, ...]:
+        """Every port tried to open this session, the last one the one that worked."""
+        return self._attempts
+
+    @property
+    def is_connected(self) -> bool:
+        """Is the session still up (not closed by us, the server or a failure)?"""
+        return bool(self._smtp.is_connected)
+
+    def _timeouts(self) -> tuple[float | None, float | None]:
+        settings = self._settings
+        if settings is None:
+            return None, None
+        return settings.effective_command_timeout, settings.effective_data_timeout
+
     async def send(
-        self, raw: bytes, *, mail_from: str, recipients: Sequence[str]
+        self,
+        raw: bytes,
+        *,
+        mail_from: str,
+        recipients: Sequence[str],
+        require_tls: bool | None = None,
     ) -> DeliveryResult:
         """Send ``raw`` unchanged to ``recipients``.
 
         Recipients the server refuses while others are accepted are reported in the result, not
         raised. All refused: :class:`RecipientsRefusedError`. Sender or data refused:
-        :class:`DeliveryError`. Connection lost: :class:`ConnectError`. After a refused
-        transaction the session is reset (RSET, RFC 5321 §4.1.1.5) and can carry another message.
+        :class:`DeliveryError`. Connection lost or timed out: :class:`ConnectError`. After a
+        refused transaction the session is reset (RSET, RFC 5321 §4.1.1.5) and can carry
+        another message. ``require_tls`` overrides ``SMTPSettings.require_tls`` for this
+        message: REQUIRETLS (RFC 8689) on MAIL FROM, or :class:`RequireTLSError` before MAIL
+        when the server does not offer it.
         """
         rcpts = _check_envelope(mail_from, recipients)
         # SMTP smuggling (CVE-2023-51764) and RFC 5322 §2.1.1: only CRLF line ends, no NUL, no
         # 8-bit bytes, lines of at most 998 octets. aiosmtplib would "repair" bare CR/LF; we
-        # refuse instead, so what was signed is what is sent.
+        # refuse instead, so what was signed is what is sent, and no "<LF>.<CR><LF>" or
+        # "<CR><LF>.<LF>" can end DATA early on a lenient server.
         check_wire_safe(raw)
+        if require_tls is None:
+            require_tls = self._settings.require_tls if self._settings is not None else False
         where = self._where
-        try:
-            # aiosmtplib adds SIZE (RFC 1870) when offered, dot-stuffs (RFC 5321 §4.5.2) and
-            # issues RSET after any refusal, so the session stays usable.
-            errors, data_text = await self._smtp.sendmail(mail_from, list(rcpts), raw)
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            refusals = {e.recipient: SMTPReply(e.code, e.message) for e in exc.recipients}
-            result = DeliveryResult(
-                mail_from=mail_from,
-                recipients=tuple(
-                    RecipientResult(address=r, accepted=False, reply=refusals.get(r)) for r in rcpts
-                ),
-                data_reply=None,
-                tls=self._tls,
-            )
-            raise RecipientsRefusedError(
-                [(r.address, r.reply) for r in result.recipients if r.reply is not None],
-                host=where,
-                result=result,
-            ) from exc
-        except aiosmtplib.SMTPSenderRefused as exc:
-            raise DeliveryError(
-                f"{where} refused the sender {mail_from}", host=where, reply=_reply(exc)
-            ) from exc
-        except aiosmtplib.SMTPDataError as exc:
-            raise DeliveryError(
-                f"{where} refused the message data", host=where, reply=_reply(exc)
-            ) from exc
-        except aiosmtplib.SMTPResponseException as exc:
-            raise DeliveryError(
-                f"{where} refused the message", host=where, reply=_reply(exc)
-            ) from exc
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
-            raise ConnectError(
-                f"connection to {where} lost while sending: {_reason(exc)}", host=where
-            ) from exc
-        except aiosmtplib.SMTPException as exc:
-            raise TransportError(f"sending via {where} failed: {exc}", host=where) from exc
-        except ValueError as exc:  # aiosmtplib's own address/command-injection checks
-            raise MessageError(str(exc)) from exc
+        options: list[str] = []
+        if "size" in self._extensions:
+            # RFC 1870: the size as transmitted; aiosmtplib adds the final CRLF if missing.
+            size = len(raw) if raw.endswith(b"\r\n") else len(raw) + 2
+            options.append(f"SIZE={size}")
+        if require_tls:
+            if self._tls is None:
+                raise RequireTLSError("REQUIRETLS needs TLS", host=where)
+            if "requiretls" not in self._extensions:
+                raise RequireTLSError(
+                    f"{where} does not offer REQUIRETLS (RFC 8689), which was required; "
+                    "the message was not sent",
+                    host=where,
+                )
+            options.append("REQUIRETLS")
+        command_timeout, data_timeout = self._timeouts()
+        smtp = self._smtp
+        async with self._lock:
+            stage = "MAIL"
+            try:
+                try:
+                    await smtp.mail(mail_from, options=options, timeout=command_timeout)
+                except aiosmtplib.SMTPSenderRefused as exc:
+                    await self._reset()
+                    raise DeliveryError(
+                        f"{where} refused the sender {mail_from}", host=where, reply=_reply(exc)
+                    ) from exc
+                stage = "RCPT"
+                refusals: dict[str, SMTPReply] = {}
+                for rcpt in rcpts:
+                    try:
+                        await smtp.rcpt(rcpt, timeout=command_timeout)
+                    except aiosmtplib.SMTPRecipientRefused as exc:
+                        refusals[rcpt] = SMTPReply(exc.code, exc.message)
+                        if not smtp.is_connected:  # e.g. 421: the server closed the session
+                            raise
+                recipient_results = tuple(
+                    RecipientResult(address=r, accepted=r not in refusals, reply=refusals.get(r))
+                    for r in rcpts
+                )
+                if len(refusals) == len(rcpts):
+                    await self._reset()
+                    result = DeliveryResult(
+                        mail_from=mail_from,
+                        recipients=recipient_results,
+                        data_reply=None,
+                        tls=self._tls,
+                    )
+                    raise RecipientsRefusedError(
+                        [(r, refusals[r]) for r in rcpts], host=where, result=result
+                    )
+                stage = "DATA"
+                try:
+                    # aiosmtplib dot-stuffs (RFC 5321 §4.5.2) and ends with CRLF "." CRLF.
+                    response = await smtp.data(raw, timeout=data_timeout)
+                except aiosmtplib.SMTPDataError as exc:
+                    await self._reset()
+                    raise DeliveryError(
+                        f"{where} refused the message data", host=where, reply=_reply(exc)
+                    ) from exc
+            except aiosmtplib.SMTPTimeoutError as exc:
+                timeout = data_timeout if stage == "DATA" else command_timeout
+                raise ConnectError(
+                    f"timed out after {timeout:g} s waiting for {where}'s reply to {stage}"
+                    + _maybe_delivered(stage),
+                    host=where,
+                ) from exc
+            except aiosmtplib.SMTPResponseException as exc:
+                # Anything else with a code, e.g. a 421 to RCPT that closed the session.
+                raise DeliveryError(
+                    f"{where} refused the message at {stage}", host=where, reply=_reply(exc)
+                ) from exc
+            except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:
+                raise ConnectError(
+                    f"connection to {where} lost at {stage}: {_reason(exc)}"
+                    + _maybe_delivered(stage),
+                    host=where,
+                ) from exc
+            except aiosmtplib.SMTPException as exc:
+                raise TransportError(f"sending via {where} failed: {exc}", host=where) from exc
+            except ValueError as exc:  # aiosmtplib's own address/command-injection checks
+                raise MessageError(str(exc)) from exc
 
-        recipient_results = tuple(
-            RecipientResult(
-                address=r,
-                accepted=r not in errors,
-                reply=SMTPReply(errors[r].code, errors[r].message) if r in errors else None,
-            )
-            for r in rcpts
-        )
-        # sendmail() returns only when DATA got 250 (anything else raises SMTPDataError).
-        data_reply = SMTPReply(int(aiosmtplib.SMTPStatus.completed), data_text)
-        log.debug("%s accepted message for %d recipient(s)", where, len(rcpts) - len(errors))
+        log.debug("%s accepted message for %d recipient(s)", where, len(rcpts) - len(refusals))
         return DeliveryResult(
-            mail_from=mail_from, recipients=recipient_results, data_reply=data_reply, tls=self._tls
+            mail_from=mail_from,
+            recipients=recipient_results,
+            data_reply=SMTPReply(response.code, response.message),
+            tls=self._tls,
         )
+
+    async def _reset(self) -> None:
+        """RSET after a refused transaction; its failure cannot change the outcome."""
+        if not self._smtp.is_connected:
+            return
+        command_timeout, _ = self._timeouts()
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            await self._smtp.rset(timeout=command_timeout)
 
     async def _close(self) -> None:
         await _quit_quietly(self._smtp)
 
 
-class SMTPTransport:
-    """Connects to one SMTP submission server as ``settings`` say."""
+def _maybe_delivered(stage: str) -> str:
+    if stage != "DATA":
+        return ""
+    # RFC 5321 §6.1 / RFC 1047: the server may have taken the message and its reply got lost.
+    return " (the server may or may not have accepted the message)"
 
-    def __init__(self, settings: SMTPSettings) -> None:
+
+def _classify(exc: BaseException, error: E2EmailError) -> Outcome:
+    """How a failure to connect on one port ended (see :mod:`e2email.transport.ports`)."""
+    if isinstance(error, TLSError):
+        if isinstance(_find_ssl_error(exc), ssl.SSLCertVerificationError):
+            return "certificate"
+        if "STARTTLS" in str(error):
+            return "no starttls"
+        return "tls"
+    if not isinstance(error, ConnectError):
+        return "error"
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+        return "timed out"
+    if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+        return "greeting"
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if isinstance(cause, socket.gaierror):
+        return "name"
+    if isinstance(cause, ConnectionRefusedError):
+        return "refused"
+    if isinstance(cause, aiosmtplib.SMTPServerDisconnected | ConnectionResetError | EOFError):
+        return "dropped"
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return "dropped"
+    return "unreachable"
+
+
+class SMTPTransport:
+    """Connects to one SMTP submission server as ``settings`` say.
+
+    ``memory`` remembers which port worked per host (default: a :class:`HostMemory` on
+    ``settings.hosts_file`` when that is set). It is used only when no port is configured.
+    """
+
+    def __init__(self, settings: SMTPSettings, *, memory: HostMemory | None = None) -> None:
         self._settings = settings
-        self._mode = settings.effective_tls
-        self._port = settings.effective_port
-        self._where = f"{settings.host}:{self._port}"
-        if settings.username is not None and settings.password is None:
+        self._candidates = settings.candidates
+        if settings.username is not None and (
+            settings.password is None and settings.oauth_token is None
+        ):
             raise ConfigError("an SMTP user name is set but no password source")
-        if self._mode is TLSMode.INSECURE_PLAINTEXT:
+        if memory is None and settings.hosts_file is not None:
+            memory = HostMemory(settings.hosts_file)
+        self._memory = memory if settings.port is None else None
+        if any(mode is TLSMode.INSECURE_PLAINTEXT for _, mode in self._candidates):
             # SMTPSettings enforces both already; checked again because this is where it counts.
             if not settings.allow_insecure_plaintext:
                 raise InsecureTransportError("plaintext SMTP needs allow_insecure_plaintext")
             if settings.username is not None:
                 raise InsecureTransportError("credentials are never sent without TLS")
+        if all(mode is TLSMode.INSECURE_PLAINTEXT for _, mode in self._candidates):
             self._context: ssl.SSLContext | None = None
         else:
             self._context = _client_context(settings.ca_file)
@@ -394,6 +563,11 @@ class SMTPTransport:
     @property
     def settings(self) -> SMTPSettings:
         return self._settings
+
+    def candidates(self) -> tuple[tuple[int, TLSMode], ...]:
+        """The (port, TLS mode) pairs the next connect() tries, in order."""
+        remembered = self._memory.recall(self._settings.host) if self._memory else None
+        return order_candidates(self._candidates, remembered)
 
     def connect(self) -> contextlib.AbstractAsyncContextManager[SMTPConnection]:
         """Connect, establish TLS, EHLO (again, after STARTTLS) and AUTH; QUIT on exit."""
@@ -408,49 +582,122 @@ class SMTPTransport:
             await conn._close()
 
     async def send(
-        self, raw: bytes, *, mail_from: str, recipients: Sequence[str]
+        self,
+        raw: bytes,
+        *,
+        mail_from: str,
+        recipients: Sequence[str],
+        require_tls: bool | None = None,
     ) -> DeliveryResult:
         """Send one message over a connection of its own."""
         # Check before connecting, so bad input never costs a connection or reaches a server.
         _check_envelope(mail_from, recipients)
         check_wire_safe(raw)
         async with self.connect() as conn:
-            return await conn.send(raw, mail_from=mail_from, recipients=recipients)
+            return await conn.send(
+                raw, mail_from=mail_from, recipients=recipients, require_tls=require_tls
+            )
 
     async def _open(self) -> SMTPConnection:
+        """Try the candidate ports in order; see :mod:`e2email.transport.ports` for when the
+        next one is tried. Each attempt is reported in the error's (or connection's)
+        ``attempts``."""
+        host = self._settings.host
+        candidates = self.candidates()
+        attempts: list[PortAttempt] = []
+        for index, (port, mode) in enumerate(candidates):
+            try:
+                conn = await self._open_one(port, mode, attempts)
+            except _AttemptFailed as failed:
+                attempt = PortAttempt(port, mode, failed.outcome, str(failed.error))
+                attempts.append(attempt)
+                if attempt.may_fall_back and index + 1 < len(candidates):
+                    log.info("%s; trying the next port", attempt)
+                    continue
+                final = self._final_error(failed.error, attempts)
+                raise final from (failed.error.__cause__ if final is failed.error else failed.error)
+            except TransportError as error:
+                # A server answered and something after the connection failed (TLS up, then
+                # EHLO, AUTH or REQUIRETLS): never a reason to try another port.
+                attempts.append(PortAttempt(port, mode, "error", str(error)))
+                raise self._final_error(error, attempts) from error.__cause__
+            if self._memory is not None and len(self._candidates) > 1:
+                self._memory.remember(host, port, mode)
+            return conn
+        raise AssertionError("no candidate ports")  # SMTPSettings guarantees at least one
+
+    def _final_error(self, error: TransportError, attempts: list[PortAttempt]) -> TransportError:
+        """The error to raise: ``error`` itself for a single attempt; with several, one naming
+        each attempt (a ConnectError when no port was reachable)."""
+        error.attempts = tuple(attempts)
+        if len(attempts) == 1:
+            return error
+        listed = "; ".join(str(a) for a in attempts)
+        if all(a.may_fall_back for a in attempts):
+            final = ConnectError(
+                f"cannot reach {self._settings.host} on any port tried: {listed}",
+                host=self._settings.host,
+            )
+            final.attempts = tuple(attempts)
+            return final
+        earlier = "; ".join(str(a) for a in attempts[:-1])
+        error.args = (f"{error} (not trying other ports; tried before: {earlier})",)
+        return error
+
+    async def _open_one(
+        self, port: int, mode: TLSMode, attempts: list[PortAttempt]
+    ) -> SMTPConnection:
         settings = self._settings
-        mode = self._mode
+        where = f"{settings.host}:{port}"
         smtp = aiosmtplib.SMTP(
             hostname=settings.host,
-            port=self._port,
+            port=port,
             local_hostname=settings.local_hostname,
-            timeout=settings.timeout,
+            timeout=settings.effective_command_timeout,
             use_tls=mode is TLSMode.IMPLICIT,
             # True, never None: None means "STARTTLS if offered", which a man in the middle
             # defeats by deleting the offer (RFC 3207 §6). With True, aiosmtplib raises when
             # the server does not offer it, having sent nothing but EHLO.
             start_tls=mode is TLSMode.STARTTLS,
             validate_certs=True,
-            tls_context=self._context,
+            tls_context=self._context if mode is not TLSMode.INSECURE_PLAINTEXT else None,
         )
         try:
             try:
-                await smtp.connect()
+                # The connect timeout covers TCP, the implicit-TLS handshake and the greeting;
+                # STARTTLS and its handshake run under the command timeout.
+                await smtp.connect(timeout=settings.effective_connect_timeout)
             except (aiosmtplib.SMTPException, OSError) as exc:
-                raise self._connect_error(exc) from exc
+                error = self._connect_error(exc, where, mode)
+                error.__cause__ = exc
+                raise _AttemptFailed(error, _classify(exc, error)) from exc
             try:
-                tls = self._check_tls(smtp)
-                await self._ehlo(smtp)
+                tls = self._check_tls(smtp, where, mode)
+                await self._ehlo(smtp, where)
                 extensions = dict(smtp.esmtp_extensions)
+                if settings.require_tls and "requiretls" not in extensions:
+                    # RFC 8689 §4.1: checked before AUTH, so no credentials are spent on a
+                    # server that cannot carry the message as asked.
+                    raise RequireTLSError(
+                        f"{where} does not offer REQUIRETLS (RFC 8689), which was required; "
+                        "the message was not sent",
+                        host=where,
+                    )
                 if settings.username is not None:
-                    await self._authenticate(smtp, tls, settings.username)
-            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+                    await self._authenticate(smtp, tls, settings.username, where)
+            except aiosmtplib.SMTPTimeoutError as exc:
                 raise ConnectError(
-                    f"connection to {self._where} lost: {_reason(exc)}", host=self._where
+                    f"timed out after {settings.effective_command_timeout:g} s talking to "
+                    f"{where}: {_reason(exc)}",
+                    host=where,
+                ) from exc
+            except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:
+                raise ConnectError(
+                    f"connection to {where} lost: {_reason(exc)}", host=where
                 ) from exc
             except aiosmtplib.SMTPException as exc:
                 raise TransportError(
-                    f"SMTP session with {self._where} failed: {exc}", host=self._where
+                    f"SMTP session with {where} failed: {exc}", host=where
                 ) from exc
         except Exception:
             # E.g. AUTH refused: the session is still up, so end it properly.
@@ -459,16 +706,25 @@ class SMTPTransport:
         except BaseException:  # cancelled: do not wait for the server
             smtp.close()
             raise
-        log.debug("connected to %s (%s)", self._where, tls or "no TLS")
-        return SMTPConnection(smtp, where=self._where, tls=tls, extensions=extensions)
+        log.debug("connected to %s (%s)", where, tls or "no TLS")
+        attempts.append(PortAttempt(port, mode, "ok"))
+        return SMTPConnection(
+            smtp,
+            where=where,
+            tls=tls,
+            extensions=extensions,
+            settings=settings,
+            port=port,
+            mode=mode,
+            attempts=attempts,
+        )
 
-    def _connect_error(self, exc: BaseException) -> E2EmailError:
+    def _connect_error(self, exc: BaseException, where: str, mode: TLSMode) -> TransportError:
         """Translate a failure of connect (TCP, greeting, STARTTLS, TLS handshake)."""
-        where = self._where
         ssl_exc = _find_ssl_error(exc)
         if ssl_exc is not None:
             return _tls_error(ssl_exc, where)
-        if self._handshake_dropped(exc):
+        if self._handshake_dropped(exc, mode):
             return TLSError(
                 f"TLS handshake with {where} failed: {_HANDSHAKE_DROPPED_HINT}", host=where
             )
@@ -476,7 +732,7 @@ class SMTPTransport:
             return ConnectError(f"{where} did not greet us with 220", host=where, reply=_reply(exc))
         if isinstance(exc, aiosmtplib.SMTPTimeoutError):
             hint = ""
-            if self._mode is not TLSMode.IMPLICIT and isinstance(
+            if mode is not TLSMode.IMPLICIT and isinstance(
                 exc.__cause__, aiosmtplib.SMTPReadTimeoutError
             ):
                 # Connected, but no greeting: typical of a port that expects a TLS
@@ -487,7 +743,7 @@ class SMTPTransport:
             return ConnectError(f"cannot connect to {where}: {_reason(exc)}", host=where)
         if isinstance(exc, aiosmtplib.SMTPHeloError):
             return TransportError(f"{where} refused EHLO", host=where, reply=_reply(exc))
-        if self._mode is TLSMode.STARTTLS:
+        if mode is TLSMode.STARTTLS:
             if isinstance(exc, aiosmtplib.SMTPResponseException):
                 return TLSError(f"{where} refused STARTTLS", host=where, reply=_reply(exc))
             if isinstance(exc, aiosmtplib.SMTPException):
@@ -501,32 +757,34 @@ class SMTPTransport:
             return ConnectError(f"cannot connect to {where}: {exc}", host=where)
         return TransportError(f"connecting to {where} failed: {exc}", host=where)
 
-    def _handshake_dropped(self, exc: BaseException) -> bool:
+    @staticmethod
+    def _handshake_dropped(exc: BaseException, mode: TLSMode) -> bool:
         """Did the server drop the connection in the middle of the TLS handshake?
 
         Servers (and asyncio-based ones in particular, which do not flush the TLS alert) often
         just close the connection when they dislike the ClientHello, e.g. when they cannot do
         TLS 1.2. That is a failure to establish TLS, not a network problem.
         """
-        if self._mode is TLSMode.IMPLICIT and isinstance(exc, aiosmtplib.SMTPConnectError):
+        if mode is TLSMode.IMPLICIT and isinstance(exc, aiosmtplib.SMTPConnectError):
             # aiosmtplib chains the OSError of create_connection(), which includes the
             # handshake; a reset after the TCP connection was made can only come from there.
             # (A failure to read the greeting is chained to SMTPServerDisconnected instead.)
             cause = exc.__cause__
             return isinstance(cause, ConnectionResetError | ConnectionAbortedError)
-        if self._mode is TLSMode.STARTTLS and isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        if mode is TLSMode.STARTTLS and isinstance(exc, aiosmtplib.SMTPServerDisconnected):
             # Raised by aiosmtplib's protocol.start_tls() after the server's 220 to STARTTLS.
             return "upgrading transport" in exc.message
         return False
 
-    def _check_tls(self, smtp: aiosmtplib.SMTP) -> TLSInfo | None:
+    @staticmethod
+    def _check_tls(smtp: aiosmtplib.SMTP, where: str, mode: TLSMode) -> TLSInfo | None:
         """Confirm TLS is really up and new enough; return what was negotiated."""
-        if self._mode is TLSMode.INSECURE_PLAINTEXT:
+        if mode is TLSMode.INSECURE_PLAINTEXT:
             return None
         sslobj = smtp.get_transport_info("ssl_object")
         if not isinstance(sslobj, ssl.SSLObject | ssl.SSLSocket):
             # Cannot happen with use_tls/start_tls=True; refuse rather than trust that.
-            raise TLSError(f"TLS was not established with {self._where}", host=self._where)
+            raise TLSError(f"TLS was not established with {where}", host=where)
         version = sslobj.version() or ""
         try:
             negotiated = ssl.TLSVersion[version.replace(".", "_")]
@@ -535,14 +793,14 @@ class SMTPTransport:
         if negotiated is None or negotiated < _MIN_TLS:
             # Belt and braces: the context's minimum_version already forbids this (RFC 8997).
             raise TLSError(
-                f"{self._where} negotiated {version or 'an unknown protocol'}; "
+                f"{where} negotiated {version or 'an unknown protocol'}; "
                 "TLS 1.2 or newer is required (RFC 8997)",
-                host=self._where,
+                host=where,
             )
         cipher = sslobj.cipher()
         return TLSInfo(version=version, cipher=cipher[0] if cipher else "")
 
-    async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
+    async def _ehlo(self, smtp: aiosmtplib.SMTP, where: str) -> None:
         """EHLO inside TLS. After STARTTLS, aiosmtplib has dropped what the first EHLO said
         (RFC 3207 §4.2: forget everything learned before TLS), so this asks again; for
         implicit TLS it is the first EHLO."""
@@ -553,12 +811,13 @@ class SMTPTransport:
             # there are no extensions, so AUTH (if configured) fails below with a clear message.
             if not smtp.is_connected or exc.code not in (500, 502):
                 raise TransportError(
-                    f"{self._where} refused EHLO", host=self._where, reply=_reply(exc)
+                    f"{where} refused EHLO", host=where, reply=_reply(exc)
                 ) from exc
             await smtp.helo()
 
-    async def _authenticate(self, smtp: aiosmtplib.SMTP, tls: TLSInfo | None, user: str) -> None:
-        where = self._where
+    async def _authenticate(
+        self, smtp: aiosmtplib.SMTP, tls: TLSInfo | None, user: str, where: str
+    ) -> None:
         if tls is None:
             # RFC 4954 §4 / RFC 8314: never send credentials in the clear.
             raise InsecureTransportError("credentials are never sent without TLS")
@@ -568,11 +827,16 @@ class SMTPTransport:
                 host=where,
             )
         offered = [m.lower() for m in smtp.server_auth_methods]
+        if self._settings.oauth_token is not None:
+            await self._auth_xoauth2(smtp, user, offered, where)
+            return
         usable = [m for m in _AUTH_MECHANISMS if m in offered]
         if not usable:
             listed = " ".join(m.upper() for m in offered) or "none"
+            hint = " (XOAUTH2 is offered: use an OAuth2 token)" if "xoauth2" in offered else ""
             raise AuthenticationError(
-                f"{where} offers AUTH mechanisms {listed}; e2email supports only PLAIN and LOGIN",
+                f"{where} offers AUTH mechanisms {listed}; e2email supports only PLAIN and LOGIN "
+                f"with a password{hint}",
                 host=where,
             )
         # Only now, with TLS verified, is the password source asked (it may run a command or
@@ -605,3 +869,55 @@ class SMTPTransport:
             host=where,
             reply=_reply(last),
         ) from last
+
+    async def _auth_xoauth2(
+        self, smtp: aiosmtplib.SMTP, user: str, offered: Sequence[str], where: str
+    ) -> None:
+        """SASL XOAUTH2 (Google's and Microsoft's OAuth2 bearer-token mechanism).
+
+        The initial response is ``base64("user=" user ^A "auth=Bearer " token ^A ^A)``. A
+        refused token is answered with a 334 carrying a base64 JSON error (status, scope); the
+        client must then send an empty line to get the final 535 (RFC 7628 §3.2.3 does the
+        same for OAUTHBEARER). Sent inside TLS only: the token is a password for its lifetime.
+        """
+        if "xoauth2" not in offered:
+            listed = " ".join(m.upper() for m in offered) or "none"
+            raise AuthenticationError(
+                f"{where} offers AUTH mechanisms {listed}, not XOAUTH2, so the OAuth2 token "
+                f"for {user!r} cannot be used",
+                host=where,
+            )
+        token = self._settings.resolve_oauth_token()
+        if not token:
+            raise ConfigError("the OAuth2 access token is empty")
+        if any(c in token for c in "\x01\r\n"):
+            raise ConfigError("the OAuth2 access token contains a control character")
+        blob = base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
+        detail = ""
+        response = await smtp.execute_command(b"AUTH", b"XOAUTH2", blob)
+        if response.code == 334:
+            detail = _xoauth2_error_detail(response.message)
+            # Acknowledge the error challenge with an empty response; the server then sends
+            # the final reply (535 and friends).
+            response = await smtp.execute_command(b"")
+        if response.code != 235:
+            raise AuthenticationError(
+                f"{where} refused the OAuth2 token for user {user!r}{detail}",
+                host=where,
+                reply=SMTPReply(response.code, response.message),
+            )
+        log.debug("authenticated to %s as %r with XOAUTH2", where, user)
+
+
+def _xoauth2_error_detail(challenge: str) -> str:
+    """The readable part of an XOAUTH2 error challenge (base64 JSON), or ""."""
+    try:
+        data = json.loads(base64.b64decode(challenge.strip(), validate=True))
+    except (binascii.Error, ValueError):
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    parts = [f"{k} {data[k]}" for k in ("status", "scope") if isinstance(data.get(k), str)]
+    if data.get("status") in ("400", "401"):
+        parts.append("the token is invalid or expired, or lacks the SMTP scope")
+    return f" ({'; '.join(parts)})" if parts else ""

@@ -1,0 +1,72 @@
+"""``e2email doctor HOST``: what an SMTP host offers on 25, 465, 587 and 2525, and which to use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from e2email.cli.app import EXIT_CONNECTION, EXIT_OK, cli
+from e2email.doctor import PROBED_PORTS, diagnose
+
+
+def _port_map(items: Sequence[str]) -> dict[int, int]:
+    mapping = {p: p for p in PROBED_PORTS}
+    for item in items:
+        label, sep, port = item.partition("=")
+        try:
+            std, real = int(label), int(port)
+        except ValueError:
+            std = real = 0
+        if not sep or std not in PROBED_PORTS or not 0 < real < 65536:
+            raise click.BadParameter(
+                f"{item!r} is not STANDARD=PORT with STANDARD one of 25, 465, 587, 2525",
+                param_hint="--port-map",
+            )
+        mapping[std] = real
+    return mapping
+
+
+@cli.command()
+@click.argument("host")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Trust this CA bundle (PEM) instead of the system's, as `send --ca-file` does.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds allowed for each network step of each probe.",
+)
+@click.option(
+    "--port-map",
+    multiple=True,
+    metavar="STANDARD=PORT",
+    help="Probe PORT in place of the standard port (e.g. 465=10465 for a test server).",
+)
+def doctor(
+    host: str, as_json: bool, ca_file: Path | None, timeout: float, port_map: Sequence[str]
+) -> None:
+    """Check HOST's submission ports: TLS mode, version, certificate, extensions, advice.
+
+    Sends only EHLO, STARTTLS and QUIT (never AUTH or MAIL). A certificate that does not verify
+    is read again without verification, only to show what is wrong with it. Exit status 0 when
+    some port is usable with verified TLS, 4 when none is.
+    """
+    if not host or any(c in host for c in "\r\n\0 /"):
+        raise click.BadParameter(f"{host!r} is not a host name", param_hint="HOST")
+    report = asyncio.run(
+        diagnose(host, ports=_port_map(port_map), ca_file=ca_file, timeout=timeout)
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(report.describe())
+    raise SystemExit(EXIT_OK if report.ok else EXIT_CONNECTION)

@@ -1,0 +1,368 @@
+"""Port choice without a configured port: the order, when the next port is tried (only past
+ports that cannot be reached), what is reported, and the per-host memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2email.config import DEFAULT_PORT_ORDER, SMTPSettings, TLSMode
+from e2email.errors import ConfigError, ConnectError, TLSError
+from e2email.testing import Fault, LoopbackSMTPServer, TestCA
+from e2email.transport.ports import HostMemory, PortAttempt, order_candidates
+from e2email.transport.smtp import SMTPConnection, SMTPTransport
+
+ServerFactory = Callable[..., LoopbackSMTPServer]
+
+RAW = b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: ports\r\n\r\nHi.\r\n"
+USER = "alice"
+PASSWORD = "correct horse battery"
+
+MODE = {"implicit": TLSMode.IMPLICIT, "starttls": TLSMode.STARTTLS}
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port with nothing listening (connection refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port that accepts connections and never says anything."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield int(listener.getsockname()[1])
+
+
+def entry(server: LoopbackSMTPServer) -> tuple[int, TLSMode]:
+    return (server.port, MODE[server.tls])
+
+
+def settings(order: list[tuple[int, TLSMode]], module_ca: TestCA, **kwargs: Any) -> SMTPSettings:
+    kwargs.setdefault("timeout", 5)
+    return SMTPSettings(
+        host="127.0.0.1", port_order=tuple(order), ca_file=module_ca.ca_file, **kwargs
+    )
+
+
+def open_and_send(settings: SMTPSettings) -> tuple[PortAttempt, ...]:
+    async def run() -> tuple[PortAttempt, ...]:
+        conn: SMTPConnection
+        async with SMTPTransport(settings).connect() as conn:
+            await conn.send(RAW, mail_from="alice@example.org", recipients=["bob@example.net"])
+            return conn.attempts
+
+    return asyncio.run(run())
+
+
+def connect_error(settings: SMTPSettings) -> BaseException:
+    with pytest.raises((ConnectError, TLSError)) as info:
+        open_and_send(settings)
+    return info.value
+
+
+# -- the order ----------------------------------------------------------------------------------
+
+
+def test_default_order_is_465_587_2525_never_25() -> None:
+    """Only a host given: 465 implicit TLS, then 587 and 2525 with STARTTLS required; 25 and
+    plaintext are not candidates."""
+    plain = SMTPSettings(host="smtp.example.org")
+    assert DEFAULT_PORT_ORDER == (465, 587, 2525)
+    assert plain.candidates == (
+        (465, TLSMode.IMPLICIT),
+        (587, TLSMode.STARTTLS),
+        (2525, TLSMode.STARTTLS),
+    )
+    assert plain.effective_port == 465
+    assert plain.effective_tls is TLSMode.IMPLICIT
+    starttls = SMTPSettings(host="smtp.example.org", tls=TLSMode.STARTTLS)
+    assert starttls.candidates == ((587, TLSMode.STARTTLS), (2525, TLSMode.STARTTLS))
+    assert starttls.effective_port == 587
+    assert SMTPSettings(host="h", port=25).candidates == ((25, TLSMode.STARTTLS),)
+    assert SMTPSettings(host="h", port_order=(587, 25)).candidates[-1] == (25, TLSMode.STARTTLS)
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        (),
+        (465, 465),
+        (10025,),
+        ((2500, TLSMode.INSECURE_PLAINTEXT),),
+        (0,),
+        ((465, "implicit"),),
+    ],
+)
+def test_bad_port_order_refused(order: tuple[Any, ...]) -> None:
+    """An empty order, a repeated port, a non-standard port without a mode, plaintext, an
+    invalid port or a mode that is not a TLSMode: ConfigError."""
+    with pytest.raises(ConfigError):
+        SMTPSettings(host="smtp.example.org", port_order=order)
+
+
+def test_memory_only_reorders_configured_candidates() -> None:
+    """A remembered port moves to the front only if it is a candidate: a memory file naming
+    port 25 or plaintext cannot add either."""
+    candidates = ((465, TLSMode.IMPLICIT), (587, TLSMode.STARTTLS))
+    assert order_candidates(candidates, (587, TLSMode.STARTTLS)) == (
+        (587, TLSMode.STARTTLS),
+        (465, TLSMode.IMPLICIT),
+    )
+    assert order_candidates(candidates, (25, TLSMode.STARTTLS)) == candidates
+    assert order_candidates(candidates, (587, TLSMode.INSECURE_PLAINTEXT)) == candidates
+    assert order_candidates(candidates, None) == candidates
+
+
+# -- falling back -------------------------------------------------------------------------------
+
+
+def test_refused_port_falls_back_and_is_remembered(
+    smtp_server: ServerFactory, module_ca: TestCA, closed_port: int, tmp_path: Path
+) -> None:
+    """First candidate refused: the second is used, both attempts are reported, the choice is
+    written to the hosts file and tried first next time (the refused port is not tried again)."""
+    server = smtp_server(tls="starttls", credentials={USER: PASSWORD})
+    hosts = tmp_path / "home" / "hosts.json"
+    config = settings(
+        [(closed_port, TLSMode.IMPLICIT), entry(server)],
+        module_ca,
+        hosts_file=hosts,
+        username=USER,
+        password=PASSWORD,
+    )
+    attempts = open_and_send(config)
+
+    assert [(a.port, a.outcome) for a in attempts] == [
+        (closed_port, "refused"),
+        (server.port, "ok"),
+    ]
+    assert "refused" in str(attempts[0]).lower()
+    assert len(server.messages) == 1
+    stored = json.loads(hosts.read_text())
+    assert stored["hosts"]["127.0.0.1"]["port"] == server.port
+    assert stored["hosts"]["127.0.0.1"]["tls"] == "starttls"
+    assert stat.S_IMODE(hosts.stat().st_mode) == 0o600
+
+    again = open_and_send(config)
+    assert [(a.port, a.outcome) for a in again] == [(server.port, "ok")]
+    assert len(server.messages) == 2
+
+
+def test_memory_can_be_injected(
+    smtp_server: ServerFactory, module_ca: TestCA, closed_port: int, tmp_path: Path
+) -> None:
+    """The memory can be passed to the transport instead of a path in the settings."""
+    server = smtp_server(tls="implicit")
+    memory = HostMemory(tmp_path / "m.json")
+    config = settings([(closed_port, TLSMode.IMPLICIT), entry(server)], module_ca)
+    assert SMTPTransport(config, memory=memory).candidates()[0][0] == closed_port
+
+    async def run() -> None:
+        async with SMTPTransport(config, memory=memory).connect():
+            pass
+
+    asyncio.run(run())
+    assert memory.recall("127.0.0.1") == (server.port, TLSMode.IMPLICIT)
+    assert SMTPTransport(config, memory=memory).candidates()[0] == entry(server)
+
+
+def test_silent_port_times_out_then_falls_back(
+    smtp_server: ServerFactory, module_ca: TestCA, silent_port: int
+) -> None:
+    """A port that accepts but never greets (a black hole) times out after connect_timeout, and
+    the next port is used."""
+    server = smtp_server(tls="implicit")
+    config = settings(
+        [(silent_port, TLSMode.STARTTLS), entry(server)], module_ca, connect_timeout=0.3
+    )
+    attempts = open_and_send(config)
+    assert [a.outcome for a in attempts] == ["timed out", "ok"]
+    assert "timed out" in attempts[0].detail
+
+
+def test_greeting_refusal_falls_back(smtp_server: ServerFactory, module_ca: TestCA) -> None:
+    """A port whose server greets with 554 (no service here) counts as unavailable."""
+    busy = smtp_server(tls="starttls", faults=[Fault("connect", "reply", 554, "5.3.2 go away")])
+    server = smtp_server(tls="implicit")
+    attempts = open_and_send(settings([entry(busy), entry(server)], module_ca))
+    assert [a.outcome for a in attempts] == ["greeting", "ok"]
+
+
+def test_all_unreachable_lists_every_attempt(
+    module_ca: TestCA, closed_port: int, silent_port: int
+) -> None:
+    """No candidate reachable: one ConnectError (transient) whose message and attempts name
+    every port tried and why."""
+    config = settings(
+        [(closed_port, TLSMode.IMPLICIT), (silent_port, TLSMode.STARTTLS)],
+        module_ca,
+        connect_timeout=0.3,
+    )
+    err = connect_error(config)
+    assert isinstance(err, ConnectError)
+    assert err.transient is True
+    assert [(a.port, a.outcome) for a in err.attempts] == [
+        (closed_port, "refused"),
+        (silent_port, "timed out"),
+    ]
+    text = str(err)
+    assert "any port" in text
+    assert f"port {closed_port} (implicit TLS)" in text
+    assert f"port {silent_port} (STARTTLS)" in text
+
+
+# -- not falling back: security signals stop the search --------------------------------------
+
+
+def test_stripped_starttls_does_not_fall_through(
+    smtp_server: ServerFactory, module_ca: TestCA
+) -> None:
+    """STARTTLS stripped on the first candidate: TLSError, the next port is not tried, nothing
+    but EHLO was sent, and the attempts say 'no starttls'. No plaintext, no silent success."""
+    stripped = smtp_server(tls="starttls", offer_starttls=False, credentials={USER: PASSWORD})
+    good = smtp_server(tls="implicit", credentials={USER: PASSWORD})
+    err = connect_error(
+        settings([entry(stripped), entry(good)], module_ca, username=USER, password=PASSWORD)
+    )
+    assert isinstance(err, TLSError)
+    assert [a.outcome for a in err.attempts] == ["no starttls"]
+    assert stripped.received_commands() == ["EHLO"]
+    assert good.connections == 0
+    assert stripped.messages == [] and good.messages == []
+
+
+@pytest.mark.parametrize("tls", ["implicit", "starttls"])
+def test_certificate_failure_stops_the_search(
+    smtp_server: ServerFactory, module_ca: TestCA, closed_port: int, tls: str
+) -> None:
+    """A certificate for another host on a reachable port: TLSError naming the certificate
+    problem and the ports tried before it; the remaining port is never contacted."""
+    wrong = smtp_server(tls=tls, identities=("wrong.example",))
+    good = smtp_server(tls="implicit")
+    err = connect_error(
+        settings([(closed_port, TLSMode.IMPLICIT), entry(wrong), entry(good)], module_ca)
+    )
+    assert isinstance(err, TLSError)
+    assert err.transient is False
+    assert [a.outcome for a in err.attempts] == ["refused", "certificate"]
+    assert "mismatch" in str(err)
+    assert "not trying other ports" in str(err)
+    assert good.connections == 0
+
+
+def test_explicit_port_never_falls_back(
+    smtp_server: ServerFactory, module_ca: TestCA, closed_port: int, tmp_path: Path
+) -> None:
+    """With a port configured only that port is tried (port_order is ignored) and nothing is
+    remembered."""
+    good = smtp_server(tls="implicit")
+    hosts = tmp_path / "hosts.json"
+    config = SMTPSettings(
+        host="127.0.0.1",
+        port=closed_port,
+        tls=TLSMode.IMPLICIT,
+        port_order=(entry(good),),
+        ca_file=module_ca.ca_file,
+        hosts_file=hosts,
+        timeout=5,
+    )
+    err = connect_error(config)
+    assert isinstance(err, ConnectError)
+    assert len(err.attempts) == 1
+    assert good.connections == 0
+    assert not hosts.exists()
+
+
+def test_remembered_port_failing_falls_back_and_is_updated(
+    smtp_server: ServerFactory, module_ca: TestCA, closed_port: int, tmp_path: Path
+) -> None:
+    """A remembered port that now refuses: tried first, then the others in order; the memory is
+    updated to the port that worked."""
+    server = smtp_server(tls="implicit")
+    memory = HostMemory(tmp_path / "hosts.json")
+    memory.remember("127.0.0.1", closed_port, TLSMode.STARTTLS)
+    config = settings(
+        [entry(server), (closed_port, TLSMode.STARTTLS)],
+        module_ca,
+        hosts_file=memory.path,
+    )
+    attempts = open_and_send(config)
+    assert [(a.port, a.outcome) for a in attempts] == [
+        (closed_port, "refused"),
+        (server.port, "ok"),
+    ]
+    assert memory.recall("127.0.0.1") == entry(server)
+
+
+# -- the memory file ----------------------------------------------------------------------------
+
+
+def test_host_memory_file(tmp_path: Path) -> None:
+    """HostMemory: case-insensitive host keys, a private file replaced atomically (no temporary
+    files left), unchanged entries not rewritten, forget() removes an entry."""
+    path = tmp_path / "sub" / "hosts.json"
+    memory = HostMemory(path)
+    assert memory.recall("smtp.example.org") is None
+    memory.remember("SMTP.Example.org.", 587, TLSMode.STARTTLS)
+    assert memory.recall("smtp.example.org") == (587, TLSMode.STARTTLS)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    before = path.stat().st_mtime_ns
+    os.utime(path, ns=(before - 10**9, before - 10**9))
+    memory.remember("smtp.example.org", 587, TLSMode.STARTTLS)
+    assert path.stat().st_mtime_ns == before - 10**9  # not rewritten
+    memory.remember("other.example", 465, TLSMode.IMPLICIT)
+    assert sorted(json.loads(path.read_text())["hosts"]) == ["other.example", "smtp.example.org"]
+    memory.forget("smtp.example.org")
+    assert memory.recall("smtp.example.org") is None
+    assert sorted(p.name for p in path.parent.iterdir()) == ["hosts.json"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        "[]",
+        '{"hosts": []}',
+        '{"hosts": {"h": {"port": "x", "tls": "starttls"}}}',
+        '{"hosts": {"h": {"port": 587, "tls": "carrier-pigeon"}}}',
+        '{"hosts": {"h": {"port": 70000, "tls": "starttls"}}}',
+    ],
+)
+def test_bad_memory_file_is_ignored(tmp_path: Path, content: str) -> None:
+    """An unreadable or malformed memory file means nothing is remembered (no exception), and
+    remembering replaces it with a valid one."""
+    path = tmp_path / "hosts.json"
+    path.write_text(content)
+    memory = HostMemory(path)
+    assert memory.recall("h") is None
+    memory.remember("h", 465, TLSMode.IMPLICIT)
+    assert memory.recall("h") == (465, TLSMode.IMPLICIT)
+
+
+def test_unwritable_memory_does_not_fail_the_send(
+    smtp_server: ServerFactory, module_ca: TestCA, closed_port: int, tmp_path: Path
+) -> None:
+    """When the memory cannot be written (its folder is a file) the message still goes out."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    server = smtp_server(tls="implicit")
+    config = settings(
+        [(closed_port, TLSMode.IMPLICIT), entry(server)],
+        module_ca,
+        hosts_file=blocker / "hosts.json",
+    )
+    open_and_send(config)
+    assert len(server.messages) == 1
