@@ -4,6 +4,11 @@ Alice signs and encrypts a message with an attachment to Bob; e2email submits it
 TLS (with AUTH) to a real SMTP server on 127.0.0.1 whose certificate comes from a throwaway CA;
 then, as Bob would, the bytes the server received are decrypted and the signature verified with
 Bob's own keystore. Every step is shown. The keys are the public demo keys in ``keys/``.
+
+Then the same with S/MIME: a local test CA issues X.509 identities to Alice and Bob (moved into
+their stores as PKCS#12 files), Alice sends signed-then-encrypted mail (AES-256-CBC), and Bob
+decrypts it and verifies the CMS signature and the certificate chain with ``cryptography`` only
+(e2email's own verifier; ``openssl cms -verify`` is asked for a second opinion when installed).
 """
 
 from __future__ import annotations
@@ -14,18 +19,22 @@ import email.policy
 import hashlib
 import importlib.resources
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import rsa
 from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
+from e2email.certstore import CertStore, describe
 from e2email.client import AsyncMailer
-from e2email.config import Protection, SMTPSettings, TLSMode
-from e2email.errors import E2EmailError
+from e2email.config import Protection, Scheme, SMTPSettings, TLSMode
+from e2email.crypto import smime
+from e2email.errors import CryptoError, E2EmailError, KeyProblem
 from e2email.keystore import Keystore
 from e2email.message import Attachment, Message
 from e2email.testing import LoopbackSMTPServer
@@ -219,16 +228,188 @@ async def _run(console: Console, work: Path) -> DemoOutcome:
         bob.shutdown_agent()
 
 
+_P12_PASSPHRASE = "demo-p12-passphrase"
+
+
+def _smime_identities(console: Console, work: Path) -> tuple[CertStore, CertStore, Path]:
+    """A local test CA issues Alice's and Bob's identities; each imports their own PKCS#12 and
+    the CA certificate as a trust anchor, and Alice imports Bob's certificate."""
+    ca = CertStore(work / "smime-ca")
+    alice_store, bob_store = CertStore(work / "alice"), CertStore(work / "bob")
+    files: dict[str, tuple[Path, Path]] = {}
+    for who, address in (("alice", "alice@example.org"), ("bob", "bob@example.net")):
+        made = ca.generate_identity(
+            address, name=f"{who.title()} Demo", algorithm="rsa2048", test_ca=True, lifetime="30d"
+        )
+        p12, pem = work / f"{who}.p12", work / f"{who}.crt.pem"
+        p12.write_bytes(ca.export_pkcs12(made, passphrase=None, export_passphrase=_P12_PASSPHRASE))
+        pem.write_bytes(ca.export_pem(made))
+        files[who] = (p12, pem)
+    ca_pem = ca.test_ca_cert()
+    assert ca_pem is not None
+    alice_store.import_files([files["alice"][0], files["bob"][1]], passphrase=_P12_PASSPHRASE)
+    bob_store.import_files([files["bob"][0]], passphrase=_P12_PASSPHRASE)
+    for store in (alice_store, bob_store):
+        store.import_files([ca_pem], trust=True)
+    alice_cert = alice_store.signer_cert("alice@example.org")
+    bob_cert = alice_store.recipient_cert("bob@example.net")
+    if isinstance(alice_cert, KeyProblem) or isinstance(bob_cert, KeyProblem):
+        raise CryptoError(f"demo identities unusable: {alice_cert} / {bob_cert}")
+    rows = [f"CA        {alice_cert.issuer}"]
+    for label, cert in (("sender   ", alice_cert), ("recipient", bob_cert)):
+        rows.append(
+            f"{label} {describe(cert.certificate)}  {cert.algorithm}, "
+            f"SHA-256 {cert.fingerprint[:16]}..."
+        )
+    rows.append("each imported their own PKCS#12 (key kept under its passphrase) and trusts the CA")
+    _show(
+        console,
+        "6. S/MIME: identities from a local test CA (keys generate --smime --test-ca)",
+        "\n".join(rows),
+    )
+    return alice_store, bob_store, ca_pem
+
+
+def _openssl_opinion(raw: bytes, ca_pem: Path, work: Path) -> str:
+    """``openssl cms -verify`` on the decrypted entity, when openssl is installed."""
+    if shutil.which("openssl") is None:
+        return "openssl not installed: no second opinion"
+    entity = work / "smime-inner.eml"
+    entity.write_bytes(raw)
+    done = subprocess.run(
+        [
+            "openssl",
+            "cms",
+            "-verify",
+            "-in",
+            str(entity),
+            "-CAfile",
+            str(ca_pem),
+            "-purpose",
+            "smimesign",
+            "-out",
+            "/dev/null",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    said = done.stderr.decode(errors="replace").strip().splitlines()
+    return f"openssl cms -verify: {said[-1] if said else done.returncode}"
+
+
+def _decrypt_and_verify_smime(
+    bob: CertStore, raw: bytes, sender: str
+) -> tuple[EmailMessage, bytes, str | None, str]:
+    """As Bob: decrypt the received bytes, verify the inner CMS signature over the exact signed
+    part, judge the signer's certificate (chain to the trusted CA, usage, and that it names
+    the From address). Returns the signed part, its bytes, the signer (if good) and a verdict."""
+    identity = bob.signer_cert("bob@example.net")
+    if isinstance(identity, KeyProblem):
+        raise CryptoError(str(identity))
+    key = bob.signer_key(identity, _P12_PASSPHRASE).private_key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    inner = smime.decrypt(smime.entity_der(raw), certificate=identity.certificate, private_key=key)
+    signed, signature = smime.parse_multipart_signed(inner)
+    check = smime.verify_detached(signed, signature)
+    entity = email.message_from_bytes(signed, policy=email.policy.default)
+    assert isinstance(entity, EmailMessage)
+    problem = bob.check(check.certificate, sender, purpose="sign", intermediates=check.certificates)
+    from_header = entity["From"].addresses[0].addr_spec if entity["From"] else ""
+    if problem is not None:
+        return entity, inner, None, f"signature valid but the certificate is refused: {problem}"
+    if from_header.lower() != sender:
+        return entity, inner, None, f"signed by {sender} but From says {from_header}"
+    signer = describe(check.certificate)
+    return entity, inner, signer, f"GOOD, by {signer} ({check.digest}, chain to the test CA)"
+
+
+async def _run_smime(console: Console, work: Path) -> bool:
+    alice_store, bob_store, ca_pem = await asyncio.to_thread(_smime_identities, console, work)
+    attachment_path = work / "quarterly-report-2026-q3-final-numbers.csv"
+    attachment_path.write_bytes(_ATTACHMENT)
+    message = Message(
+        sender=ALICE,
+        to=(BOB,),
+        subject="Quarterly numbers — confidential (S/MIME)",
+        text=_BODY,
+        attachments=(Attachment.from_path(attachment_path),),
+    )
+    with LoopbackSMTPServer(tls="implicit", credentials={_SMTP_USER: _SMTP_PASSWORD}) as server:
+        assert server.ca_file is not None
+        mailer = AsyncMailer(
+            smtp=SMTPSettings(
+                host=server.host,
+                port=server.port,
+                tls=TLSMode.IMPLICIT,
+                username=_SMTP_USER,
+                password=_SMTP_PASSWORD,
+                ca_file=server.ca_file,
+                timeout=30,
+            ),
+            keystore=Keystore(work / "alice"),
+            certstore=alice_store,
+            protection=Protection(scheme=Scheme.SMIME),
+            passphrase=_P12_PASSPHRASE,
+        )
+        result = await mailer.send(message)
+        delivery = result.copies[0].delivery
+        tls = delivery.tls
+        _show(
+            console,
+            "7. S/MIME: signed, then encrypted to Bob and Alice (AES-256-CBC), submitted",
+            f"TLS {tls.version if tls else '?'}; accepted for {', '.join(result.accepted)}: "
+            f"{delivery.data_reply}",
+        )
+        received = server.messages[-1]
+    _show(
+        console,
+        "8. What the server received: application/pkcs7-mime, ciphertext only",
+        _ciphertext_view(received.data, lines=18),
+    )
+    leaks = [n for n in (b"Quarterly", b"Q3,150", b"revenue") if n in received.data]
+    entity, inner, signer, verdict = await asyncio.to_thread(
+        _decrypt_and_verify_smime, bob_store, received.data, "alice@example.org"
+    )
+    body_part = entity.get_body(preferencelist=("plain",))
+    text = body_part.get_content().replace("\r\n", "\n") if body_part is not None else ""
+    expected = hashlib.sha256(_ATTACHMENT).digest()
+    attachment_ok = any(
+        isinstance(data := part.get_payload(decode=True), bytes)
+        and hashlib.sha256(data).digest() == expected
+        for part in entity.iter_attachments()
+    )
+    good = signer is not None
+    shown = Text()
+    shown.append("signature: ")
+    shown.append(verdict + "\n", "green" if good else "bold red")
+    shown.append(_openssl_opinion(inner, ca_pem, work) + "\n", "dim")
+    shown.append(f"protected subject: {entity['subject']}\n")
+    shown.append("attachment bytes match\n" if attachment_ok else "attachment MISMATCH\n")
+    shown.append("\n" + text)
+    _show(console, "9. Decrypted and verified by Bob (S/MIME)", shown)
+    ok = good and attachment_ok and text == _BODY and not leaks
+    if leaks:
+        console.print(f"[bold red]plaintext visible to the server: {leaks}[/]")
+    console.print(
+        "[bold green]S/MIME round trip complete: encrypted to Bob's certificate, signed with "
+        "Alice's, both checked against the CA.[/]"
+        if ok
+        else "[bold red]S/MIME round trip FAILED[/]"
+    )
+    return ok
+
+
 def run_demo(console: Console | None = None) -> int:
-    """Run the demo; 0 when every check passed."""
+    """Run the demo (OpenPGP, then S/MIME); 0 when every check passed."""
     console = console or Console()
     # A short path: gpg-agent's socket lives in the GnuPG home and socket paths are limited.
     work = Path(tempfile.mkdtemp(prefix="e2e-demo-"))
     try:
         outcome = asyncio.run(_run(console, work))
+        smime_ok = asyncio.run(_run_smime(console, work))
     except E2EmailError as exc:
         console.print(f"[bold red]demo failed:[/] {exc}")
         return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if outcome.ok else 1
+    return 0 if outcome.ok and smime_ok else 1

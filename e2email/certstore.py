@@ -1,0 +1,1202 @@
+"""Where S/MIME certificates and identities live, how they are found by address, and whether
+they may be used (RFC 8550, RFC 5280).
+
+Everything is under ``HOME/smime/`` (HOME is e2email's home, ``--home`` / ``$E2EMAIL_HOME``)::
+
+    certs/<SHA256>.pem            other people's certificates (recipients)
+    intermediates/<SHA256>.pem    CA certificates that are *not* trusted, kept for path building
+    trust/<SHA256>.pem            trust anchors: CAs, and self-signed certificates trusted by name
+    identities/<SHA256>.pem       your own certificate followed by its chain
+    identities/<SHA256>.key       its private key, PKCS#8 PEM, file mode 0600
+    testca/ca.pem, ca.key         the local test CA of ``keys generate --smime --test-ca``
+
+Private keys are stored the way they came: a key imported with a passphrase (a protected
+PKCS#12 bundle or an encrypted PEM key) is stored encrypted under that same passphrase (PKCS#8,
+``BestAvailableEncryption``), so the passphrase asked when signing is the one the user knows;
+a key that came unprotected stays unprotected (the user chose that, typically for unattended
+sending) but, like every key file, is written 0600 inside a 0700 directory. This mirrors GnuPG,
+which keeps a secret key's protection as imported. An unlocked key is cached in memory for the
+life of the :class:`CertStore` (like gpg-agent), so parsing and decryption happen once.
+
+Certificates are judged by :meth:`CertStore.check`, which fails closed with a
+:class:`~e2email.errors.KeyProblem`: the address must be in subjectAltName (or, for legacy
+certificates without any, the subject's emailAddress; RFC 8550 §3), the certificate current, an
+end-entity certificate whose key usage and extended key usage (if constrained) allow email
+protection for the purpose, RSA of at least 2048 bits or ECDSA on P-256/384/521, nothing in its
+chain signed with SHA-1 or MD5, and a chain to a trust anchor (``cryptography.x509.verification``
+with a web-PKI-style CA profile that requires emailProtection where a CA constrains usage).
+A self-signed certificate is accepted only when it is itself a trust anchor: imported with
+``--trust`` or named by fingerprint for a message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import os
+import re
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from e2email.config import PasswordSource, default_home
+from e2email.errors import (
+    KeyProblem,
+    KeyReason,
+    KeystoreError,
+    MessageError,
+    PassphraseError,
+)
+from e2email.message import Address
+
+__all__ = [
+    "MIN_RSA_BITS",
+    "CertKind",
+    "CertStore",
+    "ImportedCert",
+    "SignerKey",
+    "StoredCert",
+    "cert_addresses",
+    "describe",
+    "fingerprint",
+    "looks_like_x509",
+    "name_text",
+]
+
+#: Below this an RSA key is refused (NIST SP 800-131A; standards item 10).
+MIN_RSA_BITS = 2048
+_GOOD_CURVES = {"secp256r1", "secp384r1", "secp521r1"}
+_HASH_NAMES = {"sha1": "SHA-1", "md5": "MD5"}
+_WEAK_HASHES = set(_HASH_NAMES)
+#: The extended key usages that allow S/MIME (RFC 8550 §4.4.4).
+_EMAIL_EKUS = {ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.S)
+_X509_PEM_LABELS = (
+    b"CERTIFICATE",
+    b"PKCS7",
+    b"PRIVATE KEY",
+    b"ENCRYPTED PRIVATE KEY",
+    b"RSA PRIVATE KEY",
+    b"EC PRIVATE KEY",
+)
+_FILE_SUFFIXES = {".p12", ".pfx", ".crt", ".cer", ".der", ".p7b", ".p7c"}
+
+Purpose = Literal["sign", "encrypt"]
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """The certificate's SHA-256 fingerprint, upper-case hex (how e2email names certificates)."""
+    return cert.fingerprint(hashes.SHA256()).hex().upper()
+
+
+def _normal_fpr(text: str) -> str:
+    return text.replace(":", "").replace(" ", "").upper().removeprefix("0X")
+
+
+def cert_addresses(cert: x509.Certificate) -> tuple[str, ...]:
+    """Lower-cased rfc822Name entries of subjectAltName; for a certificate that has none, the
+    subject's PKCS #9 emailAddress (RFC 8550 §3 asks agents to recognise both)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        found = [a.lower() for a in san.get_values_for_type(x509.RFC822Name)]
+    except (x509.ExtensionNotFound, ValueError):
+        found = []
+    if not found:
+        found = [
+            str(attr.value).lower()
+            for attr in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)
+        ]
+    return tuple(dict.fromkeys(a.strip() for a in found if "@" in a))
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _hash_name(cert: x509.Certificate) -> str | None:
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        return "unknown"
+    return algorithm.name if algorithm is not None else None
+
+
+def key_description(cert: x509.Certificate) -> str:
+    """``rsa2048``, ``ecdsa-p256``, ``ed25519``...: the certificate's key, briefly."""
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"rsa{key.key_size}"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        curve = {"secp256r1": "p256", "secp384r1": "p384", "secp521r1": "p521"}
+        return f"ecdsa-{curve.get(key.curve.name, key.curve.name)}"
+    return type(key).__name__.removeprefix("_").replace("PublicKey", "").lower() or "unknown"
+
+
+def name_text(name: x509.Name) -> str:
+    """An X.509 name as RFC 4514 text, with emailAddress spelled out (not as an OID)."""
+    return name.rfc4514_string({NameOID.EMAIL_ADDRESS: "emailAddress"})
+
+
+def describe(cert: x509.Certificate) -> str:
+    """``Common Name <address>``: who a certificate is for, in one short phrase."""
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common = str(names[0].value) if names else ""
+    addresses = cert_addresses(cert)
+    if addresses and common and common.lower() != addresses[0]:
+        return f"{common} <{addresses[0]}>"
+    return addresses[0] if addresses else common or name_text(cert.subject)
+
+
+def _utc(value: datetime.datetime) -> datetime.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+
+
+@dataclass(frozen=True)
+class SignerKey:
+    """What signing needs: the certificate, its unlocked private key and the chain sent along
+    with signatures (intermediates, not the root: recipients must already trust the root)."""
+
+    certificate: x509.Certificate
+    private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    chain: tuple[x509.Certificate, ...] = ()
+
+
+class CertKind(enum.Enum):
+    """What a stored certificate is for."""
+
+    IDENTITY = "own identity"
+    CERTIFICATE = "certificate"
+    INTERMEDIATE = "untrusted CA"
+    TRUSTED = "trusted"
+
+
+@dataclass(frozen=True)
+class StoredCert:
+    """A certificate in the store, with its chain and (for identities) where its key is."""
+
+    certificate: x509.Certificate
+    kind: CertKind
+    path: Path
+    #: For identities: the CA certificates sent along with signatures (not the root).
+    chain: tuple[x509.Certificate, ...] = ()
+    key_path: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.certificate)
+
+    @property
+    def sha1_fingerprint(self) -> str:
+        # Only a name: gpgsm and many UIs show SHA-1 fingerprints, so they are accepted too.
+        return self.certificate.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return cert_addresses(self.certificate)
+
+    @property
+    def subject(self) -> str:
+        return name_text(self.certificate.subject)
+
+    @property
+    def issuer(self) -> str:
+        return name_text(self.certificate.issuer)
+
+    @property
+    def not_before(self) -> datetime.datetime:
+        return _utc(self.certificate.not_valid_before_utc)
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        return _utc(self.certificate.not_valid_after_utc)
+
+    @property
+    def is_ca(self) -> bool:
+        return _is_ca(self.certificate)
+
+    @property
+    def self_signed(self) -> bool:
+        return _self_signed(self.certificate)
+
+    @property
+    def algorithm(self) -> str:
+        return key_description(self.certificate)
+
+    def matches(self, spec: str) -> bool:
+        norm = _normal_fpr(spec)
+        return norm in (self.fingerprint, self.sha1_fingerprint)
+
+
+@dataclass(frozen=True)
+class ImportedCert:
+    """One certificate an import stored (or found already stored)."""
+
+    source: Path
+    stored: StoredCert
+    new: bool
+
+
+def looks_like_x509(path: Path) -> bool:
+    """Whether ``path`` holds X.509 material (PEM certificates or keys, a DER certificate,
+    PKCS#7 certificates or PKCS#12), as opposed to OpenPGP keys. Unreadable files: False (the
+    OpenPGP import then reports them)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if path.suffix.lower() in _FILE_SUFFIXES:
+        return True
+    if any(b"-----BEGIN " + label + b"-----" in data for label in _X509_PEM_LABELS):
+        return True
+    # A DER SEQUENCE: an OpenPGP packet always has the high bit of its first byte set.
+    return data[:1] == b"\x30"
+
+
+def _load_der(data: bytes) -> list[x509.Certificate] | None:
+    try:
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        pass
+    try:
+        return list(pkcs7.load_der_pkcs7_certificates(data))
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+
+
+@dataclass
+class _Material:
+    certs: list[tuple[x509.Certificate, Path]]
+    keys: list[tuple[PrivateKey, Path, str | None]]  # key, source, passphrase it came with
+    bundles: list[tuple[PrivateKey, x509.Certificate, list[x509.Certificate], Path, str | None]]
+
+
+class _Asker:
+    """Asks a passphrase source at most once, and only when a file needs it."""
+
+    def __init__(self, source: PasswordSource | None) -> None:
+        self._source = source
+        self._value: str | None = None
+
+    def get(self, what: str) -> str:
+        if self._value is None:
+            if self._source is None:
+                raise PassphraseError(
+                    f"{what} is protected by a passphrase and none was given", missing=True
+                )
+            self._value = self._source if isinstance(self._source, str) else self._source()
+        return self._value
+
+
+def _spki(public: object) -> bytes:
+    """The DER SubjectPublicKeyInfo of a public key, to pair keys with certificates."""
+    if not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        return b""
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _check_key_type(key: object, source: Path) -> PrivateKey:
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise KeystoreError(f"{source}: only RSA and ECDSA keys can be used for S/MIME")
+    return key
+
+
+def _cert_pem(certs: Iterable[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _parse_lifetime(text: str) -> int:
+    """``2y``, ``18m``, ``90d``, ``6w`` or plain days -> days."""
+    m = re.fullmatch(r"\s*(\d+)\s*([dwmy]?)\s*", text.lower())
+    if not m or int(m.group(1)) == 0:
+        raise KeystoreError(f"invalid lifetime {text!r} (e.g. 2y, 18m, 90d; X.509 needs an end)")
+    days = int(m.group(1)) * {"": 1, "d": 1, "w": 7, "m": 30, "y": 365}[m.group(2)]
+    if days > 3650:
+        raise KeystoreError("lifetime longer than 10 years")
+    return days
+
+
+class CertStore:
+    """The user's S/MIME certificates, identities and trust anchors under ``HOME/smime``.
+
+    Listings are cached and refreshed when the directories change. Every public method is
+    blocking (file I/O, RSA); async callers run them in a worker thread.
+    """
+
+    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        self.home = Path(home) if home is not None else default_home()
+        self.root = self.home / "smime"
+        self._lock = threading.Lock()
+        self._listing: tuple[tuple[int, ...], tuple[StoredCert, ...]] | None = None
+        self._keys: dict[tuple[str, int], PrivateKey] = {}
+
+    def __repr__(self) -> str:
+        return f"CertStore(root={str(self.root)!r})"
+
+    def _dir(self, name: str) -> Path:
+        return self.root / name
+
+    def _make_dir(self, name: str) -> Path:
+        path = self._dir(name)
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise KeystoreError(f"cannot create {path}: {exc.strerror or exc}") from exc
+        return path
+
+    # -- Listing ----------------------------------------------------------------------------
+
+    _DIRS = (
+        ("identities", CertKind.IDENTITY),
+        ("certs", CertKind.CERTIFICATE),
+        ("intermediates", CertKind.INTERMEDIATE),
+        ("trust", CertKind.TRUSTED),
+    )
+
+    def _stamp(self) -> tuple[int, ...]:
+        stamp: list[int] = []
+        for name, _ in self._DIRS:
+            try:
+                st = self._dir(name).stat()
+            except OSError:
+                stamp += [0, 0]
+            else:
+                stamp += [st.st_mtime_ns, st.st_nlink]
+        return tuple(stamp)
+
+    def invalidate(self) -> None:
+        """Forget the cached listing (done automatically when the directories change)."""
+        self._listing = None
+
+    def all_certs(self) -> tuple[StoredCert, ...]:
+        """Everything stored: identities, others' certificates, untrusted CAs, trust anchors."""
+        stamp = self._stamp()
+        with self._lock:
+            if self._listing is not None and self._listing[0] == stamp:
+                return self._listing[1]
+        found: list[StoredCert] = []
+        for name, kind in self._DIRS:
+            folder = self._dir(name)
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.glob("*.pem")):
+                try:
+                    certs = x509.load_pem_x509_certificates(path.read_bytes())
+                except (OSError, ValueError) as exc:
+                    raise KeystoreError(f"unreadable certificate file {path}: {exc}") from exc
+                key_path = path.with_suffix(".key") if kind is CertKind.IDENTITY else None
+                if key_path is not None and not key_path.is_file():
+                    raise KeystoreError(f"identity {path} has no key file {key_path.name}")
+                found.append(
+                    StoredCert(
+                        certificate=certs[0],
+                        kind=kind,
+                        path=path,
+                        chain=tuple(certs[1:]),
+                        key_path=key_path,
+                    )
+                )
+        listing = tuple(found)
+        with self._lock:
+            self._listing = (stamp, listing)
+        return listing
+
+    def identities(self) -> tuple[StoredCert, ...]:
+        return tuple(c for c in self.all_certs() if c.kind is CertKind.IDENTITY)
+
+    def trust_anchors(self) -> tuple[x509.Certificate, ...]:
+        return tuple(c.certificate for c in self.all_certs() if c.kind is CertKind.TRUSTED)
+
+    def get(self, spec: str) -> StoredCert | None:
+        """The certificate with this SHA-256 or SHA-1 fingerprint (colons and case ignored);
+        an identity is preferred over another copy of the same certificate."""
+        matches = [c for c in self.all_certs() if c.matches(spec)]
+        matches.sort(key=lambda c: c.kind is not CertKind.IDENTITY)
+        return matches[0] if matches else None
+
+    def find(self, address: str) -> tuple[StoredCert, ...]:
+        """End-entity certificates naming ``address`` (case-insensitive), one entry per
+        certificate (the identity entry when it is also stored elsewhere)."""
+        addr = address.strip().lower()
+        chosen: dict[str, StoredCert] = {}
+        for cert in self.all_certs():
+            if cert.is_ca or addr not in cert.addresses:
+                continue
+            have = chosen.get(cert.fingerprint)
+            if have is None or (
+                cert.kind is CertKind.IDENTITY and have.kind is not CertKind.IDENTITY
+            ):
+                chosen[cert.fingerprint] = cert
+        return tuple(chosen.values())
+
+    # -- Checks -----------------------------------------------------------------------------
+
+    def check(
+        self,
+        cert: x509.Certificate,
+        address: str | None,
+        *,
+        purpose: Purpose,
+        now: datetime.datetime | None = None,
+        trusted_self_signed: Iterable[str] = (),
+        intermediates: Sequence[x509.Certificate] = (),
+    ) -> KeyProblem | None:
+        """Why ``cert`` cannot be used for ``purpose`` by/for ``address``, or None.
+
+        ``trusted_self_signed`` names (SHA-256) self-signed certificates to accept as their own
+        trust anchor; ``intermediates`` are extra untrusted CA certificates for path building
+        (e.g. those that came with a signature).
+        """
+        now = now or datetime.datetime.now(datetime.UTC)
+        fpr = fingerprint(cert)
+        addr = (address or "").strip().lower()
+
+        def problem(reason: KeyReason, detail: str = "") -> KeyProblem:
+            return KeyProblem(addr or name_text(cert.subject), reason, detail, fpr)
+
+        names = cert_addresses(cert)
+        if addr and addr not in names:
+            listed = ", ".join(names) if names else "no email address"
+            return problem(KeyReason.ADDRESS_MISMATCH, f"the certificate names {listed}")
+        not_before = _utc(cert.not_valid_before_utc)
+        not_after = _utc(cert.not_valid_after_utc)
+        if now < not_before:
+            return problem(KeyReason.NOT_YET_VALID, f"valid from {not_before:%Y-%m-%d %H:%M} UTC")
+        if now > not_after:
+            return problem(KeyReason.EXPIRED, f"not valid after {not_after:%Y-%m-%d}")
+        key = cert.public_key()
+        if isinstance(key, rsa.RSAPublicKey):
+            if key.key_size < MIN_RSA_BITS:
+                return problem(KeyReason.WEAK, f"RSA-{key.key_size} is below {MIN_RSA_BITS} bits")
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            if key.curve.name not in _GOOD_CURVES:
+                return problem(KeyReason.WEAK, f"the curve {key.curve.name} is not allowed")
+            if purpose == "encrypt":
+                return problem(
+                    KeyReason.UNSUPPORTED,
+                    f"{key_description(cert)}: encrypting to EC keys (ECDH, RFC 5753) is not "
+                    "supported; an RSA certificate is needed",
+                )
+        else:
+            return problem(KeyReason.UNSUPPORTED, f"{key_description(cert)} keys")
+        hash_name = _hash_name(cert)
+        if hash_name in _WEAK_HASHES and not _self_signed(cert):
+            return problem(
+                KeyReason.WEAK, f"the certificate is signed with {_HASH_NAMES[hash_name]}"
+            )
+        usage = self._usage_problem(cert, purpose)
+        if usage:
+            return problem(KeyReason.WRONG_USAGE, usage)
+        untrusted = self._chain_problem(cert, now, trusted_self_signed, intermediates)
+        if untrusted:
+            return problem(KeyReason.UNTRUSTED, untrusted)
+        return None
+
+    @staticmethod
+    def _usage_problem(cert: x509.Certificate, purpose: Purpose) -> str | None:
+        if _is_ca(cert):
+            return "it is a CA certificate"
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            pass
+        else:
+            if not _EMAIL_EKUS & set(eku):
+                return "its extended key usage does not include emailProtection"
+        try:
+            ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            return None
+        # RFC 8550 §4.4.2: digitalSignature or nonRepudiation to sign; keyEncipherment for RSA
+        # key transport.
+        if purpose == "sign" and not (ku.digital_signature or ku.content_commitment):
+            return "its key usage does not allow signing"
+        if purpose == "encrypt" and not ku.key_encipherment:
+            return "its key usage does not allow key encipherment"
+        return None
+
+    def _chain_problem(
+        self,
+        cert: x509.Certificate,
+        now: datetime.datetime,
+        trusted_self_signed: Iterable[str],
+        intermediates: Sequence[x509.Certificate],
+    ) -> str | None:
+        fpr = fingerprint(cert)
+        anchors = self.trust_anchors()
+        if fpr in {fingerprint(a) for a in anchors}:
+            return None  # explicitly trusted (imported with --trust, or generated here)
+        if _self_signed(cert):
+            if fpr in {_normal_fpr(f) for f in trusted_self_signed}:
+                return None
+            return (
+                f"self-signed; trust it by name with --trust-self-signed {fpr} or "
+                "`e2email keys import --trust FILE`"
+            )
+        if not anchors:
+            return "no trusted CA configured (add one with `e2email keys import --trust CA.pem`)"
+        pool = [*intermediates]
+        for stored in self.all_certs():
+            if stored.kind is CertKind.INTERMEDIATE:
+                pool.append(stored.certificate)
+            pool.extend(stored.chain)
+        weak = self._weak_chain(cert, pool)
+        if weak:
+            return weak
+        verifier = (
+            PolicyBuilder()
+            .store(Store(list(anchors)))
+            .time(now)
+            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+            .build_client_verifier()
+        )
+        try:
+            verifier.verify(cert, pool)
+        except VerificationError as exc:
+            why = str(exc).removeprefix("validation failed: ")
+            if "candidates exhausted" in why:
+                why = "no chain to a trusted CA"
+            return f"{why}; issuer {name_text(cert.issuer)}"
+        return None
+
+    @staticmethod
+    def _weak_chain(cert: x509.Certificate, pool: Sequence[x509.Certificate]) -> str | None:
+        """A SHA-1/MD5 signature on an intermediate CA is named as such (the verifier would
+        only say it found no chain). Roots' self-signatures are not relied on."""
+        current = cert
+        for _ in range(8):
+            issuer = next(
+                (
+                    c
+                    for c in pool
+                    if c.subject == current.issuer and c != current and not _self_signed(c)
+                ),
+                None,
+            )
+            if issuer is None:
+                return None
+            name = _hash_name(issuer)
+            if name in _WEAK_HASHES:
+                who = name_text(issuer.subject)
+                return f"the intermediate {who} is signed with {_HASH_NAMES[name]}"
+            current = issuer
+        return None
+
+    def status(self, stored: StoredCert, now: datetime.datetime | None = None) -> str:
+        """One phrase for ``keys list``: ``usable`` or why not."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        if stored.is_ca:
+            if now > stored.not_after:
+                return f"expired on {stored.not_after:%Y-%m-%d}"
+            if now < stored.not_before:
+                return f"not yet valid (from {stored.not_before:%Y-%m-%d})"
+            return "valid"
+        address = stored.addresses[0] if stored.addresses else None
+        if address is None:
+            return "no email address in the certificate"
+        enc = self.check(stored.certificate, address, purpose="encrypt", now=now)
+        if stored.kind is not CertKind.IDENTITY:
+            return "usable" if enc is None else _phrase(enc)
+        sig = self.check(stored.certificate, address, purpose="sign", now=now)
+        if enc is None and sig is None:
+            return "usable"
+        if sig is None and enc is not None:
+            if enc.reason is KeyReason.UNSUPPORTED:
+                return "usable for signing only (encryption needs an RSA certificate)"
+            return f"usable for signing only: {_phrase(enc)}"
+        return _phrase(sig) if sig is not None else "usable"
+
+    # -- Choosing certificates --------------------------------------------------------------
+
+    def recipient_cert(
+        self,
+        address: str,
+        *,
+        key_map: Mapping[str, str] | None = None,
+        trusted_self_signed: Iterable[str] = (),
+        now: datetime.datetime | None = None,
+    ) -> StoredCert | KeyProblem:
+        """The certificate to encrypt to ``address``, or why there is none.
+
+        ``key_map`` (address -> fingerprint) chooses the certificate instead of lookup by
+        address; the certificate must still name the address (RFC 8550 §3).
+        """
+        return self._choose(address, key_map, trusted_self_signed, now, purpose="encrypt")
+
+    def signer_cert(
+        self,
+        address: str,
+        *,
+        key_map: Mapping[str, str] | None = None,
+        trusted_self_signed: Iterable[str] = (),
+        now: datetime.datetime | None = None,
+    ) -> StoredCert | KeyProblem:
+        """The identity (certificate with a private key) to sign as ``address``."""
+        return self._choose(address, key_map, trusted_self_signed, now, purpose="sign")
+
+    def _choose(
+        self,
+        address: str,
+        key_map: Mapping[str, str] | None,
+        trusted_self_signed: Iterable[str],
+        now: datetime.datetime | None,
+        *,
+        purpose: Purpose,
+    ) -> StoredCert | KeyProblem:
+        addr = address.strip().lower()
+        now = now or datetime.datetime.now(datetime.UTC)
+        trusted = tuple(trusted_self_signed)
+        override = (key_map or {}).get(addr)
+        if override is not None:
+            mapped = self.get(override)
+            if mapped is None:
+                return KeyProblem(addr, KeyReason.NOT_FOUND, f"mapped certificate {override}")
+            candidates: Sequence[StoredCert] = (mapped,)
+        else:
+            candidates = self.find(addr)
+            if not candidates:
+                return KeyProblem(addr, KeyReason.NOT_FOUND, "no S/MIME certificate")
+        if purpose == "sign":
+            own = [c for c in candidates if c.kind is CertKind.IDENTITY]
+            if not own:
+                return KeyProblem(
+                    addr,
+                    KeyReason.NO_SECRET_KEY,
+                    "no S/MIME identity (certificate with its private key)",
+                    candidates[0].fingerprint,
+                )
+            candidates = own
+        judged = [
+            (
+                c,
+                self.check(
+                    c.certificate,
+                    addr,
+                    purpose=purpose,
+                    now=now,
+                    trusted_self_signed=trusted,
+                    intermediates=c.chain,
+                ),
+            )
+            for c in candidates
+        ]
+        usable = [c for c, p in judged if p is None]
+        if usable:
+            # Renewals leave several good certificates: the one valid longest wins.
+            return max(usable, key=lambda c: (c.not_after, c.fingerprint))
+        _, worst = max(judged, key=lambda cp: (cp[0].not_after, cp[0].fingerprint))
+        assert worst is not None
+        return worst
+
+    def resolve_recipients(
+        self,
+        addresses: Iterable[str],
+        *,
+        key_map: Mapping[str, str] | None = None,
+        trusted_self_signed: Iterable[str] = (),
+    ) -> tuple[dict[str, StoredCert], list[KeyProblem]]:
+        """Certificates for every address, and a problem for each address that has none."""
+        found: dict[str, StoredCert] = {}
+        problems: list[KeyProblem] = []
+        now = datetime.datetime.now(datetime.UTC)
+        for address in addresses:
+            choice = self.recipient_cert(
+                address, key_map=key_map, trusted_self_signed=trusted_self_signed, now=now
+            )
+            if isinstance(choice, KeyProblem):
+                problems.append(choice)
+            else:
+                found[address.strip().lower()] = choice
+        return found, problems
+
+    # -- Private keys -----------------------------------------------------------------------
+
+    def signer_key(self, identity: StoredCert, passphrase: str | None = None) -> SignerKey:
+        """The identity's certificate, unlocked private key and chain. Raises PassphraseError
+        (``missing`` when the key is protected and no passphrase was given)."""
+        if identity.key_path is None:
+            raise KeystoreError(f"{identity.subject} has no private key here")
+        try:
+            stat = identity.key_path.stat()
+            cache_key = (identity.fingerprint, stat.st_mtime_ns)
+            cached = self._keys.get(cache_key)
+            if cached is None:
+                data = identity.key_path.read_bytes()
+        except OSError as exc:
+            raise KeystoreError(f"cannot read {identity.key_path}: {exc.strerror}") from exc
+        if cached is None:
+            cached = self._load_key(data, passphrase, identity)
+            if _spki(cached.public_key()) != _spki(identity.certificate.public_key()):
+                raise KeystoreError(f"{identity.key_path} does not belong to its certificate")
+            self._keys[cache_key] = cached
+        chain = tuple(c for c in identity.chain if not _self_signed(c))
+        return SignerKey(certificate=identity.certificate, private_key=cached, chain=chain)
+
+    @staticmethod
+    def _load_key(data: bytes, passphrase: str | None, identity: StoredCert) -> PrivateKey:
+        fpr = identity.fingerprint
+        encrypted = b"ENCRYPTED PRIVATE KEY" in data
+        if encrypted and not passphrase:
+            raise PassphraseError(
+                f"the S/MIME key of {identity.subject} is protected by a passphrase and none "
+                "was given",
+                fingerprint=fpr,
+                missing=True,
+            )
+        try:
+            key = serialization.load_pem_private_key(
+                data, password=passphrase.encode() if encrypted and passphrase else None
+            )
+        except ValueError as exc:
+            if encrypted:
+                raise PassphraseError(
+                    f"wrong passphrase for the S/MIME key of {identity.subject}", fingerprint=fpr
+                ) from None
+            raise KeystoreError(f"unreadable key {identity.key_path}: {exc}") from exc
+        return _check_key_type(key, identity.key_path or Path("?"))
+
+    # -- Import -----------------------------------------------------------------------------
+
+    def import_files(
+        self,
+        paths: Sequence[Path],
+        *,
+        trust: bool = False,
+        passphrase: PasswordSource | None = None,
+    ) -> list[ImportedCert]:
+        """Import X.509 material: certificates (PEM, DER, PKCS#7), PKCS#12 bundles and PEM
+        private keys, which are paired with the certificate of the same public key from any of
+        ``paths`` (so ``cert.pem key.pem`` works as well as one combined file).
+
+        A key with its certificate becomes an identity (its CA certificates become its chain);
+        other end-entity certificates become recipients' certificates and CA certificates are
+        kept, untrusted, for path building. With ``trust``, every certificate becomes a trust
+        anchor instead (CA certificates, or self-signed ones you trust by name) and keys are
+        refused. ``passphrase`` (asked at most once, only if a file needs it) opens protected
+        PKCS#12 files and PEM keys; the key is stored under that same passphrase.
+        """
+        asker = _Asker(passphrase)
+        material = _Material(certs=[], keys=[], bundles=[])
+        for path in paths:
+            self._read_material(Path(path), material, asker)
+        if trust and (material.keys or material.bundles):
+            raise KeystoreError("--trust takes certificates only, not private keys or PKCS#12")
+        identities: list[
+            tuple[PrivateKey, x509.Certificate, list[x509.Certificate], Path, str | None]
+        ]
+        identities = list(material.bundles)
+        by_spki = {_spki(c.public_key()): (c, p) for c, p in material.certs if not _is_ca(c)}
+        used: set[str] = set()
+        cas = [c for c, _ in material.certs if _is_ca(c)]
+        for key, source, pw in material.keys:
+            match = by_spki.get(_spki(key.public_key()))
+            if match is None:
+                raise KeystoreError(
+                    f"{source}: no certificate for this private key (give its certificate too)"
+                )
+            identities.append((key, match[0], cas, source, pw))
+            used.add(fingerprint(match[0]))
+        results: list[ImportedCert] = []
+        for key, cert, extra, source, pw in identities:
+            chain = [c for c in extra if _is_ca(c) and c != cert]
+            results.append(self._store_identity(key, cert, chain, source, pw))
+            for ca in chain:
+                results.append(self._store_cert(ca, source, CertKind.INTERMEDIATE))
+        for cert, source in material.certs:
+            if fingerprint(cert) in used:
+                continue
+            if trust:
+                kind = CertKind.TRUSTED
+            else:
+                kind = CertKind.INTERMEDIATE if _is_ca(cert) else CertKind.CERTIFICATE
+            results.append(self._store_cert(cert, source, kind))
+        self.invalidate()
+        return results
+
+    def _read_material(self, path: Path, out: _Material, asker: _Asker) -> None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise KeystoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        blocks = list(_PEM_BLOCK.finditer(data))
+        if blocks:
+            found = False
+            for block in blocks:
+                label, pem = block.group(1), block.group(0)
+                if label == b"CERTIFICATE":
+                    try:
+                        cert = x509.load_pem_x509_certificate(pem)
+                    except ValueError as exc:
+                        raise KeystoreError(f"{path}: unreadable certificate: {exc}") from exc
+                    out.certs.append((cert, path))
+                    found = True
+                elif label == b"PKCS7":
+                    try:
+                        certs = pkcs7.load_pem_pkcs7_certificates(pem)
+                    except ValueError as exc:
+                        raise KeystoreError(f"{path}: unreadable PKCS#7: {exc}") from exc
+                    out.certs.extend((c, path) for c in certs)
+                    found = True
+                elif label.endswith(b"PRIVATE KEY"):
+                    out.keys.append(self._read_pem_key(pem, path, asker))
+                    found = True
+            if not found:
+                raise KeystoreError(f"{path}: no certificate or private key in the PEM file")
+            return
+        if data[:1] != b"\x30":
+            raise KeystoreError(f"{path}: not a certificate, PKCS#12 or PEM file")
+        der_certs = _load_der(data)
+        if der_certs is not None:
+            out.certs.extend((c, path) for c in der_certs)
+            return
+        out.bundles.append(self._read_pkcs12(data, path, asker))
+
+    @staticmethod
+    def _read_pem_key(pem: bytes, path: Path, asker: _Asker) -> tuple[PrivateKey, Path, str | None]:
+        encrypted = b"ENCRYPTED" in pem or b"Proc-Type: 4,ENCRYPTED" in pem
+        password = asker.get(f"the private key in {path}") if encrypted else None
+        try:
+            key = serialization.load_pem_private_key(
+                pem, password=password.encode() if password else None
+            )
+        except (ValueError, TypeError) as exc:
+            if encrypted:
+                raise PassphraseError(f"wrong passphrase for the private key in {path}") from None
+            raise KeystoreError(f"{path}: unreadable private key: {exc}") from exc
+        return _check_key_type(key, path), path, password or None
+
+    @staticmethod
+    def _read_pkcs12(
+        data: bytes, path: Path, asker: _Asker
+    ) -> tuple[PrivateKey, x509.Certificate, list[x509.Certificate], Path, str | None]:
+        loaded = None
+        used: str | None = None
+        for attempt in (None, b""):
+            try:
+                loaded = pkcs12.load_key_and_certificates(data, attempt)
+                break
+            except (ValueError, TypeError):
+                continue
+        if loaded is None:
+            used = asker.get(f"the PKCS#12 file {path}")
+            try:
+                loaded = pkcs12.load_key_and_certificates(data, used.encode())
+            except (ValueError, TypeError):
+                raise PassphraseError(
+                    f"wrong passphrase for {path} (or it is not a PKCS#12 file)"
+                ) from None
+            except UnsupportedAlgorithm as exc:
+                raise KeystoreError(f"{path}: unsupported PKCS#12 encryption: {exc}") from exc
+        key, cert, extra = loaded
+        if key is None or cert is None:
+            raise KeystoreError(f"{path}: the PKCS#12 file lacks a private key or its certificate")
+        key = _check_key_type(key, path)
+        if _spki(key.public_key()) != _spki(cert.public_key()):
+            raise KeystoreError(f"{path}: the private key does not match the certificate")
+        return key, cert, list(extra), path, used or None
+
+    def _store_identity(
+        self,
+        key: PrivateKey,
+        cert: x509.Certificate,
+        chain: Sequence[x509.Certificate],
+        source: Path,
+        passphrase: str | None,
+    ) -> ImportedCert:
+        folder = self._make_dir("identities")
+        fpr = fingerprint(cert)
+        pem_path, key_path = folder / f"{fpr}.pem", folder / f"{fpr}.key"
+        new = not pem_path.exists()
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(passphrase.encode())
+            if passphrase
+            else serialization.NoEncryption()
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+        )
+        try:
+            _write(key_path, key_pem, 0o600)
+            _write(pem_path, _cert_pem([cert, *chain]), 0o644)
+        except OSError as exc:
+            raise KeystoreError(f"cannot write {folder}: {exc.strerror or exc}") from exc
+        self.invalidate()
+        stored = StoredCert(cert, CertKind.IDENTITY, pem_path, tuple(chain), key_path)
+        return ImportedCert(source=source, stored=stored, new=new)
+
+    def _store_cert(self, cert: x509.Certificate, source: Path, kind: CertKind) -> ImportedCert:
+        folder = self._make_dir({v: k for k, v in self._DIRS}[kind])
+        path = folder / f"{fingerprint(cert)}.pem"
+        new = not path.exists()
+        if new:
+            try:
+                _write(path, _cert_pem([cert]), 0o644)
+            except OSError as exc:
+                raise KeystoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        self.invalidate()
+        return ImportedCert(source=source, stored=StoredCert(cert, kind, path), new=new)
+
+    # -- Export -----------------------------------------------------------------------------
+
+    def export_pem(self, stored: StoredCert) -> bytes:
+        """The certificate and its chain, PEM (public material only)."""
+        return _cert_pem([stored.certificate, *stored.chain])
+
+    def export_pkcs12(
+        self,
+        identity: StoredCert,
+        *,
+        passphrase: str | None,
+        export_passphrase: str,
+        legacy: bool = False,
+    ) -> bytes:
+        """The identity as a PKCS#12 bundle (key, certificate, chain) protected by
+        ``export_passphrase``, for mail clients. AES-256 (PBES2) by default, which Thunderbird,
+        current Outlook and macOS read; ``legacy`` uses 3DES with a SHA-1 MAC for older
+        readers (macOS before 14, gpgsm 2.2), at the cost of weaker protection at rest."""
+        if not export_passphrase:
+            raise KeystoreError("a PKCS#12 export needs a passphrase")
+        signer = self.signer_key(identity, passphrase)
+        name = (identity.addresses[0] if identity.addresses else identity.subject).encode()
+        encryption: serialization.KeySerializationEncryption
+        if legacy:
+            encryption = (
+                serialization.PrivateFormat.PKCS12.encryption_builder()
+                .kdf_rounds(100_000)
+                .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
+                .hmac_hash(hashes.SHA1())  # noqa: S303 - what legacy readers understand
+                .build(export_passphrase.encode())
+            )
+        else:
+            encryption = serialization.BestAvailableEncryption(export_passphrase.encode())
+        return pkcs12.serialize_key_and_certificates(
+            name, signer.private_key, signer.certificate, list(identity.chain) or None, encryption
+        )
+
+    # -- Generation (for testing S/MIME without a commercial certificate) ------------------------
+
+    def generate_identity(
+        self,
+        address: str,
+        *,
+        name: str = "",
+        algorithm: str = "rsa3072",
+        test_ca: bool = False,
+        lifetime: str = "2y",
+        passphrase: str | None = None,
+    ) -> StoredCert:
+        """Make an identity for ``address``: self-signed, or issued by this home's local test
+        CA (created on first use). Either way it is made a trust anchor here (the
+        self-signed certificate itself, or the test CA), since you made it yourself.
+
+        ``algorithm``: ``rsa2048``, ``rsa3072`` (default), ``rsa4096`` or ``ecdsa-p256``
+        (signing only: ``cryptography`` cannot encrypt to EC keys).
+        """
+        try:
+            addr = Address(address).addr_spec
+        except MessageError as exc:
+            raise KeystoreError(f"invalid address {address!r}: {exc}") from exc
+        if any(c in name for c in "\r\n\0"):
+            raise KeystoreError("invalid character in the name")
+        days = _parse_lifetime(lifetime)
+        key = _new_key(algorithm)
+        now = datetime.datetime.now(datetime.UTC)
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, name or addr),
+                x509.NameAttribute(NameOID.EMAIL_ADDRESS, addr),
+            ]
+        )
+        if test_ca:
+            ca_cert, ca_key = self._test_ca()
+            issuer, signing_key = ca_cert.subject, ca_key
+            not_after = min(now + datetime.timedelta(days=days), _utc(ca_cert.not_valid_after_utc))
+        else:
+            issuer, signing_key, ca_cert = subject, key, None
+            not_after = now + datetime.timedelta(days=days)
+        is_rsa = isinstance(key, rsa.RSAPrivateKey)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=True,
+                    key_encipherment=is_rsa,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False
+            )
+            .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(addr)]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()),
+                critical=False,
+            )
+        )
+        cert = builder.sign(signing_key, hashes.SHA256())
+        source = Path("(generated)")
+        stored = self._store_identity(key, cert, [], source, passphrase).stored
+        if ca_cert is None:
+            self._store_cert(cert, source, CertKind.TRUSTED)
+        self.invalidate()
+        return stored
+
+    def _test_ca(self) -> tuple[x509.Certificate, PrivateKey]:
+        """This home's local test CA, made on first use and trusted here."""
+        folder = self._make_dir("testca")
+        cert_path, key_path = folder / "ca.pem", folder / "ca.key"
+        if cert_path.is_file() and key_path.is_file():
+            try:
+                cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+                key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+            except (OSError, ValueError, TypeError) as exc:
+                raise KeystoreError(f"unreadable test CA in {folder}: {exc}") from exc
+            return cert, _check_key_type(key, key_path)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+        now = datetime.datetime.now(datetime.UTC)
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "e2email"),
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME, "e2email local test CA (not for real mail)"
+                ),
+            ]
+        )
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        try:
+            # A throwaway CA for testing: its key is unencrypted, 0600, never for real mail.
+            _write(
+                key_path,
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ),
+                0o600,
+            )
+            _write(cert_path, _cert_pem([cert]), 0o644)
+        except OSError as exc:
+            raise KeystoreError(f"cannot write {folder}: {exc.strerror or exc}") from exc
+        self._store_cert(cert, cert_path, CertKind.TRUSTED)
+        return cert, key
+
+    def test_ca_cert(self) -> Path | None:
+        """The local test CA's certificate file, if one was made."""
+        path = self._dir("testca") / "ca.pem"
+        return path if path.is_file() else None
+
+
+def _new_key(algorithm: str) -> PrivateKey:
+    if algorithm in ("rsa2048", "rsa3072", "rsa4096"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(algorithm[3:]))
+    if algorithm == "ecdsa-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise KeystoreError(
+        f"unknown S/MIME key algorithm {algorithm!r} (rsa2048, rsa3072, rsa4096, ecdsa-p256)"
+    )
+
+
+def _phrase(problem: KeyProblem) -> str:
+    return f"{problem.reason.value} ({problem.detail})" if problem.detail else problem.reason.value
+
+
+def _eku_for_email(
+    _policy: object, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None
+) -> None:
+    # RFC 8550 §4.4.4: where extended key usage is constrained, it must allow email protection.
+    if eku is not None and not _EMAIL_EKUS & set(eku):
+        raise ValueError("extended key usage does not include emailProtection")
+
+
+# The web-PKI profile (basicConstraints, keyUsage keyCertSign, ...) for CAs and leaves, except
+# that extended key usage means emailProtection rather than TLS client authentication, and an
+# end-entity certificate may lack an authorityKeyIdentifier (older corporate CAs omit it).
+_CA_POLICY = ExtensionPolicy.webpki_defaults_ca().may_be_present(
+    x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _eku_for_email
+)
+_EE_POLICY = (
+    ExtensionPolicy.webpki_defaults_ee()
+    .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _eku_for_email)
+    .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
+)

@@ -1,0 +1,607 @@
+"""S/MIME (RFC 8551) through ``cryptography``: detached signatures and enveloped-data.
+
+Takes canonical MIME bytes from :mod:`e2email.message` and returns the bytes of a
+``multipart/signed`` or ``application/pkcs7-mime`` entity (its own header block, a blank line
+and the body), mirroring :mod:`e2email.crypto.openpgp`. Never opens a socket and never looks
+keys up: the caller (the client, through :mod:`e2email.certstore`) chose and checked the
+certificates.
+
+The MIME wrappers are written here rather than by ``cryptography``, which emits the legacy
+``application/x-pkcs7-signature`` type and serialises through :mod:`email.generator`
+(standards checklist items 7-9). The CMS objects are DER, base64 in 76-column CRLF lines.
+
+Checks beyond what ``cryptography`` promises:
+
+* every signature is verified over the exact bytes it covers before it is used (our own CMS
+  verifier below: a CRLF translation anywhere would show up here, not at the recipient);
+* enveloped output is parsed: its RecipientInfos must name exactly the certificates asked for
+  (Bcc privacy, checklist 21) and its content cipher must be the one asked for.
+
+The same small DER reader also decrypts and verifies received S/MIME for ``e2email demo``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from e2email.certstore import SignerKey
+from e2email.config import SMIME_DIGESTS, SMIMECipher
+from e2email.errors import CryptoError
+from e2email.message import new_boundary
+
+__all__ = [
+    "MICALGS",
+    "SignatureCheck",
+    "decrypt",
+    "encrypt",
+    "entity_der",
+    "parse_multipart_signed",
+    "recipient_ids",
+    "sign",
+    "verify_detached",
+]
+
+#: Digest name -> micalg parameter (RFC 8551 §3.5.3.2; RFC 5751 names for SHA-2).
+MICALGS = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
+_HASHES: dict[str, type[hashes.SHA256] | type[hashes.SHA384] | type[hashes.SHA512]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+_CIPHERS: dict[SMIMECipher, type[algorithms.AES128] | type[algorithms.AES256]] = {
+    SMIMECipher.AES256_CBC: algorithms.AES256,
+    SMIMECipher.AES128_CBC: algorithms.AES128,
+}
+
+# Object identifiers (RFC 5652, RFC 5754, RFC 3565, RFC 4056, RFC 5758), in DER content form.
+_OID_DATA = "1.2.840.113549.1.7.1"
+_OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
+_OID_ENVELOPED_DATA = "1.2.840.113549.1.7.3"
+_OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+_OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+_OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
+_DIGEST_OIDS = {
+    "2.16.840.1.101.3.4.2.1": "sha256",
+    "2.16.840.1.101.3.4.2.2": "sha384",
+    "2.16.840.1.101.3.4.2.3": "sha512",
+    "2.16.840.1.101.3.4.2.4": "sha224",
+}
+_WEAK_DIGEST_OIDS = {"1.3.14.3.2.26": "sha1", "1.2.840.113549.2.5": "md5"}
+_OID_RSA = "1.2.840.113549.1.1.1"
+_OID_RSA_PSS = "1.2.840.113549.1.1.10"
+_RSA_WITH = {
+    "1.2.840.113549.1.1.11": "sha256",
+    "1.2.840.113549.1.1.12": "sha384",
+    "1.2.840.113549.1.1.13": "sha512",
+    "1.2.840.113549.1.1.14": "sha224",
+}
+_ECDSA_WITH = {
+    "1.2.840.10045.4.3.2": "sha256",
+    "1.2.840.10045.4.3.3": "sha384",
+    "1.2.840.10045.4.3.4": "sha512",
+    "1.2.840.10045.4.3.1": "sha224",
+}
+_CIPHER_OIDS = {
+    "2.16.840.1.101.3.4.1.42": SMIMECipher.AES256_CBC,
+    "2.16.840.1.101.3.4.1.2": SMIMECipher.AES128_CBC,
+}
+_ALL_HASHES: dict[str, type[hashes.HashAlgorithm]] = {**_HASHES, "sha224": hashes.SHA224}
+
+_PREAMBLE_SIGNED = b"This is an S/MIME signed message (RFC 8551).\r\n"
+
+
+# -- A minimal DER reader (X.690) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TLV:
+    """One DER element: its tag byte, where its whole encoding and its content are."""
+
+    tag: int
+    data: bytes
+    start: int  # first byte of the tag
+    body: int  # first byte of the content
+    end: int  # one past the last byte of the content
+
+    @property
+    def content(self) -> bytes:
+        return self.data[self.body : self.end]
+
+    @property
+    def encoded(self) -> bytes:
+        return self.data[self.start : self.end]
+
+    @property
+    def constructed(self) -> bool:
+        return bool(self.tag & 0x20)
+
+    def children(self) -> list[_TLV]:
+        return list(_elements(self.data, self.body, self.end))
+
+
+def _read(data: bytes, pos: int, limit: int) -> _TLV:
+    if pos + 2 > limit:
+        raise CryptoError("truncated DER data")
+    tag = data[pos]
+    if tag & 0x1F == 0x1F:
+        raise CryptoError("unsupported DER tag (high tag number)")
+    first = data[pos + 1]
+    pos_len = pos + 2
+    if first < 0x80:
+        length = first
+    elif first == 0x80:
+        raise CryptoError("BER indefinite length where DER was expected")
+    else:
+        count = first & 0x7F
+        if count > 4 or pos_len + count > limit:
+            raise CryptoError("DER length out of range")
+        length = int.from_bytes(data[pos_len : pos_len + count], "big")
+        pos_len += count
+    end = pos_len + length
+    if end > limit:
+        raise CryptoError("DER element runs past its container")
+    return _TLV(tag=tag, data=data, start=pos, body=pos_len, end=end)
+
+
+def _elements(data: bytes, pos: int, limit: int) -> Iterator[_TLV]:
+    while pos < limit:
+        tlv = _read(data, pos, limit)
+        yield tlv
+        pos = tlv.end
+
+
+def _parse(data: bytes) -> _TLV:
+    top = _read(data, 0, len(data))
+    if top.end != len(data):
+        raise CryptoError("trailing bytes after the DER structure")
+    return top
+
+
+def _oid(tlv: _TLV) -> str:
+    if tlv.tag != 0x06 or not tlv.content:
+        raise CryptoError("expected an OBJECT IDENTIFIER")
+    raw = tlv.content
+    arcs: list[int] = []
+    value = 0
+    for byte in raw:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    first = min(arcs[0] // 40, 2)
+    return ".".join(str(a) for a in [first, arcs[0] - 40 * first, *arcs[1:]])
+
+
+def _integer(tlv: _TLV) -> int:
+    if tlv.tag != 0x02:
+        raise CryptoError("expected an INTEGER")
+    return int.from_bytes(tlv.content, "big", signed=True)
+
+
+def _expect(tlv: _TLV, tag: int, what: str) -> _TLV:
+    if tlv.tag != tag:
+        raise CryptoError(f"malformed CMS: {what} has tag 0x{tlv.tag:02x}, expected 0x{tag:02x}")
+    return tlv
+
+
+def _content_info(der: bytes, oid: str, what: str) -> list[_TLV]:
+    """The fields of the SEQUENCE inside ``ContentInfo { oid, [0] EXPLICIT ... }``."""
+    top = _expect(_parse(der), 0x30, "ContentInfo")
+    fields = top.children()
+    if len(fields) != 2 or _oid(fields[0]) != oid:
+        raise CryptoError(f"not CMS {what}")
+    inner = _expect(fields[1], 0xA0, "ContentInfo content").children()
+    if len(inner) != 1:
+        raise CryptoError(f"malformed CMS {what}")
+    return _expect(inner[0], 0x30, what).children()
+
+
+# -- MIME helpers --------------------------------------------------------------------------------
+
+
+def _base64_lines(data: bytes) -> bytes:
+    """Base64 in 76-character CRLF lines (RFC 2045 §6.8), ending in CRLF."""
+    return base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+def _split_entity(entity: bytes) -> tuple[bytes, bytes]:
+    head, sep, body = entity.partition(b"\r\n\r\n")
+    if not sep:
+        raise CryptoError("not a MIME entity (no blank line after the headers)")
+    return head + b"\r\n", body
+
+
+def _header(head: bytes, name: str) -> str | None:
+    unfolded = head.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ").decode("ascii", "replace")
+    for line in unfolded.split("\r\n"):
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+def _param(value: str, name: str) -> str | None:
+    for item in value.split(";")[1:]:
+        key, sep, val = item.strip().partition("=")
+        if sep and key.strip().lower() == name:
+            return val.strip().strip('"')
+    return None
+
+
+def entity_der(entity: bytes) -> bytes:
+    """The DER body of an ``application/pkcs7-mime`` or ``-signature`` entity (base64 decoded)."""
+    head, body = _split_entity(entity)
+    ctype = (_header(head, "content-type") or "").lower()
+    if not ctype.startswith(("application/pkcs7-", "application/x-pkcs7-")):
+        raise CryptoError(f"not an S/MIME entity: {ctype or 'no Content-Type'}")
+    encoding = (_header(head, "content-transfer-encoding") or "binary").lower()
+    if encoding != "base64":
+        return body
+    try:
+        return base64.b64decode(b"".join(body.split()), validate=True)
+    except binascii.Error as exc:
+        raise CryptoError(f"bad base64 in the S/MIME part: {exc}") from exc
+
+
+# -- Signing -------------------------------------------------------------------------------------
+
+
+def sign(
+    payload: bytes, *, signer: SignerKey, digest: str = "sha256", rsa_pss: bool = False
+) -> bytes:
+    """A ``multipart/signed; protocol="application/pkcs7-signature"`` entity over ``payload``
+    (RFC 8551 §3.5.3), with a detached CMS SignedData signature that includes the signer's
+    certificate and chain.
+
+    ``payload`` must already be canonical (CRLF, 7-bit): it is signed byte for byte (the Binary
+    option stops ``cryptography`` from translating line endings) and carried byte for byte, the
+    CRLF before the next boundary belonging to the boundary (RFC 2046 §5.1.1).
+    """
+    if digest not in SMIME_DIGESTS:
+        raise CryptoError(f"S/MIME digest {digest!r} is not one of {', '.join(SMIME_DIGESTS)}")
+    bare = payload.replace(b"\r\n", b"")
+    if b"\r\n\r\n" not in payload or b"\n" in bare or b"\r" in bare:
+        # A bare LF would be signed as LF but could reach the recipient as CRLF (checklist 9).
+        raise CryptoError("the payload to sign is not a canonical (CRLF) MIME entity")
+    key = signer.private_key
+    pad: padding.PSS | padding.PKCS1v15 | None = None
+    if isinstance(key, rsa.RSAPrivateKey):
+        # RFC 4056 §3: MGF1 with the same hash; salt as long as the digest.
+        pad = (
+            padding.PSS(mgf=padding.MGF1(_HASHES[digest]()), salt_length=padding.PSS.DIGEST_LENGTH)
+            if rsa_pss
+            else padding.PKCS1v15()
+        )
+    builder = pkcs7.PKCS7SignatureBuilder().set_data(payload)
+    builder = builder.add_signer(signer.certificate, key, _HASHES[digest](), rsa_padding=pad)
+    for cert in signer.chain:
+        builder = builder.add_certificate(cert)
+    try:
+        signature = builder.sign(
+            serialization.Encoding.DER,
+            [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary],
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise CryptoError(f"cryptography could not sign: {exc}") from exc
+    # What the recipient will check, checked here first: the exact bytes, our certificate.
+    check = verify_detached(payload, signature)
+    if check.certificate != signer.certificate:
+        raise CryptoError("the signature names another signer certificate")
+    boundary = new_boundary().encode()
+    return b"".join(
+        [
+            b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n',
+            b" micalg=" + MICALGS[digest].encode() + b'; boundary="' + boundary + b'"\r\n',
+            b"\r\n",
+            _PREAMBLE_SIGNED,
+            b"--" + boundary + b"\r\n",
+            payload,
+            b"\r\n--" + boundary + b"\r\n",
+            b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n',
+            b"Content-Transfer-Encoding: base64\r\n",
+            b'Content-Disposition: attachment; filename="smime.p7s"\r\n',
+            b"Content-Description: S/MIME Cryptographic Signature\r\n",
+            b"\r\n",
+            _base64_lines(signature),
+            b"\r\n--" + boundary + b"--\r\n",
+        ]
+    )
+
+
+# -- Encryption ----------------------------------------------------------------------------------
+
+
+def encrypt(
+    payload: bytes,
+    *,
+    recipients: Sequence[x509.Certificate],
+    cipher: SMIMECipher = SMIMECipher.AES256_CBC,
+) -> bytes:
+    """An ``application/pkcs7-mime; smime-type=enveloped-data`` entity (RFC 8551 §3.3) of
+    ``payload`` for ``recipients`` (RSA certificates only: ``cryptography`` has no ECDH key
+    agreement, RFC 5753).
+
+    ``recipients`` must be the complete list (the sender included when encrypting to self): the
+    output is checked to name exactly these certificates and to use ``cipher``.
+    """
+    unique = list({c.fingerprint(hashes.SHA256()): c for c in recipients}.values())
+    if not unique:
+        raise CryptoError("no recipient certificates to encrypt to")
+    builder = pkcs7.PKCS7EnvelopeBuilder().set_data(payload)
+    for cert in unique:
+        if not isinstance(cert.public_key(), rsa.RSAPublicKey):
+            raise CryptoError(
+                f"cannot encrypt to {cert.subject.rfc4514_string()}: only RSA certificates "
+                "are supported"
+            )
+        builder = builder.add_recipient(cert)
+    builder = builder.set_content_encryption_algorithm(_CIPHERS[cipher])
+    try:
+        der = builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise CryptoError(f"cryptography could not encrypt: {exc}") from exc
+    _check_enveloped(der, unique, cipher)
+    return b"".join(
+        [
+            b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data;\r\n",
+            b' name="smime.p7m"\r\n',
+            b"Content-Transfer-Encoding: base64\r\n",
+            b'Content-Disposition: attachment; filename="smime.p7m"\r\n',
+            b"Content-Description: S/MIME Encrypted Message\r\n",
+            b"\r\n",
+            _base64_lines(der),
+        ]
+    )
+
+
+def _enveloped_fields(der: bytes) -> tuple[list[_TLV], _TLV]:
+    """(RecipientInfos, EncryptedContentInfo) of CMS EnvelopedData (RFC 5652 §6.1)."""
+    fields = _content_info(der, _OID_ENVELOPED_DATA, "EnvelopedData")
+    rest = fields[1:]  # after the version
+    if rest and rest[0].tag == 0xA0:  # originatorInfo
+        rest = rest[1:]
+    if len(rest) < 2:
+        raise CryptoError("malformed CMS EnvelopedData")
+    return _expect(rest[0], 0x31, "RecipientInfos").children(), rest[1]
+
+
+def recipient_ids(der: bytes) -> list[tuple[bytes, int]]:
+    """The (issuer Name DER, serial number) of every KeyTransRecipientInfo in CMS
+    EnvelopedData; any other RecipientInfo kind is refused."""
+    try:
+        return _recipient_ids(der)
+    except (IndexError, ValueError) as exc:
+        raise CryptoError(f"malformed CMS EnvelopedData: {exc}") from exc
+
+
+def _recipient_ids(der: bytes) -> list[tuple[bytes, int]]:
+    infos, _ = _enveloped_fields(der)
+    out: list[tuple[bytes, int]] = []
+    for info in infos:
+        if info.tag != 0x30:
+            raise CryptoError("unexpected RecipientInfo kind (only key transport is made)")
+        rid = info.children()[1]
+        if rid.tag != 0x30:
+            raise CryptoError("RecipientInfo by subject key identifier, not issuer and serial")
+        issuer, serial = rid.children()
+        out.append((_expect(issuer, 0x30, "issuer").encoded, _integer(serial)))
+    return out
+
+
+def _check_enveloped(
+    der: bytes, recipients: Sequence[x509.Certificate], cipher: SMIMECipher
+) -> None:
+    got = recipient_ids(der)
+    wanted = [(c.issuer.public_bytes(), c.serial_number) for c in recipients]
+    if sorted(got) != sorted(wanted):
+        raise CryptoError("the enveloped data is not encrypted to exactly the chosen certificates")
+    _, content = _enveloped_fields(der)
+    algorithm = _expect(content.children()[1], 0x30, "contentEncryptionAlgorithm")
+    if _CIPHER_OIDS.get(_oid(algorithm.children()[0])) is not cipher:
+        raise CryptoError("the enveloped data does not use the chosen content cipher")
+
+
+# -- Receiving: decrypt and verify (for `e2email demo`; tests use openssl and gpgsm) ------------
+
+
+def decrypt(der: bytes, *, certificate: x509.Certificate, private_key: rsa.RSAPrivateKey) -> bytes:
+    """The content of CMS EnvelopedData for this recipient."""
+    try:
+        return pkcs7.pkcs7_decrypt_der(der, certificate, private_key, [])
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise CryptoError(f"cannot decrypt: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    """A verified CMS signature: who made it and what came with it. The signer certificate
+    is *not* judged here (dates, usage, chain): that is :meth:`CertStore.check`'s job."""
+
+    certificate: x509.Certificate
+    #: Every certificate in the SignedData (the signer's and its chain), for path building.
+    certificates: tuple[x509.Certificate, ...]
+    digest: str
+    signing_time: datetime.datetime | None
+
+
+def verify_detached(content: bytes, signature: bytes) -> SignatureCheck:
+    """Verify a detached CMS SignedData ``signature`` (DER) over ``content`` exactly as given
+    (RFC 5652 §5.4, §5.6): one signer, signed attributes with contentType id-data and the
+    messageDigest of ``content``, and a valid RSA (PKCS#1 v1.5 or PSS) or ECDSA signature over
+    them by the certificate the SignerInfo names. Raises CryptoError otherwise."""
+    try:
+        return _verify_detached(content, signature)
+    except (IndexError, ValueError, UnicodeDecodeError) as exc:
+        raise CryptoError(f"malformed CMS signature: {exc}") from exc
+
+
+def _verify_detached(content: bytes, signature: bytes) -> SignatureCheck:
+    fields = _content_info(signature, _OID_SIGNED_DATA, "SignedData")
+    encap = _expect(fields[2], 0x30, "EncapsulatedContentInfo").children()
+    if _oid(encap[0]) != _OID_DATA:
+        raise CryptoError("the signature does not cover MIME data (eContentType is not id-data)")
+    if len(encap) > 1:
+        raise CryptoError("not a detached signature (the content is inside the CMS)")
+    certs: list[x509.Certificate] = []
+    rest = fields[3:]
+    for item in rest:
+        if item.tag == 0xA0:
+            for cert in item.children():
+                if cert.tag == 0x30:
+                    try:
+                        certs.append(x509.load_der_x509_certificate(cert.encoded))
+                    except ValueError as exc:
+                        raise CryptoError(
+                            f"unreadable certificate in the signature: {exc}"
+                        ) from exc
+    signer_infos = _expect(rest[-1], 0x31, "SignerInfos").children()
+    if len(signer_infos) != 1:
+        raise CryptoError(f"expected one signer, found {len(signer_infos)}")
+    info = _expect(signer_infos[0], 0x30, "SignerInfo").children()
+    sid = info[1]
+    signer = _find_signer(sid, certs)
+    digest = _digest_name(info[2])
+    attrs = info[3]
+    if attrs.tag != 0xA0:
+        raise CryptoError("the signature has no signed attributes (RFC 8551 §2.5 requires them)")
+    sig_alg, sig_value = info[4], _expect(info[5], 0x04, "signature")
+    hasher = hashes.Hash(_ALL_HASHES[digest]())
+    hasher.update(content)
+    message_digest = hasher.finalize()
+    found: dict[str, bytes] = {}
+    signing_time = None
+    for attr in attrs.children():
+        parts = attr.children()
+        oid = _oid(parts[0])
+        values = _expect(parts[1], 0x31, "attribute values").children()
+        if len(values) != 1:
+            raise CryptoError("a signed attribute has more than one value")
+        if oid in found:
+            raise CryptoError("a signed attribute appears twice")
+        found[oid] = values[0].encoded
+        if oid == _OID_MESSAGE_DIGEST:
+            if _expect(values[0], 0x04, "messageDigest").content != message_digest:
+                raise CryptoError("BAD signature: the content does not match its digest")
+        elif oid == _OID_CONTENT_TYPE and _oid(values[0]) != _OID_DATA:
+            raise CryptoError("the signed contentType attribute is not id-data")
+        elif oid == _OID_SIGNING_TIME:
+            signing_time = _asn1_time(values[0])
+    if _OID_MESSAGE_DIGEST not in found or _OID_CONTENT_TYPE not in found:
+        raise CryptoError("the signed attributes lack contentType or messageDigest")
+    # The signature covers the attributes DER-encoded as a SET OF, not as [0] (RFC 5652 §5.4).
+    signed = b"\x31" + attrs.encoded[1:]
+    _verify_signature(signer, sig_alg, sig_value.content, signed, digest)
+    return SignatureCheck(
+        certificate=signer, certificates=tuple(certs), digest=digest, signing_time=signing_time
+    )
+
+
+def _find_signer(sid: _TLV, certs: Sequence[x509.Certificate]) -> x509.Certificate:
+    if sid.tag == 0x30:
+        issuer, serial = sid.children()
+        for cert in certs:
+            if cert.issuer.public_bytes() == issuer.encoded and cert.serial_number == _integer(
+                serial
+            ):
+                return cert
+    elif sid.tag == 0x80:  # [0] SubjectKeyIdentifier
+        for cert in certs:
+            try:
+                ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+            except x509.ExtensionNotFound:
+                continue
+            if ski.value.digest == sid.content:
+                return cert
+    raise CryptoError("the signer's certificate is not included in the signature")
+
+
+def _digest_name(algorithm: _TLV) -> str:
+    oid = _oid(_expect(algorithm, 0x30, "digestAlgorithm").children()[0])
+    if oid in _WEAK_DIGEST_OIDS:
+        raise CryptoError(f"the signature uses the weak digest {_WEAK_DIGEST_OIDS[oid]}")
+    if oid not in _DIGEST_OIDS:
+        raise CryptoError(f"unknown signature digest {oid}")
+    return _DIGEST_OIDS[oid]
+
+
+def _verify_signature(
+    cert: x509.Certificate, algorithm: _TLV, value: bytes, data: bytes, digest: str
+) -> None:
+    parts = _expect(algorithm, 0x30, "signatureAlgorithm").children()
+    oid = _oid(parts[0])
+    key = cert.public_key()
+    chosen = _ALL_HASHES[digest]()
+    try:
+        if oid in (_OID_RSA, *_RSA_WITH) and isinstance(key, rsa.RSAPublicKey):
+            if oid in _RSA_WITH and _RSA_WITH[oid] != digest:
+                raise CryptoError("signature and digest algorithms disagree")
+            key.verify(value, data, padding.PKCS1v15(), chosen)
+        elif oid == _OID_RSA_PSS and isinstance(key, rsa.RSAPublicKey):
+            pss_hash, salt = _pss_params(parts[1] if len(parts) > 1 else None)
+            if pss_hash != digest:
+                raise CryptoError("PSS hash and digest algorithm disagree")
+            key.verify(value, data, padding.PSS(padding.MGF1(chosen), salt), chosen)
+        elif oid in _ECDSA_WITH and isinstance(key, ec.EllipticCurvePublicKey):
+            if _ECDSA_WITH[oid] != digest:
+                raise CryptoError("signature and digest algorithms disagree")
+            key.verify(value, data, ec.ECDSA(chosen))
+        else:
+            raise CryptoError(f"unsupported signature algorithm {oid} for this key")
+    except InvalidSignature:
+        raise CryptoError("BAD signature: it does not verify with the signer's key") from None
+
+
+def _pss_params(params: _TLV | None) -> tuple[str, int]:
+    """RSASSA-PSS-params (RFC 4055 §3.1): the hash (default SHA-1, which we refuse) and salt."""
+    digest, salt = "sha1", 20
+    if params is not None and params.tag == 0x30:
+        for item in params.children():
+            inner = item.children()
+            if item.tag == 0xA0:
+                oid = _oid(inner[0].children()[0])
+                digest = _DIGEST_OIDS.get(oid, _WEAK_DIGEST_OIDS.get(oid, oid))
+            elif item.tag == 0xA2:
+                salt = _integer(inner[0])
+    if digest not in _ALL_HASHES:
+        raise CryptoError(f"RSASSA-PSS with the unsupported or weak hash {digest}")
+    return digest, salt
+
+
+def _asn1_time(tlv: _TLV) -> datetime.datetime | None:
+    text = tlv.content.decode("ascii", "replace")
+    try:
+        if tlv.tag == 0x17:  # UTCTime, YYMMDDHHMMSSZ (RFC 5280 §4.1.2.5.1)
+            return datetime.datetime.strptime(text, "%y%m%d%H%M%SZ").replace(tzinfo=datetime.UTC)
+        if tlv.tag == 0x18:  # GeneralizedTime
+            return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return None
+    return None
+
+
+def parse_multipart_signed(entity: bytes) -> tuple[bytes, bytes]:
+    """The signed part (exact bytes) and the DER signature of a ``multipart/signed`` entity."""
+    head, body = _split_entity(entity)
+    ctype = _header(head, "content-type") or ""
+    if not ctype.lower().startswith("multipart/signed"):
+        raise CryptoError(f"not multipart/signed: {ctype or 'no Content-Type'}")
+    boundary = _param(ctype, "boundary")
+    if not boundary:
+        raise CryptoError("multipart/signed without a boundary")
+    delim = b"\r\n--" + boundary.encode("ascii")
+    pieces = (b"\r\n" + body).split(delim)
+    parts = [p[2:] for p in pieces[1:] if p.startswith(b"\r\n")]
+    if len(parts) != 2:
+        raise CryptoError(f"multipart/signed with {len(parts)} parts, expected 2")
+    return parts[0], entity_der(parts[1])
