@@ -2,21 +2,35 @@
 
 Protection happens completely before the first byte goes to the server, so a key problem for any
 recipient means nothing is sent (fail closed). Each Bcc recipient gets a copy of its own,
-encrypted only to them and the sender, so no copy reveals a Bcc recipient, not even as a key ID.
+encrypted only to them and the sender, so no copy reveals a Bcc recipient, not even as a key ID
+(OpenPGP) or an issuer and serial number (S/MIME RecipientInfo).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+import os
+from collections import Counter
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
-from e2email.config import PasswordSource, Protection, Scheme, SMTPSettings
-from e2email.crypto import openpgp
+from e2email.certstore import CertStore, StoredCert
+from e2email.config import PasswordSource, Protection, RetryPolicy, Scheme, SMTPSettings
+from e2email.crypto import openpgp, smime
+from e2email.delivery import (
+    DeliveryEngine,
+    Outcome,
+    RecipientOutcome,
+    Submission,
+    deliver,
+    route_of,
+)
 from e2email.errors import (
     ConfigError,
+    DeliveryError,
+    E2EmailError,
     KeyProblem,
     PassphraseError,
     RecipientKeyError,
@@ -27,9 +41,19 @@ from e2email.errors import (
 )
 from e2email.keystore import Keystore, OpenPGPKey
 from e2email.message import HP, Address, Message, build_message, build_payload
-from e2email.transport.smtp import DeliveryResult, SMTPTransport
+from e2email.outbox import NewItem, Outbox, OutboxError
+from e2email.transport.smtp import DeliveryResult, RecipientResult
 
-__all__ = ["AsyncMailer", "CopyResult", "Mailer", "ProtectedCopy", "SendResult"]
+__all__ = [
+    "AsyncMailer",
+    "BatchItem",
+    "BatchResult",
+    "CopyResult",
+    "Mailer",
+    "MessageOutcome",
+    "ProtectedCopy",
+    "SendResult",
+]
 
 
 @dataclass(frozen=True)
@@ -44,10 +68,14 @@ class ProtectedCopy:
     kind: Literal["main", "bcc"]
     message_id: str
     signed: bool
-    #: Fingerprints of the keys this copy is encrypted to (empty when not encrypted).
+    #: Fingerprints of the keys this copy is encrypted to (empty when not encrypted); for
+    #: S/MIME the certificates' SHA-256 fingerprints.
     encrypted_to: tuple[str, ...] = ()
-    #: Fingerprint of the signing key.
+    #: Fingerprint of the signing key (S/MIME: of the signer's certificate).
     signer: str | None = None
+    #: The outbox item that holds this copy, when it is kept there (e.g. in an error's
+    #: ``unsent``): sending the copy again then sends that item instead of storing it twice.
+    outbox_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +90,8 @@ class SendResult:
 
     message_id: str
     copies: tuple[CopyResult, ...]
+    #: Outbox IDs of the copies still kept there (something was not delivered).
+    kept: tuple[str, ...] = ()
 
     @property
     def accepted(self) -> tuple[str, ...]:
@@ -72,11 +102,104 @@ class SendResult:
         return {r.address: r.reply for c in self.copies for r in c.delivery.refused}
 
 
+@dataclass(frozen=True)
+class BatchItem:
+    """A message for :meth:`AsyncMailer.send_many`, with what the batch needs to know."""
+
+    message: Message
+    #: A stable key for this message in its batch (e.g. a digest of a CSV row). With an
+    #: outbox, a message whose key is already done is not sent again, and one whose copies
+    #: are still queued is sent from the outbox instead of being protected again.
+    key: str | None = None
+    #: Anything the caller wants back in the :class:`MessageOutcome` (e.g. a row number).
+    tag: Any = None
+
+
+#: ``delivered`` to every recipient; ``partial``: to some; ``failed``: refused permanently;
+#: ``deferred``: not delivered yet, kept for a retry; ``not-sent``: could not be protected (key
+#: problem: nothing sent, nothing stored); ``skipped``: already sent by an earlier run.
+MessageStatus = Literal["delivered", "partial", "failed", "deferred", "not-sent", "skipped"]
+
+
+@dataclass(frozen=True)
+class MessageOutcome:
+    """What happened to one message of a batch, per recipient (To, Cc and Bcc)."""
+
+    #: The message's position in the input (0-based).
+    index: int
+    tag: Any
+    status: MessageStatus
+    message_id: str | None = None
+    recipients: tuple[RecipientOutcome, ...] = ()
+    #: The last failure (for ``not-sent``: why it could not be protected).
+    error: Exception | None = None
+    #: Outbox IDs of its copies still kept there.
+    kept: tuple[str, ...] = ()
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The result of :meth:`AsyncMailer.send_many`: counts per status and, unless an
+    ``on_outcome`` callback took them as they came, every :class:`MessageOutcome`."""
+
+    counts: Mapping[str, int]
+    outcomes: tuple[MessageOutcome, ...] = ()
+    #: SMTP connections opened.
+    connections: int = 0
+    #: The error that stopped the batch early (certificate, credentials, server unreachable).
+    stopped_by: Exception | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def ok(self) -> bool:
+        """Was every message delivered (or already delivered by an earlier run)?"""
+        return self.total == self.counts.get("delivered", 0) + self.counts.get("skipped", 0)
+
+
+@dataclass
+class _Group:
+    """The copies of one batch message, collected until each has its outcome."""
+
+    index: int
+    tag: Any
+    message_id: str | None
+    expected: int
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def result(self) -> MessageOutcome:
+        recipients = tuple(r for o in self.outcomes for r in o.recipients)
+        delivered = sum(r.status == "delivered" for r in recipients)
+        status: MessageStatus
+        if delivered == len(recipients):
+            status = "delivered"
+        elif delivered:
+            status = "partial"
+        elif any(r.status == "deferred" for r in recipients):
+            status = "deferred"
+        else:
+            status = "failed"
+        errors = [o.error for o in self.outcomes if o.error is not None]
+        return MessageOutcome(
+            index=self.index,
+            tag=self.tag,
+            status=status,
+            message_id=self.message_id,
+            recipients=recipients,
+            error=errors[-1] if errors else None,
+            kept=tuple(o.submission.id for o in self.outcomes if o.kept),
+        )
+
+
 class AsyncMailer:
     """Protects and sends messages. All options are keyword-only.
 
     ``smtp`` may be None when only :meth:`protect` is used (``e2email send --output``).
     ``passphrase`` unlocks the sender's signing key: a string or a callable asked once.
+    ``certstore`` holds the S/MIME certificates (by default the one in the keystore's home).
     """
 
     def __init__(
@@ -87,9 +210,26 @@ class AsyncMailer:
         protection: Protection | None = None,
         passphrase: PasswordSource | None = None,
         envelope_from: str | None = None,
+        certstore: CertStore | None = None,
+        outbox: Outbox | str | os.PathLike[str] | None = None,
+        retry: RetryPolicy | None = None,
+        connections: int = 4,
     ) -> None:
+        # The outbox is opt-in for the library: a library that quietly writes a database into
+        # the user's home surprises servers and tests, and without one nothing is lost either
+        # (errors carry the undelivered copies in ``unsent``). The CLI always uses one.
+        self._owns_outbox = outbox is not None and not isinstance(outbox, Outbox)
+        self.outbox: Outbox | None = (
+            Outbox(outbox) if outbox is not None and not isinstance(outbox, Outbox) else outbox
+        )
+        self.retry = retry if retry is not None else RetryPolicy()
+        if connections < 1:
+            raise ConfigError("connections must be at least 1")
+        #: How many SMTP connections :meth:`send_many` and :meth:`send_outbox` use at once.
+        self.connections = connections
         self.smtp = smtp
         self.keystore = keystore if keystore is not None else Keystore()
+        self.certstore = certstore if certstore is not None else CertStore(self.keystore.home)
         self.protection = protection if protection is not None else Protection()
         self.envelope_from = envelope_from
         self._passphrase_source = passphrase
@@ -107,8 +247,6 @@ class AsyncMailer:
         SignerKeyError, PassphraseError or CryptoError; on any of them, nothing is produced.
         """
         prot = protection if protection is not None else self.protection
-        if prot.scheme is not Scheme.OPENPGP:
-            raise ConfigError(f"the {prot.scheme.value} scheme is not available in this version")
         msg = message.finalized()
         try:
             return await self._protect(msg, prot, self._passphrase)
@@ -132,6 +270,8 @@ class AsyncMailer:
         if not prot.sign and not prot.encrypt:
             raw = build_message(msg, payload=build_payload(msg, hp=None), hp=None)
             return (self._copy(raw, mail_from, msg.recipients, "main", msg, signed=False),)
+        if prot.scheme is Scheme.SMIME:
+            return await self._protect_smime(msg, prot, passphrase, mail_from)
 
         signer, recipient_keys, self_key = await asyncio.to_thread(self._resolve_keys, msg, prot)
 
@@ -146,10 +286,7 @@ class AsyncMailer:
             return (replace(copy, signer=signer.fingerprint),)
 
         payload = build_payload(msg, hp=HP.CIPHER)
-        plans: list[tuple[Literal["main", "bcc"], tuple[Address, ...]]] = []
-        if msg.to or msg.cc:
-            plans.append(("main", (*msg.to, *msg.cc)))
-        plans.extend(("bcc", (b,)) for b in msg.bcc)
+        plans = self._plans(msg)
 
         async def one(kind: Literal["main", "bcc"], rcpts: tuple[Address, ...]) -> ProtectedCopy:
             keys = [recipient_keys[a.addr_spec.lower()] for a in rcpts]
@@ -174,6 +311,98 @@ class AsyncMailer:
 
         # gpg work is a subprocess per copy: run the copies side by side.
         return tuple(await asyncio.gather(*(one(kind, rcpts) for kind, rcpts in plans)))
+
+    @staticmethod
+    def _plans(msg: Message) -> list[tuple[Literal["main", "bcc"], tuple[Address, ...]]]:
+        """The encrypted copies: one for To and Cc, then one per Bcc recipient."""
+        plans: list[tuple[Literal["main", "bcc"], tuple[Address, ...]]] = []
+        if msg.to or msg.cc:
+            plans.append(("main", (*msg.to, *msg.cc)))
+        plans.extend(("bcc", (b,)) for b in msg.bcc)
+        return plans
+
+    async def _protect_smime(
+        self, msg: Message, prot: Protection, passphrase: str | None, mail_from: str
+    ) -> tuple[ProtectedCopy, ...]:
+        """S/MIME (RFC 8551): sign (detached multipart/signed), or sign then envelope the
+        signed entity once per copy (§3.7), AES-256-CBC unless AES-128-CBC is asked for."""
+        signer, recipient_certs, self_cert = await asyncio.to_thread(self._resolve_certs, msg, prot)
+        signer_key = None
+        if signer is not None:
+            # Raises PassphraseError(missing=True) for a protected key: protect() then asks.
+            signer_key = await asyncio.to_thread(self.certstore.signer_key, signer, passphrase)
+        signer_fpr = signer.fingerprint if signer is not None else None
+
+        def sign(payload: bytes) -> bytes:
+            assert signer_key is not None
+            return smime.sign(
+                payload, signer=signer_key, digest=prot.smime_digest, rsa_pss=prot.smime_rsa_pss
+            )
+
+        if not prot.encrypt:
+            entity = await asyncio.to_thread(sign, build_payload(msg, hp=HP.CLEAR))
+            raw = build_message(msg, payload=entity, hp=HP.CLEAR)
+            copy = self._copy(raw, mail_from, msg.recipients, "main", msg, signed=True)
+            return (replace(copy, signer=signer_fpr),)
+
+        payload = build_payload(msg, hp=HP.CIPHER)
+        # Sign once; every copy envelopes the same signed entity (sign, then encrypt).
+        inner = await asyncio.to_thread(sign, payload) if signer_key is not None else payload
+
+        def envelope_all() -> tuple[ProtectedCopy, ...]:
+            copies = []
+            for kind, rcpts in self._plans(msg):
+                certs = [recipient_certs[a.addr_spec.lower()] for a in rcpts]
+                if self_cert is not None:
+                    certs.append(self_cert)
+                unique = list({c.fingerprint: c for c in certs}.values())
+                entity = smime.encrypt(
+                    inner, recipients=[c.certificate for c in unique], cipher=prot.smime_cipher
+                )
+                raw = build_message(msg, payload=entity, hp=HP.CIPHER)
+                copy = self._copy(raw, mail_from, rcpts, kind, msg, signed=signer is not None)
+                copies.append(
+                    replace(
+                        copy,
+                        encrypted_to=tuple(c.fingerprint for c in unique),
+                        signer=signer_fpr,
+                    )
+                )
+            return tuple(copies)
+
+        return await asyncio.to_thread(envelope_all)
+
+    def _resolve_certs(
+        self, msg: Message, prot: Protection
+    ) -> tuple[StoredCert | None, dict[str, StoredCert], StoredCert | None]:
+        """Find every S/MIME certificate, or raise listing every address that has none."""
+        store = self.certstore
+        trusted = prot.smime_trust_self_signed
+        sender = msg.sender.addr_spec
+        signer: StoredCert | None = None
+        if prot.sign:
+            choice = store.signer_cert(sender, key_map=prot.key_map, trusted_self_signed=trusted)
+            if isinstance(choice, KeyProblem):
+                raise SignerKeyError(choice)
+            signer = choice
+        recipient_certs: dict[str, StoredCert] = {}
+        self_cert: StoredCert | None = None
+        if prot.encrypt:
+            addresses = list(dict.fromkeys(a.addr_spec.lower() for a in msg.recipients))
+            recipient_certs, problems = store.resolve_recipients(
+                addresses, key_map=prot.key_map, trusted_self_signed=trusted
+            )
+            if prot.encrypt_to_self:
+                own = store.recipient_cert(
+                    sender, key_map=prot.key_map, trusted_self_signed=trusted
+                )
+                if isinstance(own, KeyProblem):
+                    problems.append(_encrypt_to_self_problem(own))
+                else:
+                    self_cert = own
+            if problems:
+                raise RecipientKeyError(problems)
+        return signer, recipient_certs, self_cert
 
     @staticmethod
     def _copy(
@@ -216,15 +445,7 @@ class AsyncMailer:
             if prot.encrypt_to_self:
                 own = self.keystore.encryption_key(sender, key_map=prot.key_map)
                 if isinstance(own, KeyProblem):
-                    problems.append(
-                        KeyProblem(
-                            own.address,
-                            own.reason,
-                            "sender, for encrypt-to-self; turn it off to send without a "
-                            "readable sent copy" + (f"; {own.detail}" if own.detail else ""),
-                            fingerprint=own.fingerprint,
-                        )
-                    )
+                    problems.append(_encrypt_to_self_problem(own))
                 else:
                     self_key = own
             if problems:
@@ -233,6 +454,11 @@ class AsyncMailer:
 
     async def send(self, message: Message, *, protection: Protection | None = None) -> SendResult:
         """Protect ``message`` and submit every copy over one TLS connection.
+
+        With an outbox, the protected copies are stored before connecting and each is removed
+        only once the server accepted it for every recipient. Transient failures (4xx,
+        timeouts, dropped connections) are retried as ``retry`` says, only for the recipients
+        they concern; permanent ones (5xx) are not.
 
         Raises before connecting when protection fails. Raises RecipientsRefusedError when the
         server refuses any recipient (its ``result`` says what was accepted), and a
@@ -243,49 +469,379 @@ class AsyncMailer:
         return await self.send_copies(copies)
 
     async def send_copies(self, copies: Sequence[ProtectedCopy]) -> SendResult:
-        """Submit already protected copies (e.g. kept from an earlier failed attempt)."""
-        if self.smtp is None:
-            raise ConfigError("no SMTP server configured")
+        """Submit already protected copies (e.g. kept from an earlier failed attempt).
+
+        Raises RecipientsRefusedError when any recipient is left undelivered after the retries
+        (``refused`` has each one's last reply, ``result`` what was accepted), or the
+        TransportError that made the server unreachable (TLS, credentials, connection). Either
+        carries ``unsent``: the copies, addressed to the undelivered recipients only; with an
+        outbox they are also kept there (``result.kept`` has their IDs).
+        """
+        smtp = self._require_smtp()
         if not copies:
             raise ConfigError("nothing to send")
-        transport = SMTPTransport(self.smtp)
-        done: list[CopyResult] = []
-        message_id = copies[0].message_id
-        try:
-            async with transport.connect() as conn:
-                for copy in copies:
-                    try:
-                        delivery = await conn.send(
-                            copy.raw, mail_from=copy.mail_from, recipients=copy.recipients
-                        )
-                    except RecipientsRefusedError as exc:
-                        if not isinstance(exc.result, DeliveryResult):
-                            raise
-                        delivery = exc.result
-                    done.append(CopyResult(copy=copy, delivery=delivery))
-        except TransportError as exc:
-            sent = {id(c.copy) for c in done}
-            exc.result = SendResult(message_id=message_id, copies=tuple(done))
-            exc.unsent = tuple(c for c in copies if id(c) not in sent)
-            raise
-        result = SendResult(message_id=message_id, copies=tuple(done))
-        refused = [
-            (r.address, r.reply or SMTPReply(0, "refused"))
-            for c in done
-            for r in c.delivery.refused
+        ids = await self._store(copies, smtp)
+        subs = [
+            Submission(raw=c.raw, mail_from=c.mail_from, recipients=c.recipients, tag=c, id=i)
+            if i is not None
+            else Submission(raw=c.raw, mail_from=c.mail_from, recipients=c.recipients, tag=c)
+            for c, i in zip(copies, ids, strict=True)
         ]
-        if refused:
-            error = RecipientsRefusedError(
-                refused, host=self.smtp.host, result=result, accepted=result.accepted
+        # One connection carries every copy of one message (RSET between them).
+        outcomes, _ = await deliver(smtp, subs, retry=self.retry, outbox=self.outbox)
+        by_id = {o.submission.id: o for o in outcomes}
+        return self._send_result(smtp, [by_id[s.id] for s in subs])
+
+    def _require_smtp(self) -> SMTPSettings:
+        if self.smtp is None:
+            raise ConfigError("no SMTP server configured")
+        return self.smtp
+
+    async def _store(
+        self, copies: Sequence[ProtectedCopy], smtp: SMTPSettings, *, ledger: Any = None
+    ) -> Sequence[str | None]:
+        """Put ``copies`` in the outbox (claimed by us, about to be sent): their IDs. A copy
+        that is kept there already (``outbox_id``) is claimed instead of stored again."""
+        outbox = self.outbox
+        if outbox is None:
+            return [None] * len(copies)
+        kept = [c.outbox_id for c in copies if c.outbox_id is not None]
+        if kept:
+            if len(kept) != len(copies):
+                raise ConfigError("send copies kept in the outbox apart from new ones")
+            claimed = {i.id for i in await asyncio.to_thread(outbox.claim, kept)}
+            busy = [i for i in kept if i not in claimed]
+            if busy:
+                raise OutboxError(
+                    f"outbox item(s) {', '.join(busy)} are being sent by another process"
+                )
+            return kept
+        items = [
+            NewItem(
+                raw=c.raw,
+                mail_from=c.mail_from,
+                recipients=c.recipients,
+                message_id=c.message_id,
+                kind=c.kind,
+                meta={
+                    "signed": c.signed,
+                    "encrypted_to": list(c.encrypted_to),
+                    "signer": c.signer,
+                },
             )
-            # Keep what was refused, addressed only to the refused recipients, for a retry.
-            error.unsent = tuple(
-                replace(c.copy, recipients=tuple(r.address for r in c.delivery.refused))
-                for c in done
-                if c.delivery.refused
+            for c in copies
+        ]
+        return await asyncio.to_thread(outbox.add, items, route=route_of(smtp), ledger=ledger)
+
+    @staticmethod
+    def _send_result(smtp: SMTPSettings, outcomes: Sequence[Outcome]) -> SendResult:
+        """The SendResult of one message's copies, or the error saying what is left."""
+        copy_results: list[CopyResult] = []
+        unsent: list[ProtectedCopy] = []
+        kept: list[str] = []
+        refused: list[tuple[str, SMTPReply]] = []
+        other: Exception | None = None
+        for o in outcomes:
+            copy: ProtectedCopy = o.submission.tag
+            if o.delivered or o.failed:
+                copy_results.append(
+                    CopyResult(
+                        copy=copy,
+                        delivery=DeliveryResult(
+                            mail_from=copy.mail_from,
+                            recipients=tuple(
+                                RecipientResult(
+                                    address=r.address,
+                                    accepted=r.status == "delivered",
+                                    reply=None if r.status == "delivered" else r.reply,
+                                )
+                                for r in o.recipients
+                            ),
+                            data_reply=o.data_reply,
+                            tls=o.tls,
+                        ),
+                    )
+                )
+            left = [r for r in o.recipients if r.status != "delivered"]
+            if not left:
+                continue
+            unsent.append(
+                replace(
+                    copy,
+                    recipients=tuple(r.address for r in left),
+                    outbox_id=o.submission.id if o.kept else None,
+                )
             )
-            raise error
+            if o.kept:
+                kept.append(o.submission.id)
+            for r in left:
+                if r.reply is not None:
+                    refused.append((r.address, r.reply))
+                elif o.error is not None and not isinstance(o.error, DeliveryError):
+                    # No server reply about this recipient: the connection, TLS or
+                    # credentials failed; that error says more than a refusal would.
+                    other = other or o.error
+                else:
+                    refused.append((r.address, SMTPReply(0, r.error or "not delivered")))
+        result = SendResult(
+            message_id=outcomes[0].submission.tag.message_id,
+            copies=tuple(copy_results),
+            kept=tuple(kept),
+        )
+        if not unsent:
+            return result
+        if other is not None:
+            if isinstance(other, TransportError):
+                other.result = result
+                other.unsent = tuple(unsent)
+            raise other
+        error = RecipientsRefusedError(
+            refused, host=smtp.host, result=result, accepted=result.accepted
+        )
+        error.unsent = tuple(unsent)
+        raise error
+
+    # -- many messages ---------------------------------------------------------------------
+
+    async def send_many(
+        self,
+        messages: Iterable[Message | BatchItem] | AsyncIterable[Message | BatchItem],
+        *,
+        protection: Protection | None = None,
+        batch: str = "",
+        connections: int | None = None,
+        concurrency: int | None = None,
+        on_outcome: Callable[[MessageOutcome], None] | None = None,
+    ) -> BatchResult:
+        """Protect and send many messages: ``connections`` SMTP connections side by side, each
+        carrying message after message, while up to ``concurrency`` messages (default: twice
+        the CPUs; gpg is a process per message) are being protected.
+
+        ``messages`` is read lazily and protected copies wait only in the outbox (when there is
+        one) and a short queue, so a batch of any length runs in bounded memory. Each message
+        is protected on its own (fail closed per message: a key problem makes that message
+        ``not-sent`` and the others go on); the first is protected alone, so a passphrase is
+        asked once and gpg-agent is warm before the rest run in parallel.
+
+        Per-message results go to ``on_outcome`` as they come (then ``BatchResult.outcomes``
+        is empty) or are collected in the result. A message that is not delivered is no reason
+        to raise; an error that stops the whole batch (certificate, credentials, server
+        unreachable) is raised after every started message was recorded, with ``result`` set
+        to the :class:`BatchResult`. ``batch`` names the batch for the outbox's ledger of
+        :attr:`BatchItem.key`.
+        """
+        smtp = self._require_smtp()
+        prot = protection if protection is not None else self.protection
+        counts: Counter[str] = Counter()
+        collected: list[MessageOutcome] = []
+        groups: dict[int, _Group] = {}
+
+        def emit(outcome: MessageOutcome) -> None:
+            counts[outcome.status] += 1
+            if on_outcome is not None:
+                on_outcome(outcome)
+            else:
+                collected.append(outcome)
+
+        def copy_done(outcome: Outcome) -> None:
+            group = groups[outcome.submission.tag]
+            group.outcomes.append(outcome)
+            if len(group.outcomes) == group.expected:
+                del groups[group.index]
+                emit(group.result())
+
+        engine = DeliveryEngine(
+            smtp,
+            retry=self.retry,
+            connections=connections or self.connections,
+            outbox=self.outbox,
+            on_outcome=copy_done,
+        )
+        limit = asyncio.Semaphore(concurrency or 2 * (os.cpu_count() or 1))
+        tasks: set[asyncio.Task[None]] = set()
+        async with engine:
+            try:
+                index = 0
+                async for item in _aiter(messages):
+                    if engine.stopped:
+                        break
+                    await limit.acquire()
+                    one = self._batch_one(
+                        engine, smtp, index, item, prot, batch, groups, emit, limit
+                    )
+                    if index == 0:
+                        await one
+                    else:
+                        task = asyncio.create_task(one)
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    index += 1
+                if tasks:
+                    await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        result = BatchResult(
+            counts=dict(counts),
+            outcomes=tuple(collected),
+            connections=engine.connections_opened,
+            stopped_by=engine.fatal,
+        )
+        if engine.fatal is not None:
+            if isinstance(engine.fatal, TransportError):
+                engine.fatal.result = result
+            raise engine.fatal
         return result
+
+    async def _batch_one(
+        self,
+        engine: DeliveryEngine,
+        smtp: SMTPSettings,
+        index: int,
+        item: Message | BatchItem,
+        prot: Protection,
+        batch: str,
+        groups: dict[int, _Group],
+        emit: Callable[[MessageOutcome], None],
+        limit: asyncio.Semaphore,
+    ) -> None:
+        try:
+            entry = item if isinstance(item, BatchItem) else BatchItem(message=item)
+            outbox = self.outbox
+            if entry.key is not None and outbox is not None:
+                state = await asyncio.to_thread(outbox.ledger_state, entry.key)
+                if state == "done":
+                    emit(
+                        MessageOutcome(index, entry.tag, "skipped", detail="sent by an earlier run")
+                    )
+                    return
+                if state == "queued":
+                    # Protected and stored by an earlier run that did not finish: send those
+                    # very copies (protecting again would make a second, different message).
+                    stored = await asyncio.to_thread(outbox.claim, ledger_keys=[entry.key])
+                    if not stored:
+                        emit(
+                            MessageOutcome(
+                                index,
+                                entry.tag,
+                                "skipped",
+                                detail="in the outbox, being sent by another process",
+                            )
+                        )
+                        return
+                    groups[index] = _Group(index, entry.tag, stored[0].message_id, len(stored))
+                    for it in stored:
+                        assert it.raw is not None
+                        await engine.submit(
+                            Submission(
+                                raw=it.raw,
+                                mail_from=it.mail_from,
+                                recipients=it.pending,
+                                id=it.id,
+                                tag=index,
+                            )
+                        )
+                    return
+            try:
+                copies = await self.protect(entry.message, protection=prot)
+            except E2EmailError as exc:
+                # Fail closed for this message only; nothing of it is sent or stored.
+                emit(MessageOutcome(index, entry.tag, "not-sent", error=exc, detail=str(exc)))
+                return
+            ledger = (batch, entry.key) if entry.key is not None else None
+            ids = await self._store(copies, smtp, ledger=ledger)
+            groups[index] = _Group(index, entry.tag, copies[0].message_id, len(copies))
+            for copy, item_id in zip(copies, ids, strict=True):
+                sub = Submission(
+                    raw=copy.raw, mail_from=copy.mail_from, recipients=copy.recipients, tag=index
+                )
+                await engine.submit(replace(sub, id=item_id) if item_id is not None else sub)
+        finally:
+            limit.release()
+
+    async def send_outbox(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        all_routes: bool = False,
+        connections: int | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> tuple[Outcome, ...]:
+        """Send what waits in the outbox: the items ``ids`` (IDs or unique prefixes), or every
+        item meant for this server and user (any server with ``all_routes``). Items the
+        server refused before are tried again too; items another live process is sending are
+        left to it. Outcomes go to ``on_outcome`` as they come (and are returned when no
+        callback is given). An error that stops the run is raised after the outcomes, with
+        ``result`` set to them.
+        """
+        smtp = self._require_smtp()
+        outbox = self.outbox
+        if outbox is None:
+            raise ConfigError("no outbox configured")
+        if ids is not None:
+            wanted = [outbox.get(i, raw=False).id for i in ids]
+        else:
+            route = route_of(smtp)
+            items = await asyncio.to_thread(outbox.items)
+            wanted = [it.id for it in items if all_routes or it.route in (None, route)]
+        collected: list[Outcome] = []
+        engine = DeliveryEngine(
+            smtp,
+            retry=self.retry,
+            connections=connections or self.connections,
+            outbox=outbox,
+            on_outcome=on_outcome or collected.append,
+        )
+        async with engine:
+            for item_id in wanted:
+                if engine.stopped:
+                    break
+                # Claimed one at a time, just before it is queued: only a few items' bytes
+                # are in memory at once.
+                claimed = await asyncio.to_thread(outbox.claim, [item_id])
+                for it in claimed:
+                    assert it.raw is not None
+                    await engine.submit(
+                        Submission(
+                            raw=it.raw,
+                            mail_from=it.mail_from,
+                            recipients=it.pending,
+                            id=it.id,
+                            tag=it,
+                        )
+                    )
+        if engine.fatal is not None:
+            if isinstance(engine.fatal, TransportError):
+                engine.fatal.result = tuple(collected)
+            raise engine.fatal
+        return tuple(collected)
+
+    def close(self) -> None:
+        """Close the outbox if this mailer opened it (from a path)."""
+        if self._owns_outbox and self.outbox is not None:
+            self.outbox.close()
+
+
+async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> Any:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+def _encrypt_to_self_problem(own: KeyProblem) -> KeyProblem:
+    """The sender's own key problem, saying why the sender's key was needed at all."""
+    return KeyProblem(
+        own.address,
+        own.reason,
+        "sender, for encrypt-to-self; turn it off to send without a readable sent copy"
+        + (f"; {own.detail}" if own.detail else ""),
+        fingerprint=own.fingerprint,
+    )
 
 
 class Mailer:
@@ -303,6 +859,10 @@ class Mailer:
         protection: Protection | None = None,
         passphrase: PasswordSource | None = None,
         envelope_from: str | None = None,
+        certstore: CertStore | None = None,
+        outbox: Outbox | str | os.PathLike[str] | None = None,
+        retry: RetryPolicy | None = None,
+        connections: int = 4,
     ) -> None:
         self._async = AsyncMailer(
             smtp=smtp,
@@ -310,12 +870,20 @@ class Mailer:
             protection=protection,
             passphrase=passphrase,
             envelope_from=envelope_from,
+            certstore=certstore,
+            outbox=outbox,
+            retry=retry,
+            connections=connections,
         )
         self._runner = asyncio.Runner()
 
     @property
     def keystore(self) -> Keystore:
         return self._async.keystore
+
+    @property
+    def certstore(self) -> CertStore:
+        return self._async.certstore
 
     def protect(
         self, message: Message, *, protection: Protection | None = None
@@ -328,8 +896,48 @@ class Mailer:
     def send_copies(self, copies: Sequence[ProtectedCopy]) -> SendResult:
         return self._runner.run(self._async.send_copies(copies))
 
+    @property
+    def outbox(self) -> Outbox | None:
+        return self._async.outbox
+
+    def send_many(
+        self,
+        messages: Iterable[Message | BatchItem],
+        *,
+        protection: Protection | None = None,
+        batch: str = "",
+        connections: int | None = None,
+        concurrency: int | None = None,
+        on_outcome: Callable[[MessageOutcome], None] | None = None,
+    ) -> BatchResult:
+        return self._runner.run(
+            self._async.send_many(
+                messages,
+                protection=protection,
+                batch=batch,
+                connections=connections,
+                concurrency=concurrency,
+                on_outcome=on_outcome,
+            )
+        )
+
+    def send_outbox(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        all_routes: bool = False,
+        connections: int | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> tuple[Outcome, ...]:
+        return self._runner.run(
+            self._async.send_outbox(
+                ids, all_routes=all_routes, connections=connections, on_outcome=on_outcome
+            )
+        )
+
     def close(self) -> None:
         self._runner.close()
+        self._async.close()
 
     def __enter__(self) -> Mailer:
         return self

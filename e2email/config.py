@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import os
+import random as _random
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,9 +19,13 @@ from e2email.errors import ConfigError, InsecureTransportError
 
 __all__ = [
     "DEFAULT_PORTS",
+    "DEFAULT_PORT_ORDER",
     "HOME_ENV",
+    "SMIME_DIGESTS",
     "PasswordSource",
     "Protection",
+    "RetryPolicy",
+    "SMIMECipher",
     "SMTPSettings",
     "Scheme",
     "TLSMode",
@@ -62,25 +67,31 @@ DEFAULT_PORTS: Mapping[int, TLSMode] = {
     25: TLSMode.STARTTLS,
 }
 
+#: The ports tried, in order, when only a host is given: implicit TLS first (RFC 8314 §3.3
+#: prefers it), then submission with STARTTLS required (RFC 6409), then 2525, a common
+#: non-standard alternative where 587 is blocked. Never 25 and never plaintext unless asked.
+DEFAULT_PORT_ORDER: tuple[int, ...] = (465, 587, 2525)
+
 #: A password, or a zero-argument callable that returns one when it is first needed.
 PasswordSource = str | Callable[[], str]
 
 
-def password_from_env(name: str) -> Callable[[], str]:
-    """A password source that reads environment variable ``name`` when the password is needed."""
+def password_from_env(name: str, *, what: str = "the SMTP password") -> Callable[[], str]:
+    """A password source that reads environment variable ``name`` when the password is needed.
+    ``what`` names the secret in error messages (e.g. ``"the OAuth2 access token"``)."""
 
     def read() -> str:
         value = os.environ.get(name)
         if value is None:
-            raise ConfigError(f"environment variable {name} (the SMTP password) is not set")
+            raise ConfigError(f"environment variable {name} ({what}) is not set")
         return value
 
     return read
 
 
-def password_from_command(command: str) -> Callable[[], str]:
+def password_from_command(command: str, *, what: str = "password") -> Callable[[], str]:
     """A password source that runs ``command`` through ``sh -c`` (like msmtp's ``passwordeval``)
-    and takes the first line it prints."""
+    and takes the first line it prints. ``what`` names the secret in error messages."""
 
     def run() -> str:
         try:
@@ -88,14 +99,14 @@ def password_from_command(command: str) -> Callable[[], str]:
                 command, shell=True, capture_output=True, timeout=60, check=False
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ConfigError(f"password command failed: {exc}") from exc
+            raise ConfigError(f"{what} command failed: {exc}") from exc
         if done.returncode != 0:
             err = done.stderr.decode(errors="replace").strip().splitlines()
             why = err[-1] if err else "no message"
-            raise ConfigError(f"password command exited with {done.returncode}: {why}")
+            raise ConfigError(f"{what} command exited with {done.returncode}: {why}")
         lines = done.stdout.decode("utf-8", errors="strict").splitlines()
         if not lines or not lines[0]:
-            raise ConfigError("password command printed nothing")
+            raise ConfigError(f"{what} command printed nothing")
         return lines[0]
 
     return run
@@ -106,7 +117,10 @@ class SMTPSettings:
     """Where and how to submit mail.
 
     ``port`` and ``tls`` imply each other for 465 (implicit), 587/2525/25 (STARTTLS required);
-    any other port needs ``tls`` named. With neither, port 465 and implicit TLS are used.
+    any other port needs ``tls`` named. With a ``port``, only that port is used. Without one,
+    the ports of ``port_order`` are tried in turn (465, 587, 2525; only those of ``tls`` when
+    it is named), the one that worked last time for this host first (remembered in
+    ``hosts_file``): see :mod:`e2email.transport.ports` for when the next port is tried.
     """
 
     host: str
@@ -114,8 +128,27 @@ class SMTPSettings:
     tls: TLSMode | None = None
     username: str | None = None
     password: PasswordSource | None = field(default=None, repr=False)
+    #: An OAuth2 access token (or a source of one) for AUTH XOAUTH2, as Gmail and Microsoft
+    #: 365 want, instead of a password. Needs ``username``; asked for only inside TLS.
+    oauth_token: PasswordSource | None = field(default=None, repr=False)
     ca_file: Path | None = None
+    #: The default for each of the three timeouts below that is not set (seconds).
     timeout: float = 60.0
+    #: TCP connect, implicit-TLS handshake and the server's greeting, per port tried.
+    connect_timeout: float | None = None
+    #: Each command's reply (EHLO, STARTTLS with its handshake, AUTH, MAIL, RCPT, QUIT).
+    command_timeout: float | None = None
+    #: The reply to DATA and the final reply after the message was sent.
+    data_timeout: float | None = None
+    #: Ports tried when ``port`` is not set: a port (whose TLS mode is implied: 465 implicit,
+    #: 587/2525/25 STARTTLS) or a (port, TLSMode) pair. Plaintext is never allowed here.
+    port_order: tuple[int | tuple[int, TLSMode], ...] = DEFAULT_PORT_ORDER
+    #: Where to remember which port worked for each host (a JSON file, e.g. HOME/hosts.json);
+    #: ``None``: nothing is remembered.
+    hosts_file: Path | None = None
+    #: REQUIRETLS (RFC 8689): ask every relay on the way to the recipient to use verified TLS,
+    #: and refuse to send (before MAIL) when the submission server does not offer it.
+    require_tls: bool = False
     #: The name given in EHLO. Not the machine's host name by default: servers copy it into
     #: the Received header, which would tell every recipient what the sender's machine is
     #: called. An address literal (RFC 5321 §4.1.3) is what Thunderbird sends.
@@ -129,8 +162,12 @@ class SMTPSettings:
             raise ConfigError(f"invalid SMTP host {self.host!r}")
         if self.port is not None and not 0 < self.port < 65536:
             raise ConfigError(f"invalid SMTP port {self.port}")
-        if self.timeout <= 0:
-            raise ConfigError("timeout must be positive")
+        for name in ("timeout", "connect_timeout", "command_timeout", "data_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be positive")
+        object.__setattr__(self, "port_order", tuple(self.port_order))
+        self._check_port_order()
         if self.tls is None and self.port is not None and self.port not in DEFAULT_PORTS:
             raise ConfigError(
                 f"port {self.port} has no standard TLS mode: say which (implicit TLS or STARTTLS)"
@@ -141,26 +178,94 @@ class SMTPSettings:
                     "plaintext SMTP refused: it needs the explicit allow_insecure_plaintext "
                     "option (--insecure-plaintext)"
                 )
-            if self.username is not None or self.password is not None:
+            if (
+                self.username is not None
+                or self.password is not None
+                or self.oauth_token is not None
+            ):
                 raise InsecureTransportError("credentials are never sent without TLS")
+            if self.require_tls:
+                raise InsecureTransportError("REQUIRETLS cannot be asked for without TLS")
         if self.username is not None and ("\0" in self.username or "\n" in self.username):
+            raise ConfigError("invalid character in SMTP user name")
+        if self.oauth_token is not None:
+            if self.password is not None:
+                raise ConfigError("give a password or an OAuth2 token (XOAUTH2), not both")
+            if self.username is None:
+                raise ConfigError("XOAUTH2 needs the user name (the account's address)")
+        if self.username is not None and any(c in self.username for c in "\x01\r"):
+            # \x01 separates the fields of an XOAUTH2 response; CR would end an AUTH line.
             raise ConfigError("invalid character in SMTP user name")
         if self.ca_file is not None and not Path(self.ca_file).is_file():
             raise ConfigError(f"CA file {self.ca_file} does not exist or is not a file")
 
+    def _check_port_order(self) -> None:
+        if not self.port_order:
+            raise ConfigError("port_order is empty")
+        seen: set[int] = set()
+        for entry in self.port_order:
+            mode: TLSMode | None
+            if isinstance(entry, tuple):
+                if len(entry) != 2 or not isinstance(entry[1], TLSMode):
+                    raise ConfigError(f"port_order entry {entry!r} is not (port, TLSMode)")
+                port, mode = entry
+            else:
+                port, mode = entry, DEFAULT_PORTS.get(entry)
+            if not isinstance(port, int) or not 0 < port < 65536:
+                raise ConfigError(f"invalid port {port!r} in port_order")
+            if mode is None:
+                raise ConfigError(f"port {port} in port_order has no standard TLS mode: say which")
+            if mode is TLSMode.INSECURE_PLAINTEXT:
+                # Falling back must never lose TLS; plaintext exists only as an explicit port.
+                raise ConfigError("port_order cannot contain plaintext ports")
+            if port in seen:
+                raise ConfigError(f"port {port} appears twice in port_order")
+            seen.add(port)
+        if self.port is None and not self.candidates:
+            assert self.tls is not None  # only a named mode can filter every port out
+            raise ConfigError(f"no port in port_order uses TLS mode {self.tls.value}")
+
+    @property
+    def candidates(self) -> tuple[tuple[int, TLSMode], ...]:
+        """The (port, TLS mode) pairs to try, in order (before the host memory reorders them)."""
+        if self.port is not None:
+            return ((self.port, self.effective_tls),)
+        if self.tls is TLSMode.INSECURE_PLAINTEXT:
+            return ((25, TLSMode.INSECURE_PLAINTEXT),)
+        pairs = []
+        for entry in self.port_order:
+            port, mode = entry if isinstance(entry, tuple) else (entry, DEFAULT_PORTS[entry])
+            if self.tls is None or mode is self.tls:
+                pairs.append((port, mode))
+        return tuple(pairs)
+
     @property
     def effective_tls(self) -> TLSMode:
+        """The TLS mode of the first port tried."""
         if self.tls is not None:
             return self.tls
         if self.port is None:
-            return TLSMode.IMPLICIT
+            return self.candidates[0][1]
         return DEFAULT_PORTS[self.port]
 
     @property
     def effective_port(self) -> int:
+        """The first port tried."""
         if self.port is not None:
             return self.port
-        return {TLSMode.IMPLICIT: 465, TLSMode.STARTTLS: 587}.get(self.effective_tls, 25)
+        return self.candidates[0][0]
+
+    @property
+    def effective_connect_timeout(self) -> float:
+        return self.connect_timeout if self.connect_timeout is not None else self.timeout
+
+    @property
+    def effective_command_timeout(self) -> float:
+        return self.command_timeout if self.command_timeout is not None else self.timeout
+
+    @property
+    def effective_data_timeout(self) -> float:
+        return self.data_timeout if self.data_timeout is not None else self.timeout
 
     def resolve_password(self) -> str | None:
         """The password, running its source now if it is a callable."""
@@ -168,12 +273,30 @@ class SMTPSettings:
             return self.password
         return self.password()
 
+    def resolve_oauth_token(self) -> str | None:
+        """The OAuth2 access token, running its source now if it is a callable."""
+        if self.oauth_token is None or isinstance(self.oauth_token, str):
+            return self.oauth_token
+        return self.oauth_token()
+
 
 class Scheme(enum.Enum):
     """Which end-to-end standard protects the message."""
 
     OPENPGP = "openpgp"
     SMIME = "smime"
+
+
+class SMIMECipher(enum.Enum):
+    """The content cipher of S/MIME enveloped-data (RFC 8551 §2.7). CBC, not GCM: Outlook and
+    most clients cannot read authEnveloped-data, and the inner signature protects integrity."""
+
+    AES256_CBC = "aes256"
+    AES128_CBC = "aes128"
+
+
+#: S/MIME signature digests we make (RFC 8551 §2.1: SHA-256 MUST; SHA-1 and MD5 never).
+SMIME_DIGESTS = ("sha256", "sha384", "sha512")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,11 +308,69 @@ class Protection:
     #: Also encrypt to the sender, so the sent copy stays readable to them.
     encrypt_to_self: bool = True
     scheme: Scheme = Scheme.OPENPGP
-    #: Explicit address -> key (fingerprint) choices that override lookup by address.
+    #: Explicit address -> key (fingerprint) choices that override lookup by address. With
+    #: S/MIME the value is a certificate's SHA-256 (or SHA-1) fingerprint.
     key_map: Mapping[str, str] = field(default_factory=dict)
+    #: S/MIME only: the content cipher (AES-256-CBC unless AES-128-CBC is asked for).
+    smime_cipher: SMIMECipher = SMIMECipher.AES256_CBC
+    #: S/MIME only: the signature digest, one of :data:`SMIME_DIGESTS`.
+    smime_digest: str = "sha256"
+    #: S/MIME only: RSASSA-PSS signatures (RFC 4056) instead of PKCS#1 v1.5 for RSA signers.
+    smime_rsa_pss: bool = False
+    #: S/MIME only: SHA-256 fingerprints of self-signed certificates accepted as their own trust
+    #: anchor for these messages (the explicit, named exception to chain validation).
+    smime_trust_self_signed: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         # Addresses compare case-insensitively; store the map normalised so lookups are simple.
         object.__setattr__(
             self, "key_map", {k.strip().lower(): v.strip() for k, v in self.key_map.items()}
         )
+        if not isinstance(self.smime_cipher, SMIMECipher):
+            raise ConfigError(f"smime_cipher must be an SMIMECipher, not {self.smime_cipher!r}")
+        if self.smime_digest not in SMIME_DIGESTS:
+            raise ConfigError(
+                f"S/MIME digest {self.smime_digest!r} is not one of {', '.join(SMIME_DIGESTS)}"
+            )
+        trusted = set()
+        for fpr in self.smime_trust_self_signed:
+            norm = fpr.replace(":", "").replace(" ", "").upper()
+            if len(norm) != 64 or any(c not in "0123456789ABCDEF" for c in norm):
+                raise ConfigError(f"{fpr!r} is not a SHA-256 certificate fingerprint")
+            trusted.add(norm)
+        object.__setattr__(self, "smime_trust_self_signed", frozenset(trusted))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How transient failures (4xx replies, dropped connections, timeouts) are retried.
+
+    Attempt ``n + 1`` waits ``min(max_delay, base_delay * 2 ** (n - 1))`` seconds after attempt
+    ``n`` failed, less a random share of up to ``jitter`` of it, so that many senders (or many
+    messages of one batch) do not come back at the same moment. ``max_attempts`` counts the
+    first attempt, so ``max_attempts=1`` never retries. Permanent failures (5xx) are never
+    retried (RFC 5321 §4.2.1). What is still undelivered after the last attempt stays in the
+    outbox for ``e2email outbox retry``.
+    """
+
+    max_attempts: int = 3
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+    #: 0 (no randomness) to 1 (a delay anywhere between 0 and the full back-off).
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigError("max_attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ConfigError("retry delays must not be negative")
+        if not 0 <= self.jitter <= 1:
+            raise ConfigError("jitter must be between 0 and 1")
+
+    def delay(self, failed_attempts: int, *, rand: Callable[[], float] | None = None) -> float:
+        """Seconds to wait before the next attempt, after ``failed_attempts`` (1, 2, ...)."""
+        exponent = max(0, failed_attempts - 1)
+        # Cap the exponent too: 2 ** 2000 is an OverflowError as a float.
+        full = min(self.max_delay, self.base_delay * 2.0 ** min(exponent, 64))
+        share = (rand or _random.random)()
+        return full * (1 - self.jitter * share)

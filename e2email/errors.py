@@ -15,6 +15,7 @@ Nothing here imports from the rest of the package, so any layer may raise these:
     └── TransportError             anything between us and the SMTP server
         ├── ConnectError           refused, timed out, name not found, dropped
         ├── TLSError               no STARTTLS, certificate or host name not verified, old TLS
+        │   └── RequireTLSError    REQUIRETLS (RFC 8689) asked for, the server does not offer it
         ├── AuthenticationError    the server refused our credentials
         └── DeliveryError          the server refused the sender, the data, or recipients
             └── RecipientsRefusedError  some or all recipients refused (carries the results)
@@ -22,6 +23,10 @@ Nothing here imports from the rest of the package, so any layer may raise these:
 Each error carries what a user needs to act on it (the recipient, the reason, the server's reply)
 as attributes, and its ``str()`` is one readable line. Lower-level exceptions are chained with
 ``raise ... from`` at the boundary where they are translated.
+
+Every :class:`TransportError` says whether trying again later may help
+(:attr:`TransportError.transient`): a 4xx reply, a timeout or a dropped or refused connection is
+transient; a 5xx reply, a TLS or certificate problem and refused credentials are not.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ __all__ = [
     "PassphraseError",
     "RecipientKeyError",
     "RecipientsRefusedError",
+    "RequireTLSError",
     "SMTPReply",
     "SignerKeyError",
     "TLSError",
@@ -85,6 +91,11 @@ class KeyReason(enum.Enum):
     ADDRESS_MISMATCH = "key does not carry this address"
     AMBIGUOUS = "more than one key matches"
     BACKEND = "rejected by the crypto backend"
+    # X.509 certificates (S/MIME, RFC 8550):
+    NOT_YET_VALID = "certificate not yet valid"
+    UNTRUSTED = "certificate not trusted"
+    WRONG_USAGE = "certificate not issued for this use"
+    UNSUPPORTED = "key type not supported"
 
 
 @dataclass(frozen=True)
@@ -176,7 +187,12 @@ class TransportError(E2EmailError):
 
     When raised by the client, ``result`` holds what was delivered before the failure and
     ``unsent`` the protected copies that were not (ready to retry or write out: never lost).
+    ``attempts`` lists each connection attempt (port, TLS mode, outcome) when more than one
+    port was tried (:class:`e2email.transport.ports.PortAttempt`).
     """
+
+    #: Whether an error of this class without a server reply is worth retrying later.
+    _transient_without_reply = False
 
     def __init__(
         self,
@@ -185,6 +201,7 @@ class TransportError(E2EmailError):
         host: str | None = None,
         reply: SMTPReply | None = None,
         result: Any = None,
+        transient: bool | None = None,
     ) -> None:
         if reply is not None:
             message = f"{message}: server said {reply}"
@@ -193,19 +210,48 @@ class TransportError(E2EmailError):
         self.reply = reply
         self.result = result
         self.unsent: tuple[Any, ...] = ()
+        self.attempts: tuple[Any, ...] = ()
+        self._transient = transient
+
+    @property
+    def transient(self) -> bool:
+        """May the same attempt succeed later (so a retry with back-off makes sense)?
+
+        Decided, in order, by: an explicit ``transient=`` given when raised; else the server's
+        reply (4xx transient, 5xx permanent: RFC 5321 §4.2.1); else the class: timeouts,
+        refused and dropped connections (:class:`ConnectError`) are transient; TLS and
+        certificate problems, refused credentials and anything else are not.
+        """
+        if self._transient is not None:
+            return self._transient
+        if self.reply is not None:
+            return self.reply.is_transient
+        return self._transient_without_reply
 
 
 class ConnectError(TransportError, ConnectionError):
-    """The server could not be reached, timed out, or dropped the connection."""
+    """The server could not be reached, timed out, or dropped the connection. Transient unless
+    the server answered with a 5xx (e.g. a ``554`` greeting)."""
+
+    _transient_without_reply = True
 
 
 class TLSError(TransportError):
     """TLS could not be established safely: no STARTTLS, certificate or host name not verified,
-    or a protocol older than TLS 1.2. No credentials and no message data were sent."""
+    or a protocol older than TLS 1.2. No credentials and no message data were sent. Not
+    transient (unless the server itself said 4xx, e.g. ``454`` to STARTTLS): a certificate that
+    does not verify is a configuration problem or an attack, and waiting fixes neither."""
+
+
+class RequireTLSError(TLSError):
+    """REQUIRETLS (RFC 8689) was asked for, but the server does not offer it (its EHLO after
+    TLS lacks the keyword), so the message was not sent: MAIL was never issued."""
 
 
 class AuthenticationError(TransportError):
-    """The server refused the credentials, or offers no mechanism we will use."""
+    """The server refused the credentials, or offers no mechanism we will use. Not transient,
+    except when the server says so with a 4xx (``454 4.7.0`` temporary failure, RFC 4954 §6):
+    repeating refused credentials only brings a lock-out closer."""
 
 
 class DeliveryError(TransportError):
@@ -234,3 +280,11 @@ class RecipientsRefusedError(DeliveryError):
         else:
             head = "not delivered: every recipient was refused"
         super().__init__(f"{head}: {listed}", host=host, result=result)
+
+    @property
+    def transient(self) -> bool:
+        """True when every refusal was a 4xx (so retrying the refused recipients may work).
+        Decide per recipient with ``refused[address].is_transient``."""
+        if self._transient is not None:
+            return self._transient
+        return bool(self.refused) and all(r.is_transient for r in self.refused.values())

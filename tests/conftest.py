@@ -17,6 +17,9 @@ from fixtures_pgp import (  # noqa: F401
     tls_server,
 )
 
+# Session-scoped S/MIME test PKI and a sender's certificate store (see fixtures_smime.py).
+from fixtures_smime import pki, smime_store  # noqa: F401
+
 from e2email.testing import LoopbackSMTPServer, TestCA
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -217,7 +218,7 @@ def test_untrusted_certificate_exits_4_and_keeps_the_protected_message(
     home: Path, smtp_server: ServerFactory, session_ca: TestCA
 ) -> None:
     """A server whose CA we do not trust: exit 4, nothing but the handshake reached it, and the
-    protected (encrypted) message is kept in HOME/unsent for a retry."""
+    protected (encrypted) message is kept in the outbox for a retry, and the error names it."""
     other_ca = TestCA()
     try:
         server = smtp_server(tls="implicit", ca=other_ca)
@@ -230,11 +231,22 @@ def test_untrusted_certificate_exits_4_and_keeps_the_protected_message(
     line = one_line_error(done)
     assert "certificate" in line.lower()
     assert server.transcript == []
-    kept = sorted((home / "unsent").glob("*.eml"))
-    assert kept
-    assert b"-----BEGIN PGP MESSAGE-----" in kept[-1].read_bytes()
-    assert b"kept safe" not in kept[-1].read_bytes()
-    assert kept[-1].with_suffix(".json").read_text().count("bob@example.net") == 1
+    with sqlite3.connect(home / "outbox.sqlite3") as db:
+        item_id, raw = db.execute(
+            "SELECT id, raw FROM items ORDER BY created DESC LIMIT 1"
+        ).fetchone()
+        (rcpts,) = db.execute(
+            "SELECT group_concat(address) FROM recipients WHERE item_id = ?", (item_id,)
+        ).fetchone()
+    assert item_id in line and "outbox retry" in line
+    assert b"-----BEGIN PGP MESSAGE-----" in raw
+    assert b"kept safe" not in raw
+    assert rcpts == "bob@example.net"
+    assert not (home / "unsent").exists()
+    assert (home / "outbox.sqlite3").stat().st_mode & 0o077 == 0
+    listing = e2email("outbox", "list", home=home)
+    assert item_id in listing.stdout and "certificate" in listing.stdout
+    e2email("outbox", "drop", item_id, home=home)
 
 
 def test_wrong_password_exits_5(home: Path, smtp_server: ServerFactory) -> None:

@@ -1,92 +1,287 @@
-"""``e2email keys``: import, list, export and generate keys."""
+"""``e2email keys``: import, list, export and generate keys (OpenPGP) and certificates (S/MIME)."""
 
 from __future__ import annotations
 
 import getpass
 import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
+from e2email.certstore import CertKind, CertStore, StoredCert, describe, looks_like_x509
 from e2email.cli.app import State, cli
 from e2email.config import (
     password_from_env,
 )
 from e2email.errors import (
     ConfigError,
+    KeyProblem,
+    KeystoreError,
+    SignerKeyError,
 )
+
+
+def _ask(prompt: str, option: str) -> Callable[[], str]:
+    """A passphrase source that asks on the terminal, or says which option to use instead."""
+
+    def ask() -> str:
+        if not sys.stdin.isatty():
+            raise ConfigError(f"a passphrase is needed and there is no terminal: use {option}")
+        return getpass.getpass(f"{prompt}: ")
+
+    return ask
+
+
+def _new_passphrase(passphrase_env: str | None, ask_passphrase: bool) -> str | None:
+    if passphrase_env:
+        return password_from_env(passphrase_env)()
+    if ask_passphrase:
+        passphrase = getpass.getpass("Passphrase for the new key: ")
+        if getpass.getpass("Again: ") != passphrase:
+            raise ConfigError("the passphrases differ")
+        return passphrase
+    return None
 
 
 @cli.group()
 def keys() -> None:
-    """Import, list, export and generate OpenPGP keys in the keystore."""
+    """Import, list, export and generate OpenPGP keys and S/MIME certificates."""
 
 
 @keys.command("import")
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--trust",
+    "trust_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    metavar="CERT",
+    help="S/MIME: trust this CA certificate (or a self-signed certificate you checked) as a "
+    "root for chain validation (repeatable).",
+)
+@click.option(
+    "--passphrase-env",
+    metavar="VAR",
+    help="S/MIME: the passphrase of PKCS#12 files and encrypted PEM keys, from $VAR "
+    "(otherwise asked on the terminal when needed). The key is stored under it.",
+)
 @click.pass_obj
-def keys_import(state: State, files: tuple[Path, ...]) -> None:
-    """Import keys from FILES (armored or binary, public or secret)."""
-    store = state.keystore()
+def keys_import(
+    state: State, files: tuple[Path, ...], trust_files: tuple[Path, ...], passphrase_env: str | None
+) -> None:
+    """Import keys and certificates from FILES.
+
+    OpenPGP keys (armored or binary, public or secret) go to the GnuPG keyring. X.509 files are
+    for S/MIME and recognised by their content: PEM or DER certificates of recipients, PKCS#12
+    bundles (.p12/.pfx) and PEM private keys with their certificate (in the same file or one
+    given alongside) become your own identities; --trust adds a trusted CA.
+    """
+    if not files and not trust_files:
+        raise click.UsageError("give FILES to import, or --trust CERT")
+    x509_files = [p for p in files if looks_like_x509(p)]
     for path in files:
-        summary = store.import_file(path)
+        if path in x509_files:
+            continue
+        summary = state.keystore().import_file(path)
         secret = f", {summary.secret_imported} secret" if summary.secret_imported else ""
         click.echo(
             f"{path}: {summary.imported} imported, {summary.unchanged} unchanged{secret}: "
             + ", ".join(summary.fingerprints)
         )
+    if not (x509_files or trust_files):
+        return
+    certstore = CertStore(state.home)
+    source = (
+        password_from_env(passphrase_env)
+        if passphrase_env
+        else _ask("Passphrase of the PKCS#12 file or private key", "--passphrase-env VAR")
+    )
+    results = certstore.import_files(x509_files, passphrase=source) if x509_files else []
+    if trust_files:
+        results += certstore.import_files(trust_files, trust=True)
+    for item in results:
+        cert = item.stored
+        who = ", ".join(cert.addresses) or cert.subject
+        done = "imported" if item.new else "unchanged"
+        click.echo(f"{item.source}: S/MIME {cert.kind.value} {who}: {done} {cert.fingerprint}")
+        if item.new and cert.kind is not CertKind.INTERMEDIATE and not cert.is_ca:
+            status = certstore.status(cert)
+            if status != "usable":
+                click.echo(f"  note: {status}")
 
 
 @keys.command("list")
 @click.pass_obj
 def keys_list(state: State) -> None:
-    """List keys: address, fingerprint, algorithm, expiry, and usable or why not."""
+    """List keys: address, fingerprint, algorithm, expiry, and usable or why not; then S/MIME
+    identities and certificates with subject, issuer and validity."""
     from rich.console import Console
     from rich.table import Table
 
     found = state.keystore().all_keys()
-    if not found:
+    certstore = CertStore(state.home)
+    certs = certstore.all_certs()
+    if not found and not certs:
         click.echo(f"no keys in {state.home} (import some with `e2email keys import FILE`)")
         return
-    table = Table(box=None, pad_edge=False)
-    for col in ("address", "fingerprint", "algorithm", "expires", "secret", "status"):
-        table.add_column(col)
-    for key in found:
-        algos = "/".join(dict.fromkeys(k.algorithm for k in (key.primary, *key.subkeys)))
-        expires = f"{key.expires:%Y-%m-%d}" if key.expires else "never"
-        table.add_row(
-            "\n".join(key.addresses) or "(no address)",
-            key.fingerprint,
-            algos,
-            expires,
-            "yes" if key.has_secret else "no",
-            key.status(),
+    if found:
+        table = Table(box=None, pad_edge=False)
+        for col in ("address", "fingerprint", "algorithm", "expires", "secret", "status"):
+            table.add_column(col)
+        for key in found:
+            algos = "/".join(dict.fromkeys(k.algorithm for k in (key.primary, *key.subkeys)))
+            expires = f"{key.expires:%Y-%m-%d}" if key.expires else "never"
+            table.add_row(
+                "\n".join(key.addresses) or "(no address)",
+                key.fingerprint,
+                algos,
+                expires,
+                "yes" if key.has_secret else "no",
+                key.status(),
+            )
+        Console(width=200 if not sys.stdout.isatty() else None).print(table)
+    if certs:
+        _list_smime(certstore, certs, separate=bool(found))
+
+
+def _list_smime(certstore: CertStore, certs: tuple[StoredCert, ...], *, separate: bool) -> None:
+    """One block per certificate: the address line first (address, kind, usable or why not),
+    then subject, issuer, validity, key and SHA-256 fingerprint (the --key value)."""
+    if separate:
+        click.echo("")
+    click.echo(f"S/MIME ({certstore.root}):")
+    order = {
+        CertKind.IDENTITY: 0,
+        CertKind.CERTIFICATE: 1,
+        CertKind.TRUSTED: 2,
+        CertKind.INTERMEDIATE: 3,
+    }
+    now = datetime.now(UTC)
+    groups: dict[str, list[StoredCert]] = {}
+    for item in certs:
+        # One block per certificate, even when it is stored twice (an identity you also trust).
+        groups.setdefault(item.fingerprint, []).append(item)
+    blocks = [sorted(group, key=lambda c: order[c.kind]) for group in groups.values()]
+    blocks.sort(key=lambda g: (order[g[0].kind], g[0].addresses, g[0].subject))
+    for group in blocks:
+        cert = group[0]
+        kinds = []
+        for item in group:
+            trusted_leaf = item.kind is CertKind.TRUSTED and not item.is_ca
+            kinds.append("trusted" if trusted_leaf and len(group) > 1 else item.kind.value)
+        kind = ", ".join(kinds)
+        if cert.is_ca:
+            kind = "trusted CA" if cert.kind is CertKind.TRUSTED else "untrusted CA, for chains"
+        elif kind == CertKind.TRUSTED.value:
+            kind = "trusted certificate"
+        who = ", ".join(cert.addresses) or describe(cert.certificate)
+        click.echo(f"  {who}  [{kind}]  {certstore.status(cert, now)}")
+        click.echo(f"      subject  {cert.subject}")
+        click.echo(
+            f"      issuer   {cert.issuer}" + ("  (self-signed)" if cert.self_signed else "")
         )
-    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+        click.echo(
+            f"      valid    {cert.not_before:%Y-%m-%d} to {cert.not_after:%Y-%m-%d}  "
+            f"{cert.algorithm}"
+        )
+        click.echo(f"      sha256   {cert.fingerprint}")
 
 
 @keys.command("export")
 @click.argument("address")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--smime", is_flag=True, help="Export the S/MIME certificate (and chain) as PEM instead."
+)
+@click.option(
+    "--pkcs12",
+    is_flag=True,
+    help="With --smime: export your identity (private key included) as PKCS#12 for a mail "
+    "client; needs --output.",
+)
+@click.option("--legacy", is_flag=True, help="With --pkcs12: 3DES for older readers.")
+@click.option("--passphrase-env", metavar="VAR", help="With --pkcs12: the stored key's passphrase.")
+@click.option(
+    "--export-passphrase-env", metavar="VAR", help="With --pkcs12: the bundle's passphrase."
+)
 @click.pass_obj
-def keys_export(state: State, address: str, output: Path | None) -> None:
-    """Export the public key of ADDRESS (or a fingerprint), armored."""
-    data = state.keystore().export(address)
+def keys_export(
+    state: State,
+    address: str,
+    output: Path | None,
+    smime: bool,
+    pkcs12: bool,
+    legacy: bool,
+    passphrase_env: str | None,
+    export_passphrase_env: str | None,
+) -> None:
+    """Export the public key of ADDRESS (or a fingerprint), armored; with --smime the
+    certificate chain (PEM), or with --pkcs12 the whole identity."""
+    if (pkcs12 or legacy) and not smime:
+        raise click.UsageError("--pkcs12 and --legacy go with --smime")
+    if not smime:
+        data = state.keystore().export(address)
+    else:
+        certstore = CertStore(state.home)
+        stored = certstore.get(address) if "@" not in address else None
+        if stored is None:
+            own = certstore.signer_cert(address) if pkcs12 else certstore.recipient_cert(address)
+            if isinstance(own, KeyProblem):
+                # Exporting does not need a usable certificate, only one for the address.
+                candidates = [
+                    c for c in certstore.find(address) if c.kind is CertKind.IDENTITY or not pkcs12
+                ]
+                if not candidates:
+                    raise SignerKeyError(own) if pkcs12 else KeystoreError(str(own))
+                stored = max(candidates, key=lambda c: c.not_after)
+            else:
+                stored = own
+        if pkcs12:
+            if output is None:
+                raise click.UsageError("--pkcs12 writes a binary file: give --output FILE")
+            key_pw = password_from_env(passphrase_env)() if passphrase_env else None
+            export_pw = (
+                password_from_env(export_passphrase_env)()
+                if export_passphrase_env
+                else _ask("Passphrase for the PKCS#12 file", "--export-passphrase-env VAR")()
+            )
+            data = certstore.export_pkcs12(
+                stored, passphrase=key_pw, export_passphrase=export_pw, legacy=legacy
+            )
+        else:
+            data = certstore.export_pem(stored)
     if output is None:
         sys.stdout.buffer.write(data)
     else:
         output.write_bytes(data)
+        if pkcs12:
+            output.chmod(0o600)
         click.echo(f"wrote {output}")
 
 
 @keys.command("generate")
 @click.argument("address")
-@click.option("--name", default="", help="A real name for the user ID.")
+@click.option("--name", default="", help="A real name for the user ID (or certificate).")
+@click.option(
+    "--smime",
+    is_flag=True,
+    help="Make an S/MIME identity (X.509 certificate + key) for trying S/MIME, self-signed "
+    "unless --test-ca is given.",
+)
+@click.option(
+    "--test-ca",
+    is_flag=True,
+    help="With --smime: have it issued by this home's local test CA (made on first use, "
+    "trusted here; give its certificate to your test recipients).",
+)
 @click.option(
     "--algorithm",
-    type=click.Choice(["ed25519", "rsa3072", "rsa4096"]),
-    default="ed25519",
-    show_default=True,
+    type=click.Choice(["ed25519", "rsa2048", "rsa3072", "rsa4096", "ecdsa-p256"]),
+    default=None,
+    help="OpenPGP: ed25519 (default), rsa3072, rsa4096. S/MIME: rsa3072 (default), rsa2048, "
+    "rsa4096, ecdsa-p256 (signing only).",
 )
 @click.option("--expire", default="3y", show_default=True, help="e.g. 2y, 180d, 0 (never).")
 @click.option(
@@ -98,20 +293,51 @@ def keys_generate(
     state: State,
     address: str,
     name: str,
-    algorithm: str,
+    smime: bool,
+    test_ca: bool,
+    algorithm: str | None,
     expire: str,
     passphrase_env: str | None,
     ask_passphrase: bool,
 ) -> None:
-    """Generate a key pair for ADDRESS (Ed25519/Cv25519 by default)."""
-    passphrase = None
-    if passphrase_env:
-        passphrase = password_from_env(passphrase_env)()
-    elif ask_passphrase:
-        passphrase = getpass.getpass("Passphrase for the new key: ")
-        if getpass.getpass("Again: ") != passphrase:
-            raise ConfigError("the passphrases differ")
+    """Generate a key pair for ADDRESS (Ed25519/Cv25519 by default), or with --smime an S/MIME
+    identity for testing (RSA-3072 by default)."""
+    if test_ca and not smime:
+        raise click.UsageError("--test-ca goes with --smime")
+    if smime:
+        if algorithm == "ed25519":
+            raise click.UsageError(
+                "S/MIME identities are RSA (rsa2048, rsa3072, rsa4096) or ecdsa-p256"
+            )
+        passphrase = _new_passphrase(passphrase_env, ask_passphrase)
+        certstore = CertStore(state.home)
+        made = certstore.generate_identity(
+            address,
+            name=name,
+            algorithm=algorithm or "rsa3072",
+            test_ca=test_ca,
+            lifetime=expire,
+            passphrase=passphrase,
+        )
+        if test_ca:
+            how = f"issued by the local test CA {certstore.test_ca_cert()}"
+        else:
+            how = "self-signed, trusted here"
+        click.echo(f"generated S/MIME identity {made.fingerprint} for {address} ({how})")
+        click.echo(f"  status: {certstore.status(made)}; valid until {made.not_after:%Y-%m-%d}")
+        click.echo(
+            "  recipients need your certificate (`e2email keys export --smime ADDRESS`) and "
+            "must trust " + ("the test CA certificate" if test_ca else "it (`keys import --trust`)")
+        )
+        return
+    if algorithm not in (None, "ed25519", "rsa3072", "rsa4096"):
+        raise click.UsageError(f"{algorithm} is for --smime; OpenPGP: ed25519, rsa3072, rsa4096")
+    passphrase = _new_passphrase(passphrase_env, ask_passphrase)
     key = state.keystore().generate(
-        address, name=name, algorithm=algorithm, passphrase=passphrase, expire=expire
+        address,
+        name=name,
+        algorithm=algorithm or "ed25519",
+        passphrase=passphrase,
+        expire=expire,
     )
     click.echo(f"generated {key.fingerprint} {key.user_id}")

@@ -1,9 +1,7 @@
-"""``e2email send``: build, protect and submit one message."""
+"""``e2email send``: build, protect and submit one message, or one per row of a CSV file."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -13,6 +11,7 @@ from typing import Any
 
 import click
 
+from e2email.certstore import CertStore
 from e2email.cli.app import (
     State,
     cli,
@@ -23,9 +22,15 @@ from e2email.cli.app import (
 )
 from e2email.client import Mailer, ProtectedCopy, SendResult
 from e2email.config import (
+    PasswordSource,
     Protection,
+    RetryPolicy,
+    Scheme,
+    SMIMECipher,
     SMTPSettings,
     TLSMode,
+    password_from_command,
+    password_from_env,
 )
 from e2email.errors import (
     E2EmailError,
@@ -33,6 +38,7 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.message import Attachment, Message
+from e2email.outbox import Outbox
 
 
 def _parse_key_map(items: Sequence[str]) -> dict[str, str]:
@@ -43,6 +49,33 @@ def _parse_key_map(items: Sequence[str]) -> dict[str, str]:
             raise click.BadParameter(f"{item!r} is not ADDRESS=FINGERPRINT", param_hint="--key")
         mapping[addr.strip()] = fpr.strip()
     return mapping
+
+
+def _smtp_credentials(opts: dict[str, Any]) -> tuple[PasswordSource | None, PasswordSource | None]:
+    """(password source, OAuth2 token source) from the --user/--password-*/--auth/--token-*
+    options; a password is prompted for (when needed, after TLS) if none is given."""
+    password = secret_source(opts["password_env"], opts["password_command"], "password")
+    token_env, token_command = opts["token_env"], opts["token_command"]
+    auth = opts["auth"] or ("xoauth2" if token_env or token_command else "password")
+    if auth == "password":
+        if token_env or token_command:
+            raise click.UsageError("--token-env and --token-command go with --auth xoauth2")
+        if opts["user"] and password is None:
+            password = prompt_for("SMTP password")
+        return password, None
+    if password is not None:
+        raise click.UsageError(
+            "--auth xoauth2 takes --token-env or --token-command, not a password"
+        )
+    if token_env and token_command:
+        raise click.UsageError("give the token either from an environment variable or a command")
+    if not (token_env or token_command):
+        raise click.UsageError("--auth xoauth2 needs --token-env VAR or --token-command CMD")
+    if not opts["user"]:
+        raise click.UsageError("--auth xoauth2 needs --user (the account's address)")
+    if token_env:
+        return None, password_from_env(token_env, what="the OAuth2 access token")
+    return None, password_from_command(token_command, what="OAuth2 token")
 
 
 def _read_body(body: str | None, body_file: Path | None) -> tuple[str, bool]:
@@ -65,26 +98,55 @@ def _read_body(body: str | None, body_file: Path | None) -> tuple[str, bool]:
         raise MessageError("standard input is not UTF-8 text", field="body") from exc
 
 
+def _smime_options(command: Any) -> Any:
+    """The S/MIME options of ``send`` (kept together, applied as one decorator)."""
+    options = [
+        click.option(
+            "--smime",
+            is_flag=True,
+            help="Use S/MIME (X.509 certificates, RFC 8551) instead of OpenPGP.",
+        ),
+        click.option(
+            "--smime-cipher",
+            type=click.Choice([c.value for c in SMIMECipher]),
+            help="S/MIME content cipher: aes256 (default) or aes128 (both CBC).",
+        ),
+        click.option(
+            "--rsa-pss", is_flag=True, help="S/MIME: sign with RSASSA-PSS, not PKCS#1 v1.5."
+        ),
+        click.option(
+            "--trust-self-signed",
+            multiple=True,
+            metavar="SHA256",
+            help="S/MIME: accept this self-signed certificate, named by fingerprint (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _smime_protection(opts: dict[str, Any]) -> dict[str, Any]:
+    """Protection fields for the S/MIME options; refuses them without --smime."""
+    if not opts["smime"]:
+        for name in ("smime_cipher", "rsa_pss", "trust_self_signed"):
+            if opts[name]:
+                flag = "--" + name.replace("_", "-")
+                raise click.UsageError(f"{flag} needs --smime")
+        return {}
+    fields: dict[str, Any] = {
+        "scheme": Scheme.SMIME,
+        "smime_rsa_pss": opts["rsa_pss"],
+        "smime_trust_self_signed": frozenset(opts["trust_self_signed"]),
+    }
+    if opts["smime_cipher"]:
+        fields["smime_cipher"] = SMIMECipher(opts["smime_cipher"])
+    return fields
+
+
 def _private_dir(path: Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
-
-
-def _save_unsent(home: Path, copies: Sequence[ProtectedCopy]) -> list[Path]:
-    """Write protected copies that were not delivered (ciphertext only), with their envelope."""
-    folder = _private_dir(home / "unsent")
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    paths = []
-    for n, copy in enumerate(copies, 1):
-        tag = hashlib.sha256(copy.message_id.encode()).hexdigest()[:10]
-        path = folder / f"{stamp}-{tag}-{n}.eml"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(copy.raw)
-        envelope = {"mail_from": copy.mail_from, "recipients": list(copy.recipients)}
-        path.with_suffix(".json").write_text(json.dumps(envelope) + "\n")
-        paths.append(path)
-    return paths
 
 
 def _save_draft(home: Path, text: str) -> Path:
@@ -102,6 +164,62 @@ def _report(result: SendResult) -> None:
         tls = f" over {c.delivery.tls.version}" if c.delivery.tls else ""
         reply = f" ({c.delivery.data_reply})" if c.delivery.data_reply else ""
         click.echo(f"sent {label}{tls}: accepted for {', '.join(c.delivery.accepted)}{reply}")
+
+
+def delivery_options(command: Any) -> Any:
+    """--retries and --connections: how hard and how wide to deliver (send, outbox retry)."""
+    command = click.option(
+        "--connections",
+        type=click.IntRange(1, 64),
+        default=4,
+        show_default=True,
+        help="SMTP connections used side by side for --to-file and outbox retry.",
+    )(command)
+    return click.option(
+        "--retries",
+        type=click.IntRange(0, 20),
+        default=2,
+        show_default=True,
+        help="Retries after a transient failure (4xx, timeout, dropped connection), with "
+        "exponential back-off; what is still undelivered stays in the outbox.",
+    )(command)
+
+
+def _bulk_options(command: Any) -> Any:
+    """--to-file and what goes with it."""
+    for opt in reversed(
+        [
+            click.option(
+                "--to-file",
+                type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                metavar="CSV",
+                help="Send one message per row of this CSV file (columns: email, name, and "
+                "any used as $placeholders), each protected for its recipient alone.",
+            ),
+            click.option(
+                "--template",
+                type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                help="With --to-file: the message template ('Subject: ...', a blank line, the "
+                "body; $column or ${column} placeholders). Instead of --subject/--body.",
+            ),
+            click.option(
+                "--report",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="With --to-file: write a per-recipient report to FILE (.json: JSON, "
+                "else CSV).",
+            ),
+            click.option(
+                "--batch",
+                "batch_name",
+                default="",
+                metavar="NAME",
+                help="With --to-file: a name for this batch. Rerunning the same command sends "
+                "only the rows not yet delivered; a new NAME sends every row again.",
+            ),
+        ]
+    ):
+        command = opt(command)
+    return command
 
 
 @cli.command()
@@ -149,7 +267,12 @@ def _report(result: SendResult) -> None:
 @click.option("--passphrase-env", metavar="VAR", help="Signing key passphrase from $VAR.")
 @click.option("--passphrase-command", metavar="CMD", help="Signing key passphrase from CMD.")
 @click.option("--host", help="The SMTP submission server.")
-@click.option("--port", type=click.IntRange(1, 65535), help="Default 465 (implicit TLS).")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="Use only this port. Default: 465 (implicit TLS), then 587 and 2525 (STARTTLS), moving "
+    "on only when a port refuses or times out; what worked is remembered in HOME/hosts.json.",
+)
 @click.option(
     "--tls",
     type=click.Choice(["implicit", "starttls"]),
@@ -160,27 +283,69 @@ def _report(result: SendResult) -> None:
     is_flag=True,
     help="DANGER: submit without TLS (test rigs only; never with credentials).",
 )
-@click.option("--user", help="The SMTP user name (AUTH PLAIN or LOGIN, only after TLS).")
+@click.option("--user", help="The SMTP user name (AUTH PLAIN, LOGIN or XOAUTH2, only after TLS).")
 @click.option("--password-env", metavar="VAR", help="SMTP password from $VAR.")
 @click.option("--password-command", metavar="CMD", help="SMTP password from CMD's first line.")
+@click.option(
+    "--auth",
+    type=click.Choice(["password", "xoauth2"]),
+    help="password: AUTH PLAIN/LOGIN; xoauth2: an OAuth2 access token (Gmail, Microsoft 365). "
+    "Default: xoauth2 when a --token-* option is given.",
+)
+@click.option("--token-env", metavar="VAR", help="OAuth2 access token from $VAR (XOAUTH2).")
+@click.option(
+    "--token-command", metavar="CMD", help="OAuth2 access token from CMD's first line (XOAUTH2)."
+)
+@click.option(
+    "--require-tls",
+    is_flag=True,
+    help="REQUIRETLS (RFC 8689): every relay must use verified TLS; refuse to send when the "
+    "server does not offer it.",
+)
 @click.option(
     "--ca-file",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="Trust this CA bundle (PEM) instead of the system's.",
 )
-@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for each reply from the server.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0.1),
+    help="Seconds to wait to connect, per port tried (default: --timeout).",
+)
 @click.option(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the protected message to FILE (- for stdout) instead of sending it.",
 )
+@_smime_options
+@delivery_options
+@_bulk_options
 @click.pass_obj
 def send(state: State, /, **opts: Any) -> None:
     """Sign, encrypt and send one message.
 
     The body comes from --body, --body-file or standard input. If anything prevents
     encryption for any recipient, nothing is sent and every such recipient is named.
+
+    The protected message is stored in the outbox (HOME/outbox.sqlite3) before it is sent and
+    stays there until the server accepted it for every recipient; `e2email outbox` lists,
+    retries and drops what is left. With --to-file, one message per CSV row.
     """
+    if opts["to_file"] is not None:
+        from e2email.cli.bulk_send import send_bulk
+
+        send_bulk(state, opts)
+        return
+    for name in ("template", "report"):
+        if opts[name] is not None:
+            raise click.UsageError(f"--{name} goes with --to-file")
     if not (opts["to"] or opts["cc"] or opts["bcc"]):
         raise click.UsageError("no recipients: give --to, --cc or --bcc")
     if opts["output"] is None and not opts["host"]:
@@ -190,9 +355,12 @@ def send(state: State, /, **opts: Any) -> None:
         _send(state, opts, text)
     except E2EmailError as exc:
         extra = ""
-        if isinstance(exc, TransportError) and exc.unsent:
-            paths = _save_unsent(state.home, exc.unsent)
-            extra = f" (the undelivered protected message is kept in {paths[0].parent})"
+        kept = getattr(exc.result, "kept", ()) if isinstance(exc, TransportError) else ()
+        if kept:
+            extra = (
+                f" (the protected message is kept in the outbox as {', '.join(kept)}: "
+                "`e2email outbox retry` sends it again)"
+            )
         elif from_stdin and text and not isinstance(exc, TransportError):
             extra = f" (the body read from stdin is saved in {_save_draft(state.home, text)})"
         fail(f"{exc}{extra}", exit_code_for(exc))
@@ -216,44 +384,85 @@ def _send(state: State, opts: dict[str, Any], text: str) -> None:
         html=html,
         attachments=tuple(Attachment.from_path(p) for p in opts["attach"]),
     )
-    protection = Protection(
-        sign=opts["sign"],
-        encrypt=opts["encrypt"],
-        encrypt_to_self=opts["encrypt_to_self"],
-        key_map=_parse_key_map(opts["key_map"]),
-    )
-    passphrase = secret_source(
-        opts["passphrase_env"], opts["passphrase_command"], "passphrase"
-    ) or prompt_for("signing key passphrase")
-    smtp = None
-    if opts["output"] is None:
-        password = secret_source(opts["password_env"], opts["password_command"], "password")
-        if opts["user"] and password is None:
-            password = prompt_for("SMTP password")
-        tls = TLSMode(opts["tls"]) if opts["tls"] else None
-        if opts["insecure_plaintext"]:
-            if opts["tls"]:
-                raise click.UsageError("--insecure-plaintext contradicts --tls")
-            tls = TLSMode.INSECURE_PLAINTEXT
-            click.echo("e2email: WARNING: sending WITHOUT TLS (--insecure-plaintext)", err=True)
-        smtp = SMTPSettings(
-            host=opts["host"],
-            port=opts["port"],
-            tls=tls,
-            username=opts["user"],
-            password=password,
-            ca_file=opts["ca_file"],
-            timeout=opts["timeout"],
-            allow_insecure_plaintext=opts["insecure_plaintext"],
-        )
+    protection, passphrase = protection_options(opts)
+    smtp = smtp_settings(state, opts) if opts["output"] is None else None
     with Mailer(
-        smtp=smtp, keystore=state.keystore(), protection=protection, passphrase=passphrase
+        smtp=smtp,
+        keystore=state.keystore(),
+        protection=protection,
+        passphrase=passphrase,
+        certstore=CertStore(state.home),
+        outbox=Outbox.in_home(state.home) if smtp is not None else None,
+        retry=retry_policy(opts),
     ) as mailer:
         if opts["output"] is not None:
             copies = mailer.protect(message)
             _write_output(opts["output"], copies)
         else:
             _report(mailer.send(message))
+
+
+def retry_policy(opts: dict[str, Any]) -> RetryPolicy:
+    return RetryPolicy(max_attempts=opts["retries"] + 1)
+
+
+def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource]:
+    """What to do to each message, and where the signing key's passphrase comes from."""
+    protection = Protection(
+        sign=opts["sign"],
+        encrypt=opts["encrypt"],
+        encrypt_to_self=opts["encrypt_to_self"],
+        key_map=_parse_key_map(opts["key_map"]),
+        **_smime_protection(opts),
+    )
+    passphrase = secret_source(
+        opts["passphrase_env"], opts["passphrase_command"], "passphrase"
+    ) or prompt_for("signing key passphrase")
+    return protection, passphrase
+
+
+#: The options of `send` that say how to reach the server (shared with `outbox retry`).
+SMTP_OPTION_NAMES = (
+    "host",
+    "port",
+    "tls",
+    "insecure_plaintext",
+    "user",
+    "password_env",
+    "password_command",
+    "auth",
+    "token_env",
+    "token_command",
+    "require_tls",
+    "ca_file",
+    "timeout",
+    "connect_timeout",
+)
+
+
+def smtp_settings(state: State, opts: dict[str, Any]) -> SMTPSettings:
+    """SMTPSettings from the SMTP_OPTION_NAMES options."""
+    password, token = _smtp_credentials(opts)
+    tls = TLSMode(opts["tls"]) if opts["tls"] else None
+    if opts["insecure_plaintext"]:
+        if opts["tls"]:
+            raise click.UsageError("--insecure-plaintext contradicts --tls")
+        tls = TLSMode.INSECURE_PLAINTEXT
+        click.echo("e2email: WARNING: sending WITHOUT TLS (--insecure-plaintext)", err=True)
+    return SMTPSettings(
+        host=opts["host"],
+        port=opts["port"],
+        tls=tls,
+        username=opts["user"],
+        password=password,
+        oauth_token=token,
+        ca_file=opts["ca_file"],
+        timeout=opts["timeout"],
+        connect_timeout=opts["connect_timeout"],
+        require_tls=opts["require_tls"],
+        hosts_file=state.home / "hosts.json",
+        allow_insecure_plaintext=opts["insecure_plaintext"],
+    )
 
 
 def _write_output(target: Path, copies: Sequence[ProtectedCopy]) -> None:

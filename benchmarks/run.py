@@ -1,0 +1,340 @@
+"""e2email's delivery benchmarks, in one run against a local TLS SMTP server.
+
+    .venv/bin/pip install envelope       # once: the peer compared against (not a dependency)
+    .venv/bin/python benchmarks/run.py   # --messages 1000 --connections 4 by default
+
+Measures, with small (4 KB) signed and encrypted OpenPGP messages to one recipient:
+
+* ``new connection``: every message over a connection of its own (``AsyncMailer.send`` per
+  message, four at a time);
+* ``one connection``: ``send_many`` over one reused connection (RSET between messages);
+* ``pool``: ``send_many`` over a pool of ``--connections`` connections;
+* ``pool, no outbox``: the same without the durable outbox, to show what durability costs;
+* ``envelope``: the same messages through the ``envelope`` library (the closest Python peer),
+  as its documentation shows: one ``Envelope(...).send()`` per message; it reuses its
+  connection. The ratio e2email/envelope is printed (target: pool >= 2x).
+
+Then one message with a 25 MB attachment, in a fresh process: seconds, and peak RSS (target:
+below 5x the attachment). Every e2email mode runs with the outbox (HOME/outbox.sqlite3, fsync
+per commit) unless said otherwise, and the server's message count is checked after each mode.
+The server runs in its own process. Not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from e2email import AsyncMailer, Attachment, Message, SMTPSettings, TLSMode  # noqa: E402
+from e2email.keystore import Keystore  # noqa: E402
+
+KEYS = ROOT / "keys"
+SENDER = "alice@example.org"
+RECIPIENT = "bob@example.net"
+BODY = ("All work and no play makes Jack a dull boy.\n" * 100)[:4000]
+
+
+class Server:
+    """The loopback server process (benchmarks/loopback_server.py)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("loopback_server.py"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        self.info = json.loads(self._line())
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the benchmark SMTP server did not start")
+        return line
+
+    def command(self, text: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return dict(json.loads(self._line()))
+
+    def settings(self) -> SMTPSettings:
+        return SMTPSettings(
+            host=self.info["host"],
+            port=self.info["port"],
+            tls=TLSMode.IMPLICIT,
+            ca_file=Path(self.info["ca_file"]),
+            timeout=120,
+        )
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(10)
+
+
+def _messages(n: int, tag: str) -> Iterator[Message]:
+    for i in range(n):
+        yield Message(sender=SENDER, to=[RECIPIENT], subject=f"{tag} {i}", text=BODY)
+
+
+def _home(work: Path, name: str) -> Path:
+    home = work / name
+    store = Keystore(home)
+    store.import_file(KEYS / "alice.sec.asc")
+    store.import_file(KEYS / "bob.pub.asc")
+    return home
+
+
+def _row(name: str, n: int, seconds: float, stats: dict[str, Any], extra: str = "") -> float:
+    rate = n / seconds
+    print(
+        f"  {name:<24} {n:>6} msgs {seconds:>8.2f} s {rate:>9.1f} msg/s"
+        f"   {stats['connections']:>4} new connection(s){extra}",
+        flush=True,
+    )
+    if stats["messages"] != n:
+        raise SystemExit(f"{name}: the server received {stats['messages']} messages, not {n}")
+    return rate
+
+
+def _mailer(server: Server, home: Path, *, outbox: bool, connections: int) -> AsyncMailer:
+    return AsyncMailer(
+        smtp=server.settings(),
+        keystore=Keystore(home),
+        outbox=home / "outbox.sqlite3" if outbox else None,
+        connections=connections,
+    )
+
+
+def _measure(server: Server, run: Callable[[], None]) -> tuple[float, dict[str, Any]]:
+    server.command("clear")
+    before = server.command("stats")["connections"]
+    started = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - started
+    stats = server.command("stats")
+    stats["connections"] -= before
+    return seconds, stats
+
+
+def bench_e2email(server: Server, home: Path, n: int, connections: int) -> dict[str, float]:
+    rates: dict[str, float] = {}
+    cpus = os.cpu_count() or 1
+    print(f"e2email ({cpus} CPU(s); gpg {_gpg_version()}):", flush=True)
+
+    # Warm up: gpg-agent started, key listing cached; not measured.
+    warm = _mailer(server, home, outbox=True, connections=1)
+    asyncio.run(warm.send_many(_messages(4, "warm-up")))
+    warm.close()
+
+    async def per_message(mailer: AsyncMailer) -> None:
+        limit = asyncio.Semaphore(connections)
+
+        async def one(message: Message) -> None:
+            async with limit:
+                await mailer.send(message)
+
+        await asyncio.gather(*(one(m) for m in _messages(n, "new-connection")))
+
+    m = _mailer(server, home, outbox=True, connections=connections)
+    seconds, stats = _measure(server, lambda: asyncio.run(per_message(m)))
+    rates["new connection"] = _row("new connection", n, seconds, stats)
+
+    m = _mailer(server, home, outbox=True, connections=1)
+    seconds, stats = _measure(server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "one")))))
+    rates["one connection"] = _row("one connection", n, seconds, stats)
+
+    m = _mailer(server, home, outbox=True, connections=connections)
+    seconds, stats = _measure(server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "pool")))))
+    rates["pool"] = _row(f"pool of {connections}", n, seconds, stats)
+
+    m = _mailer(server, home, outbox=False, connections=connections)
+    seconds, stats = _measure(
+        server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "pool-mem"))))
+    )
+    rates["pool, no outbox"] = _row(f"pool of {connections}, no outbox", n, seconds, stats)
+    return rates
+
+
+def _ok(result: Any) -> None:
+    if not result.ok:
+        raise SystemExit(f"not every message was delivered: {dict(result.counts)}")
+
+
+def _gpg_version() -> str:
+    out = subprocess.run(["gpg", "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0].split()[-1] if out else "?"
+
+
+def bench_envelope(server: Server, work: Path, n: int) -> float | None:
+    try:
+        from envelope import Envelope
+    except ImportError:
+        print(
+            "envelope: not installed; `.venv/bin/pip install envelope` to compare against it",
+            flush=True,
+        )
+        return None
+    print("envelope (the same messages, one send() each, its connection reused):", flush=True)
+    home = work / "envelope-gnupg"
+    home.mkdir(mode=0o700)
+    for name in ("alice.sec.asc", "bob.pub.asc"):
+        subprocess.run(
+            ["gpg", "--homedir", str(home), "--batch", "--import", str(KEYS / name)],
+            capture_output=True,
+            check=True,
+        )
+    # envelope trusts the system store (ssl.create_default_context()); point it at our CA.
+    os.environ["SSL_CERT_FILE"] = server.info["ca_file"]
+    host, port = server.info["host"], server.info["port"]
+
+    def send(tag: str, count: int) -> None:
+        for i in range(count):
+            sent = (
+                Envelope(BODY)
+                .subject(f"{tag} {i}")
+                .from_(SENDER)
+                .to(RECIPIENT)
+                .smtp(host, port, security="tls", timeout=120)
+                .gpg(str(home))
+                .signature(SENDER)
+                .encryption()
+                .send()
+            )
+            if not sent:
+                raise SystemExit(f"envelope did not send message {i}: {sent}")
+
+    send("warm-up", 4)
+    seconds, stats = _measure(server, lambda: send("envelope", n))
+    rate = _row("envelope", n, seconds, stats)
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+    return rate
+
+
+def big_attachment_child(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: one message with a large attachment; prints JSON."""
+    server_info = json.loads(args.big_child)
+    settings = SMTPSettings(
+        host=server_info["host"],
+        port=server_info["port"],
+        tls=TLSMode.IMPLICIT,
+        ca_file=Path(server_info["ca_file"]),
+        timeout=300,
+    )
+    home = Path(server_info["home"])
+    size = args.attachment_mb * 1_000_000
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    data = os.urandom(size)
+    started = time.perf_counter()
+    message = Message(
+        sender=SENDER,
+        to=[RECIPIENT],
+        subject="big",
+        text="The file is attached.\n",
+        attachments=[Attachment("big.bin", data, "application/octet-stream")],
+    )
+    del data
+    mailer = AsyncMailer(smtp=settings, keystore=Keystore(home), outbox=home / "big.sqlite3")
+    asyncio.run(mailer.send(message))
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "peak": peak, "baseline": baseline, "size": size}))
+
+
+def bench_big(server: Server, home: Path, megabytes: int) -> None:
+    info = {**server.info, "home": str(home)}
+    server.command("clear")
+    done = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--big-child",
+            json.dumps(info),
+            "--attachment-mb",
+            str(megabytes),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the large-attachment run failed:\n{done.stderr}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    stats = server.command("stats")
+    if stats["messages"] != 1:
+        raise SystemExit("the large message did not arrive")
+    mb = 1_000_000
+    ratio = result["peak"] / result["size"]
+    print(
+        f"{megabytes} MB attachment: {result['seconds']:.2f} s, peak RSS "
+        f"{result['peak'] / mb:.0f} MB = {ratio:.2f}x the attachment (process baseline "
+        f"{result['baseline'] / mb:.0f} MB; {stats['bytes'] / mb:.1f} MB on the wire); "
+        f"target < 5x: {'met' if ratio < 5 else 'NOT met'}",
+        flush=True,
+    )
+
+
+@contextmanager
+def _workdir() -> Iterator[Path]:
+    # Short path: gpg-agent puts its socket in the GnuPG home.
+    work = Path(tempfile.mkdtemp(prefix="e2bench", dir="/tmp"))
+    try:
+        yield work
+    finally:
+        for home in work.glob("*/gnupg"):
+            subprocess.run(
+                ["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True
+            )
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--attachment-mb", type=int, default=25)
+    parser.add_argument("--skip-envelope", action="store_true")
+    parser.add_argument("--big-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.big_child:
+        big_attachment_child(args)
+        return
+    with _workdir() as work:
+        server = Server()
+        try:
+            home = _home(work, "e2email-home")
+            rates = bench_e2email(server, home, args.messages, args.connections)
+            peer = None if args.skip_envelope else bench_envelope(server, work, args.messages)
+            if peer:
+                print("e2email / envelope, messages per second:", flush=True)
+                for name, rate in rates.items():
+                    print(f"  {name:<24} {rate / peer:>6.2f}x", flush=True)
+                best = rates["pool"] / peer
+                print(f"target (pool >= 2x envelope): {'met' if best >= 2 else 'NOT met'}")
+            bench_big(server, home, args.attachment_mb)
+        finally:
+            server.close()
+
+
+if __name__ == "__main__":
+    main()

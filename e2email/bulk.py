@@ -1,0 +1,369 @@
+"""Bulk sending: one individually protected message per row of a CSV file, from a template.
+
+The recipients file is CSV (RFC 4180; UTF-8, a byte-order mark is ignored) with a header row.
+One column must be ``email``; ``name``, if present, becomes the display name in To. Every column
+can be used in the template::
+
+    email,name,amount
+    bob@example.net,Bob,12.50
+    carol@example.com,"Carol, PhD",7.00
+
+The template is a text file: optional header lines (only ``Subject:``), a blank line, then the
+body. Placeholders are Python :class:`string.Template` ones, ``$name`` or ``${name}``, and
+``$$`` is a literal dollar sign::
+
+    Subject: Your invoice, $name
+
+    Dear $name,
+    the amount due is ${amount} EUR.
+
+A placeholder that names no column stops everything before anything is sent. A row that cannot
+become a message (no or bad address, wrong number of fields, a value that would break a header)
+is reported as a bad row and the others go on. Rows are read one at a time, so a file of any
+length is handled in bounded memory.
+
+Each row also gets a *key*: a digest of the template, the sender, the attachments, the
+protection options and the row's values. With the outbox's ledger it lets a rerun of an
+interrupted batch send only the rows that are missing (:meth:`AsyncMailer.send_many`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import string
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from e2email.errors import ConfigError, E2EmailError, MessageError
+from e2email.message import Address, Attachment, Message
+
+__all__ = [
+    "REPORT_FIELDS",
+    "BadRow",
+    "ReportWriter",
+    "Row",
+    "Template",
+    "batch_digest",
+    "build_messages",
+    "read_rows",
+    "row_key",
+]
+
+#: Header names a template may set.
+_TEMPLATE_HEADERS = ("subject",)
+_HEADER_LINE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):[ \t]?(.*)$")
+
+
+@dataclass(frozen=True)
+class Template:
+    """A subject and body with ``$placeholders``, checked when made."""
+
+    subject: str = ""
+    body: str = ""
+    html: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, text in (("subject", self.subject), ("body", self.body), ("html", self.html)):
+            if text is None:
+                continue
+            tpl = string.Template(text)
+            if not tpl.is_valid():
+                raise ConfigError(
+                    f"template {name}: a '$' that starts no placeholder (write $$ for a dollar "
+                    "sign, $name or ${name} for a column)"
+                )
+
+    @classmethod
+    def parse(cls, text: str, *, html: str | None = None) -> Template:
+        """Read the template file format: ``Subject:`` header, blank line, body. When the first
+        line does not look like a header (``Word: ...``), the whole text is the body; a first
+        line that is empty is dropped (so a body may begin with ``Word:``)."""
+        text = text.replace("\r\n", "\n")
+        first, _, rest = text.partition("\n")
+        if first == "":
+            # An empty header block: the body may then begin with "Word:".
+            return cls(body=rest, html=html)
+        if _HEADER_LINE.match(first) is None:
+            return cls(body=text, html=html)
+        headers: dict[str, str] = {}
+        lines = text.split("\n")
+        for n, line in enumerate(lines):
+            if line == "":
+                body = "\n".join(lines[n + 1 :])
+                break
+            match = _HEADER_LINE.match(line)
+            if match is None:
+                raise ConfigError(
+                    f"template line {n + 1}: {line[:40]!r} is not a header line; end the "
+                    "header lines with a blank line (or start the file with a blank line if "
+                    "the body itself begins with 'Word:')"
+                )
+            key = match.group(1).lower()
+            if key not in _TEMPLATE_HEADERS:
+                raise ConfigError(
+                    f"template line {n + 1}: header {match.group(1)!r} is not supported "
+                    "(only Subject; recipients come from the CSV file)"
+                )
+            if key in headers:
+                raise ConfigError(f"template line {n + 1}: Subject given twice")
+            headers[key] = match.group(2)
+        else:
+            raise ConfigError("template: the header lines must be followed by a blank line")
+        return cls(subject=headers.get("subject", ""), body=body, html=html)
+
+    @property
+    def placeholders(self) -> frozenset[str]:
+        names: set[str] = set()
+        for text in (self.subject, self.body, self.html):
+            if text is not None:
+                names.update(string.Template(text).get_identifiers())
+        return frozenset(names)
+
+    def check_columns(self, columns: Sequence[str]) -> None:
+        """Raise ConfigError naming every placeholder that is not a column."""
+        missing = sorted(self.placeholders - set(columns))
+        if missing:
+            listed = ", ".join(f"${m}" for m in missing)
+            raise ConfigError(
+                f"template placeholder(s) {listed} name no column of the recipients file "
+                f"(columns: {', '.join(columns)})"
+            )
+
+    def render(self, values: Mapping[str, str]) -> tuple[str, str, str | None]:
+        """(subject, body, html) for one row."""
+        subject = string.Template(self.subject).substitute(values)
+        body = string.Template(self.body).substitute(values)
+        html = None
+        if self.html is not None:
+            html = string.Template(self.html).substitute(values)
+        return subject, body, html
+
+
+@dataclass(frozen=True)
+class Row:
+    """One data row. ``number`` counts data rows from 1 (the header is not one)."""
+
+    number: int
+    values: Mapping[str, str]
+
+    @property
+    def email(self) -> str:
+        return self.values.get("email", "")
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that could not become a message, and why."""
+
+    number: int
+    email: str
+    reason: str
+
+
+def _column_name(raw: str) -> str:
+    # A byte-order mark survives when the file was opened by the caller without utf-8-sig.
+    return raw.replace("\ufeff", "").strip().lower()
+
+
+def read_rows(source: Path | IO[str]) -> tuple[list[str], Iterator[Row | BadRow]]:
+    """The header's column names (lower case) and a lazy iterator over the data rows.
+
+    Raises ConfigError at once when the file cannot be read, has no header or no ``email``
+    column, or repeats a column.
+    """
+    if isinstance(source, Path):
+        try:
+            fh: IO[str] = source.open(encoding="utf-8-sig", newline="")
+        except OSError as exc:
+            raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from exc
+    else:
+        fh = source
+    reader = csv.reader(fh)
+    try:
+        header = next(reader, None)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"recipients file: {exc}") from exc
+    if header is None:
+        raise ConfigError("the recipients file is empty: it needs a header row with 'email'")
+    columns = [_column_name(h) for h in header]
+    if "email" not in columns:
+        raise ConfigError(
+            f"the recipients file has no 'email' column (its header: {', '.join(header)})"
+        )
+    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    if dupes:
+        raise ConfigError(f"the recipients file repeats column(s) {', '.join(dupes)}")
+
+    def rows() -> Iterator[Row | BadRow]:
+        number = 0
+        try:
+            while True:
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    return
+                except (csv.Error, UnicodeDecodeError) as exc:
+                    number += 1
+                    yield BadRow(number, "", f"unreadable: {exc}")
+                    # csv.Error leaves the reader usable at the next line; a decoding error
+                    # does not: stop there (the rows after it are not read).
+                    if isinstance(exc, UnicodeDecodeError):
+                        return
+                    continue
+                if not record or all(not v.strip() for v in record):
+                    continue  # blank line
+                number += 1
+                if len(record) != len(columns):
+                    email = record[columns.index("email")] if len(record) > len(columns) else ""
+                    yield BadRow(
+                        number,
+                        email.strip(),
+                        f"has {len(record)} fields, the header has {len(columns)}",
+                    )
+                    continue
+                values = dict(zip(columns, (v.strip() for v in record), strict=True))
+                if not values["email"]:
+                    yield BadRow(number, "", "no email address")
+                    continue
+                yield Row(number, values)
+        finally:
+            if isinstance(source, Path):
+                fh.close()
+
+    return columns, rows()
+
+
+def batch_digest(
+    *,
+    sender: str,
+    template: Template,
+    attachments: Sequence[Attachment] = (),
+    options: Mapping[str, Any] | None = None,
+) -> str:
+    """A digest of everything that is the same for every row: the same digest on a rerun
+    means "the same batch"."""
+    h = hashlib.sha256()
+    parts: dict[str, Any] = {
+        "sender": sender,
+        "subject": template.subject,
+        "body": template.body,
+        "html": template.html,
+        "attachments": [
+            [a.filename, a.content_type, hashlib.sha256(a.content).hexdigest()] for a in attachments
+        ],
+        "options": dict(sorted((options or {}).items())),
+    }
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def row_key(batch: str, row: Row) -> str:
+    """The ledger key of one row: the batch digest and the row's values (not its number, so
+    inserting a row above does not make the rows below new)."""
+    h = hashlib.sha256(batch.encode())
+    h.update(json.dumps(sorted(row.values.items())).encode())
+    return h.hexdigest()
+
+
+def build_messages(
+    rows: Iterator[Row | BadRow],
+    template: Template,
+    *,
+    sender: str,
+    attachments: Sequence[Attachment] = (),
+    reply_to: Sequence[str] = (),
+) -> Iterator[tuple[Row, Message] | BadRow]:
+    """Lazily turn rows into messages (To: the row's ``name`` and ``email``); a row whose
+    message cannot be built becomes a :class:`BadRow` with the reason."""
+    for row in rows:
+        if isinstance(row, BadRow):
+            yield row
+            continue
+        try:
+            subject, body, html = template.render(row.values)
+            to = Address(row.email, row.values.get("name", ""))
+            message = Message(
+                sender=sender,
+                to=[to],
+                reply_to=reply_to,
+                subject=subject,
+                text=body,
+                html=html,
+                attachments=attachments,
+            )
+        except (E2EmailError, KeyError, ValueError) as exc:
+            reason = str(exc)
+            if isinstance(exc, MessageError) and exc.field in (None, "to"):
+                reason = f"address: {exc.reason}" if exc.field == "to" else reason
+            yield BadRow(row.number, row.email, reason)
+            continue
+        yield row, message
+
+
+#: The report's columns, in order.
+REPORT_FIELDS = ("row", "email", "status", "detail", "message_id", "outbox_ids")
+
+
+class ReportWriter:
+    """Writes the per-recipient report as it goes: CSV (``REPORT_FIELDS``), or with
+    ``as_json`` a JSON array of objects with the same keys. Each entry is flushed at once, so
+    an interrupted run leaves a report of everything finished before."""
+
+    def __init__(self, fh: IO[str], *, as_json: bool = False) -> None:
+        self._fh = fh
+        self._json = as_json
+        self._count = 0
+        if as_json:
+            fh.write("[")
+        else:
+            self._csv = csv.writer(fh, lineterminator="\n")
+            self._csv.writerow(REPORT_FIELDS)
+        fh.flush()
+
+    @classmethod
+    def for_path(cls, path: Path) -> tuple[ReportWriter, IO[str]]:
+        try:
+            fh = path.open("w", encoding="utf-8", newline="")
+        except OSError as exc:
+            raise ConfigError(f"cannot write the report {path}: {exc.strerror or exc}") from exc
+        return cls(fh, as_json=path.suffix.lower() == ".json"), fh
+
+    def write(
+        self,
+        *,
+        row: int,
+        email: str,
+        status: str,
+        detail: str = "",
+        message_id: str | None = None,
+        outbox_ids: Sequence[str] = (),
+    ) -> None:
+        entry = {
+            "row": row,
+            "email": email,
+            "status": status,
+            "detail": detail,
+            "message_id": message_id or "",
+            "outbox_ids": list(outbox_ids),
+        }
+        if self._json:
+            sep = "," if self._count else ""
+            self._fh.write(f"{sep}\n  {json.dumps(entry, ensure_ascii=False)}")
+        else:
+            self._csv.writerow([*list(entry.values())[:5], " ".join(outbox_ids)])
+        self._count += 1
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._json:
+            self._fh.write("\n]\n")
+        self._fh.flush()
+
+    @property
+    def count(self) -> int:
+        return self._count

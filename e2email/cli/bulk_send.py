@@ -1,0 +1,281 @@
+"""``e2email send --to-file rows.csv``: one individually protected message per CSV row.
+
+Rows are read, protected and sent as a stream (bounded memory), over a pool of connections,
+with the outbox underneath: every protected message is stored before it is sent, and a ledger
+of finished rows lets a rerun of the same command (after a crash, a kill or a failure) send
+only the rows that are not delivered yet. A progress bar shows on a terminal; ``--report``
+writes one line per recipient (CSV or JSON) as results come in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from e2email.bulk import (
+    BadRow,
+    ReportWriter,
+    Row,
+    Template,
+    batch_digest,
+    build_messages,
+    read_rows,
+    row_key,
+)
+from e2email.certstore import CertStore
+from e2email.cli.app import (
+    EXIT_AUTH,
+    EXIT_CONNECTION,
+    EXIT_KEY,
+    EXIT_REJECTED,
+    EXIT_USAGE,
+    State,
+    exit_code_for,
+    fail,
+)
+from e2email.cli.send import (
+    _read_body,
+    protection_options,
+    retry_policy,
+    smtp_settings,
+)
+from e2email.client import BatchItem, Mailer, MessageOutcome
+from e2email.errors import ConfigError, E2EmailError, MessageError
+from e2email.message import Attachment
+from e2email.outbox import Outbox
+
+__all__ = ["send_bulk"]
+
+#: When several kinds of failure happened, the exit status names the first kind present.
+_EXIT_PRIORITY = (EXIT_CONNECTION, EXIT_AUTH, EXIT_REJECTED, EXIT_KEY, EXIT_USAGE)
+
+
+def _template(opts: dict[str, Any]) -> Template:
+    html = None
+    if opts["html_file"] is not None:
+        try:
+            html = opts["html_file"].read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MessageError(f"cannot read {opts['html_file']}: {exc}", field="html") from exc
+    if opts["template"] is None:
+        body, _ = _read_body(opts["body"], opts["body_file"])
+        return Template(subject=opts["subject"], body=body, html=html)
+    if opts["body"] is not None or opts["body_file"] is not None:
+        raise click.UsageError("give the body once: --template or --body/--body-file")
+    try:
+        text = opts["template"].read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the template {opts['template']}: {exc}") from exc
+    template = Template.parse(text, html=html)
+    if opts["subject"]:
+        if template.subject:
+            raise click.UsageError("the subject is given twice: --subject and in --template")
+        template = replace(template, subject=opts["subject"])
+    return template
+
+
+def _count_rows(path: Path) -> int | None:
+    """Data rows in the file (for the progress bar), or None if it cannot be read."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            return max(0, sum(1 for rec in csv.reader(fh) if any(v.strip() for v in rec)) - 1)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def _detail(outcome: MessageOutcome) -> str:
+    if outcome.detail:
+        return outcome.detail
+    problems = [
+        f"{r.address}: {r.error or r.reply}" for r in outcome.recipients if r.status != "delivered"
+    ]
+    if problems:
+        return "; ".join(problems)
+    reply = next((r.reply for r in outcome.recipients if r.reply is not None), None)
+    return str(reply) if reply is not None else ""
+
+
+def _exit_code(outcome: MessageOutcome) -> int:
+    if isinstance(outcome.error, E2EmailError) and outcome.status in ("not-sent", "deferred"):
+        return exit_code_for(outcome.error)
+    return EXIT_REJECTED
+
+
+def send_bulk(state: State, opts: dict[str, Any]) -> None:
+    for name in ("to", "cc", "bcc"):
+        if opts[name]:
+            raise click.UsageError(f"--to-file gives the recipients: leave out --{name}")
+    if opts["output"] is not None:
+        raise click.UsageError("--to-file sends; it cannot be combined with --output")
+    if not opts["host"]:
+        raise click.UsageError("give --host to send")
+    template = _template(opts)
+    to_file: Path = opts["to_file"]
+    columns, rows = read_rows(to_file)
+    template.check_columns(columns)
+    attachments = tuple(Attachment.from_path(p) for p in opts["attach"])
+    protection, passphrase = protection_options(opts)
+    smtp = smtp_settings(state, opts)
+    batch = batch_digest(
+        sender=opts["sender"],
+        template=template,
+        attachments=attachments,
+        options={"protection": repr(protection), "batch": opts["batch_name"]},
+    )
+
+    report: ReportWriter | None = None
+    report_fh: IO[str] | None = None
+    if opts["report"] is not None:
+        report, report_fh = ReportWriter.for_path(opts["report"])
+
+    counts: Counter[str] = Counter()
+    codes: set[int] = set()
+    #: Rows handed to the mailer that have no outcome yet.
+    waiting: dict[int, str] = {}
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=False,
+    )
+    task = progress.add_task(
+        "send",
+        total=_count_rows(to_file) if console.is_terminal else None,
+        status="",
+    )
+
+    def record(
+        number: int,
+        email: str,
+        status: str,
+        detail: str = "",
+        message_id: str | None = None,
+        kept: tuple[str, ...] = (),
+    ) -> None:
+        counts[status] += 1
+        if report is not None:
+            report.write(
+                row=number,
+                email=email,
+                status=status,
+                detail=detail,
+                message_id=message_id,
+                outbox_ids=kept,
+            )
+        if status not in ("delivered", "skipped"):
+            where = f" (outbox {' '.join(kept)})" if kept else ""
+            line = f"row {number} {email}: {status}: {detail}{where}"
+            if console.is_terminal:
+                # Above the progress bar, which owns the terminal while it runs.
+                progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            else:
+                click.echo(line)
+        done = counts["delivered"] + counts["skipped"]
+        progress.update(task, advance=1, status=f"{done} ok, {sum(counts.values()) - done} not")
+
+    def items() -> Iterator[BatchItem]:
+        for entry in build_messages(
+            rows,
+            template,
+            sender=opts["sender"],
+            attachments=attachments,
+            reply_to=opts["reply_to"],
+        ):
+            if isinstance(entry, BadRow):
+                codes.add(EXIT_USAGE)
+                record(entry.number, entry.email, "invalid", entry.reason)
+                continue
+            row, message = entry
+            waiting[row.number] = row.email
+            yield BatchItem(message=message, key=row_key(batch, row), tag=row)
+
+    def on_outcome(outcome: MessageOutcome) -> None:
+        row: Row = outcome.tag
+        waiting.pop(row.number, None)
+        if outcome.status not in ("delivered", "skipped"):
+            codes.add(_exit_code(outcome))
+        record(
+            row.number,
+            row.email,
+            outcome.status,
+            _detail(outcome),
+            outcome.message_id,
+            outcome.kept,
+        )
+
+    stopped: E2EmailError | None = None
+    source = items()
+    try:
+        with (
+            progress,
+            Mailer(
+                smtp=smtp,
+                keystore=state.keystore(),
+                protection=protection,
+                passphrase=passphrase,
+                certstore=CertStore(state.home),
+                outbox=Outbox.in_home(state.home),
+                retry=retry_policy(opts),
+                connections=opts["connections"],
+            ) as mailer,
+        ):
+            try:
+                mailer.send_many(source, batch=batch[:16], on_outcome=on_outcome)
+            except E2EmailError as exc:
+                stopped = exc
+        if stopped is not None:
+            # Rows read but not started, and rows never read: nothing of them was sent or
+            # stored; a rerun of the same command sends them.
+            why = f"not sent: sending stopped: {stopped}"
+            for number, email in sorted(waiting.items()):
+                record(number, email, "not-sent", why)
+            waiting.clear()
+            for item in source:
+                row = item.tag
+                waiting.pop(row.number, None)
+                record(row.number, row.email, "not-sent", why)
+    finally:
+        if report is not None and report_fh is not None:
+            report.close()
+            with contextlib.suppress(OSError):
+                report_fh.close()
+
+    total = sum(counts.values())
+    ok = counts["delivered"] + counts["skipped"]
+    parts = [f"{counts['delivered']} delivered"]
+    for status in ("skipped", "partial", "deferred", "failed", "not-sent", "invalid"):
+        if counts[status]:
+            label = "already sent earlier" if status == "skipped" else status
+            parts.append(f"{counts[status]} {label}")
+    summary = f"{total} row(s): " + ", ".join(parts)
+    if counts["deferred"] or counts["partial"] or counts["failed"]:
+        summary += " (undelivered messages stay in the outbox: `e2email outbox list`)"
+    if opts["report"] is not None:
+        summary += f"; report: {opts['report']}"
+    if stopped is not None:
+        fail(f"{stopped}; {summary}", exit_code_for(stopped))
+    if ok == total:
+        click.echo(summary)
+        return
+    code = next((c for c in _EXIT_PRIORITY if c in codes), EXIT_REJECTED)
+    fail(summary, code)

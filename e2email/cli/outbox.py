@@ -1,0 +1,163 @@
+"""``e2email outbox``: what waits to be delivered (``list``), send it again (``retry``), or give
+it up (``drop``). The outbox is HOME/outbox.sqlite3; it holds only protected messages."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import click
+
+from e2email.cli.app import EXIT_REJECTED, State, cli, exit_code_for, fail
+from e2email.cli.send import (
+    SMTP_OPTION_NAMES,
+    delivery_options,
+    retry_policy,
+    send,
+    smtp_settings,
+)
+from e2email.client import Mailer
+from e2email.delivery import Outcome
+from e2email.errors import E2EmailError
+from e2email.outbox import ItemState, Outbox, OutboxItem, RecipientState
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _recipients(item: OutboxItem) -> str:
+    parts = []
+    for r in item.recipients:
+        if r.state is RecipientState.PENDING:
+            parts.append(r.address + (f" (pending: {r.reply})" if r.reply else ""))
+        elif r.state is RecipientState.FAILED:
+            parts.append(f"{r.address} (refused: {r.reply})")
+        else:
+            parts.append(f"{r.address} (delivered)")
+    return ", ".join(parts)
+
+
+def _as_json(item: OutboxItem) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "state": item.state.value,
+        "message_id": item.message_id,
+        "kind": item.kind,
+        "mail_from": item.mail_from,
+        "recipients": [
+            {
+                "address": r.address,
+                "state": r.state.value,
+                "reply": str(r.reply) if r.reply else None,
+            }
+            for r in item.recipients
+        ],
+        "attempts": item.attempts,
+        "created": item.created,
+        "next_attempt": item.next_attempt,
+        "last_error": item.last_error,
+        "route": item.route,
+        "size": item.size,
+    }
+
+
+@cli.group()
+def outbox() -> None:
+    """Messages not yet delivered to every recipient (HOME/outbox.sqlite3).
+
+    Every message is stored here, already protected, before it is sent, and removed once the
+    server accepted it for every recipient. What is left after a failure, a crash or a kill is
+    sent again by `outbox retry` (or, for --to-file batches, by rerunning the same command).
+    """
+
+
+@outbox.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per item.")
+@click.pass_obj
+def list_items(state: State, as_json: bool) -> None:
+    """List what waits: ID, state, attempts, recipients and the last error."""
+    with Outbox.in_home(state.home) as box:
+        items = box.items()
+    if as_json:
+        click.echo(json.dumps([_as_json(i) for i in items], indent=2))
+        return
+    if not items:
+        click.echo("the outbox is empty")
+        return
+    for item in items:
+        state_text = item.state.value
+        if item.state is ItemState.SENDING:
+            state_text += f" (by {item.claimed_by})"
+        click.echo(
+            f"{item.id}  {state_text}  {item.attempts} attempt(s)  {_when(item.created)}  "
+            f"{item.size} bytes  via {item.route or '?'}"
+        )
+        click.echo(f"    to: {_recipients(item)}")
+        if item.last_error:
+            click.echo(f"    last error: {item.last_error}")
+    click.echo(f"{len(items)} item(s)")
+
+
+@outbox.command()
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option(
+    "--all-servers",
+    is_flag=True,
+    help="Without IDs: also items first sent through another server or user.",
+)
+@delivery_options
+@click.pass_obj
+def retry(state: State, /, ids: tuple[str, ...], all_servers: bool, **opts: Any) -> None:
+    """Send again what waits in the outbox: the items IDS (or unique prefixes), or every item
+    meant for this server and user. Takes the same server options as `send`."""
+    if not opts["host"]:
+        raise click.UsageError("give --host (and the other server options, as for `send`)")
+    smtp = smtp_settings(state, opts)
+    failures: list[Outcome] = []
+
+    def show(outcome: Outcome) -> None:
+        item = outcome.submission.tag
+        status = outcome.status
+        text = ", ".join(
+            r.address if r.status == "delivered" else f"{r.address}: {r.status}: {r.error}"
+            for r in outcome.recipients
+        )
+        click.echo(f"{item.id}: {status}: {text}")
+        if status != "delivered":
+            failures.append(outcome)
+
+    with Mailer(
+        smtp=smtp,
+        outbox=Outbox.in_home(state.home),
+        retry=retry_policy(opts),
+        connections=opts["connections"],
+    ) as mailer:
+        try:
+            mailer.send_outbox(list(ids) or None, all_routes=all_servers, on_outcome=show)
+        except E2EmailError as exc:
+            fail(f"{exc} (what was not sent stays in the outbox)", exit_code_for(exc))
+        left = len(mailer.outbox) if mailer.outbox is not None else 0
+    if failures:
+        fail(
+            f"{len(failures)} item(s) not delivered to every recipient; {left} item(s) "
+            "in the outbox",
+            EXIT_REJECTED,
+        )
+    click.echo(f"{left} item(s) left in the outbox")
+
+
+# `outbox retry` reaches the server exactly as `send` does: share its options.
+retry.params[:0] = [p for p in send.params if p.name in SMTP_OPTION_NAMES]
+
+
+@outbox.command()
+@click.argument("ids", nargs=-1, required=True, metavar="ID...")
+@click.pass_obj
+def drop(state: State, ids: tuple[str, ...]) -> None:
+    """Delete items from the outbox unsent (IDs or unique prefixes, from `outbox list`)."""
+    with Outbox.in_home(state.home) as box:
+        for item_id in ids:
+            item = box.drop(item_id)
+            click.echo(f"dropped {item.id} ({item.message_id} to {', '.join(item.pending)})")

@@ -1,0 +1,579 @@
+"""The delivery engine: protected copies to the server, retried, reported per recipient.
+
+What it promises, for each :class:`Submission` (one protected copy and its envelope):
+
+* **Transient failures are retried, permanent ones are not.** A 4xx reply, a dropped
+  connection or a timeout (:attr:`TransportError.transient`) is tried again after an
+  exponential back-off with jitter (:class:`~e2email.config.RetryPolicy`), up to its attempt
+  limit; a 5xx reply is final (RFC 5321 §4.2.1). The decision is made per recipient: when the
+  server accepts a copy for some recipients and refuses others, only the recipients refused
+  with a 4xx are tried again, with the same bytes.
+* **Every recipient ends in one of three states**: ``delivered`` (the server took the message
+  for them), ``failed`` (refused permanently) or ``deferred`` (still undelivered after the
+  last attempt, or never tried because the run stopped). With an outbox, the copy stays there
+  until every recipient is delivered; the outbox is updated after each attempt, before the
+  outcome is reported.
+* **Connections are reused.** Each worker keeps one connection and sends message after
+  message over it, with RSET (RFC 5321 §4.1.1.5) before each one after the first: a clean
+  transaction state, and a cheap check that the server has not closed an idle connection
+  (which is then replaced without counting as an attempt). ``connections`` workers send side
+  by side: a bounded pool.
+* **A problem no retry can fix stops the run**: a certificate that does not verify, refused
+  credentials, a 5xx greeting, or a server that stayed unreachable for a copy's every attempt.
+  What was not sent is reported ``deferred`` and stays in the outbox;
+  :attr:`DeliveryEngine.fatal` holds the error.
+
+Nothing here knows about keys or MIME: it moves bytes, like the transport beneath it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+from e2email.config import RetryPolicy, SMTPSettings
+from e2email.errors import (
+    DeliveryError,
+    E2EmailError,
+    MessageError,
+    RecipientsRefusedError,
+    SMTPReply,
+    TransportError,
+)
+from e2email.outbox import Outbox
+from e2email.transport.smtp import DeliveryResult, SMTPConnection, SMTPTransport, TLSInfo
+
+__all__ = [
+    "DeliveryEngine",
+    "Outcome",
+    "RecipientOutcome",
+    "RecipientStatus",
+    "Submission",
+    "deliver",
+    "is_transient",
+    "route_of",
+]
+
+log = logging.getLogger(__name__)
+
+RecipientStatus = Literal["delivered", "failed", "deferred"]
+
+_ids = itertools.count(1)
+
+
+def route_of(settings: SMTPSettings) -> str:
+    """Which server and account a copy is meant for, as the outbox records it: ``user@host``
+    or ``host``. The port is left out, as port fallback may pick another one next time."""
+    return f"{settings.username}@{settings.host}" if settings.username else settings.host
+
+
+def is_transient(error: BaseException) -> bool:
+    """May trying again later help? 4xx replies, timeouts and lost connections: yes; 5xx
+    replies, TLS and certificate problems, refused credentials and bad input: no."""
+    if isinstance(error, TransportError):
+        return bool(error.transient)
+    return False
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One protected copy to deliver: the exact bytes and the envelope.
+
+    ``id`` is its outbox item ID when there is an outbox (any unique string otherwise);
+    ``tag`` is the caller's, handed back unchanged in the :class:`Outcome`.
+    """
+
+    raw: bytes = field(repr=False)
+    mail_from: str
+    recipients: tuple[str, ...]
+    id: str = field(default_factory=lambda: f"mem-{next(_ids)}")
+    tag: Any = None
+
+
+@dataclass(frozen=True)
+class RecipientOutcome:
+    """What finally happened for one envelope recipient of a copy."""
+
+    address: str
+    status: RecipientStatus
+    #: The server's last word about this recipient: DATA's 250 when delivered, the refusal
+    #: when refused, ``None`` when the server never answered about it (e.g. no connection).
+    reply: SMTPReply | None = None
+    #: Why it was not delivered, as one line (``None`` when delivered).
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final result for one :class:`Submission`."""
+
+    submission: Submission
+    recipients: tuple[RecipientOutcome, ...]
+    #: Attempts made in this run (connections tried or transactions started).
+    attempts: int
+    #: DATA's reply of the last successful transaction, and the TLS it went over.
+    data_reply: SMTPReply | None = None
+    tls: TLSInfo | None = None
+    #: The last failure, when something is not delivered.
+    error: E2EmailError | None = None
+    #: Still stored in the outbox (something is not delivered, and there is an outbox).
+    kept: bool = False
+
+    def _with(self, status: RecipientStatus) -> tuple[str, ...]:
+        return tuple(r.address for r in self.recipients if r.status == status)
+
+    @property
+    def delivered(self) -> tuple[str, ...]:
+        return self._with("delivered")
+
+    @property
+    def failed(self) -> tuple[str, ...]:
+        return self._with("failed")
+
+    @property
+    def deferred(self) -> tuple[str, ...]:
+        return self._with("deferred")
+
+    @property
+    def status(self) -> Literal["delivered", "partial", "failed", "deferred"]:
+        """``delivered`` for every recipient; ``partial`` for some; otherwise ``deferred``
+        when any recipient may still be delivered by a later retry, else ``failed``."""
+        if not self.failed and not self.deferred:
+            return "delivered"
+        if self.delivered:
+            return "partial"
+        return "deferred" if self.deferred else "failed"
+
+
+@dataclass
+class _Job:
+    sub: Submission
+    pending: list[str]
+    done: dict[str, RecipientOutcome] = field(default_factory=dict)
+    #: The latest reply for each pending recipient (a 4xx refusal), kept for the report.
+    replies: dict[str, SMTPReply | None] = field(default_factory=dict)
+    attempts: int = 0
+    error: E2EmailError | None = None
+    data_reply: SMTPReply | None = None
+    tls: TLSInfo | None = None
+
+
+class _Slot:
+    """One worker's connection: opened on first use, RSET before reuse, replaced when lost."""
+
+    def __init__(self, transport: SMTPTransport) -> None:
+        self._transport = transport
+        self._cm: contextlib.AbstractAsyncContextManager[SMTPConnection] | None = None
+        self._conn: SMTPConnection | None = None
+        self._used = False
+        self.opened = 0
+
+    async def get(self) -> SMTPConnection:
+        conn = self._conn
+        if conn is not None and self._used:
+            if conn.is_connected:
+                # RSET between messages: a clean state, and proof that the server has not
+                # dropped the connection while it was idle. Errors here are not the next
+                # message's fault, so they only make us reconnect.
+                await _rset(conn)
+            if not conn.is_connected:
+                await self.close()
+                conn = None
+        if conn is None:
+            cm = self._transport.connect()
+            conn = await cm.__aenter__()
+            self._cm, self._conn, self._used = cm, conn, False
+            self.opened += 1
+        return conn
+
+    def mark_used(self) -> None:
+        self._used = True
+
+    async def close(self) -> None:
+        cm, self._cm, self._conn = self._cm, None, None
+        if cm is not None:
+            with contextlib.suppress(Exception):
+                await cm.__aexit__(None, None, None)
+
+
+async def _rset(conn: SMTPConnection) -> None:
+    # SMTPConnection._reset() sends RSET under the command timeout and swallows errors (after
+    # which the connection reports not connected). A public reset() would be nicer.
+    await conn._reset()
+
+
+class DeliveryEngine:
+    """Delivers submissions with retries over a bounded pool of reused connections.
+
+    Use as an async context manager; :meth:`submit` copies while it runs (it waits when the
+    workers are busy, so a producer never runs far ahead); leaving the block waits until every
+    submission has its :class:`Outcome`, passed to ``on_outcome`` as soon as it is final::
+
+        async with DeliveryEngine(settings, connections=4, on_outcome=report) as engine:
+            for sub in submissions:
+                if not await engine.submit(sub):
+                    break  # stopped: engine.fatal says why
+
+    With an ``outbox``, each submission's ``id`` must be the ID of an item this process has
+    claimed; the item is updated after every attempt and removed once fully delivered.
+    """
+
+    def __init__(
+        self,
+        smtp: SMTPSettings,
+        *,
+        retry: RetryPolicy | None = None,
+        connections: int = 1,
+        outbox: Outbox | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+        transport: SMTPTransport | None = None,
+        rand: Callable[[], float] | None = None,
+    ) -> None:
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
+        self.smtp = smtp
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.connections = connections
+        self.outbox = outbox
+        self._on_outcome = on_outcome
+        self._transport = transport if transport is not None else SMTPTransport(smtp)
+        self._rand = rand
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * connections)
+        self._workers: list[asyncio.Task[None]] = []
+        self._timers: dict[asyncio.Task[None], _Job] = {}
+        self._cleanup: set[asyncio.Task[None]] = set()
+        self._live: dict[str, _Job] = {}
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._fatal: E2EmailError | None = None
+        self._crashed: Exception | None = None
+        self._started = False
+        #: Connections opened (all workers), for reports and tests.
+        self.connections_opened = 0
+
+    @property
+    def fatal(self) -> E2EmailError | None:
+        """The error that stopped the run, if one did."""
+        return self._fatal
+
+    @property
+    def stopped(self) -> bool:
+        return self._fatal is not None
+
+    async def __aenter__(self) -> DeliveryEngine:
+        self._started = True
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"e2email-delivery-{n}")
+            for n in range(self.connections)
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self._drained.wait()
+            for _ in self._workers:
+                await self._queue.put(None)
+            await asyncio.gather(*self._workers)
+            if self._crashed is not None:
+                raise self._crashed
+            return
+        # Interrupted (cancelled, or the producer failed): stop everything, give back what this
+        # process claimed so the next run need not wait for the claims to be noticed as dead.
+        for task in [*self._workers, *self._timers]:
+            task.cancel()
+        await asyncio.gather(*self._workers, *self._timers, return_exceptions=True)
+        if self.outbox is not None and self._live:
+            with contextlib.suppress(E2EmailError):
+                self.outbox.release(list(self._live), error=f"interrupted: {exc!r}")
+
+    async def submit(self, sub: Submission) -> bool:
+        """Queue ``sub``; False (and the submission reported deferred) if the run stopped."""
+        if not self._started:
+            raise RuntimeError("use the engine inside 'async with'")
+        job = _Job(sub=sub, pending=list(dict.fromkeys(sub.recipients)))
+        self._live[sub.id] = job
+        self._drained.clear()
+        if self._fatal is not None:
+            await self._finish(job, stopped=True)
+            return False
+        await self._queue.put(job)
+        return True
+
+    # -- workers ---------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        slot = _Slot(self._transport)
+        connect_failures = 0
+        try:
+            while True:
+                job = await self._queue.get()
+                if job is None:
+                    return
+                if self._fatal is not None:
+                    await self._finish(job, stopped=True)
+                    continue
+                opened = slot.opened
+                try:
+                    connected = await self._attempt(slot, job)
+                except Exception as exc:
+                    # A bug, not a delivery problem: stop cleanly (everything not sent stays
+                    # in the outbox, reported deferred), then raise it from the engine.
+                    self._crashed = self._crashed or exc
+                    await slot.close()
+                    self._stop(E2EmailError(f"internal error while sending: {exc!r}"))
+                    await self._finish(job, stopped=True)
+                    continue
+                self.connections_opened += slot.opened - opened
+                if connected:
+                    connect_failures = 0
+                else:
+                    # The server could not be reached: do not hammer it with the next copy
+                    # at once (that one's attempt would be wasted too).
+                    connect_failures += 1
+                    await asyncio.sleep(self.retry.delay(connect_failures, rand=self._rand))
+        finally:
+            await slot.close()
+
+    async def _attempt(self, slot: _Slot, job: _Job) -> bool:
+        """One attempt for ``job``; False if no connection could be made."""
+        job.attempts += 1
+        sub = job.sub
+        try:
+            conn = await slot.get()
+        except E2EmailError as exc:
+            if not is_transient(exc):
+                # Certificates, credentials, a 5xx greeting: the same for every copy. Stop.
+                job.attempts -= 1  # this copy never reached the server
+                self._stop(exc)
+                job.error = exc
+                await self._finish(job, stopped=True)
+                return False
+            await self._failed_whole(job, exc, connecting=True)
+            return False
+        slot.mark_used()
+        try:
+            result = await conn.send(sub.raw, mail_from=sub.mail_from, recipients=job.pending)
+        except RecipientsRefusedError as exc:
+            if not isinstance(exc.result, DeliveryResult):
+                await self._failed_whole(job, exc)
+                return True
+            job.error = exc
+            await self._apply(job, exc.result)
+            return True
+        except DeliveryError as exc:
+            # MAIL or DATA refused (or a reply that closed the session): all pending recipients.
+            await self._failed_whole(job, exc)
+            return True
+        except TransportError as exc:
+            await slot.close()
+            if not exc.transient:
+                # E.g. REQUIRETLS asked for and not offered: every copy would fail the same way.
+                job.attempts -= 1
+                self._stop(exc)
+                job.error = exc
+                await self._finish(job, stopped=True)
+                return True
+            await self._failed_whole(job, exc)
+            return True
+        except MessageError as exc:
+            # Bad envelope or bytes: no retry can change them.
+            await self._failed_whole(job, exc)
+            return True
+        await self._apply(job, result)
+        return True
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    async def _apply(self, job: _Job, result: DeliveryResult) -> None:
+        """Per recipient: accepted -> delivered; 5xx -> failed; 4xx -> still pending."""
+        delivered: dict[str, SMTPReply | None] = {}
+        failed: dict[str, SMTPReply | None] = {}
+        still: dict[str, SMTPReply | None] = {}
+        for r in result.recipients:
+            if r.accepted:
+                delivered[r.address] = result.data_reply
+                job.done[r.address] = RecipientOutcome(r.address, "delivered", result.data_reply)
+            elif r.reply is not None and not r.reply.is_transient:
+                failed[r.address] = r.reply
+                job.done[r.address] = RecipientOutcome(
+                    r.address, "failed", r.reply, f"refused: {r.reply}"
+                )
+            else:
+                still[r.address] = r.reply
+                job.replies[r.address] = r.reply
+        if delivered:
+            job.data_reply, job.tls = result.data_reply, result.tls
+        job.pending = [a for a in job.pending if a in still]
+        await self._next(job, delivered=delivered, failed=failed, pending=still)
+
+    async def _failed_whole(
+        self, job: _Job, exc: E2EmailError, *, connecting: bool = False
+    ) -> None:
+        """The attempt failed for every pending recipient alike."""
+        job.error = exc
+        reply = getattr(exc, "reply", None)
+        if is_transient(exc):
+            still: dict[str, SMTPReply | None] = dict.fromkeys(job.pending, reply)
+            job.replies.update(still)
+            await self._next(job, pending=still, connecting=connecting)
+            return
+        failed: dict[str, SMTPReply | None] = {}
+        for address in job.pending:
+            failed[address] = reply
+            job.done[address] = RecipientOutcome(address, "failed", reply, str(exc))
+        job.pending = []
+        await self._next(job, failed=failed)
+
+    async def _next(
+        self,
+        job: _Job,
+        *,
+        delivered: dict[str, SMTPReply | None] | None = None,
+        failed: dict[str, SMTPReply | None] | None = None,
+        pending: dict[str, SMTPReply | None] | None = None,
+        connecting: bool = False,
+    ) -> None:
+        """Record the attempt; then finish the job or schedule its retry."""
+        retry = bool(job.pending) and job.attempts < self.retry.max_attempts
+        retry = retry and self._fatal is None
+        delay = self.retry.delay(job.attempts, rand=self._rand) if job.pending else 0.0
+        if self.outbox is not None:
+            await asyncio.to_thread(
+                self.outbox.settle,
+                job.sub.id,
+                delivered=delivered,
+                failed=failed,
+                pending=pending,
+                error=_error_text(job, failed),
+                retry_at=time.time() + delay if job.pending else None,
+                release=not retry,
+            )
+        if not retry:
+            if job.pending and connecting and self._fatal is None and job.error is not None:
+                # Unreachable for this copy's every attempt: the next copies would only
+                # repeat that. Stop; everything not sent stays in the outbox.
+                self._stop(job.error)
+            await self._finish(job, recorded=True)
+            return
+        log.debug(
+            "retrying %s for %d recipient(s) in %.2f s (attempt %d failed: %s)",
+            job.sub.id,
+            len(job.pending),
+            delay,
+            job.attempts,
+            job.error,
+        )
+        timer = asyncio.create_task(self._later(job, delay))
+        self._timers[timer] = job
+        timer.add_done_callback(lambda t: self._timers.pop(t, None))
+
+    async def _later(self, job: _Job, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._fatal is not None:
+            await self._finish(job, stopped=True)
+            return
+        await self._queue.put(job)
+
+    def _stop(self, error: E2EmailError) -> None:
+        if self._fatal is not None:
+            return
+        log.debug("delivery stopped: %s", error)
+        self._fatal = error
+        # Copies waiting for their retry will not get one: report them now.
+        for timer, job in list(self._timers.items()):
+            timer.cancel()
+            self._timers.pop(timer, None)
+            task = asyncio.get_running_loop().create_task(self._finish(job, stopped=True))
+            self._cleanup.add(task)
+            task.add_done_callback(self._cleanup.discard)
+
+    async def _finish(self, job: _Job, *, stopped: bool = False, recorded: bool = False) -> None:
+        if job.sub.id not in self._live:
+            return
+        reason = job.error
+        if stopped and reason is None:
+            reason = self._fatal
+        suffix = ""
+        if stopped and self._fatal is not None and reason is not self._fatal:
+            suffix = f"; sending stopped: {self._fatal}"
+        outcomes = dict(job.done)
+        for address in job.pending:
+            reply = job.replies.get(address)
+            if reply is not None and (reason is None or getattr(reason, "reply", None) is None):
+                why = f"refused for now: {reply}"
+            else:
+                why = str(reason) if reason is not None else "not delivered"
+            outcomes[address] = RecipientOutcome(address, "deferred", reply, why + suffix)
+        undelivered = any(o.status != "delivered" for o in outcomes.values())
+        kept = False
+        if self.outbox is not None and undelivered:
+            kept = True
+            if not recorded:
+                await asyncio.to_thread(
+                    self.outbox.release, [job.sub.id], error=str(reason) if reason else None
+                )
+        del self._live[job.sub.id]
+        outcome = Outcome(
+            submission=job.sub,
+            recipients=tuple(outcomes[a] for a in dict.fromkeys(job.sub.recipients)),
+            attempts=job.attempts,
+            data_reply=job.data_reply,
+            tls=job.tls,
+            error=reason if undelivered else None,
+            kept=kept,
+        )
+        if not self._live:
+            self._drained.set()
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
+
+
+def _error_text(job: _Job, failed: dict[str, SMTPReply | None] | None) -> str | None:
+    """The item's ``last_error`` in the outbox: why it is still there."""
+    if job.pending and job.error is not None:
+        return str(job.error)
+    if job.pending:
+        return "; ".join(f"{a}: refused for now: {job.replies.get(a)}" for a in job.pending)
+    if failed:
+        return "; ".join(f"{a}: refused: {r}" for a, r in failed.items())
+    return None
+
+
+async def deliver(
+    smtp: SMTPSettings,
+    submissions: Iterable[Submission],
+    *,
+    retry: RetryPolicy | None = None,
+    connections: int = 1,
+    outbox: Outbox | None = None,
+    rand: Callable[[], float] | None = None,
+) -> tuple[list[Outcome], E2EmailError | None]:
+    """Deliver ``submissions``: an outcome for every one (in the order they became final),
+    and the error that stopped the run early, if one did."""
+    outcomes: list[Outcome] = []
+    engine = DeliveryEngine(
+        smtp,
+        retry=retry,
+        connections=connections,
+        outbox=outbox,
+        on_outcome=outcomes.append,
+        rand=rand,
+    )
+    async with engine:
+        for sub in submissions:
+            # After a stop this reports the submission deferred at once: every one gets an
+            # outcome.
+            await engine.submit(sub)
+    return outcomes, engine.fatal

@@ -1,0 +1,672 @@
+"""The durable outbox: protected copies waiting for the server to accept them, in SQLite.
+
+A copy is stored *before* the first byte goes to the server and removed only when the server
+has accepted it for every recipient, in one transaction each, so a crash or ``kill -9`` at any
+moment loses nothing: what was not confirmed is still here and is sent again by the next run.
+The price is the usual one of SMTP (RFC 5321 §6.1): a copy whose 250 reply was lost in the
+crash is sent twice, never zero times.
+
+Only protected bytes are stored (when encrypting: ciphertext), with their envelope, so the
+outbox holds no plaintext of an encrypted message. The file is created 0600 in a 0700 directory;
+SQLite gives its ``-wal`` and ``-shm`` files the same mode.
+
+Layout (``PRAGMA user_version`` 1):
+
+* ``items``: one row per protected copy: the exact bytes, MAIL FROM, a JSON ``meta`` (kind,
+  Message-ID, signer, key fingerprints), state (``queued``, ``sending`` or ``failed``),
+  attempts, next-attempt time, the last error, the route (server and user) it was meant for,
+  and who has claimed it.
+* ``recipients``: one row per (copy, address): ``pending``, ``delivered`` or ``failed``, with
+  the server's last reply. Only pending recipients are sent to again.
+* ``ledger``: for bulk sending, a digest per row of a batch (never the row's content) and
+  whether its message is queued or done, so re-running an interrupted batch sends only what is
+  missing.
+
+Two processes never send the same copy at the same time: a copy is *claimed* (state
+``sending``, ``claimed_by`` the process) in an ``IMMEDIATE`` transaction before it is sent. A
+claim is taken over only when its owner is gone: a process on this machine that no longer
+exists (checked by PID and start time, so ``kill -9`` is noticed at once), or a claim older than
+its lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from e2email.errors import ConfigError, SMTPReply
+
+__all__ = [
+    "DEFAULT_FILENAME",
+    "ItemState",
+    "NewItem",
+    "Outbox",
+    "OutboxError",
+    "OutboxItem",
+    "OutboxRecipient",
+    "RecipientState",
+]
+
+#: The outbox's file name in e2email's home directory.
+DEFAULT_FILENAME = "outbox.sqlite3"
+
+_SCHEMA_VERSION = 1
+
+#: How long a claim holds when its owner cannot be checked (another machine sharing the home).
+_DEFAULT_LEASE = 15 * 60.0
+
+#: Ledger entries of finished batch rows are kept this long, so re-running a batch within it
+#: does not send a row twice.
+_LEDGER_DAYS = 30
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id            TEXT PRIMARY KEY,
+    created       REAL NOT NULL,
+    updated       REAL NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('queued', 'sending', 'failed')),
+    raw           BLOB NOT NULL,
+    mail_from     TEXT NOT NULL,
+    message_id    TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    meta          TEXT NOT NULL,
+    route         TEXT,
+    ledger_key    TEXT,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_attempt  REAL NOT NULL,
+    last_error    TEXT,
+    claimed_by    TEXT,
+    claimed_until REAL
+);
+CREATE INDEX IF NOT EXISTS items_ledger ON items (ledger_key);
+CREATE TABLE IF NOT EXISTS recipients (
+    item_id    TEXT NOT NULL REFERENCES items (id) ON DELETE CASCADE,
+    position   INTEGER NOT NULL,
+    address    TEXT NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+    reply_code INTEGER,
+    reply_text TEXT,
+    PRIMARY KEY (item_id, address)
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    key     TEXT PRIMARY KEY,
+    batch   TEXT NOT NULL,
+    state   TEXT NOT NULL CHECK (state IN ('queued', 'done')),
+    updated REAL NOT NULL
+);
+"""
+
+
+_COLUMNS = (
+    "id, state, mail_from, message_id, kind, attempts, created, next_attempt, last_error, route,"
+    " ledger_key, length(raw), meta, claimed_by"
+)
+_SELECT = f"SELECT {_COLUMNS} FROM items WHERE id = ?"  # noqa: S608 - constants only
+_SELECT_WITH_RAW = f"SELECT {_COLUMNS}, raw FROM items WHERE id = ?"  # noqa: S608
+
+
+class OutboxError(ConfigError):
+    """The outbox file cannot be opened, read or written, or an item ID is unknown. A
+    ConfigError: something about the local setup (permissions, disk), not the message."""
+
+
+class ItemState(enum.Enum):
+    #: Waiting for a run to send it (after a transient failure, or never tried).
+    QUEUED = "queued"
+    #: Claimed by a running process that is sending it now (or waiting to retry it).
+    SENDING = "sending"
+    #: The server refused it permanently for every recipient not yet delivered (5xx); kept
+    #: until the user retries or drops it.
+    FAILED = "failed"
+
+
+class RecipientState(enum.Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class OutboxRecipient:
+    address: str
+    state: RecipientState
+    #: The server's last reply about this recipient (a refusal, or DATA's 250).
+    reply: SMTPReply | None = None
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """A protected copy to store: the exact bytes and the envelope."""
+
+    raw: bytes
+    mail_from: str
+    recipients: tuple[str, ...]
+    message_id: str
+    kind: str = "main"
+    #: JSON-serialisable details kept with the copy (signer, key fingerprints, ...).
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """A stored copy. ``raw`` is loaded only by the calls that send (``claim``, ``get``)."""
+
+    id: str
+    state: ItemState
+    mail_from: str
+    message_id: str
+    kind: str
+    recipients: tuple[OutboxRecipient, ...]
+    attempts: int
+    created: float
+    next_attempt: float
+    last_error: str | None
+    route: str | None
+    ledger_key: str | None
+    size: int
+    meta: Mapping[str, Any]
+    claimed_by: str | None = None
+    raw: bytes | None = field(default=None, repr=False)
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """The recipients still to deliver to."""
+        return tuple(r.address for r in self.recipients if r.state is RecipientState.PENDING)
+
+    @property
+    def failed(self) -> tuple[OutboxRecipient, ...]:
+        return tuple(r for r in self.recipients if r.state is RecipientState.FAILED)
+
+    @property
+    def delivered(self) -> tuple[str, ...]:
+        return tuple(r.address for r in self.recipients if r.state is RecipientState.DELIVERED)
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of process ``pid`` from /proc (Linux),
+    or None when unknown. With the PID, the start time names a process uniquely, even after
+    the PID is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may itself contain spaces or ")".
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if len(fields) <= 19:
+        return None
+    return fields[0].decode(), fields[19].decode()
+
+
+def _this_process() -> str:
+    pid = os.getpid()
+    stat = _proc_stat(pid)
+    return f"{socket.gethostname()}:{pid}:{stat[1] if stat else ''}"
+
+
+def _owner_alive(owner: str) -> bool | None:
+    """Is the process that made claim ``owner`` still running? ``None`` when it ran on another
+    machine and cannot be checked."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc: the PID exists, trust it
+    state, started = stat
+    # "Z": killed, not yet reaped by its parent; another start time: the PID was reused.
+    return state not in ("Z", "X") and (not start or started == start)
+
+
+def _reply_of(code: int | None, text: str | None) -> SMTPReply | None:
+    return None if code is None else SMTPReply(code, text or "")
+
+
+class Outbox:
+    """The outbox in SQLite file ``path`` (created if missing).
+
+    Thread-safe (one connection, used under a lock); every method is blocking and short, so
+    async callers run them with ``asyncio.to_thread``. Several processes may use the same file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, lease: float = _DEFAULT_LEASE) -> None:
+        self.path = Path(path)
+        self.lease = lease
+        self.owner = _this_process()
+        self._lock = threading.RLock()
+        self._db = self._open()
+
+    @classmethod
+    def in_home(cls, home: str | os.PathLike[str]) -> Outbox:
+        """The outbox in e2email's home directory: ``HOME/outbox.sqlite3``."""
+        return cls(Path(home) / DEFAULT_FILENAME)
+
+    def __repr__(self) -> str:
+        return f"Outbox({str(self.path)!r})"
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Create the file ourselves with mode 0600: SQLite would use 0644 (less the umask),
+            # and it gives the -wal and -shm files the mode of the database file.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            db = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
+        try:
+            # Free pages go back to the file system (by incremental_vacuum below), so a large
+            # message once sent does not keep the file large. Takes effect only for a new file.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            # WAL: readers (``outbox list``) never block the sender, and a commit is one append.
+            # synchronous=FULL: a committed "stored" survives a power cut, not only a crash.
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise OutboxError(
+                    f"the outbox {self.path} was made by a newer e2email (schema {version})"
+                )
+            with self._transaction(db):
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+                db.execute(
+                    "DELETE FROM ledger WHERE state = 'done' AND updated < ?",
+                    (time.time() - _LEDGER_DAYS * 86400,),
+                )
+            # executescript steps the pragma to the end (execute() frees only one page).
+            db.executescript("PRAGMA incremental_vacuum;")
+        except sqlite3.Error as exc:
+            db.close()
+            raise OutboxError(f"cannot use the outbox {self.path}: {exc}") from exc
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock at once, so two processes claiming items are
+        # serialised instead of both reading the same free item.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                with self._transaction(self._db) as db:
+                    yield db
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- storing ---------------------------------------------------------------------------
+
+    def add(
+        self,
+        items: Sequence[NewItem],
+        *,
+        route: str | None = None,
+        claim: bool = True,
+        ledger: tuple[str, str] | None = None,
+    ) -> tuple[str, ...]:
+        """Store ``items`` in one transaction and return their IDs.
+
+        With ``claim`` (the default) they are stored already claimed by this process, which is
+        about to send them. ``ledger`` is ``(batch, key)``: the items are recorded as that batch
+        row's message, in the same transaction, so a rerun knows the row is taken care of.
+        """
+        now = time.time()
+        ids: list[str] = []
+        with self._write() as db:
+            for item in items:
+                if not item.recipients:
+                    raise ConfigError("an outbox item needs at least one recipient")
+                item_id = self._new_id(db)
+                db.execute(
+                    "INSERT INTO items (id, created, updated, state, raw, mail_from, message_id,"
+                    " kind, meta, route, ledger_key, next_attempt, claimed_by, claimed_until)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        item_id,
+                        now,
+                        now,
+                        "sending" if claim else "queued",
+                        item.raw,
+                        item.mail_from,
+                        item.message_id,
+                        item.kind,
+                        json.dumps(dict(item.meta), sort_keys=True),
+                        route,
+                        ledger[1] if ledger else None,
+                        now,
+                        self.owner if claim else None,
+                        now + self.lease if claim else None,
+                    ),
+                )
+                db.executemany(
+                    "INSERT INTO recipients (item_id, position, address, state)"
+                    " VALUES (?, ?, ?, 'pending')",
+                    [(item_id, n, a) for n, a in enumerate(dict.fromkeys(item.recipients))],
+                )
+                ids.append(item_id)
+            if ledger is not None:
+                db.execute(
+                    "INSERT INTO ledger (key, batch, state, updated) VALUES (?, ?, 'queued', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET state = 'queued', updated = excluded.updated",
+                    (ledger[1], ledger[0], now),
+                )
+        return tuple(ids)
+
+    @staticmethod
+    def _new_id(db: sqlite3.Connection) -> str:
+        while True:
+            # 48 random bits: short enough to type in `e2email outbox drop ID`.
+            item_id = secrets.token_hex(6)
+            if db.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone() is None:
+                return item_id
+
+    # -- claiming --------------------------------------------------------------------------
+
+    def _claimable(self, state: str, claimed_by: str | None, claimed_until: float | None) -> bool:
+        if state != "sending" or claimed_by is None:
+            return True
+        if claimed_by == self.owner:
+            return False  # ours: another task of this process is on it
+        alive = _owner_alive(claimed_by)
+        if alive is None:
+            return (claimed_until or 0.0) < time.time()
+        return not alive
+
+    def claim(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        route: str | None = None,
+        ledger_keys: Iterable[str] | None = None,
+        include_failed: bool = True,
+        due_only: bool = False,
+        limit: int | None = None,
+    ) -> tuple[OutboxItem, ...]:
+        """Claim items for sending (with their bytes) and return them, oldest first.
+
+        ``ids`` (full IDs or unique prefixes) selects items; otherwise every item, or those for
+        ``route``, or those of the given ``ledger_keys``. Items another live process has
+        claimed are skipped. ``include_failed`` also takes items the server refused, resetting
+        their refused recipients to pending; ``due_only`` only items whose retry time passed.
+        """
+        now = time.time()
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT id, state, claimed_by, claimed_until, route, ledger_key, next_attempt"
+                " FROM items ORDER BY created, rowid"
+            ).fetchall()
+            wanted: set[str] | None = None
+            if ids is not None:
+                wanted = {self._resolve_id(db, i) for i in ids}
+            keys = set(ledger_keys) if ledger_keys is not None else None
+            chosen: list[str] = []
+            for item_id, state, by, until, item_route, key, next_attempt in rows:
+                if wanted is not None and item_id not in wanted:
+                    continue
+                if wanted is None and route is not None and item_route != route:
+                    continue
+                if keys is not None and key not in keys:
+                    continue
+                if state == "failed" and not include_failed:
+                    continue
+                if due_only and next_attempt > now:
+                    continue
+                if not self._claimable(state, by, until):
+                    continue
+                chosen.append(item_id)
+                if limit is not None and len(chosen) >= limit:
+                    break
+            for item_id in chosen:
+                db.execute(
+                    "UPDATE items SET state = 'sending', claimed_by = ?, claimed_until = ?,"
+                    " updated = ? WHERE id = ?",
+                    (self.owner, now + self.lease, now, item_id),
+                )
+                if include_failed:
+                    db.execute(
+                        "UPDATE recipients SET state = 'pending'"
+                        " WHERE item_id = ? AND state = 'failed'",
+                        (item_id,),
+                    )
+            return tuple(self._load(db, i, raw=True) for i in chosen)
+
+    def _resolve_id(self, db: sqlite3.Connection, prefix: str) -> str:
+        prefix = prefix.strip().lower()
+        if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+            raise OutboxError(f"{prefix!r} is not an outbox item ID")
+        found = [
+            r[0]
+            for r in db.execute(
+                "SELECT id FROM items WHERE substr(id, 1, ?) = ?", (len(prefix), prefix)
+            )
+        ]
+        if not found:
+            raise OutboxError(f"no item {prefix} in the outbox")
+        if len(found) > 1:
+            raise OutboxError(f"{prefix} matches {len(found)} items: give more of the ID")
+        return str(found[0])
+
+    # -- recording outcomes ----------------------------------------------------------------
+
+    def settle(
+        self,
+        item_id: str,
+        *,
+        delivered: Mapping[str, SMTPReply | None] | None = None,
+        failed: Mapping[str, SMTPReply | None] | None = None,
+        pending: Mapping[str, SMTPReply | None] | None = None,
+        error: str | None = None,
+        attempted: bool = True,
+        retry_at: float | None = None,
+        release: bool = False,
+    ) -> bool:
+        """Record what one attempt did, in one transaction; True if the item is gone.
+
+        ``delivered`` and ``failed`` (permanently refused) recipients are marked so, with the
+        server's reply; ``pending`` ones get their latest reply. When no recipient is pending or
+        failed any more the item is deleted (and its ledger row marked done): this is the only
+        way an item leaves the outbox besides :meth:`drop`. Otherwise it stays claimed, or with
+        ``release`` goes back to ``queued`` (or ``failed`` when nothing is pending).
+        """
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT ledger_key FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                return True
+            for state, replies in (("delivered", delivered), ("failed", failed)):
+                for address, reply in (replies or {}).items():
+                    db.execute(
+                        "UPDATE recipients SET state = ?, reply_code = ?, reply_text = ?"
+                        " WHERE item_id = ? AND address = ?",
+                        (
+                            state,
+                            reply.code if reply else None,
+                            reply.text if reply else None,
+                            item_id,
+                            address,
+                        ),
+                    )
+            for address, reply in (pending or {}).items():
+                if reply is not None:
+                    db.execute(
+                        "UPDATE recipients SET reply_code = ?, reply_text = ?"
+                        " WHERE item_id = ? AND address = ? AND state = 'pending'",
+                        (reply.code, reply.text, item_id, address),
+                    )
+            counts = dict(
+                db.execute(
+                    "SELECT state, count(*) FROM recipients WHERE item_id = ? GROUP BY state",
+                    (item_id,),
+                ).fetchall()
+            )
+            if not counts.get("pending") and not counts.get("failed"):
+                db.execute("DELETE FROM items WHERE id = ?", (item_id,))
+                key = row[0]
+                if key is not None:
+                    left = db.execute(
+                        "SELECT 1 FROM items WHERE ledger_key = ? LIMIT 1", (key,)
+                    ).fetchone()
+                    if left is None:
+                        db.execute(
+                            "UPDATE ledger SET state = 'done', updated = ? WHERE key = ?",
+                            (now, key),
+                        )
+                return True
+            sets = ["updated = ?"]
+            params: list[Any] = [now]
+            if attempted:
+                sets.append("attempts = attempts + 1")
+            if error is not None:
+                sets.append("last_error = ?")
+                params.append(error)
+            if retry_at is not None:
+                sets.append("next_attempt = ?")
+                params.append(retry_at)
+            if release or not counts.get("pending"):
+                state = "queued" if counts.get("pending") else "failed"
+                sets.append("state = ?, claimed_by = NULL, claimed_until = NULL")
+                params.append(state)
+            else:
+                sets.append("claimed_until = ?")
+                params.append(max(now, retry_at or now) + self.lease)
+            db.execute(f"UPDATE items SET {', '.join(sets)} WHERE id = ?", (*params, item_id))  # noqa: S608
+            return False
+
+    def release(self, ids: Iterable[str], *, error: str | None = None) -> None:
+        """Give claimed items back (state ``queued``, or ``failed`` if nothing is pending)
+        without counting an attempt: e.g. when a run stops before trying them."""
+        for item_id in ids:
+            self.settle(item_id, error=error, attempted=False, release=True)
+
+    # -- reading and dropping --------------------------------------------------------------
+
+    def _load(self, db: sqlite3.Connection, item_id: str, *, raw: bool) -> OutboxItem:
+        row = db.execute(_SELECT_WITH_RAW if raw else _SELECT, (item_id,)).fetchone()
+        if row is None:
+            raise OutboxError(f"no item {item_id} in the outbox")
+        rcpts = tuple(
+            OutboxRecipient(address=a, state=RecipientState(s), reply=_reply_of(c, t))
+            for a, s, c, t in db.execute(
+                "SELECT address, state, reply_code, reply_text FROM recipients"
+                " WHERE item_id = ? ORDER BY position",
+                (item_id,),
+            )
+        )
+        return OutboxItem(
+            id=row[0],
+            state=ItemState(row[1]),
+            mail_from=row[2],
+            message_id=row[3],
+            kind=row[4],
+            recipients=rcpts,
+            attempts=row[5],
+            created=row[6],
+            next_attempt=row[7],
+            last_error=row[8],
+            route=row[9],
+            ledger_key=row[10],
+            size=row[11],
+            meta=json.loads(row[12]),
+            claimed_by=row[13],
+            raw=bytes(row[14]) if raw else None,
+        )
+
+    def get(self, item_id: str, *, raw: bool = True) -> OutboxItem:
+        """One item (by ID or unique prefix), with its bytes unless ``raw=False``."""
+        with self._read() as db:
+            return self._load(db, self._resolve_id(db, item_id), raw=raw)
+
+    def items(self) -> tuple[OutboxItem, ...]:
+        """Every item, oldest first, without the bytes."""
+        with self._read() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM items ORDER BY created, rowid")]
+            return tuple(self._load(db, i, raw=False) for i in ids)
+
+    def __len__(self) -> int:
+        with self._read() as db:
+            return int(db.execute("SELECT count(*) FROM items").fetchone()[0])
+
+    def drop(self, item_id: str) -> OutboxItem:
+        """Delete an item (by ID or unique prefix) unsent; returns what was dropped. An item
+        another live process is sending right now cannot be dropped."""
+        with self._write() as db:
+            full = self._resolve_id(db, item_id)
+            item = self._load(db, full, raw=False)
+            if (
+                item.state is ItemState.SENDING
+                and item.claimed_by != self.owner
+                and not self._claimable("sending", item.claimed_by, None)
+            ):
+                raise OutboxError(f"item {full} is being sent by {item.claimed_by} right now")
+            db.execute("DELETE FROM items WHERE id = ?", (full,))
+            if item.ledger_key is not None:
+                # Dropped means "do not send": a rerun of its batch must not send it again.
+                db.execute(
+                    "UPDATE ledger SET state = 'done', updated = ? WHERE key = ?",
+                    (time.time(), item.ledger_key),
+                )
+            return item
+
+    # -- the batch ledger ------------------------------------------------------------------
+
+    def ledger_state(self, key: str) -> str | None:
+        """``"queued"``, ``"done"`` or ``None`` (never seen) for a batch row's key."""
+        with self._read() as db:
+            row = db.execute("SELECT state FROM ledger WHERE key = ?", (key,)).fetchone()
+            return None if row is None else str(row[0])

@@ -1,0 +1,264 @@
+"""Bulk sending: template + CSV rows -> one individually encrypted message per row, bad rows
+reported without stopping the others, a per-recipient report, and reruns that send only what
+is missing. The CLI runs as a real process against a real TLS server."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fixtures_pgp import Keys
+from pgp_helpers import (
+    gpg_decrypt,
+    kill_agent,
+    list_packet_key_ids,
+    multipart_parts,
+    new_gnupg_home,
+    part_body,
+    subkey_ids,
+)
+from test_cli import e2email, send_args
+
+from e2email.bulk import BadRow, ReportWriter, Row, Template, build_messages, read_rows
+from e2email.errors import ConfigError
+from e2email.keystore import Keystore
+from e2email.testing import LoopbackSMTPServer
+
+ServerFactory = Callable[..., LoopbackSMTPServer]
+
+
+# -- templates and rows ------------------------------------------------------------------------
+
+
+def test_template_file_format_and_placeholders() -> None:
+    """A template is 'Subject:', a blank line and the body; $name and ${name} are
+    placeholders, $$ a dollar sign; without a header line the whole text is the body."""
+    tpl = Template.parse("Subject: Hi $name\n\nDear ${name}, you owe $$${amount}.\n")
+    assert tpl.placeholders == {"name", "amount"}
+    assert tpl.render({"name": "Bob", "amount": "5"}) == ("Hi Bob", "Dear Bob, you owe $5.\n", None)
+    plain = Template.parse("Dear $name,\nhello\n")
+    assert plain.subject == "" and plain.body == "Dear $name,\nhello\n"
+    assert Template.parse("\nNote: a body\n").body == "Note: a body\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("To: x@example.org\n\nbody", "only Subject"),
+        ("Subject: a\nSubject: b\n\nbody", "twice"),
+        ("Subject: a\nno blank line", "not a header line"),
+        ("Subject: a", "blank line"),
+        ("Subject: 100$\n\nbody", "$$"),
+    ],
+)
+def test_bad_templates_are_refused_with_the_reason(text: str, needle: str) -> None:
+    """Unsupported headers, a missing blank line or a stray '$' stop before anything is
+    sent, with a message that says what to fix."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        Template.parse(text)
+
+
+def test_placeholders_must_name_columns() -> None:
+    """A placeholder that names no CSV column is an error listing it (and the columns)."""
+    tpl = Template(subject="$name", body="$amount $nope")
+    tpl.check_columns(["email", "name", "amount", "nope"])
+    with pytest.raises(ConfigError, match=r"\$nope.*columns: email, name, amount"):
+        tpl.check_columns(["email", "name", "amount"])
+
+
+def test_rows_are_read_lazily_and_bad_rows_reported() -> None:
+    """Rows come one at a time; a row with the wrong number of fields or no address is a
+    BadRow with its number; blank lines are skipped; column names are case-insensitive."""
+    text = (
+        "\ufeffEmail,Name\nbob@example.net,Bob\n\ncarol@example.com\n,Nobody\ndave@example.com,D\n"
+    )
+    columns, rows = read_rows(io.StringIO(text.lstrip("\ufeff")))
+    assert columns == ["email", "name"]
+    got = list(rows)
+    assert got[0] == Row(1, {"email": "bob@example.net", "name": "Bob"})
+    assert isinstance(got[1], BadRow) and got[1].number == 2 and "2" in got[1].reason
+    assert isinstance(got[2], BadRow) and got[2].reason == "no email address"
+    assert isinstance(got[3], Row) and got[3].number == 4
+    with pytest.raises(ConfigError, match="no 'email' column"):
+        read_rows(io.StringIO("name\nBob\n"))
+    with pytest.raises(ConfigError, match="repeats"):
+        read_rows(io.StringIO("email,Email\n"))
+
+
+def test_a_row_that_would_break_the_message_is_a_bad_row() -> None:
+    """Header injection through a value used in the Subject, or an invalid address, makes
+    that row bad; the next row is still built."""
+    tpl = Template(subject="Hello $name", body="x")
+    _, rows = read_rows(
+        io.StringIO(
+            'email,name\nbob@example.net,"Bob\r\nBcc: eve@example.org"\n'
+            "not-an-address,X\ncarol@example.com,Carol\n"
+        )
+    )
+    out = list(build_messages(rows, tpl, sender="alice@example.org"))
+    assert isinstance(out[0], BadRow) and out[0].email == "bob@example.net"
+    assert isinstance(out[1], BadRow) and "not-an-address" in out[1].reason
+    _, message = out[2]  # type: ignore[misc]
+    assert message.to[0].display_name == "Carol" and message.subject == "Hello Carol"
+
+
+def test_report_writer_streams_csv_and_json() -> None:
+    """The report is valid CSV or JSON with the same fields, written entry by entry."""
+    for as_json in (False, True):
+        out = io.StringIO()
+        writer = ReportWriter(out, as_json=as_json)
+        writer.write(row=1, email="b@example.net", status="delivered", message_id="m@x")
+        writer.write(row=2, email="c@example.com", status="failed", detail="552", outbox_ids=["ab"])
+        writer.close()
+        if as_json:
+            entries = json.loads(out.getvalue())
+        else:
+            entries = list(csv.DictReader(io.StringIO(out.getvalue())))
+        assert [e["status"] for e in entries] == ["delivered", "failed"]
+        assert entries[1]["outbox_ids"] in (["ab"], "ab")
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bulk_home(keys: Keys) -> Iterator[Path]:
+    """An e2email home with Alice's secret key and Bob's, Carol's and Dave's certificates."""
+    path = new_gnupg_home("e2b")
+    store = Keystore(path)
+    assert keys.alice.secret
+    for f in (keys.alice.secret, keys.bob.cert, keys.carol.cert, keys.dave.cert):
+        store.import_file(f)
+    yield path
+    kill_agent(path / "gnupg")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_to_file_sends_one_encrypted_message_per_row_and_reports_each(
+    bulk_home: Path,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """Each good row gets its own message, personalised and encrypted only to that recipient
+    (and the sender); a bad address and a recipient without a key are reported per row (exit
+    3: a key problem), the rest are delivered; the JSON report has one entry per row; a rerun
+    sends nothing twice."""
+    server = smtp_server()
+    rows = tmp_path / "rows.csv"
+    rows.write_text(
+        "email,name,code\n"
+        "bob@example.net,Bob,B-17\n"
+        "carol@example.com,Carol,C-42\n"
+        "not an address,X,X-0\n"
+        "nobody@example.com,Nobody,N-1\n"
+        "dave@example.com,Dave,D-99\n"
+    )
+    template = tmp_path / "t.txt"
+    template.write_text("Subject: Code for $name\n\nDear $name,\nyour code is $code.\n")
+    report = tmp_path / "report.json"
+    args = send_args(
+        server, "--to-file", str(rows), "--template", str(template), "--report", str(report)
+    )
+    done = e2email(*args, home=bulk_home)
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    entries = {e["row"]: e for e in json.loads(report.read_text())}
+    assert {n: e["status"] for n, e in entries.items()} == {
+        1: "delivered",
+        2: "delivered",
+        3: "invalid",
+        4: "not-sent",
+        5: "delivered",
+    }
+    assert "no key found" in entries[4]["detail"]
+    assert "row 3" in done.stdout and "row 4" in done.stdout
+    assert "3 delivered" in done.stderr
+    by_rcpt = {m.rcpt_tos: m.data for m in server.messages}
+    assert set(by_rcpt) == {("bob@example.net",), ("carol@example.com",), ("dave@example.com",)}
+    alice_ids = subkey_ids(recipients_home, keys.alice.fingerprint)
+    for (rcpt,), raw in by_rcpt.items():
+        code = {"bob": "B-17", "carol": "C-42", "dave": "D-99"}[rcpt.split("@")[0]]
+        assert code.encode() not in raw  # encrypted, and so is the subject
+        _, (_, encrypted) = multipart_parts(raw)
+        plaintext, status = gpg_decrypt(recipients_home, part_body(encrypted))
+        assert f"your code is {code}.".encode() in plaintext and "VALIDSIG" in status
+        own = getattr(keys, rcpt.split("@")[0])
+        packet_ids = list_packet_key_ids(recipients_home, part_body(encrypted))
+        assert packet_ids <= alice_ids | subkey_ids(recipients_home, own.fingerprint)
+        assert packet_ids & alice_ids and len(packet_ids) == 2
+    assert entries[1]["message_id"] and entries[1]["outbox_ids"] == []
+
+    again = e2email(*args, home=bulk_home)
+    assert len(server.messages) == 3  # nothing sent twice
+    statuses = {e["row"]: e["status"] for e in json.loads(report.read_text())}
+    assert statuses == {1: "skipped", 2: "skipped", 3: "invalid", 4: "not-sent", 5: "skipped"}
+    assert "3 already sent earlier" in again.stderr
+
+    fresh = e2email(*args, "--batch", "second round", home=bulk_home)
+    assert fresh.returncode == 3
+    assert len(server.messages) == 6  # a new batch name sends the rows again
+
+
+def test_to_file_csv_report_and_refused_recipient_stays_in_the_outbox(
+    bulk_home: Path, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """With --subject/--body as the template and a CSV report: a recipient the server refuses
+    (550) is reported 'failed' with the reply and its outbox ID (exit 6); `outbox list` shows
+    it; the others are delivered."""
+    server = smtp_server(refuse_recipients={"carol@example.com": (550, "5.1.1 no such user")})
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email\nbob@example.net\ncarol@example.com\n")
+    report = tmp_path / "report.csv"
+    args = send_args(
+        server,
+        "--to-file",
+        str(rows),
+        "--subject",
+        "For $email",
+        "--body",
+        "Hello $email",
+        "--report",
+        str(report),
+    )
+    done = e2email(*args, home=bulk_home)
+    assert done.returncode == 6, done.stderr
+    entries = list(csv.DictReader(report.open()))
+    assert [(e["email"], e["status"]) for e in entries if e["status"] != "delivered"] == [
+        ("carol@example.com", "failed")
+    ]
+    failed = next(e for e in entries if e["status"] == "failed")
+    assert "550" in failed["detail"] and failed["outbox_ids"]
+    listing = e2email("outbox", "list", home=bulk_home)
+    assert failed["outbox_ids"] in listing.stdout and "no such user" in listing.stdout
+    dropped = e2email("outbox", "drop", failed["outbox_ids"], home=bulk_home)
+    assert dropped.returncode == 0 and "dropped" in dropped.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--to", "bob@example.net"], "leave out --to"),
+        (["--body", "hi $missing"], "$missing"),
+        (["--template", "/dev/null", "--body", "x"], "give the body once"),
+    ],
+)
+def test_to_file_usage_errors_send_nothing(
+    extra: list[str], needle: str, bulk_home: Path, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Contradictory options and unknown placeholders are usage errors (exit 2) before any
+    connection is made."""
+    server = smtp_server()
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email\nbob@example.net\n")
+    done = e2email(*send_args(server, "--to-file", str(rows), *extra), home=bulk_home)
+    assert done.returncode == 2, done.stderr
+    assert needle in done.stderr
+    assert server.transcript == []

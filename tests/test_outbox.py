@@ -1,0 +1,282 @@
+"""The outbox store: private files, what an attempt's outcome does to an item, the batch
+ledger, claims that keep two processes from sending the same copy (real processes), and the
+`e2email outbox` commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fixtures_pgp import Keys
+from pgp_helpers import kill_agent, new_gnupg_home
+from test_cli import e2email, send_args
+
+from e2email.errors import ConfigError, SMTPReply
+from e2email.keystore import Keystore
+from e2email.outbox import ItemState, NewItem, Outbox, OutboxError
+from e2email.testing import Fault, LoopbackSMTPServer
+
+RAW = b"From: a@example.org\r\nSubject: [...]\r\n\r\n-----BEGIN PGP MESSAGE-----\r\n"
+
+
+def item(*rcpts: str, raw: bytes = RAW) -> NewItem:
+    return NewItem(raw=raw, mail_from="a@example.org", recipients=rcpts, message_id="m@x")
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    """The database and SQLite's -wal and -shm files are 0600, in a 0700 directory, whatever
+    the umask."""
+    old = os.umask(0o022)
+    try:
+        box = Outbox(tmp_path / "home" / "outbox.sqlite3")
+        box.add([item("b@example.net")])
+    finally:
+        os.umask(old)
+    home = tmp_path / "home"
+    assert home.stat().st_mode & 0o777 == 0o700
+    names = {p.name: p.stat().st_mode & 0o777 for p in home.iterdir()}
+    assert "outbox.sqlite3-wal" in names
+    assert names == dict.fromkeys(names, 0o600)
+    box.close()
+
+
+def test_an_item_leaves_only_when_every_recipient_is_delivered(tmp_path: Path) -> None:
+    """Delivered and permanently failed recipients are recorded one attempt at a time; the
+    item is deleted only when none is pending or failed, and is ``failed`` when only refused
+    ones remain (kept for the user)."""
+    box = Outbox(tmp_path / "o.sqlite3")
+    (a,) = box.add([item("b@example.net", "c@example.com", "d@example.com")])
+    assert box.get(a).state is ItemState.SENDING and box.get(a).raw == RAW
+    ok = SMTPReply(250, "queued")
+    gone = box.settle(
+        a,
+        delivered={"b@example.net": ok},
+        pending={"c@example.com": SMTPReply(451, "later")},
+        failed={"d@example.com": SMTPReply(552, "full")},
+        error="c: 451",
+    )
+    assert not gone
+    got = box.get(a)
+    assert got.pending == ("c@example.com",) and got.delivered == ("b@example.net",)
+    assert got.attempts == 1 and got.state is ItemState.SENDING
+    assert box.settle(a, delivered={"c@example.com": ok}, release=True) is False
+    got = box.get(a)
+    assert got.state is ItemState.FAILED and got.pending == ()
+    assert [(r.address, r.reply) for r in got.failed] == [("d@example.com", SMTPReply(552, "full"))]
+    # An explicit retry makes the refused recipient pending again; delivering it removes all.
+    (claimed,) = box.claim([a[:5]])
+    assert claimed.pending == ("d@example.com",)
+    assert box.settle(a, delivered={"d@example.com": ok}) is True
+    assert len(box) == 0
+
+
+def test_release_requeues_without_counting_an_attempt(tmp_path: Path) -> None:
+    """A run that stops before trying an item gives it back as queued, attempts unchanged."""
+    box = Outbox(tmp_path / "o.sqlite3")
+    (a,) = box.add([item("b@example.net")])
+    box.release([a], error="sending stopped")
+    got = box.get(a)
+    assert got.state is ItemState.QUEUED and got.attempts == 0
+    assert got.last_error == "sending stopped" and got.claimed_by is None
+
+
+def test_ids_prefixes_and_drop(tmp_path: Path) -> None:
+    """Items are named by ID or unique prefix; unknown or malformed IDs are clear errors
+    (ConfigError); dropping deletes the item and marks its batch row done."""
+    box = Outbox(tmp_path / "o.sqlite3")
+    (a,) = box.add([item("b@example.net")], ledger=("batch", "key1"))
+    assert box.ledger_state("key1") == "queued"
+    with pytest.raises(OutboxError, match="no item"):
+        box.get("ffffffffffff" if not a.startswith("f") else "000000000000")
+    with pytest.raises(ConfigError, match="not an outbox item ID"):
+        box.drop("x; DROP TABLE items")
+    dropped = box.drop(a[:6])
+    assert dropped.id == a and len(box) == 0
+    assert box.ledger_state("key1") == "done"
+
+
+def test_ledger_is_done_only_when_all_copies_of_the_row_are_delivered(tmp_path: Path) -> None:
+    """A batch row with two copies (To and Bcc) is done when both are delivered, not before."""
+    box = Outbox(tmp_path / "o.sqlite3")
+    a, b = box.add([item("b@example.net"), item("c@example.com")], ledger=("batch", "row"))
+    assert box.settle(a, delivered={"b@example.net": None})
+    assert box.ledger_state("row") == "queued"
+    assert box.settle(b, delivered={"c@example.com": None})
+    assert box.ledger_state("row") == "done"
+    assert box.ledger_state("other") is None
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    """An outbox written by a newer e2email is not touched."""
+    path = tmp_path / "o.sqlite3"
+    Outbox(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version=99")
+    with pytest.raises(OutboxError, match="newer e2email"):
+        Outbox(path)
+
+
+def test_claims_of_another_machine_hold_until_their_lease_ends(tmp_path: Path) -> None:
+    """A claim whose owner cannot be checked (another host) is honoured until its lease
+    expires, then taken over."""
+    box = Outbox(tmp_path / "o.sqlite3")
+    a, b = box.add([item("b@example.net"), item("c@example.com")], claim=False)
+    with sqlite3.connect(box.path) as db:
+        db.execute(
+            "UPDATE items SET state = 'sending', claimed_by = 'elsewhere:1:1', claimed_until = ?"
+            " WHERE id = ?",
+            (time.time() + 600, a),
+        )
+        db.execute(
+            "UPDATE items SET state = 'sending', claimed_by = 'elsewhere:1:1', claimed_until = ?"
+            " WHERE id = ?",
+            (time.time() - 1, b),
+        )
+    assert [i.id for i in box.claim()] == [b]
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from e2email.outbox import Outbox
+    box = Outbox(sys.argv[1])
+    got = box.claim()
+    print(" ".join(i.id for i in got), flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_a_live_process_keeps_its_claims_and_a_killed_one_loses_them_at_once(
+    tmp_path: Path,
+) -> None:
+    """Another process has claimed the items: this one cannot claim them while it runs; once
+    it is killed (SIGKILL; even before it is reaped) they can be claimed right away."""
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path)
+    ids = set(box.add([item("b@example.net"), item("c@example.com")], claim=False))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert set(holder.stdout.readline().split()) == ids
+        assert box.claim() == ()
+        with pytest.raises(OutboxError, match="being sent"):
+            box.drop(next(iter(ids)))
+        os.kill(holder.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:  # a zombie until reaped: must already count as gone
+            with open(f"/proc/{holder.pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert {i.id for i in box.claim()} == ids
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+_CLAIMER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from e2email.outbox import Outbox
+    box = Outbox(sys.argv[1])
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.001)
+    mine = []
+    while True:
+        got = box.claim(limit=3)
+        if not got:
+            break
+        mine.extend(i.id for i in got)
+    print(" ".join(mine), flush=True)
+    time.sleep(2)  # stay alive so the claims stay valid while the other one looks
+    """
+)
+
+
+def test_two_processes_claiming_at_once_never_take_the_same_item(tmp_path: Path) -> None:
+    """Two processes racing to claim 60 items get disjoint sets that cover them all."""
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path)
+    ids = set(box.add([item(f"r{n}@example.net") for n in range(60)], claim=False))
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CLAIMER, str(path), str(go)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        time.sleep(0.5)  # both have imported and opened the outbox
+        go.touch()
+        taken = []
+        for p in procs:
+            assert p.stdout is not None
+            taken.append(set(p.stdout.readline().split()))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert not taken[0] & taken[1]
+    assert taken[0] | taken[1] == ids
+
+
+def test_the_file_shrinks_again_after_a_large_item_is_gone(tmp_path: Path) -> None:
+    """A large message once sent does not keep the outbox file large: its pages are given
+    back when the outbox is next opened."""
+    path = tmp_path / "o.sqlite3"
+    with Outbox(path) as box:
+        (a,) = box.add([item("b@example.net", raw=b"x" * 5_000_000)])
+        assert box.settle(a, delivered={"b@example.net": None})
+    with Outbox(path) as box, sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert len(box) == 0
+    assert path.stat().st_size < 1_000_000
+
+
+def test_cli_outbox_retry_sends_what_a_failed_send_left(
+    keys: Keys, smtp_server: Callable[..., LoopbackSMTPServer], tmp_path: Path
+) -> None:
+    """`send` against a server that keeps saying 451 exits 6 and leaves the message queued;
+    `outbox list` shows why; `outbox retry` with the same server options delivers exactly the
+    stored bytes and empties the outbox."""
+    home = new_gnupg_home("e2o")
+    try:
+        store = Keystore(home)
+        assert keys.alice.secret
+        store.import_file(keys.alice.secret)
+        store.import_file(keys.bob.cert)
+        busy = smtp_server(faults=[Fault("rcpt", "reply", 451, "4.3.2 busy", times=None)])
+        done = e2email(
+            *send_args(busy, "--to", "bob@example.net", "--body", "later", "--retries", "1"),
+            home=home,
+        )
+        assert done.returncode == 6, done.stderr
+        assert "outbox retry" in done.stderr
+        with sqlite3.connect(home / "outbox.sqlite3") as db:
+            (raw,) = db.execute("SELECT raw FROM items").fetchone()
+        listing = e2email("outbox", "list", home=home)
+        assert "queued  2 attempt(s)" in listing.stdout and "4.3.2 busy" in listing.stdout
+        fine = smtp_server()
+        args = send_args(fine)[send_args(fine).index("--host") :]
+        retried = e2email("outbox", "retry", *args, home=home)
+        assert retried.returncode == 0, retried.stderr
+        assert "delivered: bob@example.net" in retried.stdout
+        assert [m.data for m in fine.messages] == [raw]
+        assert e2email("outbox", "list", home=home).stdout.startswith("the outbox is empty")
+    finally:
+        kill_agent(home / "gnupg")
+        shutil.rmtree(home, ignore_errors=True)
