@@ -1,7 +1,8 @@
 """e2email: send end-to-end encrypted email.
 
-OpenPGP (PGP/MIME, RFC 3156) signed and encrypted messages, submitted over SMTP with verified
-TLS. The async core is :class:`AsyncMailer`; :class:`Mailer` is the same API, synchronous::
+OpenPGP (PGP/MIME, RFC 3156) or S/MIME (RFC 8551) signed and encrypted messages, submitted over
+SMTP with verified TLS. The async core is :class:`AsyncMailer`; :class:`Mailer` is the same
+API, synchronous::
 
     from e2email import Mailer, Message, SMTPSettings, password_from_env
 
@@ -12,10 +13,22 @@ TLS. The async core is :class:`AsyncMailer`; :class:`Mailer` is the same API, sy
                             subject="Hello", text="Only Bob can read this."))
 """
 
-from e2email.client import AsyncMailer, CopyResult, Mailer, ProtectedCopy, SendResult
+from e2email.certstore import CertStore
+from e2email.client import (
+    AsyncMailer,
+    BatchItem,
+    BatchResult,
+    CopyResult,
+    Mailer,
+    MessageOutcome,
+    ProtectedCopy,
+    SendResult,
+)
 from e2email.config import (
     Protection,
+    RetryPolicy,
     Scheme,
+    SMIMECipher,
     SMTPSettings,
     TLSMode,
     password_from_command,
@@ -37,6 +50,7 @@ from e2email.errors import (
     PassphraseError,
     RecipientKeyError,
     RecipientsRefusedError,
+    RequireTLSError,
     SignerKeyError,
     SMTPReply,
     TLSError,
@@ -44,6 +58,8 @@ from e2email.errors import (
 )
 from e2email.keystore import Keystore
 from e2email.message import Address, Attachment, Message
+from e2email.outbox import Outbox, OutboxError
+from e2email.transport.ports import HostMemory, PortAttempt
 from e2email.transport.smtp import DeliveryResult, RecipientResult, TLSInfo
 
 __version__ = "0.1.0"
@@ -53,6 +69,9 @@ __all__ = [
     "AsyncMailer",
     "Attachment",
     "AuthenticationError",
+    "BatchItem",
+    "BatchResult",
+    "CertStore",
     "ConfigError",
     "ConnectError",
     "CopyResult",
@@ -60,6 +79,7 @@ __all__ = [
     "DeliveryError",
     "DeliveryResult",
     "E2EmailError",
+    "HostMemory",
     "InsecureTransportError",
     "KeyErrorBase",
     "KeyProblem",
@@ -69,12 +89,19 @@ __all__ = [
     "Mailer",
     "Message",
     "MessageError",
+    "MessageOutcome",
+    "Outbox",
+    "OutboxError",
     "PassphraseError",
+    "PortAttempt",
     "ProtectedCopy",
     "Protection",
     "RecipientKeyError",
     "RecipientResult",
     "RecipientsRefusedError",
+    "RequireTLSError",
+    "RetryPolicy",
+    "SMIMECipher",
     "SMTPReply",
     "SMTPSettings",
     "Scheme",
