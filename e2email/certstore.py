@@ -10,31 +10,50 @@ Everything is under ``HOME/smime/`` (HOME is e2email's home, ``--home`` / ``$E2E
     identities/<SHA256>.key       its private key, PKCS#8 PEM, file mode 0600
     testca/ca.pem, ca.key         the local test CA of ``keys generate --smime --test-ca``
 
+The local test CA exists to try S/MIME without a commercial certificate. Its key is stored
+unencrypted, so it is bounded instead: it lives one year, and a nameConstraints extension
+(RFC 5280 §4.2.1.10) lets it certify only addresses at the domains it issued identities for (a
+new domain re-issues it under the same key and name, so earlier identities stay valid;
+recipients then need the new ``ca.pem``). Whoever copies the home can mint certificates for
+those domains only, which is what anyone trusting it agreed to. A test CA made by an older
+version without constraints is re-issued constrained the next time it is used.
+
 Private keys are stored the way they came: a key imported with a passphrase (a protected
 PKCS#12 bundle or an encrypted PEM key) is stored encrypted under that same passphrase (PKCS#8,
 ``BestAvailableEncryption``), so the passphrase asked when signing is the one the user knows;
 a key that came unprotected stays unprotected (the user chose that, typically for unattended
-sending) but, like every key file, is written 0600 inside a 0700 directory. This mirrors GnuPG,
-which keeps a secret key's protection as imported. An unlocked key is cached in memory for the
-life of the :class:`CertStore` (like gpg-agent), so parsing and decryption happen once.
+sending) but, like every key file, is created 0600 (exclusively, never through a symlink)
+inside a 0700 directory. This mirrors GnuPG, which keeps a secret key's protection as imported.
+An unlocked key is cached in memory for the life of the :class:`CertStore` (like gpg-agent), so
+parsing and decryption happen once, but only for the passphrase that unlocked it: another
+passphrase is tried against the file, so a wrong one still fails; exports always read the file.
 
 Certificates are judged by :meth:`CertStore.check`, which fails closed with a
-:class:`~e2email.errors.KeyProblem`: the address must be in subjectAltName (or, for legacy
-certificates without any, the subject's emailAddress; RFC 8550 §3), the certificate current, an
-end-entity certificate whose key usage and extended key usage (if constrained) allow email
-protection for the purpose, RSA of at least 2048 bits or ECDSA on P-256/384/521, nothing in its
-chain signed with SHA-1 or MD5, and a chain to a trust anchor (``cryptography.x509.verification``
-with a web-PKI-style CA profile that requires emailProtection where a CA constrains usage).
-A self-signed certificate is accepted only when it is itself a trust anchor: imported with
+:class:`~e2email.errors.KeyProblem`: the certificate current, an end-entity certificate whose
+key usage and extended key usage (if constrained) allow email protection for the purpose, RSA of
+at least 2048 bits or ECDSA on P-256/384/521, nothing in its chain signed with SHA-1 or MD5, a
+chain to a trust anchor (``cryptography.x509.verification`` with a web-PKI-style CA profile that
+requires emailProtection where a CA constrains usage, and enforces CAs' name constraints), and
+the address among the rfc822Name entries of the verified certificate's subjectAltName. A
+self-signed certificate is accepted only when it is itself a trust anchor: imported with
 ``--trust`` or named by fingerprint for a message.
+
+Addresses come from subjectAltName only. RFC 8550 §3 also mentions the subject's PKCS #9
+emailAddress, but name constraints are checked against subjectAltName, so a CA constrained to
+``partner.example`` could put any address there (RFC 5280 §4.2.1.10 asks verifiers to check it
+only when there is no subjectAltName at all, and the verifier refuses end-entity certificates
+without one anyway). A certificate whose address is only in its subject names no address here.
 """
 
 from __future__ import annotations
 
 import datetime
 import enum
+import hashlib
+import hmac
 import os
 import re
+import secrets
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +96,7 @@ __all__ = [
     "fingerprint",
     "looks_like_x509",
     "name_text",
+    "permitted_email_subtrees",
 ]
 
 #: Below this an RSA key is refused (NIST SP 800-131A; standards item 10).
@@ -110,20 +130,32 @@ def _normal_fpr(text: str) -> str:
     return text.replace(":", "").replace(" ", "").upper().removeprefix("0X")
 
 
+def _rfc822(names: Iterable[x509.GeneralName]) -> tuple[str, ...]:
+    found = (n.value.strip().lower() for n in names if isinstance(n, x509.RFC822Name))
+    return tuple(dict.fromkeys(a for a in found if "@" in a))
+
+
 def cert_addresses(cert: x509.Certificate) -> tuple[str, ...]:
-    """Lower-cased rfc822Name entries of subjectAltName; for a certificate that has none, the
-    subject's PKCS #9 emailAddress (RFC 8550 §3 asks agents to recognise both)."""
+    """Lower-cased rfc822Name entries of subjectAltName: the only addresses a certificate
+    names here. The subject's emailAddress is ignored on purpose: CAs' name constraints are
+    checked against subjectAltName, not against it (see the module documentation)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        found = [a.lower() for a in san.get_values_for_type(x509.RFC822Name)]
     except (x509.ExtensionNotFound, ValueError):
-        found = []
-    if not found:
-        found = [
-            str(attr.value).lower()
-            for attr in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)
-        ]
-    return tuple(dict.fromkeys(a.strip() for a in found if "@" in a))
+        return ()
+    return _rfc822(san)
+
+
+def permitted_email_subtrees(cert: x509.Certificate) -> tuple[str, ...] | None:
+    """The rfc822Name permitted subtrees of a CA's nameConstraints (``example.org``: mailboxes
+    at that host; ``.example.org``: at its subdomains), or None when it has no nameConstraints."""
+    try:
+        nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    return tuple(
+        n.value.lower() for n in nc.permitted_subtrees or () if isinstance(n, x509.RFC822Name)
+    )
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -336,13 +368,32 @@ def _cert_pem(certs: Iterable[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
+_CREATE_FLAGS = (
+    os.O_WRONLY
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
 def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    """Replace ``path`` atomically with ``data``, permissions at most ``mode`` from the first
+    byte. The temporary file has a random name and is created exclusively (O_EXCL, O_NOFOLLOW)
+    with ``mode``, so it is never an existing file or a planted symlink and never wider than
+    ``mode`` (no chmod afterwards); os.replace then renames it over ``path`` (replacing a
+    symlink there rather than writing through it)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, _CREATE_FLAGS, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _parse_lifetime(text: str) -> int:
@@ -368,7 +419,11 @@ class CertStore:
         self.root = self.home / "smime"
         self._lock = threading.Lock()
         self._listing: tuple[tuple[int, ...], tuple[StoredCert, ...]] | None = None
-        self._keys: dict[tuple[str, int], PrivateKey] = {}
+        # (fingerprint, inode, mtime) -> (key, keyed hash of the passphrase that unlocked it, or
+        # None for an unprotected key). The hash is keyed by a per-store secret, so it says
+        # nothing about the passphrase outside this object.
+        self._keys: dict[tuple[str, int, int], tuple[PrivateKey, bytes | None]] = {}
+        self._pw_secret = secrets.token_bytes(32)
 
     def __repr__(self) -> str:
         return f"CertStore(root={str(self.root)!r})"
@@ -528,9 +583,14 @@ class CertStore:
         usage = self._usage_problem(cert, purpose)
         if usage:
             return problem(KeyReason.WRONG_USAGE, usage)
-        untrusted = self._chain_problem(cert, now, trusted_self_signed, intermediates)
-        if untrusted:
-            return problem(KeyReason.UNTRUSTED, untrusted)
+        verified = self._verify_chain(cert, now, trusted_self_signed, intermediates)
+        if isinstance(verified, str):
+            return problem(KeyReason.UNTRUSTED, verified)
+        # The address must be one the path validation covered: an rfc822Name of the verified
+        # leaf's subjectAltName, which name constraints (RFC 5280 §4.2.1.10) were checked on.
+        if addr and addr not in verified:
+            listed = ", ".join(verified) if verified else "no email address"
+            return problem(KeyReason.ADDRESS_MISMATCH, f"the verified certificate names {listed}")
         return None
 
     @staticmethod
@@ -556,20 +616,23 @@ class CertStore:
             return "its key usage does not allow key encipherment"
         return None
 
-    def _chain_problem(
+    def _verify_chain(
         self,
         cert: x509.Certificate,
         now: datetime.datetime,
         trusted_self_signed: Iterable[str],
         intermediates: Sequence[x509.Certificate],
-    ) -> str | None:
+    ) -> str | tuple[str, ...]:
+        """Why ``cert`` has no chain to a trust anchor (text), or the addresses (rfc822Name)
+        of the verified leaf: for a certificate trusted directly, its own."""
         fpr = fingerprint(cert)
         anchors = self.trust_anchors()
         if fpr in {fingerprint(a) for a in anchors}:
-            return None  # explicitly trusted (imported with --trust, or generated here)
+            # Explicitly trusted (imported with --trust, or generated here).
+            return cert_addresses(cert)
         if _self_signed(cert):
             if fpr in {_normal_fpr(f) for f in trusted_self_signed}:
-                return None
+                return cert_addresses(cert)
             return (
                 f"self-signed; trust it by name with --trust-self-signed {fpr} or "
                 "`e2email keys import --trust FILE`"
@@ -592,13 +655,20 @@ class CertStore:
             .build_client_verifier()
         )
         try:
-            verifier.verify(cert, pool)
+            verified = verifier.verify(cert, pool)
         except VerificationError as exc:
             why = str(exc).removeprefix("validation failed: ")
-            if "candidates exhausted" in why:
+            if "name constraint" in why:
+                why = (
+                    "its address is outside what its CA may certify (name constraints, "
+                    "RFC 5280 §4.2.1.10)"
+                )
+            elif "candidates exhausted" in why:
                 why = "no chain to a trusted CA"
             return f"{why}; issuer {name_text(cert.issuer)}"
-        return None
+        if not verified.chain or verified.chain[0] != cert:
+            return "the verified chain does not start with this certificate"
+        return _rfc822(verified.subjects or ())
 
     @staticmethod
     def _weak_chain(cert: x509.Certificate, pool: Sequence[x509.Certificate]) -> str | None:
@@ -631,7 +701,15 @@ class CertStore:
                 return f"expired on {stored.not_after:%Y-%m-%d}"
             if now < stored.not_before:
                 return f"not yet valid (from {stored.not_before:%Y-%m-%d})"
-            return "valid"
+            said = ["valid"]
+            if stored.certificate.subject == _TEST_CA_NAME:
+                said.append(
+                    "a local test CA (`keys generate --smime --test-ca`), not for real mail"
+                )
+            permitted = permitted_email_subtrees(stored.certificate)
+            if permitted:
+                said.append("may certify only addresses at " + ", ".join(permitted))
+            return "; ".join(said)
         address = stored.addresses[0] if stored.addresses else None
         if address is None:
             return "no email address in the certificate"
@@ -754,24 +832,51 @@ class CertStore:
 
     def signer_key(self, identity: StoredCert, passphrase: str | None = None) -> SignerKey:
         """The identity's certificate, unlocked private key and chain. Raises PassphraseError
-        (``missing`` when the key is protected and no passphrase was given)."""
+        (``missing`` when the key is protected and no passphrase was given).
+
+        The unlocked key is cached for the passphrase that unlocked it (repeated sends decrypt
+        once); any other passphrase, or none, is judged against the key file again."""
+        key_path = self._key_path(identity)
+        try:
+            st = key_path.stat()
+        except OSError as exc:
+            raise KeystoreError(f"cannot read {key_path}: {exc.strerror or exc}") from exc
+        cache_key = (identity.fingerprint, st.st_ino, st.st_mtime_ns)
+        tag = self._passphrase_tag(passphrase)
+        cached = self._keys.get(cache_key)
+        if cached is not None and (
+            cached[1] is None or (tag is not None and hmac.compare_digest(cached[1], tag))
+        ):
+            key = cached[0]
+        else:
+            key, encrypted = self._unlock(identity, passphrase)
+            self._keys[cache_key] = (key, tag if encrypted else None)
+        chain = tuple(c for c in identity.chain if not _self_signed(c))
+        return SignerKey(certificate=identity.certificate, private_key=key, chain=chain)
+
+    def _passphrase_tag(self, passphrase: str | None) -> bytes | None:
+        if not passphrase:
+            return None
+        return hashlib.blake2b(passphrase.encode(), key=self._pw_secret).digest()
+
+    @staticmethod
+    def _key_path(identity: StoredCert) -> Path:
         if identity.key_path is None:
             raise KeystoreError(f"{identity.subject} has no private key here")
+        return identity.key_path
+
+    def _unlock(self, identity: StoredCert, passphrase: str | None) -> tuple[PrivateKey, bool]:
+        """The identity's private key read from its file (never the cache), and whether the
+        file is passphrase-protected."""
+        key_path = self._key_path(identity)
         try:
-            stat = identity.key_path.stat()
-            cache_key = (identity.fingerprint, stat.st_mtime_ns)
-            cached = self._keys.get(cache_key)
-            if cached is None:
-                data = identity.key_path.read_bytes()
+            data = key_path.read_bytes()
         except OSError as exc:
-            raise KeystoreError(f"cannot read {identity.key_path}: {exc.strerror}") from exc
-        if cached is None:
-            cached = self._load_key(data, passphrase, identity)
-            if _spki(cached.public_key()) != _spki(identity.certificate.public_key()):
-                raise KeystoreError(f"{identity.key_path} does not belong to its certificate")
-            self._keys[cache_key] = cached
-        chain = tuple(c for c in identity.chain if not _self_signed(c))
-        return SignerKey(certificate=identity.certificate, private_key=cached, chain=chain)
+            raise KeystoreError(f"cannot read {key_path}: {exc.strerror or exc}") from exc
+        key = self._load_key(data, passphrase, identity)
+        if _spki(key.public_key()) != _spki(identity.certificate.public_key()):
+            raise KeystoreError(f"{key_path} does not belong to its certificate")
+        return key, b"ENCRYPTED PRIVATE KEY" in data
 
     @staticmethod
     def _load_key(data: bytes, passphrase: str | None, identity: StoredCert) -> PrivateKey:
@@ -994,10 +1099,13 @@ class CertStore:
         """The identity as a PKCS#12 bundle (key, certificate, chain) protected by
         ``export_passphrase``, for mail clients. AES-256 (PBES2) by default, which Thunderbird,
         current Outlook and macOS read; ``legacy`` uses 3DES with a SHA-1 MAC for older
-        readers (macOS before 14, gpgsm 2.2), at the cost of weaker protection at rest."""
+        readers (macOS before 14, gpgsm 2.2), at the cost of weaker protection at rest.
+
+        The key is read from its file, never from the unlock cache: exporting a protected key
+        takes its ``passphrase`` every time."""
         if not export_passphrase:
             raise KeystoreError("a PKCS#12 export needs a passphrase")
-        signer = self.signer_key(identity, passphrase)
+        private_key, _ = self._unlock(identity, passphrase)
         name = (identity.addresses[0] if identity.addresses else identity.subject).encode()
         encryption: serialization.KeySerializationEncryption
         if legacy:
@@ -1011,7 +1119,7 @@ class CertStore:
         else:
             encryption = serialization.BestAvailableEncryption(export_passphrase.encode())
         return pkcs12.serialize_key_and_certificates(
-            name, signer.private_key, signer.certificate, list(identity.chain) or None, encryption
+            name, private_key, identity.certificate, list(identity.chain) or None, encryption
         )
 
     # -- Generation (for testing S/MIME without a commercial certificate) ------------------------
@@ -1027,8 +1135,10 @@ class CertStore:
         passphrase: str | None = None,
     ) -> StoredCert:
         """Make an identity for ``address``: self-signed, or issued by this home's local test
-        CA (created on first use). Either way it is made a trust anchor here (the
-        self-signed certificate itself, or the test CA), since you made it yourself.
+        CA (created on first use, valid one year, name-constrained to the domains it issued
+        for; a new domain re-issues it, see the module documentation). Either way it is made a
+        trust anchor here (the self-signed certificate itself, or the test CA), since you made
+        it yourself.
 
         ``algorithm``: ``rsa2048``, ``rsa3072`` (default), ``rsa4096`` or ``ecdsa-p256``
         (signing only: ``cryptography`` cannot encrypt to EC keys).
@@ -1049,7 +1159,7 @@ class CertStore:
             ]
         )
         if test_ca:
-            ca_cert, ca_key = self._test_ca()
+            ca_cert, ca_key = self._test_ca(addr.rpartition("@")[2].lower())
             issuer, signing_key = ca_cert.subject, ca_key
             not_after = min(now + datetime.timedelta(days=days), _utc(ca_cert.not_valid_after_utc))
         else:
@@ -1097,74 +1207,144 @@ class CertStore:
         self.invalidate()
         return stored
 
-    def _test_ca(self) -> tuple[x509.Certificate, PrivateKey]:
-        """This home's local test CA, made on first use and trusted here."""
+    def _test_ca(self, domain: str) -> tuple[x509.Certificate, PrivateKey]:
+        """This home's local test CA, able to certify addresses at ``domain``: made on first
+        use (or when the old one is about to expire), re-issued under the same key and name
+        with ``domain`` added to its name constraints when needed, and trusted here."""
         folder = self._make_dir("testca")
         cert_path, key_path = folder / "ca.pem", folder / "ca.key"
+        now = datetime.datetime.now(datetime.UTC)
+        old: x509.Certificate | None = None
         if cert_path.is_file() and key_path.is_file():
             try:
-                cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-                key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+                old = x509.load_pem_x509_certificate(cert_path.read_bytes())
+                loaded = serialization.load_pem_private_key(key_path.read_bytes(), None)
             except (OSError, ValueError, TypeError) as exc:
                 raise KeystoreError(f"unreadable test CA in {folder}: {exc}") from exc
-            return cert, _check_key_type(key, key_path)
-        key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-        now = datetime.datetime.now(datetime.UTC)
-        name = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "e2email"),
-                x509.NameAttribute(
-                    NameOID.COMMON_NAME, "e2email local test CA (not for real mail)"
-                ),
-            ]
-        )
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
+            key = _check_key_type(loaded, key_path)
+            if _spki(key.public_key()) != _spki(old.public_key()):
+                raise KeystoreError(f"{key_path} does not belong to {cert_path}")
+        if old is not None and _utc(old.not_valid_after_utc) > now + datetime.timedelta(days=1):
+            permitted = permitted_email_subtrees(old)
+            if permitted is not None and domain in permitted:
+                return old, key
+            # A new domain, or a CA from before name constraints (then constrained to what it
+            # issued here): same key and name, so identities it issued stay valid.
+            domains = permitted if permitted is not None else self._issued_domains(old)
+            cert = _test_ca_cert(
+                key,
+                (*domains, domain),
+                name=old.subject,
+                not_before=_utc(old.not_valid_before_utc),
+                not_after=min(_utc(old.not_valid_after_utc), now + _TEST_CA_LIFE),
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256())
-        )
+            new_key = False
+        else:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+            cert = _test_ca_cert(
+                key,
+                (domain,),
+                not_before=now - datetime.timedelta(minutes=5),
+                not_after=now + _TEST_CA_LIFE,
+            )
+            new_key = True
         try:
-            # A throwaway CA for testing: its key is unencrypted, 0600, never for real mail.
-            _write(
-                key_path,
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                ),
-                0o600,
-            )
+            if new_key:
+                # A throwaway CA for testing: its key is unencrypted, 0600, never for real mail;
+                # its name constraints and short life bound what a copy of it can do.
+                _write(
+                    key_path,
+                    key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    ),
+                    0o600,
+                )
             _write(cert_path, _cert_pem([cert]), 0o644)
+            if old is not None:
+                # The superseded certificate stops being a trust anchor here.
+                (self._dir("trust") / f"{fingerprint(old)}.pem").unlink(missing_ok=True)
         except OSError as exc:
             raise KeystoreError(f"cannot write {folder}: {exc.strerror or exc}") from exc
         self._store_cert(cert, cert_path, CertKind.TRUSTED)
         return cert, key
 
+    def _issued_domains(self, ca: x509.Certificate) -> tuple[str, ...]:
+        """The domains of this home's identities issued by ``ca``."""
+        domains: list[str] = []
+        for stored in self.identities():
+            cert = stored.certificate
+            if cert.issuer != ca.subject or _self_signed(cert):
+                continue
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                continue
+            domains += [a.rpartition("@")[2] for a in cert_addresses(cert)]
+        return tuple(dict.fromkeys(domains))
+
     def test_ca_cert(self) -> Path | None:
         """The local test CA's certificate file, if one was made."""
         path = self._dir("testca") / "ca.pem"
         return path if path.is_file() else None
+
+
+#: How long the local test CA lives (its identities end no later).
+_TEST_CA_LIFE = datetime.timedelta(days=365)
+_TEST_CA_NAME = x509.Name(
+    [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "e2email"),
+        x509.NameAttribute(NameOID.COMMON_NAME, "e2email local test CA (not for real mail)"),
+    ]
+)
+
+
+def _test_ca_cert(
+    key: PrivateKey,
+    domains: Sequence[str],
+    *,
+    name: x509.Name = _TEST_CA_NAME,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+) -> x509.Certificate:
+    """The local test CA's self-signed certificate, allowed to certify only mailboxes at
+    ``domains`` (nameConstraints with rfc822Name permitted subtrees, RFC 5280 §4.2.1.10; other
+    name forms are left alone, S/MIME needs none) and no further CA (pathLenConstraint 0), so
+    nothing it signs can widen that.
+
+    The extension is not marked critical, although RFC 5280 asks CAs to: gpgsm 2.2 refuses
+    every chain through a CA with a critical nameConstraints ("critical certificate extension
+    2.5.29.30 is not supported"), while verifiers that implement name constraints (e2email's
+    own, OpenSSL; tested) enforce it either way."""
+    permitted: list[x509.GeneralName] = [x509.RFC822Name(d) for d in dict.fromkeys(domains)]
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.NameConstraints(permitted, None), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
 
 
 def _new_key(algorithm: str) -> PrivateKey:

@@ -9,6 +9,12 @@ emailProtection EKU real S/MIME intermediates carry) issue:
   (a rogue root nobody trusts), RSA-1024, SHA-1 signed, no emailProtection EKU (clientAuth only),
   and an ECDSA P-256 recipient (cryptography cannot encrypt to it)
 
+A second intermediate, "Partner CA" (ECDSA P-256), is name-constrained to addresses at
+``partner.example`` (RFC 5280 §4.2.1.10) and issues ``constrained``: ``ok`` (ann@partner.example,
+allowed), ``outside`` (SAN ceo@corp.example, a plain violation) and ``subject_email`` (no
+rfc822Name in its SAN, only a dNSName, with ceo@corp.example in the subject's emailAddress, which
+the constraint check never looks at: the bypass the store must not fall for).
+
 Every identity is written as PEM certificate (leaf), PEM chain (leaf + intermediate), an
 unencrypted PKCS#8 key, and a PKCS#12 bundle (legacy 3DES/SHA-1 so gpgsm 2.2 can import it)
 protected by ``P12_PASSPHRASE``.
@@ -80,6 +86,8 @@ class PKI:
     intermediate: x509.Certificate
     intermediate_pem: Path
     rogue_root_pem: Path
+    partner_ca: x509.Certificate
+    partner_ca_pem: Path
     alice: Identity
     alice_ec: Identity
     bob: Identity
@@ -88,6 +96,8 @@ class PKI:
     erin: Identity
     #: expired, future, wrong (names mallory@), untrusted, weak, sha1, noeku, ec
     bad: dict[str, Identity] = field(default_factory=dict)
+    #: under the Partner CA (permitted: partner.example): ok, outside, subject_email
+    constrained: dict[str, Identity] = field(default_factory=dict)
 
     def recipients(self) -> list[Identity]:
         return [self.bob, self.carol, self.dave, self.erin]
@@ -105,9 +115,11 @@ def _der(tag: int, content: bytes) -> bytes:
 
 def _ca(
     name: str,
-    key: rsa.RSAPrivateKey,
+    key: PrivateKey,
     issuer: x509.Certificate | None = None,
-    issuer_key: rsa.RSAPrivateKey | None = None,
+    issuer_key: PrivateKey | None = None,
+    *,
+    permitted_email: str | None = None,
 ) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
@@ -131,26 +143,37 @@ def _ca(
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
         ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False)
+    if permitted_email is not None:
+        constraints = x509.NameConstraints([x509.RFC822Name(permitted_email)], None)
+        builder = builder.add_extension(constraints, critical=True)
     return builder.sign(issuer_key or key, hashes.SHA256())
 
 
-def _leaf(
+def issue_leaf(
     address: str,
     key: PrivateKey,
     issuer: x509.Certificate,
-    issuer_key: rsa.RSAPrivateKey,
+    issuer_key: PrivateKey,
     *,
     san: str | None = None,
+    san_names: list[x509.GeneralName] | None = None,
+    subject_email: str | None = None,
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
     eku: x509.ObjectIdentifier = ExtendedKeyUsageOID.EMAIL_PROTECTION,
     sha1: bool = False,
 ) -> x509.Certificate:
+    """An end-entity S/MIME certificate for ``address`` (in subjectAltName, unless
+    ``san``/``san_names`` say otherwise) issued by ``issuer``; ``sha1`` re-signs it with SHA-1."""
     is_rsa = isinstance(key, rsa.RSAPrivateKey)
     local = address.split("@")[0]
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, f"Test {local.title()}")]
+    if subject_email is not None:
+        subject.append(x509.NameAttribute(NameOID.EMAIL_ADDRESS, subject_email))
+    names = san_names if san_names is not None else [x509.RFC822Name(san or address)]
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Test {local.title()}")]))
+        .subject_name(x509.Name(subject))
         .issuer_name(issuer.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -162,7 +185,7 @@ def _leaf(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(san or address)]), False)
+        .add_extension(x509.SubjectAlternativeName(names), False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
@@ -178,6 +201,7 @@ def _leaf(
     tbs = cert.tbs_certificate_bytes
     assert tbs.count(sha256_rsa) == 1
     tbs = tbs.replace(sha256_rsa, sha1_rsa)
+    assert isinstance(issuer_key, rsa.RSAPrivateKey)
     signature = issuer_key.sign(tbs, padding.PKCS1v15(), hashes.SHA1())
     algorithm = _der(0x30, sha1_rsa + b"\x05\x00")
     return x509.load_der_x509_certificate(
@@ -242,14 +266,17 @@ def pki() -> Iterator[PKI]:
     root = _ca("e2email Test Root CA", root_key)
     inter = _ca("e2email Test Intermediate CA", inter_key, root, root_key)
     rogue = _ca("Rogue Root CA", rogue_key)
+    partner_key = ec.generate_private_key(ec.SECP256R1())  # EC: quick to make
+    partner = _ca("Partner CA", partner_key, root, root_key, permitted_email="partner.example")
     (out / "root.pem").write_bytes(_pem(root))
     (out / "intermediate.pem").write_bytes(_pem(inter))
     (out / "rogue.pem").write_bytes(_pem(rogue))
+    (out / "partner-ca.pem").write_bytes(_pem(partner))
 
     def good(stem: str, address: str, key: PrivateKey | None = None) -> Identity:
         key = key or rsa_key()
         return _write_identity(
-            out, stem, address, _leaf(address, key, inter, inter_key), key, [inter]
+            out, stem, address, issue_leaf(address, key, inter, inter_key), key, [inter]
         )
 
     shared = rsa_key()  # the bad certificates may share one key: they are refused anyway
@@ -261,7 +288,7 @@ def pki() -> Iterator[PKI]:
     bad(
         "expired",
         "expired@example.com",
-        _leaf(
+        issue_leaf(
             "expired@example.com",
             shared,
             inter,
@@ -273,7 +300,7 @@ def pki() -> Iterator[PKI]:
     bad(
         "future",
         "future@example.com",
-        _leaf(
+        issue_leaf(
             "future@example.com",
             shared,
             inter,
@@ -285,25 +312,58 @@ def pki() -> Iterator[PKI]:
     bad(
         "wrong",
         "wrong@example.com",
-        _leaf("wrong@example.com", shared, inter, inter_key, san="mallory@example.com"),
+        issue_leaf("wrong@example.com", shared, inter, inter_key, san="mallory@example.com"),
     )
     untrusted_key = rsa_key()
     bad(
         "untrusted",
         "untrusted@example.com",
-        _leaf("untrusted@example.com", untrusted_key, rogue, rogue_key),
+        issue_leaf("untrusted@example.com", untrusted_key, rogue, rogue_key),
         untrusted_key,
     )
     weak_key = rsa_key(1024)
-    bad("weak", "weak@example.com", _leaf("weak@example.com", weak_key, inter, inter_key), weak_key)
-    bad("sha1", "sha1@example.com", _leaf("sha1@example.com", shared, inter, inter_key, sha1=True))
+    bad(
+        "weak",
+        "weak@example.com",
+        issue_leaf("weak@example.com", weak_key, inter, inter_key),
+        weak_key,
+    )
+    bad(
+        "sha1",
+        "sha1@example.com",
+        issue_leaf("sha1@example.com", shared, inter, inter_key, sha1=True),
+    )
     bad(
         "noeku",
         "noeku@example.com",
-        _leaf("noeku@example.com", shared, inter, inter_key, eku=ExtendedKeyUsageOID.CLIENT_AUTH),
+        issue_leaf(
+            "noeku@example.com", shared, inter, inter_key, eku=ExtendedKeyUsageOID.CLIENT_AUTH
+        ),
     )
     ec_key = ec.generate_private_key(ec.SECP256R1())
-    bad("ec", "ec@example.com", _leaf("ec@example.com", ec_key, inter, inter_key), ec_key)
+    bad("ec", "ec@example.com", issue_leaf("ec@example.com", ec_key, inter, inter_key), ec_key)
+
+    constrained = {
+        "ok": (
+            "ann@partner.example",
+            issue_leaf("ann@partner.example", shared, partner, partner_key),
+        ),
+        "outside": (
+            "ceo@corp.example",
+            issue_leaf("ceo@corp.example", shared, partner, partner_key),
+        ),
+        "subject_email": (
+            "ceo@corp.example",
+            issue_leaf(
+                "ceo@corp.example",
+                shared,
+                partner,
+                partner_key,
+                san_names=[x509.DNSName("mail.partner.example")],
+                subject_email="ceo@corp.example",
+            ),
+        ),
+    }
 
     made = PKI(
         dir=out,
@@ -312,6 +372,8 @@ def pki() -> Iterator[PKI]:
         intermediate=inter,
         intermediate_pem=out / "intermediate.pem",
         rogue_root_pem=out / "rogue.pem",
+        partner_ca=partner,
+        partner_ca_pem=out / "partner-ca.pem",
         alice=good("alice", "alice@example.org"),
         alice_ec=good("alice-ec", "alice@example.org", ec.generate_private_key(ec.SECP256R1())),
         bob=good("bob", "bob@example.net"),
@@ -328,6 +390,10 @@ def pki() -> Iterator[PKI]:
                 [rogue] if stem == "untrusted" else [inter],
             )
             for stem, (address, cert, key) in bad_specs.items()
+        },
+        constrained={
+            stem: _write_identity(out, f"nc-{stem}", address, cert, shared, [partner])
+            for stem, (address, cert) in constrained.items()
         },
     )
     yield made

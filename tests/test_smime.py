@@ -10,6 +10,7 @@ offsets and never re-serialised, to openssl and gpgsm.
 from __future__ import annotations
 
 import base64
+import datetime
 import email
 import email.policy
 import os
@@ -24,9 +25,12 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.serialization import Encoding
-from fixtures_smime import P12_PASSPHRASE, PKI, Identity, legacy_p12
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
+from cryptography.x509.oid import NameOID
+from fixtures_smime import P12_PASSPHRASE, PKI, Identity, issue_leaf, legacy_p12
 from pgp_helpers import header_value, kill_agent, multipart_parts, new_gnupg_home, part_body, run
 from pgp_helpers import split_head as _split_head
 
@@ -43,7 +47,7 @@ from e2email import (
     SMTPSettings,
     TLSMode,
 )
-from e2email.certstore import CertKind, CertStore, StoredCert, fingerprint
+from e2email.certstore import CertKind, CertStore, StoredCert, describe, fingerprint
 from e2email.client import SendResult
 from e2email.config import SMIMECipher
 from e2email.crypto import smime
@@ -690,20 +694,232 @@ def test_import_forms_lookup_and_key_map(pki: PKI, tmp_path: Path) -> None:
     assert isinstance(signer, StoredCert) and signer.kind is CertKind.IDENTITY
 
 
+def openssl_x509_verify(cert: Path, ca: Path, *untrusted: Path, purpose: str) -> str:
+    """``openssl verify`` of a certificate file for an S/MIME purpose: its combined output
+    ("...: OK" or the error)."""
+    args = ["openssl", "verify", "-CAfile", str(ca), "-purpose", purpose]
+    for path in untrusted:
+        args += ["-untrusted", str(path)]
+    done = run([*args, str(cert)], check=False)
+    return (done.stdout + done.stderr).decode()
+
+
+def test_name_constrained_ca_cannot_lend_an_address_through_the_subject(
+    pki: PKI, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Addresses come only from subjectAltName rfc822Name, which a CA's name constraints bind.
+    Under a CA constrained to partner.example: a certificate with ceo@corp.example only in its
+    subject emailAddress (its SAN a dNSName) names no address, is not found for
+    ceo@corp.example, is an address mismatch when chosen by fingerprint, and nothing is sent;
+    one with ceo@corp.example in its SAN is untrusted (name constraints); ann@partner.example
+    is usable. openssl judges the three certificates the same way."""
+    ok, outside, bypass = (pki.constrained[k] for k in ("ok", "outside", "subject_email"))
+    for ident, verdict in ((ok, ": OK"), (outside, "subtree violation"), (bypass, "subtree")):
+        said = openssl_x509_verify(
+            ident.cert_pem, pki.root_pem, pki.partner_ca_pem, purpose="smimeencrypt"
+        )
+        assert verdict in said, said
+    store = CertStore(tmp_path / "home")
+    store.import_files([pki.alice.chain_pem, pki.alice.key_pem, pki.partner_ca_pem])
+    store.import_files([c.cert_pem for c in pki.constrained.values()])
+    store.import_files([pki.root_pem], trust=True)
+
+    good = store.recipient_cert("ann@partner.example")
+    assert isinstance(good, StoredCert) and good.fingerprint == ok.fingerprint
+    stored = store.get(bypass.fingerprint)
+    assert stored is not None and stored.addresses == ()
+    assert "ceo@corp.example" not in describe(bypass.cert)
+    assert [c.fingerprint for c in store.find("ceo@corp.example")] == [outside.fingerprint]
+    refused = store.recipient_cert("ceo@corp.example")
+    assert isinstance(refused, KeyProblem) and refused.reason is KeyReason.UNTRUSTED
+    assert "name constraints" in refused.detail
+    mapped = store.recipient_cert(
+        "ceo@corp.example", key_map={"ceo@corp.example": bypass.fingerprint}
+    )
+    assert isinstance(mapped, KeyProblem) and mapped.reason is KeyReason.ADDRESS_MISMATCH
+    judged = store.check(bypass.cert, "ceo@corp.example", purpose="encrypt")
+    assert judged is not None and judged.reason is KeyReason.ADDRESS_MISMATCH
+
+    server = smtp_server(tls="implicit")
+    message = Message(sender="alice@example.org", to=["ceo@corp.example"], text="board minutes")
+    with pytest.raises(RecipientKeyError) as info:
+        _send(
+            store,
+            _settings(server),
+            message,
+            key_map={"ceo@corp.example": bypass.fingerprint},
+        )
+    assert [p.address for p in info.value.problems] == ["ceo@corp.example"]
+    with pytest.raises(RecipientKeyError):
+        _send(store, _settings(server), message)
+    assert server.transcript == []
+
+
+def test_cached_key_never_turns_a_wrong_or_missing_passphrase_into_success(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """A protected identity's unlocked key is cached for the passphrase that unlocked it only:
+    that passphrase again returns the same key object (no second decryption), while a wrong
+    passphrase or none still raises PassphraseError after the cached unlock; export_pkcs12
+    reads the key file and demands the passphrase whatever is cached."""
+    store = CertStore(tmp_path / "home")
+    store.import_files([pki.alice.p12], passphrase=P12_PASSPHRASE)
+    (identity,) = store.identities()
+    first = store.signer_key(identity, P12_PASSPHRASE).private_key
+    assert store.signer_key(identity, P12_PASSPHRASE).private_key is first
+    with pytest.raises(PassphraseError) as wrong:
+        store.signer_key(identity, "wrong")
+    assert not wrong.value.missing
+    with pytest.raises(PassphraseError) as missing:
+        store.signer_key(identity, None)
+    assert missing.value.missing
+    with pytest.raises(PassphraseError) as no_export:
+        store.export_pkcs12(identity, passphrase=None, export_passphrase="x")
+    assert no_export.value.missing
+    with pytest.raises(PassphraseError):
+        store.export_pkcs12(identity, passphrase="wrong", export_passphrase="x")
+    bundle = store.export_pkcs12(identity, passphrase=P12_PASSPHRASE, export_passphrase="x")
+    assert pkcs12.load_key_and_certificates(bundle, b"x")[1] == pki.alice.cert
+    assert store.signer_key(identity, P12_PASSPHRASE).private_key is first
+
+
+def test_key_files_are_never_written_through_a_planted_symlink(pki: PKI, tmp_path: Path) -> None:
+    """Key files are written through a fresh, exclusively created temporary file (O_EXCL |
+    O_NOFOLLOW, 0600 from the start) renamed into place: a symlink planted at the predictable
+    name KEY.key.tmp, pointing outside the home, receives nothing, and the key file is a
+    regular 0600 file."""
+    store = CertStore(tmp_path / "home")
+    folder = store.root / "identities"
+    folder.mkdir(parents=True, mode=0o700)
+    store.root.chmod(0o700)
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not yours\n")
+    key_path = folder / f"{pki.alice.fingerprint}.key"
+    (folder / f"{key_path.name}.tmp").symlink_to(outside)
+    store.import_files([pki.alice.chain_pem, pki.alice.key_pem])
+    assert outside.read_bytes() == b"not yours\n"
+    assert key_path.is_file() and not key_path.is_symlink()
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert b"-----BEGIN PRIVATE KEY-----" in key_path.read_bytes()
+    leftovers = {p.name for p in folder.iterdir()} - {key_path.name, f"{key_path.name}.tmp"}
+    assert leftovers == {f"{pki.alice.fingerprint}.pem"}
+
+
+def test_local_test_ca_is_name_constrained_and_short_lived(tmp_path: Path) -> None:
+    """The local test CA certifies only the domains it issued for: a CA left by an older
+    version without name constraints is re-issued, under the same key, with a nameConstraints
+    extension for the domain of its existing identity plus the new one, at most a year of
+    life, and the old anchor is no longer trusted; its identities stay usable (openssl agrees).
+    A certificate minted with its unencrypted key for another domain is refused here and by
+    openssl; `status` calls it a local test CA and lists its domains."""
+    store = CertStore(tmp_path / "home")
+    folder = store.root / "testca"
+    folder.mkdir(parents=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())  # as an older e2email left it, but quick
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "e2email"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "e2email local test CA (not for real mail)"),
+        ]
+    )
+    legacy = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (folder / "ca.pem").write_bytes(legacy.public_bytes(Encoding.PEM))
+    (folder / "ca.key").write_bytes(
+        ca_key.private_bytes(
+            Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    store.import_files([folder / "ca.pem"], trust=True)
+    old_me = issue_leaf("me@example.org", ca_key, legacy, ca_key)  # signing only (EC)
+    (tmp_path / "me.pem").write_bytes(old_me.public_bytes(Encoding.PEM))
+    (tmp_path / "me.key").write_bytes(
+        ca_key.private_bytes(
+            Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    store.import_files([tmp_path / "me.pem", tmp_path / "me.key"])
+
+    other = store.generate_identity("you@example.net", algorithm="ecdsa-p256", test_ca=True)
+    ca_pem = store.test_ca_cert()
+    assert ca_pem is not None
+    ca = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+    assert ca.public_key() == ca_key.public_key() and ca != legacy
+    constraints = ca.extensions.get_extension_for_class(x509.NameConstraints)
+    assert constraints.value.permitted_subtrees == [
+        x509.RFC822Name("example.org"),
+        x509.RFC822Name("example.net"),
+    ]
+    assert ca.not_valid_after_utc - now <= datetime.timedelta(days=365, minutes=1)
+    assert store.trust_anchors() == (ca,)
+    assert other.not_after <= ca.not_valid_after_utc
+    for address, cert in (("me@example.org", old_me), ("you@example.net", other.certificate)):
+        assert store.check(cert, address, purpose="sign") is None
+    (tmp_path / "you.pem").write_bytes(other.certificate.public_bytes(Encoding.PEM))
+    assert ": OK" in openssl_x509_verify(tmp_path / "you.pem", ca_pem, purpose="smimesign")
+
+    minted = issue_leaf("ceo@bank.example", ca_key, ca, ca_key)
+    problem = store.check(minted, "ceo@bank.example", purpose="sign")
+    assert problem is not None and problem.reason is KeyReason.UNTRUSTED
+    assert "name constraints" in problem.detail
+    (tmp_path / "minted.pem").write_bytes(minted.public_bytes(Encoding.PEM))
+    said = openssl_x509_verify(tmp_path / "minted.pem", ca_pem, purpose="smimesign")
+    assert "permitted subtree violation" in said, said
+
+    (anchor,) = (c for c in store.all_certs() if c.kind is CertKind.TRUSTED)
+    status = store.status(anchor)
+    assert "local test CA" in status and "not for real mail" in status
+    assert "may certify only addresses at example.org, example.net" in status
+
+
 def test_generated_identities_self_signed_and_from_the_local_test_ca(tmp_path: Path) -> None:
     """`generate_identity` makes a usable self-signed identity (trusted here, by name) or one
-    issued by a local test CA it creates; openssl verifies a signature by the latter against the
-    test CA certificate, and export_pkcs12 produces a bundle openssl can read."""
+    issued by a local test CA it creates (valid a year, name-constrained to example.org);
+    openssl and gpgsm (which refuses chains through a *critical* nameConstraints) verify a
+    signature by the latter against the test CA certificate, and export_pkcs12 produces a
+    bundle openssl can read."""
     store = CertStore(tmp_path / "home")
     own = store.generate_identity("me@example.org", name="Me", algorithm="rsa2048")
     assert own.self_signed and store.status(own) == "usable"
     issued = store.generate_identity("ca-issued@example.org", algorithm="rsa2048", test_ca=True)
     ca = store.test_ca_cert()
     assert ca is not None and not issued.self_signed
+    ca_cert = x509.load_pem_x509_certificate(ca.read_bytes())
+    constraints = ca_cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    assert constraints.permitted_subtrees == [x509.RFC822Name("example.org")]
+    life = ca_cert.not_valid_after_utc - ca_cert.not_valid_before_utc
+    assert life <= datetime.timedelta(days=365, minutes=6)
+    assert stat.S_IMODE((ca.parent / "ca.key").stat().st_mode) == 0o600
     assert store.status(issued) == "usable"
     payload = b"Content-Type: text/plain\r\n\r\nhi\r\n"
     entity = smime.sign(payload, signer=store.signer_key(issued))
     openssl_verify(b"MIME-Version: 1.0\r\n" + entity, ca, tmp_path)
+    home = new_gnupg_home("e2tca")
+    try:
+        (home / "gpgsm.conf").write_text("disable-crl-checks\n")
+        sha1 = ca_cert.fingerprint(hashes.SHA1()).hex(":").upper()
+        (home / "trustlist.txt").write_text(f"{sha1} S\n")
+        gpgsm(home, "--import", str(ca))
+        signed, signature = smime.parse_multipart_signed(entity)
+        valid = gpgsm_verify(home, signed, signature, tmp_path)
+        assert valid == issued.sha1_fingerprint
+    finally:
+        kill_agent(home)
+        shutil.rmtree(home, ignore_errors=True)
     p12 = tmp_path / "out.p12"
     p12.write_bytes(store.export_pkcs12(issued, passphrase=None, export_passphrase="x"))
     out = run(["openssl", "pkcs12", "-in", str(p12), "-passin", "pass:x", "-nokeys"]).stdout
