@@ -40,7 +40,15 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.keystore import Keystore, OpenPGPKey
-from e2email.message import HP, Address, Message, build_message, build_payload
+from e2email.message import (
+    HP,
+    Address,
+    Message,
+    build_message,
+    build_payload,
+    message_head,
+    stream_payload,
+)
 from e2email.outbox import NewItem, Outbox, OutboxError
 from e2email.transport.smtp import DeliveryResult, RecipientResult
 
@@ -60,7 +68,9 @@ __all__ = [
 class ProtectedCopy:
     """One copy of a message, ready to submit: the exact bytes and its envelope."""
 
-    raw: bytes
+    #: Left out of repr(): megabytes for a large message. (asyncio.run() formats the repr of
+    #: its result in Python 3.11 when it restores the SIGINT handler.)
+    raw: bytes = field(repr=False)
     mail_from: str
     recipients: tuple[str, ...]
     #: "main" carries To and Cc (and, when not encrypting, Bcc in the envelope only);
@@ -277,15 +287,23 @@ class AsyncMailer:
 
         if not prot.encrypt:
             assert signer is not None
-            payload = build_payload(msg, hp=HP.CLEAR)
-            entity, _ = await asyncio.to_thread(
-                openpgp.sign, self.keystore, payload, signer=signer, passphrase=passphrase
+            # The outer header block goes in as openpgp's prefix: the message is assembled
+            # once, not as an entity and then again as a message (a large one is big).
+            raw, _ = await asyncio.to_thread(
+                openpgp.sign,
+                self.keystore,
+                build_payload(msg, hp=HP.CLEAR),
+                signer=signer,
+                passphrase=passphrase,
+                prefix=message_head(msg, hp=HP.CLEAR),
             )
-            raw = build_message(msg, payload=entity, hp=HP.CLEAR)
             copy = self._copy(raw, mail_from, msg.recipients, "main", msg, signed=True)
             return (replace(copy, signer=signer.fingerprint),)
 
-        payload = build_payload(msg, hp=HP.CIPHER)
+        # Made once (one set of boundaries), read by each copy's gpg as it goes: a large
+        # attachment's base64 is produced block by block and never held whole.
+        payload = stream_payload(msg, hp=HP.CIPHER)
+        head = message_head(msg, hp=HP.CIPHER)
         plans = self._plans(msg)
 
         async def one(kind: Literal["main", "bcc"], rcpts: tuple[Address, ...]) -> ProtectedCopy:
@@ -293,15 +311,15 @@ class AsyncMailer:
             if self_key is not None:
                 keys.append(self_key)
             unique = list({k.fingerprint: k for k in keys}.values())
-            entity = await asyncio.to_thread(
+            raw = await asyncio.to_thread(
                 openpgp.encrypt,
                 self.keystore,
                 payload,
                 recipients=unique,
                 signer=signer,
                 passphrase=passphrase,
+                prefix=head,
             )
-            raw = build_message(msg, payload=entity, hp=HP.CIPHER)
             copy = self._copy(raw, mail_from, rcpts, kind, msg, signed=signer is not None)
             return replace(
                 copy,

@@ -17,16 +17,18 @@ No crypto and no network here. Every byte is written by this module, never by
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import datetime
 import enum
+import io
 import mimetypes
 import os
 import re
 import secrets
 import stat
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 from pathlib import Path
@@ -40,11 +42,14 @@ __all__ = [
     "Address",
     "Attachment",
     "Message",
+    "PayloadStream",
     "build_message",
     "build_payload",
     "check_wire_safe",
+    "message_head",
     "new_boundary",
     "render_header",
+    "stream_payload",
 ]
 
 #: Header lines are folded to this many octets (RFC 5322 §2.1.1 "SHOULD"), CRLF excluded.
@@ -790,6 +795,9 @@ _QP_TOKENS = [
     chr(b) if (0x21 <= b <= 0x7E and b != 0x3D) or b in (0x20, 0x09) else f"={b:02X}"
     for b in range(256)
 ]
+# A line whose every byte quoted-printable writes as itself (RFC 2045 §6.7 rule 2).
+_QP_LITERAL = re.compile(rb"[\t\x20-\x3c\x3e-\x7e]*")
+_QP_WHITESPACE = {0x20: "=20", 0x09: "=09"}
 
 
 def _qp_line(raw: bytes) -> list[str]:
@@ -798,44 +806,98 @@ def _qp_line(raw: bytes) -> list[str]:
     Besides RFC 2045 (encode "=", 8-bit and controls; no encoded line over 76 characters; no
     trailing whitespace), every encoded line that would start with "." or "From " has that
     first character encoded, including lines that start after a soft break.
+
+    Encoded lines are filled greedily, never splitting an "=XX" escape: each must leave room
+    for its soft-break "=" (75 characters), only the hard line's end may reach column 76. The
+    line is escaped in one pass (C loops), then cut per encoded line, not per character.
     """
-    tokens = [_QP_TOKENS[b] for b in raw]
-    if raw and raw[-1] in (0x20, 0x09):
-        tokens[-1] = f"={raw[-1]:02X}"
+    if not raw:
+        return [""]
+    if _QP_LITERAL.fullmatch(raw):
+        text = raw.decode("ascii")
+    else:
+        text = "".join(map(_QP_TOKENS.__getitem__, raw))
+    if raw[-1] in _QP_WHITESPACE:
+        text = text[:-1] + _QP_WHITESPACE[raw[-1]]
+    # Every "=" in ``text`` starts an escape: a literal "=" is itself escaped (=3D).
+    size = len(text)
     lines: list[str] = []
-    current: list[str] = []
-    column = 0
-    last = len(tokens) - 1
-    i = 0
-    while i <= last:
-        token = tokens[i]
-        if column == 0:
-            if token == ".":
-                token = "=2E"
-            elif token == "F" and raw.startswith(b"rom ", i + 1):
-                token = "=46"
-        limit = 76 if i == last else 75  # leave room for the soft-break "="
-        if column + len(token) > limit:
-            lines.append("".join(current) + "=")
-            current = []
-            column = 0
-            continue
-        current.append(token)
-        column += len(token)
-        i += 1
-    lines.append("".join(current))
-    return lines
+    start = 0
+    while True:
+        first = text[start]
+        if first == ".":
+            first = "=2E"
+        elif first == "F" and text.startswith(("From ", "From=20"), start):
+            # "From=20" can only be the line's end: =20 is only written for trailing space.
+            first = "=46"
+        else:
+            first = ""
+        extra = len(first) - 1 if first else 0
+        if size - start + extra <= 76:
+            end = size
+        else:
+            end = start + 75 - extra
+            escape = text.rfind("=", end - 2, end)
+            if escape >= 0 and escape > start:
+                end = escape  # the escape does not fit: it starts the next line
+        line = first + text[start + 1 : end] if first else text[start:end]
+        if end == size:
+            lines.append(line)
+            return lines
+        lines.append(line + "=")
+        start = end
 
 
 def _normalise_newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+#: Attachments are base64-encoded this many bytes at a time: a multiple of 57, the input of
+#: one 76-character line (RFC 2045 §6.8), so the blocks' lines are exactly the whole's lines.
+_B64_BLOCK = 57 * 4096
+
+
+@dataclass(frozen=True)
+class _Base64Lines:
+    """Bytes as base64 lines of 76 characters joined by CRLF (none after the last), made one
+    block at a time as they are iterated: a large attachment's encoded form (a third bigger,
+    plus line ends) is never held whole."""
+
+    content: bytes
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.content), 57)
+        lines = full + (rest > 0)
+        return full * 76 + (rest + 2) // 3 * 4 + 2 * max(lines - 1, 0)
+
+    def __iter__(self) -> Iterator[bytes]:
+        data = memoryview(self.content)
+        size = len(data)
+        for start in range(0, size, _B64_BLOCK):
+            encoded = binascii.b2a_base64(data[start : start + _B64_BLOCK], newline=False)
+            lines = [encoded[i : i + 76] for i in range(0, len(encoded), 76)]
+            if start + _B64_BLOCK < size:
+                lines.append(b"")  # the CRLF between this block and the next
+            yield b"\r\n".join(lines)
+
+
+_Segment = bytes | _Base64Lines
+
+
+def _segment_chunks(segments: Iterable[_Segment]) -> Iterator[bytes]:
+    for segment in segments:
+        if isinstance(segment, bytes):
+            if segment:
+                yield segment
+        else:
+            yield from segment
+
+
 @dataclass
 class _Part:
     content_type: str
     params: list[str]
-    body: bytes
+    body: list[_Segment]
     transfer_encoding: str | None = None
     extra: list[bytes] = field(default_factory=list)
 
@@ -846,20 +908,20 @@ class _Part:
             out.append(render_header("Content-Transfer-Encoding", self.transfer_encoding))
         return b"".join(out)
 
-    def render(self) -> bytes:
-        return self.headers() + b"\r\n" + self.body
+    def render(self) -> list[_Segment]:
+        return [self.headers(), b"\r\n", *self.body]
 
 
 def _text_part(subtype: str, text: str) -> _Part:
     lines = _normalise_newlines(text).split("\n")
     params = ["charset=utf-8"]
     if all(_SEVEN_BIT_LINE.fullmatch(line) for line in lines):
-        return _Part(f"text/{subtype}", params, "\r\n".join(lines).encode("ascii"))
+        return _Part(f"text/{subtype}", params, ["\r\n".join(lines).encode("ascii")])
     encoded: list[str] = []
     for line in lines:
         encoded.extend(_qp_line(line.encode("utf-8")))
     body = "\r\n".join(encoded).encode("ascii")
-    return _Part(f"text/{subtype}", params, body, "quoted-printable")
+    return _Part(f"text/{subtype}", params, [body], "quoted-printable")
 
 
 def _rfc2231(key: str, value: str) -> list[str]:
@@ -909,12 +971,10 @@ def _attachment_part(attachment: Attachment) -> _Part:
     else:
         name_param = f'name="{_ascii_fallback(name)}"'
         disposition = _rfc2231("filename", name)
-    encoded = base64.encodebytes(attachment.content).replace(b"\n", b"\r\n")
-    body = encoded.removesuffix(b"\r\n")
     return _Part(
         attachment.content_type,
         [name_param],
-        body,
+        [_Base64Lines(attachment.content)],
         "base64",
         [_param_header("Content-Disposition", "attachment", disposition)],
     )
@@ -922,11 +982,11 @@ def _attachment_part(attachment: Attachment) -> _Part:
 
 def _multipart(subtype: str, parts: Sequence[_Part]) -> _Part:
     boundary = new_boundary().encode("ascii")
-    chunks: list[bytes] = []
+    segments: list[_Segment] = []
     for part in parts:
-        chunks += [b"--", boundary, b"\r\n", part.render(), b"\r\n"]
-    chunks += [b"--", boundary, b"--\r\n"]
-    return _Part(f"multipart/{subtype}", [f'boundary="{boundary.decode()}"'], b"".join(chunks))
+        segments += [b"--" + boundary + b"\r\n", *part.render(), b"\r\n"]
+    segments.append(b"--" + boundary + b"--\r\n")
+    return _Part(f"multipart/{subtype}", [f'boundary="{boundary.decode()}"'], segments)
 
 
 def _require_finalized(message: Message) -> tuple[datetime.datetime, str]:
@@ -968,6 +1028,51 @@ def _protected_fields(message: Message) -> list[tuple[str, str]]:
     return fields
 
 
+class PayloadStream:
+    """The bytes of :func:`build_payload`, in pieces: each iteration yields them anew, in
+    order. Attachments are base64-encoded block by block as the pieces are read, so a large
+    message is never held whole (e.g. while it is piped to gpg). Boundaries are chosen when the
+    stream is made: every iteration yields the same bytes. ``len()`` is their total size."""
+
+    __slots__ = ("_segments",)
+
+    def __init__(self, segments: Sequence[_Segment]) -> None:
+        self._segments = tuple(segments)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return _segment_chunks(self._segments)
+
+    def __len__(self) -> int:
+        return sum(len(segment) for segment in self._segments)
+
+    def __bytes__(self) -> bytes:
+        if len(self) < 1 << 20:
+            return b"".join(self)
+        # One buffer that grows in place; getvalue() hands it over without a copy.
+        out = io.BytesIO()
+        for chunk in self:
+            out.write(chunk)
+        return out.getvalue()
+
+
+def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
+    """:func:`build_payload`'s bytes as a :class:`PayloadStream` (same arguments, same checks,
+    same bytes), for feeding a large message to a signer or encrypter piece by piece."""
+    body = _text_part("plain", message.text)
+    if message.html is not None:
+        body = _multipart("alternative", [body, _text_part("html", message.html)])
+    if message.attachments:
+        body = _multipart("mixed", [body, *(_attachment_part(a) for a in message.attachments)])
+    if hp is None:
+        return PayloadStream(body.render())
+    protected = _protected_fields(message)
+    outer = _outer_fields(message, hp)
+    head = [body.headers(['protected-headers="v1"', f'hp="{hp.value}"'])]
+    head.extend(render_header(name, value) for name, value in protected)
+    head.extend(_hp_outer(name, value) for name, value in outer)
+    return PayloadStream([b"".join(head), b"\r\n", *body.body])
+
+
 def build_payload(message: Message, *, hp: HP | None) -> bytes:
     """The MIME entity to sign and/or encrypt, as canonical bytes (header block, CRLF, body).
 
@@ -977,19 +1082,17 @@ def build_payload(message: Message, *, hp: HP | None) -> bytes:
     Reply-To, Subject, Date, Message-ID (never Bcc) and one ``HP-Outer`` field per outer
     header (RFC 9788). ``hp`` needs a finalized message (:meth:`Message.finalized`).
     """
-    body = _text_part("plain", message.text)
-    if message.html is not None:
-        body = _multipart("alternative", [body, _text_part("html", message.html)])
-    if message.attachments:
-        body = _multipart("mixed", [body, *(_attachment_part(a) for a in message.attachments)])
-    if hp is None:
-        return body.render()
-    protected = _protected_fields(message)
-    outer = _outer_fields(message, hp)
-    head = [body.headers(['protected-headers="v1"', f'hp="{hp.value}"'])]
-    head.extend(render_header(name, value) for name, value in protected)
-    head.extend(_hp_outer(name, value) for name, value in outer)
-    return b"".join(head) + b"\r\n" + body.body
+    return bytes(stream_payload(message, hp=hp))
+
+
+def message_head(message: Message, *, hp: HP | None) -> bytes:
+    """The outer header block :func:`build_message` puts before the payload: Date, From, To
+    or ``undisclosed-recipients:;``, Cc, Reply-To, Subject ("[...]" for :attr:`HP.CIPHER`),
+    Message-ID, MIME-Version. Never Bcc. The payload that follows must start with its own
+    header block (Content-Type ...)."""
+    out = [render_header(name, value) for name, value in _outer_fields(message, hp)]
+    out.append(b"MIME-Version: 1.0\r\n")
+    return b"".join(out)
 
 
 def build_message(message: Message, *, payload: bytes, hp: HP | None) -> bytes:
@@ -1012,10 +1115,7 @@ def build_message(message: Message, *, payload: bytes, hp: HP | None) -> bytes:
             f"payload header block has a {clash.group(1).decode()} field; pass the "
             "signed/encrypted wrapper, not the protected part itself"
         )
-    out = [render_header(name, value) for name, value in _outer_fields(message, hp)]
-    out.append(b"MIME-Version: 1.0\r\n")
-    out.append(payload)
-    return b"".join(out)
+    return b"".join([message_head(message, hp=hp), payload])
 
 
 def check_wire_safe(data: bytes) -> None:
@@ -1032,8 +1132,18 @@ def check_wire_safe(data: bytes) -> None:
         bare = _BARE_CR_OR_LF.search(data)
         offset = bare.start() if bare else -1
         raise MessageError(f"bare CR or LF at offset {offset}", field="message")
-    longest = max(map(len, data.split(b"\r\n")))
-    if longest > _HARD_MAX_LINE:
+    # Every line is at most 998 octets: from each line start, a LF within the next 1000 octets
+    # (998 + CRLF). rfind jumps to the last LF in that window, so this loops about once per
+    # kilobyte, never per line, and copies nothing (until it has an error to report).
+    start, size = 0, len(data)
+    while size - start > _HARD_MAX_LINE + 2:
+        newline = data.rfind(b"\n", start, start + _HARD_MAX_LINE + 2)
+        if newline < 0:
+            break
+        start = newline + 1
+    end = data.find(b"\n", start)
+    if (size if end < 0 else end - 1) - start > _HARD_MAX_LINE:
+        longest = max(map(len, data.split(b"\r\n")))
         raise MessageError(
             f"a line of {longest} octets (the limit is {_HARD_MAX_LINE})", field="message"
         )

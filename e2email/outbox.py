@@ -10,12 +10,17 @@ Only protected bytes are stored (when encrypting: ciphertext), with their envelo
 outbox holds no plaintext of an encrypted message. The file is created 0600 in a 0700 directory;
 SQLite gives its ``-wal`` and ``-shm`` files the same mode.
 
-Layout (``PRAGMA user_version`` 1):
+Layout (``PRAGMA user_version`` 2):
 
-* ``items``: one row per protected copy: the exact bytes, MAIL FROM, a JSON ``meta`` (kind,
-  Message-ID, signer, key fingerprints), state (``queued``, ``sending`` or ``failed``),
-  attempts, next-attempt time, the last error, the route (server and user) it was meant for,
-  and who has claimed it.
+* ``items``: one row per protected copy: the exact bytes (up to 1 MiB), MAIL FROM, a JSON
+  ``meta`` (kind, Message-ID, signer, key fingerprints), state (``queued``, ``sending`` or
+  ``failed``), attempts, next-attempt time, the last error, the route (server and user) it was
+  meant for, and who has claimed it.
+* ``bodies`` (new in version 2): the bytes of larger copies (their ``items.raw`` is empty), in
+  a row of their own with the blob as its last column. SQLite then writes and reads them piece
+  by piece (incremental blob I/O), and an update of the item's state does not rewrite them: a
+  large message is never copied whole in memory (inline, storing 36 MB took 72 MB more, and so
+  did each update of the row).
 * ``recipients``: one row per (copy, address): ``pending``, ``delivered`` or ``failed``, with
   the server's last reply. Only pending recipients are sent to again.
 * ``ledger``: for bulk sending, a digest per row of a batch (never the row's content) and
@@ -61,7 +66,7 @@ __all__ = [
 #: The outbox's file name in e2email's home directory.
 DEFAULT_FILENAME = "outbox.sqlite3"
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
 #: How long a claim holds when its owner cannot be checked (another machine sharing the home).
 _DEFAULT_LEASE = 15 * 60.0
@@ -90,6 +95,10 @@ CREATE TABLE IF NOT EXISTS items (
     claimed_until REAL
 );
 CREATE INDEX IF NOT EXISTS items_ledger ON items (ledger_key);
+CREATE TABLE IF NOT EXISTS bodies (
+    item_id TEXT PRIMARY KEY REFERENCES items (id) ON DELETE CASCADE,
+    raw     BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS recipients (
     item_id    TEXT NOT NULL REFERENCES items (id) ON DELETE CASCADE,
     position   INTEGER NOT NULL,
@@ -108,12 +117,42 @@ CREATE TABLE IF NOT EXISTS ledger (
 """
 
 
+# length() of a blob reads only its record header (SQLite does not load the blob for it).
 _COLUMNS = (
     "id, state, mail_from, message_id, kind, attempts, created, next_attempt, last_error, route,"
-    " ledger_key, length(raw), meta, claimed_by"
+    " ledger_key, length(raw) + ifnull((SELECT length(b.raw) FROM bodies b"
+    " WHERE b.item_id = items.id), 0), meta, claimed_by"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM items WHERE id = ?"  # noqa: S608 - constants only
-_SELECT_WITH_RAW = f"SELECT {_COLUMNS}, raw FROM items WHERE id = ?"  # noqa: S608
+_SELECT_WITH_RAW = (
+    f"SELECT {_COLUMNS}, raw, (SELECT b.rowid FROM bodies b WHERE b.item_id = items.id)"  # noqa: S608
+    " FROM items WHERE id = ?"
+)
+
+#: Copies up to this size are stored inline (``items.raw``): one INSERT, the cheapest for the
+#: usual message. Larger ones go to ``bodies`` (see the layout above).
+_INLINE_MAX = 1 << 20
+#: Bodies are written through SQLite's incremental blob I/O this many bytes at a time.
+_BLOB_CHUNK = 1 << 20
+
+
+def _write_body(db: sqlite3.Connection, item_id: str, data: bytes) -> None:
+    """Store ``data`` as the body of ``item_id``: a zeroblob (SQLite does not materialise it in
+    the last column) filled piece by piece."""
+    cursor = db.execute(
+        "INSERT INTO bodies (item_id, raw) VALUES (?, zeroblob(?))", (item_id, len(data))
+    )
+    assert cursor.lastrowid is not None
+    view = memoryview(data)
+    with db.blobopen("bodies", "raw", cursor.lastrowid) as blob:
+        for start in range(0, len(view), _BLOB_CHUNK):
+            blob.write(view[start : start + _BLOB_CHUNK])
+
+
+def _read_body(db: sqlite3.Connection, rowid: int) -> bytes:
+    """The bytes in ``bodies`` row ``rowid``, read straight into one bytes object."""
+    with db.blobopen("bodies", "raw", rowid, readonly=True) as blob:
+        return blob.read()
 
 
 class OutboxError(ConfigError):
@@ -382,7 +421,7 @@ class Outbox:
                         now,
                         now,
                         "sending" if claim else "queued",
-                        item.raw,
+                        item.raw if len(item.raw) <= _INLINE_MAX else b"",
                         item.mail_from,
                         item.message_id,
                         item.kind,
@@ -399,6 +438,8 @@ class Outbox:
                     " VALUES (?, ?, ?, 'pending')",
                     [(item_id, n, a) for n, a in enumerate(dict.fromkeys(item.recipients))],
                 )
+                if len(item.raw) > _INLINE_MAX:
+                    _write_body(db, item_id, item.raw)
                 ids.append(item_id)
             if ledger is not None:
                 db.execute(
@@ -624,7 +665,7 @@ class Outbox:
             size=row[11],
             meta=json.loads(row[12]),
             claimed_by=row[13],
-            raw=bytes(row[14]) if raw else None,
+            raw=(bytes(row[14]) if row[15] is None else _read_body(db, row[15])) if raw else None,
         )
 
     def get(self, item_id: str, *, raw: bool = True) -> OutboxItem:

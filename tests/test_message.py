@@ -9,6 +9,8 @@ import email
 import email.header
 import email.message
 import email.policy
+import itertools
+import random
 import re
 import time
 from pathlib import Path
@@ -25,8 +27,10 @@ from e2email.message import (
     build_message,
     build_payload,
     check_wire_safe,
+    message_head,
     new_boundary,
     render_header,
+    stream_payload,
 )
 
 UTC = datetime.UTC
@@ -157,11 +161,14 @@ def test_all_lists_exactly_the_public_api() -> None:
             "Attachment",
             "HP",
             "Message",
+            "PayloadStream",
             "build_message",
             "build_payload",
             "check_wire_safe",
+            "message_head",
             "new_boundary",
             "render_header",
+            "stream_payload",
         ]
     )
 
@@ -629,6 +636,90 @@ def test_qp_never_splits_escapes() -> None:
             assert len(line) <= 76
             assert re.fullmatch(rb"(?:[^=]|=[0-9A-F]{2})*=?", line)
         assert binascii.a2b_qp(body).decode() == text
+
+
+def _reference_qp_line(raw: bytes) -> list[str]:
+    """The rules, one token at a time: "=XX" for "=", 8-bit bytes and controls but TAB, and for
+    a trailing SP/TAB; "." and the "F" of "From " encoded at the start of every encoded line;
+    greedy lines of at most 75 characters plus the soft-break "=", the last one up to 76."""
+    tokens = [
+        chr(b) if (0x20 <= b <= 0x7E and b != 0x3D) or b == 0x09 else f"={b:02X}" for b in raw
+    ]
+    if raw and raw[-1] in (0x20, 0x09):
+        tokens[-1] = f"={raw[-1]:02X}"
+    lines: list[str] = []
+    line = ""
+    for i, token in enumerate(tokens):
+        if not line and (token == "." or (token == "F" and raw.startswith(b"From ", i))):
+            token = f"={raw[i]:02X}"
+        limit = 76 if i == len(tokens) - 1 else 75
+        if len(line) + len(token) > limit:
+            lines.append(line + "=")
+            line = ""
+            if token == "." or (token == "F" and raw.startswith(b"From ", i)):
+                token = f"={raw[i]:02X}"
+        line += token
+    lines.append(line)
+    return lines
+
+
+def test_qp_matches_the_rules_on_random_lines() -> None:
+    """The quoted-printable encoder (which escapes a line in one pass and cuts it per encoded
+    line) gives exactly what applying the rules token by token gives, on thousands of random
+    lines built to put dots, "From ", "=", spaces, 8-bit bytes and escapes at break points."""
+    rnd = random.Random(2026)
+    atoms = [b".", b"F", b"From ", b"From", b" ", b"\t", b"=", b"x", b"\xc3\xa9", b"\x07", b".."]
+    for _ in range(3000):
+        head = b"x" * rnd.choice([0, 70, 72, 73, 74, 75, 76, 77, 148, 149, 150, 151])
+        tail = b"".join(rnd.choice(atoms) for _ in range(rnd.randint(0, 15)))
+        raw = head + tail if rnd.random() < 0.7 else tail + head + tail
+        assert message_module._qp_line(raw) == _reference_qp_line(raw), raw
+
+
+def test_qp_long_lines_are_cut_per_line() -> None:
+    """A 4000-character line and a long UTF-8 line encode to lines of at most 76 characters
+    that decode back exactly."""
+    for text in ("All work and no play. " * 200, "Grüße aus Köln " * 300):
+        lines = message_module._qp_line(text.encode())
+        assert all(len(line) <= 76 for line in lines)
+        assert all(line.endswith("=") for line in lines[:-1])
+        assert binascii.a2b_qp("\r\n".join(lines)).decode() == text
+
+
+def _numbered_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = itertools.count()
+    monkeypatch.setattr(message_module, "new_boundary", lambda: f"=_e2email_{next(counter):032x}")
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 56, 57, 58, 57 * 4096 - 1, 57 * 4096, 57 * 4096 + 1, 2 * 57 * 4096 + 100]
+)
+@pytest.mark.parametrize("hp", [None, HP.CIPHER])
+def test_stream_payload_yields_build_payload(
+    monkeypatch: pytest.MonkeyPatch, size: int, hp: HP | None
+) -> None:
+    """stream_payload's pieces joined are build_payload's bytes (attachments encoded block by
+    block, around block edges), on every iteration; len() is their size; the base64 body is
+    the standard encoding in 76-character CRLF lines."""
+    content = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    msg = make(html="<p>hi</p>", attachments=[Attachment("a.bin", content)])
+    _numbered_boundaries(monkeypatch)
+    stream = stream_payload(msg, hp=hp)
+    _numbered_boundaries(monkeypatch)
+    expected = build_payload(msg, hp=hp)
+    assert b"".join(stream) == expected
+    assert b"".join(stream) == expected  # a second pass gives the same bytes
+    assert bytes(stream) == expected and len(stream) == len(expected)
+    encoded = base64.encodebytes(content).replace(b"\n", b"\r\n").removesuffix(b"\r\n")
+    assert b"base64\r\n\r\n" + encoded + b"\r\n--=_e2email_" in expected
+
+
+def test_message_head_is_what_build_message_puts_first() -> None:
+    """message_head(...) + payload is build_message(...), for every mode."""
+    msg = make(cc=["carol@example.net"], subject="Grüße")
+    wrapped = fake_signed(build_payload(msg, hp=HP.CLEAR))
+    for hp in (None, HP.CIPHER, HP.CLEAR):
+        assert message_head(msg, hp=hp) + wrapped == build_message(msg, payload=wrapped, hp=hp)
 
 
 def test_empty_text_body() -> None:
@@ -1197,6 +1288,22 @@ def test_check_wire_safe_refuses(data: bytes, reason: str) -> None:
 def test_check_wire_safe_accepts(data: bytes) -> None:
     """Clean CRLF ASCII with lines up to exactly 998 octets passes."""
     check_wire_safe(data)
+
+
+def test_check_wire_safe_finds_a_long_line_anywhere() -> None:
+    """The line-length gate (which skips ahead a kilobyte at a time) finds one 999-octet
+    line wherever it is among short and 998-octet lines, also as the last, unterminated line,
+    and names the longest line; 998 everywhere passes."""
+    for before in range(0, 40):
+        lines = [b"y" * (before * 37 % 999)] * before
+        for long in (b"x" * 999, b"x" * 2000):
+            for after in ([], [b"z" * 998], [b"", b"z" * 5]):
+                data = b"\r\n".join([*lines, long, *after])
+                with pytest.raises(MessageError, match=f"a line of {len(long)} octets"):
+                    check_wire_safe(data)
+                with pytest.raises(MessageError):
+                    check_wire_safe(data + b"\r\n")
+        check_wire_safe(b"\r\n".join([*lines, b"x" * 998, b"z" * 998]))
 
 
 def test_check_wire_safe_passes_our_output() -> None:

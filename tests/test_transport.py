@@ -9,6 +9,7 @@ import email.policy
 import re
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from e2email.keystore import Keystore
 from e2email.message import check_wire_safe
 from e2email.testing import Fault, LoopbackSMTPServer, TestCA
 from e2email.transport import DeliveryResult, SMTPTransport
+from e2email.transport import smtp as smtp_module
 
 ServerFactory = Callable[..., LoopbackSMTPServer]
 
@@ -567,6 +569,88 @@ def test_data_timeout_says_delivery_is_uncertain(smtp_server: ServerFactory) -> 
         send(settings_for(server, command_timeout=30, data_timeout=0.3))
     assert "may or may not" in str(info.value)
     assert info.value.transient is True
+
+
+class _StalledReader:
+    """A plaintext SMTP server that answers up to DATA's 354, then stops reading, so the
+    client's writes back up (a receive buffer of a few kilobytes)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.done = threading.Event()
+        self.commands: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 stalled.test ESMTP\r\n")
+            for line in lines:
+                verb = line.split()[0].upper() if line.strip() else b""
+                self.commands.append(verb)
+                if verb == b"DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    self.done.wait(30)  # read nothing more
+                    return
+                conn.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_data_timeout_while_the_server_stops_reading() -> None:
+    """DATA goes out in pieces, each waiting for the connection to take it: a server that
+    stops reading after 354 makes the client give up after data_timeout (not hang, not
+    buffer the whole message) with a ConnectError saying delivery is uncertain."""
+    server = _StalledReader()
+    try:
+        raw = b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 200_000  # 15.6 MB
+        settings = SMTPSettings(
+            host="127.0.0.1",
+            port=server.port,
+            tls=TLSMode.INSECURE_PLAINTEXT,
+            allow_insecure_plaintext=True,
+            timeout=5,
+            data_timeout=0.5,
+        )
+        with pytest.raises(ConnectError, match=r"timed out after 0\.5 s") as info:
+            send(settings, raw)
+        assert "may or may not" in str(info.value)
+        assert info.value.transient is True
+        assert server.commands == [b"EHLO", b"MAIL", b"RCPT", b"DATA"]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 16, 100, 1 << 20])
+def test_dot_stuffing_in_pieces(size: int) -> None:
+    """DATA's pieces (about ``size`` bytes, never split inside a line) joined are the
+    message with a "." added before every line that starts with one (RFC 5321 §4.5.2),
+    whether a piece starts with such a line or not, with or without a final CRLF."""
+    lines = [b".", b"..", b"x", b"", b".x.", b"a.b", b"." * 7, b"From x", b"\t."]
+    raw = b"\r\n".join(lines[i % len(lines)] for i in range(200)) + b"\r\n"
+    for message in (raw, raw + b".end", b".", b""):
+        pieces = list(smtp_module._dot_stuffed(message, size))
+        assert b"".join(pieces) == re.sub(rb"(?m)^\.", b"..", message)
+        assert all(piece.endswith(b"\r\n") for piece in pieces[:-1])
+
+
+def test_message_without_final_crlf_gets_one(smtp_server: ServerFactory) -> None:
+    """Bytes that do not end in CRLF arrive with one added (the end-of-data line needs it),
+    and MAIL FROM's SIZE counts it (RFC 1870)."""
+    server = smtp_server(tls="implicit")
+    raw = RAW + b".last line"
+    send(settings_for(server), raw)
+    (received,) = server.messages
+    assert received.data == raw + b"\r\n"
+    assert f"SIZE={len(raw) + 2}" in received.mail_options
 
 
 # -- transient or permanent ---------------------------------------------------------------------

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterator, Sequence
+import copy
+import io
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from e2email.errors import CryptoError, KeyProblem, KeyReason, PassphraseError, SignerKeyError
 from e2email.keystore import Keystore, OpenPGPKey
@@ -78,7 +82,86 @@ class SignatureInfo:
 
 def _crlf(text: str | bytes) -> bytes:
     data = text.encode("ascii") if isinstance(text, str) else text
-    return b"\r\n".join(data.replace(b"\r\n", b"\n").split(b"\n"))
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+#: python-gnupg moves data to and from gpg in pieces of this size (its default is 16 KiB).
+_PIPE_CHUNK = 64 * 1024
+
+
+class _ChunkReader:
+    """A read-only file over pieces of bytes, for python-gnupg to copy to gpg's stdin: a
+    payload given in pieces is handed over as it is made, never joined first."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._current = b""
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        while self._pos >= len(self._current):
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return b""
+            self._current, self._pos = chunk, 0
+        end = len(self._current) if size < 0 else self._pos + size
+        if self._pos == 0 and end >= len(self._current):
+            piece = self._current
+        else:
+            piece = self._current[self._pos : end]
+        self._pos += len(piece)
+        return piece
+
+
+class _ArmorWriter:
+    """Takes gpg's ASCII-armored output as it arrives (python-gnupg's ``on_data``) and writes
+    it to ``out`` with CRLF line ends, as the MIME part carries it, so the output is never
+    held twice. Trailing line ends are dropped and one CRLF written by :meth:`finish`."""
+
+    def __init__(self, out: io.BytesIO) -> None:
+        self._out = out
+        self._held = b""  # a CR at the end of one piece may start a CRLF ending in the next
+        self._trailing = 0  # CR and LF bytes at the end of what was written
+        self.size = 0
+
+    def __call__(self, chunk: bytes) -> bool:
+        data = self._held + chunk
+        self._held = b""
+        if data.endswith(b"\r"):
+            self._held, data = b"\r", data[:-1]
+        data = _crlf(data)
+        if data:
+            self._out.write(data)
+            self.size += len(data)
+            tail = len(data) - len(data.rstrip(b"\r\n"))
+            self._trailing = self._trailing + tail if tail == len(data) else tail
+        return False  # python-gnupg: do not also keep the piece in result.data
+
+    def finish(self) -> None:
+        end = self._out.tell() - self._trailing
+        self._out.truncate(end)
+        self._out.seek(end)
+        self._out.write(b"\r\n")
+
+
+def _gpg_for_call(keystore: Keystore, on_data: Callable[[bytes], bool]) -> tuple[Any, list[Any]]:
+    """A copy of the keystore's python-gnupg object for one call: its ``on_data`` hook is
+    per instance, and copies run in parallel threads. The second value collects the result
+    object of an encryption even if python-gnupg raises after gpg finished (a broken pipe
+    when gpg stops reading early), so gpg's own status can still say what went wrong."""
+    gpg = copy.copy(keystore.gpg)
+    gpg.on_data = on_data
+    gpg.buffer_size = _PIPE_CHUNK
+    made: list[Any] = []
+    make_crypt = gpg.result_map["crypt"]
+
+    def crypt_result(owner: Any) -> Any:
+        result = make_crypt(owner)
+        made.append(result)
+        return result
+
+    gpg.result_map = {**gpg.result_map, "crypt": crypt_result}
+    return gpg, made
 
 
 def _stderr_lines(result: object) -> list[str]:
@@ -116,12 +199,15 @@ def sign(
     *,
     signer: OpenPGPKey,
     passphrase: str | None = None,
+    prefix: bytes = b"",
 ) -> tuple[bytes, SignatureInfo]:
     """Make a ``multipart/signed`` entity over ``payload`` (RFC 3156 §5).
 
     ``payload`` must already be canonical (CRLF, 7-bit). It is signed byte for byte, and the
     entity carries it byte for byte: the CRLF before the next boundary belongs to the boundary
-    (RFC 2046 §5.1.1), so what a verifier cuts out is exactly what was signed.
+    (RFC 2046 §5.1.1), so what a verifier cuts out is exactly what was signed. ``prefix``
+    (e.g. the outer header block) goes before the entity in the returned bytes, so a whole
+    message is assembled in one copy.
     """
     result = keystore.gpg.sign(
         payload,
@@ -137,6 +223,7 @@ def sign(
     boundary = new_boundary()
     entity = b"".join(
         [
+            prefix,
             b'Content-Type: multipart/signed; micalg="' + info.micalg.encode() + b'";\r\n',
             b' protocol="application/pgp-signature";\r\n',
             b' boundary="' + boundary.encode() + b'"\r\n',
@@ -182,143 +269,232 @@ def _signature_info(result: object, signer: OpenPGPKey) -> SignatureInfo:
 
 def encrypt(
     keystore: Keystore,
-    payload: bytes,
+    payload: bytes | Iterable[bytes],
     *,
     recipients: Sequence[OpenPGPKey],
     signer: OpenPGPKey | None = None,
     passphrase: str | None = None,
+    prefix: bytes = b"",
 ) -> bytes:
     """Make a ``multipart/encrypted`` entity (RFC 3156 §4), signed and encrypted in one OpenPGP
     message when ``signer`` is given (§6.2).
 
     ``recipients`` must be the complete, deduplicated list of keys (sender included when
     encrypting to self): the output is checked to be encrypted to those keys and no others.
+
+    ``payload`` may come in pieces (e.g. a :class:`~e2email.message.PayloadStream`): they are
+    piped to gpg as they are made, and gpg's output is written, CRLF-converted, straight into
+    the result, so neither the plaintext nor the ciphertext is ever held twice. ``prefix``
+    (e.g. the outer header block) goes before the entity in the returned bytes.
     """
     if not recipients:
         raise CryptoError("no recipient keys to encrypt to")
     fprs = list(dict.fromkeys(k.fingerprint for k in recipients))
-    result = keystore.gpg.encrypt(
-        payload,
-        fprs,
-        sign=signer.fingerprint if signer is not None else None,
-        passphrase=passphrase,
-        armor=True,
-        always_trust=True,
-        extra_args=_COMMON_ARGS,
+    boundary = new_boundary().encode()
+    out = io.BytesIO()
+    out.write(prefix)
+    out.write(
+        b"".join(
+            [
+                b"Content-Type: multipart/encrypted;\r\n",
+                b' protocol="application/pgp-encrypted";\r\n',
+                b' boundary="' + boundary + b'"\r\n',
+                b"\r\n",
+                _PREAMBLE_ENCRYPTED,
+                b"--" + boundary + b"\r\n",
+                b"Content-Type: application/pgp-encrypted\r\n",
+                b"Content-Description: PGP/MIME version identification\r\n",
+                b"\r\n",
+                b"Version: 1\r\n",
+                b"\r\n--" + boundary + b"\r\n",
+                b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n',
+                b"Content-Description: OpenPGP encrypted message\r\n",
+                b'Content-Disposition: inline; filename="encrypted.asc"\r\n',
+                b"\r\n",
+            ]
+        )
     )
+    armor_start = out.tell()
+    writer = _ArmorWriter(out)
+    gpg, made = _gpg_for_call(keystore, writer)
+    chunks = [payload] if isinstance(payload, bytes) else payload
+    copy_error: OSError | None = None
+    try:
+        result = gpg.encrypt_file(
+            _ChunkReader(chunks),
+            fprs,
+            sign=signer.fingerprint if signer is not None else None,
+            passphrase=passphrase,
+            armor=True,
+            always_trust=True,
+            extra_args=_COMMON_ARGS,
+        )
+    except OSError as exc:
+        # python-gnupg re-raises, after gpg ended, an error from copying the payload to it:
+        # a broken pipe when gpg stopped reading early (it failed; its status lines in the
+        # result say why), or an error reading the payload. Either way the output is unusable.
+        if not made:
+            raise CryptoError(f"cannot run gpg: {exc}") from exc
+        result, copy_error = made[0], exc
     if signer is not None:
         problem = _passphrase_problem(result, signer.fingerprint)
         if problem is not None:
             raise problem
-    if not getattr(result, "ok", False) or not result.data:
-        raise _failure("encrypt", result)
-    armored = _crlf(result.data).rstrip(b"\r\n") + b"\r\n"
-    _check_encrypted(armored, recipients)
-    boundary = new_boundary().encode()
-    return b"".join(
-        [
-            b"Content-Type: multipart/encrypted;\r\n",
-            b' protocol="application/pgp-encrypted";\r\n',
-            b' boundary="' + boundary + b'"\r\n',
-            b"\r\n",
-            _PREAMBLE_ENCRYPTED,
-            b"--" + boundary + b"\r\n",
-            b"Content-Type: application/pgp-encrypted\r\n",
-            b"Content-Description: PGP/MIME version identification\r\n",
-            b"\r\n",
-            b"Version: 1\r\n",
-            b"\r\n--" + boundary + b"\r\n",
-            b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n',
-            b"Content-Description: OpenPGP encrypted message\r\n",
-            b'Content-Disposition: inline; filename="encrypted.asc"\r\n',
-            b"\r\n",
-            armored,
-            b"\r\n--" + boundary + b"--\r\n",
-        ]
-    )
+    if not getattr(result, "ok", False) or not writer.size:
+        raise _failure("encrypt", result) from copy_error
+    if copy_error is not None:  # gpg encrypted what it got: not all of the payload
+        raise CryptoError(f"could not pass the message to gpg: {copy_error}") from copy_error
+    writer.finish()
+    # The packet check reads only the first packets of the armored output, in place.
+    with out.getbuffer() as view, view[armor_start:] as armored:
+        _check_encrypted(armored, recipients)
+    out.write(b"\r\n--" + boundary + b"--\r\n")
+    # The views are released, so getvalue() hands over the buffer without copying it.
+    return out.getvalue()
 
 
 # -- Looking inside OpenPGP messages -----------------------------------------------------------
 
 
-def dearmor(armored: bytes) -> bytes:
-    """The binary packets of an ASCII-armored OpenPGP block (RFC 9580 §6)."""
-    lines = armored.replace(b"\r\n", b"\n").split(b"\n")
+_LINE = re.compile(rb"[^\n]*\n?")
+#: Armor lines decoded at a time when only the first packets are wanted: 64 lines of 64
+#: characters are 3 KiB of packets, enough for about a dozen RSA-4096 session keys.
+_ARMOR_LINES_PER_BLOCK = 64
+
+
+def _lines(data: bytes | memoryview) -> Iterator[bytes]:
+    """The lines of ``data`` without their LF or CRLF, one at a time (only one line is ever
+    copied out of a large buffer)."""
+    pos, size = 0, len(data)
+    while pos < size:
+        match = _LINE.match(data, pos)
+        assert match is not None  # the pattern matches anywhere, if only the empty string
+        pos = match.end()
+        line = match.group()
+        if line.endswith(b"\n"):
+            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        yield line
+
+
+def _b64decode(text: bytes) -> bytes:
     try:
-        start = next(i for i, ln in enumerate(lines) if ln.startswith(b"-----BEGIN PGP"))
-    except StopIteration:
-        raise CryptoError("no ASCII-armored OpenPGP block found") from None
-    i = start + 1
-    while i < len(lines) and lines[i].strip():  # armor headers end at the first blank line
-        i += 1
-    body = []
-    for ln in lines[i + 1 :]:
-        if ln.startswith(b"-----END PGP") or ln.startswith(b"="):
-            break
-        body.append(ln.strip())
-    try:
-        return base64.b64decode(b"".join(body), validate=True)
+        return base64.b64decode(text, validate=True)
     except binascii.Error as exc:
         raise CryptoError(f"malformed ASCII armor: {exc}") from exc
 
 
-def _packets(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """Top-level packets as (tag, body), both header formats (RFC 9580 §4.2)."""
-    pos = 0
-    while pos < len(data):
+def _dearmored(armored: bytes | memoryview, lines_per_block: int) -> Iterator[bytes]:
+    """The binary packets of an ASCII-armored OpenPGP block (RFC 9580 §6), decoded
+    ``lines_per_block`` armor lines at a time, as they are asked for."""
+    lines = _lines(armored)
+    if not any(ln.startswith(b"-----BEGIN PGP") for ln in lines):
+        raise CryptoError("no ASCII-armored OpenPGP block found")
+    for ln in lines:  # armor headers end at the first blank line
+        if not ln.strip():
+            break
+    batch: list[bytes] = []
+    rest = b""
+    for ln in lines:
+        if ln.startswith(b"-----END PGP") or ln.startswith(b"="):
+            break
+        batch.append(ln.strip())
+        if len(batch) >= lines_per_block:
+            text = rest + b"".join(batch)
+            batch = []
+            cut = len(text) - len(text) % 4  # base64 decodes 4 characters at a time
+            rest = text[cut:]
+            yield _b64decode(text[:cut])
+    text = rest + b"".join(batch)
+    if text:
+        yield _b64decode(text)
+
+
+def dearmor(armored: bytes | memoryview) -> bytes:
+    """The binary packets of an ASCII-armored OpenPGP block (RFC 9580 §6)."""
+    return b"".join(_dearmored(armored, 1 << 16))
+
+
+class _NeedMore(Exception):
+    """Internal: the packets decoded so far end inside a packet header or body."""
+
+
+def _packet_header(data: bytes, pos: int) -> tuple[int, int, int | None]:
+    """(tag, body start, body length) of the packet at ``pos``, both header formats (RFC 9580
+    §4.2); the length is None for a partial or indeterminate length, which only the encrypted
+    data packet uses (its body is the rest of the stream)."""
+    try:
         head = data[pos]
         if not head & 0x80:
             raise CryptoError("malformed OpenPGP packet header")
         if head & 0x40:  # new format
             tag = head & 0x3F
-            pos += 1
-            first = data[pos]
+            first = data[pos + 1]
             if first < 192:
-                length, pos = first, pos + 1
-            elif first < 224:
-                length, pos = ((first - 192) << 8) + data[pos + 1] + 192, pos + 2
-            elif first == 255:
-                length, pos = int.from_bytes(data[pos + 1 : pos + 5], "big"), pos + 5
-            else:
-                # Partial body lengths: only the encrypted data packet uses them, and it is the
-                # last packet we look at, so the rest of the stream is its body.
-                yield tag, data[pos:]
-                return
-        else:  # old format
-            tag = (head >> 2) & 0x0F
-            ltype = head & 0x03
-            pos += 1
-            if ltype == 3:
-                yield tag, data[pos:]
-                return
-            size = (1, 2, 4)[ltype]
-            length, pos = int.from_bytes(data[pos : pos + size], "big"), pos + size
-        yield tag, data[pos : pos + length]
-        pos += length
+                return tag, pos + 2, first
+            if first < 224:
+                return tag, pos + 3, ((first - 192) << 8) + data[pos + 2] + 192
+            if first == 255:
+                if pos + 6 > len(data):
+                    raise _NeedMore
+                return tag, pos + 6, int.from_bytes(data[pos + 2 : pos + 6], "big")
+            return tag, pos + 2, None
+        tag = (head >> 2) & 0x0F  # old format
+        ltype = head & 0x03
+        if ltype == 3:
+            return tag, pos + 1, None
+        size = (1, 2, 4)[ltype]
+        if pos + 1 + size > len(data):
+            raise _NeedMore
+        return tag, pos + 1 + size, int.from_bytes(data[pos + 1 : pos + 1 + size], "big")
+    except IndexError:
+        raise _NeedMore from None
 
 
-def encrypted_to_key_ids(armored: bytes) -> tuple[list[str], int]:
-    """The key IDs in the PKESK packets, and the tag of the encrypted data packet."""
+def encrypted_to_key_ids(armored: bytes | memoryview) -> tuple[list[str], int]:
+    """The key IDs in the PKESK packets, and the tag of the encrypted data packet.
+
+    Only the first packets are decoded, a few armor lines at a time: the session keys and the
+    header of the encrypted data packet, never its (possibly many megabytes of) body."""
+    blocks = _dearmored(armored, _ARMOR_LINES_PER_BLOCK)
+    data = b""
+    pos = 0
     key_ids: list[str] = []
-    for tag, body in _packets(dearmor(armored)):
-        if tag == 1:  # public-key encrypted session key
-            version = body[0]
-            if version == 3:
-                key_ids.append(body[1:9].hex().upper())
-            elif version == 6:
-                # v6 PKESK: a key version and fingerprint follow (RFC 9580 §5.1.1)
-                size = body[1]
-                key_ids.append(body[3 : 2 + size].hex().upper()[-16:])
-            else:
-                raise CryptoError(f"unexpected PKESK version {version}")
-        elif tag in (9, 18, 20):
-            return key_ids, tag
-        elif tag == 3:  # symmetric-key session key: we never ask for one
-            raise CryptoError("output contains a passphrase-encrypted session key")
+    while True:
+        try:
+            if pos >= len(data):
+                raise _NeedMore
+            tag, start, length = _packet_header(data, pos)
+            if tag in (9, 18, 20):
+                return key_ids, tag
+            if tag == 3:  # symmetric-key session key: we never ask for one
+                raise CryptoError("output contains a passphrase-encrypted session key")
+            if length is None:
+                break
+            if start + length > len(data):
+                raise _NeedMore
+        except _NeedMore:
+            more = next(blocks, b"")
+            if not more:
+                break
+            data += more
+            continue
+        body = data[start : start + length]
+        pos = start + length
+        if tag != 1:  # public-key encrypted session key
+            continue
+        version = body[0] if body else None
+        if version == 3:
+            key_ids.append(body[1:9].hex().upper())
+        elif version == 6:
+            # v6 PKESK: a key version and fingerprint follow (RFC 9580 §5.1.1)
+            size = body[1]
+            key_ids.append(body[3 : 2 + size].hex().upper()[-16:])
+        else:
+            raise CryptoError(f"unexpected PKESK version {version}")
     raise CryptoError("no encrypted data packet in gpg's output")
 
 
-def _check_encrypted(armored: bytes, recipients: Sequence[OpenPGPKey]) -> None:
+def _check_encrypted(armored: bytes | memoryview, recipients: Sequence[OpenPGPKey]) -> None:
     key_ids, data_tag = encrypted_to_key_ids(armored)
     if data_tag == 9:
         raise CryptoError(

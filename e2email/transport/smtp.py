@@ -35,7 +35,7 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -100,6 +100,10 @@ _VERSION_REASONS = frozenset(
     }
 )
 
+
+#: DATA is written in pieces of about this size, each cut just after a CRLF and each waiting
+#: for the connection to take it (flow control), so a large message is never copied whole.
+_DATA_CHUNK = 256 * 1024
 
 _HANDSHAKE_DROPPED_HINT = (
     "the server closed the connection during the TLS handshake; it may not support TLS 1.2 "
@@ -449,8 +453,7 @@ class SMTPConnection:
                     )
                 stage = "DATA"
                 try:
-                    # aiosmtplib dot-stuffs (RFC 5321 §4.5.2) and ends with CRLF "." CRLF.
-                    response = await smtp.data(raw, timeout=data_timeout)
+                    response = await self._data(raw, data_timeout)
                 except aiosmtplib.SMTPDataError as exc:
                     await self._reset()
                     raise DeliveryError(
@@ -487,6 +490,47 @@ class SMTPConnection:
             tls=self._tls,
         )
 
+    async def _data(self, raw: bytes, timeout: float | None) -> aiosmtplib.SMTPResponse:
+        """DATA (RFC 5321 §4.1.1.4): ``raw`` dot-stuffed and streamed in pieces, then the
+        end-of-data line; the final reply. aiosmtplib's own ``data()`` would copy the whole
+        message twice (line-end repair, dot-stuffing) and buffer it all in the transport; the
+        bytes here already passed :func:`check_wire_safe`, so they need no repair.
+
+        ``timeout`` bounds the wait for each reply and for each piece to be taken by the
+        connection (RFC 5321 §4.5.3.2.5 times each send of a data block, not the whole);
+        a timeout or lost connection closes the session, since it is mid-DATA.
+        """
+        smtp = self._smtp
+        start = await smtp.execute_command(b"DATA", timeout=timeout)
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        protocol = smtp.protocol
+        try:
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            for piece in _dot_stuffed(raw):
+                protocol.write(piece)
+                async with asyncio.timeout(timeout):
+                    # aiosmtplib's copy of asyncio's StreamWriter.drain(): returns once the
+                    # transport's buffer is below its low-water mark (raises if the
+                    # connection was lost).
+                    await protocol._drain_helper()
+            # Reading the reply starts right after the last write, so it cannot be missed.
+            protocol.write(b".\r\n" if raw.endswith(b"\r\n") else b"\r\n.\r\n")
+            response = await protocol.read_response(timeout=timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            smtp.close()
+            raise
+        except TimeoutError as exc:  # a piece was not taken in time
+            smtp.close()
+            raise aiosmtplib.SMTPTimeoutError("Timed out sending the message data") from exc
+        except OSError:
+            smtp.close()
+            raise
+        if response.code != 250:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
+
     async def _reset(self) -> None:
         """RSET after a refused transaction; its failure cannot change the outcome."""
         if not self._smtp.is_connected:
@@ -497,6 +541,26 @@ class SMTPConnection:
 
     async def _close(self) -> None:
         await _quit_quietly(self._smtp)
+
+
+def _dot_stuffed(raw: bytes, size: int = _DATA_CHUNK) -> Iterator[bytes]:
+    """``raw`` as DATA content (without the end-of-data line), in pieces of about ``size``
+    bytes cut just after a CRLF: RFC 5321 §4.5.2 transparency, a line that starts with "."
+    gets a second one. Every piece starts a line, so the lines starting inside it are the
+    piece's start and those after its CRLFs."""
+    start, total = 0, len(raw)
+    while start < total:
+        end = start + size
+        if end >= total:
+            end = total
+        else:
+            cut = raw.rfind(b"\r\n", start, end)
+            if cut < 0:  # no line end in the window (lines are < 1000 octets: not seen)
+                cut = raw.find(b"\r\n", end)
+            end = total if cut < 0 else cut + 2
+        piece = raw[start:end].replace(b"\r\n.", b"\r\n..")
+        yield b"." + piece if piece.startswith(b".") else piece
+        start = end
 
 
 def _maybe_delivered(stage: str) -> str:

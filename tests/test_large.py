@@ -1,0 +1,286 @@
+"""Large messages go through the streaming paths intact (functional tests; the memory and time
+they take are measured by benchmarks/run.py, not here).
+
+A multi-megabyte attachment is base64-encoded block by block while gpg reads it, gpg's armored
+output is converted to CRLF as it arrives, the outbox stores the copy through SQLite's blob I/O
+and DATA is written in dot-stuffed pieces. Each test checks the bytes at the far end with tools
+we did not write: gpg decrypts or verifies what the server received, aiosmtpd un-stuffs DATA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import email
+import email.policy
+import io
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from fixtures_pgp import Keys
+from pgp_helpers import gpg_decrypt, gpg_verify, header_value, multipart_parts, part_body
+
+from e2email import Attachment, Mailer, Message, Protection, SMTPSettings, TLSMode
+from e2email.crypto import openpgp
+from e2email.errors import CryptoError
+from e2email.keystore import Keystore
+from e2email.message import build_payload, check_wire_safe, stream_payload
+from e2email.outbox import NewItem, Outbox
+from e2email.testing import LoopbackSMTPServer
+from e2email.transport import SMTPTransport
+
+ServerFactory = Callable[..., LoopbackSMTPServer]
+
+#: Over a few of every internal piece size: base64 blocks (228 KiB of input), gpg pipe pieces
+#: (64 KiB), DATA pieces (256 KiB), outbox blob pieces and the inline limit (1 MiB).
+SIZE = 6_000_000 + 1234
+
+
+@pytest.fixture(scope="module")
+def blob() -> bytes:
+    return os.urandom(SIZE)
+
+
+def _settings(server: LoopbackSMTPServer) -> SMTPSettings:
+    assert server.ca_file is not None
+    return SMTPSettings(
+        host=server.host, port=server.port, tls=TLSMode.IMPLICIT, ca_file=server.ca_file, timeout=60
+    )
+
+
+def _attachment_of(entity: bytes) -> tuple[bytes, list[bytes]]:
+    """The attachment's decoded bytes and its raw base64 lines, from a MIME entity."""
+    msg = email.message_from_bytes(entity, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    (part,) = list(msg.iter_attachments())
+    assert part.get_filename() == "big.bin"
+    content = part.get_payload(decode=True)
+    assert isinstance(content, bytes)
+    raw_body = entity[entity.rindex(b"Content-Transfer-Encoding: base64\r\n\r\n") :]
+    lines = raw_body.split(b"\r\n\r\n", 1)[1].split(b"\r\n--", 1)[0].split(b"\r\n")
+    return content, lines
+
+
+def test_large_attachment_encrypted_arrives_and_decrypts_to_the_same_bytes(
+    keys: Keys,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
+    blob: bytes,
+    tmp_path: Path,
+) -> None:
+    """A 6 MB attachment, signed and encrypted, To one recipient and Bcc another (two copies
+    encrypted side by side from one payload stream), sent with the outbox: both copies arrive,
+    gpg decrypts each to a MIME entity whose attachment is the original bytes (base64 in
+    76-character lines), with Alice's good signature; the two plaintexts are identical; the
+    outbox is empty afterwards (the large bodies removed with their items)."""
+    server = smtp_server(tls="implicit")
+    message = Message(
+        sender=keys.alice.address,
+        to=[keys.bob.address],
+        bcc=[keys.carol.address],
+        subject="large",
+        text="The file is attached.\n",
+        attachments=[Attachment("big.bin", blob, "application/octet-stream")],
+    )
+    outbox = tmp_path / "outbox.sqlite3"
+    with Mailer(smtp=_settings(server), keystore=sender_store, outbox=outbox) as mailer:
+        result = mailer.send(message)
+    assert sorted(result.accepted) == sorted([keys.bob.address, keys.carol.address])
+    assert len(server.messages) == 2
+
+    plaintexts = []
+    for received in server.messages:
+        check_wire_safe(received.data)
+        head, (version_part, encrypted_part) = multipart_parts(received.data)
+        assert header_value(head, "Content-Type").startswith("multipart/encrypted;")
+        assert part_body(version_part).strip() == b"Version: 1"
+        armored = part_body(encrypted_part)
+        assert armored.startswith(b"-----BEGIN PGP MESSAGE-----\r\n")
+        assert armored.endswith(b"-----END PGP MESSAGE-----\r\n")
+        plaintext, status = gpg_decrypt(recipients_home, armored)
+        assert "DECRYPTION_OKAY" in status
+        assert f"VALIDSIG {keys.alice.fingerprint}" in status
+        content, lines = _attachment_of(plaintext)
+        assert content == blob
+        assert all(len(line) == 76 for line in lines[:-1]) and 0 < len(lines[-1]) <= 76
+        plaintexts.append(plaintext)
+    assert plaintexts[0] == plaintexts[1]
+    with Outbox(outbox) as box:
+        assert len(box) == 0
+    with sqlite3.connect(outbox) as db:
+        assert db.execute("SELECT count(*) FROM bodies").fetchone() == (0,)
+
+
+def test_large_attachment_signed_only_verifies(
+    keys: Keys,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
+    blob: bytes,
+    tmp_path: Path,
+) -> None:
+    """Signed only (the message assembled in one piece around the payload): gpg verifies the
+    signed part cut out of the received bytes, and it carries the attachment unchanged."""
+    server = smtp_server(tls="implicit")
+    message = Message(
+        sender=keys.alice.address,
+        to=[keys.bob.address],
+        subject="large, signed",
+        text="Signed, not sealed.\n",
+        attachments=[Attachment("big.bin", blob, "application/octet-stream")],
+    )
+    protection = Protection(sign=True, encrypt=False)
+    with Mailer(smtp=_settings(server), keystore=sender_store, protection=protection) as mailer:
+        mailer.send(message)
+    (received,) = server.messages
+    head, (signed, signature_part) = multipart_parts(received.data)
+    assert header_value(head, "Content-Type").startswith("multipart/signed;")
+    signature = part_body(signature_part)
+    assert gpg_verify(recipients_home, signature, signed, tmp_path) == keys.alice.fingerprint
+    content, _ = _attachment_of(signed)
+    assert content == blob
+
+
+def test_stream_payload_is_build_payload_for_a_large_attachment(blob: bytes) -> None:
+    """The streamed payload (attachment base64-encoded block by block) is exactly the bytes
+    of build_payload, every time it is iterated, and its base64 body is the standard library's
+    encoding with CRLF line ends."""
+    message = Message(
+        sender="alice@example.org",
+        to=["bob@example.net"],
+        attachments=[Attachment("big.bin", blob)],
+    ).finalized()
+    stream = stream_payload(message, hp=None)
+    first = b"".join(stream)
+    assert b"".join(stream) == first == bytes(stream)
+    assert len(stream) == len(first)
+    assert max(len(chunk) for chunk in stream) < 1_000_000
+    expected = base64.encodebytes(blob).replace(b"\n", b"\r\n").removesuffix(b"\r\n")
+    assert expected in first
+    # build_payload chooses new boundaries; the rest is the same.
+    other = build_payload(message, hp=None)
+    assert re.sub(rb"=_e2email_\w+", b"B", other) == re.sub(rb"=_e2email_\w+", b"B", first)
+
+
+def test_outbox_keeps_a_large_copy_exactly(tmp_path: Path, blob: bytes) -> None:
+    """A copy over the inline limit is stored in the outbox's bodies table and comes back
+    byte for byte when claimed, also after its state was updated (a retry); its reported size
+    is its length; it leaves with its item."""
+    raw = b"Subject: big\r\n\r\n" + base64.encodebytes(blob).replace(b"\n", b"\r\n")
+    with Outbox(tmp_path / "o.sqlite3") as box:
+        (item_id,) = box.add(
+            [NewItem(raw=raw, mail_from="a@example.org", recipients=("b@example.net",),
+                     message_id="m@example.org")],
+            claim=False,
+        )  # fmt: skip
+        (claimed,) = box.claim([item_id])
+        assert claimed.raw == raw and claimed.size == len(raw)
+        assert not box.settle(item_id, pending={"b@example.net": None}, release=True)
+        (again,) = box.claim([item_id])
+        assert again.raw == raw
+        assert box.settle(item_id, delivered={"b@example.net": None})
+        assert len(box) == 0
+    with sqlite3.connect(tmp_path / "o.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM bodies").fetchone() == (0,)
+
+
+def test_data_with_dot_lines_across_pieces_arrives_intact(smtp_server: ServerFactory) -> None:
+    """DATA is written in pieces: a 3 MB message made only of lines that start with "." (so
+    every piece starts with one) arrives byte for byte, and the bytes on the wire are exactly
+    the RFC 5321 §4.5.2 dot-stuffed message plus the end-of-data line."""
+    lines = [b".", b"..", b".x" * 30, b". " + b"y" * 70, b"...z", b"." + b"w" * 997]
+    body = b"\r\n".join(lines[i % len(lines)] for i in range(30_000))
+    raw = b"Subject: dots\r\n\r\n" + body + b"\r\n"
+    assert len(raw) > 3_000_000
+    server = smtp_server(tls="implicit")
+    asyncio.run(
+        SMTPTransport(_settings(server)).send(
+            raw, mail_from="alice@example.org", recipients=["bob@example.net"]
+        )
+    )
+    assert [m.data for m in server.messages] == [raw]
+    wire = b"".join(data for _tls, data in server.transcript)
+    stuffed = re.sub(rb"(?m)^\.", b"..", raw)
+    assert wire.count(b"DATA\r\n") == 1
+    assert wire.split(b"DATA\r\n", 1)[1] == stuffed + b".\r\nQUIT\r\n"
+
+
+def test_armor_conversion_in_pieces_equals_converting_the_whole() -> None:
+    """gpg's output, converted to CRLF piece by piece as it arrives, is what converting it
+    whole gives however it is cut (a CRLF split between two pieces included), and trailing
+    line ends become exactly one CRLF."""
+    text = (
+        b"-----BEGIN PGP MESSAGE-----\n\nab\r\ncd\nef\r\n\r\n=xy\n-----END PGP MESSAGE-----\n\r\n"
+    )
+    expected = text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").rstrip(b"\r\n") + b"\r\n"
+    cuts = [[text[:i], text[i:]] for i in range(len(text) + 1)]
+    cuts.append([text[i : i + 1] for i in range(len(text))])
+    for pieces in cuts:
+        out = io.BytesIO()
+        out.write(b"head\r\n")
+        writer = openpgp._ArmorWriter(out)
+        for piece in [*pieces, b""]:  # python-gnupg ends with an empty piece
+            assert writer(piece) is False  # not kept again in python-gnupg's result
+        writer.finish()
+        assert out.getvalue() == b"head\r\n" + expected, pieces
+
+
+def test_key_id_check_decodes_only_the_first_packets() -> None:
+    """The check of gpg's output (session keys, integrity-protected data) decodes only the
+    first armor lines: it works on a view of a large buffer whose later lines are not even
+    base64, and still refuses output whose first packets are wrong."""
+    key_id = "0123456789ABCDEF"
+    pkesk_body = bytes([3]) + bytes.fromhex(key_id) + bytes([1]) + b"\x00" * 300
+    pkesk = bytes([0xC1, 0xFF]) + len(pkesk_body).to_bytes(4, "big") + pkesk_body
+    seipd = bytes([0xD2, 0xEA]) + b"\x01" + os.urandom(6000)  # partial body length
+    encoded = base64.b64encode(pkesk + seipd).decode()
+    lines = [encoded[i : i + 64] for i in range(0, len(encoded), 64)]
+    bulk = ["!" * 64] * 50_000  # 3 MB that would not decode
+    armored = "\r\n".join(["-----BEGIN PGP MESSAGE-----", "", *lines, *bulk, "=abcd"])
+    data = (armored + "\r\n-----END PGP MESSAGE-----\r\n").encode()
+    with memoryview(data) as view:
+        assert openpgp.encrypted_to_key_ids(view) == ([key_id], 18)
+    sed = base64.b64encode(pkesk + bytes([0xC9, 4]) + b"abcd").decode()
+    with pytest.raises(CryptoError, match="integrity"):
+        openpgp._check_encrypted(
+            f"-----BEGIN PGP MESSAGE-----\n\n{sed}\n-----END PGP MESSAGE-----\n".encode(), []
+        )
+
+
+def test_gpg_failing_early_on_a_large_payload_is_a_crypto_error(
+    keys: Keys, sender_store: Keystore
+) -> None:
+    """gpg refusing to start (here: a recipient key it does not have) while a large payload
+    is being piped to it: a CryptoError with gpg's own reason, not a broken pipe."""
+    bob = sender_store.get(keys.bob.fingerprint)
+    assert bob is not None
+    unknown = dataclasses.replace(
+        bob, primary=dataclasses.replace(bob.primary, fingerprint="0" * 40)
+    )
+    payload = [b"Content-Type: text/plain\r\n\r\n", *[b"x" * 76 + b"\r\n"] * 100_000]
+    with pytest.raises(CryptoError, match="No public key"):
+        openpgp.encrypt(sender_store, payload, recipients=[unknown])
+
+
+def test_a_payload_that_cannot_be_read_to_the_end_is_never_encrypted(
+    keys: Keys, sender_store: Keystore
+) -> None:
+    """A payload whose pieces fail part way (gpg then sees a short input and encrypts it):
+    CryptoError, never a truncated message."""
+    bob = sender_store.get(keys.bob.fingerprint)
+    assert bob is not None
+
+    def pieces() -> Iterator[bytes]:
+        yield b"Content-Type: text/plain\r\n\r\n"
+        yield b"x" * 76 + b"\r\n"
+        raise OSError("the disk went away")
+
+    with pytest.raises(CryptoError, match="could not pass the message to gpg"):
+        openpgp.encrypt(sender_store, pieces(), recipients=[bob])
