@@ -207,6 +207,21 @@ class OpenPGPKey:
             and (k.has_secret or not need_secret)
         ]
 
+    def encryption_subkey(self, now: datetime | None = None) -> SubKey | None:
+        """The (sub)key to encrypt to: the newest usable encryption-capable one (RFC 9580
+        §5.5.2 leaves the choice to the sender; the newest is what GnuPG would pick among
+        good ones, but here the refused ones are never candidates)."""
+        return self._newest(self.encryption_subkeys(now))
+
+    def signing_subkey(self, now: datetime | None = None) -> SubKey | None:
+        """The (sub)key to sign with: the newest usable signing-capable one with its secret."""
+        return self._newest(self._usable("s", now or datetime.now(UTC), need_secret=True))
+
+    @staticmethod
+    def _newest(keys: Sequence[SubKey]) -> SubKey | None:
+        floor = datetime.min.replace(tzinfo=UTC)
+        return max(keys, key=lambda k: k.created or floor, default=None)
+
     def encryption_subkeys(self, now: datetime | None = None) -> tuple[SubKey, ...]:
         """The (sub)keys GnuPG may pick to encrypt to this certificate."""
         return tuple(self._usable("e", now or datetime.now(UTC), need_secret=False))
@@ -277,7 +292,7 @@ class _Listing:
 
 
 def _parse_colons(public: str, secret_fprs: set[str]) -> list[OpenPGPKey]:
-    """Parse ``gpg --with-colons --fixed-list-mode --list-sigs`` output (doc/DETAILS)."""
+    """Parse ``gpg --with-colons --fixed-list-mode --check-sigs`` output (doc/DETAILS)."""
     keys: list[OpenPGPKey] = []
     primary: dict[str, str] | None = None
     subs: list[dict[str, str]] = []
@@ -320,6 +335,11 @@ def _parse_colons(public: str, secret_fprs: set[str]) -> list[OpenPGPKey]:
             uids.append(uid)
             current, signed = None, (uid, _USER_ID_CERTIFICATIONS)
         elif kind == "sig" and primary is not None and signed is not None and len(f) > 15:
+            # --check-sigs marks a verified signature with "!"; anything else (bad "-", no
+            # key "?", error "%") binds nothing, or a forged newer self-signature could hide
+            # the real SHA-1 one.
+            if f[1] != "!":
+                continue
             target, classes = signed
             # A self-signature: issued by the primary key, of the class that binds the record.
             # The newest one is in force (RFC 9580 §5.2.3.10), so keep its hash.
@@ -458,7 +478,7 @@ class Keystore:
             elif f[0] == "fpr" and fpr_owner:
                 secret.add(f[9])
                 fpr_owner = None
-        keys = tuple(_parse_colons(self._run_gpg("--list-sigs"), secret))
+        keys = tuple(_parse_colons(self._run_gpg("--check-sigs"), secret))
         self._listing = _Listing(stamp=stamp, keys=keys)
         return keys
 
@@ -516,6 +536,11 @@ class Keystore:
                 if not k.carries(addr):
                     return KeyReason.ADDRESS_MISMATCH, "the user ID with this address is revoked"
                 problem = k.user_id_problem(addr)
+            elif problem is None and purpose == "sign" and not k.carries(addr):
+                # The signing identity must match From even when chosen explicitly: a
+                # signature by a key for another address invites "Johnny, you are fired"
+                # confusion (standards item 15). Encryption keys may be mapped freely.
+                return KeyReason.ADDRESS_MISMATCH, f"the key {k.fingerprint} does not carry it"
             return problem
 
         usable = [k for k in candidates if problem_of(k) is None]

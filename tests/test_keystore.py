@@ -13,7 +13,7 @@ from fixtures_pgp import Keys
 from pgp_helpers import generate_key, gpg, kill_agent, new_gnupg_home
 
 from e2email.crypto import openpgp
-from e2email.errors import CryptoError, KeyProblem, KeyReason, KeystoreError
+from e2email.errors import CryptoError, KeyProblem, KeyReason, KeystoreError, PassphraseError
 from e2email.keystore import Keystore
 
 
@@ -151,11 +151,16 @@ def test_packet_walk_reads_recipients_and_refuses_unprotected_data(
     seipd = bytes([0xD2, 5]) + b"\x01abcd"
     sed = bytes([0xC9, 4]) + b"abcd"
     assert openpgp.encrypted_to_key_ids(_armor(_pkesk(enc_id) + seipd)) == ([enc_id], 18)
-    openpgp._check_encrypted(_armor(_pkesk(enc_id) + seipd), [bob])
+    chosen = [bob.encryption_subkeys()[0].fingerprint]
+    openpgp._check_encrypted(_armor(_pkesk(enc_id) + seipd), chosen)
     with pytest.raises(CryptoError, match="integrity"):
-        openpgp._check_encrypted(_armor(_pkesk(enc_id) + sed), [bob])
+        openpgp._check_encrypted(_armor(_pkesk(enc_id) + sed), chosen)
     with pytest.raises(CryptoError, match="unexpected set of keys"):
-        openpgp._check_encrypted(_armor(_pkesk(enc_id) + _pkesk("1122334455667788") + seipd), [bob])
+        openpgp._check_encrypted(
+            _armor(_pkesk(enc_id) + _pkesk("1122334455667788") + seipd), chosen
+        )
+    with pytest.raises(CryptoError, match="unexpected set of keys"):  # one recipient missing
+        openpgp._check_encrypted(_armor(_pkesk(enc_id) + seipd), [*chosen, "AB" * 20])
     # A passphrase-encrypted session key (tag 3) is never something we asked for.
     with pytest.raises(CryptoError):
         openpgp.encrypted_to_key_ids(_armor(bytes([0xC3, 4]) + b"\x04\x09\x03\x00" + seipd))
@@ -180,3 +185,95 @@ def test_encrypt_to_key_in_gpg_conf_is_ignored(keys: Keys, tmp_path: Path) -> No
     finally:
         kill_agent(home)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_gpg_conf_cannot_choose_the_signer_the_digest_or_the_cipher(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """An existing GnuPG home whose gpg.conf says local-user (another key), digest-algo SHA1
+    and cipher-algo 3DES: e2email still signs with the sender's own key and a strong hash and
+    encrypts with AES (it runs gpg with --no-options and names the subkeys exactly)."""
+    home = new_gnupg_home("e2kg")
+    try:
+        store = Keystore(tmp_path, gnupg_home=home)
+        assert keys.alice.secret and keys.locked.secret
+        for path in (keys.alice.secret, keys.bob.cert):
+            store.import_file(path)
+        (home / "gpg.conf").write_text(
+            f"local-user {keys.bob.fingerprint}\ndigest-algo SHA1\ncipher-algo 3DES\n"
+        )
+        alice = store.get(keys.alice.fingerprint)
+        bob = store.get(keys.bob.fingerprint)
+        assert alice is not None and bob is not None
+        signing_sub = alice.signing_subkey()
+        assert signing_sub is not None
+        _, info = openpgp.sign(store, b"Content-Type: text/plain\r\n\r\nx\r\n", signer=alice)
+        assert info.fingerprint == signing_sub.fingerprint
+        assert info.hash_name in ("sha256", "sha384", "sha512")
+        entity = openpgp.encrypt(
+            store, b"Content-Type: text/plain\r\n\r\nhi\r\n", recipients=[bob], signer=alice
+        )
+        armored = entity[entity.index(b"-----BEGIN PGP MESSAGE") :]
+        recipient = new_gnupg_home("e2kr")
+        try:
+            gpg(recipient, "--import", str(keys.bob.secret))
+            gpg(recipient, "--import", str(keys.alice.cert))
+            done = gpg(recipient, "--status-fd", "1", "--decrypt", input=armored)
+        finally:
+            kill_agent(recipient)
+            shutil.rmtree(recipient, ignore_errors=True)
+        status = done.stdout.decode(errors="replace")
+        assert f"VALIDSIG {signing_sub.fingerprint}" in status
+        validsig = next(ln for ln in status.splitlines() if "VALIDSIG" in ln).split()
+        assert validsig[9] != "2"  # hash algorithm: never SHA-1
+        cipher = next(ln for ln in status.splitlines() if "DECRYPTION_INFO" in ln).split()
+        assert cipher[3] in ("7", "8", "9")  # AES
+    finally:
+        kill_agent(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_refused_subkey_is_never_used_even_if_newest(keys: Keys, tmp_path: Path) -> None:
+    """A certificate whose newest encryption subkey is RSA-1024 (refused) and an older good
+    one: the message is encrypted to the good subkey, not to the one gpg would pick."""
+    factory = new_gnupg_home("e2kw")
+    home = new_gnupg_home("e2kx")
+    try:
+        key = generate_key(factory, tmp_path, "twosubs@example.com")
+        gpg(factory, "--passphrase", "", "--quick-add-key", key.fingerprint, "rsa1024", "encr", "0")
+        key.cert.write_bytes(gpg(factory, "--armor", "--export", key.fingerprint).stdout)
+        store = Keystore(tmp_path / "h", gnupg_home=home)
+        store.import_file(key.cert)
+        cert = store.get(key.fingerprint)
+        assert cert is not None
+        weak = [s for s in cert.subkeys if s.algorithm == "rsa1024"]
+        good = cert.encryption_subkey()
+        assert weak and good is not None and good.algorithm == "cv25519"
+        entity = openpgp.encrypt(store, b"Content-Type: text/plain\r\n\r\nx\r\n", recipients=[cert])
+        armored = entity[entity.index(b"-----BEGIN PGP MESSAGE") :]
+        assert openpgp.encrypted_to_key_ids(armored)[0] == [good.key_id]
+    finally:
+        for h in (factory, home):
+            kill_agent(h)
+            shutil.rmtree(h, ignore_errors=True)
+
+
+def test_signing_key_chosen_by_map_must_carry_the_from_address(
+    keys: Keys, sender_store: Keystore
+) -> None:
+    """An explicit key for the sender still has to name the From address (standards item 15);
+    for recipients a mapped key may carry another address."""
+    problem = sender_store.signing_key(
+        "alice@example.org", key_map={"alice@example.org": keys.locked.fingerprint}
+    )
+    assert isinstance(problem, KeyProblem)
+    assert problem.reason is KeyReason.ADDRESS_MISMATCH
+
+
+def test_passphrase_with_a_line_break_is_a_clear_error(keys: Keys, sender_store: Keystore) -> None:
+    """A passphrase containing CR or LF is refused as a PassphraseError, not a bare ValueError
+    from python-gnupg."""
+    locked = sender_store.get(keys.locked.fingerprint)
+    assert locked is not None
+    with pytest.raises(PassphraseError):
+        openpgp.sign(sender_store, b"x\r\n", signer=locked, passphrase="a\nb")

@@ -262,7 +262,9 @@ def test_gpg_failing_early_on_a_large_payload_is_a_crypto_error(
     bob = sender_store.get(keys.bob.fingerprint)
     assert bob is not None
     unknown = dataclasses.replace(
-        bob, primary=dataclasses.replace(bob.primary, fingerprint="0" * 40)
+        bob,
+        primary=dataclasses.replace(bob.primary, fingerprint="0" * 40),
+        subkeys=tuple(dataclasses.replace(s, fingerprint="1" * 40) for s in bob.subkeys),
     )
     payload = [b"Content-Type: text/plain\r\n\r\n", *[b"x" * 76 + b"\r\n"] * 100_000]
     with pytest.raises(CryptoError, match="No public key"):

@@ -49,9 +49,12 @@ _HASHES = {
     11: "sha224",
 }
 _WEAK_HASHES = {1, 2, 3}
-#: gpg options for every operation: strong digests first, never an encrypt-to key we did not
-#: choose, and --trust-model always because the keystore, not the web of trust, judged the keys.
+#: gpg options for every operation. --no-options: a gpg.conf (an existing GnuPG home may be
+#: named) must not choose the signing key (local-user), weaken the digest or cipher, or add
+#: recipients (encrypt-to, group). Strong digests and ciphers first, and --trust-model always
+#: because the keystore, not the web of trust, judged the keys.
 _COMMON_ARGS = [
+    "--no-options",
     "--personal-digest-preferences",
     "SHA512 SHA384 SHA256",
     "--personal-cipher-preferences",
@@ -63,6 +66,9 @@ _COMMON_ARGS = [
     "--pinentry-mode",
     "loopback",
 ]
+
+#: Symmetric algorithm IDs (RFC 9580 §9.3) accepted in BEGIN_ENCRYPTION: AES-128/192/256.
+_STRONG_CIPHERS = {7, 8, 9}
 
 _PREAMBLE_SIGNED = b"This is an OpenPGP/MIME signed message (RFC 4880 and 3156)\r\n"
 _PREAMBLE_ENCRYPTED = b"This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n"
@@ -185,6 +191,63 @@ def _passphrase_problem(result: object, fingerprint: str) -> PassphraseError | N
     return None
 
 
+def _status(result: object, keyword: str) -> list[list[str]]:
+    """The arguments of every ``[GNUPG:] KEYWORD ...`` status line gpg wrote."""
+    prefix = f"[GNUPG:] {keyword} "
+    return [ln[len(prefix) :].split() for ln in _stderr_lines(result) if ln.startswith(prefix)]
+
+
+def _check_passphrase_text(passphrase: str | None) -> None:
+    # python-gnupg writes the passphrase as a line on gpg's stdin and refuses these with a bare
+    # ValueError; say it in our terms instead.
+    if passphrase is not None and any(c in passphrase for c in "\r\n\0"):
+        raise PassphraseError("a passphrase cannot contain CR, LF or NUL")
+
+
+def _signing_subkey(signer: OpenPGPKey) -> str:
+    """The (sub)key that must make the signature, named exactly (``FPR!``) so that gpg cannot
+    pick another one: the keystore judged this one (standards items 14 and 15)."""
+    sub = signer.signing_subkey()
+    if sub is None:
+        problem = signer.signing_problem()
+        reason, detail = problem or (KeyReason.NO_SIGNING_KEY, "")
+        raise SignerKeyError(
+            KeyProblem(
+                signer.addresses[0] if signer.addresses else signer.fingerprint,
+                reason,
+                detail,
+                fingerprint=signer.fingerprint,
+            )
+        )
+    return sub.fingerprint
+
+
+def _encryption_subkeys(recipients: Sequence[OpenPGPKey]) -> list[str]:
+    """The subkey to encrypt to for each recipient, named exactly, so that gpg cannot choose a
+    subkey the keystore refused (RSA-1024, SHA-1 binding, ...)."""
+    chosen: list[str] = []
+    for key in recipients:
+        sub = key.encryption_subkey()
+        if sub is None:
+            raise CryptoError(f"key {key.fingerprint} has no usable encryption subkey")
+        if sub.fingerprint not in chosen:
+            chosen.append(sub.fingerprint)
+    return chosen
+
+
+def _check_signature_status(result: object, signing_subkey: str) -> SignatureInfo:
+    """Exactly one signature, made by the chosen subkey, with a strong hash."""
+    created = _status(result, "SIG_CREATED")
+    if len(created) != 1 or len(created[0]) < 6:
+        raise CryptoError(f"gpg made {len(created)} signatures where one was asked for")
+    hash_id, fingerprint = int(created[0][2]), created[0][5].upper()
+    if fingerprint != signing_subkey:
+        raise CryptoError(f"gpg signed with key {fingerprint}, not the chosen {signing_subkey}")
+    if hash_id in _WEAK_HASHES or hash_id not in _HASHES:
+        raise CryptoError(f"gpg signed with a weak or unknown hash (algorithm {hash_id})")
+    return SignatureInfo(fingerprint=fingerprint, hash_name=_HASHES[hash_id])
+
+
 def _failure(action: str, result: object) -> CryptoError:
     lines = [ln for ln in _stderr_lines(result) if not ln.startswith("[GNUPG:]")]
     status = [ln[9:] for ln in _stderr_lines(result) if ln.startswith("[GNUPG:] ")]
@@ -209,16 +272,19 @@ def sign(
     (e.g. the outer header block) goes before the entity in the returned bytes, so a whole
     message is assembled in one copy.
     """
+    _check_passphrase_text(passphrase)
+    subkey = _signing_subkey(signer)
     result = keystore.gpg.sign(
         payload,
-        keyid=signer.fingerprint,
+        keyid=None,
         detach=True,
         clearsign=False,
         binary=False,
         passphrase=passphrase,
-        extra_args=_COMMON_ARGS,
+        extra_args=[*_COMMON_ARGS, "--local-user", f"{subkey}!"],
     )
-    info = _signature_info(result, signer)
+    _check_sign_result(result, signer)
+    info = _check_signature_status(result, subkey)
     body = _crlf(result.data).rstrip(b"\r\n") + b"\r\n"
     boundary = new_boundary()
     entity = b"".join(
@@ -243,7 +309,8 @@ def sign(
     return entity, info
 
 
-def _signature_info(result: object, signer: OpenPGPKey) -> SignatureInfo:
+def _check_sign_result(result: object, signer: OpenPGPKey) -> None:
+    """Map a failed signing call to the error that says why (passphrase, key, gpg)."""
     problem = _passphrase_problem(result, signer.fingerprint)
     if problem is not None:
         raise problem
@@ -261,10 +328,6 @@ def _signature_info(result: object, signer: OpenPGPKey) -> SignatureInfo:
                 )
             )
         raise _failure("sign", result)
-    algo_id = int(hash_algo)
-    if algo_id in _WEAK_HASHES or algo_id not in _HASHES:
-        raise CryptoError(f"gpg signed with a weak or unknown hash (algorithm {algo_id})")
-    return SignatureInfo(fingerprint=str(fingerprint), hash_name=_HASHES[algo_id])
 
 
 def encrypt(
@@ -289,7 +352,13 @@ def encrypt(
     """
     if not recipients:
         raise CryptoError("no recipient keys to encrypt to")
-    fprs = list(dict.fromkeys(k.fingerprint for k in recipients))
+    _check_passphrase_text(passphrase)
+    subkeys = _encryption_subkeys(recipients)
+    sign_args = []
+    signing_subkey = None
+    if signer is not None:
+        signing_subkey = _signing_subkey(signer)
+        sign_args = ["--sign", "--local-user", f"{signing_subkey}!"]
     boundary = new_boundary().encode()
     out = io.BytesIO()
     out.write(prefix)
@@ -322,12 +391,12 @@ def encrypt(
     try:
         result = gpg.encrypt_file(
             _ChunkReader(chunks),
-            fprs,
-            sign=signer.fingerprint if signer is not None else None,
+            [f"{fpr}!" for fpr in subkeys],
+            sign=None,
             passphrase=passphrase,
             armor=True,
             always_trust=True,
-            extra_args=_COMMON_ARGS,
+            extra_args=[*_COMMON_ARGS, *sign_args],
         )
     except OSError as exc:
         # python-gnupg re-raises, after gpg ended, an error from copying the payload to it:
@@ -344,10 +413,15 @@ def encrypt(
         raise _failure("encrypt", result) from copy_error
     if copy_error is not None:  # gpg encrypted what it got: not all of the payload
         raise CryptoError(f"could not pass the message to gpg: {copy_error}") from copy_error
+    if signing_subkey is not None:
+        _check_signature_status(result, signing_subkey)
+    ciphers = [int(args[1]) for args in _status(result, "BEGIN_ENCRYPTION") if len(args) > 1]
+    if not ciphers or any(c not in _STRONG_CIPHERS for c in ciphers):
+        raise CryptoError(f"gpg encrypted with a cipher other than AES (algorithm {ciphers})")
     writer.finish()
     # The packet check reads only the first packets of the armored output, in place.
     with out.getbuffer() as view, view[armor_start:] as armored:
-        _check_encrypted(armored, recipients)
+        _check_encrypted(armored, subkeys)
     out.write(b"\r\n--" + boundary + b"--\r\n")
     # The views are released, so getvalue() hands over the buffer without copying it.
     return out.getvalue()
@@ -494,16 +568,16 @@ def encrypted_to_key_ids(armored: bytes | memoryview) -> tuple[list[str], int]:
     raise CryptoError("no encrypted data packet in gpg's output")
 
 
-def _check_encrypted(armored: bytes | memoryview, recipients: Sequence[OpenPGPKey]) -> None:
+def _check_encrypted(armored: bytes | memoryview, subkeys: Sequence[str]) -> None:
+    """Integrity-protected data, and one session key for each chosen subkey and no other."""
     key_ids, data_tag = encrypted_to_key_ids(armored)
     if data_tag == 9:
         raise CryptoError(
             "gpg produced a message without integrity protection (SED packet); refusing it"
         )
-    allowed = {sub.key_id for k in recipients for sub in (k.primary, *k.subkeys)}
-    unexpected = [kid for kid in key_ids if kid not in allowed]
-    if unexpected or len(set(key_ids)) != len({k.fingerprint for k in recipients}):
+    expected = sorted(fpr[-16:].upper() for fpr in subkeys)
+    if sorted(key_ids) != expected:
         raise CryptoError(
-            "gpg encrypted to an unexpected set of keys "
-            f"({', '.join(key_ids)}); check encrypt-to/hidden-encrypt-to in gpg.conf"
+            f"gpg encrypted to an unexpected set of keys ({', '.join(key_ids)}), "
+            f"not exactly {', '.join(expected)}"
         )
