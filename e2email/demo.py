@@ -77,6 +77,33 @@ class DemoOutcome:
     decrypted_text: str
 
 
+def _demo_message(work: Path, subject: str) -> Message:
+    """Alice's message to Bob, with the CSV attachment read from a file as a user's would be."""
+    attachment_path = work / "quarterly-report-2026-q3-final-numbers.csv"
+    attachment_path.write_bytes(_ATTACHMENT)
+    return Message(
+        sender=ALICE,
+        to=(BOB,),
+        subject=subject,
+        text=_BODY,
+        attachments=(Attachment.from_path(attachment_path),),
+    )
+
+
+def _server_settings(server: LoopbackSMTPServer) -> SMTPSettings:
+    """Alice's submission settings for the loopback server: implicit TLS, AUTH, its CA."""
+    assert server.ca_file is not None
+    return SMTPSettings(
+        host=server.host,
+        port=server.port,
+        tls=TLSMode.IMPLICIT,
+        username=_SMTP_USER,
+        password=_SMTP_PASSWORD,
+        ca_file=server.ca_file,
+        timeout=30,
+    )
+
+
 def _show(console: Console, title: str, body: str | Text) -> None:
     console.print(Panel(body, title=title, title_align="left", expand=True))
 
@@ -131,15 +158,7 @@ async def _run(console: Console, work: Path) -> DemoOutcome:
             f"recipient {BOB}  encrypts to {alice.find('bob@example.net')[0].fingerprint}",
         )
 
-        attachment_path = work / "quarterly-report-2026-q3-final-numbers.csv"
-        attachment_path.write_bytes(_ATTACHMENT)
-        message = Message(
-            sender=ALICE,
-            to=(BOB,),
-            subject="Quarterly numbers — confidential",
-            text=_BODY,
-            attachments=(Attachment.from_path(attachment_path),),
-        )
+        message = _demo_message(work, "Quarterly numbers — confidential")
 
         with LoopbackSMTPServer(tls="implicit", credentials={_SMTP_USER: _SMTP_PASSWORD}) as server:
             assert server.ca_file is not None
@@ -150,15 +169,7 @@ async def _run(console: Console, work: Path) -> DemoOutcome:
                 f"certificate from a throwaway CA ({server.ca_file}), AUTH required after TLS",
             )
             mailer = AsyncMailer(
-                smtp=SMTPSettings(
-                    host=server.host,
-                    port=server.port,
-                    tls=TLSMode.IMPLICIT,
-                    username=_SMTP_USER,
-                    password=_SMTP_PASSWORD,
-                    ca_file=server.ca_file,
-                    timeout=30,
-                ),
+                smtp=_server_settings(server),
                 keystore=alice,
                 protection=Protection(sign=True, encrypt=True),
             )
@@ -325,27 +336,11 @@ def _decrypt_and_verify_smime(
 
 async def _run_smime(console: Console, work: Path) -> bool:
     alice_store, bob_store, ca_pem = await asyncio.to_thread(_smime_identities, console, work)
-    attachment_path = work / "quarterly-report-2026-q3-final-numbers.csv"
-    attachment_path.write_bytes(_ATTACHMENT)
-    message = Message(
-        sender=ALICE,
-        to=(BOB,),
-        subject="Quarterly numbers — confidential (S/MIME)",
-        text=_BODY,
-        attachments=(Attachment.from_path(attachment_path),),
-    )
+    message = _demo_message(work, "Quarterly numbers — confidential (S/MIME)")
     with LoopbackSMTPServer(tls="implicit", credentials={_SMTP_USER: _SMTP_PASSWORD}) as server:
         assert server.ca_file is not None
         mailer = AsyncMailer(
-            smtp=SMTPSettings(
-                host=server.host,
-                port=server.port,
-                tls=TLSMode.IMPLICIT,
-                username=_SMTP_USER,
-                password=_SMTP_PASSWORD,
-                ca_file=server.ca_file,
-                timeout=30,
-            ),
+            smtp=_server_settings(server),
             keystore=Keystore(work / "alice"),
             certstore=alice_store,
             protection=Protection(scheme=Scheme.SMIME),
