@@ -49,8 +49,8 @@ from e2email.message import (
     message_head,
     stream_payload,
 )
-from e2email.outbox import NewItem, Outbox, OutboxError
-from e2email.transport.smtp import DeliveryResult, RecipientResult
+from e2email.outbox import NewItem, Outbox, OutboxError, OutboxItem
+from e2email.transport.smtp import DeliveryResult, RecipientResult, SMTPTransport
 
 __all__ = [
     "AsyncMailer",
@@ -244,6 +244,10 @@ class AsyncMailer:
         self.envelope_from = envelope_from
         self._passphrase_source = passphrase
         self._passphrase: str | None = None
+        self._smtp_transport: SMTPTransport | None = None
+        #: The outbox IDs the latest :meth:`send_copies` stored: where the message is when
+        #: that call was interrupted (Ctrl-C) and so could not say it in an error.
+        self.last_stored: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"AsyncMailer(smtp={self.smtp!r}, keystore={self.keystore!r})"
@@ -498,17 +502,50 @@ class AsyncMailer:
         smtp = self._require_smtp()
         if not copies:
             raise ConfigError("nothing to send")
+        # Everything that can fail before a connection (CA file, an unset password variable, a
+        # failing password command) fails here, before the copies are stored: an error after
+        # storing would leave a copy that a resend plus `outbox retry` delivers twice.
+        transport = await self._transport(smtp)
         ids = await self._store(copies, smtp)
+        self.last_stored = tuple(i for i in ids if i is not None)
         subs = [
-            Submission(raw=c.raw, mail_from=c.mail_from, recipients=c.recipients, tag=c, id=i)
-            if i is not None
-            else Submission(raw=c.raw, mail_from=c.mail_from, recipients=c.recipients, tag=c)
+            Submission(
+                raw=c.raw,
+                mail_from=c.mail_from,
+                recipients=c.recipients,
+                tag=c,
+                require_tls=smtp.require_tls,
+                **({"id": i} if i is not None else {}),
+            )
             for c, i in zip(copies, ids, strict=True)
         ]
-        # One connection carries every copy of one message (RSET between them).
-        outcomes, _ = await deliver(smtp, subs, retry=self.retry, outbox=self.outbox)
+        try:
+            # One connection carries every copy of one message (RSET between them).
+            outcomes, _ = await deliver(
+                smtp, subs, retry=self.retry, outbox=self.outbox, transport=transport
+            )
+        except E2EmailError as exc:
+            kept = tuple(i for i in ids if i is not None)
+            attach_unsent(
+                exc,
+                SendResult(message_id=copies[0].message_id, copies=(), kept=kept),
+                tuple(
+                    replace(c, outbox_id=i) if i is not None else c
+                    for c, i in zip(copies, ids, strict=True)
+                ),
+            )
+            raise
         by_id = {o.submission.id: o for o in outcomes}
         return self._send_result(smtp, [by_id[s.id] for s in subs])
+
+    async def _transport(self, smtp: SMTPSettings) -> SMTPTransport:
+        """This mailer's transport for ``smtp`` (made once: the password or token it resolves
+        is asked or run once per mailer), with non-interactive secrets resolved already."""
+        transport = self._smtp_transport
+        if transport is None or transport.settings is not smtp:
+            transport = self._smtp_transport = SMTPTransport(smtp)
+        await transport.prepare()
+        return transport
 
     def _require_smtp(self) -> SMTPSettings:
         if self.smtp is None:
@@ -545,6 +582,9 @@ class AsyncMailer:
                     "signed": c.signed,
                     "encrypted_to": list(c.encrypted_to),
                     "signer": c.signer,
+                    # A retry must ask for REQUIRETLS too (RFC 8689): it is part of the
+                    # message's protection, not of the run that first tried to send it.
+                    "require_tls": smtp.require_tls,
                 },
             )
             for c in copies
@@ -609,9 +649,7 @@ class AsyncMailer:
         if not unsent:
             return result
         if other is not None:
-            if isinstance(other, TransportError):
-                other.result = result
-                other.unsent = tuple(unsent)
+            attach_unsent(other, result, tuple(unsent))
             raise other
         error = RecipientsRefusedError(
             refused, host=smtp.host, result=result, accepted=result.accepted
@@ -674,6 +712,7 @@ class AsyncMailer:
             connections=connections or self.connections,
             outbox=self.outbox,
             on_outcome=copy_done,
+            transport=await self._transport(smtp),
         )
         limit = asyncio.Semaphore(concurrency or 2 * (os.cpu_count() or 1))
         tasks: set[asyncio.Task[None]] = set()
@@ -759,6 +798,7 @@ class AsyncMailer:
                                 recipients=it.pending,
                                 id=it.id,
                                 tag=index,
+                                require_tls=_stored_require_tls(it),
                             )
                         )
                     return
@@ -773,7 +813,11 @@ class AsyncMailer:
             groups[index] = _Group(index, entry.tag, copies[0].message_id, len(copies))
             for copy, item_id in zip(copies, ids, strict=True):
                 sub = Submission(
-                    raw=copy.raw, mail_from=copy.mail_from, recipients=copy.recipients, tag=index
+                    raw=copy.raw,
+                    mail_from=copy.mail_from,
+                    recipients=copy.recipients,
+                    tag=index,
+                    require_tls=smtp.require_tls,
                 )
                 await engine.submit(replace(sub, id=item_id) if item_id is not None else sub)
         finally:
@@ -811,6 +855,7 @@ class AsyncMailer:
             connections=connections or self.connections,
             outbox=outbox,
             on_outcome=on_outcome or collected.append,
+            transport=await self._transport(smtp),
         )
         async with engine:
             for item_id in wanted:
@@ -828,6 +873,7 @@ class AsyncMailer:
                             recipients=it.pending,
                             id=it.id,
                             tag=it,
+                            require_tls=_stored_require_tls(it),
                         )
                     )
         if engine.fatal is not None:
@@ -840,6 +886,23 @@ class AsyncMailer:
         """Close the outbox if this mailer opened it (from a path)."""
         if self._owns_outbox and self.outbox is not None:
             self.outbox.close()
+
+
+def _stored_require_tls(item: OutboxItem) -> bool | None:
+    """REQUIRETLS as the copy was first sent with: asked then -> asked now; otherwise as the
+    current settings say."""
+    return True if item.meta.get("require_tls") else None
+
+
+def attach_unsent(error: BaseException, result: Any, unsent: tuple[Any, ...]) -> None:
+    """Give ``error`` what is left to send (``result``, with ``kept`` outbox IDs, and
+    ``unsent``), whatever its class: every error after the copies were stored says where
+    they are, so the caller never resends what a later ``outbox retry`` would send again."""
+    if isinstance(error, TransportError):
+        error.result = result
+        error.unsent = unsent
+    else:
+        vars(error).update(result=result, unsent=unsent)
 
 
 async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> Any:
@@ -917,6 +980,10 @@ class Mailer:
     @property
     def outbox(self) -> Outbox | None:
         return self._async.outbox
+
+    @property
+    def last_stored(self) -> tuple[str, ...]:
+        return self._async.last_stored
 
     def send_many(
         self,

@@ -104,7 +104,10 @@ def password_from_command(command: str, *, what: str = "password") -> Callable[[
             err = done.stderr.decode(errors="replace").strip().splitlines()
             why = err[-1] if err else "no message"
             raise ConfigError(f"{what} command exited with {done.returncode}: {why}")
-        lines = done.stdout.decode("utf-8", errors="strict").splitlines()
+        try:
+            lines = done.stdout.decode("utf-8", errors="strict").splitlines()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{what} command printed something that is not UTF-8") from exc
         if not lines or not lines[0]:
             raise ConfigError(f"{what} command printed nothing")
         return lines[0]

@@ -95,6 +95,9 @@ class Submission:
     recipients: tuple[str, ...]
     id: str = field(default_factory=lambda: f"mem-{next(_ids)}")
     tag: Any = None
+    #: REQUIRETLS (RFC 8689) for this copy; ``None``: as the SMTP settings say. Stored with
+    #: the copy in the outbox, so a retry asks for it too.
+    require_tls: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,11 @@ class _Slot:
             self.opened += 1
         return conn
 
+    def abort(self) -> None:
+        """Cancelled: drop the connection without QUIT (close() then has nothing to wait for)."""
+        if self._conn is not None:
+            self._conn._abort()
+
     def mark_used(self) -> None:
         self._used = True
 
@@ -282,20 +290,51 @@ class DeliveryEngine:
         tb: TracebackType | None,
     ) -> None:
         if exc is None:
-            await self._drained.wait()
-            for _ in self._workers:
-                await self._queue.put(None)
-            await asyncio.gather(*self._workers)
+            try:
+                await self._drain()
+            except BaseException as interrupt:
+                # Cancelled (Ctrl-C) while waiting for the workers: they must not go on
+                # sending behind the caller's back, nor hold their connections open.
+                await self._abort(interrupt)
+                raise
             if self._crashed is not None:
                 raise self._crashed
             return
-        # Interrupted (cancelled, or the producer failed): stop everything, give back what this
-        # process claimed so the next run need not wait for the claims to be noticed as dead.
-        for task in [*self._workers, *self._timers]:
+        await self._abort(exc)
+
+    async def _drain(self) -> None:
+        """Wait until every submission has its outcome, then stop the workers. Should every
+        worker have died (a bug), what is left is reported deferred instead of waiting."""
+        waiter = asyncio.ensure_future(self._drained.wait())
+        try:
+            while not waiter.done():
+                alive = [w for w in self._workers if not w.done()]
+                if not alive:
+                    for job in list(self._live.values()):
+                        await self._finish(job, stopped=True)
+                    break
+                await asyncio.wait([waiter, *alive], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        for worker in self._workers:
+            if not worker.done():
+                await self._queue.put(None)
+        for result in await asyncio.gather(*self._workers, return_exceptions=True):
+            if isinstance(result, Exception):
+                self._crashed = self._crashed or result
+
+    async def _abort(self, exc: BaseException) -> None:
+        """Interrupted (cancelled, or the producer failed): stop everything, give back what
+        this process claimed so the next run need not wait for the claims to be noticed as
+        dead, with the reason recorded as the items' last error."""
+        tasks = [*self._workers, *self._timers, *self._cleanup]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._workers, *self._timers, return_exceptions=True)
+        # Shielded: a second Ctrl-C must not leave the workers (and connections) running.
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
         if self.outbox is not None and self._live:
-            with contextlib.suppress(E2EmailError):
+            with contextlib.suppress(Exception):
                 self.outbox.release(list(self._live), error=f"interrupted: {exc!r}")
 
     async def submit(self, sub: Submission) -> bool:
@@ -328,12 +367,8 @@ class DeliveryEngine:
                 try:
                     connected = await self._attempt(slot, job)
                 except Exception as exc:
-                    # A bug, not a delivery problem: stop cleanly (everything not sent stays
-                    # in the outbox, reported deferred), then raise it from the engine.
-                    self._crashed = self._crashed or exc
                     await slot.close()
-                    self._stop(E2EmailError(f"internal error while sending: {exc!r}"))
-                    await self._finish(job, stopped=True)
+                    await self._crash(job, exc)
                     continue
                 self.connections_opened += slot.opened - opened
                 if connected:
@@ -343,8 +378,34 @@ class DeliveryEngine:
                     # at once (that one's attempt would be wasted too).
                     connect_failures += 1
                     await asyncio.sleep(self.retry.delay(connect_failures, rand=self._rand))
+        except asyncio.CancelledError:
+            slot.abort()
+            raise
         finally:
             await slot.close()
+
+    async def _crash(self, job: _Job, exc: Exception) -> None:
+        """``job``'s attempt raised something unexpected: stop cleanly (everything not sent
+        stays in the outbox, reported deferred). An E2EmailError (the outbox cannot be
+        written: disk full) becomes the run's error; anything else is a bug, raised from the
+        engine when it ends. Never raises: the worker must live on to drain the queue."""
+        try:
+            if isinstance(exc, E2EmailError):
+                job.error = job.error or exc
+                self._stop(exc)
+            else:
+                self._crashed = self._crashed or exc
+                self._stop(E2EmailError(f"internal error while sending: {exc!r}"))
+            await self._finish(job, stopped=True)
+        except Exception as again:  # pragma: no cover - _finish guards itself
+            log.error("delivery: cannot record %s after %r: %r", job.sub.id, exc, again)
+            self._crashed = self._crashed or again
+            self._forget(job)
+
+    def _forget(self, job: _Job) -> None:
+        self._live.pop(job.sub.id, None)
+        if not self._live:
+            self._drained.set()
 
     async def _attempt(self, slot: _Slot, job: _Job) -> bool:
         """One attempt for ``job``; False if no connection could be made."""
@@ -364,7 +425,12 @@ class DeliveryEngine:
             return False
         slot.mark_used()
         try:
-            result = await conn.send(sub.raw, mail_from=sub.mail_from, recipients=job.pending)
+            result = await conn.send(
+                sub.raw,
+                mail_from=sub.mail_from,
+                recipients=job.pending,
+                require_tls=sub.require_tls,
+            )
         except RecipientsRefusedError as exc:
             if not isinstance(exc.result, DeliveryResult):
                 await self._failed_whole(job, exc)
@@ -518,13 +584,23 @@ class DeliveryEngine:
             outcomes[address] = RecipientOutcome(address, "deferred", reply, why + suffix)
         undelivered = any(o.status != "delivered" for o in outcomes.values())
         kept = False
-        if self.outbox is not None and undelivered:
-            kept = True
-            if not recorded:
-                await asyncio.to_thread(
-                    self.outbox.release, [job.sub.id], error=str(reason) if reason else None
-                )
-        del self._live[job.sub.id]
+        try:
+            if self.outbox is not None and undelivered:
+                kept = True
+                if not recorded:
+                    await asyncio.to_thread(
+                        self.outbox.release, [job.sub.id], error=str(reason) if reason else None
+                    )
+        except Exception as exc:
+            # The outbox cannot be written (disk full): the item stays claimed by this
+            # process, which a later run takes over once this one has ended. Stop the run.
+            log.debug("cannot release %s in the outbox: %s", job.sub.id, exc)
+            if isinstance(exc, E2EmailError):
+                self._stop(exc)
+            else:
+                self._crashed = self._crashed or exc
+        finally:
+            self._forget(job)
         outcome = Outcome(
             submission=job.sub,
             recipients=tuple(outcomes[a] for a in dict.fromkeys(job.sub.recipients)),
@@ -534,10 +610,14 @@ class DeliveryEngine:
             error=reason if undelivered else None,
             kept=kept,
         )
-        if not self._live:
-            self._drained.set()
         if self._on_outcome is not None:
-            self._on_outcome(outcome)
+            try:
+                self._on_outcome(outcome)
+            except Exception as exc:
+                # The caller's callback failed (e.g. its report cannot be written): stop the
+                # run and raise that from the engine; what is not sent stays in the outbox.
+                self._crashed = self._crashed or exc
+                self._stop(E2EmailError(f"stopped: reporting an outcome failed: {exc!r}"))
 
 
 def _error_text(job: _Job, failed: dict[str, SMTPReply | None] | None) -> str | None:
@@ -559,6 +639,7 @@ async def deliver(
     connections: int = 1,
     outbox: Outbox | None = None,
     rand: Callable[[], float] | None = None,
+    transport: SMTPTransport | None = None,
 ) -> tuple[list[Outcome], E2EmailError | None]:
     """Deliver ``submissions``: an outcome for every one (in the order they became final),
     and the error that stopped the run early, if one did."""
@@ -570,6 +651,7 @@ async def deliver(
         outbox=outbox,
         on_outcome=outcomes.append,
         rand=rand,
+        transport=transport,
     )
     async with engine:
         for sub in submissions:

@@ -166,7 +166,12 @@ class _Session:
     async def reply(self, timeout: float | None = None) -> tuple[int, list[str]]:
         lines: list[str] = []
         while len(lines) < _MAX_REPLY_LINES:
-            raw = await asyncio.wait_for(self.reader.readline(), timeout or self.timeout)
+            try:
+                raw = await asyncio.wait_for(self.reader.readline(), timeout or self.timeout)
+            except ValueError as exc:
+                # StreamReader's line limit (64 KiB) overrun: no SMTP server sends that
+                # (RFC 5321 §4.5.3.1.5: 512 octets per reply line).
+                raise ConnectionError("a reply line longer than 64 KiB") from exc
             if not raw:
                 raise ConnectionError("the server closed the connection")
             text = raw.decode("utf-8", "replace").rstrip("\r\n")

@@ -355,3 +355,113 @@ def test_output_writes_one_file_per_copy_without_sending(
         plaintext, _ = gpg_decrypt(recipients_home, part_body(enc))
         assert b"written, not sent" in plaintext
     assert b"dave" not in out.read_bytes()
+
+
+# -- review fixes: where the message is after any error, interrupts, last-resort errors -------
+
+
+def plain_send_args(server: LoopbackSMTPServer, *extra: str) -> list[str]:
+    """A `send` of an unprotected one-liner (no keys needed) to ``server``."""
+    args = send_args(server, "--to", "bob@example.net", "--no-sign", "--no-encrypt", *extra)
+    args[2] = "alice@example.org"
+    return args
+
+
+def test_an_unset_password_variable_stores_nothing_and_a_later_error_names_the_kept_id(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """--password-env naming an unset variable fails before the message is stored (so a
+    resend cannot make `outbox retry` deliver it twice); a ConfigError after storing (the
+    password prompt with no terminal) names the outbox ID instead of saving a draft."""
+    server = smtp_server(credentials={"alice": "pw"})
+    args = plain_send_args(server, "--user", "alice")
+    done = e2email(*args, "--password-env", "E2EMAIL_TEST_UNSET", home=tmp_path, input=b"hi")
+    assert done.returncode == 2
+    line = one_line_error(done)
+    assert "E2EMAIL_TEST_UNSET (the SMTP password) is not set" in line
+    assert "the outbox is empty" in e2email("outbox", "list", home=tmp_path).stdout
+    assert "the body read from stdin is saved in" in line  # nothing stored: keep the body
+    done = e2email(*args, home=tmp_path, input=b"hi")
+    line = one_line_error(done)
+    (item_id,) = [
+        ln.split()[0] for ln in e2email("outbox", "list", home=tmp_path).stdout.splitlines()[:1]
+    ]
+    assert f"kept in the outbox as {item_id}" in line
+    assert "saved in" not in line
+    assert server.messages == []
+
+
+def test_ctrl_c_during_delivery_exits_130_and_names_the_kept_message(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """SIGINT while the server sits on DATA: exit 130 (not 2 "aborted"), one line naming the
+    outbox ID, and the item back in the queue with the interruption recorded."""
+    import signal
+    import time
+
+    from e2email.testing import Fault
+
+    server = smtp_server(faults=[Fault("data-end", "stall", seconds=5)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "e2email", *plain_send_args(server, "--body", "x")],
+        env={**os.environ, "E2EMAIL_HOME": str(tmp_path)},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while not server.transcript or b"DATA" not in b"".join(c for _, c in server.transcript):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    stderr = err.decode()
+    assert "Traceback" not in stderr
+    listed = e2email("outbox", "list", home=tmp_path).stdout
+    item_id = listed.split()[0]
+    assert f"kept in the outbox as {item_id}" in stderr
+    assert "last error: interrupted" in listed
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug anywhere in a command is reported as one "e2email: internal error:" line with
+    exit status 1, not a traceback; E2EMAIL_DEBUG=1 adds the traceback."""
+    from e2email.cli import app
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app.cli, "main", broken)
+    monkeypatch.delenv("E2EMAIL_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        app.main(["keys", "list"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("e2email: internal error: RuntimeError: boom")
+    assert len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("E2EMAIL_DEBUG", "1")
+    with pytest.raises(SystemExit):
+        app.main(["keys", "list"])
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_password_command_printing_non_utf8_is_one_clear_line(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """--password-command whose output is not UTF-8: exit 2 with one line, no traceback."""
+    server = smtp_server(credentials={"alice": "pw"})
+    args = plain_send_args(server, "--user", "alice", "--body", "x")
+    done = e2email(*args, "--password-command", "printf '\\377\\376'", home=tmp_path)
+    assert done.returncode == 2
+    assert "not UTF-8" in one_line_error(done)
+
+
+def test_keys_export_to_a_missing_directory_is_one_clear_line(home: Path) -> None:
+    """`keys export -o` into a directory that does not exist: exit 2, one line, no traceback."""
+    done = e2email("keys", "export", "bob@example.net", "-o", "/nonexistent/dir/x.asc", home=home)
+    assert done.returncode == 2
+    assert "cannot write /nonexistent/dir/x.asc" in one_line_error(done)

@@ -11,7 +11,9 @@ import re
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pgp_helpers import gpg_decrypt, multipart_parts, part_body
@@ -536,3 +538,180 @@ def test_a_bug_in_the_transport_stops_the_run_and_keeps_the_copies(
     (item,) = m.outbox.items()
     assert item.state is ItemState.QUEUED and item.raw is None
     assert server.messages == []
+
+
+# -- review fixes: nothing stored before the run can start; secrets once; REQUIRETLS kept ----
+
+
+def test_an_unresolvable_password_or_ca_file_fails_before_anything_is_stored(
+    sender_store: Keystore, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """An unset password variable, a failing password command or a CA file that is not PEM
+    is a ConfigError raised before the copies are stored: nothing waits in the outbox for a
+    later `outbox retry` to deliver a second time after the user resent the message."""
+    from e2email.config import password_from_command, password_from_env
+    from e2email.errors import ConfigError
+
+    server = smtp_server(credentials={"alice": "pw"})
+    bad_pem = tmp_path / "bad.pem"
+    bad_pem.write_text("not a certificate\n")
+    cases: list[dict[str, object]] = [
+        {"username": "alice", "password": password_from_env("E2EMAIL_TEST_UNSET_PW")},
+        {"username": "alice", "password": password_from_command("exit 3")},
+        {},
+    ]
+    for n, extra in enumerate(cases):
+        m = mailer(sender_store, server, tmp_path / str(n), **extra)
+        if not extra:
+            assert m.smtp is not None
+            m.smtp = replace(m.smtp, ca_file=bad_pem)
+        copies = protect(m, "bob@example.net")
+        with pytest.raises(ConfigError):
+            asyncio.run(m.send_copies(copies))
+        assert m.outbox is not None and len(m.outbox) == 0, extra
+    assert server.messages == []
+
+
+def test_an_error_after_storing_carries_the_kept_ids_whatever_its_class(
+    sender_store: Keystore, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A secret source that stays lazy (a prompt) and fails after the copies were stored:
+    the ConfigError says where they are (``result.kept``, ``unsent``), like a TransportError."""
+    from e2email.errors import ConfigError
+
+    class Prompt:
+        interactive = True
+
+        def __call__(self) -> str:
+            raise ConfigError("no terminal to ask on")
+
+    server = smtp_server(credentials={"alice": "pw"})
+    m = mailer(sender_store, server, tmp_path, username="alice", password=Prompt())
+    copies = protect(m, "bob@example.net")
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(m.send_copies(copies))
+    assert m.outbox is not None
+    (item,) = m.outbox.items()
+    err: Any = info.value
+    assert err.result.kept == (item.id,)
+    assert [c.outbox_id for c in err.unsent] == [item.id]
+    assert item.state is ItemState.QUEUED
+
+
+def test_the_password_is_resolved_once_per_run_off_the_event_loop(
+    sender_store: Keystore, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Four connections share one resolution of the password source (a command is run once,
+    a prompt asked once), and it runs in a worker thread, not on the event loop."""
+    import threading
+
+    calls: list[str] = []
+
+    def source() -> str:
+        calls.append(threading.current_thread().name)
+        return "pw"
+
+    server = smtp_server(credentials={"alice": "pw"})
+    m = mailer(sender_store, server, tmp_path, username="alice", password=source)
+    result = asyncio.run(m.send_many(_messages(6), connections=4))
+    assert result.counts == {"delivered": 6}
+    assert len(calls) == 1
+    assert calls[0] != threading.main_thread().name
+
+
+def test_require_tls_is_stored_with_the_copy_and_asked_for_on_retry(
+    sender_store: Keystore, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A copy sent with require_tls to a server without REQUIRETLS stays in the outbox, and
+    `send_outbox` with settings that do not ask for REQUIRETLS still asks for it (RFC 8689):
+    the requirement belongs to the message, not to the run."""
+    from e2email.errors import RequireTLSError
+
+    plain = smtp_server()
+    m = mailer(sender_store, plain, tmp_path, require_tls=True)
+    copies = protect(m, "bob@example.net")
+    with pytest.raises(RequireTLSError):
+        asyncio.run(m.send_copies(copies))
+    assert plain.messages == []
+    strict = smtp_server(offer_requiretls=True)
+    retry = mailer(sender_store, strict, tmp_path)
+    (outcome,) = asyncio.run(retry.send_outbox())
+    assert outcome.status == "delivered"
+    (got,) = strict.messages
+    assert got.requiretls and got.data == copies[0].raw
+
+
+def test_an_outbox_that_cannot_be_written_ends_the_run_with_its_error(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Disk full: every settle and release of the outbox fails. The engine does not hang (it
+    used to wait forever for a worker that had died): every submission gets an outcome, the
+    run's error is the OutboxError, and the items are still in the outbox for a later run."""
+    from e2email.delivery import DeliveryEngine, Submission
+    from e2email.outbox import NewItem
+
+    server = smtp_server()
+    raw = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: x\r\n\r\nhi\r\n"
+    box = Outbox(tmp_path / "o.sqlite3")
+    rcpts = [f"b{n}@example.net" for n in range(4)]
+    ids = box.add(
+        [
+            NewItem(raw=raw, mail_from="a@example.org", recipients=(r,), message_id=f"<{r}>")
+            for r in rcpts
+        ]
+    )
+    outcomes: list[object] = []
+
+    def full(*args: object, **kwargs: object) -> bool:
+        raise OutboxError("outbox: database or disk is full")
+
+    async def run() -> DeliveryEngine:
+        engine = DeliveryEngine(
+            settings(server), outbox=box, on_outcome=outcomes.append, retry=FAST
+        )
+        async with engine:
+            for item_id, rcpt in zip(ids, rcpts, strict=True):
+                await engine.submit(
+                    Submission(raw=raw, mail_from="a@example.org", recipients=(rcpt,), id=item_id)
+                )
+        return engine
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(box, "settle", full)
+        engine = asyncio.run(asyncio.wait_for(run(), 10))
+    assert isinstance(engine.fatal, OutboxError)
+    assert len(outcomes) == len(ids)
+    assert len(box.items()) == len(ids)
+
+
+def test_cancelling_send_stops_delivery_and_gives_the_claim_back(
+    sender_store: Keystore, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Cancelling send() while the server sits on DATA stops at once: no worker task is left
+    running, the connection is dropped without waiting for the server, and the copy is back
+    in the outbox (queued) with the interruption as its last error."""
+    from e2email.config import Protection
+
+    server = smtp_server(faults=[Fault("data-end", "stall", seconds=5)])
+    m = mailer(sender_store, server, tmp_path)
+    m.protection = Protection(sign=False, encrypt=False)
+    message = Message(sender="alice@example.org", to=["bob@example.net"], text="x")
+
+    async def run() -> tuple[list[asyncio.Task[object]], float]:
+        task = asyncio.create_task(m.send(message))
+        await asyncio.sleep(0.5)
+        start = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        took = time.monotonic() - start
+        await asyncio.sleep(0.05)
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()], took
+
+    left, took = asyncio.run(run())
+    assert left == []
+    assert took < 2
+    assert m.outbox is not None
+    (item,) = m.outbox.items()
+    assert item.state is ItemState.QUEUED
+    assert item.last_error is not None and "interrupted" in item.last_error

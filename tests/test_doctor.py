@@ -266,3 +266,34 @@ def test_host_name_matching(host: str, names: tuple[str, ...], expected: bool) -
     """The report's own host-name match (used when verification failed): exact names,
     one-label wildcards (RFC 6125 §6.4.3), IP addresses compared as addresses."""
     assert _host_matches(host, names) is expected
+
+
+def test_a_greeting_line_over_64_kib_is_a_port_problem_not_a_crash(closed_port: int) -> None:
+    """A server whose greeting is one line longer than StreamReader's 64 KiB limit: the
+    probe of that port reports a problem; doctor neither raises nor loses the other ports."""
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind((HOST, 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+
+        def serve() -> None:
+            for _ in range(4):
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    try:
+                        conn.sendall(b"220-" + b"x" * 70_000 + b"\r\n")
+                        conn.settimeout(1)
+                        conn.recv(10)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=serve, daemon=True).start()
+        report = diagnose_sync(HOST, ports={587: port, 25: closed_port}, timeout=2)
+    ports = by_port(report)
+    assert not ports[587].usable
+    assert ports[25].reachable is False

@@ -16,7 +16,9 @@ Every failure is one line on stderr (no traceback) and a documented exit status:
 from __future__ import annotations
 
 import getpass
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -50,6 +52,8 @@ EXIT_KEY = 3
 EXIT_CONNECTION = 4
 EXIT_AUTH = 5
 EXIT_REJECTED = 6
+#: Interrupted (Ctrl-C, SIGINT): 128 + 2, as shells report it.
+EXIT_INTERRUPTED = 130
 
 #: Checked in order: the first matching class decides the exit status.
 _EXIT_CODES: Sequence[tuple[type[E2EmailError], int]] = (
@@ -115,22 +119,34 @@ def secret_source(env: str | None, command: str | None, what: str) -> PasswordSo
     if env and command:
         raise click.UsageError(f"give the {what} either from an environment variable or a command")
     if env:
-        return password_from_env(env)
+        return password_from_env(env, what=f"the {what}")
     if command:
-        return password_from_command(command)
+        return password_from_command(command, what=what)
     return None
 
 
-def prompt_for(what: str) -> Callable[[], str]:
-    def ask() -> str:
+class _Prompt:
+    """A secret asked on the terminal when first needed. ``interactive`` tells the transport
+    not to ask before it must (after TLS is verified); the answer is cached by the caller."""
+
+    interactive = True
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __call__(self) -> str:
+        what = self.what
         if not sys.stdin.isatty():
             raise ConfigError(
                 f"a {what} is needed and there is no terminal to ask on: "
                 f"use --{what.split()[-1]}-env or --{what.split()[-1]}-command"
             )
-        return getpass.getpass(f"{what.capitalize()}: ")
+        # Upper-case the first letter only: "SMTP password", not "Smtp password".
+        return getpass.getpass(f"{what[:1].upper()}{what[1:]}: ")
 
-    return ask
+
+def prompt_for(what: str) -> Callable[[], str]:
+    return _Prompt(what)
 
 
 @cli.command()
@@ -148,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point: run the CLI, turning every e2email error into one line and an exit code."""
     try:
         rv = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C into Abort; an interrupt is 130, not a usage error.
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            fail(_INTERRUPTED, EXIT_INTERRUPTED)
         fail("aborted", EXIT_USAGE)
     except click.ClickException as exc:
         exc.show()
@@ -156,5 +175,21 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except E2EmailError as exc:
         fail(str(exc), exit_code_for(exc))
     except KeyboardInterrupt:
-        fail("interrupted", 130)
+        fail(_INTERRUPTED, EXIT_INTERRUPTED)
+    except Exception as exc:
+        # A bug. One line, as for every other failure; the traceback on request.
+        if os.environ.get("E2EMAIL_DEBUG") == "1":
+            traceback.print_exc()
+        click.echo(
+            f"e2email: internal error: {type(exc).__name__}: {exc} "
+            "(a bug: please report it; E2EMAIL_DEBUG=1 shows the traceback)",
+            err=True,
+        )
+        sys.exit(EXIT_INTERNAL)
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+_INTERRUPTED = (
+    "interrupted (anything already protected waits in the outbox: `e2email outbox list`; "
+    "a --to-file batch resumes when the same command is run again)"
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from e2email.errors import (
     ConfigError,
     KeyProblem,
     KeystoreError,
+    MessageError,
     SignerKeyError,
 )
 
@@ -255,9 +257,16 @@ def keys_export(
     if output is None:
         sys.stdout.buffer.write(data)
     else:
-        output.write_bytes(data)
-        if pkcs12:
-            output.chmod(0o600)
+        # A PKCS#12 file holds the private key: created 0600, never world-readable first.
+        mode = 0o600 if pkcs12 else 0o644
+        try:
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "wb") as fh:
+                if pkcs12:
+                    os.fchmod(fh.fileno(), 0o600)
+                fh.write(data)
+        except OSError as exc:
+            raise MessageError(f"cannot write {output}: {exc.strerror or exc}") from exc
         click.echo(f"wrote {output}")
 
 

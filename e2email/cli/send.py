@@ -13,6 +13,7 @@ import click
 
 from e2email.certstore import CertStore
 from e2email.cli.app import (
+    EXIT_INTERRUPTED,
     State,
     cli,
     exit_code_for,
@@ -35,6 +36,7 @@ from e2email.config import (
 from e2email.errors import (
     E2EmailError,
     MessageError,
+    RequireTLSError,
     TransportError,
 )
 from e2email.message import Attachment, Message
@@ -54,7 +56,7 @@ def _parse_key_map(items: Sequence[str]) -> dict[str, str]:
 def _smtp_credentials(opts: dict[str, Any]) -> tuple[PasswordSource | None, PasswordSource | None]:
     """(password source, OAuth2 token source) from the --user/--password-*/--auth/--token-*
     options; a password is prompted for (when needed, after TLS) if none is given."""
-    password = secret_source(opts["password_env"], opts["password_command"], "password")
+    password = secret_source(opts["password_env"], opts["password_command"], "SMTP password")
     token_env, token_command = opts["token_env"], opts["token_command"]
     auth = opts["auth"] or ("xoauth2" if token_env or token_command else "password")
     if auth == "password":
@@ -355,15 +357,29 @@ def send(state: State, /, **opts: Any) -> None:
         _send(state, opts, text)
     except E2EmailError as exc:
         extra = ""
-        kept = getattr(exc.result, "kept", ()) if isinstance(exc, TransportError) else ()
+        kept = kept_ids(exc)
         if kept:
-            extra = (
-                f" (the protected message is kept in the outbox as {', '.join(kept)}: "
-                "`e2email outbox retry` sends it again)"
-            )
+            extra = kept_hint(exc, kept)
         elif from_stdin and text and not isinstance(exc, TransportError):
             extra = f" (the body read from stdin is saved in {_save_draft(state.home, text)})"
         fail(f"{exc}{extra}", exit_code_for(exc))
+
+
+def kept_ids(exc: BaseException) -> tuple[str, ...]:
+    """The outbox IDs an error says the message is kept under (any error class: every error
+    raised after the copies were stored carries them)."""
+    kept = getattr(getattr(exc, "result", None), "kept", None)
+    return tuple(kept) if isinstance(kept, tuple | list) else ()
+
+
+def kept_hint(exc: BaseException, kept: Sequence[str]) -> str:
+    where = f" (the protected message is kept in the outbox as {', '.join(kept)}: "
+    if isinstance(exc, RequireTLSError):
+        return where + (
+            "it is sent only with REQUIRETLS, so `e2email outbox retry` needs a server that "
+            "offers it; `e2email outbox drop` gives it up)"
+        )
+    return where + "`e2email outbox retry` sends it again; do not send it anew)"
 
 
 def _send(state: State, opts: dict[str, Any], text: str) -> None:
@@ -399,7 +415,18 @@ def _send(state: State, opts: dict[str, Any], text: str) -> None:
             copies = mailer.protect(message)
             _write_output(opts["output"], copies)
         else:
-            _report(mailer.send(message))
+            try:
+                _report(mailer.send(message))
+            except KeyboardInterrupt:
+                kept = mailer.last_stored
+                where = (
+                    f": the protected message is kept in the outbox as {', '.join(kept)}; the "
+                    "server may have received it already (`e2email outbox list`, then "
+                    "`outbox retry` or `outbox drop`)"
+                    if kept
+                    else ""
+                )
+                fail(f"interrupted{where}", EXIT_INTERRUPTED)
 
 
 def retry_policy(opts: dict[str, Any]) -> RetryPolicy:
@@ -416,7 +443,7 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
         **_smime_protection(opts),
     )
     passphrase = secret_source(
-        opts["passphrase_env"], opts["passphrase_command"], "passphrase"
+        opts["passphrase_env"], opts["passphrase_command"], "signing key passphrase"
     ) or prompt_for("signing key passphrase")
     return protection, passphrase
 

@@ -542,6 +542,14 @@ class SMTPConnection:
     async def _close(self) -> None:
         await _quit_quietly(self._smtp)
 
+    def _abort(self) -> None:
+        """Drop the connection at once, without QUIT: for a cancelled send, whose server may
+        still be working on DATA (a polite QUIT would wait up to the data timeout)."""
+        transport = self._smtp.transport
+        self._smtp.close()
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+
 
 def _dot_stuffed(raw: bytes, size: int = _DATA_CHUNK) -> Iterator[bytes]:
     """``raw`` as DATA content (without the end-of-data line), in pieces of about ``size``
@@ -623,6 +631,38 @@ class SMTPTransport:
             self._context: ssl.SSLContext | None = None
         else:
             self._context = _client_context(settings.ca_file)
+        # The password or token, resolved once for every connection this transport opens
+        # (a prompt asked once, a password command run once), off the event loop.
+        self._secret: str | None = None
+        self._secret_lock: asyncio.Lock | None = None
+
+    async def prepare(self) -> None:
+        """Resolve the password or token now unless its source is interactive (a prompt,
+        marked ``interactive = True``, stays lazy: asked only after TLS is verified), so an
+        unset variable or failing command is reported before anything is stored or sent."""
+        source = self._settings.oauth_token or self._settings.password
+        if self._settings.username is None or source is None:
+            return
+        if getattr(source, "interactive", False):
+            return
+        await self._resolve_secret()
+
+    async def _resolve_secret(self) -> str | None:
+        """The password (or OAuth2 token): its source run once, in a thread."""
+        if self._secret is not None:
+            return self._secret
+        if self._secret_lock is None:
+            self._secret_lock = asyncio.Lock()
+        async with self._secret_lock:
+            if self._secret is None:
+                settings = self._settings
+                resolve = (
+                    settings.resolve_oauth_token
+                    if settings.oauth_token is not None
+                    else settings.resolve_password
+                )
+                self._secret = await asyncio.to_thread(resolve)
+        return self._secret
 
     @property
     def settings(self) -> SMTPSettings:
@@ -905,7 +945,7 @@ class SMTPTransport:
             )
         # Only now, with TLS verified, is the password source asked (it may run a command or
         # prompt). A ConfigError from it propagates unchanged.
-        password = self._settings.resolve_password()
+        password = await self._resolve_secret()
         if password is None:
             raise ConfigError("an SMTP user name is set but no password source")
         last: aiosmtplib.SMTPAuthenticationError | None = None
@@ -951,7 +991,7 @@ class SMTPTransport:
                 f"for {user!r} cannot be used",
                 host=where,
             )
-        token = self._settings.resolve_oauth_token()
+        token = await self._resolve_secret()
         if not token:
             raise ConfigError("the OAuth2 access token is empty")
         if any(c in token for c in "\x01\r\n"):
