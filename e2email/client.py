@@ -49,7 +49,7 @@ from e2email.message import (
     message_head,
     stream_payload,
 )
-from e2email.outbox import NewItem, Outbox, OutboxError, OutboxItem
+from e2email.outbox import LedgerTaken, NewItem, Outbox, OutboxError, OutboxItem
 from e2email.transport.smtp import DeliveryResult, RecipientResult, SMTPTransport
 
 __all__ = [
@@ -127,8 +127,12 @@ class BatchItem:
 
 #: ``delivered`` to every recipient; ``partial``: to some; ``failed``: refused permanently;
 #: ``deferred``: not delivered yet, kept for a retry; ``not-sent``: could not be protected (key
-#: problem: nothing sent, nothing stored); ``skipped``: already sent by an earlier run.
-MessageStatus = Literal["delivered", "partial", "failed", "deferred", "not-sent", "skipped"]
+#: problem: nothing sent, nothing stored); ``skipped``: already sent by an earlier run (or
+#: being sent by another process); ``duplicate``: its key equals that of an earlier message of
+#: this same run (``duplicate_of`` is that message's tag), so it is not sent again.
+MessageStatus = Literal[
+    "delivered", "partial", "failed", "deferred", "not-sent", "skipped", "duplicate"
+]
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,8 @@ class MessageOutcome:
     #: Outbox IDs of its copies still kept there.
     kept: tuple[str, ...] = ()
     detail: str = ""
+    #: For ``duplicate``: the tag of the earlier message of this run with the same key.
+    duplicate_of: Any = None
 
 
 @dataclass(frozen=True)
@@ -166,8 +172,11 @@ class BatchResult:
 
     @property
     def ok(self) -> bool:
-        """Was every message delivered (or already delivered by an earlier run)?"""
-        return self.total == self.counts.get("delivered", 0) + self.counts.get("skipped", 0)
+        """Was every message delivered (or already delivered by an earlier run, or a duplicate
+        of one that was)?"""
+        return self.total == sum(
+            self.counts.get(s, 0) for s in ("delivered", "skipped", "duplicate")
+        )
 
 
 @dataclass
@@ -716,12 +725,29 @@ class AsyncMailer:
         )
         limit = asyncio.Semaphore(concurrency or 2 * (os.cpu_count() or 1))
         tasks: set[asyncio.Task[None]] = set()
+        #: Keys of this run, with their message's tag: an equal item later in the input is a
+        #: duplicate even while the first is still in flight (not yet in the ledger).
+        seen: dict[str, Any] = {}
         async with engine:
             try:
                 index = 0
                 async for item in _aiter(messages):
                     if engine.stopped:
                         break
+                    if isinstance(item, BatchItem) and item.key is not None:
+                        if item.key in seen:
+                            emit(
+                                MessageOutcome(
+                                    index,
+                                    item.tag,
+                                    "duplicate",
+                                    detail="same key as an earlier message of this batch",
+                                    duplicate_of=seen[item.key],
+                                )
+                            )
+                            index += 1
+                            continue
+                        seen[item.key] = item.tag
                     await limit.acquire()
                     one = self._batch_one(
                         engine, smtp, index, item, prot, batch, groups, emit, limit
@@ -809,7 +835,17 @@ class AsyncMailer:
                 emit(MessageOutcome(index, entry.tag, "not-sent", error=exc, detail=str(exc)))
                 return
             ledger = (batch, entry.key) if entry.key is not None else None
-            ids = await self._store(copies, smtp, ledger=ledger)
+            try:
+                ids = await self._store(copies, smtp, ledger=ledger)
+            except LedgerTaken as exc:
+                # Another run stored or sent this row since the check above.
+                detail = (
+                    "sent by another run"
+                    if exc.state == "done"
+                    else "in the outbox, being sent by another process"
+                )
+                emit(MessageOutcome(index, entry.tag, "skipped", detail=detail))
+                return
             groups[index] = _Group(index, entry.tag, copies[0].message_id, len(copies))
             for copy, item_id in zip(copies, ids, strict=True):
                 sub = Submission(
@@ -898,10 +934,10 @@ def attach_unsent(error: BaseException, result: Any, unsent: tuple[Any, ...]) ->
     """Give ``error`` what is left to send (``result``, with ``kept`` outbox IDs, and
     ``unsent``), whatever its class: every error after the copies were stored says where
     they are, so the caller never resends what a later ``outbox retry`` would send again."""
-    if isinstance(error, TransportError):
+    if isinstance(error, E2EmailError):
         error.result = result
         error.unsent = unsent
-    else:
+    else:  # e.g. CancelledError or KeyboardInterrupt on the way out
         vars(error).update(result=result, unsent=unsent)
 
 

@@ -115,7 +115,15 @@ class KeyProblem:
 
 
 class E2EmailError(Exception):
-    """Root of every error e2email raises on purpose."""
+    """Root of every error e2email raises on purpose.
+
+    When the client raises an error after the message was protected (and stored in the
+    outbox, if any), ``result`` says what was delivered so far (with the outbox IDs ``kept``)
+    and ``unsent`` holds the protected copies not delivered: the message is never lost.
+    """
+
+    result: Any = None
+    unsent: tuple[Any, ...] = ()
 
 
 class ConfigError(E2EmailError, ValueError):
