@@ -29,7 +29,10 @@ interrupted batch send only the rows that are missing (:meth:`AsyncMailer.send_m
 
 from __future__ import annotations
 
+import codecs
 import csv
+import dataclasses
+import enum
 import hashlib
 import json
 import re
@@ -50,6 +53,9 @@ __all__ = [
     "Template",
     "batch_digest",
     "build_messages",
+    "canonical",
+    "check_utf8",
+    "printable",
     "read_rows",
     "row_key",
 ]
@@ -131,7 +137,7 @@ class Template:
             listed = ", ".join(f"${m}" for m in missing)
             raise ConfigError(
                 f"template placeholder(s) {listed} name no column of the recipients file "
-                f"(columns: {', '.join(columns)})"
+                f"(columns: {printable(', '.join(columns))})"
             )
 
     def render(self, values: Mapping[str, str]) -> tuple[str, str, str | None]:
@@ -170,13 +176,50 @@ def _column_name(raw: str) -> str:
     return raw.replace("\ufeff", "").strip().lower()
 
 
+#: The UTF-8 check reads the file this many bytes at a time (constant memory).
+_CHECK_CHUNK = 1 << 16
+
+
+def check_utf8(path: Path) -> None:
+    """Raise ConfigError naming the line of the first byte of ``path`` that is not UTF-8.
+
+    A decoding error in the middle of the CSV reader would lose the rest of the text decoded
+    with it (its whole read chunk) and every row after, so the file is checked whole before a
+    row is sent: streamed, in constant memory.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 0
+    try:
+        with path.open("rb") as fh:
+            while True:
+                chunk = fh.read(_CHECK_CHUNK)
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as exc:
+                    # exc.object is the decoder's few held-back bytes (an unfinished sequence,
+                    # never a newline) followed by this chunk.
+                    line = lines + exc.object[: exc.start].count(b"\n") + 1
+                    bad = exc.object[exc.start : exc.end].hex(" ")
+                    raise ConfigError(
+                        f"recipients file {path}: line {line} is not UTF-8 (byte(s) {bad}); "
+                        "save it as UTF-8 (nothing was sent)"
+                    ) from exc
+                if not chunk:
+                    return
+                lines += chunk.count(b"\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
 def read_rows(source: Path | IO[str]) -> tuple[list[str], Iterator[Row | BadRow]]:
     """The header's column names (lower case) and a lazy iterator over the data rows.
 
-    Raises ConfigError at once when the file cannot be read, has no header or no ``email``
-    column, or repeats a column.
+    Raises ConfigError at once when the file cannot be read, is not UTF-8 throughout (checked
+    before the first row, see :func:`check_utf8`), has no header or no ``email`` column, or
+    repeats a column.
     """
     if isinstance(source, Path):
+        check_utf8(source)
         try:
             fh: IO[str] = source.open(encoding="utf-8-sig", newline="")
         except OSError as exc:
@@ -193,11 +236,12 @@ def read_rows(source: Path | IO[str]) -> tuple[list[str], Iterator[Row | BadRow]
     columns = [_column_name(h) for h in header]
     if "email" not in columns:
         raise ConfigError(
-            f"the recipients file has no 'email' column (its header: {', '.join(header)})"
+            "the recipients file has no 'email' column "
+            f"(its header: {printable(', '.join(header))})"
         )
     dupes = sorted({c for c in columns if columns.count(c) > 1})
     if dupes:
-        raise ConfigError(f"the recipients file repeats column(s) {', '.join(dupes)}")
+        raise ConfigError(f"the recipients file repeats column(s) {printable(', '.join(dupes))}")
 
     def rows() -> Iterator[Row | BadRow]:
         number = 0
@@ -238,6 +282,27 @@ def read_rows(source: Path | IO[str]) -> tuple[list[str], Iterator[Row | BadRow]
     return columns, rows()
 
 
+def canonical(value: Any) -> Any:
+    """``value`` as plain JSON data that is the same for equal values in every process:
+    dataclasses become objects of their fields, enums their values, mappings objects with
+    sorted keys, sets and frozensets sorted lists. (``repr`` of a frozenset lists it in hash
+    order, which changes with the per-process hash seed, PYTHONHASHSEED.)"""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return canonical(value.value)
+    if isinstance(value, Mapping):
+        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (set, frozenset)):
+        items = [canonical(v) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
 def batch_digest(
     *,
     sender: str,
@@ -246,7 +311,8 @@ def batch_digest(
     options: Mapping[str, Any] | None = None,
 ) -> str:
     """A digest of everything that is the same for every row: the same digest on a rerun
-    means "the same batch"."""
+    means "the same batch". ``options`` values may be dataclasses (e.g. the Protection):
+    they are serialised with :func:`canonical`, never with ``repr``."""
     h = hashlib.sha256()
     parts: dict[str, Any] = {
         "sender": sender,
@@ -256,9 +322,9 @@ def batch_digest(
         "attachments": [
             [a.filename, a.content_type, hashlib.sha256(a.content).hexdigest()] for a in attachments
         ],
-        "options": dict(sorted((options or {}).items())),
+        "options": canonical(dict(options or {})),
     }
-    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    h.update(json.dumps(parts, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -303,6 +369,18 @@ def build_messages(
             yield BadRow(row.number, row.email, reason)
             continue
         yield row, message
+
+
+def printable(text: str) -> str:
+    """``text`` safe for one line of a terminal: CR, LF, ESC and the other control characters
+    (from CSV values, server replies) are shown escaped, so a value cannot start a line of its
+    own that looks like e2email's output or send terminal escape sequences."""
+    return "".join(
+        ch
+        if ch == "\t" or (ch.isprintable() and ch not in "\u2028\u2029")
+        else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
 
 
 #: The report's columns, in order.

@@ -49,7 +49,7 @@ from e2email.message import (
     message_head,
     stream_payload,
 )
-from e2email.outbox import LedgerTaken, NewItem, Outbox, OutboxError, OutboxItem
+from e2email.outbox import LedgerTaken, NewItem, Outbox, OutboxError, OutboxItem, same_route
 from e2email.transport.smtp import DeliveryResult, RecipientResult, SMTPTransport
 
 __all__ = [
@@ -866,13 +866,16 @@ class AsyncMailer:
         all_routes: bool = False,
         connections: int | None = None,
         on_outcome: Callable[[Outcome], None] | None = None,
+        include_failed: bool = True,
+        due_only: bool = False,
     ) -> tuple[Outcome, ...]:
         """Send what waits in the outbox: the items ``ids`` (IDs or unique prefixes), or every
         item meant for this server and user (any server with ``all_routes``). Items the
-        server refused before are tried again too; items another live process is sending are
-        left to it. Outcomes go to ``on_outcome`` as they come (and are returned when no
-        callback is given). An error that stops the run is raised after the outcomes, with
-        ``result`` set to them.
+        server refused before are tried again too (by default); items another live process
+        is sending are left to it. ``include_failed=False`` leaves the recipients the server
+        refused (5xx) alone; ``due_only`` takes only items whose retry time has come. Outcomes go to
+        ``on_outcome`` as they come (and are returned when no callback is given). An error
+        that stops the run is raised after the outcomes, with ``result`` set to them.
         """
         smtp = self._require_smtp()
         outbox = self.outbox
@@ -883,7 +886,7 @@ class AsyncMailer:
         else:
             route = route_of(smtp)
             items = await asyncio.to_thread(outbox.items)
-            wanted = [it.id for it in items if all_routes or it.route in (None, route)]
+            wanted = [it.id for it in items if all_routes or same_route(it.route, route)]
         collected: list[Outcome] = []
         engine = DeliveryEngine(
             smtp,
@@ -899,7 +902,9 @@ class AsyncMailer:
                     break
                 # Claimed one at a time, just before it is queued: only a few items' bytes
                 # are in memory at once.
-                claimed = await asyncio.to_thread(outbox.claim, [item_id])
+                claimed = await asyncio.to_thread(
+                    outbox.claim, [item_id], include_failed=include_failed, due_only=due_only
+                )
                 for it in claimed:
                     assert it.raw is not None
                     await engine.submit(
@@ -1049,10 +1054,17 @@ class Mailer:
         all_routes: bool = False,
         connections: int | None = None,
         on_outcome: Callable[[Outcome], None] | None = None,
+        include_failed: bool = True,
+        due_only: bool = False,
     ) -> tuple[Outcome, ...]:
         return self._runner.run(
             self._async.send_outbox(
-                ids, all_routes=all_routes, connections=connections, on_outcome=on_outcome
+                ids,
+                all_routes=all_routes,
+                connections=connections,
+                on_outcome=on_outcome,
+                include_failed=include_failed,
+                due_only=due_only,
             )
         )
 

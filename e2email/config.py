@@ -135,14 +135,18 @@ class SMTPSettings:
     #: 365 want, instead of a password. Needs ``username``; asked for only inside TLS.
     oauth_token: PasswordSource | None = field(default=None, repr=False)
     ca_file: Path | None = None
-    #: The default for each of the three timeouts below that is not set (seconds).
+    #: The default for the connect and command timeouts below when they are not set, and
+    #: for ``data_timeout=None`` (seconds).
     timeout: float = 60.0
     #: TCP connect, implicit-TLS handshake and the server's greeting, per port tried.
     connect_timeout: float | None = None
     #: Each command's reply (EHLO, STARTTLS with its handshake, AUTH, MAIL, RCPT, QUIT).
     command_timeout: float | None = None
-    #: The reply to DATA and the final reply after the message was sent.
-    data_timeout: float | None = None
+    #: The reply to DATA, each piece of the message and the final reply after it. Its own
+    #: default, 10 minutes: RFC 5321 §4.5.3.2.6 asks the client to wait that long for the reply
+    #: to the final ".", since the server may be filtering the message; giving up sooner makes
+    #: the retry deliver it twice.
+    data_timeout: float | None = 600.0
     #: Ports tried when ``port`` is not set: a port (whose TLS mode is implied: 465 implicit,
     #: 587/2525/25 STARTTLS) or a (port, TLSMode) pair. Plaintext is never allowed here.
     port_order: tuple[int | tuple[int, TLSMode], ...] = DEFAULT_PORT_ORDER

@@ -383,11 +383,37 @@ async def _plain_session(
         raise
 
 
+class _Injected(Exception):
+    """Bytes came in clear after STARTTLS's 220, before TLS: a STARTTLS command injection
+    (CVE-2011-0411, RFC 3207 §5) by something on the path, or a broken server. They are never
+    read as if they had come from inside TLS."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(
+            f"{count} byte(s) came in clear right after STARTTLS's 220, where nothing may "
+            "follow until TLS is up: a STARTTLS injection attempt (RFC 3207 §5); they were "
+            "ignored and this port is not trusted"
+        )
+
+
+def _buffered(session: _Session) -> int:
+    """Bytes the stream reader holds that were not read yet (asyncio has no public API)."""
+    return len(getattr(session.reader, "_buffer", b""))
+
+
 async def _starttls(session: _Session, host: str, ctx: ssl.SSLContext) -> None:
     code, lines = await session.command("STARTTLS")
     if code != 220:
         raise _HandshakeFailed(f"STARTTLS refused: {lines[-1]}")
+    # Anything read along with the 220 stays in the reader's buffer across start_tls() and
+    # would be taken for the reply to the EHLO inside TLS. Checked again after the handshake:
+    # bytes that arrived in clear just after the 220 land there too, and a real server sends
+    # nothing inside TLS before our EHLO.
+    if _buffered(session):
+        raise _Injected(_buffered(session))
     await _handshake(session.writer, host, ctx, session.timeout)
+    if _buffered(session):
+        raise _Injected(_buffered(session))
 
 
 async def _probe_plain(
@@ -413,6 +439,11 @@ async def _probe_plain(
     except _HandshakeFailed as exc:
         findings.tls_error, findings.certificate_error = exc.reason, exc.certificate
         polite = False
+    except _Injected as exc:
+        findings.verified = False
+        findings.problems.append(str(exc))
+        polite = False
+        return findings
     except (ConnectionError, TimeoutError, _NotThisMode) as exc:
         findings.problems.append(f"SMTP inside TLS failed: {str(exc) or type(exc).__name__}")
         return findings
@@ -431,6 +462,10 @@ async def _probe_plain(
         findings.extensions = await session.ehlo()
     except _HandshakeFailed:
         findings.problems.append(f"TLS handshake failed: {findings.tls_error}")
+        polite = False
+    except _Injected as exc:
+        findings.problems.append(str(exc))
+        findings.extensions = {}
         polite = False
     except (ConnectionError, TimeoutError, _NotThisMode) as exc:
         findings.problems.append(f"SMTP inside TLS failed: {str(exc) or type(exc).__name__}")

@@ -55,12 +55,14 @@ from e2email.errors import ConfigError, SMTPReply
 __all__ = [
     "DEFAULT_FILENAME",
     "ItemState",
+    "LedgerTaken",
     "NewItem",
     "Outbox",
     "OutboxError",
     "OutboxItem",
     "OutboxRecipient",
     "RecipientState",
+    "same_route",
 ]
 
 #: The outbox's file name in e2email's home directory.
@@ -158,6 +160,17 @@ def _read_body(db: sqlite3.Connection, rowid: int) -> bytes:
 class OutboxError(ConfigError):
     """The outbox file cannot be opened, read or written, or an item ID is unknown. A
     ConfigError: something about the local setup (permissions, disk), not the message."""
+
+
+class LedgerTaken(OutboxError):
+    """:meth:`Outbox.add` with a ``ledger`` key that another run (or another task of this one)
+    has already stored or sent: nothing was stored. ``state`` is the ledger's ``"queued"`` or
+    ``"done"``."""
+
+    def __init__(self, key: str, state: str) -> None:
+        super().__init__(f"batch row {key[:16]} is already {state} in the outbox's ledger")
+        self.key = key
+        self.state = state
 
 
 class ItemState(enum.Enum):
@@ -274,6 +287,13 @@ def _owner_alive(owner: str) -> bool | None:
     state, started = stat
     # "Z": killed, not yet reaped by its parent; another start time: the PID was reused.
     return state not in ("Z", "X") and (not start or started == start)
+
+
+def same_route(stored: str | None, route: str) -> bool:
+    """Is a copy stored for route ``stored`` (``user@host`` or ``host``) meant for ``route``?
+    Host names compare case-insensitively (RFC 5321 §2.4; DNS names are), and so does the
+    user name here, as submission servers treat it. A copy without a route fits any."""
+    return stored is None or stored.casefold() == route.casefold()
 
 
 def _reply_of(code: int | None, text: str | None) -> SMTPReply | None:
@@ -403,11 +423,26 @@ class Outbox:
 
         With ``claim`` (the default) they are stored already claimed by this process, which is
         about to send them. ``ledger`` is ``(batch, key)``: the items are recorded as that batch
-        row's message, in the same transaction, so a rerun knows the row is taken care of.
+        row's message, in the same transaction, so a rerun knows the row is taken care of;
+        when the ledger already has that key (done, or with items stored) nothing is stored
+        and :class:`LedgerTaken` is raised.
         """
         now = time.time()
         ids: list[str] = []
         with self._write() as db:
+            if ledger is not None:
+                # Check and store in this one IMMEDIATE transaction: two runs of the same batch
+                # (or two equal rows) cannot both see the key free and both send the row.
+                taken = db.execute(
+                    "SELECT state FROM ledger WHERE key = ?", (ledger[1],)
+                ).fetchone()
+                if taken is not None:
+                    stored = db.execute(
+                        "SELECT 1 FROM items WHERE ledger_key = ? LIMIT 1", (ledger[1],)
+                    ).fetchone()
+                    # A "queued" entry whose items are all gone is stale: store anew.
+                    if taken[0] == "done" or stored is not None:
+                        raise LedgerTaken(ledger[1], str(taken[0]))
             for item in items:
                 if not item.recipients:
                     raise ConfigError("an outbox item needs at least one recipient")
@@ -500,7 +535,7 @@ class Outbox:
             for item_id, state, by, until, item_route, key, next_attempt in rows:
                 if wanted is not None and item_id not in wanted:
                     continue
-                if wanted is None and route is not None and item_route != route:
+                if wanted is None and route is not None and not same_route(item_route, route):
                     continue
                 if keys is not None and key not in keys:
                     continue

@@ -7,8 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -106,6 +110,33 @@ def test_a_row_that_would_break_the_message_is_a_bad_row() -> None:
     assert isinstance(out[1], BadRow) and "not-an-address" in out[1].reason
     _, message = out[2]  # type: ignore[misc]
     assert message.to[0].display_name == "Carol" and message.subject == "Hello Carol"
+
+
+def test_batch_digest_is_the_same_in_every_process_whatever_the_hash_seed() -> None:
+    """The batch identity of a Protection with several trusted self-signed fingerprints (a
+    frozenset) is the same under different PYTHONHASHSEED values, so a rerun of an
+    interrupted batch finds its ledger rows instead of resending every row."""
+    code = textwrap.dedent(
+        """
+        from e2email.bulk import Template, batch_digest
+        from e2email.config import Protection, Scheme
+        fprs = frozenset(c * 64 for c in "0123456789ABCDEF")
+        prot = Protection(scheme=Scheme.SMIME, smime_trust_self_signed=fprs)
+        print(batch_digest(sender="a@example.org", template=Template(body="x"),
+                           options={"protection": prot, "batch": ""}))
+        """
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2", "3")
+    }
+    assert len(digests) == 1 and len(next(iter(digests))) == 64
 
 
 def test_report_writer_streams_csv_and_json() -> None:
@@ -262,3 +293,75 @@ def test_to_file_usage_errors_send_nothing(
     assert done.returncode == 2, done.stderr
     assert needle in done.stderr
     assert server.transcript == []
+
+
+def test_a_non_utf8_byte_anywhere_stops_the_batch_before_sending_and_names_its_line(
+    bulk_home: Path, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A latin-1 byte after 600 good rows (past the CSV reader's first decode chunk) is found
+    before anything is sent: exit 2, one line naming the physical line with the bad byte,
+    no connection made (before, rows were silently lost and the wrong row was named)."""
+    rows = tmp_path / "latin1.csv"
+    good = [f"r{i}@example.net,R{i}\n".encode() for i in range(600)]
+    tail = [f"s{i}@example.net,S{i}\n".encode() for i in range(5)]
+    rows.write_bytes(
+        b"email,name\n" + b"".join(good) + b"bad@example.net,Caf\xe9\n" + b"".join(tail)
+    )
+    with pytest.raises(ConfigError, match=r"line 602 is not UTF-8 \(byte\(s\) e9\)"):
+        read_rows(rows)
+    server = smtp_server()
+    done = e2email(*send_args(server, "--to-file", str(rows), "--body", "hi $name"), home=bulk_home)
+    assert done.returncode == 2, done.stderr
+    assert "line 602" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert server.transcript == []
+
+
+def test_duplicate_rows_are_sent_once_and_reported_as_duplicates(
+    bulk_home: Path, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """12 rows cycling over 3 equal rows: each address gets exactly one message; the repeats
+    are 'duplicate of row N' (the first row with those values), never 'already sent
+    earlier' on a first run; a rerun reports all 12 as handled, sending nothing."""
+    server = smtp_server()
+    rows = tmp_path / "dup.csv"
+    rows.write_text("email,name\n" + "".join(f"d{i % 3}@example.net,D{i % 3}\n" for i in range(12)))
+    report = tmp_path / "report.json"
+    args = send_args(
+        server,
+        "--to-file",
+        str(rows),
+        "--body",
+        "hi $name",
+        "--no-encrypt",
+        "--no-sign",
+        "--report",
+        str(report),
+        "--connections",
+        "3",
+    )
+    done = e2email(*args, home=bulk_home)
+    assert done.returncode == 0, done.stderr
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == [f"d{i}@example.net" for i in range(3)]
+    entries = {e["row"]: e for e in json.loads(report.read_text())}
+    for n in range(4, 13):
+        assert entries[n]["status"] == "duplicate"
+        assert entries[n]["detail"] == f"duplicate of row {(n - 1) % 3 + 1}"
+    assert "3 delivered, 9 duplicate" in done.stdout and "earlier" not in done.stdout
+    again = e2email(*args, home=bulk_home)
+    assert again.returncode == 0 and len(server.messages) == 3
+    assert "3 already sent earlier, 9 duplicate" in again.stdout
+
+
+def test_row_values_with_cr_lf_are_escaped_when_echoed(
+    bulk_home: Path, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A quoted CSV value with CR/LF in it cannot forge a line of e2email's output: the
+    bad-row line shows it escaped (\\r\\n), on one line."""
+    server = smtp_server()
+    rows = tmp_path / "rows.csv"
+    rows.write_bytes(b'email\n"bad\r\nrow 9 forged@example.net: delivered"\n')
+    done = e2email(*send_args(server, "--to-file", str(rows), "--body", "x"), home=bulk_home)
+    assert done.returncode == 2, done.stderr
+    assert "bad\\r\\nrow 9 forged" in done.stdout
+    assert not any(line.startswith("row 9") for line in done.stdout.splitlines())
+    assert server.messages == []

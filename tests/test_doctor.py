@@ -297,3 +297,48 @@ def test_a_greeting_line_over_64_kib_is_a_port_problem_not_a_crash(closed_port: 
     ports = by_port(report)
     assert not ports[587].usable
     assert ports[25].reachable is False
+
+
+def test_bytes_in_clear_after_the_starttls_220_are_an_injection_not_extensions(
+    module_ca: TestCA,
+) -> None:
+    """A server (or a man in the middle) that sends EHLO lines in clear right after STARTTLS's
+    220: doctor reports a STARTTLS injection problem for that port, does not call it usable,
+    and never shows the injected AUTH PLAIN / REQUIRETLS as offered inside TLS."""
+    import threading
+
+    ctx = module_ca.server_context(HOST, "localhost")
+    with socket.socket() as listener:
+        listener.bind((HOST, 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+
+        def serve() -> None:
+            for _ in range(2):
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                try:
+                    with conn, conn.makefile("rb") as lines:
+                        conn.sendall(b"220 evil ESMTP\r\n")
+                        lines.readline()  # EHLO
+                        conn.sendall(b"250-evil\r\n250 STARTTLS\r\n")
+                        lines.readline()  # STARTTLS
+                        conn.sendall(
+                            b"220 go ahead\r\n250-injected\r\n250-AUTH PLAIN\r\n250 REQUIRETLS\r\n"
+                        )
+                        conn.settimeout(2)
+                        with ctx.wrap_socket(conn, server_side=True) as tls:
+                            tls.recv(100)
+                            tls.sendall(b"250-real\r\n250 SIZE 10\r\n")
+                            tls.recv(100)
+                except (OSError, ssl.SSLError):
+                    pass
+
+        threading.Thread(target=serve, daemon=True).start()
+        report = diagnose_sync(HOST, ports={587: port}, ca_file=module_ca.ca_file, timeout=2)
+    found = by_port(report)[587]
+    assert not found.usable and not found.requiretls
+    assert found.auth_mechanisms == () and "REQUIRETLS" not in found.extensions
+    assert any("STARTTLS injection" in p for p in found.problems), found.problems

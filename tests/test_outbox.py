@@ -22,7 +22,7 @@ from test_cli import e2email, send_args
 
 from e2email.errors import ConfigError, SMTPReply
 from e2email.keystore import Keystore
-from e2email.outbox import ItemState, NewItem, Outbox, OutboxError
+from e2email.outbox import ItemState, LedgerTaken, NewItem, Outbox, OutboxError
 from e2email.testing import Fault, LoopbackSMTPServer
 
 RAW = b"From: a@example.org\r\nSubject: [...]\r\n\r\n-----BEGIN PGP MESSAGE-----\r\n"
@@ -113,6 +113,25 @@ def test_ledger_is_done_only_when_all_copies_of_the_row_are_delivered(tmp_path: 
     assert box.settle(b, delivered={"c@example.com": None})
     assert box.ledger_state("row") == "done"
     assert box.ledger_state("other") is None
+
+
+def test_storing_a_ledger_row_that_is_taken_stores_nothing(tmp_path: Path) -> None:
+    """The ledger check and the store are one transaction: a second add for a key that is
+    queued (with items) or done raises LedgerTaken and stores nothing, even from a second
+    Outbox on the same file (another process); a queued key whose items are gone is free."""
+    box = Outbox(tmp_path / "o.sqlite3")
+    other = Outbox(tmp_path / "o.sqlite3")
+    (first,) = box.add([item("b@example.net")], ledger=("batch", "row"))
+    with pytest.raises(LedgerTaken) as taken:
+        other.add([item("b@example.net")], ledger=("batch", "row"))
+    assert taken.value.state == "queued" and len(box) == 1
+    box.settle(first, delivered={"b@example.net": None})
+    with pytest.raises(LedgerTaken, match="done"):
+        other.add([item("b@example.net")], ledger=("batch", "row"))
+    assert len(box) == 0
+    with sqlite3.connect(tmp_path / "o.sqlite3") as db:
+        db.execute("INSERT INTO ledger VALUES ('stale', 'batch', 'queued', 0)")
+    assert len(other.add([item("c@example.com")], ledger=("batch", "stale"))) == 1
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -272,7 +291,7 @@ def test_cli_outbox_retry_sends_what_a_failed_send_left(
         assert "queued  2 attempt(s)" in listing.stdout and "4.3.2 busy" in listing.stdout
         fine = smtp_server()
         args = send_args(fine)[send_args(fine).index("--host") :]
-        retried = e2email("outbox", "retry", *args, home=home)
+        retried = e2email("outbox", "retry", "--now", *args, home=home)
         assert retried.returncode == 0, retried.stderr
         assert "delivered: bob@example.net" in retried.stdout
         assert [m.data for m in fine.messages] == [raw]
@@ -280,3 +299,46 @@ def test_cli_outbox_retry_sends_what_a_failed_send_left(
     finally:
         kill_agent(home / "gnupg")
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_cli_outbox_retry_honours_refusals_retry_times_and_routes(
+    smtp_server: Callable[..., LoopbackSMTPServer], tmp_path: Path
+) -> None:
+    """`outbox retry` resends only pending recipients whose retry time has come: a recipient
+    refused with 5xx only with --include-failed, an item not due only with --now; routes
+    compare case-insensitively; when nothing matches the IDs or the server it exits 2 with one
+    line; server text with CR/LF is shown escaped."""
+    home = tmp_path / "home"
+    reply = SMTPReply(550, "5.1.1 no such user\r\nFAKE: injected line")
+    with Outbox.in_home(home) as box:
+        (part,) = box.add([item("b@example.net", "c@example.com")], route="127.0.0.1")
+        box.settle(part, failed={"c@example.com": reply}, release=True)
+        (refused,) = box.add([item("d@example.net")], route="127.0.0.1")
+        box.settle(refused, failed={"d@example.net": reply}, release=True)
+        (later,) = box.add([item("e@example.net")], route="127.0.0.1")
+        box.settle(later, error="451 busy", retry_at=time.time() + 3600, release=True)
+        (elsewhere,) = box.add([item("f@example.net")], route="Mail.Example.ORG", claim=False)
+        assert [i.id for i in box.claim(route="mail.example.org")] == [elsewhere]
+        box.release([elsewhere])
+    listing = e2email("outbox", "list", home=home)
+    assert "\\r\\nFAKE: injected line" in listing.stdout
+    assert not any(line.startswith("FAKE") for line in listing.stdout.splitlines())
+    server = smtp_server()
+    args = send_args(server)[send_args(server).index("--host") :]
+    done = e2email("outbox", "retry", *args, home=home)
+    assert done.returncode == 0, done.stderr
+    assert [m.rcpt_tos for m in server.messages] == [("b@example.net",)]
+    again = e2email("outbox", "retry", *args, home=home)
+    assert again.returncode == 2 and "nothing to retry" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and len(server.messages) == 1
+    unknown = e2email("outbox", "retry", "abcdef", *args, home=home)
+    assert unknown.returncode == 2 and "no item abcdef" in unknown.stderr
+    other = e2email("outbox", "retry", *args, "--user", "nobody", home=home)
+    assert other.returncode == 2 and "nothing in the outbox is for nobody@" in other.stderr
+    forced = e2email("outbox", "retry", "--include-failed", "--now", *args, home=home)
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(m.rcpt_tos for m in server.messages[1:]) == [
+        ("c@example.com",),
+        ("d@example.net",),
+        ("e@example.net",),
+    ]

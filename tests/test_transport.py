@@ -571,6 +571,31 @@ def test_data_timeout_says_delivery_is_uncertain(smtp_server: ServerFactory) -> 
     assert info.value.transient is True
 
 
+def test_the_final_reply_to_data_gets_ten_minutes_by_default(smtp_server: ServerFactory) -> None:
+    """RFC 5321 §4.5.3.2.6: the reply to the final "." may take a filtering server long; the
+    data phase has its own 600 s default, not the general ``timeout``: a server slower than
+    ``timeout`` after the message is waited for (delivered once, not timed out and
+    retried); `send` and `outbox retry` take --data-timeout."""
+    settings = SMTPSettings(host="127.0.0.1", timeout=60)
+    assert settings.effective_data_timeout == 600 and settings.effective_command_timeout == 60
+    server = smtp_server(tls="implicit", faults=[Fault("data-end", "stall", seconds=1.2)])
+    assert server.ca_file is not None
+    slow = SMTPSettings(
+        host=server.host,
+        port=server.port,
+        tls=TLSMode.IMPLICIT,
+        ca_file=server.ca_file,
+        timeout=0.5,
+        local_hostname=CLIENT_NAME,
+    )
+    result = send(slow)
+    assert result.data_reply is not None and result.data_reply.code == 250
+    assert len(server.messages) == 1
+    for command in (["send"], ["outbox", "retry"]):
+        shown = CliRunner().invoke(cli, [*command, "--help"], terminal_width=200)
+        assert "--data-timeout" in shown.output and "600" in shown.output
+
+
 class _StalledReader:
     """A plaintext SMTP server that answers up to DATA's 354, then stops reading, so the
     client's writes back up (a receive buffer of a few kilobytes)."""

@@ -34,6 +34,7 @@ from e2email.bulk import (
     Template,
     batch_digest,
     build_messages,
+    printable,
     read_rows,
     row_key,
 )
@@ -63,6 +64,9 @@ __all__ = ["send_bulk"]
 
 #: When several kinds of failure happened, the exit status names the first kind present.
 _EXIT_PRIORITY = (EXIT_CONNECTION, EXIT_AUTH, EXIT_REJECTED, EXIT_KEY, EXIT_USAGE)
+#: Row statuses that need nothing more: delivered now, by an earlier run, or a repeat of a
+#: row of this file that was (reported "duplicate of row N", so the user sees it).
+_OK_STATUSES = ("delivered", "skipped", "duplicate")
 
 
 def _template(opts: dict[str, Any]) -> Template:
@@ -135,7 +139,7 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
         sender=opts["sender"],
         template=template,
         attachments=attachments,
-        options={"protection": repr(protection), "batch": opts["batch_name"]},
+        options={"protection": protection, "batch": opts["batch_name"]},
     )
 
     report: ReportWriter | None = None
@@ -184,13 +188,13 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
             )
         if status not in ("delivered", "skipped"):
             where = f" (outbox {' '.join(kept)})" if kept else ""
-            line = f"row {number} {email}: {status}: {detail}{where}"
+            line = printable(f"row {number} {email}: {status}: {detail}{where}")
             if console.is_terminal:
                 # Above the progress bar, which owns the terminal while it runs.
                 progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
             else:
                 click.echo(line)
-        done = counts["delivered"] + counts["skipped"]
+        done = sum(counts[s] for s in _OK_STATUSES)
         progress.update(task, advance=1, status=f"{done} ok, {sum(counts.values()) - done} not")
 
     def items() -> Iterator[BatchItem]:
@@ -212,6 +216,10 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
     def on_outcome(outcome: MessageOutcome) -> None:
         row: Row = outcome.tag
         waiting.pop(row.number, None)
+        if outcome.status == "duplicate":
+            first: Row = outcome.duplicate_of
+            record(row.number, row.email, "duplicate", f"duplicate of row {first.number}")
+            return
         if outcome.status not in ("delivered", "skipped"):
             codes.add(_exit_code(outcome))
         record(
@@ -261,12 +269,12 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
                 report_fh.close()
 
     total = sum(counts.values())
-    ok = counts["delivered"] + counts["skipped"]
+    ok = sum(counts[s] for s in _OK_STATUSES)
     parts = [f"{counts['delivered']} delivered"]
-    for status in ("skipped", "partial", "deferred", "failed", "not-sent", "invalid"):
+    labels = {"skipped": "already sent earlier", "duplicate": "duplicate row(s), not sent again"}
+    for status in ("skipped", "duplicate", "partial", "deferred", "failed", "not-sent", "invalid"):
         if counts[status]:
-            label = "already sent earlier" if status == "skipped" else status
-            parts.append(f"{counts[status]} {label}")
+            parts.append(f"{counts[status]} {labels.get(status, status)}")
     summary = f"{total} row(s): " + ", ".join(parts)
     if counts["deferred"] or counts["partial"] or counts["failed"]:
         summary += " (undelivered messages stay in the outbox: `e2email outbox list`)"

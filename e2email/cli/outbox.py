@@ -4,11 +4,13 @@ it up (``drop``). The outbox is HOME/outbox.sqlite3; it holds only protected mes
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from typing import Any
 
 import click
 
+from e2email.bulk import printable
 from e2email.cli.app import EXIT_REJECTED, State, cli, exit_code_for, fail
 from e2email.cli.send import (
     SMTP_OPTION_NAMES,
@@ -18,9 +20,16 @@ from e2email.cli.send import (
     smtp_settings,
 )
 from e2email.client import Mailer
-from e2email.delivery import Outcome
+from e2email.delivery import Outcome, route_of
 from e2email.errors import E2EmailError
-from e2email.outbox import ItemState, Outbox, OutboxItem, RecipientState
+from e2email.outbox import (
+    ItemState,
+    Outbox,
+    OutboxError,
+    OutboxItem,
+    RecipientState,
+    same_route,
+)
 
 
 def _when(ts: float) -> str:
@@ -94,9 +103,9 @@ def list_items(state: State, as_json: bool) -> None:
             f"{item.id}  {state_text}  {item.attempts} attempt(s)  {_when(item.created)}  "
             f"{item.size} bytes  via {item.route or '?'}"
         )
-        click.echo(f"    to: {_recipients(item)}")
+        click.echo(printable(f"    to: {_recipients(item)}"))
         if item.last_error:
-            click.echo(f"    last error: {item.last_error}")
+            click.echo(printable(f"    last error: {item.last_error}"))
     click.echo(f"{len(items)} item(s)")
 
 
@@ -107,15 +116,45 @@ def list_items(state: State, as_json: bool) -> None:
     is_flag=True,
     help="Without IDs: also items first sent through another server or user.",
 )
+@click.option(
+    "--include-failed",
+    is_flag=True,
+    help="Also send again to recipients the server refused permanently (5xx).",
+)
+@click.option(
+    "--now",
+    is_flag=True,
+    help="Also items whose next retry time has not come yet.",
+)
 @delivery_options
 @click.pass_obj
-def retry(state: State, /, ids: tuple[str, ...], all_servers: bool, **opts: Any) -> None:
+def retry(
+    state: State,
+    /,
+    ids: tuple[str, ...],
+    all_servers: bool,
+    include_failed: bool,
+    now: bool,
+    **opts: Any,
+) -> None:
     """Send again what waits in the outbox: the items IDS (or unique prefixes), or every item
-    meant for this server and user. Takes the same server options as `send`."""
+    meant for this server and user, whose retry time has come (--now: any). Recipients the
+    server refused with 5xx are left alone unless --include-failed. Takes the same server
+    options as `send`."""
     if not opts["host"]:
         raise click.UsageError("give --host (and the other server options, as for `send`)")
     smtp = smtp_settings(state, opts)
     failures: list[Outcome] = []
+    box = Outbox.in_home(state.home)
+    try:
+        chosen = _select(box, ids, route_of(smtp), all_servers, include_failed, now)
+    except E2EmailError:
+        box.close()
+        raise
+    if chosen is None:
+        box.close()
+        click.echo("the outbox is empty")
+        return
 
     def show(outcome: Outcome) -> None:
         item = outcome.submission.tag
@@ -124,18 +163,23 @@ def retry(state: State, /, ids: tuple[str, ...], all_servers: bool, **opts: Any)
             r.address if r.status == "delivered" else f"{r.address}: {r.status}: {r.error}"
             for r in outcome.recipients
         )
-        click.echo(f"{item.id}: {status}: {text}")
+        click.echo(printable(f"{item.id}: {status}: {text}"))
         if status != "delivered":
             failures.append(outcome)
 
     with Mailer(
         smtp=smtp,
-        outbox=Outbox.in_home(state.home),
+        outbox=box,
         retry=retry_policy(opts),
         connections=opts["connections"],
     ) as mailer:
         try:
-            mailer.send_outbox(list(ids) or None, all_routes=all_servers, on_outcome=show)
+            mailer.send_outbox(
+                chosen,
+                on_outcome=show,
+                include_failed=include_failed,
+                due_only=not now,
+            )
         except E2EmailError as exc:
             fail(f"{exc} (what was not sent stays in the outbox)", exit_code_for(exc))
         left = len(mailer.outbox) if mailer.outbox is not None else 0
@@ -146,6 +190,42 @@ def retry(state: State, /, ids: tuple[str, ...], all_servers: bool, **opts: Any)
             EXIT_REJECTED,
         )
     click.echo(f"{left} item(s) left in the outbox")
+
+
+def _select(
+    box: Outbox,
+    ids: tuple[str, ...],
+    route: str,
+    all_servers: bool,
+    include_failed: bool,
+    now: bool,
+) -> list[str] | None:
+    """The IDs `outbox retry` sends; None when the outbox is empty. Raises OutboxError (one
+    line, exit 2) when items wait but none matches the IDs, the route and the flags."""
+    items = box.items()
+    if not items:
+        return None
+    if ids:
+        named = {box.get(i, raw=False).id for i in ids}
+        items = tuple(i for i in items if i.id in named)
+    elif not all_servers:
+        items = tuple(i for i in items if same_route(i.route, route))
+        if not items:
+            raise OutboxError(
+                f"nothing in the outbox is for {printable(route)} (see `e2email outbox list`; "
+                "--all-servers sends the items of other servers and users too)"
+            )
+    if not include_failed:
+        items = tuple(i for i in items if i.state is not ItemState.FAILED)
+    if not now:
+        due = time.time()
+        items = tuple(i for i in items if i.next_attempt <= due)
+    if not items:
+        raise OutboxError(
+            "nothing to retry: the matching items are refused permanently (5xx; "
+            "--include-failed sends them again) or not due yet (--now sends them anyway)"
+        )
+    return [i.id for i in items]
 
 
 # `outbox retry` reaches the server exactly as `send` does: share its options.

@@ -322,6 +322,14 @@ def _bulk_options(command: Any) -> Any:
     help="Seconds to wait to connect, per port tried (default: --timeout).",
 )
 @click.option(
+    "--data-timeout",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for the server's reply after the message data (RFC 5321 "
+    "§4.5.3.2.6: at least 10 minutes; a server may be filtering the message).",
+)
+@click.option(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the protected message to FILE (- for stdout) instead of sending it.",
@@ -464,6 +472,7 @@ SMTP_OPTION_NAMES = (
     "ca_file",
     "timeout",
     "connect_timeout",
+    "data_timeout",
 )
 
 
@@ -486,6 +495,7 @@ def smtp_settings(state: State, opts: dict[str, Any]) -> SMTPSettings:
         ca_file=opts["ca_file"],
         timeout=opts["timeout"],
         connect_timeout=opts["connect_timeout"],
+        data_timeout=opts["data_timeout"],
         require_tls=opts["require_tls"],
         hosts_file=state.home / "hosts.json",
         allow_insecure_plaintext=opts["insecure_plaintext"],
