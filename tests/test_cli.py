@@ -465,3 +465,38 @@ def test_keys_export_to_a_missing_directory_is_one_clear_line(home: Path) -> Non
     done = e2email("keys", "export", "bob@example.net", "-o", "/nonexistent/dir/x.asc", home=home)
     assert done.returncode == 2
     assert "cannot write /nonexistent/dir/x.asc" in one_line_error(done)
+
+
+def test_encrypting_without_signing_warns_loudly(home: Path, tmp_path: Path) -> None:
+    """`--no-sign` with encryption is allowed (an explicit choice) but says on stderr that the
+    recipient cannot tell who sent it or whether it was altered."""
+    out = tmp_path / "unsigned.eml"
+    done = e2email(
+        "send",
+        "--from",
+        "alice@example.org",
+        "--to",
+        "bob@example.net",
+        "--body",
+        "x",
+        "--no-sign",
+        "--output",
+        str(out),
+        home=home,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "WARNING: encrypted but NOT signed" in done.stderr
+    assert b"multipart/encrypted" in out.read_bytes()
+    signed = e2email(
+        "send",
+        "--from",
+        "alice@example.org",
+        "--to",
+        "bob@example.net",
+        "--body",
+        "x",
+        "--output",
+        str(tmp_path / "signed.eml"),
+        home=home,
+    )
+    assert "WARNING" not in signed.stderr

@@ -450,6 +450,14 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
         key_map=_parse_key_map(opts["key_map"]),
         **_smime_protection(opts),
     )
+    if protection.encrypt and not protection.sign:
+        # Unsigned encryption has no integrity: S/MIME's CBC is malleable (EFAIL) and anyone
+        # can encrypt to the recipient in the sender's name. An explicit choice, said aloud.
+        click.echo(
+            "e2email: WARNING: encrypted but NOT signed (--no-sign): the recipient cannot "
+            "tell who sent it or whether it was altered",
+            err=True,
+        )
     passphrase = secret_source(
         opts["passphrase_env"], opts["passphrase_command"], "signing key passphrase"
     ) or prompt_for("signing key passphrase")
