@@ -99,7 +99,7 @@ class State:
     "--home",
     type=click.Path(file_okay=False, path_type=Path),
     envvar="E2EMAIL_HOME",
-    help="e2email's home directory (keys, unsent mail). Env: E2EMAIL_HOME. "
+    help="e2email's home directory (keys, certificates, outbox). Env: E2EMAIL_HOME. "
     f"Default: {default_home()}",
 )
 @click.option(
@@ -110,8 +110,8 @@ class State:
 @click.version_option(package_name="e2email")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, gnupg_home: Path | None) -> None:
-    """Send end-to-end encrypted email: OpenPGP (PGP/MIME) signed and encrypted, submitted
-    over verified TLS. Try `e2email demo` for a full round trip on this machine."""
+    """Send end-to-end encrypted email: OpenPGP (PGP/MIME) or S/MIME, signed and encrypted,
+    submitted over verified TLS. Try `e2email demo` for a full round trip on this machine."""
     ctx.obj = State(home or default_home(), gnupg_home)
 
 

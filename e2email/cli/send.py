@@ -238,7 +238,9 @@ def _bulk_options(command: Any) -> Any:
 @click.option("--subject", default="", help="The subject (hidden inside the encryption).")
 @click.option("--body", help="The text body.")
 @click.option(
-    "--body-file", type=click.Path(dir_okay=False, path_type=Path), help="Read the body from F."
+    "--body-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Read the body (UTF-8) from FILE.",
 )
 @click.option(
     "--html-file",
