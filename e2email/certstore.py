@@ -717,13 +717,13 @@ class CertStore:
         if stored.kind is not CertKind.IDENTITY:
             return "usable" if enc is None else _phrase(enc)
         sig = self.check(stored.certificate, address, purpose="sign", now=now)
-        if enc is None and sig is None:
+        if sig is not None:
+            return _phrase(sig)
+        if enc is None:
             return "usable"
-        if sig is None and enc is not None:
-            if enc.reason is KeyReason.UNSUPPORTED:
-                return "usable for signing only (encryption needs an RSA certificate)"
-            return f"usable for signing only: {_phrase(enc)}"
-        return _phrase(sig) if sig is not None else "usable"
+        if enc.reason is KeyReason.UNSUPPORTED:
+            return "usable for signing only (encryption needs an RSA certificate)"
+        return f"usable for signing only: {_phrase(enc)}"
 
     # -- Choosing certificates --------------------------------------------------------------
 

@@ -237,10 +237,11 @@ class AsyncMailer:
         # The outbox is opt-in for the library: a library that quietly writes a database into
         # the user's home surprises servers and tests, and without one nothing is lost either
         # (errors carry the undelivered copies in ``unsent``). The CLI always uses one.
-        self._owns_outbox = outbox is not None and not isinstance(outbox, Outbox)
-        self.outbox: Outbox | None = (
-            Outbox(outbox) if outbox is not None and not isinstance(outbox, Outbox) else outbox
-        )
+        self._owns_outbox = False
+        if outbox is not None and not isinstance(outbox, Outbox):
+            outbox = Outbox(outbox)
+            self._owns_outbox = True
+        self.outbox: Outbox | None = outbox
         self.retry = retry if retry is not None else RetryPolicy()
         if connections < 1:
             raise ConfigError("connections must be at least 1")
@@ -816,17 +817,7 @@ class AsyncMailer:
                         return
                     groups[index] = _Group(index, entry.tag, stored[0].message_id, len(stored))
                     for it in stored:
-                        assert it.raw is not None
-                        await engine.submit(
-                            Submission(
-                                raw=it.raw,
-                                mail_from=it.mail_from,
-                                recipients=it.pending,
-                                id=it.id,
-                                tag=index,
-                                require_tls=_stored_require_tls(it),
-                            )
-                        )
+                        await engine.submit(_stored_submission(it, tag=index))
                     return
             try:
                 copies = await self.protect(entry.message, protection=prot)
@@ -906,17 +897,7 @@ class AsyncMailer:
                     outbox.claim, [item_id], include_failed=include_failed, due_only=due_only
                 )
                 for it in claimed:
-                    assert it.raw is not None
-                    await engine.submit(
-                        Submission(
-                            raw=it.raw,
-                            mail_from=it.mail_from,
-                            recipients=it.pending,
-                            id=it.id,
-                            tag=it,
-                            require_tls=_stored_require_tls(it),
-                        )
-                    )
+                    await engine.submit(_stored_submission(it, tag=it))
         if engine.fatal is not None:
             if isinstance(engine.fatal, TransportError):
                 engine.fatal.result = tuple(collected)
@@ -929,10 +910,18 @@ class AsyncMailer:
             self.outbox.close()
 
 
-def _stored_require_tls(item: OutboxItem) -> bool | None:
-    """REQUIRETLS as the copy was first sent with: asked then -> asked now; otherwise as the
-    current settings say."""
-    return True if item.meta.get("require_tls") else None
+def _stored_submission(item: OutboxItem, *, tag: Any) -> Submission:
+    """A claimed outbox copy, to its recipients still pending. REQUIRETLS as the copy was
+    first sent with: asked then -> asked now; otherwise as the current settings say."""
+    assert item.raw is not None
+    return Submission(
+        raw=item.raw,
+        mail_from=item.mail_from,
+        recipients=item.pending,
+        id=item.id,
+        tag=tag,
+        require_tls=True if item.meta.get("require_tls") else None,
+    )
 
 
 def attach_unsent(error: BaseException, result: Any, unsent: tuple[Any, ...]) -> None:

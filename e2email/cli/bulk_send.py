@@ -51,12 +51,13 @@ from e2email.cli.app import (
 )
 from e2email.cli.send import (
     _read_body,
+    _read_html,
     protection_options,
     retry_policy,
     smtp_settings,
 )
 from e2email.client import BatchItem, Mailer, MessageOutcome
-from e2email.errors import ConfigError, E2EmailError, MessageError
+from e2email.errors import ConfigError, E2EmailError
 from e2email.message import Attachment
 from e2email.outbox import Outbox
 
@@ -70,12 +71,7 @@ _OK_STATUSES = ("delivered", "skipped", "duplicate")
 
 
 def _template(opts: dict[str, Any]) -> Template:
-    html = None
-    if opts["html_file"] is not None:
-        try:
-            html = opts["html_file"].read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MessageError(f"cannot read {opts['html_file']}: {exc}", field="html") from exc
+    html = _read_html(opts["html_file"])
     if opts["template"] is None:
         body, _ = _read_body(opts["body"], opts["body_file"])
         return Template(subject=opts["subject"], body=body, html=html)

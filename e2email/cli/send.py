@@ -100,6 +100,16 @@ def _read_body(body: str | None, body_file: Path | None) -> tuple[str, bool]:
         raise MessageError("standard input is not UTF-8 text", field="body") from exc
 
 
+def _read_html(html_file: Path | None) -> str | None:
+    """The HTML alternative from --html-file, if given."""
+    if html_file is None:
+        return None
+    try:
+        return html_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MessageError(f"cannot read {html_file}: {exc}", field="html") from exc
+
+
 def _smime_options(command: Any) -> Any:
     """The S/MIME options of ``send`` (kept together, applied as one decorator)."""
     options = [
@@ -393,12 +403,7 @@ def kept_hint(exc: BaseException, kept: Sequence[str]) -> str:
 
 
 def _send(state: State, opts: dict[str, Any], text: str) -> None:
-    html = None
-    if opts["html_file"] is not None:
-        try:
-            html = opts["html_file"].read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MessageError(f"cannot read {opts['html_file']}: {exc}", field="html") from exc
+    html = _read_html(opts["html_file"])
     message = Message(
         sender=opts["sender"],
         to=opts["to"],

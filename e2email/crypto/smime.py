@@ -122,10 +122,6 @@ class _TLV:
     def encoded(self) -> bytes:
         return self.data[self.start : self.end]
 
-    @property
-    def constructed(self) -> bool:
-        return bool(self.tag & 0x20)
-
     def children(self) -> list[_TLV]:
         return list(_elements(self.data, self.body, self.end))
 
