@@ -409,8 +409,10 @@ def test_ctrl_c_during_delivery_exits_130_and_names_the_kept_message(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    # Wait until the whole message is in and the server sits on its reply (the stall fired):
+    # the client is then waiting for the final reply, not in the middle of a write.
     deadline = time.monotonic() + 20
-    while not server.transcript or b"DATA" not in b"".join(c for _, c in server.transcript):
+    while not server.faults_fired:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     time.sleep(0.2)
