@@ -4,7 +4,8 @@ Nothing here imports from the rest of the package, so any layer may raise these:
 
     E2EmailError
     ├── ConfigError                settings that cannot work (bad port/TLS mode, no password source)
-    │   └── InsecureTransportError plaintext or AUTH without TLS, not explicitly allowed
+    │   ├── InsecureTransportError plaintext or AUTH without TLS, not explicitly allowed
+    │   └── InsecurePathError      a private file or folder owned by another user, or loose
     ├── MessageError               bad input: header injection, invalid address, unreadable file
     ├── KeyErrorBase               something about keys
     │   ├── RecipientKeyError      one or more recipients have no usable key (lists every one)
@@ -34,6 +35,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "CryptoError",
     "DeliveryError",
     "E2EmailError",
+    "InsecurePathError",
     "InsecureTransportError",
     "KeyErrorBase",
     "KeyProblem",
@@ -132,6 +135,15 @@ class ConfigError(E2EmailError, ValueError):
 
 class InsecureTransportError(ConfigError):
     """A setting would send mail or credentials without TLS and was not explicitly allowed."""
+
+
+class InsecurePathError(ConfigError):
+    """A private file or folder (home, outbox, keystore, drafts, a report) cannot be made
+    private, is owned by another user, or may be written by group or others."""
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class MessageError(E2EmailError, ValueError):
