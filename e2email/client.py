@@ -49,7 +49,15 @@ from e2email.message import (
     message_head,
     stream_payload,
 )
-from e2email.outbox import LedgerTaken, NewItem, Outbox, OutboxError, OutboxItem, same_route
+from e2email.outbox import (
+    ItemState,
+    LedgerTaken,
+    NewItem,
+    Outbox,
+    OutboxError,
+    OutboxItem,
+    same_route,
+)
 from e2email.transport.smtp import DeliveryResult, RecipientResult, SMTPTransport
 
 __all__ = [
@@ -129,9 +137,18 @@ class BatchItem:
 #: ``deferred``: not delivered yet, kept for a retry; ``not-sent``: could not be protected (key
 #: problem: nothing sent, nothing stored); ``skipped``: already sent by an earlier run (or
 #: being sent by another process); ``duplicate``: its key equals that of an earlier message of
-#: this same run (``duplicate_of`` is that message's tag), so it is not sent again.
+#: this same run (``duplicate_of`` is that message's tag), so it is not sent again;
+#: ``maybe-delivered``: interrupted after the end of its data was sent (now or by an earlier
+#: run), so the server may have it: kept in the outbox, not sent again by itself.
 MessageStatus = Literal[
-    "delivered", "partial", "failed", "deferred", "not-sent", "skipped", "duplicate"
+    "delivered",
+    "partial",
+    "failed",
+    "deferred",
+    "not-sent",
+    "skipped",
+    "duplicate",
+    "maybe-delivered",
 ]
 
 
@@ -199,6 +216,8 @@ class _Group:
             status = "partial"
         elif any(r.status == "deferred" for r in recipients):
             status = "deferred"
+        elif any(r.status == "maybe-delivered" for r in recipients):
+            status = "maybe-delivered"
         else:
             status = "failed"
         errors = [o.error for o in self.outcomes if o.error is not None]
@@ -806,6 +825,24 @@ class AsyncMailer:
                     # very copies (protecting again would make a second, different message).
                     stored = await asyncio.to_thread(outbox.claim, ledger_keys=[entry.key])
                     if not stored:
+                        maybe = [
+                            it.id
+                            for it in await asyncio.to_thread(outbox.items, ledger_key=entry.key)
+                            if it.state is ItemState.MAYBE_DELIVERED
+                        ]
+                        if maybe:
+                            emit(
+                                MessageOutcome(
+                                    index,
+                                    entry.tag,
+                                    "maybe-delivered",
+                                    kept=tuple(maybe),
+                                    detail="an earlier run was interrupted after sending it, "
+                                    "so the server may have it; not sent again by itself "
+                                    "(`e2email outbox retry --maybe-delivered` sends it)",
+                                )
+                            )
+                            return
                         emit(
                             MessageOutcome(
                                 index,
@@ -859,12 +896,15 @@ class AsyncMailer:
         on_outcome: Callable[[Outcome], None] | None = None,
         include_failed: bool = True,
         due_only: bool = False,
+        maybe_delivered: bool = False,
     ) -> tuple[Outcome, ...]:
         """Send what waits in the outbox: the items ``ids`` (IDs or unique prefixes), or every
         item meant for this server and user (any server with ``all_routes``). Items the
         server refused before are tried again too (by default); items another live process
         is sending are left to it. ``include_failed=False`` leaves the recipients the server
-        refused (5xx) alone; ``due_only`` takes only items whose retry time has come. Outcomes go to
+        refused (5xx) alone; ``due_only`` takes only items whose retry time has come;
+        ``maybe_delivered`` also sends the items the server may have already (interrupted after
+        their end of data: a second copy may arrive), left alone otherwise. Outcomes go to
         ``on_outcome`` as they come (and are returned when no callback is given). An error
         that stops the run is raised after the outcomes, with ``result`` set to them.
         """
@@ -894,7 +934,11 @@ class AsyncMailer:
                 # Claimed one at a time, just before it is queued: only a few items' bytes
                 # are in memory at once.
                 claimed = await asyncio.to_thread(
-                    outbox.claim, [item_id], include_failed=include_failed, due_only=due_only
+                    outbox.claim,
+                    [item_id],
+                    include_failed=include_failed,
+                    due_only=due_only,
+                    maybe_delivered=maybe_delivered,
                 )
                 for it in claimed:
                     await engine.submit(_stored_submission(it, tag=it))
@@ -1045,6 +1089,7 @@ class Mailer:
         on_outcome: Callable[[Outcome], None] | None = None,
         include_failed: bool = True,
         due_only: bool = False,
+        maybe_delivered: bool = False,
     ) -> tuple[Outcome, ...]:
         return self._runner.run(
             self._async.send_outbox(
@@ -1054,6 +1099,7 @@ class Mailer:
                 on_outcome=on_outcome,
                 include_failed=include_failed,
                 due_only=due_only,
+                maybe_delivered=maybe_delivered,
             )
         )
 

@@ -213,6 +213,10 @@ class TransportError(E2EmailError):
 
     #: Whether an error of this class without a server reply is worth retrying later.
     _transient_without_reply = False
+    #: True when the failure came after the end-of-data line was sent (a lost DATA reply, a
+    #: dropped connection, a timeout): the server may have accepted the message (RFC 5321
+    #: §6.1, RFC 1047), so sending it again may deliver a second copy. Set by the transport.
+    maybe_delivered: bool = False
 
     def __init__(
         self,
