@@ -267,12 +267,25 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
     total = sum(counts.values())
     ok = sum(counts[s] for s in _OK_STATUSES)
     parts = [f"{counts['delivered']} delivered"]
-    labels = {"skipped": "already sent earlier", "duplicate": "duplicate row(s), not sent again"}
-    for status in ("skipped", "duplicate", "partial", "deferred", "failed", "not-sent", "invalid"):
+    labels = {
+        "skipped": "already sent earlier",
+        "duplicate": "duplicate row(s), not sent again",
+        "maybe-delivered": "maybe-delivered (not sent again by itself)",
+    }
+    for status in (
+        "skipped",
+        "duplicate",
+        "partial",
+        "deferred",
+        "maybe-delivered",
+        "failed",
+        "not-sent",
+        "invalid",
+    ):
         if counts[status]:
             parts.append(f"{counts[status]} {labels.get(status, status)}")
     summary = f"{total} row(s): " + ", ".join(parts)
-    if counts["deferred"] or counts["partial"] or counts["failed"]:
+    if counts["deferred"] or counts["partial"] or counts["failed"] or counts["maybe-delivered"]:
         summary += " (undelivered messages stay in the outbox: `e2email outbox list`)"
     if opts["report"] is not None:
         summary += f"; report: {opts['report']}"
