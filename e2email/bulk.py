@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from e2email.errors import ConfigError, E2EmailError, MessageError
+from e2email.errors import ConfigError, E2EmailError, InsecurePathError, MessageError
 from e2email.message import Address, Attachment, Message
+from e2email.private import open_private
 
 __all__ = [
     "REPORT_FIELDS",
@@ -55,6 +56,7 @@ __all__ = [
     "build_messages",
     "canonical",
     "check_utf8",
+    "csv_cell",
     "printable",
     "read_rows",
     "row_key",
@@ -63,6 +65,8 @@ __all__ = [
 #: Header names a template may set.
 _TEMPLATE_HEADERS = ("subject",)
 _HEADER_LINE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):[ \t]?(.*)$")
+#: A ``{name}`` (Python format style) not part of a ``${name}`` placeholder.
+_BRACED = re.compile(r"(?<!\$)\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,31 @@ class Template:
         return frozenset(names)
 
     def check_columns(self, columns: Sequence[str]) -> None:
-        """Raise ConfigError naming every placeholder that is not a column."""
+        """Raise ConfigError naming every placeholder that is not a column, or when the
+        template has no ``$`` placeholder but ``{column}`` ones (Python's format style, which
+        is not substituted: every row would get the same literal text).
+
+        Only one spelling is supported, on purpose: with both, a literal ``{...}`` in a body
+        (code, JSON, CSS in an HTML part) that happens to name a column would be replaced
+        silently, and ``$$`` would not be the only escape to learn."""
+        if not self.placeholders:
+            wanted = {c.lower() for c in columns}
+            braced = sorted(
+                {
+                    name
+                    for text in (self.subject, self.body, self.html)
+                    if text is not None
+                    for name in _BRACED.findall(text)
+                    if name.lower() in wanted
+                }
+            )
+            if braced:
+                listed = ", ".join(f"{{{n}}}" for n in braced)
+                dollars = ", ".join(sorted({f"${n.lower()}" for n in braced}))
+                raise ConfigError(
+                    f"the template writes {listed}, which is not a placeholder here: write "
+                    f"{dollars} (or ${{name}}) for the column values (nothing was sent)"
+                )
         missing = sorted(self.placeholders - set(columns))
         if missing:
             listed = ", ".join(f"${m}" for m in missing)
@@ -383,6 +411,18 @@ def printable(text: str) -> str:
     )
 
 
+#: A spreadsheet takes a cell starting with one of these for a formula (OWASP "CSV
+#: injection"): "=", "+", "-", "@", and tab and carriage return, which some strip first.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: str) -> str:
+    """``value`` safe as a CSV cell opened in a spreadsheet: one that would start a formula
+    (a row value such as ``=HYPERLINK(...)``, a server reply) gets a leading ``'``, which
+    spreadsheets show as text, as OWASP's CSV injection guidance says."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
 #: The report's columns, in order.
 REPORT_FIELDS = ("row", "email", "status", "detail", "message_id", "outbox_ids")
 
@@ -405,10 +445,12 @@ class ReportWriter:
 
     @classmethod
     def for_path(cls, path: Path) -> tuple[ReportWriter, IO[str]]:
+        """The report names every recipient and what happened: created 0600 (whatever the
+        umask), as private as the outbox."""
         try:
-            fh = path.open("w", encoding="utf-8", newline="")
-        except OSError as exc:
-            raise ConfigError(f"cannot write the report {path}: {exc.strerror or exc}") from exc
+            fh = open_private(path, "w", newline="")
+        except InsecurePathError as exc:
+            raise ConfigError(f"cannot write the report: {exc}") from exc
         return cls(fh, as_json=path.suffix.lower() == ".json"), fh
 
     def write(
@@ -433,7 +475,10 @@ class ReportWriter:
             sep = "," if self._count else ""
             self._fh.write(f"{sep}\n  {json.dumps(entry, ensure_ascii=False)}")
         else:
-            self._csv.writerow([*list(entry.values())[:5], " ".join(outbox_ids)])
+            self._csv.writerow(
+                [row, *(csv_cell(str(v)) for v in (email, status, detail, message_id or ""))]
+                + [csv_cell(" ".join(outbox_ids))]
+            )
         self._count += 1
         self._fh.flush()
 

@@ -76,6 +76,18 @@ def test_placeholders_must_name_columns() -> None:
         tpl.check_columns(["email", "name", "amount"])
 
 
+def test_format_style_braces_naming_columns_are_refused_when_no_dollar_placeholder() -> None:
+    """`{name}` is not a placeholder (only `$name`/`${name}` are): a template that writes
+    column names in braces and no `$` placeholder would send the same literal text to every
+    row (the old code did), so it is refused naming them and the spelling to use. Braces that
+    name no column, or a template that uses `$` placeholders, are left alone."""
+    tpl = Template.parse("Subject: Invoice for {Name}\n\nDear {name}, you owe { amount }.\n")
+    with pytest.raises(ConfigError, match=r"\{Name\}, \{amount\}, \{name\}.*\$amount, \$name"):
+        tpl.check_columns(["email", "name", "amount"])
+    Template(body="function f() {return 1;} {nocolumn}").check_columns(["email", "name"])
+    Template(body="Dear ${name}, {literal}").check_columns(["email", "name", "literal"])
+
+
 def test_rows_are_read_lazily_and_bad_rows_reported() -> None:
     """Rows come one at a time; a row with the wrong number of fields or no address is a
     BadRow with its number; blank lines are skipped; column names are case-insensitive."""
@@ -153,6 +165,40 @@ def test_report_writer_streams_csv_and_json() -> None:
             entries = list(csv.DictReader(io.StringIO(out.getvalue())))
         assert [e["status"] for e in entries] == ["delivered", "failed"]
         assert entries[1]["outbox_ids"] in (["ab"], "ab")
+
+
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_csv_report_cells_that_would_start_a_formula_are_escaped(start: str) -> None:
+    """OWASP CSV injection: a value from the CSV file or a server reply that begins with
+    `=`, `+`, `-`, `@`, tab or CR is written with a leading `'` so a spreadsheet shows it as
+    text; the JSON report keeps values as they are."""
+    evil = f"{start}HYPERLINK(\"http://evil.example/\",\"x\")"
+    out = io.StringIO()
+    writer = ReportWriter(out)
+    writer.write(row=1, email=evil, status="failed", detail=evil, message_id=evil)
+    writer.close()
+    (entry,) = list(csv.DictReader(io.StringIO(out.getvalue())))
+    for key in ("email", "detail", "message_id"):
+        assert entry[key] == "'" + evil
+    assert entry["row"] == "1" and entry["status"] == "failed"
+    out = io.StringIO()
+    writer = ReportWriter(out, as_json=True)
+    writer.write(row=1, email=evil, status="failed")
+    writer.close()
+    assert json.loads(out.getvalue())[0]["email"] == evil
+
+
+def test_the_report_file_is_created_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The report names every recipient: 0600 even under umask 0 (the old code: 0666 less
+    the umask)."""
+    old = os.umask(0)
+    try:
+        writer, fh = ReportWriter.for_path(tmp_path / "report.csv")
+        writer.close()
+        fh.close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.csv").stat().st_mode & 0o777 == 0o600
 
 
 # -- the command line --------------------------------------------------------------------------
@@ -365,3 +411,22 @@ def test_row_values_with_cr_lf_are_escaped_when_echoed(
     assert "bad\\r\\nrow 9 forged" in done.stdout
     assert not any(line.startswith("row 9") for line in done.stdout.splitlines())
     assert server.messages == []
+
+
+def test_a_format_style_template_stops_the_batch_before_anything_is_sent(
+    bulk_home: Path, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """`--template` written with `{name}`: exit 2 with one line naming `$name`, no connection
+    made (the old code sent "Dear {name}" literally to every row)."""
+    server = smtp_server()
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email,name\nbob@example.net,Bob\n")
+    template = tmp_path / "t.txt"
+    template.write_text("Subject: For {name}\n\nDear {name},\nhello.\n")
+    done = e2email(
+        *send_args(server, "--to-file", str(rows), "--template", str(template), "--no-encrypt"),
+        home=bulk_home,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "write $name" in done.stderr and "Traceback" not in done.stderr
+    assert server.transcript == []
