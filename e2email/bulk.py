@@ -475,10 +475,8 @@ class ReportWriter:
             sep = "," if self._count else ""
             self._fh.write(f"{sep}\n  {json.dumps(entry, ensure_ascii=False)}")
         else:
-            self._csv.writerow(
-                [row, *(csv_cell(str(v)) for v in (email, status, detail, message_id or ""))]
-                + [csv_cell(" ".join(outbox_ids))]
-            )
+            cells = (email, status, detail, message_id or "", " ".join(outbox_ids))
+            self._csv.writerow([row, *(csv_cell(v) for v in cells)])
         self._count += 1
         self._fh.flush()
 

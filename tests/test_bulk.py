@@ -172,7 +172,7 @@ def test_csv_report_cells_that_would_start_a_formula_are_escaped(start: str) -> 
     """OWASP CSV injection: a value from the CSV file or a server reply that begins with
     `=`, `+`, `-`, `@`, tab or CR is written with a leading `'` so a spreadsheet shows it as
     text; the JSON report keeps values as they are."""
-    evil = f"{start}HYPERLINK(\"http://evil.example/\",\"x\")"
+    evil = f'{start}HYPERLINK("http://evil.example/","x")'
     out = io.StringIO()
     writer = ReportWriter(out)
     writer.write(row=1, email=evil, status="failed", detail=evil, message_id=evil)
