@@ -23,8 +23,10 @@ is reported as a bad row and the others go on. Rows are read one at a time, so a
 length is handled in bounded memory.
 
 Each row also gets a *key*: a digest of the template, the sender, the attachments, the
-protection options and the row's values. With the outbox's ledger it lets a rerun of an
-interrupted batch send only the rows that are missing (:meth:`AsyncMailer.send_many`).
+protection options and the row's values, keyed with a secret kept outside the outbox (so the
+ledger is no oracle for guessed texts or values). With the outbox's ledger it lets a rerun of
+an interrupted batch send only the rows that are missing (:meth:`AsyncMailer.send_many`); once
+a batch is sent whole, its row entries give way to one entry for the whole batch.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import csv
 import dataclasses
 import enum
 import hashlib
+import hmac
 import json
 import re
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -56,6 +59,7 @@ __all__ = [
     "build_messages",
     "canonical",
     "check_utf8",
+    "completion_key",
     "csv_cell",
     "printable",
     "read_rows",
@@ -333,6 +337,7 @@ def canonical(value: Any) -> Any:
 
 def batch_digest(
     *,
+    secret: bytes,
     sender: str,
     template: Template,
     attachments: Sequence[Attachment] = (),
@@ -340,8 +345,12 @@ def batch_digest(
 ) -> str:
     """A digest of everything that is the same for every row: the same digest on a rerun
     means "the same batch". ``options`` values may be dataclasses (e.g. the Protection):
-    they are serialised with :func:`canonical`, never with ``repr``."""
-    h = hashlib.sha256()
+    they are serialised with :func:`canonical`, never with ``repr``.
+
+    Keyed (HMAC-SHA-256) with ``secret``, which is kept apart from the outbox
+    (:meth:`e2email.outbox.Outbox.ledger_secret`): a plain hash of the template stored in
+    the ledger would let anyone holding the outbox confirm a guessed text."""
+    h = hmac.new(secret, digestmod=hashlib.sha256)
     parts: dict[str, Any] = {
         "sender": sender,
         "subject": template.subject,
@@ -356,12 +365,24 @@ def batch_digest(
     return h.hexdigest()
 
 
-def row_key(batch: str, row: Row) -> str:
+def row_key(batch: str, row: Row, *, secret: bytes) -> str:
     """The ledger key of one row: the batch digest and the row's values (not its number, so
-    inserting a row above does not make the rows below new)."""
-    h = hashlib.sha256(batch.encode())
+    inserting a row above does not make the rows below new), keyed with ``secret``
+    (HMAC-SHA-256): an unkeyed digest of a row's values lets anyone holding the outbox
+    brute-force small values (an amount, a code) in no time."""
+    h = hmac.new(secret, batch.encode() + b"\0", hashlib.sha256)
     h.update(json.dumps(sorted(row.values.items())).encode())
     return h.hexdigest()
+
+
+def completion_key(batch: str, row_keys: Iterable[str], *, secret: bytes) -> str:
+    """The ledger key that says "batch ``batch`` was sent whole with exactly these rows": it
+    replaces the batch's per-row entries once every row is done (so the ledger keeps no entry
+    per row), and a rerun of the same command with the same file finds it."""
+    h = hmac.new(secret, b"complete\0" + batch.encode() + b"\0", hashlib.sha256)
+    for key in row_keys:
+        h.update(key.encode())
+    return f"complete:{h.hexdigest()}"
 
 
 def build_messages(

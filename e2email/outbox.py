@@ -25,7 +25,10 @@ Layout (``PRAGMA user_version`` 2):
   the server's last reply. Only pending recipients are sent to again.
 * ``ledger``: for bulk sending, a digest per row of a batch (never the row's content) and
   whether its message is queued or done, so re-running an interrupted batch sends only what is
-  missing.
+  missing. The digests are keyed (HMAC) with a random secret kept *outside* the database, in
+  ``ledger.key`` beside it (0600): the outbox alone confirms no guessed template or value.
+  Once a batch is sent whole, its row entries are replaced by one entry for the batch
+  (:meth:`Outbox.finish_batch`).
 
 Two processes never send the same copy at the same time: a copy is *claimed* (state
 ``sending``, ``claimed_by`` the process) in an ``IMMEDIATE`` transaction before it is sent. A
@@ -51,10 +54,11 @@ from pathlib import Path
 from typing import Any
 
 from e2email.errors import ConfigError, SMTPReply
-from e2email.private import check_private, ensure_private_dir, open_private
+from e2email.private import check_private, ensure_private_dir, open_private, write_private
 
 __all__ = [
     "DEFAULT_FILENAME",
+    "LEDGER_KEY_FILENAME",
     "LEGACY_LEDGER_KEY",
     "ItemState",
     "LedgerTaken",
@@ -69,6 +73,9 @@ __all__ = [
 
 #: The outbox's file name in e2email's home directory.
 DEFAULT_FILENAME = "outbox.sqlite3"
+#: The secret that keys the ledger's digests, beside the outbox but not in it.
+LEDGER_KEY_FILENAME = "ledger.key"
+_LEDGER_KEY_SIZE = 32
 
 _SCHEMA_VERSION = 3
 
@@ -828,6 +835,81 @@ class Outbox:
             return item
 
     # -- the batch ledger ------------------------------------------------------------------
+
+    def ledger_secret(self) -> bytes:
+        """The 32-byte secret that keys the ledger's digests (:func:`e2email.bulk.row_key`):
+        the file ``ledger.key`` beside the outbox, created 0600 on first use. It is kept out
+        of the database, so a copy of the outbox alone (a backup, a stolen disk image of the
+        file) cannot confirm a guessed batch text or row value. Losing it only makes the
+        ledger forget which rows were sent."""
+        path = self.path.parent / LEDGER_KEY_FILENAME
+        try:
+            if not path.exists():
+                # Written whole under a private name, then linked in place: a concurrent run
+                # either wins the link or reads the winner's key, never half a file.
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+                write_private(tmp, secrets.token_bytes(_LEDGER_KEY_SIZE))
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass
+                finally:
+                    tmp.unlink(missing_ok=True)
+            check_private(path, what="the batch ledger key")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise OutboxError(f"cannot use the batch ledger key {path}: {exc}") from exc
+        if len(data) != _LEDGER_KEY_SIZE:
+            raise OutboxError(
+                f"the batch ledger key {path} is damaged ({len(data)} bytes, not "
+                f"{_LEDGER_KEY_SIZE}); move it away to start a new ledger (a rerun of an "
+                "unfinished batch then sends every row again)"
+            )
+        return data
+
+    def finish_batch(self, batch: str, completion: str) -> bool:
+        """Batch ``batch`` was sent whole: replace its per-row ledger entries with the one
+        entry ``completion`` (see :func:`e2email.bulk.completion_key`), in one transaction.
+        False (nothing changed) while a row of it is still queued or stored."""
+        with self._write() as db:
+            busy = db.execute(
+                "SELECT 1 FROM ledger WHERE batch = ? AND (state = 'queued' OR key IN"
+                " (SELECT ledger_key FROM items WHERE ledger_key IS NOT NULL)) LIMIT 1",
+                (batch,),
+            ).fetchone()
+            if busy is not None:
+                return False
+            db.execute("DELETE FROM ledger WHERE batch = ?", (batch,))
+            db.execute(
+                "INSERT INTO ledger (key, batch, state, updated) VALUES (?, ?, 'done', ?)"
+                " ON CONFLICT (key) DO UPDATE SET state = 'done', updated = excluded.updated",
+                (completion, batch, time.time()),
+            )
+            return True
+
+    def batch_completions(self, batch: str) -> dict[str, float]:
+        """The completion entries (``complete:...`` keys, see :meth:`finish_batch`) of batch
+        ``batch``, with when each was recorded."""
+        with self._read() as db:
+            return {
+                str(key): float(updated)
+                for key, updated in db.execute(
+                    "SELECT key, updated FROM ledger WHERE batch = ? AND key LIKE 'complete:%'",
+                    (batch,),
+                )
+            }
+
+    def legacy_batch_items(self) -> tuple[str, ...]:
+        """IDs of copies stored by a batch run of an e2email older than schema 3 (whose ledger
+        was dropped when the outbox was upgraded, see :func:`_migrate`)."""
+        with self._read() as db:
+            return tuple(
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM items WHERE ledger_key = ? ORDER BY created, rowid",
+                    (LEGACY_LEDGER_KEY,),
+                )
+            )
 
     def ledger_state(self, key: str) -> str | None:
         """``"queued"``, ``"done"`` or ``None`` (never seen) for a batch row's key."""
