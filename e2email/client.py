@@ -32,6 +32,7 @@ from e2email.errors import (
     DeliveryError,
     E2EmailError,
     KeyProblem,
+    KeyReason,
     PassphraseError,
     RecipientKeyError,
     RecipientsRefusedError,
@@ -94,6 +95,9 @@ class ProtectedCopy:
     #: The outbox item that holds this copy, when it is kept there (e.g. in an error's
     #: ``unsent``): sending the copy again then sends that item instead of storing it twice.
     outbox_id: str | None = None
+    #: Which keys ``encrypted_to`` names: OpenPGP primary-key fingerprints or S/MIME
+    #: certificate fingerprints (None when not encrypted).
+    scheme: Literal["openpgp", "smime"] | None = None
 
 
 @dataclass(frozen=True)
@@ -358,6 +362,7 @@ class AsyncMailer:
                 copy,
                 encrypted_to=tuple(k.fingerprint for k in unique),
                 signer=signer.fingerprint if signer else None,
+                scheme="openpgp",
             )
 
         # gpg work is a subprocess per copy: run the copies side by side.
@@ -417,6 +422,7 @@ class AsyncMailer:
                         copy,
                         encrypted_to=tuple(c.fingerprint for c in unique),
                         signer=signer_fpr,
+                        scheme="smime",
                     )
                 )
             return tuple(copies)
@@ -609,7 +615,10 @@ class AsyncMailer:
                 kind=c.kind,
                 meta={
                     "signed": c.signed,
+                    # Re-checked before every retry (recheck_keys): a key revoked since the
+                    # copy was queued holds it.
                     "encrypted_to": list(c.encrypted_to),
+                    "scheme": c.scheme,
                     "signer": c.signer,
                     # A retry must ask for REQUIRETLS too (RFC 8689): it is part of the
                     # message's protection, not of the run that first tried to send it.
@@ -919,12 +928,13 @@ class AsyncMailer:
             items = await asyncio.to_thread(outbox.items)
             wanted = [it.id for it in items if all_routes or same_route(it.route, route)]
         collected: list[Outcome] = []
+        report = on_outcome or collected.append
         engine = DeliveryEngine(
             smtp,
             retry=self.retry,
             connections=connections or self.connections,
             outbox=outbox,
-            on_outcome=on_outcome or collected.append,
+            on_outcome=report,
             transport=await self._transport(smtp),
         )
         async with engine:
@@ -941,6 +951,10 @@ class AsyncMailer:
                     maybe_delivered=maybe_delivered,
                 )
                 for it in claimed:
+                    problems = await asyncio.to_thread(self.recheck_keys, it)
+                    if problems:
+                        await asyncio.to_thread(self._hold, it, problems, report)
+                        continue
                     await engine.submit(_stored_submission(it, tag=it))
         if engine.fatal is not None:
             if isinstance(engine.fatal, TransportError):
@@ -948,10 +962,98 @@ class AsyncMailer:
             raise engine.fatal
         return tuple(collected)
 
+    def recheck_keys(self, item: OutboxItem) -> tuple[KeyProblem, ...]:
+        """Why the queued copy ``item`` must not be sent now: each key it was encrypted to
+        that is no longer fit (revoked, expired, disabled, gone from the keystore) since it
+        was queued. Empty: send it. OpenPGP keys are judged as for a new message; S/MIME
+        certificates by the certificate store's checks (validity, chain, revocation), the
+        ones trusted when the copy was made counting as trusted anchors again. Blocking."""
+        fingerprints = [str(f) for f in item.meta.get("encrypted_to") or ()]
+        if not fingerprints:
+            return ()
+        scheme = item.meta.get("scheme") or _scheme_of(item.raw)
+        if scheme == "smime":
+            return tuple(self._smime_problems(fingerprints))
+        check = getattr(self.keystore, "check_fingerprints", None)
+        if check is not None:  # the keystore's own judgement (issue 8, keys branch)
+            return tuple(check(fingerprints))
+        problems: list[KeyProblem] = []
+        for fpr in dict.fromkeys(fingerprints):
+            key = self.keystore.get(fpr)
+            if key is None:
+                problems.append(
+                    KeyProblem(fpr, KeyReason.NOT_FOUND, "no longer in the keystore", fpr)
+                )
+                continue
+            why = key.encryption_problem()
+            if why is not None:
+                address = next(iter(key.addresses), fpr)
+                problems.append(KeyProblem(address, why[0], why[1], key.fingerprint))
+        return tuple(problems)
+
+    def _smime_problems(self, fingerprints: Sequence[str]) -> list[KeyProblem]:
+        problems: list[KeyProblem] = []
+        for fpr in dict.fromkeys(fingerprints):
+            stored = self.certstore.get(fpr)
+            if stored is None:
+                problems.append(
+                    KeyProblem(fpr, KeyReason.NOT_FOUND, "no longer in the certificate store", fpr)
+                )
+                continue
+            problem = self.certstore.check(
+                stored.certificate, None, purpose="encrypt", trusted_self_signed=fingerprints
+            )
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+    def _hold(
+        self,
+        item: OutboxItem,
+        problems: Sequence[KeyProblem],
+        report: Callable[[Outcome], None],
+    ) -> None:
+        """Do not send ``item`` (claimed): it is encrypted to a key no longer fit. It goes
+        back to the outbox with the reason, and is reported deferred with that reason."""
+        assert self.outbox is not None
+        error = HeldError(problems)
+        self.outbox.release([item.id], error=str(error))
+        report(
+            Outcome(
+                submission=_stored_submission(item, tag=item),
+                recipients=tuple(
+                    RecipientOutcome(a, "deferred", None, str(error)) for a in item.pending
+                ),
+                attempts=0,
+                error=error,
+                kept=True,
+            )
+        )
+
     def close(self) -> None:
         """Close the outbox if this mailer opened it (from a path)."""
         if self._owns_outbox and self.outbox is not None:
             self.outbox.close()
+
+
+class HeldError(RecipientKeyError):
+    """A queued copy is held, not sent: a key (or certificate) it was encrypted to has been
+    revoked, has expired or is gone since it was queued. ``problems`` names each."""
+
+    def __init__(self, problems: Iterable[KeyProblem]) -> None:
+        super().__init__(problems)
+        listed = "; ".join(str(p) for p in self.problems)
+        self.args = (
+            f"held, not sent: encrypted to a key that is no longer fit since it was queued: "
+            f"{listed} (`e2email outbox drop` it and send the message again)",
+        )
+
+
+def _scheme_of(raw: bytes | None) -> Literal["openpgp", "smime"]:
+    """The encryption of a copy stored before the outbox recorded it: its top-level
+    Content-Type says (RFC 8551 §3.3 application/pkcs7-mime, else RFC 3156 PGP/MIME)."""
+    head = (raw or b"")[: 1 << 14].split(b"\r\n\r\n", 1)[0].lower()
+    return "smime" if b"pkcs7-mime" in head else "openpgp"
 
 
 def _stored_submission(item: OutboxItem, *, tag: Any) -> Submission:

@@ -11,7 +11,8 @@ from typing import Any
 import click
 
 from e2email.bulk import printable
-from e2email.cli.app import EXIT_REJECTED, State, cli, exit_code_for, fail
+from e2email.certstore import CertStore
+from e2email.cli.app import EXIT_KEY, EXIT_REJECTED, State, cli, exit_code_for, fail
 from e2email.cli.send import (
     SMTP_OPTION_NAMES,
     delivery_options,
@@ -21,7 +22,7 @@ from e2email.cli.send import (
 )
 from e2email.client import Mailer
 from e2email.delivery import Outcome, route_of
-from e2email.errors import ConfigError, E2EmailError
+from e2email.errors import ConfigError, E2EmailError, KeyErrorBase
 from e2email.outbox import (
     ItemState,
     Outbox,
@@ -203,8 +204,12 @@ def retry(
         if status != "delivered":
             failures.append(outcome)
 
+    keystore = state.keystore()
     with Mailer(
         smtp=smtp,
+        # To re-check the keys each copy was encrypted to: one revoked since is held.
+        keystore=keystore,
+        certstore=CertStore(state.home),
         outbox=box,
         retry=retry_policy(opts),
         connections=opts["connections"],
@@ -221,10 +226,11 @@ def retry(
             fail(f"{exc} (what was not sent stays in the outbox)", exit_code_for(exc))
         left = len(mailer.outbox) if mailer.outbox is not None else 0
     if failures:
+        held = any(isinstance(o.error, KeyErrorBase) for o in failures)
         fail(
             f"{len(failures)} item(s) not delivered to every recipient; {left} item(s) "
             "in the outbox",
-            EXIT_REJECTED,
+            EXIT_KEY if held else EXIT_REJECTED,
         )
     click.echo(f"{left} item(s) left in the outbox")
 
