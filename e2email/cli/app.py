@@ -11,6 +11,7 @@ exit status:
 4     connection or TLS refusal (unreachable, no STARTTLS, bad certificate)
 5     authentication failed
 6     the server refused the message or some recipients
+130   interrupted (Ctrl-C)
 ====  ==============================================================
 """
 
