@@ -797,7 +797,7 @@ def test_subject_file_keeps_the_subject_out_of_the_process_table(
         (["--subject-file", "-"], b"subject\n", "--subject-file - reads standard input"),
         (["--subject-file", "SUBJ", "--subject", "x", "--body", "x"], b"", "subject once"),
         (["--subject-file", "/nonexistent/subject", "--body", "x"], b"", "/nonexistent/subject"),
-        (["--subject-file", "SUBJ", "--body", "x"], b"", "subject"),
+        (["--subject-file", "SUBJ", "--body", "x"], b"", "LF is not allowed in the subject"),
     ],
 )
 def test_subject_file_mistakes_are_one_line_and_write_nothing(
@@ -817,3 +817,23 @@ def test_subject_file_mistakes_are_one_line_and_write_nothing(
     assert done.returncode == 2, done.stderr
     assert needle in one_line_error(done)
     assert not out.exists()
+
+
+def test_a_loose_drafts_folder_is_not_written_and_the_first_error_still_shows(
+    tmp_path: Path,
+) -> None:
+    """A drafts folder others may write is not used for a plaintext body: the one error line
+    says why the message failed and why its body could not be kept."""
+    home = tmp_path / "home"
+    (home / "drafts").mkdir(parents=True)
+    home.chmod(0o700)
+    (home / "drafts").chmod(0o777)
+    done = e2email(
+        "send", "--from", "alice@example.org", "--to", "bob@example.net", "--output",
+        str(tmp_path / "never.eml"), home=home, input=b"private words\n",
+    )  # fmt: skip
+    assert done.returncode == 3
+    line = one_line_error(done)
+    assert "alice@example.org: no key found" in line
+    assert "could not be saved" in line and "writable by group or others" in line
+    assert list((home / "drafts").iterdir()) == []

@@ -409,6 +409,13 @@ def send(state: State, /, **opts: Any) -> None:
     stays there until the server accepted it for every recipient; `e2email outbox` lists,
     retries and drops what is left. With --to-file, one message per CSV row.
     """
+    if opts["to_file"] is None:
+        # What a Ctrl-C may leave: only a message being sent waits in the outbox.
+        set_interrupt_hint(
+            ""
+            if opts["output"] is not None
+            else "anything already protected waits in the outbox: `e2email outbox list`"
+        )
     opts["subject"] = _read_subject(opts)
     if opts["to_file"] is not None:
         from e2email.cli.bulk_send import send_bulk
@@ -422,12 +429,6 @@ def send(state: State, /, **opts: Any) -> None:
         raise click.UsageError("no recipients: give --to, --cc or --bcc")
     if opts["output"] is None and not opts["host"]:
         raise click.UsageError("give --host to send, or --output FILE to write the message")
-    if opts["output"] is not None:
-        set_interrupt_hint("")  # writing a file: nothing goes to the outbox
-    else:
-        set_interrupt_hint(
-            "anything already protected waits in the outbox: `e2email outbox list`"
-        )
     text, from_stdin = _read_body(opts["body"], opts["body_file"])
     try:
         _send(state, opts, text)
@@ -437,7 +438,11 @@ def send(state: State, /, **opts: Any) -> None:
         if kept:
             extra = kept_hint(exc, kept)
         elif from_stdin and text and not isinstance(exc, TransportError):
-            extra = f" (the body read from stdin is saved in {_save_draft(state.home, text)})"
+            try:
+                extra = f" (the body read from stdin is saved in {_save_draft(state.home, text)})"
+            except E2EmailError as unsaved:
+                # Say both: the error that stopped the message, and why its body is not kept.
+                extra = f" (the body read from stdin could not be saved: {unsaved})"
         fail(f"{exc}{extra}", exit_code_for(exc))
 
 
