@@ -481,23 +481,32 @@ def _status_lines(result: object, keyword: str) -> list[list[str]]:
 
 def _change(old: OpenPGPKey | None, new: OpenPGPKey) -> KeyChange:
     """What happened to one certificate between two listings."""
-    current = tuple(u.text for u in new.user_ids if u.validity != "r")
+    # A revoked key lists every user ID as revoked: it is still named by them.
+    key_revoked = new.primary.validity == "r"
+    current = tuple(u.text for u in new.user_ids if u.validity != "r" or key_revoked)
     if old is None:
         return KeyChange(
-            new.fingerprint, True, current, current, (), new.primary.validity == "r", new.has_secret
+            new.fingerprint,
+            True,
+            current,
+            added_user_ids=current,
+            revoked=key_revoked,
+            secret_added=new.has_secret,
         )
     old_ids = {u.text: u.validity for u in old.user_ids}
     added = tuple(t for t in current if t not in old_ids)
     revoked = tuple(
-        u.text for u in new.user_ids if u.validity == "r" and old_ids.get(u.text, "r") != "r"
+        u.text
+        for u in new.user_ids
+        if u.validity == "r" and old_ids.get(u.text, "r") != "r" and not key_revoked
     )
     return KeyChange(
         new.fingerprint,
         False,
         current,
-        added,
-        revoked,
-        revoked=new.primary.validity == "r" and old.primary.validity != "r",
+        added_user_ids=added,
+        revoked_user_ids=revoked,
+        revoked=key_revoked and old.primary.validity != "r",
         secret_added=new.has_secret and not old.has_secret,
     )
 
