@@ -3,7 +3,9 @@ re-checking keys after queueing, revocation certificates, and what `keys import`
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ from fixtures_pgp import Keys
 from pgp_helpers import generate_key, gpg, kill_agent, new_gnupg_home
 
 from e2email.crypto import openpgp
-from e2email.errors import KeyProblem, KeyReason, PassphraseError
+from e2email.errors import InsecurePathError, KeyProblem, KeyReason, PassphraseError
 from e2email.keystore import Keystore
 
 
@@ -214,3 +216,88 @@ def test_keys_generate_and_import_refuse_bad_input_with_exit_2(tmp_path: Path) -
     assert empty.returncode != 0
     assert "nokey.txt" in empty.stderr and ": 0" not in empty.stderr
     assert "no keys" in _e2email("keys", "list", home=home).stdout
+
+
+# -- A user-supplied GnuPG home: gpg's own validity counts (item 1) ---------------------------
+
+
+def test_named_gnupg_home_uses_only_keys_gpg_validates(
+    keys: Keys, factory: Path, tmp_path: Path
+) -> None:
+    """In a --gnupg-home, bob's locally signed key sits beside a newer key for bob nobody
+    certified: the certified one is used, not the newer (which gpg would call "no
+    assurance"); an address with only an uncertified key is refused saying so, unless a key
+    map names that key. A gpg.conf saying "trust-model always" changes none of it."""
+    newer_bob = generate_key(factory, tmp_path, "bob@example.net")
+    only = generate_key(factory, tmp_path, "nobody-vouched@example.com")
+    home = new_gnupg_home("e2kn")
+    try:
+        owner = generate_key(home, tmp_path, "owner@example.org")
+        gpg(home, "--import", str(keys.bob.cert))
+        gpg(home, "--quick-lsign-key", keys.bob.fingerprint)
+        gpg(home, "--import", str(newer_bob.cert), str(only.cert))
+        (home / "gpg.conf").write_text("trust-model always\n")
+        store = Keystore(tmp_path / "e2home", gnupg_home=home)
+        chosen = store.encryption_key("bob@example.net")
+        assert not isinstance(chosen, KeyProblem), chosen
+        assert chosen.fingerprint == keys.bob.fingerprint
+        refused = store.encryption_key(only.address)
+        assert isinstance(refused, KeyProblem)
+        assert refused.reason is KeyReason.UNVALIDATED
+        assert "unknown" in refused.detail and str(home) in refused.detail
+        mapped = store.encryption_key(only.address, key_map={only.address: only.fingerprint})
+        assert not isinstance(mapped, KeyProblem)
+        # The owner's own key (secret here) is usable for signing and encrypting to self.
+        assert not isinstance(store.signing_key(owner.address), KeyProblem)
+        assert not isinstance(store.encryption_key(owner.address), KeyProblem)
+        # Once certified, the newer bob key is a second usable key: refused as ambiguous,
+        # each described as found in that GnuPG home.
+        gpg(home, "--quick-lsign-key", newer_bob.fingerprint)
+        both = store.encryption_key("bob@example.net")
+        assert isinstance(both, KeyProblem) and both.reason is KeyReason.AMBIGUOUS
+        assert f"found in the GnuPG home {home}" in both.detail
+    finally:
+        kill_agent(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# -- The keystore on disk (item 6) -------------------------------------------------------------
+
+
+def test_managed_gnupg_home_is_made_0700_whatever_the_umask(tmp_path: Path, keys: Keys) -> None:
+    """e2email's home, its GnuPG home and its record of key sources are private even under
+    umask 000."""
+    old = os.umask(0)
+    try:
+        store = Keystore(tmp_path / "new" / "home")
+        store.import_file(keys.bob.cert)
+    finally:
+        os.umask(old)
+        Keystore(tmp_path / "new" / "home").shutdown_agent()
+    for folder in (tmp_path / "new", store.home, store.gnupg_home):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE(store.sources.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((store.gnupg_home / "gpg-agent.conf").stat().st_mode) == 0o600
+
+
+def test_a_loose_or_foreign_gnupg_home_is_refused(tmp_path: Path, keys: Keys) -> None:
+    """A GnuPG home others may write, or owned by another user, is refused with
+    InsecurePathError (gpg itself only warns): whoever can write it can swap a key."""
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o700)
+    loose.chmod(0o770)
+    for store in (Keystore(tmp_path / "h1", gnupg_home=loose), Keystore(loose.parent / "h2")):
+        if store.managed:
+            store.gnupg_home.parent.mkdir(mode=0o700)
+            store.gnupg_home.mkdir(mode=0o700)
+            store.gnupg_home.chmod(0o777)
+        with pytest.raises(InsecurePathError):
+            store.encryption_key("bob@example.net")
+        with pytest.raises(InsecurePathError):
+            store.import_file(keys.bob.cert)
+    if os.geteuid() == 0:  # only root can give a folder away
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 12345, -1)
+        with pytest.raises(InsecurePathError, match="another user"):
+            Keystore(tmp_path / "h3", gnupg_home=foreign).all_keys()
