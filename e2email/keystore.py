@@ -330,6 +330,9 @@ class AddressConflict:
     fingerprints: tuple[str, ...]
     #: Each key with its source and status, as the refusal to choose between them says it.
     detail: str
+    #: More than one of the keys is usable, so messages to the address are refused until a
+    #: key map (``--key``) chooses one.
+    ambiguous: bool = True
 
     def __str__(self) -> str:
         return f"{self.address} now has {len(self.fingerprints)} keys: {self.detail}"
@@ -753,14 +756,15 @@ class Keystore:
             return KeySource(SourceKind.GNUPG_HOME, str(self.gnupg_home))
         return recorded
 
-    def describe_keys(self, keys: Iterable[OpenPGPKey]) -> str:
-        """Each key's fingerprint, creation date and source, for messages that must let the
-        user tell keys apart."""
+    def describe_keys(self, keys: Iterable[OpenPGPKey], *, with_status: bool = False) -> str:
+        """Each key's fingerprint, creation date and source (and, if asked, whether it is
+        usable), for messages that must let the user tell keys apart."""
         parts = []
         for key in keys:
             created = f"created {key.primary.created:%Y-%m-%d}, " if key.primary.created else ""
-            source = self.source_of(key)
-            parts.append(f"{key.fingerprint} ({created}{source or 'source not recorded'})")
+            source = self.source_of(key) or "source not recorded"
+            status = f", {key.status()}" if with_status else ""
+            parts.append(f"{key.fingerprint} ({created}{source}{status})")
         return ", ".join(parts)
 
     def resolve_recipients(
@@ -865,9 +869,13 @@ class Keystore:
         for addr in touched:
             holders = [k for k in after.values() if k.carries(addr)]
             if len(holders) > 1:
+                usable = [k for k in holders if k.encryption_problem() is None]
                 found.append(
                     AddressConflict(
-                        addr, tuple(k.fingerprint for k in holders), self.describe_keys(holders)
+                        addr,
+                        tuple(k.fingerprint for k in holders),
+                        self.describe_keys(holders, with_status=True),
+                        ambiguous=len(usable) > 1,
                     )
                 )
         return tuple(found)
@@ -893,7 +901,14 @@ class Keystore:
             found = self.find(address_or_fingerprint)
             if not found:
                 raise KeystoreError(f"no key for {address_or_fingerprint} in the keystore")
-            key = max(found, key=lambda k: k.primary.created or datetime.now(UTC))
+            usable = [k for k in found if k.encryption_problem() is None]
+            if len(usable) > 1:
+                # Handing out the wrong one of two keys is as bad as encrypting to it.
+                raise KeystoreError(
+                    f"{address_or_fingerprint} has {len(usable)} usable keys: "
+                    f"{self.describe_keys(usable)}; export one by its fingerprint"
+                )
+            key = max(usable or found, key=lambda k: k.primary.created or datetime.now(UTC))
         data = self.gpg.export_keys([key.fingerprint], armor=armor)
         out = data.encode("ascii") if isinstance(data, str) else bytes(data)
         if not out:

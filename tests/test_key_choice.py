@@ -150,6 +150,9 @@ def test_a_file_carrying_a_second_key_for_another_address_is_reported_and_not_gu
         assert "carol@example.com now has 2 keys" in warning
         assert keys.carol.fingerprint in warning and intruder.fingerprint in warning
         assert "bob@example.net" not in done.stderr  # bob's own key is no conflict
+        assert "are refused until you choose one" in warning
+        export = _e2email("keys", "export", "carol@example.com", home=home)
+        assert export.returncode == 3 and intruder.fingerprint in export.stderr
 
         out = tmp_path / "msg.eml"
         send = [

@@ -136,10 +136,15 @@ def _report_import(path: Path, summary: ImportSummary) -> None:
         for uid in change.revoked_user_ids:
             click.echo(f"    user ID revoked: {uid}")
     for conflict in summary.conflicts:
+        then = (
+            f"Messages to {conflict.address} are refused until you choose one with "
+            f"--key {conflict.address}=FINGERPRINT (check the fingerprint with its owner)."
+            if conflict.ambiguous
+            else "Check with its owner that the usable one is theirs."
+        )
         click.echo(
             f"e2email: WARNING: {conflict.address} now has {len(conflict.fingerprints)} keys: "
-            f"{conflict.detail}. Messages to {conflict.address} are refused until you choose one "
-            f"with --key {conflict.address}=FINGERPRINT (check the fingerprint with its owner).",
+            f"{conflict.detail}. {then}",
             err=True,
         )
 
