@@ -5,6 +5,12 @@ directory) holding a GnuPG home for OpenPGP keys in ``gnupg/``. An existing GnuP
 named instead. Keys are judged by our own rules, not by GnuPG's web of trust: a key you import
 into the keystore is a key you chose, but it must still be current, unrevoked, strong enough and
 able to do the job (standards checklist item 14). Lookups fail closed with a reason per address.
+
+Choosing is never guessing: when more than one usable key carries an address, the lookup is
+refused naming each key and where it came from (:mod:`e2email.keysources`) until a key map
+(``--key``) decides. In a named GnuPG home, which may hold keys nobody vouched for, a key found
+by address must also have gpg's own validity for that user ID (marginal, full or ultimate),
+unless it is the user's own (secret) key or came in through e2email.
 """
 
 from __future__ import annotations
