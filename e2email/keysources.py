@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from e2email.private import ensure_private_dir, open_private
+from e2email.private import check_private, ensure_private_dir, open_private
 
 __all__ = ["KeySource", "KeySources", "SourceKind"]
 
@@ -65,6 +65,12 @@ class KeySources:
         self.path = home / FILE_NAME
 
     def _load(self) -> dict[str, dict[str, str]]:
+        if not self.path.exists():
+            return {}
+        # In a named GnuPG home a recorded source vouches for a key: whoever may write the
+        # record could vouch for theirs, so a loose or foreign one is refused.
+        check_private(self.home, what="e2email home")
+        check_private(self.path, what="record of key sources")
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:

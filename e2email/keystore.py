@@ -825,6 +825,8 @@ class Keystore:
         ``source`` is recorded as the origin of keys new to the keystore."""
         if not data.strip():
             raise KeystoreError("no key data given")
+        # Where the key came from is recorded in the home: check it before gpg changes anything.
+        ensure_private_dir(self.home, what="e2email home")
         before = {k.fingerprint: k for k in self.all_keys()}
         result = self.gpg.import_keys(data)
         self.invalidate()
@@ -964,6 +966,7 @@ class Keystore:
         params += [f"Name-Email: {address}", f"Expire-Date: {expire}"]
         params.append(f"Passphrase: {passphrase}" if passphrase else "%no-protection")
         params.append("%commit")
+        ensure_private_dir(self.home, what="e2email home")
         result = self.gpg.gen_key("\n".join(params) + "\n")
         self.invalidate()
         fpr = getattr(result, "fingerprint", None)

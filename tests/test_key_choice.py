@@ -298,6 +298,16 @@ def test_a_loose_or_foreign_gnupg_home_is_refused(tmp_path: Path, keys: Keys) ->
             store.encryption_key("bob@example.net")
         with pytest.raises(InsecurePathError):
             store.import_file(keys.bob.cert)
+    # The record of where keys came from vouches for keys in a named home: it must be private.
+    named = Keystore(tmp_path / "h4", gnupg_home=new_gnupg_home("e2kl"))
+    try:
+        named.import_file(keys.bob.cert)
+        named.sources.path.chmod(0o666)
+        with pytest.raises(InsecurePathError, match="key sources"):
+            named.encryption_key("bob@example.net")
+    finally:
+        named.shutdown_agent()
+        shutil.rmtree(named.gnupg_home, ignore_errors=True)
     if os.geteuid() == 0:  # only root can give a folder away
         foreign = tmp_path / "foreign"
         foreign.mkdir(mode=0o700)
