@@ -940,7 +940,7 @@ class Keystore:
             raise MessageError(f"invalid address: {exc}") from exc
         expire = check_expiry(expire)
         if any(c in name for c in "\r\n\0<>"):
-            raise KeystoreError(f"invalid character in name {name!r}")
+            raise MessageError(f"invalid character in name {name!r}")
         if passphrase is not None and any(c in passphrase for c in "\r\n\0"):
             raise KeystoreError("a passphrase cannot contain CR, LF or NUL")
         if algorithm == "ed25519":
