@@ -139,7 +139,7 @@ def test_keys_generate_makes_a_usable_ed25519_key_pair(tmp_path: Path) -> None:
         row = next(line for line in listing.splitlines() if "new@example.org" in line)
         assert "ed25519/cv25519" in row and "usable" in row and " yes " in row
         bad = e2email("keys", "import", str(tmp_path / "missing.asc"), home=home)
-        assert bad.returncode == 3
+        assert bad.returncode == 2  # bad input (issue 8 item 13), not a key refusal
         assert "missing.asc" in one_line_error(bad)
     finally:
         kill_agent(home / "gnupg")

@@ -23,6 +23,8 @@ from e2email.errors import (
     MessageError,
     SignerKeyError,
 )
+from e2email.keystore import ImportSummary, check_expiry
+from e2email.message import Address
 
 
 def _ask(prompt: str, option: str) -> Callable[[], str]:
@@ -87,11 +89,7 @@ def keys_import(
         if path in x509_files:
             continue
         summary = state.keystore().import_file(path)
-        secret = f", {summary.secret_imported} secret" if summary.secret_imported else ""
-        click.echo(
-            f"{path}: {summary.imported} imported, {summary.unchanged} unchanged{secret}: "
-            + ", ".join(summary.fingerprints)
-        )
+        _report_import(path, summary)
     if not (x509_files or trust_files):
         return
     certstore = CertStore(state.home)
@@ -112,6 +110,43 @@ def keys_import(
             status = certstore.status(cert)
             if status != "usable":
                 click.echo(f"  note: {status}")
+
+
+def _report_import(path: Path, summary: ImportSummary) -> None:
+    """Every key the import touched and every user ID it added or revoked (so a file that
+    carries more than it claims shows it), then a loud warning per address that now has more
+    than one key (issue 8 item 1)."""
+    secret = f", {summary.secret_imported} secret" if summary.secret_imported else ""
+    revoked = f", {summary.revoked} revocation(s)" if summary.revoked else ""
+    click.echo(
+        f"{path}: {summary.imported} imported, {summary.unchanged} unchanged{secret}{revoked}: "
+        + ", ".join(summary.fingerprints)
+    )
+    for change in summary.changes:
+        if change.revoked:
+            who = ", ".join(change.user_ids) or "(no user ID)"
+            click.echo(f"  revoked key {change.fingerprint}: {who}")
+            continue
+        head = "new key" if change.new else "updated key"
+        click.echo(
+            f"  {head} {change.fingerprint}" + (" (with secret key)" if change.secret_added else "")
+        )
+        for uid in change.added_user_ids:
+            click.echo(f"    user ID added: {uid}")
+        for uid in change.revoked_user_ids:
+            click.echo(f"    user ID revoked: {uid}")
+    for conflict in summary.conflicts:
+        then = (
+            f"Messages to {conflict.address} are refused until you choose one with "
+            f"--key {conflict.address}=FINGERPRINT (check the fingerprint with its owner)."
+            if conflict.ambiguous
+            else "Check with its owner that the usable one is theirs."
+        )
+        click.echo(
+            f"e2email: WARNING: {conflict.address} now has {len(conflict.fingerprints)} keys: "
+            f"{conflict.detail}. {then}",
+            err=True,
+        )
 
 
 @keys.command("list")
@@ -341,6 +376,15 @@ def keys_generate(
         return
     if algorithm not in (None, "ed25519", "rsa3072", "rsa4096"):
         raise click.UsageError(f"{algorithm} is for --smime; OpenPGP: ed25519, rsa3072, rsa4096")
+    # Checked before a passphrase is asked for, and named as the option it came from.
+    try:
+        expire = check_expiry(expire)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--expire'") from exc
+    try:
+        Address(address.strip())
+    except MessageError as exc:
+        raise MessageError(f"invalid address: {exc}") from exc
     passphrase = _new_passphrase(passphrase_env, ask_passphrase)
     key = state.keystore().generate(
         address,
