@@ -40,7 +40,7 @@ def _ask(prompt: str, option: str) -> Callable[[], str]:
 
 def _new_passphrase(passphrase_env: str | None, ask_passphrase: bool) -> str | None:
     if passphrase_env:
-        return password_from_env(passphrase_env)()
+        return password_from_env(passphrase_env, what="the new key's passphrase")()
     if ask_passphrase:
         passphrase = getpass.getpass("Passphrase for the new key: ")
         if getpass.getpass("Again: ") != passphrase:
@@ -94,7 +94,7 @@ def keys_import(
         return
     certstore = CertStore(state.home)
     source = (
-        password_from_env(passphrase_env)
+        password_from_env(passphrase_env, what="the passphrase of the PKCS#12 file or private key")
         if passphrase_env
         else _ask("Passphrase of the PKCS#12 file or private key", "--passphrase-env VAR")
     )
@@ -278,9 +278,13 @@ def keys_export(
         if pkcs12:
             if output is None:
                 raise click.UsageError("--pkcs12 writes a binary file: give --output FILE")
-            key_pw = password_from_env(passphrase_env)() if passphrase_env else None
+            key_pw = (
+                password_from_env(passphrase_env, what="the private key's passphrase")()
+                if passphrase_env
+                else None
+            )
             export_pw = (
-                password_from_env(export_passphrase_env)()
+                password_from_env(export_passphrase_env, what="the PKCS#12 file's passphrase")()
                 if export_passphrase_env
                 else _ask("Passphrase for the PKCS#12 file", "--export-passphrase-env VAR")()
             )
