@@ -130,15 +130,30 @@ def _normal_fpr(text: str) -> str:
     return text.replace(":", "").replace(" ", "").upper().removeprefix("0X")
 
 
+#: A mailbox as a certificate may state it: one "@", no space or control character around or
+#: inside it. Anything else (" bob@x", "bob@x\n") names no address: it is never trimmed into one.
+_MAILBOX = re.compile(r"[^\s@\x00-\x1f\x7f]+@[^\s@\x00-\x1f\x7f]+")
+
+
 def _rfc822(names: Iterable[x509.GeneralName]) -> tuple[str, ...]:
-    found = (n.value.strip().lower() for n in names if isinstance(n, x509.RFC822Name))
-    return tuple(dict.fromkeys(a for a in found if "@" in a))
+    # Exactly as stated: name constraints were judged on these very strings, so a value is
+    # never trimmed or re-cased into an address the constraint check did not see.
+    found = (n.value for n in names if isinstance(n, x509.RFC822Name))
+    return tuple(dict.fromkeys(a for a in found if _MAILBOX.fullmatch(a)))
+
+
+def _same_mailbox(a: str, b: str) -> bool:
+    """Lookup by address ignores case (users type ``Bob@Example.NET``); the name constraint
+    check below makes that safe by excluding mailboxes case-insensitively too."""
+    return a.lower() == b.lower()
 
 
 def cert_addresses(cert: x509.Certificate) -> tuple[str, ...]:
-    """Lower-cased rfc822Name entries of subjectAltName: the only addresses a certificate
-    names here. The subject's emailAddress is ignored on purpose: CAs' name constraints are
-    checked against subjectAltName, not against it (see the module documentation)."""
+    """The rfc822Name entries of subjectAltName exactly as the certificate states them (only
+    well-formed mailboxes): the only addresses a certificate names here. Compare them
+    case-insensitively. The subject's emailAddress is ignored on purpose: CAs' name
+    constraints are checked against subjectAltName, not against it (see the module
+    documentation)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (x509.ExtensionNotFound, ValueError):
@@ -204,7 +219,7 @@ def describe(cert: x509.Certificate) -> str:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     common = str(names[0].value) if names else ""
     addresses = cert_addresses(cert)
-    if addresses and common and common.lower() != addresses[0]:
+    if addresses and common and common.lower() != addresses[0].lower():
         return f"{common} <{addresses[0]}>"
     return addresses[0] if addresses else common or name_text(cert.subject)
 
@@ -516,7 +531,7 @@ class CertStore:
         addr = address.strip().lower()
         chosen: dict[str, StoredCert] = {}
         for cert in self.all_certs():
-            if cert.is_ca or addr not in cert.addresses:
+            if cert.is_ca or not any(_same_mailbox(addr, a) for a in cert.addresses):
                 continue
             have = chosen.get(cert.fingerprint)
             if have is None or (
@@ -551,7 +566,7 @@ class CertStore:
             return KeyProblem(addr or name_text(cert.subject), reason, detail, fpr)
 
         names = cert_addresses(cert)
-        if addr and addr not in names:
+        if addr and not any(_same_mailbox(addr, n) for n in names):
             listed = ", ".join(names) if names else "no email address"
             return problem(KeyReason.ADDRESS_MISMATCH, f"the certificate names {listed}")
         not_before = _utc(cert.not_valid_before_utc)
@@ -588,7 +603,7 @@ class CertStore:
             return problem(KeyReason.UNTRUSTED, verified)
         # The address must be one the path validation covered: an rfc822Name of the verified
         # leaf's subjectAltName, which name constraints (RFC 5280 §4.2.1.10) were checked on.
-        if addr and addr not in verified:
+        if addr and not any(_same_mailbox(addr, n) for n in verified):
             listed = ", ".join(verified) if verified else "no email address"
             return problem(KeyReason.ADDRESS_MISMATCH, f"the verified certificate names {listed}")
         return None
@@ -668,6 +683,9 @@ class CertStore:
             return f"{why}; issuer {name_text(cert.issuer)}"
         if not verified.chain or verified.chain[0] != cert:
             return "the verified chain does not start with this certificate"
+        violation = _email_constraint_violation(verified.chain)
+        if violation:
+            return violation
         return _rfc822(verified.subjects or ())
 
     @staticmethod
@@ -1281,7 +1299,7 @@ class CertStore:
                 cert.verify_directly_issued_by(ca)
             except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
                 continue
-            domains += [a.rpartition("@")[2] for a in cert_addresses(cert)]
+            domains += [a.rpartition("@")[2].lower() for a in cert_addresses(cert)]
         return tuple(dict.fromkeys(domains))
 
     def test_ca_cert(self) -> Path | None:
@@ -1380,3 +1398,75 @@ _EE_POLICY = (
     .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _eku_for_email)
     .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
 )
+
+
+def _email_constraint_matches(constraint: str, address: str, *, excluding: bool) -> bool:
+    """Whether an rfc822Name name constraint covers ``address`` (RFC 5280 §4.2.1.10): a full
+    mailbox (``bob@evil.example``) that mailbox, a host (``evil.example``) every mailbox at
+    it, ``.evil.example`` every mailbox at its subdomains. Domains compare without case
+    (RFC 5280 §7.5). Local parts are case-sensitive in principle (RFC 5321 §2.4) but every
+    real mail system treats ``BOB`` and ``bob`` as one mailbox, so each side fails closed: an
+    excluded mailbox excludes every spelling of it, a permitted one permits only its own."""
+    local, _, domain = address.rpartition("@")
+    domain = domain.lower()
+    if "@" in constraint:
+        c_local, _, c_domain = constraint.rpartition("@")
+        if c_domain.lower() != domain:
+            return False
+        return c_local.casefold() == local.casefold() if excluding else c_local == local
+    if constraint.startswith("."):
+        return domain.endswith(constraint.lower())
+    return domain == constraint.lower()
+
+
+def _email_constraint_violation(chain: Sequence[x509.Certificate]) -> str | None:
+    """Check the rfc822Name name constraints of every CA of a verified ``chain`` (leaf first)
+    against the mailboxes of the certificates below it, as stated in them.
+
+    ``cryptography``'s verifier checks them too, but compares a full-mailbox constraint's local
+    part case-sensitively, so an excluded ``bob@evil.example`` let ``BOB@evil.example`` through
+    while e2email looks addresses up without case: that certificate would then be used for
+    bob@evil.example. This check closes that gap (and repeats the rest, to fail closed)."""
+    for position, ca in enumerate(chain[1:], start=1):
+        try:
+            constraints = ca.extensions.get_extension_for_class(x509.NameConstraints).value
+        except x509.ExtensionNotFound:
+            continue
+        except ValueError:
+            return f"unreadable name constraints in {name_text(ca.subject)}"
+        permitted = [
+            n.value for n in constraints.permitted_subtrees or () if isinstance(n, x509.RFC822Name)
+        ]
+        excluded = [
+            n.value for n in constraints.excluded_subtrees or () if isinstance(n, x509.RFC822Name)
+        ]
+        if not (permitted or excluded):
+            continue
+        for below in chain[:position]:
+            if below is not chain[0] and below.issuer == below.subject:
+                continue  # self-issued CA certificates are exempt (RFC 5280 §6.1.3 (b))
+            try:
+                san = below.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            except (x509.ExtensionNotFound, ValueError):
+                continue
+            for name in san.value.get_values_for_type(x509.RFC822Name):
+                who = name_text(ca.subject)
+                if "@" not in name:
+                    return f"{name!r} is not a mailbox, yet {who} constrains addresses"
+                hit = next(
+                    (c for c in excluded if _email_constraint_matches(c, name, excluding=True)),
+                    None,
+                )
+                if hit is not None:
+                    return (
+                        f"{name} is excluded ({hit}) by the name constraints of {who} "
+                        "(RFC 5280 §4.2.1.10)"
+                    )
+                if permitted and not any(
+                    _email_constraint_matches(c, name, excluding=False) for c in permitted
+                ):
+                    return (
+                        f"{name} is outside what {who} may certify (name constraints, "
+                        "RFC 5280 §4.2.1.10)"
+                    )
+    return None
