@@ -83,6 +83,7 @@ from e2email.errors import (
     PassphraseError,
 )
 from e2email.message import Address
+from e2email.private import check_private, ensure_private_dir
 
 __all__ = [
     "MIN_RSA_BITS",
@@ -117,6 +118,7 @@ _X509_PEM_LABELS = (
 )
 _FILE_SUFFIXES = {".p12", ".pfx", ".crt", ".cer", ".der", ".p7b", ".p7c"}
 
+_WHAT = "the S/MIME certificate store"
 Purpose = Literal["sign", "encrypt"]
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -447,13 +449,23 @@ class CertStore:
         return self.root / name
 
     def _make_dir(self, name: str) -> Path:
-        path = self._dir(name)
-        try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path.mkdir(mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise KeystoreError(f"cannot create {path}: {exc.strerror or exc}") from exc
-        return path
+        # 0700 whatever the umask (home and parents too); a store another user owns or that
+        # group/others may write is refused (InsecurePathError): whoever can write here can
+        # swap a recipient's certificate, a trust anchor or a signing key.
+        ensure_private_dir(self.root, what=_WHAT)
+        self._check_private()
+        return ensure_private_dir(self._dir(name), what=_WHAT)
+
+    def _check_private(self) -> None:
+        """Refuse to read a store that another user owns or group/others may write (like ssh
+        with a loose ``~/.ssh``): its trust anchors and certificates cannot be relied on."""
+        if not self.root.exists():
+            return
+        check_private(self.root, what=_WHAT)
+        for name in (*(n for n, _ in self._DIRS), "crls", "testca"):
+            folder = self._dir(name)
+            if folder.exists():
+                check_private(folder, what=_WHAT)
 
     # -- Listing ----------------------------------------------------------------------------
 
@@ -481,6 +493,7 @@ class CertStore:
 
     def all_certs(self) -> tuple[StoredCert, ...]:
         """Everything stored: identities, others' certificates, untrusted CAs, trust anchors."""
+        self._check_private()
         stamp = self._stamp()
         with self._lock:
             if self._listing is not None and self._listing[0] == stamp:
