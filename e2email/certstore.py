@@ -47,6 +47,7 @@ without one anyway). A certificate whose address is only in its subject names no
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import hashlib
@@ -74,8 +75,9 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from e2email.config import PasswordSource, default_home
+from e2email.config import PasswordSource, RevocationPolicy, default_home
 from e2email.errors import (
+    ConfigError,
     KeyProblem,
     KeyReason,
     KeystoreError,
@@ -84,17 +86,32 @@ from e2email.errors import (
 )
 from e2email.message import Address
 from e2email.private import check_private, ensure_private_dir
+from e2email.revocation import (
+    FETCH_TIMEOUT,
+    RevocationUnavailable,
+    Revoked,
+    crl_covers,
+    crl_current,
+    crl_entry,
+    crl_issuer_problem,
+    fetch_crl,
+    issuer_key_id,
+    load_crl,
+    ocsp_status,
+)
 
 __all__ = [
     "MIN_RSA_BITS",
     "CertKind",
     "CertStore",
+    "ImportedCRL",
     "ImportedCert",
     "SignerKey",
     "StoredCert",
     "cert_addresses",
     "describe",
     "fingerprint",
+    "holds_crl",
     "looks_like_x509",
     "name_text",
     "permitted_email_subtrees",
@@ -115,8 +132,9 @@ _X509_PEM_LABELS = (
     b"ENCRYPTED PRIVATE KEY",
     b"RSA PRIVATE KEY",
     b"EC PRIVATE KEY",
+    b"X509 CRL",
 )
-_FILE_SUFFIXES = {".p12", ".pfx", ".crt", ".cer", ".der", ".p7b", ".p7c"}
+_FILE_SUFFIXES = {".p12", ".pfx", ".crt", ".cer", ".der", ".p7b", ".p7c", ".crl"}
 
 _WHAT = "the S/MIME certificate store"
 Purpose = Literal["sign", "encrypt"]
@@ -315,10 +333,55 @@ class ImportedCert:
     new: bool
 
 
+@dataclass(frozen=True)
+class ImportedCRL:
+    """One CRL an import checked, and what became of it."""
+
+    source: Path
+    #: The issuing CA, as RFC 4514 text.
+    issuer: str
+    this_update: datetime.datetime
+    #: None: the CRL never says when it is superseded (then it is never current).
+    next_update: datetime.datetime | None
+    #: How many certificates it lists as revoked.
+    revoked: int
+    #: ``imported`` (stored, replacing any older CRL of the issuer), ``unchanged`` (this very
+    #: CRL was stored already) or ``older`` (a newer CRL of the issuer is kept instead).
+    outcome: Literal["imported", "unchanged", "older"]
+
+    def expired(self, now: datetime.datetime | None = None) -> bool:
+        """Whether its nextUpdate has passed: it still revokes what it lists, but vouches for
+        nothing else (see :class:`~e2email.config.RevocationPolicy`)."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        return self.next_update is None or self.next_update < now
+
+
+def _crls_in(data: bytes) -> list[x509.CertificateRevocationList]:
+    """The CRLs in PEM ``X509 CRL`` blocks, or the DER CRL that ``data`` is (ValueError for an
+    unreadable PEM CRL block)."""
+    blocks = [b.group(0) for b in _PEM_BLOCK.finditer(data) if b.group(1) == b"X509 CRL"]
+    if blocks:
+        return [x509.load_pem_x509_crl(b) for b in blocks]
+    if data[:1] == b"\x30" and b"-----BEGIN " not in data:
+        try:
+            return [x509.load_der_x509_crl(data)]
+        except ValueError:
+            return []
+    return []
+
+
+def holds_crl(path: Path) -> bool:
+    """Whether ``path`` holds a certificate revocation list (PEM ``X509 CRL`` or DER)."""
+    try:
+        return bool(_crls_in(path.read_bytes()))
+    except (OSError, ValueError):
+        return False
+
+
 def looks_like_x509(path: Path) -> bool:
-    """Whether ``path`` holds X.509 material (PEM certificates or keys, a DER certificate,
-    PKCS#7 certificates or PKCS#12), as opposed to OpenPGP keys. Unreadable files: False (the
-    OpenPGP import then reports them)."""
+    """Whether ``path`` holds X.509 material (PEM certificates, keys or CRLs, a DER certificate
+    or CRL, PKCS#7 certificates or PKCS#12), as opposed to OpenPGP keys. Unreadable files:
+    False (the OpenPGP import then reports them)."""
     try:
         data = path.read_bytes()
     except OSError:
@@ -431,8 +494,17 @@ class CertStore:
     blocking (file I/O, RSA); async callers run them in a worker thread.
     """
 
-    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        revocation_timeout: float = FETCH_TIMEOUT,
+    ) -> None:
         self.home = Path(home) if home is not None else default_home()
+        #: Seconds one OCSP or CRL fetch may take before its answer counts as unavailable.
+        self.revocation_timeout = revocation_timeout
+        # (certificate, issuer) fingerprints -> (fetched status: None good, until when).
+        self._fetched: dict[tuple[str, str], tuple[Revoked | None, datetime.datetime]] = {}
         self.root = self.home / "smime"
         self._lock = threading.Lock()
         self._listing: tuple[tuple[int, ...], tuple[StoredCert, ...]] | None = None
@@ -564,12 +636,15 @@ class CertStore:
         now: datetime.datetime | None = None,
         trusted_self_signed: Iterable[str] = (),
         intermediates: Sequence[x509.Certificate] = (),
+        revocation: RevocationPolicy = RevocationPolicy.OFF,
     ) -> KeyProblem | None:
         """Why ``cert`` cannot be used for ``purpose`` by/for ``address``, or None.
 
         ``trusted_self_signed`` names (SHA-256) self-signed certificates to accept as their own
         trust anchor; ``intermediates`` are extra untrusted CA certificates for path building
-        (e.g. those that came with a signature).
+        (e.g. those that came with a signature). Every certificate of the verified chain but
+        the trust anchor is checked for revocation: against imported CRLs always, and by
+        fetching (OCSP, CRL distribution points) as ``revocation`` says.
         """
         now = now or datetime.datetime.now(datetime.UTC)
         fpr = fingerprint(cert)
@@ -614,11 +689,15 @@ class CertStore:
         verified = self._verify_chain(cert, now, trusted_self_signed, intermediates)
         if isinstance(verified, str):
             return problem(KeyReason.UNTRUSTED, verified)
+        verified_names, chain = verified
         # The address must be one the path validation covered: an rfc822Name of the verified
         # leaf's subjectAltName, which name constraints (RFC 5280 §4.2.1.10) were checked on.
-        if addr and not any(_same_mailbox(addr, n) for n in verified):
-            listed = ", ".join(verified) if verified else "no email address"
+        if addr and not any(_same_mailbox(addr, n) for n in verified_names):
+            listed = ", ".join(verified_names) if verified_names else "no email address"
             return problem(KeyReason.ADDRESS_MISMATCH, f"the verified certificate names {listed}")
+        revoked = self._revocation_problem(chain, now, revocation)
+        if revoked is not None:
+            return problem(*revoked)
         return None
 
     @staticmethod
@@ -650,17 +729,18 @@ class CertStore:
         now: datetime.datetime,
         trusted_self_signed: Iterable[str],
         intermediates: Sequence[x509.Certificate],
-    ) -> str | tuple[str, ...]:
+    ) -> str | tuple[tuple[str, ...], tuple[x509.Certificate, ...]]:
         """Why ``cert`` has no chain to a trust anchor (text), or the addresses (rfc822Name)
-        of the verified leaf: for a certificate trusted directly, its own."""
+        of the verified leaf (for a certificate trusted directly, its own) and the verified
+        chain, leaf first, trust anchor last."""
         fpr = fingerprint(cert)
         anchors = self.trust_anchors()
         if fpr in {fingerprint(a) for a in anchors}:
             # Explicitly trusted (imported with --trust, or generated here).
-            return cert_addresses(cert)
+            return cert_addresses(cert), (cert,)
         if _self_signed(cert):
             if fpr in {_normal_fpr(f) for f in trusted_self_signed}:
-                return cert_addresses(cert)
+                return cert_addresses(cert), (cert,)
             return (
                 f"self-signed; trust it by name with --trust-self-signed {fpr} or "
                 "`e2email keys import --trust FILE`"
@@ -699,7 +779,7 @@ class CertStore:
         violation = _email_constraint_violation(verified.chain)
         if violation:
             return violation
-        return _rfc822(verified.subjects or ())
+        return _rfc822(verified.subjects or ()), tuple(verified.chain)
 
     @staticmethod
     def _weak_chain(cert: x509.Certificate, pool: Sequence[x509.Certificate]) -> str | None:
@@ -723,6 +803,203 @@ class CertStore:
                 return f"the intermediate {who} is signed with {_HASH_NAMES[name]}"
             current = issuer
         return None
+
+    # -- Revocation -------------------------------------------------------------------------
+
+    def _revocation_problem(
+        self,
+        chain: Sequence[x509.Certificate],
+        now: datetime.datetime,
+        policy: RevocationPolicy,
+    ) -> tuple[KeyReason, str] | None:
+        """Why a certificate of the verified ``chain`` (leaf first, trust anchor last) must not
+        be relied on for revocation, or None. The anchor itself is trusted as configured."""
+        for position, cert in enumerate(chain[:-1]):
+            issuer = chain[position + 1]
+            who = (
+                f"the certificate {describe(cert)}"
+                if position == 0
+                else f"its CA certificate {name_text(cert.subject)}"
+            )
+            status = self._revocation_status(cert, issuer, now, policy)
+            if isinstance(status, Revoked):
+                when = f" on {status.date:%Y-%m-%d %H:%M} UTC" if status.date else ""
+                reason = f", reason: {status.reason}" if status.reason else ""
+                return (
+                    KeyReason.REVOKED,
+                    f"{who}, serial {status.serial:X}, was revoked{when}{reason} "
+                    f"(according to {status.source} of {name_text(issuer.subject)})",
+                )
+            if isinstance(status, _Refused):
+                return KeyReason.REVOCATION_UNKNOWN, f"{who}: {status.why}"
+            if status is not None and policy is RevocationPolicy.REQUIRE:
+                return (
+                    KeyReason.REVOCATION_UNKNOWN,
+                    f"{who}: no revocation status could be established ({status}); "
+                    "--revocation require refuses it",
+                )
+        return None
+
+    def _revocation_status(
+        self,
+        cert: x509.Certificate,
+        issuer: x509.Certificate,
+        now: datetime.datetime,
+        policy: RevocationPolicy,
+    ) -> Revoked | _Refused | str | None:
+        """``cert``'s status: Revoked; None (good, from a current source); a text saying why
+        none could be had; or _Refused when a stored CRL is unusable (fail closed)."""
+        reasons: list[str] = []
+        try:
+            stored = self._stored_crl(issuer)
+        except KeystoreError as exc:
+            return _Refused(str(exc))
+        if stored is not None:
+            # A revocation does not lapse: an expired CRL still revokes what it lists.
+            hit = crl_entry(stored, cert, "an imported CRL")
+            if hit is not None:
+                return hit
+            if crl_covers(stored, cert):
+                if crl_current(stored, now):
+                    return None
+                ends = stored.next_update_utc
+                reasons.append(
+                    "the stored CRL expired"
+                    + (f" on {_utc(ends):%Y-%m-%d %H:%M} UTC" if ends else " (no nextUpdate)")
+                )
+        else:
+            reasons.append("no CRL imported for its issuer")
+        if policy is RevocationPolicy.OFF:
+            return "; ".join(reasons)
+        cache_key = (fingerprint(cert), fingerprint(issuer))
+        cached = self._fetched.get(cache_key)
+        if cached is not None and now <= cached[1]:
+            return cached[0]
+        found: Revoked | None
+        try:
+            found = ocsp_status(cert, issuer, now, timeout=self.revocation_timeout)
+        except RevocationUnavailable as exc:
+            reasons.append(str(exc))
+        else:
+            self._fetched[cache_key] = (found, now + _FETCHED_LIFE)
+            return found
+        try:
+            crl, url = fetch_crl(cert, issuer, now, timeout=self.revocation_timeout)
+        except RevocationUnavailable as exc:
+            reasons.append(str(exc))
+            return "; ".join(reasons)
+        # Keep it (verified, current, newest wins) so the next message needs no fetch.
+        with contextlib.suppress(KeystoreError, ConfigError):
+            self._store_crl(crl, issuer)  # a store we cannot write to still gets the answer
+        found = crl_entry(crl, cert, f"the CRL at {url}")
+        self._fetched[cache_key] = (found, now + _FETCHED_LIFE)
+        return found
+
+    def _crl_path(self, issuer: x509.Certificate) -> Path:
+        return self._dir("crls") / f"{issuer_key_id(issuer)}.crl"
+
+    def _stored_crl(self, issuer: x509.Certificate) -> x509.CertificateRevocationList | None:
+        """The stored CRL of ``issuer``, checked again (signature, completeness), or None.
+        Raises KeystoreError for a stored CRL that cannot be used."""
+        path = self._crl_path(issuer)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise KeystoreError(f"cannot read the stored CRL {path}: {exc.strerror}") from exc
+        try:
+            crl = load_crl(data)
+        except ValueError as exc:
+            raise KeystoreError(f"the stored CRL {path} is unreadable") from exc
+        problem = crl_issuer_problem(crl, issuer)
+        if problem:
+            raise KeystoreError(f"the stored CRL {path} cannot be used: {problem}")
+        return crl
+
+    def _store_crl(
+        self, crl: x509.CertificateRevocationList, issuer: x509.Certificate
+    ) -> Literal["imported", "unchanged", "older"]:
+        """Store ``crl`` (already checked against ``issuer``) unless the stored one of the same
+        issuer is the same or newer (higher cRLNumber, else later thisUpdate)."""
+        try:
+            existing = self._stored_crl(issuer)
+        except KeystoreError:
+            existing = None  # an unusable stored CRL is replaced by a good one
+        der = crl.public_bytes(serialization.Encoding.DER)
+        if existing is not None:
+            if existing.public_bytes(serialization.Encoding.DER) == der:
+                return "unchanged"
+            if _crl_order(crl) <= _crl_order(existing):
+                return "older"
+        folder = self._make_dir("crls")
+        path = folder / f"{issuer_key_id(issuer)}.crl"
+        try:
+            _write(path, der, 0o644)
+        except OSError as exc:
+            raise KeystoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        self._fetched.clear()
+        return "imported"
+
+    def import_crls(
+        self, paths: Sequence[Path], *, now: datetime.datetime | None = None
+    ) -> list[ImportedCRL]:
+        """Import certificate revocation lists (PEM or DER). Each must be signed by the
+        certificate of its issuer, which must be in the store already (a trust anchor, an
+        untrusted CA or a chain certificate of an identity: import it first, or in the same
+        ``keys import``), allowed to sign CRLs, with SHA-2 or better; delta and partial CRLs are
+        refused. The newest CRL of each issuer is kept. Imported CRLs are used on every check
+        whatever the revocation policy; an expired one still revokes what it lists."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        pool: dict[str, x509.Certificate] = {}
+        for stored in self.all_certs():
+            for candidate in (stored.certificate, *stored.chain):
+                pool.setdefault(fingerprint(candidate), candidate)
+        results: list[ImportedCRL] = []
+        for path in paths:
+            path = Path(path)
+            try:
+                crls = _crls_in(path.read_bytes())
+            except OSError as exc:
+                raise KeystoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            except ValueError as exc:
+                raise KeystoreError(f"{path}: unreadable CRL: {exc}") from exc
+            if not crls:
+                raise KeystoreError(f"{path}: no certificate revocation list in it")
+            for crl in crls:
+                results.append(self._import_crl(crl, path, pool.values(), now))
+        return results
+
+    def _import_crl(
+        self,
+        crl: x509.CertificateRevocationList,
+        path: Path,
+        pool: Iterable[x509.Certificate],
+        now: datetime.datetime,
+    ) -> ImportedCRL:
+        issuer_name = name_text(crl.issuer)
+        candidates = [c for c in pool if c.subject == crl.issuer]
+        if not candidates:
+            raise KeystoreError(
+                f"{path}: the CRL of {issuer_name} cannot be checked: that CA's certificate is "
+                "not in the store (import it first, or in the same command)"
+            )
+        problems = [(c, crl_issuer_problem(crl, c)) for c in candidates]
+        issuer = next((c for c, p in problems if p is None), None)
+        if issuer is None:
+            raise KeystoreError(f"{path}: the CRL of {issuer_name} is refused: {problems[0][1]}")
+        if _utc(crl.last_update_utc) > now + datetime.timedelta(minutes=5):
+            raise KeystoreError(f"{path}: the CRL of {issuer_name} is dated in the future")
+        outcome = self._store_crl(crl, issuer)
+        next_update = crl.next_update_utc
+        return ImportedCRL(
+            source=path,
+            issuer=issuer_name,
+            this_update=_utc(crl.last_update_utc),
+            next_update=_utc(next_update) if next_update else None,
+            revoked=len(crl),
+            outcome=outcome,
+        )
 
     def status(self, stored: StoredCert, now: datetime.datetime | None = None) -> str:
         """One phrase for ``keys list``: ``usable`` or why not."""
@@ -765,13 +1042,17 @@ class CertStore:
         key_map: Mapping[str, str] | None = None,
         trusted_self_signed: Iterable[str] = (),
         now: datetime.datetime | None = None,
+        revocation: RevocationPolicy = RevocationPolicy.OFF,
     ) -> StoredCert | KeyProblem:
         """The certificate to encrypt to ``address``, or why there is none.
 
         ``key_map`` (address -> fingerprint) chooses the certificate instead of lookup by
-        address; the certificate must still name the address (RFC 8550 §3).
+        address; the certificate must still name the address (RFC 8550 §3). ``revocation``:
+        see :meth:`check`.
         """
-        return self._choose(address, key_map, trusted_self_signed, now, purpose="encrypt")
+        return self._choose(
+            address, key_map, trusted_self_signed, now, purpose="encrypt", revocation=revocation
+        )
 
     def signer_cert(
         self,
@@ -780,9 +1061,13 @@ class CertStore:
         key_map: Mapping[str, str] | None = None,
         trusted_self_signed: Iterable[str] = (),
         now: datetime.datetime | None = None,
+        revocation: RevocationPolicy = RevocationPolicy.OFF,
     ) -> StoredCert | KeyProblem:
-        """The identity (certificate with a private key) to sign as ``address``."""
-        return self._choose(address, key_map, trusted_self_signed, now, purpose="sign")
+        """The identity (certificate with a private key) to sign as ``address``. A revoked
+        one is refused like any other unusable one (``revocation``: see :meth:`check`)."""
+        return self._choose(
+            address, key_map, trusted_self_signed, now, purpose="sign", revocation=revocation
+        )
 
     def _choose(
         self,
@@ -792,6 +1077,7 @@ class CertStore:
         now: datetime.datetime | None,
         *,
         purpose: Purpose,
+        revocation: RevocationPolicy,
     ) -> StoredCert | KeyProblem:
         addr = address.strip().lower()
         now = now or datetime.datetime.now(datetime.UTC)
@@ -826,6 +1112,7 @@ class CertStore:
                     now=now,
                     trusted_self_signed=trusted,
                     intermediates=c.chain,
+                    revocation=revocation,
                 ),
             )
             for c in candidates
@@ -844,14 +1131,20 @@ class CertStore:
         *,
         key_map: Mapping[str, str] | None = None,
         trusted_self_signed: Iterable[str] = (),
+        revocation: RevocationPolicy = RevocationPolicy.OFF,
     ) -> tuple[dict[str, StoredCert], list[KeyProblem]]:
-        """Certificates for every address, and a problem for each address that has none."""
+        """Certificates for every address, and a problem for each address that has none
+        (``revocation``: see :meth:`check`)."""
         found: dict[str, StoredCert] = {}
         problems: list[KeyProblem] = []
         now = datetime.datetime.now(datetime.UTC)
         for address in addresses:
             choice = self.recipient_cert(
-                address, key_map=key_map, trusted_self_signed=trusted_self_signed, now=now
+                address,
+                key_map=key_map,
+                trusted_self_signed=trusted_self_signed,
+                now=now,
+                revocation=revocation,
             )
             if isinstance(choice, KeyProblem):
                 problems.append(choice)
@@ -1017,6 +1310,8 @@ class CertStore:
                 elif label.endswith(b"PRIVATE KEY"):
                     out.keys.append(self._read_pem_key(pem, path, asker))
                     found = True
+                elif label == b"X509 CRL":
+                    found = True  # CRLs are imported by import_crls, after the certificates
             if not found:
                 raise KeystoreError(f"{path}: no certificate or private key in the PEM file")
             return
@@ -1026,6 +1321,8 @@ class CertStore:
         if der_certs is not None:
             out.certs.extend((c, path) for c in der_certs)
             return
+        if _crls_in(data):
+            return  # a DER CRL: import_crls takes it
         out.bundles.append(self._read_pkcs12(data, path, asker))
 
     @staticmethod
@@ -1483,3 +1780,24 @@ def _email_constraint_violation(chain: Sequence[x509.Certificate]) -> str | None
                         "RFC 5280 §4.2.1.10)"
                     )
     return None
+
+
+#: How long a fetched status is reused by one store (one send checks a certificate twice:
+#: as signer and for encrypt-to-self; a batch checks shared intermediates for every row).
+_FETCHED_LIFE = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A revocation check that must refuse whatever the policy (an unusable stored CRL)."""
+
+    why: str
+
+
+def _crl_order(crl: x509.CertificateRevocationList) -> tuple[int, datetime.datetime]:
+    """Which of two CRLs of one issuer is newer: cRLNumber (RFC 5280 §5.2.3), then thisUpdate."""
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except (x509.ExtensionNotFound, ValueError):
+        number = -1
+    return number, _utc(crl.last_update_utc)

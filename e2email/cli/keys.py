@@ -78,7 +78,9 @@ def keys_import(
     OpenPGP keys (armored or binary, public or secret) go to the GnuPG keyring. X.509 files are
     for S/MIME and recognised by their content: PEM or DER certificates of recipients, PKCS#12
     bundles (.p12/.pfx) and PEM private keys with their certificate (in the same file or one
-    given alongside) become your own identities; --trust adds a trusted CA.
+    given alongside) become your own identities; --trust adds a trusted CA. Certificate
+    revocation lists (PEM or DER, signed by a CA already imported or given alongside) are kept,
+    the newest per CA, and refuse every certificate they list when sending.
     """
     if not files and not trust_files:
         raise click.UsageError("give FILES to import, or --trust CERT")
@@ -94,12 +96,16 @@ def keys_import(
         )
     if not (x509_files or trust_files):
         return
+    from e2email.certstore import holds_crl
+
     certstore = CertStore(state.home)
     source = (
         password_from_env(passphrase_env)
         if passphrase_env
         else _ask("Passphrase of the PKCS#12 file or private key", "--passphrase-env VAR")
     )
+    # CRLs go in after the certificates, so a CA certificate and its CRL can come together.
+    crl_files = [p for p in x509_files if holds_crl(p)]
     results = certstore.import_files(x509_files, passphrase=source) if x509_files else []
     if trust_files:
         results += certstore.import_files(trust_files, trust=True)
@@ -112,6 +118,22 @@ def keys_import(
             status = certstore.status(cert)
             if status != "usable":
                 click.echo(f"  note: {status}")
+    for crl in certstore.import_crls(crl_files) if crl_files else []:
+        done = {
+            "imported": "imported",
+            "unchanged": "unchanged",
+            "older": "not imported, a newer CRL of this CA is kept",
+        }[crl.outcome]
+        until = f"{crl.next_update:%Y-%m-%d %H:%M} UTC" if crl.next_update else "no next update"
+        click.echo(
+            f"{crl.source}: S/MIME CRL of {crl.issuer}: {done} (issued "
+            f"{crl.this_update:%Y-%m-%d %H:%M} UTC, next {until}, {crl.revoked} revoked)"
+        )
+        if crl.expired():
+            click.echo(
+                "  note: this CRL is out of date: it still revokes what it lists, but vouches "
+                "for nothing else (--revocation require then needs a fresh status)"
+            )
 
 
 @keys.command("list")
