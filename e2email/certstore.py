@@ -9,6 +9,12 @@ Everything is under ``HOME/smime/`` (HOME is e2email's home, ``--home`` / ``$E2E
     identities/<SHA256>.pem       your own certificate followed by its chain
     identities/<SHA256>.key       its private key, PKCS#8 PEM, file mode 0600
     testca/ca.pem, ca.key         the local test CA of ``keys generate --smime --test-ca``
+    crls/<issuer>.crl             the newest CRL of each CA (DER), imported or fetched
+
+Every folder is made 0700 (through :mod:`e2email.private`, whatever the umask), and a store
+that another user owns or that group or others may write is refused
+(:class:`~e2email.errors.InsecurePathError`): whoever can write there can swap a recipient's
+certificate or a trust anchor.
 
 The local test CA exists to try S/MIME without a commercial certificate. Its key is stored
 unencrypted, so it is bounded instead: it lives one year, and a nameConstraints extension
@@ -43,6 +49,19 @@ emailAddress, but name constraints are checked against subjectAltName, so a CA c
 ``partner.example`` could put any address there (RFC 5280 §4.2.1.10 asks verifiers to check it
 only when there is no subjectAltName at all, and the verifier refuses end-entity certificates
 without one anyway). A certificate whose address is only in its subject names no address here.
+Addresses are taken exactly as the certificate states them (a padded `` bob@x`` is no address)
+and looked up without case; that is safe because e-mail name constraints are checked here
+again, after the verifier, with an excluded mailbox excluding every spelling of it (see
+``_email_constraint_violation``).
+
+Revocation (RFC 5280 §6.3, RFC 6960): every certificate of the verified chain but the trust
+anchor, for recipients and for the signer alike, is looked up in the stored CRL of its issuer
+(imported with ``keys import``, verified against that CA's certificate, the newest kept). A
+listed certificate is refused (:attr:`KeyReason.REVOKED`, naming it, its serial, the date and
+reason) even when the CRL has expired: a revocation does not lapse. Whether the status is also
+fetched (OCSP first, then the CRL distribution points; a fetched CRL is kept like an imported
+one) and whether a missing status refuses is the :class:`~e2email.config.RevocationPolicy`;
+an expired CRL counts as none. See :mod:`e2email.revocation` for what is accepted.
 """
 
 from __future__ import annotations
@@ -503,8 +522,9 @@ class CertStore:
         self.home = Path(home) if home is not None else default_home()
         #: Seconds one OCSP or CRL fetch may take before its answer counts as unavailable.
         self.revocation_timeout = revocation_timeout
-        # (certificate, issuer) fingerprints -> (fetched status: None good, until when).
-        self._fetched: dict[tuple[str, str], tuple[Revoked | None, datetime.datetime]] = {}
+        # (certificate, issuer) fingerprints -> (what fetching said: None good, Revoked, or why
+        # nothing could be had; until when it is reused).
+        self._fetched: dict[tuple[str, str], tuple[Revoked | str | None, datetime.datetime]] = {}
         self.root = self.home / "smime"
         self._lock = threading.Lock()
         self._listing: tuple[tuple[int, ...], tuple[StoredCert, ...]] | None = None
@@ -835,8 +855,8 @@ class CertStore:
             if status is not None and policy is RevocationPolicy.REQUIRE:
                 return (
                     KeyReason.REVOCATION_UNKNOWN,
-                    f"{who}: no revocation status could be established ({status}); "
-                    "--revocation require refuses it",
+                    f"{who}: no revocation status could be established ({status}), and the "
+                    "revocation policy requires one",
                 )
         return None
 
@@ -856,7 +876,7 @@ class CertStore:
             return _Refused(str(exc))
         if stored is not None:
             # A revocation does not lapse: an expired CRL still revokes what it lists.
-            hit = crl_entry(stored, cert, "an imported CRL")
+            hit = crl_entry(stored, cert, "the stored CRL")
             if hit is not None:
                 return hit
             if crl_covers(stored, cert):
@@ -874,20 +894,24 @@ class CertStore:
         cache_key = (fingerprint(cert), fingerprint(issuer))
         cached = self._fetched.get(cache_key)
         if cached is not None and now <= cached[1]:
-            return cached[0]
+            return "; ".join([*reasons, cached[0]]) if isinstance(cached[0], str) else cached[0]
         found: Revoked | None
+        failed: list[str] = []
         try:
             found = ocsp_status(cert, issuer, now, timeout=self.revocation_timeout)
         except RevocationUnavailable as exc:
-            reasons.append(str(exc))
+            failed.append(str(exc))
         else:
             self._fetched[cache_key] = (found, now + _FETCHED_LIFE)
             return found
         try:
             crl, url = fetch_crl(cert, issuer, now, timeout=self.revocation_timeout)
         except RevocationUnavailable as exc:
-            reasons.append(str(exc))
-            return "; ".join(reasons)
+            failed.append(str(exc))
+            # Remembered briefly too: an unreachable responder is not waited for twice in
+            # one send (the sender's certificate is checked to sign and to encrypt to self).
+            self._fetched[cache_key] = ("; ".join(failed), now + _UNAVAILABLE_LIFE)
+            return "; ".join([*reasons, *failed])
         # Keep it (verified, current, newest wins) so the next message needs no fetch.
         with contextlib.suppress(KeystoreError, ConfigError):
             self._store_crl(crl, issuer)  # a store we cannot write to still gets the answer
@@ -1785,6 +1809,8 @@ def _email_constraint_violation(chain: Sequence[x509.Certificate]) -> str | None
 #: How long a fetched status is reused by one store (one send checks a certificate twice:
 #: as signer and for encrypt-to-self; a batch checks shared intermediates for every row).
 _FETCHED_LIFE = datetime.timedelta(minutes=10)
+#: How long "could not be reached" is remembered (short: the network may come back).
+_UNAVAILABLE_LIFE = datetime.timedelta(minutes=1)
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ class Revoked:
     serial: int
     date: datetime.datetime | None
     reason: str | None
-    #: Where it was said: ``an imported CRL``, ``the CRL at URL``, ``OCSP at URL``.
+    #: Where it was said: ``the stored CRL``, ``the CRL at URL``, ``OCSP at URL``.
     source: str
 
 
