@@ -390,11 +390,15 @@ def _crls_in(data: bytes) -> list[x509.CertificateRevocationList]:
 
 
 def holds_crl(path: Path) -> bool:
-    """Whether ``path`` holds a certificate revocation list (PEM ``X509 CRL`` or DER)."""
+    """Whether ``path`` holds a certificate revocation list (PEM ``X509 CRL``, even an
+    unreadable one, which :meth:`CertStore.import_crls` then reports; or DER)."""
     try:
-        return bool(_crls_in(path.read_bytes()))
-    except (OSError, ValueError):
+        data = path.read_bytes()
+    except OSError:
         return False
+    if b"-----BEGIN X509 CRL-----" in data:
+        return True
+    return bool(_crls_in(data))
 
 
 def looks_like_x509(path: Path) -> bool:

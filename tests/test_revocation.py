@@ -40,7 +40,7 @@ from e2email import (
     SMTPSettings,
     TLSMode,
 )
-from e2email.certstore import CertStore, StoredCert, looks_like_x509
+from e2email.certstore import CertStore, StoredCert, holds_crl, looks_like_x509
 from e2email.errors import ConfigError, KeyProblem, KeystoreError
 from e2email.keystore import Keystore
 from e2email.testing import LoopbackSMTPServer
@@ -393,6 +393,12 @@ def test_crl_import_is_checked_and_the_newest_kept(pki: PKI, tmp_path: Path) -> 
     assert isinstance(bob, KeyProblem) and bob.reason is KeyReason.REVOKED
     with pytest.raises(KeystoreError, match="no certificate revocation list"):
         store.import_crls([pki.bob.cert_pem])
+    # A damaged PEM CRL is reported, never skipped (the CLI hands it to import_crls).
+    damaged = tmp_path / "damaged.pem"
+    damaged.write_bytes(b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n")
+    assert holds_crl(damaged) and looks_like_x509(damaged)
+    with pytest.raises(KeystoreError, match="unreadable CRL"):
+        store.import_crls([damaged])
 
 
 def test_expired_crl_still_revokes_but_vouches_for_nothing(pki: PKI, tmp_path: Path) -> None:
