@@ -186,6 +186,13 @@ def responder() -> Iterator[Responder]:
     thread.join()
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib honours http_proxy: the loopback responder must be reached directly."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
 def closed_port_url() -> str:
     """An http URL on 127.0.0.1 where nothing listens (connection refused at once)."""
     with socket.socket() as sock:
