@@ -123,6 +123,7 @@ __all__ = [
     "MIN_RSA_BITS",
     "CertKind",
     "CertStore",
+    "ImportResult",
     "ImportedCRL",
     "ImportedCert",
     "SignerKey",
@@ -373,6 +374,17 @@ class ImportedCRL:
         nothing else (see :class:`~e2email.config.RevocationPolicy`)."""
         now = now or datetime.datetime.now(datetime.UTC)
         return self.next_update is None or self.next_update < now
+
+
+class ImportResult(list[ImportedCert]):
+    """What :meth:`CertStore.import_files` stored: the certificates (the list itself) and, in
+    :attr:`crls`, the certificate revocation lists found among the files."""
+
+    def __init__(
+        self, certs: Iterable[ImportedCert] = (), crls: Iterable[ImportedCRL] = ()
+    ) -> None:
+        super().__init__(certs)
+        self.crls: list[ImportedCRL] = list(crls)
 
 
 def _crls_in(data: bytes) -> list[x509.CertificateRevocationList]:
@@ -1261,10 +1273,14 @@ class CertStore:
         *,
         trust: bool = False,
         passphrase: PasswordSource | None = None,
-    ) -> list[ImportedCert]:
+        crls: bool = True,
+    ) -> ImportResult:
         """Import X.509 material: certificates (PEM, DER, PKCS#7), PKCS#12 bundles and PEM
         private keys, which are paired with the certificate of the same public key from any of
-        ``paths`` (so ``cert.pem key.pem`` works as well as one combined file).
+        ``paths`` (so ``cert.pem key.pem`` works as well as one combined file); and CRLs (PEM or
+        DER), after the certificates, so a CA and its CRL can come together (see
+        :meth:`import_crls`; they are listed in the result's ``crls``). ``crls=False`` leaves
+        CRLs for a later :meth:`import_crls`, once other certificates (``--trust``) are in.
 
         A key with its certificate becomes an identity (its CA certificates become its chain);
         other end-entity certificates become recipients' certificates and CA certificates are
@@ -1309,7 +1325,8 @@ class CertStore:
                 kind = CertKind.INTERMEDIATE if _is_ca(cert) else CertKind.CERTIFICATE
             results.append(self._store_cert(cert, source, kind))
         self.invalidate()
-        return results
+        crl_paths = [Path(p) for p in paths if crls and holds_crl(Path(p))]
+        return ImportResult(results, self.import_crls(crl_paths) if crl_paths else ())
 
     def _read_material(self, path: Path, out: _Material, asker: _Asker) -> None:
         try:
@@ -1339,7 +1356,7 @@ class CertStore:
                     out.keys.append(self._read_pem_key(pem, path, asker))
                     found = True
                 elif label == b"X509 CRL":
-                    found = True  # CRLs are imported by import_crls, after the certificates
+                    found = True  # CRLs are imported after the certificates
             if not found:
                 raise KeystoreError(f"{path}: no certificate or private key in the PEM file")
             return
@@ -1350,7 +1367,7 @@ class CertStore:
             out.certs.extend((c, path) for c in der_certs)
             return
         if _crls_in(data):
-            return  # a DER CRL: import_crls takes it
+            return  # a DER CRL: imported after the certificates
         out.bundles.append(self._read_pkcs12(data, path, asker))
 
     @staticmethod

@@ -408,6 +408,23 @@ def test_crl_import_is_checked_and_the_newest_kept(pki: PKI, tmp_path: Path) -> 
         store.import_crls([damaged])
 
 
+def test_import_files_takes_a_ca_and_its_crl_together(pki: PKI, tmp_path: Path) -> None:
+    """One PEM file with a CA certificate and that CA's CRL (or a DER CRL beside it): the
+    library's import_files stores the CA first, then the CRL, listed in ``crls``."""
+    bundle = tmp_path / "ca-and-crl.pem"
+    crl = make_crl(pki.intermediate, pki.intermediate_key, ((pki.dave.cert, None),))
+    bundle.write_bytes(pki.intermediate.public_bytes(PEM) + crl.public_bytes(PEM))
+    store = CertStore(tmp_path / "home")
+    store.import_files([pki.root_pem], trust=True)
+    result = store.import_files([pki.dave.cert_pem, bundle])
+    assert {i.stored.fingerprint for i in result} >= {pki.dave.fingerprint}
+    assert [(c.source, c.outcome, c.revoked) for c in result.crls] == [(bundle, "imported", 1)]
+    dave = store.recipient_cert("dave@example.com")
+    assert isinstance(dave, KeyProblem) and dave.reason is KeyReason.REVOKED
+    der = write_crl(tmp_path / "again.crl", crl, "der")
+    assert [c.outcome for c in store.import_files([der]).crls] == ["unchanged"]
+
+
 def test_expired_crl_still_revokes_but_vouches_for_nothing(pki: PKI, tmp_path: Path) -> None:
     """A CRL past its nextUpdate: what it lists stays revoked under every policy; the others
     are usable under off and prefer (as with no CRL), refused under require."""

@@ -104,11 +104,14 @@ def keys_import(
         if passphrase_env
         else _ask("Passphrase of the PKCS#12 file or private key", "--passphrase-env VAR")
     )
-    # CRLs go in after the certificates, so a CA certificate and its CRL can come together.
-    crl_files = [p for p in x509_files if holds_crl(p)]
-    results = certstore.import_files(x509_files, passphrase=source) if x509_files else []
+    results = (
+        certstore.import_files(x509_files, passphrase=source, crls=False) if x509_files else []
+    )
     if trust_files:
-        results += certstore.import_files(trust_files, trust=True)
+        results += certstore.import_files(trust_files, trust=True, crls=False)
+    # CRLs last, so a CA certificate (even one given with --trust) and its CRL can come together.
+    crl_files = [p for p in (*x509_files, *trust_files) if holds_crl(p)]
+    crls = certstore.import_crls(crl_files) if crl_files else []
     for item in results:
         cert = item.stored
         who = ", ".join(cert.addresses) or cert.subject
@@ -118,7 +121,7 @@ def keys_import(
             status = certstore.status(cert)
             if status != "usable":
                 click.echo(f"  note: {status}")
-    for crl in certstore.import_crls(crl_files) if crl_files else []:
+    for crl in crls:
         done = {
             "imported": "imported",
             "unchanged": "unchanged",
