@@ -105,6 +105,8 @@ class Responder:
         default_factory=dict
     )
     requests: list[str] = field(default_factory=list)
+    #: Set to let requests for /slow (which never get an answer otherwise) go.
+    release: threading.Event = field(default_factory=threading.Event)
 
     def reset(self) -> None:
         self.files.clear()
@@ -154,6 +156,8 @@ def responder() -> Iterator[Responder]:
 
         def do_GET(self) -> None:
             state[0].requests.append(f"GET {self.path}")
+            if self.path == "/slow":
+                state[0].release.wait(30)
             body = state[0].files.get(self.path)
             if body is None:
                 self._reply(404, b"not found", "text/plain")
@@ -177,10 +181,12 @@ def responder() -> Iterator[Responder]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     state.append(Responder(url=f"http://127.0.0.1:{server.server_address[1]}"))
     yield state[0]
+    state[0].release.set()
     server.shutdown()
     server.server_close()
     thread.join()
@@ -660,3 +666,66 @@ def test_revocation_policy_from_the_library_and_the_command_line(
     sent = e2email(*base, "--revocation", "prefer")
     assert sent.returncode == 0, sent.stderr
     assert len(server.messages) == 1
+
+
+def test_revoked_intermediate_found_through_its_distribution_point(
+    pki: PKI, tmp_path: Path, responder: Responder
+) -> None:
+    """The CA certificate names the root's CRL at a distribution point; the CRL served there
+    revokes the CA: under prefer, Bob (whose own certificate names no URL) is refused naming
+    the CA; with fetching off nothing is asked and nothing says so."""
+    responder.reset()
+    chain = make_chain(pki, tmp_path / "pki", ca_crl_url=f"{responder.url}/root.crl")
+    crl = make_crl(pki.root, pki.root_key, ((chain.ca, x509.ReasonFlags.cessation_of_operation),))
+    responder.files["/root.crl"] = crl.public_bytes(DER)
+    store = chain_store(pki, tmp_path / "home", chain)
+    assert isinstance(store.recipient_cert("bob@example.net"), StoredCert)
+    assert responder.requests == []
+    choice = store.recipient_cert("bob@example.net", revocation=RevocationPolicy.PREFER)
+    assert isinstance(choice, KeyProblem) and choice.reason is KeyReason.REVOKED
+    assert "its CA certificate CN=Revocation Test CA" in choice.detail
+    assert "cessationOfOperation" in choice.detail
+    assert responder.requests == ["GET /root.crl"]
+
+
+def test_fetches_are_bounded_in_size_and_time(
+    pki: PKI, tmp_path: Path, responder: Responder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CRL larger than the limit is not read to the end, a distribution point that never
+    answers is given up after the store's revocation_timeout, anything not a CRL or an HTTP
+    error establishes nothing: require refuses, naming why."""
+    import e2email.revocation
+
+    responder.reset()
+    chain = make_chain(pki, tmp_path / "pki", crl_url=f"{responder.url}/ca.crl")
+    store = chain_store(pki, tmp_path / "home", chain)
+    store.import_crls([write_crl(tmp_path / "root.crl", make_crl(pki.root, pki.root_key))])
+    big = make_crl(chain.ca, chain.ca_key, tuple((pki.bad[k].cert, None) for k in pki.bad))
+    responder.files["/ca.crl"] = big.public_bytes(DER)
+    monkeypatch.setattr(e2email.revocation, "CRL_LIMIT", 200)
+    too_big = CertStore(store.home).recipient_cert(
+        "bob@example.net", revocation=RevocationPolicy.REQUIRE
+    )
+    assert isinstance(too_big, KeyProblem) and "larger than 200 bytes" in too_big.detail
+    monkeypatch.undo()
+    responder.files["/ca.crl"] = b"this is not a CRL"
+    garbled = CertStore(store.home).recipient_cert(
+        "bob@example.net", revocation=RevocationPolicy.REQUIRE
+    )
+    assert isinstance(garbled, KeyProblem) and "not a CRL" in garbled.detail
+    del responder.files["/ca.crl"]
+    missing = CertStore(store.home).recipient_cert(
+        "bob@example.net", revocation=RevocationPolicy.REQUIRE
+    )
+    assert isinstance(missing, KeyProblem) and "HTTP 404" in missing.detail
+
+    slow_chain = make_chain(pki, tmp_path / "slow", crl_url=f"{responder.url}/slow")
+    slow = chain_store(pki, tmp_path / "slow-home", slow_chain)
+    slow.import_crls([write_crl(tmp_path / "root.crl", make_crl(pki.root, pki.root_key))])
+    impatient = CertStore(slow.home, revocation_timeout=0.5)
+    choice = impatient.recipient_cert("bob@example.net", revocation=RevocationPolicy.REQUIRE)
+    assert isinstance(choice, KeyProblem)
+    assert choice.reason is KeyReason.REVOCATION_UNKNOWN
+    assert f"{responder.url}/slow" in choice.detail
+    preferred = impatient.recipient_cert("bob@example.net", revocation=RevocationPolicy.PREFER)
+    assert isinstance(preferred, StoredCert)
