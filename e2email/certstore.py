@@ -541,6 +541,8 @@ class CertStore:
         # (certificate, issuer) fingerprints -> (what fetching said: None good, Revoked, or why
         # nothing could be had; until when it is reused).
         self._fetched: dict[tuple[str, str], tuple[Revoked | str | None, datetime.datetime]] = {}
+        # Stored CRL file -> ((inode, mtime, size), the CRL as parsed and checked).
+        self._crls: dict[Path, tuple[tuple[int, int, int], x509.CertificateRevocationList]] = {}
         self.root = self.home / "smime"
         self._lock = threading.Lock()
         self._listing: tuple[tuple[int, ...], tuple[StoredCert, ...]] | None = None
@@ -895,16 +897,18 @@ class CertStore:
             hit = crl_entry(stored, cert, "the stored CRL")
             if hit is not None:
                 return hit
-            if crl_covers(stored, cert):
-                if crl_current(stored, now):
-                    return None
+            if not crl_covers(stored, cert):
+                reasons.append("the stored CRL of its issuer does not cover it")
+            elif crl_current(stored, now):
+                return None
+            else:
                 ends = stored.next_update_utc
                 reasons.append(
-                    "the stored CRL expired"
+                    "the stored CRL of its issuer expired"
                     + (f" on {_utc(ends):%Y-%m-%d %H:%M} UTC" if ends else " (no nextUpdate)")
                 )
         else:
-            reasons.append("no CRL imported for its issuer")
+            reasons.append("no CRL of its issuer imported")
         if policy is RevocationPolicy.OFF:
             return "; ".join(reasons)
         cache_key = (fingerprint(cert), fingerprint(issuer))
@@ -943,6 +947,11 @@ class CertStore:
         Raises KeystoreError for a stored CRL that cannot be used."""
         path = self._crl_path(issuer)
         try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._crls.get(path)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]  # parsed and checked already (a big CRL takes a while)
             data = path.read_bytes()
         except FileNotFoundError:
             return None
@@ -955,6 +964,7 @@ class CertStore:
         problem = crl_issuer_problem(crl, issuer)
         if problem:
             raise KeystoreError(f"the stored CRL {path} cannot be used: {problem}")
+        self._crls[path] = (stamp, crl)
         return crl
 
     def _store_crl(
