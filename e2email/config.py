@@ -25,6 +25,7 @@ __all__ = [
     "PasswordSource",
     "Protection",
     "RetryPolicy",
+    "RevocationPolicy",
     "SMIMECipher",
     "SMTPSettings",
     "Scheme",
@@ -306,6 +307,22 @@ class SMIMECipher(enum.Enum):
 SMIME_DIGESTS = ("sha256", "sha384", "sha512")
 
 
+class RevocationPolicy(enum.Enum):
+    """Whether S/MIME revocation status is fetched (OCSP, RFC 6960; CRL distribution points,
+    RFC 5280 §4.2.1.13) for every certificate of a chain, recipients' and the signer's.
+
+    CRLs imported with ``keys import`` are used whatever the policy: a certificate they list
+    is refused. ``OFF`` fetches nothing; ``PREFER`` fetches and refuses a revoked
+    certificate, but goes on when no status can be had (responder unreachable, answer
+    invalid or stale); ``REQUIRE`` refuses a certificate whose status cannot be established.
+    An expired imported CRL (nextUpdate passed) still revokes what it lists, but says nothing
+    about the rest: it counts as no CRL, so ``REQUIRE`` then needs a fresh answer."""
+
+    OFF = "off"
+    PREFER = "prefer"
+    REQUIRE = "require"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Protection:
     """What to do to each message. The default signs and encrypts with OpenPGP."""
@@ -327,6 +344,10 @@ class Protection:
     #: S/MIME only: SHA-256 fingerprints of self-signed certificates accepted as their own trust
     #: anchor for these messages (the explicit, named exception to chain validation).
     smime_trust_self_signed: frozenset[str] = frozenset()
+    #: S/MIME only: fetch revocation status (OCSP, CRL distribution points) for every
+    #: certificate in the chains of the recipients and the signer. Imported CRLs are always
+    #: used. See :class:`RevocationPolicy`.
+    revocation: RevocationPolicy = RevocationPolicy.OFF
 
     def __post_init__(self) -> None:
         # Addresses compare case-insensitively; store the map normalised so lookups are simple.
@@ -346,6 +367,13 @@ class Protection:
                 raise ConfigError(f"{fpr!r} is not a SHA-256 certificate fingerprint")
             trusted.add(norm)
         object.__setattr__(self, "smime_trust_self_signed", frozenset(trusted))
+        if not isinstance(self.revocation, RevocationPolicy):
+            try:
+                object.__setattr__(self, "revocation", RevocationPolicy(self.revocation))
+            except ValueError:
+                raise ConfigError(
+                    f"revocation must be off, prefer or require, not {self.revocation!r}"
+                ) from None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -102,6 +102,8 @@ class KeyReason(enum.Enum):
     UNTRUSTED = "certificate not trusted"
     WRONG_USAGE = "certificate not issued for this use"
     UNSUPPORTED = "key type not supported"
+    #: S/MIME revocation status required (``--revocation require``) but not established.
+    REVOCATION_UNKNOWN = "revocation status unknown"
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,9 @@ def keys_import(
     OpenPGP keys (armored or binary, public or secret) go to the GnuPG keyring. X.509 files are
     for S/MIME and recognised by their content: PEM or DER certificates of recipients, PKCS#12
     bundles (.p12/.pfx) and PEM private keys with their certificate (in the same file or one
-    given alongside) become your own identities; --trust adds a trusted CA.
+    given alongside) become your own identities; --trust adds a trusted CA. Certificate
+    revocation lists (PEM or DER, signed by a CA already imported or given alongside) are kept,
+    the newest per CA, and refuse every certificate they list when sending.
     """
     if not files and not trust_files:
         raise click.UsageError("give FILES to import, or --trust CERT")
@@ -92,15 +94,22 @@ def keys_import(
         _report_import(path, summary)
     if not (x509_files or trust_files):
         return
+    from e2email.certstore import holds_crl
+
     certstore = CertStore(state.home)
     source = (
         password_from_env(passphrase_env, what="the passphrase of the PKCS#12 file or private key")
         if passphrase_env
         else _ask("Passphrase of the PKCS#12 file or private key", "--passphrase-env VAR")
     )
-    results = certstore.import_files(x509_files, passphrase=source) if x509_files else []
+    results = (
+        certstore.import_files(x509_files, passphrase=source, crls=False) if x509_files else []
+    )
     if trust_files:
-        results += certstore.import_files(trust_files, trust=True)
+        results += certstore.import_files(trust_files, trust=True, crls=False)
+    # CRLs last, so a CA certificate (even one given with --trust) and its CRL can come together.
+    crl_files = [p for p in (*x509_files, *trust_files) if holds_crl(p)]
+    crls = certstore.import_crls(crl_files) if crl_files else []
     for item in results:
         cert = item.stored
         who = ", ".join(cert.addresses) or cert.subject
@@ -110,6 +119,22 @@ def keys_import(
             status = certstore.status(cert)
             if status != "usable":
                 click.echo(f"  note: {status}")
+    for crl in crls:
+        done = {
+            "imported": "imported",
+            "unchanged": "unchanged",
+            "older": "not imported, a newer CRL of this CA is kept",
+        }[crl.outcome]
+        until = f"{crl.next_update:%Y-%m-%d %H:%M} UTC" if crl.next_update else "no next update"
+        click.echo(
+            f"{crl.source}: S/MIME CRL of {crl.issuer}: {done} (issued "
+            f"{crl.this_update:%Y-%m-%d %H:%M} UTC, next {until}, {crl.revoked} revoked)"
+        )
+        if crl.expired():
+            click.echo(
+                "  note: this CRL is out of date: it still revokes what it lists, but vouches "
+                "for nothing else (--revocation require then needs a fresh status)"
+            )
 
 
 def _report_import(path: Path, summary: ImportSummary) -> None:

@@ -155,6 +155,8 @@ def _read_subject(opts: dict[str, Any]) -> str:
 
 def _smime_options(command: Any) -> Any:
     """The S/MIME options of ``send`` (kept together, applied as one decorator)."""
+    from e2email.config import RevocationPolicy
+
     options = [
         click.option(
             "--smime",
@@ -175,6 +177,14 @@ def _smime_options(command: Any) -> Any:
             metavar="SHA256",
             help="S/MIME: accept this self-signed certificate, named by fingerprint (repeatable).",
         ),
+        click.option(
+            "--revocation",
+            type=click.Choice([p.value for p in RevocationPolicy]),
+            help="S/MIME: fetch revocation status (OCSP, CRL distribution points) for every "
+            "certificate: off (default; imported CRLs are still used), prefer (refuse a "
+            "revoked one, go on when no status can be had) or require (refuse when the status "
+            "cannot be established).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -183,8 +193,10 @@ def _smime_options(command: Any) -> Any:
 
 def _smime_protection(opts: dict[str, Any]) -> dict[str, Any]:
     """Protection fields for the S/MIME options; refuses them without --smime."""
+    from e2email.config import RevocationPolicy
+
     if not opts["smime"]:
-        for name in ("smime_cipher", "rsa_pss", "trust_self_signed"):
+        for name in ("smime_cipher", "rsa_pss", "trust_self_signed", "revocation"):
             if opts[name]:
                 flag = "--" + name.replace("_", "-")
                 raise click.UsageError(f"{flag} needs --smime")
@@ -196,6 +208,8 @@ def _smime_protection(opts: dict[str, Any]) -> dict[str, Any]:
     }
     if opts["smime_cipher"]:
         fields["smime_cipher"] = SMIMECipher(opts["smime_cipher"])
+    if opts["revocation"]:
+        fields["revocation"] = RevocationPolicy(opts["revocation"])
     return fields
 
 
