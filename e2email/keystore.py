@@ -596,6 +596,45 @@ class Keystore:
             check=False,
         )
 
+    def forget_passphrase(self, subkey_fingerprint: str) -> None:
+        """Make gpg-agent ask for the passphrase of this (secret) subkey again.
+
+        With a passphrase given for a message, what unlocks the key must be that passphrase:
+        a passphrase cached by the agent of a named GnuPG home would otherwise hide a wrong one
+        (issue 8 item 18). e2email's own home keeps no cache (``_AGENT_CONF``), so nothing is
+        done there. The agent's cache entry is keyed by the keygrip (gpg-agent(1),
+        CLEAR_PASSPHRASE); the passphrase that then unlocks the key is cached again as the
+        user's agent settings say."""
+        if self.managed:
+            return
+        listing = self._run_gpg("--with-keygrip", "--list-secret-keys", f"{subkey_fingerprint}!")
+        grip = None
+        current = None
+        for line in listing.splitlines():
+            fields = line.split(":")
+            if fields[0] == "fpr" and len(fields) > 9:
+                current = fields[9]
+            elif fields[0] == "grp" and len(fields) > 9 and current == subkey_fingerprint:
+                grip = fields[9]
+                break
+        if grip is None:
+            return  # no secret for it here: gpg will say so when signing
+        try:
+            subprocess.run(
+                [
+                    "gpg-connect-agent",
+                    "--homedir",
+                    str(self.gnupg_home),
+                    f"CLEAR_PASSPHRASE --mode=normal {grip}",
+                    "/bye",
+                ],
+                capture_output=True,
+                check=False,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KeystoreError(f"cannot reach the gpg-agent of {self.gnupg_home}: {exc}") from exc
+
     def _run_gpg(self, *args: str) -> str:
         self.gpg  # noqa: B018 - ensures the home exists
         cmd = [

@@ -108,6 +108,34 @@ def test_passphrase_cached_by_an_agent_started_before_is_flushed(keys: Keys) -> 
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_named_gnupg_home_signs_with_the_passphrase_given_not_the_cached_one(
+    keys: Keys,
+) -> None:
+    """A user's own GnuPG home (``--gnupg-home``) keeps its agent's cache settings, but a
+    passphrase given for a message is the one that must unlock the key: the cached one is
+    dropped first, so a wrong passphrase is refused even right after a right one."""
+    home = new_gnupg_home("e2kn")
+    gnupg_home = home / "user-gnupg"
+    gnupg_home.mkdir(mode=0o700)
+    assert keys.locked.secret and keys.locked.passphrase
+    try:
+        gpg(gnupg_home, "--import", str(keys.locked.secret))
+        store = Keystore(home / "e2", gnupg_home=gnupg_home)
+        assert not store.managed
+        _sign_with(store, keys.locked.fingerprint, keys.locked.passphrase)
+        # The user's agent cached it (its settings are untouched: no gpg-agent.conf written).
+        assert not (gnupg_home / "gpg-agent.conf").exists()
+        cached = gpg(gnupg_home, "--passphrase", "wrong", "--detach-sign", input=b"x")
+        assert cached.returncode == 0
+        with pytest.raises(PassphraseError) as wrong:
+            _sign_with(store, keys.locked.fingerprint, "wrong")
+        assert not wrong.value.missing
+        _sign_with(store, keys.locked.fingerprint, keys.locked.passphrase)
+    finally:
+        kill_agent(gnupg_home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 # -- Several keys for one address through the CLI (item 1) ------------------------------------
 
 
