@@ -19,14 +19,15 @@ import asyncio
 import contextlib
 import ipaddress
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from cryptography import x509
 
+from e2email.config import host_for_connecting
 from e2email.transport.smtp import client_tls_context
 
 __all__ = [
@@ -145,6 +146,17 @@ class DoctorReport:
 # -- the probe ----------------------------------------------------------------------------------
 
 
+_T = TypeVar("_T")
+
+
+async def _within(call: Awaitable[_T], seconds: float) -> _T:
+    """``await call`` for at most ``seconds`` (TimeoutError after). Not ``asyncio.wait_for``:
+    on Python 3.11 it loses a cancellation (Ctrl-C) that arrives just as the awaited step
+    completes (CPython gh-86296); ``asyncio.timeout()`` never does."""
+    async with asyncio.timeout(seconds):
+        return await call
+
+
 class _Unreachable(Exception):
     """The TCP connection could not be made."""
 
@@ -167,7 +179,7 @@ class _Session:
         lines: list[str] = []
         while len(lines) < _MAX_REPLY_LINES:
             try:
-                raw = await asyncio.wait_for(self.reader.readline(), timeout or self.timeout)
+                raw = await _within(self.reader.readline(), timeout or self.timeout)
             except ValueError as exc:
                 # StreamReader's line limit (64 KiB) overrun: no SMTP server sends that
                 # (RFC 5321 §4.5.3.1.5: 512 octets per reply line).
@@ -184,7 +196,7 @@ class _Session:
 
     async def command(self, line: str) -> tuple[int, list[str]]:
         self.writer.write(line.encode("ascii") + b"\r\n")
-        await asyncio.wait_for(self.writer.drain(), self.timeout)
+        await _within(self.writer.drain(), self.timeout)
         return await self.reply()
 
     async def ehlo(self) -> dict[str, str]:
@@ -204,13 +216,13 @@ class _Session:
         if polite:
             with contextlib.suppress(Exception):
                 self.writer.write(b"QUIT\r\n")
-                await asyncio.wait_for(self.writer.drain(), self.timeout)
-                await asyncio.wait_for(self.reply(), min(self.timeout, 2.0))
+                await _within(self.writer.drain(), self.timeout)
+                await _within(self.reply(), min(self.timeout, 2.0))
             self.writer.close()
         else:
             self.writer.transport.abort()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+            await _within(self.writer.wait_closed(), 1.0)
 
 
 def _lax_context() -> ssl.SSLContext:
@@ -231,7 +243,7 @@ async def _connect(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A plain TCP connection; any failure here means the port is not reachable."""
     try:
-        return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        return await _within(asyncio.open_connection(host, port), timeout)
     except TimeoutError as exc:
         raise _Unreachable(f"timed out after {timeout:g} s") from exc
     except ConnectionRefusedError as exc:
@@ -262,7 +274,7 @@ async def _handshake(
 ) -> None:
     """TLS on an open connection (from the first byte for implicit TLS, or after STARTTLS)."""
     try:
-        await asyncio.wait_for(
+        await _within(
             writer.start_tls(ctx, server_hostname=host, ssl_handshake_timeout=timeout), timeout
         )
     except ssl.SSLCertVerificationError as exc:
@@ -736,8 +748,11 @@ async def diagnose(
     server; its keys choose which standard ports are probed). ``ca_file`` trusts only that CA,
     as in ``e2email send --ca-file``. ``timeout`` bounds each network step.
     """
-    if not host or any(c in host for c in "\r\n\0 /"):
-        raise ValueError(f"invalid host {host!r}")
+    # A usage error (ConfigError, a ValueError) for a bad name or a glued port, before any
+    # probe; the probes connect to, and verify certificates for, the A-label form.
+    name = host_for_connecting(
+        host, what="host", port_hint="let doctor probe 25, 465, 587 and 2525 (or --port-map)"
+    )
     mapping = dict(ports) if ports is not None else {p: p for p in PROBED_PORTS}
     verify = client_tls_context(ca_file)
     # Each probe makes at most a handful of round trips; bound the whole so a tarpit cannot
@@ -746,7 +761,7 @@ async def diagnose(
 
     async def bounded(label: int, port: int) -> PortReport:
         try:
-            return await asyncio.wait_for(_probe(host, label, port, verify, timeout), budget)
+            return await _within(_probe(name, label, port, verify, timeout), budget)
         except TimeoutError:
             return PortReport(
                 port=label, connected_port=port, reachable=True, error="probe timed out"
