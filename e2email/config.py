@@ -141,17 +141,28 @@ def host_for_connecting(host: str, *, what: str = "SMTP host", port_hint: str | 
 PasswordSource = str | Callable[[], str]
 
 
+class _FromEnvironment:
+    """A secret in an environment variable: already inside this process, so reading it early
+    (``in_process``) exposes nothing. The transport reads other sources only after TLS is
+    verified."""
+
+    in_process = True
+
+    def __init__(self, name: str, what: str) -> None:
+        self.name = name
+        self.what = what
+
+    def __call__(self) -> str:
+        value = os.environ.get(self.name)
+        if value is None:
+            raise ConfigError(f"environment variable {self.name} ({self.what}) is not set")
+        return value
+
+
 def password_from_env(name: str, *, what: str = "the SMTP password") -> Callable[[], str]:
     """A password source that reads environment variable ``name`` when the password is needed.
     ``what`` names the secret in error messages (e.g. ``"the OAuth2 access token"``)."""
-
-    def read() -> str:
-        value = os.environ.get(name)
-        if value is None:
-            raise ConfigError(f"environment variable {name} ({what}) is not set")
-        return value
-
-    return read
+    return _FromEnvironment(name, what)
 
 
 def password_from_command(command: str, *, what: str = "password") -> Callable[[], str]:

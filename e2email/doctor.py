@@ -29,6 +29,7 @@ from cryptography import x509
 
 from e2email.config import host_for_connecting
 from e2email.transport.smtp import client_tls_context
+from e2email.transport.text import server_text
 
 __all__ = [
     "PROBED_PORTS",
@@ -189,7 +190,9 @@ class _Session:
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
             if len(text) < 3 or not text[:3].isdigit() or text[3:4] not in ("", " ", "-"):
                 raise _NotThisMode(f"not an SMTP reply: {text[:60]!r}")
-            lines.append(text)
+            # The server's words reach the report (banner, extensions, problems) only made
+            # safe: no escape sequences or control characters (the code and separator stay).
+            lines.append(text[:4] + server_text(text[4:]))
             if text[3:4] != "-":
                 return int(text[:3]), lines
         raise ConnectionError("reply too long")
@@ -310,8 +313,8 @@ class _Findings:
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return str(exc.verify_message)
-    return str(exc.reason or exc.strerror or exc)
+        return server_text(str(exc.verify_message))
+    return server_text(str(exc.reason or exc.strerror or exc))
 
 
 def _record_tls(findings: _Findings, writer: asyncio.StreamWriter, host: str) -> None:
@@ -598,9 +601,11 @@ def _certificate_info(
         names.extend(san.get_values_for_type(x509.DNSName))
         names.extend(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
     not_after = cert.not_valid_after_utc
+    # Names in a certificate are the server's words too (a CN can hold an escape sequence).
+    names = [server_text(name) for name in names]
     return CertificateInfo(
-        subject=cert.subject.rfc4514_string(),
-        issuer=cert.issuer.rfc4514_string(),
+        subject=server_text(cert.subject.rfc4514_string()),
+        issuer=server_text(cert.issuer.rfc4514_string()),
         not_before=cert.not_valid_before_utc.isoformat(),
         not_after=not_after.isoformat(),
         days_left=(not_after - datetime.now(UTC)).days,

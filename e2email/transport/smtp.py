@@ -687,16 +687,40 @@ class SMTPTransport:
         # (a prompt asked once, a password command run once), off the event loop.
         self._secret: str | None = None
         self._secret_lock: asyncio.Lock | None = None
+        #: Ports already reported as passed over for want of STARTTLS.
+        self._warned: set[tuple[int, TLSMode]] = set()
 
     async def prepare(self) -> None:
-        """Resolve the password or token now unless its source is interactive (a prompt,
-        marked ``interactive = True``, stays lazy: asked only after TLS is verified), so an
-        unset variable or failing command is reported before anything is stored or sent."""
-        source = self._settings.oauth_token or self._settings.password
-        if self._settings.username is None or source is None:
+        """Have the password or token ready before anything is stored or sent (so a failing
+        password command is reported while nothing waits in the outbox), yet read it only once
+        TLS is verified, as promised: a password command may unlock a keyring or ask a
+        hardware token, and none of that is done for a server that cannot prove who it is.
+
+        * A string, or an environment variable (a source marked ``in_process``, as
+          :func:`~e2email.config.password_from_env` makes): read now. Nothing leaves the
+          process, and an unset variable is reported at once.
+        * A prompt (marked ``interactive``): asked only when AUTH needs it, inside TLS.
+        * Anything else (a password or token command, any callable): first a connection is
+          opened exactly as for sending (port search, TLS verified, EHLO) and closed again
+          with QUIT; only once it stood is the source run. When no verified connection can
+          be made the source is not run at all and this returns quietly: delivery then meets
+          the same failure and reports it, with the copies kept, like any connection failure.
+        """
+        settings = self._settings
+        source = settings.oauth_token if settings.oauth_token is not None else settings.password
+        if settings.username is None or source is None or self._secret is not None:
+            return
+        if isinstance(source, str) or getattr(source, "in_process", False):
+            await self._resolve_secret()
             return
         if getattr(source, "interactive", False):
             return
+        try:
+            conn = await self._open(authenticate=False)
+        except TransportError as exc:
+            log.debug("the password source is not run: no verified connection: %s", exc)
+            return
+        await conn._close()
         await self._resolve_secret()
 
     async def _resolve_secret(self) -> str | None:
@@ -754,23 +778,25 @@ class SMTPTransport:
                 raw, mail_from=mail_from, recipients=recipients, require_tls=require_tls
             )
 
-    async def _open(self) -> SMTPConnection:
+    async def _open(self, *, authenticate: bool = True) -> SMTPConnection:
         """Try the candidate ports in order; see :mod:`e2email.transport.ports` for when the
         next one is tried. Each attempt is reported in the error's (or connection's)
-        ``attempts``."""
+        ``attempts``. ``authenticate=False`` stops after TLS and EHLO (see :meth:`prepare`)."""
         host = self._settings.host
         candidates = self.candidates()
         attempts: list[PortAttempt] = []
         for index, (port, mode) in enumerate(candidates):
             try:
-                conn = await self._open_one(port, mode, attempts)
+                conn = await self._open_one(port, mode, attempts, authenticate=authenticate)
             except _AttemptFailed as failed:
                 attempt = PortAttempt(port, mode, failed.outcome, str(failed.error))
                 attempts.append(attempt)
                 if attempt.may_fall_back and index + 1 < len(candidates):
-                    if attempt.outcome in NO_TLS_OUTCOMES:
+                    if attempt.outcome in NO_TLS_OUTCOMES and (port, mode) not in self._warned:
                         # Never passed over quietly: a removed STARTTLS offer is what an
-                        # attack looks like (the CLI prints warnings on stderr).
+                        # attack looks like (the CLI prints warnings on stderr). Once per
+                        # port and transport: prepare() may have met it already.
+                        self._warned.add((port, mode))
                         log.warning("%s; trying the next port, under the same TLS checks", attempt)
                     else:
                         log.info("%s; trying the next port", attempt)
@@ -816,7 +842,7 @@ class SMTPTransport:
         return error
 
     async def _open_one(
-        self, port: int, mode: TLSMode, attempts: list[PortAttempt]
+        self, port: int, mode: TLSMode, attempts: list[PortAttempt], *, authenticate: bool = True
     ) -> SMTPConnection:
         settings = self._settings
         where = f"{settings.host}:{port}"
@@ -858,7 +884,7 @@ class SMTPTransport:
                         "the message was not sent",
                         host=where,
                     )
-                if settings.username is not None:
+                if settings.username is not None and authenticate:
                     await self._authenticate(smtp, tls, settings.username, where)
             except aiosmtplib.SMTPTimeoutError as exc:
                 raise ConnectError(
