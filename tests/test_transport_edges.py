@@ -427,6 +427,19 @@ def test_the_password_command_never_runs_without_verified_tls(
     assert server.auth_attempts == [] and server.messages == []
 
 
+def test_the_token_command_never_runs_without_verified_tls(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """The same for `--token-command` (XOAUTH2): STARTTLS stripped, the command never ran."""
+    marker = tmp_path / "ran"
+    server = smtp_server(tls="starttls", offer_starttls=False, xoauth2_tokens={"alice": "pw"})
+    args = send_args(server, "--user", "alice", "--token-command", _password_command(marker))
+    done = cli(*args, home=tmp_path / "home")
+    assert done.returncode == 4, done.stderr
+    assert not marker.exists(), "the token command ran before TLS was verified"
+    assert set(server.received_commands()) <= {"EHLO", "QUIT"}
+
+
 def test_the_password_command_runs_once_against_a_good_server(
     smtp_server: ServerFactory, tmp_path: Path
 ) -> None:
