@@ -6,6 +6,7 @@ Imports only :mod:`e2email.errors`, so every layer may use them.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import os
 import random as _random
@@ -323,7 +324,7 @@ class SMTPSettings:
                 pairs.append((port, mode))
         return tuple(pairs)
 
-    @property
+    @functools.cached_property
     def connect_host(self) -> str:
         """The host to connect to and to verify the certificate for: ``host`` with a name in
         A-labels (IDNA 2008, UTS #46) and an IPv6 address without brackets."""

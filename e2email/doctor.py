@@ -11,6 +11,12 @@ and no credentials, whatever the port (port 25 included). When a certificate doe
 a second connection completes a handshake *without* verification only to read the certificate
 and say what is wrong with it; the report marks it as not verified, and nothing learned that
 way counts as usable.
+
+Everything the server says (greeting, EHLO lines, replies, certificate names) is stripped of
+terminal escape sequences and control characters before it reaches the report
+(:func:`e2email.transport.text.server_text`). A bad host name, or one with a port glued on, is
+a :class:`~e2email.errors.ConfigError` before anything is probed; names are probed and
+matched in their IDNA 2008 A-label form, as ``e2email send`` connects.
 """
 
 from __future__ import annotations

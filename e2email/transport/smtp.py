@@ -959,8 +959,8 @@ class SMTPTransport:
             if isinstance(exc, aiosmtplib.SMTPException):
                 # aiosmtplib raises a bare SMTPException when STARTTLS is not in the EHLO reply.
                 return TLSError(
-                    f"server {where} does not offer STARTTLS; refusing to continue without "
-                    "TLS (nothing but EHLO was sent)",
+                    f"server {where} does not offer STARTTLS (it may have been removed on the "
+                    "way); nothing but EHLO was sent, and nothing is sent without TLS",
                     host=where,
                 )
         if isinstance(exc, OSError):
