@@ -18,6 +18,7 @@ exit status:
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import sys
 import traceback
@@ -200,8 +201,28 @@ def _usage_line(exc: click.UsageError) -> str:
     return f"{exc.format_message()} (see `{path} --help`)"
 
 
+class _WarningLine(logging.Formatter):
+    """The library's warnings (e.g. a port skipped because STARTTLS was stripped) as the CLI's
+    own one-line warnings, not Python's bare "lastResort" lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"e2email: WARNING: {' '.join(record.getMessage().split())}"
+
+
+def _log_warnings_to_stderr() -> None:
+    logger = logging.getLogger("e2email")
+    if not any(getattr(h, "_e2email_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(_WarningLine())
+        handler._e2email_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point: run the CLI, turning every e2email error into one line and an exit code."""
+    _log_warnings_to_stderr()
     try:
         rv = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except click.exceptions.Abort as exc:
