@@ -27,6 +27,7 @@ from e2email.client import (
 from e2email.config import (
     Protection,
     RetryPolicy,
+    RevocationPolicy,
     Scheme,
     SMIMECipher,
     SMTPSettings,
@@ -103,6 +104,7 @@ __all__ = [
     "RecipientsRefusedError",
     "RequireTLSError",
     "RetryPolicy",
+    "RevocationPolicy",
     "SMIMECipher",
     "SMTPReply",
     "SMTPSettings",

@@ -9,6 +9,12 @@ Everything is under ``HOME/smime/`` (HOME is e2email's home, ``--home`` / ``$E2E
     identities/<SHA256>.pem       your own certificate followed by its chain
     identities/<SHA256>.key       its private key, PKCS#8 PEM, file mode 0600
     testca/ca.pem, ca.key         the local test CA of ``keys generate --smime --test-ca``
+    crls/<issuer>.crl             the newest CRL of each CA (DER), imported or fetched
+
+Every folder is made 0700 (through :mod:`e2email.private`, whatever the umask), and a store
+that another user owns or that group or others may write is refused
+(:class:`~e2email.errors.InsecurePathError`): whoever can write there can swap a recipient's
+certificate or a trust anchor.
 
 The local test CA exists to try S/MIME without a commercial certificate. Its key is stored
 unencrypted, so it is bounded instead: it lives one year, and a nameConstraints extension
@@ -43,10 +49,24 @@ emailAddress, but name constraints are checked against subjectAltName, so a CA c
 ``partner.example`` could put any address there (RFC 5280 §4.2.1.10 asks verifiers to check it
 only when there is no subjectAltName at all, and the verifier refuses end-entity certificates
 without one anyway). A certificate whose address is only in its subject names no address here.
+Addresses are taken exactly as the certificate states them (a padded `` bob@x`` is no address)
+and looked up without case; that is safe because e-mail name constraints are checked here
+again, after the verifier, with an excluded mailbox excluding every spelling of it (see
+``_email_constraint_violation``).
+
+Revocation (RFC 5280 §6.3, RFC 6960): every certificate of the verified chain but the trust
+anchor, for recipients and for the signer alike, is looked up in the stored CRL of its issuer
+(imported with ``keys import``, verified against that CA's certificate, the newest kept). A
+listed certificate is refused (:attr:`KeyReason.REVOKED`, naming it, its serial, the date and
+reason) even when the CRL has expired: a revocation does not lapse. Whether the status is also
+fetched (OCSP first, then the CRL distribution points; a fetched CRL is kept like an imported
+one) and whether a missing status refuses is the :class:`~e2email.config.RevocationPolicy`;
+an expired CRL counts as none. See :mod:`e2email.revocation` for what is accepted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import hashlib
@@ -74,8 +94,9 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from e2email.config import PasswordSource, default_home
+from e2email.config import PasswordSource, RevocationPolicy, default_home
 from e2email.errors import (
+    ConfigError,
     KeyProblem,
     KeyReason,
     KeystoreError,
@@ -83,17 +104,34 @@ from e2email.errors import (
     PassphraseError,
 )
 from e2email.message import Address
+from e2email.private import check_private, ensure_private_dir
+from e2email.revocation import (
+    FETCH_TIMEOUT,
+    RevocationUnavailable,
+    Revoked,
+    crl_covers,
+    crl_current,
+    crl_entry,
+    crl_issuer_problem,
+    fetch_crl,
+    issuer_key_id,
+    load_crl,
+    ocsp_status,
+)
 
 __all__ = [
     "MIN_RSA_BITS",
     "CertKind",
     "CertStore",
+    "ImportResult",
+    "ImportedCRL",
     "ImportedCert",
     "SignerKey",
     "StoredCert",
     "cert_addresses",
     "describe",
     "fingerprint",
+    "holds_crl",
     "looks_like_x509",
     "name_text",
     "permitted_email_subtrees",
@@ -114,9 +152,11 @@ _X509_PEM_LABELS = (
     b"ENCRYPTED PRIVATE KEY",
     b"RSA PRIVATE KEY",
     b"EC PRIVATE KEY",
+    b"X509 CRL",
 )
-_FILE_SUFFIXES = {".p12", ".pfx", ".crt", ".cer", ".der", ".p7b", ".p7c"}
+_FILE_SUFFIXES = {".p12", ".pfx", ".crt", ".cer", ".der", ".p7b", ".p7c", ".crl"}
 
+_WHAT = "the S/MIME certificate store"
 Purpose = Literal["sign", "encrypt"]
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -130,15 +170,30 @@ def _normal_fpr(text: str) -> str:
     return text.replace(":", "").replace(" ", "").upper().removeprefix("0X")
 
 
+#: A mailbox as a certificate may state it: one "@", no space or control character around or
+#: inside it. Anything else (" bob@x", "bob@x\n") names no address: it is never trimmed into one.
+_MAILBOX = re.compile(r"[^\s@\x00-\x1f\x7f]+@[^\s@\x00-\x1f\x7f]+")
+
+
 def _rfc822(names: Iterable[x509.GeneralName]) -> tuple[str, ...]:
-    found = (n.value.strip().lower() for n in names if isinstance(n, x509.RFC822Name))
-    return tuple(dict.fromkeys(a for a in found if "@" in a))
+    # Exactly as stated: name constraints were judged on these very strings, so a value is
+    # never trimmed or re-cased into an address the constraint check did not see.
+    found = (n.value for n in names if isinstance(n, x509.RFC822Name))
+    return tuple(dict.fromkeys(a for a in found if _MAILBOX.fullmatch(a)))
+
+
+def _same_mailbox(a: str, b: str) -> bool:
+    """Lookup by address ignores case (users type ``Bob@Example.NET``); the name constraint
+    check below makes that safe by excluding mailboxes case-insensitively too."""
+    return a.lower() == b.lower()
 
 
 def cert_addresses(cert: x509.Certificate) -> tuple[str, ...]:
-    """Lower-cased rfc822Name entries of subjectAltName: the only addresses a certificate
-    names here. The subject's emailAddress is ignored on purpose: CAs' name constraints are
-    checked against subjectAltName, not against it (see the module documentation)."""
+    """The rfc822Name entries of subjectAltName exactly as the certificate states them (only
+    well-formed mailboxes): the only addresses a certificate names here. Compare them
+    case-insensitively. The subject's emailAddress is ignored on purpose: CAs' name
+    constraints are checked against subjectAltName, not against it (see the module
+    documentation)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (x509.ExtensionNotFound, ValueError):
@@ -204,7 +259,7 @@ def describe(cert: x509.Certificate) -> str:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     common = str(names[0].value) if names else ""
     addresses = cert_addresses(cert)
-    if addresses and common and common.lower() != addresses[0]:
+    if addresses and common and common.lower() != addresses[0].lower():
         return f"{common} <{addresses[0]}>"
     return addresses[0] if addresses else common or name_text(cert.subject)
 
@@ -298,10 +353,70 @@ class ImportedCert:
     new: bool
 
 
+@dataclass(frozen=True)
+class ImportedCRL:
+    """One CRL an import checked, and what became of it."""
+
+    source: Path
+    #: The issuing CA, as RFC 4514 text.
+    issuer: str
+    this_update: datetime.datetime
+    #: None: the CRL never says when it is superseded (then it is never current).
+    next_update: datetime.datetime | None
+    #: How many certificates it lists as revoked.
+    revoked: int
+    #: ``imported`` (stored, replacing any older CRL of the issuer), ``unchanged`` (this very
+    #: CRL was stored already) or ``older`` (a newer CRL of the issuer is kept instead).
+    outcome: Literal["imported", "unchanged", "older"]
+
+    def expired(self, now: datetime.datetime | None = None) -> bool:
+        """Whether its nextUpdate has passed: it still revokes what it lists, but vouches for
+        nothing else (see :class:`~e2email.config.RevocationPolicy`)."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        return self.next_update is None or self.next_update < now
+
+
+class ImportResult(list[ImportedCert]):
+    """What :meth:`CertStore.import_files` stored: the certificates (the list itself) and, in
+    :attr:`crls`, the certificate revocation lists found among the files."""
+
+    def __init__(
+        self, certs: Iterable[ImportedCert] = (), crls: Iterable[ImportedCRL] = ()
+    ) -> None:
+        super().__init__(certs)
+        self.crls: list[ImportedCRL] = list(crls)
+
+
+def _crls_in(data: bytes) -> list[x509.CertificateRevocationList]:
+    """The CRLs in PEM ``X509 CRL`` blocks, or the DER CRL that ``data`` is (ValueError for an
+    unreadable PEM CRL block)."""
+    blocks = [b.group(0) for b in _PEM_BLOCK.finditer(data) if b.group(1) == b"X509 CRL"]
+    if blocks:
+        return [x509.load_pem_x509_crl(b) for b in blocks]
+    if data[:1] == b"\x30" and b"-----BEGIN " not in data:
+        try:
+            return [x509.load_der_x509_crl(data)]
+        except ValueError:
+            return []
+    return []
+
+
+def holds_crl(path: Path) -> bool:
+    """Whether ``path`` holds a certificate revocation list (PEM ``X509 CRL``, even an
+    unreadable one, which :meth:`CertStore.import_crls` then reports; or DER)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if b"-----BEGIN X509 CRL-----" in data:
+        return True
+    return bool(_crls_in(data))
+
+
 def looks_like_x509(path: Path) -> bool:
-    """Whether ``path`` holds X.509 material (PEM certificates or keys, a DER certificate,
-    PKCS#7 certificates or PKCS#12), as opposed to OpenPGP keys. Unreadable files: False (the
-    OpenPGP import then reports them)."""
+    """Whether ``path`` holds X.509 material (PEM certificates, keys or CRLs, a DER certificate
+    or CRL, PKCS#7 certificates or PKCS#12), as opposed to OpenPGP keys. Unreadable files:
+    False (the OpenPGP import then reports them)."""
     try:
         data = path.read_bytes()
     except OSError:
@@ -414,8 +529,20 @@ class CertStore:
     blocking (file I/O, RSA); async callers run them in a worker thread.
     """
 
-    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        revocation_timeout: float = FETCH_TIMEOUT,
+    ) -> None:
         self.home = Path(home) if home is not None else default_home()
+        #: Seconds one OCSP or CRL fetch may take before its answer counts as unavailable.
+        self.revocation_timeout = revocation_timeout
+        # (certificate, issuer) fingerprints -> (what fetching said: None good, Revoked, or why
+        # nothing could be had; until when it is reused).
+        self._fetched: dict[tuple[str, str], tuple[Revoked | str | None, datetime.datetime]] = {}
+        # Stored CRL file -> ((inode, mtime, size), the CRL as parsed and checked).
+        self._crls: dict[Path, tuple[tuple[int, int, int], x509.CertificateRevocationList]] = {}
         self.root = self.home / "smime"
         self._lock = threading.Lock()
         self._listing: tuple[tuple[int, ...], tuple[StoredCert, ...]] | None = None
@@ -432,13 +559,23 @@ class CertStore:
         return self.root / name
 
     def _make_dir(self, name: str) -> Path:
-        path = self._dir(name)
-        try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path.mkdir(mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise KeystoreError(f"cannot create {path}: {exc.strerror or exc}") from exc
-        return path
+        # 0700 whatever the umask (home and parents too); a store another user owns or that
+        # group/others may write is refused (InsecurePathError): whoever can write here can
+        # swap a recipient's certificate, a trust anchor or a signing key.
+        ensure_private_dir(self.root, what=_WHAT)
+        self._check_private()
+        return ensure_private_dir(self._dir(name), what=_WHAT)
+
+    def _check_private(self) -> None:
+        """Refuse to read a store that another user owns or group/others may write (like ssh
+        with a loose ``~/.ssh``): its trust anchors and certificates cannot be relied on."""
+        if not self.root.exists():
+            return
+        check_private(self.root, what=_WHAT)
+        for name in (*(n for n, _ in self._DIRS), "crls", "testca"):
+            folder = self._dir(name)
+            if folder.exists():
+                check_private(folder, what=_WHAT)
 
     # -- Listing ----------------------------------------------------------------------------
 
@@ -466,6 +603,7 @@ class CertStore:
 
     def all_certs(self) -> tuple[StoredCert, ...]:
         """Everything stored: identities, others' certificates, untrusted CAs, trust anchors."""
+        self._check_private()
         stamp = self._stamp()
         with self._lock:
             if self._listing is not None and self._listing[0] == stamp:
@@ -516,7 +654,7 @@ class CertStore:
         addr = address.strip().lower()
         chosen: dict[str, StoredCert] = {}
         for cert in self.all_certs():
-            if cert.is_ca or addr not in cert.addresses:
+            if cert.is_ca or not any(_same_mailbox(addr, a) for a in cert.addresses):
                 continue
             have = chosen.get(cert.fingerprint)
             if have is None or (
@@ -536,12 +674,15 @@ class CertStore:
         now: datetime.datetime | None = None,
         trusted_self_signed: Iterable[str] = (),
         intermediates: Sequence[x509.Certificate] = (),
+        revocation: RevocationPolicy = RevocationPolicy.OFF,
     ) -> KeyProblem | None:
         """Why ``cert`` cannot be used for ``purpose`` by/for ``address``, or None.
 
         ``trusted_self_signed`` names (SHA-256) self-signed certificates to accept as their own
         trust anchor; ``intermediates`` are extra untrusted CA certificates for path building
-        (e.g. those that came with a signature).
+        (e.g. those that came with a signature). Every certificate of the verified chain but
+        the trust anchor is checked for revocation: against imported CRLs always, and by
+        fetching (OCSP, CRL distribution points) as ``revocation`` says.
         """
         now = now or datetime.datetime.now(datetime.UTC)
         fpr = fingerprint(cert)
@@ -551,7 +692,7 @@ class CertStore:
             return KeyProblem(addr or name_text(cert.subject), reason, detail, fpr)
 
         names = cert_addresses(cert)
-        if addr and addr not in names:
+        if addr and not any(_same_mailbox(addr, n) for n in names):
             listed = ", ".join(names) if names else "no email address"
             return problem(KeyReason.ADDRESS_MISMATCH, f"the certificate names {listed}")
         not_before = _utc(cert.not_valid_before_utc)
@@ -586,11 +727,15 @@ class CertStore:
         verified = self._verify_chain(cert, now, trusted_self_signed, intermediates)
         if isinstance(verified, str):
             return problem(KeyReason.UNTRUSTED, verified)
+        verified_names, chain = verified
         # The address must be one the path validation covered: an rfc822Name of the verified
         # leaf's subjectAltName, which name constraints (RFC 5280 §4.2.1.10) were checked on.
-        if addr and addr not in verified:
-            listed = ", ".join(verified) if verified else "no email address"
+        if addr and not any(_same_mailbox(addr, n) for n in verified_names):
+            listed = ", ".join(verified_names) if verified_names else "no email address"
             return problem(KeyReason.ADDRESS_MISMATCH, f"the verified certificate names {listed}")
+        revoked = self._revocation_problem(chain, now, revocation)
+        if revoked is not None:
+            return problem(*revoked)
         return None
 
     @staticmethod
@@ -622,17 +767,18 @@ class CertStore:
         now: datetime.datetime,
         trusted_self_signed: Iterable[str],
         intermediates: Sequence[x509.Certificate],
-    ) -> str | tuple[str, ...]:
+    ) -> str | tuple[tuple[str, ...], tuple[x509.Certificate, ...]]:
         """Why ``cert`` has no chain to a trust anchor (text), or the addresses (rfc822Name)
-        of the verified leaf: for a certificate trusted directly, its own."""
+        of the verified leaf (for a certificate trusted directly, its own) and the verified
+        chain, leaf first, trust anchor last."""
         fpr = fingerprint(cert)
         anchors = self.trust_anchors()
         if fpr in {fingerprint(a) for a in anchors}:
             # Explicitly trusted (imported with --trust, or generated here).
-            return cert_addresses(cert)
+            return cert_addresses(cert), (cert,)
         if _self_signed(cert):
             if fpr in {_normal_fpr(f) for f in trusted_self_signed}:
-                return cert_addresses(cert)
+                return cert_addresses(cert), (cert,)
             return (
                 f"self-signed; trust it by name with --trust-self-signed {fpr} or "
                 "`e2email keys import --trust FILE`"
@@ -668,7 +814,10 @@ class CertStore:
             return f"{why}; issuer {name_text(cert.issuer)}"
         if not verified.chain or verified.chain[0] != cert:
             return "the verified chain does not start with this certificate"
-        return _rfc822(verified.subjects or ())
+        violation = _email_constraint_violation(verified.chain)
+        if violation:
+            return violation
+        return _rfc822(verified.subjects or ()), tuple(verified.chain)
 
     @staticmethod
     def _weak_chain(cert: x509.Certificate, pool: Sequence[x509.Certificate]) -> str | None:
@@ -692,6 +841,215 @@ class CertStore:
                 return f"the intermediate {who} is signed with {_HASH_NAMES[name]}"
             current = issuer
         return None
+
+    # -- Revocation -------------------------------------------------------------------------
+
+    def _revocation_problem(
+        self,
+        chain: Sequence[x509.Certificate],
+        now: datetime.datetime,
+        policy: RevocationPolicy,
+    ) -> tuple[KeyReason, str] | None:
+        """Why a certificate of the verified ``chain`` (leaf first, trust anchor last) must not
+        be relied on for revocation, or None. The anchor itself is trusted as configured."""
+        for position, cert in enumerate(chain[:-1]):
+            issuer = chain[position + 1]
+            who = (
+                f"the certificate {describe(cert)}"
+                if position == 0
+                else f"its CA certificate {name_text(cert.subject)}"
+            )
+            status = self._revocation_status(cert, issuer, now, policy)
+            if isinstance(status, Revoked):
+                when = f" on {status.date:%Y-%m-%d %H:%M} UTC" if status.date else ""
+                reason = f", reason: {status.reason}" if status.reason else ""
+                return (
+                    KeyReason.REVOKED,
+                    f"{who}, serial {status.serial:X}, was revoked{when}{reason} "
+                    f"(according to {status.source} of {name_text(issuer.subject)})",
+                )
+            if isinstance(status, _Refused):
+                return KeyReason.REVOCATION_UNKNOWN, f"{who}: {status.why}"
+            if status is not None and policy is RevocationPolicy.REQUIRE:
+                return (
+                    KeyReason.REVOCATION_UNKNOWN,
+                    f"{who}: no revocation status could be established ({status}), and the "
+                    "revocation policy requires one",
+                )
+        return None
+
+    def _revocation_status(
+        self,
+        cert: x509.Certificate,
+        issuer: x509.Certificate,
+        now: datetime.datetime,
+        policy: RevocationPolicy,
+    ) -> Revoked | _Refused | str | None:
+        """``cert``'s status: Revoked; None (good, from a current source); a text saying why
+        none could be had; or _Refused when a stored CRL is unusable (fail closed)."""
+        reasons: list[str] = []
+        try:
+            stored = self._stored_crl(issuer)
+        except KeystoreError as exc:
+            return _Refused(str(exc))
+        if stored is not None:
+            # A revocation does not lapse: an expired CRL still revokes what it lists.
+            hit = crl_entry(stored, cert, "the stored CRL")
+            if hit is not None:
+                return hit
+            if not crl_covers(stored, cert):
+                reasons.append("the stored CRL of its issuer does not cover it")
+            elif crl_current(stored, now):
+                return None
+            else:
+                ends = stored.next_update_utc
+                reasons.append(
+                    "the stored CRL of its issuer expired"
+                    + (f" on {_utc(ends):%Y-%m-%d %H:%M} UTC" if ends else " (no nextUpdate)")
+                )
+        else:
+            reasons.append("no CRL of its issuer imported")
+        if policy is RevocationPolicy.OFF:
+            return "; ".join(reasons)
+        cache_key = (fingerprint(cert), fingerprint(issuer))
+        cached = self._fetched.get(cache_key)
+        if cached is not None and now <= cached[1]:
+            return "; ".join([*reasons, cached[0]]) if isinstance(cached[0], str) else cached[0]
+        found: Revoked | None
+        failed: list[str] = []
+        try:
+            found = ocsp_status(cert, issuer, now, timeout=self.revocation_timeout)
+        except RevocationUnavailable as exc:
+            failed.append(str(exc))
+        else:
+            self._fetched[cache_key] = (found, now + _FETCHED_LIFE)
+            return found
+        try:
+            crl, url = fetch_crl(cert, issuer, now, timeout=self.revocation_timeout)
+        except RevocationUnavailable as exc:
+            failed.append(str(exc))
+            # Remembered briefly too: an unreachable responder is not waited for twice in
+            # one send (the sender's certificate is checked to sign and to encrypt to self).
+            self._fetched[cache_key] = ("; ".join(failed), now + _UNAVAILABLE_LIFE)
+            return "; ".join([*reasons, *failed])
+        # Keep it (verified, current, newest wins) so the next message needs no fetch.
+        with contextlib.suppress(KeystoreError, ConfigError):
+            self._store_crl(crl, issuer)  # a store we cannot write to still gets the answer
+        found = crl_entry(crl, cert, f"the CRL at {url}")
+        self._fetched[cache_key] = (found, now + _FETCHED_LIFE)
+        return found
+
+    def _crl_path(self, issuer: x509.Certificate) -> Path:
+        return self._dir("crls") / f"{issuer_key_id(issuer)}.crl"
+
+    def _stored_crl(self, issuer: x509.Certificate) -> x509.CertificateRevocationList | None:
+        """The stored CRL of ``issuer``, checked again (signature, completeness), or None.
+        Raises KeystoreError for a stored CRL that cannot be used."""
+        path = self._crl_path(issuer)
+        try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._crls.get(path)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]  # parsed and checked already (a big CRL takes a while)
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise KeystoreError(f"cannot read the stored CRL {path}: {exc.strerror}") from exc
+        try:
+            crl = load_crl(data)
+        except ValueError as exc:
+            raise KeystoreError(f"the stored CRL {path} is unreadable") from exc
+        problem = crl_issuer_problem(crl, issuer)
+        if problem:
+            raise KeystoreError(f"the stored CRL {path} cannot be used: {problem}")
+        self._crls[path] = (stamp, crl)
+        return crl
+
+    def _store_crl(
+        self, crl: x509.CertificateRevocationList, issuer: x509.Certificate
+    ) -> Literal["imported", "unchanged", "older"]:
+        """Store ``crl`` (already checked against ``issuer``) unless the stored one of the same
+        issuer is the same or newer (higher cRLNumber, else later thisUpdate)."""
+        try:
+            existing = self._stored_crl(issuer)
+        except KeystoreError:
+            existing = None  # an unusable stored CRL is replaced by a good one
+        der = crl.public_bytes(serialization.Encoding.DER)
+        if existing is not None:
+            if existing.public_bytes(serialization.Encoding.DER) == der:
+                return "unchanged"
+            if _crl_order(crl) <= _crl_order(existing):
+                return "older"
+        folder = self._make_dir("crls")
+        path = folder / f"{issuer_key_id(issuer)}.crl"
+        try:
+            _write(path, der, 0o644)
+        except OSError as exc:
+            raise KeystoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        self._fetched.clear()
+        return "imported"
+
+    def import_crls(
+        self, paths: Sequence[Path], *, now: datetime.datetime | None = None
+    ) -> list[ImportedCRL]:
+        """Import certificate revocation lists (PEM or DER). Each must be signed by the
+        certificate of its issuer, which must be in the store already (a trust anchor, an
+        untrusted CA or a chain certificate of an identity: import it first, or in the same
+        ``keys import``), allowed to sign CRLs, with SHA-2 or better; delta and partial CRLs are
+        refused. The newest CRL of each issuer is kept. Imported CRLs are used on every check
+        whatever the revocation policy; an expired one still revokes what it lists."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        pool: dict[str, x509.Certificate] = {}
+        for stored in self.all_certs():
+            for candidate in (stored.certificate, *stored.chain):
+                pool.setdefault(fingerprint(candidate), candidate)
+        results: list[ImportedCRL] = []
+        for path in paths:
+            path = Path(path)
+            try:
+                crls = _crls_in(path.read_bytes())
+            except OSError as exc:
+                raise KeystoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            except ValueError as exc:
+                raise KeystoreError(f"{path}: unreadable CRL: {exc}") from exc
+            if not crls:
+                raise KeystoreError(f"{path}: no certificate revocation list in it")
+            for crl in crls:
+                results.append(self._import_crl(crl, path, pool.values(), now))
+        return results
+
+    def _import_crl(
+        self,
+        crl: x509.CertificateRevocationList,
+        path: Path,
+        pool: Iterable[x509.Certificate],
+        now: datetime.datetime,
+    ) -> ImportedCRL:
+        issuer_name = name_text(crl.issuer)
+        candidates = [c for c in pool if c.subject == crl.issuer]
+        if not candidates:
+            raise KeystoreError(
+                f"{path}: the CRL of {issuer_name} cannot be checked: that CA's certificate is "
+                "not in the store (import it first, or in the same command)"
+            )
+        problems = [(c, crl_issuer_problem(crl, c)) for c in candidates]
+        issuer = next((c for c, p in problems if p is None), None)
+        if issuer is None:
+            raise KeystoreError(f"{path}: the CRL of {issuer_name} is refused: {problems[0][1]}")
+        if _utc(crl.last_update_utc) > now + datetime.timedelta(minutes=5):
+            raise KeystoreError(f"{path}: the CRL of {issuer_name} is dated in the future")
+        outcome = self._store_crl(crl, issuer)
+        next_update = crl.next_update_utc
+        return ImportedCRL(
+            source=path,
+            issuer=issuer_name,
+            this_update=_utc(crl.last_update_utc),
+            next_update=_utc(next_update) if next_update else None,
+            revoked=len(crl),
+            outcome=outcome,
+        )
 
     def status(self, stored: StoredCert, now: datetime.datetime | None = None) -> str:
         """One phrase for ``keys list``: ``usable`` or why not."""
@@ -734,13 +1092,17 @@ class CertStore:
         key_map: Mapping[str, str] | None = None,
         trusted_self_signed: Iterable[str] = (),
         now: datetime.datetime | None = None,
+        revocation: RevocationPolicy = RevocationPolicy.OFF,
     ) -> StoredCert | KeyProblem:
         """The certificate to encrypt to ``address``, or why there is none.
 
         ``key_map`` (address -> fingerprint) chooses the certificate instead of lookup by
-        address; the certificate must still name the address (RFC 8550 §3).
+        address; the certificate must still name the address (RFC 8550 §3). ``revocation``:
+        see :meth:`check`.
         """
-        return self._choose(address, key_map, trusted_self_signed, now, purpose="encrypt")
+        return self._choose(
+            address, key_map, trusted_self_signed, now, purpose="encrypt", revocation=revocation
+        )
 
     def signer_cert(
         self,
@@ -749,9 +1111,13 @@ class CertStore:
         key_map: Mapping[str, str] | None = None,
         trusted_self_signed: Iterable[str] = (),
         now: datetime.datetime | None = None,
+        revocation: RevocationPolicy = RevocationPolicy.OFF,
     ) -> StoredCert | KeyProblem:
-        """The identity (certificate with a private key) to sign as ``address``."""
-        return self._choose(address, key_map, trusted_self_signed, now, purpose="sign")
+        """The identity (certificate with a private key) to sign as ``address``. A revoked
+        one is refused like any other unusable one (``revocation``: see :meth:`check`)."""
+        return self._choose(
+            address, key_map, trusted_self_signed, now, purpose="sign", revocation=revocation
+        )
 
     def _choose(
         self,
@@ -761,6 +1127,7 @@ class CertStore:
         now: datetime.datetime | None,
         *,
         purpose: Purpose,
+        revocation: RevocationPolicy,
     ) -> StoredCert | KeyProblem:
         addr = address.strip().lower()
         now = now or datetime.datetime.now(datetime.UTC)
@@ -795,6 +1162,7 @@ class CertStore:
                     now=now,
                     trusted_self_signed=trusted,
                     intermediates=c.chain,
+                    revocation=revocation,
                 ),
             )
             for c in candidates
@@ -813,14 +1181,20 @@ class CertStore:
         *,
         key_map: Mapping[str, str] | None = None,
         trusted_self_signed: Iterable[str] = (),
+        revocation: RevocationPolicy = RevocationPolicy.OFF,
     ) -> tuple[dict[str, StoredCert], list[KeyProblem]]:
-        """Certificates for every address, and a problem for each address that has none."""
+        """Certificates for every address, and a problem for each address that has none
+        (``revocation``: see :meth:`check`)."""
         found: dict[str, StoredCert] = {}
         problems: list[KeyProblem] = []
         now = datetime.datetime.now(datetime.UTC)
         for address in addresses:
             choice = self.recipient_cert(
-                address, key_map=key_map, trusted_self_signed=trusted_self_signed, now=now
+                address,
+                key_map=key_map,
+                trusted_self_signed=trusted_self_signed,
+                now=now,
+                revocation=revocation,
             )
             if isinstance(choice, KeyProblem):
                 problems.append(choice)
@@ -909,10 +1283,14 @@ class CertStore:
         *,
         trust: bool = False,
         passphrase: PasswordSource | None = None,
-    ) -> list[ImportedCert]:
+        crls: bool = True,
+    ) -> ImportResult:
         """Import X.509 material: certificates (PEM, DER, PKCS#7), PKCS#12 bundles and PEM
         private keys, which are paired with the certificate of the same public key from any of
-        ``paths`` (so ``cert.pem key.pem`` works as well as one combined file).
+        ``paths`` (so ``cert.pem key.pem`` works as well as one combined file); and CRLs (PEM or
+        DER), after the certificates, so a CA and its CRL can come together (see
+        :meth:`import_crls`; they are listed in the result's ``crls``). ``crls=False`` leaves
+        CRLs for a later :meth:`import_crls`, once other certificates (``--trust``) are in.
 
         A key with its certificate becomes an identity (its CA certificates become its chain);
         other end-entity certificates become recipients' certificates and CA certificates are
@@ -957,7 +1335,8 @@ class CertStore:
                 kind = CertKind.INTERMEDIATE if _is_ca(cert) else CertKind.CERTIFICATE
             results.append(self._store_cert(cert, source, kind))
         self.invalidate()
-        return results
+        crl_paths = [Path(p) for p in paths if crls and holds_crl(Path(p))]
+        return ImportResult(results, self.import_crls(crl_paths) if crl_paths else ())
 
     def _read_material(self, path: Path, out: _Material, asker: _Asker) -> None:
         try:
@@ -986,6 +1365,8 @@ class CertStore:
                 elif label.endswith(b"PRIVATE KEY"):
                     out.keys.append(self._read_pem_key(pem, path, asker))
                     found = True
+                elif label == b"X509 CRL":
+                    found = True  # CRLs are imported after the certificates
             if not found:
                 raise KeystoreError(f"{path}: no certificate or private key in the PEM file")
             return
@@ -995,6 +1376,8 @@ class CertStore:
         if der_certs is not None:
             out.certs.extend((c, path) for c in der_certs)
             return
+        if _crls_in(data):
+            return  # a DER CRL: imported after the certificates
         out.bundles.append(self._read_pkcs12(data, path, asker))
 
     @staticmethod
@@ -1281,7 +1664,7 @@ class CertStore:
                 cert.verify_directly_issued_by(ca)
             except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
                 continue
-            domains += [a.rpartition("@")[2] for a in cert_addresses(cert)]
+            domains += [a.rpartition("@")[2].lower() for a in cert_addresses(cert)]
         return tuple(dict.fromkeys(domains))
 
     def test_ca_cert(self) -> Path | None:
@@ -1380,3 +1763,98 @@ _EE_POLICY = (
     .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _eku_for_email)
     .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
 )
+
+
+def _email_constraint_matches(constraint: str, address: str, *, excluding: bool) -> bool:
+    """Whether an rfc822Name name constraint covers ``address`` (RFC 5280 §4.2.1.10): a full
+    mailbox (``bob@evil.example``) that mailbox, a host (``evil.example``) every mailbox at
+    it, ``.evil.example`` every mailbox at its subdomains. Domains compare without case
+    (RFC 5280 §7.5). Local parts are case-sensitive in principle (RFC 5321 §2.4) but every
+    real mail system treats ``BOB`` and ``bob`` as one mailbox, so each side fails closed: an
+    excluded mailbox excludes every spelling of it, a permitted one permits only its own."""
+    local, _, domain = address.rpartition("@")
+    domain = domain.lower()
+    if "@" in constraint:
+        c_local, _, c_domain = constraint.rpartition("@")
+        if c_domain.lower() != domain:
+            return False
+        return c_local.casefold() == local.casefold() if excluding else c_local == local
+    if constraint.startswith("."):
+        return domain.endswith(constraint.lower())
+    return domain == constraint.lower()
+
+
+def _email_constraint_violation(chain: Sequence[x509.Certificate]) -> str | None:
+    """Check the rfc822Name name constraints of every CA of a verified ``chain`` (leaf first)
+    against the mailboxes of the certificates below it, as stated in them.
+
+    ``cryptography``'s verifier checks them too, but compares a full-mailbox constraint's local
+    part case-sensitively, so an excluded ``bob@evil.example`` let ``BOB@evil.example`` through
+    while e2email looks addresses up without case: that certificate would then be used for
+    bob@evil.example. This check closes that gap (and repeats the rest, to fail closed)."""
+    for position, ca in enumerate(chain[1:], start=1):
+        try:
+            constraints = ca.extensions.get_extension_for_class(x509.NameConstraints).value
+        except x509.ExtensionNotFound:
+            continue
+        except ValueError:
+            return f"unreadable name constraints in {name_text(ca.subject)}"
+        permitted = [
+            n.value for n in constraints.permitted_subtrees or () if isinstance(n, x509.RFC822Name)
+        ]
+        excluded = [
+            n.value for n in constraints.excluded_subtrees or () if isinstance(n, x509.RFC822Name)
+        ]
+        if not (permitted or excluded):
+            continue
+        for below in chain[:position]:
+            if below is not chain[0] and below.issuer == below.subject:
+                continue  # self-issued CA certificates are exempt (RFC 5280 §6.1.3 (b))
+            try:
+                san = below.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            except (x509.ExtensionNotFound, ValueError):
+                continue
+            for name in san.value.get_values_for_type(x509.RFC822Name):
+                who = name_text(ca.subject)
+                if "@" not in name:
+                    return f"{name!r} is not a mailbox, yet {who} constrains addresses"
+                hit = next(
+                    (c for c in excluded if _email_constraint_matches(c, name, excluding=True)),
+                    None,
+                )
+                if hit is not None:
+                    return (
+                        f"{name} is excluded ({hit}) by the name constraints of {who} "
+                        "(RFC 5280 §4.2.1.10)"
+                    )
+                if permitted and not any(
+                    _email_constraint_matches(c, name, excluding=False) for c in permitted
+                ):
+                    return (
+                        f"{name} is outside what {who} may certify (name constraints, "
+                        "RFC 5280 §4.2.1.10)"
+                    )
+    return None
+
+
+#: How long a fetched status is reused by one store (one send checks a certificate twice:
+#: as signer and for encrypt-to-self; a batch checks shared intermediates for every row).
+_FETCHED_LIFE = datetime.timedelta(minutes=10)
+#: How long "could not be reached" is remembered (short: the network may come back).
+_UNAVAILABLE_LIFE = datetime.timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A revocation check that must refuse whatever the policy (an unusable stored CRL)."""
+
+    why: str
+
+
+def _crl_order(crl: x509.CertificateRevocationList) -> tuple[int, datetime.datetime]:
+    """Which of two CRLs of one issuer is newer: cRLNumber (RFC 5280 §5.2.3), then thisUpdate."""
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except (x509.ExtensionNotFound, ValueError):
+        number = -1
+    return number, _utc(crl.last_update_utc)

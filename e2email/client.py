@@ -435,10 +435,13 @@ class AsyncMailer:
         """Find every S/MIME certificate, or raise listing every address that has none."""
         store = self.certstore
         trusted = prot.smime_trust_self_signed
+        revocation = prot.revocation
         sender = msg.sender.addr_spec
         signer: StoredCert | None = None
         if prot.sign:
-            choice = store.signer_cert(sender, key_map=prot.key_map, trusted_self_signed=trusted)
+            choice = store.signer_cert(
+                sender, key_map=prot.key_map, trusted_self_signed=trusted, revocation=revocation
+            )
             if isinstance(choice, KeyProblem):
                 raise SignerKeyError(choice)
             signer = choice
@@ -447,11 +450,11 @@ class AsyncMailer:
         if prot.encrypt:
             addresses = list(dict.fromkeys(a.addr_spec.lower() for a in msg.recipients))
             recipient_certs, problems = store.resolve_recipients(
-                addresses, key_map=prot.key_map, trusted_self_signed=trusted
+                addresses, key_map=prot.key_map, trusted_self_signed=trusted, revocation=revocation
             )
             if prot.encrypt_to_self:
                 own = store.recipient_cert(
-                    sender, key_map=prot.key_map, trusted_self_signed=trusted
+                    sender, key_map=prot.key_map, trusted_self_signed=trusted, revocation=revocation
                 )
                 if isinstance(own, KeyProblem):
                     problems.append(_encrypt_to_self_problem(own))

@@ -6,13 +6,17 @@ Imports only :mod:`e2email.errors`, so every layer may use them.
 from __future__ import annotations
 
 import enum
+import functools
+import ipaddress
 import os
 import random as _random
+import re
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import idna
 import platformdirs
 
 from e2email.errors import ConfigError, InsecureTransportError
@@ -25,11 +29,13 @@ __all__ = [
     "PasswordSource",
     "Protection",
     "RetryPolicy",
+    "RevocationPolicy",
     "SMIMECipher",
     "SMTPSettings",
     "Scheme",
     "TLSMode",
     "default_home",
+    "host_for_connecting",
     "password_from_command",
     "password_from_env",
 ]
@@ -72,21 +78,93 @@ DEFAULT_PORTS: Mapping[int, TLSMode] = {
 #: non-standard alternative where 587 is blocked. Never 25 and never plaintext unless asked.
 DEFAULT_PORT_ORDER: tuple[int, ...] = (465, 587, 2525)
 
+#: One label of a host name once in ASCII: letters, digits, hyphens (not at either end) and,
+#: leniently, underscores (found in local and container service names), 1 to 63 octets
+#: (RFC 1035 §2.3.4, RFC 5890 §2.3.1).
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def host_for_connecting(host: str, *, what: str = "SMTP host", port_hint: str | None = None) -> str:
+    """Check ``host`` (a host name or an IP address) and return the form to connect with.
+
+    A name is checked and converted to A-labels with IDNA 2008 and the UTS #46 mapping
+    (non-transitional), as every address domain is: ``faß.de`` becomes ``xn--fa-hia.de``, never
+    the IDNA 2003 ``fass.de`` that the standard library's codec (used by ``socket`` and ``ssl``
+    for a non-ASCII name) would look up. An IPv4 or IPv6 address is taken as is; an IPv6 one
+    may be written in brackets (``[::1]``). A port glued to the host (``localhost:587``,
+    ``[::1]:587``) is refused with a pointer to the separate port setting, instead of being
+    looked up as a name that does not exist. Everything else that is not a valid name (empty
+    labels, a label over 63 octets, characters that are not UTF-8) is a :class:`ConfigError`.
+    ``what`` names the setting and ``port_hint`` says where a port belongs instead, in it.
+    """
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"{what} is empty")
+    # What the user gave, printable: bytes that were not UTF-8 (surrogate escapes from argv)
+    # as \\udcXX, so the error itself cannot fail to print.
+    shown = _printable(host)
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(literal)
+    except ValueError:
+        address = None
+    if address is not None:
+        if literal is not host and address.version != 6:
+            raise ConfigError(f"{what} {shown!r}: only IPv6 addresses are written in brackets")
+        return address.compressed
+    glued = re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]+):(\w*)", host)
+    if glued is not None:
+        name, port = glued.groups()
+        if port_hint is None:
+            port_hint = f"the port separately (--port {port if port.isdigit() else 'PORT'})"
+        raise ConfigError(
+            f"{what} {shown!r} contains a port: give the host alone ({name.strip('[]')!r}) "
+            f"and {port_hint}"
+        )
+    if ":" in host:
+        raise ConfigError(f"{what} {shown!r} is neither a host name nor an IP address")
+    name = host[:-1] if host.endswith(".") else host
+    try:
+        if not name.isascii() or "xn--" in name.lower():
+            name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
+        why = _printable(str(exc))
+        raise ConfigError(f"{what} {shown!r} is not a valid host name: {why}") from None
+    labels = name.split(".")
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(f"{what} {shown!r} is not a valid host name")
+    return name.lower() + ("." if host.endswith(".") else "")
+
+
 #: A password, or a zero-argument callable that returns one when it is first needed.
 PasswordSource = str | Callable[[], str]
+
+
+class _FromEnvironment:
+    """A secret in an environment variable: already inside this process, so reading it early
+    (``in_process``) exposes nothing. The transport reads other sources only after TLS is
+    verified."""
+
+    in_process = True
+
+    def __init__(self, name: str, what: str) -> None:
+        self.name = name
+        self.what = what
+
+    def __call__(self) -> str:
+        value = os.environ.get(self.name)
+        if value is None:
+            raise ConfigError(f"environment variable {self.name} ({self.what}) is not set")
+        return value
 
 
 def password_from_env(name: str, *, what: str = "the SMTP password") -> Callable[[], str]:
     """A password source that reads environment variable ``name`` when the password is needed.
     ``what`` names the secret in error messages (e.g. ``"the OAuth2 access token"``)."""
-
-    def read() -> str:
-        value = os.environ.get(name)
-        if value is None:
-            raise ConfigError(f"environment variable {name} ({what}) is not set")
-        return value
-
-    return read
+    return _FromEnvironment(name, what)
 
 
 def password_from_command(command: str, *, what: str = "password") -> Callable[[], str]:
@@ -165,8 +243,9 @@ class SMTPSettings:
     allow_insecure_plaintext: bool = False
 
     def __post_init__(self) -> None:
-        if not self.host or any(c in self.host for c in "\r\n\0 /"):
-            raise ConfigError(f"invalid SMTP host {self.host!r}")
+        # Checked once here, so that every user of the settings can rely on it (a bad name is
+        # a usage error, never a lookup retried three times or an internal error).
+        host_for_connecting(self.host)
         if self.port is not None and not 0 < self.port < 65536:
             raise ConfigError(f"invalid SMTP port {self.port}")
         for name in ("timeout", "connect_timeout", "command_timeout", "data_timeout"):
@@ -246,6 +325,12 @@ class SMTPSettings:
                 pairs.append((port, mode))
         return tuple(pairs)
 
+    @functools.cached_property
+    def connect_host(self) -> str:
+        """The host to connect to and to verify the certificate for: ``host`` with a name in
+        A-labels (IDNA 2008, UTS #46) and an IPv6 address without brackets."""
+        return host_for_connecting(self.host)
+
     @property
     def effective_tls(self) -> TLSMode:
         """The TLS mode of the first port tried."""
@@ -306,6 +391,22 @@ class SMIMECipher(enum.Enum):
 SMIME_DIGESTS = ("sha256", "sha384", "sha512")
 
 
+class RevocationPolicy(enum.Enum):
+    """Whether S/MIME revocation status is fetched (OCSP, RFC 6960; CRL distribution points,
+    RFC 5280 §4.2.1.13) for every certificate of a chain, recipients' and the signer's.
+
+    CRLs imported with ``keys import`` are used whatever the policy: a certificate they list
+    is refused. ``OFF`` fetches nothing; ``PREFER`` fetches and refuses a revoked
+    certificate, but goes on when no status can be had (responder unreachable, answer
+    invalid or stale); ``REQUIRE`` refuses a certificate whose status cannot be established.
+    An expired imported CRL (nextUpdate passed) still revokes what it lists, but says nothing
+    about the rest: it counts as no CRL, so ``REQUIRE`` then needs a fresh answer."""
+
+    OFF = "off"
+    PREFER = "prefer"
+    REQUIRE = "require"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Protection:
     """What to do to each message. The default signs and encrypts with OpenPGP."""
@@ -327,6 +428,10 @@ class Protection:
     #: S/MIME only: SHA-256 fingerprints of self-signed certificates accepted as their own trust
     #: anchor for these messages (the explicit, named exception to chain validation).
     smime_trust_self_signed: frozenset[str] = frozenset()
+    #: S/MIME only: fetch revocation status (OCSP, CRL distribution points) for every
+    #: certificate in the chains of the recipients and the signer. Imported CRLs are always
+    #: used. See :class:`RevocationPolicy`.
+    revocation: RevocationPolicy = RevocationPolicy.OFF
 
     def __post_init__(self) -> None:
         # Addresses compare case-insensitively; store the map normalised so lookups are simple.
@@ -346,6 +451,13 @@ class Protection:
                 raise ConfigError(f"{fpr!r} is not a SHA-256 certificate fingerprint")
             trusted.add(norm)
         object.__setattr__(self, "smime_trust_self_signed", frozenset(trusted))
+        if not isinstance(self.revocation, RevocationPolicy):
+            try:
+                object.__setattr__(self, "revocation", RevocationPolicy(self.revocation))
+            except ValueError:
+                raise ConfigError(
+                    f"revocation must be off, prefer or require, not {self.revocation!r}"
+                ) from None
 
 
 @dataclass(frozen=True, kw_only=True)

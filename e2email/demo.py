@@ -3,7 +3,8 @@
 Alice signs and encrypts a message with an attachment to Bob; e2email submits it over implicit
 TLS (with AUTH) to a real SMTP server on 127.0.0.1 whose certificate comes from a throwaway CA;
 then, as Bob would, the bytes the server received are decrypted and the signature verified with
-Bob's own keystore. Every step is shown. The keys are the public demo keys in ``keys/``.
+Bob's own keystore. Every step is shown. The keys are the public demo keys shipped in
+``e2email/demo_keys/`` (made by ``keys/make-demo-keys.sh``).
 
 Then the same with S/MIME: a local test CA issues X.509 identities to Alice and Bob (moved into
 their stores as PKCS#12 files), Alice sends signed-then-encrypted mail (AES-256-CBC), and Bob
@@ -34,12 +35,12 @@ from e2email.certstore import CertStore, describe
 from e2email.client import AsyncMailer
 from e2email.config import Protection, Scheme, SMTPSettings, TLSMode
 from e2email.crypto import smime
-from e2email.errors import CryptoError, E2EmailError, KeyProblem
+from e2email.errors import ConfigError, CryptoError, E2EmailError, KeyProblem
 from e2email.keystore import Keystore
 from e2email.message import Attachment, Message
 from e2email.testing import LoopbackSMTPServer
 
-__all__ = ["DemoOutcome", "demo_keys_dir", "run_demo"]
+__all__ = ["DemoOutcome", "demo_key", "run_demo"]
 
 ALICE = "Alice Demo <alice@example.org>"
 BOB = "Bob Demo <bob@example.net>"
@@ -56,17 +57,20 @@ From here on the plan is unchanged.
 _ATTACHMENT = b"quarter,revenue,cost\r\nQ1,120,80\r\nQ2,135,82\r\nQ3,150,90\r\n"
 
 
-def demo_keys_dir() -> Path:
-    """Where the demo keys are: inside the installed package, or ``keys/`` in a checkout."""
+def demo_key(name: str) -> bytes:
+    """The bytes of one public demo key file (``alice.sec.asc``, ``bob.pub.asc``, ...).
+
+    Read as package data through :mod:`importlib.resources`, never as a filesystem path: an
+    installed package may not be a plain folder (a zip, or a namespace package whose
+    ``files()`` is a MultiplexedPath on Python 3.11), and a checkout is not installed at all."""
+    resource = importlib.resources.files("e2email").joinpath("demo_keys").joinpath(name)
     try:
-        packaged = importlib.resources.files("e2email.demo_keys")
-        path = Path(str(packaged))
-        if (path / "alice.sec.asc").is_file():
-            return path
-    except ModuleNotFoundError:
-        pass
-    # An editable install maps the e2email package to the checkout, so the keys sit beside it.
-    return Path(__file__).resolve().parent.parent / "keys"
+        return resource.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"the demo key {name} is missing from this installation of e2email "
+            f"({exc.strerror or exc}): reinstall the package"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,6 @@ def _decrypt_as_bob(
 
 
 async def _run(console: Console, work: Path) -> DemoOutcome:
-    keys = demo_keys_dir()
     alice = Keystore(work / "alice")
     bob = Keystore(work / "bob")
     try:
@@ -149,7 +152,7 @@ async def _run(console: Console, work: Path) -> DemoOutcome:
             (bob, ("bob.sec.asc", "alice.pub.asc")),
         ):
             for name in files:
-                store.import_file(keys / name)
+                store.import_keys(demo_key(name))
         alice_fpr = alice.find("alice@example.org")[0].fingerprint
         _show(
             console,

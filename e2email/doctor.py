@@ -11,6 +11,12 @@ and no credentials, whatever the port (port 25 included). When a certificate doe
 a second connection completes a handshake *without* verification only to read the certificate
 and say what is wrong with it; the report marks it as not verified, and nothing learned that
 way counts as usable.
+
+Everything the server says (greeting, EHLO lines, replies, certificate names) is stripped of
+terminal escape sequences and control characters before it reaches the report
+(:func:`e2email.transport.text.server_text`). A bad host name, or one with a port glued on, is
+a :class:`~e2email.errors.ConfigError` before anything is probed; names are probed and
+matched in their IDNA 2008 A-label form, as ``e2email send`` connects.
 """
 
 from __future__ import annotations
@@ -19,15 +25,17 @@ import asyncio
 import contextlib
 import ipaddress
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from cryptography import x509
 
+from e2email.config import host_for_connecting
 from e2email.transport.smtp import client_tls_context
+from e2email.transport.text import server_text
 
 __all__ = [
     "PROBED_PORTS",
@@ -145,6 +153,17 @@ class DoctorReport:
 # -- the probe ----------------------------------------------------------------------------------
 
 
+_T = TypeVar("_T")
+
+
+async def _within(call: Awaitable[_T], seconds: float) -> _T:
+    """``await call`` for at most ``seconds`` (TimeoutError after). Not ``asyncio.wait_for``:
+    on Python 3.11 it loses a cancellation (Ctrl-C) that arrives just as the awaited step
+    completes (CPython gh-86296); ``asyncio.timeout()`` never does."""
+    async with asyncio.timeout(seconds):
+        return await call
+
+
 class _Unreachable(Exception):
     """The TCP connection could not be made."""
 
@@ -167,7 +186,7 @@ class _Session:
         lines: list[str] = []
         while len(lines) < _MAX_REPLY_LINES:
             try:
-                raw = await asyncio.wait_for(self.reader.readline(), timeout or self.timeout)
+                raw = await _within(self.reader.readline(), timeout or self.timeout)
             except ValueError as exc:
                 # StreamReader's line limit (64 KiB) overrun: no SMTP server sends that
                 # (RFC 5321 §4.5.3.1.5: 512 octets per reply line).
@@ -177,14 +196,16 @@ class _Session:
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
             if len(text) < 3 or not text[:3].isdigit() or text[3:4] not in ("", " ", "-"):
                 raise _NotThisMode(f"not an SMTP reply: {text[:60]!r}")
-            lines.append(text)
+            # The server's words reach the report (banner, extensions, problems) only made
+            # safe: no escape sequences or control characters (the code and separator stay).
+            lines.append(text[:4] + server_text(text[4:]))
             if text[3:4] != "-":
                 return int(text[:3]), lines
         raise ConnectionError("reply too long")
 
     async def command(self, line: str) -> tuple[int, list[str]]:
         self.writer.write(line.encode("ascii") + b"\r\n")
-        await asyncio.wait_for(self.writer.drain(), self.timeout)
+        await _within(self.writer.drain(), self.timeout)
         return await self.reply()
 
     async def ehlo(self) -> dict[str, str]:
@@ -204,13 +225,13 @@ class _Session:
         if polite:
             with contextlib.suppress(Exception):
                 self.writer.write(b"QUIT\r\n")
-                await asyncio.wait_for(self.writer.drain(), self.timeout)
-                await asyncio.wait_for(self.reply(), min(self.timeout, 2.0))
+                await _within(self.writer.drain(), self.timeout)
+                await _within(self.reply(), min(self.timeout, 2.0))
             self.writer.close()
         else:
             self.writer.transport.abort()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+            await _within(self.writer.wait_closed(), 1.0)
 
 
 def _lax_context() -> ssl.SSLContext:
@@ -231,7 +252,7 @@ async def _connect(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A plain TCP connection; any failure here means the port is not reachable."""
     try:
-        return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        return await _within(asyncio.open_connection(host, port), timeout)
     except TimeoutError as exc:
         raise _Unreachable(f"timed out after {timeout:g} s") from exc
     except ConnectionRefusedError as exc:
@@ -262,7 +283,7 @@ async def _handshake(
 ) -> None:
     """TLS on an open connection (from the first byte for implicit TLS, or after STARTTLS)."""
     try:
-        await asyncio.wait_for(
+        await _within(
             writer.start_tls(ctx, server_hostname=host, ssl_handshake_timeout=timeout), timeout
         )
     except ssl.SSLCertVerificationError as exc:
@@ -298,8 +319,8 @@ class _Findings:
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return str(exc.verify_message)
-    return str(exc.reason or exc.strerror or exc)
+        return server_text(str(exc.verify_message))
+    return server_text(str(exc.reason or exc.strerror or exc))
 
 
 def _record_tls(findings: _Findings, writer: asyncio.StreamWriter, host: str) -> None:
@@ -586,9 +607,11 @@ def _certificate_info(
         names.extend(san.get_values_for_type(x509.DNSName))
         names.extend(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
     not_after = cert.not_valid_after_utc
+    # Names in a certificate are the server's words too (a CN can hold an escape sequence).
+    names = [server_text(name) for name in names]
     return CertificateInfo(
-        subject=cert.subject.rfc4514_string(),
-        issuer=cert.issuer.rfc4514_string(),
+        subject=server_text(cert.subject.rfc4514_string()),
+        issuer=server_text(cert.issuer.rfc4514_string()),
         not_before=cert.not_valid_before_utc.isoformat(),
         not_after=not_after.isoformat(),
         days_left=(not_after - datetime.now(UTC)).days,
@@ -736,8 +759,11 @@ async def diagnose(
     server; its keys choose which standard ports are probed). ``ca_file`` trusts only that CA,
     as in ``e2email send --ca-file``. ``timeout`` bounds each network step.
     """
-    if not host or any(c in host for c in "\r\n\0 /"):
-        raise ValueError(f"invalid host {host!r}")
+    # A usage error (ConfigError, a ValueError) for a bad name or a glued port, before any
+    # probe; the probes connect to, and verify certificates for, the A-label form.
+    name = host_for_connecting(
+        host, what="host", port_hint="let doctor probe 25, 465, 587 and 2525 (or --port-map)"
+    )
     mapping = dict(ports) if ports is not None else {p: p for p in PROBED_PORTS}
     verify = client_tls_context(ca_file)
     # Each probe makes at most a handful of round trips; bound the whole so a tarpit cannot
@@ -746,7 +772,7 @@ async def diagnose(
 
     async def bounded(label: int, port: int) -> PortReport:
         try:
-            return await asyncio.wait_for(_probe(host, label, port, verify, timeout), budget)
+            return await _within(_probe(name, label, port, verify, timeout), budget)
         except TimeoutError:
             return PortReport(
                 port=label, connected_port=port, reachable=True, error="probe timed out"

@@ -93,12 +93,17 @@ class KeyReason(enum.Enum):
     WEAK = "key too weak"
     ADDRESS_MISMATCH = "key does not carry this address"
     AMBIGUOUS = "more than one key matches"
+    #: A user-supplied GnuPG home's own validity says "no assurance" (unknown, undefined or
+    #: never) for the user ID with this address.
+    UNVALIDATED = "key not validated in the GnuPG home"
     BACKEND = "rejected by the crypto backend"
     # X.509 certificates (S/MIME, RFC 8550):
     NOT_YET_VALID = "certificate not yet valid"
     UNTRUSTED = "certificate not trusted"
     WRONG_USAGE = "certificate not issued for this use"
     UNSUPPORTED = "key type not supported"
+    #: S/MIME revocation status required (``--revocation require``) but not established.
+    REVOCATION_UNKNOWN = "revocation status unknown"
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ directory) holding a GnuPG home for OpenPGP keys in ``gnupg/``. An existing GnuP
 named instead. Keys are judged by our own rules, not by GnuPG's web of trust: a key you import
 into the keystore is a key you chose, but it must still be current, unrevoked, strong enough and
 able to do the job (standards checklist item 14). Lookups fail closed with a reason per address.
+
+Choosing is never guessing: when more than one usable key carries an address, the lookup is
+refused naming each key and where it came from (:mod:`e2email.keysources`) until a key map
+(``--key``) decides. In a named GnuPG home, which may hold keys nobody vouched for, a key found
+by address must also have gpg's own validity for that user ID (marginal, full or ultimate),
+unless it is the user's own (secret) key or came in through e2email.
 """
 
 from __future__ import annotations
@@ -21,9 +27,21 @@ from pathlib import Path
 import gnupg
 
 from e2email.config import default_home
-from e2email.errors import KeyProblem, KeyReason, KeystoreError
+from e2email.errors import ConfigError, KeyProblem, KeyReason, KeystoreError, MessageError
+from e2email.keysources import KeySource, KeySources, SourceKind
+from e2email.message import Address
+from e2email.private import ensure_private_dir, open_private
 
-__all__ = ["GeneratedKey", "ImportSummary", "Keystore", "OpenPGPKey", "SubKey"]
+__all__ = [
+    "AddressConflict",
+    "GeneratedKey",
+    "ImportSummary",
+    "KeyChange",
+    "Keystore",
+    "OpenPGPKey",
+    "SubKey",
+    "check_expiry",
+]
 
 #: OpenPGP public-key algorithm IDs (RFC 9580 §9.1) to names; RSA, DSA and Elgamal need a length.
 _ALGORITHMS = {
@@ -56,6 +74,21 @@ _BAD_VALIDITY = {
     "d": KeyReason.DISABLED,
     "i": KeyReason.INVALID,
 }
+
+#: User-ID validity letters (doc/DETAILS, field 2) that carry an assurance that the key belongs
+#: to the address: marginal, full, ultimate. Anything else ("-" unknown, "q" undefined, "n"
+#: never, "o" not yet computed) is what gpg calls "no assurance this key belongs to the named
+#: user", and gpg itself will not encrypt to it in batch mode.
+_ASSURED = {"m", "f", "u"}
+_VALIDITY_NAMES = {"-": "unknown", "q": "undefined", "n": "never", "o": "not yet computed"}
+
+#: gpg-agent settings for the GnuPG home e2email manages: no passphrase is kept in the agent's
+#: cache, so the passphrase given for a message is the one that unlocks the key, and a wrong one
+#: is refused even right after a right one (issue 8 item 18).
+_AGENT_CONF = ("default-cache-ttl 0", "max-cache-ttl 0")
+
+#: What ``Expire-Date`` accepts that we pass on: 0/never, days, Nd/Nw/Nm/Ny, or an ISO date.
+_EXPIRY = re.compile(r"^(?:0|never|\d{1,5}[dwmy]?|\d{4}-\d{2}-\d{2})$", re.IGNORECASE)
 
 _EMAIL_IN_UID = re.compile(r"<([^<>\s]+@[^<>\s]+)>\s*$")
 _BARE_EMAIL = re.compile(r"^\s*([^<>\s]+@[^<>\s]+)\s*$")
@@ -269,6 +302,49 @@ class OpenPGPKey:
 
 
 @dataclass(frozen=True)
+class KeyChange:
+    """What an import did to one certificate: new, or which user IDs it added or revoked, and
+    whether it revoked the key itself."""
+
+    fingerprint: str
+    new: bool
+    #: Every current user ID of the certificate after the import.
+    user_ids: tuple[str, ...]
+    added_user_ids: tuple[str, ...] = ()
+    revoked_user_ids: tuple[str, ...] = ()
+    #: The key was not revoked before the import and is now (e.g. a bare revocation
+    #: certificate was imported).
+    revoked: bool = False
+    secret_added: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(
+            self.new
+            or self.added_user_ids
+            or self.revoked_user_ids
+            or self.revoked
+            or self.secret_added
+        )
+
+
+@dataclass(frozen=True)
+class AddressConflict:
+    """An address that, after an import, is carried by more than one key."""
+
+    address: str
+    fingerprints: tuple[str, ...]
+    #: Each key with its source and status, as the refusal to choose between them says it.
+    detail: str
+    #: More than one of the keys is usable, so messages to the address are refused until a
+    #: key map (``--key``) chooses one.
+    ambiguous: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.address} now has {len(self.fingerprints)} keys: {self.detail}"
+
+
+@dataclass(frozen=True)
 class ImportSummary:
     """What an import changed."""
 
@@ -277,6 +353,10 @@ class ImportSummary:
     unchanged: int
     secret_imported: int
     revoked: int = 0
+    #: Per certificate touched: new, user IDs added or revoked, key revoked.
+    changes: tuple[KeyChange, ...] = ()
+    #: Addresses this import gave a further key (refused for sending until one is chosen).
+    conflicts: tuple[AddressConflict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -289,6 +369,25 @@ class GeneratedKey:
 class _Listing:
     stamp: tuple[int, ...]
     keys: tuple[OpenPGPKey, ...] = field(default_factory=tuple)
+
+
+def check_expiry(expire: str) -> str:
+    """``expire`` if GnuPG's ``Expire-Date`` takes it as we mean it, else ConfigError: ``0`` or
+    ``never``, a number of days, ``Nd``/``Nw``/``Nm``/``Ny``, or a future ISO date."""
+    value = expire.strip()
+    if not _EXPIRY.match(value):
+        raise ConfigError(
+            f"invalid expiry {expire!r}: give 0 (never), a number of days, Nd, Nw, Nm or Ny "
+            "(e.g. 2y), or a date YYYY-MM-DD"
+        )
+    if "-" in value:
+        try:
+            day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+        except ValueError:
+            raise ConfigError(f"invalid expiry date {expire!r}") from None
+        if day <= datetime.now(UTC):
+            raise ConfigError(f"expiry date {expire} is not in the future")
+    return value
 
 
 def _parse_colons(public: str, secret_fprs: set[str]) -> list[OpenPGPKey]:
@@ -383,6 +482,44 @@ def _subkey(r: dict[str, str], secret_fprs: set[str]) -> SubKey:
     )
 
 
+def _status_lines(result: object, keyword: str) -> list[list[str]]:
+    prefix = f"[GNUPG:] {keyword} "
+    text = getattr(result, "stderr", "") or ""
+    return [ln[len(prefix) :].split() for ln in text.splitlines() if ln.startswith(prefix)]
+
+
+def _change(old: OpenPGPKey | None, new: OpenPGPKey) -> KeyChange:
+    """What happened to one certificate between two listings."""
+    # A revoked key lists every user ID as revoked: it is still named by them.
+    key_revoked = new.primary.validity == "r"
+    current = tuple(u.text for u in new.user_ids if u.validity != "r" or key_revoked)
+    if old is None:
+        return KeyChange(
+            new.fingerprint,
+            True,
+            current,
+            added_user_ids=current,
+            revoked=key_revoked,
+            secret_added=new.has_secret,
+        )
+    old_ids = {u.text: u.validity for u in old.user_ids}
+    added = tuple(t for t in current if t not in old_ids)
+    revoked = tuple(
+        u.text
+        for u in new.user_ids
+        if u.validity == "r" and old_ids.get(u.text, "r") != "r" and not key_revoked
+    )
+    return KeyChange(
+        new.fingerprint,
+        False,
+        current,
+        added_user_ids=added,
+        revoked_user_ids=revoked,
+        revoked=key_revoked and old.primary.validity != "r",
+        secret_added=new.has_secret and not old.has_secret,
+    )
+
+
 class Keystore:
     """The user's keys: a GnuPG home under ``home`` (or the one named by ``gnupg_home``).
 
@@ -398,8 +535,12 @@ class Keystore:
         gpg_binary: str = "gpg",
     ) -> None:
         self.home = Path(home) if home is not None else default_home()
+        #: False when an existing GnuPG home was named: then gpg's own validity counts, and its
+        #: gpg-agent settings are the user's own.
+        self.managed = gnupg_home is None
         self.gnupg_home = Path(gnupg_home) if gnupg_home is not None else self.home / "gnupg"
         self.gpg_binary = gpg_binary
+        self.sources = KeySources(self.home)
         self._gpg: gnupg.GPG | None = None
         self._lock = threading.Lock()
         self._listing: _Listing | None = None
@@ -414,13 +555,85 @@ class Keystore:
         """The python-gnupg handle, creating the GnuPG home (mode 0700) on first use."""
         with self._lock:
             if self._gpg is None:
+                # gpg only warns about a loose home ("unsafe permissions"); whoever may write
+                # it can swap a key, so it is refused (issue 8 item 6), as ssh refuses ~/.ssh.
+                ensure_private_dir(self.gnupg_home, what="GnuPG home")
+                if self.managed:
+                    self._configure_agent()
                 try:
-                    self.gnupg_home.mkdir(mode=0o700, parents=True, exist_ok=True)
                     self._gpg = gnupg.GPG(gpgbinary=self.gpg_binary, gnupghome=str(self.gnupg_home))
                 except (OSError, ValueError, RuntimeError) as exc:
                     raise KeystoreError(f"cannot use GnuPG home {self.gnupg_home}: {exc}") from exc
                 self._gpg.encoding = "utf-8"
             return self._gpg
+
+    def _configure_agent(self) -> None:
+        """Make the managed home's gpg-agent keep no passphrase in its cache.
+
+        gpg-agent reads its configuration only when it starts or is told to reload: if the
+        file had to be changed, a running agent is reloaded, which also flushes the
+        passphrases it holds (gpg-agent(1), SIGHUP)."""
+        conf = self.gnupg_home / "gpg-agent.conf"
+        try:
+            old = conf.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            old = []
+        except OSError as exc:
+            raise KeystoreError(f"cannot read {conf}: {exc.strerror or exc}") from exc
+        kept = [
+            ln for ln in old if ln.split()[:1] not in (["default-cache-ttl"], ["max-cache-ttl"])
+        ]
+        new = [*kept, *_AGENT_CONF]
+        if new == old:
+            return
+        tmp = conf.with_name(".gpg-agent.conf.tmp")
+        with open_private(tmp) as fh:
+            fh.write("\n".join(new) + "\n")
+        os.replace(tmp, conf)
+        subprocess.run(
+            ["gpgconf", "--homedir", str(self.gnupg_home), "--reload", "gpg-agent"],
+            capture_output=True,
+            check=False,
+        )
+
+    def forget_passphrase(self, subkey_fingerprint: str) -> None:
+        """Make gpg-agent ask for the passphrase of this (secret) subkey again.
+
+        With a passphrase given for a message, what unlocks the key must be that passphrase:
+        a passphrase cached by the agent of a named GnuPG home would otherwise hide a wrong one
+        (issue 8 item 18). e2email's own home keeps no cache (``_AGENT_CONF``), so nothing is
+        done there. The agent's cache entry is keyed by the keygrip (gpg-agent(1),
+        CLEAR_PASSPHRASE); the passphrase that then unlocks the key is cached again as the
+        user's agent settings say."""
+        if self.managed:
+            return
+        listing = self._run_gpg("--with-keygrip", "--list-secret-keys", f"{subkey_fingerprint}!")
+        grip = None
+        current = None
+        for line in listing.splitlines():
+            fields = line.split(":")
+            if fields[0] == "fpr" and len(fields) > 9:
+                current = fields[9]
+            elif fields[0] == "grp" and len(fields) > 9 and current == subkey_fingerprint:
+                grip = fields[9]
+                break
+        if grip is None:
+            return  # no secret for it here: gpg will say so when signing
+        try:
+            subprocess.run(
+                [
+                    "gpg-connect-agent",
+                    "--homedir",
+                    str(self.gnupg_home),
+                    f"CLEAR_PASSPHRASE --mode=normal {grip}",
+                    "/bye",
+                ],
+                capture_output=True,
+                check=False,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KeystoreError(f"cannot reach the gpg-agent of {self.gnupg_home}: {exc}") from exc
 
     def _run_gpg(self, *args: str) -> str:
         self.gpg  # noqa: B018 - ensures the home exists
@@ -428,6 +641,9 @@ class Keystore:
             self.gpg_binary,
             "--homedir",
             str(self.gnupg_home),
+            # A gpg.conf must not change what we read: "trust-model always" there would hide
+            # the validity a named GnuPG home's own web of trust gives (doc/DETAILS field 2).
+            "--no-options",
             "--batch",
             "--no-tty",
             "--with-colons",
@@ -535,7 +751,7 @@ class Keystore:
             if problem is None and override is None:
                 if not k.carries(addr):
                     return KeyReason.ADDRESS_MISMATCH, "the user ID with this address is revoked"
-                problem = k.user_id_problem(addr)
+                problem = k.user_id_problem(addr) or self._assurance_problem(k, addr)
             elif problem is None and purpose == "sign" and not k.carries(addr):
                 # The signing identity must match From even when chosen explicitly: a
                 # signature by a key for another address invites "Johnny, you are fired"
@@ -544,12 +760,57 @@ class Keystore:
             return problem
 
         usable = [k for k in candidates if problem_of(k) is None]
+        if len(usable) > 1:
+            # Several good keys for one address: guessing (the newest, say) lets whoever slips
+            # a key into an imported file choose where the message goes. Refuse, naming each
+            # key and where it came from; a key map (--key) decides (issue 8 item 1).
+            return KeyProblem(
+                addr,
+                KeyReason.AMBIGUOUS,
+                f"{len(usable)} usable keys: {self.describe_keys(usable)}; "
+                f"choose one with --key {addr}=FINGERPRINT",
+            )
         if usable:
-            # Several good keys for one address: the newest wins, as GnuPG's auto-key-locate does.
-            return max(usable, key=lambda k: k.primary.created or now)
+            return usable[0]
         newest = max(candidates, key=lambda k: k.primary.created or now)
         reason, detail = problem_of(newest) or (KeyReason.INVALID, "")
         return KeyProblem(addr, reason, detail, fingerprint=newest.fingerprint)
+
+    def _assurance_problem(self, key: OpenPGPKey, address: str) -> tuple[KeyReason, str] | None:
+        """In a named GnuPG home, a key found by address must have gpg's own assurance that it
+        belongs to the address (marginal, full or ultimate validity of the user ID), unless
+        it is one of the user's own (secret) keys or was imported or made through e2email.
+        e2email's own home holds only keys the user chose, so there it is never a problem."""
+        if self.managed or key.has_secret or self.sources.get(key.fingerprint) is not None:
+            return None
+        letters = [u.validity for u in key.user_ids if u.address == address and u.validity != "r"]
+        if any(v in _ASSURED for v in letters):
+            return None
+        shown = ", ".join(dict.fromkeys(_VALIDITY_NAMES.get(v, v or "unknown") for v in letters))
+        return (
+            KeyReason.UNVALIDATED,
+            f"{key.fingerprint}: validity {shown or 'unknown'} in {self.gnupg_home}, no "
+            f"assurance it belongs to {address}; certify it there (gpg --lsign-key) or choose "
+            f"it with --key {address}=FINGERPRINT",
+        )
+
+    def source_of(self, key: OpenPGPKey) -> KeySource | None:
+        """Where the key came from, as far as e2email knows."""
+        recorded = self.sources.get(key.fingerprint)
+        if recorded is None and not self.managed:
+            return KeySource(SourceKind.GNUPG_HOME, str(self.gnupg_home))
+        return recorded
+
+    def describe_keys(self, keys: Iterable[OpenPGPKey], *, with_status: bool = False) -> str:
+        """Each key's fingerprint, creation date and source (and, if asked, whether it is
+        usable), for messages that must let the user tell keys apart."""
+        parts = []
+        for key in keys:
+            created = f"created {key.primary.created:%Y-%m-%d}, " if key.primary.created else ""
+            source = self.source_of(key) or "source not recorded"
+            status = f", {key.status()}" if with_status else ""
+            parts.append(f"{key.fingerprint} ({created}{source}{status})")
+        return ", ".join(parts)
 
     def resolve_recipients(
         self, addresses: Iterable[str], *, key_map: Mapping[str, str] | None = None
@@ -566,38 +827,119 @@ class Keystore:
                 found[address.strip().lower()] = choice
         return found, problems
 
+    def check_fingerprints(
+        self, fingerprints: Iterable[str], *, now: datetime | None = None
+    ) -> list[KeyProblem]:
+        """Re-check keys a message was already encrypted to (e.g. a queued copy's
+        ``encrypted_to``, primary fingerprints): one problem per key that is no longer in the
+        keystore, or that could not be encrypted to now (revoked, expired, disabled, no usable
+        encryption subkey left, ...). An empty list means every key is still good.
+
+        The keyring is read afresh when it changed, so a revocation imported since the copy
+        was queued is seen (issue 8 item 3: a copy encrypted to a revoked key is held).
+        """
+        now = now or datetime.now(UTC)
+        problems: list[KeyProblem] = []
+        for spec in dict.fromkeys(f.replace(" ", "").upper() for f in fingerprints):
+            key = self.get(spec) if spec else None
+            if key is None:
+                problems.append(
+                    KeyProblem(spec, KeyReason.NOT_FOUND, "no longer in the keystore", spec)
+                )
+                continue
+            problem = key.encryption_problem(now)
+            if problem is not None:
+                # A revoked key's user IDs are listed as revoked too: name it by any of them.
+                named = [u.address for u in key.user_ids if u.address]
+                who = key.addresses[0] if key.addresses else (named or [key.fingerprint])[0]
+                problems.append(KeyProblem(who, problem[0], problem[1], key.fingerprint))
+        return problems
+
     # -- Import, export, generate -----------------------------------------------------------
 
-    def import_keys(self, data: bytes) -> ImportSummary:
-        """Import armored or binary OpenPGP keys, public or secret."""
+    def import_keys(self, data: bytes, *, source: KeySource | None = None) -> ImportSummary:
+        """Import armored or binary OpenPGP keys, public or secret, or a bare revocation
+        certificate. The summary says, per certificate, which user IDs were added or revoked
+        and whether the key was revoked, and which addresses now have more than one key.
+        ``source`` is recorded as the origin of keys new to the keystore."""
         if not data.strip():
             raise KeystoreError("no key data given")
+        # Where the key came from is recorded in the home: check it before gpg changes anything.
+        ensure_private_dir(self.home, what="e2email home")
+        before = {k.fingerprint: k for k in self.all_keys()}
         result = self.gpg.import_keys(data)
         self.invalidate()
-        fprs = tuple(
-            dict.fromkeys(r["fingerprint"] for r in result.results if r.get("fingerprint"))
-        )
+        fprs = list(dict.fromkeys(r["fingerprint"] for r in result.results if r.get("fingerprint")))
+        # A revocation certificate gets no IMPORT_OK line; KEY_CONSIDERED names its key.
+        considered = [a[0] for a in _status_lines(result, "KEY_CONSIDERED") if a]
+        after = {k.fingerprint: k for k in self.all_keys()}
+        changes = [
+            _change(before.get(fpr), after[fpr])
+            for fpr in dict.fromkeys([*fprs, *considered])
+            if fpr in after
+        ]
+        for change in changes:
+            if change.fingerprint not in fprs and change.changed:
+                fprs.append(change.fingerprint)
         if not fprs:
-            problems = "; ".join(
-                str(r.get("problem") or r.get("text") or "") for r in result.results
-            )
+            texts = [str(r.get("text") or "").strip() for r in result.results]
+            detail = "; ".join(t.replace("\n", " ") for t in texts if t and not t.isdigit())
+            if considered and not changes:
+                detail = f"a revocation certificate for {considered[0]}, which is not here"
             raise KeystoreError(
-                f"no OpenPGP key found in the data{': ' + problems if problems else ''}"
+                f"no OpenPGP key found in the data{': ' + detail if detail else ''}"
             )
+        new = [c.fingerprint for c in changes if c.new]
+        if new:
+            self.sources.record(new, source or KeySource(SourceKind.DATA))
         return ImportSummary(
-            fingerprints=fprs,
+            fingerprints=tuple(fprs),
             imported=int(result.imported or 0),
             unchanged=int(result.unchanged or 0),
             secret_imported=int(result.sec_imported or 0),
             revoked=int(result.n_revoc or 0),
+            changes=tuple(c for c in changes if c.changed),
+            conflicts=self._conflicts(changes, after),
         )
 
+    def _conflicts(
+        self, changes: Sequence[KeyChange], after: Mapping[str, OpenPGPKey]
+    ) -> tuple[AddressConflict, ...]:
+        """Addresses on user IDs this import added that more than one key now carries."""
+        touched: dict[str, None] = {}
+        for change in changes:
+            for uid in change.added_user_ids:
+                addr = _uid_address(uid)
+                if addr:
+                    touched[addr] = None
+        found = []
+        for addr in touched:
+            holders = [k for k in after.values() if k.carries(addr)]
+            if len(holders) > 1:
+                usable = [k for k in holders if k.encryption_problem() is None]
+                found.append(
+                    AddressConflict(
+                        addr,
+                        tuple(k.fingerprint for k in holders),
+                        self.describe_keys(holders, with_status=True),
+                        ambiguous=len(usable) > 1,
+                    )
+                )
+        return tuple(found)
+
     def import_file(self, path: str | os.PathLike[str]) -> ImportSummary:
+        """Import the keys in a file (see :meth:`import_keys`); its path is recorded as the
+        source of keys new to the keystore."""
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
-            raise KeystoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        return self.import_keys(data)
+            # A file that is not there is bad input (exit 2), not a key refusal.
+            raise MessageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        source = KeySource(SourceKind.FILE, str(Path(path).resolve()))
+        try:
+            return self.import_keys(data, source=source)
+        except KeystoreError as exc:
+            raise KeystoreError(f"{path}: {exc}") from exc
 
     def export(self, address_or_fingerprint: str, *, armor: bool = True) -> bytes:
         """The public certificate for an address or fingerprint."""
@@ -606,7 +948,14 @@ class Keystore:
             found = self.find(address_or_fingerprint)
             if not found:
                 raise KeystoreError(f"no key for {address_or_fingerprint} in the keystore")
-            key = max(found, key=lambda k: k.primary.created or datetime.now(UTC))
+            usable = [k for k in found if k.encryption_problem() is None]
+            if len(usable) > 1:
+                # Handing out the wrong one of two keys is as bad as encrypting to it.
+                raise KeystoreError(
+                    f"{address_or_fingerprint} has {len(usable)} usable keys: "
+                    f"{self.describe_keys(usable)}; export one by its fingerprint"
+                )
+            key = max(usable or found, key=lambda k: k.primary.created or datetime.now(UTC))
         data = self.gpg.export_keys([key.fingerprint], armor=armor)
         out = data.encode("ascii") if isinstance(data, str) else bytes(data)
         if not out:
@@ -624,9 +973,13 @@ class Keystore:
     ) -> GeneratedKey:
         """Make a new key pair for ``address``: Ed25519 signing + Cv25519 encryption by default,
         or ``rsa3072`` / ``rsa4096`` (RSA signing primary + RSA encryption subkey)."""
-        for label, value in (("address", address), ("name", name), ("expiry", expire)):
-            if any(c in value for c in "\r\n\0<>") or (label != "name" and " " in value.strip()):
-                raise KeystoreError(f"invalid character in {label} {value!r}")
+        try:
+            address = Address(address.strip()).addr_spec
+        except MessageError as exc:
+            raise MessageError(f"invalid address: {exc}") from exc
+        expire = check_expiry(expire)
+        if any(c in name for c in "\r\n\0<>"):
+            raise MessageError(f"invalid character in name {name!r}")
         if passphrase is not None and any(c in passphrase for c in "\r\n\0"):
             raise KeystoreError("a passphrase cannot contain CR, LF or NUL")
         if algorithm == "ed25519":
@@ -649,16 +1002,20 @@ class Keystore:
         params += ["Key-Usage: sign", "Subkey-Usage: encrypt"]
         if name:
             params.append(f"Name-Real: {name}")
-        params += [f"Name-Email: {address.strip()}", f"Expire-Date: {expire}"]
+        params += [f"Name-Email: {address}", f"Expire-Date: {expire}"]
         params.append(f"Passphrase: {passphrase}" if passphrase else "%no-protection")
         params.append("%commit")
+        ensure_private_dir(self.home, what="e2email home")
         result = self.gpg.gen_key("\n".join(params) + "\n")
         self.invalidate()
         fpr = getattr(result, "fingerprint", None)
         if not fpr:
-            detail = (getattr(result, "stderr", "") or "").strip().splitlines()
+            lines = (getattr(result, "stderr", "") or "").strip().splitlines()
+            # gpg's own words, never its machine-readable status lines.
+            detail = [ln.removeprefix("gpg: ") for ln in lines if not ln.startswith("[GNUPG:]")]
             raise KeystoreError("key generation failed" + (f": {detail[-1]}" if detail else ""))
-        uid = f"{name} <{address.strip()}>" if name else f"<{address.strip()}>"
+        self.sources.record([str(fpr)], KeySource(SourceKind.GENERATED))
+        uid = f"{name} <{address}>" if name else f"<{address}>"
         return GeneratedKey(fingerprint=str(fpr), user_id=uid)
 
     def shutdown_agent(self) -> None:

@@ -43,7 +43,15 @@ import trustme
 from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-__all__ = ["Fault", "FaultAction", "FaultStage", "LoopbackSMTPServer", "ReceivedMessage", "TestCA"]
+__all__ = [
+    "Fault",
+    "FaultAction",
+    "FaultStage",
+    "HostileSMTPServer",
+    "LoopbackSMTPServer",
+    "ReceivedMessage",
+    "TestCA",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -715,7 +723,9 @@ class LoopbackSMTPServer:
             # asyncio calls the protocol factory once per accepted TCP connection, before any
             # TLS handshake: so this counts connections whose handshake then fails, too.
             self.connections += 1
-        return _RecordingSMTP(
+        # A subclass may speak a variant of the protocol (see HostileSMTPServer).
+        protocol: type[_RecordingSMTP] = getattr(self, "_protocol_class", _RecordingSMTP)
+        return protocol(
             _Handler(self),
             owner=self,
             hostname="loopback.e2email.test",
@@ -810,3 +820,72 @@ class LoopbackSMTPServer:
         tb: types.TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# -- a server that misbehaves in ways a Fault cannot say ---------------------------------------
+
+
+class _HostileSMTP(_RecordingSMTP):
+    """The protocol of :class:`HostileSMTPServer`."""
+
+    _owner: HostileSMTPServer
+
+    async def push(self, status: AnyStr) -> None:
+        line = status.encode("utf-8") if isinstance(status, str) else bytes(status)
+        taint = self._owner.reply_taint
+        # Appended to the last line of each reply (the one with a space after the code), but
+        # not to an AUTH challenge (334), whose text is base64 the client must decode.
+        if taint and line[3:4] in (b" ", b"") and not line.startswith(b"334"):
+            line = line + taint
+        await super().push(line)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        reply = self._owner.starttls_reply
+        if reply is None:
+            await super().smtp_STARTTLS(arg)
+            return
+        await self.push(f"{reply[0]} {reply[1]}".rstrip())
+
+    async def smtp_DATA(self, arg: str) -> None:
+        owner = self._owner
+        if not owner.stop_reading_at_data:
+            await super().smtp_DATA(arg)
+            return
+        # Say 354, then never read: the client's writes pile up until its socket buffers are
+        # full and each write waits for room that never comes (flow control).
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        owner.reading_stopped.set()
+        await asyncio.Event().wait()  # cancelled by connection_lost()
+
+
+class HostileSMTPServer(LoopbackSMTPServer):
+    """A :class:`LoopbackSMTPServer` that misbehaves in ways :class:`Fault` cannot express.
+
+    * ``reply_taint``: bytes appended to the last line of every reply (greeting, EHLO, MAIL,
+      RCPT, DATA, the final 250, QUIT; not AUTH challenges), e.g. terminal escape sequences
+      (``b"\\x1b]0;owned\\x07\\x1b[2J"``), control characters or bytes that are not UTF-8: a
+      server whose text must never reach a terminal or a log as it is.
+    * ``starttls_reply``: (code, text) answered to STARTTLS instead of starting TLS, e.g.
+      ``(454, "4.7.0 TLS not available")`` (RFC 3207 §4), STARTTLS still being offered.
+    * ``stop_reading_at_data``: answer DATA with 354, then stop reading, so the client blocks
+      writing the message; :attr:`reading_stopped` is set at that moment.
+    """
+
+    _protocol_class = _HostileSMTP
+
+    def __init__(
+        self,
+        *,
+        reply_taint: bytes = b"",
+        starttls_reply: tuple[int, str] | None = None,
+        stop_reading_at_data: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if any(c in reply_taint for c in b"\r\n"):
+            raise ValueError("reply_taint must not contain CR or LF (it would end the line)")
+        super().__init__(**kwargs)
+        self.reply_taint = reply_taint
+        self.starttls_reply = starttls_reply
+        self.stop_reading_at_data = stop_reading_at_data
+        #: Set once a DATA was answered 354 and the server stopped reading.
+        self.reading_stopped = threading.Event()

@@ -2,8 +2,10 @@
 # Regenerate the demo identities used by `e2email demo`.
 # PUBLIC TEST MATERIAL: these secret keys are published in the repository on purpose.
 # Never use them for real mail.
+# They are written to e2email/demo_keys/, which ships inside the package (the files in keys/
+# are links to them), so that an installed `e2email demo` finds them.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../e2email/demo_keys"
 tmp=$(mktemp -d /tmp/e2e-keys.XXXXXX)
 trap 'gpgconf --homedir "$tmp" --kill all >/dev/null 2>&1 || true; rm -rf "$tmp"' EXIT
 chmod 700 "$tmp"

@@ -82,8 +82,10 @@ class Identity:
 class PKI:
     dir: Path
     root: x509.Certificate
+    root_key: rsa.RSAPrivateKey
     root_pem: Path
     intermediate: x509.Certificate
+    intermediate_key: rsa.RSAPrivateKey
     intermediate_pem: Path
     rogue_root_pem: Path
     partner_ca: x509.Certificate
@@ -120,6 +122,8 @@ def _ca(
     issuer_key: PrivateKey | None = None,
     *,
     permitted_email: str | None = None,
+    excluded_email: tuple[str, ...] = (),
+    extensions: tuple[x509.ExtensionType, ...] = (),
 ) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
@@ -143,10 +147,39 @@ def _ca(
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
         ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False)
-    if permitted_email is not None:
-        constraints = x509.NameConstraints([x509.RFC822Name(permitted_email)], None)
+    if permitted_email is not None or excluded_email:
+        constraints = x509.NameConstraints(
+            [x509.RFC822Name(permitted_email)] if permitted_email is not None else None,
+            [x509.RFC822Name(e) for e in excluded_email] or None,
+        )
         builder = builder.add_extension(constraints, critical=True)
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
     return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def sub_ca(
+    name: str,
+    issuer: x509.Certificate,
+    issuer_key: PrivateKey,
+    *,
+    permitted_email: str | None = None,
+    excluded_email: tuple[str, ...] = (),
+    extensions: tuple[x509.ExtensionType, ...] = (),
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new intermediate CA (ECDSA P-256: quick to make) under ``issuer``, optionally with
+    rfc822Name name constraints and extra (non-critical) extensions."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _ca(
+        name,
+        key,
+        issuer,
+        issuer_key,
+        permitted_email=permitted_email,
+        excluded_email=excluded_email,
+        extensions=extensions,
+    )
+    return cert, key
 
 
 def issue_leaf(
@@ -162,6 +195,7 @@ def issue_leaf(
     not_after: dt.datetime | None = None,
     eku: x509.ObjectIdentifier = ExtendedKeyUsageOID.EMAIL_PROTECTION,
     sha1: bool = False,
+    extensions: tuple[x509.ExtensionType, ...] = (),
 ) -> x509.Certificate:
     """An end-entity S/MIME certificate for ``address`` (in subjectAltName, unless
     ``san``/``san_names`` say otherwise) issued by ``issuer``; ``sha1`` re-signs it with SHA-1."""
@@ -191,6 +225,8 @@ def issue_leaf(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
         )
     )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
     cert = builder.sign(issuer_key, hashes.SHA256())
     if not sha1:
         return cert
@@ -368,8 +404,10 @@ def pki() -> Iterator[PKI]:
     made = PKI(
         dir=out,
         root=root,
+        root_key=root_key,
         root_pem=out / "root.pem",
         intermediate=inter,
+        intermediate_key=inter_key,
         intermediate_pem=out / "intermediate.pem",
         rogue_root_pem=out / "rogue.pem",
         partner_ca=partner,

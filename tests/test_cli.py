@@ -40,9 +40,14 @@ def e2email(
 
 
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
-    """The error output is exactly one line starting with 'e2email: error:'."""
+    """The error output is exactly one line starting with 'e2email: error:' (besides the
+    one-line warnings an explicit --no-sign or --no-encrypt prints before anything is done)."""
     assert "Traceback" not in done.stderr
-    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    lines = [
+        ln
+        for ln in done.stderr.splitlines()
+        if ln.strip() and not ln.startswith("e2email: WARNING: ")
+    ]
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("e2email: error: "), lines[0]
     return lines[0]
@@ -134,7 +139,7 @@ def test_keys_generate_makes_a_usable_ed25519_key_pair(tmp_path: Path) -> None:
         row = next(line for line in listing.splitlines() if "new@example.org" in line)
         assert "ed25519/cv25519" in row and "usable" in row and " yes " in row
         bad = e2email("keys", "import", str(tmp_path / "missing.asc"), home=home)
-        assert bad.returncode == 3
+        assert bad.returncode == 2  # bad input (issue 8 item 13), not a key refusal
         assert "missing.asc" in one_line_error(bad)
     finally:
         kill_agent(home / "gnupg")
@@ -502,3 +507,333 @@ def test_encrypting_without_signing_warns_loudly(home: Path, tmp_path: Path) -> 
         home=home,
     )
     assert "WARNING" not in signed.stderr
+
+
+# -- issue 8: the first ten minutes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["send", "--frm", "alice@example.org"], "No such option '--frm'"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+        (["keys", "frob"], "No such command 'frob'"),
+        (["send", "--to", "bob@example.net"], "Missing option '--from'"),
+        (["send", "--from", "a@example.org", "--tls", "sometimes"], "'sometimes' is not one of"),
+        (["send", "--from", "a@example.org", "--port", "0"], "--port"),
+        (["send", "--from", "a@example.org", "--body", "x"], "no recipients"),
+        (["keys", "import"], "give FILES to import"),
+        (
+            [
+                "send",
+                "--from",
+                "a@example.org",
+                "--to",
+                "b@example.net",
+                "--subject",
+                "s",
+                "--subject-file",
+                "f",
+                "--output",
+                "o",
+            ],
+            "give the subject once",
+        ),
+    ],
+)
+def test_every_usage_error_is_exactly_one_line_on_stderr(
+    args: list[str], needle: str, tmp_path: Path
+) -> None:
+    """click's usage errors are three lines (Usage, Try, Error); the README promises one line
+    on stderr for every error: exit 2, one `e2email: error:` line naming the problem and where
+    the help is, nothing on stdout. `--help` itself is unchanged."""
+    done = e2email(*args, home=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("e2email: error: ")
+    assert needle in done.stderr
+    assert "--help`)" in done.stderr
+    helped = e2email("send", "--help", home=tmp_path)
+    assert helped.returncode == 0
+    assert helped.stdout.startswith("Usage: ") and "--subject-file FILE" in helped.stdout
+
+
+def test_a_permanent_refusal_does_not_promise_that_a_retry_sends_it(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """After a 5xx the error says the refusal is permanent and how to give the kept message
+    up, not that `outbox retry` sends it again; after a 4xx (no retries left) it does offer
+    `outbox retry`, which is then what helps."""
+    refusing = smtp_server(refuse_recipients={"bob@example.net": (550, "5.1.1 unknown user")})
+    done = e2email(*plain_send_args(refusing, "--body", "x", "--retries", "0"), home=tmp_path)
+    assert done.returncode == 6
+    line = one_line_error(done)
+    item_id = e2email("outbox", "list", home=tmp_path).stdout.split()[0]
+    assert "550 5.1.1 unknown user" in line
+    assert "outbox retry` sends it again" not in line
+    assert "refused it permanently" in line and f"`e2email outbox drop {item_id}`" in line
+    e2email("outbox", "drop", item_id, home=tmp_path)
+
+    busy = smtp_server(refuse_recipients={"bob@example.net": (450, "4.2.1 try later")})
+    done = e2email(*plain_send_args(busy, "--body", "x", "--retries", "0"), home=tmp_path)
+    assert done.returncode == 6
+    line = one_line_error(done)
+    assert "`e2email outbox retry` sends it again" in line
+    assert "permanently" not in line
+
+
+def test_ctrl_c_during_keys_generate_says_only_interrupted(tmp_path: Path) -> None:
+    """SIGINT while `keys generate --ask-passphrase` waits for the passphrase: exit 130 and one
+    line that does not send the user to the outbox or to --to-file (nothing was sending)."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "e2email", "keys", "generate", "new@example.org",
+         "--ask-passphrase"],
+        env={**os.environ, "E2EMAIL_HOME": str(tmp_path / "home")},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # no controlling terminal: getpass asks on stderr/stdin
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = b""
+    while b"Passphrase for the new key" not in seen:
+        chunk = proc.stderr.read1(4096)
+        assert chunk, seen
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=30)
+    assert proc.returncode == 130, seen + rest
+    last = (seen + rest).decode().strip().splitlines()[-1]
+    assert last == "e2email: error: interrupted"
+
+
+def test_ctrl_c_during_the_demo_says_only_interrupted() -> None:
+    """SIGINT in the middle of `e2email demo` (delivered to the process as its loopback server
+    starts): exit 130, one line, no outbox or --to-file hint."""
+    script = (
+        "import os, signal, e2email.demo as demo\n"
+        "class Interrupted(demo.LoopbackSMTPServer):\n"
+        "    def __enter__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return super().__enter__()\n"
+        "demo.LoopbackSMTPServer = Interrupted\n"
+        "from e2email.cli import main\n"
+        "main(['demo'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=120, check=False
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["e2email: error: interrupted"]
+
+
+def test_the_passphrase_variable_is_named_as_a_passphrase(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """An unset --passphrase-env is reported as the signing key passphrase, not as "the SMTP
+    password"."""
+    assert keys.locked.secret is not None
+    home = new_gnupg_home("e2p")
+    try:
+        e2email("keys", "import", str(keys.locked.secret), str(keys.bob.cert), home=home)
+        done = e2email(
+            "send", "--from", "locked@example.org", "--to", "bob@example.net", "--body", "x",
+            "--passphrase-env", "E2EMAIL_TEST_UNSET_PW", "--output", str(tmp_path / "o.eml"),
+            home=home,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        line = one_line_error(done)
+        assert "E2EMAIL_TEST_UNSET_PW (the signing key passphrase) is not set" in line
+        assert "SMTP" not in line
+    finally:
+        kill_agent(home / "gnupg")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _umask_002() -> None:
+    os.umask(0o002)
+
+
+def test_home_drafts_and_output_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """With umask 002 (group-writable by default), a new HOME (and the folder made for it) is
+    0700, a saved draft 0700/0600 and an --output file 0600, a file that existed too."""
+
+    def run(*args: str, home: Path, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "e2email", *args],
+            input=input,
+            capture_output=True,
+            env={**os.environ, "E2EMAIL_HOME": str(home)},
+            preexec_fn=_umask_002,  # only sets the umask: safe before exec
+            timeout=120,
+            check=False,
+        )
+
+    home = tmp_path / "made" / "home"
+    out = tmp_path / "plain.eml"
+    done = run(
+        "send", "--from", "alice@example.org", "--to", "bob@example.net", "--body", "x",
+        "--no-sign", "--no-encrypt", "--output", str(out), home=home,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (home.stat().st_mode & 0o777) == 0o700
+    assert (home.parent.stat().st_mode & 0o777) == 0o700
+    assert (out.stat().st_mode & 0o777) == 0o600
+    existing = tmp_path / "existing.eml"
+    existing.write_bytes(b"old")
+    existing.chmod(0o664)
+    done = run(
+        "send", "--from", "alice@example.org", "--to", "bob@example.net", "--body", "x",
+        "--no-sign", "--no-encrypt", "--output", str(existing), home=home,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (existing.stat().st_mode & 0o777) == 0o600 and b"old" not in existing.read_bytes()
+    # No key for anyone here: fail closed, and the body read from stdin is kept as a draft.
+    done = run(
+        "send", "--from", "alice@example.org", "--to", "bob@example.net", "--output",
+        str(tmp_path / "never.eml"), home=home, input=b"private words\n",
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    (draft,) = (home / "drafts").iterdir()
+    assert draft.read_text() == "private words\n"
+    assert ((home / "drafts").stat().st_mode & 0o777) == 0o700
+    assert (draft.stat().st_mode & 0o777) == 0o600
+
+
+def test_a_loose_or_foreign_home_is_refused(tmp_path: Path) -> None:
+    """A HOME that group or others may write, or that another user owns, is refused with one
+    line and exit 2 (as ssh refuses a loose ~/.ssh): whoever can write there can swap keys
+    or queued messages."""
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o775)
+    done = e2email("keys", "list", home=home)
+    assert done.returncode == 2
+    line = one_line_error(done)
+    assert str(home) in line and "writable by group or others" in line
+    assert f"chmod go-w {home}" in line
+    if os.geteuid() == 0:
+        home.chmod(0o700)
+        os.chown(home, 65534, 65534)
+        done = e2email("keys", "list", home=home)
+        assert done.returncode == 2
+        assert "owned by another user" in one_line_error(done)
+
+
+@pytest.mark.parametrize(
+    ("flags", "warning"),
+    [
+        (["--no-sign", "--no-encrypt"], "e2email: WARNING: neither signed nor encrypted"),
+        (["--no-encrypt"], "e2email: WARNING: NOT encrypted (--no-encrypt)"),
+    ],
+)
+def test_plaintext_is_never_written_without_a_warning(
+    flags: list[str], warning: str, home: Path, tmp_path: Path
+) -> None:
+    """A message that is not encrypted is readable on its way: an explicit --no-encrypt (with
+    or without --no-sign) says so in one line on stderr; encryption is the default."""
+    out = tmp_path / "plain.eml"
+    done = e2email(
+        "send", "--from", "alice@example.org", "--to", "bob@example.net", "--body",
+        "readable words", *flags, "--output", str(out), home=home,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(warning)
+    assert b"readable words" in out.read_bytes()
+    default = e2email(
+        "send", "--from", "alice@example.org", "--to", "bob@example.net", "--body",
+        "readable words", "--output", str(out), home=home,
+    )  # fmt: skip
+    assert default.returncode == 0 and default.stderr == ""
+    assert b"readable words" not in out.read_bytes()
+    assert b"-----BEGIN PGP MESSAGE-----" in out.read_bytes()
+
+
+def _subject_of(path: Path) -> str:
+    import email
+    import email.policy
+
+    parsed = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    return str(parsed["Subject"])
+
+
+def test_subject_file_keeps_the_subject_out_of_the_process_table(
+    home: Path, recipients_home: Path, tmp_path: Path
+) -> None:
+    """--subject-file FILE gives the subject (one trailing newline stripped) without putting
+    it on the command line; it is hidden in the encrypted message like --subject."""
+    subject = tmp_path / "subject.txt"
+    subject.write_text("Salaries 2027: confidential\n")
+    out = tmp_path / "msg.eml"
+    args = ["send", "--from", "alice@example.org", "--to", "bob@example.net", "--output",
+            str(out)]  # fmt: skip
+    done = e2email(*args, "--subject-file", str(subject), "--body", "x", home=home)
+    assert done.returncode == 0, done.stderr
+    assert "Salaries" not in " ".join(done.args)
+    assert _subject_of(out) == "[...]"
+    _, (_, enc) = multipart_parts(out.read_bytes())
+    plaintext, _ = gpg_decrypt(recipients_home, part_body(enc))
+    assert b"Subject: Salaries 2027: confidential\r\n" in plaintext
+
+    # `-`: the subject from stdin, when the body comes from a file.
+    body = tmp_path / "body.txt"
+    body.write_text("the body\n")
+    plain = [*args, "--no-sign", "--no-encrypt"]
+    done = e2email(
+        *plain, "--subject-file", "-", "--body-file", str(body), home=home, input=b"From stdin\r\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert _subject_of(out) == "From stdin"
+
+
+@pytest.mark.parametrize(
+    ("extra", "input", "needle"),
+    [
+        (["--subject-file", "-"], b"subject\n", "--subject-file - reads standard input"),
+        (["--subject-file", "SUBJ", "--subject", "x", "--body", "x"], b"", "subject once"),
+        (["--subject-file", "/nonexistent/subject", "--body", "x"], b"", "/nonexistent/subject"),
+        (["--subject-file", "SUBJ", "--body", "x"], b"", "LF is not allowed in the subject"),
+    ],
+)
+def test_subject_file_mistakes_are_one_line_and_write_nothing(
+    extra: list[str], input: bytes, needle: str, tmp_path: Path
+) -> None:
+    """Both --subject and --subject-file, `-` when stdin gives the body, a missing file, and a
+    file whose second line would inject a header: exit 2, one line, nothing written."""
+    subject = tmp_path / "subject.txt"
+    subject.write_bytes(b"hello\nBcc: eve@example.com\n")
+    out = tmp_path / "msg.eml"
+    done = e2email(
+        "send", "--from", "alice@example.org", "--to", "bob@example.net", "--no-sign",
+        "--no-encrypt", "--output", str(out),
+        *[str(subject) if a == "SUBJ" else a for a in extra],
+        home=tmp_path / "home", input=input,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert needle in one_line_error(done)
+    assert not out.exists()
+
+
+def test_a_loose_drafts_folder_is_not_written_and_the_first_error_still_shows(
+    tmp_path: Path,
+) -> None:
+    """A drafts folder others may write is not used for a plaintext body: the one error line
+    says why the message failed and why its body could not be kept."""
+    home = tmp_path / "home"
+    (home / "drafts").mkdir(parents=True)
+    home.chmod(0o700)
+    (home / "drafts").chmod(0o777)
+    done = e2email(
+        "send", "--from", "alice@example.org", "--to", "bob@example.net", "--output",
+        str(tmp_path / "never.eml"), home=home, input=b"private words\n",
+    )  # fmt: skip
+    assert done.returncode == 3
+    line = one_line_error(done)
+    assert "alice@example.org: no key found" in line
+    assert "could not be saved" in line and "writable by group or others" in line
+    assert list((home / "drafts").iterdir()) == []

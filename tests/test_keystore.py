@@ -13,7 +13,14 @@ from fixtures_pgp import Keys
 from pgp_helpers import generate_key, gpg, kill_agent, new_gnupg_home
 
 from e2email.crypto import openpgp
-from e2email.errors import CryptoError, KeyProblem, KeyReason, KeystoreError, PassphraseError
+from e2email.errors import (
+    CryptoError,
+    KeyProblem,
+    KeyReason,
+    KeystoreError,
+    MessageError,
+    PassphraseError,
+)
 from e2email.keystore import Keystore
 
 
@@ -78,9 +85,12 @@ def test_lookup_is_case_insensitive_and_reports_why_keys_are_unusable(
     )
 
 
-def test_newest_usable_key_wins_and_a_key_map_overrides(store: Keystore, tmp_path: Path) -> None:
-    """With two usable keys for one address the newer is chosen; an explicit map (by
-    fingerprint or long key ID) chooses another, even one without the address."""
+def test_two_usable_keys_are_refused_as_ambiguous_and_a_key_map_decides(
+    store: Keystore, tmp_path: Path
+) -> None:
+    """With two usable keys for one address neither is guessed (the newest used to win):
+    the refusal names both fingerprints and the file each came from. An explicit map (by
+    fingerprint or long key ID) chooses one, even one without the address."""
     factory = new_gnupg_home("e2kf")
     try:
         old = generate_key(factory, tmp_path, "twice@example.com", faked_time="20240101T000000")
@@ -92,9 +102,15 @@ def test_newest_usable_key_wins_and_a_key_map_overrides(store: Keystore, tmp_pat
         shutil.rmtree(factory, ignore_errors=True)
     for path in (tmp_path / "old.cert", new.cert, other.cert):
         store.import_file(path)
-    chosen = store.encryption_key("twice@example.com")
-    assert not isinstance(chosen, KeyProblem)
-    assert chosen.fingerprint == new.fingerprint
+    refused = store.encryption_key("twice@example.com")
+    assert isinstance(refused, KeyProblem)
+    assert refused.reason is KeyReason.AMBIGUOUS
+    assert old.fingerprint in refused.detail and new.fingerprint in refused.detail
+    assert str(tmp_path / "old.cert") in refused.detail and str(new.cert) in refused.detail
+    for spec in (new.fingerprint, new.fingerprint[-16:]):
+        mapped = store.encryption_key("twice@example.com", key_map={"twice@example.com": spec})
+        assert not isinstance(mapped, KeyProblem)
+        assert mapped.fingerprint == new.fingerprint
     for spec in (old.fingerprint, old.fingerprint[-16:], f"0x{old.fingerprint[-16:]}"):
         mapped = store.encryption_key("twice@example.com", key_map={"twice@example.com": spec})
         assert not isinstance(mapped, KeyProblem)
@@ -119,7 +135,7 @@ def test_generate_rsa3072_on_request(store: Keystore) -> None:
     assert key.expires is not None
     assert key.encryption_problem() is None
     assert key.signing_problem() is None
-    with pytest.raises(KeystoreError):
+    with pytest.raises(MessageError):
         store.generate("bad\naddress@example.org")
 
 

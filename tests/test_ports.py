@@ -16,7 +16,7 @@ import pytest
 
 from e2email.config import DEFAULT_PORT_ORDER, SMTPSettings, TLSMode
 from e2email.errors import ConfigError, ConnectError, TLSError
-from e2email.testing import Fault, LoopbackSMTPServer, TestCA
+from e2email.testing import Fault, HostileSMTPServer, LoopbackSMTPServer, TestCA
 from e2email.transport.ports import HostMemory, PortAttempt, order_candidates
 from e2email.transport.smtp import SMTPConnection, SMTPTransport
 
@@ -227,21 +227,108 @@ def test_all_unreachable_lists_every_attempt(
 # -- not falling back: security signals stop the search --------------------------------------
 
 
-def test_stripped_starttls_does_not_fall_through(
+def test_stripped_starttls_is_reported_and_the_next_port_is_used(
+    smtp_server: ServerFactory, module_ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    """STARTTLS stripped on the first candidate (what a middlebox does, the reason 2525
+    exists): the next port is tried under the same checks and carries the message; the
+    stripped port saw nothing but EHLO (and QUIT), and the skip is reported as a warning and in
+    the attempts."""
+    stripped = smtp_server(tls="starttls", offer_starttls=False, credentials={USER: PASSWORD})
+    good = smtp_server(tls="starttls", credentials={USER: PASSWORD})
+    with caplog.at_level("WARNING", logger="e2email.transport.smtp"):
+        attempts = open_and_send(
+            settings([entry(stripped), entry(good)], module_ca, username=USER, password=PASSWORD)
+        )
+    assert [a.outcome for a in attempts] == ["no starttls", "ok"]
+    assert "does not offer STARTTLS" in attempts[0].detail
+    assert stripped.received_commands() in (["EHLO"], ["EHLO", "QUIT"])
+    assert stripped.messages == [] and stripped.auth_attempts == []
+    assert b"alice" not in stripped.cleartext() and b"bob@" not in stripped.cleartext()
+    (message,) = good.messages
+    assert message.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert good.auth_attempts == [(USER, True)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"port {stripped.port} (STARTTLS): no starttls" in w for w in warnings), warnings
+
+
+def test_starttls_refused_with_454_goes_on_to_the_next_port(
+    module_ca: TestCA, smtp_server: ServerFactory
+) -> None:
+    """A 454 to STARTTLS (RFC 3207 §4) is a port without TLS, like a stripped offer: the next
+    port carries the message; the refusing port saw EHLO and STARTTLS only."""
+    refusing = HostileSMTPServer(
+        tls="starttls", ca=module_ca, starttls_reply=(454, "4.7.0 TLS not available")
+    ).start()
+    try:
+        good = smtp_server(tls="implicit")
+        attempts = open_and_send(settings([entry(refusing), entry(good)], module_ca))
+        assert [a.outcome for a in attempts] == ["no starttls", "ok"]
+        assert "454" in attempts[0].detail
+        assert refusing.received_commands() in (["EHLO", "STARTTLS"], ["EHLO", "STARTTLS", "QUIT"])
+        assert refusing.messages == [] and len(good.messages) == 1
+    finally:
+        refusing.stop()
+
+
+def test_no_port_with_starttls_is_a_tls_error_naming_every_port(
+    module_ca: TestCA, smtp_server: ServerFactory, closed_port: int
+) -> None:
+    """Every port unreachable, stripped or refusing STARTTLS: one TLSError (exit 4, not
+    transient: a retry loop must not turn it into "deferred") naming each port and why."""
+    stripped = smtp_server(tls="starttls", offer_starttls=False)
+    refusing = HostileSMTPServer(
+        tls="starttls", ca=module_ca, starttls_reply=(454, "4.7.0 TLS not available")
+    ).start()
+    try:
+        err = connect_error(
+            settings([(closed_port, TLSMode.IMPLICIT), entry(stripped), entry(refusing)], module_ca)
+        )
+    finally:
+        refusing.stop()
+    assert isinstance(err, TLSError)
+    assert err.transient is False
+    assert [a.outcome for a in err.attempts] == ["refused", "no starttls", "no starttls"]
+    text = str(err)
+    assert "could be used with TLS" in text
+    assert f"port {stripped.port} (STARTTLS): no starttls" in text
+    assert "454 4.7.0 TLS not available" in text
+    assert stripped.messages == [] and refusing.messages == []
+
+
+def test_a_certificate_failure_after_a_stripped_port_still_stops_the_search(
     smtp_server: ServerFactory, module_ca: TestCA
 ) -> None:
-    """STARTTLS stripped on the first candidate: TLSError, the next port is not tried, nothing
-    but EHLO was sent, and the attempts say 'no starttls'. No plaintext, no silent success."""
-    stripped = smtp_server(tls="starttls", offer_starttls=False, credentials={USER: PASSWORD})
-    good = smtp_server(tls="implicit", credentials={USER: PASSWORD})
-    err = connect_error(
-        settings([entry(stripped), entry(good)], module_ca, username=USER, password=PASSWORD)
-    )
+    """Past a stripped port the same checks apply: a certificate for another host stops the
+    search there (TLSError), and the port after it is never contacted."""
+    stripped = smtp_server(tls="starttls", offer_starttls=False)
+    wrong = smtp_server(tls="starttls", identities=("wrong.example",))
+    good = smtp_server(tls="implicit")
+    err = connect_error(settings([entry(stripped), entry(wrong), entry(good)], module_ca))
     assert isinstance(err, TLSError)
-    assert [a.outcome for a in err.attempts] == ["no starttls"]
-    assert stripped.received_commands() == ["EHLO"]
+    assert err.transient is False
+    assert [a.outcome for a in err.attempts] == ["no starttls", "certificate"]
+    assert "not trying other ports" in str(err)
     assert good.connections == 0
-    assert stripped.messages == [] and good.messages == []
+    assert wrong.received_commands() in (["EHLO", "STARTTLS"], ["EHLO", "STARTTLS", "QUIT"])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_an_old_tls_version_after_a_stripped_port_still_stops_the_search(
+    smtp_server: ServerFactory, module_ca: TestCA
+) -> None:
+    """Likewise a TLS-1.0-only server after a stripped port: TLSError, no further port."""
+    import ssl
+
+    v1 = ssl.TLSVersion.TLSv1
+    old_ctx = module_ca.server_context("127.0.0.1", minimum_version=v1, maximum_version=v1)
+    stripped = smtp_server(tls="starttls", offer_starttls=False)
+    old = smtp_server(tls="implicit", ssl_context=old_ctx)
+    good = smtp_server(tls="implicit")
+    err = connect_error(settings([entry(stripped), entry(old), entry(good)], module_ca))
+    assert isinstance(err, TLSError)
+    assert [a.outcome for a in err.attempts] == ["no starttls", "tls"]
+    assert good.connections == 0
 
 
 @pytest.mark.parametrize("tls", ["implicit", "starttls"])

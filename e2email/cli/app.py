@@ -1,6 +1,7 @@
 """The ``e2email`` command group, exit statuses and helpers shared by its commands.
 
-Every failure is one line on stderr (no traceback) and a documented exit status:
+Every failure is one line on stderr (no traceback), usage errors included, and a documented
+exit status:
 
 ====  ==============================================================
 0     sent (or written with --output)
@@ -10,12 +11,14 @@ Every failure is one line on stderr (no traceback) and a documented exit status:
 4     connection or TLS refusal (unreachable, no STARTTLS, bad certificate)
 5     authentication failed
 6     the server refused the message or some recipients
+130   interrupted (Ctrl-C)
 ====  ==============================================================
 """
 
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import sys
 import traceback
@@ -44,6 +47,7 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.keystore import Keystore
+from e2email.private import ensure_private_dir
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -77,14 +81,29 @@ def exit_code_for(error: E2EmailError) -> int:
 
 
 def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"e2email: error: {message}", err=True)
+    # One line, whatever the message holds: scripts and people read the first line only.
+    click.echo(f"e2email: error: {' '.join(message.splitlines())}", err=True)
     sys.exit(code)
 
 
 class State:
+    """What every command shares: HOME, and the GnuPG home if one was named."""
+
     def __init__(self, home: Path, gnupg_home: Path | None) -> None:
-        self.home = home
+        self._home = home
+        self._home_checked = False
         self.gnupg_home = gnupg_home
+
+    @property
+    def home(self) -> Path:
+        """e2email's home, created 0700 (whatever the umask) when first used, and refused
+        (:class:`~e2email.errors.InsecurePathError`, exit 2) when another user owns it or
+        group/others may write it: whoever can write there can swap keys or queued messages.
+        Checked on first use, so that `--help` and `demo` never touch it."""
+        if not self._home_checked:
+            ensure_private_dir(self._home, what="the e2email home")
+            self._home_checked = True
+        return self._home
 
     def keystore(self) -> Keystore:
         return Keystore(self.home, gnupg_home=self.gnupg_home)
@@ -113,6 +132,9 @@ def cli(ctx: click.Context, home: Path | None, gnupg_home: Path | None) -> None:
     """Send end-to-end encrypted email: OpenPGP (PGP/MIME) or S/MIME, signed and encrypted,
     submitted over verified TLS. Try `e2email demo` for a full round trip on this machine."""
     ctx.obj = State(home or default_home(), gnupg_home)
+    # What a Ctrl-C can leave behind depends on the command: only sending has an outbox to
+    # point at (send refines this once it knows whether it sends or writes --output).
+    set_interrupt_hint(_INTERRUPT_HINTS.get(ctx.invoked_subcommand or "", ""))
 
 
 def secret_source(env: str | None, command: str | None, what: str) -> PasswordSource | None:
@@ -160,22 +182,66 @@ def demo() -> None:
     sys.exit(run_demo())
 
 
+def set_interrupt_hint(hint: str) -> None:
+    """What the one line printed on Ctrl-C adds after "interrupted" (empty: nothing), for the
+    command now running. A command that leaves something behind sets it once it does."""
+    global _interrupt_hint
+    _interrupt_hint = hint
+
+
+def _interrupted() -> NoReturn:
+    hint = _interrupt_hint
+    fail(f"interrupted ({hint})" if hint else "interrupted", EXIT_INTERRUPTED)
+
+
+def _usage_line(exc: click.UsageError) -> str:
+    """A click usage error as one line: its message and where to read more. click's own form
+    is three lines (Usage, Try, Error), and the README promises one line for every error."""
+    path = exc.ctx.command_path if exc.ctx is not None else "e2email"
+    return f"{exc.format_message()} (see `{path} --help`)"
+
+
+class _WarningLine(logging.Formatter):
+    """The library's warnings (e.g. a port skipped because STARTTLS was stripped) as the CLI's
+    own one-line warnings, not Python's bare "lastResort" lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"e2email: WARNING: {' '.join(record.getMessage().split())}"
+
+
+def _log_warnings_to_stderr() -> None:
+    logger = logging.getLogger("e2email")
+    if not any(getattr(h, "_e2email_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(_WarningLine())
+        handler._e2email_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point: run the CLI, turning every e2email error into one line and an exit code."""
+    _log_warnings_to_stderr()
     try:
         rv = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except click.exceptions.Abort as exc:
         # click turns Ctrl-C into Abort; an interrupt is 130, not a usage error.
         if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
-            fail(_INTERRUPTED, EXIT_INTERRUPTED)
+            _interrupted()
         fail("aborted", EXIT_USAGE)
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:
+        # `e2email` (or `e2email keys`) alone: the help is the answer, shown as click shows it.
         exc.show()
         sys.exit(EXIT_USAGE)
+    except click.UsageError as exc:
+        fail(_usage_line(exc), EXIT_USAGE)
+    except click.ClickException as exc:
+        fail(exc.format_message(), EXIT_USAGE)
     except E2EmailError as exc:
         fail(str(exc), exit_code_for(exc))
     except KeyboardInterrupt:
-        fail(_INTERRUPTED, EXIT_INTERRUPTED)
+        _interrupted()
     except Exception as exc:
         # A bug. One line, as for every other failure; the traceback on request.
         if os.environ.get("E2EMAIL_DEBUG") == "1":
@@ -189,7 +255,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
-_INTERRUPTED = (
-    "interrupted (anything already protected waits in the outbox: `e2email outbox list`; "
-    "a --to-file batch resumes when the same command is run again)"
-)
+#: The hint on Ctrl-C, per command (see :func:`set_interrupt_hint`); others say only
+#: "interrupted": `demo` and `keys` leave nothing to resume.
+_INTERRUPT_HINTS = {
+    "send": "anything already protected waits in the outbox: `e2email outbox list`; "
+    "a --to-file batch resumes when the same command is run again",
+    "outbox": "what was not delivered stays in the outbox: `e2email outbox list`",
+}
+_interrupt_hint = ""

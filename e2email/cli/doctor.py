@@ -60,8 +60,8 @@ def doctor(
     is read again without verification, only to show what is wrong with it. Exit status 0 when
     some port is usable with verified TLS, 4 when none is.
     """
-    if not host or any(c in host for c in "\r\n\0 /"):
-        raise click.BadParameter(f"{host!r} is not a host name", param_hint="HOST")
+    # A bad HOST (not a name, or with a port glued on) is a ConfigError from diagnose(): one
+    # line and exit 2, before anything is probed.
     report = asyncio.run(
         diagnose(host, ports=_port_map(port_map), ca_file=ca_file, timeout=timeout)
     )

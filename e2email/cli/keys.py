@@ -23,6 +23,8 @@ from e2email.errors import (
     MessageError,
     SignerKeyError,
 )
+from e2email.keystore import ImportSummary, check_expiry
+from e2email.message import Address
 
 
 def _ask(prompt: str, option: str) -> Callable[[], str]:
@@ -38,7 +40,7 @@ def _ask(prompt: str, option: str) -> Callable[[], str]:
 
 def _new_passphrase(passphrase_env: str | None, ask_passphrase: bool) -> str | None:
     if passphrase_env:
-        return password_from_env(passphrase_env)()
+        return password_from_env(passphrase_env, what="the new key's passphrase")()
     if ask_passphrase:
         passphrase = getpass.getpass("Passphrase for the new key: ")
         if getpass.getpass("Again: ") != passphrase:
@@ -78,7 +80,9 @@ def keys_import(
     OpenPGP keys (armored or binary, public or secret) go to the GnuPG keyring. X.509 files are
     for S/MIME and recognised by their content: PEM or DER certificates of recipients, PKCS#12
     bundles (.p12/.pfx) and PEM private keys with their certificate (in the same file or one
-    given alongside) become your own identities; --trust adds a trusted CA.
+    given alongside) become your own identities; --trust adds a trusted CA. Certificate
+    revocation lists (PEM or DER, signed by a CA already imported or given alongside) are kept,
+    the newest per CA, and refuse every certificate they list when sending.
     """
     if not files and not trust_files:
         raise click.UsageError("give FILES to import, or --trust CERT")
@@ -87,22 +91,25 @@ def keys_import(
         if path in x509_files:
             continue
         summary = state.keystore().import_file(path)
-        secret = f", {summary.secret_imported} secret" if summary.secret_imported else ""
-        click.echo(
-            f"{path}: {summary.imported} imported, {summary.unchanged} unchanged{secret}: "
-            + ", ".join(summary.fingerprints)
-        )
+        _report_import(path, summary)
     if not (x509_files or trust_files):
         return
+    from e2email.certstore import holds_crl
+
     certstore = CertStore(state.home)
     source = (
-        password_from_env(passphrase_env)
+        password_from_env(passphrase_env, what="the passphrase of the PKCS#12 file or private key")
         if passphrase_env
         else _ask("Passphrase of the PKCS#12 file or private key", "--passphrase-env VAR")
     )
-    results = certstore.import_files(x509_files, passphrase=source) if x509_files else []
+    results = (
+        certstore.import_files(x509_files, passphrase=source, crls=False) if x509_files else []
+    )
     if trust_files:
-        results += certstore.import_files(trust_files, trust=True)
+        results += certstore.import_files(trust_files, trust=True, crls=False)
+    # CRLs last, so a CA certificate (even one given with --trust) and its CRL can come together.
+    crl_files = [p for p in (*x509_files, *trust_files) if holds_crl(p)]
+    crls = certstore.import_crls(crl_files) if crl_files else []
     for item in results:
         cert = item.stored
         who = ", ".join(cert.addresses) or cert.subject
@@ -112,6 +119,59 @@ def keys_import(
             status = certstore.status(cert)
             if status != "usable":
                 click.echo(f"  note: {status}")
+    for crl in crls:
+        done = {
+            "imported": "imported",
+            "unchanged": "unchanged",
+            "older": "not imported, a newer CRL of this CA is kept",
+        }[crl.outcome]
+        until = f"{crl.next_update:%Y-%m-%d %H:%M} UTC" if crl.next_update else "no next update"
+        click.echo(
+            f"{crl.source}: S/MIME CRL of {crl.issuer}: {done} (issued "
+            f"{crl.this_update:%Y-%m-%d %H:%M} UTC, next {until}, {crl.revoked} revoked)"
+        )
+        if crl.expired():
+            click.echo(
+                "  note: this CRL is out of date: it still revokes what it lists, but vouches "
+                "for nothing else (--revocation require then needs a fresh status)"
+            )
+
+
+def _report_import(path: Path, summary: ImportSummary) -> None:
+    """Every key the import touched and every user ID it added or revoked (so a file that
+    carries more than it claims shows it), then a loud warning per address that now has more
+    than one key (issue 8 item 1)."""
+    secret = f", {summary.secret_imported} secret" if summary.secret_imported else ""
+    revoked = f", {summary.revoked} revocation(s)" if summary.revoked else ""
+    click.echo(
+        f"{path}: {summary.imported} imported, {summary.unchanged} unchanged{secret}{revoked}: "
+        + ", ".join(summary.fingerprints)
+    )
+    for change in summary.changes:
+        if change.revoked:
+            who = ", ".join(change.user_ids) or "(no user ID)"
+            click.echo(f"  revoked key {change.fingerprint}: {who}")
+            continue
+        head = "new key" if change.new else "updated key"
+        click.echo(
+            f"  {head} {change.fingerprint}" + (" (with secret key)" if change.secret_added else "")
+        )
+        for uid in change.added_user_ids:
+            click.echo(f"    user ID added: {uid}")
+        for uid in change.revoked_user_ids:
+            click.echo(f"    user ID revoked: {uid}")
+    for conflict in summary.conflicts:
+        then = (
+            f"Messages to {conflict.address} are refused until you choose one with "
+            f"--key {conflict.address}=FINGERPRINT (check the fingerprint with its owner)."
+            if conflict.ambiguous
+            else "Check with its owner that the usable one is theirs."
+        )
+        click.echo(
+            f"e2email: WARNING: {conflict.address} now has {len(conflict.fingerprints)} keys: "
+            f"{conflict.detail}. {then}",
+            err=True,
+        )
 
 
 @keys.command("list")
@@ -243,9 +303,13 @@ def keys_export(
         if pkcs12:
             if output is None:
                 raise click.UsageError("--pkcs12 writes a binary file: give --output FILE")
-            key_pw = password_from_env(passphrase_env)() if passphrase_env else None
+            key_pw = (
+                password_from_env(passphrase_env, what="the private key's passphrase")()
+                if passphrase_env
+                else None
+            )
             export_pw = (
-                password_from_env(export_passphrase_env)()
+                password_from_env(export_passphrase_env, what="the PKCS#12 file's passphrase")()
                 if export_passphrase_env
                 else _ask("Passphrase for the PKCS#12 file", "--export-passphrase-env VAR")()
             )
@@ -341,6 +405,15 @@ def keys_generate(
         return
     if algorithm not in (None, "ed25519", "rsa3072", "rsa4096"):
         raise click.UsageError(f"{algorithm} is for --smime; OpenPGP: ed25519, rsa3072, rsa4096")
+    # Checked before a passphrase is asked for, and named as the option it came from.
+    try:
+        expire = check_expiry(expire)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--expire'") from exc
+    try:
+        Address(address.strip())
+    except MessageError as exc:
+        raise MessageError(f"invalid address: {exc}") from exc
     passphrase = _new_passphrase(passphrase_env, ask_passphrase)
     key = state.keystore().generate(
         address,

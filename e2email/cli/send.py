@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from e2email.cli.app import (
     fail,
     prompt_for,
     secret_source,
+    set_interrupt_hint,
 )
 from e2email.client import Mailer, ProtectedCopy, SendResult
 from e2email.config import (
@@ -34,13 +34,16 @@ from e2email.config import (
     password_from_env,
 )
 from e2email.errors import (
+    DeliveryError,
     E2EmailError,
     MessageError,
+    RecipientsRefusedError,
     RequireTLSError,
     TransportError,
 )
 from e2email.message import Attachment, Message
 from e2email.outbox import Outbox
+from e2email.private import ensure_private_dir, write_private
 
 
 def _parse_key_map(items: Sequence[str]) -> dict[str, str]:
@@ -110,8 +113,50 @@ def _read_html(html_file: Path | None) -> str | None:
         raise MessageError(f"cannot read {html_file}: {exc}", field="html") from exc
 
 
+def _read_subject(opts: dict[str, Any]) -> str:
+    """The subject: --subject, or --subject-file (so that a confidential subject need not
+    appear in the process table). One trailing newline of the file is not part of it; anything
+    else (a second line, control characters) is refused by the message checks as for
+    --subject."""
+    subject, subject_file = opts["subject"], opts["subject_file"]
+    if subject_file is None:
+        return subject or ""
+    if subject is not None:
+        raise click.UsageError("give the subject once: --subject or --subject-file")
+    if subject_file == "-":
+        body_from_stdin = (
+            opts["body"] is None and opts["body_file"] is None and opts["template"] is None
+        )
+        if body_from_stdin:
+            raise click.UsageError(
+                "--subject-file - reads standard input, which already gives the body: "
+                "give the body with --body-file (or the subject from a file)"
+            )
+        data = sys.stdin.buffer.read()
+        where = "standard input"
+    else:
+        where = subject_file
+        try:
+            data = Path(subject_file).read_bytes()
+        except OSError as exc:
+            raise MessageError(
+                f"cannot read {subject_file}: {exc.strerror or exc}", field="subject"
+            ) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MessageError(f"{where} is not UTF-8 text", field="subject") from exc
+    # A file made by an editor or `echo` ends with one newline; it ends the line, it is not in
+    # the subject. Only one: anything more is refused as a line break in the subject.
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
 def _smime_options(command: Any) -> Any:
     """The S/MIME options of ``send`` (kept together, applied as one decorator)."""
+    from e2email.config import RevocationPolicy
+
     options = [
         click.option(
             "--smime",
@@ -132,6 +177,14 @@ def _smime_options(command: Any) -> Any:
             metavar="SHA256",
             help="S/MIME: accept this self-signed certificate, named by fingerprint (repeatable).",
         ),
+        click.option(
+            "--revocation",
+            type=click.Choice([p.value for p in RevocationPolicy]),
+            help="S/MIME: fetch revocation status (OCSP, CRL distribution points) for every "
+            "certificate: off (default; imported CRLs are still used), prefer (refuse a "
+            "revoked one, go on when no status can be had) or require (refuse when the status "
+            "cannot be established).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -140,8 +193,10 @@ def _smime_options(command: Any) -> Any:
 
 def _smime_protection(opts: dict[str, Any]) -> dict[str, Any]:
     """Protection fields for the S/MIME options; refuses them without --smime."""
+    from e2email.config import RevocationPolicy
+
     if not opts["smime"]:
-        for name in ("smime_cipher", "rsa_pss", "trust_self_signed"):
+        for name in ("smime_cipher", "rsa_pss", "trust_self_signed", "revocation"):
             if opts[name]:
                 flag = "--" + name.replace("_", "-")
                 raise click.UsageError(f"{flag} needs --smime")
@@ -153,20 +208,16 @@ def _smime_protection(opts: dict[str, Any]) -> dict[str, Any]:
     }
     if opts["smime_cipher"]:
         fields["smime_cipher"] = SMIMECipher(opts["smime_cipher"])
+    if opts["revocation"]:
+        fields["revocation"] = RevocationPolicy(opts["revocation"])
     return fields
 
 
-def _private_dir(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
-
-
 def _save_draft(home: Path, text: str) -> Path:
-    folder = _private_dir(home / "drafts")
+    """Keep a body read from stdin (plaintext) in HOME/drafts/, 0700/0600 whatever the umask."""
+    folder = ensure_private_dir(home / "drafts", what="the drafts folder")
     path = folder / f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}.txt"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    write_private(path, text.encode("utf-8"))
     return path
 
 
@@ -245,7 +296,13 @@ def _bulk_options(command: Any) -> Any:
     help="A Bcc recipient (repeatable); each gets a separate copy encrypted only to them.",
 )
 @click.option("--reply-to", multiple=True, metavar="ADDRESS")
-@click.option("--subject", default="", help="The subject (hidden inside the encryption).")
+@click.option("--subject", help="The subject (hidden inside the encryption).")
+@click.option(
+    "--subject-file",
+    metavar="FILE",
+    help="Read the subject (UTF-8, one line) from FILE (- for stdin when the body comes from "
+    "a file), so that it does not show in the process table.",
+)
 @click.option("--body", help="The text body.")
 @click.option(
     "--body-file",
@@ -264,7 +321,13 @@ def _bulk_options(command: Any) -> Any:
     help="Attach a file (repeatable).",
 )
 @click.option("--sign/--no-sign", default=True, show_default=True)
-@click.option("--encrypt/--no-encrypt", default=True, show_default=True)
+@click.option(
+    "--encrypt/--no-encrypt",
+    default=True,
+    show_default=True,
+    help="Encryption is the default: only --no-encrypt sends a message readable on the way "
+    "(and says so on stderr).",
+)
 @click.option(
     "--encrypt-to-self/--no-encrypt-to-self",
     default=True,
@@ -360,6 +423,14 @@ def send(state: State, /, **opts: Any) -> None:
     stays there until the server accepted it for every recipient; `e2email outbox` lists,
     retries and drops what is left. With --to-file, one message per CSV row.
     """
+    if opts["to_file"] is None:
+        # What a Ctrl-C may leave: only a message being sent waits in the outbox.
+        set_interrupt_hint(
+            ""
+            if opts["output"] is not None
+            else "anything already protected waits in the outbox: `e2email outbox list`"
+        )
+    opts["subject"] = _read_subject(opts)
     if opts["to_file"] is not None:
         from e2email.cli.bulk_send import send_bulk
 
@@ -381,7 +452,11 @@ def send(state: State, /, **opts: Any) -> None:
         if kept:
             extra = kept_hint(exc, kept)
         elif from_stdin and text and not isinstance(exc, TransportError):
-            extra = f" (the body read from stdin is saved in {_save_draft(state.home, text)})"
+            try:
+                extra = f" (the body read from stdin is saved in {_save_draft(state.home, text)})"
+            except E2EmailError as unsaved:
+                # Say both: the error that stopped the message, and why its body is not kept.
+                extra = f" (the body read from stdin could not be saved: {unsaved})"
         fail(f"{exc}{extra}", exit_code_for(exc))
 
 
@@ -393,7 +468,11 @@ def kept_ids(exc: BaseException) -> tuple[str, ...]:
 
 
 def kept_hint(exc: BaseException, kept: Sequence[str]) -> str:
-    where = f" (the protected message is kept in the outbox as {', '.join(kept)}: "
+    """Where the message is and what to do, in parentheses after the error. `outbox retry` is
+    offered only where a retry can help: a permanent refusal (5xx) is not undone by asking
+    again, so it says so and how to give the message up."""
+    ids = ", ".join(kept)
+    where = f" (the protected message is kept in the outbox as {ids}: "
     if getattr(exc, "maybe_delivered", False):
         return where + (
             "the server may have it already, so it is not sent again by itself; check with "
@@ -403,6 +482,21 @@ def kept_hint(exc: BaseException, kept: Sequence[str]) -> str:
         return where + (
             "it is sent only with REQUIRETLS, so `e2email outbox retry` needs a server that "
             "offers it; `e2email outbox drop` gives it up)"
+        )
+    if isinstance(exc, DeliveryError) and not exc.transient:
+        drop = f"`e2email outbox drop {ids}` gives it up"
+        refused = exc.refused if isinstance(exc, RecipientsRefusedError) else {}
+        later = [addr for addr, reply in refused.items() if reply.is_transient]
+        if later:
+            # Some were refused for now (4xx), others for good (5xx).
+            return where + (
+                f"`e2email outbox retry` tries {', '.join(later)} again; the permanent "
+                f"refusals (5xx) will not change by retrying; {drop})"
+            )
+        return (
+            " (the server refused it permanently (5xx): retrying will not help unless the "
+            f"server's policy changes; the protected message is kept in the outbox as {ids} "
+            f"until {drop})"
         )
     return where + "`e2email outbox retry` sends it again; do not send it anew)"
 
@@ -462,18 +556,39 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
         key_map=_parse_key_map(opts["key_map"]),
         **_smime_protection(opts),
     )
-    if protection.encrypt and not protection.sign:
-        # Unsigned encryption has no integrity: S/MIME's CBC is malleable (EFAIL) and anyone
-        # can encrypt to the recipient in the sender's name. An explicit choice, said aloud.
-        click.echo(
-            "e2email: WARNING: encrypted but NOT signed (--no-sign): the recipient cannot "
-            "tell who sent it or whether it was altered",
-            err=True,
-        )
+    _warn_unprotected(protection)
     passphrase = secret_source(
         opts["passphrase_env"], opts["passphrase_command"], "signing key passphrase"
     ) or prompt_for("signing key passphrase")
     return protection, passphrase
+
+
+def _warn_unprotected(protection: Protection) -> None:
+    """Say aloud, as one line on stderr, what an explicit --no-sign or --no-encrypt gives up.
+
+    Encryption is the default and only an explicit --no-encrypt turns it off; a plaintext
+    message is readable by every server and mailbox on its way, so it is never silent."""
+    if not protection.encrypt and not protection.sign:
+        warning = (
+            "neither signed nor encrypted (--no-sign --no-encrypt): anyone who handles the "
+            "message can read it, and the recipient cannot tell who sent it or whether it was "
+            "altered"
+        )
+    elif not protection.encrypt:
+        warning = (
+            "NOT encrypted (--no-encrypt): anyone who handles the message can read it (it is "
+            "only signed)"
+        )
+    elif not protection.sign:
+        # Unsigned encryption has no integrity: S/MIME's CBC is malleable (EFAIL) and anyone
+        # can encrypt to the recipient in the sender's name. An explicit choice, said aloud.
+        warning = (
+            "encrypted but NOT signed (--no-sign): the recipient cannot tell who sent it or "
+            "whether it was altered"
+        )
+    else:
+        return
+    click.echo(f"e2email: WARNING: {warning}", err=True)
 
 
 #: The options of `send` that say how to reach the server (shared with `outbox retry`).
@@ -530,9 +645,8 @@ def _write_output(target: Path, copies: Sequence[ProtectedCopy]) -> None:
         return
     for n, copy in enumerate(copies):
         path = target if n == 0 else target.with_name(f"{target.stem}.bcc{n}{target.suffix}")
-        try:
-            path.write_bytes(copy.raw)
-        except OSError as exc:
-            raise MessageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        # Created 0600 whatever the umask: a signed-only or unencrypted message is plaintext,
+        # and even ciphertext names its recipients. A symbolic link is not followed.
+        write_private(path, copy.raw)
         who = ", ".join(copy.recipients)
         click.echo(f"wrote {path} ({'To/Cc copy' if copy.kind == 'main' else 'Bcc copy'}: {who})")

@@ -274,6 +274,8 @@ def sign(
     """
     _check_passphrase_text(passphrase)
     subkey = _signing_subkey(signer)
+    if passphrase is not None:
+        keystore.forget_passphrase(subkey)
     result = keystore.gpg.sign(
         payload,
         keyid=None,
@@ -359,6 +361,8 @@ def encrypt(
     if signer is not None:
         signing_subkey = _signing_subkey(signer)
         sign_args = ["--sign", "--local-user", f"{signing_subkey}!"]
+        if passphrase is not None:
+            keystore.forget_passphrase(signing_subkey)
     boundary = new_boundary().encode()
     out = io.BytesIO()
     out.write(prefix)

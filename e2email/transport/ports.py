@@ -7,18 +7,31 @@ prefers implicit TLS (465) for submission, then RFC 6409 submission on 587 with 
 plaintext are never in it unless configured, and a remembered port is only ever moved to the
 front of the configured candidates: the memory file cannot add a port or a weaker mode.
 
-When the next port is tried (:data:`FALLBACK_OUTCOMES`): only when *this port could not be
-reached*: connection refused, timed out, host or network unreachable, closed before or instead
-of a greeting, a greeting other than 220. These are what port blocking looks like.
+When the next port is tried (:data:`FALLBACK_OUTCOMES`): when *this port could not be used
+and nothing was risked on it*:
 
-When the search stops: as soon as a server answered and TLS could not be established safely:
-no STARTTLS offered (or refused), a certificate that does not verify or is for another host,
-TLS older than 1.2, a failed handshake. Going on would be safe as far as secrecy goes (every
-candidate still requires verified TLS), but these are security signals, not blocked ports: an
-attacker who can break TLS on 465 can as easily block it, and a wrong certificate is usually a
-wrong host name that every port shares. Quietly succeeding on the next port would hide an
-attack or a misconfiguration the user needs to see. A name that does not resolve stops the
-search too (every port shares it). Failures after TLS (EHLO refused, AUTH) also stop it.
+* it could not be reached: connection refused, timed out, host or network unreachable, closed
+  before or instead of a greeting, a greeting other than 220. That is what port blocking looks
+  like;
+* it answered in clear but did not offer STARTTLS, or refused it (e.g. ``454 TLS not
+  available``). Where 587 is reachable but its STARTTLS offer is removed on the way (a
+  middlebox "securing" SMTP, or an attacker), 2525 is the classic way out, and the next port
+  is held to exactly the same checks: verified certificate, TLS 1.2 or newer, before anything
+  but EHLO (and STARTTLS) is sent. Nothing but EHLO was sent to the stripped port (then QUIT,
+  or the connection is just closed), so nothing was risked there. Because a stripped offer is
+  also what an attack looks like, it is never passed over quietly: each such port is logged
+  as a warning (the CLI shows it), it is in the ``attempts`` of the connection or error, and
+  when no port works the error is a :class:`~e2email.errors.TLSError` (not transient) listing
+  every port, rather than "cannot reach".
+
+When the search stops: as soon as a server took part in a TLS handshake that could not be
+completed safely: a certificate that does not verify or is for another host, TLS older than
+1.2, a failed handshake. Going on would be safe as far as secrecy goes (every candidate still
+requires verified TLS), but these are not blocked ports: an attacker who can break TLS on 465
+can as easily block it, and a wrong certificate is usually a wrong host name that every port
+shares. Quietly succeeding on the next port would hide an attack or a misconfiguration the
+user needs to see. A name that does not resolve stops the search too (every port shares it).
+Failures after TLS (EHLO refused, AUTH) also stop it.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from e2email.config import TLSMode
 
 __all__ = [
     "FALLBACK_OUTCOMES",
+    "NO_TLS_OUTCOMES",
     "HostMemory",
     "Outcome",
     "PortAttempt",
@@ -62,10 +76,14 @@ Outcome = Literal[
     "error",
 ]
 
-#: Failures that mean "this port is not reachable here": the next candidate is tried.
+#: Failures that mean "this port cannot be used here": the next candidate is tried.
 FALLBACK_OUTCOMES: frozenset[str] = frozenset(
-    {"refused", "timed out", "unreachable", "dropped", "greeting"}
+    {"refused", "timed out", "unreachable", "dropped", "greeting", "no starttls"}
 )
+
+#: Fall-back outcomes that are also security signals: reported loudly, and when no port works
+#: the search ends in a TLS error, not in "cannot reach".
+NO_TLS_OUTCOMES: frozenset[str] = frozenset({"no starttls"})
 
 _FILE_VERSION = 1
 

@@ -14,9 +14,12 @@ standards item 4) and refuses to move anything but an EHLO and STARTTLS in the c
   TLS, and the password or token source is asked only then.
 * REQUIRETLS (RFC 8689) when asked: refused before MAIL if the server does not offer it.
 * Without a configured port, the ports of ``SMTPSettings.port_order`` are tried in turn, but
-  only past ports that cannot be reached; see :mod:`e2email.transport.ports`.
+  only past ports that cannot be reached or offer no STARTTLS (reported); a certificate or
+  TLS version failure stops the search. See :mod:`e2email.transport.ports`.
 * Separate timeouts for connecting, for each command and for the message data; every timeout
-  is a :class:`~e2email.errors.ConnectError` saying "timed out".
+  is a :class:`~e2email.errors.ConnectError` saying "timed out". After the connection is up,
+  every wait is bounded by our own ``asyncio.timeout()``, never by aiosmtplib's
+  ``asyncio.wait_for()``, so a cancellation (Ctrl-C) is never lost (see :func:`_bounded`).
 
 Every aiosmtplib, ssl and socket exception is translated here into the
 :mod:`e2email.errors` tree, chained with ``raise ... from``. Each error's ``transient`` tells a
@@ -39,6 +42,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import TypeVar
 
 import aiosmtplib
 
@@ -59,11 +63,13 @@ from e2email.errors import (
 )
 from e2email.message import check_wire_safe
 from e2email.transport.ports import (
+    NO_TLS_OUTCOMES,
     HostMemory,
     Outcome,
     PortAttempt,
     order_candidates,
 )
+from e2email.transport.text import server_text
 
 __all__ = [
     "DeliveryResult",
@@ -104,6 +110,8 @@ _VERSION_REASONS = frozenset(
 #: DATA is written in pieces of about this size, each cut just after a CRLF and each waiting
 #: for the connection to take it (flow control), so a large message is never copied whole.
 _DATA_CHUNK = 256 * 1024
+
+_T = TypeVar("_T")
 
 _HANDSHAKE_DROPPED_HINT = (
     "the server closed the connection during the TLS handshake; it may not support TLS 1.2 "
@@ -246,7 +254,7 @@ def _tls_error(exc: ssl.SSLError, where: str) -> TLSError:
     if isinstance(exc, ssl.SSLCertVerificationError):
         # Pass OpenSSL's verify message through: it says what is wrong ("Hostname mismatch,
         # certificate is not valid for 'x'", "self-signed certificate in certificate chain").
-        detail = exc.verify_message or _ssl_text(exc)
+        detail = server_text(exc.verify_message or _ssl_text(exc))
         return TLSError(
             f"TLS certificate of {where} not accepted: certificate verify failed: {detail}",
             host=where,
@@ -262,18 +270,56 @@ def _tls_error(exc: ssl.SSLError, where: str) -> TLSError:
     return TLSError(f"TLS handshake with {where} failed: {text}{hint}", host=where)
 
 
-def _reply(exc: aiosmtplib.SMTPResponseException) -> SMTPReply:
-    return SMTPReply(exc.code, exc.message)
+def _reply(exc: aiosmtplib.SMTPResponseException | aiosmtplib.SMTPResponse) -> SMTPReply:
+    """The server's reply as an :class:`SMTPReply`, its text made safe to print (the one place
+    replies are made: every consumer, terminal, log or outbox, gets them clean)."""
+    return SMTPReply(exc.code, server_text(exc.message))
 
 
 def _reason(exc: BaseException) -> str:
-    """The most telling text for a connection-level failure."""
+    """The most telling text for a connection-level failure (made safe to print: an
+    exception's text may quote the server)."""
     cause = exc.__cause__
     if isinstance(cause, OSError) and str(cause):
-        return str(cause)
+        return server_text(str(cause))
     if isinstance(exc, aiosmtplib.SMTPException):
-        return exc.message
-    return str(exc) or type(exc).__name__
+        return server_text(exc.message)
+    return server_text(str(exc)) or type(exc).__name__
+
+
+async def _bounded(smtp: aiosmtplib.SMTP, call: Awaitable[_T], seconds: float | None) -> _T:
+    """Await ``call``, an aiosmtplib command made with ``timeout=None``, for at most
+    ``seconds`` (``None``: no limit).
+
+    Why not aiosmtplib's own timeouts: they use ``asyncio.wait_for()``, which on Python 3.11
+    loses a cancellation that arrives while the reply it waits for has just come in (it returns
+    the reply instead of raising; CPython gh-86296, fixed in 3.12). A Ctrl-C at that moment was
+    swallowed and the send went on: the rest of the message, the final dot, a delivery after
+    the user said stop. With ``timeout=None`` aiosmtplib awaits the reply directly and
+    ``asyncio.timeout()`` lets every cancellation through. As with aiosmtplib's own timeout the
+    session is closed (a late reply would pair with the next command) and the error is
+    aiosmtplib's ``SMTPReadTimeoutError``, so callers handle both alike.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            return await call
+    except aiosmtplib.SMTPException:
+        raise
+    except TimeoutError as exc:
+        smtp.close()
+        raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+
+
+def _raise_if_cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop while a wait swallowed the request.
+
+    Used after aiosmtplib's connect(), whose TCP, greeting and STARTTLS waits use
+    ``asyncio.wait_for()`` internally (see :func:`_bounded`): there a lost cancellation only
+    means a connection was opened, over which nothing of the message or the credentials went
+    yet, so stopping right after is exact. ``Task.cancelling()`` still counts the request."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _quit_quietly(smtp: aiosmtplib.SMTP) -> None:
@@ -284,7 +330,7 @@ async def _quit_quietly(smtp: aiosmtplib.SMTP) -> None:
     transport = smtp.transport
     try:
         if smtp.is_connected:
-            await smtp.quit()
+            await _bounded(smtp, smtp.quit(timeout=None), smtp.timeout)
     except (aiosmtplib.SMTPException, OSError):
         pass
     finally:
@@ -436,7 +482,11 @@ class SMTPConnection:
             stage = "MAIL"
             try:
                 try:
-                    await smtp.mail(mail_from, options=options, timeout=command_timeout)
+                    await _bounded(
+                        smtp,
+                        smtp.mail(mail_from, options=options, timeout=None),
+                        command_timeout,
+                    )
                 except aiosmtplib.SMTPSenderRefused as exc:
                     await self._reset()
                     raise DeliveryError(
@@ -446,9 +496,9 @@ class SMTPConnection:
                 refusals: dict[str, SMTPReply] = {}
                 for rcpt in rcpts:
                     try:
-                        await smtp.rcpt(rcpt, timeout=command_timeout)
+                        await _bounded(smtp, smtp.rcpt(rcpt, timeout=None), command_timeout)
                     except aiosmtplib.SMTPRecipientRefused as exc:
-                        refusals[rcpt] = SMTPReply(exc.code, exc.message)
+                        refusals[rcpt] = _reply(exc)
                         if not smtp.is_connected:  # e.g. 421: the server closed the session
                             raise
                 recipient_results = tuple(
@@ -497,15 +547,17 @@ class SMTPConnection:
                 error.maybe_delivered = self._end_of_data_sent
                 raise error from exc
             except aiosmtplib.SMTPException as exc:
-                raise TransportError(f"sending via {where} failed: {exc}", host=where) from exc
+                raise TransportError(
+                    f"sending via {where} failed: {server_text(str(exc))}", host=where
+                ) from exc
             except ValueError as exc:  # aiosmtplib's own address/command-injection checks
-                raise MessageError(str(exc)) from exc
+                raise MessageError(server_text(str(exc))) from exc
 
         log.debug("%s accepted message for %d recipient(s)", where, len(rcpts) - len(refusals))
         return DeliveryResult(
             mail_from=mail_from,
             recipients=recipient_results,
-            data_reply=SMTPReply(response.code, response.message),
+            data_reply=_reply(response),
             tls=self._tls,
         )
 
@@ -525,7 +577,7 @@ class SMTPConnection:
         a timeout or lost connection closes the session, since it is mid-DATA.
         """
         smtp = self._smtp
-        start = await smtp.execute_command(b"DATA", timeout=timeout)
+        start = await _bounded(smtp, smtp.execute_command(b"DATA", timeout=None), timeout)
         if start.code != 354:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
         protocol = smtp.protocol
@@ -544,7 +596,7 @@ class SMTPConnection:
             # Reading the reply starts right after the last write, so it cannot be missed.
             protocol.write(b".\r\n" if raw.endswith(b"\r\n") else b"\r\n.\r\n")
             self._end_of_data_sent = True
-            response = await protocol.read_response(timeout=timeout)
+            response = await _bounded(smtp, protocol.read_response(timeout=None), timeout)
             self._end_of_data_sent = False
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
             smtp.close()
@@ -565,7 +617,7 @@ class SMTPConnection:
             return
         command_timeout, _ = self._timeouts()
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-            await self._smtp.rset(timeout=command_timeout)
+            await _bounded(self._smtp, self._smtp.rset(timeout=None), command_timeout)
 
     async def _close(self) -> None:
         await _quit_quietly(self._smtp)
@@ -663,16 +715,40 @@ class SMTPTransport:
         # (a prompt asked once, a password command run once), off the event loop.
         self._secret: str | None = None
         self._secret_lock: asyncio.Lock | None = None
+        #: Ports already reported as passed over for want of STARTTLS.
+        self._warned: set[tuple[int, TLSMode]] = set()
 
     async def prepare(self) -> None:
-        """Resolve the password or token now unless its source is interactive (a prompt,
-        marked ``interactive = True``, stays lazy: asked only after TLS is verified), so an
-        unset variable or failing command is reported before anything is stored or sent."""
-        source = self._settings.oauth_token or self._settings.password
-        if self._settings.username is None or source is None:
+        """Have the password or token ready before anything is stored or sent (so a failing
+        password command is reported while nothing waits in the outbox), yet read it only once
+        TLS is verified, as promised: a password command may unlock a keyring or ask a
+        hardware token, and none of that is done for a server that cannot prove who it is.
+
+        * A string, or an environment variable (a source marked ``in_process``, as
+          :func:`~e2email.config.password_from_env` makes): read now. Nothing leaves the
+          process, and an unset variable is reported at once.
+        * A prompt (marked ``interactive``): asked only when AUTH needs it, inside TLS.
+        * Anything else (a password or token command, any callable): first a connection is
+          opened exactly as for sending (port search, TLS verified, EHLO) and closed again
+          with QUIT; only once it stood is the source run. When no verified connection can
+          be made the source is not run at all and this returns quietly: delivery then meets
+          the same failure and reports it, with the copies kept, like any connection failure.
+        """
+        settings = self._settings
+        source = settings.oauth_token if settings.oauth_token is not None else settings.password
+        if settings.username is None or source is None or self._secret is not None:
+            return
+        if isinstance(source, str) or getattr(source, "in_process", False):
+            await self._resolve_secret()
             return
         if getattr(source, "interactive", False):
             return
+        try:
+            conn = await self._open(authenticate=False)
+        except TransportError as exc:
+            log.debug("the password source is not run: no verified connection: %s", exc)
+            return
+        await conn._close()
         await self._resolve_secret()
 
     async def _resolve_secret(self) -> str | None:
@@ -730,21 +806,28 @@ class SMTPTransport:
                 raw, mail_from=mail_from, recipients=recipients, require_tls=require_tls
             )
 
-    async def _open(self) -> SMTPConnection:
+    async def _open(self, *, authenticate: bool = True) -> SMTPConnection:
         """Try the candidate ports in order; see :mod:`e2email.transport.ports` for when the
         next one is tried. Each attempt is reported in the error's (or connection's)
-        ``attempts``."""
+        ``attempts``. ``authenticate=False`` stops after TLS and EHLO (see :meth:`prepare`)."""
         host = self._settings.host
         candidates = self.candidates()
         attempts: list[PortAttempt] = []
         for index, (port, mode) in enumerate(candidates):
             try:
-                conn = await self._open_one(port, mode, attempts)
+                conn = await self._open_one(port, mode, attempts, authenticate=authenticate)
             except _AttemptFailed as failed:
                 attempt = PortAttempt(port, mode, failed.outcome, str(failed.error))
                 attempts.append(attempt)
                 if attempt.may_fall_back and index + 1 < len(candidates):
-                    log.info("%s; trying the next port", attempt)
+                    if attempt.outcome in NO_TLS_OUTCOMES and (port, mode) not in self._warned:
+                        # Never passed over quietly: a removed STARTTLS offer is what an
+                        # attack looks like (the CLI prints warnings on stderr). Once per
+                        # port and transport: prepare() may have met it already.
+                        self._warned.add((port, mode))
+                        log.warning("%s; trying the next port, under the same TLS checks", attempt)
+                    else:
+                        log.info("%s; trying the next port", attempt)
                     continue
                 final = self._final_error(failed.error, attempts)
                 raise final from (failed.error.__cause__ if final is failed.error else failed.error)
@@ -766,6 +849,16 @@ class SMTPTransport:
             return error
         listed = "; ".join(str(a) for a in attempts)
         if all(a.may_fall_back for a in attempts):
+            if any(a.outcome in NO_TLS_OUTCOMES for a in attempts):
+                # Some port answered without (usable) STARTTLS: a TLS refusal, not a network
+                # problem that waiting might fix.
+                final: TransportError = TLSError(
+                    f"no port of {self._settings.host} could be used with TLS: {listed}",
+                    host=self._settings.host,
+                    transient=False,
+                )
+                final.attempts = tuple(attempts)
+                return final
             final = ConnectError(
                 f"cannot reach {self._settings.host} on any port tried: {listed}",
                 host=self._settings.host,
@@ -777,12 +870,14 @@ class SMTPTransport:
         return error
 
     async def _open_one(
-        self, port: int, mode: TLSMode, attempts: list[PortAttempt]
+        self, port: int, mode: TLSMode, attempts: list[PortAttempt], *, authenticate: bool = True
     ) -> SMTPConnection:
         settings = self._settings
         where = f"{settings.host}:{port}"
         smtp = aiosmtplib.SMTP(
-            hostname=settings.host,
+            # The A-label form (IDNA 2008): given a non-ASCII name, asyncio and ssl would
+            # encode it with the IDNA 2003 codec, which turns "faß" into "fass".
+            hostname=settings.connect_host,
             port=port,
             local_hostname=settings.local_hostname,
             timeout=settings.effective_command_timeout,
@@ -799,6 +894,7 @@ class SMTPTransport:
                 # The connect timeout covers TCP, the implicit-TLS handshake and the greeting;
                 # STARTTLS and its handshake run under the command timeout.
                 await smtp.connect(timeout=settings.effective_connect_timeout)
+                _raise_if_cancelled()
             except (aiosmtplib.SMTPException, OSError) as exc:
                 error = self._connect_error(exc, where, mode)
                 error.__cause__ = exc
@@ -806,7 +902,8 @@ class SMTPTransport:
             try:
                 tls = self._check_tls(smtp, where, mode)
                 await self._ehlo(smtp, where)
-                extensions = dict(smtp.esmtp_extensions)
+                # The parameters are the server's words (e.g. "AUTH PLAIN LOGIN"): made safe.
+                extensions = {k: server_text(v) for k, v in smtp.esmtp_extensions.items()}
                 if settings.require_tls and "requiretls" not in extensions:
                     # RFC 8689 §4.1: checked before AUTH, so no credentials are spent on a
                     # server that cannot carry the message as asked.
@@ -815,7 +912,7 @@ class SMTPTransport:
                         "the message was not sent",
                         host=where,
                     )
-                if settings.username is not None:
+                if settings.username is not None and authenticate:
                     await self._authenticate(smtp, tls, settings.username, where)
             except aiosmtplib.SMTPTimeoutError as exc:
                 raise ConnectError(
@@ -829,7 +926,7 @@ class SMTPTransport:
                 ) from exc
             except aiosmtplib.SMTPException as exc:
                 raise TransportError(
-                    f"SMTP session with {where} failed: {exc}", host=where
+                    f"SMTP session with {where} failed: {server_text(str(exc))}", host=where
                 ) from exc
         except Exception:
             # E.g. AUTH refused: the session is still up, so end it properly.
@@ -877,17 +974,26 @@ class SMTPTransport:
             return TransportError(f"{where} refused EHLO", host=where, reply=_reply(exc))
         if mode is TLSMode.STARTTLS:
             if isinstance(exc, aiosmtplib.SMTPResponseException):
-                return TLSError(f"{where} refused STARTTLS", host=where, reply=_reply(exc))
+                # RFC 3207 §4: 454 "TLS not available due to temporary reason". Still a refusal
+                # of TLS, not a deferral: retrying the message here would only end, after the
+                # back-off, as "every recipient was refused". The search goes on to the next
+                # port (see ports.py); when none works, this is the error.
+                return TLSError(
+                    f"{where} refused STARTTLS (nothing but EHLO and STARTTLS was sent)",
+                    host=where,
+                    reply=_reply(exc),
+                    transient=False,
+                )
             if isinstance(exc, aiosmtplib.SMTPException):
                 # aiosmtplib raises a bare SMTPException when STARTTLS is not in the EHLO reply.
                 return TLSError(
-                    f"server {where} does not offer STARTTLS; refusing to continue without "
-                    "TLS (nothing but EHLO was sent)",
+                    f"server {where} does not offer STARTTLS (it may have been removed on the "
+                    "way); nothing but EHLO was sent, and nothing is sent without TLS",
                     host=where,
                 )
         if isinstance(exc, OSError):
-            return ConnectError(f"cannot connect to {where}: {exc}", host=where)
-        return TransportError(f"connecting to {where} failed: {exc}", host=where)
+            return ConnectError(f"cannot connect to {where}: {server_text(str(exc))}", host=where)
+        return TransportError(f"connecting to {where} failed: {server_text(str(exc))}", host=where)
 
     @staticmethod
     def _handshake_dropped(exc: BaseException, mode: TLSMode) -> bool:
@@ -937,7 +1043,7 @@ class SMTPTransport:
         (RFC 3207 §4.2: forget everything learned before TLS), so this asks again; for
         implicit TLS it is the first EHLO."""
         try:
-            await smtp.ehlo()
+            await _bounded(smtp, smtp.ehlo(timeout=None), smtp.timeout)
         except aiosmtplib.SMTPHeloError as exc:
             # RFC 5321 §4.1.4: a server that does not know EHLO still knows HELO. Without EHLO
             # there are no extensions, so AUTH (if configured) fails below with a clear message.
@@ -945,7 +1051,7 @@ class SMTPTransport:
                 raise TransportError(
                     f"{where} refused EHLO", host=where, reply=_reply(exc)
                 ) from exc
-            await smtp.helo()
+            await _bounded(smtp, smtp.helo(timeout=None), smtp.timeout)
 
     async def _authenticate(
         self, smtp: aiosmtplib.SMTP, tls: TLSInfo | None, user: str, where: str
@@ -958,7 +1064,7 @@ class SMTPTransport:
                 f"{where} does not offer SMTP AUTH (after TLS), so user {user!r} cannot log in",
                 host=where,
             )
-        offered = [m.lower() for m in smtp.server_auth_methods]
+        offered = [server_text(m).lower() for m in smtp.server_auth_methods]
         if self._settings.oauth_token is not None:
             await self._auth_xoauth2(smtp, user, offered, where)
             return
@@ -980,9 +1086,13 @@ class SMTPTransport:
         for mech in usable:
             try:
                 if mech == "plain":
-                    await smtp.auth_plain(user, password)
+                    await _bounded(
+                        smtp, smtp.auth_plain(user, password, timeout=None), smtp.timeout
+                    )
                 else:
-                    await smtp.auth_login(user, password)
+                    await _bounded(
+                        smtp, smtp.auth_login(user, password, timeout=None), smtp.timeout
+                    )
             except aiosmtplib.SMTPAuthenticationError as exc:
                 last = exc
                 # 504: the server does not really support this mechanism although it
@@ -1026,17 +1136,19 @@ class SMTPTransport:
             raise ConfigError("the OAuth2 access token contains a control character")
         blob = base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
         detail = ""
-        response = await smtp.execute_command(b"AUTH", b"XOAUTH2", blob)
+        response = await _bounded(
+            smtp, smtp.execute_command(b"AUTH", b"XOAUTH2", blob, timeout=None), smtp.timeout
+        )
         if response.code == 334:
             detail = _xoauth2_error_detail(response.message)
             # Acknowledge the error challenge with an empty response; the server then sends
             # the final reply (535 and friends).
-            response = await smtp.execute_command(b"")
+            response = await _bounded(smtp, smtp.execute_command(b"", timeout=None), smtp.timeout)
         if response.code != 235:
             raise AuthenticationError(
                 f"{where} refused the OAuth2 token for user {user!r}{detail}",
                 host=where,
-                reply=SMTPReply(response.code, response.message),
+                reply=_reply(response),
             )
         log.debug("authenticated to %s as %r with XOAUTH2", where, user)
 
@@ -1049,7 +1161,9 @@ def _xoauth2_error_detail(challenge: str) -> str:
         return ""
     if not isinstance(data, dict):
         return ""
-    parts = [f"{k} {data[k]}" for k in ("status", "scope") if isinstance(data.get(k), str)]
+    parts = [
+        f"{k} {server_text(data[k])}" for k in ("status", "scope") if isinstance(data.get(k), str)
+    ]
     if data.get("status") in ("400", "401"):
         parts.append("the token is invalid or expired, or lacks the SMTP scope")
     return f" ({'; '.join(parts)})" if parts else ""
