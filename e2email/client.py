@@ -977,22 +977,7 @@ class AsyncMailer:
         scheme = item.meta.get("scheme") or _scheme_of(item.raw)
         if scheme == "smime":
             return tuple(self._smime_problems(fingerprints))
-        check = getattr(self.keystore, "check_fingerprints", None)
-        if check is not None:  # the keystore's own judgement (issue 8, keys branch)
-            return tuple(check(fingerprints))
-        problems: list[KeyProblem] = []
-        for fpr in dict.fromkeys(fingerprints):
-            key = self.keystore.get(fpr)
-            if key is None:
-                problems.append(
-                    KeyProblem(fpr, KeyReason.NOT_FOUND, "no longer in the keystore", fpr)
-                )
-                continue
-            why = key.encryption_problem()
-            if why is not None:
-                address = next(iter(key.addresses), fpr)
-                problems.append(KeyProblem(address, why[0], why[1], key.fingerprint))
-        return tuple(problems)
+        return tuple(self.keystore.check_fingerprints(fingerprints))
 
     def _smime_problems(self, fingerprints: Sequence[str]) -> list[KeyProblem]:
         problems: list[KeyProblem] = []
