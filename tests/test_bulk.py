@@ -556,3 +556,36 @@ def test_an_old_unkeyed_ledger_is_not_reused_and_its_queued_copies_are_kept(
     assert retried.returncode == 0, retried.stderr
     assert e2email(*args, home=home).returncode == 0
     assert sorted(m.rcpt_tos for m in server.messages) == [("b@example.net",), ("c@example.com",)]
+
+
+def test_the_subject_comes_from_a_file_not_the_command_line(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A confidential subject need not be in the process table: with --to-file it comes from
+    the --template file's header block or from --subject-file (which the old code ignored in
+    a batch: every message went out without the subject); giving it twice is refused."""
+    home = tmp_path / "home"
+    server = smtp_server()
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email,name\nb@example.net,Bob\n")
+    subject = tmp_path / "subject.txt"
+    subject.write_text("Layoffs for $name\n")
+    base = ["--to-file", str(rows), "--no-encrypt", "--no-sign"]
+    by_file = e2email(
+        *send_args(server, *base, "--body", "hi", "--subject-file", str(subject)), home=home
+    )
+    assert by_file.returncode == 0, by_file.stderr
+    assert b"\r\nSubject: Layoffs for Bob\r\n" in server.messages[-1].data
+    template = tmp_path / "t.txt"
+    template.write_text("Subject: Salary review, $name\n\nDear $name\n")
+    by_template = e2email(
+        *send_args(server, *base, "--template", str(template), "--batch", "t"), home=home
+    )
+    assert by_template.returncode == 0, by_template.stderr
+    assert b"\r\nSubject: Salary review, Bob\r\n" in server.messages[-1].data
+    twice = e2email(
+        *send_args(server, *base, "--template", str(template), "--subject-file", str(subject)),
+        home=home,
+    )
+    assert twice.returncode == 2 and "subject is given twice" in twice.stderr
+    assert len(server.messages) == 2

@@ -87,7 +87,9 @@ def _template(opts: dict[str, Any]) -> Template:
     template = Template.parse(text, html=html)
     if opts["subject"]:
         if template.subject:
-            raise click.UsageError("the subject is given twice: --subject and in --template")
+            raise click.UsageError(
+                "the subject is given twice: --subject (or --subject-file) and in --template"
+            )
         template = replace(template, subject=opts["subject"])
     return template
 
