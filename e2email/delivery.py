@@ -667,10 +667,13 @@ class DeliveryEngine:
                 why = str(reason) if reason is not None else "not delivered"
             outcomes[address] = RecipientOutcome(address, "deferred", reply, why + suffix)
         undelivered = any(o.status != "delivered" for o in outcomes.values())
+        # Delivered, but recording that failed (the outbox could not be written): the copy
+        # must not stay an ordinary queued one, nor claimed by us: it is maybe-delivered.
+        unrecorded = not recorded and job.marked and job.ended
         kept = False
         try:
-            if self.outbox is not None and undelivered:
-                kept = True
+            if self.outbox is not None and (undelivered or unrecorded):
+                kept = undelivered
                 if not recorded:
                     await asyncio.to_thread(
                         self.outbox.settle,

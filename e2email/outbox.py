@@ -3,19 +3,27 @@
 A copy is stored *before* the first byte goes to the server and removed only when the server
 has accepted it for every recipient, in one transaction each, so a crash or ``kill -9`` at any
 moment loses nothing: what was not confirmed is still here and is sent again by the next run.
-The price is the usual one of SMTP (RFC 5321 §6.1): a copy whose 250 reply was lost in the
-crash is sent twice, never zero times.
+
+Except what may have arrived already: just before the end of a copy's data (the final ".")
+goes to the server, the copy is marked in flight (``maybe_since``, durably). A copy whose
+outcome was then never recorded (its 250 reply lost, a timeout, a drop, Ctrl-C, a crash, a
+failed write of the outcome) is :attr:`ItemState.MAYBE_DELIVERED`: RFC 5321 §6.1 leaves the
+client unable to know, and sending it again by itself would deliver a second copy whenever
+the server had it. It stays here, shown as such, until the user resends it
+(``claim(maybe_delivered=True)``, ``e2email outbox retry --maybe-delivered``) or drops it.
 
 Only protected bytes are stored (when encrypting: ciphertext), with their envelope, so the
-outbox holds no plaintext of an encrypted message. The file is created 0600 in a 0700 directory;
-SQLite gives its ``-wal`` and ``-shm`` files the same mode.
+outbox holds no plaintext of an encrypted message. The file is created 0600 in a 0700 directory
+(whatever the umask, :mod:`e2email.private`), and one that another user owns or that group or
+others may write is refused; SQLite gives its ``-wal`` and ``-shm`` files the same mode.
 
-Layout (``PRAGMA user_version`` 2):
+Layout (``PRAGMA user_version`` 3; older files are upgraded in place, see :func:`_migrate`):
 
 * ``items``: one row per protected copy: the exact bytes (up to 1 MiB), MAIL FROM, a JSON
-  ``meta`` (kind, Message-ID, signer, key fingerprints), state (``queued``, ``sending`` or
-  ``failed``), attempts, next-attempt time, the last error, the route (server and user) it was
-  meant for, and who has claimed it.
+  ``meta`` (kind, Message-ID, signer, the fingerprints and scheme of the keys it is encrypted
+  to, re-checked before a retry), state (``queued``, ``sending`` or ``failed``), attempts,
+  next-attempt time, the last error, the route (server and user) it was meant for, who has
+  claimed it, and ``maybe_since`` (new in version 3: in flight past its end of data).
 * ``bodies`` (new in version 2): the bytes of larger copies (their ``items.raw`` is empty), in
   a row of their own with the blob as its last column. SQLite then writes and reads them piece
   by piece (incremental blob I/O), and an update of the item's state does not rewrite them: a
@@ -404,6 +412,8 @@ class Outbox:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                # Read again inside the write lock: another process may have upgraded it.
+                version = db.execute("PRAGMA user_version").fetchone()[0]
                 if 0 < version < _SCHEMA_VERSION:
                     _migrate(db, version)
                 db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")

@@ -125,3 +125,43 @@ def test_settling_clears_the_in_flight_mark_and_release_keeps_it(tmp_path: Path)
     assert box.get(cut, raw=False).state is ItemState.MAYBE_DELIVERED
     assert [i.id for i in box.claim()] == [answered]
     box.close()
+
+
+def test_a_delivery_that_cannot_be_recorded_is_maybe_delivered_not_queued_again(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """The server accepted the copy but recording that in the outbox failed (disk full): the
+    copy is left maybe-delivered, so no later retry sends it a second time by itself (the
+    old code left it queued, claimed by a process that, once gone, no longer held it)."""
+    import asyncio
+
+    from e2email import AsyncMailer, Message, SMTPSettings, TLSMode
+    from e2email.config import Protection
+    from e2email.outbox import OutboxError
+
+    server = smtp_server()
+    assert server.ca_file is not None
+    box = Outbox(tmp_path / "o.sqlite3")
+    settle = box.settle
+
+    def full_disk(item_id: str, **kwargs: object) -> bool:
+        if kwargs.get("delivered"):
+            raise OutboxError("database or disk is full")
+        return settle(item_id, **kwargs)  # type: ignore[arg-type]
+
+    box.settle = full_disk  # type: ignore[method-assign]
+    m = AsyncMailer(
+        smtp=SMTPSettings(
+            host=server.host, port=server.port, tls=TLSMode.IMPLICIT, ca_file=server.ca_file
+        ),
+        outbox=box,
+        protection=Protection(sign=False, encrypt=False),
+    )
+    message = Message(sender="alice@example.org", to=["bob@example.net"], text="x")
+    result = asyncio.run(m.send(message))
+    assert result.accepted == ("bob@example.net",)  # true: the server said 250
+    assert len(server.messages) == 1
+    (item,) = box.items()
+    assert item.state is ItemState.MAYBE_DELIVERED
+    assert box.claim() == ()
+    box.close()

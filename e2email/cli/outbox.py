@@ -85,7 +85,10 @@ def outbox() -> None:
 
     Every message is stored here, already protected, before it is sent, and removed once the
     server accepted it for every recipient. What is left after a failure, a crash or a kill is
-    sent again by `outbox retry` (or, for --to-file batches, by rerunning the same command).
+    sent again by `outbox retry` (or, for --to-file batches, by rerunning the same command),
+    except a message interrupted after it was sent whole (maybe-delivered: the server may
+    have it), which is sent again only with `outbox retry --maybe-delivered`. Before a retry
+    the keys each message was encrypted to are checked again: one revoked since holds it.
     """
 
 
