@@ -989,7 +989,10 @@ class AsyncMailer:
                 )
                 continue
             problem = self.certstore.check(
-                stored.certificate, None, purpose="encrypt", trusted_self_signed=fingerprints
+                stored.certificate,
+                next(iter(stored.addresses), None),  # named by its address, as when sending
+                purpose="encrypt",
+                trusted_self_signed=fingerprints,
             )
             if problem is not None:
                 problems.append(problem)

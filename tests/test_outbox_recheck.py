@@ -11,9 +11,22 @@ from pathlib import Path
 
 import pytest
 from fixtures_pgp import Keys
+from fixtures_smime import PKI
 from pgp_helpers import generate_key, kill_agent, new_gnupg_home, revoke
 from test_cli import e2email, send_args
 
+from e2email import (
+    Mailer,
+    Message,
+    Protection,
+    RecipientsRefusedError,
+    Scheme,
+    SMTPSettings,
+    TLSMode,
+)
+from e2email.certstore import CertStore
+from e2email.client import HeldError
+from e2email.config import RetryPolicy
 from e2email.keystore import Keystore
 from e2email.outbox import ItemState, Outbox
 from e2email.testing import Fault, LoopbackSMTPServer
@@ -133,3 +146,45 @@ def test_the_recheck_knows_smime_copies_and_old_items_without_a_recorded_scheme(
         assert problem.reason is KeyReason.NOT_FOUND and "certificate store" in problem.detail
     assert mailer.recheck_keys(box.get(ids[2])) == ()
     box.close()
+
+
+def test_an_smime_copy_to_a_certificate_revoked_since_by_an_imported_crl_is_held(
+    pki: PKI, tmp_path: Path, smtp_server: ServerFactory
+) -> None:
+    """S/MIME: queued to Carol (the server said 451), then a CRL listing Carol's certificate
+    is imported: the retry holds the copy, naming Carol and the revocation; nothing is sent."""
+    from test_revocation import make_crl, write_crl
+
+    store = CertStore(tmp_path / "home")
+    store.import_files([pki.alice.chain_pem, pki.alice.key_pem, pki.carol.cert_pem])
+    store.import_files([pki.root_pem], trust=True)
+    busy = smtp_server(faults=[Fault("rcpt", "reply", 451, "4.3.2 busy", times=None)])
+    fine = smtp_server()
+
+    def mailer(server: LoopbackSMTPServer) -> Mailer:
+        assert server.ca_file is not None
+        return Mailer(
+            smtp=SMTPSettings(
+                host=server.host, port=server.port, tls=TLSMode.IMPLICIT, ca_file=server.ca_file
+            ),
+            keystore=Keystore(store.home),
+            certstore=store,
+            protection=Protection(scheme=Scheme.SMIME),
+            outbox=tmp_path / "outbox.sqlite3",
+            retry=RetryPolicy(max_attempts=1),
+        )
+
+    message = Message(sender="alice@example.org", to=["carol@example.com"], text="figures")
+    with mailer(busy) as m, pytest.raises(RecipientsRefusedError):
+        m.send(message)
+    crl = make_crl(pki.intermediate, pki.intermediate_key, ((pki.carol.cert, None),))
+    store.import_crls([write_crl(tmp_path / "inter.crl", crl)])
+    with mailer(fine) as m:
+        assert m.outbox is not None
+        (item,) = m.outbox.items()
+        assert item.meta["scheme"] == "smime"
+        assert pki.carol.fingerprint in item.meta["encrypted_to"]
+        (outcome,) = m.send_outbox()
+        assert outcome.status == "deferred" and isinstance(outcome.error, HeldError)
+        assert "carol@example.com: key revoked" in str(outcome.error)
+        assert fine.messages == [] and len(m.outbox) == 1
