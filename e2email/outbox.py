@@ -866,6 +866,8 @@ class Outbox:
                 finally:
                     tmp.unlink(missing_ok=True)
             check_private(path, what="the batch ledger key")
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)  # a secret: readable by us alone (checked ours above)
             data = path.read_bytes()
         except OSError as exc:
             raise OutboxError(f"cannot use the batch ledger key {path}: {exc}") from exc
