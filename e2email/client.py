@@ -605,6 +605,16 @@ class AsyncMailer:
             claimed = {i.id for i in await asyncio.to_thread(outbox.claim, kept)}
             busy = [i for i in kept if i not in claimed]
             if busy:
+                await asyncio.to_thread(outbox.release, claimed)
+                maybe = [
+                    i for i in busy if outbox.get(i, raw=False).state is ItemState.MAYBE_DELIVERED
+                ]
+                if maybe:
+                    raise OutboxError(
+                        f"outbox item(s) {', '.join(maybe)} may have been delivered already "
+                        "(interrupted after the message was sent): not sent again by itself; "
+                        "`e2email outbox retry --maybe-delivered` sends them"
+                    )
                 raise OutboxError(
                     f"outbox item(s) {', '.join(busy)} are being sent by another process"
                 )

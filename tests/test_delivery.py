@@ -229,9 +229,12 @@ def test_a_drop_after_the_final_dot_delivers_exactly_one_copy(
     assert item.state is ItemState.MAYBE_DELIVERED
     assert set(item.pending) == {"bob@example.net", "carol@example.com"}
     assert info.value.unsent[0].outbox_id == item.id
-    # A later batch engine run (no IDs) leaves it too.
+    # A later batch engine run (no IDs) leaves it too, and so does sending the unsent copy.
     assert asyncio.run(m.send_outbox()) == ()
+    with pytest.raises(OutboxError, match="may have been delivered"):
+        asyncio.run(m.send_copies(info.value.unsent))
     assert len(server.messages) == 1
+    assert m.outbox.get(item.id, raw=False).state is ItemState.MAYBE_DELIVERED
 
 
 def test_without_an_outbox_a_maybe_delivered_copy_is_not_retried_either(
