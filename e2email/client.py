@@ -792,7 +792,7 @@ class AsyncMailer:
                         seen[item.key] = item.tag
                     await limit.acquire()
                     one = self._batch_one(
-                        engine, smtp, index, item, prot, batch, groups, emit, limit
+                        engine, smtp, index, item, prot, batch, groups, emit, limit, copy_done
                     )
                     if index == 0:
                         await one
@@ -831,6 +831,7 @@ class AsyncMailer:
         groups: dict[int, _Group],
         emit: Callable[[MessageOutcome], None],
         limit: asyncio.Semaphore,
+        copy_done: Callable[[Outcome], None],
     ) -> None:
         try:
             entry = item if isinstance(item, BatchItem) else BatchItem(message=item)
@@ -876,6 +877,11 @@ class AsyncMailer:
                         return
                     groups[index] = _Group(index, entry.tag, stored[0].message_id, len(stored))
                     for it in stored:
+                        # Stored by an earlier run: its keys may have been revoked since.
+                        problems = await asyncio.to_thread(self.recheck_keys, it)
+                        if problems:
+                            self._hold(it, problems, copy_done, tag=index)
+                            continue
                         await engine.submit(_stored_submission(it, tag=index))
                     return
             try:
@@ -966,7 +972,7 @@ class AsyncMailer:
                 for it in claimed:
                     problems = await asyncio.to_thread(self.recheck_keys, it)
                     if problems:
-                        await asyncio.to_thread(self._hold, it, problems, report)
+                        self._hold(it, problems, report, tag=it)
                         continue
                     await engine.submit(_stored_submission(it, tag=it))
         if engine.fatal is not None:
@@ -1013,15 +1019,18 @@ class AsyncMailer:
         item: OutboxItem,
         problems: Sequence[KeyProblem],
         report: Callable[[Outcome], None],
+        *,
+        tag: Any,
     ) -> None:
         """Do not send ``item`` (claimed): it is encrypted to a key no longer fit. It goes
-        back to the outbox with the reason, and is reported deferred with that reason."""
+        back to the outbox with the reason, and is reported deferred with that reason (the
+        outcome's submission carries ``tag``)."""
         assert self.outbox is not None
         error = HeldError(problems)
         self.outbox.release([item.id], error=str(error))
         report(
             Outcome(
-                submission=_stored_submission(item, tag=item),
+                submission=_stored_submission(item, tag=tag),
                 recipients=tuple(
                     RecipientOutcome(a, "deferred", None, str(error)) for a in item.pending
                 ),

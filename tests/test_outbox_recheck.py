@@ -188,3 +188,35 @@ def test_an_smime_copy_to_a_certificate_revoked_since_by_an_imported_crl_is_held
         assert outcome.status == "deferred" and isinstance(outcome.error, HeldError)
         assert "carol@example.com: key revoked" in str(outcome.error)
         assert fine.messages == [] and len(m.outbox) == 1
+
+
+def test_rerunning_a_batch_holds_its_stored_copy_to_a_key_revoked_since(
+    keys: Keys, smtp_server: ServerFactory, factory: Path, tmp_path: Path
+) -> None:
+    """A batch row stored encrypted to a key that is revoked before the rerun: the rerun
+    (which sends the stored copy, not a new one) holds it too, reporting the row deferred
+    with the reason (exit 3), and sends nothing for it."""
+    home = new_gnupg_home("e2b")
+    try:
+        rev = generate_key(factory, tmp_path, "rev@example.com")
+        store = Keystore(home)
+        assert keys.alice.secret
+        store.import_file(keys.alice.secret)
+        store.import_file(rev.cert)
+        rows = tmp_path / "rows.csv"
+        rows.write_text("email\nrev@example.com\n")
+        busy = smtp_server(faults=[Fault("rcpt", "reply", 451, "4.3.2 busy", times=None)])
+        extra = ("--to-file", str(rows), "--body", "hi", "--retries", "1")
+        first = e2email(*send_args(busy, *extra), home=home)
+        assert first.returncode == 6, first.stderr
+        revoke(factory, rev)
+        assert e2email("keys", "import", str(rev.cert), home=home).returncode == 0
+        fine = smtp_server()
+        again = e2email(*send_args(fine, *extra), home=home)
+        assert again.returncode == 3, (again.stdout, again.stderr)
+        assert "row 1 rev@example.com: deferred" in again.stdout
+        assert "held" in again.stdout and "revoked" in again.stdout
+        assert fine.messages == []
+    finally:
+        kill_agent(home / "gnupg")
+        shutil.rmtree(home, ignore_errors=True)
