@@ -31,6 +31,7 @@ from e2email.errors import (
     ConfigError,
     DeliveryError,
     E2EmailError,
+    HeldError,
     KeyProblem,
     KeyReason,
     PassphraseError,
@@ -1044,19 +1045,6 @@ class AsyncMailer:
         """Close the outbox if this mailer opened it (from a path)."""
         if self._owns_outbox and self.outbox is not None:
             self.outbox.close()
-
-
-class HeldError(RecipientKeyError):
-    """A queued copy is held, not sent: a key (or certificate) it was encrypted to has been
-    revoked, has expired or is gone since it was queued. ``problems`` names each."""
-
-    def __init__(self, problems: Iterable[KeyProblem]) -> None:
-        super().__init__(problems)
-        listed = "; ".join(str(p) for p in self.problems)
-        self.args = (
-            f"held, not sent: encrypted to a key that is no longer fit since it was queued: "
-            f"{listed} (`e2email outbox drop` it and send the message again)",
-        )
 
 
 def _scheme_of(raw: bytes | None) -> Literal["openpgp", "smime"]:

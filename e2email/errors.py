@@ -45,6 +45,7 @@ __all__ = [
     "CryptoError",
     "DeliveryError",
     "E2EmailError",
+    "HeldError",
     "InsecurePathError",
     "InsecureTransportError",
     "KeyErrorBase",
@@ -177,6 +178,19 @@ class RecipientKeyError(KeyErrorBase):
     @property
     def addresses(self) -> tuple[str, ...]:
         return tuple(p.address for p in self.problems)
+
+
+class HeldError(RecipientKeyError):
+    """A queued copy is held, not sent: a key (or certificate) it was encrypted to has been
+    revoked, has expired or is gone since it was queued. ``problems`` names each."""
+
+    def __init__(self, problems: Iterable[KeyProblem]) -> None:
+        super().__init__(problems)
+        listed = "; ".join(str(p) for p in self.problems)
+        self.args = (
+            f"held, not sent: encrypted to a key that is no longer fit since it was queued: "
+            f"{listed} (`e2email outbox drop` it and send the message again)",
+        )
 
 
 class SignerKeyError(KeyErrorBase):

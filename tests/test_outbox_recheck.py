@@ -25,8 +25,8 @@ from e2email import (
     TLSMode,
 )
 from e2email.certstore import CertStore
-from e2email.client import HeldError
 from e2email.config import RetryPolicy
+from e2email.errors import HeldError
 from e2email.keystore import Keystore
 from e2email.outbox import ItemState, Outbox
 from e2email.testing import Fault, LoopbackSMTPServer
