@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -133,6 +135,9 @@ CREATE TABLE IF NOT EXISTS ledger (
     batch   TEXT NOT NULL,
     state   TEXT NOT NULL CHECK (state IN ('queued', 'done')),
     updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger_key (
+    checksum TEXT NOT NULL
 );
 """
 
@@ -877,7 +882,36 @@ class Outbox:
                 f"{_LEDGER_KEY_SIZE}); move it away to start a new ledger (a rerun of an "
                 "unfinished batch then sends every row again)"
             )
+        self._check_ledger_key(data, path)
         return data
+
+    def _check_ledger_key(self, secret: bytes, path: Path) -> None:
+        """The ledger remembers (as a keyed checksum, never the key) which key made it: with
+        another key (``ledger.key`` lost, or the outbox copied without it) no entry would
+        match, and a rerun of an unfinished batch would send its sent rows again."""
+        checksum = hmac.new(secret, b"e2email batch ledger key", hashlib.sha256).hexdigest()
+        with self._write() as db:
+            row = db.execute("SELECT checksum FROM ledger_key").fetchone()
+            if row is not None and row[0] == checksum:
+                return
+            if row is not None and db.execute("SELECT 1 FROM ledger LIMIT 1").fetchone():
+                raise OutboxError(
+                    f"the batch ledger key {path} is not the one this outbox's ledger was made "
+                    "with (lost or replaced?): reruns could not tell the rows already sent. "
+                    "Put the right one back, or run `e2email outbox forget-batches` to start "
+                    "a new ledger (a rerun of an unfinished batch then sends every row again)"
+                )
+            db.execute("DELETE FROM ledger_key")
+            db.execute("INSERT INTO ledger_key (checksum) VALUES (?)", (checksum,))
+
+    def forget_batches(self) -> int:
+        """Forget every batch: the ledger's entries (and which key made them) are deleted,
+        queued copies stay. Returns how many entries there were."""
+        with self._write() as db:
+            count = int(db.execute("SELECT count(*) FROM ledger").fetchone()[0])
+            db.execute("DELETE FROM ledger")
+            db.execute("DELETE FROM ledger_key")
+            return count
 
     def finish_batch(self, batch: str, completion: str) -> bool:
         """Batch ``batch`` was sent whole: replace its per-row ledger entries with the one

@@ -589,3 +589,26 @@ def test_the_subject_comes_from_a_file_not_the_command_line(
     )
     assert twice.returncode == 2 and "subject is given twice" in twice.stderr
     assert len(server.messages) == 2
+
+
+def test_a_lost_ledger_key_is_noticed_instead_of_sending_rows_again(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """HOME/ledger.key lost while a batch is unfinished: with a new key no entry would match
+    and the rerun would send the delivered rows again. It is refused (exit 2) naming the way
+    out; `outbox forget-batches` starts a new ledger, after which the rows are sent again."""
+    home = tmp_path / "home"
+    server = smtp_server()
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email\nb@example.net\nnot an address\n")  # the bad row keeps it unfinished
+    args = send_args(server, "--to-file", str(rows), "--body", "hi", "--no-encrypt", "--no-sign")
+    assert e2email(*args, home=home).returncode == 2
+    assert len(server.messages) == 1
+    (home / "ledger.key").unlink()
+    lost = e2email(*args, home=home)
+    assert lost.returncode == 2 and "forget-batches" in lost.stderr, lost.stderr
+    assert len(server.messages) == 1
+    forgot = e2email("outbox", "forget-batches", home=home)
+    assert forgot.returncode == 0 and "forgot 1 ledger entry" in forgot.stdout
+    assert e2email(*args, home=home).returncode == 2
+    assert len(server.messages) == 2

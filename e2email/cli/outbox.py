@@ -299,3 +299,15 @@ def drop(state: State, ids: tuple[str, ...]) -> None:
         for item_id in ids:
             item = box.drop(item_id)
             click.echo(f"dropped {item.id} ({item.message_id} to {', '.join(item.pending)})")
+
+
+@outbox.command("forget-batches")
+@click.pass_obj
+def forget_batches(state: State) -> None:
+    """Forget which rows of --to-file batches were sent (the ledger); queued messages stay.
+
+    Needed only when HOME/ledger.key, which keys the ledger, was lost or replaced: rerunning
+    an unfinished batch afterwards sends every row of it again."""
+    with Outbox.in_home(state.home) as box:
+        count = box.forget_batches()
+    click.echo(f"forgot {count} ledger entr{'y' if count == 1 else 'ies'}")
