@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import json
 import os
 import re
 import stat
@@ -833,21 +834,25 @@ def _address_ok(address: str, *, pattern: bool = False) -> bool:
 
 
 def _shown(merged: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    """The effective settings as text, a literal password masked."""
+    """The effective settings as TOML values, a literal password masked (``********``,
+    unquoted, so it can never be mistaken for the password itself)."""
     out: list[tuple[str, str]] = []
     for key in _ACCOUNT_KEYS:
-        if key not in merged:
-            continue
-        value = merged[key]
-        if key == "password":
-            text = "********"
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, list):
-            text = ", ".join(value)
-        elif isinstance(value, dict):
-            text = ", ".join(f"{k} = {v}" for k, v in value.items())
-        else:
-            text = str(value)
-        out.append((key, text))
+        if key in merged:
+            text = "********" if key == "password" else _toml_value(merged[key])
+            out.append((key, text))
     return tuple(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }"
+    # A JSON string is a TOML basic string (both escape \, " and control characters).
+    return json.dumps(str(value), ensure_ascii=False)

@@ -390,7 +390,7 @@ def test_config_show_masks_a_literal_password(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "hunter2" not in done.stdout
     assert "password = ********" in done.stdout
-    assert "password-command = pass show smtp" in done.stdout  # a command is not a secret
+    assert 'password-command = "pass show smtp"' in done.stdout  # a command is not a secret
     assert done.stdout.count("encrypt-to-self = false") == 2  # inherited from [defaults]
     one = e2email(
         "config", "show", "--account", "v", "--config", str(cfg), home=tmp_path, xdg=tmp_path
