@@ -447,3 +447,61 @@ def test_doctor_checks_the_accounts_server_with_its_ca_file(
     # The only account is the default one: no HOST and no --account needed.
     done = e2email(*args, f"--port-map=465={server.port}", home=tmp_path, xdg=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_to_file_batch_goes_through_the_account_and_records_it(
+    tmp_path: Path, home: Path, smtp_server: ServerFactory
+) -> None:
+    """`send --to-file` with an account: the account's server and sender; the copies it
+    keeps after a temporary refusal remember the account, and `outbox retry --account NAME`
+    sends them through it."""
+    box_home = tmp_path / "home"
+    shutil.copytree(home, box_home, ignore=shutil.ignore_patterns("S.*"))
+    server = smtp_server(
+        tls="implicit",
+        faults=[Fault("rcpt", "reply", 451, "4.3.2 later", address="bob@example.net")],
+    )
+    cfg = write(
+        tmp_path / "config.toml",
+        account("w", server, 'from = "alice@example.org"', "encrypt-to-self = false"),
+    )
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email,name\nbob@example.net,Bob\n", encoding="utf-8")
+    try:
+        done = e2email(
+            "send",
+            "--config",
+            str(cfg),
+            "--account",
+            "w",
+            "--to-file",
+            str(rows),
+            "--subject",
+            "s",
+            "--body",
+            "hi $name",
+            "--retries",
+            "0",
+            home=box_home,
+            xdg=tmp_path,
+        )
+        assert done.returncode != 0, done.stdout
+        with Outbox.in_home(box_home) as box:
+            (item,) = box.items()
+        assert item.account == "w" and item.mail_from == "alice@example.org"
+        done = e2email(
+            "outbox",
+            "retry",
+            "--now",
+            "--account",
+            "w",
+            "--config",
+            str(cfg),
+            home=box_home,
+            xdg=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        assert len(server.messages) == 1
+        assert server.messages[0].rcpt_tos == ("bob@example.net",)
+    finally:
+        kill_agent(box_home / "gnupg")
