@@ -428,3 +428,20 @@ def test_signing_passphrase_and_token_sources(tmp_path: Path) -> None:
     assert account.smtp.resolve_oauth_token() == "tok"
     assert account.smtp.password is None
     assert callable(account.passphrase) and account.passphrase() == "pp"
+
+
+def test_mistakes_in_defaults_are_reported_once_at_their_line(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path / "c.toml",
+        '[defaults]\nport = "465"\nfrom = "nobody"\nretries = -1\n'
+        '[accounts.a]\nhost = "a.example"\n[accounts.b]\nhost = "b.example"\n',
+    )
+    with pytest.raises(ConfigFileError) as info:
+        load_config(cfg)
+    lines = [str(p).removeprefix(f"{cfg}:") for p in info.value.problems]
+    assert lines == [
+        "2: port: must be an integer, not a string",
+        "4: retries: must be 0 or more, not -1",
+        # Inherited by a and b, found in [defaults], said once.
+        "3: from: 'nobody' is not an email address",
+    ]
