@@ -94,7 +94,8 @@ def recipients_without_keys(
     *,
     protection: Protection | None = None,
 ) -> dict[str, str]:
-    """Which of ``addresses`` could not be encrypted to, and why (address -> reason), found
+    """Which of ``addresses`` could not be encrypted to, and why (each address as given ->
+    reason), found
     the way sending finds keys: the keystore (OpenPGP) or certificate store (S/MIME) and the
     policy's key map. Empty when the policy does not encrypt. For a relay to refuse a
     recipient at RCPT already. Blocking (it runs gpg): use ``asyncio.to_thread`` in async code.
@@ -104,18 +105,15 @@ def recipients_without_keys(
     if not prot.encrypt:
         return {}
     missing: dict[str, str] = {}
-    wanted: list[str] = []
+    given: dict[str, str] = {}  # normalised address -> as the caller wrote it
     for text in addresses:
         try:
-            wanted.append(Address(text.strip()).addr_spec.lower())
+            given.setdefault(Address(text.strip()).addr_spec.lower(), text)
         except MessageError as exc:
             missing[text] = f"invalid address ({exc.reason})"
-    wanted = list(dict.fromkeys(wanted))
-    problems = _key_problems(core, wanted, prot)
-    for problem in problems:
-        missing[problem.address] = problem.reason.value + (
-            f" ({problem.detail})" if problem.detail else ""
-        )
+    for problem in _key_problems(core, list(given), prot):
+        reason = problem.reason.value + (f" ({problem.detail})" if problem.detail else "")
+        missing[given.get(problem.address.lower(), problem.address)] = reason
     return missing
 
 
@@ -184,7 +182,12 @@ def _pass_through(
     given: tuple[Address, ...] | None,
 ) -> ProtectedCopy:
     """A message the calling program signed or encrypted itself, as one copy to send as it
-    is: refused when the policy encrypts and it is not encrypted to every recipient's key."""
+    is: refused when the policy encrypts and it is not encrypted to every recipient's key.
+
+    What is inside the encryption (a signature, its protected headers) cannot be checked
+    without a recipient's key: the program that encrypted answers for it. It is one copy for
+    every envelope recipient, as the program made it: its session-key packets name all of
+    their keys, Bcc recipients' too (the program chose that)."""
     fields, body = split_message(data)
     head = b"".join(f.raw for f in fields)
     header_rcpts: list[str] = []

@@ -206,10 +206,11 @@ def test_recipients_without_keys_names_each_with_its_reason(
 ) -> None:
     mailer = _mailer(sender_store, smtp_server(tls="implicit"))
     missing = recipients_without_keys(
-        mailer, ["bob@example.net", "nobody@example.com", "expired@example.com", "not an address"]
+        mailer, ["bob@example.net", "Nobody@Example.COM", "expired@example.com", "not an address"]
     )
-    assert set(missing) == {"nobody@example.com", "expired@example.com", "not an address"}
-    assert missing["nobody@example.com"].startswith(KeyReason.NOT_FOUND.value)
+    # Each keyed as the caller wrote it (a relay looks up the RCPT address it has).
+    assert set(missing) == {"Nobody@Example.COM", "expired@example.com", "not an address"}
+    assert missing["Nobody@Example.COM"].startswith(KeyReason.NOT_FOUND.value)
     assert missing["expired@example.com"].startswith(KeyReason.EXPIRED.value)
     assert (
         recipients_without_keys(
