@@ -1491,6 +1491,8 @@ def _canon_entity(head: bytes, body: bytes, *, default: str, where: str, depth: 
         boundary = holder.get_boundary()
         if not boundary:
             raise MessageError(f"{where}: {ctype} without a boundary parameter")
+        if not boundary.isascii() or len(boundary) > 70:
+            raise MessageError(f"{where}: invalid boundary {boundary[:80]!r} (RFC 2046 §5.1.1)")
         inner = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
         new_body = _canon_multipart(body, boundary, default=inner, where=where, depth=depth)
         if encoding != "7bit":
@@ -1511,16 +1513,13 @@ def _canon_entity(head: bytes, body: bytes, *, default: str, where: str, depth: 
                 depth=depth + 1,
             )
         except MessageError:
-            new_body = b""
-        if new_body:
-            if encoding != "7bit":
-                _set_encoding(out, names, "7bit")
-            return b"".join([*out, b"\r\n", new_body])
-        # Not a readable message: keep it as is when that is safe, else send it as the bytes
-        # it is (the type then says what it really is).
-        if _wire_lines_ok(body) and not _UNSAFE_BODY.search(body):
-            return b"".join([*out, b"\r\n", body])
-        raise MessageError(f"{where}: the attached message cannot be read")
+            # Not a readable message: kept as it is when that is safe to sign and send.
+            if _wire_lines_ok(body) and not _UNSAFE_BODY.search(body):
+                return b"".join([*out, b"\r\n", body])
+            raise
+        if encoding != "7bit":
+            _set_encoding(out, names, "7bit")
+        return b"".join([*out, b"\r\n", new_body])
     return _canon_leaf(out, names, body, major=major, encoding=encoding, where=where)
 
 
@@ -1567,7 +1566,9 @@ def _canon_multipart(body: bytes, boundary: str, *, default: str, where: str, de
     dash = b"--" + boundary.encode("ascii")
     pieces: list[bytes] = []
     preamble = body[: matches[0].start()]
-    if preamble and _wire_lines_ok(preamble) and not _UNSAFE_BODY.search(preamble):
+    # A delimiter after CRLF has a preamble before it, if only an empty line.
+    has_preamble = matches[0].group().startswith(b"\r\n")
+    if has_preamble and _wire_lines_ok(preamble) and not _UNSAFE_BODY.search(preamble):
         pieces += [preamble, b"\r\n"]
     closed = False
     for number, (match, after) in enumerate(zip(matches, [*matches[1:], None], strict=True), 1):
@@ -1575,13 +1576,9 @@ def _canon_multipart(body: bytes, boundary: str, *, default: str, where: str, de
             closed = True
             epilogue = body[match.end() :]
             pieces.append(dash + b"--")
-            if (
-                epilogue.startswith(b"\r\n")
-                and _wire_lines_ok(epilogue)
-                and not _UNSAFE_BODY.search(epilogue)
-            ):
-                pieces.append(epilogue)
-            else:
+            if _wire_lines_ok(epilogue) and not _UNSAFE_BODY.search(epilogue):
+                pieces.append(epilogue)  # starts with CRLF (the delimiter line's end) or empty
+            elif epilogue.startswith(b"\r\n"):
                 pieces.append(b"\r\n")
             break
         part = body[match.end() : after.start() if after is not None else len(body)]

@@ -1465,6 +1465,14 @@ def test_safe_parts_are_kept_byte_for_byte() -> None:
     body = MimeBody.parse(entity)
     assert body.head + b"\r\n" + body.body == entity
     assert body.content_type == "multipart/mixed"
+    # An empty preamble line (as mutt writes) and a nested multipart without epilogue stay.
+    nested = (
+        b'Content-Type: multipart/mixed; boundary="out"\r\n\r\n\r\n--out\r\n'
+        b'Content-Type: multipart/alternative; boundary="in"\r\n\r\n--in\r\n\r\na\r\n'
+        b"--in--\r\n--out--\r\n"
+    )
+    body = MimeBody.parse(nested)
+    assert body.head + b"\r\n" + body.body == nested
 
 
 def test_signed_subtree_is_kept_exactly() -> None:
@@ -1682,6 +1690,11 @@ def test_body_excludes_text_html_and_attachments() -> None:
         (
             b"From: alice@example.org\nTo: b@example.net\nContent-Type: multipart/mixed\n\nx",
             "without a boundary",
+        ),
+        (
+            "From: a@example.org\nTo: b@example.net\nContent-Type: multipart/mixed; "
+            'boundary="ü"\n\n--ü\n\nx\n--ü--\n'.encode(),
+            "invalid boundary",
         ),
         (
             b"From: alice@example.org\nTo: b@example.net\nContent-Type: multipart/mixed; b"
