@@ -12,6 +12,14 @@ No crypto and no network here. Every byte is written by this module, never by
 * attachments base64 with 76-character lines.
 
 :func:`check_wire_safe` is the last gate before SMTP (bare CR/LF, NUL, 8-bit, long lines).
+
+A message another program wrote (sendmail callers, Django, an SMTP relay) is read with
+:meth:`Message.from_bytes`: its own MIME body is kept as the payload (:class:`MimeBody`), not
+rebuilt. The stdlib :mod:`email` package only *reads* its structure (parameters, addresses,
+RFC 2047 words); the bytes are still written here. Leaves that are not safe to sign as they
+are (8-bit, NUL, lines over 998 octets, trailing whitespace, ``From `` lines) are re-encoded
+so that they decode to the same bytes; everything else, a signed subtree above all, is kept
+byte for byte.
 """
 
 from __future__ import annotations
