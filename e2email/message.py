@@ -1125,7 +1125,7 @@ def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
             return PayloadStream([mime.head, b"\r\n", mime.body])
         head = [mime.head_with(['protected-headers="v1"', f'hp="{hp.value}"'])]
         head.extend(render_header(name, value) for name, value in _protected_fields(message))
-        head.extend(_hp_outer(name, value) for name, value in _outer_fields(message, hp))
+        head.extend(_hp_outer(n, v) for n, v in _outer_fields(message, hp) if _recorded(n))
         return PayloadStream([b"".join(head), b"\r\n", mime.body])
     body = _text_part("plain", message.text)
     if message.html is not None:
@@ -1138,7 +1138,7 @@ def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
     outer = _outer_fields(message, hp)
     head = [body.headers(['protected-headers="v1"', f'hp="{hp.value}"'])]
     head.extend(render_header(name, value) for name, value in protected)
-    head.extend(_hp_outer(name, value) for name, value in outer)
+    head.extend(_hp_outer(name, value) for name, value in outer if _recorded(name))
     return PayloadStream([b"".join(head), b"\r\n", *body.body])
 
 
@@ -1283,6 +1283,12 @@ def _check_extra_headers(value: object) -> tuple[tuple[str, str], ...]:
             raise MessageError(f"{name} is longer than 16384 characters", field="headers")
         out.append((name, text))
     return tuple(out)
+
+
+def _recorded(name: str) -> bool:
+    """Is this outer field recorded in HP-Outer (RFC 9788 §2.2)? Not the ones that are never
+    protected (trace fields, Autocrypt): there is no protected copy to compare them with."""
+    return name.lower() not in _OUTSIDE_ONLY
 
 
 def _ascii_value(value: str) -> str:

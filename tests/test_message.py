@@ -1612,6 +1612,7 @@ def test_extra_headers_placement_per_rfc9788() -> None:
             ("X-Mailer", "git-send-email 2.39.5"),
             ("X-Cron-Env", "<HOME=/root>"),
             ("X-Note", "Grüße"),
+            ("Received", "from localhost by host; Wed, 6 May 2026 07:08:09 +0200"),
         ],
     )
     outer = message_head(msg, hp=HP.CIPHER)
@@ -1627,6 +1628,9 @@ def test_extra_headers_placement_per_rfc9788() -> None:
         assert b"HP-Outer: " + name not in inner_head
     parsed = email.message_from_bytes(inner, policy=email.policy.default)
     assert parsed["X-Note"] == "Grüße"
+    # A trace field is only outside, and not recorded in HP-Outer: nothing protects it.
+    assert b"\r\nReceived: from localhost" in b"\r\n" + outer
+    assert b"Received" not in inner
     for hp in (HP.CLEAR, None):
         head = message_head(msg, hp=hp)
         assert b"X-Mailer: git-send-email" in head and b"X-Cron-Env" in head
