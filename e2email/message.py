@@ -1319,6 +1319,7 @@ def _extra_fields(message: Message, *, outside: bool, hp: HP | None) -> list[tup
 _FIELD_START = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _UNFOLD = re.compile(rb"\r\n(?=[ \t])")
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 #: Something in a body that is not safe to sign and send as it is (RFC 3156 §3, RFC 5322
 #: §2.1.1): an 8-bit byte or NUL, whitespace at the end of a line (transports strip it), a
 #: line starting "From " (mbox mangles it to ">From ").
@@ -1482,6 +1483,10 @@ def _canon_entity(head: bytes, body: bytes, *, default: str, where: str, depth: 
     if depth > 50:
         raise MessageError(f"{where}: MIME parts nested more than 50 deep")
     fields = _split_fields(head, where)
+    for name in ("content-type", "content-transfer-encoding"):
+        if sum(f.lower == name for f in fields) > 1:
+            # Readers disagree on which one counts: what one shows another would not.
+            raise MessageError(f"{where}: {name} appears more than once")
     ctype, holder = _content_type(fields, default)
     encoding = (_field_value(fields, "content-transfer-encoding") or "7bit").lower()
     out = [_ascii_field(f, where) for f in fields]
@@ -1756,7 +1761,14 @@ def split_message(raw: bytes) -> tuple[list[HeaderField], bytes]:
     no header, a line in the header that is not a field, a NUL in the header."""
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise MessageError("the message must be bytes", field="message")
-    data = _normalise_line_ends(_strip_mbox_line(bytes(raw)))
+    data = _strip_mbox_line(bytes(raw))
+    end = re.search(rb"\r?\n\r?\n", data)
+    bare = _BARE_CR.search(data, 0, end.start() if end else len(data))
+    if bare is not None:
+        # A CR not followed by LF would start a new header line for some readers and not
+        # for others (header injection, RFC 5322 §2.2): refused rather than guessed.
+        raise MessageError(f"a CR without LF in the header (offset {bare.start()})")
+    data = _normalise_line_ends(data)
     if not data.strip():
         raise MessageError("the message is empty", field="message")
     split = _split_entity(data)

@@ -1680,6 +1680,12 @@ def test_body_excludes_text_html_and_attachments() -> None:
         (b"\n\nbody only\n", "no header"),
         (b"From: alice@example.org\nTo: bob@example.net\nthis is the body\n", "line 3 is not"),
         (b" continued\nFrom: alice@example.org\n\nx", "continuation line"),
+        (b"From: alice@example.org\nTo: b@example.net\nSubject: a\rBcc: x@y.org\n\nx", "CR"),
+        (
+            b"From: alice@example.org\nTo: b@example.net\nContent-Type: text/plain\n"
+            b"Content-Type: text/html\n\nx",
+            "content-type appears more than once",
+        ),
         (b"From: alice@example.org\nTo: bob@example.net\nX-A: a\0b\n\nx", "NUL"),
         (b"From: alice@example.org\nTo: bob@example.net\nSubject: \xff\xfe\n\nx", "UTF-8"),
         (b"From: a@example.org\nFrom: b@example.org\nTo: bob@example.net\n\nx", "more than once"),
