@@ -1281,6 +1281,10 @@ def _check_extra_headers(value: object) -> tuple[tuple[str, str], ...]:
             )
         if len(text) > 16384:
             raise MessageError(f"{name} is longer than 16384 characters", field="headers")
+        try:
+            _fold_words(f"{name}:", _ascii_value(text).split(" "))  # foldable at all?
+        except MessageError as exc:
+            raise MessageError(exc.reason, field="headers") from None
         out.append((name, text))
     return tuple(out)
 

@@ -1654,6 +1654,7 @@ def test_structural_fields_are_not_extra_headers(name: str) -> None:
         ([("X A", "space in name")], "invalid header field name"),
         ([("X-A:", "colon")], "invalid header field name"),
         ("X-A: b", "expected"),
+        ([("X-A", "y" * 2000)], "unbreakable part longer than 998"),
     ],
 )
 def test_extra_headers_are_validated(headers: object, match: str) -> None:
