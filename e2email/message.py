@@ -1672,7 +1672,12 @@ class MimeBody:
         for RFC 3156 / RFC 8551 signing without changing what any part decodes to: CRLF line
         ends; 8-bit, NUL, over-long lines, trailing whitespace and ``From `` lines in a leaf
         re-encoded (text as quoted-printable, anything else base64); safe leaves kept byte
-        for byte; boundaries kept; a signed or encrypted subtree kept exactly."""
+        for byte; boundaries kept; a signed or encrypted subtree kept exactly.
+
+        Every CR, LF or CRLF is a line end, as SMTP and RFC 2045 §2.7-2.8 have it (a program
+        piping LF text means CRLF): so a bare CR or LF inside 8bit or binary data becomes
+        CRLF too. Binary data that must keep them is sent base64-encoded by the programs
+        that make it (and is then kept as it is)."""
         if not isinstance(entity, bytes | bytearray | memoryview):
             raise MessageError("a MIME entity must be bytes", field="body")
         data = _normalise_line_ends(bytes(entity))
