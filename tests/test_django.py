@@ -4,9 +4,12 @@ would. Django is configured once for the session here (no project needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
+import shutil
 from collections.abc import Callable
+from email.mime.image import MIMEImage
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +29,32 @@ if not settings.configured:
     )
     django.setup()
 
+from asgiref.sync import sync_to_async
+from django.core import mail
 from django.core.exceptions import ImproperlyConfigured
+from django.core.mail import EmailMessage, EmailMultiAlternatives
 from django.test import override_settings
+from fixtures_pgp import Keys
+from fixtures_smime import PKI
 from pgp_helpers import (
+    gpg_decrypt,
+    gpg_verify,
+    list_packet_key_ids,
     multipart_parts,
     part_body,
+    run,
+    sop_decrypt,
+    split_head,
+    subkey_ids,
 )
 
+from e2email.certstore import CertStore
 from e2email.config import Scheme, TLSMode
 from e2email.django import EmailBackend, load_settings, protection_for
-from e2email.errors import (
-    ConfigError,
-    InsecureTransportError,
-)
+from e2email.errors import ConfigError, InsecureTransportError, RecipientKeyError, TLSError
 from e2email.keystore import Keystore
-from e2email.testing import LoopbackSMTPServer
+from e2email.outbox import Outbox
+from e2email.testing import LoopbackSMTPServer, TestCA
 
 ServerFactory = Callable[..., LoopbackSMTPServer]
 PNG = bytes.fromhex(
@@ -180,3 +194,280 @@ def test_per_message_policy_is_checked() -> None:
         protection_for(base, {"key_map": {}})
     with pytest.raises(ConfigError, match="must be True or False"):
         protection_for(base, {"encrypt": "no"})
+
+
+# -- sending (needs e2email.inbound and Message.from_bytes) --------------------------------
+
+
+def _received_for(server: LoopbackSMTPServer, address: str) -> list[bytes]:
+    return [m.data for m in server.messages if address in m.rcpt_tos]
+
+
+def _decrypt(raw: bytes, home: Path) -> email.message.Message:
+    plain, status = gpg_decrypt(home, _pgp_payload(raw))
+    assert "GOODSIG" in status or "VALIDSIG" in status, status
+    return email.message_from_bytes(plain, policy=email.policy.default)
+
+
+def _rich_message(tmp_path: Path) -> EmailMultiAlternatives:
+    """An HTML alternative, two attachments (one by attach_file), an inline image, Cc, Bcc,
+    Reply-To and an extra header: what a Django project sends."""
+    report = tmp_path / "report.csv"
+    report.write_bytes(b"id,amount\r\n1,42\r\n2,\xe2\x82\xac7\r\n")
+    msg = EmailMultiAlternatives(
+        subject="Quarterly numbers (confidential)",
+        body="Hello Bob,\n\nthe numbers are attached.\n",
+        from_email="Alice <alice@example.org>",
+        to=["Bob <bob@example.net>"],
+        cc=["carol@example.com"],
+        bcc=["dave@example.com"],
+        reply_to=["alice+replies@example.org"],
+        headers={"X-Campaign": "q3-2026"},
+    )
+    msg.attach_alternative('<p>Hello Bob,</p><p><img src="cid:logo@e2"></p>', "text/html")
+    msg.attach("notes.txt", "Grüße: ünïcödé notes\n", "text/plain")
+    msg.attach_file(str(report), "text/csv")
+    image = MIMEImage(PNG, "png")
+    image.add_header("Content-ID", "<logo@e2>")
+    image.add_header("Content-Disposition", "inline", filename="logo.png")
+    msg.attach(image)
+    return msg
+
+
+@needs_inbound
+def test_multi_alternatives_with_attachments_and_bcc_arrive_encrypted_and_intact(
+    conf: dict[str, Any],
+    server: LoopbackSMTPServer,
+    recipients_home: Path,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """The server gets only ciphertext; the Bcc recipient gets a separate copy (its key ID is
+    in no other copy); each copy decrypts (gpg; sqop for Bob's) to the same MIME structure
+    Django built, part for part, with the same decoded content."""
+    msg = _rich_message(tmp_path)
+    expected = email.message_from_bytes(msg.message().as_bytes(), policy=email.policy.default)
+    with _configured(E2EMAIL=conf):
+        assert msg.send() == 1
+    assert len(server.messages) == 2
+    for received in server.messages:
+        assert b"multipart/encrypted" in received.data
+        for secret in (b"numbers are attached", b"Quarterly", b"q3-2026", b"notes.txt", b"dave@"):
+            assert secret not in received.data
+    main = _received_for(server, "bob@example.net")
+    bcc = _received_for(server, "dave@example.com")
+    assert len(main) == 1
+    assert len(bcc) == 1
+    assert sorted(next(m for m in server.messages if m.data is main[0]).rcpt_tos) == [
+        "bob@example.net",
+        "carol@example.com",
+    ]
+    assert next(m for m in server.messages if m.data is bcc[0]).rcpt_tos == ("dave@example.com",)
+    dave_ids = subkey_ids(recipients_home, keys.dave.fingerprint)
+    assert not dave_ids & list_packet_key_ids(recipients_home, _pgp_payload(main[0]))
+    assert dave_ids & list_packet_key_ids(recipients_home, _pgp_payload(bcc[0]))
+
+    for raw in (main[0], bcc[0]):
+        inner = _decrypt(raw, recipients_home)
+        assert inner["Subject"] == "Quarterly numbers (confidential)"
+        assert inner["Reply-To"] == "alice+replies@example.org"
+        assert inner["X-Campaign"] == "q3-2026"
+        assert "Bcc" not in inner
+        assert b"dave@example.com" not in inner.as_bytes()
+        assert _structure(inner) == _structure(expected)
+        assert _leaves(inner) == _leaves(expected)
+        assert {p.get_filename() for p in inner.walk()} >= {"notes.txt", "report.csv", "logo.png"}
+    if shutil.which("sqop"):
+        plain, verifications = sop_decrypt(
+            "sqop", _pgp_payload(main[0]), keys.bob.secret, keys.alice.cert, tmp_path
+        )
+        assert keys.alice.fingerprint[-16:].lower() in verifications.lower()
+        inner = email.message_from_bytes(plain, policy=email.policy.default)
+        assert _leaves(inner) == _leaves(expected)
+
+
+@needs_inbound
+def test_send_mass_mail_and_a_held_connection_use_one_tls_connection(
+    conf: dict[str, Any], server: LoopbackSMTPServer, recipients_home: Path
+) -> None:
+    datatuple = [
+        ("One", "first", "alice@example.org", ["bob@example.net"]),
+        ("Two", "second", "alice@example.org", ["carol@example.com"]),
+        ("Three", "third", "alice@example.org", ["erin@example.com", "bob@example.net"]),
+    ]
+    with _configured(E2EMAIL=conf):
+        assert mail.send_mass_mail(datatuple) == 3
+        assert server.connections == 1
+        assert len(server.messages) == 3
+        # A connection held open by the application carries message after message.
+        with mail.get_connection() as connection:
+            for n in range(2):
+                sent = EmailMessage(
+                    f"held {n}",
+                    "body",
+                    "alice@example.org",
+                    ["bob@example.net"],
+                    connection=connection,
+                ).send()
+                assert sent == 1
+    assert server.connections == 2
+    assert len(server.messages) == 5
+    commands = server.received_commands()
+    assert commands.count("QUIT") == 2
+    for received in server.messages:
+        assert received.tls_version in ("TLSv1.2", "TLSv1.3")
+        _decrypt(received.data, recipients_home)
+
+
+@needs_inbound
+def test_send_mail_and_mail_admins(
+    conf: dict[str, Any], server: LoopbackSMTPServer, recipients_home: Path
+) -> None:
+    with _configured(E2EMAIL=conf):
+        assert mail.send_mail("Hi", "plain body\n", None, ["bob@example.net"]) == 1
+        mail.mail_admins("Server error", "traceback text\n", html_message="<pre>tb</pre>")
+    assert len(server.messages) == 2
+    first, admins = (_decrypt(m.data, recipients_home) for m in server.messages)
+    assert first["Subject"] == "Hi"
+    assert first["From"] == "Alice <alice@example.org>"  # DEFAULT_FROM_EMAIL
+    assert server.messages[1].rcpt_tos == ("bob@example.net",)
+    assert admins["Subject"].endswith("Server error")
+    assert {p.get_content_type() for p in admins.walk()} >= {"text/plain", "text/html"}
+
+
+@needs_inbound
+@pytest.mark.parametrize("fail_silently", [True, False])
+def test_a_recipient_without_a_key_gets_nothing_and_the_message_is_kept(
+    conf: dict[str, Any], server: LoopbackSMTPServer, tmp_path: Path, fail_silently: bool
+) -> None:
+    msg = EmailMessage(
+        "Secret",
+        "nobody may read this\n",
+        "alice@example.org",
+        ["bob@example.net"],
+        bcc=["nokey@example.com"],
+    )
+    with _configured(E2EMAIL=conf):
+        if fail_silently:
+            assert mail.get_connection(fail_silently=True).send_messages([msg]) == 0
+        else:
+            with pytest.raises(RecipientKeyError) as info:
+                msg.send()
+            assert info.value.addresses == ("nokey@example.com",)
+            assert any("kept as a draft" in n for n in info.value.__notes__)
+    assert server.messages == []
+    assert server.connections == 0
+    drafts = list((tmp_path / "drafts").iterdir())
+    assert len(drafts) == 1
+    assert drafts[0].stat().st_mode & 0o777 == 0o600
+    kept = drafts[0].read_bytes()
+    assert b"nobody may read this" in kept
+    assert b"Bcc: nokey@example.com" in kept  # so `e2email-sendmail -t` sends it to them too
+    assert len(Outbox(tmp_path / "outbox.sqlite3")) == 0
+
+
+@needs_inbound
+def test_per_message_sign_only_override(
+    conf: dict[str, Any], server: LoopbackSMTPServer, recipients_home: Path, tmp_path: Path
+) -> None:
+    """``msg.e2email = {"encrypt": False}`` (a newsletter to readers without keys): signed,
+    not encrypted; the other message of the batch is still encrypted."""
+    news = EmailMessage("News", "Public news\n", "alice@example.org", ["nokey@example.com"])
+    news.e2email = {"encrypt": False}  # type: ignore[attr-defined]
+    private = EmailMessage("Private", "secret\n", "alice@example.org", ["bob@example.net"])
+    with _configured(E2EMAIL=conf):
+        assert mail.get_connection().send_messages([news, private]) == 2
+    by_rcpt = {m.rcpt_tos: m.data for m in server.messages}
+    signed = by_rcpt[("nokey@example.com",)]
+    head, parts = multipart_parts(signed)
+    assert b"multipart/signed" in head
+    assert b"Public news" in parts[0]
+    assert gpg_verify(recipients_home, part_body(parts[1]), parts[0], tmp_path)
+    assert b"e2email" not in signed.lower().replace(b"e2email test server", b"")
+    assert b"multipart/encrypted" in by_rcpt[("bob@example.net",)]
+
+
+@needs_inbound
+def test_a_server_that_cannot_be_verified_keeps_the_message_in_the_outbox(
+    conf: dict[str, Any], smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    other_ca = TestCA()
+    try:
+        rogue = smtp_server(tls="implicit", ca=other_ca)
+        bad = {**conf, "port": rogue.port}  # our CA file does not vouch for its certificate
+        msg = EmailMessage("S", "body\n", "alice@example.org", ["bob@example.net"])
+        with _configured(E2EMAIL=bad):
+            assert mail.get_connection(fail_silently=True).send_messages([msg]) == 0
+            with pytest.raises(TLSError) as info:
+                msg.send()
+        assert any("kept in the outbox" in n for n in info.value.__notes__)
+        assert rogue.messages == []
+        assert len(Outbox(tmp_path / "outbox.sqlite3")) == 2
+    finally:
+        other_ca.cleanup()
+
+
+@needs_inbound
+def test_works_from_inside_a_running_event_loop_and_sync_to_async(
+    conf: dict[str, Any], server: LoopbackSMTPServer
+) -> None:
+    async def view() -> tuple[int, int]:
+        # An async view calling send_mail directly (blocking, but it must work) and the
+        # recommended way, through sync_to_async in a worker thread.
+        direct = mail.send_mail("a", "b\n", None, ["bob@example.net"])
+        threaded = await sync_to_async(mail.send_mail)("c", "d\n", None, ["bob@example.net"])
+        return direct, threaded
+
+    with _configured(E2EMAIL=conf):
+        assert asyncio.run(view()) == (1, 1)
+    assert len(server.messages) == 2
+
+
+@needs_inbound
+def test_smime_through_the_same_backend(
+    conf: dict[str, Any],
+    server: LoopbackSMTPServer,
+    pki: PKI,
+    smime_store: CertStore,
+    tmp_path: Path,
+) -> None:
+    smime = {**conf, "scheme": "smime", "home": str(smime_store.home)}
+    msg = EmailMultiAlternatives(
+        "S/MIME", "plain\n", "alice@example.org", ["bob@example.net"], bcc=["carol@example.com"]
+    )
+    msg.attach_alternative("<b>html</b>", "text/html")
+    msg.attach("a.bin", b"\x00\x01binary", "application/octet-stream")
+    with _configured(E2EMAIL=smime):
+        assert msg.send() == 1
+    assert len(server.messages) == 2
+    main = _received_for(server, "bob@example.net")[0]
+    head, _ = split_head(main)
+    assert b"application/pkcs7-mime" in head
+    assert b"binary" not in main
+    path = tmp_path / "smime.eml"
+    path.write_bytes(main)
+    plain = run(
+        [
+            "openssl",
+            "cms",
+            "-decrypt",
+            "-in",
+            str(path),
+            "-recip",
+            str(pki.bob.cert_pem),
+            "-inkey",
+            str(pki.bob.key_pem),
+        ]
+    ).stdout
+    assert b"multipart/signed" in plain
+    inner = email.message_from_bytes(plain, policy=email.policy.default)
+    signed = next(
+        p
+        for p in inner.walk()
+        if p.get_content_type() == "multipart/mixed"
+        or p.get_content_type() == "multipart/alternative"
+    )
+    assert signed is not None
+    expected = email.message_from_bytes(msg.message().as_bytes(), policy=email.policy.default)
+    got = [leaf for leaf in _leaves(inner) if leaf[0] != "application/pkcs7-signature"]
+    assert got == _leaves(expected)
