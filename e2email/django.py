@@ -105,8 +105,9 @@ from e2email.errors import (
     RecipientsRefusedError,
     TransportError,
 )
+from e2email.inbound import submit
 from e2email.keystore import Keystore
-from e2email.message import Address
+from e2email.message import Address, Message, existing_protection
 from e2email.outbox import Outbox
 from e2email.private import ensure_private_dir, write_private
 
@@ -619,17 +620,19 @@ class EmailBackend(BaseEmailBackend):
             if self._mailer is not None:
                 return False
             s = self.settings
-            keystore = Keystore(s.home, gnupg_home=s.gnupg_home)
-            mailer = AsyncMailer(
-                smtp=s.smtp,
-                keystore=keystore,
-                protection=s.protection,
-                passphrase=s.passphrase,
-                certstore=CertStore(s.home),
-                outbox=Outbox(s.outbox),
-                retry=s.retry,
-                connections=1,
-            )
+            try:
+                mailer = AsyncMailer(
+                    smtp=s.smtp,
+                    keystore=Keystore(s.home, gnupg_home=s.gnupg_home),
+                    protection=s.protection,
+                    passphrase=s.passphrase,
+                    certstore=CertStore(s.home),
+                    outbox=Outbox(s.outbox),
+                    retry=s.retry,
+                    connections=1,
+                )
+            except ConfigError as exc:  # e.g. an outbox folder others may write
+                raise ImproperlyConfigured(f"E2EMAIL: {exc}") from exc
             self._loop = _LoopThread()
             self._mailer = mailer
             return True
@@ -739,17 +742,9 @@ class EmailBackend(BaseEmailBackend):
         """Protect and send one message: over the policy's kept connection, or (an already
         protected message, or a From or To/Cc header that differs from the envelope) by
         :func:`e2email.inbound.submit` over a connection of its own."""
-        from e2email import inbound  # type: ignore[attr-defined,unused-ignore]
-        from e2email.message import (  # type: ignore[attr-defined,unused-ignore]
-            Message,
-            existing_protection,
-        )
-
         mailer = self._mailer
         assert mailer is not None
-        parsed = Message.from_bytes(  # type: ignore[attr-defined,unused-ignore]
-            p.raw, sender=p.envelope_from
-        )
+        parsed = Message.from_bytes(p.raw, sender=p.envelope_from)
         wanted = {r.lower() for r in p.recipients}
         shown = {a.addr_spec.lower() for a in (*parsed.to, *parsed.cc, *parsed.bcc)}
         simple = (
@@ -758,7 +753,7 @@ class EmailBackend(BaseEmailBackend):
             and shown <= wanted
         )
         if not simple:
-            result = await inbound.submit(
+            result = await submit(
                 mailer,
                 p.raw,
                 envelope_from=p.envelope_from,
