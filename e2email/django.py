@@ -723,6 +723,10 @@ class EmailBackend(BaseEmailBackend):
         read the caller's time zone)."""
         override = getattr(message, "e2email", None)
         protection = protection_for(self.settings.protection, override)
+        if not (protection.sign or protection.encrypt):
+            log.warning(
+                "e2email: sending a message neither signed nor encrypted, as its policy says"
+            )
         raw = message.message().as_bytes()
         envelope_from = Address.parse(str(message.from_email)).addr_spec
         recipients = list(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import importlib.util
 import shutil
 from collections.abc import Callable
 from email.mime.image import MIMEImage
@@ -501,3 +502,16 @@ def test_envelope_and_header_overrides_are_honoured(
     assert [m.rcpt_tos for m in rest] == [("bob@example.net",), ("carol@example.com",)]
     for m in rest:
         assert _decrypt(m.data, recipients_home)["To"] == "Team <bob@example.net>"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("e2email.accounts") is not None,
+    reason="the accounts file is there: its own tests cover 'account'",
+)
+def test_an_account_without_accounts_support_is_a_clear_error(conf: dict[str, Any]) -> None:
+    no_support = pytest.raises(ImproperlyConfigured, match="no accounts file support")
+    with _configured(E2EMAIL={"account": "work", "home": conf["home"]}), no_support:
+        EmailBackend()
+    both = pytest.raises(ImproperlyConfigured, match="'account' names the server; remove 'host'")
+    with _configured(E2EMAIL={"account": "work", "host": "x.example"}), both:
+        EmailBackend()
