@@ -146,6 +146,7 @@ _POLICY_KEYS = frozenset(
         "smime_digest",
         "smime_trust_self_signed",
         "revocation",
+        "smime_rsa_pss",
     }
 )
 _OTHER_KEYS = frozenset(
@@ -349,6 +350,8 @@ def load_settings(
         host = read.get("host", str)
         timeout = read.get("timeout", (int, float), 60.0)
         smtp = None
+        if password is not None and not values.get("username"):
+            read.mistakes.append("a password without 'username': give the user name too")
         if host is None:
             read.mistakes.append("no server: give 'host' (or 'account')")
         elif not read.mistakes:
