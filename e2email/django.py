@@ -108,7 +108,6 @@ from e2email.errors import (
 from e2email.inbound import submit
 from e2email.keystore import Keystore
 from e2email.message import Address, Message, existing_protection
-from e2email.outbox import Outbox
 from e2email.private import ensure_private_dir, write_private
 
 __all__ = ["EmailBackend", "load_settings"]
@@ -630,7 +629,8 @@ class EmailBackend(BaseEmailBackend):
                     protection=s.protection,
                     passphrase=s.passphrase,
                     certstore=CertStore(s.home),
-                    outbox=Outbox(s.outbox),
+                    # A path, not an Outbox: the mailer then owns it and closes it.
+                    outbox=s.outbox,
                     retry=s.retry,
                     connections=1,
                 )
