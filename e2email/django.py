@@ -257,6 +257,9 @@ def _tls_from_django(values: dict[str, Any], django: Any, options: Mapping[str, 
         value = options.get(option)
         return value if value is not None else getattr(django, setting, default)
 
+    if getattr(django, "EMAIL_SSL_CERTFILE", None) or getattr(django, "EMAIL_SSL_KEYFILE", None):
+        # Ignoring them would make a server that asks for the certificate refuse us later.
+        raise ConfigError("TLS client certificates (EMAIL_SSL_CERTFILE/KEYFILE) are not supported")
     values.setdefault("host", pick("host", "EMAIL_HOST", "localhost"))
     if values.get("port") is None:
         values["port"] = pick("port", "EMAIL_PORT", 25)

@@ -177,6 +177,11 @@ def test_django_email_settings_map_without_downgrade(conf: dict[str, Any]) -> No
         "localhost",
         TLSMode.IMPLICIT,
     )
+    with (
+        _configured(E2EMAIL=keys_only, EMAIL_USE_TLS=True, EMAIL_SSL_CERTFILE="/c.pem"),
+        pytest.raises(ConfigError, match="client certificates"),
+    ):
+        load_settings()
     plaintext = {**keys_only, "tls": "insecure-plaintext"}
     with _configured(E2EMAIL=plaintext, **django_server), pytest.raises(InsecureTransportError):
         load_settings()
