@@ -578,3 +578,22 @@ def test_a_signing_key_passphrase_from_the_environment(
     )
     assert b"signed by a protected key" in plain
     assert verifications.strip()  # a good signature by the locked key
+
+
+def test_the_readme_settings_work(tmp_path: Path) -> None:
+    """The settings.py snippet of the README, as it is (only the home differs)."""
+    readme = {
+        "host": "smtp.example.org",
+        "port": 465,
+        "username": "app@example.org",
+        "password_env": "SMTP_PASSWORD",
+        "passphrase_env": "E2EMAIL_PASSPHRASE",
+        "home": str(tmp_path / "e2email"),
+    }
+    with _configured(E2EMAIL=readme, DEFAULT_FROM_EMAIL="App <app@example.org>"):
+        backend = mail.get_connection()
+    assert isinstance(backend, EmailBackend)
+    smtp = backend.settings.smtp
+    assert (smtp.host, smtp.port, smtp.effective_tls) == ("smtp.example.org", 465, TLSMode.IMPLICIT)
+    assert backend.settings.outbox == tmp_path / "e2email" / "outbox.sqlite3"
+    assert (tmp_path / "e2email").stat().st_mode & 0o777 == 0o700
