@@ -39,7 +39,7 @@ from pgp_helpers import (
 from e2email import AsyncMailer, Mailer, Protection, Scheme, SMTPSettings, TLSMode
 from e2email.certstore import CertStore
 from e2email.errors import KeyReason, MessageError, RecipientKeyError
-from e2email.inbound import recipients_without_keys, submit, submit_sync
+from e2email.inbound import protect, recipients_without_keys, submit, submit_sync
 from e2email.keystore import Keystore
 from e2email.testing import LoopbackSMTPServer
 
@@ -206,10 +206,11 @@ def test_recipients_without_keys_names_each_with_its_reason(
 ) -> None:
     mailer = _mailer(sender_store, smtp_server(tls="implicit"))
     missing = recipients_without_keys(
-        mailer, ["bob@example.net", "nobody@example.com", "expired@example.com", "not an address"]
+        mailer, ["bob@example.net", "Nobody@Example.COM", "expired@example.com", "not an address"]
     )
-    assert set(missing) == {"nobody@example.com", "expired@example.com", "not an address"}
-    assert missing["nobody@example.com"].startswith(KeyReason.NOT_FOUND.value)
+    # Each keyed as the caller wrote it (a relay looks up the RCPT address it has).
+    assert set(missing) == {"Nobody@Example.COM", "expired@example.com", "not an address"}
+    assert missing["Nobody@Example.COM"].startswith(KeyReason.NOT_FOUND.value)
     assert missing["expired@example.com"].startswith(KeyReason.EXPIRED.value)
     assert (
         recipients_without_keys(
@@ -764,3 +765,20 @@ def test_header_recipient_not_in_the_envelope_is_not_sent_to(
     assert _decrypt(recipients_home, received.data, keys)["To"] == (
         "bob@example.net, carol@example.com"
     )
+
+
+def test_protect_returns_the_copies_submit_would_send_without_connecting(
+    sender_store: Keystore, smtp_server: ServerFactory
+) -> None:
+    """For a relay that stores before it answers: the copies and their envelopes, nothing
+    sent; an already encrypted message is one copy, as it is."""
+    server = smtp_server(tls="implicit")
+    mailer = _mailer(sender_store, server)
+    raw = b"From: alice@example.org\nTo: bob@example.net\nBcc: carol@example.com\n\nhi\n"
+    copies = asyncio.run(protect(mailer, raw, envelope_from="bounce@example.org", recipients=None))
+    assert [(c.kind, c.recipients, c.mail_from) for c in copies] == [
+        ("main", ("bob@example.net",), "bounce@example.org"),
+        ("bcc", ("carol@example.com",), "bounce@example.org"),
+    ]
+    assert all(b"Bcc" not in c.raw and b"-----BEGIN PGP MESSAGE" in c.raw for c in copies)
+    assert server.transcript == []
