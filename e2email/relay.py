@@ -81,8 +81,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024
 #: RCPT commands accepted per message: RFC 5321 §4.5.3.1.8 asks for at least 100.
 DEFAULT_MAX_RECIPIENTS = 100
-#: How many stored copies one delivery round sends before checking whether to stop.
-_CHUNK = 16
+#: How many stored copies one delivery round sends, per connection, before checking whether
+#: to stop: a clean stop waits for one round, so that no copy is cut off mid-transaction
+#: upstream (which the next start would send a second time).
+_ROUND_PER_CONNECTION = 2
 
 
 def is_loopback(host: str) -> bool:
@@ -692,11 +694,12 @@ class Relay:
             later: float | None = None
             try:
                 due, later = await asyncio.to_thread(self._due)
-                for start in range(0, len(due), _CHUNK):
+                size = _ROUND_PER_CONNECTION * self.mailer.connections
+                for start in range(0, len(due), size):
                     if self._stopping:
                         return
                     await self.mailer.send_outbox(
-                        due[start : start + _CHUNK],
+                        due[start : start + size],
                         include_failed=False,
                         due_only=True,
                         on_outcome=self._outcome,

@@ -36,7 +36,7 @@ from e2email.errors import ConfigError, KeyProblem, KeyReason
 from e2email.keystore import Keystore
 from e2email.outbox import Outbox
 from e2email.relay import Relay, _problem_reply, self_signed_certificate
-from e2email.testing import LoopbackSMTPServer, ReceivedMessage
+from e2email.testing import Fault, LoopbackSMTPServer, ReceivedMessage
 
 ServerFactory = Callable[..., LoopbackSMTPServer]
 
@@ -82,6 +82,8 @@ class RelayThread:
         return self.relay.address[1]
 
     def stop(self) -> None:
+        if self._loop.is_closed():
+            return
         if self.relay is not None:
             self._call(self.relay.stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -372,3 +374,37 @@ def test_logging_smtphandler_pointed_at_the_relay_sends_an_encrypted_record(
     plaintext = decrypt_as_bob(received, keys, recipients_home, tmp_path)
     assert b"connection to db failed with password hunter2" in plaintext
     assert b"app failure: db password hunter2" in plaintext
+
+
+def test_a_message_the_upstream_server_defers_stays_in_the_outbox_for_the_next_start(
+    run_relay: Callable[..., RelayThread],
+    smtp_server: ServerFactory,
+    outbox_path: Path,
+    keys: Keys,
+    recipients_home: Path,
+    tmp_path: Path,
+) -> None:
+    """The client's 250 means stored: the upstream server says 421 to every attempt, the
+    relay stops, and the protected copy waits in the outbox (ciphertext only); the next relay
+    delivers exactly that copy."""
+    busy = smtp_server(faults=[Fault("mail", "reply", code=421, text="busy", times=None)])
+    first = run_relay(busy)
+    with smtplib.SMTP("127.0.0.1", first.port, timeout=60) as client:
+        assert client.send_message(plain_message("kept", "wait for me 8086\n")) == {}
+    wait_for(lambda: len(busy.faults_fired) >= 2, "the retries")
+    first.stop()
+    with Outbox(outbox_path) as box:
+        (item,) = box.items()
+        stored = box.get(item.id).raw
+    assert stored is not None
+    assert b"BEGIN PGP MESSAGE" in stored
+    assert b"8086" not in stored
+    assert busy.messages == []
+
+    good = smtp_server()
+    run_relay(good)
+    wait_for(lambda: len(good.messages) == 1, "the delivery after the restart")
+    assert good.messages[0].data == stored
+    assert b"wait for me 8086" in decrypt_as_bob(good.messages[0], keys, recipients_home, tmp_path)
+    with Outbox(outbox_path) as box:
+        wait_for(lambda: len(box) == 0, "the outbox to empty")

@@ -150,19 +150,20 @@ def relay(state: State, /, **opts: Any) -> None:
         )
     if not opts["host"]:
         raise click.UsageError("give the upstream server: --host (and the options of `send`)")
-    tls = _tls(state, opts, host)
     credentials = _credentials(opts)
-    if not is_loopback(host) and (tls is None or not credentials):
+    wants_tls = bool(opts["tls_cert"] or opts["tls_key"] or opts["tls_self_signed"])
+    if not is_loopback(host) and not (wants_tls and credentials):
         raise click.UsageError(
             f"listening on {host} (not loopback) needs STARTTLS (--tls-cert and --tls-key, or "
             "--tls-self-signed) and AUTH (--relay-user with --relay-password-env or "
             "--relay-password-command)"
         )
-    if credentials and tls is None:
+    if credentials and not wants_tls:
         raise click.UsageError(
             "AUTH is never offered in clear: --relay-user needs --tls-cert/--tls-key or "
             "--tls-self-signed"
         )
+    tls = _tls(state, opts, host)
     protection, passphrase = protection_options(opts)
     smtp = smtp_settings(state, opts)
     _log_to_stderr()
