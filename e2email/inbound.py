@@ -35,7 +35,7 @@ from e2email.message import (
     render_header,
 )
 
-__all__ = ["recipients_without_keys", "submit", "submit_sync"]
+__all__ = ["protect", "recipients_without_keys", "submit", "submit_sync"]
 
 
 async def submit(
@@ -58,6 +58,24 @@ async def submit(
     ``result`` and ``unsent``), and MessageError for a malformed message or one that is
     already signed but not encrypted when the policy is to encrypt.
     """
+    copies = await protect(
+        mailer, raw, envelope_from=envelope_from, recipients=recipients, protection=protection
+    )
+    return await mailer.send_copies(copies)
+
+
+async def protect(
+    mailer: AsyncMailer,
+    raw: bytes,
+    *,
+    envelope_from: str | None = None,
+    recipients: Sequence[str] | None = None,
+    protection: Protection | None = None,
+) -> list[ProtectedCopy]:
+    """What :func:`submit` would send, nothing sent: the protected copies (or the program's
+    own protected message, checked, as one copy), each addressed to its envelope recipients.
+    For a caller that stores first and sends later (the relay answers 250 once stored).
+    Raises what :func:`submit` raises before sending."""
     prot = protection if protection is not None else mailer.protection
     data = bytes(raw)
     mail_from = _envelope_from(envelope_from)
@@ -65,10 +83,10 @@ async def submit(
     kind = existing_protection(data)
     if kind is not None:
         copy = await asyncio.to_thread(_pass_through, mailer, data, kind, prot, mail_from, given)
-        return await mailer.send_copies([copy])
+        return [copy]
     message = Message.from_bytes(data, sender=mail_from or mailer.envelope_from, envelope=given)
     copies = await mailer.protect(message, protection=prot)
-    return await mailer.send_copies(_to_envelope(copies, given, mail_from))
+    return _to_envelope(copies, given, mail_from)
 
 
 def submit_sync(

@@ -39,16 +39,14 @@ import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from email import policy as email_policy
-from email.headerregistry import Address as HeaderAddress
-from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from e2email import inbound
 from e2email.client import AsyncMailer, ProtectedCopy
-from e2email.config import Protection, Scheme
+from e2email.config import Protection
 from e2email.delivery import Outcome, route_of
 from e2email.errors import (
     ConfigError,
@@ -60,7 +58,6 @@ from e2email.errors import (
     RecipientKeyError,
     SignerKeyError,
 )
-from e2email.message import Message
 from e2email.outbox import ItemState, NewItem, Outbox, same_route
 from e2email.private import ensure_private_dir, write_private
 
@@ -149,54 +146,6 @@ async def store_copies(mailer: AsyncMailer, copies: Sequence[ProtectedCopy]) -> 
         for c in copies
     ]
     return await asyncio.to_thread(outbox.add, items, route=route_of(smtp), claim=False)
-
-
-async def _protect_raw(
-    mailer: AsyncMailer,
-    raw: bytes,
-    *,
-    envelope_from: str | None,
-    recipients: Sequence[str],
-    protection: Protection | None,
-) -> tuple[ProtectedCopy, ...]:
-    """The protected copies of the submitted message ``raw`` for the envelope ``recipients``.
-
-    Recipients in the envelope but not in To/Cc get separate Bcc copies; a Bcc header is never
-    sent. Raises RecipientKeyError & co. (nothing made) or MessageError (malformed)."""
-    try:
-        parsed = BytesParser(policy=email_policy.default).parsebytes(raw)
-        if parsed.is_multipart() or parsed.get_content_type() != "text/plain":
-            raise MessageError("the relay accepts text/plain messages only", field="body")
-        content = parsed.get_content()
-        text = content if isinstance(content, str) else content.decode("utf-8", "replace")
-
-        def addresses(name: str) -> list[str]:
-            header = parsed.get(name)
-            found: tuple[HeaderAddress, ...] = getattr(header, "addresses", ()) if header else ()
-            return [a.addr_spec for a in found]
-
-        sender = addresses("From")
-        to, cc = addresses("To"), addresses("Cc")
-        subject = str(parsed.get("Subject", ""))
-        message_id = str(parsed.get("Message-ID", "")).strip().strip("<>") or None
-        date_header = parsed.get("Date")
-        date = getattr(date_header, "datetime", None) if date_header else None
-    except (ValueError, LookupError, TypeError) as exc:
-        raise MessageError(f"malformed message: {exc}") from exc
-    visible = {a.lower() for a in (*to, *cc)}
-    wanted = {a.lower() for a in recipients}
-    bcc = [a for a in recipients if a.lower() not in visible]
-    message = Message(
-        sender=sender[0] if sender else (envelope_from or ""),
-        to=[a for a in to if a.lower() in wanted],
-        cc=[a for a in cc if a.lower() in wanted],
-        bcc=bcc,
-        subject=subject,
-        text=text,
-        message_id=message_id,
-        date=date,
-    )
-    return await mailer.protect(message, protection=protection)
 
 
 # -- TLS for the listener -----------------------------------------------------------------
@@ -381,10 +330,10 @@ class _Handler:
             # RFC 5321 §4.5.3.1.10: 452 for too many recipients; the client sends the rest in
             # another transaction.
             return "452 4.5.3 Too many recipients"
-        problem = await relay._known_missing_key(address)
-        if problem is not None:
-            log.info("refused a recipient at RCPT: %s", _line(problem.reason.value))
-            return _problem_reply([problem])
+        reason = await relay._known_missing_key(address)
+        if reason is not None:
+            log.info("refused a recipient at RCPT: %s", _line(reason))
+            return _reply(550, "5.7.1", [f"<{address}>: {reason}"])
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 OK"
@@ -563,43 +512,34 @@ class Relay:
 
     # -- accepting ------------------------------------------------------------------------
 
-    async def _known_missing_key(self, address: str) -> KeyProblem | None:
-        """The problem with ``address``'s key when it is already known to be missing
-        (encryption asked and no usable key or certificate)."""
-        prot = self.protection
-        if not prot.encrypt:
-            return None
-        mailer = self.mailer
-
-        def look() -> KeyProblem | None:
-            if prot.scheme is Scheme.SMIME:
-                _, problems = mailer.certstore.resolve_recipients(
-                    [address],
-                    key_map=prot.key_map,
-                    trusted_self_signed=prot.smime_trust_self_signed,
-                    revocation=prot.revocation,
-                )
-            else:
-                _, problems = mailer.keystore.resolve_recipients([address], key_map=prot.key_map)
-            return problems[0] if problems else None
-
+    async def _known_missing_key(self, address: str) -> str | None:
+        """Why ``address`` cannot be encrypted to, when that is already known (encryption
+        asked and no usable key or certificate), else None."""
         try:
-            return await asyncio.to_thread(look)
+            missing = await asyncio.to_thread(
+                inbound.recipients_without_keys,
+                self.mailer,
+                [address],
+                protection=self.protection,
+            )
         except E2EmailError as exc:
             # Not known to be missing (e.g. the keystore could not be read): DATA decides.
             log.warning("could not check a recipient's key at RCPT: %s", exc)
             return None
+        return next(iter(missing.values()), None)
 
     async def _accept(self, raw: bytes, mail_from: str | None, rcpts: tuple[str, ...]) -> str:
         """Protect and store one submitted message; the reply to the end of its DATA."""
         try:
-            copies = await _protect_raw(
+            copies = await inbound.protect(
                 self.mailer,
                 raw,
                 envelope_from=mail_from or None,
                 recipients=rcpts,
                 protection=self.protection,
             )
+            if not copies:
+                raise MessageError("no recipient left to send to", field="recipients")
             ids = await store_copies(self.mailer, copies)
         except RecipientKeyError as exc:
             self.refused += 1

@@ -15,7 +15,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from email import policy as email_policy
 from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from e2email.client import AsyncMailer
 from e2email.config import Protection, RetryPolicy, SMTPSettings, TLSMode
 from e2email.errors import ConfigError, KeyProblem, KeyReason
 from e2email.keystore import Keystore
+from e2email.message import Message
 from e2email.outbox import Outbox
 from e2email.relay import Relay, _problem_reply, self_signed_certificate
 from e2email.testing import Fault, LoopbackSMTPServer, ReceivedMessage
@@ -408,3 +411,77 @@ def test_a_message_the_upstream_server_defers_stays_in_the_outbox_for_the_next_s
     assert b"wait for me 8086" in decrypt_as_bob(good.messages[0], keys, recipients_home, tmp_path)
     with Outbox(outbox_path) as box:
         wait_for(lambda: len(box) == 0, "the outbox to empty")
+
+
+def test_a_programs_own_mime_with_8bit_text_and_an_attachment_is_kept_and_bcc_gets_its_copy(
+    run_relay: Callable[..., RelayThread],
+    smtp_server: ServerFactory,
+    keys: Keys,
+    recipients_home: Path,
+    tmp_path: Path,
+) -> None:
+    """The client's multipart/mixed (8-bit UTF-8 text, a binary attachment) is the protected
+    payload as it was built; an envelope recipient not in To gets a copy of its own, and Bob's
+    copy does not name them. EHLO announces SIZE and 8BITMIME, not SMTPUTF8."""
+    upstream = smtp_server()
+    relay = run_relay(upstream)
+    msg = plain_message("report", "")
+    msg.set_content("Grüße aus Köln: 8-bit text\n", cte="8bit")
+    blob = bytes(range(256)) * 4
+    msg.add_attachment(blob, maintype="application", subtype="octet-stream", filename="d.bin")
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as client:
+        client.ehlo()
+        assert client.has_extn("8bitmime")
+        assert client.has_extn("size")
+        assert not client.has_extn("smtputf8")
+        refused = client.send_message(msg, to_addrs=["bob@example.net", "carol@example.com"])
+    assert refused == {}
+    wait_for(lambda: len(upstream.messages) == 2, "both copies")
+    by_rcpt = {m.rcpt_tos: m for m in upstream.messages}
+    assert set(by_rcpt) == {("bob@example.net",), ("carol@example.com",)}
+    to_bob = by_rcpt[("bob@example.net",)]
+    assert b"carol" not in to_bob.data.lower()
+    inner = BytesParser(policy=email_policy.default).parsebytes(
+        decrypt_as_bob(to_bob, keys, recipients_home, tmp_path)
+    )
+    assert inner.get_content_type() == "multipart/mixed"
+    text_part, attachment = list(inner.iter_parts())
+    # Canonical CRLF line ends (RFC 3156 §5): the same text.
+    assert text_part.get_content().replace("\r\n", "\n") == "Grüße aus Köln: 8-bit text\n"
+    assert attachment.get_filename() == "d.bin"
+    assert attachment.get_content() == blob
+    _, (_, encrypted) = multipart_parts(by_rcpt[("carol@example.com",)].data)
+    carol_plain, _ = gpg_decrypt(recipients_home, part_body(encrypted))
+    assert b"d.bin" in carol_plain
+
+
+def test_a_message_the_program_encrypted_itself_goes_upstream_as_it_is(
+    run_relay: Callable[..., RelayThread],
+    smtp_server: ServerFactory,
+    sender_store: Keystore,
+    keys: Keys,
+    recipients_home: Path,
+    tmp_path: Path,
+) -> None:
+    """Not wrapped again: the PGP/MIME message a program made (here: e2email itself, to Bob)
+    passes through the relay byte for byte in its body."""
+    upstream = smtp_server()
+    relay = run_relay(upstream)
+    own = asyncio.run(
+        AsyncMailer(keystore=sender_store).protect(
+            Message(
+                sender="alice@example.org",
+                to="bob@example.net",
+                subject="pre-encrypted",
+                text="already protected\n",
+            )
+        )
+    )[0].raw
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as client:
+        assert client.sendmail("alice@example.org", ["bob@example.net"], own) == {}
+    wait_for(lambda: len(upstream.messages) == 1, "the upstream delivery")
+    received = upstream.messages[0].data
+    assert split_head(received)[1] == split_head(own)[1]
+    assert b"already protected" in decrypt_as_bob(
+        upstream.messages[0], keys, recipients_home, tmp_path
+    )
