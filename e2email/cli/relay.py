@@ -143,13 +143,12 @@ def relay(state: State, /, **opts: Any) -> None:
     (what is not yet delivered stays in the outbox for the next start or `outbox retry`).
     """
     host, port = _listen(opts["listen"])
-    if opts["account"]:
+    if opts["account"] and opts["host"]:
+        raise click.UsageError("give --account or the server options (--host ...), not both")
+    if not opts["account"] and not opts["host"]:
         raise click.UsageError(
-            "--account needs accounts in a config file, which this e2email does not have yet: "
-            "give the server options (--host ...) as for `send`"
+            "give the upstream server: --account NAME, or --host and the options of `send`"
         )
-    if not opts["host"]:
-        raise click.UsageError("give the upstream server: --host (and the options of `send`)")
     credentials = _credentials(opts)
     wants_tls = bool(opts["tls_cert"] or opts["tls_key"] or opts["tls_self_signed"])
     if not is_loopback(host) and not (wants_tls and credentials):
@@ -164,23 +163,12 @@ def relay(state: State, /, **opts: Any) -> None:
             "--tls-self-signed"
         )
     tls = _tls(state, opts, host)
-    protection, passphrase = protection_options(opts)
-    smtp = smtp_settings(state, opts)
+    mailer = _mailer(state, opts)
     _log_to_stderr()
     if tls is not None:
         logging.getLogger("e2email.relay").info(
             "STARTTLS certificate %s, SHA-256 fingerprint %s", tls.cert, tls.fingerprint
         )
-    mailer = AsyncMailer(
-        smtp=smtp,
-        keystore=state.keystore(),
-        protection=protection,
-        passphrase=passphrase,
-        certstore=CertStore(state.home),
-        outbox=Outbox.in_home(state.home),
-        retry=retry_policy(opts),
-        connections=opts["connections"],
-    )
     try:
         server = Relay(
             mailer,
@@ -196,6 +184,33 @@ def relay(state: State, /, **opts: Any) -> None:
         mailer.close()
         if mailer.outbox is not None:
             mailer.outbox.close()
+
+
+def _mailer(state: State, opts: dict[str, Any]) -> AsyncMailer:
+    """The mailer the relay protects and delivers with: the account's, or one made from the
+    options of `send`."""
+    if opts["account"]:
+        # Accounts (e2email.accounts, `AsyncMailer.from_account`) come with the config file.
+        from_account = getattr(AsyncMailer, "from_account", None)
+        if from_account is None:
+            raise click.UsageError(
+                "--account needs accounts in a config file, which this e2email does not have: "
+                "give --host and the options of `send`"
+            )
+        mailer = from_account(opts["account"], outbox=True)
+        assert isinstance(mailer, AsyncMailer)
+        return mailer
+    protection, passphrase = protection_options(opts)
+    return AsyncMailer(
+        smtp=smtp_settings(state, opts),
+        keystore=state.keystore(),
+        protection=protection,
+        passphrase=passphrase,
+        certstore=CertStore(state.home),
+        outbox=Outbox.in_home(state.home),
+        retry=retry_policy(opts),
+        connections=opts["connections"],
+    )
 
 
 async def _serve(server: Relay) -> None:
