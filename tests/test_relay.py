@@ -485,3 +485,27 @@ def test_a_message_the_program_encrypted_itself_goes_upstream_as_it_is(
     assert b"already protected" in decrypt_as_bob(
         upstream.messages[0], keys, recipients_home, tmp_path
     )
+
+
+def test_too_many_recipients_get_452_and_a_too_large_message_552_and_nothing_is_stored(
+    run_relay: Callable[..., RelayThread], smtp_server: ServerFactory, outbox_path: Path
+) -> None:
+    upstream = smtp_server()
+    relay = run_relay(upstream, max_recipients=2, max_message_size=4096)
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as client:
+        client.ehlo()
+        assert client.esmtp_features["size"] == "4096"
+        assert client.mail("alice@example.org")[0] == 250
+        assert client.rcpt("bob@example.net")[0] == 250
+        assert client.rcpt("carol@example.com")[0] == 250
+        code, text = client.rcpt("dave@example.com")
+        assert (code, text) == (452, b"4.5.3 Too many recipients")
+        client.rset()
+        big = plain_message("big", "x" * 70 + "\n")
+        big.set_content(("x" * 70 + "\n") * 100)
+        with pytest.raises(smtplib.SMTPException) as refused:
+            client.send_message(big)
+        assert "552" in str(refused.value)
+    with Outbox(outbox_path) as box:
+        assert len(box) == 0
+    assert upstream.messages == []
