@@ -651,6 +651,11 @@ class Relay:
                 failures += 1
                 later = time.time() + min(self.retry_interval, 2.0**failures)
                 log.warning("upstream delivery stopped: %s (kept in the outbox)", _line(str(exc)))
+            except Exception:
+                # A bug must not end delivery for good while the relay goes on accepting.
+                failures += 1
+                later = time.time() + min(self.retry_interval, 2.0**failures)
+                log.exception("upstream delivery failed (kept in the outbox)")
             if self._stopping:
                 return
             wait = self.retry_interval

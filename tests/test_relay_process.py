@@ -3,11 +3,13 @@ none of the accepted messages and sends none twice (a real TLS server upstream, 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import signal
 import smtplib
+import ssl
 import subprocess
 import sys
 import threading
@@ -45,7 +47,13 @@ def relay_home(keys: Keys) -> Iterator[Path]:
 class RelayProcess:
     """``python -m e2email relay`` on a free loopback port, its log read by a thread."""
 
-    def __init__(self, home: Path, upstream: LoopbackSMTPServer, *extra: str) -> None:
+    def __init__(
+        self,
+        home: Path,
+        upstream: LoopbackSMTPServer,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         assert upstream.ca_file is not None
         args = [
             "relay",
@@ -65,7 +73,7 @@ class RelayProcess:
         ]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "e2email", *args],
-            env={**os.environ, "E2EMAIL_HOME": str(home)},
+            env={**os.environ, "E2EMAIL_HOME": str(home), **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -226,3 +234,50 @@ def test_the_cli_refuses_to_listen_beyond_loopback_without_tls_and_auth(
     assert expected in done.stderr
     assert not re.search(r"listening on \S+:\d+", done.stderr)
     assert not (relay_home / "relay-tls").exists()  # checked before anything is made
+
+
+def test_the_cli_offers_starttls_with_a_self_signed_certificate_and_auth_only_inside_it(
+    relay_home: Path, smtp_server: ServerFactory
+) -> None:
+    """--tls-self-signed makes a certificate (its fingerprint logged), clients must STARTTLS
+    before anything else and only then see AUTH; with the right password a message goes
+    through, protected."""
+    upstream = smtp_server()
+    relay = RelayProcess(
+        relay_home,
+        upstream,
+        "--tls-self-signed",
+        "--relay-user",
+        "app",
+        "--relay-password-env",
+        "RELAY_TEST_PASSWORD",
+        env={"RELAY_TEST_PASSWORD": "correct-password"},
+    )
+    try:
+        port = relay.port
+        cert = relay_home / "relay-tls" / "relay-cert.pem"
+        assert cert.stat().st_mode & 0o777 == 0o600
+        logged = "\n".join(relay.lines)
+        fingerprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest().upper()
+        assert fingerprint in logged.replace(":", "")
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+            client.ehlo()
+            assert client.has_extn("starttls")
+            assert not client.has_extn("auth")
+            assert client.mail("alice@example.org")[0] == 530
+            client.starttls(context=ssl.create_default_context(cafile=str(cert)))
+            client.ehlo()
+            assert client.has_extn("auth")
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login("app", "wrong-password")
+            client.login("app", "correct-password")
+            assert client.send_message(message(1)) == {}
+        deadline = time.monotonic() + 60
+        while not upstream.messages:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert b"message number 1" not in upstream.messages[0].data
+        assert relay.terminate() == 0
+    finally:
+        relay.kill()
+    assert "correct-password" not in "\n".join(relay.lines)
