@@ -110,8 +110,14 @@ def _reply(code: int, enhanced: str, lines: Sequence[str]) -> str:
     return "\r\n".join(out)
 
 
+def _why(problem: KeyProblem) -> str:
+    return problem.reason.value + (f" ({problem.detail})" if problem.detail else "")
+
+
 def _problem_reply(problems: Sequence[KeyProblem]) -> str:
-    return _reply(550, "5.7.1", [f"<{p.address}>: {p.reason.value}" for p in problems])
+    """550 5.7.1 (RFC 3463 §3.8: delivery not authorized, message refused), one line per
+    address and why."""
+    return _reply(550, "5.7.1", [f"<{p.address}>: {_why(p)}" for p in problems])
 
 
 # -- storing protected copies -------------------------------------------------------------
@@ -552,7 +558,8 @@ class Relay:
         except SignerKeyError as exc:
             self.refused += 1
             log.error("refused a message: cannot sign: %s", exc.problem)
-            return _reply(550, "5.7.1", [f"<{exc.problem.address}>: cannot sign: {exc.problem}"])
+            problem = exc.problem
+            return _reply(550, "5.7.1", [f"<{problem.address}>: cannot sign: {_why(problem)}"])
         except (KeyErrorBase, CryptoError) as exc:
             # A passphrase or the crypto backend: the relay's setup, not the message; the
             # client may try again once it is fixed.

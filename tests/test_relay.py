@@ -509,3 +509,28 @@ def test_too_many_recipients_get_452_and_a_too_large_message_552_and_nothing_is_
     with Outbox(outbox_path) as box:
         assert len(box) == 0
     assert upstream.messages == []
+
+
+def test_header_recipients_without_keys_are_each_named_in_a_multiline_550_at_end_of_data(
+    run_relay: Callable[..., RelayThread], smtp_server: ServerFactory, outbox_path: Path
+) -> None:
+    """The envelope names only Bob, but To also names two addresses without keys: the
+    message would show them, so it must be encrypted to them too; it cannot, so the end of
+    DATA gets one 550 5.7.1 line per address, and nothing is stored or sent."""
+    upstream = smtp_server()
+    relay = run_relay(upstream)
+    msg = plain_message("hi", "text\n", to="bob@example.net, x@example.com, y@example.com")
+    with (
+        smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as client,
+        pytest.raises(smtplib.SMTPDataError) as refused,
+    ):
+        client.send_message(msg, to_addrs=["bob@example.net"])
+    assert refused.value.smtp_code == 550
+    lines = refused.value.smtp_error.split(b"\n")
+    assert len(lines) == 2
+    assert lines[0].startswith(b"5.7.1 <x@example.com>: no key found")
+    assert lines[1].startswith(b"5.7.1 <y@example.com>: no key found")
+    with Outbox(outbox_path) as box:
+        assert len(box) == 0
+    assert upstream.messages == []
+    assert upstream.connections == 0
