@@ -63,6 +63,14 @@ __all__ = ["EncryptedSMTPHandler"]
 _sending: contextvars.ContextVar[bool] = contextvars.ContextVar("e2email_sending", default=False)
 
 
+def _tls_mode(value: TLSMode | str | None) -> TLSMode | None:
+    if value is None or isinstance(value, TLSMode):
+        return value
+    if value not in (TLSMode.IMPLICIT.value, TLSMode.STARTTLS.value):
+        raise ConfigError(f"tls must be 'implicit' or 'starttls', not {value!r}")
+    return TLSMode(value)
+
+
 @dataclass(frozen=True)
 class _Item:
     subject: str
@@ -131,7 +139,7 @@ class EncryptedSMTPHandler(_logging.Handler):
             mailer,
             protection,
             home,
-            TLSMode(tls) if isinstance(tls, str) else tls,
+            _tls_mode(tls),
             Path(ca_file) if ca_file is not None else None,
         )
         if self.mailer.outbox is None:

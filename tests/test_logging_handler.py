@@ -289,6 +289,10 @@ def test_bad_settings_are_refused_when_the_handler_is_made(log_home: Path) -> No
         EncryptedSMTPHandler(
             "mail.example.org", "alice@example.org", "bob@example.net", "s", None, ("k", "c")
         )
+    with pytest.raises(ConfigError, match="tls must be"):
+        EncryptedSMTPHandler(
+            "mail.example.org", "alice@example.org", "bob@example.net", "s", tls="none"
+        )
     with pytest.raises(ConfigError, match="outbox"):
         EncryptedSMTPHandler(
             None, "alice@example.org", "bob@example.net", "s", mailer=AsyncMailer()
