@@ -12,6 +12,14 @@ No crypto and no network here. Every byte is written by this module, never by
 * attachments base64 with 76-character lines.
 
 :func:`check_wire_safe` is the last gate before SMTP (bare CR/LF, NUL, 8-bit, long lines).
+
+A message another program wrote (sendmail callers, Django, an SMTP relay) is read with
+:meth:`Message.from_bytes`: its own MIME body is kept as the payload (:class:`MimeBody`), not
+rebuilt. The stdlib :mod:`email` package only *reads* its structure (parameters, addresses,
+RFC 2047 words); the bytes are still written here. Leaves that are not safe to sign as they
+are (8-bit, NUL, lines over 998 octets, trailing whitespace, ``From `` lines) are re-encoded
+so that they decode to the same bytes; everything else, a signed subtree above all, is kept
+byte for byte.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ __all__ = [
     "HP",
     "Address",
     "Attachment",
+    "HeaderField",
     "Message",
     "MimeBody",
     "PayloadStream",
@@ -55,6 +64,7 @@ __all__ = [
     "message_head",
     "new_boundary",
     "render_header",
+    "split_message",
     "stream_payload",
 ]
 
@@ -541,9 +551,11 @@ class Message:
     date: datetime.datetime | None
     #: Without angle brackets: ``abc@example.org``.
     message_id: str | None
-    #: Extra header fields (In-Reply-To, References, List-*, X-Mailer, ...), in order. When
-    #: encrypting they go inside the protected part; only those RFC 9788's baseline leaves
-    #: readable for the mail system (threading, list and auto-reply fields) also go outside.
+    #: Extra header fields (In-Reply-To, References, List-*, X-Mailer, ...), in order; values
+    #: as written (encoded-words kept; other non-ASCII text is RFC 2047-encoded on output).
+    #: When encrypting they go inside the protected part; only those the mail system acts on
+    #: (threading, list and auto-reply fields) also stay outside (RFC 9788 policy, see
+    #: ``_OUTSIDE_TOO``). Signed-only or unprotected, all of them are outside too.
     headers: tuple[tuple[str, str], ...]
     #: A pre-built MIME entity sent as the payload as it is, instead of text/html/attachments.
     body: MimeBody | None
@@ -1113,7 +1125,7 @@ def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
             return PayloadStream([mime.head, b"\r\n", mime.body])
         head = [mime.head_with(['protected-headers="v1"', f'hp="{hp.value}"'])]
         head.extend(render_header(name, value) for name, value in _protected_fields(message))
-        head.extend(_hp_outer(name, value) for name, value in _outer_fields(message, hp))
+        head.extend(_hp_outer(n, v) for n, v in _outer_fields(message, hp) if _recorded(n))
         return PayloadStream([b"".join(head), b"\r\n", mime.body])
     body = _text_part("plain", message.text)
     if message.html is not None:
@@ -1126,7 +1138,7 @@ def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
     outer = _outer_fields(message, hp)
     head = [body.headers(['protected-headers="v1"', f'hp="{hp.value}"'])]
     head.extend(render_header(name, value) for name, value in protected)
-    head.extend(_hp_outer(name, value) for name, value in outer)
+    head.extend(_hp_outer(name, value) for name, value in outer if _recorded(name))
     return PayloadStream([b"".join(head), b"\r\n", *body.body])
 
 
@@ -1227,12 +1239,15 @@ _STRUCTURAL = frozenset(
     }
 )
 #: Extra fields that stay readable outside an encrypted message as well as inside it. RFC 9788
-#: §4 lets the header confidentiality policy choose per field; these are the fields the mail
-#: system itself acts on without decrypting: threading (RFC 5322 §3.6.4, so replies still
+#: lets the header confidentiality policy decide per field whether the outer copy keeps it
+#: (recorded in HP-Outer), replaces it or leaves it out; its baseline policy obscures only the
+#: Subject (§3.3 asks at least that) and keeps the rest. Here the policy is stricter for extra
+#: fields, privacy by default: only the fields the mail system itself acts on without
+#: decrypting stay outside: threading (In-Reply-To, References: RFC 5322 §3.6.4, so replies
 #: thread in clients that cannot decrypt), mailing-list fields (RFC 2369, RFC 2919, RFC 8058)
 #: and auto-reply suppression (Auto-Submitted, RFC 3834 §5; Precedence), which autoresponders
 #: must see to avoid mail loops. Every other extra field (X-Mailer, X-Cron-Env, ...) is only
-#: inside: privacy by default hides what the sender's software and environment reveal.
+#: inside: what the sender's software and environment reveal is the recipients' business.
 _OUTSIDE_TOO = re.compile(
     r"in-reply-to|references|list-[a-z0-9-]+|auto-submitted|precedence|archived-at", re.I
 )
@@ -1240,7 +1255,7 @@ _OUTSIDE_TOO = re.compile(
 #: (RFC 5322 §3.6.7) and the Autocrypt header (which must be readable to be of any use).
 _OUTSIDE_ONLY = frozenset({"received", "autocrypt"})
 #: Dropped from a program's message: the final delivery MTA writes Return-Path (RFC 5321
-#: §4.4), and a Bcc header is never sent (each Bcc recipient gets a copy of its own).
+#: §4.4), and MIME-Version is written by e2email (the Bcc field goes into ``bcc``: never sent).
 _DROPPED = frozenset({"return-path", "mime-version"})
 
 
@@ -1268,6 +1283,12 @@ def _check_extra_headers(value: object) -> tuple[tuple[str, str], ...]:
             raise MessageError(f"{name} is longer than 16384 characters", field="headers")
         out.append((name, text))
     return tuple(out)
+
+
+def _recorded(name: str) -> bool:
+    """Is this outer field recorded in HP-Outer (RFC 9788 §2.2)? Not the ones that are never
+    protected (trace fields, Autocrypt): there is no protected copy to compare them with."""
+    return name.lower() not in _OUTSIDE_ONLY
 
 
 def _ascii_value(value: str) -> str:
@@ -1305,9 +1326,12 @@ _UNSAFE_BODY = re.compile(rb"[\x00\x80-\xff]|[ \t](?:\r\n|\Z)|(?:\A|\r\n)From ")
 
 
 @dataclass(frozen=True)
-class _Field:
+class HeaderField:
+    """One header field as a program wrote it (see :func:`split_message`)."""
+
     name: str
-    raw: bytes  # the whole field, folded as received, ending in CRLF
+    #: The whole field, folded as received, ending in CRLF.
+    raw: bytes
 
     @property
     def lower(self) -> str:
@@ -1324,8 +1348,19 @@ class _Field:
                 field=self.lower,
             ) from None
 
+    def addresses(self) -> list[tuple[str, str]]:
+        """(display name, addr-spec) of an address field: groups flattened, RFC 2047 names
+        decoded, comments dropped; an addr-spec without a domain (``root``) is returned as
+        it is for the caller to judge. MessageError when unreadable."""
+        value = self.value()
+        parsed = email.policy.default.header_factory(self.name, value)
+        problems = [str(d) for d in parsed.defects if "local part with no domain" not in str(d)]
+        if problems:
+            raise MessageError(f"cannot read {value[:80]!r} ({problems[0]})", field=self.lower)
+        return [(a.display_name, a.addr_spec) for a in parsed.addresses]
 
-def _split_fields(head: bytes, where: str) -> list[_Field]:
+
+def _split_fields(head: bytes, where: str) -> list[HeaderField]:
     """The fields of a header block (CRLF lines, each ending in CRLF), as written."""
     fields: list[tuple[str, list[bytes]]] = []
     if not head:
@@ -1344,7 +1379,7 @@ def _split_fields(head: bytes, where: str) -> list[_Field]:
                 "separate the header from the body"
             )
         fields.append((match.group(1).decode("ascii"), [line]))
-    return [_Field(name, b"\r\n".join(lines) + b"\r\n") for name, lines in fields]
+    return [HeaderField(name, b"\r\n".join(lines) + b"\r\n") for name, lines in fields]
 
 
 def _split_entity(data: bytes) -> tuple[bytes, bytes] | None:
@@ -1357,7 +1392,7 @@ def _split_entity(data: bytes) -> tuple[bytes, bytes] | None:
     return data[: end + 2], data[end + 4 :]
 
 
-def _content_type(fields: Sequence[_Field], default: str) -> tuple[str, email.message.Message]:
+def _content_type(fields: Sequence[HeaderField], default: str) -> tuple[str, email.message.Message]:
     """The lower-case type/subtype (RFC 2045 §5.2 default when absent or invalid) and a
     stdlib message holding only the Content-Type, to read its parameters with."""
     holder = email.message.Message()
@@ -1368,12 +1403,12 @@ def _content_type(fields: Sequence[_Field], default: str) -> tuple[str, email.me
     return holder.get_content_type(), holder
 
 
-def _field_value(fields: Sequence[_Field], name: str) -> str | None:
+def _field_value(fields: Sequence[HeaderField], name: str) -> str | None:
     found = [f for f in fields if f.lower == name]
     return found[-1].value() if found else None
 
 
-def _ascii_field(item: _Field, where: str) -> bytes:
+def _ascii_field(item: HeaderField, where: str) -> bytes:
     """A MIME field of a part, as ASCII: raw UTF-8 (RFC 6532) parameters as RFC 2231, other
     raw UTF-8 text as RFC 2047 encoded-words. Lines over 998 octets are refused."""
     # Trailing whitespace on a header line is insignificant (RFC 5322 §3.2.2) but transports
@@ -1470,6 +1505,8 @@ def _canon_entity(head: bytes, body: bytes, *, default: str, where: str, depth: 
         boundary = holder.get_boundary()
         if not boundary:
             raise MessageError(f"{where}: {ctype} without a boundary parameter")
+        if not boundary.isascii() or len(boundary) > 70:
+            raise MessageError(f"{where}: invalid boundary {boundary[:80]!r} (RFC 2046 §5.1.1)")
         inner = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
         new_body = _canon_multipart(body, boundary, default=inner, where=where, depth=depth)
         if encoding != "7bit":
@@ -1490,16 +1527,13 @@ def _canon_entity(head: bytes, body: bytes, *, default: str, where: str, depth: 
                 depth=depth + 1,
             )
         except MessageError:
-            new_body = b""
-        if new_body:
-            if encoding != "7bit":
-                _set_encoding(out, names, "7bit")
-            return b"".join([*out, b"\r\n", new_body])
-        # Not a readable message: keep it as is when that is safe, else send it as the bytes
-        # it is (the type then says what it really is).
-        if _wire_lines_ok(body) and not _UNSAFE_BODY.search(body):
-            return b"".join([*out, b"\r\n", body])
-        raise MessageError(f"{where}: the attached message cannot be read")
+            # Not a readable message: kept as it is when that is safe to sign and send.
+            if _wire_lines_ok(body) and not _UNSAFE_BODY.search(body):
+                return b"".join([*out, b"\r\n", body])
+            raise
+        if encoding != "7bit":
+            _set_encoding(out, names, "7bit")
+        return b"".join([*out, b"\r\n", new_body])
     return _canon_leaf(out, names, body, major=major, encoding=encoding, where=where)
 
 
@@ -1546,7 +1580,9 @@ def _canon_multipart(body: bytes, boundary: str, *, default: str, where: str, de
     dash = b"--" + boundary.encode("ascii")
     pieces: list[bytes] = []
     preamble = body[: matches[0].start()]
-    if preamble and _wire_lines_ok(preamble) and not _UNSAFE_BODY.search(preamble):
+    # A delimiter after CRLF has a preamble before it, if only an empty line.
+    has_preamble = matches[0].group().startswith(b"\r\n")
+    if has_preamble and _wire_lines_ok(preamble) and not _UNSAFE_BODY.search(preamble):
         pieces += [preamble, b"\r\n"]
     closed = False
     for number, (match, after) in enumerate(zip(matches, [*matches[1:], None], strict=True), 1):
@@ -1554,13 +1590,9 @@ def _canon_multipart(body: bytes, boundary: str, *, default: str, where: str, de
             closed = True
             epilogue = body[match.end() :]
             pieces.append(dash + b"--")
-            if (
-                epilogue.startswith(b"\r\n")
-                and _wire_lines_ok(epilogue)
-                and not _UNSAFE_BODY.search(epilogue)
-            ):
-                pieces.append(epilogue)
-            else:
+            if _wire_lines_ok(epilogue) and not _UNSAFE_BODY.search(epilogue):
+                pieces.append(epilogue)  # starts with CRLF (the delimiter line's end) or empty
+            elif epilogue.startswith(b"\r\n"):
                 pieces.append(b"\r\n")
             break
         part = body[match.end() : after.start() if after is not None else len(body)]
@@ -1666,7 +1698,7 @@ class MimeBody:
         out: list[bytes] = []
         for item in _split_fields(self.head, "MIME header"):
             if item.lower == "content-type":
-                lines = [item.raw[:-2]]
+                lines = [item.raw[:-2].rstrip(b"; \t")]
                 for param in params:
                     lines.append(b" " + param.encode("ascii"))
                 out.append(b";\r\n".join(lines) + b"\r\n")
@@ -1717,19 +1749,11 @@ def _strip_mbox_line(raw: bytes) -> bytes:
     return raw
 
 
-def _addresses(item: _Field) -> list[tuple[str, str]]:
-    """(display name, addr-spec) of an address field (groups flattened, RFC 2047 decoded)."""
-    value = item.value()
-    parsed = email.policy.default.header_factory(item.name, value)
-    problems = [str(d) for d in parsed.defects if "local part with no domain" not in str(d)]
-    if problems:
-        raise MessageError(f"cannot read {value[:80]!r} ({problems[0]})", field=item.lower)
-    return [(a.display_name, a.addr_spec) for a in parsed.addresses]
-
-
-def _message_from_bytes(
-    raw: bytes, sender: AddressInput | None, envelope: Iterable[AddressInput] | None
-) -> Message:
+def split_message(raw: bytes) -> tuple[list[HeaderField], bytes]:
+    """A program's RFC 5322 message as its header fields (as written) and its body, with CRLF
+    line ends (it may use LF or mixed; a leading mbox ``From `` line is dropped). A message
+    of header fields only has an empty body. MessageError for what is not a message: empty,
+    no header, a line in the header that is not a field, a NUL in the header."""
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise MessageError("the message must be bytes", field="message")
     data = _normalise_line_ends(_strip_mbox_line(bytes(raw)))
@@ -1746,8 +1770,15 @@ def _message_from_bytes(
     for item in fields:
         if b"\0" in item.raw:
             raise MessageError("NUL byte in the header", field=item.lower)
+    return fields, body
 
-    def single(name: str) -> _Field | None:
+
+def _message_from_bytes(
+    raw: bytes, sender: AddressInput | None, envelope: Iterable[AddressInput] | None
+) -> Message:
+    fields, body = split_message(raw)
+
+    def single(name: str) -> HeaderField | None:
         found = [f for f in fields if f.lower == name]
         if len(found) > 1:
             raise MessageError("appears more than once (RFC 5322 §3.6)", field=name)
@@ -1758,7 +1789,7 @@ def _message_from_bytes(
     for name in ("to", "cc", "bcc", "reply-to"):
         found: list[Address] = []
         for item in (f for f in fields if f.lower == name):
-            for display, addr in _addresses(item):
+            for display, addr in item.addresses():
                 if "@" not in addr:
                     raise MessageError(
                         f"{addr!r} is not a full address (it needs @domain)", field=name
@@ -1780,7 +1811,7 @@ def _message_from_bytes(
     from_field = single("from")
     author: AddressInput | None = None
     if from_field is not None:
-        mailboxes = _addresses(from_field)
+        mailboxes = from_field.addresses()
         if len(mailboxes) != 1:
             raise MessageError(f"expected one address, found {len(mailboxes)}", field="from")
         display, addr = mailboxes[0]

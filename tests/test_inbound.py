@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_pgp import Keys
+from fixtures_smime import PKI, Identity
 from pgp_helpers import (
     gpg,
     gpg_decrypt,
@@ -35,9 +36,10 @@ from pgp_helpers import (
     subkey_ids,
 )
 
-from e2email import AsyncMailer, Mailer, Protection, SMTPSettings, TLSMode
+from e2email import AsyncMailer, Mailer, Protection, Scheme, SMTPSettings, TLSMode
+from e2email.certstore import CertStore
 from e2email.errors import KeyReason, MessageError, RecipientKeyError
-from e2email.inbound import recipients_without_keys, submit, submit_sync
+from e2email.inbound import protect, recipients_without_keys, submit, submit_sync
 from e2email.keystore import Keystore
 from e2email.testing import LoopbackSMTPServer
 
@@ -204,10 +206,11 @@ def test_recipients_without_keys_names_each_with_its_reason(
 ) -> None:
     mailer = _mailer(sender_store, smtp_server(tls="implicit"))
     missing = recipients_without_keys(
-        mailer, ["bob@example.net", "nobody@example.com", "expired@example.com", "not an address"]
+        mailer, ["bob@example.net", "Nobody@Example.COM", "expired@example.com", "not an address"]
     )
-    assert set(missing) == {"nobody@example.com", "expired@example.com", "not an address"}
-    assert missing["nobody@example.com"].startswith(KeyReason.NOT_FOUND.value)
+    # Each keyed as the caller wrote it (a relay looks up the RCPT address it has).
+    assert set(missing) == {"Nobody@Example.COM", "expired@example.com", "not an address"}
+    assert missing["Nobody@Example.COM"].startswith(KeyReason.NOT_FOUND.value)
     assert missing["expired@example.com"].startswith(KeyReason.EXPIRED.value)
     assert (
         recipients_without_keys(
@@ -217,10 +220,10 @@ def test_recipients_without_keys_names_each_with_its_reason(
     )
 
 
-def _encrypted_by_the_program(keys: Keys, home: Path, *to: str) -> bytes:
+def _encrypted_by_the_program(keys: Keys, home: Path, *to: str, hidden: bool = False) -> bytes:
     """A PGP/MIME message as mutt makes it (encrypted with gpg by the calling program)."""
     inner = b"Content-Type: text/plain; charset=us-ascii\r\n\r\nencrypted by mutt\r\n"
-    args = [a for k in to for a in ("--recipient", k)]
+    args = [a for k in to for a in ("--recipient", k)] + (["--throw-keyids"] if hidden else [])
     armored = gpg(
         home, "--trust-model", "always", "--armor", "--encrypt", *args, input=inner
     ).stdout.replace(b"\n", b"\r\n")
@@ -634,3 +637,188 @@ def test_real_programs_messages_signed_only_verify_with_gpg_and_sqop(
         sop_verify("sqop", signature, signed, keys.alice.cert, tmp_path)
         assert _leaves(signed) == _leaves(_crlf(sample.raw))
         assert b'hp="clear"' in signed.split(b"\r\n\r\n", 1)[0]
+
+
+# -- S/MIME ----------------------------------------------------------------------------------------
+
+
+def _smime_mailer(store: CertStore, server: LoopbackSMTPServer, **prot: object) -> AsyncMailer:
+    return AsyncMailer(
+        smtp=_settings(server),
+        keystore=Keystore(store.home),
+        certstore=store,
+        protection=Protection(scheme=Scheme.SMIME, **prot),  # type: ignore[arg-type]
+    )
+
+
+def _openssl(*args: str) -> bytes:
+    done = subprocess.run(["openssl", *args], capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return done.stdout
+
+
+def test_smime_program_message_decrypts_and_verifies_with_openssl(
+    pki: PKI, smime_store: CertStore, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """S/MIME sign+encrypt of a Django-like message: openssl decrypts it for Bob, verifies
+    Alice's signature over the program's own MIME body, and every part decodes the same."""
+    sample = django_like()
+    server = smtp_server(tls="implicit")
+    result = asyncio.run(
+        submit(_smime_mailer(smime_store, server), sample.raw, recipients=["bob@example.net"])
+    )
+    assert result.accepted == ("bob@example.net",)
+    (received,) = server.messages
+    enc = tmp_path / "enc.eml"
+    enc.write_bytes(received.data)
+    inner = _openssl(
+        "cms", "-decrypt", "-in", str(enc), "-recip", str(pki.bob.cert_pem),
+        "-inkey", str(pki.bob.key_pem),
+    )  # fmt: skip
+    signed_file = tmp_path / "inner.eml"
+    signed_file.write_bytes(inner)
+    content = _openssl(
+        "cms", "-verify", "-in", str(signed_file), "-CAfile", str(pki.root_pem),
+        "-purpose", "smimesign",
+    )  # fmt: skip
+    assert _leaves(content) == _leaves(_crlf(sample.raw))
+    assert b'hp="cipher"' in content.split(b"\r\n\r\n", 1)[0]
+
+
+def _smime_encrypted_by_the_program(pki: PKI, tmp_path: Path, *to: Identity) -> bytes:
+    """An S/MIME enveloped message as a mail program makes it (openssl cms -encrypt)."""
+    plain = tmp_path / "plain.eml"
+    plain.write_bytes(b"Content-Type: text/plain\r\n\r\nencrypted by the program\r\n")
+    out = _openssl(
+        "cms", "-encrypt", "-aes256", "-in", str(plain), "-from", "alice@example.org",
+        "-to", "bob@example.net", "-subject", "smime", *(str(i.cert_pem) for i in to),
+    )  # fmt: skip
+    return b"Cc: carol@example.com\n" + out
+
+
+def test_smime_encrypted_by_the_program_is_checked_against_the_recipients_certificates(
+    pki: PKI, smime_store: CertStore, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """An S/MIME message the program encrypted is sent as it is when its RecipientInfos name
+    every recipient's certificate (issuer and serial), and refused naming the one missing."""
+    server = smtp_server(tls="implicit")
+    mailer = _smime_mailer(smime_store, server)
+    missing_carol = _smime_encrypted_by_the_program(pki, tmp_path, pki.bob)
+    with pytest.raises(RecipientKeyError) as info:
+        asyncio.run(submit(mailer, missing_carol))
+    (problem,) = info.value.problems
+    assert (problem.address, problem.reason) == ("carol@example.com", KeyReason.NOT_ENCRYPTED_TO)
+    assert server.transcript == []
+
+    both = _smime_encrypted_by_the_program(pki, tmp_path, pki.bob, pki.carol)
+    result = asyncio.run(submit(mailer, both))
+    assert sorted(result.accepted) == ["bob@example.net", "carol@example.com"]
+    (received,) = server.messages
+    assert received.data.endswith(re.sub(rb"\r?\n", b"\r\n", both).split(b"\r\n\r\n", 1)[1])
+
+
+# -- Bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "kwargs", "match"),
+    [
+        (b"From: alice@example.org\nTo: bob@example.net\nno blank line\n", {}, "line 3 is not"),
+        (b"From: alice@example.org\nTo: bob@example.net\nX: \0\n\nx", {}, "NUL"),
+        (b"From: alice@example.org\nTo: bob@example\xff.net\n\nx", {}, "UTF-8"),
+        (b"From: alice@example.org\nTo: root\n\nx", {}, "not a full address"),
+        (b"Subject: nobody\n\nx", {"envelope_from": "alice@example.org"}, "recipient"),
+        (b"From: alice@example.org\n\nx", {"recipients": []}, "no recipients"),
+        (b"From: alice@example.org\n\nx", {"recipients": ["bad address"]}, "recipients"),
+        (b"To: bob@example.net\n\nx", {"envelope_from": "not-an-address"}, "envelope sender"),
+        (b"To: bob@example.net\n\nx", {}, "no From header and no envelope sender"),
+    ],
+)
+def test_malformed_messages_are_refused_before_connecting(
+    raw: bytes,
+    kwargs: dict[str, object],
+    match: str,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+) -> None:
+    server = smtp_server(tls="implicit")
+    with pytest.raises(MessageError, match=match) as info:
+        asyncio.run(submit(_mailer(sender_store, server), raw, **kwargs))  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+    assert server.transcript == []
+
+
+def test_header_recipient_not_in_the_envelope_is_not_sent_to(
+    keys: Keys, sender_store: Keystore, smtp_server: ServerFactory, recipients_home: Path
+) -> None:
+    """sendmail without -t sends only to the command line's recipients, even when the
+    header names others (they stay in the header; the mailer's envelope sender is used)."""
+    server = smtp_server(tls="implicit")
+    raw = b"To: bob@example.net, carol@example.com\nSubject: s\n\nx\n"
+    mailer = _mailer(sender_store, server)
+    mailer.envelope_from = "alice@example.org"
+    result = asyncio.run(submit(mailer, raw, recipients=["carol@example.com"]))
+    assert result.accepted == ("carol@example.com",)
+    (received,) = server.messages
+    assert received.rcpt_tos == ("carol@example.com",)
+    assert received.mail_from == "alice@example.org"
+    assert _decrypt(recipients_home, received.data, keys)["To"] == (
+        "bob@example.net, carol@example.com"
+    )
+
+
+def test_protect_returns_the_copies_submit_would_send_without_connecting(
+    sender_store: Keystore, smtp_server: ServerFactory
+) -> None:
+    """For a relay that stores before it answers: the copies and their envelopes, nothing
+    sent; an already encrypted message is one copy, as it is."""
+    server = smtp_server(tls="implicit")
+    mailer = _mailer(sender_store, server)
+    raw = b"From: alice@example.org\nTo: bob@example.net\nBcc: carol@example.com\n\nhi\n"
+    copies = asyncio.run(protect(mailer, raw, envelope_from="bounce@example.org", recipients=None))
+    assert [(c.kind, c.recipients, c.mail_from) for c in copies] == [
+        ("main", ("bob@example.net",), "bounce@example.org"),
+        ("bcc", ("carol@example.com",), "bounce@example.org"),
+    ]
+    assert all(b"Bcc" not in c.raw and b"-----BEGIN PGP MESSAGE" in c.raw for c in copies)
+    assert server.transcript == []
+
+
+def test_hidden_recipient_key_ids_cannot_show_the_policy_is_met(
+    keys: Keys, sender_store: Keystore, smtp_server: ServerFactory, recipients_home: Path
+) -> None:
+    raw = _encrypted_by_the_program(
+        keys, recipients_home, "bob@example.net", "dave@example.com", hidden=True
+    )
+    server = smtp_server(tls="implicit")
+    with pytest.raises(RecipientKeyError, match="hidden") as info:
+        asyncio.run(submit(_mailer(sender_store, server), raw))
+    assert {p.reason for p in info.value.problems} == {KeyReason.NOT_ENCRYPTED_TO}
+    assert server.transcript == []
+
+
+def test_already_protected_messages_pass_as_they_are_when_the_policy_does_not_encrypt(
+    keys: Keys, sender_store: Keystore, smtp_server: ServerFactory, recipients_home: Path
+) -> None:
+    """Sign-only policy: a message the program signed, or encrypted even to someone without
+    a key here, goes as it is (never wrapped again), without its Bcc header."""
+    signed = (
+        b"From: alice@example.org\r\nTo: bob@example.net\r\nBcc: erin@example.com\r\n"
+        b"Subject: s\r\nDate: Wed, 6 May 2026 07:08:09 +0200\r\nMessage-ID: <s.1@example.org>\r\n"
+        b"Content-Type: multipart/signed; micalg=pgp-sha256;\r\n"
+        b' protocol="application/pgp-signature"; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nFrom me \r\n--b\r\n"
+        b"Content-Type: application/pgp-signature\r\n\r\nsig\r\n--b--\r\n"
+    )
+    encrypted = _encrypted_by_the_program(keys, recipients_home, "bob@example.net")
+    for raw in (signed, encrypted):
+        server = smtp_server(tls="implicit")
+        mailer = _mailer(sender_store, server, encrypt=False)
+        asyncio.run(submit(mailer, raw, recipients=["bob@example.net", "nobody@example.com"]))
+        (received,) = server.messages
+        assert received.rcpt_tos == ("bob@example.net", "nobody@example.com")
+        body = raw.split(b"\r\nContent-Type: multipart/", 1)[1]
+        assert received.data.endswith(body)
+        assert b"Bcc" not in received.data
+        if raw is signed:
+            assert received.data == raw.replace(b"Bcc: erin@example.com\r\n", b"")
