@@ -11,7 +11,8 @@ from typing import Any
 import click
 
 from e2email.bulk import printable
-from e2email.cli.app import EXIT_REJECTED, State, cli, exit_code_for, fail
+from e2email.certstore import CertStore
+from e2email.cli.app import EXIT_KEY, EXIT_REJECTED, State, cli, exit_code_for, fail
 from e2email.cli.send import (
     SMTP_OPTION_NAMES,
     delivery_options,
@@ -21,7 +22,7 @@ from e2email.cli.send import (
 )
 from e2email.client import Mailer
 from e2email.delivery import Outcome, route_of
-from e2email.errors import E2EmailError
+from e2email.errors import ConfigError, E2EmailError, KeyErrorBase
 from e2email.outbox import (
     ItemState,
     Outbox,
@@ -30,6 +31,7 @@ from e2email.outbox import (
     RecipientState,
     same_route,
 )
+from e2email.transport.smtp import SMTPTransport
 
 
 def _when(ts: float) -> str:
@@ -69,6 +71,11 @@ def _as_json(item: OutboxItem) -> dict[str, Any]:
         "last_error": item.last_error,
         "route": item.route,
         "size": item.size,
+        # When the end of its data was sent in the attempt that was interrupted (state
+        # "maybe-delivered"); null otherwise.
+        "maybe_delivered_since": item.maybe_since
+        if item.state is ItemState.MAYBE_DELIVERED
+        else None,
     }
 
 
@@ -78,7 +85,10 @@ def outbox() -> None:
 
     Every message is stored here, already protected, before it is sent, and removed once the
     server accepted it for every recipient. What is left after a failure, a crash or a kill is
-    sent again by `outbox retry` (or, for --to-file batches, by rerunning the same command).
+    sent again by `outbox retry` (or, for --to-file batches, by rerunning the same command),
+    except a message interrupted after it was sent whole (maybe-delivered: the server may
+    have it), which is sent again only with `outbox retry --maybe-delivered`. Before a retry
+    the keys each message was encrypted to are checked again: one revoked since holds it.
     """
 
 
@@ -106,6 +116,13 @@ def list_items(state: State, as_json: bool) -> None:
         click.echo(printable(f"    to: {_recipients(item)}"))
         if item.last_error:
             click.echo(printable(f"    last error: {item.last_error}"))
+        if item.state is ItemState.MAYBE_DELIVERED and item.maybe_since is not None:
+            click.echo(
+                f"    maybe delivered: interrupted after the message was sent at "
+                f"{_when(item.maybe_since)}; the server may have it. Check with the "
+                "recipient, then `e2email outbox retry --maybe-delivered "
+                f"{item.id}` sends it again or `e2email outbox drop {item.id}` forgets it"
+            )
     click.echo(f"{len(items)} item(s)")
 
 
@@ -126,6 +143,13 @@ def list_items(state: State, as_json: bool) -> None:
     is_flag=True,
     help="Also items whose next retry time has not come yet.",
 )
+@click.option(
+    "--maybe-delivered",
+    "maybe_delivered",
+    is_flag=True,
+    help="Also send items that may have been delivered already (interrupted after the "
+    "message was sent, see `outbox list`): the recipient may get it twice.",
+)
 @delivery_options
 @click.pass_obj
 def retry(
@@ -135,19 +159,29 @@ def retry(
     all_servers: bool,
     include_failed: bool,
     now: bool,
+    maybe_delivered: bool,
     **opts: Any,
 ) -> None:
     """Send again what waits in the outbox: the items IDS (or unique prefixes), or every item
     meant for this server and user, whose retry time has come (--now: any). Recipients the
-    server refused with 5xx are left alone unless --include-failed. Takes the same server
-    options as `send`."""
+    server refused with 5xx are left alone unless --include-failed, and so are items that may
+    have been delivered already unless --maybe-delivered. Takes the same server options as
+    `send`."""
     if not opts["host"]:
         raise click.UsageError("give --host (and the other server options, as for `send`)")
     smtp = smtp_settings(state, opts)
+    try:
+        # Incomplete server options (a user without a password source, ...) are a usage
+        # error whatever the outbox holds, not "the outbox is empty" and exit 0.
+        SMTPTransport(smtp)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
     failures: list[Outcome] = []
     box = Outbox.in_home(state.home)
     try:
-        chosen = _select(box, ids, route_of(smtp), all_servers, include_failed, now)
+        chosen, held_back = _select(
+            box, ids, route_of(smtp), all_servers, include_failed, now, maybe_delivered
+        )
     except E2EmailError:
         box.close()
         raise
@@ -155,6 +189,12 @@ def retry(
         box.close()
         click.echo("the outbox is empty")
         return
+    if held_back:
+        click.echo(
+            f"{len(held_back)} item(s) may have been delivered already and are not sent again "
+            f"({', '.join(held_back)}): see `e2email outbox list`; --maybe-delivered sends them",
+            err=True,
+        )
 
     def show(outcome: Outcome) -> None:
         item = outcome.submission.tag
@@ -167,8 +207,12 @@ def retry(
         if status != "delivered":
             failures.append(outcome)
 
+    keystore = state.keystore()
     with Mailer(
         smtp=smtp,
+        # To re-check the keys each copy was encrypted to: one revoked since is held.
+        keystore=keystore,
+        certstore=CertStore(state.home),
         outbox=box,
         retry=retry_policy(opts),
         connections=opts["connections"],
@@ -179,15 +223,17 @@ def retry(
                 on_outcome=show,
                 include_failed=include_failed,
                 due_only=not now,
+                maybe_delivered=maybe_delivered,
             )
         except E2EmailError as exc:
             fail(f"{exc} (what was not sent stays in the outbox)", exit_code_for(exc))
         left = len(mailer.outbox) if mailer.outbox is not None else 0
     if failures:
+        held = any(isinstance(o.error, KeyErrorBase) for o in failures)
         fail(
             f"{len(failures)} item(s) not delivered to every recipient; {left} item(s) "
             "in the outbox",
-            EXIT_REJECTED,
+            EXIT_KEY if held else EXIT_REJECTED,
         )
     click.echo(f"{left} item(s) left in the outbox")
 
@@ -199,12 +245,14 @@ def _select(
     all_servers: bool,
     include_failed: bool,
     now: bool,
-) -> list[str] | None:
-    """The IDs `outbox retry` sends; None when the outbox is empty. Raises OutboxError (one
-    line, exit 2) when items wait but none matches the IDs, the route and the flags."""
+    maybe_delivered: bool,
+) -> tuple[list[str] | None, list[str]]:
+    """The IDs `outbox retry` sends (None when the outbox is empty), and those of the matching
+    items left alone because they may have been delivered. Raises OutboxError (one line, exit
+    2) when items wait but none matches the IDs, the route and the flags."""
     items = box.items()
     if not items:
-        return None
+        return None, []
     if ids:
         named = {box.get(i, raw=False).id for i in ids}
         items = tuple(i for i in items if i.id in named)
@@ -215,17 +263,27 @@ def _select(
                 f"nothing in the outbox is for {printable(route)} (see `e2email outbox list`; "
                 "--all-servers sends the items of other servers and users too)"
             )
+    held_back: list[str] = []
+    if not maybe_delivered:
+        held_back = [i.id for i in items if i.state is ItemState.MAYBE_DELIVERED]
+        items = tuple(i for i in items if i.state is not ItemState.MAYBE_DELIVERED)
     if not include_failed:
         items = tuple(i for i in items if i.state is not ItemState.FAILED)
     if not now:
         due = time.time()
         items = tuple(i for i in items if i.next_attempt <= due)
     if not items:
+        if held_back:
+            raise OutboxError(
+                f"nothing to retry: {len(held_back)} item(s) may have been delivered already "
+                f"({', '.join(held_back)}; see `e2email outbox list`): check with the "
+                "recipients; --maybe-delivered sends them again"
+            )
         raise OutboxError(
             "nothing to retry: the matching items are refused permanently (5xx; "
             "--include-failed sends them again) or not due yet (--now sends them anyway)"
         )
-    return [i.id for i in items]
+    return [i.id for i in items], held_back
 
 
 # `outbox retry` reaches the server exactly as `send` does: share its options.
@@ -241,3 +299,15 @@ def drop(state: State, ids: tuple[str, ...]) -> None:
         for item_id in ids:
             item = box.drop(item_id)
             click.echo(f"dropped {item.id} ({item.message_id} to {', '.join(item.pending)})")
+
+
+@outbox.command("forget-batches")
+@click.pass_obj
+def forget_batches(state: State) -> None:
+    """Forget which rows of --to-file batches were sent (the ledger); queued messages stay.
+
+    Needed only when HOME/ledger.key, which keys the ledger, was lost or replaced: rerunning
+    an unfinished batch afterwards sends every row of it again."""
+    with Outbox.in_home(state.home) as box:
+        count = box.forget_batches()
+    click.echo(f"forgot {count} ledger entr{'y' if count == 1 else 'ies'}")

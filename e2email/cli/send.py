@@ -473,6 +473,11 @@ def kept_hint(exc: BaseException, kept: Sequence[str]) -> str:
     again, so it says so and how to give the message up."""
     ids = ", ".join(kept)
     where = f" (the protected message is kept in the outbox as {ids}: "
+    if getattr(exc, "maybe_delivered", False):
+        return where + (
+            "the server may have it already, so it is not sent again by itself; check with "
+            "the recipients, then `e2email outbox retry --maybe-delivered` sends it again)"
+        )
     if isinstance(exc, RequireTLSError):
         return where + (
             "it is sent only with REQUIRETLS, so `e2email outbox retry` needs a server that "
