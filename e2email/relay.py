@@ -602,13 +602,19 @@ class Relay:
         return sum(same_route(it.route, route) for it in outbox.items())
 
     def _due(self) -> tuple[list[str], float | None]:
-        """IDs of copies for this route that are due now, and when the next one will be."""
+        """IDs of copies for this route that are due now, and when the next one will be.
+        Copies the server refused for good (5xx) and copies it may have already (interrupted
+        after their end of data) wait for the user (``e2email outbox``), as for every
+        ``outbox retry``."""
         outbox, route = self._outbox_route()
         now = time.time()
         due: list[str] = []
         later: float | None = None
         for item in outbox.items():
-            if not same_route(item.route, route) or item.state is ItemState.FAILED:
+            if not same_route(item.route, route) or item.state in (
+                ItemState.FAILED,
+                ItemState.MAYBE_DELIVERED,
+            ):
                 continue
             if item.next_attempt <= now:
                 due.append(item.id)
