@@ -3,6 +3,7 @@ thread, never dropped (real gpg keys, a real TLS server; decrypted with gpg and 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import logging.config
@@ -11,6 +12,7 @@ import pkgutil
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -105,21 +107,38 @@ def test_a_record_arrives_encrypted_with_its_subject_and_traceback_hidden(
     assert b"RuntimeError: token sk_live_abc123 rejected" in plaintext
 
 
-def test_emit_returns_before_the_network_is_touched(
+def test_emit_returns_while_the_worker_is_still_waiting_to_send(
     log_home: Path,
     smtp_server: ServerFactory,
     attach: Callable[[logging.Handler], logging.Logger],
 ) -> None:
-    """The server takes its time to greet; logging returns at once all the same: the record
-    reaches the server only after the call returned, and flush() waits for it."""
-    slow = smtp_server(faults=[Fault("connect", "stall", seconds=1.0)])
-    handler = handler_for(slow, log_home)
+    """The SMTP password comes from a source that answers only when the test says so: the
+    worker waits there, and logging returns all the same; the records reach the server only
+    after that, and flush() waits for them."""
+    upstream = smtp_server(credentials={"app": "pw"})
+    gate = threading.Event()
+
+    def password() -> str:
+        assert gate.wait(60)
+        return "pw"
+
+    settings = dataclasses.replace(upstream_settings(upstream), username="app", password=password)
+    handler = EncryptedSMTPHandler(
+        None,
+        "alice@example.org",
+        ["bob@example.net"],
+        "s",
+        mailer=AsyncMailer(
+            smtp=settings, keystore=Keystore(log_home), outbox=Outbox.in_home(log_home)
+        ),
+    )
     logger = attach(handler)
     logger.error("first")
     logger.error("second")
-    assert slow.messages == []  # a blocking handler would have sent "first" by now
+    assert upstream.messages == []  # a blocking handler would still be in the first call
+    gate.set()
     handler.flush()
-    assert len(slow.messages) == 2
+    assert len(upstream.messages) == 2
 
 
 def test_a_record_that_cannot_be_protected_is_kept_and_reported_once_not_raised(
