@@ -5,6 +5,7 @@ upstream is decrypted and verified with gpg and sqop."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import logging.handlers
 import shutil
@@ -39,7 +40,7 @@ from e2email.keystore import Keystore
 from e2email.message import Message
 from e2email.outbox import Outbox
 from e2email.relay import Relay, _problem_reply, self_signed_certificate
-from e2email.testing import Fault, LoopbackSMTPServer, ReceivedMessage
+from e2email.testing import Fault, LoopbackSMTPServer, ReceivedMessage, TestCA
 
 ServerFactory = Callable[..., LoopbackSMTPServer]
 
@@ -534,3 +535,34 @@ def test_header_recipients_without_keys_are_each_named_in_a_multiline_550_at_end
         assert len(box) == 0
     assert upstream.messages == []
     assert upstream.connections == 0
+
+
+def test_an_upstream_server_whose_certificate_does_not_verify_gets_nothing(
+    run_relay: Callable[..., RelayThread],
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    outbox_path: Path,
+) -> None:
+    """Upstream TLS is e2email's: a certificate from an unknown CA stops delivery (no
+    fallback, nothing in clear); the accepted message waits in the outbox."""
+    other_ca = TestCA()
+    try:
+        impostor = smtp_server(ca=other_ca)
+        # The relay trusts the module's CA, not the impostor's.
+        trusted = smtp_server()
+        settings = dataclasses.replace(upstream_settings(impostor), ca_file=trusted.ca_file)
+        mailer = AsyncMailer(smtp=settings, keystore=sender_store, outbox=outbox_path)
+        relay = RelayThread(lambda: Relay(mailer, host="127.0.0.1", port=0)).start()
+        try:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as client:
+                assert client.send_message(plain_message("tls", "never in clear 5150\n")) == {}
+            wait_for(lambda: bool(impostor.errors) or impostor.connections > 0, "an attempt")
+        finally:
+            relay.stop()
+            mailer.close()
+        assert impostor.messages == []
+        assert b"5150" not in b"".join(data for _, data in impostor.transcript)
+        with Outbox(outbox_path) as box:
+            assert len(box) == 1
+    finally:
+        other_ca.cleanup()
