@@ -104,6 +104,11 @@ class KeyReason(enum.Enum):
     UNSUPPORTED = "key type not supported"
     #: S/MIME revocation status required (``--revocation require``) but not established.
     REVOCATION_UNKNOWN = "revocation status unknown"
+    # Key discovery (WKD, keyservers, Autocrypt: e2email.discovery):
+    #: The lookup itself failed (timeout, TLS, host not found, response too large, ...).
+    LOOKUP_FAILED = "key lookup failed"
+    #: A key was found for an address that already has a different key: never used silently.
+    DIFFERENT_KEY = "a different key was found"
 
 
 @dataclass(frozen=True)
