@@ -91,6 +91,8 @@ def keys_import(
 ) -> None:
     """Import keys and certificates from FILES.
 
+    A received S/MIME signed message (MESSAGE.eml) gives its signer's certificate, once the
+    signature verifies and the certificate passes the chain and address checks.
     OpenPGP keys (armored or binary, public or secret) go to the GnuPG keyring. X.509 files are
     for S/MIME and recognised by their content: PEM or DER certificates of recipients, PKCS#12
     bundles (.p12/.pfx) and PEM private keys with their certificate (in the same file or one
@@ -105,6 +107,20 @@ def keys_import(
             raise click.UsageError("--trust does not go with --autocrypt")
         _import_autocrypt(state, files, passphrase_env)
         return
+    from e2email.discovery.smime import import_signer, is_smime_signed_message
+
+    # A received S/MIME signed message: its signer's certificate, once the signature and the
+    # chain verify (how S/MIME users hand out certificates).
+    messages = [p for p in files if is_smime_signed_message(p)]
+    files = tuple(p for p in files if p not in messages)
+    for path in messages:
+        taken = import_signer(CertStore(state.home), path)
+        done = ", ".join(
+            f"{'imported' if i.new else 'unchanged'} {i.stored.fingerprint}" for i in taken.imported
+        )
+        click.echo(f"{path}: S/MIME signature verified; signer {taken.address}: {done}")
+        if taken.status != "usable":
+            click.echo(f"  note: {taken.status}")
     x509_files = [p for p in files if looks_like_x509(p)]
     for path in files:
         if path in x509_files:
