@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import os
 import shutil
 import ssl
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -565,3 +568,97 @@ def test_send_refusals_reach_no_smtp_server(
     assert smtp.connections == 0
     if case == "off":
         assert sum(server.hits.values()) == 0  # the library default asks no network
+
+
+# ---------------------------------------------------------------------------------------
+# The CLI option, without any network: an address-literal domain has no WKD to ask.
+
+
+def _cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "e2email", *args],
+        capture_output=True,
+        env={**os.environ, "E2EMAIL_HOME": str(home)},
+        timeout=120,
+        check=False,
+    )
+    return subprocess.CompletedProcess(
+        done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
+    )
+
+
+def test_send_discover_option(store: Keystore, keys: Keys, tmp_path: Path) -> None:
+    store.import_file(keys.bob.cert)
+    out = tmp_path / "out.eml"
+    base = ["send", "--from", "alice@example.org", "--subject", "s", "--body", "b"]
+    bad = _cli(*base, "--to", "bob@example.net", "--discover", "dns", home=store.home)
+    assert bad.returncode == 2 and "--discover" in bad.stderr
+    # bob has a key: nothing is looked up, the message is written.
+    ok = _cli(
+        *base, "--to", "bob@example.net", "--discover", "wkd", "--output", str(out),
+        home=store.home,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert out.exists()
+    out.unlink()
+
+
+def test_send_discover_refusal_from_the_cli(
+    store: Keystore, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: Any
+) -> None:
+    """In process, so that the system resolver can be replaced by one that knows no name
+    (no DNS query leaves the machine): the refusal names the address and why, nothing is
+    written, and the exit status is the one for key problems."""
+    import e2email.discovery.net as net
+    import e2email.discovery.policy as policy
+    from e2email.cli import exit_code_for, main
+
+    nowhere = hosts_resolver({})
+    monkeypatch.setattr(net, "system_resolver", nowhere)
+    monkeypatch.setattr(policy, "system_resolver", nowhere)
+    monkeypatch.setenv("E2EMAIL_HOME", str(store.home))
+    store.import_file(keys.bob.cert)
+    out = tmp_path / "out.eml"
+    with pytest.raises(SystemExit) as exited:
+        main(
+            [
+                "send", "--from", "alice@example.org", "--to", "bob@example.net",
+                "--cc", "x@nowhere.test", "--subject", "s", "--body", "b",
+                "--discover", "wkd", "--output", str(out),
+            ]
+        )  # fmt: skip
+    err = capfd.readouterr().err
+    assert exited.value.code == exit_code_for(RecipientKeyError([]))
+    assert "x@nowhere.test: key lookup failed (WKD: neither openpgpkey.nowhere.test nor " in err
+    assert not out.exists()
+
+
+def test_protection_discovery_setting() -> None:
+    assert Protection().discovery is DiscoveryPolicy.OFF  # the library default
+    assert Protection(discovery="wkd+keyserver").discovery is DiscoveryPolicy.WKD_KEYSERVER  # type: ignore[arg-type]
+    from e2email.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="discovery must be"):
+        Protection(discovery="dns")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="keyserver"):
+        DiscoverySettings(keyservers=("http://keys.example",))
+
+
+def test_https_redirects_are_followed_a_few_times_only(
+    server: HTTPSServer, settings: DiscoverySettings, store: Keystore, peers: Peers
+) -> None:
+    path = wkd_urls("ann@adv.test").advanced.split("openpgpkey.adv.test", 1)[1].partition("?")[0]
+    server.routes[("openpgpkey.adv.test", path)] = Route(
+        status=301, location="https://adv.test/moved"
+    )
+    server.routes[("adv.test", "/moved")] = Route(body=peers.ann.cert.read_bytes())
+    assert _discover(store, ["ann@adv.test"], settings) == {}
+    assert store.get(peers.ann.fingerprint) is not None
+    # A loop of redirects ends after max_redirects with a reason.
+    path = wkd_urls("x@adv.test").advanced.split("openpgpkey.adv.test", 1)[1].partition("?")[0]
+    server.routes[("openpgpkey.adv.test", path)] = Route(status=302, location="/loop")
+    server.routes[("openpgpkey.adv.test", "/loop")] = Route(status=302, location="/loop")
+    problem = _discover(store, ["x@adv.test"], settings)["x@adv.test"]
+    assert problem.reason is KeyReason.LOOKUP_FAILED
+    assert "more than 3 redirects" in problem.detail
+    assert server.hits[("openpgpkey.adv.test", "/loop")] == 3
