@@ -641,6 +641,7 @@ class Keystore:
         self._gpg: gnupg.GPG | None = None
         self._lock = threading.Lock()
         self._listing: _Listing | None = None
+        self._minimal: dict[tuple[object, ...], bytes] = {}
 
     def __repr__(self) -> str:
         return f"Keystore(home={str(self.home)!r}, gnupg_home={str(self.gnupg_home)!r})"
@@ -1130,9 +1131,17 @@ class Keystore:
         sub = key.encryption_subkey()
         if sub is None or not key.carries(addr):
             raise KeystoreError(f"{key.fingerprint} has no usable encryption key for {addr}")
+        # Every message of a bulk send carries it: made once per key state, not per message.
+        memo = (key.fingerprint, addr, sub.fingerprint, self._stamp())
+        cached = self._minimal.get(memo)
+        if cached is not None:
+            return cached
         data = _gpg_export(self.gpg_binary, self.gnupg_home, key.fingerprint, addr, sub.fingerprint)
         if not data:
             raise KeystoreError(f"gpg exported nothing for {key.fingerprint}")
+        if len(self._minimal) > 256:  # keys of one sender and its gossip peers: stay small
+            self._minimal.clear()
+        self._minimal[memo] = data
         return data
 
     def shutdown_agent(self) -> None:
