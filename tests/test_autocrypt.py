@@ -223,18 +223,24 @@ def test_gossip_is_read_only_inside_encrypted_mail_and_only_for_its_recipients(
     )
     assert all(not x.gossip for x in learn_from_message(alice_store, clear, origin="clear"))
     assert alice_store.find("carol@example.com") == ()
+    outer = _encrypted_mail(alice_store, keys.alice.fingerprint, inner)
+    learnt = learn_from_message(alice_store, outer, origin="enc")
+    gossip = [x for x in learnt if x.gossip]
+    assert [(x.address, x.outcome) for x in gossip] == [("carol@example.com", "imported")]
+    key = _key(alice_store, keys.carol.fingerprint)
+    source = alice_store.source_of(key)
+    assert source is not None and source.kind is SourceKind.GOSSIP
+    assert alice_store.find("dave@example.com") == ()
+
+
+def _encrypted_mail(store: Keystore, to_fpr: str, inner: bytes) -> bytes:
+    """A PGP/MIME encrypted message (RFC 3156 §4) from bob whose inside is ``inner``."""
     armored = gpg(
-        alice_store.gnupg_home,
-        "--trust-model",
-        "always",
-        "--armor",
-        "--encrypt",
-        "-r",
-        keys.alice.fingerprint,
+        store.gnupg_home, "--trust-model", "always", "--armor", "--encrypt", "-r", to_fpr,
         input=inner,
-    ).stdout
+    ).stdout  # fmt: skip
     boundary = "b1"
-    outer = (
+    return (
         "From: bob@example.net\r\nTo: alice@example.org, carol@example.com\r\n"
         "Date: " + format_datetime(datetime.now(UTC)) + "\r\nSubject: ...\r\n"
         f'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; '
@@ -244,13 +250,36 @@ def test_gossip_is_read_only_inside_encrypted_mail_and_only_for_its_recipients(
         + armored.decode()
         + f"\r\n--{boundary}--\r\n"
     ).encode()
-    learnt = learn_from_message(alice_store, outer, origin="enc")
-    gossip = [x for x in learnt if x.gossip]
-    assert [(x.address, x.outcome) for x in gossip] == [("carol@example.com", "imported")]
-    key = _key(alice_store, keys.carol.fingerprint)
-    source = alice_store.source_of(key)
-    assert source is not None and source.kind is SourceKind.GOSSIP
-    assert alice_store.find("dave@example.com") == ()
+
+
+def test_a_peers_own_header_replaces_a_gossip_key(
+    alice_store: Keystore, keys: Keys, bob2: TestKey, tmp_path: Path
+) -> None:
+    maker = Keystore(tmp_path / "maker")
+    gossip = _header_for(maker, keys.bob.cert, "bob@example.net")
+    inner = (
+        "Content-Type: text/plain\r\nTo: alice@example.org, bob@example.net\r\n"
+        f"Autocrypt-Gossip: {gossip}\r\n\r\nhi\r\n"
+    ).encode()
+    mail = (
+        _encrypted_mail(alice_store, keys.alice.fingerprint, inner)
+        .replace(b"From: bob@example.net", b"From: carol@example.com")
+        .replace(
+            b"To: alice@example.org, carol@example.com", b"To: alice@example.org, bob@example.net"
+        )
+    )
+    learnt = learn_from_message(alice_store, mail, origin="gossip")
+    assert [(x.address, x.outcome, x.gossip) for x in learnt if x.gossip] == [
+        ("bob@example.net", "imported", True)
+    ]
+    own = _header_for(maker, bob2.cert, "bob@example.net")
+    learnt = learn_from_message(
+        alice_store, _mail("bob@example.net", own, datetime.now(UTC)), origin="own"
+    )
+    assert [x.outcome for x in learnt] == ["imported"]
+    assert getattr(alice_store.encryption_key("bob@example.net"), "fingerprint", None) == (
+        bob2.fingerprint
+    )
 
 
 def e2email(*args: str, home: Path) -> subprocess.CompletedProcess[str]:

@@ -187,6 +187,10 @@ class _Peers:
             tmp.unlink(missing_ok=True)
 
 
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 def _effective_date(msg: EmailMessage, now: datetime) -> datetime:
     """The message's Date, but never later than now (§2.3: a future Date must not pin the
     state), and now when there is none."""
@@ -246,22 +250,27 @@ def learn_from_message(
         store = _Peers(keystore.home)
         peers = store.load()
         state = peers.get(sender, {})
-        last_seen = float(state.get("last_seen", 0) or 0)  # type: ignore[arg-type]
+        last_seen = _number(state.get("last_seen"))
+        autocrypt_timestamp = _number(state.get("autocrypt_timestamp"))
         stamp = when.timestamp()
-        if stamp < last_seen:
-            results.append(Learnt(sender, "older", detail="a newer message was seen already"))
+        # §2.3: a message older than the one that brought the current key changes nothing;
+        # last_seen only moves forward.
+        if header is None:
+            results.append(Learnt(sender, "none", detail="no Autocrypt header for From"))
+        elif stamp < autocrypt_timestamp:
+            results.append(
+                Learnt(sender, "older", detail="a newer message brought the current key")
+            )
         else:
+            results.append(
+                _take(keystore, sender, header.keydata, SourceKind.AUTOCRYPT, origin, state)
+            )
+            if results[-1].outcome in ("imported", "unchanged"):
+                state["autocrypt_timestamp"] = stamp
+                state["prefer_encrypt"] = header.prefer_encrypt
+        if stamp > last_seen:
             state["last_seen"] = stamp
-            if header is None:
-                results.append(Learnt(sender, "none", detail="no Autocrypt header for From"))
-            elif stamp >= float(state.get("autocrypt_timestamp", 0) or 0):  # type: ignore[arg-type]
-                results.append(
-                    _take(keystore, sender, header.keydata, SourceKind.AUTOCRYPT, origin, state)
-                )
-                if results[-1].outcome in ("imported", "unchanged"):
-                    state["autocrypt_timestamp"] = stamp
-                    state["prefer_encrypt"] = header.prefer_encrypt
-            peers[sender] = state
+        peers[sender] = state
         store.save(peers)
     inner = _decrypted(keystore, msg, passphrase)
     if inner is not None:
@@ -299,13 +308,10 @@ def _take(
             address, "refused", vetted.fingerprint, f"{vetted.reason.value} ({vetted.detail})"
         )
     known = keystore.get(vetted.fingerprint) is not None
-    previous = state.get("fingerprint")
-    # The latest message wins over the peer's earlier Autocrypt key (§2.3), but not over a
-    # key that came from elsewhere: that takes ``keys accept``.
-    replace = (
-        bool(previous)
-        and previous != vetted.fingerprint
-        and all(
+    # The latest message wins over the peer's earlier Autocrypt or gossip key (§2.3), but
+    # never over a key that came from elsewhere: that takes ``keys accept``.
+    replace = kind is SourceKind.AUTOCRYPT and (
+        all(
             (src := keystore.sources.get(k.fingerprint)) is not None
             and src.kind in (SourceKind.AUTOCRYPT, SourceKind.GOSSIP)
             for k in keystore.find(address, include_revoked=True)

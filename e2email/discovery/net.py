@@ -14,6 +14,8 @@ touching /etc/hosts. Proxies from the environment are not used.
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import socket
 import ssl
 import typing
@@ -135,11 +137,21 @@ class DiscoverySettings:
                 )
 
     def ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(
-            cafile=str(self.ca_file) if self.ca_file is not None else None
+        return _ssl_context(
+            str(self.ca_file) if self.ca_file is not None else None,
+            os.environ.get("SSL_CERT_FILE"),
+            os.environ.get("SSL_CERT_DIR"),
         )
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        return context
+
+
+@functools.lru_cache(maxsize=8)
+def _ssl_context(cafile: str | None, env_file: str | None, env_dir: str | None) -> ssl.SSLContext:
+    """Verifying, TLS 1.2 or newer. Made once per CA setting (loading the system store takes
+    milliseconds; a bulk send asks for it per message). The environment's SSL_CERT_FILE and
+    SSL_CERT_DIR are part of the key: OpenSSL reads them when the store is loaded."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _import_httpcore() -> typing.Any:

@@ -100,20 +100,45 @@ async def discover_missing(
     if not todo:
         return {}
     cache = DiscoveryCache(keystore.home)
-    loop_id = id(asyncio.get_running_loop())
+    found: dict[str, KeyProblem | None] = {}
+    for addr in todo:
+        # Remembered outcomes first: a bulk send's later rows open no connection at all.
+        entry = cache.get(addr, ttl=settings.cache_ttl, failure_ttl=settings.failure_ttl)
+        if entry is not None:
+            found[addr] = _cached_problem(addr, entry)
+    ask = [a for a in todo if a not in found]
+    if ask:
+        found.update(await _ask(keystore, ask, written, policy, settings, cache))
+    return {a: p for a in todo if (p := found[a]) is not None}
+
+
+async def _ask(
+    keystore: Keystore,
+    addresses: list[str],
+    written: Mapping[str, str],
+    policy: DiscoveryPolicy,
+    settings: DiscoverySettings,
+    cache: DiscoveryCache,
+) -> dict[str, KeyProblem | None]:
+    """Look ``addresses`` up side by side; an address already being looked up (by another
+    message of the same bulk send) waits for that lookup instead of asking again."""
+    loop = asyncio.get_running_loop()
     pool = open_pool(settings)
     async with pool:
 
         async def one(addr: str) -> KeyProblem | None:
-            key = (loop_id, str(keystore.home), addr)
+            key = (id(loop), str(keystore.home), addr)
             running = _INFLIGHT.get(key)
             if running is not None:
                 return await asyncio.shield(running)
-            future: asyncio.Future[KeyProblem | None] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[KeyProblem | None] = loop.create_future()
             _INFLIGHT[key] = future
             try:
                 result = await _lookup(keystore, addr, written[addr], policy, settings, cache, pool)
-            except BaseException as exc:
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
+            except Exception as exc:
                 future.set_exception(exc)
                 future.exception()  # retrieved: waiters re-raise it, no "never retrieved"
                 raise
@@ -122,8 +147,8 @@ async def discover_missing(
             future.set_result(result)
             return result
 
-        results = await asyncio.gather(*(one(a) for a in todo))
-    return {a: p for a, p in zip(todo, results, strict=True) if p is not None}
+        results = await asyncio.gather(*(one(a) for a in addresses))
+    return dict(zip(addresses, results, strict=True))
 
 
 def _cached_problem(address: str, entry: dict[str, Any]) -> KeyProblem | None:
