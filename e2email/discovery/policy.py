@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,28 +181,30 @@ async def _lookup(
     network = False
     try:
         async with asyncio.timeout(settings.timeout):
-            async for found in _candidates(as_written, policy, settings, pool, failures):
-                vetted = await asyncio.to_thread(vet_key, found.data, addr)
-                if isinstance(vetted, KeyProblem):
-                    refusals.append(
-                        KeyProblem(
-                            addr,
-                            vetted.reason,
-                            f"{_source_name(found.source)}: "
-                            + (vetted.detail or vetted.reason.value),
-                            vetted.fingerprint,
+            candidates = _candidates(as_written, policy, settings, pool, failures)
+            async with contextlib.aclosing(candidates) as sources:
+                async for found in sources:
+                    vetted = await asyncio.to_thread(vet_key, found.data, addr)
+                    if isinstance(vetted, KeyProblem):
+                        refusals.append(
+                            KeyProblem(
+                                addr,
+                                vetted.reason,
+                                f"{_source_name(found.source)}: "
+                                + (vetted.detail or vetted.reason.value),
+                                vetted.fingerprint,
+                            )
                         )
+                        continue
+                    replace = settings.replace_on_wkd and found.source.kind is SourceKind.WKD
+                    problem = await asyncio.to_thread(
+                        adopt, keystore, vetted, found.source, replace=replace, cache=cache
                     )
-                    continue
-                replace = settings.replace_on_wkd and found.source.kind is SourceKind.WKD
-                problem = await asyncio.to_thread(
-                    adopt, keystore, vetted, found.source, replace=replace, cache=cache
-                )
-                if problem is None:
-                    cache.put(addr, {"outcome": "found", "fingerprint": vetted.fingerprint})
-                return problem
+                    if problem is None:
+                        cache.put(addr, {"outcome": "found", "fingerprint": vetted.fingerprint})
+                    return problem
     except TimeoutError:
-        failures.append(f"timed out after {settings.timeout:g} s")
+        failures.append(f"the lookup timed out after {settings.timeout:g} s")
         network = True
     network = network or any(not f.endswith("404 not found") for f in failures)
     if refusals:
@@ -233,7 +236,7 @@ async def _candidates(
     settings: DiscoverySettings,
     pool: Any,
     failures: list[str],
-) -> Any:
+) -> AsyncGenerator[_Found, None]:
     """Key data from each source in turn, failures appended to ``failures``."""
     try:
         location = wkd_urls(addr)
