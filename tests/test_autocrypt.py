@@ -322,3 +322,46 @@ def test_cli_import_autocrypt_list_and_accept(keys: Keys, bob2: TestKey, tmp_pat
     bad = e2email("keys", "accept", "bob@example.net", "0" * 40, home=home)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_autocrypt_for_copy_applies_the_rules(sender_store: Keystore, keys: Keys) -> None:
+    from e2email.discovery.autocrypt import autocrypt_for_copy
+
+    alice = _key(sender_store, keys.alice.fingerprint)
+    to_cc = {
+        "bob@example.net": _key(sender_store, keys.bob.fingerprint),
+        "carol@example.com": _key(sender_store, keys.carol.fingerprint),
+    }
+    common = {"sender": "alice@example.org", "sender_key": alice, "prefer_encrypt": True}
+    outer, gossip = autocrypt_for_copy(
+        sender_store, kind="main", to_cc_keys=to_cc, encrypted=True, **common
+    )
+    assert outer.startswith(b"Autocrypt: addr=alice@example.org; prefer-encrypt=mutual; keydata=")
+    assert outer.endswith(b"\r\n") and b"Gossip" not in outer
+    assert [parse_autocrypt(v).addr for _, v in gossip] == list(to_cc)  # type: ignore[union-attr]
+    # A Bcc copy: the sender's header, no gossip at all.
+    outer_bcc, gossip_bcc = autocrypt_for_copy(
+        sender_store, kind="bcc", to_cc_keys=to_cc, encrypted=True, **common
+    )
+    assert outer_bcc == outer and gossip_bcc == []
+    # Signed only: nothing to hide gossip in.
+    assert (
+        autocrypt_for_copy(sender_store, kind="main", to_cc_keys=to_cc, encrypted=False, **common)[
+            1
+        ]
+        == []
+    )
+    # A sender key without encryption: no header, and no error.
+    signonly = _key(sender_store, keys.signonly.fingerprint)
+    assert (
+        autocrypt_for_copy(
+            sender_store,
+            sender="signonly@example.com",
+            sender_key=signonly,
+            kind="main",
+            to_cc_keys=to_cc,
+            encrypted=True,
+            prefer_encrypt=False,
+        )[0]
+        == b""
+    )

@@ -43,6 +43,7 @@ from e2email.private import check_private, ensure_private_dir, open_private
 __all__ = [
     "AutocryptHeader",
     "Learnt",
+    "autocrypt_for_copy",
     "autocrypt_header",
     "gossip_headers",
     "learn_from_message",
@@ -97,6 +98,40 @@ def gossip_headers(
         keydata = keystore.export_minimal(key, address)
         headers.append(("Autocrypt-Gossip", _fold(f"addr={address.strip()}; ", keydata)))
     return headers
+
+
+def autocrypt_for_copy(
+    keystore: Keystore,
+    *,
+    sender: str,
+    sender_key: OpenPGPKey | None,
+    kind: str,
+    to_cc_keys: Mapping[str, OpenPGPKey],
+    encrypted: bool,
+    prefer_encrypt: bool,
+) -> tuple[bytes, list[tuple[str, str]]]:
+    """Everything Autocrypt adds to one OpenPGP copy, with the rules applied in one place:
+    the outer ``Autocrypt:`` field line (bytes ending in CRLF, for the outer header block; empty
+    when the sender has no usable encryption key: a missing header never stops a message)
+    and the ``Autocrypt-Gossip`` pairs for the header of the *encrypted* payload: only for the
+    ``"main"`` copy (To and Cc, whose keys ``to_cc_keys`` holds), only when it is encrypted to
+    two or more of them; never anything for a ``"bcc"`` copy, and Bcc recipients must not be
+    in ``to_cc_keys``."""
+    outer = b""
+    if sender_key is not None:
+        try:
+            value = autocrypt_header(keystore, sender_key, sender, prefer_encrypt=prefer_encrypt)
+        except KeystoreError:
+            value = None
+        if value is not None:
+            outer = b"Autocrypt: " + value.encode("ascii") + b"\r\n"
+    gossip: list[tuple[str, str]] = []
+    if encrypted and kind == "main":
+        try:
+            gossip = gossip_headers(keystore, to_cc_keys)
+        except KeystoreError:
+            gossip = []
+    return outer, gossip
 
 
 @dataclass(frozen=True)
