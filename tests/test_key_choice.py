@@ -394,7 +394,7 @@ def test_loose_keyring_files_in_a_named_home_are_refused_and_narrowed_in_our_own
         for name in ("pubring.kbx", "trustdb.gpg"):
             if (named_home / name).exists():
                 (named_home / name).chmod(0o666)
-        with pytest.raises(InsecurePathError, match="pubring.kbx|trustdb.gpg"):
+        with pytest.raises(InsecurePathError, match=r"pubring\.kbx|trustdb\.gpg"):
             Keystore(tmp_path / "n", gnupg_home=named_home).all_keys()
     finally:
         kill_agent(named_home)
