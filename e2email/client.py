@@ -17,7 +17,14 @@ from types import TracebackType
 from typing import Any, Literal
 
 from e2email.certstore import CertStore, StoredCert
-from e2email.config import PasswordSource, Protection, RetryPolicy, Scheme, SMTPSettings
+from e2email.config import (
+    DiscoveryPolicy,  # key discovery (issue 10)
+    PasswordSource,
+    Protection,
+    RetryPolicy,
+    Scheme,
+    SMTPSettings,
+)
 from e2email.crypto import openpgp, smime
 from e2email.delivery import (
     DeliveryEngine,
@@ -27,6 +34,7 @@ from e2email.delivery import (
     deliver,
     route_of,
 )
+from e2email.discovery.net import DiscoverySettings  # key discovery (issue 10)
 from e2email.errors import (
     ConfigError,
     DeliveryError,
@@ -321,7 +329,16 @@ class AsyncMailer:
         if prot.scheme is Scheme.SMIME:
             return await self._protect_smime(msg, prot, passphrase, mail_from)
 
-        signer, recipient_keys, self_key = await asyncio.to_thread(self._resolve_keys, msg, prot)
+        discovered = await self._discover(msg, prot)  # key discovery hook (issue 10)
+        try:
+            signer, recipient_keys, self_key = await asyncio.to_thread(
+                self._resolve_keys, msg, prot
+            )
+        except RecipientKeyError as exc:
+            if not discovered:
+                raise
+            # A lookup's reason (404, timeout, TLS, a different key) says more than "no key".
+            raise RecipientKeyError([discovered.get(p.address, p) for p in exc.problems]) from None
 
         if not prot.encrypt:
             assert signer is not None
@@ -483,6 +500,27 @@ class AsyncMailer:
             kind=kind,
             message_id=msg.message_id,
             signed=signed,
+        )
+
+    # -- Key discovery (issue 10): one hook, kept apart from the rest of the protect path --
+
+    #: Network settings for key discovery (CA file, timeouts, keyservers, cache TTLs); None:
+    #: the defaults. Discovery runs only when ``Protection.discovery`` is not OFF.
+    discovery_settings: DiscoverySettings | None = None
+
+    async def _discover(self, msg: Message, prot: Protection) -> dict[str, KeyProblem]:
+        """Look up keys for encryption recipients with no usable key, before resolution.
+        Returns the problems of addresses it could not serve (never sends, never relaxes)."""
+        if not prot.encrypt or prot.discovery is DiscoveryPolicy.OFF:
+            return {}
+        from e2email.discovery import discover_missing
+
+        return await discover_missing(
+            self.keystore,
+            (a.addr_spec for a in msg.recipients),
+            prot.discovery,
+            settings=self.discovery_settings,
+            key_map=prot.key_map,
         )
 
     def _resolve_keys(

@@ -105,6 +105,13 @@ class KeyReason(enum.Enum):
     UNSUPPORTED = "key type not supported"
     #: S/MIME revocation status required (``--revocation require``) but not established.
     REVOCATION_UNKNOWN = "revocation status unknown"
+    #: A message the calling program encrypted already is not encrypted to this key.
+    NOT_ENCRYPTED_TO = "message not encrypted to this recipient's key"
+    # Key discovery (WKD, keyservers, Autocrypt: e2email.discovery):
+    #: The lookup itself failed (timeout, TLS, host not found, response too large, ...).
+    LOOKUP_FAILED = "key lookup failed"
+    #: A key was found for an address that already has a different key: never used silently.
+    DIFFERENT_KEY = "a different key was found"
 
 
 @dataclass(frozen=True)

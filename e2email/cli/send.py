@@ -430,6 +430,8 @@ def account_settings(account: Account, opts: dict[str, Any]) -> AccountSettings:
     changes: dict[str, Any] = {
         name: opts[name] for name in ("sign", "encrypt", "encrypt_to_self") if given(name)
     }
+    if opts.get("discover"):
+        changes["discovery"] = opts["discover"]
     if opts["key_map"]:
         changes["key_map"] = {**base.key_map, **_parse_key_map(opts["key_map"])}
     if opts["smime"] or base.scheme is Scheme.SMIME:
@@ -579,6 +581,14 @@ def account_settings(account: Account, opts: dict[str, Any]) -> AccountSettings:
     help="Write the protected message to FILE (- for stdout) instead of sending it.",
 )
 @_smime_options
+@click.option(
+    "--discover",
+    type=click.Choice(["off", "wkd", "wkd+keyserver"]),
+    default=None,
+    help="OpenPGP: look up keys of recipients who have none: off (default), wkd (their own "
+    "domain's Web Key Directory), wkd+keyserver (then keys.openpgp.org). A key found is still "
+    "refused when unusable or when it differs from a stored one (e2email keys accept).",
+)
 @delivery_options
 @_bulk_options
 @account_options
@@ -745,6 +755,8 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
             encrypt_to_self=opts["encrypt_to_self"],
             key_map=_parse_key_map(opts["key_map"]),
             **_smime_protection(opts),
+            # Key discovery (issue 10): only OpenPGP keys are looked up.
+            **({"discovery": opts["discover"]} if opts.get("discover") else {}),
         )
     _warn_unprotected(protection)
     passphrase = (
