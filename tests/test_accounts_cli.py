@@ -274,6 +274,10 @@ def _retry_through_the_account(tmp_path: Path, box_home: Path, smtp_server: Serv
         (item,) = box.items()
     assert item.account == "work"
     assert server.messages == []
+    listed = e2email("outbox", "list", "--json", home=box_home, xdg=tmp_path)
+    assert '"account": "work"' in listed.stdout
+    listed = e2email("outbox", "list", home=box_home, xdg=tmp_path)
+    assert "(account work)" in listed.stdout
     done = e2email("outbox", "retry", "--now", home=box_home, xdg=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert f"{item.id}: delivered" in done.stdout
