@@ -39,6 +39,7 @@ from e2email.errors import (
     ConfigError,
     DeliveryError,
     E2EmailError,
+    ErrorResult,
     HeldError,
     KeyProblem,
     RecipientsRefusedError,
@@ -823,7 +824,9 @@ def _stored_submission(item: OutboxItem, *, tag: Any) -> Submission:
     )
 
 
-def attach_unsent(error: BaseException, result: Any, unsent: tuple[Any, ...]) -> None:
+def attach_unsent(
+    error: BaseException, result: ErrorResult, unsent: tuple[ProtectedCopy, ...]
+) -> None:
     """Give ``error`` what is left to send (``result``, with ``kept`` outbox IDs, and
     ``unsent``), whatever its class: every error after the copies were stored says where
     they are, so the caller never resends what a later ``outbox retry`` would send again."""
