@@ -25,6 +25,7 @@ from e2email import (
     Message,
     PassphraseError,
     Protection,
+    RecipientKeyError,
     RecipientsRefusedError,
     Scheme,
     SMTPSettings,
@@ -272,9 +273,12 @@ def test_a_given_passphrase_is_checked_even_when_a_named_gnupg_home_has_one_cach
         assert cached.returncode == 0
         store = Keystore(home / "e2", gnupg_home=gnupg_home)
         prot = Protection(encrypt=False)
-        with Mailer(
-            smtp=_settings(server), keystore=store, protection=prot, passphrase="wrong"
-        ) as m, pytest.raises(PassphraseError) as wrong:
+        with (
+            Mailer(
+                smtp=_settings(server), keystore=store, protection=prot, passphrase="wrong"
+            ) as m,
+            pytest.raises(PassphraseError) as wrong,
+        ):
             m.send(message)
         assert not wrong.value.missing
         assert server.transcript == []
@@ -343,3 +347,36 @@ def test_retry_rechecks_through_the_engine_that_made_the_copy(
     assert mailer.recheck_keys(box.get(item.id)) == ()
     assert isinstance(mailer.protector_for(Protection()), GpgProtector)
     box.close()
+
+
+def test_the_gpg_engines_discovery_hook_explains_addresses_it_could_not_serve(
+    engines: None, sender_store: Keystore
+) -> None:
+    """The GnuPG engine calls its discovery hook once per message before resolving keys; the
+    reason the hook gives for an address it could not serve replaces "no key found", and the
+    other recipients' problems are kept (the hook the key discovery of issue 10 fills in)."""
+    calls: list[tuple[str, ...]] = []
+
+    class Discovering(GpgProtector):
+        async def discover(self, message: Message, protection: Protection) -> dict[str, KeyProblem]:
+            calls.append(tuple(a.addr_spec for a in message.recipients))
+            return {
+                "nobody@example.com": KeyProblem(
+                    "nobody@example.com", KeyReason.BACKEND, "WKD: 404"
+                )
+            }
+
+    register_engine("openpgp", lambda ctx: Discovering(ctx.keystore), replace=True)
+    message = Message(
+        sender="alice@example.org",
+        to=["nobody@example.com", "bob@example.net"],
+        cc=["expired@example.com"],
+        text="x",
+    )
+    with Mailer(keystore=sender_store) as mailer, pytest.raises(RecipientKeyError) as info:
+        mailer.protect(message)
+    assert [(p.address, p.reason, p.detail) for p in info.value.problems] == [
+        ("nobody@example.com", KeyReason.BACKEND, "WKD: 404"),
+        ("expired@example.com", KeyReason.EXPIRED, info.value.problems[1].detail),
+    ]
+    assert calls == [("nobody@example.com", "bob@example.net", "expired@example.com")]

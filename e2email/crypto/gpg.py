@@ -23,7 +23,7 @@ from e2email.crypto.base import (
     plain_copy,
     resolve_keys,
 )
-from e2email.errors import KeyProblem
+from e2email.errors import KeyProblem, RecipientKeyError
 from e2email.keystore import Keystore, OpenPGPKey
 from e2email.message import HP, Address, Message, build_payload, message_head, stream_payload
 
@@ -54,15 +54,27 @@ class GpgProtector(Protector):
             own=lambda sender: store.encryption_key(sender, key_map=key_map),
         )
 
+    async def discover(self, message: Message, protection: Protection) -> dict[str, KeyProblem]:
+        """The key discovery hook (issue 10), run once per message before the keys are
+        resolved: look up keys for recipients that have none and import the good ones;
+        returns, by lower-cased address, why it could not serve the others (their reason
+        then replaces "no key found"). Nothing is looked up yet."""
+        return {}
+
     async def protect(
         self, message: Message, protection: Protection, *, passphrase: str | None = None
     ) -> tuple[ProtectedCopy, ...]:
         msg = message
         if not protection.sign and not protection.encrypt:
             return (plain_copy(msg),)
-        # Key discovery (issue 10) goes here: one call before the keys are resolved, its
-        # problems replacing the plain "no key found" of the addresses it could not serve.
-        keys = await asyncio.to_thread(self.resolve, msg, protection)
+        discovered = await self.discover(msg, protection)
+        try:
+            keys = await asyncio.to_thread(self.resolve, msg, protection)
+        except RecipientKeyError as exc:
+            if not discovered:
+                raise
+            # A lookup's reason (404, timeout, TLS, a different key) says more than "no key".
+            raise RecipientKeyError([discovered.get(p.address, p) for p in exc.problems]) from None
         signer = keys.signer
 
         if not protection.encrypt:
