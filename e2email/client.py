@@ -25,6 +25,7 @@ from e2email.crypto.base import (
     ProtectedCopy,
     Protector,
     engine_for_copy,
+    engine_name,
     protector_for,
 )
 from e2email.delivery import (
@@ -285,7 +286,7 @@ class AsyncMailer:
         mailer (``protector=``), else the registered engine for its scheme, made once."""
         if self._protector is not None:
             return self._protector
-        return self._engine(str(protection.scheme.value))
+        return self._engine(engine_name(protection))
 
     def _engine(self, name: str) -> Protector:
         engine = self._engines.get(name)

@@ -46,6 +46,7 @@ __all__ = [
     "Resolved",
     "copy_plans",
     "engine_for_copy",
+    "engine_name",
     "engine_names",
     "make_copy",
     "plain_copy",
@@ -369,7 +370,9 @@ def engine_names() -> tuple[str, ...]:
     return tuple(_ENGINES)
 
 
-def _engine_name(protection: Protection) -> str:
+def engine_name(protection: Protection) -> str:
+    """The name of the engine that protects under ``protection``: the one place a policy is
+    mapped to an engine (today its scheme; an engine choice would be read here too)."""
     return str(protection.scheme.value)
 
 
@@ -377,7 +380,7 @@ def protector_for(
     protection: Protection | str, *, keystore: Keystore, certstore: CertStore
 ) -> Protector:
     """The engine for ``protection`` (its scheme) or for an engine name."""
-    name = protection if isinstance(protection, str) else _engine_name(protection)
+    name = protection if isinstance(protection, str) else engine_name(protection)
     entry = _ENGINES.get(name)
     if entry is None:
         raise ConfigError(f"no protection engine named {name!r}")
