@@ -410,6 +410,14 @@ def _bulk_options(command: Any) -> Any:
     help="Write the protected message to FILE (- for stdout) instead of sending it.",
 )
 @_smime_options
+@click.option(
+    "--discover",
+    type=click.Choice(["off", "wkd", "wkd+keyserver"]),
+    default=None,
+    help="OpenPGP: look up keys of recipients who have none: off (default), wkd (their own "
+    "domain's Web Key Directory), wkd+keyserver (then keys.openpgp.org). A key found is still "
+    "refused when unusable or when it differs from a stored one (e2email keys accept).",
+)
 @delivery_options
 @_bulk_options
 @click.pass_obj
@@ -555,6 +563,8 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
         encrypt_to_self=opts["encrypt_to_self"],
         key_map=_parse_key_map(opts["key_map"]),
         **_smime_protection(opts),
+        # Key discovery (issue 10): only OpenPGP keys are looked up.
+        **({"discovery": opts["discover"]} if opts.get("discover") else {}),
     )
     _warn_unprotected(protection)
     passphrase = secret_source(
