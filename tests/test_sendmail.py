@@ -266,8 +266,7 @@ def test_cron_from_root_becomes_the_sender_with_its_name() -> None:
     """Debian cron writes `From: root (Cron Daemon)`: a local name cannot sign; the account's
     address takes its place, with the name the field gave (or -F's)."""
     raw = (
-        b"From: root (Cron Daemon)\nTo: bob@example.net\n"
-        b" \nSubject: Cron <root@host> true\n\nout\n"
+        b"From: root (Cron Daemon)\nTo: bob@example.net\n \nSubject: Cron <root@host> true\n\nout\n"
     )
     got = prepare(parse_args(["-i", "bob@example.net"]), raw, sender="alice@example.org")
     assert got.raw == (
