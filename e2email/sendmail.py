@@ -14,13 +14,13 @@ anything else is a usage error (exit 64), never silently dropped.
 Exit statuses are sendmail's (``sysexits.h``), because callers act on them (Postfix's pipe
 bounces on anything it does not know; mutt and git show the failure): see :func:`exit_code_for`.
 
-A lone ``.`` line ends the input unless ``-i`` or ``-oi`` is given, as in sendmail, Postfix,
-Exim and the LSB's sendmail interface ("-i: Ignore dots alone on lines by themselves in
-incoming messages"); msmtp alone reads to the end of input regardless. Every caller named in
-the issue passes ``-i`` (git send-email, PHP's default ``-t -i``, cron) or ``-oi`` (mutt), so
-the difference only shows for a hand-written ``printf ... | sendmail rcpt`` script, which was
-written for sendmail's rule; input is never read past the dot, so an interactive session ends
-there too.
+The input is read to its end: a line holding a lone ``.`` is part of the message, with or
+without ``-i``/``-oi``, as msmtp does (sendmail, Postfix and Exim end the input there unless
+``-i`` is given). The callers decide it: mutt and neomutt pass ``-oem -oi`` only in their
+default ``sendmail`` setting, and call the command a user sets (``set
+sendmail="e2email-sendmail"``, as msmtp's documentation has it) with nothing but ``--`` and
+the recipients, so sendmail's rule would silently cut a mail body at its first lone dot. A
+stray dot line kept is visible; a message cut short and signed as such is not.
 """
 
 from __future__ import annotations
@@ -121,7 +121,6 @@ over verified TLS.
                           envelope sender; also picks the account whose `from` matches
   --read-envelope-from    the envelope sender is the message's From address
   -F NAME                 the sender's name, for a From field added when there is none
-  -i, -oi                 a line with a lone "." does not end the message
   --account=NAME, -a NAME the account to use (default: the config's default account)
   --config=FILE, -C FILE  the accounts file (env E2EMAIL_CONFIG)
   --host=HOST --port=N --tls-starttls=on|off --tls-trust-file=FILE --user=USER
@@ -129,7 +128,8 @@ over verified TLS.
                           server settings without an accounts file (as msmtp's)
   --home=DIR              e2email's home (keys, outbox; env E2EMAIL_HOME)
   --gnupg-home=DIR        an existing GnuPG home for OpenPGP keys
-Accepted and ignored: -oX..., -B TYPE, -bm, -G, -h N, -L TAG, -m, -n, -O OPT, -A X, -v.
+Accepted and ignored: -i, -oi (the input is always read to its end, a lone "." included),
+-oX..., -B TYPE, -bm, -G, -h N, -L TAG, -m, -n, -O OPT, -A X, -N X, -R X, -X FILE, -v.
 
 Exit status (sysexits.h): 0 sent; 64 usage; 65 malformed message; 66 no input; 67 a recipient
 has no usable key (nothing sent; the message is kept in HOME/drafts); 68 server name unknown;
@@ -163,8 +163,6 @@ class Invocation:
     read_envelope_from: bool = False
     #: ``-F``: the sender's name for a From field that has to be added.
     full_name: str | None = None
-    #: ``-i`` / ``-oi``: a lone "." line is part of the message.
-    ignore_dots: bool = False
     account: str | None = None
     config: Path | None = None
     home: Path | None = None
@@ -292,17 +290,10 @@ def parse_args(argv: Sequence[str]) -> Invocation:
 def _short_option(opts: dict[str, Any], letter: str, value: str | None) -> None:
     if letter == "t":
         opts["read_recipients"] = True
-    elif letter == "i":
-        opts["ignore_dots"] = True
     elif letter in "fr":
         _set_from(opts, value)
     elif letter == "F":
         opts["full_name"] = _no_control(value or "", "-F NAME")
-    elif letter == "o":
-        # -oXvalue sets sendmail option X: "-oi" is -i; the others (-oem, -odi, -oQ...) mean
-        # nothing here and are ignored, as msmtp does.
-        if value == "i":
-            opts["ignore_dots"] = True
     elif letter == "b":
         # Only -bm ("deliver mail", the default mode) is a mode we have; -bs, -bp, -bt...
         # are refused rather than read as a message.
@@ -312,8 +303,9 @@ def _short_option(opts: dict[str, Any], letter: str, value: str | None) -> None:
         opts["config"] = Path(value or "")
     elif letter == "a":
         opts["account"] = value
-    # B (body type), G, h (hop count), L (syslog tag), m, n, O, A, X (log file), N and R
-    # (DSN, which e2email does not request), v: accepted and ignored, as by msmtp.
+    # Accepted and ignored, as by msmtp: i (see read_message), o (-oXvalue sets sendmail
+    # option X: -oi, -oem, -odi, -oQ...), B (body type), G, h (hop count), L (syslog tag),
+    # m, n, O, A, X (log file), N and R (DSN, which e2email does not request), v.
 
 
 def _set_from(opts: dict[str, Any], value: str | None) -> None:
@@ -369,20 +361,12 @@ def _long_option(opts: dict[str, Any], name: str, value: str | None) -> None:
 # -- Standard input -------------------------------------------------------------------------
 
 
-def read_message(stream: IO[bytes], *, ignore_dots: bool) -> bytes:
-    """The message on ``stream``: up to its end or, without ``ignore_dots``, up to a line
-    holding a lone ``.`` (not read past, so that an interactive session ends there). A leading
-    mbox ``From `` line is dropped. Raises :class:`SendmailError` (66) when there is nothing."""
+def read_message(stream: IO[bytes]) -> bytes:
+    """The message on ``stream``, read to its end (a lone ``.`` line is content: see the
+    module's docstring). A leading mbox ``From `` line is dropped. Raises
+    :class:`SendmailError` (66) when there is nothing."""
     try:
-        if ignore_dots:
-            data = stream.read()
-        else:
-            lines: list[bytes] = []
-            for line in iter(stream.readline, b""):
-                if line.rstrip(b"\r\n") == b".":
-                    break
-                lines.append(line)
-            data = b"".join(lines)
+        data = stream.read()
     except OSError as exc:
         raise SendmailError(f"cannot read the message: {exc.strerror or exc}", EX_NOINPUT) from exc
     if data.startswith(b"From "):
@@ -756,9 +740,7 @@ def run(
     home = invocation.home or default_home()
     mailer: AsyncMailer | None = None
     try:
-        raw = read_message(
-            stdin if stdin is not None else sys.stdin.buffer, ignore_dots=invocation.ignore_dots
-        )
+        raw = read_message(stdin if stdin is not None else sys.stdin.buffer)
         if mailer_factory is not None:
             mailer, sender = mailer_factory(invocation)
         elif invocation.host is not None:

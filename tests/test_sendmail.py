@@ -65,30 +65,30 @@ SCRIPT = Path(sys.executable).parent / "e2email-sendmail"
     [
         # mutt / neomutt: `sendmail -oem -oi -- rcpt...`
         (["-oem", "-oi", "--", "bob@example.net", "carol@example.com"],
-         Invocation(recipients=("bob@example.net", "carol@example.com"), ignore_dots=True)),
+         Invocation(recipients=("bob@example.net", "carol@example.com"))),
         # git send-email: `-i rcpt...` and `-f sender`
         (["-i", "-f", "alice@example.org", "bob@example.net"],
-         Invocation(recipients=("bob@example.net",), ignore_dots=True,
+         Invocation(recipients=("bob@example.net",),
                     envelope_from="alice@example.org")),
         # PHP: `sendmail -t -i`, plus `-f` from mail()'s fifth argument
         (["-t", "-i", "-falice@example.org"],
-         Invocation(read_recipients=True, ignore_dots=True, envelope_from="alice@example.org")),
+         Invocation(read_recipients=True, envelope_from="alice@example.org")),
         # Debian cron
         (["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "bob@example.net"],
-         Invocation(recipients=("bob@example.net",), ignore_dots=True, full_name="CronDaemon")),
+         Invocation(recipients=("bob@example.net",), full_name="CronDaemon")),
         # Vixie cron
         (["-FCronDaemon", "-odi", "-oem", "-oi", "-t"],
-         Invocation(read_recipients=True, ignore_dots=True, full_name="CronDaemon")),
+         Invocation(read_recipients=True, full_name="CronDaemon")),
         # grouped flags and attached values, as getopt reads them
         (["-ti", "-r", "<alice@example.org>", "-F", "Alice Demo"],
-         Invocation(read_recipients=True, ignore_dots=True, envelope_from="alice@example.org",
+         Invocation(read_recipients=True, envelope_from="alice@example.org",
                     full_name="Alice Demo")),
         # accepted and ignored (msmtp's list)
         (["-bm", "-G", "-h", "17", "-L", "tag", "-m", "-n", "-O", "x=y", "-B", "7BIT", "-v",
           "-oQ/var/spool", "bob@example.net"],
          Invocation(recipients=("bob@example.net",))),
         # recipients before options, as GNU getopt permutes
-        (["bob@example.net", "-i"], Invocation(recipients=("bob@example.net",), ignore_dots=True)),
+        (["bob@example.net", "-i"], Invocation(recipients=("bob@example.net",))),
         # "--" makes what follows recipients even when it looks like an option
         (["--", "-t"], Invocation(recipients=("-t",))),
         (["--account=work", "--config", "/etc/e2.toml", "--read-envelope-from", "x@example.org"],
@@ -143,34 +143,26 @@ def test_tls_off_is_refused_as_configuration() -> None:
 MESSAGE = b"From: Alice <alice@example.org>\nTo: bob@example.net\nSubject: hi\n\nline one\n"
 
 
-def test_lone_dot_ends_input_without_i_and_is_content_with_it() -> None:
+@pytest.mark.parametrize("argv", [[], ["-i"], ["-oi"]])
+def test_lone_dot_is_content_with_or_without_i(argv: list[str]) -> None:
+    """mutt calls a `sendmail` the user sets with `-- rcpt` only (no -oi): a lone dot in the
+    body must not cut the message short there, whatever the flags (msmtp's rule)."""
+    parse_args([*argv, "bob@example.net"])
     data = MESSAGE + b".\nafter the dot\n"
-    assert read_message(io.BytesIO(data), ignore_dots=False) == MESSAGE
-    assert read_message(io.BytesIO(data), ignore_dots=True) == data
-    # CRLF input: the dot line ends it just the same; "..", ". " are content.
-    crlf = MESSAGE.replace(b"\n", b"\r\n")
-    assert read_message(io.BytesIO(crlf + b".\r\nrest\r\n"), ignore_dots=False) == crlf
-    keep = MESSAGE + b"..\n. \n.x\n"
-    assert read_message(io.BytesIO(keep), ignore_dots=False) == keep
-
-
-def test_lone_dot_is_not_read_past() -> None:
-    """Interactive use (`e2email-sendmail bob` then typing, then "."): nothing after the dot
-    is read, so the command does not wait for the end of input."""
-    stream = io.BytesIO(MESSAGE + b".\nnot read\n")
-    read_message(stream, ignore_dots=False)
-    assert stream.read() == b"not read\n"
+    assert read_message(io.BytesIO(data)) == data
+    crlf = data.replace(b"\n", b"\r\n")
+    assert read_message(io.BytesIO(crlf)) == crlf
 
 
 def test_mbox_from_line_is_dropped() -> None:
     data = b"From alice@example.org Thu Jan  1 00:00:00 2026\n" + MESSAGE
-    assert read_message(io.BytesIO(data), ignore_dots=True) == MESSAGE
+    assert read_message(io.BytesIO(data)) == MESSAGE
 
 
-@pytest.mark.parametrize("data", [b"", b"\n\n", b".\n"])
+@pytest.mark.parametrize("data", [b"", b"\n\n", b"From alice@example.org Thu Jan  1\n"])
 def test_no_input_is_66(data: bytes) -> None:
     with pytest.raises(SendmailError, match="no message") as caught:
-        read_message(io.BytesIO(data), ignore_dots=False)
+        read_message(io.BytesIO(data))
     assert caught.value.code == EX_NOINPUT
 
 
