@@ -104,6 +104,8 @@ class KeyReason(enum.Enum):
     UNSUPPORTED = "key type not supported"
     #: S/MIME revocation status required (``--revocation require``) but not established.
     REVOCATION_UNKNOWN = "revocation status unknown"
+    #: A message the calling program encrypted already is not encrypted to this key.
+    NOT_ENCRYPTED_TO = "message not encrypted to this recipient's key"
 
 
 @dataclass(frozen=True)
