@@ -14,12 +14,19 @@ want_test=0
 declare -A pkg_of=( [gpg]=gnupg [gpg-agent]=gpg-agent [gpgconf]=gpgconf )
 if [ "$want_test" = 1 ]; then
   pkg_of+=( [sqop]=sqop [gosop]=gosop [sq]=sq [gpgsm]=gpgsm [openssl]=openssl )
+  # Real callers of e2email-sendmail (tests/test_sendmail_callers.py).
+  pkg_of+=( [neomutt]=neomutt [php]=php-cli )
 fi
 missing=()
 for cmd in "${!pkg_of[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_of[$cmd]}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if [ "$want_test" = 1 ]; then
+  # git send-email is not on PATH, and needs Mail::Address (only a Recommends of git-email).
+  [ -x "$(git --exec-path 2>/dev/null)/git-send-email" ] || missing+=(git-email)
+  perl -MMail::Address -e 1 2>/dev/null || missing+=(libmailtools-perl)
+fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
