@@ -489,6 +489,30 @@ def test_4xx_is_75_and_the_message_waits_in_the_outbox(home: Path, smtp_server: 
     assert server.messages == []
     assert b"secret-body" not in b"".join(d for _, d in server.transcript)
     assert _drafts(home) == []
+    # The outbox is the queue (as msmtpq's): `e2email outbox retry` delivers it later.
+    done = run(
+        [
+            str(BIN / "e2email"),
+            "--home",
+            str(home),
+            "outbox",
+            "retry",
+            "--now",
+            "--host",
+            server.host,
+            "--port",
+            str(server.port),
+            "--tls",
+            "implicit",
+            "--ca-file",
+            str(server.ca_file),
+        ]
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    (message,) = server.messages
+    assert message.rcpt_tos == ("bob@example.net",)
+    assert b"secret-body" not in message.data
+    assert Outbox.in_home(home).items() == ()
 
 
 def test_5xx_is_69(home: Path, smtp_server: Server) -> None:
