@@ -605,3 +605,65 @@ def test_protected_message_is_in_the_outbox_until_accepted(
     assert b"secret-body" not in (home / "outbox.sqlite3").read_bytes()
     head, _ = split_head(server.messages[0].data)
     assert b"secret-subject" not in head
+
+
+def _pgp_mime(armored: bytes) -> bytes:
+    """A PGP/MIME message (RFC 3156 §4) as mutt builds one when it encrypts itself."""
+    return (
+        (
+            f"From: {ALICE}\nTo: bob@example.net\nSubject: already encrypted\n"
+            "MIME-Version: 1.0\n"
+            'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\n'
+            ' boundary="b1"\n\n'
+            "--b1\nContent-Type: application/pgp-encrypted\n\nVersion: 1\n\n"
+            "--b1\nContent-Type: application/octet-stream\n\n"
+        ).encode()
+        + armored.replace(b"\r\n", b"\n")
+        + b"\n--b1--\n"
+    )
+
+
+def _gpg_encrypt(tmp_path: Path, *to: TestKey) -> bytes:
+    ring = tmp_path / "ring"
+    ring.mkdir(mode=0o700)
+    for key in to:
+        run(["gpg", "--homedir", str(ring), "--batch", "--import", str(key.cert)])
+    done = run(
+        ["gpg", "--homedir", str(ring), "--batch", "--trust-model", "always", "--armor",
+         "--encrypt", *[a for key in to for a in ("-r", key.fingerprint)]],
+        stdin=b"Content-Type: text/plain\n\nsecret-inner\n",
+    )  # fmt: skip
+    kill_agent(ring)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout
+
+
+def test_already_encrypted_message_is_sent_as_it_is(
+    home: Path,
+    server: LoopbackSMTPServer,
+    keys: Keys,
+    recipients_home: Path,
+    tmp_path: Path,
+) -> None:
+    """A message the calling program encrypted itself (mutt can) to every recipient's key is
+    not wrapped again: its ciphertext reaches the server unchanged and decrypts for bob."""
+    armored = _gpg_encrypt(tmp_path, keys.bob, keys.alice)
+    done = run(sendmail_cmd(home, server, "-oi", "bob@example.net"), stdin=_pgp_mime(armored))
+    assert done.returncode == 0, done.stderr.decode()
+    (message,) = server.messages
+    _, (_, encrypted_part) = multipart_parts(message.data)
+    received = part_body(encrypted_part).replace(b"\r\n", b"\n").strip()
+    assert received == armored.replace(b"\r\n", b"\n").strip()
+    plaintext, status = gpg_decrypt(recipients_home, part_body(encrypted_part))
+    assert "DECRYPTION_OKAY" in status
+    assert b"secret-inner" in plaintext
+
+
+def test_already_encrypted_but_not_to_the_recipient_is_67(
+    home: Path, server: LoopbackSMTPServer, keys: Keys, recipients_home: Path, tmp_path: Path
+) -> None:
+    armored = _gpg_encrypt(tmp_path, keys.carol)
+    done = run(sendmail_cmd(home, server, "-oi", "bob@example.net"), stdin=_pgp_mime(armored))
+    assert done.returncode == 67, done.stderr.decode()
+    assert "bob@example.net" in done.stderr.decode()
+    assert server.connections == 0
