@@ -26,6 +26,7 @@ stray dot line kept is visible; a message cut short and signed as such is not.
 from __future__ import annotations
 
 import asyncio
+import email.header
 import email.utils
 import importlib
 import logging
@@ -34,7 +35,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -392,7 +393,7 @@ class _Head:
     @classmethod
     def parse(cls, raw: bytes) -> _Head:
         newline = b"\r\n" if raw.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
-        fields: list[list[Any]] = []
+        fields: list[tuple[str, bytearray]] = []
         pos = 0
         while pos < len(raw):
             end = raw.find(b"\n", pos)
@@ -401,7 +402,7 @@ class _Head:
             if line in (b"\n", b"\r\n"):
                 break
             if line[:1] in (b" ", b"\t") and fields:
-                fields[-1][1] += line  # a folded continuation (RFC 5322 §2.2.3)
+                fields[-1][1].extend(line)  # a folded continuation (RFC 5322 §2.2.3)
             else:
                 name, colon, _ = line.partition(b":")
                 if not colon or not name or any(c <= 32 or c > 126 for c in name):
@@ -409,11 +410,9 @@ class _Head:
                     # without a blank line). The parser in e2email.message decides whether
                     # that is malformed.
                     break
-                fields.append([name.decode("ascii"), line])
+                fields.append((name.decode("ascii"), bytearray(line)))
             pos = end
-        parsed = tuple(
-            (name, _unfold(blob), bytes(blob)) for name, blob in ((f[0], f[1]) for f in fields)
-        )
+        parsed = tuple((name, _unfold(bytes(blob)), bytes(blob)) for name, blob in fields)
         return cls(fields=parsed, rest=raw[pos:], newline=newline)
 
     def values(self, name: str) -> list[str]:
@@ -521,7 +520,9 @@ def prepare(invocation: Invocation, raw: bytes, *, sender: str | None = None) ->
             )
         name = invocation.full_name
         if name is None and from_fields:
-            name = from_fields[0][0] or _comment_name(head.values("From")[0])
+            given = from_fields[0][0] or _comment_name(head.values("From")[0])
+            # An encoded name (RFC 2047) is decoded, so that it is encoded once, not quoted.
+            name = str(email.header.make_header(email.header.decode_header(given)))
         raw = head.replaced("From", email.utils.formataddr((name or "", own), charset="utf-8"))
     return _Prepared(raw=raw, envelope_from=envelope_from, recipients=tuple(recipients))
 
@@ -741,6 +742,11 @@ def run(
     mailer: AsyncMailer | None = None
     try:
         raw = read_message(stdin if stdin is not None else sys.stdin.buffer)
+        if invocation.read_envelope_from:
+            # The From address picks the account, as -f does (msmtp's rule).
+            found = _Head.parse(raw).addresses("From")
+            if found:
+                invocation = replace(invocation, envelope_from=found[0][1])
         if mailer_factory is not None:
             mailer, sender = mailer_factory(invocation)
         elif invocation.host is not None:

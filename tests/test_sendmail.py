@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -267,6 +268,10 @@ def test_cron_from_root_becomes_the_sender_with_its_name() -> None:
     )
     got = prepare(parse_args(["-FCronDaemon", "bob@example.net"]), raw, sender="a@example.org")
     assert got.raw.startswith(b"From: CronDaemon <a@example.org>\nTo:")
+    encoded = b"From: =?utf-8?q?Zo=C3=AB?= <zoe>\n" + raw.split(b"\n", 1)[1]
+    got = prepare(parse_args(["bob@example.net"]), encoded, sender="a@example.org")
+    parsed = email.message_from_bytes(got.raw, policy=email.policy.default)
+    assert parsed["From"] == "Zoë <a@example.org>"
 
 
 # -- Exit statuses ------------------------------------------------------------------------
@@ -364,3 +369,22 @@ def test_no_server_configured_is_78_and_message_saved(tmp_path: Path) -> None:
     assert drafts[0].read_bytes() == MESSAGE
     assert drafts[0].stat().st_mode & 0o077 == 0
     assert str(drafts[0]) in err
+
+
+def test_read_envelope_from_picks_the_account_as_f_does(tmp_path: Path) -> None:
+    """The mailer (the account) is chosen with the From address the message gives, as with
+    -f (msmtp's rule)."""
+    from e2email.sendmail import run
+
+    seen: list[Invocation] = []
+
+    def factory(invocation: Invocation) -> Any:
+        seen.append(invocation)
+        raise ConfigError("stop here")
+
+    argv = [f"--home={tmp_path}", "--read-envelope-from", "bob@example.net"]
+    assert run(argv, stdin=io.BytesIO(HEADERS), mailer_factory=factory) == EX_CONFIG
+    assert seen[0].envelope_from == "alice@example.org"
+    argv = [f"--home={tmp_path}", "-f", "x@example.org", "bob@example.net"]
+    assert run(argv, stdin=io.BytesIO(HEADERS), mailer_factory=factory) == EX_CONFIG
+    assert seen[1].envelope_from == "x@example.org"
