@@ -25,14 +25,10 @@ from e2email.message import (
     Address,
     Message,
     ProtectionKind,
-    _addresses,
-    _normalise_line_ends,
-    _split_entity,
-    _split_fields,
-    _strip_mbox_line,
     check_wire_safe,
     existing_protection,
     render_header,
+    split_message,
 )
 
 __all__ = ["recipients_without_keys", "submit", "submit_sync"]
@@ -189,19 +185,15 @@ def _pass_through(
 ) -> ProtectedCopy:
     """A message the calling program signed or encrypted itself, as one copy to send as it
     is: refused when the policy encrypts and it is not encrypted to every recipient's key."""
-    data = _normalise_line_ends(_strip_mbox_line(data))
-    split = _split_entity(data)
-    if split is None:
-        raise MessageError("no blank line between the header and the body", field="message")
-    head, body = split
-    fields = _split_fields(head, "header")
+    fields, body = split_message(data)
+    head = b"".join(f.raw for f in fields)
     header_rcpts: list[str] = []
     author: str | None = None
     for item in fields:
         if item.lower in ("to", "cc", "bcc"):
-            header_rcpts += [a for _, a in _addresses(item) if a]
+            header_rcpts += [a for _, a in item.addresses() if a]
         elif item.lower == "from":
-            found = [a for _, a in _addresses(item) if "@" in a]
+            found = [a for _, a in item.addresses() if "@" in a]
             author = found[0] if found else None
     if given is not None:
         rcpts = [a.addr_spec for a in given]
