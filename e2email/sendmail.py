@@ -26,7 +26,6 @@ stray dot line kept is visible; a message cut short and signed as such is not.
 from __future__ import annotations
 
 import asyncio
-import email.header
 import email.utils
 import importlib
 import logging
@@ -67,6 +66,7 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.keystore import Keystore
+from e2email.message import split_message
 from e2email.outbox import Outbox
 from e2email.private import ensure_private_dir, write_private
 
@@ -378,68 +378,26 @@ def read_message(stream: IO[bytes]) -> bytes:
     return data
 
 
-# -- The header block, as far as the command line needs it ---------------------------------
+# -- Recipients, envelope sender, From ------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Head:
-    """The message's header block: its fields in order (name, value, raw bytes) and the
-    rest, and the line ending the message uses."""
+class _Header:
+    """The message's header fields, read with e2email.message's parser (MessageError, exit
+    65, for what is not a message)."""
 
-    fields: tuple[tuple[str, str, bytes], ...]
-    rest: bytes
-    newline: bytes
+    def __init__(self, raw: bytes) -> None:
+        self.fields, self.body = split_message(raw)
 
-    @classmethod
-    def parse(cls, raw: bytes) -> _Head:
-        newline = b"\r\n" if raw.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
-        fields: list[tuple[str, bytearray]] = []
-        pos = 0
-        while pos < len(raw):
-            end = raw.find(b"\n", pos)
-            end = len(raw) if end < 0 else end + 1
-            line = raw[pos:end]
-            if line in (b"\n", b"\r\n"):
-                break
-            if line[:1] in (b" ", b"\t") and fields:
-                fields[-1][1].extend(line)  # a folded continuation (RFC 5322 §2.2.3)
-            else:
-                name, colon, _ = line.partition(b":")
-                if not colon or not name or any(c <= 32 or c > 126 for c in name):
-                    # Not a header field: the header block ends here (the body starts
-                    # without a blank line). The parser in e2email.message decides whether
-                    # that is malformed.
-                    break
-                fields.append((name.decode("ascii"), bytearray(line)))
-            pos = end
-        parsed = tuple((name, _unfold(bytes(blob)), bytes(blob)) for name, blob in fields)
-        return cls(fields=parsed, rest=raw[pos:], newline=newline)
-
-    def values(self, name: str) -> list[str]:
-        return [v for n, v, _ in self.fields if n.lower() == name.lower()]
+    def values(self, *names: str) -> list[str]:
+        return [f.value() for f in self.fields if f.lower in names]
 
     def addresses(self, *names: str) -> list[tuple[str, str]]:
-        return [
-            (display, addr)
-            for display, addr in email.utils.getaddresses(
-                [v for n in names for v in self.values(n)]
-            )
-            if addr
-        ]
+        return [a for f in self.fields if f.lower in names for a in f.addresses()]
 
-    def replaced(self, name: str, value: str) -> bytes:
-        """The message with every ``name`` field replaced by one ``name: value`` field at the
-        top (where a missing field is added, too)."""
-        kept = b"".join(blob for n, _, blob in self.fields if n.lower() != name.lower())
-        line = f"{name}: {value}".encode() + self.newline
-        return line + kept + self.rest
-
-
-def _unfold(blob: bytes) -> str:
-    _, _, value = blob.partition(b":")
-    # UTF-8 header values (RFC 6532) are read as such; encoded words stay as they are.
-    text = value.decode("utf-8", "replace")
-    return " ".join(text.replace("\r", "").split("\n")).strip()
+    def with_from(self, value: str) -> bytes:
+        """The message (CRLF) with its From fields replaced by ``From: value`` at the top."""
+        kept = b"".join(f.raw for f in self.fields if f.lower != "from")
+        return f"From: {value}\r\n".encode() + kept + b"\r\n" + self.body
 
 
 def _qualified(address: str) -> bool:
@@ -468,9 +426,9 @@ def prepare(invocation: Invocation, raw: bytes, *, sender: str | None = None) ->
     """The message as it is submitted: recipients from the command line and (``-t``) its
     header, the envelope sender, and a From field when it lacks a usable one. ``sender`` is
     the account's own address, used when neither ``-f`` nor the message names one."""
-    head = _Head.parse(raw)
+    head = _Header(raw)
     envelope_from = invocation.envelope_from
-    from_fields = head.addresses("From")
+    from_fields = head.addresses("from")
     if invocation.read_envelope_from:
         if not from_fields:
             raise SendmailError("--read-envelope-from: the message has no From address", EX_DATAERR)
@@ -484,7 +442,7 @@ def prepare(invocation: Invocation, raw: bytes, *, sender: str | None = None) ->
             raise SendmailError(f"{arg!r} is not an email address", EX_NOUSER)
         recipients.extend(found)
     if invocation.read_recipients:
-        if head.values("Resent-To") or head.values("Resent-Cc") or head.values("Resent-Bcc"):
+        if head.values("resent-to", "resent-cc", "resent-bcc"):
             # Which Resent- block counts (RFC 5322 §3.6.6) is easy to get wrong, and a wrong
             # guess mails someone the sender did not mean: refused, not guessed.
             raise SendmailError(
@@ -492,7 +450,7 @@ def prepare(invocation: Invocation, raw: bytes, *, sender: str | None = None) ->
                 "line instead",
                 EX_DATAERR,
             )
-        recipients.extend(addr for _, addr in head.addresses("To", "Cc", "Bcc"))
+        recipients.extend(addr for _, addr in head.addresses("to", "cc", "bcc"))
     recipients = _dedupe(recipients)
     if not recipients:
         if invocation.read_recipients:
@@ -520,10 +478,8 @@ def prepare(invocation: Invocation, raw: bytes, *, sender: str | None = None) ->
             )
         name = invocation.full_name
         if name is None and from_fields:
-            given = from_fields[0][0] or _comment_name(head.values("From")[0])
-            # An encoded name (RFC 2047) is decoded, so that it is encoded once, not quoted.
-            name = str(email.header.make_header(email.header.decode_header(given)))
-        raw = head.replaced("From", email.utils.formataddr((name or "", own), charset="utf-8"))
+            name = from_fields[0][0] or _comment_name(head.values("from")[0])
+        raw = head.with_from(email.utils.formataddr((name or "", own), charset="utf-8"))
     return _Prepared(raw=raw, envelope_from=envelope_from, recipients=tuple(recipients))
 
 
@@ -744,7 +700,7 @@ def run(
         raw = read_message(stdin if stdin is not None else sys.stdin.buffer)
         if invocation.read_envelope_from:
             # The From address picks the account, as -f does (msmtp's rule).
-            found = _Head.parse(raw).addresses("From")
+            found = _Header(raw).addresses("from")
             if found:
                 invocation = replace(invocation, envelope_from=found[0][1])
         if mailer_factory is not None:

@@ -236,14 +236,15 @@ def test_read_envelope_from() -> None:
 
 def test_missing_from_is_added_with_the_F_name() -> None:
     raw = b"To: bob@example.net\nSubject: x\n\nbody\n"
+    crlf = raw.replace(b"\n", b"\r\n")
     got = prepare(parse_args(["-F", "Zoë Demo", "-f", "alice@example.org", "-t"]), raw)
-    first, rest = got.raw.split(b"\n", 1)
-    assert rest == raw
+    first, rest = got.raw.split(b"\r\n", 1)
+    assert rest == crlf
     parsed = email.message_from_bytes(got.raw, policy=email.policy.default)
     assert (first.isascii(), parsed["From"]) == (True, "Zoë Demo <alice@example.org>")
     # Without -f, the account's own address.
     got = prepare(parse_args(["-t"]), raw, sender="alice@example.org")
-    assert got.raw == b"From: alice@example.org\n" + raw
+    assert got.raw == b"From: alice@example.org\r\n" + crlf
     with pytest.raises(SendmailError, match="no From field and no sender") as caught:
         prepare(parse_args(["-t"]), raw)
     assert caught.value.code == EX_DATAERR
@@ -263,11 +264,11 @@ def test_cron_from_root_becomes_the_sender_with_its_name() -> None:
     )
     got = prepare(parse_args(["-i", "bob@example.net"]), raw, sender="alice@example.org")
     assert got.raw == (
-        b"From: Cron Daemon <alice@example.org>\nTo: bob@example.net\n"
-        b" \nSubject: Cron <root@host> true\n\nout\n"
+        b"From: Cron Daemon <alice@example.org>\r\nTo: bob@example.net\r\n"
+        b" \r\nSubject: Cron <root@host> true\r\n\r\nout\r\n"
     )
     got = prepare(parse_args(["-FCronDaemon", "bob@example.net"]), raw, sender="a@example.org")
-    assert got.raw.startswith(b"From: CronDaemon <a@example.org>\nTo:")
+    assert got.raw.startswith(b"From: CronDaemon <a@example.org>\r\nTo:")
     encoded = b"From: =?utf-8?q?Zo=C3=AB?= <zoe>\n" + raw.split(b"\n", 1)[1]
     got = prepare(parse_args(["bob@example.net"]), encoded, sender="a@example.org")
     parsed = email.message_from_bytes(got.raw, policy=email.policy.default)
