@@ -716,12 +716,7 @@ def run(
         code = exit_code_for(exc)
         kept = _kept(exc)
         if kept:
-            what = (
-                "queued for `e2email outbox retry`"
-                if code == EX_TEMPFAIL
-                else ("kept until `e2email outbox retry` or `e2email outbox drop`")
-            )
-            extra = f" (the protected message is in the outbox as {', '.join(kept)}: {what})"
+            extra = _outbox_note(code, kept)
         elif raw is not None and code != EX_NOINPUT:
             extra = _draft_note(home, raw)
         else:
@@ -751,6 +746,20 @@ def run(
     finally:
         if mailer is not None:
             mailer.close()
+
+
+def _outbox_note(code: int, kept: Sequence[str]) -> str:
+    """Where the protected message waits, and what to do, in parentheses after the error."""
+    ids = ", ".join(kept)
+    drop = f"`e2email outbox drop {ids}` gives it up"
+    if code == EX_TEMPFAIL:
+        what = "queued: `e2email outbox retry` sends it"
+    elif code == EX_UNAVAILABLE:
+        # Asking again does not undo a 5xx unless the server's policy changes.
+        what = f"the refusal is permanent, retrying will not help; {drop}"
+    else:
+        what = f"`e2email outbox retry` sends it once the problem is fixed; {drop}"
+    return f" (the protected message is in the outbox as {ids}: {what})"
 
 
 def _draft_note(home: Path, raw: bytes) -> str:

@@ -519,8 +519,13 @@ def test_5xx_is_69(home: Path, smtp_server: Server) -> None:
     server = smtp_server(tls="implicit", faults=[Fault("data-end", "reply", 554, "no way")])
     done = run(sendmail_cmd(home, server, "bob@example.net"), stdin=PLAIN)
     assert done.returncode == 69, done.stderr.decode()
-    assert "554" in done.stderr.decode()
+    err = done.stderr.decode()
+    assert "554" in err
     assert server.messages == []
+    # Kept, but a retry is not offered as the way out of a permanent refusal alone.
+    (item,) = Outbox.in_home(home).items()
+    assert f"in the outbox as {item.id}: the refusal is permanent" in err
+    assert f"`e2email outbox drop {item.id}`" in err
 
 
 def test_unverified_certificate_is_76(home: Path, smtp_server: Server) -> None:
@@ -546,6 +551,8 @@ def test_unverified_certificate_is_76(home: Path, smtp_server: Server) -> None:
     assert done.returncode == 76, done.stderr.decode()
     assert done.stderr.decode().count("\n") == 1
     assert server.messages == []
+    (item,) = Outbox.in_home(home).items()
+    assert f"{item.id}: `e2email outbox retry` sends it once" in done.stderr.decode()
 
 
 def test_refused_credentials_are_77(home: Path, smtp_server: Server) -> None:
@@ -580,6 +587,9 @@ def test_server_name_not_found_is_68_lookup_failing_for_now_is_75(
     assert status == code, err
     assert err.count("\n") == 1
     assert "mail.example.invalid" in err
+    (item,) = Outbox.in_home(home).items()
+    assert f"in the outbox as {item.id}" in err
+    assert ("queued" in err) == (code == 75)
 
 
 def test_malformed_message_is_65(home: Path, server: LoopbackSMTPServer) -> None:
