@@ -422,18 +422,9 @@ class _Prepared:
     recipients: tuple[str, ...]
 
 
-def prepare(invocation: Invocation, raw: bytes, *, sender: str | None = None) -> _Prepared:
-    """The message as it is submitted: recipients from the command line and (``-t``) its
-    header, the envelope sender, and a From field when it lacks a usable one. ``sender`` is
-    the account's own address, used when neither ``-f`` nor the message names one."""
-    head = _Header(raw)
-    envelope_from = invocation.envelope_from
-    from_fields = head.addresses("from")
-    if invocation.read_envelope_from:
-        if not from_fields:
-            raise SendmailError("--read-envelope-from: the message has no From address", EX_DATAERR)
-        envelope_from = from_fields[0][1]
-
+def _recipients(invocation: Invocation, head: _Header) -> tuple[str, ...]:
+    """The envelope recipients: the command line's and (``-t``) the header's To, Cc and Bcc.
+    SendmailError for none (64, or 65 with -t) and for a local user name (67)."""
     recipients: list[str] = []
     for arg in invocation.recipients:
         # One argument may hold a list ("a@x, Bob <b@y>"), as msmtp reads them.
@@ -464,7 +455,22 @@ def prepare(invocation: Invocation, raw: bytes, *, sender: str | None = None) ->
             "cannot be encrypted to; set MAILTO or the alias to an address)",
             EX_NOUSER,
         )
+    return tuple(recipients)
 
+
+def prepare(invocation: Invocation, raw: bytes, *, sender: str | None = None) -> _Prepared:
+    """The message as it is submitted: recipients from the command line and (``-t``) its
+    header, the envelope sender, and a From field when it lacks a usable one. ``sender`` is
+    the account's own address, used when neither ``-f`` nor the message names one."""
+    head = _Header(raw)
+    envelope_from = invocation.envelope_from
+    from_fields = head.addresses("from")
+    if invocation.read_envelope_from:
+        if not from_fields:
+            raise SendmailError("--read-envelope-from: the message has no From address", EX_DATAERR)
+        envelope_from = from_fields[0][1]
+
+    recipients = _recipients(invocation, head)
     own = envelope_from or sender
     if not from_fields or not _qualified(from_fields[0][1]):
         # No From, or a local user name as cron writes it ("From: root (Cron Daemon)"): the
@@ -480,7 +486,7 @@ def prepare(invocation: Invocation, raw: bytes, *, sender: str | None = None) ->
         if name is None and from_fields:
             name = from_fields[0][0] or _comment_name(head.values("from")[0])
         raw = head.with_from(email.utils.formataddr((name or "", own), charset="utf-8"))
-    return _Prepared(raw=raw, envelope_from=envelope_from, recipients=tuple(recipients))
+    return _Prepared(raw=raw, envelope_from=envelope_from, recipients=recipients)
 
 
 def _comment_name(value: str) -> str:
@@ -698,9 +704,13 @@ def run(
     mailer: AsyncMailer | None = None
     try:
         raw = read_message(stdin if stdin is not None else sys.stdin.buffer)
+        # What the message and the command line say is checked before any setting is read:
+        # a usage or data error is reported as such, not as a missing configuration.
+        head = _Header(raw)
+        _recipients(invocation, head)
         if invocation.read_envelope_from:
             # The From address picks the account, as -f does (msmtp's rule).
-            found = _Header(raw).addresses("from")
+            found = head.addresses("from")
             if found:
                 invocation = replace(invocation, envelope_from=found[0][1])
         if mailer_factory is not None:

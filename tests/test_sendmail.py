@@ -389,3 +389,21 @@ def test_read_envelope_from_picks_the_account_as_f_does(tmp_path: Path) -> None:
     argv = [f"--home={tmp_path}", "-f", "x@example.org", "bob@example.net"]
     assert run(argv, stdin=io.BytesIO(HEADERS), mailer_factory=factory) == EX_CONFIG
     assert seen[1].envelope_from == "x@example.org"
+
+
+def test_usage_and_data_errors_come_before_the_configuration(tmp_path: Path) -> None:
+    """No recipients is a usage error (64) and a header that is not one a data error (65),
+    even where no server is configured (which would be 78): the real mistake is named."""
+    home = tmp_path / "home"
+    code, err = _run(str(SCRIPT), f"--home={home}", stdin=MESSAGE)
+    assert code == EX_USAGE, err
+    assert "no recipients" in err
+    code, err = _run(
+        str(SCRIPT), f"--home={home}", "bob@example.net", stdin=b"not a header\n\nbody\n"
+    )
+    assert code == EX_DATAERR, err
+    assert err.count("\n") == 1
+    # Both messages are kept.
+    assert sorted(p.read_bytes() for p in (home / "drafts").iterdir()) == sorted(
+        [MESSAGE, b"not a header\n\nbody\n"]
+    )
