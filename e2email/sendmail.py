@@ -703,7 +703,12 @@ def run(
     home = invocation.home or default_home()
     mailer: AsyncMailer | None = None
     try:
-        raw = read_message(stdin if stdin is not None else sys.stdin.buffer)
+        if stdin is None:
+            # Started with standard input closed (sys.stdin is then None): nothing to read.
+            if sys.stdin is None:
+                raise SendmailError("no standard input to read the message from", EX_NOINPUT)
+            stdin = sys.stdin.buffer
+        raw = read_message(stdin)
         # What the message and the command line say is checked before any setting is read:
         # a usage or data error is reported as such, not as a missing configuration.
         head = _Header(raw)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import email.policy
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -407,3 +408,22 @@ def test_usage_and_data_errors_come_before_the_configuration(tmp_path: Path) -> 
     assert sorted(p.read_bytes() for p in (home / "drafts").iterdir()) == sorted(
         [MESSAGE, b"not a header\n\nbody\n"]
     )
+
+
+def test_closed_stdin_is_66(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(SCRIPT), f"--home={tmp_path}", "bob@example.net"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == EX_NOINPUT
+    closed = subprocess.run(
+        [str(SCRIPT), f"--home={tmp_path}", "bob@example.net"],
+        capture_output=True,
+        check=False,
+        # fd 0 closed, as some daemons start their children.
+        preexec_fn=lambda: os.close(0),
+    )
+    assert closed.returncode == EX_NOINPUT, closed.stderr
+    assert closed.stderr.decode().count("\n") == 1
