@@ -65,6 +65,7 @@ from e2email.errors import (
     TLSError,
     TransportError,
 )
+from e2email.inbound import submit
 from e2email.keystore import Keystore
 from e2email.message import split_message
 from e2email.outbox import Outbox
@@ -565,23 +566,17 @@ def exit_code_for(error: BaseException) -> int:
 # -- Sending --------------------------------------------------------------------------------
 
 
-def _submit() -> Callable[..., Any]:
-    """``e2email.inbound.submit`` (the shared path of every integration)."""
-    return importlib.import_module("e2email.inbound").submit  # type: ignore[no-any-return]
-
-
 async def send_message(
     mailer: AsyncMailer, invocation: Invocation, raw: bytes, *, sender: str | None = None
 ) -> SendResult:
     """Protect and submit the message ``raw`` as ``invocation`` says, through ``mailer``."""
     prepared = prepare(invocation, raw, sender=sender)
-    result: SendResult = await _submit()(
+    return await submit(
         mailer,
         prepared.raw,
         envelope_from=prepared.envelope_from,
-        recipients=list(prepared.recipients),
+        recipients=prepared.recipients,
     )
-    return result
 
 
 #: One attempt, then the outbox: a sendmail caller (mutt, git, cron) waits for us, and
