@@ -89,6 +89,7 @@ __all__ = [
     "exit_code_for",
     "main",
     "parse_args",
+    "prepare",
     "read_message",
     "run",
     "send_message",
@@ -140,8 +141,8 @@ has no usable key (nothing sent; the message is kept in HOME/drafts); 68 server 
 """
 
 
-class SendmailError(Exception):
-    """A failure with its sysexits code, raised before anything reaches e2email's library
+class SendmailError(E2EmailError):
+    """A failure with its sysexits code, found before anything reaches e2email's library
     (command line, standard input, recipients)."""
 
     def __init__(self, message: str, code: int) -> None:
@@ -722,7 +723,7 @@ def run(
         home = mailer.keystore.home
         asyncio.run(send_message(mailer, invocation, raw, sender=sender))
         return EX_OK
-    except (E2EmailError, SendmailError) as exc:
+    except E2EmailError as exc:
         code = exit_code_for(exc)
         kept = _kept(exc)
         if kept:
@@ -731,7 +732,7 @@ def run(
             extra = _draft_note(home, raw)
         else:
             extra = ""
-        _say(f"{'' if str(exc).startswith('not sent') else 'error: '}{exc}{extra}")
+        _say(f"error: {exc}{extra}")
         return code
     except KeyboardInterrupt:
         stored = mailer.last_stored if mailer is not None else ()
