@@ -543,9 +543,11 @@ class Message:
     date: datetime.datetime | None
     #: Without angle brackets: ``abc@example.org``.
     message_id: str | None
-    #: Extra header fields (In-Reply-To, References, List-*, X-Mailer, ...), in order. When
-    #: encrypting they go inside the protected part; only those RFC 9788's baseline leaves
-    #: readable for the mail system (threading, list and auto-reply fields) also go outside.
+    #: Extra header fields (In-Reply-To, References, List-*, X-Mailer, ...), in order; values
+    #: as written (encoded-words kept; other non-ASCII text is RFC 2047-encoded on output).
+    #: When encrypting they go inside the protected part; only those the mail system acts on
+    #: (threading, list and auto-reply fields) also stay outside (RFC 9788 policy, see
+    #: ``_OUTSIDE_TOO``). Signed-only or unprotected, all of them are outside too.
     headers: tuple[tuple[str, str], ...]
     #: A pre-built MIME entity sent as the payload as it is, instead of text/html/attachments.
     body: MimeBody | None
@@ -1229,12 +1231,15 @@ _STRUCTURAL = frozenset(
     }
 )
 #: Extra fields that stay readable outside an encrypted message as well as inside it. RFC 9788
-#: §4 lets the header confidentiality policy choose per field; these are the fields the mail
-#: system itself acts on without decrypting: threading (RFC 5322 §3.6.4, so replies still
+#: lets the header confidentiality policy decide per field whether the outer copy keeps it
+#: (recorded in HP-Outer), replaces it or leaves it out; its baseline policy obscures only the
+#: Subject (§3.3 asks at least that) and keeps the rest. Here the policy is stricter for extra
+#: fields, privacy by default: only the fields the mail system itself acts on without
+#: decrypting stay outside: threading (In-Reply-To, References: RFC 5322 §3.6.4, so replies
 #: thread in clients that cannot decrypt), mailing-list fields (RFC 2369, RFC 2919, RFC 8058)
 #: and auto-reply suppression (Auto-Submitted, RFC 3834 §5; Precedence), which autoresponders
 #: must see to avoid mail loops. Every other extra field (X-Mailer, X-Cron-Env, ...) is only
-#: inside: privacy by default hides what the sender's software and environment reveal.
+#: inside: what the sender's software and environment reveal is the recipients' business.
 _OUTSIDE_TOO = re.compile(
     r"in-reply-to|references|list-[a-z0-9-]+|auto-submitted|precedence|archived-at", re.I
 )
@@ -1242,7 +1247,7 @@ _OUTSIDE_TOO = re.compile(
 #: (RFC 5322 §3.6.7) and the Autocrypt header (which must be readable to be of any use).
 _OUTSIDE_ONLY = frozenset({"received", "autocrypt"})
 #: Dropped from a program's message: the final delivery MTA writes Return-Path (RFC 5321
-#: §4.4), and a Bcc header is never sent (each Bcc recipient gets a copy of its own).
+#: §4.4), and MIME-Version is written by e2email (the Bcc field goes into ``bcc``: never sent).
 _DROPPED = frozenset({"return-path", "mime-version"})
 
 
@@ -1682,7 +1687,7 @@ class MimeBody:
         out: list[bytes] = []
         for item in _split_fields(self.head, "MIME header"):
             if item.lower == "content-type":
-                lines = [item.raw[:-2]]
+                lines = [item.raw[:-2].rstrip(b"; \t")]
                 for param in params:
                     lines.append(b" " + param.encode("ascii"))
                 out.append(b";\r\n".join(lines) + b"\r\n")

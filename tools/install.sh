@@ -14,8 +14,8 @@ want_test=0
 declare -A pkg_of=( [gpg]=gnupg [gpg-agent]=gpg-agent [gpgconf]=gpgconf )
 if [ "$want_test" = 1 ]; then
   pkg_of+=( [sqop]=sqop [gosop]=gosop [sq]=sq [gpgsm]=gpgsm [openssl]=openssl )
-  # Real callers of e2email-sendmail (tests/test_sendmail_callers.py).
-  pkg_of+=( [neomutt]=neomutt [php]=php-cli )
+  # Real mail programs (tests/test_inbound.py, tests/test_sendmail_callers.py).
+  pkg_of+=( [neomutt]=neomutt [php]=php-cli [/usr/lib/git-core/git-send-email]=git-email )
 fi
 missing=()
 for cmd in "${!pkg_of[@]}"; do
@@ -23,8 +23,7 @@ for cmd in "${!pkg_of[@]}"; do
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ "$want_test" = 1 ]; then
-  # git send-email is not on PATH, and needs Mail::Address (only a Recommends of git-email).
-  [ -x "$(git --exec-path 2>/dev/null)/git-send-email" ] || missing+=(git-email)
+  # git send-email needs Mail::Address, only a Recommends of git-email.
   perl -MMail::Address -e 1 2>/dev/null || missing+=(libmailtools-perl)
 fi
 
