@@ -221,13 +221,24 @@ def _check_series(
     recipients_home: Path,
     tmp_path: Path,
 ) -> None:
-    assert len(server.messages) == 2
+    # Per patch: one copy for To and Cc, and one of its own for the Bcc recipient (git
+    # passes Bcc on the command line only), which names dave nowhere else.
+    assert len(server.messages) == 4
     assert_ciphertext_only(server, b"secret-patch-one", b"secret-patch-two", b"first change")
     got = []
+    bcc_copies = []
     for message in server.messages:
         assert message.mail_from == "alice@example.org"
+        if message.rcpt_tos == ("dave@example.com",):
+            inner = decrypt(message.data, keys, recipients_home, tmp_path, key=keys.dave)
+            bcc_copies.append(parse(inner))
+            continue
         assert sorted(message.rcpt_tos) == ["bob@example.net", "carol@example.com"]
-        got.append(parse(decrypt(message.data, keys, recipients_home, tmp_path)))
+        assert b"dave@example.com" not in message.data
+        plaintext = decrypt(message.data, keys, recipients_home, tmp_path)
+        assert b"dave@example.com" not in plaintext
+        got.append(parse(plaintext))
+    assert sorted(str(m["Subject"]) for m in bcc_copies) == sorted(str(m["Subject"]) for m in got)
     got.sort(key=lambda m: str(m["Subject"]))
     for inner, patch in zip(got, patches, strict=True):
         original = parse(patch.read_bytes())
@@ -269,6 +280,7 @@ def test_git_send_email_two_patch_series(
             "--from=Alice Demo <alice@example.org>",
             "--to=bob@example.net",
             "--cc=carol@example.com",
+            "--bcc=dave@example.com",
             "--confirm=never",
             "--suppress-cc=all",
             "--8bit-encoding=UTF-8",
