@@ -632,7 +632,9 @@ def _mailer_from_account(invocation: Invocation) -> tuple[AsyncMailer, str | Non
     # both are merged).
     from_account = getattr(AsyncMailer, "from_account")  # noqa: B009
     mailer: AsyncMailer = from_account(account, config=invocation.config, outbox=True)
-    mailer.retry = _RETRY
+    if getattr(account, "retry", None) is None:
+        # Retries the account asks for are its own choice; otherwise one attempt.
+        mailer.retry = _RETRY
     sender = account.sender
     return mailer, sender if isinstance(sender, str) else None
 
