@@ -23,8 +23,10 @@ is reported as a bad row and the others go on. Rows are read one at a time, so a
 length is handled in bounded memory.
 
 Each row also gets a *key*: a digest of the template, the sender, the attachments, the
-protection options and the row's values. With the outbox's ledger it lets a rerun of an
-interrupted batch send only the rows that are missing (:meth:`AsyncMailer.send_many`).
+protection options and the row's values, keyed with a secret kept outside the outbox (so the
+ledger is no oracle for guessed texts or values). With the outbox's ledger it lets a rerun of
+an interrupted batch send only the rows that are missing (:meth:`AsyncMailer.send_many`); once
+a batch is sent whole, its row entries give way to one entry for the whole batch.
 """
 
 from __future__ import annotations
@@ -34,16 +36,18 @@ import csv
 import dataclasses
 import enum
 import hashlib
+import hmac
 import json
 import re
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from e2email.errors import ConfigError, E2EmailError, MessageError
+from e2email.errors import ConfigError, E2EmailError, InsecurePathError, MessageError
 from e2email.message import Address, Attachment, Message
+from e2email.private import open_private
 
 __all__ = [
     "REPORT_FIELDS",
@@ -55,6 +59,8 @@ __all__ = [
     "build_messages",
     "canonical",
     "check_utf8",
+    "completion_key",
+    "csv_cell",
     "printable",
     "read_rows",
     "row_key",
@@ -63,6 +69,8 @@ __all__ = [
 #: Header names a template may set.
 _TEMPLATE_HEADERS = ("subject",)
 _HEADER_LINE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):[ \t]?(.*)$")
+#: A ``{name}`` (Python format style) not part of a ``${name}`` placeholder.
+_BRACED = re.compile(r"(?<!\$)\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,31 @@ class Template:
         return frozenset(names)
 
     def check_columns(self, columns: Sequence[str]) -> None:
-        """Raise ConfigError naming every placeholder that is not a column."""
+        """Raise ConfigError naming every placeholder that is not a column, or when the
+        template has no ``$`` placeholder but ``{column}`` ones (Python's format style, which
+        is not substituted: every row would get the same literal text).
+
+        Only one spelling is supported, on purpose: with both, a literal ``{...}`` in a body
+        (code, JSON, CSS in an HTML part) that happens to name a column would be replaced
+        silently, and ``$$`` would not be the only escape to learn."""
+        if not self.placeholders:
+            wanted = {c.lower() for c in columns}
+            braced = sorted(
+                {
+                    name
+                    for text in (self.subject, self.body, self.html)
+                    if text is not None
+                    for name in _BRACED.findall(text)
+                    if name.lower() in wanted
+                }
+            )
+            if braced:
+                listed = ", ".join(f"{{{n}}}" for n in braced)
+                dollars = ", ".join(sorted({f"${n.lower()}" for n in braced}))
+                raise ConfigError(
+                    f"the template writes {listed}, which is not a placeholder here: write "
+                    f"{dollars} (or ${{name}}) for the column values (nothing was sent)"
+                )
         missing = sorted(self.placeholders - set(columns))
         if missing:
             listed = ", ".join(f"${m}" for m in missing)
@@ -305,6 +337,7 @@ def canonical(value: Any) -> Any:
 
 def batch_digest(
     *,
+    secret: bytes,
     sender: str,
     template: Template,
     attachments: Sequence[Attachment] = (),
@@ -312,8 +345,12 @@ def batch_digest(
 ) -> str:
     """A digest of everything that is the same for every row: the same digest on a rerun
     means "the same batch". ``options`` values may be dataclasses (e.g. the Protection):
-    they are serialised with :func:`canonical`, never with ``repr``."""
-    h = hashlib.sha256()
+    they are serialised with :func:`canonical`, never with ``repr``.
+
+    Keyed (HMAC-SHA-256) with ``secret``, which is kept apart from the outbox
+    (:meth:`e2email.outbox.Outbox.ledger_secret`): a plain hash of the template stored in
+    the ledger would let anyone holding the outbox confirm a guessed text."""
+    h = hmac.new(secret, digestmod=hashlib.sha256)
     parts: dict[str, Any] = {
         "sender": sender,
         "subject": template.subject,
@@ -328,12 +365,24 @@ def batch_digest(
     return h.hexdigest()
 
 
-def row_key(batch: str, row: Row) -> str:
+def row_key(batch: str, row: Row, *, secret: bytes) -> str:
     """The ledger key of one row: the batch digest and the row's values (not its number, so
-    inserting a row above does not make the rows below new)."""
-    h = hashlib.sha256(batch.encode())
+    inserting a row above does not make the rows below new), keyed with ``secret``
+    (HMAC-SHA-256): an unkeyed digest of a row's values lets anyone holding the outbox
+    brute-force small values (an amount, a code) in no time."""
+    h = hmac.new(secret, batch.encode() + b"\0", hashlib.sha256)
     h.update(json.dumps(sorted(row.values.items())).encode())
     return h.hexdigest()
+
+
+def completion_key(batch: str, row_keys: Iterable[str], *, secret: bytes) -> str:
+    """The ledger key that says "batch ``batch`` was sent whole with exactly these rows": it
+    replaces the batch's per-row entries once every row is done (so the ledger keeps no entry
+    per row), and a rerun of the same command with the same file finds it."""
+    h = hmac.new(secret, b"complete\0" + batch.encode() + b"\0", hashlib.sha256)
+    for key in row_keys:
+        h.update(key.encode())
+    return f"complete:{h.hexdigest()}"
 
 
 def build_messages(
@@ -383,6 +432,18 @@ def printable(text: str) -> str:
     )
 
 
+#: A spreadsheet takes a cell starting with one of these for a formula (OWASP "CSV
+#: injection"): "=", "+", "-", "@", and tab and carriage return, which some strip first.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: str) -> str:
+    """``value`` safe as a CSV cell opened in a spreadsheet: one that would start a formula
+    (a row value such as ``=HYPERLINK(...)``, a server reply) gets a leading ``'``, which
+    spreadsheets show as text, as OWASP's CSV injection guidance says."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
 #: The report's columns, in order.
 REPORT_FIELDS = ("row", "email", "status", "detail", "message_id", "outbox_ids")
 
@@ -405,10 +466,12 @@ class ReportWriter:
 
     @classmethod
     def for_path(cls, path: Path) -> tuple[ReportWriter, IO[str]]:
+        """The report names every recipient and what happened: created 0600 (whatever the
+        umask), as private as the outbox."""
         try:
-            fh = path.open("w", encoding="utf-8", newline="")
-        except OSError as exc:
-            raise ConfigError(f"cannot write the report {path}: {exc.strerror or exc}") from exc
+            fh = open_private(path, "w", newline="")
+        except InsecurePathError as exc:
+            raise ConfigError(f"cannot write the report: {exc}") from exc
         return cls(fh, as_json=path.suffix.lower() == ".json"), fh
 
     def write(
@@ -433,7 +496,8 @@ class ReportWriter:
             sep = "," if self._count else ""
             self._fh.write(f"{sep}\n  {json.dumps(entry, ensure_ascii=False)}")
         else:
-            self._csv.writerow([*list(entry.values())[:5], " ".join(outbox_ids)])
+            cells = (email, status, detail, message_id or "", " ".join(outbox_ids))
+            self._csv.writerow([row, *(csv_cell(v) for v in cells)])
         self._count += 1
         self._fh.flush()
 

@@ -31,7 +31,9 @@ from e2email.errors import (
     ConfigError,
     DeliveryError,
     E2EmailError,
+    HeldError,
     KeyProblem,
+    KeyReason,
     PassphraseError,
     RecipientKeyError,
     RecipientsRefusedError,
@@ -49,7 +51,15 @@ from e2email.message import (
     message_head,
     stream_payload,
 )
-from e2email.outbox import LedgerTaken, NewItem, Outbox, OutboxError, OutboxItem, same_route
+from e2email.outbox import (
+    ItemState,
+    LedgerTaken,
+    NewItem,
+    Outbox,
+    OutboxError,
+    OutboxItem,
+    same_route,
+)
 from e2email.transport.smtp import DeliveryResult, RecipientResult, SMTPTransport
 
 __all__ = [
@@ -86,6 +96,9 @@ class ProtectedCopy:
     #: The outbox item that holds this copy, when it is kept there (e.g. in an error's
     #: ``unsent``): sending the copy again then sends that item instead of storing it twice.
     outbox_id: str | None = None
+    #: Which keys ``encrypted_to`` names: OpenPGP primary-key fingerprints or S/MIME
+    #: certificate fingerprints (None when not encrypted).
+    scheme: Literal["openpgp", "smime"] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,9 +142,18 @@ class BatchItem:
 #: ``deferred``: not delivered yet, kept for a retry; ``not-sent``: could not be protected (key
 #: problem: nothing sent, nothing stored); ``skipped``: already sent by an earlier run (or
 #: being sent by another process); ``duplicate``: its key equals that of an earlier message of
-#: this same run (``duplicate_of`` is that message's tag), so it is not sent again.
+#: this same run (``duplicate_of`` is that message's tag), so it is not sent again;
+#: ``maybe-delivered``: interrupted after the end of its data was sent (now or by an earlier
+#: run), so the server may have it: kept in the outbox, not sent again by itself.
 MessageStatus = Literal[
-    "delivered", "partial", "failed", "deferred", "not-sent", "skipped", "duplicate"
+    "delivered",
+    "partial",
+    "failed",
+    "deferred",
+    "not-sent",
+    "skipped",
+    "duplicate",
+    "maybe-delivered",
 ]
 
 
@@ -199,6 +221,8 @@ class _Group:
             status = "partial"
         elif any(r.status == "deferred" for r in recipients):
             status = "deferred"
+        elif any(r.status == "maybe-delivered" for r in recipients):
+            status = "maybe-delivered"
         else:
             status = "failed"
         errors = [o.error for o in self.outcomes if o.error is not None]
@@ -339,6 +363,7 @@ class AsyncMailer:
                 copy,
                 encrypted_to=tuple(k.fingerprint for k in unique),
                 signer=signer.fingerprint if signer else None,
+                scheme="openpgp",
             )
 
         # gpg work is a subprocess per copy: run the copies side by side.
@@ -398,6 +423,7 @@ class AsyncMailer:
                         copy,
                         encrypted_to=tuple(c.fingerprint for c in unique),
                         signer=signer_fpr,
+                        scheme="smime",
                     )
                 )
             return tuple(copies)
@@ -580,6 +606,16 @@ class AsyncMailer:
             claimed = {i.id for i in await asyncio.to_thread(outbox.claim, kept)}
             busy = [i for i in kept if i not in claimed]
             if busy:
+                await asyncio.to_thread(outbox.release, claimed)
+                maybe = [
+                    i for i in busy if outbox.get(i, raw=False).state is ItemState.MAYBE_DELIVERED
+                ]
+                if maybe:
+                    raise OutboxError(
+                        f"outbox item(s) {', '.join(maybe)} may have been delivered already "
+                        "(interrupted after the message was sent): not sent again by itself; "
+                        "`e2email outbox retry --maybe-delivered` sends them"
+                    )
                 raise OutboxError(
                     f"outbox item(s) {', '.join(busy)} are being sent by another process"
                 )
@@ -593,7 +629,10 @@ class AsyncMailer:
                 kind=c.kind,
                 meta={
                     "signed": c.signed,
+                    # Re-checked before every retry (recheck_keys): a key revoked since the
+                    # copy was queued holds it.
                     "encrypted_to": list(c.encrypted_to),
+                    "scheme": c.scheme,
                     "signer": c.signer,
                     # A retry must ask for REQUIRETLS too (RFC 8689): it is part of the
                     # message's protection, not of the run that first tried to send it.
@@ -754,7 +793,7 @@ class AsyncMailer:
                         seen[item.key] = item.tag
                     await limit.acquire()
                     one = self._batch_one(
-                        engine, smtp, index, item, prot, batch, groups, emit, limit
+                        engine, smtp, index, item, prot, batch, groups, emit, limit, copy_done
                     )
                     if index == 0:
                         await one
@@ -793,6 +832,7 @@ class AsyncMailer:
         groups: dict[int, _Group],
         emit: Callable[[MessageOutcome], None],
         limit: asyncio.Semaphore,
+        copy_done: Callable[[Outcome], None],
     ) -> None:
         try:
             entry = item if isinstance(item, BatchItem) else BatchItem(message=item)
@@ -809,6 +849,24 @@ class AsyncMailer:
                     # very copies (protecting again would make a second, different message).
                     stored = await asyncio.to_thread(outbox.claim, ledger_keys=[entry.key])
                     if not stored:
+                        maybe = [
+                            it.id
+                            for it in await asyncio.to_thread(outbox.items, ledger_key=entry.key)
+                            if it.state is ItemState.MAYBE_DELIVERED
+                        ]
+                        if maybe:
+                            emit(
+                                MessageOutcome(
+                                    index,
+                                    entry.tag,
+                                    "maybe-delivered",
+                                    kept=tuple(maybe),
+                                    detail="an earlier run was interrupted after sending it, "
+                                    "so the server may have it; not sent again by itself "
+                                    "(`e2email outbox retry --maybe-delivered` sends it)",
+                                )
+                            )
+                            return
                         emit(
                             MessageOutcome(
                                 index,
@@ -820,6 +878,11 @@ class AsyncMailer:
                         return
                     groups[index] = _Group(index, entry.tag, stored[0].message_id, len(stored))
                     for it in stored:
+                        # Stored by an earlier run: its keys may have been revoked since.
+                        problems = await asyncio.to_thread(self.recheck_keys, it)
+                        if problems:
+                            self._hold(it, problems, copy_done, tag=index)
+                            continue
                         await engine.submit(_stored_submission(it, tag=index))
                     return
             try:
@@ -862,12 +925,15 @@ class AsyncMailer:
         on_outcome: Callable[[Outcome], None] | None = None,
         include_failed: bool = True,
         due_only: bool = False,
+        maybe_delivered: bool = False,
     ) -> tuple[Outcome, ...]:
         """Send what waits in the outbox: the items ``ids`` (IDs or unique prefixes), or every
         item meant for this server and user (any server with ``all_routes``). Items the
         server refused before are tried again too (by default); items another live process
         is sending are left to it. ``include_failed=False`` leaves the recipients the server
-        refused (5xx) alone; ``due_only`` takes only items whose retry time has come. Outcomes go to
+        refused (5xx) alone; ``due_only`` takes only items whose retry time has come;
+        ``maybe_delivered`` also sends the items the server may have already (interrupted after
+        their end of data: a second copy may arrive), left alone otherwise. Outcomes go to
         ``on_outcome`` as they come (and are returned when no callback is given). An error
         that stops the run is raised after the outcomes, with ``result`` set to them.
         """
@@ -882,12 +948,13 @@ class AsyncMailer:
             items = await asyncio.to_thread(outbox.items)
             wanted = [it.id for it in items if all_routes or same_route(it.route, route)]
         collected: list[Outcome] = []
+        report = on_outcome or collected.append
         engine = DeliveryEngine(
             smtp,
             retry=self.retry,
             connections=connections or self.connections,
             outbox=outbox,
-            on_outcome=on_outcome or collected.append,
+            on_outcome=report,
             transport=await self._transport(smtp),
         )
         async with engine:
@@ -897,9 +964,17 @@ class AsyncMailer:
                 # Claimed one at a time, just before it is queued: only a few items' bytes
                 # are in memory at once.
                 claimed = await asyncio.to_thread(
-                    outbox.claim, [item_id], include_failed=include_failed, due_only=due_only
+                    outbox.claim,
+                    [item_id],
+                    include_failed=include_failed,
+                    due_only=due_only,
+                    maybe_delivered=maybe_delivered,
                 )
                 for it in claimed:
+                    problems = await asyncio.to_thread(self.recheck_keys, it)
+                    if problems:
+                        self._hold(it, problems, report, tag=it)
+                        continue
                     await engine.submit(_stored_submission(it, tag=it))
         if engine.fatal is not None:
             if isinstance(engine.fatal, TransportError):
@@ -907,10 +982,137 @@ class AsyncMailer:
             raise engine.fatal
         return tuple(collected)
 
+    def recheck_keys(self, item: OutboxItem) -> tuple[KeyProblem, ...]:
+        """Why the queued copy ``item`` must not be sent now: each key it was encrypted to
+        that is no longer fit (revoked, expired, disabled, gone from the keystore) since it
+        was queued. Empty: send it. OpenPGP keys are judged as for a new message; S/MIME
+        certificates by the certificate store's checks (validity, chain, revocation), the
+        ones trusted when the copy was made counting as trusted anchors again. Blocking."""
+        fingerprints = [str(f) for f in item.meta.get("encrypted_to") or ()]
+        if not fingerprints:
+            return ()
+        scheme = item.meta.get("scheme") or _scheme_of(item.raw)
+        if scheme == "smime":
+            return tuple(self._smime_problems(fingerprints))
+        return tuple(self.keystore.check_fingerprints(fingerprints))
+
+    def _smime_problems(self, fingerprints: Sequence[str]) -> list[KeyProblem]:
+        problems: list[KeyProblem] = []
+        for fpr in dict.fromkeys(fingerprints):
+            stored = self.certstore.get(fpr)
+            if stored is None:
+                problems.append(
+                    KeyProblem(fpr, KeyReason.NOT_FOUND, "no longer in the certificate store", fpr)
+                )
+                continue
+            problem = self.certstore.check(
+                stored.certificate,
+                next(iter(stored.addresses), None),  # named by its address, as when sending
+                purpose="encrypt",
+                trusted_self_signed=fingerprints,
+            )
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+    def _hold(
+        self,
+        item: OutboxItem,
+        problems: Sequence[KeyProblem],
+        report: Callable[[Outcome], None],
+        *,
+        tag: Any,
+    ) -> None:
+        """Do not send ``item`` (claimed): it is encrypted to a key no longer fit. It goes
+        back to the outbox with the reason, and is reported deferred with that reason (the
+        outcome's submission carries ``tag``)."""
+        assert self.outbox is not None
+        error = HeldError(problems)
+        self.outbox.release([item.id], error=str(error))
+        report(
+            Outcome(
+                submission=_stored_submission(item, tag=tag),
+                recipients=tuple(
+                    RecipientOutcome(a, "deferred", None, str(error)) for a in item.pending
+                ),
+                attempts=0,
+                error=error,
+                kept=True,
+            )
+        )
+
     def close(self) -> None:
         """Close the outbox if this mailer opened it (from a path)."""
         if self._owns_outbox and self.outbox is not None:
             self.outbox.close()
+
+    # -- accounts (e2email.accounts): keep at the end of the class -------------------------
+
+    @staticmethod
+    def _account_options(
+        account: Any,
+        *,
+        config: os.PathLike[str] | str | None,
+        outbox: bool,
+        passphrase: PasswordSource | None,
+    ) -> tuple[dict[str, Any], str]:
+        """The constructor's arguments for a configured account, and the account's name."""
+        from dataclasses import replace as _replace
+        from pathlib import Path
+
+        from e2email.accounts import Account, load_config
+        from e2email.config import default_home
+        from e2email.outbox import DEFAULT_FILENAME
+        from e2email.private import ensure_private_dir
+
+        if not isinstance(account, Account):
+            account = load_config(Path(config) if config is not None else None).account(account)
+        home = ensure_private_dir(account.home or default_home(), what="the e2email home")
+        smtp = account.smtp
+        if smtp.hosts_file is None:
+            smtp = _replace(smtp, hosts_file=home / "hosts.json")
+        options: dict[str, Any] = {
+            "smtp": smtp,
+            "keystore": Keystore(home, gnupg_home=account.gnupg_home),
+            "certstore": CertStore(home),
+            "protection": account.protection,
+            "passphrase": passphrase if passphrase is not None else account.passphrase,
+            "outbox": (account.outbox or home / DEFAULT_FILENAME) if outbox else None,
+        }
+        if account.retry is not None:
+            options["retry"] = account.retry
+        return options, account.name
+
+    @classmethod
+    def from_account(
+        cls,
+        account: Any = None,
+        *,
+        config: os.PathLike[str] | str | None = None,
+        outbox: bool = True,
+        passphrase: PasswordSource | None = None,
+    ) -> AsyncMailer:
+        """A mailer for a configured account (:mod:`e2email.accounts`): an
+        :class:`~e2email.accounts.Account`, an account name, or None for the default one
+        (read from ``config``, else ``$E2EMAIL_CONFIG``, else the default file). Its server,
+        policy, key map, keystore and certificates (its ``home``, ``gnupg-home``) and its
+        outbox (``outbox``, else HOME/outbox.sqlite3; none with ``outbox=False``), which
+        records the account's name with each message so ``e2email outbox retry`` finds the
+        server again. ``passphrase`` overrides the account's passphrase source."""
+        options, name = cls._account_options(
+            account, config=config, outbox=outbox, passphrase=passphrase
+        )
+        mailer = cls(**options)
+        if mailer.outbox is not None:
+            mailer.outbox.account = name
+        return mailer
+
+
+def _scheme_of(raw: bytes | None) -> Literal["openpgp", "smime"]:
+    """The encryption of a copy stored before the outbox recorded it: its top-level
+    Content-Type says (RFC 8551 §3.3 application/pkcs7-mime, else RFC 3156 PGP/MIME)."""
+    head = (raw or b"")[: 1 << 14].split(b"\r\n\r\n", 1)[0].lower()
+    return "smime" if b"pkcs7-mime" in head else "openpgp"
 
 
 def _stored_submission(item: OutboxItem, *, tag: Any) -> Submission:
@@ -1048,6 +1250,7 @@ class Mailer:
         on_outcome: Callable[[Outcome], None] | None = None,
         include_failed: bool = True,
         due_only: bool = False,
+        maybe_delivered: bool = False,
     ) -> tuple[Outcome, ...]:
         return self._runner.run(
             self._async.send_outbox(
@@ -1057,6 +1260,7 @@ class Mailer:
                 on_outcome=on_outcome,
                 include_failed=include_failed,
                 due_only=due_only,
+                maybe_delivered=maybe_delivered,
             )
         )
 
@@ -1074,3 +1278,23 @@ class Mailer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    # -- accounts (e2email.accounts): keep at the end of the class -------------------------
+
+    @classmethod
+    def from_account(
+        cls,
+        account: Any = None,
+        *,
+        config: os.PathLike[str] | str | None = None,
+        outbox: bool = True,
+        passphrase: PasswordSource | None = None,
+    ) -> Mailer:
+        """The synchronous :meth:`AsyncMailer.from_account`."""
+        options, name = AsyncMailer._account_options(
+            account, config=config, outbox=outbox, passphrase=passphrase
+        )
+        mailer = cls(**options)
+        if mailer.outbox is not None:
+            mailer.outbox.account = name
+        return mailer

@@ -8,11 +8,17 @@ What it promises, for each :class:`Submission` (one protected copy and its envel
   limit; a 5xx reply is final (RFC 5321 §4.2.1). The decision is made per recipient: when the
   server accepts a copy for some recipients and refuses others, only the recipients refused
   with a 4xx are tried again, with the same bytes.
-* **Every recipient ends in one of three states**: ``delivered`` (the server took the message
-  for them), ``failed`` (refused permanently) or ``deferred`` (still undelivered after the
-  last attempt, or never tried because the run stopped). With an outbox, the copy stays there
-  until every recipient is delivered; the outbox is updated after each attempt, before the
-  outcome is reported.
+* **Every recipient ends in one of four states**: ``delivered`` (the server took the message
+  for them), ``failed`` (refused permanently), ``deferred`` (still undelivered after the
+  last attempt, or never tried because the run stopped) or ``maybe-delivered``. With an
+  outbox, the copy stays there until every recipient is delivered; the outbox is updated
+  after each attempt, before the outcome is reported.
+* **A copy is never sent twice by itself.** Once the end of its data (the final ".") is
+  sent, the server may have it (RFC 5321 §6.1, RFC 1047): a lost reply, a timeout, a dropped
+  connection or an interruption from then on makes it ``maybe-delivered``, which is not
+  retried (``outbox retry --maybe-delivered`` sends it on request). With an outbox this is
+  recorded *before* the "." goes out (:meth:`Outbox.mark_in_flight`), so a copy whose sender
+  crashed there is found maybe-delivered too, not resent.
 * **Connections are reused.** Each worker keeps one connection and sends message after
   message over it, with RSET (RFC 5321 §4.1.1.5) before each one after the first: a clean
   transaction state, and a cheap check that the server has not closed an idle connection
@@ -63,7 +69,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RecipientStatus = Literal["delivered", "failed", "deferred"]
+RecipientStatus = Literal["delivered", "failed", "deferred", "maybe-delivered"]
 
 _ids = itertools.count(1)
 
@@ -145,14 +151,23 @@ class Outcome:
         return self._with("deferred")
 
     @property
-    def status(self) -> Literal["delivered", "partial", "failed", "deferred"]:
+    def maybe_delivered(self) -> tuple[str, ...]:
+        """Recipients the server may or may not have accepted the copy for (interrupted after
+        the end of data): not sent again unless asked for."""
+        return self._with("maybe-delivered")
+
+    @property
+    def status(self) -> Literal["delivered", "partial", "failed", "deferred", "maybe-delivered"]:
         """``delivered`` for every recipient; ``partial`` for some; otherwise ``deferred``
-        when any recipient may still be delivered by a later retry, else ``failed``."""
-        if not self.failed and not self.deferred:
+        when any recipient may still be delivered by a later retry, ``maybe-delivered`` when
+        the server may have it, else ``failed``."""
+        if not self.failed and not self.deferred and not self.maybe_delivered:
             return "delivered"
         if self.delivered:
             return "partial"
-        return "deferred" if self.deferred else "failed"
+        if self.deferred:
+            return "deferred"
+        return "maybe-delivered" if self.maybe_delivered else "failed"
 
 
 @dataclass
@@ -166,6 +181,15 @@ class _Job:
     error: E2EmailError | None = None
     data_reply: SMTPReply | None = None
     tls: TLSInfo | None = None
+    #: This attempt marked the copy in flight in the outbox (its end of data was about to be
+    #: sent), and whether the end of data was then sent (so the server may have it).
+    marked: bool = False
+    ended: bool = False
+
+    def settled_mark(self) -> bool | None:
+        """``maybe_delivered`` for :meth:`Outbox.settle` when the outcome is recorded without
+        a result from the server (released, interrupted)."""
+        return self.ended if self.marked else None
 
 
 class _Slot:
@@ -334,8 +358,15 @@ class DeliveryEngine:
         with contextlib.suppress(BaseException):
             await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
         if self.outbox is not None and self._live:
-            with contextlib.suppress(Exception):
-                self.outbox.release(list(self._live), error=f"interrupted: {exc!r}")
+            for job in list(self._live.values()):
+                maybe = job.settled_mark()
+                why = f"interrupted: {exc!r}"
+                if maybe:
+                    why = f"interrupted after the end of the message data was sent: {exc!r}"
+                with contextlib.suppress(Exception):
+                    self.outbox.settle(
+                        job.sub.id, error=why, attempted=False, release=True, maybe_delivered=maybe
+                    )
 
     async def submit(self, sub: Submission) -> bool:
         """Queue ``sub``; False (and the submission reported deferred) if the run stopped."""
@@ -410,6 +441,7 @@ class DeliveryEngine:
     async def _attempt(self, slot: _Slot, job: _Job) -> bool:
         """One attempt for ``job``; False if no connection could be made."""
         job.attempts += 1
+        job.marked = job.ended = False
         sub = job.sub
         try:
             conn = await slot.get()
@@ -424,25 +456,55 @@ class DeliveryEngine:
             await self._failed_whole(job, exc, connecting=True)
             return False
         slot.mark_used()
+        outbox = self.outbox
+
+        async def in_flight() -> None:
+            # Marked before the mark is written: a cancel during the write may still let it
+            # land (to_thread cannot be stopped), and _abort must then clear it.
+            job.marked = True
+            assert outbox is not None
+            await asyncio.to_thread(outbox.mark_in_flight, sub.id)
+            # One turn of the event loop: a hang-up that already arrived is noticed before
+            # the "." is written (then the server cannot have the message: retried), not
+            # after (maybe delivered).
+            await asyncio.sleep(0)
+
         try:
             result = await conn.send(
                 sub.raw,
                 mail_from=sub.mail_from,
                 recipients=job.pending,
                 require_tls=sub.require_tls,
+                before_end=in_flight if outbox is not None else None,
             )
-        except RecipientsRefusedError as exc:
-            if not isinstance(exc.result, DeliveryResult):
-                await self._failed_whole(job, exc)
+        except asyncio.CancelledError:
+            job.ended = conn.end_of_data_sent
+            raise
+        except TransportError as exc:
+            if exc.maybe_delivered:
+                await slot.close()
+                job.ended = True
+                await self._maybe_delivered(job, exc)
                 return True
-            job.error = exc
-            await self._apply(job, exc.result)
-            return True
-        except DeliveryError as exc:
-            # MAIL or DATA refused (or a reply that closed the session): all pending recipients.
+            return await self._send_failed(slot, job, exc)
+        except MessageError as exc:
+            # Bad envelope or bytes: no retry can change them.
             await self._failed_whole(job, exc)
             return True
-        except TransportError as exc:
+        # The server has it: should recording that fail, the copy is maybe-delivered.
+        job.ended = True
+        await self._apply(job, result)
+        return True
+
+    async def _send_failed(self, slot: _Slot, job: _Job, exc: TransportError) -> bool:
+        """The transaction failed, and the server does not have the message."""
+        if isinstance(exc, RecipientsRefusedError) and isinstance(exc.result, DeliveryResult):
+            job.error = exc
+            await self._apply(job, exc.result)
+        elif isinstance(exc, DeliveryError):
+            # MAIL, DATA or every recipient refused (or a reply that closed the session).
+            await self._failed_whole(job, exc)
+        else:
             await slot.close()
             if not exc.transient:
                 # E.g. REQUIRETLS asked for and not offered: every copy would fail the same way.
@@ -452,12 +514,6 @@ class DeliveryEngine:
                 await self._finish(job, stopped=True)
                 return True
             await self._failed_whole(job, exc)
-            return True
-        except MessageError as exc:
-            # Bad envelope or bytes: no retry can change them.
-            await self._failed_whole(job, exc)
-            return True
-        await self._apply(job, result)
         return True
 
     # -- outcomes --------------------------------------------------------------------------
@@ -483,6 +539,31 @@ class DeliveryEngine:
             job.data_reply, job.tls = result.data_reply, result.tls
         job.pending = [a for a in job.pending if a in still]
         await self._next(job, delivered=delivered, failed=failed, pending=still)
+
+    async def _maybe_delivered(self, job: _Job, exc: TransportError) -> None:
+        """Interrupted after the end of data: the server may have the copy. Not retried (a
+        retry may deliver it twice): reported ``maybe-delivered`` and, with an outbox, left
+        there as such for the user to check and resend (``outbox retry --maybe-delivered``)
+        or drop."""
+        job.error = exc
+        for address in job.pending:
+            job.done[address] = RecipientOutcome(
+                address,
+                "maybe-delivered",
+                None,
+                f"{exc}; not sent again by itself, as that may deliver it twice",
+            )
+        pending: dict[str, SMTPReply | None] = dict.fromkeys(job.pending)
+        job.pending = []
+        if self.outbox is not None:
+            await asyncio.to_thread(
+                self.outbox.settle,
+                job.sub.id,
+                pending=pending,
+                error=f"maybe delivered: {exc}",
+                maybe_delivered=True,
+            )
+        await self._finish(job, recorded=True)
 
     async def _failed_whole(
         self, job: _Job, exc: E2EmailError, *, connecting: bool = False
@@ -525,7 +606,10 @@ class DeliveryEngine:
                 error=_error_text(job, failed),
                 retry_at=time.time() + delay if job.pending else None,
                 release=not retry,
+                # The server answered (or the data never ended): the outcome is known.
+                maybe_delivered=False,
             )
+        job.marked = job.ended = False
         if not retry:
             if job.pending and connecting and self._fatal is None and job.error is not None:
                 # Unreachable for this copy's every attempt: the next copies would only
@@ -583,13 +667,21 @@ class DeliveryEngine:
                 why = str(reason) if reason is not None else "not delivered"
             outcomes[address] = RecipientOutcome(address, "deferred", reply, why + suffix)
         undelivered = any(o.status != "delivered" for o in outcomes.values())
+        # Delivered, but recording that failed (the outbox could not be written): the copy
+        # must not stay an ordinary queued one, nor claimed by us: it is maybe-delivered.
+        unrecorded = not recorded and job.marked and job.ended
         kept = False
         try:
-            if self.outbox is not None and undelivered:
-                kept = True
+            if self.outbox is not None and (undelivered or unrecorded):
+                kept = undelivered
                 if not recorded:
                     await asyncio.to_thread(
-                        self.outbox.release, [job.sub.id], error=str(reason) if reason else None
+                        self.outbox.settle,
+                        job.sub.id,
+                        error=str(reason) if reason else None,
+                        attempted=False,
+                        release=True,
+                        maybe_delivered=job.settled_mark(),
                     )
         except Exception as exc:
             # The outbox cannot be written (disk full): the item stays claimed by this

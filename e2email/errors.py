@@ -45,6 +45,7 @@ __all__ = [
     "CryptoError",
     "DeliveryError",
     "E2EmailError",
+    "HeldError",
     "InsecurePathError",
     "InsecureTransportError",
     "KeyErrorBase",
@@ -181,6 +182,19 @@ class RecipientKeyError(KeyErrorBase):
         return tuple(p.address for p in self.problems)
 
 
+class HeldError(RecipientKeyError):
+    """A queued copy is held, not sent: a key (or certificate) it was encrypted to has been
+    revoked, has expired or is gone since it was queued. ``problems`` names each."""
+
+    def __init__(self, problems: Iterable[KeyProblem]) -> None:
+        super().__init__(problems)
+        listed = "; ".join(str(p) for p in self.problems)
+        self.args = (
+            f"held, not sent: encrypted to a key that is no longer fit since it was queued: "
+            f"{listed} (`e2email outbox drop` it and send the message again)",
+        )
+
+
 class SignerKeyError(KeyErrorBase):
     """The sender's signing key is missing or unusable."""
 
@@ -220,6 +234,10 @@ class TransportError(E2EmailError):
 
     #: Whether an error of this class without a server reply is worth retrying later.
     _transient_without_reply = False
+    #: True when the failure came after the end-of-data line was sent (a lost DATA reply, a
+    #: dropped connection, a timeout): the server may have accepted the message (RFC 5321
+    #: §6.1, RFC 1047), so sending it again may deliver a second copy. Set by the transport.
+    maybe_delivered: bool = False
 
     def __init__(
         self,

@@ -3,19 +3,29 @@
 A copy is stored *before* the first byte goes to the server and removed only when the server
 has accepted it for every recipient, in one transaction each, so a crash or ``kill -9`` at any
 moment loses nothing: what was not confirmed is still here and is sent again by the next run.
-The price is the usual one of SMTP (RFC 5321 §6.1): a copy whose 250 reply was lost in the
-crash is sent twice, never zero times.
+
+Except what may have arrived already: just before the end of a copy's data (the final ".")
+goes to the server, the copy is marked in flight (``maybe_since``, durably). A copy whose
+outcome was then never recorded (its 250 reply lost, a timeout, a drop, Ctrl-C, a crash, a
+failed write of the outcome) is :attr:`ItemState.MAYBE_DELIVERED`: RFC 5321 §6.1 leaves the
+client unable to know, and sending it again by itself would deliver a second copy whenever
+the server had it. It stays here, shown as such, until the user resends it
+(``claim(maybe_delivered=True)``, ``e2email outbox retry --maybe-delivered``) or drops it.
 
 Only protected bytes are stored (when encrypting: ciphertext), with their envelope, so the
-outbox holds no plaintext of an encrypted message. The file is created 0600 in a 0700 directory;
-SQLite gives its ``-wal`` and ``-shm`` files the same mode.
+outbox holds no plaintext of an encrypted message. The file is created 0600 in a 0700 directory
+(whatever the umask, :mod:`e2email.private`), and one that another user owns or that group or
+others may write is refused; SQLite gives its ``-wal`` and ``-shm`` files the same mode.
 
-Layout (``PRAGMA user_version`` 2):
+Layout (``PRAGMA user_version`` 4; older files are upgraded in place, see :func:`_migrate`):
 
 * ``items``: one row per protected copy: the exact bytes (up to 1 MiB), MAIL FROM, a JSON
-  ``meta`` (kind, Message-ID, signer, key fingerprints), state (``queued``, ``sending`` or
-  ``failed``), attempts, next-attempt time, the last error, the route (server and user) it was
-  meant for, and who has claimed it.
+  ``meta`` (kind, Message-ID, signer, the fingerprints and scheme of the keys it is encrypted
+  to, re-checked before a retry), state (``queued``, ``sending`` or ``failed``), attempts,
+  next-attempt time, the last error, the route (server and user) it was meant for, who has
+  claimed it, ``maybe_since`` (new in version 3: in flight past its end of data) and
+  ``account`` (new in version 4: the name of the configured account it was stored for, so
+  ``outbox retry`` finds its server again; a name, never a secret).
 * ``bodies`` (new in version 2): the bytes of larger copies (their ``items.raw`` is empty), in
   a row of their own with the blob as its last column. SQLite then writes and reads them piece
   by piece (incremental blob I/O), and an update of the item's state does not rewrite them: a
@@ -25,7 +35,10 @@ Layout (``PRAGMA user_version`` 2):
   the server's last reply. Only pending recipients are sent to again.
 * ``ledger``: for bulk sending, a digest per row of a batch (never the row's content) and
   whether its message is queued or done, so re-running an interrupted batch sends only what is
-  missing.
+  missing. The digests are keyed (HMAC) with a random secret kept *outside* the database, in
+  ``ledger.key`` beside it (0600): the outbox alone confirms no guessed template or value.
+  Once a batch is sent whole, its row entries are replaced by one entry for the batch
+  (:meth:`Outbox.finish_batch`).
 
 Two processes never send the same copy at the same time: a copy is *claimed* (state
 ``sending``, ``claimed_by`` the process) in an ``IMMEDIATE`` transaction before it is sent. A
@@ -38,6 +51,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -51,9 +66,12 @@ from pathlib import Path
 from typing import Any
 
 from e2email.errors import ConfigError, SMTPReply
+from e2email.private import check_private, ensure_private_dir, open_private, write_private
 
 __all__ = [
     "DEFAULT_FILENAME",
+    "LEDGER_KEY_FILENAME",
+    "LEGACY_LEDGER_KEY",
     "ItemState",
     "LedgerTaken",
     "NewItem",
@@ -67,8 +85,11 @@ __all__ = [
 
 #: The outbox's file name in e2email's home directory.
 DEFAULT_FILENAME = "outbox.sqlite3"
+#: The secret that keys the ledger's digests, beside the outbox but not in it.
+LEDGER_KEY_FILENAME = "ledger.key"
+_LEDGER_KEY_SIZE = 32
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 4
 
 #: How long a claim holds when its owner cannot be checked (another machine sharing the home).
 _DEFAULT_LEASE = 15 * 60.0
@@ -94,7 +115,9 @@ CREATE TABLE IF NOT EXISTS items (
     next_attempt  REAL NOT NULL,
     last_error    TEXT,
     claimed_by    TEXT,
-    claimed_until REAL
+    claimed_until REAL,
+    maybe_since   REAL,
+    account       TEXT
 );
 CREATE INDEX IF NOT EXISTS items_ledger ON items (ledger_key);
 CREATE TABLE IF NOT EXISTS bodies (
@@ -116,6 +139,9 @@ CREATE TABLE IF NOT EXISTS ledger (
     state   TEXT NOT NULL CHECK (state IN ('queued', 'done')),
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ledger_key (
+    checksum TEXT NOT NULL
+);
 """
 
 
@@ -123,7 +149,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 _COLUMNS = (
     "id, state, mail_from, message_id, kind, attempts, created, next_attempt, last_error, route,"
     " ledger_key, length(raw) + ifnull((SELECT length(b.raw) FROM bodies b"
-    " WHERE b.item_id = items.id), 0), meta, claimed_by"
+    " WHERE b.item_id = items.id), 0), meta, claimed_by, maybe_since, claimed_until, account"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM items WHERE id = ?"  # noqa: S608 - constants only
 _SELECT_WITH_RAW = (
@@ -181,6 +207,12 @@ class ItemState(enum.Enum):
     #: The server refused it permanently for every recipient not yet delivered (5xx); kept
     #: until the user retries or drops it.
     FAILED = "failed"
+    #: Interrupted after the end of its data was sent (a lost or late reply to the final
+    #: ".", a dropped connection, a crash, Ctrl-C, or the acceptance could not be recorded):
+    #: the server may have it already, so it is not sent again unless asked for
+    #: (``claim(maybe_delivered=True)``, ``e2email outbox retry --maybe-delivered``).
+    #: Never stored as such: an item with ``maybe_since`` set that no live process is sending.
+    MAYBE_DELIVERED = "maybe-delivered"
 
 
 class RecipientState(enum.Enum):
@@ -230,6 +262,12 @@ class OutboxItem:
     meta: Mapping[str, Any]
     claimed_by: str | None = None
     raw: bytes | None = field(default=None, repr=False)
+    #: When the end of its data was (about to be) sent in the attempt whose result is not
+    #: known; ``None`` when no such attempt is outstanding. See ItemState.MAYBE_DELIVERED.
+    maybe_since: float | None = None
+    #: The configured account (``[accounts.NAME]``) it was stored for; None: stored without
+    #: one (server options on the command line, or an outbox older than schema 4).
+    account: str | None = None
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -289,6 +327,37 @@ def _owner_alive(owner: str) -> bool | None:
     return state not in ("Z", "X") and (not start or started == start)
 
 
+#: ``items.ledger_key`` of the copies of a batch stored by e2email before schema 3, whose
+#: ledger held unkeyed digests (see :func:`_migrate`).
+LEGACY_LEDGER_KEY = "legacy"
+
+
+def _migrate(db: sqlite3.Connection, version: int) -> None:
+    """Bring an outbox of schema ``version`` up to the current one, in the caller's
+    transaction; queued items are kept as they are.
+
+    Version 4: items get ``account`` (NULL for those stored before).
+
+    Version 3: items get ``maybe_since``. The ledger of earlier versions holds unkeyed SHA-256
+    digests of batch texts and row values (a plaintext oracle), which must not be taken for
+    the keyed ones now used: its rows are deleted, and the copies of an unfinished batch stay
+    queued but lose their digest (their ``ledger_key`` becomes :data:`LEGACY_LEDGER_KEY`):
+    ``outbox retry`` sends them, and a batch run refuses to start while they wait, since it
+    could not tell their rows from unsent ones.
+    """
+    columns = {row[1] for row in db.execute("PRAGMA table_info(items)")}
+    if "maybe_since" not in columns:
+        db.execute("ALTER TABLE items ADD COLUMN maybe_since REAL")
+    if "account" not in columns:
+        # Version 4: the account an item was stored for. Existing items keep their route.
+        db.execute("ALTER TABLE items ADD COLUMN account TEXT")
+    if version < 3:
+        db.execute("DELETE FROM ledger")
+        db.execute(
+            "UPDATE items SET ledger_key = ? WHERE ledger_key IS NOT NULL", (LEGACY_LEDGER_KEY,)
+        )
+
+
 def same_route(stored: str | None, route: str) -> bool:
     """Is a copy stored for route ``stored`` (``user@host`` or ``host``) meant for ``route``?
     Host names compare case-insensitively (RFC 5321 §2.4; DNS names are), and so does the
@@ -307,9 +376,17 @@ class Outbox:
     async callers run them with ``asyncio.to_thread``. Several processes may use the same file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, lease: float = _DEFAULT_LEASE) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lease: float = _DEFAULT_LEASE,
+        account: str | None = None,
+    ) -> None:
         self.path = Path(path)
         self.lease = lease
+        #: The account name recorded with each item stored (see :meth:`add`); None: none.
+        self.account = account
         self.owner = _this_process()
         self._lock = threading.RLock()
         self._db = self._open()
@@ -325,12 +402,17 @@ class Outbox:
     # -- opening ---------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Create the file ourselves with mode 0600: SQLite would use 0644 (less the umask),
+        # Whoever may write the folder or the file can swap or add a queued message (and read
+        # envelopes): like ssh with ~/.ssh, refuse a loose or foreign one (InsecurePathError).
+        ensure_private_dir(self.path.parent, what="the outbox folder")
+        for companion in (self.path, *(Path(f"{self.path}{s}") for s in ("-wal", "-shm"))):
+            if companion.exists():
+                check_private(companion, what="the outbox")
+        if not self.path.exists():
+            # Created here 0600 whatever the umask: SQLite would use 0644 (less the umask),
             # and it gives the -wal and -shm files the mode of the database file.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            open_private(self.path, "ab").close()
+        try:
             db = sqlite3.connect(
                 self.path, timeout=30.0, isolation_level=None, check_same_thread=False
             )
@@ -354,6 +436,10 @@ class Outbox:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                # Read again inside the write lock: another process may have upgraded it.
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if 0 < version < _SCHEMA_VERSION:
+                    _migrate(db, version)
                 db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
                 db.execute(
                     "DELETE FROM ledger WHERE state = 'done' AND updated < ?",
@@ -418,6 +504,7 @@ class Outbox:
         route: str | None = None,
         claim: bool = True,
         ledger: tuple[str, str] | None = None,
+        account: str | None = None,
     ) -> tuple[str, ...]:
         """Store ``items`` in one transaction and return their IDs.
 
@@ -425,8 +512,10 @@ class Outbox:
         about to send them. ``ledger`` is ``(batch, key)``: the items are recorded as that batch
         row's message, in the same transaction, so a rerun knows the row is taken care of;
         when the ledger already has that key (done, or with items stored) nothing is stored
-        and :class:`LedgerTaken` is raised.
+        and :class:`LedgerTaken` is raised. ``account`` (default: :attr:`account`) is the
+        configured account they are meant for, recorded with them.
         """
+        account = account if account is not None else self.account
         now = time.time()
         ids: list[str] = []
         with self._write() as db:
@@ -449,8 +538,8 @@ class Outbox:
                 item_id = self._new_id(db)
                 db.execute(
                     "INSERT INTO items (id, created, updated, state, raw, mail_from, message_id,"
-                    " kind, meta, route, ledger_key, next_attempt, claimed_by, claimed_until)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " kind, meta, route, ledger_key, next_attempt, claimed_by, claimed_until,"
+                    " account) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         item_id,
                         now,
@@ -466,6 +555,7 @@ class Outbox:
                         now,
                         self.owner if claim else None,
                         now + self.lease if claim else None,
+                        account,
                     ),
                 )
                 db.executemany(
@@ -513,6 +603,7 @@ class Outbox:
         include_failed: bool = True,
         due_only: bool = False,
         limit: int | None = None,
+        maybe_delivered: bool = False,
     ) -> tuple[OutboxItem, ...]:
         """Claim items for sending (with their bytes) and return them, oldest first.
 
@@ -520,19 +611,22 @@ class Outbox:
         ``route``, or those of the given ``ledger_keys``. Items another live process has
         claimed are skipped. ``include_failed`` also takes items the server refused, resetting
         their refused recipients to pending; ``due_only`` only items whose retry time passed.
+        Items that may have been delivered already (:attr:`ItemState.MAYBE_DELIVERED`, also
+        one a crashed process left in flight) are left alone unless ``maybe_delivered``:
+        sending them again may deliver a second copy.
         """
         now = time.time()
         with self._write() as db:
             rows = db.execute(
-                "SELECT id, state, claimed_by, claimed_until, route, ledger_key, next_attempt"
-                " FROM items ORDER BY created, rowid"
+                "SELECT id, state, claimed_by, claimed_until, route, ledger_key, next_attempt,"
+                " maybe_since FROM items ORDER BY created, rowid"
             ).fetchall()
             wanted: set[str] | None = None
             if ids is not None:
                 wanted = {self._resolve_id(db, i) for i in ids}
             keys = set(ledger_keys) if ledger_keys is not None else None
             chosen: list[str] = []
-            for item_id, state, by, until, item_route, key, next_attempt in rows:
+            for item_id, state, by, until, item_route, key, next_attempt, maybe in rows:
                 if wanted is not None and item_id not in wanted:
                     continue
                 if wanted is None and route is not None and not same_route(item_route, route):
@@ -545,13 +639,17 @@ class Outbox:
                     continue
                 if not self._claimable(state, by, until):
                     continue
+                if maybe is not None and not maybe_delivered:
+                    continue
                 chosen.append(item_id)
                 if limit is not None and len(chosen) >= limit:
                     break
             for item_id in chosen:
+                # A maybe-delivered item claimed on request is an ordinary one again: the next
+                # attempt marks it anew just before its end of data (mark_in_flight).
                 db.execute(
                     "UPDATE items SET state = 'sending', claimed_by = ?, claimed_until = ?,"
-                    " updated = ? WHERE id = ?",
+                    " updated = ?, maybe_since = NULL WHERE id = ?",
                     (self.owner, now + self.lease, now, item_id),
                 )
                 if include_failed:
@@ -591,6 +689,7 @@ class Outbox:
         attempted: bool = True,
         retry_at: float | None = None,
         release: bool = False,
+        maybe_delivered: bool | None = None,
     ) -> bool:
         """Record what one attempt did, in one transaction; True if the item is gone.
 
@@ -599,6 +698,11 @@ class Outbox:
         failed any more the item is deleted (and its ledger row marked done): this is the only
         way an item leaves the outbox besides :meth:`drop`. Otherwise it stays claimed, or with
         ``release`` goes back to ``queued`` (or ``failed`` when nothing is pending).
+
+        ``maybe_delivered``: True when the attempt was interrupted after the end of data (the
+        item is released, :attr:`ItemState.MAYBE_DELIVERED`); False when its outcome is known
+        (the in-flight mark of :meth:`mark_in_flight` is cleared); None leaves the mark as it
+        is (a release without an attempt).
         """
         now = time.time()
         with self._write() as db:
@@ -654,6 +758,12 @@ class Outbox:
             if retry_at is not None:
                 sets.append("next_attempt = ?")
                 params.append(retry_at)
+            if maybe_delivered:
+                sets.append("maybe_since = ifnull(maybe_since, ?)")
+                params.append(now)
+                release = True
+            elif maybe_delivered is not None:
+                sets.append("maybe_since = NULL")
             if release or not counts.get("pending"):
                 state = "queued" if counts.get("pending") else "failed"
                 sets.append("state = ?, claimed_by = NULL, claimed_until = NULL")
@@ -663,6 +773,14 @@ class Outbox:
                 params.append(max(now, retry_at or now) + self.lease)
             db.execute(f"UPDATE items SET {', '.join(sets)} WHERE id = ?", (*params, item_id))  # noqa: S608
             return False
+
+    def mark_in_flight(self, item_id: str) -> None:
+        """Record, durably, that the end of ``item_id``'s data is about to be sent: from now on
+        the server may have it. Cleared by :meth:`settle` once the outcome is known; if the
+        process dies (or cannot record the outcome) first, the item is found
+        :attr:`ItemState.MAYBE_DELIVERED`, never sent again by itself."""
+        with self._write() as db:
+            db.execute("UPDATE items SET maybe_since = ? WHERE id = ?", (time.time(), item_id))
 
     def release(self, ids: Iterable[str], *, error: str | None = None) -> None:
         """Give claimed items back (state ``queued``, or ``failed`` if nothing is pending)
@@ -684,9 +802,16 @@ class Outbox:
                 (item_id,),
             )
         )
+        state = ItemState(row[1])
+        maybe_since = row[14]
+        if maybe_since is not None and (
+            state is not ItemState.SENDING or self._claimable(row[1], row[13], row[15])
+        ):
+            # In flight when its sender died, or released after an interrupted end of data.
+            state = ItemState.MAYBE_DELIVERED
         return OutboxItem(
             id=row[0],
-            state=ItemState(row[1]),
+            state=state,
             mail_from=row[2],
             message_id=row[3],
             kind=row[4],
@@ -700,7 +825,9 @@ class Outbox:
             size=row[11],
             meta=json.loads(row[12]),
             claimed_by=row[13],
-            raw=(bytes(row[14]) if row[15] is None else _read_body(db, row[15])) if raw else None,
+            raw=(bytes(row[17]) if row[18] is None else _read_body(db, row[18])) if raw else None,
+            maybe_since=maybe_since,
+            account=row[16],
         )
 
     def get(self, item_id: str, *, raw: bool = True) -> OutboxItem:
@@ -708,10 +835,17 @@ class Outbox:
         with self._read() as db:
             return self._load(db, self._resolve_id(db, item_id), raw=raw)
 
-    def items(self) -> tuple[OutboxItem, ...]:
-        """Every item, oldest first, without the bytes."""
+    def items(self, *, ledger_key: str | None = None) -> tuple[OutboxItem, ...]:
+        """Every item (or those of one batch row), oldest first, without the bytes."""
         with self._read() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM items ORDER BY created, rowid")]
+            if ledger_key is None:
+                cursor = db.execute("SELECT id FROM items ORDER BY created, rowid")
+            else:
+                cursor = db.execute(
+                    "SELECT id FROM items WHERE ledger_key = ? ORDER BY created, rowid",
+                    (ledger_key,),
+                )
+            ids = [r[0] for r in cursor]
             return tuple(self._load(db, i, raw=False) for i in ids)
 
     def __len__(self) -> int:
@@ -740,6 +874,112 @@ class Outbox:
             return item
 
     # -- the batch ledger ------------------------------------------------------------------
+
+    def ledger_secret(self) -> bytes:
+        """The 32-byte secret that keys the ledger's digests (:func:`e2email.bulk.row_key`):
+        the file ``ledger.key`` beside the outbox, created 0600 on first use. It is kept out
+        of the database, so a copy of the outbox alone (a backup, a stolen disk image of the
+        file) cannot confirm a guessed batch text or row value. Losing it only makes the
+        ledger forget which rows were sent."""
+        path = self.path.parent / LEDGER_KEY_FILENAME
+        try:
+            if not path.exists():
+                # Written whole under a private name, then linked in place: a concurrent run
+                # either wins the link or reads the winner's key, never half a file.
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+                write_private(tmp, secrets.token_bytes(_LEDGER_KEY_SIZE))
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass
+                finally:
+                    tmp.unlink(missing_ok=True)
+            check_private(path, what="the batch ledger key")
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)  # a secret: readable by us alone (checked ours above)
+            data = path.read_bytes()
+        except OSError as exc:
+            raise OutboxError(f"cannot use the batch ledger key {path}: {exc}") from exc
+        if len(data) != _LEDGER_KEY_SIZE:
+            raise OutboxError(
+                f"the batch ledger key {path} is damaged ({len(data)} bytes, not "
+                f"{_LEDGER_KEY_SIZE}); move it away to start a new ledger (a rerun of an "
+                "unfinished batch then sends every row again)"
+            )
+        self._check_ledger_key(data, path)
+        return data
+
+    def _check_ledger_key(self, secret: bytes, path: Path) -> None:
+        """The ledger remembers (as a keyed checksum, never the key) which key made it: with
+        another key (``ledger.key`` lost, or the outbox copied without it) no entry would
+        match, and a rerun of an unfinished batch would send its sent rows again."""
+        checksum = hmac.new(secret, b"e2email batch ledger key", hashlib.sha256).hexdigest()
+        with self._write() as db:
+            row = db.execute("SELECT checksum FROM ledger_key").fetchone()
+            if row is not None and row[0] == checksum:
+                return
+            if row is not None and db.execute("SELECT 1 FROM ledger LIMIT 1").fetchone():
+                raise OutboxError(
+                    f"the batch ledger key {path} is not the one this outbox's ledger was made "
+                    "with (lost or replaced?): reruns could not tell the rows already sent. "
+                    "Put the right one back, or run `e2email outbox forget-batches` to start "
+                    "a new ledger (a rerun of an unfinished batch then sends every row again)"
+                )
+            db.execute("DELETE FROM ledger_key")
+            db.execute("INSERT INTO ledger_key (checksum) VALUES (?)", (checksum,))
+
+    def forget_batches(self) -> int:
+        """Forget every batch: the ledger's entries (and which key made them) are deleted,
+        queued copies stay. Returns how many entries there were."""
+        with self._write() as db:
+            count = int(db.execute("SELECT count(*) FROM ledger").fetchone()[0])
+            db.execute("DELETE FROM ledger")
+            db.execute("DELETE FROM ledger_key")
+            return count
+
+    def finish_batch(self, batch: str, completion: str) -> bool:
+        """Batch ``batch`` was sent whole: replace its per-row ledger entries with the one
+        entry ``completion`` (see :func:`e2email.bulk.completion_key`), in one transaction.
+        False (nothing changed) while a row of it is still queued or stored."""
+        with self._write() as db:
+            busy = db.execute(
+                "SELECT 1 FROM ledger WHERE batch = ? AND (state = 'queued' OR key IN"
+                " (SELECT ledger_key FROM items WHERE ledger_key IS NOT NULL)) LIMIT 1",
+                (batch,),
+            ).fetchone()
+            if busy is not None:
+                return False
+            db.execute("DELETE FROM ledger WHERE batch = ?", (batch,))
+            db.execute(
+                "INSERT INTO ledger (key, batch, state, updated) VALUES (?, ?, 'done', ?)"
+                " ON CONFLICT (key) DO UPDATE SET state = 'done', updated = excluded.updated",
+                (completion, batch, time.time()),
+            )
+            return True
+
+    def batch_completions(self, batch: str) -> dict[str, float]:
+        """The completion entries (``complete:...`` keys, see :meth:`finish_batch`) of batch
+        ``batch``, with when each was recorded."""
+        with self._read() as db:
+            return {
+                str(key): float(updated)
+                for key, updated in db.execute(
+                    "SELECT key, updated FROM ledger WHERE batch = ? AND key LIKE 'complete:%'",
+                    (batch,),
+                )
+            }
+
+    def legacy_batch_items(self) -> tuple[str, ...]:
+        """IDs of copies stored by a batch run of an e2email older than schema 3 (whose ledger
+        was dropped when the outbox was upgraded, see :func:`_migrate`)."""
+        with self._read() as db:
+            return tuple(
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM items WHERE ledger_key = ? ORDER BY created, rowid",
+                    (LEGACY_LEDGER_KEY,),
+                )
+            )
 
     def ledger_state(self, key: str) -> str | None:
         """``"queued"``, ``"done"`` or ``None`` (never seen) for a batch row's key."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import importlib
 import logging
 import os
 import socket
@@ -39,9 +38,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+from e2email.accounts import ConfigFileError, load_config
 from e2email.certstore import CertStore
 from e2email.client import AsyncMailer, SendResult
 from e2email.config import (
+    HOME_ENV,
     Protection,
     RetryPolicy,
     SMTPSettings,
@@ -616,27 +617,26 @@ def _mailer_from_options(invocation: Invocation) -> AsyncMailer:
 
 
 def _mailer_from_account(invocation: Invocation) -> tuple[AsyncMailer, str | None]:
-    """A mailer from an account of the accounts file (e2email.accounts), and the account's
-    own address: ``--account``, else the account whose ``from`` matches ``-f``, else the
-    default account (msmtp's rule)."""
-    try:
-        accounts = importlib.import_module("e2email.accounts")
-    except ImportError:
-        raise ConfigError("no server: give --host (accounts files need a newer e2email)") from None
-    config = accounts.load_config(invocation.config)
+    """A mailer from an account of the accounts file, and the account's own address:
+    ``--account``, else the account whose ``from`` matches ``-f`` (or, failing that, the
+    default account: msmtp's rule, :meth:`Config.for_sender`), else the default account.
+    ``--home`` (or ``E2EMAIL_HOME``) and ``--gnupg-home`` win over the account's, as in the
+    other commands."""
+    config = load_config(invocation.config)
     if invocation.account is None and invocation.envelope_from is not None:
         account = config.for_sender(invocation.envelope_from)
     else:
         account = config.account(invocation.account)
-    # AsyncMailer.from_account comes with e2email.accounts (looked up, not imported, until
-    # both are merged).
-    from_account = getattr(AsyncMailer, "from_account")  # noqa: B009
-    mailer: AsyncMailer = from_account(account, config=invocation.config, outbox=True)
-    if getattr(account, "retry", None) is None:
+    home = invocation.home or (Path(os.environ[HOME_ENV]) if os.environ.get(HOME_ENV) else None)
+    if home is not None:
+        account = replace(account, home=home)
+    if invocation.gnupg_home is not None:
+        account = replace(account, gnupg_home=invocation.gnupg_home)
+    mailer = AsyncMailer.from_account(account, config=invocation.config, outbox=True)
+    if account.retry is None:
         # Retries the account asks for are its own choice; otherwise one attempt.
         mailer.retry = _RETRY
-    sender = account.sender
-    return mailer, sender if isinstance(sender, str) else None
+    return mailer, account.sender
 
 
 def _save_draft(home: Path, raw: bytes) -> Path:
@@ -734,7 +734,13 @@ def run(
             extra = _draft_note(home, raw)
         else:
             extra = ""
-        _say(f"error: {exc}{extra}")
+        if isinstance(exc, ConfigFileError):
+            # One line per mistake in the accounts file, each with its file and line.
+            for problem in exc.problems[:-1]:
+                _say(f"error: {problem}")
+            _say(f"error: {exc.problems[-1]}{extra}")
+        else:
+            _say(f"error: {exc}{extra}")
         return code
     except KeyboardInterrupt:
         stored = mailer.last_stored if mailer is not None else ()

@@ -128,9 +128,9 @@ class TestCA:
 
 
 FaultStage = Literal["connect", "ehlo", "mail", "rcpt", "data", "data-end"]
-FaultAction = Literal["reply", "drop", "stall"]
+FaultAction = Literal["reply", "drop", "stall", "accept-drop"]
 _STAGES = ("connect", "ehlo", "mail", "rcpt", "data", "data-end")
-_ACTIONS = ("reply", "drop", "stall")
+_ACTIONS = ("reply", "drop", "stall", "accept-drop")
 
 
 @dataclass(frozen=True)
@@ -150,9 +150,14 @@ class Fault:
     * ``"reply"``: answer ``code text`` instead of the normal reply (at ``"connect"`` that is
       the greeting). After a 421 the server closes the connection (RFC 5321 §3.8).
     * ``"drop"``: close the connection abruptly, without a reply. At ``"data"`` the server first
-      says 354 and reads part of the message: a drop in the middle of DATA.
+      says 354 and reads part of the message: a drop in the middle of DATA. (A client that
+      sent a small message whole, final "." included, before it saw the hang-up cannot tell
+      this from a lost reply: for it the message is maybe delivered.)
     * ``"stall"``: wait ``seconds`` before answering normally (to exceed client timeouts). A
       client that gives up during a stall at ``"data-end"`` leaves no message behind.
+    * ``"accept-drop"`` (``"data-end"`` only): accept the message (it is in
+      :attr:`LoopbackSMTPServer.messages`), then close the connection before the 250 reply
+      goes out: the reply lost after the final ".", when a retry would deliver a second copy.
 
     ``address`` (``"rcpt"`` only) makes the fault fire only for that recipient
     (case-insensitive). ``times`` is how often it fires in the server's lifetime, counted
@@ -181,6 +186,8 @@ class Fault:
             raise ValueError("a 'reply' fault needs an SMTP code (200-599)")
         if any(c in self.text for c in "\r\n"):
             raise ValueError("fault text must be one line")
+        if self.action == "accept-drop" and self.stage != "data-end":
+            raise ValueError("'accept-drop' applies only to the 'data-end' stage")
         if self.address is not None and self.stage != "rcpt":
             raise ValueError("address applies only to the 'rcpt' stage")
         if self.times is not None and self.times < 1:
@@ -280,7 +287,7 @@ class _Handler:
             return "451 4.3.0 test server got no raw bytes"
         owner = self._owner
         fault = owner._take_fault("data-end")
-        if fault is not None:
+        if fault is not None and fault.action != "accept-drop":
             proto: _RecordingSMTP = server
             reply = await proto._apply_fault(fault)
             if reply is not None:
@@ -307,6 +314,9 @@ class _Handler:
                 )
             )
             number = len(owner.messages)
+        if fault is not None and fault.action == "accept-drop":  # taken; the reply is lost
+            dropping: _RecordingSMTP = server
+            await dropping._drop()
         # Stored before the 250 goes out, so a client that has its 250 sees the message.
         return f"250 2.0.0 OK queued as TEST{number}"
 

@@ -5,14 +5,17 @@ is missing. The CLI runs as a real process against a real TLS server."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,9 +32,19 @@ from pgp_helpers import (
 )
 from test_cli import e2email, send_args
 
-from e2email.bulk import BadRow, ReportWriter, Row, Template, build_messages, read_rows
+from e2email.bulk import (
+    BadRow,
+    ReportWriter,
+    Row,
+    Template,
+    batch_digest,
+    build_messages,
+    read_rows,
+    row_key,
+)
 from e2email.errors import ConfigError
 from e2email.keystore import Keystore
+from e2email.outbox import NewItem, Outbox
 from e2email.testing import LoopbackSMTPServer
 
 ServerFactory = Callable[..., LoopbackSMTPServer]
@@ -74,6 +87,18 @@ def test_placeholders_must_name_columns() -> None:
     tpl.check_columns(["email", "name", "amount", "nope"])
     with pytest.raises(ConfigError, match=r"\$nope.*columns: email, name, amount"):
         tpl.check_columns(["email", "name", "amount"])
+
+
+def test_format_style_braces_naming_columns_are_refused_when_no_dollar_placeholder() -> None:
+    """`{name}` is not a placeholder (only `$name`/`${name}` are): a template that writes
+    column names in braces and no `$` placeholder would send the same literal text to every
+    row (the old code did), so it is refused naming them and the spelling to use. Braces that
+    name no column, or a template that uses `$` placeholders, are left alone."""
+    tpl = Template.parse("Subject: Invoice for {Name}\n\nDear {name}, you owe { amount }.\n")
+    with pytest.raises(ConfigError, match=r"\{Name\}, \{amount\}, \{name\}.*\$amount, \$name"):
+        tpl.check_columns(["email", "name", "amount"])
+    Template(body="function f() {return 1;} {nocolumn}").check_columns(["email", "name"])
+    Template(body="Dear ${name}, {literal}").check_columns(["email", "name", "literal"])
 
 
 def test_rows_are_read_lazily_and_bad_rows_reported() -> None:
@@ -122,7 +147,7 @@ def test_batch_digest_is_the_same_in_every_process_whatever_the_hash_seed() -> N
         from e2email.config import Protection, Scheme
         fprs = frozenset(c * 64 for c in "0123456789ABCDEF")
         prot = Protection(scheme=Scheme.SMIME, smime_trust_self_signed=fprs)
-        print(batch_digest(sender="a@example.org", template=Template(body="x"),
+        print(batch_digest(secret=b"k" * 32, sender="a@example.org", template=Template(body="x"),
                            options={"protection": prot, "batch": ""}))
         """
     )
@@ -139,6 +164,44 @@ def test_batch_digest_is_the_same_in_every_process_whatever_the_hash_seed() -> N
     assert len(digests) == 1 and len(next(iter(digests))) == 64
 
 
+def test_ledger_digests_are_keyed_so_the_outbox_is_no_plaintext_oracle() -> None:
+    """The batch and row digests are HMACs under a secret: without it, neither a guessed
+    template nor a guessed row value can be confirmed from the ledger (the old code stored
+    plain SHA-256 of both, so a small value fell to brute force in under a second)."""
+    template = Template(subject="Salary", body="Your salary is $amount.")
+    row = Row(1, {"email": "b@example.net", "amount": "4200"})
+
+    def keys(secret: bytes) -> tuple[str, str]:
+        batch = batch_digest(secret=secret, sender="a@example.org", template=template)
+        return batch, row_key(batch, row, secret=secret)
+
+    one, two = keys(b"1" * 32), keys(b"2" * 32)
+    assert one == keys(b"1" * 32)  # stable for a rerun with the same secret
+    assert one[0] != two[0] and one[1] != two[1]
+    # What an unkeyed digest of the same inputs would be matches nothing stored.
+    plain_batch = hashlib.sha256(
+        json.dumps(
+            {
+                "sender": "a@example.org",
+                "subject": template.subject,
+                "body": template.body,
+                "html": None,
+                "attachments": [],
+                "options": {},
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    assert plain_batch not in one
+    guesses = {
+        hashlib.sha256(
+            one[0].encode() + json.dumps(sorted({**row.values, "amount": str(n)}.items())).encode()
+        ).hexdigest()
+        for n in range(10_000)
+    }
+    assert one[1] not in guesses
+
+
 def test_report_writer_streams_csv_and_json() -> None:
     """The report is valid CSV or JSON with the same fields, written entry by entry."""
     for as_json in (False, True):
@@ -153,6 +216,40 @@ def test_report_writer_streams_csv_and_json() -> None:
             entries = list(csv.DictReader(io.StringIO(out.getvalue())))
         assert [e["status"] for e in entries] == ["delivered", "failed"]
         assert entries[1]["outbox_ids"] in (["ab"], "ab")
+
+
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_csv_report_cells_that_would_start_a_formula_are_escaped(start: str) -> None:
+    """OWASP CSV injection: a value from the CSV file or a server reply that begins with
+    `=`, `+`, `-`, `@`, tab or CR is written with a leading `'` so a spreadsheet shows it as
+    text; the JSON report keeps values as they are."""
+    evil = f'{start}HYPERLINK("http://evil.example/","x")'
+    out = io.StringIO()
+    writer = ReportWriter(out)
+    writer.write(row=1, email=evil, status="failed", detail=evil, message_id=evil)
+    writer.close()
+    (entry,) = list(csv.DictReader(io.StringIO(out.getvalue())))
+    for key in ("email", "detail", "message_id"):
+        assert entry[key] == "'" + evil
+    assert entry["row"] == "1" and entry["status"] == "failed"
+    out = io.StringIO()
+    writer = ReportWriter(out, as_json=True)
+    writer.write(row=1, email=evil, status="failed")
+    writer.close()
+    assert json.loads(out.getvalue())[0]["email"] == evil
+
+
+def test_the_report_file_is_created_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The report names every recipient: 0600 even under umask 0 (the old code: 0666 less
+    the umask)."""
+    old = os.umask(0)
+    try:
+        writer, fh = ReportWriter.for_path(tmp_path / "report.csv")
+        writer.close()
+        fh.close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.csv").stat().st_mode & 0o777 == 0o600
 
 
 # -- the command line --------------------------------------------------------------------------
@@ -365,3 +462,153 @@ def test_row_values_with_cr_lf_are_escaped_when_echoed(
     assert "bad\\r\\nrow 9 forged" in done.stdout
     assert not any(line.startswith("row 9") for line in done.stdout.splitlines())
     assert server.messages == []
+
+
+def test_a_format_style_template_stops_the_batch_before_anything_is_sent(
+    bulk_home: Path, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """`--template` written with `{name}`: exit 2 with one line naming `$name`, no connection
+    made (the old code sent "Dear {name}" literally to every row)."""
+    server = smtp_server()
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email,name\nbob@example.net,Bob\n")
+    template = tmp_path / "t.txt"
+    template.write_text("Subject: For {name}\n\nDear {name},\nhello.\n")
+    done = e2email(
+        *send_args(server, "--to-file", str(rows), "--template", str(template), "--no-encrypt"),
+        home=bulk_home,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "write $name" in done.stderr and "Traceback" not in done.stderr
+    assert server.transcript == []
+
+
+def test_a_batch_sent_whole_leaves_one_keyed_ledger_entry_and_reruns_send_nothing(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Once every row is delivered the row entries are dropped: the ledger keeps one entry
+    for the batch, keyed with the secret in HOME/ledger.key (0600, not in the database), and
+    no digest of the text or a row that could be checked without it. A rerun of the same
+    command sends nothing; a rerun with a changed file under the same batch identity is
+    refused (exit 2, pointing at --batch) instead of sending every row again."""
+    home = tmp_path / "home"
+    server = smtp_server()
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email,amount\nb@example.net,4200\nc@example.com,3900\n")
+    args = send_args(
+        server, "--to-file", str(rows), "--body", "you get $amount", "--no-encrypt", "--no-sign"
+    )
+    done = e2email(*args, home=home)
+    assert done.returncode == 0, done.stderr
+    assert len(server.messages) == 2
+    key_file = home / "ledger.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_bytes()) == 32
+    with sqlite3.connect(home / "outbox.sqlite3") as db:
+        ledger = db.execute("SELECT key, state FROM ledger").fetchall()
+    assert len(ledger) == 1 and ledger[0][0].startswith("complete:") and ledger[0][1] == "done"
+    stored = (home / "outbox.sqlite3").read_bytes()
+    assert key_file.read_bytes() not in stored
+
+    again = e2email(*args, home=home)
+    assert again.returncode == 0, again.stderr
+    assert "2 already sent earlier" in again.stdout and len(server.messages) == 2
+
+    rows.write_text("email,amount\nb@example.net,4200\nc@example.com,3900\nd@example.org,1\n")
+    changed = e2email(*args, home=home)
+    assert changed.returncode == 2 and "--batch NAME" in changed.stderr, changed.stderr
+    assert len(server.messages) == 2
+    new_name = e2email(*args, "--batch", "with d", home=home)
+    assert new_name.returncode == 0 and len(server.messages) == 5
+
+
+def test_an_old_unkeyed_ledger_is_not_reused_and_its_queued_copies_are_kept(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """An outbox of schema 2 (unkeyed SHA-256 ledger): upgrading deletes the old ledger
+    (never taken for keyed entries) and keeps every queued copy, marked as of an old batch.
+    A batch run then refuses to start (it could not tell those rows from unsent ones)
+    until `outbox retry` has sent them."""
+    home = tmp_path / "home"
+    with Outbox.in_home(home) as box:
+        box.add(
+            [NewItem(b"x\r\n", "a@example.org", ("b@example.net",), "m@x")],
+            claim=False,
+            ledger=("0123456789abcdef", "ab" * 32),
+        )
+    with sqlite3.connect(home / "outbox.sqlite3") as db:
+        db.execute("ALTER TABLE items DROP COLUMN maybe_since")
+        db.execute("INSERT INTO ledger VALUES (?, 'old', 'done', ?)", ("cd" * 32, time.time()))
+        db.execute("PRAGMA user_version=2")
+    with Outbox.in_home(home) as box:
+        (kept,) = box.items()
+        assert kept.ledger_key == "legacy" and kept.pending == ("b@example.net",)
+        assert box.ledger_state("ab" * 32) is None and box.ledger_state("cd" * 32) is None
+    server = smtp_server()
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email\nc@example.com\n")
+    args = send_args(server, "--to-file", str(rows), "--body", "hi", "--no-encrypt", "--no-sign")
+    refused = e2email(*args, home=home)
+    assert refused.returncode == 2 and "outbox retry" in refused.stderr, refused.stderr
+    assert server.messages == []
+    retried = e2email(
+        "outbox", "retry", *args[args.index("--host") : args.index("--to-file")], home=home
+    )
+    assert retried.returncode == 0, retried.stderr
+    assert e2email(*args, home=home).returncode == 0
+    assert sorted(m.rcpt_tos for m in server.messages) == [("b@example.net",), ("c@example.com",)]
+
+
+def test_the_subject_comes_from_a_file_not_the_command_line(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A confidential subject need not be in the process table: with --to-file it comes from
+    the --template file's header block or from --subject-file (which the old code ignored in
+    a batch: every message went out without the subject); giving it twice is refused."""
+    home = tmp_path / "home"
+    server = smtp_server()
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email,name\nb@example.net,Bob\n")
+    subject = tmp_path / "subject.txt"
+    subject.write_text("Layoffs for $name\n")
+    base = ["--to-file", str(rows), "--no-encrypt", "--no-sign"]
+    by_file = e2email(
+        *send_args(server, *base, "--body", "hi", "--subject-file", str(subject)), home=home
+    )
+    assert by_file.returncode == 0, by_file.stderr
+    assert b"\r\nSubject: Layoffs for Bob\r\n" in server.messages[-1].data
+    template = tmp_path / "t.txt"
+    template.write_text("Subject: Salary review, $name\n\nDear $name\n")
+    by_template = e2email(
+        *send_args(server, *base, "--template", str(template), "--batch", "t"), home=home
+    )
+    assert by_template.returncode == 0, by_template.stderr
+    assert b"\r\nSubject: Salary review, Bob\r\n" in server.messages[-1].data
+    twice = e2email(
+        *send_args(server, *base, "--template", str(template), "--subject-file", str(subject)),
+        home=home,
+    )
+    assert twice.returncode == 2 and "subject is given twice" in twice.stderr
+    assert len(server.messages) == 2
+
+
+def test_a_lost_ledger_key_is_noticed_instead_of_sending_rows_again(
+    smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """HOME/ledger.key lost while a batch is unfinished: with a new key no entry would match
+    and the rerun would send the delivered rows again. It is refused (exit 2) naming the way
+    out; `outbox forget-batches` starts a new ledger, after which the rows are sent again."""
+    home = tmp_path / "home"
+    server = smtp_server()
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email\nb@example.net\nnot an address\n")  # the bad row keeps it unfinished
+    args = send_args(server, "--to-file", str(rows), "--body", "hi", "--no-encrypt", "--no-sign")
+    assert e2email(*args, home=home).returncode == 2
+    assert len(server.messages) == 1
+    (home / "ledger.key").unlink()
+    lost = e2email(*args, home=home)
+    assert lost.returncode == 2 and "forget-batches" in lost.stderr, lost.stderr
+    assert len(server.messages) == 1
+    forgot = e2email("outbox", "forget-batches", home=home)
+    assert forgot.returncode == 0 and "forgot 1 ledger entry" in forgot.stdout
+    assert e2email(*args, home=home).returncode == 2
+    assert len(server.messages) == 2

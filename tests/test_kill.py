@@ -56,16 +56,23 @@ def _codes(server: LoopbackSMTPServer, recipients_home: Path) -> list[str]:
 def test_sigkill_mid_batch_then_rerun_delivers_every_remaining_message(
     kill_home: Path, smtp_server: ServerFactory, recipients_home: Path, tmp_path: Path
 ) -> None:
-    """SIGKILL after a few messages were delivered: the outbox then holds only ciphertext
-    (no code appears in it), claimed by a process that no longer exists. Rerunning the same
-    command against the server reports the delivered rows as already sent and delivers all
-    the others: every row arrives, and at most the one message in flight at the kill twice."""
+    """SIGKILL while the server sits on its reply to the final "." of a fifth message: the
+    outbox then holds only ciphertext (no code appears in it), and that fifth copy, in
+    flight when its sender died, is maybe-delivered (the server may have it: the old code
+    sent it again on the rerun). Rerunning the same command reports the four delivered rows
+    as already sent, that fifth as maybe-delivered (not sent), and delivers all the others;
+    `outbox retry --maybe-delivered` then sends the fifth. Every row arrives exactly once."""
     rows = tmp_path / "rows.csv"
     rows.write_text("email,code\n" + "".join(f"bob@example.net,K-{n}\n" for n in range(ROWS)))
     template = tmp_path / "t.txt"
     template.write_text("Subject: your code\n\nHello Bob, your code is $code.\n")
-    # Each message takes a little while at the server, so the kill lands mid-batch.
-    slow = smtp_server(faults=[Fault("data-end", "stall", seconds=0.1, times=None)])
+    # Four messages go through; the server then sits on the fifth's reply until the kill.
+    slow = smtp_server(
+        faults=[
+            Fault("data-end", "stall", seconds=0.01, times=4),
+            Fault("data-end", "stall", seconds=60, times=None),
+        ]
+    )
     args = send_args(
         slow, "--to-file", str(rows), "--template", str(template), "--connections", "1"
     )
@@ -78,7 +85,7 @@ def test_sigkill_mid_batch_then_rerun_delivers_every_remaining_message(
     )
     try:
         deadline = time.monotonic() + 60
-        while len(slow.messages) < 4:
+        while len(slow.faults_fired) < 5:  # the fifth message's "." has arrived
             assert proc.poll() is None, "the batch finished before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -89,14 +96,14 @@ def test_sigkill_mid_batch_then_rerun_delivers_every_remaining_message(
             proc.kill()
             proc.wait()
     first = _codes(slow, recipients_home)
-    assert 4 <= len(first) < ROWS
+    assert len(set(first)) == len(first) == 4
 
     outbox_files = [p for p in kill_home.iterdir() if p.name.startswith("outbox.sqlite3")]
     stored = b"".join(p.read_bytes() for p in outbox_files)
     assert b"BEGIN PGP MESSAGE" in stored  # protected copies wait there ...
     assert b"your code is" not in stored and b"K-1" not in stored  # ... and nothing else
     listing = e2email("outbox", "list", home=kill_home)
-    assert "sending (by" in listing.stdout  # claimed by the killed process
+    assert "maybe-delivered" in listing.stdout, listing.stdout
     with sqlite3.connect(kill_home / "outbox.sqlite3") as db:
         waiting = [bytes(r[0]) for r in db.execute("SELECT raw FROM items")]
     assert waiting
@@ -108,13 +115,26 @@ def test_sigkill_mid_batch_then_rerun_delivers_every_remaining_message(
         ),
         home=kill_home,
     )
-    assert again.returncode == 0, again.stderr
-    assert f"{ROWS} row(s)" in again.stdout and "already sent earlier" in again.stdout
+    assert again.returncode == 6, again.stderr
+    (maybe_row,) = re.findall(r"^row (\d+) bob@example.net: maybe-delivered", again.stdout, re.M)
+    in_flight = f"K-{int(maybe_row) - 1}"
+    assert in_flight not in first
+    assert f"{ROWS} row(s)" in again.stderr and "4 already sent earlier" in again.stderr
+    assert "1 maybe-delivered (not sent again by itself)" in again.stderr
     second = _codes(fresh, recipients_home)
+    assert in_flight not in second and len(second) == ROWS - 5
+
+    retried = e2email(
+        "outbox",
+        "retry",
+        "--maybe-delivered",
+        *send_args(fresh)[send_args(fresh).index("--host") :],
+        home=kill_home,
+    )
+    assert retried.returncode == 0, retried.stderr
     # What waited in the outbox is sent as it was stored, not protected again.
     received = [m.data for m in fresh.messages]
     assert all(raw in received for raw in waiting)
-    everything = Counter(first + second)
-    assert set(everything) == {f"K-{n}" for n in range(ROWS)}
-    assert sum(everything.values()) - ROWS <= 1
+    everything = Counter(first + _codes(fresh, recipients_home))
+    assert everything == Counter(f"K-{n}" for n in range(ROWS))
     assert e2email("outbox", "list", home=kill_home).stdout.startswith("the outbox is empty")

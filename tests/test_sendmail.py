@@ -59,6 +59,16 @@ from e2email.sendmail import (
 SCRIPT = Path(sys.executable).parent / "e2email-sendmail"
 
 
+@pytest.fixture(autouse=True)
+def _no_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default home and accounts file (platformdirs) are in the test's folder, never the
+    user's."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.delenv("E2EMAIL_HOME", raising=False)
+    monkeypatch.delenv("E2EMAIL_CONFIG", raising=False)
+
+
 # -- The command line ---------------------------------------------------------------------
 
 

@@ -83,6 +83,16 @@ def home(keys_home: Path) -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _no_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default home and accounts file (platformdirs) are in the test's folder, never the
+    user's: a failure before an account is known keeps its message in the default home."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.delenv("E2EMAIL_HOME", raising=False)
+    monkeypatch.delenv("E2EMAIL_CONFIG", raising=False)
+
+
 @pytest.fixture
 def server(smtp_server: Server) -> LoopbackSMTPServer:
     return smtp_server(tls="implicit")
@@ -100,6 +110,27 @@ def server_options(server: LoopbackSMTPServer) -> list[str]:
 
 def sendmail_cmd(home: Path, server: LoopbackSMTPServer, *extra: str) -> list[str]:
     return [str(SCRIPT), f"--home={home}", *server_options(server), *extra]
+
+
+def write_config(
+    path: Path, home: Path, accounts: dict[str, LoopbackSMTPServer], **extra: str
+) -> Path:
+    """An accounts file (config.toml): one account per server, all with Alice's home; the
+    first is the default. ``extra`` adds ``key = "value"`` lines to every account."""
+    lines = [f'default = "{next(iter(accounts))}"', ""]
+    for name, server in accounts.items():
+        lines += [
+            f"[accounts.{name}]",
+            f'host = "{server.host}"',
+            f"port = {server.port}",
+            'tls = "implicit"',
+            f'ca-file = "{server.ca_file}"',
+            f'home = "{home}"',
+            *(f'{key} = "{value}"' for key, value in extra.items()),
+            "",
+        ]
+    path.write_text("\n".join(lines))
+    return path
 
 
 def caller_env(tmp_path: Path) -> dict[str, str]:
@@ -252,7 +283,7 @@ def _check_series(
     assert got[1]["In-Reply-To"] == got[0]["Message-ID"]
 
 
-@pytest.mark.parametrize("style", ["sendmail-cmd", "smtp-server-path"])
+@pytest.mark.parametrize("style", ["sendmail-cmd", "smtp-server-path", "smtp-server-option"])
 def test_git_send_email_two_patch_series(
     style: str,
     home: Path,
@@ -266,9 +297,14 @@ def test_git_send_email_two_patch_series(
     patches = _git_series(tmp_path, env)
     if style == "sendmail-cmd":
         how = [f"--sendmail-cmd={shlex.join(sendmail_cmd(home, server))}"]
+    elif style == "smtp-server-path":
+        # The older form: an absolute path, run as `PATH -i rcpt...`; the account comes from
+        # the accounts file E2EMAIL_CONFIG names (msmtp's way: a config file, no options).
+        how = [f"--smtp-server={SCRIPT}"]
+        config = write_config(tmp_path / "config.toml", home, {"work": server})
+        env["E2EMAIL_CONFIG"] = str(config)
     else:
-        # The older form: an absolute path, run with `-i rcpt...`; settings come from
-        # --smtp-server-option (one per argument) and E2EMAIL_HOME.
+        # The same, with the server's settings as --smtp-server-option (one per argument).
         how = [f"--smtp-server={SCRIPT}"]
         how += [f"--smtp-server-option={opt}" for opt in server_options(server)]
         env["E2EMAIL_HOME"] = str(home)
@@ -418,7 +454,9 @@ CRON_MESSAGE = (
 )
 
 
+@pytest.mark.parametrize("settings", ["account", "options"])
 def test_cron_style_invocation(
+    settings: str,
     home: Path,
     server: LoopbackSMTPServer,
     keys: Keys,
@@ -426,15 +464,23 @@ def test_cron_style_invocation(
     tmp_path: Path,
 ) -> None:
     """Debian cron runs `sendmail -FCronDaemon -i -B8BITMIME -oem MAILTO` with a `From: root`
-    message; here through `e2email sendmail` with the account's address given as msmtp's
-    --from. The local name gives way to that address, with cron's name."""
+    message, and no -f; here through `e2email sendmail`, with an account whose `from` is
+    Alice's (or msmtp's --from option). The local name gives way to that address, with
+    cron's name."""
+    if settings == "account":
+        config = write_config(
+            tmp_path / "config.toml", home, {"cron": server}, **{"from": "alice@example.org"}
+        )
+        group = ["--config", str(config)]
+        options: list[str] = []
+    else:
+        group = ["--home", str(home)]
+        options = [*server_options(server), "--from=alice@example.org"]
     cmd = [
         str(BIN / "e2email"),
-        "--home",
-        str(home),
+        *group,
         "sendmail",
-        *server_options(server),
-        "--from=alice@example.org",
+        *options,
         "-FCronDaemon",
         "-i",
         "-B8BITMIME",
@@ -689,3 +735,66 @@ def test_already_encrypted_but_not_to_the_recipient_is_67(
     assert done.returncode == 67, done.stderr.decode()
     assert "bob@example.net" in done.stderr.decode()
     assert server.connections == 0
+
+
+# -- Accounts (config.toml) -----------------------------------------------------------------
+
+
+def test_f_picks_the_account_whose_from_matches(
+    home: Path, smtp_server: Server, tmp_path: Path
+) -> None:
+    """msmtp's rule: with no --account, -f (or --read-envelope-from) chooses the account
+    whose `from` matches, else the default one; --account names one outright. The outbox
+    records the account, so `e2email outbox retry` needs no server options."""
+    default = smtp_server(tls="implicit")
+    work = smtp_server(tls="implicit", refuse_recipients={"carol@example.com": (450, "later")})
+    config = tmp_path / "config.toml"
+    write_config(config, home, {"other": default})
+    with config.open("a") as fh:
+        fh.write(
+            f'[accounts.work]\nhost = "{work.host}"\nport = {work.port}\ntls = "implicit"\n'
+            f'ca-file = "{work.ca_file}"\nhome = "{home}"\nfrom = "alice@example.org"\n'
+        )
+    base = [str(SCRIPT), f"--config={config}"]
+    for flags, server in [
+        (["-f", "alice@example.org"], work),
+        (["--read-envelope-from"], work),
+        (["-f", "alice+git@example.org"], work),  # +detail removed, as msmtp does
+        (["-f", "alice@example.org", "--account", "other"], default),
+        ([], default),
+    ]:
+        before = (len(default.messages), len(work.messages))
+        done = run([*base, *flags, "bob@example.net"], stdin=PLAIN)
+        assert done.returncode == 0, (flags, done.stderr.decode())
+        after = (len(default.messages), len(work.messages))
+        expected = (before[0] + (server is default), before[1] + (server is work))
+        assert after == expected, flags
+    # A 4xx from the work server: the copy waits, recorded for that account.
+    done = run([*base, "-f", "alice@example.org", "carol@example.com"], stdin=PLAIN)
+    assert done.returncode == 75, done.stderr.decode()
+    (item,) = Outbox.in_home(home).items()
+    assert item.account == "work"
+
+
+def test_config_mistakes_are_78_one_line_each_with_their_place(
+    home: Path, server: LoopbackSMTPServer, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[accounts.work]\nhost = "127.0.0.1"\nport = "465"\nfrm = "alice@example.org"\n'
+    )
+    done = run(
+        [str(SCRIPT), f"--config={config}", f"--home={home}", "bob@example.net"], stdin=PLAIN
+    )
+    assert done.returncode == 78, done.stderr.decode()
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"e2email-sendmail: error: {config}:3: ")
+    assert "port" in lines[0]
+    assert lines[1].startswith(f"e2email-sendmail: error: {config}:4: ")
+    assert "frm" in lines[1]
+    assert server.connections == 0
+    # The message is kept; the last line says where.
+    (draft,) = _drafts(home)
+    assert draft.read_bytes() == PLAIN
+    assert lines[1].endswith(f"(the message is saved in {draft})")

@@ -14,6 +14,7 @@ import csv
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,6 +35,7 @@ from e2email.bulk import (
     Template,
     batch_digest,
     build_messages,
+    completion_key,
     printable,
     read_rows,
     row_key,
@@ -50,13 +52,16 @@ from e2email.cli.app import (
     fail,
 )
 from e2email.cli.send import (
+    ACCOUNT,
     _read_body,
     _read_html,
+    outbox_for,
     protection_options,
     retry_policy,
     smtp_settings,
 )
 from e2email.client import BatchItem, Mailer, MessageOutcome
+from e2email.config import PasswordSource, Protection, SMTPSettings
 from e2email.errors import ConfigError, E2EmailError
 from e2email.message import Attachment
 from e2email.outbox import Outbox
@@ -84,7 +89,9 @@ def _template(opts: dict[str, Any]) -> Template:
     template = Template.parse(text, html=html)
     if opts["subject"]:
         if template.subject:
-            raise click.UsageError("the subject is given twice: --subject and in --template")
+            raise click.UsageError(
+                "the subject is given twice: --subject (or --subject-file) and in --template"
+            )
         template = replace(template, subject=opts["subject"])
     return template
 
@@ -122,8 +129,8 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
             raise click.UsageError(f"--to-file gives the recipients: leave out --{name}")
     if opts["output"] is not None:
         raise click.UsageError("--to-file sends; it cannot be combined with --output")
-    if not opts["host"]:
-        raise click.UsageError("give --host to send")
+    if not opts["host"] and opts.get(ACCOUNT) is None:
+        raise click.UsageError("give --host or --account NAME to send")
     template = _template(opts)
     to_file: Path = opts["to_file"]
     columns, rows = read_rows(to_file)
@@ -131,12 +138,62 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
     attachments = tuple(Attachment.from_path(p) for p in opts["attach"])
     protection, passphrase = protection_options(opts)
     smtp = smtp_settings(state, opts)
+    box = outbox_for(state, opts)
+    try:
+        _send_rows(state, opts, box, template, rows, attachments, protection, passphrase, smtp)
+    finally:
+        box.close()
+
+
+def _batch_identity(
+    box: Outbox, opts: dict[str, Any], batch: str, secret: bytes
+) -> tuple[str, bool]:
+    """The key that marks this batch sent whole with the rows of the file as it is now, and
+    whether the ledger has it (a rerun of a finished batch: nothing to send)."""
+    _, rows = read_rows(opts["to_file"])
+    keys = (row_key(batch, r, secret=secret) for r in rows if isinstance(r, Row))
+    completion = completion_key(batch, keys, secret=secret)
+    done = box.batch_completions(batch[:16])
+    if done and completion not in done:
+        when = datetime.fromtimestamp(max(done.values())).astimezone()
+        raise ConfigError(
+            "this batch (the same template, sender and options) was sent whole on "
+            f"{when:%Y-%m-%d %H:%M} to the rows of a different recipients file, and its rows "
+            "are no longer remembered one by one, so nothing was sent: give --batch NAME to "
+            "send this file as a new batch"
+        )
+    return completion, completion in done
+
+
+def _send_rows(
+    state: State,
+    opts: dict[str, Any],
+    box: Outbox,
+    template: Template,
+    rows: Iterator[Row | BadRow],
+    attachments: tuple[Attachment, ...],
+    protection: Protection,
+    passphrase: PasswordSource | None,
+    smtp: SMTPSettings,
+) -> None:
+    to_file: Path = opts["to_file"]
+    legacy = box.legacy_batch_items()
+    if legacy:
+        raise ConfigError(
+            f"the outbox holds {len(legacy)} message(s) of a batch started by an older e2email "
+            f"({', '.join(legacy[:5])}{', ...' if len(legacy) > 5 else ''}), whose ledger "
+            "could not be kept: send them with `e2email outbox retry` (or drop them) first, "
+            "then rerun; nothing was sent"
+        )
+    secret = box.ledger_secret()
     batch = batch_digest(
+        secret=secret,
         sender=opts["sender"],
         template=template,
         attachments=attachments,
         options={"protection": protection, "batch": opts["batch_name"]},
     )
+    completion, finished = _batch_identity(box, opts, batch, secret)
 
     report: ReportWriter | None = None
     report_fh: IO[str] | None = None
@@ -207,7 +264,7 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
                 continue
             row, message = entry
             waiting[row.number] = row.email
-            yield BatchItem(message=message, key=row_key(batch, row), tag=row)
+            yield BatchItem(message=message, key=row_key(batch, row, secret=secret), tag=row)
 
     def on_outcome(outcome: MessageOutcome) -> None:
         row: Row = outcome.tag
@@ -227,9 +284,24 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
             outcome.kept,
         )
 
-    stopped: E2EmailError | None = None
-    source = items()
-    try:
+    def already_sent() -> None:
+        """Every row of a batch sent whole before (with this very file): nothing to send."""
+        first: dict[str, int] = {}
+        with progress:
+            for entry in rows:
+                if isinstance(entry, BadRow):
+                    codes.add(EXIT_USAGE)
+                    record(entry.number, entry.email, "invalid", entry.reason)
+                    continue
+                key = row_key(batch, entry, secret=secret)
+                if key in first:
+                    detail = f"duplicate of row {first[key]}"
+                    record(entry.number, entry.email, "duplicate", detail)
+                    continue
+                first[key] = entry.number
+                record(entry.number, entry.email, "skipped", "sent by an earlier run")
+
+    def run_mailer(source: Iterator[BatchItem]) -> E2EmailError | None:
         with (
             progress,
             Mailer(
@@ -238,7 +310,7 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
                 protection=protection,
                 passphrase=passphrase,
                 certstore=CertStore(state.home),
-                outbox=Outbox.in_home(state.home),
+                outbox=box,
                 retry=retry_policy(opts),
                 connections=opts["connections"],
             ) as mailer,
@@ -246,7 +318,16 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
             try:
                 mailer.send_many(source, batch=batch[:16], on_outcome=on_outcome)
             except E2EmailError as exc:
-                stopped = exc
+                return exc
+        return None
+
+    stopped: E2EmailError | None = None
+    source = items()
+    try:
+        if finished:
+            already_sent()
+        else:
+            stopped = run_mailer(source)
         if stopped is not None:
             # Rows read but not started, and rows never read: nothing of them was sent or
             # stored; a rerun of the same command sends them.
@@ -267,18 +348,34 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
     total = sum(counts.values())
     ok = sum(counts[s] for s in _OK_STATUSES)
     parts = [f"{counts['delivered']} delivered"]
-    labels = {"skipped": "already sent earlier", "duplicate": "duplicate row(s), not sent again"}
-    for status in ("skipped", "duplicate", "partial", "deferred", "failed", "not-sent", "invalid"):
+    labels = {
+        "skipped": "already sent earlier",
+        "duplicate": "duplicate row(s), not sent again",
+        "maybe-delivered": "maybe-delivered (not sent again by itself)",
+    }
+    for status in (
+        "skipped",
+        "duplicate",
+        "partial",
+        "deferred",
+        "maybe-delivered",
+        "failed",
+        "not-sent",
+        "invalid",
+    ):
         if counts[status]:
             parts.append(f"{counts[status]} {labels.get(status, status)}")
     summary = f"{total} row(s): " + ", ".join(parts)
-    if counts["deferred"] or counts["partial"] or counts["failed"]:
+    if counts["deferred"] or counts["partial"] or counts["failed"] or counts["maybe-delivered"]:
         summary += " (undelivered messages stay in the outbox: `e2email outbox list`)"
     if opts["report"] is not None:
         summary += f"; report: {opts['report']}"
     if stopped is not None:
         fail(f"{stopped}; {summary}", exit_code_for(stopped))
     if ok == total:
+        if total and not finished:
+            # Sent whole: one ledger entry for the batch replaces those of its rows.
+            box.finish_batch(batch[:16], completion)
         click.echo(summary)
         return
     code = next((c for c in _EXIT_PRIORITY if c in codes), EXIT_REJECTED)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import click
+from click.core import ParameterSource
 
 from e2email.cli.app import cli
 
@@ -21,12 +22,21 @@ def sendmail(ctx: click.Context, /, args: tuple[str, ...]) -> None:
     sysexits.h exit statuses). `e2email sendmail --help` lists the flags."""
     from e2email.sendmail import run
 
-    # The group's --home (or E2EMAIL_HOME) and --gnupg-home come first, so that the sendmail
-    # flags may name their own (the last one given counts).
-    group = ctx.parent.params if ctx.parent is not None else {}
-    given = [
-        f"--{name.replace('_', '-')}={group[name]}"
-        for name in ("home", "gnupg_home")
-        if group.get(name) is not None
-    ]
+    # The group's --home, --gnupg-home and --config, when given on its command line, come
+    # first, so that the sendmail flags may name their own (the last one given counts). From
+    # the environment (E2EMAIL_HOME, E2EMAIL_CONFIG) they are read where they are used.
+    group = ctx.parent
+    given = []
+    if group is not None:
+        for name, flag in (
+            ("home", "home"),
+            ("gnupg_home", "gnupg-home"),
+            ("config_path", "config"),
+        ):
+            value = group.params.get(name)
+            if (
+                value is not None
+                and group.get_parameter_source(name) is ParameterSource.COMMANDLINE
+            ):
+                given.append(f"--{flag}={value}")
     sys.exit(run([*given, *args]))

@@ -38,7 +38,7 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -380,6 +380,7 @@ class SMTPConnection:
         self._attempts = tuple(attempts)
         # One mail transaction at a time: MAIL..DATA of two sends must not interleave.
         self._lock = asyncio.Lock()
+        self._end_of_data_sent = False
 
     @property
     def tls(self) -> TLSInfo | None:
@@ -409,6 +410,13 @@ class SMTPConnection:
         return self._attempts
 
     @property
+    def end_of_data_sent(self) -> bool:
+        """Has the latest :meth:`send` written the end-of-data line without reading the reply
+        to it (a lost reply, a timeout or a cancellation after the final ".")? Then the
+        server may have taken the message (RFC 5321 §6.1)."""
+        return self._end_of_data_sent
+
+    @property
     def is_connected(self) -> bool:
         """Is the session still up (not closed by us, the server or a failure)?"""
         return bool(self._smtp.is_connected)
@@ -426,6 +434,7 @@ class SMTPConnection:
         mail_from: str,
         recipients: Sequence[str],
         require_tls: bool | None = None,
+        before_end: Callable[[], Awaitable[None]] | None = None,
     ) -> DeliveryResult:
         """Send ``raw`` unchanged to ``recipients``.
 
@@ -436,7 +445,13 @@ class SMTPConnection:
         another message. ``require_tls`` overrides ``SMTPSettings.require_tls`` for this
         message: REQUIRETLS (RFC 8689) on MAIL FROM, or :class:`RequireTLSError` before MAIL
         when the server does not offer it.
+
+        ``before_end`` is awaited just before the end-of-data line is written: the caller
+        records there that the message may be delivered from now on (e.g. in the outbox), so
+        a crash after the "." is never taken for "not sent". A failure after that line has
+        ``maybe_delivered`` set on the error.
         """
+        self._end_of_data_sent = False
         rcpts = _check_envelope(mail_from, recipients)
         # SMTP smuggling (CVE-2023-51764) and RFC 5322 §2.1.1: only CRLF line ends, no NUL, no
         # 8-bit bytes, lines of at most 998 octets. aiosmtplib would "repair" bare CR/LF; we
@@ -503,7 +518,7 @@ class SMTPConnection:
                     )
                 stage = "DATA"
                 try:
-                    response = await self._data(raw, data_timeout)
+                    response = await self._data(raw, data_timeout, before_end)
                 except aiosmtplib.SMTPDataError as exc:
                     await self._reset()
                     raise DeliveryError(
@@ -511,22 +526,26 @@ class SMTPConnection:
                     ) from exc
             except aiosmtplib.SMTPTimeoutError as exc:
                 timeout = data_timeout if stage == "DATA" else command_timeout
-                raise ConnectError(
+                error = ConnectError(
                     f"timed out after {timeout:g} s waiting for {where}'s reply to {stage}"
-                    + _maybe_delivered(stage),
+                    + _maybe_delivered(self._end_of_data_sent),
                     host=where,
-                ) from exc
+                )
+                error.maybe_delivered = self._end_of_data_sent
+                raise error from exc
             except aiosmtplib.SMTPResponseException as exc:
                 # Anything else with a code, e.g. a 421 to RCPT that closed the session.
                 raise DeliveryError(
                     f"{where} refused the message at {stage}", host=where, reply=_reply(exc)
                 ) from exc
             except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:
-                raise ConnectError(
+                error = ConnectError(
                     f"connection to {where} lost at {stage}: {_reason(exc)}"
-                    + _maybe_delivered(stage),
+                    + _maybe_delivered(self._end_of_data_sent),
                     host=where,
-                ) from exc
+                )
+                error.maybe_delivered = self._end_of_data_sent
+                raise error from exc
             except aiosmtplib.SMTPException as exc:
                 raise TransportError(
                     f"sending via {where} failed: {server_text(str(exc))}", host=where
@@ -542,7 +561,12 @@ class SMTPConnection:
             tls=self._tls,
         )
 
-    async def _data(self, raw: bytes, timeout: float | None) -> aiosmtplib.SMTPResponse:
+    async def _data(
+        self,
+        raw: bytes,
+        timeout: float | None,
+        before_end: Callable[[], Awaitable[None]] | None = None,
+    ) -> aiosmtplib.SMTPResponse:
         """DATA (RFC 5321 §4.1.1.4): ``raw`` dot-stuffed and streamed in pieces, then the
         end-of-data line; the final reply. aiosmtplib's own ``data()`` would copy the whole
         message twice (line-end repair, dot-stuffing) and buffer it all in the transport; the
@@ -567,9 +591,13 @@ class SMTPConnection:
                     # transport's buffer is below its low-water mark (raises if the
                     # connection was lost).
                     await protocol._drain_helper()
+            if before_end is not None:
+                await before_end()
             # Reading the reply starts right after the last write, so it cannot be missed.
             protocol.write(b".\r\n" if raw.endswith(b"\r\n") else b"\r\n.\r\n")
+            self._end_of_data_sent = True
             response = await _bounded(smtp, protocol.read_response(timeout=None), timeout)
+            self._end_of_data_sent = False
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
             smtp.close()
             raise
@@ -623,8 +651,8 @@ def _dot_stuffed(raw: bytes, size: int = _DATA_CHUNK) -> Iterator[bytes]:
         start = end
 
 
-def _maybe_delivered(stage: str) -> str:
-    if stage != "DATA":
+def _maybe_delivered(after_end: bool) -> str:
+    if not after_end:
         return ""
     # RFC 5321 §6.1 / RFC 1047: the server may have taken the message and its reply got lost.
     return " (the server may or may not have accepted the message)"
