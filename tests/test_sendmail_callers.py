@@ -343,13 +343,15 @@ def test_neomutt_batch_message_with_attachment(
 ) -> None:
     _need("neomutt")
     env = caller_env(tmp_path)
+    # The account (server, from) from the accounts file, as the README has it.
+    env["E2EMAIL_CONFIG"] = str(write_config(tmp_path / "config.toml", home, {"work": server}))
     muttrc = tmp_path / "muttrc"
     muttrc.write_text(
         "\n".join(
             [
                 # As msmtp's documentation has it: mutt then calls it with `-- rcpt...` only
                 # (no -oi), so the lone dot in the body below must not end the input.
-                f"set sendmail={shlex.quote(shlex.join(sendmail_cmd(home, server)))}",
+                'set sendmail="e2email-sendmail"',
                 f'set from="{ALICE}"',
                 "set use_from=yes",
                 "set envelope_from=yes",
@@ -422,8 +424,9 @@ def test_php_mail(
     done = run(["php", "-n", "-d", f"sendmail_path=cat > {captured}", "-r", PHP_MAIL], env=env)
     assert done.returncode == 0, done.stderr.decode()
 
-    line = shlex.join(sendmail_cmd(home, server, "-t", "-i"))
-    done = run(["php", "-n", "-d", f"sendmail_path={line}", "-r", PHP_MAIL], env=env)
+    # As the README has it: the account from the accounts file.
+    env["E2EMAIL_CONFIG"] = str(write_config(tmp_path / "config.toml", home, {"work": server}))
+    done = run(["php", "-n", "-d", "sendmail_path=e2email-sendmail -t -i", "-r", PHP_MAIL], env=env)
     assert done.returncode == 0, done.stderr.decode()
     assert_ciphertext_only(server, b"secret-php-body", b"secret-subject")
     # To/Cc in one copy; the Bcc recipient gets a copy of their own.
