@@ -31,7 +31,7 @@ from e2email.message import (
     split_message,
 )
 
-__all__ = ["recipients_without_keys", "submit", "submit_sync"]
+__all__ = ["protect", "recipients_without_keys", "submit", "submit_sync"]
 
 
 async def submit(
@@ -54,6 +54,24 @@ async def submit(
     ``result`` and ``unsent``), and MessageError for a malformed message or one that is
     already signed but not encrypted when the policy is to encrypt.
     """
+    copies = await protect(
+        mailer, raw, envelope_from=envelope_from, recipients=recipients, protection=protection
+    )
+    return await mailer.send_copies(copies)
+
+
+async def protect(
+    mailer: AsyncMailer,
+    raw: bytes,
+    *,
+    envelope_from: str | None = None,
+    recipients: Sequence[str] | None = None,
+    protection: Protection | None = None,
+) -> tuple[ProtectedCopy, ...]:
+    """What :func:`submit` sends, nothing sent: the protected copies, each with its envelope
+    (e.g. for a relay that stores them before it answers, then sends them with
+    :meth:`AsyncMailer.send_copies`). Same arguments and errors as :func:`submit`, without
+    the transport ones."""
     prot = protection if protection is not None else mailer.protection
     data = bytes(raw)
     mail_from = _envelope_from(envelope_from)
@@ -61,10 +79,10 @@ async def submit(
     kind = existing_protection(data)
     if kind is not None:
         copy = await asyncio.to_thread(_pass_through, mailer, data, kind, prot, mail_from, given)
-        return await mailer.send_copies([copy])
+        return (copy,)
     message = Message.from_bytes(data, sender=mail_from or mailer.envelope_from, envelope=given)
     copies = await mailer.protect(message, protection=prot)
-    return await mailer.send_copies(_to_envelope(copies, given, mail_from))
+    return tuple(_to_envelope(copies, given, mail_from))
 
 
 def submit_sync(
@@ -94,7 +112,8 @@ def recipients_without_keys(
     *,
     protection: Protection | None = None,
 ) -> dict[str, str]:
-    """Which of ``addresses`` could not be encrypted to, and why (address -> reason), found
+    """Which of ``addresses`` could not be encrypted to, and why (each address as given ->
+    reason), found
     the way sending finds keys: the keystore (OpenPGP) or certificate store (S/MIME) and the
     policy's key map. Empty when the policy does not encrypt. For a relay to refuse a
     recipient at RCPT already. Blocking (it runs gpg): use ``asyncio.to_thread`` in async code.
@@ -104,18 +123,15 @@ def recipients_without_keys(
     if not prot.encrypt:
         return {}
     missing: dict[str, str] = {}
-    wanted: list[str] = []
+    given: dict[str, str] = {}  # normalised address -> as the caller wrote it
     for text in addresses:
         try:
-            wanted.append(Address(text.strip()).addr_spec.lower())
+            given.setdefault(Address(text.strip()).addr_spec.lower(), text)
         except MessageError as exc:
             missing[text] = f"invalid address ({exc.reason})"
-    wanted = list(dict.fromkeys(wanted))
-    problems = _key_problems(core, wanted, prot)
-    for problem in problems:
-        missing[problem.address] = problem.reason.value + (
-            f" ({problem.detail})" if problem.detail else ""
-        )
+    for problem in _key_problems(core, list(given), prot):
+        reason = problem.reason.value + (f" ({problem.detail})" if problem.detail else "")
+        missing[given.get(problem.address.lower(), problem.address)] = reason
     return missing
 
 
@@ -184,7 +200,12 @@ def _pass_through(
     given: tuple[Address, ...] | None,
 ) -> ProtectedCopy:
     """A message the calling program signed or encrypted itself, as one copy to send as it
-    is: refused when the policy encrypts and it is not encrypted to every recipient's key."""
+    is: refused when the policy encrypts and it is not encrypted to every recipient's key.
+
+    What is inside the encryption (a signature, its protected headers) cannot be checked
+    without a recipient's key: the program that encrypted answers for it. It is one copy for
+    every envelope recipient, as the program made it: its session-key packets name all of
+    their keys, Bcc recipients' too (the program chose that)."""
     fields, body = split_message(data)
     head = b"".join(f.raw for f in fields)
     header_rcpts: list[str] = []

@@ -12,6 +12,14 @@ No crypto and no network here. Every byte is written by this module, never by
 * attachments base64 with 76-character lines.
 
 :func:`check_wire_safe` is the last gate before SMTP (bare CR/LF, NUL, 8-bit, long lines).
+
+A message another program wrote (sendmail callers, Django, an SMTP relay) is read with
+:meth:`Message.from_bytes`: its own MIME body is kept as the payload (:class:`MimeBody`), not
+rebuilt. The stdlib :mod:`email` package only *reads* its structure (parameters, addresses,
+RFC 2047 words); the bytes are still written here. Leaves that are not safe to sign as they
+are (8-bit, NUL, lines over 998 octets, trailing whitespace, ``From `` lines) are re-encoded
+so that they decode to the same bytes; everything else, a signed subtree above all, is kept
+byte for byte.
 """
 
 from __future__ import annotations
@@ -1117,7 +1125,7 @@ def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
             return PayloadStream([mime.head, b"\r\n", mime.body])
         head = [mime.head_with(['protected-headers="v1"', f'hp="{hp.value}"'])]
         head.extend(render_header(name, value) for name, value in _protected_fields(message))
-        head.extend(_hp_outer(name, value) for name, value in _outer_fields(message, hp))
+        head.extend(_hp_outer(n, v) for n, v in _outer_fields(message, hp) if _recorded(n))
         return PayloadStream([b"".join(head), b"\r\n", mime.body])
     body = _text_part("plain", message.text)
     if message.html is not None:
@@ -1130,7 +1138,7 @@ def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
     outer = _outer_fields(message, hp)
     head = [body.headers(['protected-headers="v1"', f'hp="{hp.value}"'])]
     head.extend(render_header(name, value) for name, value in protected)
-    head.extend(_hp_outer(name, value) for name, value in outer)
+    head.extend(_hp_outer(name, value) for name, value in outer if _recorded(name))
     return PayloadStream([b"".join(head), b"\r\n", *body.body])
 
 
@@ -1273,8 +1281,18 @@ def _check_extra_headers(value: object) -> tuple[tuple[str, str], ...]:
             )
         if len(text) > 16384:
             raise MessageError(f"{name} is longer than 16384 characters", field="headers")
+        try:
+            _fold_words(f"{name}:", _ascii_value(text).split(" "))  # foldable at all?
+        except MessageError as exc:
+            raise MessageError(exc.reason, field="headers") from None
         out.append((name, text))
     return tuple(out)
+
+
+def _recorded(name: str) -> bool:
+    """Is this outer field recorded in HP-Outer (RFC 9788 §2.2)? Not the ones that are never
+    protected (trace fields, Autocrypt): there is no protected copy to compare them with."""
+    return name.lower() not in _OUTSIDE_ONLY
 
 
 def _ascii_value(value: str) -> str:
@@ -1305,6 +1323,7 @@ def _extra_fields(message: Message, *, outside: bool, hp: HP | None) -> list[tup
 _FIELD_START = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _UNFOLD = re.compile(rb"\r\n(?=[ \t])")
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 #: Something in a body that is not safe to sign and send as it is (RFC 3156 §3, RFC 5322
 #: §2.1.1): an 8-bit byte or NUL, whitespace at the end of a line (transports strip it), a
 #: line starting "From " (mbox mangles it to ">From ").
@@ -1468,6 +1487,10 @@ def _canon_entity(head: bytes, body: bytes, *, default: str, where: str, depth: 
     if depth > 50:
         raise MessageError(f"{where}: MIME parts nested more than 50 deep")
     fields = _split_fields(head, where)
+    for name in ("content-type", "content-transfer-encoding"):
+        if sum(f.lower == name for f in fields) > 1:
+            # Readers disagree on which one counts: what one shows another would not.
+            raise MessageError(f"{where}: {name} appears more than once")
     ctype, holder = _content_type(fields, default)
     encoding = (_field_value(fields, "content-transfer-encoding") or "7bit").lower()
     out = [_ascii_field(f, where) for f in fields]
@@ -1491,6 +1514,8 @@ def _canon_entity(head: bytes, body: bytes, *, default: str, where: str, depth: 
         boundary = holder.get_boundary()
         if not boundary:
             raise MessageError(f"{where}: {ctype} without a boundary parameter")
+        if not boundary.isascii() or len(boundary) > 70:
+            raise MessageError(f"{where}: invalid boundary {boundary[:80]!r} (RFC 2046 §5.1.1)")
         inner = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
         new_body = _canon_multipart(body, boundary, default=inner, where=where, depth=depth)
         if encoding != "7bit":
@@ -1511,16 +1536,13 @@ def _canon_entity(head: bytes, body: bytes, *, default: str, where: str, depth: 
                 depth=depth + 1,
             )
         except MessageError:
-            new_body = b""
-        if new_body:
-            if encoding != "7bit":
-                _set_encoding(out, names, "7bit")
-            return b"".join([*out, b"\r\n", new_body])
-        # Not a readable message: keep it as is when that is safe, else send it as the bytes
-        # it is (the type then says what it really is).
-        if _wire_lines_ok(body) and not _UNSAFE_BODY.search(body):
-            return b"".join([*out, b"\r\n", body])
-        raise MessageError(f"{where}: the attached message cannot be read")
+            # Not a readable message: kept as it is when that is safe to sign and send.
+            if _wire_lines_ok(body) and not _UNSAFE_BODY.search(body):
+                return b"".join([*out, b"\r\n", body])
+            raise
+        if encoding != "7bit":
+            _set_encoding(out, names, "7bit")
+        return b"".join([*out, b"\r\n", new_body])
     return _canon_leaf(out, names, body, major=major, encoding=encoding, where=where)
 
 
@@ -1567,7 +1589,9 @@ def _canon_multipart(body: bytes, boundary: str, *, default: str, where: str, de
     dash = b"--" + boundary.encode("ascii")
     pieces: list[bytes] = []
     preamble = body[: matches[0].start()]
-    if preamble and _wire_lines_ok(preamble) and not _UNSAFE_BODY.search(preamble):
+    # A delimiter after CRLF has a preamble before it, if only an empty line.
+    has_preamble = matches[0].group().startswith(b"\r\n")
+    if has_preamble and _wire_lines_ok(preamble) and not _UNSAFE_BODY.search(preamble):
         pieces += [preamble, b"\r\n"]
     closed = False
     for number, (match, after) in enumerate(zip(matches, [*matches[1:], None], strict=True), 1):
@@ -1575,13 +1599,9 @@ def _canon_multipart(body: bytes, boundary: str, *, default: str, where: str, de
             closed = True
             epilogue = body[match.end() :]
             pieces.append(dash + b"--")
-            if (
-                epilogue.startswith(b"\r\n")
-                and _wire_lines_ok(epilogue)
-                and not _UNSAFE_BODY.search(epilogue)
-            ):
-                pieces.append(epilogue)
-            else:
+            if _wire_lines_ok(epilogue) and not _UNSAFE_BODY.search(epilogue):
+                pieces.append(epilogue)  # starts with CRLF (the delimiter line's end) or empty
+            elif epilogue.startswith(b"\r\n"):
                 pieces.append(b"\r\n")
             break
         part = body[match.end() : after.start() if after is not None else len(body)]
@@ -1652,7 +1672,12 @@ class MimeBody:
         for RFC 3156 / RFC 8551 signing without changing what any part decodes to: CRLF line
         ends; 8-bit, NUL, over-long lines, trailing whitespace and ``From `` lines in a leaf
         re-encoded (text as quoted-printable, anything else base64); safe leaves kept byte
-        for byte; boundaries kept; a signed or encrypted subtree kept exactly."""
+        for byte; boundaries kept; a signed or encrypted subtree kept exactly.
+
+        Every CR, LF or CRLF is a line end, as SMTP and RFC 2045 §2.7-2.8 have it (a program
+        piping LF text means CRLF): so a bare CR or LF inside 8bit or binary data becomes
+        CRLF too. Binary data that must keep them is sent base64-encoded by the programs
+        that make it (and is then kept as it is)."""
         if not isinstance(entity, bytes | bytearray | memoryview):
             raise MessageError("a MIME entity must be bytes", field="body")
         data = _normalise_line_ends(bytes(entity))
@@ -1745,7 +1770,14 @@ def split_message(raw: bytes) -> tuple[list[HeaderField], bytes]:
     no header, a line in the header that is not a field, a NUL in the header."""
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise MessageError("the message must be bytes", field="message")
-    data = _normalise_line_ends(_strip_mbox_line(bytes(raw)))
+    data = _strip_mbox_line(bytes(raw))
+    end = re.search(rb"\r?\n\r?\n", data)
+    bare = _BARE_CR.search(data, 0, end.start() if end else len(data))
+    if bare is not None:
+        # A CR not followed by LF would start a new header line for some readers and not
+        # for others (header injection, RFC 5322 §2.2): refused rather than guessed.
+        raise MessageError(f"a CR without LF in the header (offset {bare.start()})")
+    data = _normalise_line_ends(data)
     if not data.strip():
         raise MessageError("the message is empty", field="message")
     split = _split_entity(data)

@@ -39,7 +39,7 @@ from pgp_helpers import (
 from e2email import AsyncMailer, Mailer, Protection, Scheme, SMTPSettings, TLSMode
 from e2email.certstore import CertStore
 from e2email.errors import KeyReason, MessageError, RecipientKeyError
-from e2email.inbound import recipients_without_keys, submit, submit_sync
+from e2email.inbound import protect, recipients_without_keys, submit, submit_sync
 from e2email.keystore import Keystore
 from e2email.testing import LoopbackSMTPServer
 
@@ -206,10 +206,11 @@ def test_recipients_without_keys_names_each_with_its_reason(
 ) -> None:
     mailer = _mailer(sender_store, smtp_server(tls="implicit"))
     missing = recipients_without_keys(
-        mailer, ["bob@example.net", "nobody@example.com", "expired@example.com", "not an address"]
+        mailer, ["bob@example.net", "Nobody@Example.COM", "expired@example.com", "not an address"]
     )
-    assert set(missing) == {"nobody@example.com", "expired@example.com", "not an address"}
-    assert missing["nobody@example.com"].startswith(KeyReason.NOT_FOUND.value)
+    # Each keyed as the caller wrote it (a relay looks up the RCPT address it has).
+    assert set(missing) == {"Nobody@Example.COM", "expired@example.com", "not an address"}
+    assert missing["Nobody@Example.COM"].startswith(KeyReason.NOT_FOUND.value)
     assert missing["expired@example.com"].startswith(KeyReason.EXPIRED.value)
     assert (
         recipients_without_keys(
@@ -219,10 +220,10 @@ def test_recipients_without_keys_names_each_with_its_reason(
     )
 
 
-def _encrypted_by_the_program(keys: Keys, home: Path, *to: str) -> bytes:
+def _encrypted_by_the_program(keys: Keys, home: Path, *to: str, hidden: bool = False) -> bytes:
     """A PGP/MIME message as mutt makes it (encrypted with gpg by the calling program)."""
     inner = b"Content-Type: text/plain; charset=us-ascii\r\n\r\nencrypted by mutt\r\n"
-    args = [a for k in to for a in ("--recipient", k)]
+    args = [a for k in to for a in ("--recipient", k)] + (["--throw-keyids"] if hidden else [])
     armored = gpg(
         home, "--trust-model", "always", "--armor", "--encrypt", *args, input=inner
     ).stdout.replace(b"\n", b"\r\n")
@@ -764,3 +765,60 @@ def test_header_recipient_not_in_the_envelope_is_not_sent_to(
     assert _decrypt(recipients_home, received.data, keys)["To"] == (
         "bob@example.net, carol@example.com"
     )
+
+
+def test_protect_returns_the_copies_submit_would_send_without_connecting(
+    sender_store: Keystore, smtp_server: ServerFactory
+) -> None:
+    """For a relay that stores before it answers: the copies and their envelopes, nothing
+    sent; an already encrypted message is one copy, as it is."""
+    server = smtp_server(tls="implicit")
+    mailer = _mailer(sender_store, server)
+    raw = b"From: alice@example.org\nTo: bob@example.net\nBcc: carol@example.com\n\nhi\n"
+    copies = asyncio.run(protect(mailer, raw, envelope_from="bounce@example.org", recipients=None))
+    assert [(c.kind, c.recipients, c.mail_from) for c in copies] == [
+        ("main", ("bob@example.net",), "bounce@example.org"),
+        ("bcc", ("carol@example.com",), "bounce@example.org"),
+    ]
+    assert all(b"Bcc" not in c.raw and b"-----BEGIN PGP MESSAGE" in c.raw for c in copies)
+    assert server.transcript == []
+
+
+def test_hidden_recipient_key_ids_cannot_show_the_policy_is_met(
+    keys: Keys, sender_store: Keystore, smtp_server: ServerFactory, recipients_home: Path
+) -> None:
+    raw = _encrypted_by_the_program(
+        keys, recipients_home, "bob@example.net", "dave@example.com", hidden=True
+    )
+    server = smtp_server(tls="implicit")
+    with pytest.raises(RecipientKeyError, match="hidden") as info:
+        asyncio.run(submit(_mailer(sender_store, server), raw))
+    assert {p.reason for p in info.value.problems} == {KeyReason.NOT_ENCRYPTED_TO}
+    assert server.transcript == []
+
+
+def test_already_protected_messages_pass_as_they_are_when_the_policy_does_not_encrypt(
+    keys: Keys, sender_store: Keystore, smtp_server: ServerFactory, recipients_home: Path
+) -> None:
+    """Sign-only policy: a message the program signed, or encrypted even to someone without
+    a key here, goes as it is (never wrapped again), without its Bcc header."""
+    signed = (
+        b"From: alice@example.org\r\nTo: bob@example.net\r\nBcc: erin@example.com\r\n"
+        b"Subject: s\r\nDate: Wed, 6 May 2026 07:08:09 +0200\r\nMessage-ID: <s.1@example.org>\r\n"
+        b"Content-Type: multipart/signed; micalg=pgp-sha256;\r\n"
+        b' protocol="application/pgp-signature"; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nFrom me \r\n--b\r\n"
+        b"Content-Type: application/pgp-signature\r\n\r\nsig\r\n--b--\r\n"
+    )
+    encrypted = _encrypted_by_the_program(keys, recipients_home, "bob@example.net")
+    for raw in (signed, encrypted):
+        server = smtp_server(tls="implicit")
+        mailer = _mailer(sender_store, server, encrypt=False)
+        asyncio.run(submit(mailer, raw, recipients=["bob@example.net", "nobody@example.com"]))
+        (received,) = server.messages
+        assert received.rcpt_tos == ("bob@example.net", "nobody@example.com")
+        body = raw.split(b"\r\nContent-Type: multipart/", 1)[1]
+        assert received.data.endswith(body)
+        assert b"Bcc" not in received.data
+        if raw is signed:
+            assert received.data == raw.replace(b"Bcc: erin@example.com\r\n", b"")

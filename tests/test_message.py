@@ -1465,6 +1465,14 @@ def test_safe_parts_are_kept_byte_for_byte() -> None:
     body = MimeBody.parse(entity)
     assert body.head + b"\r\n" + body.body == entity
     assert body.content_type == "multipart/mixed"
+    # An empty preamble line (as mutt writes) and a nested multipart without epilogue stay.
+    nested = (
+        b'Content-Type: multipart/mixed; boundary="out"\r\n\r\n\r\n--out\r\n'
+        b'Content-Type: multipart/alternative; boundary="in"\r\n\r\n--in\r\n\r\na\r\n'
+        b"--in--\r\n--out--\r\n"
+    )
+    body = MimeBody.parse(nested)
+    assert body.head + b"\r\n" + body.body == nested
 
 
 def test_signed_subtree_is_kept_exactly() -> None:
@@ -1604,6 +1612,7 @@ def test_extra_headers_placement_per_rfc9788() -> None:
             ("X-Mailer", "git-send-email 2.39.5"),
             ("X-Cron-Env", "<HOME=/root>"),
             ("X-Note", "Grüße"),
+            ("Received", "from localhost by host; Wed, 6 May 2026 07:08:09 +0200"),
         ],
     )
     outer = message_head(msg, hp=HP.CIPHER)
@@ -1619,6 +1628,9 @@ def test_extra_headers_placement_per_rfc9788() -> None:
         assert b"HP-Outer: " + name not in inner_head
     parsed = email.message_from_bytes(inner, policy=email.policy.default)
     assert parsed["X-Note"] == "Grüße"
+    # A trace field is only outside, and not recorded in HP-Outer: nothing protects it.
+    assert b"\r\nReceived: from localhost" in b"\r\n" + outer
+    assert b"Received" not in inner
     for hp in (HP.CLEAR, None):
         head = message_head(msg, hp=hp)
         assert b"X-Mailer: git-send-email" in head and b"X-Cron-Env" in head
@@ -1642,6 +1654,7 @@ def test_structural_fields_are_not_extra_headers(name: str) -> None:
         ([("X A", "space in name")], "invalid header field name"),
         ([("X-A:", "colon")], "invalid header field name"),
         ("X-A: b", "expected"),
+        ([("X-A", "y" * 2000)], "unbreakable part longer than 998"),
     ],
 )
 def test_extra_headers_are_validated(headers: object, match: str) -> None:
@@ -1668,6 +1681,12 @@ def test_body_excludes_text_html_and_attachments() -> None:
         (b"\n\nbody only\n", "no header"),
         (b"From: alice@example.org\nTo: bob@example.net\nthis is the body\n", "line 3 is not"),
         (b" continued\nFrom: alice@example.org\n\nx", "continuation line"),
+        (b"From: alice@example.org\nTo: b@example.net\nSubject: a\rBcc: x@y.org\n\nx", "CR"),
+        (
+            b"From: alice@example.org\nTo: b@example.net\nContent-Type: text/plain\n"
+            b"Content-Type: text/html\n\nx",
+            "content-type appears more than once",
+        ),
         (b"From: alice@example.org\nTo: bob@example.net\nX-A: a\0b\n\nx", "NUL"),
         (b"From: alice@example.org\nTo: bob@example.net\nSubject: \xff\xfe\n\nx", "UTF-8"),
         (b"From: a@example.org\nFrom: b@example.org\nTo: bob@example.net\n\nx", "more than once"),
@@ -1682,6 +1701,11 @@ def test_body_excludes_text_html_and_attachments() -> None:
         (
             b"From: alice@example.org\nTo: b@example.net\nContent-Type: multipart/mixed\n\nx",
             "without a boundary",
+        ),
+        (
+            "From: a@example.org\nTo: b@example.net\nContent-Type: multipart/mixed; "
+            'boundary="ü"\n\n--ü\n\nx\n--ü--\n'.encode(),
+            "invalid boundary",
         ),
         (
             b"From: alice@example.org\nTo: b@example.net\nContent-Type: multipart/mixed; b"
