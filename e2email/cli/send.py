@@ -422,8 +422,11 @@ def account_settings(account: Account, opts: dict[str, Any]) -> AccountSettings:
     elif account.smtp.username and account.smtp.password is None and not account.smtp.oauth_token:
         smtp_changes["password"] = prompt_for("SMTP password")
     smtp = replace(account.smtp, **smtp_changes) if smtp_changes else account.smtp
-
     base = account.protection
+    if "sign" not in opts:
+        # A command without the policy options (outbox retry): the account's policy.
+        return AccountSettings(smtp=smtp, protection=base, passphrase=account.passphrase)
+
     changes: dict[str, Any] = {
         name: opts[name] for name in ("sign", "encrypt", "encrypt_to_self") if given(name)
     }
