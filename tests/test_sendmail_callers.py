@@ -801,3 +801,17 @@ def test_config_mistakes_are_78_one_line_each_with_their_place(
     (draft,) = _drafts(home)
     assert draft.read_bytes() == PLAIN
     assert lines[1].endswith(f"(the message is saved in {draft})")
+
+
+def test_server_down_is_75_queued(home: Path, smtp_server: Server) -> None:
+    """Nothing listens on the port (the laptop is offline, the server restarts): 75, the
+    protected message queued in the outbox, as msmtpq's users expect."""
+    server = smtp_server(tls="implicit")
+    server.stop()
+    done = run(sendmail_cmd(home, server, "bob@example.net"), stdin=PLAIN)
+    assert done.returncode == 75, done.stderr.decode()
+    err = done.stderr.decode()
+    assert err.count("\n") == 1
+    (item,) = Outbox.in_home(home).items()
+    assert f"in the outbox as {item.id}: queued" in err
+    assert _drafts(home) == []
