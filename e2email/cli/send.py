@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -430,8 +431,6 @@ def account_settings(account: Account, opts: dict[str, Any]) -> AccountSettings:
     changes: dict[str, Any] = {
         name: opts[name] for name in ("sign", "encrypt", "encrypt_to_self") if given(name)
     }
-    if opts.get("discover"):
-        changes["discovery"] = opts["discover"]
     if opts["key_map"]:
         changes["key_map"] = {**base.key_map, **_parse_key_map(opts["key_map"])}
     if opts["smime"] or base.scheme is Scheme.SMIME:
@@ -755,9 +754,10 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
             encrypt_to_self=opts["encrypt_to_self"],
             key_map=_parse_key_map(opts["key_map"]),
             **_smime_protection(opts),
-            # Key discovery (issue 10): only OpenPGP keys are looked up.
-            **({"discovery": opts["discover"]} if opts.get("discover") else {}),
         )
+    if opts.get("discover"):
+        # Key discovery (issue 10): only OpenPGP keys are looked up.
+        protection = dataclasses.replace(protection, discovery=opts["discover"])
     _warn_unprotected(protection)
     passphrase = (
         secret_source(opts["passphrase_env"], opts["passphrase_command"], "signing key passphrase")
