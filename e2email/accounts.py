@@ -66,6 +66,7 @@ from typing import Any
 import platformdirs
 
 from e2email.config import (
+    DiscoveryPolicy,
     PasswordSource,
     Protection,
     RetryPolicy,
@@ -303,6 +304,7 @@ _ACCOUNT_KEYS: Mapping[str, str] = {
     "rsa-pss": _BOOL,
     "trust-self-signed": _STRS,
     "revocation": _STR,
+    "discover": _STR,
     "keys": _TABLE,
     "home": _STR,
     "gnupg-home": _STR,
@@ -317,6 +319,7 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
     "scheme": tuple(s.value for s in Scheme),
     "smime-cipher": tuple(c.value for c in SMIMECipher),
     "revocation": tuple(p.value for p in RevocationPolicy),
+    "discover": tuple(p.value for p in DiscoveryPolicy),
 }
 #: msmtp's names, for a did-you-mean difflib cannot find.
 _MSMTP_NAMES = {
@@ -782,6 +785,8 @@ class _Loader:
             protection_fields["smime_cipher"] = SMIMECipher(m["smime-cipher"])
         if "revocation" in m:
             protection_fields["revocation"] = RevocationPolicy(m["revocation"])
+        if "discover" in m:
+            protection_fields["discovery"] = DiscoveryPolicy(m["discover"])
         if "trust-self-signed" in m:
             protection_fields["smime_trust_self_signed"] = frozenset(m["trust-self-signed"])
         protection = self._make(where, m, Protection, protection_fields)
