@@ -269,8 +269,9 @@ def _bulk_options(command: Any) -> Any:
             click.option(
                 "--template",
                 type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                help="With --to-file: the message template ('Subject: ...', a blank line, the "
-                "body; $column or ${column} placeholders). Instead of --subject/--body.",
+                help="The message from a file: 'Subject: ...', a blank line, the body (keeps the "
+                "subject out of the process table). With --to-file, $column or ${column} "
+                "placeholders are filled per row. Instead of --subject/--body.",
             ),
             click.option(
                 "--report",
@@ -622,9 +623,10 @@ def send(state: State, /, **opts: Any) -> None:
 
         send_bulk(state, opts)
         return
-    for name in ("template", "report"):
-        if opts[name] is not None:
-            raise click.UsageError(f"--{name} goes with --to-file")
+    if opts["report"] is not None:
+        raise click.UsageError("--report goes with --to-file")
+    if opts["template"] is not None:
+        _single_template(opts)
     if not (opts["to"] or opts["cc"] or opts["bcc"]):
         raise click.UsageError("no recipients: give --to, --cc or --bcc")
     if opts["output"] is None and not opts["host"] and opts[ACCOUNT] is None:
@@ -647,6 +649,34 @@ def send(state: State, /, **opts: Any) -> None:
                 # Say both: the error that stopped the message, and why its body is not kept.
                 extra = f" (the body read from stdin could not be saved: {unsaved})"
         fail(f"{exc}{extra}", exit_code_for(exc))
+
+
+def _single_template(opts: dict[str, Any]) -> None:
+    """``--template`` for one message: its header block gives the Subject (so a confidential
+    one stays out of the process table, as with --subject-file) and the rest is the body.
+    ``$column`` placeholders need rows to fill them: only with --to-file."""
+    from e2email.bulk import Template
+
+    if opts["body"] is not None or opts["body_file"] is not None:
+        raise click.UsageError("give the body once: --template or --body/--body-file")
+    path: Path = opts["template"]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MessageError(f"cannot read the template {path}: {exc}", field="body") from exc
+    template = Template.parse(text)
+    if template.placeholders:
+        names = ", ".join(f"${n}" for n in sorted(template.placeholders))
+        raise click.UsageError(
+            f"the template has placeholders ({names}): they are filled from --to-file rows"
+        )
+    if template.subject and opts["subject"]:
+        raise click.UsageError(
+            "the subject is given twice: --subject (or --subject-file) and in --template"
+        )
+    # string.Template's escape: "$$" in a template is one "$" in the message.
+    opts["subject"] = (template.subject or opts["subject"] or "").replace("$$", "$")
+    opts["body"] = template.body.replace("$$", "$")
 
 
 def kept_ids(exc: BaseException) -> tuple[str, ...]:
@@ -724,8 +754,10 @@ def _send(state: State, opts: dict[str, Any], text: str) -> None:
                 kept = mailer.last_stored
                 where = (
                     f": the protected message is kept in the outbox as {', '.join(kept)}; the "
-                    "server may have received it already (`e2email outbox list`, then "
-                    "`outbox retry` or `outbox drop`)"
+                    "server may have received it already (`e2email outbox list` shows whether "
+                    "it is maybe-delivered; `outbox retry` sends what was not, "
+                    "`outbox retry --maybe-delivered` also what may have arrived, "
+                    "`outbox drop` gives it up)"
                     if kept
                     else ""
                 )
