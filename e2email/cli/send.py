@@ -23,6 +23,7 @@ from e2email.cli.app import (
 )
 from e2email.client import Mailer, ProtectedCopy, SendResult
 from e2email.config import (
+    OpenPGPEngine,
     PasswordSource,
     Protection,
     RetryPolicy,
@@ -410,6 +411,12 @@ def _bulk_options(command: Any) -> Any:
     help="Write the protected message to FILE (- for stdout) instead of sending it.",
 )
 @_smime_options
+@click.option(
+    "--engine",
+    type=click.Choice([e.value for e in OpenPGPEngine if e is not OpenPGPEngine.AUTO]),
+    help="OpenPGP engine: sequoia (in process, needs e2email[sequoia]) or gpg (the gpg "
+    "program: smartcards, gpg-agent). Default: sequoia when installed, else gpg.",
+)
 @delivery_options
 @_bulk_options
 @click.pass_obj
@@ -554,6 +561,7 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
         encrypt=opts["encrypt"],
         encrypt_to_self=opts["encrypt_to_self"],
         key_map=_parse_key_map(opts["key_map"]),
+        **_engine_protection(opts),
         **_smime_protection(opts),
     )
     _warn_unprotected(protection)
@@ -561,6 +569,16 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
         opts["passphrase_env"], opts["passphrase_command"], "signing key passphrase"
     ) or prompt_for("signing key passphrase")
     return protection, passphrase
+
+
+def _engine_protection(opts: dict[str, Any]) -> dict[str, Any]:
+    """The OpenPGP engine choice (--engine); refused with --smime, which has one engine."""
+    engine = opts.get("engine")
+    if engine is None:
+        return {}
+    if opts.get("smime"):
+        raise click.UsageError("--engine chooses an OpenPGP engine: leave it out with --smime")
+    return {"engine": OpenPGPEngine(engine)}
 
 
 def _warn_unprotected(protection: Protection) -> None:
