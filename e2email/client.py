@@ -36,6 +36,7 @@ from e2email.delivery import (
     deliver,
     route_of,
 )
+from e2email.discovery.net import DiscoverySettings
 from e2email.errors import (
     ConfigError,
     DeliveryError,
@@ -255,6 +256,7 @@ class AsyncMailer:
         self._passphrase = Passphrase(passphrase)
         self._protector = protector
         self._engines: dict[str, Protector] = {}
+        self._discovery_settings: DiscoverySettings | None = None
         self._smtp_transport: SMTPTransport | None = None
         #: The outbox IDs the latest :meth:`send_copies` stored: where the message is when
         #: that call was interrupted (Ctrl-C) and so could not say it in an error.
@@ -292,9 +294,23 @@ class AsyncMailer:
         engine = self._engines.get(name)
         if engine is None:
             engine = self._engines[name] = protector_for(
-                name, keystore=self.keystore, certstore=self.certstore
+                name,
+                keystore=self.keystore,
+                certstore=self.certstore,
+                discovery_settings=self._discovery_settings,
             )
         return engine
+
+    @property
+    def discovery_settings(self) -> DiscoverySettings | None:
+        """Network settings for key discovery (CA file, timeouts, keyservers, cache TTLs);
+        None: the defaults. Discovery runs only when ``Protection.discovery`` is not OFF."""
+        return self._discovery_settings
+
+    @discovery_settings.setter
+    def discovery_settings(self, settings: DiscoverySettings | None) -> None:
+        self._discovery_settings = settings
+        self._engines.clear()  # made again with these settings when next needed
 
     async def send(self, message: Message, *, protection: Protection | None = None) -> SendResult:
         """Protect ``message`` and submit every copy over one TLS connection.

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_PORT_ORDER",
     "HOME_ENV",
     "SMIME_DIGESTS",
+    "DiscoveryPolicy",
     "OpenPGPEngine",
     "PasswordSource",
     "Protection",
@@ -420,6 +421,19 @@ class OpenPGPEngine(enum.Enum):
     GPG = "gpg"
 
 
+class DiscoveryPolicy(enum.Enum):
+    """Where keys are looked up for recipients with no usable local key (issue 10).
+
+    ``OFF`` (the library default) asks no network; ``WKD`` asks each recipient's own domain
+    (Web Key Directory); ``WKD_KEYSERVER`` then a keyserver (keys.openpgp.org's VKS API, or
+    HKPS). See :mod:`e2email.discovery`: a found key is still judged by the keystore's rules,
+    and one that differs from a key already stored is refused until accepted."""
+
+    OFF = "off"
+    WKD = "wkd"
+    WKD_KEYSERVER = "wkd+keyserver"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Protection:
     """What to do to each message. The default signs and encrypts with OpenPGP."""
@@ -445,6 +459,8 @@ class Protection:
     #: certificate in the chains of the recipients and the signer. Imported CRLs are always
     #: used. See :class:`RevocationPolicy`.
     revocation: RevocationPolicy = RevocationPolicy.OFF
+    #: OpenPGP only: look up keys of recipients who have none (see :class:`DiscoveryPolicy`).
+    discovery: DiscoveryPolicy = DiscoveryPolicy.OFF
     #: OpenPGP only: which engine protects the message (a value or its name: "auto",
     #: "sequoia", "gpg"). See :class:`OpenPGPEngine`.
     engine: OpenPGPEngine = OpenPGPEngine.AUTO
@@ -480,6 +496,13 @@ class Protection:
             except ValueError:
                 raise ConfigError(
                     f"revocation must be off, prefer or require, not {self.revocation!r}"
+                ) from None
+        if not isinstance(self.discovery, DiscoveryPolicy):
+            try:
+                object.__setattr__(self, "discovery", DiscoveryPolicy(self.discovery))
+            except ValueError:
+                raise ConfigError(
+                    f"discovery must be off, wkd or wkd+keyserver, not {self.discovery!r}"
                 ) from None
 
 

@@ -41,15 +41,18 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 if TYPE_CHECKING:
     # For the types of ``result`` and ``unsent`` only: at run time this module imports nothing
     # from the package, so every layer can import it without a cycle.
-    from e2email.client import BatchResult, SendResult
+    from e2email.client import BatchResult, MessageOutcome, SendResult
     from e2email.crypto.base import ProtectedCopy
     from e2email.delivery import Outcome
     from e2email.transport.smtp import DeliveryResult
 
 #: What an error says was done before it: one copy's delivery (the transport), one message's
-#: (:meth:`AsyncMailer.send`), a batch (:meth:`AsyncMailer.send_many`) or the outcomes of an
-#: outbox run (:meth:`AsyncMailer.send_outbox`); None when nothing was attempted.
-ErrorResult: TypeAlias = "DeliveryResult | SendResult | BatchResult | tuple[Outcome, ...] | None"
+#: (:meth:`AsyncMailer.send`), a batch (:meth:`AsyncMailer.send_many`), one message of a batch
+#: (the Django backend) or the outcomes of an outbox run (:meth:`AsyncMailer.send_outbox`);
+#: None when nothing was attempted.
+ErrorResult: TypeAlias = (
+    "DeliveryResult | SendResult | BatchResult | MessageOutcome | tuple[Outcome, ...] | None"
+)
 
 __all__ = [
     "AuthenticationError",
@@ -119,6 +122,13 @@ class KeyReason(enum.Enum):
     UNSUPPORTED = "key type not supported"
     #: S/MIME revocation status required (``--revocation require``) but not established.
     REVOCATION_UNKNOWN = "revocation status unknown"
+    #: A message the calling program encrypted already is not encrypted to this key.
+    NOT_ENCRYPTED_TO = "message not encrypted to this recipient's key"
+    # Key discovery (WKD, keyservers, Autocrypt: e2email.discovery):
+    #: The lookup itself failed (timeout, TLS, host not found, response too large, ...).
+    LOOKUP_FAILED = "key lookup failed"
+    #: A key was found for an address that already has a different key: never used silently.
+    DIFFERENT_KEY = "a different key was found"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,10 @@ address, the user must be told which came from where (issue 8 item 1: a ``bob.as
 carried a key for ``carol@...``), so e2email writes down, per primary fingerprint, the first
 source it saw: a file it imported, a key it generated. Keys it finds in a user-supplied GnuPG
 home without a record are described as coming from that home. Later sources (WKD, keyservers,
-Autocrypt) are further :class:`SourceKind` values.
+Autocrypt) are further :class:`SourceKind` values, and every key also carries when it was last
+*confirmed*: seen again at its source (the same key served again by WKD or a keyserver, a newer
+Autocrypt header with it) or accepted by hand (``e2email keys accept``), so that ``keys list``
+shows how fresh the evidence for each key is (issue 10, trust policy).
 
 The record is ``key-sources.json`` in the e2email home, written 0600 and atomically (a temporary
 file renamed over the old one), so a crash never leaves half a record.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +30,9 @@ from e2email.private import check_private, ensure_private_dir, open_private
 __all__ = ["KeySource", "KeySources", "SourceKind"]
 
 FILE_NAME = "key-sources.json"
+#: Read-modify-write of the record happens from several threads at once (discovered keys of
+#: one message are imported side by side).
+_LOCK = threading.RLock()
 _VERSION = 1
 
 
@@ -36,6 +43,17 @@ class SourceKind(enum.Enum):
     DATA = "data"  #: imported from bytes handed to the library (``detail`` says by whom)
     GENERATED = "generated"  #: made here by ``keys generate``
     GNUPG_HOME = "gnupg-home"  #: found in a user-supplied GnuPG home (``detail`` is its path)
+    WKD = "wkd"  #: served by the address's own domain, Web Key Directory (``detail``: the URL)
+    KEYSERVER = "keyserver"  #: served by a keyserver (``detail``: the URL asked)
+    AUTOCRYPT = "autocrypt"  #: an Autocrypt header of received mail (``detail``: the message)
+    GOSSIP = "gossip"  #: an Autocrypt-Gossip header inside received encrypted mail
+    ACCEPTED = "accepted"  #: accepted by hand with ``e2email keys accept`` (``detail``: address)
+
+
+#: Sources that a program found, as opposed to keys a person handed to e2email.
+DISCOVERED = frozenset(
+    {SourceKind.WKD, SourceKind.KEYSERVER, SourceKind.AUTOCRYPT, SourceKind.GOSSIP}
+)
 
 
 @dataclass(frozen=True)
@@ -45,9 +63,18 @@ class KeySource:
     kind: SourceKind
     detail: str = ""
     at: datetime | None = None
+    #: When the key was last seen again at a source or accepted (None: only when first seen).
+    confirmed: datetime | None = None
+
+    @property
+    def last_confirmed(self) -> datetime | None:
+        """The newest evidence for the key: its last confirmation, else when it came in."""
+        return self.confirmed or self.at
 
     def __str__(self) -> str:
         when = f" on {self.at:%Y-%m-%d %H:%M} UTC" if self.at else ""
+        if self.kind in _NAMES:
+            return f"{_NAMES[self.kind]}{' ' + self.detail if self.detail else ''}{when}"
         if self.kind is SourceKind.FILE:
             return f"imported from {self.detail}{when}"
         if self.kind is SourceKind.GENERATED:
@@ -57,6 +84,28 @@ class KeySource:
         return f"imported{' by ' + self.detail if self.detail else ''}{when}"
 
 
+_NAMES = {
+    SourceKind.WKD: "from WKD",
+    SourceKind.KEYSERVER: "from the keyserver",
+    SourceKind.AUTOCRYPT: "from an Autocrypt header in",
+    SourceKind.GOSSIP: "from Autocrypt gossip in",
+    SourceKind.ACCEPTED: "accepted by hand for",
+}
+
+
+def _time(text: object) -> datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _iso(when: datetime | None) -> str:
+    return (when or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
+
+
 class KeySources:
     """The fingerprint -> :class:`KeySource` record of one e2email home."""
 
@@ -64,7 +113,7 @@ class KeySources:
         self.home = home
         self.path = home / FILE_NAME
 
-    def _load(self) -> dict[str, dict[str, str]]:
+    def _read(self) -> dict[str, object]:
         if not self.path.exists():
             return {}
         # In a named GnuPG home a recorded source vouches for a key: whoever may write the
@@ -79,7 +128,10 @@ class KeySources:
             # A damaged record only loses the "where from" notes, never a key or a decision:
             # unknown sources are shown as such.
             return {}
-        keys = data.get("keys") if isinstance(data, dict) else None
+        return data if isinstance(data, dict) else {}
+
+    def _load(self) -> dict[str, dict[str, str]]:
+        keys = self._read().get("keys")
         return (
             {k: v for k, v in keys.items() if isinstance(v, dict)} if isinstance(keys, dict) else {}
         )
@@ -92,18 +144,22 @@ class KeySources:
             kind = SourceKind(entry.get("source", ""))
         except ValueError:
             return None
-        at = entry.get("at")
-        try:
-            when = datetime.fromisoformat(at) if at else None
-        except ValueError:
-            when = None
-        return KeySource(kind, str(entry.get("detail", "")), when)
+        return KeySource(
+            kind,
+            str(entry.get("detail", "")),
+            _time(entry.get("at")),
+            _time(entry.get("confirmed")),
+        )
 
     def record(self, fingerprints: Iterable[str], source: KeySource) -> None:
         """Note ``source`` for each fingerprint that has no record yet (the first source is
         the one that matters: a later import of the same key changes nothing about it)."""
+        with _LOCK:
+            self._record(fingerprints, source)
+
+    def _record(self, fingerprints: Iterable[str], source: KeySource) -> None:
         entries = self._load()
-        at = (source.at or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
+        at = _iso(source.at)
         added = False
         for fpr in fingerprints:
             if fpr.upper() not in entries:
@@ -112,14 +168,68 @@ class KeySources:
                     "detail": source.detail,
                     "at": at,
                 }
+                if source.confirmed is not None:
+                    entries[fpr.upper()]["confirmed"] = _iso(source.confirmed)
                 added = True
-        if not added:
-            return
+        if added:
+            self._save(entries)
+
+    def replace(self, fingerprint: str, source: KeySource) -> None:
+        """Record ``source`` for the key whatever was recorded before (a key accepted by hand
+        is vouched for by that decision, not by where it was first seen)."""
+        with _LOCK:
+            self._replace(fingerprint, source)
+
+    def _replace(self, fingerprint: str, source: KeySource) -> None:
+        entries = self._load()
+        entry = {"source": source.kind.value, "detail": source.detail, "at": _iso(source.at)}
+        if source.confirmed is not None:
+            entry["confirmed"] = _iso(source.confirmed)
+        entries[fingerprint.upper()] = entry
+        self._save(entries)
+
+    def confirm(self, fingerprint: str, *, when: datetime | None = None) -> None:
+        """Note that the key was seen again at its source (or accepted) at ``when`` (now)."""
+        with _LOCK:
+            entries = self._load()
+            entry = entries.get(fingerprint.upper())
+            if entry is None:
+                return
+            entry["confirmed"] = _iso(when)
+            self._save(entries)
+
+    def accepted(self, address: str) -> str | None:
+        """The fingerprint accepted by hand for ``address`` (``keys accept``), if any."""
+        pins = self._read().get("accepted")
+        value = pins.get(address.strip().lower()) if isinstance(pins, dict) else None
+        return value if isinstance(value, str) else None
+
+    def accept(self, address: str, fingerprint: str, *, when: datetime | None = None) -> None:
+        """Make ``fingerprint`` the key for ``address`` (it decides between several keys that
+        carry the address, and a discovered key that differs from it is refused again)."""
+        with _LOCK:
+            data = self._read()
+            pins = data.get("accepted")
+            pins = dict(pins) if isinstance(pins, dict) else {}
+            pins[address.strip().lower()] = fingerprint.upper()
+            entries = self._load()
+            entry = entries.get(fingerprint.upper())
+            if entry is not None:
+                entry["confirmed"] = _iso(when)
+            self._save(entries, accepted=pins)
+
+    def _save(
+        self, entries: dict[str, dict[str, str]], *, accepted: dict[str, str] | None = None
+    ) -> None:
+        if accepted is None:
+            pins = self._read().get("accepted")
+            accepted = pins if isinstance(pins, dict) else {}
         ensure_private_dir(self.home, what="e2email home")
-        tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
+        tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             with open_private(tmp) as fh:
-                json.dump({"version": _VERSION, "keys": entries}, fh, indent=1, sort_keys=True)
+                record = {"version": _VERSION, "keys": entries, "accepted": accepted}
+                json.dump(record, fh, indent=1, sort_keys=True)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)

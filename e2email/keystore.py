@@ -40,7 +40,9 @@ __all__ = [
     "Keystore",
     "OpenPGPKey",
     "SubKey",
+    "VettedKey",
     "check_expiry",
+    "vet_key",
 ]
 
 #: OpenPGP public-key algorithm IDs (RFC 9580 §9.1) to names; RSA, DSA and Elgamal need a length.
@@ -482,6 +484,101 @@ def _subkey(r: dict[str, str], secret_fprs: set[str]) -> SubKey:
     )
 
 
+def _filter_address(address: str) -> str:
+    """``address`` for a gpg filter expression (``mbox = ADDR``): lower case, and nothing a
+    filter would read as syntax (the expression ends at the line)."""
+    addr = address.strip().lower()
+    if not addr or any(c.isspace() or not c.isprintable() for c in addr) or "@" not in addr:
+        raise MessageError(f"invalid address {address!r}")
+    return addr
+
+
+def _gpg_export(
+    gpg_binary: str, home: Path, fingerprint: str, address: str, keep_subkey: str | None
+) -> bytes:
+    """Export ``fingerprint`` with only the user IDs carrying ``address`` (gpg compares the
+    mailbox lower-cased) and no third-party signatures; with ``keep_subkey``, only that
+    subkey (the primary's own fingerprint keeps none)."""
+    cmd = [
+        gpg_binary,
+        "--homedir",
+        str(home),
+        "--no-options",
+        "--batch",
+        "--no-tty",
+        "--export-options",
+        "export-minimal",
+        "--export-filter",
+        f"keep-uid=mbox = {address}",
+    ]
+    if keep_subkey is not None:
+        cmd += ["--export-filter", f"drop-subkey=fpr <> {keep_subkey}"]
+    try:
+        done = subprocess.run(
+            [*cmd, "--export", fingerprint], capture_output=True, check=False, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KeystoreError(f"cannot run {gpg_binary}: {exc}") from exc
+    if done.returncode != 0:
+        raise KeystoreError(f"gpg --export failed: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout
+
+
+@dataclass(frozen=True)
+class VettedKey:
+    """A key from outside (WKD, a keyserver, an Autocrypt header) that passed the keystore's
+    rules for one address: ``data`` holds only the user IDs naming that address."""
+
+    address: str
+    fingerprint: str
+    data: bytes
+    key: OpenPGPKey
+
+
+def vet_key(data: bytes, address: str, *, gpg_binary: str = "gpg") -> VettedKey | KeyProblem:
+    """Judge key ``data`` found for ``address`` exactly as the keystore judges its own keys.
+
+    The data goes into a throwaway GnuPG home, never into the user's keyring, with every user
+    ID that does not name the address dropped (a WKD or keyserver answer may carry user IDs
+    for other people, or a second key: Mailvelope keeps only the matching ones). Then the
+    keystore's own choice runs there: expired, revoked, weak (RSA < 2048, SHA-1 bindings), no
+    encryption subkey, several candidate keys are refused with the keystore's reasons; a key
+    without a user ID for the address is ADDRESS_MISMATCH. The result is the key re-exported
+    with only the matching user IDs and no third-party signatures."""
+    import shutil
+    import tempfile
+
+    addr = _filter_address(address)
+    if not data.strip():
+        return KeyProblem(addr, KeyReason.NOT_FOUND, "the answer was empty")
+    scratch_dir = Path(tempfile.mkdtemp(prefix="e2v"))
+    scratch = Keystore(scratch_dir, gpg_binary=gpg_binary)
+    secret = False
+    try:
+        result = scratch.gpg.import_keys(
+            data, extra_args=["--import-filter", f"keep-uid=mbox = {addr}"]
+        )
+        scratch.invalidate()
+        secret = bool(int(result.sec_imported or 0))
+        if not any(r.get("fingerprint") for r in result.results):
+            # gpg drops a key left without user IDs: was there a key for someone else?
+            unfiltered = scratch.gpg.import_keys(data)
+            if any(r.get("fingerprint") for r in unfiltered.results):
+                return KeyProblem(addr, KeyReason.ADDRESS_MISMATCH, "no user ID with the address")
+            return KeyProblem(addr, KeyReason.INVALID, "no OpenPGP key in the answer")
+        choice = scratch._choose(addr, None, purpose="encrypt")
+        if isinstance(choice, KeyProblem):
+            if choice.reason is KeyReason.NOT_FOUND:
+                return KeyProblem(addr, KeyReason.ADDRESS_MISMATCH, "no user ID with the address")
+            return choice
+        minimal = _gpg_export(gpg_binary, scratch.gnupg_home, choice.fingerprint, addr, None)
+        return VettedKey(addr, choice.fingerprint, minimal, choice)
+    finally:
+        if secret:  # secret keys go through a gpg-agent, which must not outlive the home
+            scratch.shutdown_agent()
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
 def _status_lines(result: object, keyword: str) -> list[list[str]]:
     prefix = f"[GNUPG:] {keyword} "
     text = getattr(result, "stderr", "") or ""
@@ -544,6 +641,7 @@ class Keystore:
         self._gpg: gnupg.GPG | None = None
         self._lock = threading.Lock()
         self._listing: _Listing | None = None
+        self._minimal: dict[tuple[object, ...], bytes] = {}
 
     def __repr__(self) -> str:
         return f"Keystore(home={str(self.home)!r}, gnupg_home={str(self.gnupg_home)!r})"
@@ -745,6 +843,12 @@ class Keystore:
             candidates = self.find(addr, include_revoked=True)
             if not candidates:
                 return KeyProblem(addr, KeyReason.NOT_FOUND)
+            # A key accepted by hand for the address (``keys accept``) is the one to use when it
+            # carries the address: it decides between keys like a key map, but is still judged.
+            pinned = self.sources.accepted(addr) if purpose == "encrypt" else None
+            chosen = [k for k in candidates if k.fingerprint == pinned]
+            if chosen:
+                candidates = chosen
 
         def problem_of(k: OpenPGPKey) -> tuple[KeyReason, str] | None:
             problem = k.encryption_problem(now) if purpose == "encrypt" else k.signing_problem(now)
@@ -1017,6 +1121,28 @@ class Keystore:
         self.sources.record([str(fpr)], KeySource(SourceKind.GENERATED))
         uid = f"{name} <{address}>" if name else f"<{address}>"
         return GeneratedKey(fingerprint=str(fpr), user_id=uid)
+
+    def export_minimal(self, key: OpenPGPKey, address: str) -> bytes:
+        """The smallest certificate that lets a peer encrypt to ``key`` as ``address``: the
+        primary key, the encryption subkey in use, the user ID with the address and their
+        self-signatures only (binary; what Autocrypt Level 1 §2.1.1 asks for in ``keydata``).
+        """
+        addr = _filter_address(address)
+        sub = key.encryption_subkey()
+        if sub is None or not key.carries(addr):
+            raise KeystoreError(f"{key.fingerprint} has no usable encryption key for {addr}")
+        # Every message of a bulk send carries it: made once per key state, not per message.
+        memo = (key.fingerprint, addr, sub.fingerprint, self._stamp())
+        cached = self._minimal.get(memo)
+        if cached is not None:
+            return cached
+        data = _gpg_export(self.gpg_binary, self.gnupg_home, key.fingerprint, addr, sub.fingerprint)
+        if not data:
+            raise KeystoreError(f"gpg exported nothing for {key.fingerprint}")
+        if len(self._minimal) > 256:  # keys of one sender and its gossip peers: stay small
+            self._minimal.clear()
+        self._minimal[memo] = data
+        return data
 
     def shutdown_agent(self) -> None:
         """Stop the gpg-agent of this GnuPG home (used for throwaway homes in demo and tests)."""

@@ -12,6 +12,14 @@ No crypto and no network here. Every byte is written by this module, never by
 * attachments base64 with 76-character lines.
 
 :func:`check_wire_safe` is the last gate before SMTP (bare CR/LF, NUL, 8-bit, long lines).
+
+A message another program wrote (sendmail callers, Django, an SMTP relay) is read with
+:meth:`Message.from_bytes`: its own MIME body is kept as the payload (:class:`MimeBody`), not
+rebuilt. The stdlib :mod:`email` package only *reads* its structure (parameters, addresses,
+RFC 2047 words); the bytes are still written here. Leaves that are not safe to sign as they
+are (8-bit, NUL, lines over 998 octets, trailing whitespace, ``From `` lines) are re-encoded
+so that they decode to the same bytes; everything else, a signed subtree above all, is kept
+byte for byte.
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ import base64
 import binascii
 import dataclasses
 import datetime
+import email.message
+import email.policy
+import email.utils
 import enum
 import io
 import mimetypes
@@ -28,10 +39,11 @@ import re
 import secrets
 import stat
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Literal
 
 import idna
 
@@ -41,14 +53,18 @@ __all__ = [
     "HP",
     "Address",
     "Attachment",
+    "HeaderField",
     "Message",
+    "MimeBody",
     "PayloadStream",
     "build_message",
     "build_payload",
     "check_wire_safe",
+    "existing_protection",
     "message_head",
     "new_boundary",
     "render_header",
+    "split_message",
     "stream_payload",
 ]
 
@@ -535,6 +551,14 @@ class Message:
     date: datetime.datetime | None
     #: Without angle brackets: ``abc@example.org``.
     message_id: str | None
+    #: Extra header fields (In-Reply-To, References, List-*, X-Mailer, ...), in order; values
+    #: as written (encoded-words kept; other non-ASCII text is RFC 2047-encoded on output).
+    #: When encrypting they go inside the protected part; only those the mail system acts on
+    #: (threading, list and auto-reply fields) also stay outside (RFC 9788 policy, see
+    #: ``_OUTSIDE_TOO``). Signed-only or unprotected, all of them are outside too.
+    headers: tuple[tuple[str, str], ...]
+    #: A pre-built MIME entity sent as the payload as it is, instead of text/html/attachments.
+    body: MimeBody | None
 
     # A hand-written __init__ so that type checkers accept what the class accepts at run time
     # (strings and any iterable for the address fields); the fields stay precise.
@@ -552,6 +576,8 @@ class Message:
         attachments: Iterable[Attachment] | Attachment = (),
         date: datetime.datetime | None = None,
         message_id: str | None = None,
+        headers: Iterable[tuple[str, str]] | Mapping[str, str] = (),
+        body: MimeBody | None = None,
     ) -> None:
         values = {
             "sender": sender,
@@ -565,6 +591,8 @@ class Message:
             "attachments": attachments,
             "date": date,
             "message_id": message_id,
+            "headers": headers,
+            "body": body,
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -597,6 +625,14 @@ class Message:
             if not isinstance(item, Attachment):
                 raise MessageError(f"not an Attachment: {item!r}", field="attachments")
         object.__setattr__(self, "attachments", attachments)
+        object.__setattr__(self, "headers", _check_extra_headers(self.headers))
+        if self.body is not None:
+            if not isinstance(self.body, MimeBody):
+                raise MessageError("must be a MimeBody (see MimeBody.parse)", field="body")
+            if self.text or self.html is not None or self.attachments:
+                raise MessageError(
+                    "give either a MIME body or text/html/attachments, not both", field="body"
+                )
 
         if not self.recipients:
             raise MessageError("at least one recipient (To, Cc or Bcc) is needed", field="to")
@@ -627,6 +663,29 @@ class Message:
                 raise MessageError("must be a datetime", field="date")
             if self.date.tzinfo is None or self.date.utcoffset() is None:
                 raise MessageError("the date must be timezone-aware", field="date")
+
+    @classmethod
+    def from_bytes(
+        cls,
+        raw: bytes,
+        *,
+        sender: AddressInput | None = None,
+        envelope: Iterable[AddressInput] | None = None,
+    ) -> Message:
+        """Parse an RFC 5322 message made by another program (CRLF or LF line ends; a leading
+        mbox ``From `` line is ignored).
+
+        From, To, Cc, Bcc, Reply-To, Subject (RFC 2047 decoded), Date and Message-ID fill the
+        fields; Content-* and the body become :attr:`body` as they are (canonicalised only,
+        see :meth:`MimeBody.parse`); MIME-Version and Return-Path are dropped; every other
+        field goes into :attr:`headers`. ``sender`` fills a missing or unqualified From (cron
+        writes ``From: root (Cron Daemon)``). An address listed twice is kept once.
+
+        ``envelope``, when given, lists who this message goes to (sendmail's command line):
+        an address not in To or Cc becomes a Bcc recipient (a copy of its own), and a Bcc
+        header address not in it is dropped. Malformed input raises MessageError.
+        """
+        return _message_from_bytes(raw, sender, envelope)
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -1009,6 +1068,7 @@ def _outer_fields(message: Message, hp: HP | None) -> list[tuple[str, str]]:
         fields.append(("Reply-To", ", ".join(a.header_form() for a in message.reply_to)))
     fields.append(("Subject", "[...]" if hp is HP.CIPHER else message.subject))
     fields.append(("Message-ID", f"<{message_id}>"))
+    fields.extend(_extra_fields(message, outside=True, hp=hp))
     return fields
 
 
@@ -1025,6 +1085,7 @@ def _protected_fields(message: Message) -> list[tuple[str, str]]:
     fields.append(("Subject", message.subject))
     fields.append(("Date", format_datetime(date)))
     fields.append(("Message-ID", f"<{message_id}>"))
+    fields.extend(_extra_fields(message, outside=False, hp=None))
     return fields
 
 
@@ -1058,6 +1119,14 @@ class PayloadStream:
 def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
     """:func:`build_payload`'s bytes as a :class:`PayloadStream` (same arguments, same checks,
     same bytes), for feeding a large message to a signer or encrypter piece by piece."""
+    if message.body is not None:
+        mime = message.body
+        if hp is None:
+            return PayloadStream([mime.head, b"\r\n", mime.body])
+        head = [mime.head_with(['protected-headers="v1"', f'hp="{hp.value}"'])]
+        head.extend(render_header(name, value) for name, value in _protected_fields(message))
+        head.extend(_hp_outer(n, v) for n, v in _outer_fields(message, hp) if _recorded(n))
+        return PayloadStream([b"".join(head), b"\r\n", mime.body])
     body = _text_part("plain", message.text)
     if message.html is not None:
         body = _multipart("alternative", [body, _text_part("html", message.html)])
@@ -1069,7 +1138,7 @@ def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
     outer = _outer_fields(message, hp)
     head = [body.headers(['protected-headers="v1"', f'hp="{hp.value}"'])]
     head.extend(render_header(name, value) for name, value in protected)
-    head.extend(_hp_outer(name, value) for name, value in outer)
+    head.extend(_hp_outer(name, value) for name, value in outer if _recorded(name))
     return PayloadStream([b"".join(head), b"\r\n", *body.body])
 
 
@@ -1147,3 +1216,695 @@ def check_wire_safe(data: bytes) -> None:
         raise MessageError(
             f"a line of {longest} octets (the limit is {_HARD_MAX_LINE})", field="message"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Messages made by other programs: parsing, and their MIME bodies made safe to sign
+# --------------------------------------------------------------------------------------------
+
+#: Fields a program's message carries that :class:`Message` holds in its own attributes (or
+#: writes itself); :attr:`Message.headers` refuses them.
+_STRUCTURAL = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "hp-outer",
+    }
+)
+#: Extra fields that stay readable outside an encrypted message as well as inside it. RFC 9788
+#: lets the header confidentiality policy decide per field whether the outer copy keeps it
+#: (recorded in HP-Outer), replaces it or leaves it out; its baseline policy obscures only the
+#: Subject (§3.3 asks at least that) and keeps the rest. Here the policy is stricter for extra
+#: fields, privacy by default: only the fields the mail system itself acts on without
+#: decrypting stay outside: threading (In-Reply-To, References: RFC 5322 §3.6.4, so replies
+#: thread in clients that cannot decrypt), mailing-list fields (RFC 2369, RFC 2919, RFC 8058)
+#: and auto-reply suppression (Auto-Submitted, RFC 3834 §5; Precedence), which autoresponders
+#: must see to avoid mail loops. Every other extra field (X-Mailer, X-Cron-Env, ...) is only
+#: inside: what the sender's software and environment reveal is the recipients' business.
+_OUTSIDE_TOO = re.compile(
+    r"in-reply-to|references|list-[a-z0-9-]+|auto-submitted|precedence|archived-at", re.I
+)
+#: Fields about the transport or the outer message itself, never protected: trace fields
+#: (RFC 5322 §3.6.7) and the Autocrypt header (which must be readable to be of any use).
+_OUTSIDE_ONLY = frozenset({"received", "autocrypt"})
+#: Dropped from a program's message: the final delivery MTA writes Return-Path (RFC 5321
+#: §4.4), and MIME-Version is written by e2email (the Bcc field goes into ``bcc``: never sent).
+_DROPPED = frozenset({"return-path", "mime-version"})
+
+
+def _check_extra_headers(value: object) -> tuple[tuple[str, str], ...]:
+    items: Iterable[object]
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise MessageError("expected (name, value) pairs or a mapping", field="headers")
+    else:
+        items = value
+    out: list[tuple[str, str]] = []
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise MessageError(f"not a (name, value) pair: {item!r}", field="headers")
+        name, text = item
+        _check_header(name, text)
+        lower = name.lower()
+        if lower in _STRUCTURAL or lower.startswith("content-"):
+            raise MessageError(
+                f"{name} is not an extra header (it is set from the message itself)",
+                field="headers",
+            )
+        if len(text) > 16384:
+            raise MessageError(f"{name} is longer than 16384 characters", field="headers")
+        try:
+            _fold_words(f"{name}:", _ascii_value(text).split(" "))  # foldable at all?
+        except MessageError as exc:
+            raise MessageError(exc.reason, field="headers") from None
+        out.append((name, text))
+    return tuple(out)
+
+
+def _recorded(name: str) -> bool:
+    """Is this outer field recorded in HP-Outer (RFC 9788 §2.2)? Not the ones that are never
+    protected (trace fields, Autocrypt): there is no protected copy to compare them with."""
+    return name.lower() not in _OUTSIDE_ONLY
+
+
+def _ascii_value(value: str) -> str:
+    """An extra field's value as ASCII: non-ASCII text as RFC 2047 encoded-words."""
+    if value.isascii():
+        return value
+    return " ".join(_b64_words(value, _MAX_ENCODED_WORD))
+
+
+def _extra_fields(message: Message, *, outside: bool, hp: HP | None) -> list[tuple[str, str]]:
+    """The extra fields for the outer header (``outside``) or for the protected part."""
+    out: list[tuple[str, str]] = []
+    for name, value in message.headers:
+        lower = name.lower()
+        if outside:
+            keep = (
+                hp is not HP.CIPHER
+                or lower in _OUTSIDE_ONLY
+                or _OUTSIDE_TOO.fullmatch(name) is not None
+            )
+        else:
+            keep = lower not in _OUTSIDE_ONLY
+        if keep:
+            out.append((name, _ascii_value(value)))
+    return out
+
+
+_FIELD_START = re.compile(rb"([!-9;-~]+)[ \t]*:")
+_UNFOLD = re.compile(rb"\r\n(?=[ \t])")
+_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+#: Something in a body that is not safe to sign and send as it is (RFC 3156 §3, RFC 5322
+#: §2.1.1): an 8-bit byte or NUL, whitespace at the end of a line (transports strip it), a
+#: line starting "From " (mbox mangles it to ">From ").
+_UNSAFE_BODY = re.compile(rb"[\x00\x80-\xff]|[ \t](?:\r\n|\Z)|(?:\A|\r\n)From ")
+
+
+@dataclass(frozen=True)
+class HeaderField:
+    """One header field as a program wrote it (see :func:`split_message`)."""
+
+    name: str
+    #: The whole field, folded as received, ending in CRLF.
+    raw: bytes
+
+    @property
+    def lower(self) -> str:
+        return self.name.lower()
+
+    def value(self) -> str:
+        """The unfolded value, decoded as UTF-8 (RFC 6532)."""
+        text = _UNFOLD.sub(b"", self.raw[self.raw.index(b":") + 1 : -2]).strip(b" \t")
+        try:
+            return text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MessageError(
+                "the value is neither ASCII nor UTF-8 (encode it as RFC 2047 says)",
+                field=self.lower,
+            ) from None
+
+    def addresses(self) -> list[tuple[str, str]]:
+        """(display name, addr-spec) of an address field: groups flattened, RFC 2047 names
+        decoded, comments dropped; an addr-spec without a domain (``root``) is returned as
+        it is for the caller to judge. MessageError when unreadable."""
+        value = self.value()
+        parsed = email.policy.default.header_factory(self.name, value)
+        problems = [str(d) for d in parsed.defects if "local part with no domain" not in str(d)]
+        if problems:
+            raise MessageError(f"cannot read {value[:80]!r} ({problems[0]})", field=self.lower)
+        return [(a.display_name, a.addr_spec) for a in parsed.addresses]
+
+
+def _split_fields(head: bytes, where: str) -> list[HeaderField]:
+    """The fields of a header block (CRLF lines, each ending in CRLF), as written."""
+    fields: list[tuple[str, list[bytes]]] = []
+    if not head:
+        return []
+    for number, line in enumerate(head[:-2].split(b"\r\n"), 1):
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                raise MessageError(f"{where} starts with a continuation line")
+            fields[-1][1].append(line)
+            continue
+        match = _FIELD_START.match(line)
+        if match is None:
+            shown = line[:40].decode("ascii", "replace")
+            raise MessageError(
+                f"{where}: line {number} is not a header field ({shown!r}); a blank line must "
+                "separate the header from the body"
+            )
+        fields.append((match.group(1).decode("ascii"), [line]))
+    return [HeaderField(name, b"\r\n".join(lines) + b"\r\n") for name, lines in fields]
+
+
+def _split_entity(data: bytes) -> tuple[bytes, bytes] | None:
+    """(header block ending in CRLF, body) of a CRLF entity, or None without a blank line."""
+    if data.startswith(b"\r\n"):
+        return b"", data[2:]
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    return data[: end + 2], data[end + 4 :]
+
+
+def _content_type(fields: Sequence[HeaderField], default: str) -> tuple[str, email.message.Message]:
+    """The lower-case type/subtype (RFC 2045 §5.2 default when absent or invalid) and a
+    stdlib message holding only the Content-Type, to read its parameters with."""
+    holder = email.message.Message()
+    holder.set_default_type(default)
+    for item in fields:
+        if item.lower == "content-type":
+            holder["Content-Type"] = item.value()
+    return holder.get_content_type(), holder
+
+
+def _field_value(fields: Sequence[HeaderField], name: str) -> str | None:
+    found = [f for f in fields if f.lower == name]
+    return found[-1].value() if found else None
+
+
+def _ascii_field(item: HeaderField, where: str) -> bytes:
+    """A MIME field of a part, as ASCII: raw UTF-8 (RFC 6532) parameters as RFC 2231, other
+    raw UTF-8 text as RFC 2047 encoded-words. Lines over 998 octets are refused."""
+    # Trailing whitespace on a header line is insignificant (RFC 5322 §3.2.2) but transports
+    # strip it, which would break a signature over this part: drop it here.
+    lines = [ln.rstrip(b" \t") for ln in item.raw[:-2].split(b"\r\n")]
+    raw = b"\r\n".join(ln for ln in lines if ln) + b"\r\n"
+    if raw.isascii():
+        if _has_long_line(raw):
+            raise MessageError(f"{where}: the {item.name} field has a line over 998 octets")
+        return raw
+    value = item.value()
+    if item.lower in ("content-type", "content-disposition"):
+        holder = email.message.Message()
+        holder[item.name] = value
+        params = holder.get_params(header=item.name) or []
+        if not params:
+            raise MessageError(f"{where}: cannot read the {item.name} field")
+        main = params[0][0]
+        rendered: list[str] = []
+        for key, val in params[1:]:
+            text = email.utils.collapse_rfc2231_value(val)
+            if text.isascii() and len(text) < _MAX_PARAM - len(key) - 3:
+                rendered.append(f"{key}={_quote(text)}")
+            else:
+                rendered.extend(_rfc2231(key, text))
+        return _param_header(item.name, main, rendered)
+    return ("\r\n".join(_fold_encoded(f"{item.name}:", value)) + "\r\n").encode("ascii")
+
+
+def _has_long_line(data: bytes) -> bool:
+    """Is a line of ``data`` (CRLF line ends) longer than 998 octets? Jumps from line start
+    to the last LF within reach, as :func:`check_wire_safe` does: about one step per KiB."""
+    start, size = 0, len(data)
+    while size - start > _HARD_MAX_LINE + 2:
+        newline = data.rfind(b"\n", start, start + _HARD_MAX_LINE + 2)
+        if newline < 0:
+            return True
+        start = newline + 1
+    end = data.find(b"\n", start)
+    return (size if end < 0 else end - 1) - start > _HARD_MAX_LINE
+
+
+def _wire_lines_ok(data: bytes) -> bool:
+    return data.isascii() and b"\0" not in data and not _has_long_line(data)
+
+
+def _qp_body(content: bytes) -> bytes:
+    """``content`` (lines joined by CRLF) as quoted-printable from our encoder."""
+    return "\r\n".join(line for raw in content.split(b"\r\n") for line in _qp_line(raw)).encode(
+        "ascii"
+    )
+
+
+def _b64_body(content: bytes) -> bytes:
+    return b"".join(_Base64Lines(content)) + b"\r\n"
+
+
+def _set_encoding(fields: list[bytes], names: list[str], encoding: str) -> None:
+    line = render_header("Content-Transfer-Encoding", encoding)
+    for i, name in enumerate(names):
+        if name == "content-transfer-encoding":
+            fields[i] = line
+            return
+    fields.append(line)
+    names.append("content-transfer-encoding")
+
+
+def _canon_entity(head: bytes, body: bytes, *, default: str, where: str, depth: int) -> bytes:
+    """One MIME entity (header block and body, CRLF) made canonical for signing without
+    changing what any part decodes to: the entity's bytes (header block, CRLF, body)."""
+    if depth > 50:
+        raise MessageError(f"{where}: MIME parts nested more than 50 deep")
+    fields = _split_fields(head, where)
+    for name in ("content-type", "content-transfer-encoding"):
+        if sum(f.lower == name for f in fields) > 1:
+            # Readers disagree on which one counts: what one shows another would not.
+            raise MessageError(f"{where}: {name} appears more than once")
+    ctype, holder = _content_type(fields, default)
+    encoding = (_field_value(fields, "content-transfer-encoding") or "7bit").lower()
+    out = [_ascii_field(f, where) for f in fields]
+    names = [f.lower for f in fields]
+    major = ctype.partition("/")[0]
+
+    if ctype in ("multipart/signed", "multipart/encrypted"):
+        # Signed or encrypted by the calling program: these bytes are what its signature
+        # covers (RFC 1847 §2.1); they are sent exactly as they are, never re-encoded.
+        if not _wire_lines_ok(body):
+            raise MessageError(
+                f"{where}: the {ctype} part has 8-bit data or over-long lines; it cannot be "
+                "made safe without breaking its signature"
+            )
+        return b"".join([*out, b"\r\n", body])
+    if major == "multipart":
+        if encoding not in ("7bit", "8bit", "binary"):
+            raise MessageError(
+                f"{where}: a multipart part cannot have a {encoding} encoding (RFC 2045 §6.4)"
+            )
+        boundary = holder.get_boundary()
+        if not boundary:
+            raise MessageError(f"{where}: {ctype} without a boundary parameter")
+        if not boundary.isascii() or len(boundary) > 70:
+            raise MessageError(f"{where}: invalid boundary {boundary[:80]!r} (RFC 2046 §5.1.1)")
+        inner = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
+        new_body = _canon_multipart(body, boundary, default=inner, where=where, depth=depth)
+        if encoding != "7bit":
+            _set_encoding(out, names, "7bit")
+        return b"".join([*out, b"\r\n", new_body])
+    if ctype == "message/rfc822" and encoding in ("7bit", "8bit", "binary"):
+        # An attached message (RFC 2046 §5.2.1: never encoded itself): canonicalise inside it.
+        split = _split_entity(body)
+        if split is None:
+            split = (body + b"\r\n" if body and not body.endswith(b"\r\n") else body), b""
+        inner_head, inner_body = split
+        try:
+            new_body = _canon_entity(
+                inner_head,
+                inner_body,
+                default="text/plain",
+                where=f"{where} (attached message)",
+                depth=depth + 1,
+            )
+        except MessageError:
+            # Not a readable message: kept as it is when that is safe to sign and send.
+            if _wire_lines_ok(body) and not _UNSAFE_BODY.search(body):
+                return b"".join([*out, b"\r\n", body])
+            raise
+        if encoding != "7bit":
+            _set_encoding(out, names, "7bit")
+        return b"".join([*out, b"\r\n", new_body])
+    return _canon_leaf(out, names, body, major=major, encoding=encoding, where=where)
+
+
+def _canon_leaf(
+    out: list[bytes], names: list[str], body: bytes, *, major: str, encoding: str, where: str
+) -> bytes:
+    """A leaf part: kept byte for byte when it is 7-bit and safe; otherwise re-encoded (text
+    as quoted-printable from our encoder, anything else base64), decoding to the same."""
+    safe = _wire_lines_ok(body) and not _UNSAFE_BODY.search(body)
+    if safe:
+        return b"".join([*out, b"\r\n", body])
+    if encoding in ("7bit", "8bit", "binary"):
+        content = body
+    elif encoding == "quoted-printable":
+        content = binascii.a2b_qp(body)
+    elif encoding == "base64":
+        try:
+            content = base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", body))
+        except binascii.Error as exc:
+            raise MessageError(f"{where}: invalid base64 ({exc})") from None
+    else:
+        raise MessageError(
+            f"{where}: {encoding} content with 8-bit data or over-long lines cannot be made safe"
+        )
+    if major == "text" or (encoding == "quoted-printable" and major not in ("message",)):
+        new_body, new_encoding = _qp_body(content), "quoted-printable"
+    else:
+        new_body, new_encoding = _b64_body(content), "base64"
+    _set_encoding(out, names, new_encoding)
+    return b"".join([*out, b"\r\n", new_body])
+
+
+def _canon_multipart(body: bytes, boundary: str, *, default: str, where: str, depth: int) -> bytes:
+    """A multipart body with each part canonicalised; boundaries, preamble and epilogue kept
+    (preamble and epilogue are dropped when unsafe: readers ignore them, RFC 2046 §5.1.1)."""
+    delimiter = re.compile(
+        rb"(?:\A|\r\n)--"
+        + re.escape(boundary.encode("ascii", "replace"))
+        + rb"(--)?[ \t]*(?=\r\n|\Z)"
+    )
+    matches = list(delimiter.finditer(body))
+    if not matches:
+        raise MessageError(f"{where}: no part starts with the boundary {boundary!r}")
+    dash = b"--" + boundary.encode("ascii")
+    pieces: list[bytes] = []
+    preamble = body[: matches[0].start()]
+    # A delimiter after CRLF has a preamble before it, if only an empty line.
+    has_preamble = matches[0].group().startswith(b"\r\n")
+    if has_preamble and _wire_lines_ok(preamble) and not _UNSAFE_BODY.search(preamble):
+        pieces += [preamble, b"\r\n"]
+    closed = False
+    for number, (match, after) in enumerate(zip(matches, [*matches[1:], None], strict=True), 1):
+        if match.group(1):
+            closed = True
+            epilogue = body[match.end() :]
+            pieces.append(dash + b"--")
+            if _wire_lines_ok(epilogue) and not _UNSAFE_BODY.search(epilogue):
+                pieces.append(epilogue)  # starts with CRLF (the delimiter line's end) or empty
+            elif epilogue.startswith(b"\r\n"):
+                pieces.append(b"\r\n")
+            break
+        part = body[match.end() : after.start() if after is not None else len(body)]
+        if part.startswith(b"\r\n"):
+            part = part[2:]
+        name = f"{where}, part {number}"
+        split = _split_entity(part)
+        if split is None:
+            try:
+                _split_fields(part + b"\r\n", name)
+                split = part + b"\r\n", b""
+            except MessageError:
+                split = b"", part
+        pieces += [dash, b"\r\n"]
+        pieces.append(
+            _canon_entity(split[0], split[1], default=default, where=name, depth=depth + 1)
+        )
+        pieces.append(b"\r\n")
+    if not closed:
+        pieces += [dash, b"--\r\n"]
+    return b"".join(pieces)
+
+
+def _normalise_line_ends(raw: bytes) -> bytes:
+    """CRLF for every line end: programs pipe LF (or mixed) text to sendmail."""
+    if raw.count(b"\r\n") == raw.count(b"\n") == raw.count(b"\r"):
+        return raw
+    return _LINE_ENDS.sub(b"\r\n", raw)
+
+
+@dataclass(frozen=True)
+class MimeBody:
+    """A MIME entity made elsewhere (its Content-* fields and body), used as a message's
+    payload as it is: not rebuilt, only made canonical for signing (:meth:`parse`)."""
+
+    #: The entity's header block: Content-* fields only, each line ending in CRLF, no blank line.
+    head: bytes
+    #: The body, canonical: CRLF, 7-bit, lines of at most 998 octets.
+    body: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.head, bytes) or not isinstance(self.body, bytes):
+            raise MessageError("head and body must be bytes", field="body")
+        fields = (
+            _split_fields(self.head, "MIME body header") if self.head.endswith(b"\r\n") else None
+        )
+        if fields is None:
+            raise MessageError("the header block must end in CRLF", field="body")
+        for item in fields:
+            if not item.lower.startswith("content-"):
+                raise MessageError(
+                    f"{item.name} does not belong in a MIME body's header", field="body"
+                )
+        if not any(item.lower == "content-type" for item in fields):
+            raise MessageError("the MIME body has no Content-Type", field="body")
+        for what, data in (("header", self.head), ("body", self.body)):
+            try:
+                check_wire_safe(data)
+            except MessageError as exc:
+                raise MessageError(
+                    f"the {what} is not canonical ({exc.reason}); use MimeBody.parse",
+                    field="body",
+                ) from None
+
+    @classmethod
+    def parse(cls, entity: bytes) -> MimeBody:
+        """A MIME entity (Content-* header block, blank line, body; CRLF or LF) made canonical
+        for RFC 3156 / RFC 8551 signing without changing what any part decodes to: CRLF line
+        ends; 8-bit, NUL, over-long lines, trailing whitespace and ``From `` lines in a leaf
+        re-encoded (text as quoted-printable, anything else base64); safe leaves kept byte
+        for byte; boundaries kept; a signed or encrypted subtree kept exactly.
+
+        Every CR, LF or CRLF is a line end, as SMTP and RFC 2045 §2.7-2.8 have it (a program
+        piping LF text means CRLF): so a bare CR or LF inside 8bit or binary data becomes
+        CRLF too. Binary data that must keep them is sent base64-encoded by the programs
+        that make it (and is then kept as it is)."""
+        if not isinstance(entity, bytes | bytearray | memoryview):
+            raise MessageError("a MIME entity must be bytes", field="body")
+        data = _normalise_line_ends(bytes(entity))
+        split = _split_entity(data)
+        if split is None:
+            raise MessageError("no blank line after the MIME header", field="body")
+        return cls._from_parts(*split)
+
+    @classmethod
+    def _from_parts(cls, head: bytes, body: bytes) -> MimeBody:
+        fields = _split_fields(head, "MIME header")
+        if not any(f.lower == "content-type" for f in fields):
+            # RFC 2045 §5.2's default, written out (the payload needs its own Content-Type).
+            charset = "us-ascii" if body.isascii() else "utf-8"
+            if charset == "utf-8":
+                try:
+                    body.decode("utf-8")
+                except UnicodeDecodeError:
+                    charset = "unknown-8bit"  # RFC 1428
+            head = render_header("Content-Type", f"text/plain; charset={charset}") + head
+        entity = _canon_entity(head, body, default="text/plain", where="body", depth=0)
+        new_head, new_body = _split_entity(entity) or (entity, b"")
+        return cls(new_head, new_body)
+
+    @property
+    def content_type(self) -> str:
+        """The top-level type/subtype, lower case."""
+        return _content_type(_split_fields(self.head, "MIME header"), "text/plain")[0]
+
+    def head_with(self, params: Sequence[str]) -> bytes:
+        """The header block with ``params`` added to its Content-Type (e.g. RFC 9788's)."""
+        out: list[bytes] = []
+        for item in _split_fields(self.head, "MIME header"):
+            if item.lower == "content-type":
+                lines = [item.raw[:-2].rstrip(b"; \t")]
+                for param in params:
+                    lines.append(b" " + param.encode("ascii"))
+                out.append(b";\r\n".join(lines) + b"\r\n")
+            else:
+                out.append(item.raw)
+        return b"".join(out)
+
+
+ProtectionKind = Literal["pgp-encrypted", "pgp-signed", "smime-encrypted", "smime-signed"]
+
+
+def existing_protection(raw: bytes) -> ProtectionKind | None:
+    """Is this message already PGP/MIME (RFC 3156) or S/MIME (RFC 8551) encrypted or signed?
+    Read from its top-level Content-Type only; None when it is neither (or unreadable)."""
+    data = _normalise_line_ends(_strip_mbox_line(bytes(raw)))
+    split = _split_entity(data)
+    head = split[0] if split is not None else data
+    try:
+        fields = _split_fields(head, "header")
+        ctype, holder = _content_type(fields, "text/plain")
+    except MessageError:
+        return None
+    protocol = ""
+    if ctype.startswith("multipart/"):
+        param = holder.get_param("protocol")
+        protocol = param.lower() if isinstance(param, str) else ""
+    if ctype == "multipart/encrypted" and protocol == "application/pgp-encrypted":
+        return "pgp-encrypted"
+    if ctype == "multipart/signed":
+        if protocol == "application/pgp-signature":
+            return "pgp-signed"
+        if protocol in ("application/pkcs7-signature", "application/x-pkcs7-signature"):
+            return "smime-signed"
+    if ctype in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
+        smime_type = str(holder.get_param("smime-type") or "").lower()
+        if smime_type == "signed-data":
+            return "smime-signed"
+        if smime_type in ("enveloped-data", "authenveloped-data", ""):
+            return "smime-encrypted"
+    return None
+
+
+def _strip_mbox_line(raw: bytes) -> bytes:
+    """A leading mbox ``From sender date`` line (as some programs write) is not a header."""
+    if raw.startswith(b"From "):
+        end = raw.find(b"\n")
+        return b"" if end < 0 else raw[end + 1 :]
+    return raw
+
+
+def split_message(raw: bytes) -> tuple[list[HeaderField], bytes]:
+    """A program's RFC 5322 message as its header fields (as written) and its body, with CRLF
+    line ends (it may use LF or mixed; a leading mbox ``From `` line is dropped). A message
+    of header fields only has an empty body. MessageError for what is not a message: empty,
+    no header, a line in the header that is not a field, a NUL in the header."""
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise MessageError("the message must be bytes", field="message")
+    data = _strip_mbox_line(bytes(raw))
+    end = re.search(rb"\r?\n\r?\n", data)
+    bare = _BARE_CR.search(data, 0, end.start() if end else len(data))
+    if bare is not None:
+        # A CR not followed by LF would start a new header line for some readers and not
+        # for others (header injection, RFC 5322 §2.2): refused rather than guessed.
+        raise MessageError(f"a CR without LF in the header (offset {bare.start()})")
+    data = _normalise_line_ends(data)
+    if not data.strip():
+        raise MessageError("the message is empty", field="message")
+    split = _split_entity(data)
+    if split is None:
+        # Only a header (no body at all) is a message too.
+        split = (data if data.endswith(b"\r\n") else data + b"\r\n"), b""
+    head, body = split
+    if not head:
+        raise MessageError("the message has no header (it starts with a blank line)")
+    fields = _split_fields(head, "header")
+    for item in fields:
+        if b"\0" in item.raw:
+            raise MessageError("NUL byte in the header", field=item.lower)
+    return fields, body
+
+
+def _message_from_bytes(
+    raw: bytes, sender: AddressInput | None, envelope: Iterable[AddressInput] | None
+) -> Message:
+    fields, body = split_message(raw)
+
+    def single(name: str) -> HeaderField | None:
+        found = [f for f in fields if f.lower == name]
+        if len(found) > 1:
+            raise MessageError("appears more than once (RFC 5322 §3.6)", field=name)
+        return found[0] if found else None
+
+    lists: dict[str, list[Address]] = {}
+    seen: set[str] = set()
+    for name in ("to", "cc", "bcc", "reply-to"):
+        found: list[Address] = []
+        for item in (f for f in fields if f.lower == name):
+            for display, addr in item.addresses():
+                if "@" not in addr:
+                    raise MessageError(
+                        f"{addr!r} is not a full address (it needs @domain)", field=name
+                    )
+                try:
+                    address = Address(addr, display)
+                except MessageError as exc:
+                    raise MessageError(exc.reason, field=name) from None
+                key = address.addr_spec.lower()
+                if name != "reply-to":
+                    # The same address twice (To and Cc, as replies-to-all make) is one
+                    # recipient; a Bcc listed in To or Cc is not hidden anyway.
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                found.append(address)
+        lists[name] = found
+
+    from_field = single("from")
+    author: AddressInput | None = None
+    if from_field is not None:
+        mailboxes = from_field.addresses()
+        if len(mailboxes) != 1:
+            raise MessageError(f"expected one address, found {len(mailboxes)}", field="from")
+        display, addr = mailboxes[0]
+        if "@" in addr:
+            try:
+                author = Address(addr, display)
+            except MessageError as exc:
+                raise MessageError(exc.reason, field="from") from None
+        elif sender is None:
+            raise MessageError(
+                f"{addr!r} is not a full address and no envelope sender was given",
+                field="from",
+            )
+    if author is None:
+        if sender is None:
+            raise MessageError("no From header and no envelope sender", field="from")
+        author = _coerce_address(sender, "sender")
+
+    subject_field = single("subject")
+    subject = ""
+    if subject_field is not None:
+        subject = str(email.policy.default.header_factory("Subject", subject_field.value()))
+        subject = re.sub(r"[\r\n]+", " ", subject)
+    date: datetime.datetime | None = None
+    date_field = single("date")
+    if date_field is not None:
+        try:
+            date = email.utils.parsedate_to_datetime(date_field.value())
+        except (TypeError, ValueError, IndexError):
+            raise MessageError(
+                f"cannot read the date {date_field.value()[:60]!r}", field="date"
+            ) from None
+        if date.tzinfo is None:  # "-0000": UTC, time zone unknown (RFC 5322 §3.3)
+            date = date.replace(tzinfo=datetime.UTC)
+    message_id: str | None = None
+    id_field = single("message-id")
+    if id_field is not None:
+        message_id = id_field.value().strip()
+        if message_id.startswith("<") and message_id.endswith(">"):
+            message_id = message_id[1:-1].strip()
+
+    extra: list[tuple[str, str]] = []
+    content: list[bytes] = []
+    for item in fields:
+        lower = item.lower
+        if lower.startswith("content-"):
+            content.append(item.raw)
+        elif lower in _STRUCTURAL or lower in _DROPPED:
+            continue
+        else:
+            extra.append((item.name, item.value()))
+    if envelope is not None:
+        given = _coerce_addresses(envelope, "recipients")
+        wanted = {a.addr_spec.lower() for a in given}
+        shown = {a.addr_spec.lower() for a in (*lists["to"], *lists["cc"])}
+        lists["bcc"] = [a for a in lists["bcc"] if a.addr_spec.lower() in wanted]
+        hidden = {a.addr_spec.lower() for a in lists["bcc"]}
+        for address in given:
+            key = address.addr_spec.lower()
+            if key not in shown and key not in hidden:
+                lists["bcc"].append(address)
+                hidden.add(key)
+    mime = MimeBody._from_parts(b"".join(content), body)
+    return Message(
+        sender=author,
+        to=lists["to"],
+        cc=lists["cc"],
+        bcc=lists["bcc"],
+        reply_to=lists["reply-to"],
+        subject=subject,
+        date=date,
+        message_id=message_id,
+        headers=extra,
+        body=mime,
+    )

@@ -59,7 +59,7 @@ def _runtime_package_imports(module: object) -> list[str]:
 def test_errors_carry_typed_results_and_unsent_copies() -> None:
     """``result`` and ``unsent`` name what they hold (a delivery, a send, a batch or an outbox
     run's outcomes; the protected copies), not ``Any``, with no import cycle at run time."""
-    from e2email.client import BatchResult, SendResult
+    from e2email.client import BatchResult, MessageOutcome, SendResult
     from e2email.delivery import Outcome
     from e2email.transport.smtp import DeliveryResult
 
@@ -67,6 +67,7 @@ def test_errors_carry_typed_results_and_unsent_copies() -> None:
         vars(errors),
         SendResult=SendResult,
         BatchResult=BatchResult,
+        MessageOutcome=MessageOutcome,
         ProtectedCopy=e2email.ProtectedCopy,
         Outcome=Outcome,
         DeliveryResult=DeliveryResult,
@@ -78,6 +79,7 @@ def test_errors_carry_typed_results_and_unsent_copies() -> None:
             DeliveryResult,
             SendResult,
             BatchResult,
+            MessageOutcome,
             tuple[Outcome, ...],
             type(None),
         }

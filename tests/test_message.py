@@ -160,11 +160,15 @@ def test_all_lists_exactly_the_public_api() -> None:
             "Address",
             "Attachment",
             "HP",
+            "HeaderField",
             "Message",
+            "MimeBody",
             "PayloadStream",
             "build_message",
             "build_payload",
             "check_wire_safe",
+            "existing_protection",
+            "split_message",
             "message_head",
             "new_boundary",
             "render_header",
@@ -1320,3 +1324,502 @@ def test_check_wire_safe_passes_our_output() -> None:
         data = full(msg, hp)
         check_wire_safe(data)
         assert_wire_invariants(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Messages made by other programs: Message.from_bytes, MimeBody, extra headers
+# --------------------------------------------------------------------------------------------
+
+from email.mime.application import MIMEApplication  # noqa: E402
+from email.mime.multipart import MIMEMultipart  # noqa: E402
+from email.mime.text import MIMEText  # noqa: E402
+
+from e2email.message import MimeBody, existing_protection  # noqa: E402
+
+
+def leaves(raw: bytes) -> list[tuple[str, bytes | None, str | None]]:
+    """Every part of a message as a reader sees it: type, decoded content, file name."""
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    out: list[tuple[str, bytes | None, str | None]] = []
+    for part in parsed.walk():
+        if part.is_multipart():
+            out.append((part.get_content_type(), None, None))
+        else:
+            out.append(
+                (part.get_content_type(), part.get_payload(decode=True), part.get_filename())
+            )
+    return out
+
+
+def crlf(raw: bytes) -> bytes:
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", raw)
+
+
+def payload_of(msg: Message, hp: HP | None = None) -> bytes:
+    return build_payload(msg.finalized(), hp=hp)
+
+
+def django_like() -> bytes:
+    """What Django's EmailMultiAlternatives.message().as_bytes() makes: mixed > alternative
+    (8bit UTF-8 text, html) + attachments; MIME-Version in every part; RFC 2047 subject."""
+    alt = MIMEMultipart("alternative")
+    text = MIMEText("Grüße, Zoë\nFrom the team\nline with trailing space \n", "plain", "utf-8")
+    del text["Content-Transfer-Encoding"]
+    text["Content-Transfer-Encoding"] = "8bit"
+    text.set_payload("Grüße, Zoë\nFrom the team\nline with trailing space \n".encode())
+    alt.attach(text)
+    alt.attach(MIMEText("<p>Grüße</p>", "html", "utf-8"))
+    outer = MIMEMultipart("mixed")
+    outer.attach(alt)
+    pdf = MIMEApplication(b"%PDF-1.4\n" + bytes(range(256)) * 8, "pdf")
+    pdf.add_header("Content-Disposition", "attachment", filename="report.pdf")
+    outer.attach(pdf)
+    csv = MIMEText("a,b\n1,2\n", "csv", "utf-8")
+    csv.add_header("Content-Disposition", "attachment", filename=("utf-8", "", "Zahlen é.csv"))
+    outer.attach(csv)
+    outer["Subject"] = "=?utf-8?q?Rechnung_f=C3=BCr_Mai?="
+    outer["From"] = "Shop <alice@example.org>"
+    outer["To"] = "Bob <bob@example.net>"
+    outer["Cc"] = "carol@example.com"
+    outer["Reply-To"] = "support@example.org"
+    outer["Date"] = "Wed, 06 May 2026 07:08:09 -0000"
+    outer["Message-ID"] = "<1.django@example.org>"
+    outer["X-Mailer"] = "Django"
+    outer.preamble = "This is a multi-part message in MIME format."
+    return outer.as_bytes()
+
+
+CANON_CASES = {
+    "git-send-email-8bit": (
+        "From 1a2b Mon Sep 17 00:00:00 2001\nFrom: Alice <alice@example.org>\n"
+        "To: bob@example.net\nSubject: [PATCH] x\nContent-Type: text/plain; charset=UTF-8\n"
+        "Content-Transfer-Encoding: 8bit\n\nGrüße\nFrom here\n \n-a \n+b\n-- \n2.39.5\n"
+    ).encode(),
+    "php-mail-lf": (
+        b"To: bob@example.net\nSubject: Contact form\nFrom: alice@example.org\n"
+        b"X-PHP-Originating-Script: 33:contact.php\nContent-type: text/plain; charset=iso-8859-1\n"
+        b"\nName: J\xf6rg\nMessage: " + b"x" * 1200 + b"\n"
+    ),
+    "php-mail-crlf": (
+        b"To: bob@example.net\r\nSubject: hi\r\nFrom: alice@example.org\r\n\r\nplain\r\n"
+    ),
+    "cron": (
+        b"From: root (Cron Daemon)\nTo: bob@example.net\nSubject: Cron <root@host> run-parts\n"
+        b"MIME-Version: 1.0\nContent-Type: text/plain; charset=UTF-8\n"
+        b"Content-Transfer-Encoding: 8bit\nX-Cron-Env: <SHELL=/bin/sh>\nX-Cron-Env: <HOME=/root>\n"
+        b"Message-Id: <20260506070809.1@host.example.org>\nDate: Wed, 6 May 2026 07:08:09 +0200\n"
+        b"\n/etc/cron.daily/x:\n\xe2\x9c\x93 done\n"
+    ),
+    "smtphandler": (
+        b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: Error\r\n"
+        b'Content-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: 7bit\r\n'
+        b"MIME-Version: 1.0\r\nDate: Wed, 06 May 2026 07:08:09 +0200\r\n\r\n"
+        b'Traceback (most recent call last):\r\n  File "x.py", line 1\r\nValueError: x\r\n'
+    ),
+    "mutt-attachment": (
+        b"From: alice@example.org\nTo: bob@example.net\nSubject: file\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/mixed; boundary="mutt-b"\nContent-Disposition: inline\n\n'
+        b"--mutt-b\nContent-Type: text/plain; charset=us-ascii\nContent-Disposition: inline\n\n"
+        b"See attached.\n\n--mutt-b\nContent-Type: application/octet-stream\n"
+        b'Content-Disposition: attachment; filename="data.bin"\n'
+        b"Content-Transfer-Encoding: base64\n\n"
+        + base64.encodebytes(bytes(range(256)) * 4)
+        + b"\n--mutt-b--\n"
+    ),
+    "django": django_like(),
+}
+
+
+@pytest.mark.parametrize("name", list(CANON_CASES))
+def test_from_bytes_keeps_what_every_part_decodes_to(name: str) -> None:
+    """The payload made from a program's message is wire-safe and canonical for signing, and
+    every part decodes to exactly what it decoded to in the program's message (CRLF line
+    ends), with the same types, structure and file names."""
+    raw = CANON_CASES[name]
+    msg = Message.from_bytes(raw, sender="alice@example.org")
+    assert msg.body is not None
+    for hp in (None, HP.CLEAR, HP.CIPHER):
+        payload = payload_of(msg, hp)
+        check_wire_safe(payload)
+        for line in payload.split(b"\r\n"):
+            assert not line.startswith(b"From "), line
+            assert not line.endswith((b" ", b"\t")), line
+        original = crlf(raw.split(b"\n", 1)[1] if raw.startswith(b"From ") else raw)
+        assert leaves(payload) == leaves(original)
+    # Made again from its own output, a body is kept byte for byte (it is already safe).
+    again = MimeBody.parse(msg.body.head + b"\r\n" + msg.body.body)
+    assert again == msg.body
+
+
+def test_safe_parts_are_kept_byte_for_byte() -> None:
+    """7bit, quoted-printable and base64 parts whose lines are safe are not re-encoded; the
+    boundaries, preamble and epilogue stay."""
+    entity = (
+        b'Content-Type: multipart/mixed; boundary="xyz"\r\n\r\n'
+        b"preamble text\r\n--xyz\r\nContent-Type: text/plain\r\n\r\nplain 7bit\r\n"
+        b"--xyz\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe=\r\n ok\r\n"
+        b"--xyz\r\nContent-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        b"iVBORw0KGgo=\r\n--xyz--\r\nepilogue\r\n"
+    )
+    body = MimeBody.parse(entity)
+    assert body.head + b"\r\n" + body.body == entity
+    assert body.content_type == "multipart/mixed"
+    # An empty preamble line (as mutt writes) and a nested multipart without epilogue stay.
+    nested = (
+        b'Content-Type: multipart/mixed; boundary="out"\r\n\r\n\r\n--out\r\n'
+        b'Content-Type: multipart/alternative; boundary="in"\r\n\r\n--in\r\n\r\na\r\n'
+        b"--in--\r\n--out--\r\n"
+    )
+    body = MimeBody.parse(nested)
+    assert body.head + b"\r\n" + body.body == nested
+
+
+def test_signed_subtree_is_kept_exactly() -> None:
+    """A multipart/signed part (signed by the program) is never re-encoded, not even its
+    trailing whitespace or "From " lines; 8-bit inside it cannot be made safe: refused."""
+    signed = (
+        b'Content-Type: multipart/signed; protocol="application/pgp-signature";\r\n'
+        b' micalg=pgp-sha256; boundary="s"\r\n\r\n--s\r\nContent-Type: text/plain\r\n\r\n'
+        b"From me \r\n--s\r\nContent-Type: application/pgp-signature\r\n\r\nsig\r\n--s--\r\n"
+    )
+    entity = (
+        b'Content-Type: multipart/mixed; boundary="m"\r\n\r\n--m\r\n'
+        + signed
+        + b"\r\n--m\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        + "ü\r\n".encode()
+        + b"--m--\r\n"
+    )
+    body = MimeBody.parse(entity)
+    assert signed in body.body
+    assert "ü".encode() not in body.body
+    with pytest.raises(MessageError, match="cannot be made safe without breaking its signature"):
+        MimeBody.parse(signed.replace(b"From me", "Fröm me".encode()))
+
+
+@pytest.mark.parametrize(
+    ("content_type", "encoding", "content", "expected"),
+    [
+        ("text/plain; charset=utf-8", "8bit", "ünïcödé\r\n".encode(), "quoted-printable"),
+        ("text/plain", "7bit", b"From the start\r\n", "quoted-printable"),
+        ("text/plain", "7bit", b"trailing \r\n", "quoted-printable"),
+        ("text/plain", "7bit", b"x" * 2000 + b"\r\n", "quoted-printable"),
+        ("text/plain", "7bit", b"nul\0byte\r\n", "quoted-printable"),
+        # (8bit is line-oriented: a bare CR or LF would become CRLF, like every line end.)
+        ("application/octet-stream", "8bit", bytes(range(14, 256)) + b"\r\n", "base64"),
+        ("application/octet-stream", "binary", b"\xff\xfe" * 600, "base64"),
+        ("application/x-patch", "7bit", b"-a \r\n+b\r\n", "base64"),
+        ("image/png", "base64", base64.b64encode(b"\x89PNG" * 500), "base64"),
+        ("text/plain", "quoted-printable", b"caf=C3=A9 \r\nFrom x", "quoted-printable"),
+    ],
+)
+def test_unsafe_leaves_are_reencoded_to_the_same_content(
+    content_type: str, encoding: str, content: bytes, expected: str
+) -> None:
+    """8-bit, NUL, long lines, trailing whitespace and "From " lines are re-encoded (text as
+    quoted-printable from our encoder, other types base64) and decode to the same bytes."""
+    entity = (
+        f"Content-Type: {content_type}\r\nContent-Transfer-Encoding: {encoding}\r\n\r\n".encode()
+        + content
+    )
+    body = MimeBody.parse(entity)
+    check_wire_safe(body.head + body.body)
+    assert f"Content-Transfer-Encoding: {expected}\r\n".encode() in body.head
+    assert body.head.count(b"Content-Transfer-Encoding") == 1
+    assert leaves(body.head + b"\r\n" + body.body) == leaves(entity)
+    for line in body.body.split(b"\r\n"):
+        assert not line.startswith(b"From ") and not line.endswith(b" ")
+
+
+def test_attached_message_is_canonicalised_inside() -> None:
+    """A message/rfc822 part (never encoded itself, RFC 2046 §5.2.1) is canonicalised inside:
+    its 8-bit body re-encoded, its 8-bit header made RFC 2047, its own label 7bit."""
+    entity = (
+        b'Content-Type: multipart/mixed; boundary="o"\r\n\r\n--o\r\n'
+        b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        + "Subject: Grüße\r\nFrom: a@example.org\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\nHallo Zoë\r\n".encode()
+        + b"--o--\r\n"
+    )
+    body = MimeBody.parse(entity)
+    check_wire_safe(body.body)
+    parsed = email.message_from_bytes(body.head + b"\r\n" + body.body, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    (attached,) = parsed.iter_parts()
+    assert attached.get_content_type() == "message/rfc822"
+    assert attached["Content-Transfer-Encoding"] == "7bit"
+    inner = attached.get_payload()[0]
+    assert inner["Subject"] == "Grüße"
+    # The CRLF before the boundary belongs to the boundary (RFC 2046 §5.1.1).
+    assert inner.get_payload(decode=True) == "Hallo Zoë".encode()
+
+
+def test_raw_utf8_file_name_becomes_rfc2231() -> None:
+    entity = (
+        b'Content-Type: multipart/mixed; boundary="o"\r\n\r\n--o\r\n'
+        + 'Content-Type: application/pdf; name="Grüße.pdf"\r\n'
+        'Content-Disposition: attachment; filename="Grüße.pdf"\r\n'.encode()
+        + b"Content-Transfer-Encoding: base64\r\n\r\nJVBERg==\r\n--o--\r\n"
+    )
+    body = MimeBody.parse(entity)
+    check_wire_safe(body.body)
+    assert leaves(body.head + b"\r\n" + body.body)[1] == ("application/pdf", b"%PDF", "Grüße.pdf")
+
+
+def test_from_bytes_fields_and_extra_headers() -> None:
+    raw = (
+        b"Return-Path: <x@example.org>\nFrom: =?utf-8?q?J=C3=B6rg?= <Alice@Example.ORG>\n"
+        b"To: Bob <bob@example.net>, carol@example.com\nCc: bob@example.net, dave@example.com\n"
+        b"Bcc: carol@example.com, erin@example.com\nReply-To: r@example.org\n"
+        b"Subject: =?utf-8?b?R3LDvMOfZQ==?=\n folded\nDate: Wed, 6 May 2026 07:08:09 +0200\n"
+        b"Message-ID: <abc.1@example.org>\nIn-Reply-To: <p@example.org>\n"
+        b"References: <q@example.org>\n <p@example.org>\nX-Mailer: Mutt\nMIME-Version: 1.0\n"
+        b"\nbody\n"
+    )
+    msg = Message.from_bytes(raw)
+    assert msg.sender == Address("Alice@example.org", "Jörg")
+    assert [a.addr_spec for a in msg.to] == ["bob@example.net", "carol@example.com"]
+    assert [a.addr_spec for a in msg.cc] == ["dave@example.com"]
+    assert [a.addr_spec for a in msg.bcc] == ["erin@example.com"]
+    assert msg.subject == "Grüße folded"
+    assert msg.date == datetime.datetime(
+        2026, 5, 6, 7, 8, 9, tzinfo=datetime.timezone(datetime.timedelta(hours=2))
+    )
+    assert msg.message_id == "abc.1@example.org"
+    assert msg.headers == (
+        ("In-Reply-To", "<p@example.org>"),
+        ("References", "<q@example.org> <p@example.org>"),
+        ("X-Mailer", "Mutt"),
+    )
+    assert msg.body == MimeBody(b"Content-Type: text/plain; charset=us-ascii\r\n", b"body\r\n")
+    # The envelope decides who gets it: an address not in To/Cc becomes Bcc, a Bcc header
+    # address that is not an envelope recipient is dropped.
+    routed = Message.from_bytes(raw, envelope=["bob@example.net", "frank@example.com"])
+    assert [a.addr_spec for a in routed.bcc] == ["frank@example.com"]
+
+
+def test_extra_headers_placement_per_rfc9788() -> None:
+    """Encrypted: every extra field inside; threading, list and auto-reply fields also
+    outside (with HP-Outer), the rest (X-Mailer, X-Cron-Env) only inside. Signed-only or
+    unprotected: all outside too. Never Bcc anywhere."""
+    msg = make(
+        bcc=["hidden@example.com"],
+        headers=[
+            ("In-Reply-To", "<p@example.org>"),
+            ("References", "<q@example.org> <p@example.org>"),
+            ("List-Id", "<dev.example.org>"),
+            ("Auto-Submitted", "auto-generated"),
+            ("X-Mailer", "git-send-email 2.39.5"),
+            ("X-Cron-Env", "<HOME=/root>"),
+            ("X-Note", "Grüße"),
+            ("Received", "from localhost by host; Wed, 6 May 2026 07:08:09 +0200"),
+        ],
+    )
+    outer = message_head(msg, hp=HP.CIPHER)
+    inner = build_payload(msg, hp=HP.CIPHER)
+    inner_head = inner.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    for name in (b"In-Reply-To", b"References", b"List-Id", b"Auto-Submitted"):
+        assert b"\r\n" + name + b": " in b"\r\n" + outer
+        assert b"\r\nHP-Outer: " + name + b": " in inner_head
+        assert b"\r\n" + name + b": " in inner_head
+    for name in (b"X-Mailer", b"X-Cron-Env", b"X-Note"):
+        assert name not in outer
+        assert b"\r\n" + name + b": " in inner_head
+        assert b"HP-Outer: " + name not in inner_head
+    parsed = email.message_from_bytes(inner, policy=email.policy.default)
+    assert parsed["X-Note"] == "Grüße"
+    # A trace field is only outside, and not recorded in HP-Outer: nothing protects it.
+    assert b"\r\nReceived: from localhost" in b"\r\n" + outer
+    assert b"Received" not in inner
+    for hp in (HP.CLEAR, None):
+        head = message_head(msg, hp=hp)
+        assert b"X-Mailer: git-send-email" in head and b"X-Cron-Env" in head
+    for data in (outer, inner, message_head(msg, hp=None), build_payload(msg, hp=HP.CLEAR)):
+        assert b"Bcc" not in data and b"hidden" not in data
+
+
+@pytest.mark.parametrize(
+    "name", ["From", "to", "BCC", "Subject", "Date", "Message-ID", "Content-Type", "HP-Outer"]
+)
+def test_structural_fields_are_not_extra_headers(name: str) -> None:
+    with pytest.raises(MessageError, match="not an extra header"):
+        make(headers=[(name, "x")])
+
+
+@pytest.mark.parametrize(
+    ("headers", "match"),
+    [
+        ([("X-A", "a\r\nBcc: evil@example.com")], "CR is not allowed"),
+        ([("X-A", "nul\0")], "NUL is not allowed"),
+        ([("X A", "space in name")], "invalid header field name"),
+        ([("X-A:", "colon")], "invalid header field name"),
+        ("X-A: b", "expected"),
+        ([("X-A", "y" * 2000)], "unbreakable part longer than 998"),
+    ],
+)
+def test_extra_headers_are_validated(headers: object, match: str) -> None:
+    with pytest.raises(MessageError, match=match):
+        make(headers=headers)
+
+
+def test_body_excludes_text_html_and_attachments() -> None:
+    body = MimeBody.parse(b"Content-Type: text/plain\r\n\r\nhi\r\n")
+    with pytest.raises(MessageError, match="not both"):
+        make(body=body, text="also")
+    with pytest.raises(MessageError, match="must be a MimeBody"):
+        make(body=b"Content-Type: text/plain\r\n\r\nhi")
+    with pytest.raises(MessageError, match="does not belong"):
+        MimeBody(b"Content-Type: text/plain\r\nX-A: b\r\n", b"hi")
+    with pytest.raises(MessageError, match="not canonical"):
+        MimeBody(b"Content-Type: text/plain\r\n", "ü".encode())
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (b"", "empty"),
+        (b"\n\nbody only\n", "no header"),
+        (b"From: alice@example.org\nTo: bob@example.net\nthis is the body\n", "line 3 is not"),
+        (b" continued\nFrom: alice@example.org\n\nx", "continuation line"),
+        (b"From: alice@example.org\nTo: b@example.net\nSubject: a\rBcc: x@y.org\n\nx", "CR"),
+        (
+            b"From: alice@example.org\nTo: b@example.net\nContent-Type: text/plain\n"
+            b"Content-Type: text/html\n\nx",
+            "content-type appears more than once",
+        ),
+        (b"From: alice@example.org\nTo: bob@example.net\nX-A: a\0b\n\nx", "NUL"),
+        (b"From: alice@example.org\nTo: bob@example.net\nSubject: \xff\xfe\n\nx", "UTF-8"),
+        (b"From: a@example.org\nFrom: b@example.org\nTo: bob@example.net\n\nx", "more than once"),
+        (b"From: a@example.org, b@example.org\nTo: bob@example.net\n\nx", "one address"),
+        (b"From: root\nTo: bob@example.net\n\nx", "not a full address"),
+        (b"To: bob@example.net\n\nx", "no From header"),
+        (b"From: alice@example.org\nTo: root\n\nx", "not a full address"),
+        (b"From: alice@example.org\nTo: bad <<\n\nx", "cannot read"),
+        (b"From: alice@example.org\nSubject: no recipient\n\nx", "at least one recipient"),
+        (b"From: alice@example.org\nTo: b@example.net\nDate: someday\n\nx", "cannot read the date"),
+        (b"From: alice@example.org\nTo: b@example.net\nMessage-ID: <no at>\n\nx", "Message-ID"),
+        (
+            b"From: alice@example.org\nTo: b@example.net\nContent-Type: multipart/mixed\n\nx",
+            "without a boundary",
+        ),
+        (
+            "From: a@example.org\nTo: b@example.net\nContent-Type: multipart/mixed; "
+            'boundary="ü"\n\n--ü\n\nx\n--ü--\n'.encode(),
+            "invalid boundary",
+        ),
+        (
+            b"From: alice@example.org\nTo: b@example.net\nContent-Type: multipart/mixed; b"
+            b'oundary="q"\n\nno delimiter\n',
+            "no part starts with the boundary",
+        ),
+    ],
+)
+def test_from_bytes_refuses_malformed_input_with_one_line(raw: bytes, match: str) -> None:
+    with pytest.raises(MessageError, match=match) as info:
+        Message.from_bytes(raw)
+    assert "\n" not in str(info.value)
+
+
+def test_from_bytes_sender_fills_a_missing_or_unqualified_from() -> None:
+    msg = Message.from_bytes(
+        b"From: root (Cron Daemon)\nTo: bob@example.net\n\nx", sender="c@h.org"
+    )
+    assert msg.sender.addr_spec == "c@h.org"
+    msg = Message.from_bytes(b"To: bob@example.net\nSubject: s", sender="c@h.org")
+    assert msg.sender.addr_spec == "c@h.org"
+    assert msg.body == MimeBody(b"Content-Type: text/plain; charset=us-ascii\r\n", b"")
+    # An 8-bit body without a Content-Type gets a charset that says what it is.
+    msg = Message.from_bytes("To: bob@example.net\n\nGrüße\n".encode(), sender="c@h.org")
+    assert msg.body is not None and b"charset=utf-8" in msg.body.head
+
+
+@pytest.mark.parametrize(
+    ("content_type", "expected"),
+    [
+        ('multipart/encrypted; protocol="application/pgp-encrypted"; boundary=x', "pgp-encrypted"),
+        ('multipart/signed; micalg=pgp-sha256; protocol="application/pgp-signature"', "pgp-signed"),
+        ('multipart/signed; protocol="application/pkcs7-signature"', "smime-signed"),
+        ('multipart/signed; protocol="application/x-pkcs7-signature"', "smime-signed"),
+        ("application/pkcs7-mime; smime-type=enveloped-data; name=smime.p7m", "smime-encrypted"),
+        ("application/x-pkcs7-mime; name=smime.p7m", "smime-encrypted"),
+        ("application/pkcs7-mime; smime-type=signed-data", "smime-signed"),
+        ("multipart/encrypted; boundary=x", None),
+        ("multipart/mixed; boundary=x", None),
+        ("text/plain", None),
+    ],
+)
+def test_existing_protection(content_type: str, expected: str | None) -> None:
+    raw = f"From: a@example.org\nContent-Type: {content_type}\n\nbody\n".encode()
+    assert existing_protection(raw) == expected
+    assert existing_protection(b"not a message") is None
+
+
+def _random_leaf(rng: random.Random) -> email.message.Message:
+    kind = rng.choice(["text", "binary", "long", "from", "spaces", "qp", "b64"])
+    chunks = [
+        b"From here ", b"x" * rng.randint(0, 1500), "ünï".encode(), b" \t", b".", b"=",
+        b"\n", b"\n", b"--", b"\xff\x00", b"plain words",
+    ]  # fmt: skip
+    content = b"".join(rng.choice(chunks) for _ in range(rng.randint(0, 12)))
+    part = email.message.Message()
+    if kind in ("binary", "b64"):
+        part["Content-Type"] = "application/octet-stream"
+        content = content.replace(b"\n", b"")
+    else:
+        part["Content-Type"] = "text/plain; charset=utf-8"
+    if kind == "qp":
+        part["Content-Transfer-Encoding"] = "quoted-printable"
+        part.set_payload(binascii.b2a_qp(content).replace(b"\n", b"\r\n").decode("ascii"))
+    elif kind == "b64":
+        part["Content-Transfer-Encoding"] = "base64"
+        part.set_payload(base64.b64encode(content).decode("ascii"))  # one long line
+    else:
+        part["Content-Transfer-Encoding"] = rng.choice(["7bit", "8bit", "binary"])
+        part.set_payload(content.replace(b"\r", b"").decode("latin-1"))
+    return part
+
+
+def _random_tree(rng: random.Random, depth: int = 0) -> email.message.Message:
+    if depth > 2 or rng.random() < 0.4:
+        return _random_leaf(rng)
+    node = email.message.Message()
+    node["Content-Type"] = (
+        f'multipart/{rng.choice(["mixed", "alternative"])}; boundary="b{depth}{rng.randint(0, 99)}"'
+    )
+    node.set_payload([_random_tree(rng, depth + 1) for _ in range(rng.randint(1, 3))])
+    node.preamble = rng.choice(["", "preamble", "From preamble ", "ümlaut"])
+    node.epilogue = rng.choice(["", "epilogue", "From x"])
+    return node
+
+
+def _flatten(node: email.message.Message) -> bytes:
+    """A MIME tree as raw bytes, written out by hand (8-bit bodies as they are)."""
+    head = "".join(f"{k}: {v}\n" for k, v in node.items()).encode()
+    if node.is_multipart():
+        boundary = node.get_boundary()
+        assert boundary is not None
+        body = (node.preamble or "").encode("latin-1")
+        body += b"\n" if node.preamble else b""
+        for child in node.get_payload():
+            body += f"--{boundary}\n".encode() + _flatten(child) + b"\n"
+        body += f"--{boundary}--\n".encode() + (node.epilogue or "").encode("latin-1")
+        return head + b"\n" + body
+    payload = node.get_payload()
+    assert isinstance(payload, str)
+    return head + b"\n" + payload.encode("latin-1")
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_mime_trees_keep_their_content(seed: int) -> None:
+    """Random trees of 7bit/8bit/binary/QP/base64 leaves with hostile content: the
+    canonical body is wire-safe, signs safely (no "From " line, no trailing whitespace),
+    every part decodes to what it did, and canonicalising again changes nothing."""
+    rng = random.Random(seed)
+    raw = _flatten(_random_tree(rng))
+    body = MimeBody.parse(raw)
+    entity = body.head + b"\r\n" + body.body
+    check_wire_safe(entity)
+    for line in entity.split(b"\r\n"):
+        assert not line.startswith(b"From ") and not line.endswith((b" ", b"\t")), line
+    assert leaves(entity) == leaves(crlf(raw))
+    assert MimeBody.parse(entity) == body

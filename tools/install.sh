@@ -14,6 +14,10 @@ want_test=0
 declare -A pkg_of=( [gpg]=gnupg [gpg-agent]=gpg-agent [gpgconf]=gpgconf )
 if [ "$want_test" = 1 ]; then
   pkg_of+=( [sqop]=sqop [gosop]=gosop [sq]=sq [gpgsm]=gpgsm [openssl]=openssl )
+  # Real mail programs whose messages the inbound tests send (tests/test_inbound.py).
+  pkg_of+=( [neomutt]=neomutt [php]=php-cli [/usr/lib/git-core/git-send-email]=git-email )
+  # A real SMTP client for the `e2email relay` tests.
+  pkg_of+=( [swaks]=swaks )
 fi
 missing=()
 for cmd in "${!pkg_of[@]}"; do

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 
@@ -23,7 +24,8 @@ from e2email.errors import (
     MessageError,
     SignerKeyError,
 )
-from e2email.keystore import ImportSummary, check_expiry
+from e2email.keysources import SourceKind
+from e2email.keystore import ImportSummary, Keystore, OpenPGPKey, check_expiry
 from e2email.message import Address
 
 
@@ -69,14 +71,28 @@ def keys() -> None:
     "--passphrase-env",
     metavar="VAR",
     help="S/MIME: the passphrase of PKCS#12 files and encrypted PEM keys, from $VAR "
-    "(otherwise asked on the terminal when needed). The key is stored under it.",
+    "(otherwise asked on the terminal when needed). The key is stored under it. With "
+    "--autocrypt: the passphrase of your OpenPGP key, to read gossip in encrypted mail.",
+)
+@click.option(
+    "--autocrypt",
+    is_flag=True,
+    help="FILES are received messages (or Maildir folders): learn the senders' keys from their "
+    "Autocrypt headers (the latest message wins) and, in encrypted mail you can decrypt, "
+    "the Autocrypt-Gossip keys of the other recipients.",
 )
 @click.pass_obj
 def keys_import(
-    state: State, files: tuple[Path, ...], trust_files: tuple[Path, ...], passphrase_env: str | None
+    state: State,
+    files: tuple[Path, ...],
+    trust_files: tuple[Path, ...],
+    passphrase_env: str | None,
+    autocrypt: bool,
 ) -> None:
     """Import keys and certificates from FILES.
 
+    A received S/MIME signed message (MESSAGE.eml) gives its signer's certificate, once the
+    signature verifies and the certificate passes the chain and address checks.
     OpenPGP keys (armored or binary, public or secret) go to the GnuPG keyring. X.509 files are
     for S/MIME and recognised by their content: PEM or DER certificates of recipients, PKCS#12
     bundles (.p12/.pfx) and PEM private keys with their certificate (in the same file or one
@@ -86,6 +102,25 @@ def keys_import(
     """
     if not files and not trust_files:
         raise click.UsageError("give FILES to import, or --trust CERT")
+    if autocrypt:
+        if trust_files:
+            raise click.UsageError("--trust does not go with --autocrypt")
+        _import_autocrypt(state, files, passphrase_env)
+        return
+    from e2email.discovery.smime import import_signer, is_smime_signed_message
+
+    # A received S/MIME signed message: its signer's certificate, once the signature and the
+    # chain verify (how S/MIME users hand out certificates).
+    messages = [p for p in files if is_smime_signed_message(p)]
+    files = tuple(p for p in files if p not in messages)
+    for path in messages:
+        taken = import_signer(CertStore(state.home), path)
+        done = ", ".join(
+            f"{'imported' if i.new else 'unchanged'} {i.stored.fingerprint}" for i in taken.imported
+        )
+        click.echo(f"{path}: S/MIME signature verified; signer {taken.address}: {done}")
+        if taken.status != "usable":
+            click.echo(f"  note: {taken.status}")
     x509_files = [p for p in files if looks_like_x509(p)]
     for path in files:
         if path in x509_files:
@@ -135,6 +170,28 @@ def keys_import(
                 "  note: this CRL is out of date: it still revokes what it lists, but vouches "
                 "for nothing else (--revocation require then needs a fresh status)"
             )
+
+
+def _import_autocrypt(state: State, files: tuple[Path, ...], passphrase_env: str | None) -> None:
+    """``keys import --autocrypt``: the messages in any order: Autocrypt's peer state rules
+    make the latest Date win (an older message never replaces what a newer one brought)."""
+    from e2email.discovery.autocrypt import learn_from_message, message_files
+
+    passphrase = (
+        password_from_env(passphrase_env, what="the passphrase of your OpenPGP key")()
+        if passphrase_env
+        else None
+    )
+    store = state.keystore()
+    for path in message_files(files):
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise MessageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        for learnt in learn_from_message(
+            store, raw, origin=str(path.resolve()), passphrase=passphrase
+        ):
+            click.echo(f"{path}: {learnt}")
 
 
 def _report_import(path: Path, summary: ImportSummary) -> None:
@@ -190,11 +247,14 @@ def keys_list(state: State) -> None:
         return
     if found:
         table = Table(box=None, pad_edge=False)
-        for col in ("address", "fingerprint", "algorithm", "expires", "secret", "status"):
+        columns = ("address", "fingerprint", "algorithm", "expires", "secret", "status")
+        for col in (*columns, "source", "confirmed"):
             table.add_column(col)
+        store = state.keystore()
         for key in found:
             algos = "/".join(dict.fromkeys(k.algorithm for k in (key.primary, *key.subkeys)))
             expires = f"{key.expires:%Y-%m-%d}" if key.expires else "never"
+            source, confirmed = _source_cells(store, key)
             table.add_row(
                 "\n".join(key.addresses) or "(no address)",
                 key.fingerprint,
@@ -202,10 +262,53 @@ def keys_list(state: State) -> None:
                 expires,
                 "yes" if key.has_secret else "no",
                 key.status(),
+                source,
+                confirmed,
             )
         Console(width=200 if not sys.stdout.isatty() else None).print(table)
     if certs:
         _list_smime(certstore, certs, separate=bool(found))
+
+
+def _source_cells(store: Keystore, key: OpenPGPKey) -> tuple[str, str]:
+    """Where the key came from (the trust policy, shown: a key found by WKD or Autocrypt is
+    not one a person handed over) and when that was last confirmed."""
+    source = store.source_of(key)
+    if source is None:
+        return "not recorded", ""
+    label = source.kind.value
+    if source.kind is SourceKind.FILE:
+        label = f"file {Path(source.detail).name}"
+    elif source.kind is SourceKind.WKD:
+        label = f"wkd {urlsplit(source.detail).hostname or ''}".strip()
+    elif source.kind is SourceKind.KEYSERVER:
+        label = f"keyserver {urlsplit(source.detail).hostname or ''}".strip()
+    accepted = [a for a in key.addresses if store.sources.accepted(a) == key.fingerprint]
+    if accepted:
+        label += f", accepted for {', '.join(accepted)}"
+    when = source.last_confirmed
+    return label, f"{when:%Y-%m-%d %H:%M}" if when else ""
+
+
+@keys.command("accept")
+@click.argument("address")
+@click.argument("fingerprint")
+@click.pass_obj
+def keys_accept(state: State, address: str, fingerprint: str) -> None:
+    """Use FINGERPRINT as the key for ADDRESS: a key that discovery found but held back because
+    ADDRESS already had a different key, or one of several keys in the keystore that carry
+    it. Check the fingerprint with its owner first. The key is judged again (an expired or
+    revoked key cannot be accepted)."""
+    from e2email.discovery.policy import accept_key
+
+    try:
+        address = Address(address.strip()).addr_spec
+    except MessageError as exc:
+        raise MessageError(f"invalid address: {exc}") from exc
+    fpr = fingerprint.replace(" ", "").upper()
+    if len(fpr) != 40 or any(c not in "0123456789ABCDEF" for c in fpr):
+        raise click.BadParameter("give the full 40-digit fingerprint", param_hint="FINGERPRINT")
+    click.echo(accept_key(state.keystore(), address, fpr))
 
 
 def _list_smime(certstore: CertStore, certs: tuple[StoredCert, ...], *, separate: bool) -> None:

@@ -412,6 +412,14 @@ def _bulk_options(command: Any) -> Any:
 )
 @_smime_options
 @click.option(
+    "--discover",
+    type=click.Choice(["off", "wkd", "wkd+keyserver"]),
+    default=None,
+    help="OpenPGP: look up keys of recipients who have none: off (default), wkd (their own "
+    "domain's Web Key Directory), wkd+keyserver (then keys.openpgp.org). A key found is still "
+    "refused when unusable or when it differs from a stored one (e2email keys accept).",
+)
+@click.option(
     "--engine",
     type=click.Choice([e.value for e in OpenPGPEngine if e is not OpenPGPEngine.AUTO]),
     help="OpenPGP engine: sequoia (in process, needs e2email[sequoia]) or gpg (the gpg "
@@ -563,6 +571,8 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
         key_map=_parse_key_map(opts["key_map"]),
         **_engine_protection(opts),
         **_smime_protection(opts),
+        # Key discovery (issue 10): only OpenPGP keys are looked up.
+        **({"discovery": opts["discover"]} if opts.get("discover") else {}),
     )
     _warn_unprotected(protection)
     passphrase = secret_source(

@@ -34,6 +34,7 @@ from e2email.message import Address, Message, build_message, build_payload
 
 if TYPE_CHECKING:
     from e2email.certstore import CertStore
+    from e2email.discovery.net import DiscoverySettings
     from e2email.keystore import Keystore
 
 __all__ = [
@@ -311,6 +312,8 @@ class EngineContext:
 
     keystore: Keystore
     certstore: CertStore
+    #: Network settings for OpenPGP key discovery (issue 10); None: the defaults.
+    discovery_settings: DiscoverySettings | None = None
 
 
 EngineFactory = Callable[[EngineContext], Protector]
@@ -319,7 +322,7 @@ EngineFactory = Callable[[EngineContext], Protector]
 def _gpg(ctx: EngineContext) -> Protector:
     from e2email.crypto.gpg import GpgProtector
 
-    return GpgProtector(ctx.keystore)
+    return GpgProtector(ctx.keystore, discovery_settings=ctx.discovery_settings)
 
 
 def _smime(ctx: EngineContext) -> Protector:
@@ -404,14 +407,21 @@ def _sequoia_available() -> bool:
 
 
 def protector_for(
-    protection: Protection | str, *, keystore: Keystore, certstore: CertStore
+    protection: Protection | str,
+    *,
+    keystore: Keystore,
+    certstore: CertStore,
+    discovery_settings: DiscoverySettings | None = None,
 ) -> Protector:
     """The engine for ``protection`` (its scheme) or for an engine name."""
     name = protection if isinstance(protection, str) else engine_name(protection)
     entry = _ENGINES.get(name)
     if entry is None:
         raise ConfigError(f"no protection engine named {name!r}")
-    return entry[0](EngineContext(keystore=keystore, certstore=certstore))
+    context = EngineContext(
+        keystore=keystore, certstore=certstore, discovery_settings=discovery_settings
+    )
+    return entry[0](context)
 
 
 def engine_for_copy(scheme: str | None, raw: bytes | None) -> str:

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import ClassVar
 
-from e2email.config import Protection
+from e2email.config import DiscoveryPolicy, Protection
 from e2email.crypto import openpgp
 from e2email.crypto.base import (
     CopyKind,
@@ -23,6 +23,7 @@ from e2email.crypto.base import (
     plain_copy,
     resolve_keys,
 )
+from e2email.discovery.net import DiscoverySettings
 from e2email.errors import KeyProblem, RecipientKeyError
 from e2email.keystore import Keystore, OpenPGPKey
 from e2email.message import HP, Address, Message, build_payload, message_head, stream_payload
@@ -35,8 +36,13 @@ class GpgProtector(Protector):
 
     name: ClassVar[str] = "openpgp"
 
-    def __init__(self, keystore: Keystore) -> None:
+    def __init__(
+        self, keystore: Keystore, *, discovery_settings: DiscoverySettings | None = None
+    ) -> None:
         self.keystore = keystore
+        #: Network settings for key discovery (None: the defaults); discovery itself runs
+        #: only when ``Protection.discovery`` is not OFF.
+        self.discovery_settings = discovery_settings
 
     def __repr__(self) -> str:
         return f"GpgProtector({self.keystore!r})"
@@ -58,8 +64,18 @@ class GpgProtector(Protector):
         """The key discovery hook (issue 10), run once per message before the keys are
         resolved: look up keys for recipients that have none and import the good ones;
         returns, by lower-cased address, why it could not serve the others (their reason
-        then replaces "no key found"). Nothing is looked up yet."""
-        return {}
+        then replaces "no key found"). Never sends, never relaxes a refusal."""
+        if not protection.encrypt or protection.discovery is DiscoveryPolicy.OFF:
+            return {}
+        from e2email.discovery import discover_missing
+
+        return await discover_missing(
+            self.keystore,
+            (a.addr_spec for a in message.recipients),
+            protection.discovery,
+            settings=self.discovery_settings,
+            key_map=protection.key_map,
+        )
 
     async def protect(
         self, message: Message, protection: Protection, *, passphrase: str | None = None
