@@ -44,7 +44,7 @@ from e2email.certstore import CertStore
 from e2email.crypto import sequoia
 from e2email.crypto.base import engine_name, protector_for
 from e2email.crypto.gpg import GpgProtector
-from e2email.crypto.openpgp import encrypted_to_key_ids
+from e2email.crypto.openpgp import dearmor, encrypted_to_key_ids
 from e2email.crypto.sequoia import SequoiaProtector
 from e2email.keystore import Keystore
 
@@ -217,34 +217,36 @@ def test_keys_are_exported_from_gpg_once_not_per_message(
     )
 
 
-def test_cli_engine_option(keys: Keys, tmp_path: Path) -> None:
-    """`--engine gpg|sequoia` picks the engine for `e2email send`; it is refused with --smime
-    in one line."""
-    env = {**os.environ, "E2EMAIL_HOME": str(tmp_path / "home")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "e2email",
-            "send",
-            "--from",
-            "alice@example.org",
-            "--to",
-            "bob@example.net",
-            "--body",
-            "x",
-            "--smime",
-            "--engine",
-            "sequoia",
-            "--output",
-            "-",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+def test_cli_engine_option_chooses_the_engine(keys: Keys, tmp_path: Path) -> None:
+    """`e2email send --engine sequoia|gpg` makes the message with that engine (Sequoia's
+    signatures carry its salt notation, gpg's do not); --engine is refused with --smime in
+    one line."""
+    home = tmp_path / "home"
+    cli_store = Keystore(home)
+    assert keys.alice.secret is not None
+    cli_store.import_file(keys.alice.secret)
+    env = {**os.environ, "E2EMAIL_HOME": str(home)}
+    base = ["send", "--from", "alice@example.org", "--to", "bob@example.net", "--body", "x"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "e2email", *base, *args],
+            capture_output=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+
+    salts = {}
+    for engine in ("sequoia", "gpg"):
+        done = run("--no-encrypt", "--engine", engine, "--output", "-")
+        assert done.returncode == 0, done.stderr
+        _, (_, signature) = multipart_parts(done.stdout)
+        salts[engine] = b"salt@notations.sequoia-pgp.org" in dearmor(part_body(signature))
+    assert salts == {"sequoia": True, "gpg": False}
+    cli_store.shutdown_agent()
+
+    done = run("--smime", "--engine", "sequoia", "--output", "-")
     assert done.returncode == 2
-    assert "--engine chooses an OpenPGP engine" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert "--engine chooses an OpenPGP engine" in done.stderr.decode()
+    assert b"Traceback" not in done.stderr
