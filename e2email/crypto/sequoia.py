@@ -108,7 +108,11 @@ _PREAMBLE_ENCRYPTED = b"This is an OpenPGP/MIME encrypted message (RFC 4880 and 
 
 
 def _crlf(data: bytes) -> bytes:
-    """Sequoia armors with LF line ends; a MIME part carries CRLF (RFC 5322 §2.1)."""
+    """Sequoia armors with LF line ends; a MIME part carries CRLF (RFC 5322 §2.1). The
+    armor of a large message is tens of megabytes: one copy when it has no CR (always, from
+    Sequoia), the general conversion otherwise."""
+    if b"\r" not in data and data.endswith(b"\n") and not data.endswith(b"\n\n"):
+        return data.replace(b"\n", b"\r\n")
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").rstrip(b"\r\n") + b"\r\n"
 
 
