@@ -213,7 +213,9 @@ class AsyncMailer:
     """Protects and sends messages. All options are keyword-only.
 
     ``smtp`` may be None when only :meth:`protect` is used (``e2email send --output``).
-    ``passphrase`` unlocks the sender's signing key: a string or a callable asked once.
+    ``passphrase`` unlocks the sender's signing key: a string or a callable, read once, before
+    the first attempt; a prompt (a callable marked ``interactive = True``) only when the key
+    turns out to need one (:class:`e2email.crypto.Passphrase`).
     ``certstore`` holds the S/MIME certificates (by default the one in the keystore's home).
     ``protector`` is the engine that protects every message (e.g.
     :class:`e2email.testing.MockProtector` in an application's tests); by default the engine
