@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pysequoia
 import pytest
-from fixtures_pgp import Keys
+from fixtures_pgp import LOCKED_PASSPHRASE, Keys
 from pgp_helpers import (
     TestKey,
     generate_key,
@@ -36,6 +36,7 @@ from e2email import (
     KeyReason,
     Message,
     OpenPGPEngine,
+    PassphraseError,
     Protection,
     RecipientKeyError,
     Scheme,
@@ -250,3 +251,23 @@ def test_cli_engine_option_chooses_the_engine(keys: Keys, tmp_path: Path) -> Non
     assert done.returncode == 2
     assert "--engine chooses an OpenPGP engine" in done.stderr.decode()
     assert b"Traceback" not in done.stderr
+
+
+def test_a_passphrase_protected_key_is_unlocked_by_each_messages_passphrase(
+    sender_store: Keystore,
+) -> None:
+    """The secret key is exported once, but stays protected in the cache: after a message
+    signed with the right passphrase, a wrong one or none is still refused (no unlocked key is
+    kept for a protected key, unlike for one without a passphrase)."""
+    engine = SequoiaProtector(sender_store)
+    message = Message(sender="locked@example.org", to=["bob@example.net"], text="x").finalized()
+    (copy,) = asyncio.run(engine.protect(message, SEQUOIA, passphrase=LOCKED_PASSPHRASE))
+    assert copy.signed
+    with pytest.raises(PassphraseError) as wrong:
+        asyncio.run(engine.protect(message, SEQUOIA, passphrase="wrong"))
+    assert not wrong.value.missing
+    with pytest.raises(PassphraseError) as missing:
+        asyncio.run(engine.protect(message, SEQUOIA))
+    assert missing.value.missing
+    (again,) = asyncio.run(engine.protect(message, SEQUOIA, passphrase=LOCKED_PASSPHRASE))
+    assert again.signed

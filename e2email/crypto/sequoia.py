@@ -154,6 +154,8 @@ class _KeyCache:
 
     certs: dict[tuple[object, ...], Any] = field(default_factory=dict)
     secrets: dict[tuple[object, ...], Any] = field(default_factory=dict)
+    #: Signers of keys that need no passphrase (see _Keys._open).
+    open_signers: dict[tuple[object, ...], Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -227,27 +229,35 @@ class _Keys:
             raise _signer_problem(key, reason, detail)
         ident = _cache_key(key, sub)
         with self.cache.lock:
+            ready = self.cache.open_signers.get(ident)
             tsk = self.cache.secrets.get(ident)
+        if ready is not None:
+            return ready
         if tsk is None:
             tsk = self._export_secret(key, sub, passphrase)
             with self.cache.lock:
                 self.cache.secrets[ident] = tsk
-        try:
-            return tsk.signer(passphrase)
-        except (RuntimeError, ValueError) as exc:
-            failure: BaseException = exc
-        if passphrase is not None:
+        if passphrase is None:
+            try:
+                return self._open(ident, tsk.signer(None))
+            except (RuntimeError, ValueError) as exc:
+                failure: BaseException = exc
+        else:
+            try:
+                return tsk.signer(passphrase)
+            except (RuntimeError, ValueError) as exc:
+                failure = exc
             # The same call without one tells an unprotected key (a passphrase given for the
             # run is then not needed, as with gpg) from a wrong passphrase.
             try:
-                return tsk.signer(None)
+                return self._open(ident, tsk.signer(None))
             except (RuntimeError, ValueError) as exc:
                 if "encrypted" in _first_line(exc):
                     raise PassphraseError(
                         f"wrong passphrase for key {key.fingerprint}",
                         fingerprint=key.fingerprint,
                     ) from None
-        elif "encrypted" in _first_line(failure):
+        if passphrase is None and "encrypted" in _first_line(failure):
             raise PassphraseError(
                 f"key {key.fingerprint} is protected by a passphrase and none was given",
                 fingerprint=key.fingerprint,
@@ -259,6 +269,14 @@ class _Keys:
             f"cannot sign in-process with {sub.key_id} ({_first_line(failure)}); a key on a "
             "smartcard needs --engine gpg",
         ) from failure
+
+    def _open(self, ident: tuple[object, ...], signer: Any) -> Any:
+        """Keep the signer of a key that has no passphrase: it unlocks nothing, so keeping it
+        hides nothing, and a bulk run does not unpack the key per message. A protected key's
+        signer is never kept: each message's passphrase must unlock it."""
+        with self.cache.lock:
+            self.cache.open_signers[ident] = signer
+        return signer
 
     def _export_secret(self, key: OpenPGPKey, sub: SubKey, passphrase: str | None) -> Any:
         """The secret key from gpg, with the secret of ``sub`` only. gpg (2.1+) exports a
