@@ -27,6 +27,7 @@ from e2email.cli.app import (
 )
 from e2email.client import Mailer, ProtectedCopy, SendResult
 from e2email.config import (
+    OpenPGPEngine,
     PasswordSource,
     Protection,
     RetryPolicy,
@@ -589,6 +590,12 @@ def account_settings(account: Account, opts: dict[str, Any]) -> AccountSettings:
     "domain's Web Key Directory), wkd+keyserver (then keys.openpgp.org). A key found is still "
     "refused when unusable or when it differs from a stored one (e2email keys accept).",
 )
+@click.option(
+    "--engine",
+    type=click.Choice([e.value for e in OpenPGPEngine if e is not OpenPGPEngine.AUTO]),
+    help="OpenPGP engine: sequoia (in process, needs e2email[sequoia]) or gpg (the gpg "
+    "program: smartcards, gpg-agent). Default: sequoia when installed, else gpg.",
+)
 @delivery_options
 @_bulk_options
 @account_options
@@ -787,6 +794,9 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
             key_map=_parse_key_map(opts["key_map"]),
             **_smime_protection(opts),
         )
+    engine = _engine_protection(opts)
+    if engine:
+        protection = dataclasses.replace(protection, **engine)
     if opts.get("discover"):
         # Key discovery (issue 10): only OpenPGP keys are looked up.
         protection = dataclasses.replace(protection, discovery=opts["discover"])
@@ -797,6 +807,16 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
         or prompt_for("signing key passphrase")
     )
     return protection, passphrase
+
+
+def _engine_protection(opts: dict[str, Any]) -> dict[str, Any]:
+    """The OpenPGP engine choice (--engine); refused with --smime, which has one engine."""
+    engine = opts.get("engine")
+    if engine is None:
+        return {}
+    if opts.get("smime"):
+        raise click.UsageError("--engine chooses an OpenPGP engine: leave it out with --smime")
+    return {"engine": OpenPGPEngine(engine)}
 
 
 def _warn_unprotected(protection: Protection) -> None:
