@@ -1084,6 +1084,67 @@ class AsyncMailer:
         if self._owns_outbox and self.outbox is not None:
             self.outbox.close()
 
+    # -- accounts (e2email.accounts): keep at the end of the class -------------------------
+
+    @staticmethod
+    def _account_options(
+        account: Any,
+        *,
+        config: os.PathLike[str] | str | None,
+        outbox: bool,
+        passphrase: PasswordSource | None,
+    ) -> tuple[dict[str, Any], str]:
+        """The constructor's arguments for a configured account, and the account's name."""
+        from dataclasses import replace as _replace
+        from pathlib import Path
+
+        from e2email.accounts import Account, load_config
+        from e2email.config import default_home
+        from e2email.outbox import DEFAULT_FILENAME
+        from e2email.private import ensure_private_dir
+
+        if not isinstance(account, Account):
+            account = load_config(Path(config) if config is not None else None).account(account)
+        home = ensure_private_dir(account.home or default_home(), what="the e2email home")
+        smtp = account.smtp
+        if smtp.hosts_file is None:
+            smtp = _replace(smtp, hosts_file=home / "hosts.json")
+        options: dict[str, Any] = {
+            "smtp": smtp,
+            "keystore": Keystore(home, gnupg_home=account.gnupg_home),
+            "certstore": CertStore(home),
+            "protection": account.protection,
+            "passphrase": passphrase if passphrase is not None else account.passphrase,
+            "outbox": (account.outbox or home / DEFAULT_FILENAME) if outbox else None,
+        }
+        if account.retry is not None:
+            options["retry"] = account.retry
+        return options, account.name
+
+    @classmethod
+    def from_account(
+        cls,
+        account: Any = None,
+        *,
+        config: os.PathLike[str] | str | None = None,
+        outbox: bool = True,
+        passphrase: PasswordSource | None = None,
+    ) -> AsyncMailer:
+        """A mailer for a configured account (:mod:`e2email.accounts`): an
+        :class:`~e2email.accounts.Account`, an account name, or None for the default one
+        (read from ``config``, else ``$E2EMAIL_CONFIG``, else the default file). Its server,
+        policy, key map, keystore and certificates (its ``home``, ``gnupg-home``) and its
+        outbox (``outbox``, else HOME/outbox.sqlite3; none with ``outbox=False``), which
+        records the account's name with each message so ``e2email outbox retry`` finds the
+        server again. ``passphrase`` overrides the account's passphrase source."""
+        options, name = cls._account_options(
+            account, config=config, outbox=outbox, passphrase=passphrase
+        )
+        mailer = cls(**options)
+        if mailer.outbox is not None:
+            mailer.outbox.account = name
+        return mailer
+
 
 def _scheme_of(raw: bytes | None) -> Literal["openpgp", "smime"]:
     """The encryption of a copy stored before the outbox recorded it: its top-level
@@ -1255,3 +1316,23 @@ class Mailer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    # -- accounts (e2email.accounts): keep at the end of the class -------------------------
+
+    @classmethod
+    def from_account(
+        cls,
+        account: Any = None,
+        *,
+        config: os.PathLike[str] | str | None = None,
+        outbox: bool = True,
+        passphrase: PasswordSource | None = None,
+    ) -> Mailer:
+        """The synchronous :meth:`AsyncMailer.from_account`."""
+        options, name = AsyncMailer._account_options(
+            account, config=config, outbox=outbox, passphrase=passphrase
+        )
+        mailer = cls(**options)
+        if mailer.outbox is not None:
+            mailer.outbox.account = name
+        return mailer

@@ -17,13 +17,15 @@ outbox holds no plaintext of an encrypted message. The file is created 0600 in a
 (whatever the umask, :mod:`e2email.private`), and one that another user owns or that group or
 others may write is refused; SQLite gives its ``-wal`` and ``-shm`` files the same mode.
 
-Layout (``PRAGMA user_version`` 3; older files are upgraded in place, see :func:`_migrate`):
+Layout (``PRAGMA user_version`` 4; older files are upgraded in place, see :func:`_migrate`):
 
 * ``items``: one row per protected copy: the exact bytes (up to 1 MiB), MAIL FROM, a JSON
   ``meta`` (kind, Message-ID, signer, the fingerprints and scheme of the keys it is encrypted
   to, re-checked before a retry), state (``queued``, ``sending`` or ``failed``), attempts,
   next-attempt time, the last error, the route (server and user) it was meant for, who has
-  claimed it, and ``maybe_since`` (new in version 3: in flight past its end of data).
+  claimed it, ``maybe_since`` (new in version 3: in flight past its end of data) and
+  ``account`` (new in version 4: the name of the configured account it was stored for, so
+  ``outbox retry`` finds its server again; a name, never a secret).
 * ``bodies`` (new in version 2): the bytes of larger copies (their ``items.raw`` is empty), in
   a row of their own with the blob as its last column. SQLite then writes and reads them piece
   by piece (incremental blob I/O), and an update of the item's state does not rewrite them: a
@@ -87,7 +89,7 @@ DEFAULT_FILENAME = "outbox.sqlite3"
 LEDGER_KEY_FILENAME = "ledger.key"
 _LEDGER_KEY_SIZE = 32
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 
 #: How long a claim holds when its owner cannot be checked (another machine sharing the home).
 _DEFAULT_LEASE = 15 * 60.0
@@ -114,7 +116,8 @@ CREATE TABLE IF NOT EXISTS items (
     last_error    TEXT,
     claimed_by    TEXT,
     claimed_until REAL,
-    maybe_since   REAL
+    maybe_since   REAL,
+    account       TEXT
 );
 CREATE INDEX IF NOT EXISTS items_ledger ON items (ledger_key);
 CREATE TABLE IF NOT EXISTS bodies (
@@ -146,7 +149,7 @@ CREATE TABLE IF NOT EXISTS ledger_key (
 _COLUMNS = (
     "id, state, mail_from, message_id, kind, attempts, created, next_attempt, last_error, route,"
     " ledger_key, length(raw) + ifnull((SELECT length(b.raw) FROM bodies b"
-    " WHERE b.item_id = items.id), 0), meta, claimed_by, maybe_since, claimed_until"
+    " WHERE b.item_id = items.id), 0), meta, claimed_by, maybe_since, claimed_until, account"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM items WHERE id = ?"  # noqa: S608 - constants only
 _SELECT_WITH_RAW = (
@@ -262,6 +265,9 @@ class OutboxItem:
     #: When the end of its data was (about to be) sent in the attempt whose result is not
     #: known; ``None`` when no such attempt is outstanding. See ItemState.MAYBE_DELIVERED.
     maybe_since: float | None = None
+    #: The configured account (``[accounts.NAME]``) it was stored for; None: stored without
+    #: one (server options on the command line, or an outbox older than schema 4).
+    account: str | None = None
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -330,6 +336,8 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
     """Bring an outbox of schema ``version`` up to the current one, in the caller's
     transaction; queued items are kept as they are.
 
+    Version 4: items get ``account`` (NULL for those stored before).
+
     Version 3: items get ``maybe_since``. The ledger of earlier versions holds unkeyed SHA-256
     digests of batch texts and row values (a plaintext oracle), which must not be taken for
     the keyed ones now used: its rows are deleted, and the copies of an unfinished batch stay
@@ -340,6 +348,9 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(items)")}
     if "maybe_since" not in columns:
         db.execute("ALTER TABLE items ADD COLUMN maybe_since REAL")
+    if "account" not in columns:
+        # Version 4: the account an item was stored for. Existing items keep their route.
+        db.execute("ALTER TABLE items ADD COLUMN account TEXT")
     if version < 3:
         db.execute("DELETE FROM ledger")
         db.execute(
@@ -365,9 +376,17 @@ class Outbox:
     async callers run them with ``asyncio.to_thread``. Several processes may use the same file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, lease: float = _DEFAULT_LEASE) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lease: float = _DEFAULT_LEASE,
+        account: str | None = None,
+    ) -> None:
         self.path = Path(path)
         self.lease = lease
+        #: The account name recorded with each item stored (see :meth:`add`); None: none.
+        self.account = account
         self.owner = _this_process()
         self._lock = threading.RLock()
         self._db = self._open()
@@ -485,6 +504,7 @@ class Outbox:
         route: str | None = None,
         claim: bool = True,
         ledger: tuple[str, str] | None = None,
+        account: str | None = None,
     ) -> tuple[str, ...]:
         """Store ``items`` in one transaction and return their IDs.
 
@@ -492,8 +512,10 @@ class Outbox:
         about to send them. ``ledger`` is ``(batch, key)``: the items are recorded as that batch
         row's message, in the same transaction, so a rerun knows the row is taken care of;
         when the ledger already has that key (done, or with items stored) nothing is stored
-        and :class:`LedgerTaken` is raised.
+        and :class:`LedgerTaken` is raised. ``account`` (default: :attr:`account`) is the
+        configured account they are meant for, recorded with them.
         """
+        account = account if account is not None else self.account
         now = time.time()
         ids: list[str] = []
         with self._write() as db:
@@ -516,8 +538,8 @@ class Outbox:
                 item_id = self._new_id(db)
                 db.execute(
                     "INSERT INTO items (id, created, updated, state, raw, mail_from, message_id,"
-                    " kind, meta, route, ledger_key, next_attempt, claimed_by, claimed_until)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " kind, meta, route, ledger_key, next_attempt, claimed_by, claimed_until,"
+                    " account) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         item_id,
                         now,
@@ -533,6 +555,7 @@ class Outbox:
                         now,
                         self.owner if claim else None,
                         now + self.lease if claim else None,
+                        account,
                     ),
                 )
                 db.executemany(
@@ -802,8 +825,9 @@ class Outbox:
             size=row[11],
             meta=json.loads(row[12]),
             claimed_by=row[13],
-            raw=(bytes(row[16]) if row[17] is None else _read_body(db, row[17])) if raw else None,
+            raw=(bytes(row[17]) if row[18] is None else _read_body(db, row[18])) if raw else None,
             maybe_since=maybe_since,
+            account=row[16],
         )
 
     def get(self, item_id: str, *, raw: bool = True) -> OutboxItem:

@@ -24,7 +24,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
@@ -48,6 +48,9 @@ from e2email.errors import (
 )
 from e2email.keystore import Keystore
 from e2email.private import ensure_private_dir
+
+if TYPE_CHECKING:
+    from e2email.accounts import Account, Config
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -108,6 +111,34 @@ class State:
     def keystore(self) -> Keystore:
         return Keystore(self.home, gnupg_home=self.gnupg_home)
 
+    # -- accounts (config.toml) -------------------------------------------------------------
+
+    #: The group's --config FILE (None: $E2EMAIL_CONFIG or the default file).
+    config_path: Path | None = None
+    #: Whether --home (or E2EMAIL_HOME) / --gnupg-home were given: they win over an account's.
+    home_given = True
+    gnupg_home_given = True
+
+    def config(self, path: Path | None = None) -> Config:
+        """The configuration file (``path``, else the group's --config, else
+        $E2EMAIL_CONFIG, else the default). Its mistakes are printed one line each, exit 2."""
+        from e2email.accounts import ConfigFileError, load_config
+
+        try:
+            return load_config(path or self.config_path)
+        except ConfigFileError as exc:
+            for problem in exc.problems:
+                click.echo(f"e2email: error: {problem}", err=True)
+            sys.exit(EXIT_USAGE)
+
+    def use_account(self, account: Account) -> None:
+        """Use ``account``'s home and GnuPG home, unless given on the command line."""
+        if account.home is not None and not self.home_given:
+            self._home = account.home
+            self._home_checked = False
+        if account.gnupg_home is not None and not self.gnupg_home_given:
+            self.gnupg_home = account.gnupg_home
+
 
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -126,12 +157,25 @@ class State:
     type=click.Path(file_okay=False, path_type=Path),
     help="Use this existing GnuPG home for OpenPGP keys instead of HOME/gnupg.",
 )
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="E2EMAIL_CONFIG",
+    help="The accounts file (TOML). Env: E2EMAIL_CONFIG. Default: "
+    "$XDG_CONFIG_HOME/e2email/config.toml. See `e2email config --help`.",
+)
 @click.version_option(package_name="e2email")
 @click.pass_context
-def cli(ctx: click.Context, home: Path | None, gnupg_home: Path | None) -> None:
+def cli(
+    ctx: click.Context, home: Path | None, gnupg_home: Path | None, config_path: Path | None
+) -> None:
     """Send end-to-end encrypted email: OpenPGP (PGP/MIME) or S/MIME, signed and encrypted,
     submitted over verified TLS. Try `e2email demo` for a full round trip on this machine."""
     ctx.obj = State(home or default_home(), gnupg_home)
+    ctx.obj.config_path = config_path
+    ctx.obj.home_given = home is not None
+    ctx.obj.gnupg_home_given = gnupg_home is not None
     # What a Ctrl-C can leave behind depends on the command: only sending has an outbox to
     # point at (send refines this once it knows whether it sends or writes --output).
     set_interrupt_hint(_INTERRUPT_HINTS.get(ctx.invoked_subcommand or "", ""))

@@ -52,8 +52,10 @@ from e2email.cli.app import (
     fail,
 )
 from e2email.cli.send import (
+    ACCOUNT,
     _read_body,
     _read_html,
+    outbox_for,
     protection_options,
     retry_policy,
     smtp_settings,
@@ -127,8 +129,8 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
             raise click.UsageError(f"--to-file gives the recipients: leave out --{name}")
     if opts["output"] is not None:
         raise click.UsageError("--to-file sends; it cannot be combined with --output")
-    if not opts["host"]:
-        raise click.UsageError("give --host to send")
+    if not opts["host"] and opts.get(ACCOUNT) is None:
+        raise click.UsageError("give --host or --account NAME to send")
     template = _template(opts)
     to_file: Path = opts["to_file"]
     columns, rows = read_rows(to_file)
@@ -136,7 +138,7 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
     attachments = tuple(Attachment.from_path(p) for p in opts["attach"])
     protection, passphrase = protection_options(opts)
     smtp = smtp_settings(state, opts)
-    box = Outbox.in_home(state.home)
+    box = outbox_for(state, opts)
     try:
         _send_rows(state, opts, box, template, rows, attachments, protection, passphrase, smtp)
     finally:

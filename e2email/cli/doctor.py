@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from e2email.cli.app import EXIT_CONNECTION, EXIT_OK, cli
+from e2email.cli.app import EXIT_CONNECTION, EXIT_OK, State, cli
 from e2email.doctor import PROBED_PORTS, diagnose
 
 
@@ -31,7 +31,7 @@ def _port_map(items: Sequence[str]) -> dict[int, int]:
 
 
 @cli.command()
-@click.argument("host")
+@click.argument("host", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
 @click.option(
     "--ca-file",
@@ -51,15 +51,43 @@ def _port_map(items: Sequence[str]) -> dict[int, int]:
     metavar="STANDARD=PORT",
     help="Probe PORT in place of the standard port (e.g. 465=10465 for a test server).",
 )
+@click.option(
+    "--account",
+    metavar="NAME",
+    help="Check this account's server (its host and ca-file; HOST and --ca-file win).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The accounts file (instead of the group's --config or the default).",
+)
+@click.pass_obj
 def doctor(
-    host: str, as_json: bool, ca_file: Path | None, timeout: float, port_map: Sequence[str]
+    state: State,
+    host: str | None,
+    as_json: bool,
+    ca_file: Path | None,
+    timeout: float,
+    port_map: Sequence[str],
+    account: str | None,
+    config_file: Path | None,
 ) -> None:
-    """Check HOST's submission ports: TLS mode, version, certificate, extensions, advice.
+    """Check HOST's (or an account's) submission ports: TLS mode, version, certificate,
+    extensions, advice.
 
     Sends only EHLO, STARTTLS and QUIT (never AUTH or MAIL). A certificate that does not verify
     is read again without verification, only to show what is wrong with it. Exit status 0 when
     some port is usable with verified TLS, 4 when none is.
     """
+    if host is None or account is not None:
+        # The account's server (the default account's without HOST and --account).
+        config = state.config(config_file)
+        if host is None and account is None and not config.accounts:
+            raise click.UsageError("give HOST (or --account NAME of the config file)")
+        chosen = config.account(account)
+        host = host or chosen.smtp.host
+        ca_file = ca_file or chosen.smtp.ca_file
     # A bad HOST (not a name, or with a port glued on) is a ConfigError from diagnose(): one
     # line and exit 2, before anything is probed.
     report = asyncio.run(

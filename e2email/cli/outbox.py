@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -12,17 +13,23 @@ import click
 
 from e2email.bulk import printable
 from e2email.certstore import CertStore
-from e2email.cli.app import EXIT_KEY, EXIT_REJECTED, State, cli, exit_code_for, fail
+from e2email.cli.app import EXIT_KEY, EXIT_REJECTED, EXIT_USAGE, State, cli, exit_code_for, fail
 from e2email.cli.send import (
+    ACCOUNT,
     SMTP_OPTION_NAMES,
+    account_options,
     delivery_options,
+    given,
+    outbox_for,
     retry_policy,
     send,
     smtp_settings,
 )
 from e2email.client import Mailer
+from e2email.config import SMTPSettings
 from e2email.delivery import Outcome, route_of
 from e2email.errors import ConfigError, E2EmailError, KeyErrorBase
+from e2email.keystore import Keystore
 from e2email.outbox import (
     ItemState,
     Outbox,
@@ -151,6 +158,7 @@ def list_items(state: State, as_json: bool) -> None:
     "message was sent, see `outbox list`): the recipient may get it twice.",
 )
 @delivery_options
+@account_options
 @click.pass_obj
 def retry(
     state: State,
@@ -163,12 +171,28 @@ def retry(
     **opts: Any,
 ) -> None:
     """Send again what waits in the outbox: the items IDS (or unique prefixes), or every item
-    meant for this server and user, whose retry time has come (--now: any). Recipients the
-    server refused with 5xx are left alone unless --include-failed, and so are items that may
-    have been delivered already unless --maybe-delivered. Takes the same server options as
-    `send`."""
-    if not opts["host"]:
-        raise click.UsageError("give --host (and the other server options, as for `send`)")
+    whose retry time has come (--now: any). Recipients the server refused with 5xx are left
+    alone unless --include-failed, and so are items that may have been delivered already
+    unless --maybe-delivered.
+
+    An item stored through an account of the config file needs no server options: it goes
+    through that account again (one that is no longer in the file is reported and left).
+    With --account NAME or --host (and the other server options, as for `send`), the items
+    meant for that account or server go through it instead."""
+    flags = _Flags(all_servers, include_failed, now, maybe_delivered)
+    if opts["account"] is not None:
+        account = state.config(opts["config_file"]).account(opts["account"])
+        state.use_account(account)
+        opts[ACCOUNT] = account
+    elif not opts["host"]:
+        stray = [name for name in SMTP_OPTION_NAMES if given(name)]
+        if stray:
+            raise click.UsageError(
+                f"--{stray[0].replace('_', '-')} needs --host (or --account NAME); without "
+                "server options, each item goes through the account it was stored for"
+            )
+        _retry_by_account(state, ids, flags, opts)
+        return
     smtp = smtp_settings(state, opts)
     try:
         # Incomplete server options (a user without a password source, ...) are a usage
@@ -176,12 +200,10 @@ def retry(
         SMTPTransport(smtp)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    failures: list[Outcome] = []
-    box = Outbox.in_home(state.home)
+    box = outbox_for(state, opts)
     try:
-        chosen, held_back = _select(
-            box, ids, route_of(smtp), all_servers, include_failed, now, maybe_delivered
-        )
+        account_name = opts[ACCOUNT].name if opts.get(ACCOUNT) else None
+        chosen, held_back = _select(box, ids, route_of(smtp), flags, account=account_name)
     except E2EmailError:
         box.close()
         raise
@@ -189,12 +211,40 @@ def retry(
         box.close()
         click.echo("the outbox is empty")
         return
+    _say_held_back(held_back)
+    with box:
+        failures = _send_items(state, box, smtp, state.keystore(), chosen, flags, opts)
+        _finish(box, failures)
+
+
+@dataclass(frozen=True)
+class _Flags:
+    all_servers: bool
+    include_failed: bool
+    now: bool
+    maybe_delivered: bool
+
+
+def _say_held_back(held_back: list[str]) -> None:
     if held_back:
         click.echo(
             f"{len(held_back)} item(s) may have been delivered already and are not sent again "
             f"({', '.join(held_back)}): see `e2email outbox list`; --maybe-delivered sends them",
             err=True,
         )
+
+
+def _send_items(
+    state: State,
+    box: Outbox,
+    smtp: SMTPSettings,
+    keystore: Keystore,
+    chosen: list[str],
+    flags: _Flags,
+    opts: dict[str, Any],
+) -> list[Outcome]:
+    """Send the items ``chosen`` through ``smtp``; the outcomes that were not delivered."""
+    failures: list[Outcome] = []
 
     def show(outcome: Outcome) -> None:
         item = outcome.submission.tag
@@ -207,12 +257,11 @@ def retry(
         if status != "delivered":
             failures.append(outcome)
 
-    keystore = state.keystore()
     with Mailer(
         smtp=smtp,
         # To re-check the keys each copy was encrypted to: one revoked since is held.
         keystore=keystore,
-        certstore=CertStore(state.home),
+        certstore=CertStore(keystore.home),
         outbox=box,
         retry=retry_policy(opts),
         connections=opts["connections"],
@@ -221,31 +270,95 @@ def retry(
             mailer.send_outbox(
                 chosen,
                 on_outcome=show,
-                include_failed=include_failed,
-                due_only=not now,
-                maybe_delivered=maybe_delivered,
+                include_failed=flags.include_failed,
+                due_only=not flags.now,
+                maybe_delivered=flags.maybe_delivered,
             )
         except E2EmailError as exc:
             fail(f"{exc} (what was not sent stays in the outbox)", exit_code_for(exc))
-        left = len(mailer.outbox) if mailer.outbox is not None else 0
+    return failures
+
+
+def _finish(box: Outbox, failures: list[Outcome], *, left_alone: int = 0) -> None:
+    """Exit as the outcome says: a refusal (3 held, 6 refused) if any; 2 when items were left
+    alone for want of an account or server options (a usage/config matter); else 0."""
+    left = len(box)
     if failures:
         held = any(isinstance(o.error, KeyErrorBase) for o in failures)
         fail(
-            f"{len(failures)} item(s) not delivered to every recipient; {left} item(s) "
-            "in the outbox",
+            f"{len(failures) + left_alone} item(s) not delivered to every recipient; {left} "
+            "item(s) in the outbox",
             EXIT_KEY if held else EXIT_REJECTED,
         )
+    if left_alone:
+        fail(
+            f"{left_alone} item(s) not sent: no account or server to send them through "
+            f"(see above); {left} item(s) in the outbox",
+            EXIT_USAGE,
+        )
     click.echo(f"{left} item(s) left in the outbox")
+
+
+def _retry_by_account(
+    state: State, ids: tuple[str, ...], flags: _Flags, opts: dict[str, Any]
+) -> None:
+    """`outbox retry` without server options: each item through the account it was stored
+    for, found again in the config file."""
+    with Outbox.in_home(state.home) as box:
+        chosen, held_back = _select(box, ids, "", replace(flags, all_servers=True))
+        if chosen is None:
+            click.echo("the outbox is empty")
+            return
+        _say_held_back(held_back)
+        by_account: dict[str, list[str]] = {}
+        unnamed: list[str] = []
+        for item_id in chosen:
+            name = box.get(item_id, raw=False).account
+            (unnamed if name is None else by_account.setdefault(name, [])).append(item_id)
+        left_alone = 0
+        if unnamed:
+            left_alone += len(unnamed)
+            click.echo(
+                f"{', '.join(unnamed)}: stored without an account: give --host (and the server "
+                "options, as for `send`) or --account NAME to send it; left in the outbox",
+                err=True,
+            )
+        config = state.config(opts["config_file"]) if by_account else None
+        failures: list[Outcome] = []
+        for name, item_ids in by_account.items():
+            assert config is not None
+            account = config.accounts.get(name)
+            if account is None:
+                left_alone += len(item_ids)
+                click.echo(
+                    printable(
+                        f"{', '.join(item_ids)}: stored for account {name!r}, which is no "
+                        f"longer in {config.path}: left in the outbox (--account NAME or "
+                        "--host sends it through another)"
+                    ),
+                    err=True,
+                )
+                continue
+            account_opts = {**opts, ACCOUNT: account}
+            smtp = smtp_settings(state, account_opts)
+            home = state.home if state.home_given or account.home is None else account.home
+            gnupg_home = (
+                state.gnupg_home
+                if state.gnupg_home_given or account.gnupg_home is None
+                else account.gnupg_home
+            )
+            keystore = Keystore(home, gnupg_home=gnupg_home)
+            failures += _send_items(state, box, smtp, keystore, item_ids, flags, account_opts)
+        _finish(box, failures, left_alone=left_alone)
 
 
 def _select(
     box: Outbox,
     ids: tuple[str, ...],
     route: str,
-    all_servers: bool,
-    include_failed: bool,
-    now: bool,
-    maybe_delivered: bool,
+    flags: _Flags,
+    *,
+    account: str | None = None,
 ) -> tuple[list[str] | None, list[str]]:
     """The IDs `outbox retry` sends (None when the outbox is empty), and those of the matching
     items left alone because they may have been delivered. Raises OutboxError (one line, exit
@@ -256,20 +369,26 @@ def _select(
     if ids:
         named = {box.get(i, raw=False).id for i in ids}
         items = tuple(i for i in items if i.id in named)
-    elif not all_servers:
-        items = tuple(i for i in items if same_route(i.route, route))
+    elif not flags.all_servers:
+        # An item stored for an account goes with that account (or its server and user).
+        items = tuple(
+            i
+            for i in items
+            if (account is not None and i.account == account)
+            or ((i.account is None or account is None) and same_route(i.route, route))
+        )
         if not items:
             raise OutboxError(
                 f"nothing in the outbox is for {printable(route)} (see `e2email outbox list`; "
                 "--all-servers sends the items of other servers and users too)"
             )
     held_back: list[str] = []
-    if not maybe_delivered:
+    if not flags.maybe_delivered:
         held_back = [i.id for i in items if i.state is ItemState.MAYBE_DELIVERED]
         items = tuple(i for i in items if i.state is not ItemState.MAYBE_DELIVERED)
-    if not include_failed:
+    if not flags.include_failed:
         items = tuple(i for i in items if i.state is not ItemState.FAILED)
-    if not now:
+    if not flags.now:
         due = time.time()
         items = tuple(i for i in items if i.next_attempt <= due)
     if not items:

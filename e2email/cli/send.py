@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from email.utils import parseaddr
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from e2email.certstore import CertStore
 from e2email.cli.app import (
@@ -42,8 +45,11 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.message import Attachment, Message
-from e2email.outbox import Outbox
+from e2email.outbox import DEFAULT_FILENAME, Outbox
 from e2email.private import ensure_private_dir, write_private
+
+if TYPE_CHECKING:
+    from e2email.accounts import Account
 
 
 def _parse_key_map(items: Sequence[str]) -> dict[str, str]:
@@ -285,8 +291,171 @@ def _bulk_options(command: Any) -> Any:
     return command
 
 
+# -- accounts (config.toml, e2email.accounts) -------------------------------------------------
+
+#: Where `send` keeps the chosen Account in its options (the --account option is its name).
+ACCOUNT = "chosen_account"
+
+
+def account_options(command: Any) -> Any:
+    """--account and --config (send, outbox retry, doctor)."""
+    command = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="The accounts file (instead of the group's --config, $E2EMAIL_CONFIG or "
+        "$XDG_CONFIG_HOME/e2email/config.toml).",
+    )(command)
+    return click.option(
+        "--account",
+        metavar="NAME",
+        help="Use this account of the config file (`e2email config show`); options given "
+        "here win over its settings.",
+    )(command)
+
+
+def given(name: str) -> bool:
+    """Was option ``name`` given on the command line (or by its environment variable), not
+    left at its default? Only those override an account's settings."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return True
+    source = ctx.get_parameter_source(name)
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def choose_account(state: State, opts: dict[str, Any]) -> Account | None:
+    """The account a command uses, by msmtp's rules: --account NAME; else none when --host is
+    on the command line (the server is given whole); else the account whose `from` matches
+    --from/-f; else the default account. None when the config file has no accounts (and none
+    is named); with --output (nothing sent) also when none matches and there is no default.
+    Also fills --from from the account and makes its home (and GnuPG home) the one used,
+    unless given on the command line."""
+
+    name = opts.get("account")
+    if name is None and opts.get("host"):
+        return None
+    config = state.config(opts.get("config_file"))
+    if name is None and not config.accounts:
+        return None
+    sender = opts.get("sender")
+    account: Account | None
+    if name is not None:
+        account = config.account(name)
+    elif sender:
+        account = config.match_sender(parseaddr(sender)[1] or sender)
+        if account is None and (config.default is not None or opts.get("output") is None):
+            account = config.account(None)
+    elif config.default is not None or opts.get("output") is None:
+        account = config.account(None)
+    else:
+        account = None
+    if account is not None:
+        state.use_account(account)
+        if "sender" in opts and not sender:
+            opts["sender"] = account.sender
+    return account
+
+
+def outbox_for(state: State, opts: dict[str, Any]) -> Outbox:
+    """The outbox: the account's (its `outbox`, else HOME's), recording the account's name
+    with every item so that `outbox retry` needs no server options."""
+    account: Account | None = opts.get(ACCOUNT)
+    path = account.outbox if account is not None and account.outbox else None
+    return Outbox(path or state.home / DEFAULT_FILENAME, account=account.name if account else None)
+
+
+@dataclass(frozen=True)
+class AccountSettings:
+    smtp: SMTPSettings
+    protection: Protection
+    passphrase: PasswordSource | None
+
+
+#: The options that say how to log in: given any of them, the credentials are the options'.
+_CREDENTIAL_OPTIONS = (
+    "user",
+    "password_env",
+    "password_command",
+    "auth",
+    "token_env",
+    "token_command",
+)
+#: option -> SMTPSettings field, taken over as they are when given.
+_SMTP_FIELDS = {
+    "host": "host",
+    "port": "port",
+    "ca_file": "ca_file",
+    "require_tls": "require_tls",
+    "timeout": "timeout",
+    "connect_timeout": "connect_timeout",
+    "data_timeout": "data_timeout",
+}
+#: S/MIME option -> Protection field.
+_SMIME_FIELDS = {
+    "smime_cipher": "smime_cipher",
+    "rsa_pss": "smime_rsa_pss",
+    "trust_self_signed": "smime_trust_self_signed",
+    "revocation": "revocation",
+}
+
+
+def account_settings(account: Account, opts: dict[str, Any]) -> AccountSettings:
+    """The one place where an account and the command line meet: the account's settings,
+    each replaced by the option that says otherwise when that option was given (msmtp:
+    "options override configuration file settings"). The dataclasses check the result."""
+    smtp_changes: dict[str, Any] = {
+        field: opts[name] for name, field in _SMTP_FIELDS.items() if given(name)
+    }
+    if given("tls"):
+        smtp_changes.update(tls=TLSMode(opts["tls"]), allow_insecure_plaintext=False)
+    if opts.get("insecure_plaintext"):
+        if given("tls"):
+            raise click.UsageError("--insecure-plaintext contradicts --tls")
+        smtp_changes.update(tls=TLSMode.INSECURE_PLAINTEXT, allow_insecure_plaintext=True)
+    if account.smtp.effective_tls is TLSMode.INSECURE_PLAINTEXT or opts.get("insecure_plaintext"):
+        click.echo("e2email: WARNING: sending WITHOUT TLS (insecure-plaintext)", err=True)
+    if any(given(name) for name in _CREDENTIAL_OPTIONS):
+        with_user = {**opts, "user": opts["user"] or account.smtp.username}
+        password, token = _smtp_credentials(with_user)
+        smtp_changes.update(username=with_user["user"], password=password, oauth_token=token)
+    elif account.smtp.username and account.smtp.password is None and not account.smtp.oauth_token:
+        smtp_changes["password"] = prompt_for("SMTP password")
+    smtp = replace(account.smtp, **smtp_changes) if smtp_changes else account.smtp
+    base = account.protection
+    if "sign" not in opts:
+        # A command without the policy options (outbox retry): the account's policy.
+        return AccountSettings(smtp=smtp, protection=base, passphrase=account.passphrase)
+
+    changes: dict[str, Any] = {
+        name: opts[name] for name in ("sign", "encrypt", "encrypt_to_self") if given(name)
+    }
+    if opts["key_map"]:
+        changes["key_map"] = {**base.key_map, **_parse_key_map(opts["key_map"])}
+    if opts["smime"] or base.scheme is Scheme.SMIME:
+        # The account may say S/MIME; then its S/MIME options need no --smime here.
+        smime = _smime_protection({**opts, "smime": True})
+        changes["scheme"] = Scheme.SMIME
+        for name, field in _SMIME_FIELDS.items():
+            if given(name) and field in smime:
+                changes[field] = smime[field]
+        if "smime_trust_self_signed" in changes:
+            changes["smime_trust_self_signed"] |= base.smime_trust_self_signed
+    else:
+        _smime_protection(opts)  # refuses the S/MIME options without S/MIME
+    protection = replace(base, **changes) if changes else base
+    return AccountSettings(smtp=smtp, protection=protection, passphrase=account.passphrase)
+
+
 @cli.command()
-@click.option("--from", "sender", required=True, metavar="ADDRESS", help="The sender.")
+@click.option(
+    "-f",
+    "--from",
+    "sender",
+    metavar="ADDRESS",
+    help="The sender. Without --account (and --host), also picks the account whose `from` "
+    "matches (msmtp's rule). Default: the account's `from`.",
+)
 @click.option("--to", multiple=True, metavar="ADDRESS", help="A To recipient (repeatable).")
 @click.option("--cc", multiple=True, metavar="ADDRESS", help="A Cc recipient (repeatable).")
 @click.option(
@@ -420,6 +589,7 @@ def _bulk_options(command: Any) -> Any:
 )
 @delivery_options
 @_bulk_options
+@account_options
 @click.pass_obj
 def send(state: State, /, **opts: Any) -> None:
     """Sign, encrypt and send one message.
@@ -430,7 +600,14 @@ def send(state: State, /, **opts: Any) -> None:
     The protected message is stored in the outbox (HOME/outbox.sqlite3) before it is sent and
     stays there until the server accepted it for every recipient; `e2email outbox` lists,
     retries and drops what is left. With --to-file, one message per CSV row.
+
+    The server, credentials and policy come from the options or from an account of the
+    config file (--account NAME, the account matching --from, or the default one; options
+    given here win over the account's).
     """
+    opts[ACCOUNT] = choose_account(state, opts)
+    if not opts["sender"]:
+        raise click.UsageError("Missing option '--from' (or an account that has `from`)")
     if opts["to_file"] is None:
         # What a Ctrl-C may leave: only a message being sent waits in the outbox.
         set_interrupt_hint(
@@ -449,8 +626,11 @@ def send(state: State, /, **opts: Any) -> None:
             raise click.UsageError(f"--{name} goes with --to-file")
     if not (opts["to"] or opts["cc"] or opts["bcc"]):
         raise click.UsageError("no recipients: give --to, --cc or --bcc")
-    if opts["output"] is None and not opts["host"]:
-        raise click.UsageError("give --host to send, or --output FILE to write the message")
+    if opts["output"] is None and not opts["host"] and opts[ACCOUNT] is None:
+        raise click.UsageError(
+            "give --host or --account NAME to send (or configure a default account: "
+            "`e2email config --help`), or --output FILE to write the message"
+        )
     text, from_stdin = _read_body(opts["body"], opts["body_file"])
     try:
         _send(state, opts, text)
@@ -530,7 +710,7 @@ def _send(state: State, opts: dict[str, Any], text: str) -> None:
         protection=protection,
         passphrase=passphrase,
         certstore=CertStore(state.home),
-        outbox=Outbox.in_home(state.home) if smtp is not None else None,
+        outbox=outbox_for(state, opts) if smtp is not None else None,
         retry=retry_policy(opts),
     ) as mailer:
         if opts["output"] is not None:
@@ -552,24 +732,36 @@ def _send(state: State, opts: dict[str, Any], text: str) -> None:
 
 
 def retry_policy(opts: dict[str, Any]) -> RetryPolicy:
+    account: Account | None = opts.get(ACCOUNT)
+    if account is not None and account.retry is not None and not given("retries"):
+        return account.retry
     return RetryPolicy(max_attempts=opts["retries"] + 1)
 
 
 def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource]:
-    """What to do to each message, and where the signing key's passphrase comes from."""
-    protection = Protection(
-        sign=opts["sign"],
-        encrypt=opts["encrypt"],
-        encrypt_to_self=opts["encrypt_to_self"],
-        key_map=_parse_key_map(opts["key_map"]),
-        **_smime_protection(opts),
-        # Key discovery (issue 10): only OpenPGP keys are looked up.
-        **({"discovery": opts["discover"]} if opts.get("discover") else {}),
-    )
+    """What to do to each message, and where the signing key's passphrase comes from: the
+    options, over the chosen account's policy (see :func:`account_settings`)."""
+    account: Account | None = opts.get(ACCOUNT)
+    passphrase: PasswordSource | None = None
+    if account is not None:
+        settings = account_settings(account, opts)
+        protection, passphrase = settings.protection, settings.passphrase
+    else:
+        protection = Protection(
+            sign=opts["sign"],
+            encrypt=opts["encrypt"],
+            encrypt_to_self=opts["encrypt_to_self"],
+            key_map=_parse_key_map(opts["key_map"]),
+            **_smime_protection(opts),
+            # Key discovery (issue 10): only OpenPGP keys are looked up.
+            **({"discovery": opts["discover"]} if opts.get("discover") else {}),
+        )
     _warn_unprotected(protection)
-    passphrase = secret_source(
-        opts["passphrase_env"], opts["passphrase_command"], "signing key passphrase"
-    ) or prompt_for("signing key passphrase")
+    passphrase = (
+        secret_source(opts["passphrase_env"], opts["passphrase_command"], "signing key passphrase")
+        or passphrase
+        or prompt_for("signing key passphrase")
+    )
     return protection, passphrase
 
 
@@ -622,7 +814,14 @@ SMTP_OPTION_NAMES = (
 
 
 def smtp_settings(state: State, opts: dict[str, Any]) -> SMTPSettings:
-    """SMTPSettings from the SMTP_OPTION_NAMES options."""
+    """SMTPSettings from the SMTP_OPTION_NAMES options, over the chosen account's server (see
+    :func:`account_settings`)."""
+    account: Account | None = opts.get(ACCOUNT)
+    if account is not None:
+        smtp = account_settings(account, opts).smtp
+        if smtp.hosts_file is None:
+            smtp = replace(smtp, hosts_file=state.home / "hosts.json")
+        return smtp
     password, token = _smtp_credentials(opts)
     tls = TLSMode(opts["tls"]) if opts["tls"] else None
     if opts["insecure_plaintext"]:
