@@ -25,13 +25,28 @@ from typing import Any
 import pytest
 
 pytest.importorskip("celery")
+import django
 import redis
+from django.conf import settings
+
+if not settings.configured:
+    settings.configure(
+        EMAIL_BACKEND="e2email.django.EmailBackend",
+        DEFAULT_FROM_EMAIL="Alice <alice@example.org>",
+        E2EMAIL={},
+        USE_TZ=True,
+    )
+    django.setup()
+from django.core import mail
+from django.test import override_settings
 from fixtures_pgp import Keys
 from pgp_helpers import gpg_decrypt, multipart_parts, part_body
 
 from e2email.celery import CeleryQueue, Enqueued, make_app, send_via_celery
 from e2email.client import AsyncMailer, ProtectedCopy
 from e2email.config import Protection
+from e2email.django import load_settings
+from e2email.errors import ConfigError
 from e2email.keystore import Keystore
 from e2email.message import Message
 from e2email.testing import Fault, LoopbackSMTPServer, TestCA
@@ -510,3 +525,129 @@ def _mid(data: bytes) -> str:
         if line.lower().startswith(b"message-id:"):
             return line.split(b":", 1)[1].strip().strip(b"<>").decode()
     return ""
+
+
+def test_the_django_backend_queues_for_a_worker_and_the_message_decrypts(
+    config: Path,
+    sender_store: Keystore,
+    worker: Worker,
+    smtp: LoopbackSMTPServer,
+    recipients_home: Path,
+    queue: CeleryQueue,
+    tmp_path: Path,
+) -> None:
+    worker.start()
+    conf = {
+        "account": "app",
+        "config": str(config),
+        "queue": "celery",
+        "home": str(sender_store.home),
+        "outbox": str(tmp_path / "outbox.sqlite3"),
+    }
+    subject = "django through celery"
+    with override_settings(E2EMAIL=conf):
+        sent = mail.send_mail(subject, f"{BODY_MARKER} from django\n", None, ["bob@example.net"])
+    assert sent == 1
+
+    def found() -> bytes | None:
+        for m in list(smtp.messages):
+            if m.rcpt_tos != ("bob@example.net",) or b"multipart/encrypted" not in m.data:
+                continue
+            _, parts = multipart_parts(m.data)
+            plain, _ = gpg_decrypt(recipients_home, part_body(parts[1]))
+            if subject.encode() in plain:
+                return plain
+        return None
+
+    _wait_for(lambda: found() is not None)
+    plain = found()
+    assert plain is not None and f"{BODY_MARKER} from django".encode() in plain
+    with pytest.raises(ConfigError, match="'queue': 'celery' needs 'account'"):
+        load_settings({"queue": "celery", "host": "127.0.0.1", "tls": "implicit"})
+    with pytest.raises(ConfigError, match="'queue' must be 'celery'"):
+        load_settings({**conf, "queue": "rabbit"})
+
+
+def _cli(*args: str, config: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "E2EMAIL_HOME": str(home), "E2EMAIL_CONFIG": str(config)}
+    env.pop(PASSWORD_ENV, None)  # the producer has no SMTP password
+    return subprocess.run(
+        [sys.executable, "-m", "e2email", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_bulk_send_queues_a_campaign_in_tasks_and_queue_status_counts_it(
+    config: Path,
+    sender_store: Keystore,
+    worker: Worker,
+    smtp: LoopbackSMTPServer,
+    recipients_home: Path,
+    tmp_path: Path,
+) -> None:
+    worker.start()
+    before = len(smtp.messages)
+    rows = tmp_path / "rows.csv"
+    rows.write_text(
+        "email,name,code\nbob@example.net,Bob,B-17\ncarol@example.com,Carol,C-42\n"
+        "erin@example.com,Erin,E-99\nnokey@example.com,No Key,N-1\n"
+    )
+    home = sender_store.home
+    args = (
+        "send",
+        "--account",
+        "app",
+        "--to-file",
+        str(rows),
+        "--subject",
+        "code $code",
+        "--body",
+        "Your code: $code",
+        "--queue",
+        "celery",
+        "--queue-batch",
+        "2",
+        "--report",
+        str(tmp_path / "report.csv"),
+    )
+    done = _cli(*args, config=config, home=home)
+    assert done.returncode == 3, done.stderr  # the row without a key is not queued
+    assert "row 4 nokey@example.com: not-sent" in done.stdout
+    assert "queued 3 message(s) in 2 task(s)" in done.stderr
+    report = (tmp_path / "report.csv").read_text()
+    assert report.count(",queued,") == 3
+
+    def codes() -> Counter[str]:
+        found: Counter[str] = Counter()
+        for m in list(smtp.messages):
+            if b"multipart/encrypted" not in m.data or b"celery.test" in m.data:
+                continue
+            _, parts = multipart_parts(m.data)
+            plain, _ = gpg_decrypt(recipients_home, part_body(parts[1]))
+            for code in ("B-17", "C-42", "E-99"):
+                if f"Your code: {code}".encode() in plain:
+                    found[code] += 1
+        return found
+
+    _wait_for(lambda: len(smtp.messages) >= before + 3)
+    # Rerun: the same rows have the same Message-IDs, so nothing is delivered twice.
+    again = _cli(*args, config=config, home=home)
+    assert again.returncode == 3, again.stderr
+    status = _cli("queue", "status", "--json", config=config, home=home)
+    assert status.returncode == 0, status.stderr
+    counts = json.loads(status.stdout)
+    assert set(counts) >= {"queued", "sending", "delivered", "maybe-delivered", "failed", "tasks"}
+    assert counts["delivered"] >= 3
+    shown = _cli("queue", "status", config=config, home=home)
+    assert shown.returncode == 0 and "maybe-delivered" in shown.stdout
+
+    def idle() -> bool:
+        now = json.loads(_cli("queue", "status", "--json", config=config, home=home).stdout)
+        return bool(now["tasks"] == 0 and now["queued"] == 0 and now["sending"] == 0)
+
+    _wait_for(idle)
+    assert codes() == {"B-17": 1, "C-42": 1, "E-99": 1}
