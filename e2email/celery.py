@@ -928,7 +928,19 @@ def _deliver_task(self: Any, payload: Mapping[str, Any]) -> dict[str, Any]:
     retry = worker.conf.retry
     attempt = int(self.request.retries) + 1
     run = _Run(worker, attempt=attempt, last=attempt >= retry.max_attempts)
-    slot = worker.slot(payload.get("account"))
+    try:
+        slot = worker.slot(payload.get("account"))
+    except ConfigError as exc:
+        # No such account here (or none by default): no retry can help; said per recipient.
+        for c in payload["copies"]:
+            rcpts = [str(r) for r in c["recipients"]]
+            keys = [state_key(str(c["message_id"]), int(c["copy"]), r) for r in rcpts]
+            found = worker.states.get(keys)
+            open_ = [
+                r for r, v in zip(rcpts, found, strict=True) if (v or {}).get("state") not in _FINAL
+            ]
+            run._record(c, open_, "failed", error=str(exc))
+        raise
 
     async def all_copies() -> None:
         for c in payload["copies"]:

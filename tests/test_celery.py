@@ -490,6 +490,26 @@ def test_a_reply_lost_after_the_final_dot_is_maybe_delivered_and_not_resent(
     assert len(_by_id(smtp, copy.message_id)) == 1
 
 
+def test_a_worker_killed_after_the_final_dot_leaves_the_copy_maybe_delivered_not_resent(
+    queue: CeleryQueue, worker: Worker, smtp: LoopbackSMTPServer
+) -> None:
+    """The worker marks the copy "sending" just before the end of data; killed while the
+    server sits on its reply, the redelivered task finds that mark and its claimer gone."""
+    worker.start()
+    smtp.faults = (*smtp.faults, Fault("data-end", "stall", seconds=20))
+    smtp._fault_budget.append(1)
+    copy = _plain_copy(1, tag="dot")
+    queued = queue.enqueue([copy], account="app")
+    _wait_for(lambda: queue.lookup(queued)[0].state == "sending")
+    worker.kill()
+    worker.start()
+    _wait_for(_final(queue, queued))
+    (state,) = queue.lookup(queued)
+    assert state.state == "maybe-delivered"
+    assert "stopped after the end of data" in (state.error or "")
+    assert len(_by_id(smtp, copy.message_id)) <= 1
+
+
 def test_a_worker_killed_mid_batch_and_a_redis_restart_lose_nothing_and_send_nothing_twice(
     queue: CeleryQueue, worker: Worker, smtp: LoopbackSMTPServer, redis_server: RedisServer
 ) -> None:
