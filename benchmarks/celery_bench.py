@@ -142,12 +142,12 @@ def main() -> None:
                 start_count = len(smtp.messages)
                 warm = [[_copy(n, f"warm{workers}-", args.size)] for n in range(workers * 4)]
                 queue.enqueue(warm, account="app", batch_size=1)
-                _wait(lambda: len(smtp.messages) >= start_count + len(warm))
+                _wait_received(smtp, start_count + len(warm))
                 before = len(smtp.messages)
                 copies = [[_copy(n, f"run{workers}-", args.size)] for n in range(args.copies)]
                 t0 = time.perf_counter()
                 queue.enqueue(copies, account="app", batch_size=args.batch)
-                _wait(lambda: len(smtp.messages) >= before + args.copies)
+                _wait_received(smtp, before + args.copies)
                 elapsed = time.perf_counter() - t0
                 rows.append((workers, elapsed, args.copies / elapsed))
                 print(
@@ -185,6 +185,10 @@ def main() -> None:
         f"producer {producer:.2f} s ({args.queued / producer:.0f} copies/s), "
         f"Redis memory +{used / 1e6:.1f} MB ({used / args.queued:.0f} bytes per copy)"
     )
+
+
+def _wait_received(smtp: LoopbackSMTPServer, count: int) -> None:
+    _wait(lambda: len(smtp.messages) >= count)
 
 
 def _ping(client: redis.Redis) -> bool:
