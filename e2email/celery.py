@@ -41,7 +41,8 @@ whose claimer is gone was interrupted after the final "." (RFC 5321 §6.1): it i
 connection fault is retried with exponential back-off (``[celery] retries``, ``retry-delay``,
 ``retry-max-delay``) for the recipients it concerns; a 5xx reply is final and recorded with
 the server's reply. Each worker process keeps one open connection per account from task to
-task (RSET between messages, replaced when the server closed it).
+task (RSET between messages, replaced when the server closed it). Use the ``prefork`` (the
+default) or ``solo`` pool: a process runs one task at a time on its own event loop.
 """
 
 from __future__ import annotations
@@ -852,7 +853,9 @@ class _Run:
 
         try:
             conn = await slot.get()
-        except TransportError as exc:
+        except E2EmailError as exc:
+            # No connection (or no password: an unset variable, a failing command): tried
+            # again with back-off, the reason recorded, until the last attempt fails it.
             slot.abort()
             self._later(c, todo, f"cannot connect: {exc}", _reply_text(exc))
             return

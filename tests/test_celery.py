@@ -25,27 +25,13 @@ from typing import Any
 import pytest
 
 pytest.importorskip("celery")
-import django
 import redis
-from django.conf import settings
-
-if not settings.configured:
-    settings.configure(
-        EMAIL_BACKEND="e2email.django.EmailBackend",
-        DEFAULT_FROM_EMAIL="Alice <alice@example.org>",
-        E2EMAIL={},
-        USE_TZ=True,
-    )
-    django.setup()
-from django.core import mail
-from django.test import override_settings
 from fixtures_pgp import Keys
 from pgp_helpers import gpg_decrypt, multipart_parts, part_body
 
 from e2email.celery import CeleryQueue, Enqueued, make_app, send_via_celery
 from e2email.client import AsyncMailer, ProtectedCopy
 from e2email.config import Protection
-from e2email.django import load_settings
 from e2email.errors import ConfigError
 from e2email.keystore import Keystore
 from e2email.message import Message
@@ -556,6 +542,24 @@ def test_the_django_backend_queues_for_a_worker_and_the_message_decrypts(
     queue: CeleryQueue,
     tmp_path: Path,
 ) -> None:
+    import django
+    from django.conf import settings
+
+    if not settings.configured:
+        # Configured here, not at import: tests/test_django.py configures Django when it is
+        # collected, and only the first configuration counts.
+        settings.configure(
+            EMAIL_BACKEND="e2email.django.EmailBackend",
+            DEFAULT_FROM_EMAIL="Alice <alice@example.org>",
+            E2EMAIL={},
+            USE_TZ=True,
+        )
+        django.setup()
+    from django.core import mail
+    from django.test import override_settings
+
+    from e2email.django import load_settings
+
     worker.start()
     conf = {
         "account": "app",
