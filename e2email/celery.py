@@ -395,15 +395,16 @@ def _decode_state(raw: bytes | str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _redis(url: str) -> redis.Redis:
-    """A client that rides out a short Redis restart (persistence on): each command is tried
-    again with back-off for about 15 s before the error is raised."""
+def _redis(url: str, *, patient: bool = False) -> redis.Redis:
+    """A Redis client. ``patient`` (the workers): each command is tried again with back-off
+    for about 30 s, riding out a Redis restart (persistence on) in the middle of a delivery,
+    whose outcome must be recorded. Otherwise (producers, status) a few quick tries."""
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
     return redis.Redis.from_url(
         url,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 20),
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 20 if patient else 3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=10,
     )
@@ -718,7 +719,9 @@ class _Worker:
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self.config: Config = load_config(conf.config)
-        self.states = _States(_redis(conf.backend), ttl=conf.state_ttl, lease=conf.claim_lease)
+        self.states = _States(
+            _redis(conf.backend, patient=True), ttl=conf.state_ttl, lease=conf.claim_lease
+        )
         self.slots: dict[str, _Slot] = {}
 
     def slot(self, name: str | None) -> _Slot:

@@ -675,3 +675,19 @@ def test_bulk_send_queues_a_campaign_in_tasks_and_queue_status_counts_it(
 
     _wait_for(idle)
     assert codes() == {"B-17": 1, "C-42": 1, "E-99": 1}
+
+
+def test_queue_status_without_a_reachable_backend_is_one_line_and_exit_4(
+    config: Path, tmp_path: Path
+) -> None:
+    done = _cli(
+        "queue",
+        "status",
+        "--broker",
+        f"redis://127.0.0.1:{_free_port()}/0",
+        config=config,
+        home=tmp_path / "home",
+    )
+    assert done.returncode == 4
+    assert done.stderr.startswith("e2email: error: cannot read the result backend:")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
