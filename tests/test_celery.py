@@ -319,11 +319,13 @@ def _found(client: redis.Redis, markers: list[bytes]) -> set[bytes]:
     return seen
 
 
-def _wait_for(check: Callable[[], bool], seconds: float = 45.0) -> None:
+def _wait_for(
+    check: Callable[[], bool], seconds: float = 45.0, describe: Callable[[], object] = str
+) -> None:
     deadline = time.monotonic() + seconds
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError("the workers did not finish in time")
+            raise AssertionError(f"the workers did not finish in time: {describe()}")
         time.sleep(0.1)
 
 
@@ -512,7 +514,11 @@ def test_a_worker_killed_mid_batch_and_a_redis_restart_lose_nothing_and_send_not
     redis_server.stop()  # and Redis goes down and comes back with its data
     redis_server.start()
     worker.start()
-    _wait_for(_final(queue, queued), seconds=60)
+    _wait_for(
+        _final(queue, queued),
+        seconds=60,
+        describe=lambda: Counter(s.state for s in queue.lookup(queued)),
+    )
     states = queue.lookup(queued)
     counts = Counter(_mid(m.data) for m in list(smtp.messages))
     by_state = Counter(s.state for s in states)
