@@ -697,3 +697,21 @@ def test_queue_status_without_a_reachable_backend_is_one_line_and_exit_4(
     assert done.returncode == 4
     assert done.stderr.startswith("e2email: error: cannot read the result backend:")
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_queue_options_outside_a_campaign_are_usage_errors(config: Path, tmp_path: Path) -> None:
+    done = _cli(
+        "send",
+        "--account",
+        "app",
+        "--to",
+        "bob@example.net",
+        "--body",
+        "x",
+        "--queue",
+        "celery",
+        config=config,
+        home=tmp_path / "home",
+    )
+    assert done.returncode == 2
+    assert "--queue goes with --to-file" in done.stderr

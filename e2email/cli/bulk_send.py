@@ -138,6 +138,8 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
     template.check_columns(columns)
     attachments = tuple(Attachment.from_path(p) for p in opts["attach"])
     protection, passphrase = protection_options(opts)
+    if opts.get("queue_batch") is not None and opts.get("queue") is None:
+        raise click.UsageError("--queue-batch goes with --queue celery")
     if opts.get("queue") == "celery":
         queue_rows(state, opts, template, rows, attachments, protection, passphrase)
         return

@@ -637,9 +637,9 @@ def send(state: State, /, **opts: Any) -> None:
 
         send_bulk(state, opts)
         return
-    for name in ("template", "report"):
+    for name in ("template", "report", "queue", "queue_batch"):
         if opts[name] is not None:
-            raise click.UsageError(f"--{name} goes with --to-file")
+            raise click.UsageError(f"--{name.replace('_', '-')} goes with --to-file")
     if not (opts["to"] or opts["cc"] or opts["bcc"]):
         raise click.UsageError("no recipients: give --to, --cc or --bcc")
     if opts["output"] is None and not opts["host"] and opts[ACCOUNT] is None:
