@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import json
 import os
 import re
 import stat
@@ -65,6 +66,7 @@ from typing import Any
 import platformdirs
 
 from e2email.config import (
+    DiscoveryPolicy,
     PasswordSource,
     Protection,
     RetryPolicy,
@@ -302,6 +304,7 @@ _ACCOUNT_KEYS: Mapping[str, str] = {
     "rsa-pss": _BOOL,
     "trust-self-signed": _STRS,
     "revocation": _STR,
+    "discover": _STR,
     "keys": _TABLE,
     "home": _STR,
     "gnupg-home": _STR,
@@ -317,6 +320,7 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
     "scheme": tuple(s.value for s in Scheme),
     "smime-cipher": tuple(c.value for c in SMIMECipher),
     "revocation": tuple(p.value for p in RevocationPolicy),
+    "discover": tuple(p.value for p in DiscoveryPolicy),
 }
 #: msmtp's names, for a did-you-mean difflib cannot find.
 _MSMTP_NAMES = {
@@ -480,7 +484,13 @@ class _Loader:
         self.index = _LineIndex("")
 
     def problem(self, where: tuple[str, ...], key: str | None, text: str) -> None:
-        self.problems.append(ConfigProblem(self.path, self.index.line(*where), key, text))
+        line = self.index.lines.get(where)
+        if line is None and len(where) == 3 and where[0] == "accounts":
+            # A key an account inherits is where [defaults] gives it.
+            line = self.index.lines.get(("defaults", where[2]))
+        if line is None:
+            line = self.index.line(*where)
+        self.problems.append(ConfigProblem(self.path, line, key, text))
 
     def load(self) -> Config:
         try:
@@ -503,7 +513,8 @@ class _Loader:
             ) from None
         config = self._document(doc)
         if self.problems:
-            raise ConfigFileError(self.problems)
+            # A mistake in [defaults] that every account inherits is one mistake.
+            raise ConfigFileError(list(dict.fromkeys(self.problems)))
         return config
 
     def _document(self, doc: Mapping[str, Any]) -> Config:
@@ -522,7 +533,9 @@ class _Loader:
             defaults = {}
         elif "default" in defaults:
             self.problem(("defaults", "default"), "default", "marks one account, not [defaults]")
-        self._check_keys(("defaults",), defaults)
+        for bad in self._check_keys(("defaults",), defaults):
+            # Reported once here, not again in every account that would inherit it.
+            defaults = {k: v for k, v in defaults.items() if k != bad}
         raw_accounts = doc.get("accounts", {})
         if not isinstance(raw_accounts, dict):
             self.problem(("accounts",), "accounts", "must be tables ([accounts.NAME])")
@@ -576,26 +589,37 @@ class _Loader:
             return marked[0]
         return next(iter(raw)) if len(raw) == 1 else None
 
-    def _check_keys(self, where: tuple[str, ...], table: Mapping[str, Any]) -> None:
+    def _check_keys(self, where: tuple[str, ...], table: Mapping[str, Any]) -> list[str]:
+        """Report unknown keys and values of the wrong type or choice; the keys reported."""
+        bad: list[str] = []
         for key, value in table.items():
-            kind = _ACCOUNT_KEYS.get(key)
-            if kind is None:
-                self.problem(
-                    (*where, key), key, f"unknown key{_did_you_mean(key, list(_ACCOUNT_KEYS))}"
-                )
-            elif not _type_ok(kind, value):
-                self.problem((*where, key), key, f"must be {kind}, not {_type_name(value)}")
-            elif key in _CHOICES and value not in _CHOICES[key]:
-                choices = ", ".join(_CHOICES[key])
-                extra = (
-                    " (plaintext is insecure-plaintext = true)"
-                    if key == "tls" and value in ("none", "plain", TLSMode.INSECURE_PLAINTEXT.value)
-                    else ""
-                )
-                self.problem((*where, key), key, f"must be one of {choices}, not {value!r}{extra}")
-            elif kind == _INT and key == "port" and not 0 < value < 65536:
-                # SMTPSettings says so too, but reached only when everything else is right.
-                self.problem((*where, key), key, f"port {value} is out of range (1-65535)")
+            before = len(self.problems)
+            self._check_key(where, key, value)
+            if len(self.problems) > before:
+                bad.append(key)
+        return bad
+
+    def _check_key(self, where: tuple[str, ...], key: str, value: Any) -> None:
+        kind = _ACCOUNT_KEYS.get(key)
+        if kind is None:
+            self.problem(
+                (*where, key), key, f"unknown key{_did_you_mean(key, list(_ACCOUNT_KEYS))}"
+            )
+        elif not _type_ok(kind, value):
+            self.problem((*where, key), key, f"must be {kind}, not {_type_name(value)}")
+        elif key in _CHOICES and value not in _CHOICES[key]:
+            choices = ", ".join(_CHOICES[key])
+            extra = (
+                " (plaintext is insecure-plaintext = true)"
+                if key == "tls" and value in ("none", "plain", TLSMode.INSECURE_PLAINTEXT.value)
+                else ""
+            )
+            self.problem((*where, key), key, f"must be one of {choices}, not {value!r}{extra}")
+        elif kind == _INT and key == "port" and not 0 < value < 65536:
+            # SMTPSettings says so too, but reached only when everything else is right.
+            self.problem((*where, key), key, f"port {value} is out of range (1-65535)")
+        elif key == "retries" and value < 0:
+            self.problem((*where, key), key, f"must be 0 or more, not {value}")
 
     def _check_secret(self, defaults: Mapping[str, Any], raw: Mapping[str, Any]) -> None:
         """msmtp's rule: a literal password only in a file nobody else may read."""
@@ -644,10 +668,6 @@ class _Loader:
     def _path(self, value: str) -> Path:
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.path.parent / path
-
-    def _where(self, where: tuple[str, ...], table: Mapping[str, Any], key: str) -> tuple[str, ...]:
-        # The line of the key in the account when it is there, else of the account itself.
-        return (*where, key) if key in table else where
 
     def _one_of(
         self, where: tuple[str, ...], merged: Mapping[str, Any], keys: Sequence[str], what: str
@@ -766,6 +786,8 @@ class _Loader:
             protection_fields["smime_cipher"] = SMIMECipher(m["smime-cipher"])
         if "revocation" in m:
             protection_fields["revocation"] = RevocationPolicy(m["revocation"])
+        if "discover" in m:
+            protection_fields["discovery"] = DiscoveryPolicy(m["discover"])
         if "trust-self-signed" in m:
             protection_fields["smime_trust_self_signed"] = frozenset(m["trust-self-signed"])
         protection = self._make(where, m, Protection, protection_fields)
@@ -834,21 +856,25 @@ def _address_ok(address: str, *, pattern: bool = False) -> bool:
 
 
 def _shown(merged: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    """The effective settings as text, a literal password masked."""
+    """The effective settings as TOML values, a literal password masked (``********``,
+    unquoted, so it can never be mistaken for the password itself)."""
     out: list[tuple[str, str]] = []
     for key in _ACCOUNT_KEYS:
-        if key not in merged:
-            continue
-        value = merged[key]
-        if key == "password":
-            text = "********"
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, list):
-            text = ", ".join(value)
-        elif isinstance(value, dict):
-            text = ", ".join(f"{k} = {v}" for k, v in value.items())
-        else:
-            text = str(value)
-        out.append((key, text))
+        if key in merged:
+            text = "********" if key == "password" else _toml_value(merged[key])
+            out.append((key, text))
     return tuple(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }"
+    # A JSON string is a TOML basic string (both escape \, " and control characters).
+    return json.dumps(str(value), ensure_ascii=False)

@@ -1,9 +1,11 @@
-"""The mailer: compose -> protect -> send. An async core and a thin sync facade.
+"""The mailer: compose -> protect -> deliver. An async core and a thin sync facade.
 
-Protection happens completely before the first byte goes to the server, so a key problem for any
-recipient means nothing is sent (fail closed). Each Bcc recipient gets a copy of its own,
-encrypted only to them and the sender, so no copy reveals a Bcc recipient, not even as a key ID
-(OpenPGP) or an issuer and serial number (S/MIME RecipientInfo).
+Protection is an engine's work (:class:`e2email.crypto.base.Protector`, chosen by the policy's
+scheme): this module never asks which scheme is at work. It happens completely before the
+first byte goes to the server, so a key problem for any recipient means nothing is sent (fail
+closed). Each Bcc recipient gets a copy of its own, encrypted only to them and the sender, so
+no copy reveals a Bcc recipient, not even as a key ID (OpenPGP) or an issuer and serial number
+(S/MIME RecipientInfo).
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Literal
 
-from e2email.certstore import CertStore, StoredCert
-from e2email.config import (
-    DiscoveryPolicy,  # key discovery (issue 10)
-    PasswordSource,
-    Protection,
-    RetryPolicy,
-    Scheme,
-    SMTPSettings,
+from e2email.certstore import CertStore
+from e2email.config import PasswordSource, Protection, RetryPolicy, SMTPSettings
+from e2email.crypto.base import (
+    Passphrase,
+    ProtectedCopy,
+    Protector,
+    engine_for_copy,
+    engine_name,
+    protector_for,
 )
-from e2email.crypto import openpgp, smime
 from e2email.delivery import (
     DeliveryEngine,
     Outcome,
@@ -34,31 +36,20 @@ from e2email.delivery import (
     deliver,
     route_of,
 )
-from e2email.discovery.net import DiscoverySettings  # key discovery (issue 10)
+from e2email.discovery.net import DiscoverySettings
 from e2email.errors import (
     ConfigError,
     DeliveryError,
     E2EmailError,
+    ErrorResult,
     HeldError,
     KeyProblem,
-    KeyReason,
-    PassphraseError,
-    RecipientKeyError,
     RecipientsRefusedError,
-    SignerKeyError,
     SMTPReply,
     TransportError,
 )
-from e2email.keystore import Keystore, OpenPGPKey
-from e2email.message import (
-    HP,
-    Address,
-    Message,
-    build_message,
-    build_payload,
-    message_head,
-    stream_payload,
-)
+from e2email.keystore import Keystore
+from e2email.message import Message
 from e2email.outbox import (
     ItemState,
     LedgerTaken,
@@ -80,33 +71,6 @@ __all__ = [
     "ProtectedCopy",
     "SendResult",
 ]
-
-
-@dataclass(frozen=True)
-class ProtectedCopy:
-    """One copy of a message, ready to submit: the exact bytes and its envelope."""
-
-    #: Left out of repr(): megabytes for a large message. (asyncio.run() formats the repr of
-    #: its result in Python 3.11 when it restores the SIGINT handler.)
-    raw: bytes = field(repr=False)
-    mail_from: str
-    recipients: tuple[str, ...]
-    #: "main" carries To and Cc (and, when not encrypting, Bcc in the envelope only);
-    #: "bcc" is the separate copy for one Bcc recipient.
-    kind: Literal["main", "bcc"]
-    message_id: str
-    signed: bool
-    #: Fingerprints of the keys this copy is encrypted to (empty when not encrypted); for
-    #: S/MIME the certificates' SHA-256 fingerprints.
-    encrypted_to: tuple[str, ...] = ()
-    #: Fingerprint of the signing key (S/MIME: of the signer's certificate).
-    signer: str | None = None
-    #: The outbox item that holds this copy, when it is kept there (e.g. in an error's
-    #: ``unsent``): sending the copy again then sends that item instead of storing it twice.
-    outbox_id: str | None = None
-    #: Which keys ``encrypted_to`` names: OpenPGP primary-key fingerprints or S/MIME
-    #: certificate fingerprints (None when not encrypted).
-    scheme: Literal["openpgp", "smime"] | None = None
 
 
 @dataclass(frozen=True)
@@ -249,8 +213,13 @@ class AsyncMailer:
     """Protects and sends messages. All options are keyword-only.
 
     ``smtp`` may be None when only :meth:`protect` is used (``e2email send --output``).
-    ``passphrase`` unlocks the sender's signing key: a string or a callable asked once.
+    ``passphrase`` unlocks the sender's signing key: a string or a callable, read once, before
+    the first attempt; a prompt (a callable marked ``interactive = True``) only when the key
+    turns out to need one (:class:`e2email.crypto.Passphrase`).
     ``certstore`` holds the S/MIME certificates (by default the one in the keystore's home).
+    ``protector`` is the engine that protects every message (e.g.
+    :class:`e2email.testing.MockProtector` in an application's tests); by default the engine
+    registered for the policy's scheme (:func:`e2email.crypto.protector_for`).
     """
 
     def __init__(
@@ -265,6 +234,7 @@ class AsyncMailer:
         outbox: Outbox | str | os.PathLike[str] | None = None,
         retry: RetryPolicy | None = None,
         connections: int = 4,
+        protector: Protector | None = None,
     ) -> None:
         # The outbox is opt-in for the library: a library that quietly writes a database into
         # the user's home surprises servers and tests, and without one nothing is lost either
@@ -284,8 +254,11 @@ class AsyncMailer:
         self.certstore = certstore if certstore is not None else CertStore(self.keystore.home)
         self.protection = protection if protection is not None else Protection()
         self.envelope_from = envelope_from
-        self._passphrase_source = passphrase
-        self._passphrase: str | None = None
+        #: The signing key's passphrase, its source asked at most once.
+        self._passphrase = Passphrase(passphrase)
+        self._protector = protector
+        self._engines: dict[str, Protector] = {}
+        self._discovery_settings: DiscoverySettings | None = None
         self._smtp_transport: SMTPTransport | None = None
         #: The outbox IDs the latest :meth:`send_copies` stored: where the message is when
         #: that call was interrupted (Ctrl-C) and so could not say it in an error.
@@ -304,252 +277,42 @@ class AsyncMailer:
         """
         prot = protection if protection is not None else self.protection
         msg = message.finalized()
-        try:
-            return await self._protect(msg, prot, self._passphrase)
-        except PassphraseError as exc:
-            # The passphrase source (maybe a prompt) is asked only when gpg says the key needs
-            # one, so unprotected keys and a warm gpg-agent never trigger it.
-            if not exc.missing or self._passphrase_source is None or self._passphrase is not None:
-                raise
-            source = self._passphrase_source
-            self._passphrase = await asyncio.to_thread(
-                lambda: source if isinstance(source, str) else source()
-            )
-            return await self._protect(msg, prot, self._passphrase)
-
-    async def _protect(
-        self, msg: Message, prot: Protection, passphrase: str | None
-    ) -> tuple[ProtectedCopy, ...]:
-        assert msg.message_id is not None
-        mail_from = self.envelope_from or msg.sender.addr_spec
-
-        if not prot.sign and not prot.encrypt:
-            raw = build_message(msg, payload=build_payload(msg, hp=None), hp=None)
-            return (self._copy(raw, mail_from, msg.recipients, "main", msg, signed=False),)
-        if prot.scheme is Scheme.SMIME:
-            return await self._protect_smime(msg, prot, passphrase, mail_from)
-
-        discovered = await self._discover(msg, prot)  # key discovery hook (issue 10)
-        try:
-            signer, recipient_keys, self_key = await asyncio.to_thread(
-                self._resolve_keys, msg, prot
-            )
-        except RecipientKeyError as exc:
-            if not discovered:
-                raise
-            # A lookup's reason (404, timeout, TLS, a different key) says more than "no key".
-            raise RecipientKeyError([discovered.get(p.address, p) for p in exc.problems]) from None
-
-        if not prot.encrypt:
-            assert signer is not None
-            # The outer header block goes in as openpgp's prefix: the message is assembled
-            # once, not as an entity and then again as a message (a large one is big).
-            raw, _ = await asyncio.to_thread(
-                openpgp.sign,
-                self.keystore,
-                build_payload(msg, hp=HP.CLEAR),
-                signer=signer,
-                passphrase=passphrase,
-                prefix=message_head(msg, hp=HP.CLEAR),
-            )
-            copy = self._copy(raw, mail_from, msg.recipients, "main", msg, signed=True)
-            return (replace(copy, signer=signer.fingerprint),)
-
-        # Made once (one set of boundaries), read by each copy's gpg as it goes: a large
-        # attachment's base64 is produced block by block and never held whole.
-        payload = stream_payload(msg, hp=HP.CIPHER)
-        head = message_head(msg, hp=HP.CIPHER)
-        plans = self._plans(msg)
-
-        async def one(kind: Literal["main", "bcc"], rcpts: tuple[Address, ...]) -> ProtectedCopy:
-            keys = [recipient_keys[a.addr_spec.lower()] for a in rcpts]
-            if self_key is not None:
-                keys.append(self_key)
-            unique = list({k.fingerprint: k for k in keys}.values())
-            raw = await asyncio.to_thread(
-                openpgp.encrypt,
-                self.keystore,
-                payload,
-                recipients=unique,
-                signer=signer,
-                passphrase=passphrase,
-                prefix=head,
-            )
-            copy = self._copy(raw, mail_from, rcpts, kind, msg, signed=signer is not None)
-            return replace(
-                copy,
-                encrypted_to=tuple(k.fingerprint for k in unique),
-                signer=signer.fingerprint if signer else None,
-                scheme="openpgp",
-            )
-
-        # gpg work is a subprocess per copy: run the copies side by side.
-        return tuple(await asyncio.gather(*(one(kind, rcpts) for kind, rcpts in plans)))
-
-    @staticmethod
-    def _plans(msg: Message) -> list[tuple[Literal["main", "bcc"], tuple[Address, ...]]]:
-        """The encrypted copies: one for To and Cc, then one per Bcc recipient."""
-        plans: list[tuple[Literal["main", "bcc"], tuple[Address, ...]]] = []
-        if msg.to or msg.cc:
-            plans.append(("main", (*msg.to, *msg.cc)))
-        plans.extend(("bcc", (b,)) for b in msg.bcc)
-        return plans
-
-    async def _protect_smime(
-        self, msg: Message, prot: Protection, passphrase: str | None, mail_from: str
-    ) -> tuple[ProtectedCopy, ...]:
-        """S/MIME (RFC 8551): sign (detached multipart/signed), or sign then envelope the
-        signed entity once per copy (§3.7), AES-256-CBC unless AES-128-CBC is asked for."""
-        signer, recipient_certs, self_cert = await asyncio.to_thread(self._resolve_certs, msg, prot)
-        signer_key = None
-        if signer is not None:
-            # Raises PassphraseError(missing=True) for a protected key: protect() then asks.
-            signer_key = await asyncio.to_thread(self.certstore.signer_key, signer, passphrase)
-        signer_fpr = signer.fingerprint if signer is not None else None
-
-        def sign(payload: bytes) -> bytes:
-            assert signer_key is not None
-            return smime.sign(
-                payload, signer=signer_key, digest=prot.smime_digest, rsa_pss=prot.smime_rsa_pss
-            )
-
-        if not prot.encrypt:
-            entity = await asyncio.to_thread(sign, build_payload(msg, hp=HP.CLEAR))
-            raw = build_message(msg, payload=entity, hp=HP.CLEAR)
-            copy = self._copy(raw, mail_from, msg.recipients, "main", msg, signed=True)
-            return (replace(copy, signer=signer_fpr),)
-
-        payload = build_payload(msg, hp=HP.CIPHER)
-        # Sign once; every copy envelopes the same signed entity (sign, then encrypt).
-        inner = await asyncio.to_thread(sign, payload) if signer_key is not None else payload
-
-        def envelope_all() -> tuple[ProtectedCopy, ...]:
-            copies = []
-            for kind, rcpts in self._plans(msg):
-                certs = [recipient_certs[a.addr_spec.lower()] for a in rcpts]
-                if self_cert is not None:
-                    certs.append(self_cert)
-                unique = list({c.fingerprint: c for c in certs}.values())
-                entity = smime.encrypt(
-                    inner, recipients=[c.certificate for c in unique], cipher=prot.smime_cipher
-                )
-                raw = build_message(msg, payload=entity, hp=HP.CIPHER)
-                copy = self._copy(raw, mail_from, rcpts, kind, msg, signed=signer is not None)
-                copies.append(
-                    replace(
-                        copy,
-                        encrypted_to=tuple(c.fingerprint for c in unique),
-                        signer=signer_fpr,
-                        scheme="smime",
-                    )
-                )
-            return tuple(copies)
-
-        return await asyncio.to_thread(envelope_all)
-
-    def _resolve_certs(
-        self, msg: Message, prot: Protection
-    ) -> tuple[StoredCert | None, dict[str, StoredCert], StoredCert | None]:
-        """Find every S/MIME certificate, or raise listing every address that has none."""
-        store = self.certstore
-        trusted = prot.smime_trust_self_signed
-        revocation = prot.revocation
-        sender = msg.sender.addr_spec
-        signer: StoredCert | None = None
-        if prot.sign:
-            choice = store.signer_cert(
-                sender, key_map=prot.key_map, trusted_self_signed=trusted, revocation=revocation
-            )
-            if isinstance(choice, KeyProblem):
-                raise SignerKeyError(choice)
-            signer = choice
-        recipient_certs: dict[str, StoredCert] = {}
-        self_cert: StoredCert | None = None
-        if prot.encrypt:
-            addresses = list(dict.fromkeys(a.addr_spec.lower() for a in msg.recipients))
-            recipient_certs, problems = store.resolve_recipients(
-                addresses, key_map=prot.key_map, trusted_self_signed=trusted, revocation=revocation
-            )
-            if prot.encrypt_to_self:
-                own = store.recipient_cert(
-                    sender, key_map=prot.key_map, trusted_self_signed=trusted, revocation=revocation
-                )
-                if isinstance(own, KeyProblem):
-                    problems.append(_encrypt_to_self_problem(own))
-                else:
-                    self_cert = own
-            if problems:
-                raise RecipientKeyError(problems)
-        return signer, recipient_certs, self_cert
-
-    @staticmethod
-    def _copy(
-        raw: bytes,
-        mail_from: str,
-        rcpts: Sequence[Address],
-        kind: Literal["main", "bcc"],
-        msg: Message,
-        *,
-        signed: bool,
-    ) -> ProtectedCopy:
-        assert msg.message_id is not None
-        return ProtectedCopy(
-            raw=raw,
-            mail_from=mail_from,
-            recipients=tuple(a.addr_spec for a in rcpts),
-            kind=kind,
-            message_id=msg.message_id,
-            signed=signed,
+        protector = self.protector_for(prot)
+        copies = await self._passphrase.run(
+            lambda passphrase: protector.protect(msg, prot, passphrase=passphrase)
         )
+        if self.envelope_from is not None:
+            copies = tuple(replace(c, mail_from=self.envelope_from) for c in copies)
+        return copies
 
-    # -- Key discovery (issue 10): one hook, kept apart from the rest of the protect path --
+    def protector_for(self, protection: Protection) -> Protector:
+        """The engine that protects messages under ``protection``: the one given to this
+        mailer (``protector=``), else the registered engine for its scheme, made once."""
+        if self._protector is not None:
+            return self._protector
+        return self._engine(engine_name(protection))
 
-    #: Network settings for key discovery (CA file, timeouts, keyservers, cache TTLs); None:
-    #: the defaults. Discovery runs only when ``Protection.discovery`` is not OFF.
-    discovery_settings: DiscoverySettings | None = None
-
-    async def _discover(self, msg: Message, prot: Protection) -> dict[str, KeyProblem]:
-        """Look up keys for encryption recipients with no usable key, before resolution.
-        Returns the problems of addresses it could not serve (never sends, never relaxes)."""
-        if not prot.encrypt or prot.discovery is DiscoveryPolicy.OFF:
-            return {}
-        from e2email.discovery import discover_missing
-
-        return await discover_missing(
-            self.keystore,
-            (a.addr_spec for a in msg.recipients),
-            prot.discovery,
-            settings=self.discovery_settings,
-            key_map=prot.key_map,
-        )
-
-    def _resolve_keys(
-        self, msg: Message, prot: Protection
-    ) -> tuple[OpenPGPKey | None, dict[str, OpenPGPKey], OpenPGPKey | None]:
-        """Find every key, or raise listing every address that has none (fail closed)."""
-        signer: OpenPGPKey | None = None
-        sender = msg.sender.addr_spec
-        if prot.sign:
-            choice = self.keystore.signing_key(sender, key_map=prot.key_map)
-            if isinstance(choice, KeyProblem):
-                raise SignerKeyError(choice)
-            signer = choice
-        recipient_keys: dict[str, OpenPGPKey] = {}
-        self_key: OpenPGPKey | None = None
-        if prot.encrypt:
-            addresses = list(dict.fromkeys(a.addr_spec.lower() for a in msg.recipients))
-            recipient_keys, problems = self.keystore.resolve_recipients(
-                addresses, key_map=prot.key_map
+    def _engine(self, name: str) -> Protector:
+        engine = self._engines.get(name)
+        if engine is None:
+            engine = self._engines[name] = protector_for(
+                name,
+                keystore=self.keystore,
+                certstore=self.certstore,
+                discovery_settings=self._discovery_settings,
             )
-            if prot.encrypt_to_self:
-                own = self.keystore.encryption_key(sender, key_map=prot.key_map)
-                if isinstance(own, KeyProblem):
-                    problems.append(_encrypt_to_self_problem(own))
-                else:
-                    self_key = own
-            if problems:
-                raise RecipientKeyError(problems)
-        return signer, recipient_keys, self_key
+        return engine
+
+    @property
+    def discovery_settings(self) -> DiscoverySettings | None:
+        """Network settings for key discovery (CA file, timeouts, keyservers, cache TTLs);
+        None: the defaults. Discovery runs only when ``Protection.discovery`` is not OFF."""
+        return self._discovery_settings
+
+    @discovery_settings.setter
+    def discovery_settings(self, settings: DiscoverySettings | None) -> None:
+        self._discovery_settings = settings
+        self._engines.clear()  # made again with these settings when next needed
 
     async def send(self, message: Message, *, protection: Protection | None = None) -> SendResult:
         """Protect ``message`` and submit every copy over one TLS connection.
@@ -1023,35 +786,16 @@ class AsyncMailer:
     def recheck_keys(self, item: OutboxItem) -> tuple[KeyProblem, ...]:
         """Why the queued copy ``item`` must not be sent now: each key it was encrypted to
         that is no longer fit (revoked, expired, disabled, gone from the keystore) since it
-        was queued. Empty: send it. OpenPGP keys are judged as for a new message; S/MIME
-        certificates by the certificate store's checks (validity, chain, revocation), the
-        ones trusted when the copy was made counting as trusted anchors again. Blocking."""
+        was queued. Empty: send it. The engine that made the copy judges its keys
+        (:meth:`~e2email.crypto.base.Protector.recheck`). Blocking."""
         fingerprints = [str(f) for f in item.meta.get("encrypted_to") or ()]
         if not fingerprints:
             return ()
-        scheme = item.meta.get("scheme") or _scheme_of(item.raw)
-        if scheme == "smime":
-            return tuple(self._smime_problems(fingerprints))
-        return tuple(self.keystore.check_fingerprints(fingerprints))
-
-    def _smime_problems(self, fingerprints: Sequence[str]) -> list[KeyProblem]:
-        problems: list[KeyProblem] = []
-        for fpr in dict.fromkeys(fingerprints):
-            stored = self.certstore.get(fpr)
-            if stored is None:
-                problems.append(
-                    KeyProblem(fpr, KeyReason.NOT_FOUND, "no longer in the certificate store", fpr)
-                )
-                continue
-            problem = self.certstore.check(
-                stored.certificate,
-                next(iter(stored.addresses), None),  # named by its address, as when sending
-                purpose="encrypt",
-                trusted_self_signed=fingerprints,
-            )
-            if problem is not None:
-                problems.append(problem)
-        return problems
+        name = engine_for_copy(item.meta.get("scheme"), item.raw)
+        engine = self._protector
+        if engine is None or engine.name != name:
+            engine = self._engine(name)
+        return tuple(engine.recheck(fingerprints))
 
     def _hold(
         self,
@@ -1146,13 +890,6 @@ class AsyncMailer:
         return mailer
 
 
-def _scheme_of(raw: bytes | None) -> Literal["openpgp", "smime"]:
-    """The encryption of a copy stored before the outbox recorded it: its top-level
-    Content-Type says (RFC 8551 §3.3 application/pkcs7-mime, else RFC 3156 PGP/MIME)."""
-    head = (raw or b"")[: 1 << 14].split(b"\r\n\r\n", 1)[0].lower()
-    return "smime" if b"pkcs7-mime" in head else "openpgp"
-
-
 def _stored_submission(item: OutboxItem, *, tag: Any) -> Submission:
     """A claimed outbox copy, to its recipients still pending. REQUIRETLS as the copy was
     first sent with: asked then -> asked now; otherwise as the current settings say."""
@@ -1167,7 +904,9 @@ def _stored_submission(item: OutboxItem, *, tag: Any) -> Submission:
     )
 
 
-def attach_unsent(error: BaseException, result: Any, unsent: tuple[Any, ...]) -> None:
+def attach_unsent(
+    error: BaseException, result: ErrorResult, unsent: tuple[ProtectedCopy, ...]
+) -> None:
     """Give ``error`` what is left to send (``result``, with ``kept`` outbox IDs, and
     ``unsent``), whatever its class: every error after the copies were stored says where
     they are, so the caller never resends what a later ``outbox retry`` would send again."""
@@ -1185,17 +924,6 @@ async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> Any:
     else:
         for item in items:
             yield item
-
-
-def _encrypt_to_self_problem(own: KeyProblem) -> KeyProblem:
-    """The sender's own key problem, saying why the sender's key was needed at all."""
-    return KeyProblem(
-        own.address,
-        own.reason,
-        "sender, for encrypt-to-self; turn it off to send without a readable sent copy"
-        + (f"; {own.detail}" if own.detail else ""),
-        fingerprint=own.fingerprint,
-    )
 
 
 class Mailer:
@@ -1217,6 +945,7 @@ class Mailer:
         outbox: Outbox | str | os.PathLike[str] | None = None,
         retry: RetryPolicy | None = None,
         connections: int = 4,
+        protector: Protector | None = None,
     ) -> None:
         self._async = AsyncMailer(
             smtp=smtp,
@@ -1228,6 +957,7 @@ class Mailer:
             outbox=outbox,
             retry=retry,
             connections=connections,
+            protector=protector,
         )
         self._runner = asyncio.Runner()
 

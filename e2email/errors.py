@@ -36,7 +36,23 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    # For the types of ``result`` and ``unsent`` only: at run time this module imports nothing
+    # from the package, so every layer can import it without a cycle.
+    from e2email.client import BatchResult, MessageOutcome, SendResult
+    from e2email.crypto.base import ProtectedCopy
+    from e2email.delivery import Outcome
+    from e2email.transport.smtp import DeliveryResult
+
+#: What an error says was done before it: one copy's delivery (the transport), one message's
+#: (:meth:`AsyncMailer.send`), a batch (:meth:`AsyncMailer.send_many`), one message of a batch
+#: (the Django backend) or the outcomes of an outbox run (:meth:`AsyncMailer.send_outbox`);
+#: None when nothing was attempted.
+ErrorResult: TypeAlias = (
+    "DeliveryResult | SendResult | BatchResult | MessageOutcome | tuple[Outcome, ...] | None"
+)
 
 __all__ = [
     "AuthenticationError",
@@ -45,6 +61,7 @@ __all__ = [
     "CryptoError",
     "DeliveryError",
     "E2EmailError",
+    "ErrorResult",
     "HeldError",
     "InsecurePathError",
     "InsecureTransportError",
@@ -138,8 +155,8 @@ class E2EmailError(Exception):
     and ``unsent`` holds the protected copies not delivered: the message is never lost.
     """
 
-    result: Any = None
-    unsent: tuple[Any, ...] = ()
+    result: ErrorResult = None
+    unsent: tuple[ProtectedCopy, ...] = ()
 
 
 class ConfigError(E2EmailError, ValueError):
@@ -250,7 +267,7 @@ class TransportError(E2EmailError):
         *,
         host: str | None = None,
         reply: SMTPReply | None = None,
-        result: Any = None,
+        result: ErrorResult = None,
         transient: bool | None = None,
     ) -> None:
         if reply is not None:
@@ -259,7 +276,7 @@ class TransportError(E2EmailError):
         self.host = host
         self.reply = reply
         self.result = result
-        self.unsent: tuple[Any, ...] = ()
+        self.unsent = ()
         self.attempts: tuple[Any, ...] = ()
         self._transient = transient
 
@@ -316,7 +333,7 @@ class RecipientsRefusedError(DeliveryError):
         refused: Sequence[tuple[str, SMTPReply]],
         *,
         host: str | None = None,
-        result: Any = None,
+        result: ErrorResult = None,
         accepted: Sequence[str] = (),
     ) -> None:
         self.refused: dict[str, SMTPReply] = dict(refused)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,7 +31,7 @@ from e2email.config import default_home
 from e2email.errors import ConfigError, KeyProblem, KeyReason, KeystoreError, MessageError
 from e2email.keysources import KeySource, KeySources, SourceKind
 from e2email.message import Address
-from e2email.private import ensure_private_dir, open_private
+from e2email.private import check_private, ensure_private_dir, open_private
 
 __all__ = [
     "AddressConflict",
@@ -83,6 +84,9 @@ _BAD_VALIDITY = {
 #: user", and gpg itself will not encrypt to it in batch mode.
 _ASSURED = {"m", "f", "u"}
 _VALIDITY_NAMES = {"-": "unknown", "q": "undefined", "n": "never", "o": "not yet computed"}
+
+#: The files (and the secret-key folder) a GnuPG home keeps keys and ownertrust in.
+_KEYRING_FILES = ("pubring.kbx", "pubring.gpg", "secring.gpg", "trustdb.gpg", "private-keys-v1.d")
 
 #: gpg-agent settings for the GnuPG home e2email manages: no passphrase is kept in the agent's
 #: cache, so the passphrase given for a message is the one that unlocks the key, and a wrong one
@@ -318,6 +322,10 @@ class KeyChange:
     #: certificate was imported).
     revoked: bool = False
     secret_added: bool = False
+    #: Subkeys the import added (e.g. an encryption subkey, which can make the key usable).
+    added_subkeys: tuple[str, ...] = ()
+    #: Subkeys whose validity or expiry the import changed (revoked, extended, expired).
+    changed_subkeys: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -327,6 +335,8 @@ class KeyChange:
             or self.revoked_user_ids
             or self.revoked
             or self.secret_added
+            or self.added_subkeys
+            or self.changed_subkeys
         )
 
 
@@ -606,6 +616,7 @@ def _change(old: OpenPGPKey | None, new: OpenPGPKey) -> KeyChange:
         for u in new.user_ids
         if u.validity == "r" and old_ids.get(u.text, "r") != "r" and not key_revoked
     )
+    old_subs = {k.fingerprint: (k.validity, k.expires) for k in old.subkeys}
     return KeyChange(
         new.fingerprint,
         False,
@@ -614,6 +625,12 @@ def _change(old: OpenPGPKey | None, new: OpenPGPKey) -> KeyChange:
         revoked_user_ids=revoked,
         revoked=key_revoked and old.primary.validity != "r",
         secret_added=new.has_secret and not old.has_secret,
+        added_subkeys=tuple(k.fingerprint for k in new.subkeys if k.fingerprint not in old_subs),
+        changed_subkeys=tuple(
+            k.fingerprint
+            for k in new.subkeys
+            if k.fingerprint in old_subs and old_subs[k.fingerprint] != (k.validity, k.expires)
+        ),
     )
 
 
@@ -656,6 +673,7 @@ class Keystore:
                 # gpg only warns about a loose home ("unsafe permissions"); whoever may write
                 # it can swap a key, so it is refused (issue 8 item 6), as ssh refuses ~/.ssh.
                 ensure_private_dir(self.gnupg_home, what="GnuPG home")
+                self._check_keyring_files()
                 if self.managed:
                     self._configure_agent()
                 try:
@@ -664,6 +682,28 @@ class Keystore:
                     raise KeystoreError(f"cannot use GnuPG home {self.gnupg_home}: {exc}") from exc
                 self._gpg.encoding = "utf-8"
             return self._gpg
+
+    def _check_keyring_files(self) -> None:
+        """The files gpg reads keys and ownertrust from must be as private as the folder:
+        whoever may write them can swap a key or trust one. In e2email's own home they are
+        narrowed (gpg made them under the user's umask); in a named home a loose one is
+        refused, as the folder is."""
+        for name in _KEYRING_FILES:
+            path = self.gnupg_home / name
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise KeystoreError(f"cannot check {path}: {exc.strerror or exc}") from exc
+            if (
+                self.managed
+                and st.st_uid == os.geteuid()
+                and not stat.S_ISLNK(st.st_mode)
+                and stat.S_IMODE(st.st_mode) & 0o077
+            ):
+                path.chmod(0o700 if stat.S_ISDIR(st.st_mode) else 0o600)
+            check_private(path, what="GnuPG keyring file")
 
     def _configure_agent(self) -> None:
         """Make the managed home's gpg-agent keep no passphrase in its cache.
@@ -1009,10 +1049,13 @@ class Keystore:
     def _conflicts(
         self, changes: Sequence[KeyChange], after: Mapping[str, OpenPGPKey]
     ) -> tuple[AddressConflict, ...]:
-        """Addresses on user IDs this import added that more than one key now carries."""
+        """Addresses of keys this import changed (new user IDs, but also a new or changed
+        subkey, which can make a key usable) that more than one key now carries."""
         touched: dict[str, None] = {}
         for change in changes:
-            for uid in change.added_user_ids:
+            if not change.changed or change.revoked:
+                continue
+            for uid in change.user_ids:
                 addr = _uid_address(uid)
                 if addr:
                     touched[addr] = None

@@ -37,11 +37,22 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AnyStr, Literal, NoReturn
+from typing import Any, AnyStr, ClassVar, Literal, NoReturn
 
 import trustme
 from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from e2email.config import Protection
+from e2email.crypto.base import ProtectedCopy, Protector, copy_plans, make_copy
+from e2email.errors import (
+    KeyProblem,
+    KeyReason,
+    PassphraseError,
+    RecipientKeyError,
+    SignerKeyError,
+)
+from e2email.message import Message, build_payload, message_head
 
 __all__ = [
     "Fault",
@@ -49,6 +60,7 @@ __all__ = [
     "FaultStage",
     "HostileSMTPServer",
     "LoopbackSMTPServer",
+    "MockProtector",
     "ReceivedMessage",
     "TestCA",
 ]
@@ -889,3 +901,137 @@ class HostileSMTPServer(LoopbackSMTPServer):
         self.stop_reading_at_data = stop_reading_at_data
         #: Set once a DATA was answered 354 and the server stopped reading.
         self.reading_stopped = threading.Event()
+
+
+class MockProtector(Protector):
+    """A stand-in protection engine for an application's own tests, as httpx ships
+    ``MockTransport``: no keys, no gpg, no certificates, nothing encrypted.
+
+    Give it to a mailer with ``protector=``; every message the mailer protects is recorded
+    (finalised) in :attr:`messages`, and comes out as the same copies a real engine would make
+    (one for To and Cc, one per Bcc recipient when encrypting), in clear text with a visible
+    ``X-E2Email-Mock`` header saying what would have been done. It can be told to refuse a
+    recipient, which fails the whole message closed exactly like a missing key::
+
+        from e2email import Mailer, Message, Protection
+        from e2email.errors import KeyReason, RecipientKeyError
+        from e2email.testing import MockProtector
+
+        protector = MockProtector()
+        protector.refuse("mallory@example.com", KeyReason.REVOKED)
+        with Mailer(smtp=settings, protector=protector) as mailer:
+            mailer.send(Message(sender="app@example.org", to=["bob@example.net"], text="hi"))
+            try:
+                mailer.send(Message(sender="app@example.org", to=["mallory@example.com"],
+                                    text="hi"))
+            except RecipientKeyError as exc:
+                assert exc.problems[0].reason is KeyReason.REVOKED
+        assert protector.messages[0].to[0].addr_spec == "bob@example.net"
+        assert protector.copies[0].raw.startswith(b"Date:")  # a complete message
+
+    A refused address also fails :meth:`recheck`, so an application can test what its outbox
+    does with a copy whose key was revoked after it was queued. ``passphrase`` makes the
+    "signing key" need that passphrase: none given raises ``PassphraseError(missing=True)``
+    (the mailer then asks its passphrase source), a wrong one ``PassphraseError``.
+    """
+
+    name: ClassVar[str] = "mock"
+    #: The header field every copy carries.
+    MARKER: ClassVar[str] = "X-E2Email-Mock"
+
+    def __init__(
+        self,
+        *,
+        refuse: Mapping[str, KeyReason | str] | None = None,
+        passphrase: str | None = None,
+    ) -> None:
+        #: Every message asked for, finalised, in order (also those refused).
+        self.messages: list[Message] = []
+        #: Every copy returned, in order.
+        self.copies: list[ProtectedCopy] = []
+        self._refused: dict[str, KeyProblem] = {}
+        self._passphrase = passphrase
+        for address, reason in (refuse or {}).items():
+            self.refuse(address, reason)
+
+    def __repr__(self) -> str:
+        return f"MockProtector(refused={sorted(self._refused)!r})"
+
+    def refuse(self, address: str, reason: KeyReason | str = KeyReason.NOT_FOUND) -> None:
+        """Treat ``address`` as having no usable key: ``reason`` is a :class:`KeyReason` or a
+        free text (shown as the detail of a :attr:`KeyReason.BACKEND` problem)."""
+        addr = address.strip().lower()
+        if isinstance(reason, KeyReason):
+            problem = KeyProblem(addr, reason, "", _mock_fingerprint(addr))
+        else:
+            problem = KeyProblem(addr, KeyReason.BACKEND, reason, _mock_fingerprint(addr))
+        self._refused[addr] = problem
+
+    def allow(self, address: str) -> None:
+        """Undo :meth:`refuse` for ``address``."""
+        self._refused.pop(address.strip().lower(), None)
+
+    async def protect(
+        self, message: Message, protection: Protection, *, passphrase: str | None = None
+    ) -> tuple[ProtectedCopy, ...]:
+        msg = message.finalized()
+        self.messages.append(msg)
+        sender = msg.sender.addr_spec.lower()
+        if protection.sign:
+            if sender in self._refused:
+                raise SignerKeyError(self._refused[sender])
+            if self._passphrase is not None and passphrase is None:
+                raise PassphraseError(
+                    "the mock signing key needs a passphrase", fingerprint=None, missing=True
+                )
+            if self._passphrase is not None and passphrase != self._passphrase:
+                raise PassphraseError("wrong passphrase for the mock signing key")
+        if protection.encrypt:
+            # Every problem at once, the sender's own key last (encrypt-to-self).
+            wanted = list(dict.fromkeys(a.addr_spec.lower() for a in msg.recipients))
+            if protection.encrypt_to_self:
+                wanted.append(sender)
+            problems = [self._refused[a] for a in dict.fromkeys(wanted) if a in self._refused]
+            if problems:
+                raise RecipientKeyError(problems)
+            plans = copy_plans(msg)
+        else:
+            plans = [("main", tuple(msg.recipients))]
+        done = [
+            name
+            for name, asked in (("signed", protection.sign), ("encrypted", protection.encrypt))
+            if asked
+        ]
+        marker = f"{self.MARKER}: {', '.join(done) or 'not protected'}\r\n".encode("ascii")
+        payload = build_payload(msg, hp=None)
+        copies = []
+        for kind, rcpts in plans:
+            keys: list[str] = []
+            if protection.encrypt:
+                keys = [_mock_fingerprint(a.addr_spec.lower()) for a in rcpts]
+                if protection.encrypt_to_self:
+                    keys.append(_mock_fingerprint(sender))
+            copies.append(
+                make_copy(
+                    message_head(msg, hp=None) + marker + payload,
+                    msg,
+                    kind,
+                    rcpts,
+                    signed=protection.sign,
+                    encrypted_to=list(dict.fromkeys(keys)),
+                    signer=_mock_fingerprint(sender) if protection.sign else None,
+                    scheme=self.name,
+                )
+            )
+        self.copies.extend(copies)
+        return tuple(copies)
+
+    def recheck(self, encrypted_to: Sequence[str]) -> list[KeyProblem]:
+        """A refused address's key counts as gone bad since the copy was made."""
+        by_fpr = {p.fingerprint: p for p in self._refused.values()}
+        return [by_fpr[f] for f in dict.fromkeys(encrypted_to) if f in by_fpr]
+
+
+def _mock_fingerprint(address: str) -> str:
+    """The stand-in "fingerprint" of an address's key, recorded in ``encrypted_to``."""
+    return f"MOCK:{address}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from e2email.accounts import (
     load_config,
 )
 from e2email.client import AsyncMailer, Mailer
-from e2email.config import RevocationPolicy, Scheme, TLSMode
+from e2email.config import DiscoveryPolicy, RevocationPolicy, Scheme, TLSMode
 from e2email.errors import ConfigError, InsecurePathError
 from e2email.keystore import Keystore
 from e2email.message import Message
@@ -70,6 +71,7 @@ port = 2526
 scheme = "smime"
 revocation = "require"
 smime-cipher = "aes128"
+discover = "wkd"
 encrypt-to-self = true
 """,
     )
@@ -91,6 +93,8 @@ encrypt-to-self = true
     smime = config.account("smime")
     assert smime.protection.scheme is Scheme.SMIME
     assert smime.protection.revocation is RevocationPolicy.REQUIRE
+    assert smime.protection.discovery is DiscoveryPolicy.WKD
+    assert work.protection.discovery is DiscoveryPolicy.OFF
     assert smime.protection.encrypt_to_self is True
     assert smime.smtp.port == 2526 and smime.smtp.tls is TLSMode.STARTTLS
     # The password is a source, never in repr.
@@ -398,3 +402,49 @@ def test_the_outbox_records_the_account_and_migrates_version_3(tmp_path: Path) -
 
 def test_config_is_importable_api() -> None:
     assert Config(path=None, accounts={}).names == ()
+
+
+def test_keyring_not_installed_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = write_config(
+        tmp_path / "c.toml",
+        '[accounts.w]\nhost = "h.example"\nuser = "u"\npassword-keyring = "h.example"\n',
+    )
+    account = load_config(cfg).account()  # loading needs no keyring: only using it does
+    monkeypatch.setitem(sys.modules, "keyring", None)  # `import keyring` fails
+    with pytest.raises(ConfigError, match=re.escape("pip install 'e2email[keyring]'")):
+        account.smtp.resolve_password()
+
+
+def test_signing_passphrase_and_token_sources(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path / "c.toml",
+        '[accounts.w]\nhost = "h.example"\nuser = "u@h.example"\n'
+        'token-command = "echo tok"\npassphrase-command = "echo pp"\n'
+        '[accounts.x]\nhost = "h.example"\nauth = "xoauth2"\nuser = "u"\n',
+    )
+    with pytest.raises(ConfigFileError, match=r"c\.toml:8: auth: xoauth2 needs token-command"):
+        load_config(cfg)
+    write_config(cfg, cfg.read_text().split("[accounts.x]")[0])
+    account = load_config(cfg).account()
+    assert account.smtp.resolve_oauth_token() == "tok"
+    assert account.smtp.password is None
+    assert callable(account.passphrase) and account.passphrase() == "pp"
+
+
+def test_mistakes_in_defaults_are_reported_once_at_their_line(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path / "c.toml",
+        '[defaults]\nport = "465"\nfrom = "nobody"\nretries = -1\n'
+        '[accounts.a]\nhost = "a.example"\n[accounts.b]\nhost = "b.example"\n',
+    )
+    with pytest.raises(ConfigFileError) as info:
+        load_config(cfg)
+    lines = [str(p).removeprefix(f"{cfg}:") for p in info.value.problems]
+    assert lines == [
+        "2: port: must be an integer, not a string",
+        "4: retries: must be 0 or more, not -1",
+        # Inherited by a and b, found in [defaults], said once.
+        "3: from: 'nobody' is not an email address",
+    ]

@@ -631,9 +631,7 @@ def test_ctrl_c_during_the_demo_says_only_interrupted() -> None:
     assert stderr.strip().splitlines() == ["e2email: error: interrupted"]
 
 
-def test_the_passphrase_variable_is_named_as_a_passphrase(
-    keys: Keys, tmp_path: Path
-) -> None:
+def test_the_passphrase_variable_is_named_as_a_passphrase(keys: Keys, tmp_path: Path) -> None:
     """An unset --passphrase-env is reported as the signing key passphrase, not as "the SMTP
     password"."""
     assert keys.locked.secret is not None

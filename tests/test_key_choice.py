@@ -342,3 +342,70 @@ def test_a_loose_or_foreign_gnupg_home_is_refused(tmp_path: Path, keys: Keys) ->
         os.chown(foreign, 12345, -1)
         with pytest.raises(InsecurePathError, match="another user"):
             Keystore(tmp_path / "h3", gnupg_home=foreign).all_keys()
+
+
+def test_an_update_that_adds_an_encryption_subkey_is_reported_and_warned(
+    keys: Keys, factory: Path, tmp_path: Path
+) -> None:
+    """A second key for carol that cannot encrypt is no ambiguity; an update of it that adds
+    an encryption subkey makes it one: the import names the new subkey and warns, as for a
+    new key (before, it printed "0 imported, 0 unchanged" and said nothing)."""
+    intruder = generate_key(factory, tmp_path, "carol@example.com", encryption_subkey=False)
+    home = new_gnupg_home("e2ks")
+    try:
+        first = _e2email("keys", "import", str(keys.carol.cert), str(intruder.cert), home=home)
+        assert first.returncode == 0, first.stderr
+        assert "Check with its owner" in first.stderr  # two keys, one usable
+        gpg(
+            factory,
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+            "--quick-add-key",
+            intruder.fingerprint,
+            "cv25519",
+            "encr",
+            "never",
+        )
+        updated = tmp_path / "intruder-with-subkey.asc"
+        updated.write_bytes(gpg(factory, "--armor", "--export", intruder.fingerprint).stdout)
+        done = _e2email("keys", "import", str(updated), home=home)
+        assert done.returncode == 0, done.stderr
+        assert f"updated key {intruder.fingerprint}" in done.stdout
+        assert "subkey added: " in done.stdout
+        warning = next(ln for ln in done.stderr.splitlines() if "WARNING" in ln)
+        assert "carol@example.com now has 2 keys" in warning
+        assert "are refused until you choose one" in warning
+    finally:
+        kill_agent(home / "gnupg")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_loose_keyring_files_in_a_named_home_are_refused_and_narrowed_in_our_own(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """Whoever may write pubring.kbx or trustdb.gpg can swap a key or trust one: in a named
+    GnuPG home such files are refused like a loose folder; in e2email's own home (where gpg
+    made them under a lax umask) they are narrowed to 0600."""
+    named_home = new_gnupg_home("e2kf")
+    try:
+        gpg(named_home, "--import", str(keys.bob.cert))
+        for name in ("pubring.kbx", "trustdb.gpg"):
+            if (named_home / name).exists():
+                (named_home / name).chmod(0o666)
+        with pytest.raises(InsecurePathError, match=r"pubring\.kbx|trustdb\.gpg"):
+            Keystore(tmp_path / "n", gnupg_home=named_home).all_keys()
+    finally:
+        kill_agent(named_home)
+        shutil.rmtree(named_home, ignore_errors=True)
+    own = Keystore(tmp_path / "own")
+    try:
+        own.import_file(keys.bob.cert)
+        ring = own.gnupg_home / "pubring.kbx"
+        ring.chmod(0o664)
+        fresh = Keystore(tmp_path / "own")
+        assert fresh.encryption_key("bob@example.net") is not None
+        assert stat.S_IMODE(ring.stat().st_mode) == 0o600
+    finally:
+        own.shutdown_agent()

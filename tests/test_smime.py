@@ -1066,3 +1066,36 @@ def test_demo_smime_round_trip(tmp_path: Path) -> None:
     assert "S/MIME round trip complete" in text
     assert "signature: GOOD, by Alice Demo <alice@example.org>" in text
     assert "application/pkcs7-mime" in text and "Subject: [...]" in text
+
+
+def test_pkcs12_export_is_private_and_does_not_follow_a_planted_link(tmp_path: Path) -> None:
+    """`keys export --smime --pkcs12 --output FILE` holds the private key: the file is 0600
+    whatever the umask, and a symbolic link planted at FILE is not written through."""
+    home = tmp_path / "home"
+    made = e2email(
+        "keys", "generate", "--smime", "new@example.org", "--algorithm", "rsa2048", home=home
+    )
+    assert made.returncode == 0, made.stderr
+    env = {"EXPORT_PW": "bundle pass"}
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "link.p12"
+    link.symlink_to(victim)
+    args = ("keys", "export", "new@example.org", "--smime", "--pkcs12")
+    planted = e2email(
+        *args, "--output", str(link), "--export-passphrase-env", "EXPORT_PW", home=home, env=env
+    )
+    assert planted.returncode != 0
+    assert victim.read_text() == "keep me"
+    out = tmp_path / "new.p12"
+    old = os.umask(0)
+    try:
+        done = e2email(
+            *args, "--output", str(out), "--export-passphrase-env", "EXPORT_PW", home=home, env=env
+        )
+    finally:
+        os.umask(old)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    key, cert, _ = pkcs12.load_key_and_certificates(out.read_bytes(), b"bundle pass")
+    assert key is not None and cert is not None

@@ -14,7 +14,7 @@ want_test=0
 declare -A pkg_of=( [gpg]=gnupg [gpg-agent]=gpg-agent [gpgconf]=gpgconf )
 if [ "$want_test" = 1 ]; then
   pkg_of+=( [sqop]=sqop [gosop]=gosop [sq]=sq [gpgsm]=gpgsm [openssl]=openssl )
-  # Real mail programs whose messages the inbound tests send (tests/test_inbound.py).
+  # Real mail programs (tests/test_inbound.py, tests/test_sendmail_callers.py).
   pkg_of+=( [neomutt]=neomutt [php]=php-cli [/usr/lib/git-core/git-send-email]=git-email )
   # A real SMTP client for the `e2email relay` tests.
   pkg_of+=( [swaks]=swaks )
@@ -26,6 +26,10 @@ for cmd in "${!pkg_of[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_of[$cmd]}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if [ "$want_test" = 1 ]; then
+  # git send-email needs Mail::Address, only a Recommends of git-email.
+  perl -MMail::Address -e 1 2>/dev/null || missing+=(libmailtools-perl)
+fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""

@@ -27,6 +27,7 @@ from e2email.errors import (
 from e2email.keysources import SourceKind
 from e2email.keystore import ImportSummary, Keystore, OpenPGPKey, check_expiry
 from e2email.message import Address
+from e2email.private import write_private
 
 
 def _ask(prompt: str, option: str) -> Callable[[], str]:
@@ -217,6 +218,10 @@ def _report_import(path: Path, summary: ImportSummary) -> None:
             click.echo(f"    user ID added: {uid}")
         for uid in change.revoked_user_ids:
             click.echo(f"    user ID revoked: {uid}")
+        for sub in change.added_subkeys:
+            click.echo(f"    subkey added: {sub}")
+        for sub in change.changed_subkeys:
+            click.echo(f"    subkey changed (validity or expiry): {sub}")
     for conflict in summary.conflicts:
         then = (
             f"Messages to {conflict.address} are refused until you choose one with "
@@ -424,16 +429,17 @@ def keys_export(
     if output is None:
         sys.stdout.buffer.write(data)
     else:
-        # A PKCS#12 file holds the private key: created 0600, never world-readable first.
-        mode = 0o600 if pkcs12 else 0o644
-        try:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-            with os.fdopen(fd, "wb") as fh:
-                if pkcs12:
-                    os.fchmod(fh.fileno(), 0o600)
-                fh.write(data)
-        except OSError as exc:
-            raise MessageError(f"cannot write {output}: {exc.strerror or exc}") from exc
+        if pkcs12:
+            # A PKCS#12 file holds the private key: created 0600 (never world-readable first),
+            # and a planted symbolic link is not followed.
+            write_private(output, data)
+        else:
+            try:
+                fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+            except OSError as exc:
+                raise MessageError(f"cannot write {output}: {exc.strerror or exc}") from exc
         click.echo(f"wrote {output}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -769,9 +770,10 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
             encrypt_to_self=opts["encrypt_to_self"],
             key_map=_parse_key_map(opts["key_map"]),
             **_smime_protection(opts),
-            # Key discovery (issue 10): only OpenPGP keys are looked up.
-            **({"discovery": opts["discover"]} if opts.get("discover") else {}),
         )
+    if opts.get("discover"):
+        # Key discovery (issue 10): only OpenPGP keys are looked up.
+        protection = dataclasses.replace(protection, discovery=opts["discover"])
     _warn_unprotected(protection)
     passphrase = (
         secret_source(opts["passphrase_env"], opts["passphrase_command"], "signing key passphrase")

@@ -2,9 +2,9 @@
 
 Takes canonical MIME bytes from :mod:`e2email.message` and returns the bytes of a
 ``multipart/signed`` or ``application/pkcs7-mime`` entity (its own header block, a blank line
-and the body), mirroring :mod:`e2email.crypto.openpgp`. Never opens a socket and never looks
-keys up: the caller (the client, through :mod:`e2email.certstore`) chose and checked the
-certificates.
+and the body), mirroring :mod:`e2email.crypto.openpgp`. Never opens a socket. The functions
+never look keys up: :class:`SMIMEProtector`, the engine at the end, chooses and checks the
+certificates through :mod:`e2email.certstore` and builds each copy as a complete message.
 
 The MIME wrappers are written here rather than by ``cryptography``, which emits the legacy
 ``application/x-pkcs7-signature`` type and serialises through :mod:`email.generator`
@@ -22,11 +22,13 @@ The same small DER reader also decrypts and verifies received S/MIME for ``e2ema
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -35,13 +37,23 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from e2email.certstore import SignerKey
-from e2email.config import SMIME_DIGESTS, SMIMECipher
-from e2email.errors import CryptoError
-from e2email.message import new_boundary
+from e2email.certstore import CertStore, SignerKey, StoredCert
+from e2email.config import SMIME_DIGESTS, Protection, SMIMECipher
+from e2email.crypto.base import (
+    ProtectedCopy,
+    Protector,
+    Resolved,
+    copy_plans,
+    make_copy,
+    plain_copy,
+    resolve_keys,
+)
+from e2email.errors import CryptoError, KeyProblem, KeyReason
+from e2email.message import HP, Message, build_message, build_payload, new_boundary
 
 __all__ = [
     "MICALGS",
+    "SMIMEProtector",
     "SignatureCheck",
     "decrypt",
     "encrypt",
@@ -601,3 +613,118 @@ def parse_multipart_signed(entity: bytes) -> tuple[bytes, bytes]:
     if len(parts) != 2:
         raise CryptoError(f"multipart/signed with {len(parts)} parts, expected 2")
     return parts[0], entity_der(parts[1])
+
+
+# -- The engine ----------------------------------------------------------------------------------
+
+
+class SMIMEProtector(Protector):
+    """S/MIME (RFC 8551) with the certificates of a :class:`~e2email.certstore.CertStore`:
+    sign (detached multipart/signed), or sign then envelope the signed entity once per copy
+    (§3.7), AES-256-CBC unless AES-128-CBC is asked for."""
+
+    name: ClassVar[str] = "smime"
+
+    def __init__(self, certstore: CertStore) -> None:
+        self.certstore = certstore
+
+    def __repr__(self) -> str:
+        return f"SMIMEProtector({self.certstore!r})"
+
+    def resolve(self, message: Message, protection: Protection) -> Resolved[StoredCert]:
+        """Every certificate ``message`` needs (chain, validity, revocation checked), or
+        RecipientKeyError/SignerKeyError naming every address without one. Blocking."""
+        store = self.certstore
+        key_map = protection.key_map
+        trusted = protection.smime_trust_self_signed
+        revocation = protection.revocation
+        return resolve_keys(
+            message,
+            protection,
+            signer=lambda sender: store.signer_cert(
+                sender, key_map=key_map, trusted_self_signed=trusted, revocation=revocation
+            ),
+            recipients=lambda addresses: store.resolve_recipients(
+                addresses, key_map=key_map, trusted_self_signed=trusted, revocation=revocation
+            ),
+            own=lambda sender: store.recipient_cert(
+                sender, key_map=key_map, trusted_self_signed=trusted, revocation=revocation
+            ),
+        )
+
+    async def protect(
+        self, message: Message, protection: Protection, *, passphrase: str | None = None
+    ) -> tuple[ProtectedCopy, ...]:
+        msg = message
+        if not protection.sign and not protection.encrypt:
+            return (plain_copy(msg),)
+        return await asyncio.to_thread(self._protect, msg, protection, passphrase)
+
+    def _protect(
+        self, msg: Message, prot: Protection, passphrase: str | None
+    ) -> tuple[ProtectedCopy, ...]:
+        keys = self.resolve(msg, prot)
+        signer = keys.signer
+        signer_fpr = signer.fingerprint if signer is not None else None
+        # Raises PassphraseError(missing=True) for a protected key: the caller then asks.
+        signer_key = self.certstore.signer_key(signer, passphrase) if signer is not None else None
+
+        def signed(payload: bytes) -> bytes:
+            if signer_key is None:
+                return payload
+            return sign(
+                payload, signer=signer_key, digest=prot.smime_digest, rsa_pss=prot.smime_rsa_pss
+            )
+
+        if not prot.encrypt:
+            raw = build_message(msg, payload=signed(build_payload(msg, hp=HP.CLEAR)), hp=HP.CLEAR)
+            return (make_copy(raw, msg, "main", msg.recipients, signed=True, signer=signer_fpr),)
+
+        # Sign once; every copy envelopes the same signed entity (sign, then encrypt).
+        inner = signed(build_payload(msg, hp=HP.CIPHER))
+        copies = []
+        for kind, rcpts in copy_plans(msg):
+            unique = keys.keys_for(rcpts)
+            entity = encrypt(
+                inner, recipients=[c.certificate for c in unique], cipher=prot.smime_cipher
+            )
+            raw = build_message(msg, payload=entity, hp=HP.CIPHER)
+            copies.append(
+                make_copy(
+                    raw,
+                    msg,
+                    kind,
+                    rcpts,
+                    signed=signer is not None,
+                    encrypted_to=[c.fingerprint for c in unique],
+                    signer=signer_fpr,
+                    scheme=self.name,
+                )
+            )
+        return tuple(copies)
+
+    def recheck(self, encrypted_to: Sequence[str]) -> list[KeyProblem]:
+        """Each certificate judged by the store's checks (validity, chain, revocation), the
+        ones trusted when the copy was made counting as trusted anchors again."""
+        problems: list[KeyProblem] = []
+        for fpr in dict.fromkeys(encrypted_to):
+            stored = self.certstore.get(fpr)
+            if stored is None:
+                problems.append(
+                    KeyProblem(fpr, KeyReason.NOT_FOUND, "no longer in the certificate store", fpr)
+                )
+                continue
+            problem = self.certstore.check(
+                stored.certificate,
+                next(iter(stored.addresses), None),  # named by its address, as when sending
+                purpose="encrypt",
+                trusted_self_signed=encrypted_to,
+            )
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+    @classmethod
+    def recognises(cls, head: bytes) -> bool:
+        # RFC 8551 §3.3 (enveloped) and §3.5.3 (detached signature).
+        return b"pkcs7-mime" in head or b"pkcs7-signature" in head

@@ -1,0 +1,148 @@
+"""The GnuPG engine: PGP/MIME (RFC 3156) with the keys of a :class:`~e2email.keystore.Keystore`.
+
+Looks up and judges every key through the keystore (fail closed: all problems named at once),
+then signs or signs and encrypts with :mod:`e2email.crypto.openpgp` (gpg through
+python-gnupg), each copy a complete message: the outer header block, then the entity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import ClassVar
+
+from e2email.config import DiscoveryPolicy, Protection
+from e2email.crypto import openpgp
+from e2email.crypto.base import (
+    CopyKind,
+    ProtectedCopy,
+    Protector,
+    Resolved,
+    copy_plans,
+    make_copy,
+    plain_copy,
+    resolve_keys,
+)
+from e2email.discovery.net import DiscoverySettings
+from e2email.errors import KeyProblem, RecipientKeyError
+from e2email.keystore import Keystore, OpenPGPKey
+from e2email.message import HP, Address, Message, build_payload, message_head, stream_payload
+
+__all__ = ["GpgProtector"]
+
+
+class GpgProtector(Protector):
+    """OpenPGP through gpg. Each copy's gpg runs in a worker thread, the copies side by side."""
+
+    name: ClassVar[str] = "openpgp"
+
+    def __init__(
+        self, keystore: Keystore, *, discovery_settings: DiscoverySettings | None = None
+    ) -> None:
+        self.keystore = keystore
+        #: Network settings for key discovery (None: the defaults); discovery itself runs
+        #: only when ``Protection.discovery`` is not OFF.
+        self.discovery_settings = discovery_settings
+
+    def __repr__(self) -> str:
+        return f"GpgProtector({self.keystore!r})"
+
+    def resolve(self, message: Message, protection: Protection) -> Resolved[OpenPGPKey]:
+        """Every key ``message`` needs, or RecipientKeyError/SignerKeyError naming every
+        address without one. Blocking (gpg)."""
+        store = self.keystore
+        key_map = protection.key_map
+        return resolve_keys(
+            message,
+            protection,
+            signer=lambda sender: store.signing_key(sender, key_map=key_map),
+            recipients=lambda addresses: store.resolve_recipients(addresses, key_map=key_map),
+            own=lambda sender: store.encryption_key(sender, key_map=key_map),
+        )
+
+    async def discover(self, message: Message, protection: Protection) -> dict[str, KeyProblem]:
+        """The key discovery hook (issue 10), run once per message before the keys are
+        resolved: look up keys for recipients that have none and import the good ones;
+        returns, by lower-cased address, why it could not serve the others (their reason
+        then replaces "no key found"). Never sends, never relaxes a refusal."""
+        if not protection.encrypt or protection.discovery is DiscoveryPolicy.OFF:
+            return {}
+        from e2email.discovery import discover_missing
+
+        return await discover_missing(
+            self.keystore,
+            (a.addr_spec for a in message.recipients),
+            protection.discovery,
+            settings=self.discovery_settings,
+            key_map=protection.key_map,
+        )
+
+    async def protect(
+        self, message: Message, protection: Protection, *, passphrase: str | None = None
+    ) -> tuple[ProtectedCopy, ...]:
+        msg = message
+        if not protection.sign and not protection.encrypt:
+            return (plain_copy(msg),)
+        discovered = await self.discover(msg, protection)
+        try:
+            keys = await asyncio.to_thread(self.resolve, msg, protection)
+        except RecipientKeyError as exc:
+            if not discovered:
+                raise
+            # A lookup's reason (404, timeout, TLS, a different key) says more than "no key".
+            raise RecipientKeyError([discovered.get(p.address, p) for p in exc.problems]) from None
+        signer = keys.signer
+
+        if not protection.encrypt:
+            assert signer is not None
+            # The outer header block goes in as openpgp's prefix: the message is assembled
+            # once, not as an entity and then again as a message (a large one is big).
+            raw, _ = await asyncio.to_thread(
+                openpgp.sign,
+                self.keystore,
+                build_payload(msg, hp=HP.CLEAR),
+                signer=signer,
+                passphrase=passphrase,
+                prefix=message_head(msg, hp=HP.CLEAR),
+            )
+            return (
+                make_copy(raw, msg, "main", msg.recipients, signed=True, signer=signer.fingerprint),
+            )
+
+        # Made once (one set of boundaries), read by each copy's gpg as it goes: a large
+        # attachment's base64 is produced block by block and never held whole.
+        payload = stream_payload(msg, hp=HP.CIPHER)
+        head = message_head(msg, hp=HP.CIPHER)
+
+        async def one(kind: CopyKind, rcpts: tuple[Address, ...]) -> ProtectedCopy:
+            unique = keys.keys_for(rcpts)
+            raw = await asyncio.to_thread(
+                openpgp.encrypt,
+                self.keystore,
+                payload,
+                recipients=unique,
+                signer=signer,
+                passphrase=passphrase,
+                prefix=head,
+            )
+            return make_copy(
+                raw,
+                msg,
+                kind,
+                rcpts,
+                signed=signer is not None,
+                encrypted_to=[k.fingerprint for k in unique],
+                signer=signer.fingerprint if signer else None,
+                scheme=self.name,
+            )
+
+        # gpg work is a subprocess per copy: run the copies side by side.
+        return tuple(await asyncio.gather(*(one(kind, rcpts) for kind, rcpts in copy_plans(msg))))
+
+    def recheck(self, encrypted_to: Sequence[str]) -> list[KeyProblem]:
+        """The keys judged as for a new message (revoked, expired, disabled, gone)."""
+        return list(self.keystore.check_fingerprints(list(encrypted_to)))
+
+    @classmethod
+    def recognises(cls, head: bytes) -> bool:
+        return b"application/pgp-encrypted" in head or b"application/pgp-signature" in head
