@@ -312,7 +312,8 @@ _ACCOUNT_KEYS: Mapping[str, str] = {
     "passphrase-env": _STR,
     "passphrase-command": _STR,
 }
-_TOP_KEYS = ("default", "defaults", "accounts")
+#: ``[celery]`` is read by :mod:`e2email.celery` (broker, retries), not here.
+_TOP_KEYS = ("default", "defaults", "accounts", "celery")
 _CHOICES: Mapping[str, tuple[str, ...]] = {
     "tls": tuple(m.value for m in TLSMode if m is not TLSMode.INSECURE_PLAINTEXT),
     "auth": ("password", "xoauth2"),

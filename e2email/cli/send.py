@@ -288,6 +288,22 @@ def _bulk_options(command: Any) -> Any:
                 help="With --to-file: a name for this batch. Rerunning the same command sends "
                 "only the rows not yet delivered; a new NAME sends every row again.",
             ),
+            # Issue 12: protect here, deliver through Celery workers (e2email.celery).
+            click.option(
+                "--queue",
+                type=click.Choice(["celery"]),
+                default=None,
+                help="With --to-file: protect each message here and queue the copies for "
+                "Celery workers (`celery -A e2email.celery worker`), which deliver them "
+                "through the --account; see `e2email queue status`.",
+            ),
+            click.option(
+                "--queue-batch",
+                type=click.IntRange(min=1),
+                default=None,
+                metavar="N",
+                help="With --queue: copies per Celery task (default: [celery] batch-size, 50).",
+            ),
         ]
     ):
         command = opt(command)
@@ -630,8 +646,9 @@ def send(state: State, /, **opts: Any) -> None:
 
         send_bulk(state, opts)
         return
-    if opts["report"] is not None:
-        raise click.UsageError("--report goes with --to-file")
+    for name in ("report", "queue", "queue_batch"):
+        if opts[name] is not None:
+            raise click.UsageError(f"--{name.replace('_', '-')} goes with --to-file")
     if opts["template"] is not None:
         _single_template(opts)
     if not (opts["to"] or opts["cc"] or opts["bcc"]):
