@@ -1,0 +1,210 @@
+"""Regression tests for the security review of key discovery (issue 10): a key served for one
+address must never become another address's key, gossip counts only from signed mail, an
+S/MIME bag brings no strangers' certificates, the cache answers only the question it was
+asked, and redirects name where the key really came from."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import test_discovery
+from fixtures_pgp import Keys
+from pgp_helpers import TestKey, generate_key, gpg, kill_agent, new_gnupg_home
+from test_discovery import HTTPSServer, Route, _discover
+
+from e2email.discovery import DiscoverySettings
+from e2email.discovery.autocrypt import learn_from_message
+from e2email.discovery.wkd import wkd_urls
+from e2email.errors import KeyReason
+from e2email.keystore import Keystore, _uid_address, vet_key
+
+# The HTTPS server, its settings and the sender's keystore of tests/test_discovery.py.
+ca = test_discovery.ca
+ca_file = test_discovery.ca_file
+server = test_discovery.server
+settings = test_discovery.settings
+store = test_discovery.store
+
+
+def _path(addr: str, host: str = "openpgpkey.adv.test") -> str:
+    return wkd_urls(addr).advanced.split(host, 1)[1].partition("?")[0]
+
+
+@pytest.fixture(scope="module")
+def mallory() -> Iterator[tuple[Path, TestKey, bytes]]:
+    """mallory@adv.test's key with a second user ID smuggling carol@victim.test after it, as
+    ``X <mallory@adv.test> <carol@victim.test>``: gpg's ``mbox`` of that user ID is mallory;
+    the factory home (with the secret key) stays for signing."""
+    factory = new_gnupg_home("e2xf")
+    out = new_gnupg_home("e2xo")
+    key = generate_key(factory, out, "mallory@adv.test")
+    plain = gpg(factory, "--export", key.fingerprint).stdout
+    gpg(factory, "--quick-add-uid", key.fingerprint, "X <mallory@adv.test> <carol@victim.test>")
+    smuggling = gpg(factory, "--export", key.fingerprint).stdout
+    assert plain != smuggling
+    yield factory, TestKey(key.address, key.fingerprint, key.cert, key.secret), smuggling
+    for home in (factory, out):
+        kill_agent(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# -- 1. a user ID naming two addresses -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uid", "address"),
+    [
+        ("Ann <Ann@Example.org>", "ann@example.org"),
+        ("ann@example.org", "ann@example.org"),
+        ("X <mallory@adv.test> <carol@victim.test>", None),  # ambiguous: no address
+        ("<mallory@adv.test> <carol@victim.test>", None),
+        ("X <mallory@adv.test> carol@victim.test>", None),
+        ("carol@victim.test <x>", None),
+        ("Ann <ann@@example.org>", None),
+        ("Ann <@example.org>", None),
+        ("Ann <ann@example..org>", None),
+        ("Ann <ann@example.org.>", None),
+        ("Ann <ann @example.org>", None),
+        ("Ann <>", None),
+        (" ann@example.org", None),  # gpg's bare form is the whole user ID
+        ("Ann ann@example.org", None),
+    ],
+)
+def test_uid_address_follows_gpg_mbox_and_fails_closed(uid: str, address: str | None) -> None:
+    assert _uid_address(uid) == address
+
+
+def test_uid_smuggles_carol_through_wkd(
+    server: HTTPSServer,
+    settings: DiscoverySettings,
+    store: Keystore,
+    mallory: tuple[Path, TestKey, bytes],
+) -> None:
+    _, key, data = mallory
+    server.routes[("openpgpkey.adv.test", _path("mallory@adv.test"))] = Route(body=data)
+    problem = _discover(store, ["mallory@adv.test"], settings)["mallory@adv.test"]
+    assert problem.reason is KeyReason.ADDRESS_MISMATCH
+    assert "carol@victim.test" in problem.detail
+    assert store.get(key.fingerprint) is None
+    assert getattr(store.encryption_key("carol@victim.test"), "fingerprint", None) is None
+
+
+def test_vet_key_refuses_a_user_id_that_names_another_address(
+    mallory: tuple[Path, TestKey, bytes],
+) -> None:
+    _, _, data = mallory
+    vetted = vet_key(data, "mallory@adv.test")
+    assert getattr(vetted, "reason", None) is KeyReason.ADDRESS_MISMATCH
+    # Nothing for carol either: the smuggled user ID carries no address of its own.
+    assert getattr(vet_key(data, "carol@victim.test"), "reason", None) is (
+        KeyReason.ADDRESS_MISMATCH
+    )
+
+
+def test_autocrypt_uid_smuggle(store: Keystore, mallory: tuple[Path, TestKey, bytes]) -> None:
+    _, key, data = mallory
+    kd = base64.b64encode(data).decode()
+    raw = (
+        "From: mallory@adv.test\r\nTo: alice@example.org\r\nSubject: hi\r\n"
+        f"Autocrypt: addr=mallory@adv.test; keydata={kd}\r\n\r\nhello\r\n"
+    ).encode()
+    learnt = learn_from_message(store, raw, origin="m.eml")
+    assert [(x.address, x.outcome) for x in learnt] == [("mallory@adv.test", "refused")]
+    assert getattr(store.encryption_key("carol@victim.test"), "fingerprint", None) != (
+        key.fingerprint
+    )
+    assert store.get(key.fingerprint) is None
+
+
+def test_a_hand_imported_smuggling_key_is_nobodys_key_for_carol(
+    store: Keystore, mallory: tuple[Path, TestKey, bytes]
+) -> None:
+    _, key, data = mallory
+    summary = store.import_keys(data)
+    assert summary.conflicts == ()
+    stored = store.get(key.fingerprint)
+    assert stored is not None and stored.addresses == ("mallory@adv.test",)
+    assert getattr(store.encryption_key("carol@victim.test"), "reason", None) is (
+        KeyReason.NOT_FOUND
+    )
+
+
+# -- 2. gossip only from signed mail --------------------------------------------------------
+
+
+def _encrypted(factory: Path, to: TestKey, inner: bytes, *, sender: str, sign: str | None) -> bytes:
+    gpg(factory, "--import", str(to.cert))
+    args = ["--armor", "--trust-model", "always", "--encrypt", "-r", to.fingerprint]
+    if sign:
+        args = [*args, "--sign", "-u", sign]
+    enc = gpg(factory, *args, input=inner).stdout
+    return (
+        (
+            f"From: {sender}\r\nTo: alice@example.org, carol@victim.test\r\nSubject: x\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/encrypted; "
+            'protocol="application/pgp-encrypted"; boundary=BB\r\n\r\n'
+            "--BB\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n\r\n"
+            "--BB\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + enc
+        + b"\r\n--BB--\r\n"
+    )
+
+
+def _gossip_inner(sender: str, keydata: bytes) -> bytes:
+    b64 = base64.b64encode(keydata).decode()
+    return (
+        f"From: {sender}\r\nTo: alice@example.org, carol@victim.test\r\n"
+        f"Autocrypt-Gossip: addr=carol@victim.test; keydata={b64}\r\n"
+        "Content-Type: text/plain\r\n\r\nhi\r\n"
+    ).encode()
+
+
+@pytest.fixture(scope="module")
+def fake_carol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestKey]:
+    factory = new_gnupg_home("e2xc")
+    yield generate_key(factory, tmp_path_factory.mktemp("carol"), "carol@victim.test")
+    kill_agent(factory)
+    shutil.rmtree(factory, ignore_errors=True)
+
+
+def test_gossip_in_unsigned_encrypted_mail_is_ignored(
+    store: Keystore, keys: Keys, fake_carol: TestKey, mallory: tuple[Path, TestKey, bytes]
+) -> None:
+    factory, _, _ = mallory
+    inner = _gossip_inner("bob@example.net", fake_carol.cert.read_bytes())
+    raw = _encrypted(factory, keys.alice, inner, sender="bob@example.net", sign=None)
+    learnt = learn_from_message(store, raw, origin="forged.eml")
+    said = [str(x) for x in learnt if x.gossip]
+    assert said and "gossip ignored" in said[0] and "no valid signature" in said[0]
+    assert store.find("carol@victim.test", include_revoked=True) == ()
+
+
+def test_gossip_signed_by_a_key_not_of_the_from_address_is_ignored(
+    store: Keystore, keys: Keys, fake_carol: TestKey, mallory: tuple[Path, TestKey, bytes]
+) -> None:
+    factory, key, _ = mallory
+    store.import_keys(key.cert.read_bytes())  # mallory is known, but From says bob
+    inner = _gossip_inner("bob@example.net", fake_carol.cert.read_bytes())
+    raw = _encrypted(factory, keys.alice, inner, sender="bob@example.net", sign=key.fingerprint)
+    learnt = learn_from_message(store, raw, origin="forged.eml")
+    said = [str(x) for x in learnt if x.gossip]
+    assert said and "is not a key of bob@example.net" in said[0]
+    assert store.find("carol@victim.test", include_revoked=True) == ()
+
+
+def test_gossip_signed_by_the_senders_key_is_read(
+    store: Keystore, keys: Keys, fake_carol: TestKey, mallory: tuple[Path, TestKey, bytes]
+) -> None:
+    factory, key, _ = mallory
+    store.import_keys(key.cert.read_bytes())
+    inner = _gossip_inner("mallory@adv.test", fake_carol.cert.read_bytes())
+    raw = _encrypted(factory, keys.alice, inner, sender="mallory@adv.test", sign=key.fingerprint)
+    learnt = learn_from_message(store, raw, origin="signed.eml")
+    assert [(x.address, x.outcome) for x in learnt if x.gossip] == [
+        ("carol@victim.test", "imported")
+    ]
