@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import test_discovery
 from fixtures_pgp import Keys
-from pgp_helpers import TestKey, generate_key, gpg, kill_agent, new_gnupg_home
+from fixtures_smime import PKI
+from pgp_helpers import TestKey, generate_key, gpg, kill_agent, new_gnupg_home, run
 from test_discovery import HTTPSServer, Route, _discover
 
+from e2email.certstore import CertStore, fingerprint
 from e2email.discovery import DiscoverySettings
 from e2email.discovery.autocrypt import learn_from_message
+from e2email.discovery.smime import import_signer
 from e2email.discovery.wkd import wkd_urls
 from e2email.errors import KeyReason
 from e2email.keystore import Keystore, _uid_address, vet_key
@@ -208,3 +211,36 @@ def test_gossip_signed_by_the_senders_key_is_read(
     assert [(x.address, x.outcome) for x in learnt if x.gossip] == [
         ("carol@victim.test", "imported")
     ]
+
+
+# -- 3. the S/MIME certificate bag ------------------------------------------------------------
+
+
+def test_smime_bag_brings_only_the_signers_chain(pki: PKI, tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    CertStore(home).import_files([pki.root_pem], trust=True)
+    extra = tmp_path / "extra.pem"
+    extra.write_bytes(
+        pki.intermediate_pem.read_bytes()
+        + pki.carol.cert_pem.read_bytes()
+        + pki.bad["wrong"].cert_pem.read_bytes()
+        + pki.partner_ca_pem.read_bytes()
+    )
+    body = tmp_path / "body.txt"
+    body.write_bytes(b"Content-Type: text/plain\r\n\r\nhello\r\n")
+    out = tmp_path / "m.eml"
+    run(
+        [
+            "openssl", "cms", "-sign", "-in", str(body), "-signer", str(pki.bob.cert_pem),
+            "-inkey", str(pki.bob.key_pem), "-certfile", str(extra), "-from", pki.bob.address,
+            "-to", "alice@example.org", "-subject", "hi", "-out", str(out),
+        ]
+    )  # fmt: skip
+    taken = import_signer(CertStore(home), out)
+    assert taken.fingerprint == pki.bob.fingerprint
+    stored = CertStore(home)
+    assert stored.get(pki.bob.fingerprint) is not None
+    assert stored.get(fingerprint(pki.intermediate)) is not None  # on bob's chain
+    assert stored.get(pki.carol.fingerprint) is None
+    assert stored.get(pki.bad["wrong"].fingerprint) is None
+    assert stored.get(fingerprint(pki.partner_ca)) is None  # a CA, but not bob's
