@@ -6,7 +6,9 @@ asked, and redirects name where the key really came from."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +17,12 @@ import test_discovery
 from fixtures_pgp import Keys
 from fixtures_smime import PKI
 from pgp_helpers import TestKey, generate_key, gpg, kill_agent, new_gnupg_home, run
-from test_discovery import HTTPSServer, Route, _discover
+from test_discovery import HTTPSServer, Peers, Route, _discover
 
 from e2email.certstore import CertStore, fingerprint
 from e2email.discovery import DiscoverySettings
 from e2email.discovery.autocrypt import learn_from_message
+from e2email.discovery.cache import DiscoveryCache
 from e2email.discovery.smime import import_signer
 from e2email.discovery.wkd import wkd_urls
 from e2email.errors import KeyReason
@@ -31,6 +34,7 @@ ca_file = test_discovery.ca_file
 server = test_discovery.server
 settings = test_discovery.settings
 store = test_discovery.store
+peers = test_discovery.peers
 
 
 def _path(addr: str, host: str = "openpgpkey.adv.test") -> str:
@@ -244,3 +248,46 @@ def test_smime_bag_brings_only_the_signers_chain(pki: PKI, tmp_path: Path) -> No
     assert stored.get(pki.carol.fingerprint) is None
     assert stored.get(pki.bad["wrong"].fingerprint) is None
     assert stored.get(fingerprint(pki.partner_ca)) is None  # a CA, but not bob's
+
+
+# -- 4. the cache answers only the question it was asked ------------------------------------
+
+
+def test_cache_ignores_policy(
+    server: HTTPSServer, settings: DiscoverySettings, store: Keystore, peers: Peers
+) -> None:
+    server.routes[("keys.test", "/vks/v1/by-email/dan%40direct.test")] = Route(
+        body=peers.dan.cert.read_bytes()
+    )
+    first = _discover(store, ["dan@direct.test"], settings)
+    assert first["dan@direct.test"].reason is KeyReason.NOT_FOUND
+    assert _discover(store, ["dan@direct.test"], settings, "wkd+keyserver") == {}
+    assert server.hits[("keys.test", "/vks/v1/by-email/dan%40direct.test")] == 1
+    assert store.get(peers.dan.fingerprint) is not None
+
+
+def test_cache_keyservers_are_part_of_the_question(
+    server: HTTPSServer, settings: DiscoverySettings, store: Keystore, peers: Peers
+) -> None:
+    other = dataclasses.replace(settings, keyservers=("https://keys.test/other",))
+    assert "dan@direct.test" in _discover(store, ["dan@direct.test"], settings, "wkd+keyserver")
+    server.routes[("keys.test", "/other/vks/v1/by-email/dan%40direct.test")] = Route(
+        body=peers.dan.cert.read_bytes()
+    )
+    assert _discover(store, ["dan@direct.test"], other, "wkd+keyserver") == {}
+
+
+def test_not_found_is_remembered_for_the_failure_ttl_only(
+    server: HTTPSServer, settings: DiscoverySettings, store: Keystore, peers: Peers
+) -> None:
+    short = dataclasses.replace(settings, cache_ttl=86400, failure_ttl=600)
+    assert "ann@adv.test" in _discover(store, ["ann@adv.test"], short)
+    cache = DiscoveryCache(store.home)
+    entry = cache.entry("ann@adv.test")
+    assert entry is not None and entry["reason"] == KeyReason.NOT_FOUND.value
+    cache.put("ann@adv.test", {**entry, "at": time.time() - 601})  # older than failure_ttl
+    server.routes[("openpgpkey.adv.test", _path("ann@adv.test"))] = Route(
+        body=peers.ann.cert.read_bytes()
+    )
+    assert _discover(store, ["ann@adv.test"], short) == {}
+    assert store.get(peers.ann.fingerprint) is not None

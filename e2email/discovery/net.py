@@ -111,10 +111,12 @@ class DiscoverySettings:
     #: Use a key served by the address's own domain (WKD) even when the keystore holds a
     #: different one for the address (the old one is kept; the new one is accepted).
     replace_on_wkd: bool = False
-    #: Seconds a lookup's outcome is remembered (HOME/discovery-cache.json): found, not found,
+    #: Seconds a lookup's outcome is remembered (HOME/discovery-cache.json): found and
     #: refused keys. Thunderbird looks each address up at most once a day.
     cache_ttl: float = 86400.0
-    #: Seconds a network failure (timeout, TLS, connection) is remembered.
+    #: Seconds a network failure (timeout, TLS, connection) or "no key found" is remembered
+    #: (a key published since is found soon). Failures and refusals answer only a lookup
+    #: with the same policy and keyservers.
     failure_ttl: float = 600.0
     #: Name resolution (tests map names to 127.0.0.1 with :func:`hosts_resolver`).
     resolver: Resolver | None = field(default=None, compare=False, repr=False)

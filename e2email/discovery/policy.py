@@ -104,7 +104,7 @@ async def discover_missing(
     found: dict[str, KeyProblem | None] = {}
     for addr in todo:
         # Remembered outcomes first: a bulk send's later rows open no connection at all.
-        entry = cache.get(addr, ttl=settings.cache_ttl, failure_ttl=settings.failure_ttl)
+        entry = _cached(cache, addr, policy, settings)
         if entry is not None:
             found[addr] = _cached_problem(addr, entry)
     ask = [a for a in todo if a not in found]
@@ -152,6 +152,37 @@ async def _ask(
     return dict(zip(addresses, results, strict=True))
 
 
+def _scope(policy: DiscoveryPolicy, settings: DiscoverySettings) -> dict[str, Any]:
+    """What a lookup asked (recorded with its outcome): the policy, and the keyservers when
+    the policy asks them."""
+    servers = list(settings.keyservers) if policy is DiscoveryPolicy.WKD_KEYSERVER else []
+    return {"policy": policy.value, "keyservers": servers}
+
+
+def _cached(
+    cache: DiscoveryCache,
+    addr: str,
+    policy: DiscoveryPolicy,
+    settings: DiscoverySettings,
+    now: float | None = None,
+) -> dict[str, Any] | None:
+    """The fresh cache entry that answers this lookup, or None. A failure is an answer only
+    to the same question: an outcome recorded under another policy or other keyservers (a
+    ``wkd`` 404, then a send with ``wkd+keyserver``) is asked again. "No key" is remembered
+    for ``failure_ttl`` only, a found key for ``cache_ttl``: a key published since shows up
+    soon. Found and held-back keys are answers whatever asked (the key is the keystore's or
+    waits for ``keys accept``)."""
+    entry = cache.get(addr, ttl=settings.cache_ttl, failure_ttl=settings.failure_ttl, now=now)
+    if entry is None or entry.get("outcome") in ("found", "different"):
+        return entry
+    if {k: entry.get(k) for k in ("policy", "keyservers")} != _scope(policy, settings):
+        return None
+    age = (now or time.time()) - float(entry.get("at", 0))
+    if entry.get("reason") == KeyReason.NOT_FOUND.value and age >= settings.failure_ttl:
+        return None
+    return entry
+
+
 def _cached_problem(address: str, entry: dict[str, Any]) -> KeyProblem | None:
     if entry.get("outcome") == "found":
         return None
@@ -173,7 +204,7 @@ async def _lookup(
     cache: DiscoveryCache,
     pool: Any,
 ) -> KeyProblem | None:
-    cached = cache.get(addr, ttl=settings.cache_ttl, failure_ttl=settings.failure_ttl)
+    cached = _cached(cache, addr, policy, settings)
     if cached is not None:
         return _cached_problem(addr, cached)
     failures: list[str] = []
@@ -225,6 +256,7 @@ async def _lookup(
             "reason": problem.reason.value,
             "detail": problem.detail,
             "fingerprint": problem.fingerprint,
+            **_scope(policy, settings),
         },
     )
     return problem
