@@ -291,3 +291,32 @@ def test_not_found_is_remembered_for_the_failure_ttl_only(
     )
     assert _discover(store, ["ann@adv.test"], short) == {}
     assert store.get(peers.ann.fingerprint) is not None
+
+
+# -- 5. redirects ------------------------------------------------------------------------------
+
+
+def test_a_redirect_names_the_url_that_served_the_key(
+    server: HTTPSServer, settings: DiscoverySettings, store: Keystore, peers: Peers
+) -> None:
+    server.routes[("openpgpkey.adv.test", _path("ann@adv.test"))] = Route(
+        status=301, location="https://adv.test/moved"
+    )
+    server.routes[("adv.test", "/moved")] = Route(body=peers.ann.cert.read_bytes())
+    assert _discover(store, ["ann@adv.test"], settings) == {}
+    key = store.get(peers.ann.fingerprint)
+    assert key is not None
+    source = store.source_of(key)
+    assert source is not None and source.detail == "https://adv.test/moved"
+
+
+def test_a_redirect_to_a_host_that_does_not_exist_says_so(
+    server: HTTPSServer, settings: DiscoverySettings, store: Keystore
+) -> None:
+    server.routes[("openpgpkey.adv.test", _path("ann@adv.test"))] = Route(
+        status=302, location="https://nowhere.test/key"
+    )
+    problem = _discover(store, ["ann@adv.test"], settings)["ann@adv.test"]
+    assert problem.reason is KeyReason.LOOKUP_FAILED
+    assert "the redirect target nowhere.test does not exist" in problem.detail
+    assert "neither" not in problem.detail

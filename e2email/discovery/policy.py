@@ -284,7 +284,7 @@ async def _candidates(
         except HostNotFound:
             url = location.direct
         try:
-            data = await fetch(pool, url, settings)
+            got = await fetch(pool, url, settings)
         except HostNotFound:
             failures.append(
                 f"WKD: neither {location.advanced_host} nor {location.direct_host} exists"
@@ -292,19 +292,20 @@ async def _candidates(
         except FetchError as exc:
             failures.append(f"WKD {url}: {exc}")
         else:
-            yield _Found(KeySource(SourceKind.WKD, url), data)
+            # The source is the URL that served the key (a redirect may lead elsewhere).
+            yield _Found(KeySource(SourceKind.WKD, got.url), got.data)
     if policy is not DiscoveryPolicy.WKD_KEYSERVER:
         return
     for server in settings.keyservers:
         url = keyserver_url(server, addr)
         try:
-            data = await fetch(pool, url, settings)
+            got = await fetch(pool, url, settings)
         except HostNotFound as exc:
             failures.append(f"keyserver {server}: host not found ({exc})")
         except FetchError as exc:
             failures.append(f"keyserver {url}: {exc}")
         else:
-            yield _Found(KeySource(SourceKind.KEYSERVER, url), data)
+            yield _Found(KeySource(SourceKind.KEYSERVER, got.url), got.data)
 
 
 def adopt(
