@@ -20,7 +20,7 @@ from pgp_helpers import TestKey, generate_key, gpg, kill_agent, new_gnupg_home, 
 from test_discovery import HTTPSServer, Peers, Route, _discover
 
 from e2email.certstore import CertStore, fingerprint
-from e2email.discovery import DiscoverySettings
+from e2email.discovery import DiscoverySettings, accept_key
 from e2email.discovery.autocrypt import learn_from_message
 from e2email.discovery.cache import DiscoveryCache
 from e2email.discovery.smime import import_signer
@@ -320,3 +320,41 @@ def test_a_redirect_to_a_host_that_does_not_exist_says_so(
     assert problem.reason is KeyReason.LOOKUP_FAILED
     assert "the redirect target nowhere.test does not exist" in problem.detail
     assert "neither" not in problem.detail
+
+
+# -- 6. HKP keyservers do not verify addresses ---------------------------------------------------
+
+
+def test_a_key_only_an_hkp_keyserver_serves_waits_for_keys_accept(
+    server: HTTPSServer, settings: DiscoverySettings, store: Keystore, peers: Peers
+) -> None:
+    hkp = dataclasses.replace(settings, keyservers=("hkps://keys.test",))
+    server.routes[("keys.test", "/pks/lookup")] = Route(body=peers.dan.cert.read_bytes())
+    problem = _discover(store, ["dan@direct.test"], hkp, "wkd+keyserver")["dan@direct.test"]
+    assert problem.reason is KeyReason.UNVERIFIED
+    assert problem.fingerprint == peers.dan.fingerprint
+    assert f"e2email keys accept dan@direct.test {peers.dan.fingerprint}" in problem.detail
+    assert store.get(peers.dan.fingerprint) is None
+    # Asked again (the cache answers): still held back, nothing imported.
+    again = _discover(store, ["dan@direct.test"], hkp, "wkd+keyserver")["dan@direct.test"]
+    assert again.reason is KeyReason.UNVERIFIED
+    assert server.hits[("keys.test", "/pks/lookup")] == 1
+    assert "accepted" in accept_key(store, "dan@direct.test", peers.dan.fingerprint)
+    choice = store.encryption_key("dan@direct.test")
+    assert getattr(choice, "fingerprint", None) == peers.dan.fingerprint
+    assert _discover(store, ["dan@direct.test"], hkp, "wkd+keyserver") == {}
+
+
+def test_a_vks_key_after_an_hkp_one_is_taken(
+    server: HTTPSServer, settings: DiscoverySettings, store: Keystore, peers: Peers
+) -> None:
+    both = dataclasses.replace(settings, keyservers=("hkps://keys.test", "https://keys.test"))
+    server.routes[("keys.test", "/pks/lookup")] = Route(body=peers.dan.cert.read_bytes())
+    server.routes[("keys.test", "/vks/v1/by-email/dan%40direct.test")] = Route(
+        body=peers.dan.cert.read_bytes()
+    )
+    assert _discover(store, ["dan@direct.test"], both, "wkd+keyserver") == {}
+    key = store.get(peers.dan.fingerprint)
+    assert key is not None
+    source = store.source_of(key)
+    assert source is not None and "/vks/v1/" in source.detail

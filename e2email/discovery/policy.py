@@ -12,7 +12,10 @@ closed), never sent in clear.
 A key found for an address that already has a *different* key (expired, revoked, ...) is not
 put into the keyring: it waits in the discovery cache and sending is refused, naming both
 fingerprints, until ``e2email keys accept ADDRESS FINGERPRINT`` (or
-``DiscoverySettings.replace_on_wkd`` for keys served by the address's own domain).
+``DiscoverySettings.replace_on_wkd`` for keys served by the address's own domain). A key
+that only an HKP keyserver serves is held back the same way: HKP servers do not check that
+an address belongs to whoever uploaded the key (WKD is the address's own domain; the VKS of
+keys.openpgp.org mails the address before serving it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from e2email.config import DiscoveryPolicy
 from e2email.discovery.cache import DiscoveryCache
@@ -59,6 +63,10 @@ _MISSING = frozenset(KeyReason) - {KeyReason.AMBIGUOUS}
 class _Found:
     source: KeySource
     data: bytes
+    #: Whether the source vouches that the address is the key owner's: WKD (the address's
+    #: own domain) and VKS (keys.openpgp.org mails the address before serving it) do; an
+    #: HKP keyserver serves whatever anyone uploaded.
+    verified: bool = True
 
 
 def _source_name(source: KeySource) -> str:
@@ -209,6 +217,7 @@ async def _lookup(
         return _cached_problem(addr, cached)
     failures: list[str] = []
     refusals: list[KeyProblem] = []
+    held: list[KeyProblem] = []
     network = False
     try:
         async with asyncio.timeout(settings.timeout):
@@ -227,6 +236,13 @@ async def _lookup(
                             )
                         )
                         continue
+                    if not found.verified and (
+                        keystore.sources.accepted(addr) != vetted.fingerprint
+                    ):
+                        # Only `keys accept` makes such a key the address's; a later source
+                        # that verifies addresses may still serve one.
+                        held.append(_hold(cache, vetted, found.source, _scope(policy, settings)))
+                        continue
                     replace = settings.replace_on_wkd and found.source.kind is SourceKind.WKD
                     problem = await asyncio.to_thread(
                         adopt, keystore, vetted, found.source, replace=replace, cache=cache
@@ -238,6 +254,8 @@ async def _lookup(
         failures.append(f"the lookup timed out after {settings.timeout:g} s")
         network = True
     network = network or any(not f.endswith("404 not found") for f in failures)
+    if held:
+        return held[0]
     if refusals:
         problem = refusals[0]
         detail = "; ".join([*(p.detail for p in refusals), *failures])
@@ -305,7 +323,35 @@ async def _candidates(
         except FetchError as exc:
             failures.append(f"keyserver {url}: {exc}")
         else:
-            yield _Found(KeySource(SourceKind.KEYSERVER, got.url), got.data)
+            hkp = urlsplit(server).scheme == "hkps"
+            yield _Found(KeySource(SourceKind.KEYSERVER, got.url), got.data, verified=not hkp)
+
+
+def _hold(
+    cache: DiscoveryCache, vetted: VettedKey, source: KeySource, scope: Mapping[str, Any]
+) -> KeyProblem:
+    """Keep a key from a source that does not verify addresses in the cache for ``keys
+    accept`` (never in the keyring) and say so."""
+    addr = vetted.address
+    detail = (
+        f"{_source_name(source)} serves {vetted.fingerprint}, but HKP keyservers do not check "
+        f"that an address belongs to whoever uploaded the key; if it is theirs (check with "
+        f"them), use it: e2email keys accept {addr} {vetted.fingerprint}"
+    )
+    cache.put(
+        addr,
+        {
+            "outcome": "held",
+            "reason": KeyReason.UNVERIFIED.value,
+            "detail": detail,
+            "fingerprint": vetted.fingerprint,
+            "keydata": base64.b64encode(vetted.data).decode("ascii"),
+            "source": source.kind.value,
+            "source_detail": source.detail,
+            **scope,
+        },
+    )
+    return KeyProblem(addr, KeyReason.UNVERIFIED, detail, vetted.fingerprint)
 
 
 def adopt(
@@ -375,7 +421,11 @@ def accept_key(keystore: Keystore, address: str, fingerprint: str) -> str:
         return f"accepted {fpr} for {addr} (already in the keystore)"
     cache = DiscoveryCache(keystore.home)
     entry = cache.entry(addr)
-    if entry is None or entry.get("outcome") != "different" or entry.get("fingerprint") != fpr:
+    if (
+        entry is None
+        or entry.get("outcome") not in ("different", "held")
+        or entry.get("fingerprint") != fpr
+    ):
         raise KeystoreError(
             f"no key {fpr} for {addr} in the keystore or waiting from discovery "
             "(send to the address with --discover to look it up, or import the key file)"
