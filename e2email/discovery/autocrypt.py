@@ -180,7 +180,7 @@ class Learnt:
     """What one message taught (one line per address for ``keys import --autocrypt``)."""
 
     address: str
-    outcome: str  # imported, unchanged, older, refused, none
+    outcome: str  # imported, unchanged, older, refused, none, ignored (unsigned gossip)
     fingerprint: str | None = None
     detail: str = ""
     gossip: bool = False
@@ -313,7 +313,7 @@ def learn_from_message(
     if inner is not None and unsigned and inner.get_all("Autocrypt-Gossip"):
         # Anyone can encrypt to us and write any From: only a valid signature by a key the
         # keystore has for the From address makes the gossip the sender's word.
-        results.append(Learnt(sender, "none", gossip=True, detail=f"gossip ignored: {unsigned}"))
+        results.append(Learnt(sender, "ignored", gossip=True, detail=unsigned))
     elif inner is not None:
         recipients = _recipients(inner) or _recipients(msg)
         for value in inner.get_all("Autocrypt-Gossip", []):
