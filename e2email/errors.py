@@ -129,6 +129,9 @@ class KeyReason(enum.Enum):
     LOOKUP_FAILED = "key lookup failed"
     #: A key was found for an address that already has a different key: never used silently.
     DIFFERENT_KEY = "a different key was found"
+    #: A key found only where nobody checks that the address is its owner's (an HKP
+    #: keyserver): held back until ``keys accept``.
+    UNVERIFIED = "key found only on a keyserver that does not verify addresses"
 
 
 @dataclass(frozen=True)

@@ -96,13 +96,55 @@ _AGENT_CONF = ("default-cache-ttl 0", "max-cache-ttl 0")
 #: What ``Expire-Date`` accepts that we pass on: 0/never, days, Nd/Nw/Nm/Ny, or an ISO date.
 _EXPIRY = re.compile(r"^(?:0|never|\d{1,5}[dwmy]?|\d{4}-\d{2}-\d{2})$", re.IGNORECASE)
 
-_EMAIL_IN_UID = re.compile(r"<([^<>\s]+@[^<>\s]+)>\s*$")
-_BARE_EMAIL = re.compile(r"^\s*([^<>\s]+@[^<>\s]+)\s*$")
+#: Characters gpg accepts in a bare addr-spec user ID (gnupg common/mbox-util.c,
+#: ``has_invalid_email_chars``): these and non-ASCII before the '@', only the first set after.
+_MBOX_CHARS = frozenset("0123456789_-.abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_MBOX_LOCAL_EXTRA = frozenset("!#$%&'*+/=?^`{|}~")
+
+
+def _bare_mailbox(text: str) -> bool:
+    """gnupg's ``is_valid_mailbox``: a whole user ID that is an addr-spec."""
+    at_seen = False
+    for c in text:
+        if ord(c) >= 0x80:
+            continue
+        if c == "@":
+            at_seen = True
+        elif c not in _MBOX_CHARS and (at_seen or c not in _MBOX_LOCAL_EXTRA):
+            return False
+    return (
+        text.count("@") == 1
+        and not text.startswith("@")
+        and not text.endswith(("@", "."))
+        and ".." not in text
+    )
 
 
 def _uid_address(uid: str) -> str | None:
-    m = _EMAIL_IN_UID.search(uid) or _BARE_EMAIL.match(uid)
-    return m.group(1).lower() if m else None
+    """The address a user ID carries, as gpg's ``mbox`` property computes it (gnupg
+    common/mbox-util.c ``mailbox_from_userid``): the text in the first ``<...>``, or the
+    whole user ID when it is a bare addr-spec; None when there is none. gpg's import and
+    export filters (``keep-uid=mbox = ADDR``) select user IDs by that rule, so the keystore
+    must file a user ID under the very same address, or a key vetted for one address could
+    be filed under another (``X <mallory@adv.test> <carol@victim.test>``). A user ID with
+    more than one '<' or '>' is ambiguous and carries no address at all (fail closed)."""
+    if "<" in uid or ">" in uid:
+        if uid.count("<") != 1 or uid.count(">") != 1:
+            return None
+        inner, closed, _ = uid.partition("<")[2].partition(">")
+        if not closed or not inner:
+            return None
+        # mailbox_from_userid's checks on the bracketed part.
+        if (
+            inner.count("@") != 1
+            or inner.startswith("@")
+            or inner.endswith(("@", "."))
+            or any(c.isspace() or not c.isprintable() for c in inner)
+            or ".." in inner.partition("@")[2]
+        ):
+            return None
+        return inner.lower()
+    return uid.lower() if _bare_mailbox(uid) else None
 
 
 def _unescape_colons(text: str) -> str:
@@ -581,6 +623,17 @@ def vet_key(data: bytes, address: str, *, gpg_binary: str = "gpg") -> VettedKey 
             if choice.reason is KeyReason.NOT_FOUND:
                 return KeyProblem(addr, KeyReason.ADDRESS_MISMATCH, "no user ID with the address")
             return choice
+        # gpg's filter kept the user IDs whose ``mbox`` is the address; the keystore must file
+        # every one of them under that same address, or the key would later be chosen for
+        # another address (a user ID naming two). Anything else is refused (fail closed).
+        strays = [u.text for u in choice.user_ids if u.validity != "r" and u.address != addr]
+        if strays:
+            return KeyProblem(
+                addr,
+                KeyReason.ADDRESS_MISMATCH,
+                f"a user ID does not name only the address: {strays[0]!r}",
+                choice.fingerprint,
+            )
         minimal = _gpg_export(gpg_binary, scratch.gnupg_home, choice.fingerprint, addr, None)
         return VettedKey(addr, choice.fingerprint, minimal, choice)
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -223,7 +224,7 @@ def test_gossip_is_read_only_inside_encrypted_mail_and_only_for_its_recipients(
     )
     assert all(not x.gossip for x in learn_from_message(alice_store, clear, origin="clear"))
     assert alice_store.find("carol@example.com") == ()
-    outer = _encrypted_mail(alice_store, keys.alice.fingerprint, inner)
+    outer = _encrypted_mail(alice_store, keys.alice.fingerprint, inner, keys.bob)
     learnt = learn_from_message(alice_store, outer, origin="enc")
     gossip = [x for x in learnt if x.gossip]
     assert [(x.address, x.outcome) for x in gossip] == [("carol@example.com", "imported")]
@@ -233,12 +234,23 @@ def test_gossip_is_read_only_inside_encrypted_mail_and_only_for_its_recipients(
     assert alice_store.find("dave@example.com") == ()
 
 
-def _encrypted_mail(store: Keystore, to_fpr: str, inner: bytes) -> bytes:
-    """A PGP/MIME encrypted message (RFC 3156 §4) from bob whose inside is ``inner``."""
-    armored = gpg(
-        store.gnupg_home, "--trust-model", "always", "--armor", "--encrypt", "-r", to_fpr,
-        input=inner,
-    ).stdout  # fmt: skip
+def _encrypted_mail(store: Keystore, to_fpr: str, inner: bytes, signer: TestKey) -> bytes:
+    """A PGP/MIME encrypted message (RFC 3156 §4) from bob whose inside is ``inner``, signed
+    then encrypted by ``signer`` (gossip counts only from mail signed by the From address's
+    key, which ``store`` is given)."""
+    assert signer.secret
+    store.import_file(signer.cert)
+    home = new_gnupg_home("e2as")
+    try:
+        gpg(home, "--import", str(signer.secret))
+        gpg(home, "--import", "-", input=gpg(store.gnupg_home, "--export", to_fpr).stdout)
+        armored = gpg(
+            home, "--trust-model", "always", "--armor", "--sign", "-u", signer.fingerprint,
+            "--encrypt", "-r", to_fpr, input=inner,
+        ).stdout  # fmt: skip
+    finally:
+        kill_agent(home)
+        shutil.rmtree(home, ignore_errors=True)
     boundary = "b1"
     return (
         "From: bob@example.net\r\nTo: alice@example.org, carol@example.com\r\n"
@@ -262,7 +274,7 @@ def test_a_peers_own_header_replaces_a_gossip_key(
         f"Autocrypt-Gossip: {gossip}\r\n\r\nhi\r\n"
     ).encode()
     mail = (
-        _encrypted_mail(alice_store, keys.alice.fingerprint, inner)
+        _encrypted_mail(alice_store, keys.alice.fingerprint, inner, keys.carol)
         .replace(b"From: bob@example.net", b"From: carol@example.com")
         .replace(
             b"To: alice@example.org, carol@example.com", b"To: alice@example.org, bob@example.net"

@@ -12,7 +12,8 @@ Incoming (:func:`learn_from_message`): the per-peer state of §2.3: ``last_seen`
 ``autocrypt_timestamp`` (the effective date of the message that brought the key, its Date
 but never in the future); a message older than what was seen does not replace anything; an
 ``Autocrypt`` header counts only when its addr is the message's (single) From address;
-gossip only from the decrypted inside of encrypted mail, only for addresses among its To/Cc.
+gossip only from the decrypted inside of encrypted mail that is validly signed by a key of
+the From address, only for addresses among its To/Cc.
 A key learnt this way is vetted like any other found key and recorded with its source; it
 replaces an earlier Autocrypt key of the peer (the latest message wins) but never a key that
 came from elsewhere without ``keys accept``.
@@ -179,7 +180,7 @@ class Learnt:
     """What one message taught (one line per address for ``keys import --autocrypt``)."""
 
     address: str
-    outcome: str  # imported, unchanged, older, refused, none
+    outcome: str  # imported, unchanged, older, refused, none, ignored (unsigned gossip)
     fingerprint: str | None = None
     detail: str = ""
     gossip: bool = False
@@ -262,8 +263,9 @@ def learn_from_message(
 ) -> list[Learnt]:
     """Update the Autocrypt peer state from one received message (``raw`` bytes; ``origin``
     names it in the recorded source) and import the keys it brings, by the rules of §2.3.
-    Gossip is read only when the message is PGP/MIME encrypted and our secret key decrypts
-    it. MessageError for something that is not a mail message."""
+    Gossip is read only when the message is PGP/MIME encrypted, our secret key decrypts it
+    and it is validly signed by a key of its From address (else a line says why not).
+    MessageError for something that is not a mail message."""
     now = now or datetime.now(UTC)
     try:
         msg = BytesParser(policy=email_policy.default).parsebytes(raw)
@@ -307,8 +309,12 @@ def learn_from_message(
             state["last_seen"] = stamp
         peers[sender] = state
         store.save(peers)
-    inner = _decrypted(keystore, msg, passphrase)
-    if inner is not None:
+    inner, unsigned = _decrypted(keystore, msg, passphrase, sender)
+    if inner is not None and unsigned and inner.get_all("Autocrypt-Gossip"):
+        # Anyone can encrypt to us and write any From: only a valid signature by a key the
+        # keystore has for the From address makes the gossip the sender's word.
+        results.append(Learnt(sender, "ignored", gossip=True, detail=unsigned))
+    elif inner is not None:
         recipients = _recipients(inner) or _recipients(msg)
         for value in inner.get_all("Autocrypt-Gossip", []):
             gossip = parse_autocrypt(str(value))
@@ -362,23 +368,37 @@ def _take(
 
 
 def _decrypted(
-    keystore: Keystore, msg: EmailMessage, passphrase: str | None
-) -> EmailMessage | None:
+    keystore: Keystore, msg: EmailMessage, passphrase: str | None, sender: str
+) -> tuple[EmailMessage | None, str]:
     """The inner message of a PGP/MIME encrypted message (RFC 3156 §4), decrypted with our
-    secret key, or None (not encrypted, or we cannot decrypt it)."""
+    secret key, or None (not encrypted, or we cannot decrypt it); and, when the inside may
+    not be trusted for gossip, why: gossip counts only from a message signed inside the
+    encryption (RFC 3156 §6.2, signed then encrypted) with a valid signature by a key in the
+    keystore that carries the From address ``sender``. Autocrypt Level 1 (§2.7, key gossip)
+    does not ask for a signature, but an unsigned ciphertext can be made by anyone who has
+    our public key, under any From; Delta Chat (chatmail core, mimeparser.rs) reads gossip
+    "only if the mail was correctly signed", and so do we."""
     if msg.get_content_type() != "multipart/encrypted":
-        return None
+        return None, ""
     parts = list(msg.iter_parts())
     if len(parts) != 2 or parts[1].get_content_type() != "application/octet-stream":
-        return None
+        return None, ""
     armored = parts[1].get_payload(decode=True)
     if not isinstance(armored, bytes):
-        return None
+        return None, ""
     result = keystore.gpg.decrypt(armored, passphrase=passphrase)
     if not result.ok:
-        return None
+        return None, ""
     inner = BytesParser(policy=email_policy.default).parsebytes(bytes(result.data))
-    return inner if isinstance(inner, EmailMessage) else None
+    if not isinstance(inner, EmailMessage):
+        return None, ""
+    signer = getattr(result, "pubkey_fingerprint", None) or getattr(result, "fingerprint", None)
+    if not result.valid or not signer:
+        return inner, "the encrypted message carries no valid signature"
+    key = keystore.get(str(signer))
+    if key is None or not key.carries(sender):
+        return inner, f"the signing key {signer} is not a key of {sender} in the keystore"
+    return inner, ""
 
 
 def message_files(paths: Iterable[Path]) -> list[Path]:

@@ -32,6 +32,7 @@ if typing.TYPE_CHECKING:
 __all__ = [
     "DiscoverySettings",
     "FetchError",
+    "Fetched",
     "HostNotFound",
     "Resolver",
     "fetch",
@@ -111,10 +112,12 @@ class DiscoverySettings:
     #: Use a key served by the address's own domain (WKD) even when the keystore holds a
     #: different one for the address (the old one is kept; the new one is accepted).
     replace_on_wkd: bool = False
-    #: Seconds a lookup's outcome is remembered (HOME/discovery-cache.json): found, not found,
+    #: Seconds a lookup's outcome is remembered (HOME/discovery-cache.json): found and
     #: refused keys. Thunderbird looks each address up at most once a day.
     cache_ttl: float = 86400.0
-    #: Seconds a network failure (timeout, TLS, connection) is remembered.
+    #: Seconds a network failure (timeout, TLS, connection) or "no key found" is remembered
+    #: (a key published since is found soon). Failures and refusals answer only a lookup
+    #: with the same policy and keyservers.
     failure_ttl: float = 600.0
     #: Name resolution (tests map names to 127.0.0.1 with :func:`hosts_resolver`).
     resolver: Resolver | None = field(default=None, compare=False, repr=False)
@@ -210,12 +213,24 @@ def open_pool(settings: DiscoverySettings) -> httpcore.AsyncConnectionPool:
     return pool
 
 
-async def fetch(pool: httpcore.AsyncConnectionPool, url: str, settings: DiscoverySettings) -> bytes:
-    """GET ``url`` (HTTPS) and return its body, or raise FetchError saying why not.
+@dataclass(frozen=True)
+class Fetched:
+    """A body and the URL that served it (after redirects: the one a key's source names)."""
+
+    data: bytes
+    url: str
+
+
+async def fetch(
+    pool: httpcore.AsyncConnectionPool, url: str, settings: DiscoverySettings
+) -> Fetched:
+    """GET ``url`` (HTTPS) and return its body and final URL, or raise FetchError saying why
+    not.
 
     Follows at most ``max_redirects`` redirects, each to HTTPS only; reads at most
     ``max_bytes``; each phase is bounded by the connect/read timeouts (the caller bounds the
-    whole lookup). HostNotFound passes through (the WKD method choice needs it)."""
+    whole lookup). HostNotFound passes through for ``url``'s own host (the WKD method choice
+    needs it); a redirect target that does not exist is a FetchError ("host")."""
     hc = _import_httpcore()
     timeouts = {
         "connect": settings.connect_timeout,
@@ -266,8 +281,13 @@ async def fetch(pool: httpcore.AsyncConnectionPool, url: str, settings: Discover
                             f"the answer is too large (over {settings.max_bytes} bytes)",
                             url=url,
                         )
-                return bytes(body)
-        except HostNotFound:
+                return Fetched(bytes(body), current)
+        except HostNotFound as exc:
+            if current != url:  # the first host exists: it redirected to one that does not
+                host = urlsplit(current).hostname or current
+                raise FetchError(
+                    "host", f"the redirect target {host} does not exist", url=url
+                ) from exc
             raise
         except FetchError:
             raise

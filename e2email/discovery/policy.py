@@ -12,7 +12,10 @@ closed), never sent in clear.
 A key found for an address that already has a *different* key (expired, revoked, ...) is not
 put into the keyring: it waits in the discovery cache and sending is refused, naming both
 fingerprints, until ``e2email keys accept ADDRESS FINGERPRINT`` (or
-``DiscoverySettings.replace_on_wkd`` for keys served by the address's own domain).
+``DiscoverySettings.replace_on_wkd`` for keys served by the address's own domain). A key
+that only an HKP keyserver serves is held back the same way: HKP servers do not check that
+an address belongs to whoever uploaded the key (WKD is the address's own domain; the VKS of
+keys.openpgp.org mails the address before serving it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from e2email.config import DiscoveryPolicy
 from e2email.discovery.cache import DiscoveryCache
@@ -59,6 +63,10 @@ _MISSING = frozenset(KeyReason) - {KeyReason.AMBIGUOUS}
 class _Found:
     source: KeySource
     data: bytes
+    #: Whether the source vouches that the address is the key owner's: WKD (the address's
+    #: own domain) and VKS (keys.openpgp.org mails the address before serving it) do; an
+    #: HKP keyserver serves whatever anyone uploaded.
+    verified: bool = True
 
 
 def _source_name(source: KeySource) -> str:
@@ -104,7 +112,7 @@ async def discover_missing(
     found: dict[str, KeyProblem | None] = {}
     for addr in todo:
         # Remembered outcomes first: a bulk send's later rows open no connection at all.
-        entry = cache.get(addr, ttl=settings.cache_ttl, failure_ttl=settings.failure_ttl)
+        entry = _cached(cache, addr, policy, settings)
         if entry is not None:
             found[addr] = _cached_problem(addr, entry)
     ask = [a for a in todo if a not in found]
@@ -152,6 +160,37 @@ async def _ask(
     return dict(zip(addresses, results, strict=True))
 
 
+def _scope(policy: DiscoveryPolicy, settings: DiscoverySettings) -> dict[str, Any]:
+    """What a lookup asked (recorded with its outcome): the policy, and the keyservers when
+    the policy asks them."""
+    servers = list(settings.keyservers) if policy is DiscoveryPolicy.WKD_KEYSERVER else []
+    return {"policy": policy.value, "keyservers": servers}
+
+
+def _cached(
+    cache: DiscoveryCache,
+    addr: str,
+    policy: DiscoveryPolicy,
+    settings: DiscoverySettings,
+    now: float | None = None,
+) -> dict[str, Any] | None:
+    """The fresh cache entry that answers this lookup, or None. A failure is an answer only
+    to the same question: an outcome recorded under another policy or other keyservers (a
+    ``wkd`` 404, then a send with ``wkd+keyserver``) is asked again. "No key" is remembered
+    for ``failure_ttl`` only, a found key for ``cache_ttl``: a key published since shows up
+    soon. Found and held-back keys are answers whatever asked (the key is the keystore's or
+    waits for ``keys accept``)."""
+    entry = cache.get(addr, ttl=settings.cache_ttl, failure_ttl=settings.failure_ttl, now=now)
+    if entry is None or entry.get("outcome") in ("found", "different"):
+        return entry
+    if {k: entry.get(k) for k in ("policy", "keyservers")} != _scope(policy, settings):
+        return None
+    age = (now or time.time()) - float(entry.get("at", 0))
+    if entry.get("reason") == KeyReason.NOT_FOUND.value and age >= settings.failure_ttl:
+        return None
+    return entry
+
+
 def _cached_problem(address: str, entry: dict[str, Any]) -> KeyProblem | None:
     if entry.get("outcome") == "found":
         return None
@@ -173,11 +212,12 @@ async def _lookup(
     cache: DiscoveryCache,
     pool: Any,
 ) -> KeyProblem | None:
-    cached = cache.get(addr, ttl=settings.cache_ttl, failure_ttl=settings.failure_ttl)
+    cached = _cached(cache, addr, policy, settings)
     if cached is not None:
         return _cached_problem(addr, cached)
     failures: list[str] = []
     refusals: list[KeyProblem] = []
+    held: list[KeyProblem] = []
     network = False
     try:
         async with asyncio.timeout(settings.timeout):
@@ -196,6 +236,13 @@ async def _lookup(
                             )
                         )
                         continue
+                    if not found.verified and (
+                        keystore.sources.accepted(addr) != vetted.fingerprint
+                    ):
+                        # Only `keys accept` makes such a key the address's; a later source
+                        # that verifies addresses may still serve one.
+                        held.append(_hold(cache, vetted, found.source, _scope(policy, settings)))
+                        continue
                     replace = settings.replace_on_wkd and found.source.kind is SourceKind.WKD
                     problem = await asyncio.to_thread(
                         adopt, keystore, vetted, found.source, replace=replace, cache=cache
@@ -207,6 +254,8 @@ async def _lookup(
         failures.append(f"the lookup timed out after {settings.timeout:g} s")
         network = True
     network = network or any(not f.endswith("404 not found") for f in failures)
+    if held:
+        return held[0]
     if refusals:
         problem = refusals[0]
         detail = "; ".join([*(p.detail for p in refusals), *failures])
@@ -225,6 +274,7 @@ async def _lookup(
             "reason": problem.reason.value,
             "detail": problem.detail,
             "fingerprint": problem.fingerprint,
+            **_scope(policy, settings),
         },
     )
     return problem
@@ -252,7 +302,7 @@ async def _candidates(
         except HostNotFound:
             url = location.direct
         try:
-            data = await fetch(pool, url, settings)
+            got = await fetch(pool, url, settings)
         except HostNotFound:
             failures.append(
                 f"WKD: neither {location.advanced_host} nor {location.direct_host} exists"
@@ -260,19 +310,48 @@ async def _candidates(
         except FetchError as exc:
             failures.append(f"WKD {url}: {exc}")
         else:
-            yield _Found(KeySource(SourceKind.WKD, url), data)
+            # The source is the URL that served the key (a redirect may lead elsewhere).
+            yield _Found(KeySource(SourceKind.WKD, got.url), got.data)
     if policy is not DiscoveryPolicy.WKD_KEYSERVER:
         return
     for server in settings.keyservers:
         url = keyserver_url(server, addr)
         try:
-            data = await fetch(pool, url, settings)
+            got = await fetch(pool, url, settings)
         except HostNotFound as exc:
             failures.append(f"keyserver {server}: host not found ({exc})")
         except FetchError as exc:
             failures.append(f"keyserver {url}: {exc}")
         else:
-            yield _Found(KeySource(SourceKind.KEYSERVER, url), data)
+            hkp = urlsplit(server).scheme == "hkps"
+            yield _Found(KeySource(SourceKind.KEYSERVER, got.url), got.data, verified=not hkp)
+
+
+def _hold(
+    cache: DiscoveryCache, vetted: VettedKey, source: KeySource, scope: Mapping[str, Any]
+) -> KeyProblem:
+    """Keep a key from a source that does not verify addresses in the cache for ``keys
+    accept`` (never in the keyring) and say so."""
+    addr = vetted.address
+    detail = (
+        f"{_source_name(source)} serves {vetted.fingerprint}, but HKP keyservers do not check "
+        f"that an address belongs to whoever uploaded the key; if it is theirs (check with "
+        f"them), use it: e2email keys accept {addr} {vetted.fingerprint}"
+    )
+    cache.put(
+        addr,
+        {
+            "outcome": "held",
+            "reason": KeyReason.UNVERIFIED.value,
+            "detail": detail,
+            "fingerprint": vetted.fingerprint,
+            "keydata": base64.b64encode(vetted.data).decode("ascii"),
+            "source": source.kind.value,
+            "source_detail": source.detail,
+            **scope,
+        },
+    )
+    return KeyProblem(addr, KeyReason.UNVERIFIED, detail, vetted.fingerprint)
 
 
 def adopt(
@@ -342,7 +421,11 @@ def accept_key(keystore: Keystore, address: str, fingerprint: str) -> str:
         return f"accepted {fpr} for {addr} (already in the keystore)"
     cache = DiscoveryCache(keystore.home)
     entry = cache.entry(addr)
-    if entry is None or entry.get("outcome") != "different" or entry.get("fingerprint") != fpr:
+    if (
+        entry is None
+        or entry.get("outcome") not in ("different", "held")
+        or entry.get("fingerprint") != fpr
+    ):
         raise KeystoreError(
             f"no key {fpr} for {addr} in the keystore or waiting from discovery "
             "(send to the address with --discover to look it up, or import the key file)"

@@ -11,8 +11,9 @@ certificate (and usually its chain). It is taken only after
    root (with the intermediates the message carried), validity dates, key usage, the
    address in subjectAltName, key strength, imported CRLs (:meth:`CertStore.check`).
 
-Then the signer's certificate (and the CA certificates that came with it, for path
-building) are imported as for a certificate file.
+Then the signer's certificate, and the CA certificates of the message that issue its chain
+(for path building), are imported as for a certificate file; any other certificate the
+message carries (other people's, CAs off the chain, roots) is ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from email.parser import BytesParser
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
@@ -87,6 +89,41 @@ class SignerImport:
     status: str
 
 
+def _ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+
+
+def _issuing_chain(
+    signer: x509.Certificate, bag: list[x509.Certificate], *, depth: int = 8
+) -> list[x509.Certificate]:
+    """The CA certificates (BasicConstraints cA, RFC 5280 §4.2.1.9) of ``bag`` that issue
+    ``signer``'s chain, issuer by issuer (name and signature), without the self-signed root
+    (trust comes from the certstore's own anchors, never from a message). End-entity
+    certificates and CA certificates off the chain are left out."""
+    chain: list[x509.Certificate] = []
+    current = signer
+    cas = [c for c in bag if _ca(c) and c.issuer != c.subject]
+    for _ in range(depth):
+        issuer = None
+        for candidate in cas:
+            if candidate in chain or candidate.subject != current.issuer:
+                continue
+            try:
+                current.verify_directly_issued_by(candidate)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                continue
+            issuer = candidate
+            break
+        if issuer is None:
+            break
+        chain.append(issuer)
+        current = issuer
+    return chain
+
+
 def import_signer(store: CertStore, path: Path) -> SignerImport:
     """Verify the S/MIME signature of the message in ``path`` and import its signer's
     certificate (see the module docstring). KeystoreError when the signature does not verify
@@ -138,7 +175,10 @@ def import_signer(store: CertStore, path: Path) -> SignerImport:
         bag = list(pkcs7.load_der_pkcs7_certificates(der))
     except ValueError:
         bag = []
-    intermediates = [c for c in bag if fingerprint(c) != fingerprint(signer)]
+    # Only the CA certificates that issue the signer's chain: the bag may hold anything the
+    # sender put there (other people's certificates above all), and a signature vouches for
+    # the signer alone.
+    intermediates = _issuing_chain(signer, bag)
     problem = store.check(signer, sender, purpose="sign", intermediates=intermediates)
     if problem is not None:
         raise KeystoreError(f"{path}: the signer's certificate is refused: {problem}")
