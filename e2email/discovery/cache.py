@@ -2,7 +2,8 @@
 
 One send never asks the network twice for an address, and a bulk send asks once per address
 however many rows name it: outcomes are kept here (0600, written atomically) for
-``cache_ttl`` seconds (found, not found, refused), network failures for ``failure_ttl``. A key
+``cache_ttl`` seconds (a key found, refused), network failures and "no key found" for
+``failure_ttl`` (the policy layer decides which outcome is which). A key
 that differs from the stored one is kept here too (``keydata``) until ``keys accept`` takes it
 or the entry ages out: it is never in the keyring before that.
 """
