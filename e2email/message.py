@@ -1116,17 +1116,18 @@ class PayloadStream:
         return out.getvalue()
 
 
-def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
+def stream_payload(message: Message, *, hp: HP | None, canonical: bool = True) -> PayloadStream:
     """:func:`build_payload`'s bytes as a :class:`PayloadStream` (same arguments, same checks,
     same bytes), for feeding a large message to a signer or encrypter piece by piece."""
     if message.body is not None:
         mime = message.body
+        mime_head, mime_body = mime.form(canonical=canonical)
         if hp is None:
-            return PayloadStream([mime.head, b"\r\n", mime.body])
-        head = [mime.head_with(['protected-headers="v1"', f'hp="{hp.value}"'])]
+            return PayloadStream([mime_head, b"\r\n", mime_body])
+        head = [mime.head_with(['protected-headers="v1"', f'hp="{hp.value}"'], canonical=canonical)]
         head.extend(render_header(name, value) for name, value in _protected_fields(message))
         head.extend(_hp_outer(n, v) for n, v in _outer_fields(message, hp) if _recorded(n))
-        return PayloadStream([b"".join(head), b"\r\n", mime.body])
+        return PayloadStream([b"".join(head), b"\r\n", mime_body])
     body = _text_part("plain", message.text)
     if message.html is not None:
         body = _multipart("alternative", [body, _text_part("html", message.html)])
@@ -1142,8 +1143,15 @@ def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
     return PayloadStream([b"".join(head), b"\r\n", *body.body])
 
 
-def build_payload(message: Message, *, hp: HP | None) -> bytes:
-    """The MIME entity to sign and/or encrypt, as canonical bytes (header block, CRLF, body).
+def build_payload(message: Message, *, hp: HP | None, canonical: bool = True) -> bytes:
+    """The MIME entity to sign and/or encrypt, as bytes (header block, CRLF, body): canonical
+    (CRLF, 7-bit, RFC 3156 §3) by default.
+
+    ``canonical=False`` is for a payload that is only ever encrypted with OpenPGP (binary
+    literal data, RFC 3156 §6.2 / RFC 9580 §5.9): a :attr:`Message.body` is then sent as the
+    program wrote it (:meth:`MimeBody.form`), 8-bit and trailing spaces kept. Whatever is
+    signed in a multipart/signed (OpenPGP sign-only, every S/MIME signature) stays canonical.
+    Messages built from text/html/attachments are canonical either way.
 
     text/plain, or multipart/alternative (text, html), wrapped in multipart/mixed when there
     are attachments. With ``hp`` the top-level Content-Type carries ``protected-headers="v1"``
@@ -1151,7 +1159,7 @@ def build_payload(message: Message, *, hp: HP | None) -> bytes:
     Reply-To, Subject, Date, Message-ID (never Bcc) and one ``HP-Outer`` field per outer
     header (RFC 9788). ``hp`` needs a finalized message (:meth:`Message.finalized`).
     """
-    return bytes(stream_payload(message, hp=hp))
+    return bytes(stream_payload(message, hp=hp, canonical=canonical))
 
 
 def message_head(message: Message, *, hp: HP | None) -> bytes:
@@ -1641,6 +1649,13 @@ class MimeBody:
     head: bytes
     #: The body, canonical: CRLF, 7-bit, lines of at most 998 octets.
     body: bytes = field(repr=False)
+    #: The entity as the program wrote it (its header block and body, line ends made CRLF
+    #: and nothing else), when that differs from the canonical :attr:`head` and :attr:`body`;
+    #: None when they are the same. RFC 3156 §3's 7-bit rules are for what gets signed in a
+    #: multipart/signed: an entity that is encrypted with OpenPGP (encrypt-only or combined
+    #: sign+encrypt, §6.2) travels as binary literal data and is sent in this form, so that
+    #: it decrypts to the program's bytes (a patch byte for byte: no ``=C3=A9``, no ``=20``).
+    original: tuple[bytes, bytes] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.head, bytes) or not isinstance(self.body, bytes):
@@ -1665,6 +1680,40 @@ class MimeBody:
                     f"the {what} is not canonical ({exc.reason}); use MimeBody.parse",
                     field="body",
                 ) from None
+        if self.original is not None:
+            self._check_original(self.original)
+
+    @staticmethod
+    def _check_original(original: tuple[bytes, bytes]) -> None:
+        """The program's form may be 8-bit with long lines (it only ever travels encrypted),
+        but its line ends must be CRLF and its header block Content-* fields with a
+        Content-Type, as for the canonical form."""
+        if (
+            not isinstance(original, tuple)
+            or len(original) != 2
+            or not all(isinstance(part, bytes) for part in original)
+        ):
+            raise MessageError("original must be a (head, body) pair of bytes", field="body")
+        head = original[0]
+        for data in original:
+            if _BARE_CR.search(data) or data.count(b"\n") != data.count(b"\r\n"):
+                raise MessageError("the original entity has a bare CR or LF", field="body")
+        fields = _split_fields(head, "MIME body header") if head.endswith(b"\r\n") else None
+        if fields is None or not any(item.lower == "content-type" for item in fields):
+            raise MessageError("the original header block has no Content-Type", field="body")
+        for item in fields:
+            if not item.lower.startswith("content-"):
+                raise MessageError(
+                    f"{item.name} does not belong in a MIME body's header", field="body"
+                )
+
+    def form(self, *, canonical: bool = True) -> tuple[bytes, bytes]:
+        """The header block and body to send: canonical (for signing, RFC 3156 §3 / RFC 8551
+        §3.1.1) or, with ``canonical=False``, as the program wrote them (only for a payload
+        that is encrypted with OpenPGP, where it is binary literal data)."""
+        if canonical or self.original is None:
+            return self.head, self.body
+        return self.original
 
     @classmethod
     def parse(cls, entity: bytes) -> MimeBody:
@@ -1700,17 +1749,18 @@ class MimeBody:
             head = render_header("Content-Type", f"text/plain; charset={charset}") + head
         entity = _canon_entity(head, body, default="text/plain", where="body", depth=0)
         new_head, new_body = _split_entity(entity) or (entity, b"")
-        return cls(new_head, new_body)
+        original = None if (head, body) == (new_head, new_body) else (head, body)
+        return cls(new_head, new_body, original)
 
     @property
     def content_type(self) -> str:
         """The top-level type/subtype, lower case."""
         return _content_type(_split_fields(self.head, "MIME header"), "text/plain")[0]
 
-    def head_with(self, params: Sequence[str]) -> bytes:
+    def head_with(self, params: Sequence[str], *, canonical: bool = True) -> bytes:
         """The header block with ``params`` added to its Content-Type (e.g. RFC 9788's)."""
         out: list[bytes] = []
-        for item in _split_fields(self.head, "MIME header"):
+        for item in _split_fields(self.form(canonical=canonical)[0], "MIME header"):
             if item.lower == "content-type":
                 lines = [item.raw[:-2].rstrip(b"; \t")]
                 for param in params:

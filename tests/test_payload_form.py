@@ -1,0 +1,200 @@
+"""A program's own MIME body (sendmail, relay, Django) in the protected payload: encrypted with
+OpenPGP it decrypts to the program's bytes (only line ends CRLF: binary literal data needs no
+7-bit form, RFC 3156 §6.2); signed in a multipart/signed it stays canonical (RFC 3156 §3) and
+verifies. Checked with gpg and sqop on the bytes a real TLS SMTP server received."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fixtures_pgp import Keys
+from pgp_helpers import (
+    gpg_decrypt,
+    gpg_verify,
+    multipart_parts,
+    part_body,
+    sop_decrypt,
+    sop_verify,
+    split_head,
+)
+
+from e2email import AsyncMailer, Protection, SMTPSettings, TLSMode
+from e2email.config import OpenPGPEngine
+from e2email.inbound import submit
+from e2email.keystore import Keystore
+from e2email.message import HP, Message, MimeBody, build_payload
+from e2email.testing import LoopbackSMTPServer
+
+ServerFactory = Callable[..., LoopbackSMTPServer]
+
+# As git send-email pipes it: LF, 8-bit UTF-8, a context line that is one space, a removed
+# line with a trailing space, the "-- " signature separator, a line starting "From ".
+PATCH = (
+    b"From: A U Thor <alice@example.org>\n"
+    b"To: bob@example.net\n"
+    b"Subject: [PATCH] hello: say b\xc3\xa9\n"
+    b"Date: Sun, 6 Dec 2026 11:00:00 +0100\n"
+    b"Message-ID: <20261206100000.1-1-alice@example.org>\n"
+    b"X-Mailer: git-send-email 2.39.5\n"
+    b"MIME-Version: 1.0\n"
+    b"Content-Type: text/plain; charset=UTF-8\n"
+    b"Content-Transfer-Encoding: 8bit\n"
+    b"\n"
+    b"Say b\xc3\xa9, not be.\n"
+    b"From now on it is right.\n"
+    b"\n"
+    b"Signed-off-by: A U Thor <alice@example.org>\n"
+    b"---\n"
+    b" hello.c | 2 +-\n"
+    b"\n"
+    b"diff --git a/hello.c b/hello.c\n"
+    b"--- a/hello.c\n"
+    b"+++ b/hello.c\n"
+    b"@@ -1,3 +1,3 @@\n"
+    b" int main(void) {\n"
+    b'-\tputs("be"); \n'
+    b'+\tputs("b\xc3\xa9");\n'
+    b" \n"
+    b"-- \n"
+    b"2.39.5\n"
+    b"\n"
+)
+PATCH_BODY_CRLF = PATCH.split(b"\n\n", 1)[1].replace(b"\n", b"\r\n")
+
+
+def _mailer(store: Keystore, server: LoopbackSMTPServer, **prot: object) -> AsyncMailer:
+    assert server.ca_file is not None
+    return AsyncMailer(
+        smtp=SMTPSettings(
+            host=server.host, port=server.port, tls=TLSMode.IMPLICIT, ca_file=server.ca_file
+        ),
+        keystore=store,
+        protection=Protection(**prot),  # type: ignore[arg-type]
+    )
+
+
+def _send(store: Keystore, server: LoopbackSMTPServer, raw: bytes, **prot: object) -> bytes:
+    result = asyncio.run(submit(_mailer(store, server, **prot), raw))
+    assert list(result.accepted) == ["bob@example.net"]
+    (received,) = server.messages
+    data: bytes = received.data
+    data.decode("ascii")  # 7-bit on the wire: the armor, and e2email's own outer head
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    return data
+
+
+def _armored(raw: bytes) -> bytes:
+    _, (version, encrypted) = multipart_parts(raw)
+    assert part_body(version).strip() == b"Version: 1"
+    return part_body(encrypted)
+
+
+@pytest.mark.parametrize("sign", [True, False], ids=["sign+encrypt", "encrypt-only"])
+def test_encrypted_program_body_decrypts_byte_for_byte(
+    openpgp_engine: OpenPGPEngine,
+    sign: bool,
+    keys: Keys,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
+    tmp_path: Path,
+) -> None:
+    """The decrypted entity's body is the patch as git wrote it (8-bit, trailing spaces,
+    "-- "), only its line ends CRLF: no quoted-printable on the way."""
+    server = smtp_server(tls="implicit")
+    raw = _send(
+        sender_store, server, PATCH, engine=openpgp_engine, sign=sign, encrypt_to_self=False
+    )
+    assert b"hello.c" not in raw
+    armored = _armored(raw)
+    plaintext, status = gpg_decrypt(recipients_home, armored)
+    assert "DECRYPTION_OKAY" in status
+    assert ("VALIDSIG " + keys.alice.fingerprint in status) is sign
+    head, body = split_head(plaintext)
+    assert body == PATCH_BODY_CRLF
+    assert b"=C3=A9" not in plaintext and b"=20" not in plaintext
+    assert b"Content-Transfer-Encoding: 8bit\r\n" in head
+    assert b'hp="cipher"' in head
+    inner = email.message_from_bytes(plaintext, policy=email.policy.default)
+    assert inner["X-Mailer"] == "git-send-email 2.39.5"
+    assert inner["Subject"] == "[PATCH] hello: say bé"
+    # sqop reads the same bytes.
+    assert keys.bob.secret is not None
+    if sign:
+        plain, _ = sop_decrypt("sqop", armored, keys.bob.secret, keys.alice.cert, tmp_path)
+    else:
+        plain = subprocess.run(
+            ["sqop", "decrypt", str(keys.bob.secret)],
+            input=armored,
+            capture_output=True,
+            check=True,
+        ).stdout
+    assert plain == plaintext
+
+
+def test_signed_only_program_body_stays_canonical_and_verifies(
+    openpgp_engine: OpenPGPEngine,
+    keys: Keys,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
+    tmp_path: Path,
+) -> None:
+    """Signed only, the part inside multipart/signed is the canonical 7-bit form (RFC 3156
+    §3): quoted-printable, and both gpg and sqop verify it as received."""
+    server = smtp_server(tls="implicit")
+    raw = _send(sender_store, server, PATCH, engine=openpgp_engine, encrypt=False)
+    _, (signed, signature) = multipart_parts(raw)
+    assert b"Content-Transfer-Encoding: quoted-printable" in signed
+    assert b"b=C3=A9" in signed and b"--=20" in signed
+    signed.decode("ascii")
+    assert gpg_verify(recipients_home, part_body(signature), signed, tmp_path) == (
+        keys.alice.fingerprint
+    )
+    sop_verify("sqop", part_body(signature), signed, keys.alice.cert, tmp_path)
+    inner = email.message_from_bytes(signed, policy=email.policy.default)
+    decoded = inner.get_payload(decode=True)
+    assert isinstance(decoded, bytes)
+    assert decoded == PATCH_BODY_CRLF
+
+
+def test_mime_body_keeps_the_program_form_next_to_the_canonical_one() -> None:
+    entity = (
+        b"Content-Type: text/plain; charset=utf-8\n"
+        b"Content-Transfer-Encoding: 8bit\n\n"
+        b"b\xc3\xa9 \r\nbare\rcr\n"
+    )
+    mime = MimeBody.parse(entity)
+    assert mime.head.endswith(b"Content-Transfer-Encoding: quoted-printable\r\n")
+    assert mime.body.isascii()
+    head, body = mime.form(canonical=False)
+    # Line ends made CRLF (a bare CR too), nothing else changed.
+    assert body == b"b\xc3\xa9 \r\nbare\r\ncr\r\n"
+    assert head == (
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+    )
+    assert mime.form() == (mime.head, mime.body)
+    # Already canonical: nothing kept twice.
+    plain = MimeBody.parse(b"Content-Type: text/plain\n\nhello\n")
+    assert plain.original is None
+    assert plain.form(canonical=False) == plain.form()
+
+
+def test_payload_forms_of_program_and_built_messages() -> None:
+    msg = Message.from_bytes(PATCH).finalized()
+    canonical = build_payload(msg, hp=HP.CIPHER)
+    program = build_payload(msg, hp=HP.CIPHER, canonical=False)
+    assert canonical.isascii() and not program.isascii()
+    assert split_head(program)[1] == PATCH_BODY_CRLF
+    assert build_payload(msg, hp=HP.CIPHER, canonical=True) == canonical
+    # Messages e2email builds are the same either way.
+    built = Message(
+        sender="alice@example.org", to=["bob@example.net"], subject="s", text="b\xe9 \n"
+    ).finalized()
+    assert build_payload(built, hp=HP.CIPHER, canonical=False) == build_payload(built, hp=HP.CIPHER)
