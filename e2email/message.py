@@ -559,6 +559,14 @@ class Message:
     headers: tuple[tuple[str, str], ...]
     #: A pre-built MIME entity sent as the payload as it is, instead of text/html/attachments.
     body: MimeBody | None
+    #: The To and Cc header fields as the author wrote them, when they list an address more
+    #: than once (``To: bob@example.net, BOB@EXAMPLE.NET`` / ``Cc: bob@example.net``, as
+    #: reply-to-all makes): shown as written in the header, while :attr:`to` and :attr:`cc`
+    #: (the recipients: envelope, keys, copies) hold each address once. None: :attr:`to` and
+    #: :attr:`cc` as they are. Set by :meth:`from_bytes`; they must name exactly the
+    #: addresses of :attr:`to` and :attr:`cc` (never a Bcc one).
+    shown_to: tuple[Address, ...] | None
+    shown_cc: tuple[Address, ...] | None
 
     # A hand-written __init__ so that type checkers accept what the class accepts at run time
     # (strings and any iterable for the address fields); the fields stay precise.
@@ -578,6 +586,8 @@ class Message:
         message_id: str | None = None,
         headers: Iterable[tuple[str, str]] | Mapping[str, str] = (),
         body: MimeBody | None = None,
+        shown_to: Iterable[AddressInput] | AddressInput | None = None,
+        shown_cc: Iterable[AddressInput] | AddressInput | None = None,
     ) -> None:
         values = {
             "sender": sender,
@@ -593,6 +603,8 @@ class Message:
             "message_id": message_id,
             "headers": headers,
             "body": body,
+            "shown_to": shown_to,
+            "shown_cc": shown_cc,
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -650,6 +662,8 @@ class Message:
                     )
                 seen[key] = name
 
+        self._check_shown()
+
         if self.message_id is not None:
             mid = self.message_id
             if not isinstance(mid, str) or len(mid) > 250 or not _MESSAGE_ID.fullmatch(mid):
@@ -686,6 +700,34 @@ class Message:
         header address not in it is dropped. Malformed input raises MessageError.
         """
         return _message_from_bytes(raw, sender, envelope)
+
+    def _check_shown(self) -> None:
+        if self.shown_to is None and self.shown_cc is None:
+            return
+        for name in ("shown_to", "shown_cc"):
+            value = getattr(self, name)
+            default = self.to if name == "shown_to" else self.cc
+            shown = default if value is None else _coerce_addresses(value, name)
+            object.__setattr__(self, name, shown)
+        written = {a.addr_spec.lower() for a in (*(self.shown_to or ()), *(self.shown_cc or ()))}
+        listed = {a.addr_spec.lower() for a in (*self.to, *self.cc)}
+        if written != listed:
+            # A header naming someone who does not get the message (or hiding one who does)
+            # would show recipients that are not, or reveal a Bcc.
+            raise MessageError(
+                "the To and Cc fields as written must name the same addresses as to and cc",
+                field="shown_to",
+            )
+
+    @property
+    def to_field(self) -> tuple[Address, ...]:
+        """The To field's addresses as shown in the header (:attr:`shown_to` or :attr:`to`)."""
+        return self.to if self.shown_to is None else self.shown_to
+
+    @property
+    def cc_field(self) -> tuple[Address, ...]:
+        """The Cc field's addresses as shown in the header (:attr:`shown_cc` or :attr:`cc`)."""
+        return self.cc if self.shown_cc is None else self.shown_cc
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -1058,12 +1100,14 @@ def _outer_fields(message: Message, hp: HP | None) -> list[tuple[str, str]]:
     """The non-structural header fields of the outer message, in order."""
     date, message_id = _require_finalized(message)
     fields = [("Date", format_datetime(date)), ("From", message.sender.header_form())]
-    if message.to:
-        fields.append(("To", ", ".join(a.header_form() for a in message.to)))
-    elif not message.cc:
+    # As the author wrote them (an address listed twice stays so), outside as inside: a
+    # reader without RFC 9788 sees the same To and Cc as one that reads the protected part.
+    if message.to_field:
+        fields.append(("To", ", ".join(a.header_form() for a in message.to_field)))
+    elif not message.cc_field:
         fields.append(("To", "undisclosed-recipients:;"))
-    if message.cc:
-        fields.append(("Cc", ", ".join(a.header_form() for a in message.cc)))
+    if message.cc_field:
+        fields.append(("Cc", ", ".join(a.header_form() for a in message.cc_field)))
     if message.reply_to:
         fields.append(("Reply-To", ", ".join(a.header_form() for a in message.reply_to)))
     fields.append(("Subject", "[...]" if hp is HP.CIPHER else message.subject))
@@ -1076,10 +1120,11 @@ def _protected_fields(message: Message) -> list[tuple[str, str]]:
     """The header fields inside the protected payload (RFC 9788 §2). Never Bcc."""
     date, message_id = _require_finalized(message)
     fields = [("From", message.sender.header_form())]
-    if message.to:
-        fields.append(("To", ", ".join(a.header_form() for a in message.to)))
-    if message.cc:
-        fields.append(("Cc", ", ".join(a.header_form() for a in message.cc)))
+    # As the author wrote them: duplicates are removed from the recipients, not the header.
+    if message.to_field:
+        fields.append(("To", ", ".join(a.header_form() for a in message.to_field)))
+    if message.cc_field:
+        fields.append(("Cc", ", ".join(a.header_form() for a in message.cc_field)))
     if message.reply_to:
         fields.append(("Reply-To", ", ".join(a.header_form() for a in message.reply_to)))
     fields.append(("Subject", message.subject))
@@ -1856,9 +1901,11 @@ def _message_from_bytes(
         return found[0] if found else None
 
     lists: dict[str, list[Address]] = {}
+    written: dict[str, list[Address]] = {}
     seen: set[str] = set()
     for name in ("to", "cc", "bcc", "reply-to"):
         found: list[Address] = []
+        as_written = written.setdefault(name, [])
         for item in (f for f in fields if f.lower == name):
             for display, addr in item.addresses():
                 if "@" not in addr:
@@ -1870,6 +1917,7 @@ def _message_from_bytes(
                 except MessageError as exc:
                     raise MessageError(exc.reason, field=name) from None
                 key = address.addr_spec.lower()
+                as_written.append(address)
                 if name != "reply-to":
                     # The same address twice (To and Cc, as replies-to-all make) is one
                     # recipient; a Bcc listed in To or Cc is not hidden anyway.
@@ -1946,6 +1994,11 @@ def _message_from_bytes(
                 lists["bcc"].append(address)
                 hidden.add(key)
     mime = MimeBody._from_parts(b"".join(content), body)
+    # Duplicates are removed from the recipients only; the To and Cc fields are shown as the
+    # author wrote them (those written list only addresses that are in to or cc).
+    shown_to = shown_cc = None
+    if (written["to"], written["cc"]) != (lists["to"], lists["cc"]):
+        shown_to, shown_cc = written["to"], written["cc"]
     return Message(
         sender=author,
         to=lists["to"],
@@ -1957,4 +2010,6 @@ def _message_from_bytes(
         message_id=message_id,
         headers=extra,
         body=mime,
+        shown_to=shown_to,
+        shown_cc=shown_cc,
     )

@@ -26,6 +26,7 @@ from pgp_helpers import (
 
 from e2email import AsyncMailer, Protection, SMTPSettings, TLSMode
 from e2email.config import OpenPGPEngine
+from e2email.errors import MessageError
 from e2email.inbound import submit
 from e2email.keystore import Keystore
 from e2email.message import HP, Message, MimeBody, build_payload
@@ -198,3 +199,67 @@ def test_payload_forms_of_program_and_built_messages() -> None:
         sender="alice@example.org", to=["bob@example.net"], subject="s", text="b\xe9 \n"
     ).finalized()
     assert build_payload(built, hp=HP.CIPHER, canonical=False) == build_payload(built, hp=HP.CIPHER)
+
+
+# -- An address listed twice: one recipient, the header as written -------------------------
+
+DUPLICATES = (
+    b"From: alice@example.org\n"
+    b"To: bob@example.net, BOB@EXAMPLE.NET\n"
+    b"Cc: bob@example.net\n"
+    b"Bcc: carol@example.com\n"
+    b"Subject: twice\n"
+    b"\n"
+    b"hello\n"
+)
+
+
+def test_duplicate_addresses_leave_the_protected_to_and_cc_as_written(
+    openpgp_engine: OpenPGPEngine,
+    keys: Keys,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
+) -> None:
+    """bob is one recipient (one envelope address, one key, one copy), but the decrypted
+    header keeps To and Cc as the program wrote them; the Bcc is nowhere in it."""
+    server = smtp_server(tls="implicit")
+    result = asyncio.run(submit(_mailer(sender_store, server, engine=openpgp_engine), DUPLICATES))
+    assert sorted(result.accepted) == ["bob@example.net", "carol@example.com"]
+    main = [m for m in server.messages if m.rcpt_tos == ("bob@example.net",)]
+    assert len(main) == 1 and len(server.messages) == 2
+    raw = main[0].data
+    outer = email.message_from_bytes(raw, policy=email.policy.default)
+    assert outer["To"] == "bob@example.net, BOB@example.net"
+    assert outer["Cc"] == "bob@example.net"
+    plaintext, status = gpg_decrypt(recipients_home, _armored(raw))
+    assert f"VALIDSIG {keys.alice.fingerprint}" in status
+    inner = email.message_from_bytes(plaintext, policy=email.policy.default)
+    assert inner["To"] == "bob@example.net, BOB@example.net"
+    assert inner["Cc"] == "bob@example.net"
+    assert b"carol" not in plaintext.lower() and b"carol" not in raw.lower()
+
+
+def test_shown_fields_must_name_the_recipients() -> None:
+    msg = Message.from_bytes(DUPLICATES)
+    assert [a.addr_spec for a in msg.to] == ["bob@example.net"]
+    assert msg.cc == ()
+    assert [a.addr_spec for a in msg.to_field] == ["bob@example.net", "BOB@example.net"]
+    assert [a.addr_spec for a in msg.cc_field] == ["bob@example.net"]
+    # Without duplicates nothing extra is kept.
+    plain = Message.from_bytes(b"From: alice@example.org\nTo: bob@example.net\n\nx\n")
+    assert plain.shown_to is None and plain.shown_cc is None
+    # A written field may not show a Bcc recipient, nor leave out a real one.
+    with pytest.raises(MessageError):
+        Message(
+            sender="alice@example.org",
+            to=["bob@example.net"],
+            bcc=["carol@example.com"],
+            shown_to=["bob@example.net", "carol@example.com"],
+        )
+    with pytest.raises(MessageError):
+        Message(
+            sender="alice@example.org",
+            to=["bob@example.net", "dave@example.com"],
+            shown_to=["bob@example.net"],
+        )
