@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_pgp import Keys
+from fixtures_smime import PKI
 from pgp_helpers import (
     gpg_decrypt,
     gpg_verify,
@@ -24,7 +25,8 @@ from pgp_helpers import (
     split_head,
 )
 
-from e2email import AsyncMailer, Protection, SMTPSettings, TLSMode
+from e2email import AsyncMailer, Protection, Scheme, SMTPSettings, TLSMode
+from e2email.certstore import CertStore
 from e2email.config import OpenPGPEngine
 from e2email.errors import MessageError
 from e2email.inbound import submit
@@ -263,3 +265,46 @@ def test_shown_fields_must_name_the_recipients() -> None:
             to=["bob@example.net", "dave@example.com"],
             shown_to=["bob@example.net"],
         )
+
+
+def test_smime_keeps_the_canonical_form_inside_its_signature(
+    pki: PKI, smime_store: CertStore, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """S/MIME signs, then encrypts (RFC 8551): the inner multipart/signed carries the
+    canonical 7-bit form (quoted-printable), openssl verifies it, and it decodes to the
+    patch's bytes."""
+    server = smtp_server(tls="implicit")
+    mailer = AsyncMailer(
+        smtp=SMTPSettings(
+            host=server.host, port=server.port, tls=TLSMode.IMPLICIT, ca_file=server.ca_file
+        ),
+        keystore=Keystore(smime_store.home),
+        certstore=smime_store,
+        protection=Protection(scheme=Scheme.SMIME),
+    )
+    asyncio.run(submit(mailer, PATCH))
+    (received,) = server.messages
+    received.data.decode("ascii")
+    enc = tmp_path / "enc.eml"
+    enc.write_bytes(received.data)
+    inner = _openssl(
+        "cms", "-decrypt", "-in", str(enc), "-recip", str(pki.bob.cert_pem),
+        "-inkey", str(pki.bob.key_pem),
+    )  # fmt: skip
+    assert b"b=C3=A9" in inner and b"--=20" in inner
+    inner.decode("ascii")
+    signed_file = tmp_path / "inner.eml"
+    signed_file.write_bytes(inner)
+    content = _openssl(
+        "cms", "-verify", "-in", str(signed_file), "-CAfile", str(pki.root_pem),
+        "-purpose", "smimesign",
+    )  # fmt: skip
+    part = email.message_from_bytes(content, policy=email.policy.default)
+    assert part["Content-Transfer-Encoding"] == "quoted-printable"
+    assert part.get_payload(decode=True) == PATCH_BODY_CRLF
+
+
+def _openssl(*args: str) -> bytes:
+    done = subprocess.run(["openssl", *args], capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return done.stdout
