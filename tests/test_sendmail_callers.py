@@ -509,6 +509,29 @@ def test_cron_style_invocation(
     assert text_of(inner) == body_after_head(CRON_MESSAGE)
 
 
+def test_t_with_an_address_listed_twice_keeps_to_and_cc_as_written(
+    home: Path,
+    server: LoopbackSMTPServer,
+    keys: Keys,
+    recipients_home: Path,
+    tmp_path: Path,
+) -> None:
+    """`-t` with bob in To twice (case differs) and in Cc: one envelope recipient, one copy,
+    but the decrypted header keeps To and Cc as the program wrote them."""
+    message = (
+        f"From: {ALICE}\nTo: bob@example.net, BOB@example.net\nCc: bob@example.net\n"
+        "Subject: twice\n\nsecret-twice\n"
+    ).encode()
+    done = run(sendmail_cmd(home, server, "-t", "-i"), stdin=message)
+    assert done.returncode == 0, done.stderr.decode()
+    assert_ciphertext_only(server, b"secret-twice")
+    (received,) = server.messages
+    assert received.rcpt_tos == ("bob@example.net",)
+    inner = parse(decrypt(received.data, keys, recipients_home, tmp_path))
+    assert inner["To"] == "bob@example.net, BOB@example.net"
+    assert inner["Cc"] == "bob@example.net"
+
+
 # -- Refusals, each with its status ---------------------------------------------------------
 
 PLAIN = f"From: {ALICE}\nTo: bob@example.net\nSubject: secret-subject\n\nsecret-body\n".encode()
