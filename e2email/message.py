@@ -559,6 +559,14 @@ class Message:
     headers: tuple[tuple[str, str], ...]
     #: A pre-built MIME entity sent as the payload as it is, instead of text/html/attachments.
     body: MimeBody | None
+    #: The To and Cc header fields as the author wrote them, when they list an address more
+    #: than once (``To: bob@example.net, BOB@EXAMPLE.NET`` / ``Cc: bob@example.net``, as
+    #: reply-to-all makes): shown as written in the header, while :attr:`to` and :attr:`cc`
+    #: (the recipients: envelope, keys, copies) hold each address once. None: :attr:`to` and
+    #: :attr:`cc` as they are. Set by :meth:`from_bytes`; they must name exactly the
+    #: addresses of :attr:`to` and :attr:`cc` (never a Bcc one).
+    shown_to: tuple[Address, ...] | None
+    shown_cc: tuple[Address, ...] | None
 
     # A hand-written __init__ so that type checkers accept what the class accepts at run time
     # (strings and any iterable for the address fields); the fields stay precise.
@@ -578,6 +586,8 @@ class Message:
         message_id: str | None = None,
         headers: Iterable[tuple[str, str]] | Mapping[str, str] = (),
         body: MimeBody | None = None,
+        shown_to: Iterable[AddressInput] | AddressInput | None = None,
+        shown_cc: Iterable[AddressInput] | AddressInput | None = None,
     ) -> None:
         values = {
             "sender": sender,
@@ -593,6 +603,8 @@ class Message:
             "message_id": message_id,
             "headers": headers,
             "body": body,
+            "shown_to": shown_to,
+            "shown_cc": shown_cc,
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -650,6 +662,8 @@ class Message:
                     )
                 seen[key] = name
 
+        self._check_shown()
+
         if self.message_id is not None:
             mid = self.message_id
             if not isinstance(mid, str) or len(mid) > 250 or not _MESSAGE_ID.fullmatch(mid):
@@ -686,6 +700,34 @@ class Message:
         header address not in it is dropped. Malformed input raises MessageError.
         """
         return _message_from_bytes(raw, sender, envelope)
+
+    def _check_shown(self) -> None:
+        if self.shown_to is None and self.shown_cc is None:
+            return
+        for name in ("shown_to", "shown_cc"):
+            value = getattr(self, name)
+            default = self.to if name == "shown_to" else self.cc
+            shown = default if value is None else _coerce_addresses(value, name)
+            object.__setattr__(self, name, shown)
+        written = {a.addr_spec.lower() for a in (*(self.shown_to or ()), *(self.shown_cc or ()))}
+        listed = {a.addr_spec.lower() for a in (*self.to, *self.cc)}
+        if written != listed:
+            # A header naming someone who does not get the message (or hiding one who does)
+            # would show recipients that are not, or reveal a Bcc.
+            raise MessageError(
+                "the To and Cc fields as written must name the same addresses as to and cc",
+                field="shown_to",
+            )
+
+    @property
+    def to_field(self) -> tuple[Address, ...]:
+        """The To field's addresses as shown in the header (:attr:`shown_to` or :attr:`to`)."""
+        return self.to if self.shown_to is None else self.shown_to
+
+    @property
+    def cc_field(self) -> tuple[Address, ...]:
+        """The Cc field's addresses as shown in the header (:attr:`shown_cc` or :attr:`cc`)."""
+        return self.cc if self.shown_cc is None else self.shown_cc
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -1058,12 +1100,14 @@ def _outer_fields(message: Message, hp: HP | None) -> list[tuple[str, str]]:
     """The non-structural header fields of the outer message, in order."""
     date, message_id = _require_finalized(message)
     fields = [("Date", format_datetime(date)), ("From", message.sender.header_form())]
-    if message.to:
-        fields.append(("To", ", ".join(a.header_form() for a in message.to)))
-    elif not message.cc:
+    # As the author wrote them (an address listed twice stays so), outside as inside: a
+    # reader without RFC 9788 sees the same To and Cc as one that reads the protected part.
+    if message.to_field:
+        fields.append(("To", ", ".join(a.header_form() for a in message.to_field)))
+    elif not message.cc_field:
         fields.append(("To", "undisclosed-recipients:;"))
-    if message.cc:
-        fields.append(("Cc", ", ".join(a.header_form() for a in message.cc)))
+    if message.cc_field:
+        fields.append(("Cc", ", ".join(a.header_form() for a in message.cc_field)))
     if message.reply_to:
         fields.append(("Reply-To", ", ".join(a.header_form() for a in message.reply_to)))
     fields.append(("Subject", "[...]" if hp is HP.CIPHER else message.subject))
@@ -1076,10 +1120,11 @@ def _protected_fields(message: Message) -> list[tuple[str, str]]:
     """The header fields inside the protected payload (RFC 9788 §2). Never Bcc."""
     date, message_id = _require_finalized(message)
     fields = [("From", message.sender.header_form())]
-    if message.to:
-        fields.append(("To", ", ".join(a.header_form() for a in message.to)))
-    if message.cc:
-        fields.append(("Cc", ", ".join(a.header_form() for a in message.cc)))
+    # As the author wrote them: duplicates are removed from the recipients, not the header.
+    if message.to_field:
+        fields.append(("To", ", ".join(a.header_form() for a in message.to_field)))
+    if message.cc_field:
+        fields.append(("Cc", ", ".join(a.header_form() for a in message.cc_field)))
     if message.reply_to:
         fields.append(("Reply-To", ", ".join(a.header_form() for a in message.reply_to)))
     fields.append(("Subject", message.subject))
@@ -1116,17 +1161,18 @@ class PayloadStream:
         return out.getvalue()
 
 
-def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
+def stream_payload(message: Message, *, hp: HP | None, canonical: bool = True) -> PayloadStream:
     """:func:`build_payload`'s bytes as a :class:`PayloadStream` (same arguments, same checks,
     same bytes), for feeding a large message to a signer or encrypter piece by piece."""
     if message.body is not None:
         mime = message.body
+        mime_head, mime_body = mime.form(canonical=canonical)
         if hp is None:
-            return PayloadStream([mime.head, b"\r\n", mime.body])
-        head = [mime.head_with(['protected-headers="v1"', f'hp="{hp.value}"'])]
+            return PayloadStream([mime_head, b"\r\n", mime_body])
+        head = [mime.head_with(['protected-headers="v1"', f'hp="{hp.value}"'], canonical=canonical)]
         head.extend(render_header(name, value) for name, value in _protected_fields(message))
         head.extend(_hp_outer(n, v) for n, v in _outer_fields(message, hp) if _recorded(n))
-        return PayloadStream([b"".join(head), b"\r\n", mime.body])
+        return PayloadStream([b"".join(head), b"\r\n", mime_body])
     body = _text_part("plain", message.text)
     if message.html is not None:
         body = _multipart("alternative", [body, _text_part("html", message.html)])
@@ -1142,8 +1188,15 @@ def stream_payload(message: Message, *, hp: HP | None) -> PayloadStream:
     return PayloadStream([b"".join(head), b"\r\n", *body.body])
 
 
-def build_payload(message: Message, *, hp: HP | None) -> bytes:
-    """The MIME entity to sign and/or encrypt, as canonical bytes (header block, CRLF, body).
+def build_payload(message: Message, *, hp: HP | None, canonical: bool = True) -> bytes:
+    """The MIME entity to sign and/or encrypt, as bytes (header block, CRLF, body): canonical
+    (CRLF, 7-bit, RFC 3156 §3) by default.
+
+    ``canonical=False`` is for a payload that is only ever encrypted with OpenPGP (binary
+    literal data, RFC 3156 §6.2 / RFC 9580 §5.9): a :attr:`Message.body` is then sent as the
+    program wrote it (:meth:`MimeBody.form`), 8-bit and trailing spaces kept. Whatever is
+    signed in a multipart/signed (OpenPGP sign-only, every S/MIME signature) stays canonical.
+    Messages built from text/html/attachments are canonical either way.
 
     text/plain, or multipart/alternative (text, html), wrapped in multipart/mixed when there
     are attachments. With ``hp`` the top-level Content-Type carries ``protected-headers="v1"``
@@ -1151,7 +1204,7 @@ def build_payload(message: Message, *, hp: HP | None) -> bytes:
     Reply-To, Subject, Date, Message-ID (never Bcc) and one ``HP-Outer`` field per outer
     header (RFC 9788). ``hp`` needs a finalized message (:meth:`Message.finalized`).
     """
-    return bytes(stream_payload(message, hp=hp))
+    return bytes(stream_payload(message, hp=hp, canonical=canonical))
 
 
 def message_head(message: Message, *, hp: HP | None) -> bytes:
@@ -1641,6 +1694,13 @@ class MimeBody:
     head: bytes
     #: The body, canonical: CRLF, 7-bit, lines of at most 998 octets.
     body: bytes = field(repr=False)
+    #: The entity as the program wrote it (its header block and body, line ends made CRLF
+    #: and nothing else), when that differs from the canonical :attr:`head` and :attr:`body`;
+    #: None when they are the same. RFC 3156 §3's 7-bit rules are for what gets signed in a
+    #: multipart/signed: an entity that is encrypted with OpenPGP (encrypt-only or combined
+    #: sign+encrypt, §6.2) travels as binary literal data and is sent in this form, so that
+    #: it decrypts to the program's bytes (a patch byte for byte: no ``=C3=A9``, no ``=20``).
+    original: tuple[bytes, bytes] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.head, bytes) or not isinstance(self.body, bytes):
@@ -1665,6 +1725,40 @@ class MimeBody:
                     f"the {what} is not canonical ({exc.reason}); use MimeBody.parse",
                     field="body",
                 ) from None
+        if self.original is not None:
+            self._check_original(self.original)
+
+    @staticmethod
+    def _check_original(original: tuple[bytes, bytes]) -> None:
+        """The program's form may be 8-bit with long lines (it only ever travels encrypted),
+        but its line ends must be CRLF and its header block Content-* fields with a
+        Content-Type, as for the canonical form."""
+        if (
+            not isinstance(original, tuple)
+            or len(original) != 2
+            or not all(isinstance(part, bytes) for part in original)
+        ):
+            raise MessageError("original must be a (head, body) pair of bytes", field="body")
+        head = original[0]
+        for data in original:
+            if _BARE_CR.search(data) or data.count(b"\n") != data.count(b"\r\n"):
+                raise MessageError("the original entity has a bare CR or LF", field="body")
+        fields = _split_fields(head, "MIME body header") if head.endswith(b"\r\n") else None
+        if fields is None or not any(item.lower == "content-type" for item in fields):
+            raise MessageError("the original header block has no Content-Type", field="body")
+        for item in fields:
+            if not item.lower.startswith("content-"):
+                raise MessageError(
+                    f"{item.name} does not belong in a MIME body's header", field="body"
+                )
+
+    def form(self, *, canonical: bool = True) -> tuple[bytes, bytes]:
+        """The header block and body to send: canonical (for signing, RFC 3156 §3 / RFC 8551
+        §3.1.1) or, with ``canonical=False``, as the program wrote them (only for a payload
+        that is encrypted with OpenPGP, where it is binary literal data)."""
+        if canonical or self.original is None:
+            return self.head, self.body
+        return self.original
 
     @classmethod
     def parse(cls, entity: bytes) -> MimeBody:
@@ -1700,17 +1794,18 @@ class MimeBody:
             head = render_header("Content-Type", f"text/plain; charset={charset}") + head
         entity = _canon_entity(head, body, default="text/plain", where="body", depth=0)
         new_head, new_body = _split_entity(entity) or (entity, b"")
-        return cls(new_head, new_body)
+        original = None if (head, body) == (new_head, new_body) else (head, body)
+        return cls(new_head, new_body, original)
 
     @property
     def content_type(self) -> str:
         """The top-level type/subtype, lower case."""
         return _content_type(_split_fields(self.head, "MIME header"), "text/plain")[0]
 
-    def head_with(self, params: Sequence[str]) -> bytes:
+    def head_with(self, params: Sequence[str], *, canonical: bool = True) -> bytes:
         """The header block with ``params`` added to its Content-Type (e.g. RFC 9788's)."""
         out: list[bytes] = []
-        for item in _split_fields(self.head, "MIME header"):
+        for item in _split_fields(self.form(canonical=canonical)[0], "MIME header"):
             if item.lower == "content-type":
                 lines = [item.raw[:-2].rstrip(b"; \t")]
                 for param in params:
@@ -1806,9 +1901,11 @@ def _message_from_bytes(
         return found[0] if found else None
 
     lists: dict[str, list[Address]] = {}
+    written: dict[str, list[Address]] = {}
     seen: set[str] = set()
     for name in ("to", "cc", "bcc", "reply-to"):
         found: list[Address] = []
+        as_written = written.setdefault(name, [])
         for item in (f for f in fields if f.lower == name):
             for display, addr in item.addresses():
                 if "@" not in addr:
@@ -1820,6 +1917,7 @@ def _message_from_bytes(
                 except MessageError as exc:
                     raise MessageError(exc.reason, field=name) from None
                 key = address.addr_spec.lower()
+                as_written.append(address)
                 if name != "reply-to":
                     # The same address twice (To and Cc, as replies-to-all make) is one
                     # recipient; a Bcc listed in To or Cc is not hidden anyway.
@@ -1896,6 +1994,11 @@ def _message_from_bytes(
                 lists["bcc"].append(address)
                 hidden.add(key)
     mime = MimeBody._from_parts(b"".join(content), body)
+    # Duplicates are removed from the recipients only; the To and Cc fields are shown as the
+    # author wrote them (those written list only addresses that are in to or cc).
+    shown_to = shown_cc = None
+    if (written["to"], written["cc"]) != (lists["to"], lists["cc"]):
+        shown_to, shown_cc = written["to"], written["cc"]
     return Message(
         sender=author,
         to=lists["to"],
@@ -1907,4 +2010,6 @@ def _message_from_bytes(
         message_id=message_id,
         headers=extra,
         body=mime,
+        shown_to=shown_to,
+        shown_cc=shown_cc,
     )

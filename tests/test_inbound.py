@@ -156,6 +156,10 @@ def test_git_send_email_patch_decrypts_to_the_exact_patch(
     payload = inner.get_payload(decode=True)
     assert isinstance(payload, bytes)
     assert payload.replace(b"\r\n", b"\n") == PATCH_BODY.encode()
+    # Not only decoded: the entity's body is the patch as written (8-bit, "-- ", " "), line
+    # ends CRLF, nothing re-encoded (OpenPGP literal data needs no 7-bit form).
+    plaintext = gpg_decrypt(recipients_home, _armored(raw))[0]
+    assert plaintext.split(b"\r\n\r\n", 1)[1] == PATCH_BODY.encode().replace(b"\n", b"\r\n")
     # sqop reads the same bytes.
     assert keys.bob.secret is not None
     plain, _ = sop_decrypt("sqop", _armored(raw), keys.bob.secret, keys.alice.cert, tmp_path)

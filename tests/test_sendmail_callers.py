@@ -258,6 +258,7 @@ def _check_series(
     assert_ciphertext_only(server, b"secret-patch-one", b"secret-patch-two", b"first change")
     got = []
     bcc_copies = []
+    raw_bodies: dict[str, bytes] = {}
     for message in server.messages:
         assert message.mail_from == "alice@example.org"
         if message.rcpt_tos == ("dave@example.com",):
@@ -269,9 +270,15 @@ def _check_series(
         plaintext = decrypt(message.data, keys, recipients_home, tmp_path)
         assert b"dave@example.com" not in plaintext
         got.append(parse(plaintext))
+        raw_bodies[str(got[-1]["Subject"])] = plaintext.split(b"\r\n\r\n", 1)[1]
     assert sorted(str(m["Subject"]) for m in bcc_copies) == sorted(str(m["Subject"]) for m in got)
     got.sort(key=lambda m: str(m["Subject"]))
     for inner, patch in zip(got, patches, strict=True):
+        # The decrypted entity's body as git wrote it, not re-encoded (no =20 for "-- ",
+        # no =C3=AB): only line ends CRLF (OpenPGP literal data needs no 7-bit form).
+        assert raw_bodies[str(inner["Subject"])] == body_after_head(patch.read_bytes()).replace(
+            b"\n", b"\r\n"
+        )
         original = parse(patch.read_bytes())
         assert inner["Subject"] == original["Subject"]
         assert inner["From"] == ALICE
@@ -500,6 +507,29 @@ def test_cron_style_invocation(
     assert inner["From"] == "CronDaemon <alice@example.org>"
     assert inner["Subject"] == "Cron <root@backup> /usr/local/bin/nightly"
     assert text_of(inner) == body_after_head(CRON_MESSAGE)
+
+
+def test_t_with_an_address_listed_twice_keeps_to_and_cc_as_written(
+    home: Path,
+    server: LoopbackSMTPServer,
+    keys: Keys,
+    recipients_home: Path,
+    tmp_path: Path,
+) -> None:
+    """`-t` with bob in To twice (case differs) and in Cc: one envelope recipient, one copy,
+    but the decrypted header keeps To and Cc as the program wrote them."""
+    message = (
+        f"From: {ALICE}\nTo: bob@example.net, BOB@example.net\nCc: bob@example.net\n"
+        "Subject: twice\n\nsecret-twice\n"
+    ).encode()
+    done = run(sendmail_cmd(home, server, "-t", "-i"), stdin=message)
+    assert done.returncode == 0, done.stderr.decode()
+    assert_ciphertext_only(server, b"secret-twice")
+    (received,) = server.messages
+    assert received.rcpt_tos == ("bob@example.net",)
+    inner = parse(decrypt(received.data, keys, recipients_home, tmp_path))
+    assert inner["To"] == "bob@example.net, BOB@example.net"
+    assert inner["Cc"] == "bob@example.net"
 
 
 # -- Refusals, each with its status ---------------------------------------------------------

@@ -111,7 +111,9 @@ class GpgProtector(Protector):
 
         # Made once (one set of boundaries), read by each copy's gpg as it goes: a large
         # attachment's base64 is produced block by block and never held whole.
-        payload = stream_payload(msg, hp=HP.CIPHER)
+        # Encrypted (alone or signed inside, RFC 3156 §6.2): binary literal data, so a
+        # program's own MIME body goes in as it wrote it, not re-encoded for signing.
+        payload = stream_payload(msg, hp=HP.CIPHER, canonical=False)
         head = message_head(msg, hp=HP.CIPHER)
 
         async def one(kind: CopyKind, rcpts: tuple[Address, ...]) -> ProtectedCopy:

@@ -484,7 +484,9 @@ class SequoiaProtector(Protector):
                 ),
             )
 
-        payload = build_payload(msg, hp=HP.CIPHER)
+        # Encrypted (alone or signed inside, RFC 3156 §6.2): binary literal data, so a
+        # program's own MIME body goes in as it wrote it, not re-encoded for signing.
+        payload = build_payload(msg, hp=HP.CIPHER, canonical=False)
         head = message_head(msg, hp=HP.CIPHER)
 
         def one(kind: CopyKind, rcpts: Sequence[Any]) -> ProtectedCopy:
