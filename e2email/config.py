@@ -448,6 +448,12 @@ class Protection:
     revocation: RevocationPolicy = RevocationPolicy.OFF
     #: OpenPGP only: look up keys of recipients who have none (see :class:`DiscoveryPolicy`).
     discovery: DiscoveryPolicy = DiscoveryPolicy.OFF
+    #: OpenPGP only: publish the sender's key in an ``Autocrypt:`` header of every message
+    #: (and, when encrypting to several To/Cc recipients, their keys in ``Autocrypt-Gossip``
+    #: headers inside the encryption), so that peers' mail programs can encrypt replies
+    #: (Autocrypt Level 1). False for senders that must not publish keys (Level 1 "Account
+    #: Preferences": Autocrypt can be disabled per account).
+    autocrypt: bool = True
 
     def __post_init__(self) -> None:
         # Addresses compare case-insensitively; store the map normalised so lookups are simple.

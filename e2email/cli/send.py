@@ -588,6 +588,12 @@ def account_settings(account: Account, opts: dict[str, Any]) -> AccountSettings:
     "domain's Web Key Directory), wkd+keyserver (then keys.openpgp.org). A key found is still "
     "refused when unusable or when it differs from a stored one (e2email keys accept).",
 )
+@click.option(
+    "--no-autocrypt",
+    is_flag=True,
+    help="OpenPGP: do not publish the sender's key in an Autocrypt header, nor the recipients' "
+    "keys in Autocrypt-Gossip headers inside the encryption.",
+)
 @delivery_options
 @_bulk_options
 @account_options
@@ -758,6 +764,8 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
     if opts.get("discover"):
         # Key discovery (issue 10): only OpenPGP keys are looked up.
         protection = dataclasses.replace(protection, discovery=opts["discover"])
+    if opts.get("no_autocrypt"):
+        protection = dataclasses.replace(protection, autocrypt=False)
     _warn_unprotected(protection)
     passphrase = (
         secret_source(opts["passphrase_env"], opts["passphrase_command"], "signing key passphrase")

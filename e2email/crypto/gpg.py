@@ -3,6 +3,10 @@
 Looks up and judges every key through the keystore (fail closed: all problems named at once),
 then signs or signs and encrypts with :mod:`e2email.crypto.openpgp` (gpg through
 python-gnupg), each copy a complete message: the outer header block, then the entity.
+
+Every copy also carries the sender's ``Autocrypt:`` header in its outer header block, and the
+To/Cc copy of a message encrypted to several recipients their ``Autocrypt-Gossip`` headers
+inside the encryption (Autocrypt Level 1; :mod:`e2email.discovery.autocrypt`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from e2email.crypto.base import (
     plain_copy,
     resolve_keys,
 )
+from e2email.discovery.autocrypt import autocrypt_for_copy
 from e2email.discovery.net import DiscoverySettings
 from e2email.errors import KeyProblem, RecipientKeyError
 from e2email.keystore import Keystore, OpenPGPKey
@@ -77,6 +82,55 @@ class GpgProtector(Protector):
             key_map=protection.key_map,
         )
 
+    def autocrypt_fields(
+        self, message: Message, protection: Protection, keys: Resolved[OpenPGPKey]
+    ) -> dict[CopyKind, tuple[bytes, list[tuple[str, str]]]]:
+        """What Autocrypt Level 1 adds to each kind of copy: the outer ``Autocrypt:`` field
+        line (empty when there is none to send) and the ``Autocrypt-Gossip`` fields for the
+        encrypted payload's root header block (only the To/Cc copy of an encrypted message
+        to two or more of them; never a Bcc copy, never naming a Bcc recipient). Blocking
+        (gpg exports the minimal keys, once per key state)."""
+        none: dict[CopyKind, tuple[bytes, list[tuple[str, str]]]] = {
+            "main": (b"", []),
+            "bcc": (b"", []),
+        }
+        # Level 1 "Header injection": not more than one valid Autocrypt header; a program
+        # that wrote its own (Message.headers, outside the encryption) keeps it.
+        if not protection.autocrypt or any(n.lower() == "autocrypt" for n, _ in message.headers):
+            return none
+        sender = message.sender.addr_spec
+        own = keys.own
+        if own is None:
+            found = self.keystore.encryption_key(sender, key_map=protection.key_map)
+            own = found if isinstance(found, OpenPGPKey) else None
+        if own is not None and not own.has_secret:
+            # Level 1: the header is sent when the sender "has secret key material": we do
+            # not advertise a key for From that we could not read replies with.
+            own = None
+        to_cc = (
+            {
+                a.addr_spec.lower(): keys.recipients[a.addr_spec.lower()]
+                for a in (*message.to, *message.cc)
+            }
+            if protection.encrypt
+            else {}
+        )
+        return {
+            kind: autocrypt_for_copy(
+                self.keystore,
+                sender=sender,
+                sender_key=own,
+                kind=kind,
+                to_cc_keys=to_cc,
+                encrypted=protection.encrypt,
+                # Level 1 "prefer-encrypt": mutual states "an agreement to enable encryption
+                # by default"; a policy that encrypts every message (and refuses rather than
+                # send in clear) is that agreement. Signing only: no attribute (nopreference).
+                prefer_encrypt=protection.encrypt,
+            )
+            for kind in none
+        }
+
     async def protect(
         self, message: Message, protection: Protection, *, passphrase: str | None = None
     ) -> tuple[ProtectedCopy, ...]:
@@ -92,6 +146,7 @@ class GpgProtector(Protector):
             # A lookup's reason (404, timeout, TLS, a different key) says more than "no key".
             raise RecipientKeyError([discovered.get(p.address, p) for p in exc.problems]) from None
         signer = keys.signer
+        autocrypt = await asyncio.to_thread(self.autocrypt_fields, msg, protection, keys)
 
         if not protection.encrypt:
             assert signer is not None
@@ -103,7 +158,9 @@ class GpgProtector(Protector):
                 build_payload(msg, hp=HP.CLEAR),
                 signer=signer,
                 passphrase=passphrase,
-                prefix=message_head(msg, hp=HP.CLEAR),
+                # Autocrypt outside the signed part: it is about the transport of keys, and
+                # a verifier checks the signed part only (RFC 3156 §5).
+                prefix=message_head(msg, hp=HP.CLEAR) + autocrypt["main"][0],
             )
             return (
                 make_copy(raw, msg, "main", msg.recipients, signed=True, signer=signer.fingerprint),
@@ -116,14 +173,17 @@ class GpgProtector(Protector):
 
         async def one(kind: CopyKind, rcpts: tuple[Address, ...]) -> ProtectedCopy:
             unique = keys.keys_for(rcpts)
+            outer, gossip = autocrypt[kind]
             raw = await asyncio.to_thread(
                 openpgp.encrypt,
                 self.keystore,
-                payload,
+                # Gossip goes in this copy's own payload, inside the encryption (Level 1
+                # "Key Gossip"); the shared payload (Bcc copies) has none.
+                stream_payload(msg, hp=HP.CIPHER, extra_fields=gossip) if gossip else payload,
                 recipients=unique,
                 signer=signer,
                 passphrase=passphrase,
-                prefix=head,
+                prefix=head + outer,
             )
             return make_copy(
                 raw,
