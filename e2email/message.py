@@ -1159,10 +1159,11 @@ def build_payload(
     header (RFC 9788). ``hp`` needs a finalized message (:meth:`Message.finalized`).
 
     ``extra_fields`` are (name, value) fields for this payload's root header block only,
-    after the protected fields (e.g. ``Autocrypt-Gossip``, which Autocrypt Level 1 §2.7 puts
-    in the root MIME part *inside* the encryption). Each value is written exactly as given,
-    already folded (CRLF + SP or HTAB before each continuation line, ASCII, lines within
-    998 octets); they need ``hp``. MessageError for a field that is not well formed.
+    after the protected fields (e.g. ``Autocrypt-Gossip``, which Autocrypt Level 1 "Key
+    Gossip" puts in the root MIME part *inside* the encryption). Each value is written
+    exactly as given, already folded (CRLF + SP or HTAB before each continuation line,
+    ASCII, lines within 998 octets); they need ``hp``. MessageError for a field that is not
+    well formed.
     """
     return bytes(stream_payload(message, hp=hp, extra_fields=extra_fields))
 

@@ -294,21 +294,46 @@ def test_a_signed_only_message_carries_it_outside_the_signed_part_and_still_veri
         assert b"autocrypt" not in raw.lower(), protection
 
 
-def test_protection_autocrypt_false_sends_neither_header(
+def test_neither_header_when_turned_off_or_without_the_senders_secret_key(
     keys: Keys,
     sender_store: Keystore,
     smtp_settings: SMTPSettings,
     tls_server: LoopbackSMTPServer,
     recipients_home: Path,
+    tmp_path: Path,
 ) -> None:
+    """``Protection(autocrypt=False)``: no Autocrypt header, no gossip. And Level 1 sends the
+    sender's header only for a sender with secret key material: a store with Alice's
+    certificate only (encrypting to her as to self, not signing) advertises no key for her,
+    though it still gossips the recipients' keys to each other."""
+    message = Message(sender=ALICE, to=[keys.bob.address], cc=[keys.carol.address], text="x\n")
     mailer = AsyncMailer(
         smtp=smtp_settings, keystore=sender_store, protection=Protection(autocrypt=False)
     )
-    message = Message(sender=ALICE, to=[keys.bob.address], cc=[keys.carol.address], text="x\n")
     (raw,) = _copies(tls_server, _sent(mailer, message)).values()
     assert b"autocrypt" not in raw.lower()
     plaintext, _ = gpg_decrypt(recipients_home, _ciphertext(raw))
     assert b"autocrypt" not in plaintext.lower()
+
+    public_only = Keystore(tmp_path / "home")
+    try:
+        for cert in (keys.alice.cert, keys.bob.cert, keys.carol.cert):
+            public_only.import_file(cert)
+        mailer = AsyncMailer(
+            smtp=smtp_settings, keystore=public_only, protection=Protection(sign=False)
+        )
+        (raw,) = _copies(tls_server, _sent(mailer, message)).values()
+        assert _fields(split_head(raw)[0], "Autocrypt") == []
+        plaintext, _ = gpg_decrypt(recipients_home, _ciphertext(raw))
+        assert len(_fields(split_head(plaintext)[0], "Autocrypt-Gossip")) == 2
+        # The same store with Alice's secret key: the header and the gossip are there.
+        assert keys.alice.secret
+        public_only.import_file(keys.alice.secret)
+        mailer = AsyncMailer(smtp=smtp_settings, keystore=public_only, protection=Protection())
+        (raw,) = _copies(tls_server, _sent(mailer, message)).values()
+        _check_sender_header(split_head(raw)[0], keys, sender_store, mutual=True)
+    finally:
+        public_only.shutdown_agent()
 
 
 # -- the command line --------------------------------------------------------------------------

@@ -158,8 +158,8 @@ class GpgProtector(Protector):
                 build_payload(msg, hp=HP.CLEAR),
                 signer=signer,
                 passphrase=passphrase,
-                # Autocrypt outside the signed part: it is about the transport of keys, and
-                # a verifier checks the signed part only (RFC 3156 §5).
+                # Autocrypt in the outer header block (Level 1), outside the signed part:
+                # the signature covers that part only (RFC 3156 §5) and still verifies.
                 prefix=message_head(msg, hp=HP.CLEAR) + autocrypt["main"][0],
             )
             return (
