@@ -27,7 +27,7 @@ from e2email.crypto.base import (
     plain_copy,
     resolve_keys,
 )
-from e2email.discovery.autocrypt import autocrypt_for_copy
+from e2email.discovery.autocrypt import autocrypt_fields
 from e2email.discovery.net import DiscoverySettings
 from e2email.errors import KeyProblem, RecipientKeyError
 from e2email.keystore import Keystore, OpenPGPKey
@@ -82,55 +82,6 @@ class GpgProtector(Protector):
             key_map=protection.key_map,
         )
 
-    def autocrypt_fields(
-        self, message: Message, protection: Protection, keys: Resolved[OpenPGPKey]
-    ) -> dict[CopyKind, tuple[bytes, list[tuple[str, str]]]]:
-        """What Autocrypt Level 1 adds to each kind of copy: the outer ``Autocrypt:`` field
-        line (empty when there is none to send) and the ``Autocrypt-Gossip`` fields for the
-        encrypted payload's root header block (only the To/Cc copy of an encrypted message
-        to two or more of them; never a Bcc copy, never naming a Bcc recipient). Blocking
-        (gpg exports the minimal keys, once per key state)."""
-        none: dict[CopyKind, tuple[bytes, list[tuple[str, str]]]] = {
-            "main": (b"", []),
-            "bcc": (b"", []),
-        }
-        # Level 1 "Header injection": not more than one valid Autocrypt header; a program
-        # that wrote its own (Message.headers, outside the encryption) keeps it.
-        if not protection.autocrypt or any(n.lower() == "autocrypt" for n, _ in message.headers):
-            return none
-        sender = message.sender.addr_spec
-        own = keys.own
-        if own is None:
-            found = self.keystore.encryption_key(sender, key_map=protection.key_map)
-            own = found if isinstance(found, OpenPGPKey) else None
-        if own is not None and not own.has_secret:
-            # Level 1: the header is sent when the sender "has secret key material": we do
-            # not advertise a key for From that we could not read replies with.
-            own = None
-        to_cc = (
-            {
-                a.addr_spec.lower(): keys.recipients[a.addr_spec.lower()]
-                for a in (*message.to, *message.cc)
-            }
-            if protection.encrypt
-            else {}
-        )
-        return {
-            kind: autocrypt_for_copy(
-                self.keystore,
-                sender=sender,
-                sender_key=own,
-                kind=kind,
-                to_cc_keys=to_cc,
-                encrypted=protection.encrypt,
-                # Level 1 "prefer-encrypt": mutual states "an agreement to enable encryption
-                # by default"; a policy that encrypts every message (and refuses rather than
-                # send in clear) is that agreement. Signing only: no attribute (nopreference).
-                prefer_encrypt=protection.encrypt,
-            )
-            for kind in none
-        }
-
     async def protect(
         self, message: Message, protection: Protection, *, passphrase: str | None = None
     ) -> tuple[ProtectedCopy, ...]:
@@ -146,7 +97,14 @@ class GpgProtector(Protector):
             # A lookup's reason (404, timeout, TLS, a different key) says more than "no key".
             raise RecipientKeyError([discovered.get(p.address, p) for p in exc.problems]) from None
         signer = keys.signer
-        autocrypt = await asyncio.to_thread(self.autocrypt_fields, msg, protection, keys)
+        autocrypt = await asyncio.to_thread(
+            autocrypt_fields,
+            self.keystore,
+            msg,
+            protection,
+            own=keys.own,
+            recipients=keys.recipients,
+        )
 
         if not protection.encrypt:
             assert signer is not None
