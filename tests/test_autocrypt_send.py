@@ -14,6 +14,7 @@ checked with gpg, sqop and gosop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import shutil
@@ -106,6 +107,16 @@ def _imported(keydata: bytes) -> Shown:
     return Shown(fprs, uids)
 
 
+def _packets(data: bytes) -> list[str]:
+    home = new_gnupg_home("e2ap")
+    try:
+        out = gpg(home, "--list-packets", input=data).stdout.decode()
+    finally:
+        kill_agent(home)
+        shutil.rmtree(home, ignore_errors=True)
+    return [line.split(":")[1] for line in out.splitlines() if line.startswith(":")]
+
+
 def _check_sender_header(head: bytes, keys: Keys, store: Keystore, *, mutual: bool) -> bytes:
     """Exactly one ``Autocrypt:`` field that parses by Level 1 and holds Alice's minimal key."""
     (field,) = _fields(head, "Autocrypt")
@@ -119,6 +130,17 @@ def _check_sender_header(head: bytes, keys: Keys, store: Keystore, *, mutual: bo
         ALICE, parsed.keydata if parsed else b"", "mutual" if mutual else "nopreference"
     )
     assert parsed is not None
+    # Read by hand too: keydata is base64 (whitespace dropped) of exactly the five packets
+    # Level 1 asks for: primary, user ID, its self-signature, subkey, its binding signature.
+    keydata = base64.b64decode("".join(value.split("keydata=", 1)[1].split()), validate=True)
+    assert keydata == parsed.keydata
+    assert _packets(keydata) == [
+        "public key packet",
+        "user ID packet",
+        "signature packet",
+        "public sub key packet",
+        "signature packet",
+    ]
     alice = store.get(keys.alice.fingerprint)
     assert alice is not None
     sub = alice.encryption_subkey()
