@@ -14,6 +14,12 @@ Measures, with small (4 KB) signed and encrypted OpenPGP messages to one recipie
   as its documentation shows: one ``Envelope(...).send()`` per message; it reuses its
   connection. The ratio e2email/envelope is printed (target: pool >= 2x).
 
+Each e2email mode runs once per OpenPGP engine (``--engines gpg,sequoia`` by default): the gpg
+program, and Sequoia in process (issue 9: target one connection >= 10x envelope in process).
+Then, per engine, where the time of one message goes (build the MIME, protect, SMTP) and, for
+Sequoia, e2email's whole protection of a message against the raw pysequoia sign+encrypt call
+on the same payload (target: within 3x).
+
 Then one message with a 25 MB attachment, in a fresh process: seconds, and peak RSS (target:
 below 5x the attachment). Every e2email mode runs with the outbox (HOME/outbox.sqlite3, fsync
 per commit) unless said otherwise, and the server's message count is checked after each mode.
@@ -40,8 +46,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from e2email import AsyncMailer, Attachment, Message, SMTPSettings, TLSMode  # noqa: E402
+from e2email import (  # noqa: E402
+    AsyncMailer,
+    Attachment,
+    Message,
+    OpenPGPEngine,
+    Protection,
+    SMTPSettings,
+    TLSMode,
+)
 from e2email.keystore import Keystore  # noqa: E402
+from e2email.message import HP, build_payload, message_head  # noqa: E402
 
 KEYS = ROOT / "keys"
 SENDER = "alice@example.org"
@@ -117,12 +132,15 @@ def _row(name: str, n: int, seconds: float, stats: dict[str, Any], extra: str = 
     return rate
 
 
-def _mailer(server: Server, home: Path, *, outbox: bool, connections: int) -> AsyncMailer:
+def _engine_mailer(
+    server: Server, home: Path, *, outbox: bool, connections: int, engine: OpenPGPEngine
+) -> AsyncMailer:
     return AsyncMailer(
         smtp=server.settings(),
         keystore=Keystore(home),
         outbox=home / "outbox.sqlite3" if outbox else None,
         connections=connections,
+        protection=Protection(engine=engine),
     )
 
 
@@ -137,13 +155,18 @@ def _measure(server: Server, run: Callable[[], None]) -> tuple[float, dict[str, 
     return seconds, stats
 
 
-def bench_e2email(server: Server, home: Path, n: int, connections: int) -> dict[str, float]:
+def bench_e2email(
+    server: Server, home: Path, n: int, connections: int, engine: OpenPGPEngine
+) -> dict[str, float]:
     rates: dict[str, float] = {}
     cpus = os.cpu_count() or 1
-    print(f"e2email ({cpus} CPU(s); gpg {_gpg_version()}):", flush=True)
+    print(f"e2email, engine {engine.value} ({cpus} CPU(s); gpg {_gpg_version()}):", flush=True)
 
-    # Warm up: gpg-agent started, key listing cached; not measured.
-    warm = _mailer(server, home, outbox=True, connections=1)
+    def _mailer(home: Path, *, outbox: bool, connections: int) -> AsyncMailer:
+        return _engine_mailer(server, home, outbox=outbox, connections=connections, engine=engine)
+
+    # Warm up: gpg-agent started, key listing cached, keys exported; not measured.
+    warm = _mailer(home, outbox=True, connections=1)
     asyncio.run(warm.send_many(_messages(4, "warm-up")))
     warm.close()
 
@@ -156,24 +179,92 @@ def bench_e2email(server: Server, home: Path, n: int, connections: int) -> dict[
 
         await asyncio.gather(*(one(m) for m in _messages(n, "new-connection")))
 
-    m = _mailer(server, home, outbox=True, connections=connections)
+    m = _mailer(home, outbox=True, connections=connections)
     seconds, stats = _measure(server, lambda: asyncio.run(per_message(m)))
     rates["new connection"] = _row("new connection", n, seconds, stats)
+    m.close()
 
-    m = _mailer(server, home, outbox=True, connections=1)
+    m = _mailer(home, outbox=True, connections=1)
     seconds, stats = _measure(server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "one")))))
     rates["one connection"] = _row("one connection", n, seconds, stats)
 
-    m = _mailer(server, home, outbox=True, connections=connections)
+    m = _mailer(home, outbox=False, connections=1)
+    seconds, stats = _measure(
+        server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "one-mem"))))
+    )
+    rates["one connection, no outbox"] = _row("one connection, no outbox", n, seconds, stats)
+
+    m = _mailer(home, outbox=True, connections=connections)
     seconds, stats = _measure(server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "pool")))))
     rates["pool"] = _row(f"pool of {connections}", n, seconds, stats)
 
-    m = _mailer(server, home, outbox=False, connections=connections)
+    m = _mailer(home, outbox=False, connections=connections)
     seconds, stats = _measure(
         server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "pool-mem"))))
     )
     rates["pool, no outbox"] = _row(f"pool of {connections}, no outbox", n, seconds, stats)
     return rates
+
+
+def bench_split(
+    home: Path, n: int, engine: OpenPGPEngine, rates: dict[str, float]
+) -> dict[str, float]:
+    """Milliseconds per message: building the MIME (payload and header block), protecting it
+    (key lookup, build, sign+encrypt, packet check: AsyncMailer.protect), and the rest of a
+    send over one reused connection: SMTP (from the rate without the outbox) and the durable
+    outbox (the difference between the rates with and without it). For Sequoia also
+    the raw pysequoia sign+encrypt call on the same payload, the floor protection is held to."""
+    mailer = AsyncMailer(keystore=Keystore(home), protection=Protection(engine=engine))
+    messages = [m.finalized() for m in _messages(n, f"split-{engine.value}")]
+
+    async def protect_all() -> None:
+        for message in messages[:4]:  # warm: keys exported, listing cached
+            await mailer.protect(message)
+        started = time.perf_counter()
+        for message in messages:
+            await mailer.protect(message)
+        out["protect"] = (time.perf_counter() - started) * 1000 / n
+
+    out: dict[str, float] = {}
+    started = time.perf_counter()
+    for message in messages:
+        build_payload(message, hp=HP.CIPHER)
+        message_head(message, hp=HP.CIPHER)
+    out["build"] = (time.perf_counter() - started) * 1000 / n
+    asyncio.run(protect_all())
+    out["crypto"] = out["protect"] - out["build"]
+    out["smtp"] = max(0.0, 1000 / rates["one connection, no outbox"] - out["protect"])
+    out["outbox"] = max(
+        0.0, 1000 / rates["one connection"] - 1000 / rates["one connection, no outbox"]
+    )
+    line = (
+        f"  per message ({engine.value}): build {out['build']:.3f} ms, crypto "
+        f"{out['crypto']:.3f} ms (protect {out['protect']:.3f} ms), SMTP "
+        f"{out['smtp']:.3f} ms, outbox {out['outbox']:.3f} ms"
+    )
+    if engine is OpenPGPEngine.SEQUOIA:
+        from e2email.crypto.sequoia import SequoiaProtector, _Keys, raw_sign_encrypt
+
+        engine_obj = mailer.protector_for(Protection(engine=engine))
+        assert isinstance(engine_obj, SequoiaProtector)
+        keys = engine_obj.resolve(messages[0], Protection(engine=engine))
+        pk = _Keys(engine_obj.keystore)
+        assert keys.signer is not None
+        signer = pk.signer(keys.signer, None)
+        certs = [pk.recipient(k)[0] for k in keys.keys_for(messages[0].recipients)]
+        payloads = [build_payload(m, hp=HP.CIPHER) for m in messages]
+        started = time.perf_counter()
+        for payload in payloads:
+            raw_sign_encrypt(payload, certs, signer)
+        out["raw"] = (time.perf_counter() - started) * 1000 / n
+        ratio = out["protect"] / out["raw"]
+        line += (
+            f"\n  raw pysequoia sign+encrypt: {out['raw']:.3f} ms; protection / raw = "
+            f"{ratio:.2f}x (target <= 3x: {'met' if ratio <= 3 else 'NOT met'})"
+        )
+    print(line, flush=True)
+    mailer.close()
+    return out
 
 
 def _ok(result: Any) -> None:
@@ -267,15 +358,20 @@ def big_attachment_child(args: argparse.Namespace) -> None:
         attachments=[Attachment("big.bin", data, "application/octet-stream")],
     )
     del data
-    mailer = AsyncMailer(smtp=settings, keystore=Keystore(home), outbox=home / "big.sqlite3")
+    mailer = AsyncMailer(
+        smtp=settings,
+        keystore=Keystore(home),
+        outbox=home / "big.sqlite3",
+        protection=Protection(engine=OpenPGPEngine(server_info["engine"])),
+    )
     asyncio.run(mailer.send(message))
     seconds = time.perf_counter() - started
     peak = _memory("VmHWM")
     print(json.dumps({"seconds": seconds, "peak": peak, "baseline": baseline, "size": size}))
 
 
-def bench_big(server: Server, home: Path, megabytes: int) -> None:
-    info = {**server.info, "home": str(home)}
+def bench_big(server: Server, home: Path, megabytes: int, engine: OpenPGPEngine) -> None:
+    info = {**server.info, "home": str(home), "engine": engine.value}
     server.command("clear")
     done = subprocess.run(
         [
@@ -299,7 +395,7 @@ def bench_big(server: Server, home: Path, megabytes: int) -> None:
     mb = 1_000_000
     ratio = result["peak"] / result["size"]
     print(
-        f"{megabytes} MB attachment: {result['seconds']:.2f} s, peak RSS "
+        f"{megabytes} MB attachment ({engine.value}): {result['seconds']:.2f} s, peak RSS "
         f"{result['peak'] / mb:.0f} MB = {ratio:.2f}x the attachment (process baseline "
         f"{result['baseline'] / mb:.0f} MB; {stats['bytes'] / mb:.1f} MB on the wire); "
         f"target < 5x: {'met' if ratio < 5 else 'NOT met'}",
@@ -327,24 +423,45 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--attachment-mb", type=int, default=25)
     parser.add_argument("--skip-envelope", action="store_true")
+    parser.add_argument(
+        "--engines",
+        default="gpg,sequoia",
+        help="OpenPGP engines to measure, comma-separated (gpg, sequoia)",
+    )
     parser.add_argument("--big-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.big_child:
         big_attachment_child(args)
         return
+    engines = [OpenPGPEngine(name.strip()) for name in args.engines.split(",") if name.strip()]
     with _workdir() as work:
         server = Server()
         try:
             home = _home(work, "e2email-home")
-            rates = bench_e2email(server, home, args.messages, args.connections)
+            all_rates: dict[OpenPGPEngine, dict[str, float]] = {}
+            for engine in engines:
+                all_rates[engine] = bench_e2email(
+                    server, home, args.messages, args.connections, engine
+                )
             peer = None if args.skip_envelope else bench_envelope(server, work, args.messages)
+            if args.messages:
+                print("where one message's time goes:", flush=True)
+                for engine, rates in all_rates.items():
+                    bench_split(home, min(args.messages, 500), engine, rates)
             if peer:
                 print("e2email / envelope, messages per second:", flush=True)
-                for name, rate in rates.items():
-                    print(f"  {name:<24} {rate / peer:>6.2f}x", flush=True)
-                best = rates["pool"] / peer
-                print(f"target (pool >= 2x envelope): {'met' if best >= 2 else 'NOT met'}")
-            bench_big(server, home, args.attachment_mb)
+                for engine, rates in all_rates.items():
+                    for name, rate in rates.items():
+                        print(f"  {engine.value:<8} {name:<24} {rate / peer:>6.2f}x", flush=True)
+                for engine, rates in all_rates.items():
+                    ratio = rates["one connection"] / peer
+                    goal = 10 if engine is OpenPGPEngine.SEQUOIA else 2
+                    print(
+                        f"target ({engine.value}, one connection >= {goal}x envelope): "
+                        f"{'met' if ratio >= goal else 'NOT met'}"
+                    )
+            for engine in engines:
+                bench_big(server, home, args.attachment_mb, engine)
         finally:
             server.close()
 

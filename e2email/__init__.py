@@ -25,6 +25,7 @@ from e2email.client import (
     SendResult,
 )
 from e2email.config import (
+    OpenPGPEngine,
     Protection,
     RetryPolicy,
     RevocationPolicy,
@@ -95,6 +96,7 @@ __all__ = [
     "Message",
     "MessageError",
     "MessageOutcome",
+    "OpenPGPEngine",
     "Outbox",
     "OutboxError",
     "PassphraseError",

@@ -66,6 +66,7 @@ from typing import Any
 import platformdirs
 
 from e2email.config import (
+    DiscoveryPolicy,
     PasswordSource,
     Protection,
     RetryPolicy,
@@ -303,6 +304,7 @@ _ACCOUNT_KEYS: Mapping[str, str] = {
     "rsa-pss": _BOOL,
     "trust-self-signed": _STRS,
     "revocation": _STR,
+    "discover": _STR,
     "keys": _TABLE,
     "home": _STR,
     "gnupg-home": _STR,
@@ -310,13 +312,15 @@ _ACCOUNT_KEYS: Mapping[str, str] = {
     "passphrase-env": _STR,
     "passphrase-command": _STR,
 }
-_TOP_KEYS = ("default", "defaults", "accounts")
+#: ``[celery]`` is read by :mod:`e2email.celery` (broker, retries), not here.
+_TOP_KEYS = ("default", "defaults", "accounts", "celery")
 _CHOICES: Mapping[str, tuple[str, ...]] = {
     "tls": tuple(m.value for m in TLSMode if m is not TLSMode.INSECURE_PLAINTEXT),
     "auth": ("password", "xoauth2"),
     "scheme": tuple(s.value for s in Scheme),
     "smime-cipher": tuple(c.value for c in SMIMECipher),
     "revocation": tuple(p.value for p in RevocationPolicy),
+    "discover": tuple(p.value for p in DiscoveryPolicy),
 }
 #: msmtp's names, for a did-you-mean difflib cannot find.
 _MSMTP_NAMES = {
@@ -782,6 +786,8 @@ class _Loader:
             protection_fields["smime_cipher"] = SMIMECipher(m["smime-cipher"])
         if "revocation" in m:
             protection_fields["revocation"] = RevocationPolicy(m["revocation"])
+        if "discover" in m:
+            protection_fields["discovery"] = DiscoveryPolicy(m["discover"])
         if "trust-self-signed" in m:
             protection_fields["smime_trust_self_signed"] = frozenset(m["trust-self-signed"])
         protection = self._make(where, m, Protection, protection_fields)

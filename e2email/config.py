@@ -27,6 +27,7 @@ __all__ = [
     "HOME_ENV",
     "SMIME_DIGESTS",
     "DiscoveryPolicy",
+    "OpenPGPEngine",
     "PasswordSource",
     "Protection",
     "RetryPolicy",
@@ -408,6 +409,18 @@ class RevocationPolicy(enum.Enum):
     REQUIRE = "require"
 
 
+class OpenPGPEngine(enum.Enum):
+    """Which engine makes OpenPGP messages (issue 9 part 4). Both give the same PGP/MIME with
+    the same keys and the same key judgment; they differ in where the cryptography runs."""
+
+    #: In process, through Sequoia (pysequoia), when it is installed; else GnuPG.
+    AUTO = "auto"
+    #: In process, through Sequoia (the ``e2email[sequoia]`` extra): no process per copy.
+    SEQUOIA = "sequoia"
+    #: Through the gpg program (python-gnupg): smartcards and gpg-agent keys.
+    GPG = "gpg"
+
+
 class DiscoveryPolicy(enum.Enum):
     """Where keys are looked up for recipients with no usable local key (issue 10).
 
@@ -448,6 +461,9 @@ class Protection:
     revocation: RevocationPolicy = RevocationPolicy.OFF
     #: OpenPGP only: look up keys of recipients who have none (see :class:`DiscoveryPolicy`).
     discovery: DiscoveryPolicy = DiscoveryPolicy.OFF
+    #: OpenPGP only: which engine protects the message (a value or its name: "auto",
+    #: "sequoia", "gpg"). See :class:`OpenPGPEngine`.
+    engine: OpenPGPEngine = OpenPGPEngine.AUTO
     #: OpenPGP only: publish the sender's key in an ``Autocrypt:`` header of every message
     #: (and, when encrypting to several To/Cc recipients, their keys in ``Autocrypt-Gossip``
     #: headers inside the encryption), so that peers' mail programs can encrypt replies
@@ -456,6 +472,13 @@ class Protection:
     autocrypt: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.engine, OpenPGPEngine):
+            try:
+                object.__setattr__(self, "engine", OpenPGPEngine(self.engine))
+            except ValueError:
+                raise ConfigError(
+                    f"engine must be auto, sequoia or gpg, not {self.engine!r}"
+                ) from None
         # Addresses compare case-insensitively; store the map normalised so lookups are simple.
         object.__setattr__(
             self, "key_map", {k.strip().lower(): v.strip() for k, v in self.key_map.items()}

@@ -15,6 +15,7 @@ decrypts it and verifies the CMS signature and the certificate chain with ``cryp
 from __future__ import annotations
 
 import asyncio
+import copy
 import email
 import email.policy
 import hashlib
@@ -134,7 +135,12 @@ def _decrypt_as_bob(
     encrypted = parts[1]
     assert isinstance(encrypted, EmailMessage)
     armored = encrypted.get_payload(decode=True)
-    result = bob.gpg.decrypt(armored, extra_args=["--trust-model", "always"])
+    # Sequoia's signatures carry a binary salt notation (salt@notations.sequoia-pgp.org) that
+    # gpg writes raw into its status lines; python-gnupg reads those strictly in its encoding
+    # and would stop reading at it, missing DECRYPTION_OKAY. Latin-1 decodes every byte.
+    gpg = copy.copy(bob.gpg)
+    gpg.encoding = "latin-1"
+    result = gpg.decrypt(armored, extra_args=["--trust-model", "always"])
     if not result.ok:
         raise ValueError(f"decryption failed: {result.status}")
     inner = email.message_from_bytes(result.data, policy=email.policy.default)

@@ -49,6 +49,13 @@ with ``fail_silently=True`` every message is tried and each failure is logged on
 Backend keyword arguments (``get_connection(...)``, Django 6.1 ``MAILERS`` ``OPTIONS``) take the
 same names and override the dict; Django's own ``use_tls``/``use_ssl`` are understood too.
 
+**Through Celery workers** (``"queue": "celery"``, with ``"account"``): each message is
+protected here as above, and its protected copies are queued for ``celery -A e2email.celery
+worker`` processes that deliver them through that account (:mod:`e2email.celery`); the broker
+never sees plaintext or a secret. ``send_messages`` then counts the messages queued.
+``"celery_app"`` names the Celery app (an app or ``"module:attribute"``); by default one is
+made from the accounts file's ``[celery]`` table (or ``E2EMAIL_CELERY_BROKER``).
+
 **Per message**, without subclassing: set the attribute ``e2email`` on the message to a dict of
 policy fields (``sign``, ``encrypt``, ``encrypt_to_self``, ``scheme``)::
 
@@ -105,6 +112,7 @@ from e2email.errors import (
     RecipientsRefusedError,
     TransportError,
 )
+from e2email.inbound import protect as inbound_protect
 from e2email.inbound import submit
 from e2email.keystore import Keystore
 from e2email.message import Address, Message, existing_protection
@@ -160,6 +168,9 @@ _OTHER_KEYS = frozenset(
         "outbox",
         "drafts",
         "retries",
+        # Issue 12: protect here, deliver through Celery workers (e2email.celery).
+        "queue",
+        "celery_app",
     }
 )
 KNOWN_KEYS = _SERVER_KEYS | _POLICY_KEYS | _OTHER_KEYS
@@ -183,6 +194,13 @@ class BackendSettings:
     retry: RetryPolicy
     #: The accounts-file account these settings come from, if any.
     account: str | None = None
+    #: ``"celery"``: protected copies are queued for Celery workers (see :mod:`e2email.celery`)
+    #: instead of sent from this process. None: sent from here.
+    queue: str | None = None
+    #: The Celery app (or ``"module:attribute"``) to queue on; None: one made from ``config``.
+    celery_app: Any = None
+    #: The accounts file (``config``), when given.
+    config: Path | None = None
 
 
 class _Reader:
@@ -431,6 +449,14 @@ def load_settings(
     if isinstance(retries, int):
         retry = read.check("'retries'", lambda: RetryPolicy(max_attempts=retries + 1))
 
+    queue = read.get("queue", str)
+    if queue is not None and queue != "celery":
+        read.mistakes.append(f"'queue' must be 'celery' (or left out), not {queue!r}")
+    elif queue == "celery" and account_name is None:
+        read.mistakes.append(
+            "'queue': 'celery' needs 'account': the account the workers deliver through"
+        )
+
     if len(read.mistakes) == 1 and read.error is not None:
         raise read.error
     if read.mistakes:
@@ -448,6 +474,9 @@ def load_settings(
         drafts=drafts,
         retry=retry,
         account=account_name,
+        queue=queue,
+        celery_app=values.get("celery_app"),
+        config=read.path("config"),
     )
 
 
@@ -615,6 +644,9 @@ class EmailBackend(BaseEmailBackend):
         self._loop: _LoopThread | None = None
         self._mailer: AsyncMailer | None = None
         self._pipelines: dict[tuple[Any, ...], _Pipeline] = {}
+        self._celery: Any = None
+        if self.settings.queue == "celery":
+            self._celery = _celery_queue(self.settings)
 
     # -- connection --------------------------------------------------------------------
 
@@ -754,6 +786,8 @@ class EmailBackend(BaseEmailBackend):
         :func:`e2email.inbound.submit` over a connection of its own."""
         mailer = self._mailer
         assert mailer is not None
+        if self._celery is not None:
+            return await _enqueue(self._celery, mailer, p, account=self.settings.account)
         parsed = Message.from_bytes(p.raw, sender=p.envelope_from)
         wanted = {r.lower() for r in p.recipients}
         shown = {a.addr_spec.lower() for a in (*parsed.to, *parsed.cc, *parsed.bcc)}
@@ -880,3 +914,46 @@ def _save_draft(folder: Path, p: _Prepared) -> Path:
     head = b"Bcc: " + ", ".join(p.bcc).encode() + newline if p.bcc else b""
     write_private(path, head + p.raw)
     return path
+
+
+# -- issue 12: queue for Celery workers instead of sending from here ----------------------
+
+
+def _celery_queue(s: BackendSettings) -> Any:
+    """The :class:`e2email.celery.CeleryQueue` of ``E2EMAIL["celery_app"]`` (an app, or
+    ``"module:attribute"``), else of an app made from the accounts file's ``[celery]``."""
+    try:
+        from celery.utils.imports import symbol_by_name
+
+        from e2email.celery import CeleryQueue, make_app
+    except ImportError as exc:
+        raise ImproperlyConfigured(
+            "E2EMAIL: 'queue': 'celery' needs Celery (pip install 'e2email[celery]')"
+        ) from exc
+    app = s.celery_app
+    if isinstance(app, str):
+        try:
+            app = symbol_by_name(app)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ImproperlyConfigured(f"E2EMAIL: 'celery_app': cannot import {app!r}") from exc
+    if app is None:
+        app = make_app(config=s.config)
+    return CeleryQueue(app)
+
+
+async def _enqueue(
+    queue: Any, mailer: AsyncMailer, p: _Prepared, *, account: str | None
+) -> MessageOutcome:
+    """Protect here (fail closed as when sending), then queue the copies: the broker carries
+    only them, their envelopes and the account's name. Counted as sent once queued."""
+    copies = await inbound_protect(
+        mailer,
+        p.raw,
+        envelope_from=p.envelope_from,
+        recipients=p.recipients,
+        protection=p.protection,
+    )
+    queued = await asyncio.to_thread(queue.enqueue, copies, account=account)
+    return MessageOutcome(
+        0, None, "delivered", message_id=copies[0].message_id, detail=f"queued ({queued.count})"
+    )

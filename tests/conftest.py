@@ -10,6 +10,7 @@ import pytest
 # Session-scoped OpenPGP keys and homes (see fixtures_pgp.py).
 from fixtures_pgp import (  # noqa: F401
     keys,
+    openpgp_engine,
     recipients_home,
     sender_store,
     session_ca,

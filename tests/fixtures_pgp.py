@@ -27,11 +27,22 @@ from pgp_helpers import (
     revoke,
 )
 
-from e2email.config import SMTPSettings, TLSMode
+from e2email.config import OpenPGPEngine, SMTPSettings, TLSMode
 from e2email.keystore import Keystore
 from e2email.testing import LoopbackSMTPServer, TestCA
 
 LOCKED_PASSPHRASE = "correct horse battery staple"
+
+#: The OpenPGP engines the interop and fail-closed tests run against (issue 9): the gpg
+#: program, and Sequoia in process. Both use the same keystore and must give the same results.
+ENGINES = (OpenPGPEngine.GPG, OpenPGPEngine.SEQUOIA)
+
+
+@pytest.fixture(params=ENGINES, ids=[e.value for e in ENGINES])
+def openpgp_engine(request: pytest.FixtureRequest) -> OpenPGPEngine:
+    """Each OpenPGP engine in turn (a test taking it runs once per engine)."""
+    engine: OpenPGPEngine = request.param
+    return engine
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from e2email.accounts import (
     load_config,
 )
 from e2email.client import AsyncMailer, Mailer
-from e2email.config import RevocationPolicy, Scheme, TLSMode
+from e2email.config import DiscoveryPolicy, RevocationPolicy, Scheme, TLSMode
 from e2email.errors import ConfigError, InsecurePathError
 from e2email.keystore import Keystore
 from e2email.message import Message
@@ -71,6 +71,7 @@ port = 2526
 scheme = "smime"
 revocation = "require"
 smime-cipher = "aes128"
+discover = "wkd"
 encrypt-to-self = true
 """,
     )
@@ -92,6 +93,8 @@ encrypt-to-self = true
     smime = config.account("smime")
     assert smime.protection.scheme is Scheme.SMIME
     assert smime.protection.revocation is RevocationPolicy.REQUIRE
+    assert smime.protection.discovery is DiscoveryPolicy.WKD
+    assert work.protection.discovery is DiscoveryPolicy.OFF
     assert smime.protection.encrypt_to_self is True
     assert smime.smtp.port == 2526 and smime.smtp.tls is TLSMode.STARTTLS
     # The password is a source, never in repr.

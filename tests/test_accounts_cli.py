@@ -274,6 +274,10 @@ def _retry_through_the_account(tmp_path: Path, box_home: Path, smtp_server: Serv
         (item,) = box.items()
     assert item.account == "work"
     assert server.messages == []
+    listed = e2email("outbox", "list", "--json", home=box_home, xdg=tmp_path)
+    assert '"account": "work"' in listed.stdout
+    listed = e2email("outbox", "list", home=box_home, xdg=tmp_path)
+    assert "(account work)" in listed.stdout
     done = e2email("outbox", "retry", "--now", home=box_home, xdg=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert f"{item.id}: delivered" in done.stdout
@@ -505,3 +509,64 @@ def test_to_file_batch_goes_through_the_account_and_records_it(
         assert server.messages[0].rcpt_tos == ("bob@example.net",)
     finally:
         kill_agent(box_home / "gnupg")
+
+
+def test_account_credentials_log_in_over_tls(
+    tmp_path: Path, home: Path, smtp_server: ServerFactory
+) -> None:
+    """The account's user and password source (a variable here, a literal password in a
+    0600 file there) authenticate over the verified TLS connection."""
+    server = smtp_server(tls="implicit", credentials={"alice": "s3cret"})
+    cfg = write(
+        tmp_path / "c.toml",
+        account(
+            "env",
+            server,
+            'from = "alice@example.org"',
+            'user = "alice"',
+            'password-env = "E2E_ACCOUNT_PW"',
+        )
+        + account(
+            "literal", server, 'from = "alice@example.org"', 'user = "alice"', 'password = "s3cret"'
+        ),
+    )
+    for name, env in (
+        ("env", {"E2EMAIL_CONFIG": str(cfg), "E2E_ACCOUNT_PW": "s3cret"}),
+        ("literal", {"E2EMAIL_CONFIG": str(cfg)}),
+    ):
+        done = e2email(
+            "send",
+            "--account",
+            name,
+            *MESSAGE,
+            "--body",
+            "b",
+            "--no-sign",
+            "--no-encrypt-to-self",
+            home=home,
+            xdg=tmp_path,
+            env=env,
+        )
+        assert done.returncode == 0, (name, done.stderr)
+    assert [m.auth_user for m in server.messages] == ["alice", "alice"]
+    # A wrong password from the account: refused by the server, exit 5.
+    done = e2email(
+        "send",
+        "--account",
+        "env",
+        *MESSAGE,
+        "--body",
+        "b",
+        "--no-sign",
+        "--no-encrypt-to-self",
+        "--retries",
+        "0",
+        home=home,
+        xdg=tmp_path,
+        env={"E2EMAIL_CONFIG": str(cfg), "E2E_ACCOUNT_PW": "wrong"},
+    )
+    assert done.returncode == 5, done.stderr
+    # Leave the module's home as it was: the refused message is kept in its outbox.
+    with Outbox.in_home(home) as box:
+        for item in box.items():
+            box.drop(item.id)

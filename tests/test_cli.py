@@ -789,6 +789,31 @@ def test_subject_file_keeps_the_subject_out_of_the_process_table(
     assert _subject_of(out) == "From stdin"
 
 
+def test_a_template_gives_one_message_its_subject_from_a_file(
+    home: Path, recipients_home: Path, tmp_path: Path
+) -> None:
+    """--template FILE without --to-file: the file's header block gives the Subject and the
+    rest is the body, so a confidential Subject need not appear on the command line; a
+    template with $placeholders needs rows (--to-file) and is refused here."""
+    template = tmp_path / "message.txt"
+    template.write_text("Subject: Layoffs list Q3\n\nThe body costs $$5.\n")
+    out = tmp_path / "msg.eml"
+    args = ["send", "--from", "alice@example.org", "--to", "bob@example.net", "--output",
+            str(out)]  # fmt: skip
+    done = e2email(*args, "--template", str(template), home=home)
+    assert done.returncode == 0, done.stderr
+    assert "Layoffs" not in " ".join(done.args)
+    assert _subject_of(out) == "[...]"
+    _, (_, enc) = multipart_parts(out.read_bytes())
+    plaintext, _ = gpg_decrypt(recipients_home, part_body(enc))
+    assert b"Subject: Layoffs list Q3\r\n" in plaintext
+    assert b"The body costs $5." in plaintext
+    template.write_text("Subject: Hello $name\n\nHi\n")
+    refused = e2email(*args, "--template", str(template), home=home)
+    assert refused.returncode == 2
+    assert "placeholders ($name)" in refused.stderr
+
+
 @pytest.mark.parametrize(
     ("extra", "input", "needle"),
     [

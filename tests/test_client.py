@@ -1,5 +1,6 @@
 """The mailer's promises: fail closed, Bcc kept blind, encrypt-to-self, explicit key choice,
-passphrases, and per-recipient results. Checked on the bytes a real TLS SMTP server received."""
+passphrases, and per-recipient results. Checked on the bytes a real TLS SMTP server received.
+Each OpenPGP test runs once per engine (the gpg program, and Sequoia in process: issue 9)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from e2email import (
     KeyReason,
     Mailer,
     Message,
+    OpenPGPEngine,
     PassphraseError,
     Protection,
     RecipientKeyError,
@@ -45,11 +47,17 @@ def _settings(server: LoopbackSMTPServer) -> SMTPSettings:
     )
 
 
-def _send(store: Keystore, server: LoopbackSMTPServer, message: Message, **prot: object):  # type: ignore[no-untyped-def]
+def _send(  # type: ignore[no-untyped-def]
+    engine: OpenPGPEngine,
+    store: Keystore,
+    server: LoopbackSMTPServer,
+    message: Message,
+    **prot: object,
+):
     with Mailer(
         smtp=_settings(server),
         keystore=store,
-        protection=Protection(**prot),  # type: ignore[arg-type]
+        protection=Protection(engine=engine, **prot),  # type: ignore[arg-type]
     ) as mailer:
         return mailer.send(message)
 
@@ -74,7 +82,11 @@ def _armored(raw: bytes) -> bytes:
     ],
 )
 def test_one_unusable_recipient_key_sends_nothing(
-    who: str, reason: KeyReason, sender_store: Keystore, smtp_server: ServerFactory
+    who: str,
+    reason: KeyReason,
+    openpgp_engine: OpenPGPEngine,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
 ) -> None:
     """A recipient whose key is missing, expired, revoked, weak (RSA-1024, SHA-1 self-signatures)
     or cannot encrypt stops the whole message before any connection: the server sees not a
@@ -82,7 +94,7 @@ def test_one_unusable_recipient_key_sends_nothing(
     server = smtp_server(tls="implicit")
     message = Message(sender="alice@example.org", to=["bob@example.net", who], text="secret")
     with pytest.raises(RecipientKeyError) as info:
-        _send(sender_store, server, message)
+        _send(openpgp_engine, sender_store, server, message)
     assert [(p.address, p.reason) for p in info.value.problems] == [(who, reason)]
     assert who in str(info.value)
     assert server.transcript == []
@@ -90,7 +102,7 @@ def test_one_unusable_recipient_key_sends_nothing(
 
 
 def test_every_offending_recipient_in_to_cc_and_bcc_is_named(
-    sender_store: Keystore, smtp_server: ServerFactory
+    openpgp_engine: OpenPGPEngine, sender_store: Keystore, smtp_server: ServerFactory
 ) -> None:
     """All unusable recipients are reported together, whichever header they are in."""
     server = smtp_server(tls="implicit")
@@ -103,7 +115,7 @@ def test_every_offending_recipient_in_to_cc_and_bcc_is_named(
         text="secret",
     )
     with pytest.raises(RecipientKeyError) as info:
-        _send(sender_store, server, message)
+        _send(openpgp_engine, sender_store, server, message)
     assert {p.address: p.reason for p in info.value.problems} == {
         "expired@example.com": KeyReason.EXPIRED,
         "revoked@example.com": KeyReason.REVOKED,
@@ -115,7 +127,7 @@ def test_every_offending_recipient_in_to_cc_and_bcc_is_named(
 
 
 def test_sender_without_encryption_key_fails_unless_encrypt_to_self_is_off(
-    sender_store: Keystore, smtp_server: ServerFactory
+    openpgp_engine: OpenPGPEngine, sender_store: Keystore, smtp_server: ServerFactory
 ) -> None:
     """Encrypt-to-self needs the sender's own certificate; without it nothing is sent, and
     turning encrypt-to-self off is the named way out."""
@@ -123,15 +135,15 @@ def test_sender_without_encryption_key_fails_unless_encrypt_to_self_is_off(
     message = Message(sender="carol@example.com", to=["bob@example.net"], text="hi")
     sender_store.invalidate()
     with pytest.raises(SignerKeyError) as info:
-        _send(sender_store, server, message)
+        _send(openpgp_engine, sender_store, server, message)
     assert info.value.problem.reason is KeyReason.NO_SECRET_KEY
     no_cert = Message(sender="nokey@example.org", to=["bob@example.net"], text="hi")
     with pytest.raises(RecipientKeyError) as rinfo:
-        _send(sender_store, server, no_cert, sign=False)
+        _send(openpgp_engine, sender_store, server, no_cert, sign=False)
     assert rinfo.value.addresses == ("nokey@example.org",)
     assert "encrypt-to-self" in str(rinfo.value)
     assert server.transcript == []
-    result = _send(sender_store, server, no_cert, sign=False, encrypt_to_self=False)
+    result = _send(openpgp_engine, sender_store, server, no_cert, sign=False, encrypt_to_self=False)
     assert result.accepted == ("bob@example.net",)
 
 
@@ -139,7 +151,11 @@ def test_sender_without_encryption_key_fails_unless_encrypt_to_self_is_off(
 
 
 def test_bcc_recipients_get_separate_copies_invisible_in_the_others(
-    keys: Keys, sender_store: Keystore, smtp_server: ServerFactory, recipients_home: Path
+    keys: Keys,
+    openpgp_engine: OpenPGPEngine,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
 ) -> None:
     """Each Bcc recipient's copy is encrypted only to them and the sender; the To/Cc copy has
     no Bcc header and no Bcc key ID (checked with gpg --list-packets), and every copy
@@ -153,7 +169,7 @@ def test_bcc_recipients_get_separate_copies_invisible_in_the_others(
         subject="blind",
         text="for your eyes",
     )
-    result = _send(sender_store, server, message)
+    result = _send(openpgp_engine, sender_store, server, message)
     assert sorted(result.accepted) == sorted(
         ["bob@example.net", "carol@example.com", "dave@example.com", "erin@example.com"]
     )
@@ -189,14 +205,14 @@ def test_bcc_recipients_get_separate_copies_invisible_in_the_others(
 
 
 def test_sender_can_read_the_sent_copy_only_with_encrypt_to_self(
-    keys: Keys, sender_store: Keystore, smtp_server: ServerFactory
+    keys: Keys, openpgp_engine: OpenPGPEngine, sender_store: Keystore, smtp_server: ServerFactory
 ) -> None:
     """By default the sender's key is a recipient (the sent copy stays readable to them);
     with encrypt_to_self=False it is not."""
     server = smtp_server(tls="implicit")
     message = Message(sender="alice@example.org", to=["bob@example.net"], text="self")
-    _send(sender_store, server, message)
-    _send(sender_store, server, message, encrypt_to_self=False)
+    _send(openpgp_engine, sender_store, server, message)
+    _send(openpgp_engine, sender_store, server, message, encrypt_to_self=False)
     with_self, without_self = (_armored(m.data) for m in server.messages)
     plaintext, status = gpg_decrypt(sender_store.gnupg_home, with_self)
     assert "DECRYPTION_OKAY" in status and b"self" in plaintext
@@ -206,13 +222,18 @@ def test_sender_can_read_the_sent_copy_only_with_encrypt_to_self(
 
 
 def test_key_map_overrides_lookup_by_address(
-    keys: Keys, sender_store: Keystore, smtp_server: ServerFactory, recipients_home: Path
+    keys: Keys,
+    openpgp_engine: OpenPGPEngine,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
 ) -> None:
     """An explicit address -> fingerprint choice is used even when the key carries another
     address (user IDs that do not match, envelope#9)."""
     server = smtp_server(tls="implicit")
     message = Message(sender="alice@example.org", to=["bob@example.net"], text="mapped")
     _send(
+        openpgp_engine,
         sender_store,
         server,
         message,
@@ -228,18 +249,21 @@ def test_key_map_overrides_lookup_by_address(
 
 
 def test_locked_signing_key_missing_wrong_and_right_passphrase(
-    sender_store: Keystore, smtp_server: ServerFactory
+    openpgp_engine: OpenPGPEngine, sender_store: Keystore, smtp_server: ServerFactory
 ) -> None:
     """A passphrase-protected signing key: none given -> PassphraseError (missing), a wrong one
     -> PassphraseError, the right one (asked lazily, once) -> signed and sent."""
     server = smtp_server(tls="implicit")
     message = Message(sender="locked@example.org", to=["bob@example.net"], text="locked")
     settings = _settings(server)
-    with Mailer(smtp=settings, keystore=sender_store) as mailer:
+    policy = Protection(engine=openpgp_engine)
+    with Mailer(smtp=settings, keystore=sender_store, protection=policy) as mailer:
         with pytest.raises(PassphraseError) as info:
             mailer.send(message)
         assert info.value.missing
-    with Mailer(smtp=settings, keystore=sender_store, passphrase="wrong") as mailer:
+    with Mailer(
+        smtp=settings, keystore=sender_store, protection=policy, passphrase="wrong"
+    ) as mailer:
         with pytest.raises(PassphraseError) as info:
             mailer.send(message)
         assert not info.value.missing
@@ -251,7 +275,9 @@ def test_locked_signing_key_missing_wrong_and_right_passphrase(
         asked.append(1)
         return LOCKED_PASSPHRASE
 
-    mailer_async = AsyncMailer(smtp=settings, keystore=sender_store, passphrase=ask)
+    mailer_async = AsyncMailer(
+        smtp=settings, keystore=sender_store, protection=policy, passphrase=ask
+    )
     result = asyncio.run(mailer_async.send(message))
     assert result.accepted == ("bob@example.net",)
     assert len(asked) <= 1  # asked once at most (a warm gpg-agent may not need it at all)
@@ -261,7 +287,7 @@ def test_locked_signing_key_missing_wrong_and_right_passphrase(
 
 
 def test_partly_refused_message_reports_each_recipient_and_keeps_the_rest(
-    sender_store: Keystore, smtp_server: ServerFactory
+    openpgp_engine: OpenPGPEngine, sender_store: Keystore, smtp_server: ServerFactory
 ) -> None:
     """When the server refuses one recipient, the error says who was accepted and who was
     refused with the server's reply, and carries the protected copy for the refused one."""
@@ -272,7 +298,7 @@ def test_partly_refused_message_reports_each_recipient_and_keeps_the_rest(
         sender="alice@example.org", to=["bob@example.net", "carol@example.com"], text="x"
     )
     with pytest.raises(RecipientsRefusedError) as info:
-        _send(sender_store, server, message)
+        _send(openpgp_engine, sender_store, server, message)
     err = info.value
     assert err.accepted == ("bob@example.net",)
     assert list(err.refused) == ["carol@example.com"]
@@ -284,7 +310,7 @@ def test_partly_refused_message_reports_each_recipient_and_keeps_the_rest(
 
 
 def test_signed_only_and_plain_messages_go_to_all_recipients_in_one_copy(
-    sender_store: Keystore, smtp_server: ServerFactory
+    openpgp_engine: OpenPGPEngine, sender_store: Keystore, smtp_server: ServerFactory
 ) -> None:
     """Without encryption there are no key IDs to leak, so one copy goes to To, Cc and Bcc
     (Bcc only in the envelope, never in a header)."""
@@ -292,8 +318,8 @@ def test_signed_only_and_plain_messages_go_to_all_recipients_in_one_copy(
     message = Message(
         sender="alice@example.org", to=["bob@example.net"], bcc=["dave@example.com"], text="x"
     )
-    _send(sender_store, server, message, encrypt=False)
-    _send(sender_store, server, message, encrypt=False, sign=False)
+    _send(openpgp_engine, sender_store, server, message, encrypt=False)
+    _send(openpgp_engine, sender_store, server, message, encrypt=False, sign=False)
     signed, plain = server.messages
     for received in (signed, plain):
         assert received.rcpt_tos == ("bob@example.net", "dave@example.com")

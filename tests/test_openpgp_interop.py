@@ -1,8 +1,9 @@
 """What a real SMTP server received verifies and decrypts with implementations we did not write.
 
-Every test sends through e2email's real path (keystore -> gpg -> canonical MIME -> aiosmtplib
-over TLS) to a real aiosmtpd server, then cuts the parts out of the *received bytes* and hands
-them to gpg, Sequoia's sqop and gosop. Nothing is re-serialised on the way.
+Every test sends through e2email's real path (keystore -> engine -> canonical MIME ->
+aiosmtplib over TLS) to a real aiosmtpd server, then cuts the parts out of the *received bytes*
+and hands them to gpg, Sequoia's sqop and sq, and gosop. Nothing is re-serialised on the way.
+Every test runs once per OpenPGP engine (the gpg program, and Sequoia in process: issue 9).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import email
 import email.policy
 import os
 import re
+import subprocess
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -29,11 +31,47 @@ from pgp_helpers import (
     split_head,
 )
 
-from e2email import AsyncMailer, Attachment, Mailer, Message, Protection, SMTPSettings
+from e2email import (
+    AsyncMailer,
+    Attachment,
+    Mailer,
+    Message,
+    OpenPGPEngine,
+    Protection,
+    SMTPSettings,
+)
 from e2email.keystore import Keystore
 from e2email.testing import LoopbackSMTPServer
 
 SOP_TOOLS = ["sqop", "gosop"]
+
+
+def _sq(*args: str, input: bytes) -> bytes:
+    """Run Sequoia's own CLI (``sq``, Debian 12: 0.27, which has ``verify --detached`` and
+    ``decrypt --recipient-key``); a failure shows its stderr."""
+    done = subprocess.run(["sq", *args], input=input, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return done.stdout
+
+
+def sq_verify(signature: bytes, signed: bytes, cert: Path, tmp: Path) -> None:
+    sig = tmp / "sq-sig.asc"
+    sig.write_bytes(signature)
+    _sq("verify", "--signer-cert", str(cert), "--detached", str(sig), input=signed)
+
+
+def sq_decrypt(armored: bytes, key: Path, cert: Path) -> bytes:
+    """Plaintext, only when exactly-one-good-signature verification by ``cert`` succeeds."""
+    return _sq(
+        "decrypt",
+        "--recipient-key",
+        str(key),
+        "--signer-cert",
+        str(cert),
+        "--signatures",
+        "1",
+        input=armored,
+    )
 
 
 @dataclass(frozen=True)
@@ -106,9 +144,17 @@ def _check_content(entity: bytes, case: Case, *, protected_subject: bool) -> Non
     assert got == {n: c for n, _, c in case.attachments}
 
 
-def _send(case: Case, keys: Keys, store: Keystore, settings: SMTPSettings, *, encrypt: bool) -> str:
+def _send(
+    case: Case,
+    keys: Keys,
+    store: Keystore,
+    settings: SMTPSettings,
+    *,
+    encrypt: bool,
+    engine: OpenPGPEngine,
+) -> str:
     """Send through the sync facade (signed-only) or the async core (encrypted): both paths."""
-    protection = Protection(sign=True, encrypt=encrypt)
+    protection = Protection(sign=True, encrypt=encrypt, engine=engine)
     if encrypt:
         mailer = AsyncMailer(smtp=settings, keystore=store, protection=protection)
         result = asyncio.run(mailer.send(_message(case, keys)))
@@ -122,6 +168,7 @@ def _send(case: Case, keys: Keys, store: Keystore, settings: SMTPSettings, *, en
 @pytest.mark.parametrize("name", list(CASES))
 def test_signed_message_verifies_with_gpg_sqop_and_gosop(
     name: str,
+    openpgp_engine: OpenPGPEngine,
     keys: Keys,
     sender_store: Keystore,
     smtp_settings: SMTPSettings,
@@ -132,7 +179,9 @@ def test_signed_message_verifies_with_gpg_sqop_and_gosop(
     """A signed-only message, as received by the server, verifies with three implementations,
     its micalg names the hash really used, and the signed part carries the content unchanged."""
     case = CASES[name]
-    message_id = _send(case, keys, sender_store, smtp_settings, encrypt=False)
+    message_id = _send(
+        case, keys, sender_store, smtp_settings, encrypt=False, engine=openpgp_engine
+    )
     raw = _received(tls_server, message_id)
     head, (signed, signature_part) = multipart_parts(raw)
     ctype = header_value(head, "Content-Type")
@@ -143,6 +192,7 @@ def test_signed_message_verifies_with_gpg_sqop_and_gosop(
     assert gpg_verify(recipients_home, signature, signed, tmp_path) == keys.alice.fingerprint
     for tool in SOP_TOOLS:
         sop_verify(tool, signature, signed, keys.alice.cert, tmp_path)
+    sq_verify(signature, signed, keys.alice.cert, tmp_path)
 
     # micalg must name the hash in the signature packet (RFC 3156 §5).
     micalg = re.search(r'micalg="?([\w-]+)', ctype)
@@ -163,6 +213,7 @@ def test_signed_message_verifies_with_gpg_sqop_and_gosop(
 @pytest.mark.parametrize("name", list(CASES))
 def test_encrypted_message_decrypts_and_verifies_with_gpg_sqop_and_gosop(
     name: str,
+    openpgp_engine: OpenPGPEngine,
     keys: Keys,
     sender_store: Keystore,
     smtp_settings: SMTPSettings,
@@ -174,7 +225,7 @@ def test_encrypted_message_decrypts_and_verifies_with_gpg_sqop_and_gosop(
     gpg, sqop and gosop, each finds Alice's good signature, and the content is exact; the
     server saw no plaintext, not even the subject."""
     case = CASES[name]
-    message_id = _send(case, keys, sender_store, smtp_settings, encrypt=True)
+    message_id = _send(case, keys, sender_store, smtp_settings, encrypt=True, engine=openpgp_engine)
     raw = _received(tls_server, message_id)
     head, (version_part, encrypted_part) = multipart_parts(raw)
     ctype = header_value(head, "Content-Type")
@@ -204,3 +255,4 @@ def test_encrypted_message_decrypts_and_verifies_with_gpg_sqop_and_gosop(
         else:
             assert sop_plain == plaintext, tool
         assert keys.alice.fingerprint.lower() in verifications.lower(), (tool, verifications)
+    assert sq_decrypt(armored, keys.bob.secret, keys.alice.cert) == plaintext

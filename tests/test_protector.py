@@ -32,7 +32,7 @@ from e2email import (
     TLSMode,
 )
 from e2email.certstore import CertStore
-from e2email.config import RetryPolicy
+from e2email.config import OpenPGPEngine, RetryPolicy
 from e2email.crypto import base
 from e2email.crypto.base import (
     ProtectedCopy,
@@ -119,7 +119,10 @@ def test_an_engine_registered_outside_the_client_is_used_for_protect_send_and_re
         text="a secret",
     )
     box = Outbox(tmp_path / "o.sqlite3")
-    with Mailer(smtp=_settings(server), keystore=sender_store, outbox=box) as mailer:
+    gpg_policy = Protection(engine=OpenPGPEngine.GPG)  # "openpgp" names the GnuPG engine
+    with Mailer(
+        smtp=_settings(server), keystore=sender_store, outbox=box, protection=gpg_policy
+    ) as mailer:
         result = mailer.send(message)
         assert [c.copy.kind for c in result.copies] == ["main", "bcc"]
         (toy,) = ToyProtector.instances
@@ -153,7 +156,9 @@ def test_registry_refuses_a_second_engine_of_the_same_name_and_unknown_names(
         register_engine("smime", lambda ctx: ToyProtector(ctx.keystore))
     with pytest.raises(ConfigError, match="no protection engine named 'nope'"):
         protector_for("nope", keystore=sender_store, certstore=smime_store)
-    gpg_engine = protector_for(Protection(), keystore=sender_store, certstore=smime_store)
+    gpg_engine = protector_for(
+        Protection(engine=OpenPGPEngine.GPG), keystore=sender_store, certstore=smime_store
+    )
     smime_engine = protector_for(
         Protection(scheme=Scheme.SMIME), keystore=sender_store, certstore=smime_store
     )
@@ -345,7 +350,7 @@ def test_retry_rechecks_through_the_engine_that_made_the_copy(
     (item,) = box.items()
     assert item.meta["scheme"] == "openpgp"
     assert mailer.recheck_keys(box.get(item.id)) == ()
-    assert isinstance(mailer.protector_for(Protection()), GpgProtector)
+    assert isinstance(mailer.protector_for(Protection(engine=OpenPGPEngine.GPG)), GpgProtector)
     box.close()
 
 
@@ -373,7 +378,11 @@ def test_the_gpg_engines_discovery_hook_explains_addresses_it_could_not_serve(
         cc=["expired@example.com"],
         text="x",
     )
-    with Mailer(keystore=sender_store) as mailer, pytest.raises(RecipientKeyError) as info:
+    gpg_policy = Protection(engine=OpenPGPEngine.GPG)
+    with (
+        Mailer(keystore=sender_store, protection=gpg_policy) as mailer,
+        pytest.raises(RecipientKeyError) as info,
+    ):
         mailer.protect(message)
     assert [(p.address, p.reason, p.detail) for p in info.value.problems] == [
         ("nobody@example.com", KeyReason.BACKEND, "WKD: 404"),

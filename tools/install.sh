@@ -18,6 +18,8 @@ if [ "$want_test" = 1 ]; then
   pkg_of+=( [neomutt]=neomutt [php]=php-cli [/usr/lib/git-core/git-send-email]=git-email )
   # A real SMTP client for the `e2email relay` tests.
   pkg_of+=( [swaks]=swaks )
+  # The broker the Celery delivery tests start on a loopback port (tests/test_celery*.py).
+  pkg_of+=( [redis-server]=redis-server )
 fi
 missing=()
 for cmd in "${!pkg_of[@]}"; do

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -60,7 +61,7 @@ from e2email.cli.send import (
     retry_policy,
     smtp_settings,
 )
-from e2email.client import BatchItem, Mailer, MessageOutcome
+from e2email.client import BatchItem, Mailer, MessageOutcome, ProtectedCopy
 from e2email.config import PasswordSource, Protection, SMTPSettings
 from e2email.errors import ConfigError, E2EmailError
 from e2email.message import Attachment
@@ -137,6 +138,11 @@ def send_bulk(state: State, opts: dict[str, Any]) -> None:
     template.check_columns(columns)
     attachments = tuple(Attachment.from_path(p) for p in opts["attach"])
     protection, passphrase = protection_options(opts)
+    if opts.get("queue_batch") is not None and opts.get("queue") is None:
+        raise click.UsageError("--queue-batch goes with --queue celery")
+    if opts.get("queue") == "celery":
+        queue_rows(state, opts, template, rows, attachments, protection, passphrase)
+        return
     smtp = smtp_settings(state, opts)
     box = outbox_for(state, opts)
     try:
@@ -380,3 +386,117 @@ def _send_rows(
         return
     code = next((c for c in _EXIT_PRIORITY if c in codes), EXIT_REJECTED)
     fail(summary, code)
+
+
+# -- issue 12: --queue celery ------------------------------------------------------------------
+
+
+def queue_rows(
+    state: State,
+    opts: dict[str, Any],
+    template: Template,
+    rows: Iterator[Row | BadRow],
+    attachments: tuple[Attachment, ...],
+    protection: Protection,
+    passphrase: PasswordSource | None,
+) -> None:
+    """Protect each row's message here and queue the copies for Celery workers, in tasks of
+    ``--queue-batch`` copies. Each row's Message-ID is derived from the batch and the row's
+    values (keyed, as the ledger's keys), so rerunning the same command queues the same
+    idempotency keys again and the workers deliver nothing twice."""
+    account = opts.get(ACCOUNT)
+    if account is None:
+        raise click.UsageError(
+            "--queue celery needs --account NAME: the workers deliver through it"
+        )
+    try:
+        from e2email.celery import CeleryQueue, make_app
+    except ImportError:
+        fail("--queue celery needs Celery: pip install 'e2email[celery]'", EXIT_USAGE)
+    queue = CeleryQueue(make_app(config=state.config_path))
+    size = opts.get("queue_batch") or queue.conf.batch_size
+    box = outbox_for(state, opts)
+    try:
+        secret = box.ledger_secret()
+    finally:
+        box.close()
+    batch = batch_digest(
+        secret=secret,
+        sender=opts["sender"],
+        template=template,
+        attachments=attachments,
+        options={"protection": protection, "batch": opts["batch_name"]},
+    )
+    domain = opts["sender"].rpartition("@")[2] or "e2email.invalid"
+    report: ReportWriter | None = None
+    report_fh: IO[str] | None = None
+    if opts["report"] is not None:
+        report, report_fh = ReportWriter.for_path(opts["report"])
+    counts: Counter[str] = Counter()
+    pending: list[tuple[ProtectedCopy, ...]] = []
+    pending_rows: list[tuple[Row, str]] = []
+    tasks = 0
+
+    def record(
+        number: int, email: str, status: str, detail: str = "", mid: str | None = None
+    ) -> None:
+        counts[status] += 1
+        if report is not None:
+            report.write(row=number, email=email, status=status, detail=detail, message_id=mid)
+        if status != "queued":
+            click.echo(printable(f"row {number} {email}: {status}: {detail}"))
+
+    def flush() -> None:
+        nonlocal tasks
+        if not pending:
+            return
+        queued = queue.enqueue(pending, account=account.name, batch_size=size)
+        tasks += len(queued.task_ids)
+        for row, mid in pending_rows:
+            record(row.number, row.email, "queued", mid=mid)
+        pending.clear()
+        pending_rows.clear()
+
+    mailer = Mailer(
+        keystore=state.keystore(),
+        protection=protection,
+        passphrase=passphrase,
+        certstore=CertStore(state.home),
+    )
+    try:
+        built = build_messages(
+            rows,
+            template,
+            sender=opts["sender"],
+            attachments=attachments,
+            reply_to=opts["reply_to"],
+        )
+        for entry in built:
+            if isinstance(entry, BadRow):
+                record(entry.number, entry.email, "invalid", entry.reason)
+                continue
+            row, message = entry
+            mid = f"{row_key(batch, row, secret=secret)[:40]}@{domain}"
+            try:
+                copies = mailer.protect(replace(message, message_id=mid))
+            except E2EmailError as exc:
+                record(row.number, row.email, "not-sent", str(exc))
+                continue
+            pending.append(copies)
+            pending_rows.append((row, mid))
+            if sum(len(c) for c in pending) >= size:
+                flush()
+        flush()
+    finally:
+        mailer.close()
+        if report is not None and report_fh is not None:
+            report.close()
+            with contextlib.suppress(OSError):
+                report_fh.close()
+    click.echo(
+        f"queued {counts['queued']} message(s) in {tasks} task(s) for the workers of "
+        f"account {account.name}; not queued: {sum(counts.values()) - counts['queued']}",
+        err=True,
+    )
+    if counts["queued"] != sum(counts.values()):
+        sys.exit(EXIT_KEY if counts["not-sent"] else EXIT_USAGE)

@@ -31,7 +31,8 @@ def config_group() -> None:
     (only in a file readable by you alone), token-command or token-env (XOAUTH2), ca-file,
     require-tls, timeout, connect-timeout, command-timeout, data-timeout, retries, from,
     from-patterns, scheme (openpgp|smime), sign, encrypt, encrypt-to-self, smime-cipher,
-    smime-digest, rsa-pss, trust-self-signed, revocation, keys (a table address = fingerprint),
+    smime-digest, rsa-pss, trust-self-signed, revocation, discover (off|wkd|wkd+keyserver),
+    keys (a table address = fingerprint),
     home, gnupg-home, outbox, passphrase-env, passphrase-command.
 
     `send`, `outbox retry` and `doctor` take --account NAME; without it, `send -f ADDRESS`

@@ -77,6 +77,8 @@ def _as_json(item: OutboxItem) -> dict[str, Any]:
         "next_attempt": item.next_attempt,
         "last_error": item.last_error,
         "route": item.route,
+        # The account of the config file it was stored for (null: none).
+        "account": item.account,
         "size": item.size,
         # When the end of its data was sent in the attempt that was interrupted (state
         # "maybe-delivered"); null otherwise.
@@ -119,6 +121,7 @@ def list_items(state: State, as_json: bool) -> None:
         click.echo(
             f"{item.id}  {state_text}  {item.attempts} attempt(s)  {_when(item.created)}  "
             f"{item.size} bytes  via {item.route or '?'}"
+            + (f" (account {item.account})" if item.account else "")
         )
         click.echo(printable(f"    to: {_recipients(item)}"))
         if item.last_error:

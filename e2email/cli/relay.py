@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -197,7 +198,11 @@ def _mailer(state: State, opts: dict[str, Any]) -> AsyncMailer:
                 "--account needs accounts in a config file, which this e2email does not have: "
                 "give --host and the options of `send`"
             )
-        mailer = from_account(opts["account"], outbox=True)
+        # The group's --config, and --home/--gnupg-home over the account's (e2email.accounts).
+        account = state.config().account(opts["account"])
+        state.use_account(account)
+        account = dataclasses.replace(account, home=state.home, gnupg_home=state.gnupg_home)
+        mailer = from_account(account, outbox=True)
         assert isinstance(mailer, AsyncMailer)
         return mailer
     protection, passphrase = protection_options(opts)

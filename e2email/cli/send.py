@@ -27,6 +27,7 @@ from e2email.cli.app import (
 )
 from e2email.client import Mailer, ProtectedCopy, SendResult
 from e2email.config import (
+    OpenPGPEngine,
     PasswordSource,
     Protection,
     RetryPolicy,
@@ -269,8 +270,9 @@ def _bulk_options(command: Any) -> Any:
             click.option(
                 "--template",
                 type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                help="With --to-file: the message template ('Subject: ...', a blank line, the "
-                "body; $column or ${column} placeholders). Instead of --subject/--body.",
+                help="The message from a file: 'Subject: ...', a blank line, the body (keeps the "
+                "subject out of the process table). With --to-file, $column or ${column} "
+                "placeholders are filled per row. Instead of --subject/--body.",
             ),
             click.option(
                 "--report",
@@ -285,6 +287,22 @@ def _bulk_options(command: Any) -> Any:
                 metavar="NAME",
                 help="With --to-file: a name for this batch. Rerunning the same command sends "
                 "only the rows not yet delivered; a new NAME sends every row again.",
+            ),
+            # Issue 12: protect here, deliver through Celery workers (e2email.celery).
+            click.option(
+                "--queue",
+                type=click.Choice(["celery"]),
+                default=None,
+                help="With --to-file: protect each message here and queue the copies for "
+                "Celery workers (`celery -A e2email.celery worker`), which deliver them "
+                "through the --account; see `e2email queue status`.",
+            ),
+            click.option(
+                "--queue-batch",
+                type=click.IntRange(min=1),
+                default=None,
+                metavar="N",
+                help="With --queue: copies per Celery task (default: [celery] batch-size, 50).",
             ),
         ]
     ):
@@ -589,6 +607,12 @@ def account_settings(account: Account, opts: dict[str, Any]) -> AccountSettings:
     "refused when unusable or when it differs from a stored one (e2email keys accept).",
 )
 @click.option(
+    "--engine",
+    type=click.Choice([e.value for e in OpenPGPEngine if e is not OpenPGPEngine.AUTO]),
+    help="OpenPGP engine: sequoia (in process, needs e2email[sequoia]) or gpg (the gpg "
+    "program: smartcards, gpg-agent). Default: sequoia when installed, else gpg.",
+)
+@click.option(
     "--no-autocrypt",
     is_flag=True,
     help="OpenPGP: do not publish the sender's key in an Autocrypt header, nor the recipients' "
@@ -628,9 +652,11 @@ def send(state: State, /, **opts: Any) -> None:
 
         send_bulk(state, opts)
         return
-    for name in ("template", "report"):
+    for name in ("report", "queue", "queue_batch"):
         if opts[name] is not None:
-            raise click.UsageError(f"--{name} goes with --to-file")
+            raise click.UsageError(f"--{name.replace('_', '-')} goes with --to-file")
+    if opts["template"] is not None:
+        _single_template(opts)
     if not (opts["to"] or opts["cc"] or opts["bcc"]):
         raise click.UsageError("no recipients: give --to, --cc or --bcc")
     if opts["output"] is None and not opts["host"] and opts[ACCOUNT] is None:
@@ -653,6 +679,34 @@ def send(state: State, /, **opts: Any) -> None:
                 # Say both: the error that stopped the message, and why its body is not kept.
                 extra = f" (the body read from stdin could not be saved: {unsaved})"
         fail(f"{exc}{extra}", exit_code_for(exc))
+
+
+def _single_template(opts: dict[str, Any]) -> None:
+    """``--template`` for one message: its header block gives the Subject (so a confidential
+    one stays out of the process table, as with --subject-file) and the rest is the body.
+    ``$column`` placeholders need rows to fill them: only with --to-file."""
+    from e2email.bulk import Template
+
+    if opts["body"] is not None or opts["body_file"] is not None:
+        raise click.UsageError("give the body once: --template or --body/--body-file")
+    path: Path = opts["template"]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MessageError(f"cannot read the template {path}: {exc}", field="body") from exc
+    template = Template.parse(text)
+    if template.placeholders:
+        names = ", ".join(f"${n}" for n in sorted(template.placeholders))
+        raise click.UsageError(
+            f"the template has placeholders ({names}): they are filled from --to-file rows"
+        )
+    if template.subject and opts["subject"]:
+        raise click.UsageError(
+            "the subject is given twice: --subject (or --subject-file) and in --template"
+        )
+    # string.Template's escape: "$$" in a template is one "$" in the message.
+    opts["subject"] = (template.subject or opts["subject"] or "").replace("$$", "$")
+    opts["body"] = template.body.replace("$$", "$")
 
 
 def kept_ids(exc: BaseException) -> tuple[str, ...]:
@@ -730,8 +784,10 @@ def _send(state: State, opts: dict[str, Any], text: str) -> None:
                 kept = mailer.last_stored
                 where = (
                     f": the protected message is kept in the outbox as {', '.join(kept)}; the "
-                    "server may have received it already (`e2email outbox list`, then "
-                    "`outbox retry` or `outbox drop`)"
+                    "server may have received it already (`e2email outbox list` shows whether "
+                    "it is maybe-delivered; `outbox retry` sends what was not, "
+                    "`outbox retry --maybe-delivered` also what may have arrived, "
+                    "`outbox drop` gives it up)"
                     if kept
                     else ""
                 )
@@ -761,6 +817,9 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
             key_map=_parse_key_map(opts["key_map"]),
             **_smime_protection(opts),
         )
+    engine = _engine_protection(opts)
+    if engine:
+        protection = dataclasses.replace(protection, **engine)
     if opts.get("discover"):
         # Key discovery (issue 10): only OpenPGP keys are looked up.
         protection = dataclasses.replace(protection, discovery=opts["discover"])
@@ -773,6 +832,16 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
         or prompt_for("signing key passphrase")
     )
     return protection, passphrase
+
+
+def _engine_protection(opts: dict[str, Any]) -> dict[str, Any]:
+    """The OpenPGP engine choice (--engine); refused with --smime, which has one engine."""
+    engine = opts.get("engine")
+    if engine is None:
+        return {}
+    if opts.get("smime"):
+        raise click.UsageError("--engine chooses an OpenPGP engine: leave it out with --smime")
+    return {"engine": OpenPGPEngine(engine)}
 
 
 def _warn_unprotected(protection: Protection) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Generic, Literal, Protocol, TypeVar
 
-from e2email.config import PasswordSource, Protection
+from e2email.config import OpenPGPEngine, PasswordSource, Protection, Scheme
 from e2email.errors import (
     ConfigError,
     KeyProblem,
@@ -331,6 +331,16 @@ def _smime(ctx: EngineContext) -> Protector:
     return SMIMEProtector(ctx.certstore)
 
 
+def _sequoia(ctx: EngineContext) -> Protector:
+    from e2email.crypto.gpg import GpgProtector
+    from e2email.crypto.sequoia import SequoiaProtector
+
+    # Key lookup, judgment and discovery are the GnuPG engine's, made as _gpg makes it.
+    lookup = _gpg(ctx)
+    assert isinstance(lookup, GpgProtector)
+    return SequoiaProtector(ctx.keystore, lookup=lookup)
+
+
 def _gpg_recognises(head: bytes) -> bool:
     from e2email.crypto.gpg import GpgProtector
 
@@ -347,6 +357,9 @@ def _smime_recognises(head: bytes) -> bool:
 _ENGINES: dict[str, tuple[EngineFactory, Callable[[bytes], bool]]] = {
     "smime": (_smime, _smime_recognises),
     "openpgp": (_gpg, _gpg_recognises),
+    # The in-process OpenPGP engine (issue 9 part 2). Its copies record the scheme "openpgp"
+    # (the same keys, re-checked the same way), so it recognises nothing of its own.
+    "openpgp-sequoia": (_sequoia, lambda head: False),
 }
 
 
@@ -375,8 +388,22 @@ def engine_names() -> tuple[str, ...]:
 
 def engine_name(protection: Protection) -> str:
     """The name of the engine that protects under ``protection``: the one place a policy is
-    mapped to an engine (today its scheme; an engine choice would be read here too)."""
+    mapped to an engine. OpenPGP: "openpgp-sequoia" (in process) for
+    :attr:`~e2email.config.OpenPGPEngine.SEQUOIA`, and for ``AUTO`` when pysequoia is
+    installed; "openpgp" (GnuPG) otherwise. Other schemes: the scheme's value."""
+    if protection.scheme is Scheme.OPENPGP:
+        choice = protection.engine
+        if choice is OpenPGPEngine.SEQUOIA or (
+            choice is OpenPGPEngine.AUTO and _sequoia_available()
+        ):
+            return "openpgp-sequoia"
     return str(protection.scheme.value)
+
+
+def _sequoia_available() -> bool:
+    from e2email.crypto.sequoia import available
+
+    return available()
 
 
 def protector_for(
