@@ -464,6 +464,12 @@ class Protection:
     #: OpenPGP only: which engine protects the message (a value or its name: "auto",
     #: "sequoia", "gpg"). See :class:`OpenPGPEngine`.
     engine: OpenPGPEngine = OpenPGPEngine.AUTO
+    #: OpenPGP only: publish the sender's key in an ``Autocrypt:`` header of every message
+    #: (and, when encrypting to several To/Cc recipients, their keys in ``Autocrypt-Gossip``
+    #: headers inside the encryption), so that peers' mail programs can encrypt replies
+    #: (Autocrypt Level 1). False for senders that must not publish keys (Level 1 "Account
+    #: Preferences": Autocrypt can be disabled per account).
+    autocrypt: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.engine, OpenPGPEngine):

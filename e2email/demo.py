@@ -113,7 +113,8 @@ def _show(console: Console, title: str, body: str | Text) -> None:
     console.print(Panel(body, title=title, title_align="left", expand=True))
 
 
-def _ciphertext_view(raw: bytes, *, lines: int = 28) -> Text:
+def _ciphertext_view(raw: bytes, *, lines: int = 40) -> Text:
+    # 40: the header block (a dozen lines of them the Autocrypt key) and the start of the armor.
     shown = raw.decode("ascii", errors="replace").split("\r\n")
     text = Text("\n".join(shown[:lines]))
     if len(shown) > lines:

@@ -1161,9 +1161,16 @@ class PayloadStream:
         return out.getvalue()
 
 
-def stream_payload(message: Message, *, hp: HP | None, canonical: bool = True) -> PayloadStream:
+def stream_payload(
+    message: Message,
+    *,
+    hp: HP | None,
+    canonical: bool = True,
+    extra_fields: Sequence[tuple[str, str]] = (),
+) -> PayloadStream:
     """:func:`build_payload`'s bytes as a :class:`PayloadStream` (same arguments, same checks,
     same bytes), for feeding a large message to a signer or encrypter piece by piece."""
+    extra = _prefolded_fields(extra_fields, hp)
     if message.body is not None:
         mime = message.body
         mime_head, mime_body = mime.form(canonical=canonical)
@@ -1171,6 +1178,7 @@ def stream_payload(message: Message, *, hp: HP | None, canonical: bool = True) -
             return PayloadStream([mime_head, b"\r\n", mime_body])
         head = [mime.head_with(['protected-headers="v1"', f'hp="{hp.value}"'], canonical=canonical)]
         head.extend(render_header(name, value) for name, value in _protected_fields(message))
+        head.extend(extra)
         head.extend(_hp_outer(n, v) for n, v in _outer_fields(message, hp) if _recorded(n))
         return PayloadStream([b"".join(head), b"\r\n", mime_body])
     body = _text_part("plain", message.text)
@@ -1184,11 +1192,18 @@ def stream_payload(message: Message, *, hp: HP | None, canonical: bool = True) -
     outer = _outer_fields(message, hp)
     head = [body.headers(['protected-headers="v1"', f'hp="{hp.value}"'])]
     head.extend(render_header(name, value) for name, value in protected)
+    head.extend(extra)
     head.extend(_hp_outer(name, value) for name, value in outer if _recorded(name))
     return PayloadStream([b"".join(head), b"\r\n", *body.body])
 
 
-def build_payload(message: Message, *, hp: HP | None, canonical: bool = True) -> bytes:
+def build_payload(
+    message: Message,
+    *,
+    hp: HP | None,
+    canonical: bool = True,
+    extra_fields: Sequence[tuple[str, str]] = (),
+) -> bytes:
     """The MIME entity to sign and/or encrypt, as bytes (header block, CRLF, body): canonical
     (CRLF, 7-bit, RFC 3156 §3) by default.
 
@@ -1203,8 +1218,15 @@ def build_payload(message: Message, *, hp: HP | None, canonical: bool = True) ->
     and ``hp="cipher"|"clear"``, and the header block carries the protected From, To, Cc,
     Reply-To, Subject, Date, Message-ID (never Bcc) and one ``HP-Outer`` field per outer
     header (RFC 9788). ``hp`` needs a finalized message (:meth:`Message.finalized`).
+
+    ``extra_fields`` are (name, value) fields for this payload's root header block only,
+    after the protected fields (e.g. ``Autocrypt-Gossip``, which Autocrypt Level 1 "Key
+    Gossip" puts in the root MIME part *inside* the encryption). Each value is written
+    exactly as given, already folded (CRLF + SP or HTAB before each continuation line,
+    ASCII, lines within 998 octets); they need ``hp``. MessageError for a field that is not
+    well formed.
     """
-    return bytes(stream_payload(message, hp=hp, canonical=canonical))
+    return bytes(stream_payload(message, hp=hp, canonical=canonical, extra_fields=extra_fields))
 
 
 def message_head(message: Message, *, hp: HP | None) -> bytes:
@@ -1340,6 +1362,48 @@ def _check_extra_headers(value: object) -> tuple[tuple[str, str], ...]:
             raise MessageError(exc.reason, field="headers") from None
         out.append((name, text))
     return tuple(out)
+
+
+def _prefolded(value: str) -> bool:
+    """A folded header value: printable ASCII and HTAB, each line with something besides
+    whitespace (a blank line would end the header block), each line after the first starting
+    with folding whitespace (RFC 5322 §2.2.3), and CR or LF only as the CRLF of a fold."""
+    lines = value.split("\r\n")
+    return all(
+        line.strip(" \t") and all(c == "\t" or " " <= c <= "~" for c in line) for line in lines
+    ) and all(line[0] in " \t" for line in lines[1:])
+
+
+def _prefolded_fields(fields: Sequence[tuple[str, str]], hp: HP | None) -> list[bytes]:
+    """``extra_fields`` of :func:`build_payload`, checked and rendered byte for byte."""
+    if not fields:
+        return []
+    if hp is None:
+        raise ValueError("extra_fields go in a protected payload's header block: pass hp")
+    out = []
+    for item in fields:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise MessageError(f"not a (name, value) pair: {item!r}", field="extra_fields")
+        name, value = item
+        if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+            raise MessageError(f"invalid header field name {name!r}", field="extra_fields")
+        lower = name.lower()
+        if lower in _STRUCTURAL or lower.startswith("content-"):
+            raise MessageError(f"{name} is set from the message itself", field="extra_fields")
+        if not isinstance(value, str) or not _prefolded(value):
+            raise MessageError(
+                f"{name}: the value must be folded ASCII text (CRLF + SP before each "
+                "continuation line, no other control characters)",
+                field="extra_fields",
+            )
+        field = f"{name}: {value}"
+        if any(len(line) > _HARD_MAX_LINE for line in field.split("\r\n")):
+            raise MessageError(
+                f"{name} has a line longer than {_HARD_MAX_LINE} characters",
+                field="extra_fields",
+            )
+        out.append(field.encode("ascii") + b"\r\n")
+    return out
 
 
 def _recorded(name: str) -> bool:

@@ -612,6 +612,12 @@ def account_settings(account: Account, opts: dict[str, Any]) -> AccountSettings:
     help="OpenPGP engine: sequoia (in process, needs e2email[sequoia]) or gpg (the gpg "
     "program: smartcards, gpg-agent). Default: sequoia when installed, else gpg.",
 )
+@click.option(
+    "--no-autocrypt",
+    is_flag=True,
+    help="OpenPGP: do not publish the sender's key in an Autocrypt header, nor the recipients' "
+    "keys in Autocrypt-Gossip headers inside the encryption.",
+)
 @delivery_options
 @_bulk_options
 @account_options
@@ -817,6 +823,8 @@ def protection_options(opts: dict[str, Any]) -> tuple[Protection, PasswordSource
     if opts.get("discover"):
         # Key discovery (issue 10): only OpenPGP keys are looked up.
         protection = dataclasses.replace(protection, discovery=opts["discover"])
+    if opts.get("no_autocrypt"):
+        protection = dataclasses.replace(protection, autocrypt=False)
     _warn_unprotected(protection)
     passphrase = (
         secret_source(opts["passphrase_env"], opts["passphrase_command"], "signing key passphrase")

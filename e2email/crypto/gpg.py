@@ -3,6 +3,10 @@
 Looks up and judges every key through the keystore (fail closed: all problems named at once),
 then signs or signs and encrypts with :mod:`e2email.crypto.openpgp` (gpg through
 python-gnupg), each copy a complete message: the outer header block, then the entity.
+
+Every copy also carries the sender's ``Autocrypt:`` header in its outer header block, and the
+To/Cc copy of a message encrypted to several recipients their ``Autocrypt-Gossip`` headers
+inside the encryption (Autocrypt Level 1; :mod:`e2email.discovery.autocrypt`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from e2email.crypto.base import (
     plain_copy,
     resolve_keys,
 )
+from e2email.discovery.autocrypt import autocrypt_fields
 from e2email.discovery.net import DiscoverySettings
 from e2email.errors import KeyProblem, RecipientKeyError
 from e2email.keystore import Keystore, OpenPGPKey
@@ -92,6 +97,14 @@ class GpgProtector(Protector):
             # A lookup's reason (404, timeout, TLS, a different key) says more than "no key".
             raise RecipientKeyError([discovered.get(p.address, p) for p in exc.problems]) from None
         signer = keys.signer
+        autocrypt = await asyncio.to_thread(
+            autocrypt_fields,
+            self.keystore,
+            msg,
+            protection,
+            own=keys.own,
+            recipients=keys.recipients,
+        )
 
         if not protection.encrypt:
             assert signer is not None
@@ -103,7 +116,9 @@ class GpgProtector(Protector):
                 build_payload(msg, hp=HP.CLEAR),
                 signer=signer,
                 passphrase=passphrase,
-                prefix=message_head(msg, hp=HP.CLEAR),
+                # Autocrypt in the outer header block (Level 1), outside the signed part:
+                # the signature covers that part only (RFC 3156 §5) and still verifies.
+                prefix=message_head(msg, hp=HP.CLEAR) + autocrypt["main"][0],
             )
             return (
                 make_copy(raw, msg, "main", msg.recipients, signed=True, signer=signer.fingerprint),
@@ -118,14 +133,21 @@ class GpgProtector(Protector):
 
         async def one(kind: CopyKind, rcpts: tuple[Address, ...]) -> ProtectedCopy:
             unique = keys.keys_for(rcpts)
+            outer, gossip = autocrypt[kind]
             raw = await asyncio.to_thread(
                 openpgp.encrypt,
                 self.keystore,
-                payload,
+                # Gossip goes in this copy's own payload, inside the encryption (Level 1
+                # "Key Gossip"); the shared payload (Bcc copies) has none.
+                (
+                    stream_payload(msg, hp=HP.CIPHER, canonical=False, extra_fields=gossip)
+                    if gossip
+                    else payload
+                ),
                 recipients=unique,
                 signer=signer,
                 passphrase=passphrase,
-                prefix=head,
+                prefix=head + outer,
             )
             return make_copy(
                 raw,

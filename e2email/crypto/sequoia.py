@@ -48,6 +48,7 @@ from e2email.crypto.base import (
     plain_copy,
 )
 from e2email.crypto.openpgp import encrypted_to_key_ids
+from e2email.discovery.autocrypt import autocrypt_fields
 from e2email.errors import (
     CryptoError,
     KeyProblem,
@@ -467,6 +468,10 @@ class SequoiaProtector(Protector):
         sq = _sq()
         signer_key = keys.signer
         signer = self._keys.signer(signer_key, passphrase) if signer_key is not None else None
+        # Autocrypt Level 1, as the gpg engine adds it (issue 10 §3).
+        autocrypt = autocrypt_fields(
+            self.keystore, msg, protection, own=keys.own, recipients=keys.recipients
+        )
 
         if not protection.encrypt:
             assert signer_key is not None
@@ -477,7 +482,8 @@ class SequoiaProtector(Protector):
             # Binary-mode detached signature over the canonical (CRLF, 7-bit) part as it is.
             signature = bytes(sq.sign(signer, payload, mode=sq.SignatureMode.DETACHED))
             micalg = _micalg(signature, sub.fingerprint)
-            raw = _signed_entity(payload, signature, micalg, message_head(msg, hp=HP.CLEAR))
+            head = message_head(msg, hp=HP.CLEAR) + autocrypt["main"][0]
+            raw = _signed_entity(payload, signature, micalg, head)
             return (
                 make_copy(
                     raw, msg, "main", msg.recipients, signed=True, signer=signer_key.fingerprint
@@ -492,13 +498,20 @@ class SequoiaProtector(Protector):
         def one(kind: CopyKind, rcpts: Sequence[Any]) -> ProtectedCopy:
             unique = keys.keys_for(rcpts)
             chosen = [self._keys.recipient(k) for k in unique]
+            outer, gossip = autocrypt[kind]
+            # Gossip only inside this copy's own payload; Bcc copies share the plain one.
+            data = (
+                build_payload(msg, hp=HP.CIPHER, canonical=False, extra_fields=gossip)
+                if gossip
+                else payload
+            )
             try:
-                armored = _crlf(bytes(sq.encrypt(payload, [c for c, _ in chosen], signer=signer)))
+                armored = _crlf(bytes(sq.encrypt(data, [c for c, _ in chosen], signer=signer)))
             except (RuntimeError, ValueError) as exc:
                 raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
             _check_encrypted(armored, [fpr for _, fpr in chosen])
             return make_copy(
-                _encrypted_entity(armored, head),
+                _encrypted_entity(armored, head + outer),
                 msg,
                 kind,
                 rcpts,

@@ -34,16 +34,21 @@ from email import policy as email_policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
+from typing import Literal
 
+from e2email.config import Protection
 from e2email.discovery.policy import adopt
 from e2email.errors import KeyProblem, KeystoreError, MessageError
 from e2email.keysources import KeySource, SourceKind
 from e2email.keystore import Keystore, OpenPGPKey, vet_key
+from e2email.message import Message
 from e2email.private import check_private, ensure_private_dir, open_private
 
 __all__ = [
     "AutocryptHeader",
+    "CopyFields",
     "Learnt",
+    "autocrypt_fields",
     "autocrypt_for_copy",
     "autocrypt_header",
     "gossip_headers",
@@ -133,6 +138,63 @@ def autocrypt_for_copy(
         except KeystoreError:
             gossip = []
     return outer, gossip
+
+
+#: What Autocrypt adds to one copy: the outer ``Autocrypt:`` field line (bytes, CRLF, or
+#: empty) and the ``Autocrypt-Gossip`` fields for the encrypted payload's root header block.
+CopyFields = tuple[bytes, list[tuple[str, str]]]
+
+
+def autocrypt_fields(
+    keystore: Keystore,
+    message: Message,
+    protection: Protection,
+    *,
+    own: OpenPGPKey | None,
+    recipients: Mapping[str, OpenPGPKey],
+) -> dict[Literal["main", "bcc"], CopyFields]:
+    """Everything Autocrypt adds to an OpenPGP message, per kind of copy, for any OpenPGP
+    engine: ``"main"`` (To and Cc) and ``"bcc"`` (each Bcc copy), each
+    ``(outer_field_line, gossip_fields)``. Put the line at the end of the copy's outer header
+    block (signed-only messages too, outside the signed part) and, when there are gossip
+    fields, make that copy's payload with ``stream_payload(..., extra_fields=gossip)``.
+
+    ``own`` is the sender's encryption key when the engine has it (encrypt-to-self), else it
+    is looked up; ``recipients`` the keys the message is encrypted to, by lower-cased
+    address. Nothing when ``protection.autocrypt`` is off or the message already carries a
+    program's own ``Autocrypt`` header (Level 1 allows one). Blocking (gpg exports the
+    minimal keys, once per key state); never raises for a key it cannot use."""
+    none: dict[Literal["main", "bcc"], CopyFields] = {"main": (b"", []), "bcc": (b"", [])}
+    if not protection.autocrypt or any(n.lower() == "autocrypt" for n, _ in message.headers):
+        return none
+    sender = message.sender.addr_spec
+    if own is None:
+        found = keystore.encryption_key(sender, key_map=protection.key_map)
+        own = found if isinstance(found, OpenPGPKey) else None
+    if own is not None and not own.has_secret:
+        # Level 1 "Header injection in outbound mail": the header is for a sender that has
+        # secret key material; no key is advertised for From that could not read the replies.
+        own = None
+    to_cc = (
+        {a.addr_spec.lower(): recipients[a.addr_spec.lower()] for a in (*message.to, *message.cc)}
+        if protection.encrypt
+        else {}
+    )
+    return {
+        kind: autocrypt_for_copy(
+            keystore,
+            sender=sender,
+            sender_key=own,
+            kind=kind,
+            to_cc_keys=to_cc,
+            encrypted=protection.encrypt,
+            # Level 1 "prefer-encrypt": mutual states "an agreement to enable encryption by
+            # default"; a policy that encrypts every message (and refuses rather than send in
+            # clear) is that agreement. Signing only: no attribute, i.e. nopreference.
+            prefer_encrypt=protection.encrypt,
+        )
+        for kind in none
+    }
 
 
 @dataclass(frozen=True)
