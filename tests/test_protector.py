@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import re
 import email
 import email.policy
 import inspect
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
