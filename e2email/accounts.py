@@ -645,9 +645,10 @@ class _Loader:
     ) -> Account | None:
         where = ("accounts", name)
         before = len(self.problems)
-        self._check_keys(where, table)
-        if len(self.problems) > before:
-            return None
+        # Every mistake gets its line: a bad key is reported and left out, and the checks
+        # below (a host, a secret given two ways, ...) still run on the rest.
+        bad = self._check_keys(where, table)
+        table = {k: v for k, v in table.items() if k not in bad}
         # Inherit [defaults]; a secret given in the account replaces every inherited way of
         # giving it (a password-env here overrides a password-command there).
         merged = {k: v for k, v in defaults.items() if k in _ACCOUNT_KEYS and k != "default"}
@@ -658,12 +659,13 @@ class _Loader:
         merged.update(table)
         merged.pop("default", None)
         if not _type_ok(_STR, merged.get("host")):
-            self.problem(where, "host", "missing: every account needs a host")
-            return None
+            if "host" not in bad:  # a host of the wrong type is reported already
+                self.problem(where, "host", "missing: every account needs a host")
+            merged.pop("host", None)
         for key in _PATH_KEYS:
             if key in merged:
                 merged[key] = self._path(merged[key])
-        return self._build(name, where, merged)
+        return self._build(name, where, merged, since=before)
 
     def _path(self, value: str) -> Path:
         path = Path(value).expanduser()
@@ -685,8 +687,13 @@ class _Loader:
             return None
         return given[0] if given else None
 
-    def _build(self, name: str, where: tuple[str, ...], m: Mapping[str, Any]) -> Account | None:
-        before = len(self.problems)
+    def _build(
+        self, name: str, where: tuple[str, ...], m: Mapping[str, Any], *, since: int
+    ) -> Account | None:
+        """The account from its merged settings ``m``; None when any problem was reported
+        since ``since`` (the number of problems when this account's checks began), after
+        checking everything that can be checked without building it."""
+        before = since
         user = m.get("user")
         password: PasswordSource | None = None
         token: PasswordSource | None = None

@@ -29,6 +29,8 @@ This module is ``e2email.logging``; inside e2email, ``import logging`` is the st
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import concurrent.futures.thread  # now, not first at exit (see _Inline)
 import contextlib
 import contextvars
 import datetime
@@ -37,9 +39,10 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from e2email.client import AsyncMailer
 from e2email.config import DEFAULT_PORTS, Protection, SMTPSettings, TLSMode, default_home
@@ -58,6 +61,8 @@ from e2email.relay import store_copies
 
 __all__ = ["EncryptedSMTPHandler"]
 
+_T = TypeVar("_T")
+
 #: Set in the worker thread (and copied into the threads asyncio.to_thread starts from it):
 #: records logged there come from e2email itself, sending a record.
 _sending: contextvars.ContextVar[bool] = contextvars.ContextVar("e2email_sending", default=False)
@@ -69,6 +74,31 @@ def _tls_mode(value: TLSMode | str | None) -> TLSMode | None:
     if value not in (TLSMode.IMPLICIT.value, TLSMode.STARTTLS.value):
         raise ConfigError(f"tls must be 'implicit' or 'starttls', not {value!r}")
     return TLSMode(value)
+
+
+class _Inline(concurrent.futures.ThreadPoolExecutor):
+    """The worker loop's default executor: runs each call at once, in the worker thread.
+
+    ``asyncio.to_thread`` (gpg, Sequoia, the outbox, password sources, getaddrinfo) uses the
+    loop's default executor. When a program exits without calling :func:`logging.shutdown`,
+    logging's atexit hook flushes this handler only after ``threading._shutdown`` has stopped
+    every thread pool: a new pool then refuses work ("cannot schedule new futures after
+    interpreter shutdown", or "can't register atexit after shutdown" when the module is first
+    imported then), and a record, or its "delivered" mark, would fail half-way. The worker
+    has its own thread and loop and handles one record at a time, so running these calls
+    inline costs no concurrency that matters and cannot be refused at exit."""
+
+    def submit(
+        self, fn: Callable[..., _T], /, *args: object, **kwargs: object
+    ) -> concurrent.futures.Future[_T]:
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the awaiting coroutine, as a pool does
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        return future
 
 
 @dataclass(frozen=True)
@@ -329,6 +359,7 @@ class EncryptedSMTPHandler(_logging.Handler):
     def _run(self) -> None:
         _sending.set(True)
         with asyncio.Runner() as runner:
+            runner.get_loop().set_default_executor(_Inline(max_workers=1))
             while True:
                 item = self._queue.get()
                 if item is None:
@@ -356,7 +387,22 @@ class EncryptedSMTPHandler(_logging.Handler):
                 copies = await mailer.protect(message, protection=self.protection)
                 self._backlog.extend(await store_copies(mailer, copies))
                 return
-            await mailer.send(message, protection=self.protection)
+            copies = await mailer.protect(message, protection=self.protection)
+            mailer.last_stored = ()
+            try:
+                await mailer.send_copies(copies)
+            except E2EmailError:
+                raise
+            except Exception as exc:
+                # Stored in the outbox already (perhaps delivered too, the "delivered" mark
+                # failing): it is kept there, protected, and the outbox's states decide
+                # whether it may go again (an interrupted send is "maybe delivered", never
+                # resent by itself). Never also a plaintext draft, so never twice.
+                if not mailer.last_stored:
+                    raise
+                self._backlog.extend(mailer.last_stored)
+                self._report_once(f"interrupted: {type(exc).__name__}")
+                return
         except (KeyErrorBase, CryptoError, MessageError) as exc:
             # Not protected, so never sent: keep the text, say why (once per reason).
             self._keep_draft(item, str(exc))

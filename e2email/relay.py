@@ -58,7 +58,7 @@ from e2email.errors import (
     RecipientKeyError,
     SignerKeyError,
 )
-from e2email.outbox import ItemState, NewItem, Outbox, same_route
+from e2email.outbox import ItemState, NewItem, Outbox, OutboxItem, same_route
 from e2email.private import ensure_private_dir, write_private
 
 __all__ = [
@@ -147,6 +147,9 @@ async def store_copies(mailer: AsyncMailer, copies: Sequence[ProtectedCopy]) -> 
                 "encrypted_to": list(c.encrypted_to),
                 "signer": c.signer,
                 "require_tls": smtp.require_tls,
+                # The route leaves the port out; a relay without an account delivers only
+                # what was stored for its own upstream, host and port (see Relay._mine).
+                "port": smtp.port,
             },
         )
         for c in copies
@@ -596,10 +599,29 @@ class Relay:
         assert smtp is not None
         return outbox, route_of(smtp)
 
+    def _mine(self, item: OutboxItem, route: str) -> bool:
+        """Is ``item`` for this relay to deliver? The outbox may be shared with other programs
+        (``e2email send``, sendmail, other accounts): their copies go through their own
+        server, never this relay's. With an account: the items stored for that account.
+        Without: the items stored for no account, for this upstream's host (and user) and
+        port (which the route leaves out: :func:`store_copies` records it)."""
+        outbox = self.mailer.outbox
+        assert outbox is not None
+        assert self.mailer.smtp is not None
+        if outbox.account is not None:
+            return item.account == outbox.account
+        return (
+            item.account is None
+            and item.route is not None
+            and same_route(item.route, route)
+            and "port" in item.meta
+            and item.meta["port"] == self.mailer.smtp.port
+        )
+
     def _waiting(self) -> int:
-        """Copies for this upstream route still in the outbox."""
+        """Copies for this relay (see :meth:`_mine`) still in the outbox."""
         outbox, route = self._outbox_route()
-        return sum(same_route(it.route, route) for it in outbox.items())
+        return sum(self._mine(it, route) for it in outbox.items())
 
     def _due(self) -> tuple[list[str], float | None]:
         """IDs of copies for this route that are due now, and when the next one will be.
@@ -611,7 +633,7 @@ class Relay:
         due: list[str] = []
         later: float | None = None
         for item in outbox.items():
-            if not same_route(item.route, route) or item.state in (
+            if not self._mine(item, route) or item.state in (
                 ItemState.FAILED,
                 ItemState.MAYBE_DELIVERED,
             ):

@@ -62,7 +62,9 @@ from e2email.errors import (
     MessageError,
     PassphraseError,
     RecipientKeyError,
+    RecipientsRefusedError,
     SignerKeyError,
+    SMTPReply,
     TLSError,
     TransportError,
 )
@@ -138,7 +140,8 @@ Accepted and ignored: -i, -oi (the input is always read to its end, a lone "." i
 Exit status (sysexits.h): 0 sent; 64 usage; 65 malformed message; 66 no input; 67 a recipient
 has no usable key (nothing sent; the message is kept in HOME/drafts); 68 server name unknown;
 69 server refused permanently; 70 internal error; 75 not sent yet, queued in the outbox
-(`e2email outbox retry`); 76 TLS failure; 77 authentication failed; 78 configuration error.
+(`e2email outbox retry`); 76 TLS failure; 77 authentication failed or required; 78 configuration
+error.
 """
 
 
@@ -368,7 +371,7 @@ def _long_option(opts: dict[str, Any], name: str, value: str | None) -> None:
 def read_message(stream: IO[bytes]) -> bytes:
     """The message on ``stream``, read to its end (a lone ``.`` line is content: see the
     module's docstring). A leading mbox ``From `` line is dropped. Raises
-    :class:`SendmailError` (66) when there is nothing."""
+    :class:`SendmailError` (66) when there is nothing, 65 when there are only blank lines."""
     try:
         data = stream.read()
     except OSError as exc:
@@ -376,8 +379,11 @@ def read_message(stream: IO[bytes]) -> bytes:
     if data.startswith(b"From "):
         # The mbox separator some callers leave in (RFC 4155); it is not a header field.
         _, _, data = data.partition(b"\n")
-    if not data.strip():
+    if not data:
         raise SendmailError("no message on standard input", EX_NOINPUT)
+    if not data.strip():
+        # Input, but no header field at all: a malformed message, not a missing one.
+        raise SendmailError("the message is only blank lines: it has no header", EX_DATAERR)
     return data
 
 
@@ -517,6 +523,26 @@ def _name_not_found(error: BaseException) -> bool | None:
     return None
 
 
+def _asks_for_auth(reply: SMTPReply | None) -> bool:
+    """Is ``reply`` "authentication required"? 530 (RFC 4954 section 6: "530 5.7.0
+    Authentication required"), or another 5xx with enhanced status 5.7.0 that says so. A bare
+    5.7.0 is any security or policy refusal (a spam filter's "554 5.7.0 Reject"): not that."""
+    if reply is None or not 500 <= reply.code < 600:
+        return False
+    if reply.code == 530:
+        return True
+    return reply.text.startswith("5.7.0") and "auth" in reply.text.casefold()
+
+
+def _auth_required(error: TransportError) -> bool:
+    """The server wants AUTH first (at MAIL, or at RCPT for every recipient refused): no
+    credentials were configured, so a permission problem (77), not a refusal (69)."""
+    if isinstance(error, RecipientsRefusedError):
+        replies = list(error.refused.values())
+        return bool(replies) and all(_asks_for_auth(r) for r in replies)
+    return isinstance(error, DeliveryError) and _asks_for_auth(error.reply)
+
+
 def exit_code_for(error: BaseException) -> int:
     """The sysexits.h status for ``error``, as sendmail's callers read it.
 
@@ -529,7 +555,9 @@ def exit_code_for(error: BaseException) -> int:
     75    anything transient (4xx, timeout, refused or dropped connection, a name lookup that
           failed for now): the protected message is kept in the outbox for a retry
     76    TLSError: no verified TLS
-    77    AuthenticationError, or the signing key's passphrase missing or wrong
+    77    AuthenticationError, the server requires AUTH and none was configured (530 or
+          5.7.0 "authentication required" at MAIL or RCPT), or the signing key's
+          passphrase missing or wrong
     78    ConfigError, or the sender's own key missing (SignerKeyError, KeystoreError)
     ====  ===================================================================================
     """
@@ -558,6 +586,8 @@ def exit_code_for(error: BaseException) -> int:
         if isinstance(error, TLSError):
             return EX_PROTOCOL
         if isinstance(error, AuthenticationError):
+            return EX_NOPERM
+        if _auth_required(error):
             return EX_NOPERM
         if isinstance(error, DeliveryError | ConnectError):
             return EX_UNAVAILABLE

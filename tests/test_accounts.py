@@ -448,3 +448,25 @@ def test_mistakes_in_defaults_are_reported_once_at_their_line(tmp_path: Path) ->
         # Inherited by a and b, found in [defaults], said once.
         "3: from: 'nobody' is not an email address",
     ]
+
+
+def test_every_mistake_in_an_account_gets_its_line(tmp_path: Path) -> None:
+    """A bad key does not stop the account's other checks: a port out of range and no host
+    are two lines, and a wrong port type, a password given two ways and a bad sign value are
+    three."""
+    cfg = write_config(
+        tmp_path / "c.toml",
+        "[accounts.x]\nport = 99999\n"
+        '[accounts.y]\nhost = "h"\nport = "abc"\npassword = "a"\npassword-env = "B"\n'
+        'sign = "maybe"\n',
+    )
+    with pytest.raises(ConfigFileError) as info:
+        load_config(cfg)
+    lines = [str(p).removeprefix(f"{cfg}:") for p in info.value.problems]
+    assert lines == [
+        "2: port: port 99999 is out of range (1-65535)",
+        "1: host: missing: every account needs a host",
+        "5: port: must be an integer, not a string",
+        "8: sign: must be true or false, not a string",
+        "7: password-env: the password given two ways (password, password-env): give one",
+    ]

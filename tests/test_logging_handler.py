@@ -345,3 +345,110 @@ def test_e2email_logging_does_not_shadow_the_standard_library() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+_EXIT_WITHOUT_SHUTDOWN = """
+import logging, sys
+from e2email.config import OpenPGPEngine, Protection
+from e2email.logging import EncryptedSMTPHandler
+
+host, port, ca_file, home, engine = sys.argv[1:]
+handler = EncryptedSMTPHandler(
+    (host, int(port)), "alice@example.org", ["bob@example.net"], "at exit",
+    tls="implicit", ca_file=ca_file, home=home,
+    protection=Protection(engine=OpenPGPEngine(engine)),
+)
+logger = logging.getLogger("app")
+logger.addHandler(handler)
+logger.error("first record")
+logger.error("second record")
+# No handler.close(), no logging.shutdown(): the atexit hook must still send both.
+"""
+
+
+def test_records_queued_at_exit_are_sent_without_an_explicit_shutdown(
+    log_home: Path,
+    smtp_server: ServerFactory,
+    keys: Keys,
+    recipients_home: Path,
+    tmp_path: Path,
+    openpgp_engine: Any,
+) -> None:
+    """logging's atexit hook runs after the interpreter stopped thread pools: the worker must
+    still protect and send what is queued (it used to keep it as a plaintext draft)."""
+    upstream = smtp_server()
+    assert upstream.ca_file is not None
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _EXIT_WITHOUT_SHUTDOWN,
+            upstream.host,
+            str(upstream.port),
+            str(upstream.ca_file),
+            str(log_home),
+            openpgp_engine.value,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert not (log_home / "drafts").exists() or not any((log_home / "drafts").iterdir())
+    texts = []
+    for n, received in enumerate(upstream.messages):
+        (tmp_path / str(n)).mkdir()
+        texts.append(decrypt_as_bob(received, keys, recipients_home, tmp_path / str(n)))
+    assert len(texts) == 2
+    assert [b"first record" in t for t in texts].count(True) == 1
+    assert [b"second record" in t for t in texts].count(True) == 1
+    for received in upstream.messages:
+        assert b"record" not in received.data
+
+
+class _CannotMarkDelivered(Outbox):
+    """An outbox that cannot record an acceptance (as a thread pool refusing work at exit
+    made it fail): the server has the message, the outbox does not know it."""
+
+    broken = True
+
+    def settle(self, item_id: str, **kwargs: Any) -> bool:
+        if self.broken and kwargs.get("delivered"):
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        return super().settle(item_id, **kwargs)
+
+
+def test_a_record_delivered_but_not_marked_is_neither_a_draft_nor_sent_again(
+    log_home: Path,
+    smtp_server: ServerFactory,
+    attach: Callable[[logging.Handler], logging.Logger],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A failure after the protected copy is in the outbox leaves it there (the outbox's
+    "maybe delivered" rule keeps it from going twice) and writes no plaintext draft."""
+    upstream = smtp_server()
+    outbox = _CannotMarkDelivered.in_home(log_home)
+    assert isinstance(outbox, _CannotMarkDelivered)
+    mailer = AsyncMailer(
+        smtp=upstream_settings(upstream),
+        keystore=Keystore(log_home),
+        outbox=outbox,
+        retry=RetryPolicy(max_attempts=1),
+    )
+    handler = EncryptedSMTPHandler(
+        None, "alice@example.org", ["bob@example.net"], "subject", mailer=mailer
+    )
+    logger = attach(handler)
+    logger.error("first record")
+    handler.flush()
+    assert len(upstream.messages) == 1
+    assert not (log_home / "drafts").exists()
+    assert len(outbox) == 1  # kept, protected: `outbox retry --maybe-delivered` decides
+    assert "e2email.logging:" in capfd.readouterr().err
+    outbox.broken = False
+    logger.error("second record")
+    handler.flush()
+    assert len(upstream.messages) == 2  # the second; the first is not sent again
+    assert not (log_home / "drafts").exists()

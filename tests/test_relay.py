@@ -38,7 +38,7 @@ from e2email.config import Protection, RetryPolicy, SMTPSettings, TLSMode
 from e2email.errors import ConfigError, KeyProblem, KeyReason
 from e2email.keystore import Keystore
 from e2email.message import Message
-from e2email.outbox import Outbox
+from e2email.outbox import NewItem, Outbox
 from e2email.relay import Relay, _problem_reply, self_signed_certificate
 from e2email.testing import Fault, LoopbackSMTPServer, ReceivedMessage, TestCA
 
@@ -391,7 +391,9 @@ def test_a_message_the_upstream_server_defers_stays_in_the_outbox_for_the_next_s
     """The client's 250 means stored: the upstream server says 421 to every attempt, the
     relay stops, and the protected copy waits in the outbox (ciphertext only); the next relay
     delivers exactly that copy."""
-    busy = smtp_server(faults=[Fault("mail", "reply", code=421, text="busy", times=None)])
+    # Two attempts (the relay's retry policy) get 421; the restarted relay, delivering to the
+    # same upstream (host and port: only its own copies), finds it working.
+    busy = smtp_server(faults=[Fault("mail", "reply", code=421, text="busy", times=2)])
     first = run_relay(busy)
     with smtplib.SMTP("127.0.0.1", first.port, timeout=60) as client:
         assert client.send_message(plain_message("kept", "wait for me 8086\n")) == {}
@@ -405,7 +407,7 @@ def test_a_message_the_upstream_server_defers_stays_in_the_outbox_for_the_next_s
     assert b"8086" not in stored
     assert busy.messages == []
 
-    good = smtp_server()
+    good = busy
     run_relay(good)
     wait_for(lambda: len(good.messages) == 1, "the delivery after the restart")
     assert good.messages[0].data == stored
@@ -566,3 +568,67 @@ def test_an_upstream_server_whose_certificate_does_not_verify_gets_nothing(
             assert len(box) == 1
     finally:
         other_ca.cleanup()
+
+
+def _plant(box: Outbox, tag: str, *, route: str | None, account: str | None, meta: Any) -> str:
+    """An item another program stored in the same outbox (not protected: it must never go)."""
+    (item_id,) = box.add(
+        [
+            NewItem(
+                raw=f"Subject: {tag}\r\n\r\nnot for this relay\r\n".encode(),
+                mail_from="alice@example.org",
+                recipients=("bob@example.net",),
+                message_id=f"<{tag}@example.org>",
+                meta=meta,
+            )
+        ],
+        route=route,
+        claim=False,
+        account=account,
+    )
+    return item_id
+
+
+@pytest.mark.parametrize("account", [None, "work"])
+def test_the_relay_delivers_only_its_own_copies_from_a_shared_outbox(
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    outbox_path: Path,
+    account: str | None,
+) -> None:
+    """Copies other programs queued in the same outbox (another account, another port of
+    the same host, no account, or stored by `e2email send` without a port) stay there for
+    their own server: the relay delivers only what was stored for it."""
+    upstream = smtp_server()
+    with Outbox(outbox_path) as box:
+        planted = [
+            _plant(box, "other-account", route="127.0.0.1", account="other", meta={}),
+            _plant(box, "other-port", route="127.0.0.1", account=None, meta={"port": 1}),
+            _plant(box, "no-port", route="127.0.0.1", account=None, meta={}),
+            _plant(box, "no-route", route=None, account=None, meta={"port": upstream.port}),
+        ]
+        if account is not None:  # the relay's own upstream, but stored without its account
+            planted.append(
+                _plant(box, "mine", route="127.0.0.1", account=None, meta={"port": upstream.port})
+            )
+    mailer = AsyncMailer(
+        smtp=upstream_settings(upstream),
+        keystore=sender_store,
+        protection=Protection(),
+        outbox=outbox_path,
+        retry=RetryPolicy(max_attempts=1),
+    )
+    assert mailer.outbox is not None
+    mailer.outbox.account = account
+    relay = RelayThread(lambda: Relay(mailer, host="127.0.0.1", port=0)).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as client:
+            assert client.send_message(plain_message("ours", "from the relay\n")) == {}
+        wait_for(lambda: len(upstream.messages) == 1, "the relay's own message")
+    finally:
+        relay.stop()
+        mailer.close()
+    assert len(upstream.messages) == 1
+    assert b"not for this relay" not in upstream.messages[0].data
+    with Outbox(outbox_path) as box:
+        assert sorted(i.id for i in box.items()) == sorted(planted)

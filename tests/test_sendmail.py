@@ -10,13 +10,18 @@ import email
 import email.policy
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pgp_helpers import kill_agent
+from test_sendmail_callers import keys_home, sendmail_cmd  # noqa: F401 (keys_home: a fixture)
 
 from e2email.config import TLSMode
 from e2email.errors import (
@@ -171,11 +176,19 @@ def test_mbox_from_line_is_dropped() -> None:
     assert read_message(io.BytesIO(data)) == MESSAGE
 
 
-@pytest.mark.parametrize("data", [b"", b"\n\n", b"From alice@example.org Thu Jan  1\n"])
+@pytest.mark.parametrize("data", [b"", b"From alice@example.org Thu Jan  1\n"])
 def test_no_input_is_66(data: bytes) -> None:
     with pytest.raises(SendmailError, match="no message") as caught:
         read_message(io.BytesIO(data))
     assert caught.value.code == EX_NOINPUT
+
+
+@pytest.mark.parametrize("data", [b"\n\n", b"\r\n", b" \n\t\n"])
+def test_only_blank_lines_is_65_malformed(data: bytes) -> None:
+    """Input without a header is a malformed message (65), not a missing one (66)."""
+    with pytest.raises(SendmailError, match="no header") as caught:
+        read_message(io.BytesIO(data))
+    assert caught.value.code == EX_DATAERR
 
 
 # -- Recipients, envelope sender, From ------------------------------------------------------
@@ -323,6 +336,23 @@ def _gaierror(code: int) -> ConnectError:
             EX_UNAVAILABLE,
         ),
         (RecipientsRefusedError([("b@x.org", SMTPReply(450, "later"))]), EX_TEMPFAIL),
+        (
+            RecipientsRefusedError([("b@x.org", SMTPReply(530, "5.7.0 Authentication required"))]),
+            EX_NOPERM,
+        ),
+        (
+            RecipientsRefusedError([("b@x.org", SMTPReply(550, "5.7.0 Authentication needed"))]),
+            EX_NOPERM,
+        ),
+        (DeliveryError("mail", reply=SMTPReply(530, "5.7.0 Authentication required")), EX_NOPERM),
+        # 5.7.0 is any security refusal: a spam filter's is not "authentication required".
+        (DeliveryError("data", reply=SMTPReply(554, "5.7.0 Reject, spam")), EX_UNAVAILABLE),
+        (
+            RecipientsRefusedError(
+                [("b@x.org", SMTPReply(530, "5.7.0 auth")), ("c@x.org", SMTPReply(550, "no"))]
+            ),
+            EX_UNAVAILABLE,
+        ),
         (ConnectError("refused"), EX_TEMPFAIL),
         (ConnectError("greeting", reply=SMTPReply(554, "go away")), EX_UNAVAILABLE),
         (_gaierror(socket.EAI_NONAME), EX_NOHOST),
@@ -437,3 +467,37 @@ def test_closed_stdin_is_66(tmp_path: Path) -> None:
     )
     assert closed.returncode == EX_NOINPUT, closed.stderr
     assert closed.stderr.decode().count("\n") == 1
+
+
+# -- Authentication required, against a real server ---------------------------------------
+
+
+@pytest.fixture
+def alice_home(keys_home: Path) -> Iterator[Path]:  # noqa: F811 (the fixture, imported)
+    """A copy of Alice's home (her key, Bob's certificate) for one test, as
+    test_sendmail_callers.home; a short path: gpg-agent puts its socket in the GnuPG home."""
+    base = Path(tempfile.mkdtemp(prefix="e2sm", dir="/tmp"))
+    copy = base / "h"
+    shutil.copytree(keys_home, copy, ignore=shutil.ignore_patterns("S.*", "*.lock"))
+    yield copy
+    kill_agent(copy / "gnupg")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_server_that_requires_auth_given_no_credentials_is_77(
+    alice_home: Path, smtp_server: Any
+) -> None:
+    """`530 5.7.0 Authentication required` at MAIL (RFC 4954 section 6) when no credentials
+    are configured is a permission problem (77, as refused credentials are), not a refusal
+    of every recipient (69); nothing is delivered and the protected message is kept."""
+    server = smtp_server(tls="implicit", credentials={"app": "app-password"})
+    done = subprocess.run(
+        [*sendmail_cmd(alice_home, server), "bob@example.net"],
+        input=MESSAGE,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    err = done.stderr.decode()
+    assert done.returncode == EX_NOPERM, err
+    assert server.messages == []
