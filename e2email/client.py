@@ -421,27 +421,7 @@ class AsyncMailer:
                     f"outbox item(s) {', '.join(busy)} are being sent by another process"
                 )
             return kept
-        items = [
-            NewItem(
-                raw=c.raw,
-                mail_from=c.mail_from,
-                recipients=c.recipients,
-                message_id=c.message_id,
-                kind=c.kind,
-                meta={
-                    "signed": c.signed,
-                    # Re-checked before every retry (recheck_keys): a key revoked since the
-                    # copy was queued holds it.
-                    "encrypted_to": list(c.encrypted_to),
-                    "scheme": c.scheme,
-                    "signer": c.signer,
-                    # A retry must ask for REQUIRETLS too (RFC 8689): it is part of the
-                    # message's protection, not of the run that first tried to send it.
-                    "require_tls": smtp.require_tls,
-                },
-            )
-            for c in copies
-        ]
+        items = [outbox_item(c, smtp) for c in copies]
         return await asyncio.to_thread(outbox.add, items, route=route_of(smtp), ledger=ledger)
 
     @staticmethod
@@ -888,6 +868,32 @@ class AsyncMailer:
         if mailer.outbox is not None:
             mailer.outbox.account = name
         return mailer
+
+
+def outbox_item(
+    copy: ProtectedCopy, smtp: SMTPSettings, *, meta: Mapping[str, Any] | None = None
+) -> NewItem:
+    """What the outbox keeps of a protected copy meant for ``smtp``: the bytes, the envelope
+    and what a retry needs (``meta`` adds to it); never a secret."""
+    return NewItem(
+        raw=copy.raw,
+        mail_from=copy.mail_from,
+        recipients=copy.recipients,
+        message_id=copy.message_id,
+        kind=copy.kind,
+        meta={
+            "signed": copy.signed,
+            # Re-checked before every retry (recheck_keys): a key revoked since the copy was
+            # queued holds it.
+            "encrypted_to": list(copy.encrypted_to),
+            "scheme": copy.scheme,
+            "signer": copy.signer,
+            # A retry must ask for REQUIRETLS too (RFC 8689): it is part of the message's
+            # protection, not of the run that first tried to send it.
+            "require_tls": smtp.require_tls,
+            **(meta or {}),
+        },
+    )
 
 
 def _stored_submission(item: OutboxItem, *, tag: Any) -> Submission:

@@ -45,7 +45,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from e2email import inbound
-from e2email.client import AsyncMailer, ProtectedCopy
+from e2email.client import AsyncMailer, ProtectedCopy, outbox_item
 from e2email.config import Protection
 from e2email.delivery import Outcome, route_of
 from e2email.errors import (
@@ -58,7 +58,7 @@ from e2email.errors import (
     RecipientKeyError,
     SignerKeyError,
 )
-from e2email.outbox import ItemState, NewItem, Outbox, OutboxItem, same_route
+from e2email.outbox import ItemState, Outbox, OutboxItem, same_route
 from e2email.private import ensure_private_dir, write_private
 
 __all__ = [
@@ -135,25 +135,9 @@ async def store_copies(mailer: AsyncMailer, copies: Sequence[ProtectedCopy]) -> 
     smtp = mailer.smtp
     if smtp is None:
         raise ConfigError("the relay needs an upstream SMTP server")
-    items = [
-        NewItem(
-            raw=c.raw,
-            mail_from=c.mail_from,
-            recipients=c.recipients,
-            message_id=c.message_id,
-            kind=c.kind,
-            meta={
-                "signed": c.signed,
-                "encrypted_to": list(c.encrypted_to),
-                "signer": c.signer,
-                "require_tls": smtp.require_tls,
-                # The route leaves the port out; a relay without an account delivers only
-                # what was stored for its own upstream, host and port (see Relay._mine).
-                "port": smtp.port,
-            },
-        )
-        for c in copies
-    ]
+    # The route leaves the port out; a relay without an account delivers only what was
+    # stored for its own upstream, host and port (see Relay._mine).
+    items = [outbox_item(c, smtp, meta={"port": smtp.port}) for c in copies]
     return await asyncio.to_thread(outbox.add, items, route=route_of(smtp), claim=False)
 
 

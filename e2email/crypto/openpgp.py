@@ -256,6 +256,57 @@ def _failure(action: str, result: object) -> CryptoError:
     return CryptoError(f"gpg could not {action}: {detail}")
 
 
+def signed_entity(payload: bytes, signature: bytes, micalg: str, *, prefix: bytes = b"") -> bytes:
+    """RFC 3156 §5 ``multipart/signed``: ``payload`` byte for byte (the CRLF before the next
+    boundary belongs to the boundary, RFC 2046 §5.1.1), then the armored ``signature`` (CRLF
+    lines) as given; ``prefix`` (the outer header block) goes first. Shared by the engines."""
+    boundary = new_boundary().encode()
+    return b"".join(
+        [
+            prefix,
+            b'Content-Type: multipart/signed; micalg="' + micalg.encode() + b'";\r\n',
+            b' protocol="application/pgp-signature";\r\n',
+            b' boundary="' + boundary + b'"\r\n',
+            b"\r\n",
+            _PREAMBLE_SIGNED,
+            b"--" + boundary + b"\r\n",
+            payload,
+            b"\r\n--" + boundary + b"\r\n",
+            b'Content-Type: application/pgp-signature; name="signature.asc"\r\n',
+            b"Content-Description: OpenPGP digital signature\r\n",
+            b'Content-Disposition: attachment; filename="signature.asc"\r\n',
+            b"\r\n",
+            signature,
+            b"\r\n--" + boundary + b"--\r\n",
+        ]
+    )
+
+
+def encrypted_entity_head(boundary: bytes) -> bytes:
+    """RFC 3156 §4 ``multipart/encrypted`` up to where the armored message goes: the header,
+    the ``Version: 1`` part and the second part's header. The entity ends with the armor and
+    ``CRLF --boundary-- CRLF``. Shared by the engines."""
+    return b"".join(
+        [
+            b"Content-Type: multipart/encrypted;\r\n",
+            b' protocol="application/pgp-encrypted";\r\n',
+            b' boundary="' + boundary + b'"\r\n',
+            b"\r\n",
+            _PREAMBLE_ENCRYPTED,
+            b"--" + boundary + b"\r\n",
+            b"Content-Type: application/pgp-encrypted\r\n",
+            b"Content-Description: PGP/MIME version identification\r\n",
+            b"\r\n",
+            b"Version: 1\r\n",
+            b"\r\n--" + boundary + b"\r\n",
+            b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n',
+            b"Content-Description: OpenPGP encrypted message\r\n",
+            b'Content-Disposition: inline; filename="encrypted.asc"\r\n',
+            b"\r\n",
+        ]
+    )
+
+
 def sign(
     keystore: Keystore,
     payload: bytes,
@@ -288,26 +339,7 @@ def sign(
     _check_sign_result(result, signer)
     info = _check_signature_status(result, subkey)
     body = _crlf(result.data).rstrip(b"\r\n") + b"\r\n"
-    boundary = new_boundary()
-    entity = b"".join(
-        [
-            prefix,
-            b'Content-Type: multipart/signed; micalg="' + info.micalg.encode() + b'";\r\n',
-            b' protocol="application/pgp-signature";\r\n',
-            b' boundary="' + boundary.encode() + b'"\r\n',
-            b"\r\n",
-            _PREAMBLE_SIGNED,
-            b"--" + boundary.encode() + b"\r\n",
-            payload,
-            b"\r\n--" + boundary.encode() + b"\r\n",
-            b'Content-Type: application/pgp-signature; name="signature.asc"\r\n',
-            b"Content-Description: OpenPGP digital signature\r\n",
-            b'Content-Disposition: attachment; filename="signature.asc"\r\n',
-            b"\r\n",
-            body,
-            b"\r\n--" + boundary.encode() + b"--\r\n",
-        ]
-    )
+    entity = signed_entity(payload, body, info.micalg, prefix=prefix)
     return entity, info
 
 
@@ -366,27 +398,7 @@ def encrypt(
     boundary = new_boundary().encode()
     out = io.BytesIO()
     out.write(prefix)
-    out.write(
-        b"".join(
-            [
-                b"Content-Type: multipart/encrypted;\r\n",
-                b' protocol="application/pgp-encrypted";\r\n',
-                b' boundary="' + boundary + b'"\r\n',
-                b"\r\n",
-                _PREAMBLE_ENCRYPTED,
-                b"--" + boundary + b"\r\n",
-                b"Content-Type: application/pgp-encrypted\r\n",
-                b"Content-Description: PGP/MIME version identification\r\n",
-                b"\r\n",
-                b"Version: 1\r\n",
-                b"\r\n--" + boundary + b"\r\n",
-                b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n',
-                b"Content-Description: OpenPGP encrypted message\r\n",
-                b'Content-Disposition: inline; filename="encrypted.asc"\r\n',
-                b"\r\n",
-            ]
-        )
-    )
+    out.write(encrypted_entity_head(boundary))
     armor_start = out.tell()
     writer = _ArmorWriter(out)
     gpg, made = _gpg_for_call(keystore, writer)

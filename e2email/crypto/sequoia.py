@@ -47,7 +47,7 @@ from e2email.crypto.base import (
     make_copy,
     plain_copy,
 )
-from e2email.crypto.openpgp import encrypted_to_key_ids
+from e2email.crypto.openpgp import encrypted_entity_head, encrypted_to_key_ids, signed_entity
 from e2email.discovery.autocrypt import autocrypt_fields
 from e2email.errors import (
     CryptoError,
@@ -103,9 +103,6 @@ _MICALG = {
     "SHA3_256": "pgp-sha3-256",
     "SHA3_512": "pgp-sha3-512",
 }
-
-_PREAMBLE_SIGNED = b"This is an OpenPGP/MIME signed message (RFC 4880 and 3156)\r\n"
-_PREAMBLE_ENCRYPTED = b"This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n"
 
 
 def _crlf(data: bytes) -> bytes:
@@ -341,54 +338,15 @@ def _micalg(signature: bytes, expected_signer: str) -> str:
 
 
 def _signed_entity(payload: bytes, signature: bytes, micalg: str, prefix: bytes) -> bytes:
-    """RFC 3156 §5: the payload byte for byte (the CRLF before the boundary belongs to the
-    boundary, RFC 2046 §5.1.1), then the armored signature."""
-    boundary = new_boundary().encode()
-    return b"".join(
-        [
-            prefix,
-            b'Content-Type: multipart/signed; micalg="' + micalg.encode() + b'";\r\n',
-            b' protocol="application/pgp-signature";\r\n',
-            b' boundary="' + boundary + b'"\r\n',
-            b"\r\n",
-            _PREAMBLE_SIGNED,
-            b"--" + boundary + b"\r\n",
-            payload,
-            b"\r\n--" + boundary + b"\r\n",
-            b'Content-Type: application/pgp-signature; name="signature.asc"\r\n',
-            b"Content-Description: OpenPGP digital signature\r\n",
-            b'Content-Disposition: attachment; filename="signature.asc"\r\n',
-            b"\r\n",
-            _crlf(signature),
-            b"\r\n--" + boundary + b"--\r\n",
-        ]
-    )
+    """RFC 3156 §5, as the gpg engine makes it (openpgp.signed_entity)."""
+    return signed_entity(payload, _crlf(signature), micalg, prefix=prefix)
 
 
 def _encrypted_entity(armored: bytes, prefix: bytes) -> bytes:
     """RFC 3156 §4: the version part, then the armored OpenPGP message."""
     boundary = new_boundary().encode()
     return b"".join(
-        [
-            prefix,
-            b"Content-Type: multipart/encrypted;\r\n",
-            b' protocol="application/pgp-encrypted";\r\n',
-            b' boundary="' + boundary + b'"\r\n',
-            b"\r\n",
-            _PREAMBLE_ENCRYPTED,
-            b"--" + boundary + b"\r\n",
-            b"Content-Type: application/pgp-encrypted\r\n",
-            b"Content-Description: PGP/MIME version identification\r\n",
-            b"\r\n",
-            b"Version: 1\r\n",
-            b"\r\n--" + boundary + b"\r\n",
-            b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n',
-            b"Content-Description: OpenPGP encrypted message\r\n",
-            b'Content-Disposition: inline; filename="encrypted.asc"\r\n',
-            b"\r\n",
-            armored,
-            b"\r\n--" + boundary + b"--\r\n",
-        ]
+        [prefix, encrypted_entity_head(boundary), armored, b"\r\n--" + boundary + b"--\r\n"]
     )
 
 
