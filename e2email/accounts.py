@@ -67,6 +67,7 @@ import platformdirs
 
 from e2email.config import (
     DiscoveryPolicy,
+    OpenPGPEngine,
     PasswordSource,
     Protection,
     RetryPolicy,
@@ -305,6 +306,8 @@ _ACCOUNT_KEYS: Mapping[str, str] = {
     "trust-self-signed": _STRS,
     "revocation": _STR,
     "discover": _STR,
+    "engine": _STR,
+    "autocrypt": _BOOL,
     "keys": _TABLE,
     "home": _STR,
     "gnupg-home": _STR,
@@ -321,6 +324,7 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
     "smime-cipher": tuple(c.value for c in SMIMECipher),
     "revocation": tuple(p.value for p in RevocationPolicy),
     "discover": tuple(p.value for p in DiscoveryPolicy),
+    "engine": tuple(e.value for e in OpenPGPEngine),
 }
 #: msmtp's names, for a did-you-mean difflib cannot find.
 _MSMTP_NAMES = {
@@ -784,6 +788,7 @@ class _Loader:
             ("encrypt-to-self", "encrypt_to_self"),
             ("smime-digest", "smime_digest"),
             ("rsa-pss", "smime_rsa_pss"),
+            ("autocrypt", "autocrypt"),
         ):
             if key in m:
                 protection_fields[attr] = m[key]
@@ -795,6 +800,8 @@ class _Loader:
             protection_fields["revocation"] = RevocationPolicy(m["revocation"])
         if "discover" in m:
             protection_fields["discovery"] = DiscoveryPolicy(m["discover"])
+        if "engine" in m:
+            protection_fields["engine"] = OpenPGPEngine(m["engine"])
         if "trust-self-signed" in m:
             protection_fields["smime_trust_self_signed"] = frozenset(m["trust-self-signed"])
         protection = self._make(where, m, Protection, protection_fields)

@@ -23,7 +23,7 @@ from e2email.accounts import (
     load_config,
 )
 from e2email.client import AsyncMailer, Mailer
-from e2email.config import DiscoveryPolicy, RevocationPolicy, Scheme, TLSMode
+from e2email.config import DiscoveryPolicy, OpenPGPEngine, RevocationPolicy, Scheme, TLSMode
 from e2email.errors import ConfigError, InsecurePathError
 from e2email.keystore import Keystore
 from e2email.message import Message
@@ -470,3 +470,18 @@ def test_every_mistake_in_an_account_gets_its_line(tmp_path: Path) -> None:
         "8: sign: must be true or false, not a string",
         "7: password-env: the password given two ways (password, password-env): give one",
     ]
+
+
+def test_engine_and_autocrypt_keys_reach_the_policy(tmp_path: Path) -> None:
+    """`engine` chooses the OpenPGP engine and `autocrypt = false` keeps the sender's key out
+    of outgoing headers, as `--engine` and `--no-autocrypt` do; a bad engine is named."""
+    cfg = write_config(
+        tmp_path / "c.toml",
+        '[accounts.a]\nhost = "smtp.example.org"\nengine = "gpg"\nautocrypt = false\n',
+    )
+    protection = load_config(cfg).account().protection
+    assert protection.engine is OpenPGPEngine.GPG
+    assert protection.autocrypt is False
+    bad = write_config(tmp_path / "b.toml", '[accounts.a]\nhost = "h.example"\nengine = "pgp"\n')
+    with pytest.raises(ConfigError, match="engine"):
+        load_config(bad)
