@@ -24,7 +24,15 @@ from pathlib import Path
 
 import pytest
 from fixtures_pgp import Keys
-from pgp_helpers import gpg_decrypt, gpg_verify, header_value, multipart_parts, part_body
+from pgp_helpers import (
+    gpg_decrypt,
+    gpg_verify,
+    header_value,
+    multipart_parts,
+    part_body,
+    run,
+    sop_decrypt,
+)
 
 from e2email import Attachment, Mailer, Message, Protection, SMTPSettings, TLSMode
 from e2email.crypto import openpgp
@@ -286,3 +294,71 @@ def test_a_payload_that_cannot_be_read_to_the_end_is_never_encrypted(
 
     with pytest.raises(CryptoError, match="could not pass the message to gpg"):
         openpgp.encrypt(sender_store, pieces(), recipients=[bob])
+
+
+# -- No compression of what is encrypted (issue 9 part 5) ----------------------------------------
+
+
+def _packets(home: Path, armored: bytes) -> str:
+    """``gpg --list-packets`` of an encrypted message, decrypting it with ``home``'s keys: the
+    packets inside the encryption are listed too."""
+    done = run(
+        ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback", "--passphrase",
+         "", "--list-packets"],
+        input=armored,
+    )  # fmt: skip
+    return done.stdout.decode(errors="replace")
+
+
+@pytest.mark.parametrize("engine", ["gpg", "sequoia"])
+def test_encrypted_attachments_are_not_compressed(
+    keys: Keys,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
+    tmp_path: Path,
+    engine: str,
+) -> None:
+    """A message with zip, jpeg and pdf attachments, signed and encrypted with either engine:
+    the received ciphertext holds no Compressed Data packet (RFC 9580 §5.6, tag 8; gpg's
+    default is ZIP), only the literal data inside the encryption; gpg and sqop decrypt it and
+    verify Alice's signature, and the attachments come back unchanged."""
+    files = {
+        "a.zip": b"PK\x03\x04" + os.urandom(150_000),
+        "b.jpg": b"\xff\xd8\xff\xe0" + os.urandom(150_000),
+        "c.pdf": b"%PDF-1.7\n" + os.urandom(150_000),
+    }
+    server = smtp_server(tls="implicit")
+    message = Message(
+        sender=keys.alice.address,
+        to=[keys.bob.address],
+        subject="compressed already",
+        text="Three files, already compressed.\n" * 50,
+        attachments=[Attachment.from_path(_write(tmp_path, n, d)) for n, d in files.items()],
+    )
+    protection = Protection(sign=True, encrypt=True, engine=engine)
+    with Mailer(smtp=_settings(server), keystore=sender_store, protection=protection) as mailer:
+        mailer.send(message)
+    (received,) = server.messages
+    _head, (_version, encrypted_part) = multipart_parts(received.data)
+    armored = part_body(encrypted_part)
+    packets = _packets(recipients_home, armored)
+    assert ":literal data packet:" in packets  # the listing did look inside the encryption
+    assert ":compressed packet:" not in packets
+    plaintext, status = gpg_decrypt(recipients_home, armored)
+    assert f"VALIDSIG {keys.alice.fingerprint}" in status
+    sop_plain, verifications = sop_decrypt(
+        "sqop", armored, keys.bob.secret, keys.alice.cert, tmp_path
+    )
+    assert sop_plain == plaintext
+    assert keys.alice.fingerprint[-16:].lower() in verifications.lower()
+    parsed = email.message_from_bytes(plaintext, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    got = {p.get_filename(): p.get_payload(decode=True) for p in parsed.iter_attachments()}
+    assert got == files
+
+
+def _write(directory: Path, name: str, data: bytes) -> Path:
+    path = directory / name
+    path.write_bytes(data)
+    return path
