@@ -18,6 +18,7 @@ import io
 import os
 import re
 import sqlite3
+import tracemalloc
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -36,7 +37,7 @@ from pgp_helpers import (
 
 from e2email import Attachment, Mailer, Message, Protection, SMTPSettings, TLSMode
 from e2email.crypto import openpgp
-from e2email.errors import CryptoError
+from e2email.errors import CryptoError, MessageError
 from e2email.keystore import Keystore
 from e2email.message import build_payload, check_wire_safe, stream_payload
 from e2email.outbox import NewItem, Outbox
@@ -362,3 +363,157 @@ def _write(directory: Path, name: str, data: bytes) -> Path:
     path = directory / name
     path.write_bytes(data)
     return path
+
+
+# -- Attachment.from_path reads the file as the payload is produced (issue 9 part 5) -------------
+
+
+def test_from_path_reads_the_file_block_by_block_as_the_payload_is_produced(
+    tmp_path: Path, blob: bytes
+) -> None:
+    """Attaching a 6 MB file allocates next to nothing (the file is not read then); producing
+    the payload reads it block by block, never holding it whole (peak well under its size),
+    and gives exactly the bytes of the same attachment held in memory."""
+    path = _write(tmp_path, "big.bin", blob)
+    tracemalloc.start()
+    try:
+        attachment = Attachment.from_path(path)
+        made, _ = tracemalloc.get_traced_memory()
+        assert made < 1_000_000  # (the MIME type table, loaded on first use) not the 6 MB
+        assert attachment.size == len(blob)
+        message = Message(
+            sender="alice@example.org", to=["bob@example.net"], attachments=[attachment]
+        ).finalized()
+        stream = stream_payload(message, hp=None)
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        total = sum(len(chunk) for chunk in stream)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == len(stream)
+    assert peak - before < 3_000_000  # a block and its base64 lines, not the 6 MB file
+    in_memory = dataclasses.replace(message, attachments=[Attachment("big.bin", blob)])
+    held = build_payload(in_memory, hp=None)  # new boundaries; the rest is the same
+    boundary = rb"=_e2email_\w+"
+    assert re.sub(boundary, b"B", bytes(stream)) == re.sub(boundary, b"B", held)
+    assert attachment.content == blob
+    assert "bytes>" in repr(attachment) and len(repr(attachment)) < 200
+
+
+def _changes() -> list[tuple[str, Callable[[Path], None]]]:
+    def append(path: Path) -> None:
+        with path.open("ab") as file:
+            file.write(b"more")
+
+    def truncate(path: Path) -> None:
+        os.truncate(path, 1_000_000)
+
+    def rewrite_same_size(path: Path) -> None:
+        info = path.stat()
+        with path.open("r+b") as file:
+            file.write(b"changed")
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+
+    return [("append", append), ("truncate", truncate), ("rewrite", rewrite_same_size)]
+
+
+@pytest.mark.parametrize(("how", "change"), _changes(), ids=[name for name, _ in _changes()])
+def test_a_file_changed_while_the_payload_is_read_is_refused(
+    tmp_path: Path, blob: bytes, how: str, change: Callable[[Path], None]
+) -> None:
+    """The file changes after its first blocks were read (appended to, truncated, rewritten
+    in place): MessageError naming the file, never a payload half old, half new;
+    the same change before the payload is produced is refused too."""
+    path = _write(tmp_path, "big.bin", blob)
+    message = Message(
+        sender="alice@example.org",
+        to=["bob@example.net"],
+        attachments=[Attachment.from_path(path)],
+    ).finalized()
+    read = 0
+
+    def consume() -> None:
+        nonlocal read
+        changed = False
+        for chunk in stream_payload(message, hp=None):
+            read += len(chunk)
+            if read > 1_000_000 and not changed:
+                change(path)
+                changed = True
+
+    with pytest.raises(MessageError, match=r"big\.bin changed after it was attached"):
+        consume()
+    assert read < len(stream_payload(message, hp=None))
+    with pytest.raises(MessageError, match="changed after it was attached"):
+        build_payload(message, hp=None)
+
+
+@pytest.mark.parametrize("engine", ["gpg", "sequoia"])
+def test_a_file_changed_before_the_send_is_refused_and_nothing_is_sent(
+    keys: Keys,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    tmp_path: Path,
+    engine: str,
+) -> None:
+    """Attached, then appended to before the message is sent (signed and encrypted, with the
+    outbox): the send fails with the MessageError naming the file (with the gpg engine it is
+    raised while the payload is piped to gpg), nothing reaches the server, the outbox is
+    empty; attached again, the changed file is sent."""
+    path = _write(tmp_path, "report.pdf", b"%PDF-1.7\n" + os.urandom(700_000))
+    server = smtp_server(tls="implicit")
+    protection = Protection(sign=True, encrypt=True, engine=engine)
+    outbox = tmp_path / "outbox.sqlite3"
+
+    def message() -> Message:
+        return Message(
+            sender=keys.alice.address,
+            to=[keys.bob.address],
+            subject="report",
+            text="Attached.\n",
+            attachments=[Attachment.from_path(path)],
+        )
+
+    stale = message()
+    with path.open("ab") as file:
+        file.write(b"%%EOF\n")
+    with Mailer(
+        smtp=_settings(server), keystore=sender_store, protection=protection, outbox=outbox
+    ) as mailer:
+        with pytest.raises(MessageError, match=r"report\.pdf changed after it was attached"):
+            mailer.send(stale)
+        assert server.messages == []
+        with Outbox(outbox) as box:
+            assert len(box) == 0
+        mailer.send(message())
+    assert len(server.messages) == 1
+
+
+def test_a_file_replaced_while_it_is_read_gives_the_old_bytes_then_is_refused(
+    tmp_path: Path, blob: bytes
+) -> None:
+    """A new file put in the attached file's place while it is being read: the open file is
+    still the one attached, so this payload is the attached bytes, whole; the next one (e.g.
+    a Bcc copy's) is refused, since the name now holds another file."""
+    path = _write(tmp_path, "big.bin", blob)
+    message = Message(
+        sender="alice@example.org",
+        to=["bob@example.net"],
+        attachments=[Attachment("big.bin", blob)],
+    ).finalized()
+    lazy = dataclasses.replace(message, attachments=[Attachment.from_path(path)])
+    chunks: list[bytes] = []
+    for chunk in stream_payload(lazy, hp=None):
+        if sum(map(len, chunks)) > 1_000_000 and not path.with_suffix(".new").exists():
+            new = path.with_suffix(".new")
+            new.write_bytes(os.urandom(len(blob)))
+            os.link(path, new.with_suffix(".old"))  # kept, so no inode number is reused
+            os.replace(new, path)
+            new.touch()
+        chunks.append(chunk)
+    boundary = rb"=_e2email_\w+"
+    expected = re.sub(boundary, b"B", build_payload(message, hp=None))
+    assert re.sub(boundary, b"B", b"".join(chunks)) == expected
+    with pytest.raises(MessageError, match="changed after it was attached"):
+        build_payload(lazy, hp=None)
