@@ -578,7 +578,12 @@ class Attachment:
         """A regular file, read when the message is produced (block by block as it is signed or
         encrypted, so a large file is never held whole), not now. It must stay as it is until
         the message is sent: a file changed in between is refused (MessageError), not sent half
-        changed. It must be readable now. The type is guessed from the name when not given."""
+        changed. It must be readable now. The type is guessed from the name when not given.
+
+        The gpg engine pipes the payload to gpg as it is read, so neither the file nor its
+        base64 form is ever held whole. The Sequoia engine (pysequoia takes and returns whole
+        byte strings) and S/MIME (``cryptography`` signs and envelopes whole buffers) hold the
+        encoded payload once, read into it block by block; never the file's bytes as well."""
         where = Path(path)
         shown = os.fspath(path)
         try:
