@@ -415,12 +415,115 @@ def _guess_type(*names: str) -> str:
 
 
 @dataclass(frozen=True)
+class _FileSource:
+    """A regular file to be read when the message is produced, as it was when it was chosen.
+
+    Its identity and state (device, inode, size, modification time in ns) are recorded when the
+    attachment is made and checked before and after every read: the bytes signed or encrypted
+    are the bytes that were chosen, and a file that changes while it is attached (appended to,
+    rewritten, replaced) is refused with a MessageError, never sent half old and half new. A
+    rewrite of the same size within the file system's timestamp granularity cannot be seen by
+    any stat-based check; reading the file whole at attach time was the only stronger promise,
+    at the cost of holding it in memory."""
+
+    path: Path
+    shown: str
+    size: int
+    mtime_ns: int
+    device: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path, shown: str, info: os.stat_result) -> _FileSource:
+        return cls(path, shown, info.st_size, info.st_mtime_ns, info.st_dev, info.st_ino)
+
+    def _changed(self) -> MessageError:
+        return MessageError(
+            f"{self.shown} changed after it was attached; nothing was sent (attach it again)",
+            field="attachment",
+        )
+
+    def _check(self, info: os.stat_result) -> None:
+        now = (info.st_size, info.st_mtime_ns, info.st_dev, info.st_ino)
+        if now != (self.size, self.mtime_ns, self.device, self.inode):
+            raise self._changed()
+
+    def blocks(self, block: int) -> Iterator[bytes]:
+        """The file's bytes, ``block`` at a time, checked to be the recorded file unchanged."""
+        try:
+            with open(self.path, "rb") as file:
+                self._check(os.fstat(file.fileno()))
+                left = self.size
+                while left:
+                    data = file.read(min(block, left))
+                    if not data:  # shorter than recorded: truncated while being read
+                        raise self._changed()
+                    left -= len(data)
+                    yield data
+                # Nothing appended, and the file as recorded after the last byte was read.
+                extra = file.read(1)
+                self._check(os.fstat(file.fileno()))
+                if extra:
+                    raise self._changed()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise MessageError(f"cannot read {self.shown}: {reason}", field="attachment") from exc
+
+    def read(self) -> bytes:
+        out = bytearray()
+        for data in self.blocks(1 << 20):
+            out += data
+        return bytes(out)
+
+
+class _Content:
+    """The ``content`` field of :class:`Attachment` (a dataclass descriptor-typed field): bytes
+    given in memory, or a :class:`_FileSource` read when asked for. Reading ``content`` gives
+    bytes either way; the payload streams a file without holding it (see :class:`_Base64Lines`).
+    """
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> bytes:
+        if obj is None:
+            raise AttributeError("content")  # no default value for the field
+        value = obj.__dict__["_content"]
+        return value.read() if isinstance(value, _FileSource) else value
+
+    def __set__(self, obj: object, value: bytes | _FileSource) -> None:
+        obj.__dict__["_content"] = value
+
+
+@dataclass(frozen=True)
 class Attachment:
-    """A file to attach: its name as the recipient sees it, its bytes and its MIME type."""
+    """A file to attach: its name as the recipient sees it, its bytes and its MIME type.
+
+    An attachment made by :meth:`from_path` holds the file's path, not its bytes: the file is
+    read block by block as the message is produced (and again for each copy that is made)."""
 
     filename: str
-    content: bytes
+    content: _Content = _Content()
     content_type: str = "application/octet-stream"
+
+    def __repr__(self) -> str:
+        source = self._source
+        content = f"<file {source.shown}, {source.size} bytes>" if source else repr(self.content)
+        return (
+            f"Attachment(filename={self.filename!r}, content={content}, "
+            f"content_type={self.content_type!r})"
+        )
+
+    @property
+    def _source(self) -> _FileSource | None:
+        value = self.__dict__["_content"]
+        return value if isinstance(value, _FileSource) else None
+
+    @property
+    def size(self) -> int:
+        """The attachment's size in bytes (of the file as it was attached), without reading it."""
+        source = self._source
+        return source.size if source is not None else len(self.__dict__["_content"])
+
+    def _segment(self) -> _Base64Lines:
+        return _Base64Lines(self.__dict__["_content"])
 
     def __post_init__(self) -> None:
         name = self.filename
@@ -442,9 +545,10 @@ class Attachment:
                 field="attachment",
             )
         _check_unicode(name, "file name", "attachment")
-        if isinstance(self.content, bytearray | memoryview):
-            object.__setattr__(self, "content", bytes(self.content))
-        if not isinstance(self.content, bytes):
+        content = self.__dict__["_content"]
+        if isinstance(content, bytearray | memoryview):
+            object.__setattr__(self, "content", bytes(content))
+        elif not isinstance(content, bytes | _FileSource):
             raise MessageError(f"content of {name!r} must be bytes", field="attachment")
         ctype = self.content_type
         match = _MIME_TYPE.fullmatch(ctype) if isinstance(ctype, str) else None
@@ -471,7 +575,15 @@ class Attachment:
         filename: str | None = None,
         content_type: str | None = None,
     ) -> Attachment:
-        """Read a regular file. The type is guessed from the name when not given."""
+        """A regular file, read when the message is produced (block by block as it is signed or
+        encrypted, so a large file is never held whole), not now. It must stay as it is until
+        the message is sent: a file changed in between is refused (MessageError), not sent half
+        changed. It must be readable now. The type is guessed from the name when not given.
+
+        The gpg engine pipes the payload to gpg as it is read, so neither the file nor its
+        base64 form is ever held whole. The Sequoia engine (pysequoia takes and returns whole
+        byte strings) and S/MIME (``cryptography`` signs and envelopes whole buffers) hold the
+        encoded payload once, read into it block by block; never the file's bytes as well."""
         where = Path(path)
         shown = os.fspath(path)
         try:
@@ -480,14 +592,17 @@ class Attachment:
                 raise MessageError(f"cannot attach {shown}: it is a directory", field="attachment")
             if not stat.S_ISREG(info.st_mode):
                 raise MessageError(f"cannot attach {shown}: not a regular file", field="attachment")
-            data = where.read_bytes()
+            # Readable now (permissions), so the mistake is reported when the file is named.
+            with open(where, "rb"):
+                pass
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise MessageError(f"cannot read {shown}: {reason}", field="attachment") from exc
         name = filename if filename is not None else where.name
         if content_type is None:
             content_type = _guess_type(name, where.name)
-        return cls(name, data, content_type)
+        source = _FileSource.of(where.absolute(), shown, info)
+        return cls(name, source, content_type)
 
 
 # --------------------------------------------------------------------------------------------
@@ -964,21 +1079,32 @@ class _Base64Lines:
     block at a time as they are iterated: a large attachment's encoded form (a third bigger,
     plus line ends) is never held whole."""
 
-    content: bytes
+    content: bytes | _FileSource
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.content), 57)
+        size = self.content.size if isinstance(self.content, _FileSource) else len(self.content)
+        full, rest = divmod(size, 57)
         lines = full + (rest > 0)
         return full * 76 + (rest + 2) // 3 * 4 + 2 * max(lines - 1, 0)
 
-    def __iter__(self) -> Iterator[bytes]:
+    def _blocks(self) -> Iterator[bytes | memoryview]:
+        if isinstance(self.content, _FileSource):
+            # Read from disk as the payload is produced, one block at a time (checked to be
+            # the file as attached), never the whole file.
+            return self.content.blocks(_B64_BLOCK)
         data = memoryview(self.content)
-        size = len(data)
-        for start in range(0, size, _B64_BLOCK):
-            encoded = binascii.b2a_base64(data[start : start + _B64_BLOCK], newline=False)
+        return (data[start : start + _B64_BLOCK] for start in range(0, len(data), _B64_BLOCK))
+
+    def __iter__(self) -> Iterator[bytes]:
+        size = len(self)
+        done = 0
+        for block in self._blocks():
+            encoded = binascii.b2a_base64(block, newline=False)
             lines = [encoded[i : i + 76] for i in range(0, len(encoded), 76)]
-            if start + _B64_BLOCK < size:
+            done += len(encoded) + 2 * (len(lines) - 1)
+            if done < size:
                 lines.append(b"")  # the CRLF between this block and the next
+                done += 2
             yield b"\r\n".join(lines)
 
 
@@ -1075,7 +1201,7 @@ def _attachment_part(attachment: Attachment) -> _Part:
     return _Part(
         attachment.content_type,
         [name_param],
-        [_Base64Lines(attachment.content)],
+        [attachment._segment()],
         "base64",
         [_param_header("Content-Disposition", "attachment", disposition)],
     )

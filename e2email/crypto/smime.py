@@ -26,7 +26,9 @@ import asyncio
 import base64
 import binascii
 import datetime
-from collections.abc import Iterator, Sequence
+import io
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -49,7 +51,14 @@ from e2email.crypto.base import (
     resolve_keys,
 )
 from e2email.errors import CryptoError, KeyProblem, KeyReason
-from e2email.message import HP, Message, build_message, build_payload, new_boundary
+from e2email.message import (
+    HP,
+    Message,
+    build_payload,
+    message_head,
+    new_boundary,
+    stream_payload,
+)
 
 __all__ = [
     "MICALGS",
@@ -218,9 +227,22 @@ def _content_info(der: bytes, oid: str, what: str) -> list[_TLV]:
 # -- MIME helpers --------------------------------------------------------------------------------
 
 
-def _base64_lines(data: bytes) -> bytes:
+def _base64_lines(data: bytes | memoryview) -> bytes:
     """Base64 in 76-character CRLF lines (RFC 2045 §6.8), ending in CRLF."""
     return base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+#: Input bytes base64-encoded at a time: a multiple of 57 (one 76-character line), so the
+#: blocks' lines are exactly the whole's lines.
+_B64_BLOCK = 57 * 4096
+
+
+def _write_base64_lines(out: io.BytesIO, data: bytes) -> None:
+    """:func:`_base64_lines` of ``data`` written to ``out`` block by block: a large CMS blob's
+    base64 form (a third bigger, plus line ends) is made once, in ``out``, not three times."""
+    with memoryview(data) as view:
+        for start in range(0, len(view), _B64_BLOCK):
+            out.write(_base64_lines(view[start : start + _B64_BLOCK]))
 
 
 def _split_entity(entity: bytes) -> tuple[bytes, bytes]:
@@ -266,7 +288,12 @@ def entity_der(entity: bytes) -> bytes:
 
 
 def sign(
-    payload: bytes, *, signer: SignerKey, digest: str = "sha256", rsa_pss: bool = False
+    payload: bytes | Iterable[bytes],
+    *,
+    signer: SignerKey,
+    digest: str = "sha256",
+    rsa_pss: bool = False,
+    prefix: bytes = b"",
 ) -> bytes:
     """A ``multipart/signed; protocol="application/pkcs7-signature"`` entity over ``payload``
     (RFC 8551 §3.5.3), with a detached CMS SignedData signature that includes the signer's
@@ -275,11 +302,43 @@ def sign(
     ``payload`` must already be canonical (CRLF, 7-bit): it is signed byte for byte (the Binary
     option stops ``cryptography`` from translating line endings) and carried byte for byte, the
     CRLF before the next boundary belonging to the boundary (RFC 2046 §5.1.1).
+
+    ``payload`` may come in pieces (e.g. a :class:`~e2email.message.PayloadStream`): they are
+    written once, straight into the entity, and signed there, so a large payload is held once.
+    ``prefix`` (e.g. the outer header block) goes before the entity in the returned bytes.
     """
     if digest not in SMIME_DIGESTS:
         raise CryptoError(f"S/MIME digest {digest!r} is not one of {', '.join(SMIME_DIGESTS)}")
-    bare = payload.replace(b"\r\n", b"")
-    if b"\r\n\r\n" not in payload or b"\n" in bare or b"\r" in bare:
+    boundary = new_boundary().encode()
+    out = io.BytesIO()
+    out.write(prefix)
+    out.write(b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n')
+    out.write(b" micalg=" + MICALGS[digest].encode() + b'; boundary="' + boundary + b'"\r\n')
+    out.write(b"\r\n" + _PREAMBLE_SIGNED + b"--" + boundary + b"\r\n")
+    start = out.tell()
+    for piece in [payload] if isinstance(payload, bytes) else payload:
+        out.write(piece)
+    end = out.tell()
+    with out.getbuffer() as buffer, buffer[start:end] as signed:
+        signature = _sign_view(signed, signer=signer, digest=digest, rsa_pss=rsa_pss)
+    out.write(b"\r\n--" + boundary + b"\r\n")
+    out.write(b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n')
+    out.write(b"Content-Transfer-Encoding: base64\r\n")
+    out.write(b'Content-Disposition: attachment; filename="smime.p7s"\r\n')
+    out.write(b"Content-Description: S/MIME Cryptographic Signature\r\n")
+    out.write(b"\r\n" + _base64_lines(signature))
+    out.write(b"\r\n--" + boundary + b"--\r\n")
+    # The views are released, so getvalue() hands over the buffer without copying it.
+    return out.getvalue()
+
+
+#: A CR not before LF, or an LF not after CR: not canonical (searched in place, no copy).
+_BARE_CR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def _sign_view(payload: memoryview, *, signer: SignerKey, digest: str, rsa_pss: bool) -> bytes:
+    """The detached CMS signature (DER) of ``payload``, a view of the entity being built."""
+    if _BARE_CR_LF.search(payload) or re.search(rb"\r\n\r\n", payload) is None:
         # A bare LF would be signed as LF but could reach the recipient as CRLF (checklist 9).
         raise CryptoError("the payload to sign is not a canonical (CRLF) MIME entity")
     key = signer.private_key
@@ -306,25 +365,7 @@ def sign(
     check = verify_detached(payload, signature)
     if check.certificate != signer.certificate:
         raise CryptoError("the signature names another signer certificate")
-    boundary = new_boundary().encode()
-    return b"".join(
-        [
-            b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n',
-            b" micalg=" + MICALGS[digest].encode() + b'; boundary="' + boundary + b'"\r\n',
-            b"\r\n",
-            _PREAMBLE_SIGNED,
-            b"--" + boundary + b"\r\n",
-            payload,
-            b"\r\n--" + boundary + b"\r\n",
-            b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n',
-            b"Content-Transfer-Encoding: base64\r\n",
-            b'Content-Disposition: attachment; filename="smime.p7s"\r\n',
-            b"Content-Description: S/MIME Cryptographic Signature\r\n",
-            b"\r\n",
-            _base64_lines(signature),
-            b"\r\n--" + boundary + b"--\r\n",
-        ]
-    )
+    return signature
 
 
 # -- Encryption ----------------------------------------------------------------------------------
@@ -335,6 +376,7 @@ def encrypt(
     *,
     recipients: Sequence[x509.Certificate],
     cipher: SMIMECipher = SMIMECipher.AES256_CBC,
+    prefix: bytes = b"",
 ) -> bytes:
     """An ``application/pkcs7-mime; smime-type=enveloped-data`` entity (RFC 8551 §3.3) of
     ``payload`` for ``recipients`` (RSA certificates only: ``cryptography`` has no ECDH key
@@ -342,6 +384,9 @@ def encrypt(
 
     ``recipients`` must be the complete list (the sender included when encrypting to self): the
     output is checked to name exactly these certificates and to use ``cipher``.
+
+    ``prefix`` (e.g. the outer header block) goes before the entity in the returned bytes; the
+    CMS blob is base64-encoded block by block into the one buffer that is returned.
     """
     unique = list({c.fingerprint(hashes.SHA256()): c for c in recipients}.values())
     if not unique:
@@ -360,17 +405,17 @@ def encrypt(
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CryptoError(f"cryptography could not encrypt: {exc}") from exc
     _check_enveloped(der, unique, cipher)
-    return b"".join(
-        [
-            b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data;\r\n",
-            b' name="smime.p7m"\r\n',
-            b"Content-Transfer-Encoding: base64\r\n",
-            b'Content-Disposition: attachment; filename="smime.p7m"\r\n',
-            b"Content-Description: S/MIME Encrypted Message\r\n",
-            b"\r\n",
-            _base64_lines(der),
-        ]
-    )
+    out = io.BytesIO()
+    out.write(prefix)
+    out.write(b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data;\r\n")
+    out.write(b' name="smime.p7m"\r\n')
+    out.write(b"Content-Transfer-Encoding: base64\r\n")
+    out.write(b'Content-Disposition: attachment; filename="smime.p7m"\r\n')
+    out.write(b"Content-Description: S/MIME Encrypted Message\r\n")
+    out.write(b"\r\n")
+    _write_base64_lines(out, der)
+    del der
+    return out.getvalue()
 
 
 def _enveloped_fields(der: bytes) -> tuple[list[_TLV], _TLV]:
@@ -443,7 +488,7 @@ class SignatureCheck:
     signing_time: datetime.datetime | None
 
 
-def verify_detached(content: bytes, signature: bytes) -> SignatureCheck:
+def verify_detached(content: bytes | memoryview, signature: bytes) -> SignatureCheck:
     """Verify a detached CMS SignedData ``signature`` (DER) over ``content`` exactly as given
     (RFC 5652 §5.4, §5.6): one signer, signed attributes with contentType id-data and the
     messageDigest of ``content``, and a valid RSA (PKCS#1 v1.5 or PSS) or ECDSA signature over
@@ -454,7 +499,7 @@ def verify_detached(content: bytes, signature: bytes) -> SignatureCheck:
         raise CryptoError(f"malformed CMS signature: {exc}") from exc
 
 
-def _verify_detached(content: bytes, signature: bytes) -> SignatureCheck:
+def _verify_detached(content: bytes | memoryview, signature: bytes) -> SignatureCheck:
     fields = _content_info(signature, _OID_SIGNED_DATA, "SignedData")
     encap = _expect(fields[2], 0x30, "EncapsulatedContentInfo").children()
     if _oid(encap[0]) != _OID_DATA:
@@ -669,26 +714,35 @@ class SMIMEProtector(Protector):
         # Raises PassphraseError(missing=True) for a protected key: the caller then asks.
         signer_key = self.certstore.signer_key(signer, passphrase) if signer is not None else None
 
-        def signed(payload: bytes) -> bytes:
+        # Memory (issue 9 part 5): the payload is streamed into the signed entity, which is
+        # the only copy of it; each copy's output is one buffer (outer head, then base64 of
+        # the CMS written block by block), never joined again afterwards.
+        def signed(hp: HP, prefix: bytes = b"") -> bytes:
             if signer_key is None:
-                return payload
+                return prefix + build_payload(msg, hp=hp)
             return sign(
-                payload, signer=signer_key, digest=prot.smime_digest, rsa_pss=prot.smime_rsa_pss
+                stream_payload(msg, hp=hp),
+                signer=signer_key,
+                digest=prot.smime_digest,
+                rsa_pss=prot.smime_rsa_pss,
+                prefix=prefix,
             )
 
         if not prot.encrypt:
-            raw = build_message(msg, payload=signed(build_payload(msg, hp=HP.CLEAR)), hp=HP.CLEAR)
+            raw = signed(HP.CLEAR, message_head(msg, hp=HP.CLEAR))
             return (make_copy(raw, msg, "main", msg.recipients, signed=True, signer=signer_fpr),)
 
         # Sign once; every copy envelopes the same signed entity (sign, then encrypt).
-        inner = signed(build_payload(msg, hp=HP.CIPHER))
+        inner = signed(HP.CIPHER)
         copies = []
         for kind, rcpts in copy_plans(msg):
             unique = keys.keys_for(rcpts)
-            entity = encrypt(
-                inner, recipients=[c.certificate for c in unique], cipher=prot.smime_cipher
+            raw = encrypt(
+                inner,
+                recipients=[c.certificate for c in unique],
+                cipher=prot.smime_cipher,
+                prefix=message_head(msg, hp=HP.CIPHER),
             )
-            raw = build_message(msg, payload=entity, hp=HP.CIPHER)
             copies.append(
                 make_copy(
                     raw,
