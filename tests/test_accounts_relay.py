@@ -10,6 +10,7 @@ import smtplib
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +84,11 @@ def test_relay_delivers_through_the_account(
     try:
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as client:
             client.send_message(test_relay_process.message(1))
+        # 250 means stored; delivery upstream runs in the background: wait for it (bounded)
+        # before stopping the relay, or a SIGTERM that comes first leaves it in the outbox.
+        deadline = time.monotonic() + 60
+        while not upstream.messages and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         code = relay.terminate()
         relay.kill()
