@@ -40,6 +40,7 @@ from e2email import (
     Protection,
     RecipientKeyError,
     Scheme,
+    SignerKeyError,
 )
 from e2email.certstore import CertStore
 from e2email.crypto import sequoia
@@ -124,6 +125,10 @@ def test_engine_choice_maps_each_policy_to_one_engine(keys: Keys, store: Keystor
     assert engine_name(Protection(scheme=Scheme.SMIME)) == "smime"
     with pytest.raises(ConfigError, match="auto, sequoia or gpg"):
         Protection(engine="pgpy")  # type: ignore[arg-type]
+    for engine in ("sequoia", "gpg"):  # an OpenPGP engine with S/MIME is a mistake, said so
+        with pytest.raises(ConfigError, match="chooses an OpenPGP engine"):
+            Protection(scheme=Scheme.SMIME, engine=engine)  # type: ignore[arg-type]
+    assert Protection(scheme=Scheme.SMIME, engine="auto").engine is OpenPGPEngine.AUTO  # type: ignore[arg-type]
     certstore = CertStore(store.home / "certs")
     engine = protector_for(Protection(), keystore=store, certstore=certstore)
     assert isinstance(engine, SequoiaProtector) and engine.keystore is store
@@ -271,3 +276,118 @@ def test_a_passphrase_protected_key_is_unlocked_by_each_messages_passphrase(
     assert missing.value.missing
     (again,) = asyncio.run(engine.protect(message, SEQUOIA, passphrase=LOCKED_PASSPHRASE))
     assert again.signed
+
+
+def _protected_copy(factory: Path, key: TestKey, passphrase: str) -> bytes:
+    """``key``'s secret key under ``passphrase``, made in a home of its own."""
+    home = new_gnupg_home("e2p")
+    try:
+        assert key.secret is not None
+        gpg(home, "--import", str(key.secret))
+        gpg(home, "--passphrase", passphrase, "--passwd", key.fingerprint)
+        return gpg(
+            home, "--passphrase", passphrase, "--armor", "--export-secret-keys", key.fingerprint
+        ).stdout
+    finally:
+        kill_agent(home)
+
+
+@pytest.fixture(scope="module")
+def renewed_keys() -> Iterator[tuple[TestKey, TestKey, bytes, bytes]]:
+    """An unprotected sender key, a recipient, and the sender's secret key under "pw1" and
+    under "pw2"."""
+    factory = new_gnupg_home("e2q")
+    out = new_gnupg_home("e2o")
+    try:
+        sender = generate_key(factory, out, "renew@example.org")
+        rcpt = generate_key(factory, out, "rcpt@example.net")
+        yield (
+            sender,
+            rcpt,
+            _protected_copy(factory, sender, "pw1"),
+            _protected_copy(factory, sender, "pw2"),
+        )
+    finally:
+        kill_agent(factory)
+
+
+def _replace_secret(store: Keystore, key: TestKey, secret: bytes) -> None:
+    gpg(store.gnupg_home, "--delete-secret-keys", key.fingerprint)
+    gpg(store.gnupg_home, "--import", input=secret)
+
+
+def test_a_secret_key_re_imported_under_a_new_passphrase_is_not_kept_from_before(
+    renewed_keys: tuple[TestKey, TestKey, bytes, bytes],
+) -> None:
+    """The secret key and the unlocked signer are kept only while gpg's secret-key file is the
+    one they came from: after the key is re-imported under a new passphrase, the new one signs
+    and the old one is refused; an unprotected key re-imported protected needs its passphrase;
+    a deleted secret key signs nothing."""
+    sender, rcpt, pw1, pw2 = renewed_keys
+    store = Keystore(new_gnupg_home("e2y"))
+    try:
+        store.import_file(rcpt.cert)
+        gpg(store.gnupg_home, "--import", input=pw1)
+        engine = SequoiaProtector(store)
+        message = Message(sender=sender.address, to=[rcpt.address], text="x").finalized()
+        (copy,) = asyncio.run(engine.protect(message, SEQUOIA, passphrase="pw1"))
+        assert copy.signed
+        _replace_secret(store, sender, pw2)
+        (copy,) = asyncio.run(engine.protect(message, SEQUOIA, passphrase="pw2"))
+        assert copy.signed
+        with pytest.raises(PassphraseError) as old:
+            asyncio.run(engine.protect(message, SEQUOIA, passphrase="pw1"))
+        assert not old.value.missing
+
+        # An open (unprotected) key's signer is not kept once the key is protected.
+        assert sender.secret is not None
+        _replace_secret(store, sender, sender.secret.read_bytes())
+        (copy,) = asyncio.run(engine.protect(message, SEQUOIA))
+        assert copy.signed
+        _replace_secret(store, sender, pw2)
+        with pytest.raises(PassphraseError) as missing:
+            asyncio.run(engine.protect(message, SEQUOIA))
+        assert missing.value.missing
+
+        gpg(store.gnupg_home, "--delete-secret-keys", sender.fingerprint)
+        with pytest.raises(SignerKeyError) as gone:
+            asyncio.run(engine.protect(message, SEQUOIA, passphrase="pw2"))
+        assert gone.value.problem.reason == KeyReason.NO_SECRET_KEY
+    finally:
+        store.shutdown_agent()
+
+
+def test_the_secret_key_export_never_starts_a_pinentry(keys: Keys, tmp_path: Path) -> None:
+    """A protected key asked for with no passphrase (or an empty one): the engine says a
+    passphrase is needed, and gpg-agent's pinentry is never started (loopback on stdin)."""
+    assert keys.locked.secret is not None
+    store = Keystore(new_gnupg_home("e2y"))
+    try:
+        store.import_file(keys.bob.cert)
+        store.import_file(keys.locked.secret)
+        store.shutdown_agent()
+        log = tmp_path / "pinentry.log"
+        stub = tmp_path / "pinentry.sh"
+        stub.write_text(
+            "#!/bin/sh\n"
+            f'echo launched >> "{log}"\n'
+            'echo "OK Pleased to meet you"\n'
+            "while read cmd rest; do\n"
+            '  case "$cmd" in\n'
+            f'    GETPIN) echo "D {LOCKED_PASSPHRASE}"; echo OK;;\n'
+            "    BYE) echo OK; exit 0;;\n"
+            "    *) echo OK;;\n"
+            "  esac\n"
+            "done\n"
+        )
+        stub.chmod(0o755)
+        (store.gnupg_home / "gpg-agent.conf").write_text(f"pinentry-program {stub}\n")
+        message = Message(sender=keys.locked.address, to=["bob@example.net"], text="x").finalized()
+        for passphrase in (None, ""):
+            with pytest.raises(PassphraseError):
+                asyncio.run(
+                    SequoiaProtector(store).protect(message, SEQUOIA, passphrase=passphrase)
+                )
+        assert not log.exists()
+    finally:
+        store.shutdown_agent()

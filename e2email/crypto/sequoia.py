@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import subprocess
 import threading
 import weakref
 from collections.abc import Sequence
@@ -144,6 +146,10 @@ def _reduced(
     return out
 
 
+#: (st_ino, st_mtime_ns, st_size) of a secret-key file, None when there is none.
+_Stamp = tuple[int, int, int] | None
+
+
 @dataclass
 class _KeyCache:
     """Certificates and secret keys exported from one keystore's gpg, cut down for pysequoia.
@@ -151,9 +157,14 @@ class _KeyCache:
     anew; revocation is judged by the keystore before the cache is asked."""
 
     certs: dict[tuple[object, ...], Any] = field(default_factory=dict)
-    secrets: dict[tuple[object, ...], Any] = field(default_factory=dict)
+    #: Secret keys and signers are kept with the identity of gpg's secret-key file they came
+    #: from (:meth:`_Keys._stamp`): a key deleted and re-imported (say under a new passphrase,
+    #: or now protected) is a new file, and whatever was kept from the old one is dropped.
+    secrets: dict[tuple[object, ...], tuple[_Stamp, Any]] = field(default_factory=dict)
     #: Signers of keys that need no passphrase (see _Keys._open).
-    open_signers: dict[tuple[object, ...], Any] = field(default_factory=dict)
+    open_signers: dict[tuple[object, ...], tuple[_Stamp, Any]] = field(default_factory=dict)
+    #: Subkey fingerprint -> keygrip (the name of its file in private-keys-v1.d).
+    grips: dict[str, str | None] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -226,18 +237,45 @@ class _Keys:
             reason, detail = key.signing_problem() or (KeyReason.NO_SIGNING_KEY, "")
             raise _signer_problem(key, reason, detail)
         ident = _cache_key(key, sub)
+        # One stat per message: what was kept is used only while gpg's secret-key file is the
+        # one it came from.
+        stamp = self._stamp(sub)
         with self.cache.lock:
             ready = self.cache.open_signers.get(ident)
-            tsk = self.cache.secrets.get(ident)
+            kept = self.cache.secrets.get(ident)
+            if ready is not None and ready[0] != stamp:
+                del self.cache.open_signers[ident]
+                ready = None
+            if kept is not None and kept[0] != stamp:
+                del self.cache.secrets[ident]
+                kept = None
         if ready is not None:
-            return ready
-        if tsk is None:
-            tsk = self._export_secret(key, sub, passphrase)
-            with self.cache.lock:
-                self.cache.secrets[ident] = tsk
+            return ready[1]
+        if kept is not None:
+            try:
+                return self._unlock(key, sub, ident, stamp, kept[1], passphrase)
+            except PassphraseError:
+                # A file with the same identity but another passphrase (or a stat that could
+                # not tell): ask gpg once more before saying the passphrase is wrong.
+                with self.cache.lock:
+                    self.cache.secrets.pop(ident, None)
+        tsk = self._export_secret(key, sub, passphrase, stamp)
+        with self.cache.lock:
+            self.cache.secrets[ident] = (stamp, tsk)
+        return self._unlock(key, sub, ident, stamp, tsk, passphrase)
+
+    def _unlock(
+        self,
+        key: OpenPGPKey,
+        sub: SubKey,
+        ident: tuple[object, ...],
+        stamp: _Stamp,
+        tsk: Any,
+        passphrase: str | None,
+    ) -> Any:
         if passphrase is None:
             try:
-                return self._open(ident, tsk.signer(None))
+                return self._open(ident, stamp, tsk.signer(None))
             except (RuntimeError, ValueError) as exc:
                 failure: BaseException = exc
         else:
@@ -248,7 +286,7 @@ class _Keys:
             # The same call without one tells an unprotected key (a passphrase given for the
             # run is then not needed, as with gpg) from a wrong passphrase.
             try:
-                return self._open(ident, tsk.signer(None))
+                return self._open(ident, stamp, tsk.signer(None))
             except (RuntimeError, ValueError) as exc:
                 if "encrypted" in _first_line(exc):
                     raise PassphraseError(
@@ -268,15 +306,68 @@ class _Keys:
             "smartcard needs --engine gpg",
         ) from failure
 
-    def _open(self, ident: tuple[object, ...], signer: Any) -> Any:
+    def _open(self, ident: tuple[object, ...], stamp: _Stamp, signer: Any) -> Any:
         """Keep the signer of a key that has no passphrase: it unlocks nothing, so keeping it
         hides nothing, and a bulk run does not unpack the key per message. A protected key's
         signer is never kept: each message's passphrase must unlock it."""
         with self.cache.lock:
-            self.cache.open_signers[ident] = signer
+            self.cache.open_signers[ident] = (stamp, signer)
         return signer
 
-    def _export_secret(self, key: OpenPGPKey, sub: SubKey, passphrase: str | None) -> Any:
+    def _gpg(self, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        """gpg on the keystore's home, never asking anyone: batch, no tty, and any passphrase
+        through loopback on stdin, so gpg-agent never starts a pinentry (openpgp._COMMON_ARGS
+        does the same for the GnuPG engine)."""
+        self.keystore.gpg  # noqa: B018 - ensures the home exists
+        cmd = [
+            self.keystore.gpg_binary,
+            "--homedir",
+            str(self.keystore.gnupg_home),
+            "--no-options",
+            "--batch",
+            "--no-tty",
+            *args,
+        ]
+        try:
+            return subprocess.run(cmd, input=stdin, capture_output=True, check=False, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CryptoError(f"cannot run {self.keystore.gpg_binary}: {exc}") from exc
+
+    def _keygrip(self, sub: SubKey) -> str | None:
+        """The keygrip of ``sub`` (gpg names its secret-key file after it), asked once."""
+        fpr = sub.fingerprint.upper()
+        with self.cache.lock:
+            if fpr in self.cache.grips:
+                return self.cache.grips[fpr]
+        done = self._gpg("--with-colons", "--fixed-list-mode", "--with-keygrip", "--list-keys", fpr)
+        grip = None
+        current = None
+        for line in done.stdout.decode("utf-8", errors="replace").splitlines():
+            fields = line.split(":")
+            if fields[0] == "fpr" and len(fields) > 9:
+                current = fields[9].upper()
+            elif fields[0] == "grp" and len(fields) > 9 and current == fpr:
+                grip = fields[9]
+                break
+        with self.cache.lock:
+            self.cache.grips[fpr] = grip
+        return grip
+
+    def _stamp(self, sub: SubKey) -> _Stamp:
+        """The identity of gpg's secret-key file for ``sub`` (gpg 2.1+:
+        ``private-keys-v1.d/<keygrip>.key``), None when there is none."""
+        grip = self._keygrip(sub)
+        if grip is None:
+            return None
+        try:
+            st = os.stat(self.keystore.gnupg_home / "private-keys-v1.d" / f"{grip}.key")
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _export_secret(
+        self, key: OpenPGPKey, sub: SubKey, passphrase: str | None, stamp: _Stamp
+    ) -> Any:
         """The secret key from gpg, with the secret of ``sub`` only. gpg (2.1+) exports a
         protected key only when given its passphrase (it re-protects it with the same one)."""
         sq = _sq()
@@ -284,17 +375,26 @@ class _Keys:
 
         if passphrase is not None and any(c in passphrase for c in "\r\n\0"):
             raise PassphraseError("a passphrase cannot contain CR, LF or NUL")
-        try:
-            data = self.keystore.gpg.export_keys(
-                [key.fingerprint],
-                secret=True,
-                armor=False,
-                passphrase=passphrase,
-                expect_passphrase=False,
-            )
-        except (OSError, ValueError) as exc:
-            raise CryptoError(f"cannot export key {key.fingerprint} from gpg: {exc}") from exc
-        if not data:
+        # Loopback with the passphrase (an empty line for none) on stdin: python-gnupg leaves
+        # out --pinentry-mode loopback without a passphrase, and gpg-agent would then start a
+        # pinentry for a protected key.
+        done = self._gpg(
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase-fd",
+            "0",
+            "--export-secret-keys",
+            key.fingerprint,
+            stdin=(passphrase or "").encode() + b"\n",
+        )
+        data = done.stdout
+        if done.returncode != 0 or not data:
+            if stamp is None:
+                raise _signer_problem(
+                    key,
+                    KeyReason.NO_SECRET_KEY,
+                    f"no secret key for {sub.key_id} in {self.keystore.gnupg_home}",
+                )
             if passphrase is None:
                 raise PassphraseError(
                     f"key {key.fingerprint} is protected by a passphrase and none was given",
