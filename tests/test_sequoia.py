@@ -391,3 +391,94 @@ def test_the_secret_key_export_never_starts_a_pinentry(keys: Keys, tmp_path: Pat
         assert not log.exists()
     finally:
         store.shutdown_agent()
+
+
+@pytest.fixture(scope="module")
+def gpg_only_keys() -> Iterator[tuple[TestKey, TestKey, TestKey]]:
+    """Keys gpg can encrypt to and Sequoia cannot as the keystore chose them: a sender, a
+    brainpoolP256r1 key ("no suitable encryption subkey" in Sequoia), and an RSA key whose
+    primary can sign and encrypt, with a cv25519 encryption subkey (pysequoia would encrypt
+    to both)."""
+    factory = new_gnupg_home("e2q")
+    out = new_gnupg_home("e2o")
+    pw = ["--passphrase", ""]
+
+    def made(address: str, algo: str, usage: str, *extra: str) -> TestKey:
+        gpg(factory, *extra, *pw, "--quick-gen-key", address, algo, usage, "0")
+        listing = gpg(factory, "--with-colons", "--list-keys", address).stdout.decode()
+        fpr = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+        return TestKey(address, fpr, out / f"{address}.cert", out / f"{address}.key")
+
+    try:
+        sender = generate_key(factory, out, "gpgonly-sender@example.org")
+        brainpool = made("brainpool@example.net", "brainpoolP256r1", "sign")
+        gpg(factory, *pw, "--quick-add-key", brainpool.fingerprint, "brainpoolP256r1", "encr")
+        # Made earlier, so that the keystore chooses the newer subkey.
+        dual = made(
+            "dual@example.net", "rsa2048", "sign,encr", "--faked-system-time", "20250101T000000"
+        )
+        gpg(factory, *pw, "--quick-add-key", dual.fingerprint, "cv25519", "encr")
+        for key in (brainpool, dual):
+            key.cert.write_bytes(gpg(factory, "--armor", "--export", key.fingerprint).stdout)
+        assert brainpool.secret is not None
+        brainpool.secret.write_bytes(
+            gpg(factory, *pw, "--armor", "--export-secret-keys", brainpool.fingerprint).stdout
+        )
+        yield sender, brainpool, dual
+    finally:
+        kill_agent(factory)
+
+
+def test_keys_only_gpg_can_use_are_named_or_served_by_gpg_under_auto(
+    gpg_only_keys: tuple[TestKey, TestKey, TestKey],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """engine=SEQUOIA: one RecipientKeyError naming every such recipient (UNSUPPORTED, with
+    the hint --engine gpg), nothing encrypted. AUTO (the default engine): the message is
+    made by the GnuPG engine, with one warning naming the key."""
+    sender, brainpool, dual = gpg_only_keys
+    store = Keystore(new_gnupg_home("e2y"))
+    try:
+        assert sender.secret is not None
+        store.import_file(sender.secret)
+        store.import_file(brainpool.cert)
+        store.import_file(dual.cert)
+        message = Message(
+            sender=sender.address, to=[brainpool.address, dual.address], text="x"
+        ).finalized()
+        with pytest.raises(RecipientKeyError) as info:
+            asyncio.run(SequoiaProtector(store).protect(message, SEQUOIA))
+        problems = {p.address: p for p in info.value.problems}
+        assert set(problems) == {brainpool.address, dual.address}
+        for problem in problems.values():
+            assert problem.reason is KeyReason.UNSUPPORTED
+            assert "--engine gpg" in problem.detail
+
+        engine = protector_for(Protection(), keystore=store, certstore=CertStore(store.home / "c"))
+        with caplog.at_level("WARNING", logger="e2email.crypto.sequoia"):
+            (copy,) = asyncio.run(engine.protect(message, Protection()))
+        assert set(copy.encrypted_to) == {
+            sender.fingerprint,
+            brainpool.fingerprint,
+            dual.fingerprint,
+        }
+        assert copy.signed
+        assert b"salt@notations.sequoia-pgp.org" not in copy.raw
+        (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert "GnuPG engine" in warning.getMessage()
+        assert brainpool.fingerprint in warning.getMessage()
+
+        # A signer key Sequoia cannot use: named with an accurate hint, or served by gpg.
+        assert brainpool.secret is not None
+        store.import_file(brainpool.secret)
+        signed = Message(sender=brainpool.address, to=[sender.address], text="x").finalized()
+        only_sign = Protection(encrypt=False, engine=OpenPGPEngine.SEQUOIA)
+        with pytest.raises(SignerKeyError) as signer:
+            asyncio.run(SequoiaProtector(store).protect(signed, only_sign))
+        assert signer.value.problem.reason is KeyReason.BACKEND
+        assert "smartcard or of an algorithm" in signer.value.problem.detail
+        assert "--engine gpg" in signer.value.problem.detail
+        (copy,) = asyncio.run(engine.protect(signed, Protection(encrypt=False)))
+        assert copy.signed and copy.signer == brainpool.fingerprint
+    finally:
+        store.shutdown_agent()

@@ -23,14 +23,22 @@ The certificates and secret keys are exported from gpg once per key (and per cho
 and its expiry) and kept with the keystore, so a bulk run pays the export once, not per
 message. A passphrase-protected secret key stays protected in that cache: every message
 unlocks it with the passphrase it was given (a wrong one is never hidden by an earlier right
-one). Keys whose secret lives on a smartcard (gpg-agent) cannot be used in-process: use the
-GnuPG engine for them (``--engine gpg``).
+one), and only while gpg's secret-key file is the one it came from (a key re-imported under a
+new passphrase is exported anew). Export runs gpg in loopback mode with the passphrase on
+stdin, so no pinentry is ever started.
+
+Keys gpg can use and Sequoia cannot (a secret on a smartcard, DSA/ElGamal, brainpool or
+secp256k1 keys, an RSA primary that encrypts beside the chosen subkey) are found before
+anything is encrypted: with ``engine=AUTO`` ("the best engine available for this message")
+such a message is made by the GnuPG engine, with one warning; with ``engine=SEQUOIA`` the
+error names each key and says ``--engine gpg``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import subprocess
 import threading
@@ -39,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from e2email.config import Protection
+from e2email.config import OpenPGPEngine, Protection
 from e2email.crypto.base import (
     CopyKind,
     ProtectedCopy,
@@ -66,6 +74,11 @@ if TYPE_CHECKING:
     from e2email.keystore import Keystore, OpenPGPKey, SubKey
 
 __all__ = ["SequoiaProtector", "available", "raw_sign_encrypt"]
+
+log = logging.getLogger(__name__)
+
+#: What a user can do about a key this engine cannot use.
+_USE_GPG = "use --engine gpg"
 
 
 @functools.cache
@@ -163,6 +176,8 @@ class _KeyCache:
     secrets: dict[tuple[object, ...], tuple[_Stamp, Any]] = field(default_factory=dict)
     #: Signers of keys that need no passphrase (see _Keys._open).
     open_signers: dict[tuple[object, ...], tuple[_Stamp, Any]] = field(default_factory=dict)
+    #: Recipient cache key -> why Sequoia cannot encrypt to it ("" when it can).
+    unusable: dict[tuple[object, ...], str] = field(default_factory=dict)
     #: Subkey fingerprint -> keygrip (the name of its file in private-keys-v1.d).
     grips: dict[str, str | None] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -228,6 +243,37 @@ class _Keys:
             with self.cache.lock:
                 self.cache.certs[ident] = cert
         return cert, sub.fingerprint
+
+    def unusable(self, key: OpenPGPKey) -> str:
+        """Why Sequoia cannot encrypt to exactly the subkey the keystore chose ("" when it
+        can): keys gpg accepts but Sequoia does not (DSA/ElGamal, brainpool, secp256k1: "no
+        suitable encryption subkey"), or whose primary can encrypt too (pysequoia would also
+        encrypt to it, and the packet check would refuse the copy). A trial encryption of
+        nothing, once per key."""
+        sub = key.encryption_subkey()
+        if sub is None:
+            return "no usable encryption subkey"
+        ident = _cache_key(key, sub)
+        with self.cache.lock:
+            known = self.cache.unusable.get(ident)
+        if known is not None:
+            return known
+        why = ""
+        try:
+            cert, fpr = self.recipient(key)
+            _check_encrypted(bytes(_sq().encrypt(b"", [cert])), [fpr])
+        except (RuntimeError, ValueError) as exc:
+            why = _first_line(exc)
+        except CryptoError as exc:
+            why = str(exc)
+        if why:
+            why = (
+                f"the in-process engine cannot encrypt to {sub.algorithm} subkey "
+                f"{sub.key_id} ({why})"
+            )
+        with self.cache.lock:
+            self.cache.unusable[ident] = why
+        return why
 
     def signer(self, key: OpenPGPKey, passphrase: str | None) -> Any:
         """A pysequoia signer for exactly the signing (sub)key the keystore chose, unlocked
@@ -302,8 +348,9 @@ class _Keys:
         raise _signer_problem(
             key,
             KeyReason.BACKEND,
-            f"cannot sign in-process with {sub.key_id} ({_first_line(failure)}); a key on a "
-            "smartcard needs --engine gpg",
+            f"the in-process engine cannot sign with {sub.algorithm} key {sub.key_id} "
+            f"({_first_line(failure)}): a key on a smartcard or of an algorithm Sequoia "
+            f"cannot use; {_USE_GPG}",
         ) from failure
 
     def _open(self, ident: tuple[object, ...], stamp: _Stamp, signer: Any) -> Any:
@@ -464,6 +511,20 @@ def _check_encrypted(armored: bytes, subkeys: Sequence[str]) -> None:
         )
 
 
+def _unsupported(address: str, key: OpenPGPKey, why: str) -> KeyProblem:
+    return KeyProblem(
+        address, KeyReason.UNSUPPORTED, f"{why}; {_USE_GPG}", fingerprint=key.fingerprint
+    )
+
+
+def _in_process_only(exc: RecipientKeyError | SignerKeyError) -> bool:
+    """Whether ``exc`` says only that this engine cannot use a key gpg can (made by
+    ``protect_sync``: UNSUPPORTED recipients, or a BACKEND signer)."""
+    if isinstance(exc, SignerKeyError):
+        return exc.problem.reason is KeyReason.BACKEND
+    return all(p.reason is KeyReason.UNSUPPORTED for p in exc.problems)
+
+
 def raw_sign_encrypt(payload: bytes, recipients: Sequence[Any], signer: Any) -> bytes:
     """pysequoia's own sign+encrypt call and nothing else: the floor the benchmarks compare
     the engine's protection with."""
@@ -513,7 +574,15 @@ class SequoiaProtector(Protector):
             raise RecipientKeyError([discovered.get(p.address, p) for p in exc.problems]) from None
         # One worker thread for the whole message: the work is a few key exports the first
         # time, then fractions of a millisecond per copy.
-        return await asyncio.to_thread(self.protect_sync, msg, protection, keys, passphrase)
+        try:
+            return await asyncio.to_thread(self.protect_sync, msg, protection, keys, passphrase)
+        except (RecipientKeyError, SignerKeyError) as exc:
+            # AUTO means the best engine available for this message: keys gpg can use and
+            # Sequoia cannot are served by gpg. An explicit engine=SEQUOIA gets the error.
+            if protection.engine is not OpenPGPEngine.AUTO or not _in_process_only(exc):
+                raise
+            log.warning("e2email: using the GnuPG engine for this message: %s", exc)
+        return await self._lookup.protect(msg, protection, passphrase=passphrase)
 
     def protect_sync(
         self,
@@ -524,6 +593,21 @@ class SequoiaProtector(Protector):
     ) -> tuple[ProtectedCopy, ...]:
         """The copies of ``msg`` with keys already resolved (blocking; the benchmarks time it)."""
         sq = _sq()
+        if protection.encrypt:
+            # Every key checked before anything is encrypted, every problem named at once.
+            problems = []
+            for address, key in sorted(keys.recipients.items()):
+                why = self._keys.unusable(key)
+                if why:
+                    problems.append(_unsupported(address, key, why))
+            if keys.own is not None and keys.own.fingerprint not in {
+                k.fingerprint for k in keys.recipients.values()
+            }:
+                why = self._keys.unusable(keys.own)
+                if why:
+                    problems.append(_unsupported(msg.sender.addr_spec, keys.own, why))
+            if problems:
+                raise RecipientKeyError(problems)
         signer_key = keys.signer
         signer = self._keys.signer(signer_key, passphrase) if signer_key is not None else None
         # Autocrypt Level 1, as the gpg engine adds it (issue 10 §3).
