@@ -479,6 +479,13 @@ class Protection:
                 raise ConfigError(
                     f"engine must be auto, sequoia or gpg, not {self.engine!r}"
                 ) from None
+        if self.engine is not OpenPGPEngine.AUTO and self.scheme is not Scheme.OPENPGP:
+            # The engine chooses how OpenPGP is made; asking for one with S/MIME is a mistake
+            # (the CLI refuses --engine with --smime the same way).
+            raise ConfigError(
+                f"engine={self.engine.value} chooses an OpenPGP engine; it cannot be used with "
+                f"the {self.scheme.value} scheme"
+            )
         # Addresses compare case-insensitively; store the map normalised so lookups are simple.
         object.__setattr__(
             self, "key_map", {k.strip().lower(): v.strip() for k, v in self.key_map.items()}

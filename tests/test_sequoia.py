@@ -40,6 +40,7 @@ from e2email import (
     Protection,
     RecipientKeyError,
     Scheme,
+    SignerKeyError,
 )
 from e2email.certstore import CertStore
 from e2email.crypto import sequoia
@@ -124,6 +125,10 @@ def test_engine_choice_maps_each_policy_to_one_engine(keys: Keys, store: Keystor
     assert engine_name(Protection(scheme=Scheme.SMIME)) == "smime"
     with pytest.raises(ConfigError, match="auto, sequoia or gpg"):
         Protection(engine="pgpy")  # type: ignore[arg-type]
+    for engine in ("sequoia", "gpg"):  # an OpenPGP engine with S/MIME is a mistake, said so
+        with pytest.raises(ConfigError, match="chooses an OpenPGP engine"):
+            Protection(scheme=Scheme.SMIME, engine=engine)  # type: ignore[arg-type]
+    assert Protection(scheme=Scheme.SMIME, engine="auto").engine is OpenPGPEngine.AUTO  # type: ignore[arg-type]
     certstore = CertStore(store.home / "certs")
     engine = protector_for(Protection(), keystore=store, certstore=certstore)
     assert isinstance(engine, SequoiaProtector) and engine.keystore is store
@@ -271,3 +276,209 @@ def test_a_passphrase_protected_key_is_unlocked_by_each_messages_passphrase(
     assert missing.value.missing
     (again,) = asyncio.run(engine.protect(message, SEQUOIA, passphrase=LOCKED_PASSPHRASE))
     assert again.signed
+
+
+def _protected_copy(factory: Path, key: TestKey, passphrase: str) -> bytes:
+    """``key``'s secret key under ``passphrase``, made in a home of its own."""
+    home = new_gnupg_home("e2p")
+    try:
+        assert key.secret is not None
+        gpg(home, "--import", str(key.secret))
+        gpg(home, "--passphrase", passphrase, "--passwd", key.fingerprint)
+        return gpg(
+            home, "--passphrase", passphrase, "--armor", "--export-secret-keys", key.fingerprint
+        ).stdout
+    finally:
+        kill_agent(home)
+
+
+@pytest.fixture(scope="module")
+def renewed_keys() -> Iterator[tuple[TestKey, TestKey, bytes, bytes]]:
+    """An unprotected sender key, a recipient, and the sender's secret key under "pw1" and
+    under "pw2"."""
+    factory = new_gnupg_home("e2q")
+    out = new_gnupg_home("e2o")
+    try:
+        sender = generate_key(factory, out, "renew@example.org")
+        rcpt = generate_key(factory, out, "rcpt@example.net")
+        yield (
+            sender,
+            rcpt,
+            _protected_copy(factory, sender, "pw1"),
+            _protected_copy(factory, sender, "pw2"),
+        )
+    finally:
+        kill_agent(factory)
+
+
+def _replace_secret(store: Keystore, key: TestKey, secret: bytes) -> None:
+    gpg(store.gnupg_home, "--delete-secret-keys", key.fingerprint)
+    gpg(store.gnupg_home, "--import", input=secret)
+
+
+def test_a_secret_key_re_imported_under_a_new_passphrase_is_not_kept_from_before(
+    renewed_keys: tuple[TestKey, TestKey, bytes, bytes],
+) -> None:
+    """The secret key and the unlocked signer are kept only while gpg's secret-key file is the
+    one they came from: after the key is re-imported under a new passphrase, the new one signs
+    and the old one is refused; an unprotected key re-imported protected needs its passphrase;
+    a deleted secret key signs nothing."""
+    sender, rcpt, pw1, pw2 = renewed_keys
+    store = Keystore(new_gnupg_home("e2y"))
+    try:
+        store.import_file(rcpt.cert)
+        gpg(store.gnupg_home, "--import", input=pw1)
+        engine = SequoiaProtector(store)
+        message = Message(sender=sender.address, to=[rcpt.address], text="x").finalized()
+        (copy,) = asyncio.run(engine.protect(message, SEQUOIA, passphrase="pw1"))
+        assert copy.signed
+        _replace_secret(store, sender, pw2)
+        (copy,) = asyncio.run(engine.protect(message, SEQUOIA, passphrase="pw2"))
+        assert copy.signed
+        with pytest.raises(PassphraseError) as old:
+            asyncio.run(engine.protect(message, SEQUOIA, passphrase="pw1"))
+        assert not old.value.missing
+
+        # An open (unprotected) key's signer is not kept once the key is protected.
+        assert sender.secret is not None
+        _replace_secret(store, sender, sender.secret.read_bytes())
+        (copy,) = asyncio.run(engine.protect(message, SEQUOIA))
+        assert copy.signed
+        _replace_secret(store, sender, pw2)
+        with pytest.raises(PassphraseError) as missing:
+            asyncio.run(engine.protect(message, SEQUOIA))
+        assert missing.value.missing
+
+        gpg(store.gnupg_home, "--delete-secret-keys", sender.fingerprint)
+        with pytest.raises(SignerKeyError) as gone:
+            asyncio.run(engine.protect(message, SEQUOIA, passphrase="pw2"))
+        assert gone.value.problem.reason == KeyReason.NO_SECRET_KEY
+    finally:
+        store.shutdown_agent()
+
+
+def test_the_secret_key_export_never_starts_a_pinentry(keys: Keys, tmp_path: Path) -> None:
+    """A protected key asked for with no passphrase (or an empty one): the engine says a
+    passphrase is needed, and gpg-agent's pinentry is never started (loopback on stdin)."""
+    assert keys.locked.secret is not None
+    store = Keystore(new_gnupg_home("e2y"))
+    try:
+        store.import_file(keys.bob.cert)
+        store.import_file(keys.locked.secret)
+        store.shutdown_agent()
+        log = tmp_path / "pinentry.log"
+        stub = tmp_path / "pinentry.sh"
+        stub.write_text(
+            "#!/bin/sh\n"
+            f'echo launched >> "{log}"\n'
+            'echo "OK Pleased to meet you"\n'
+            "while read cmd rest; do\n"
+            '  case "$cmd" in\n'
+            f'    GETPIN) echo "D {LOCKED_PASSPHRASE}"; echo OK;;\n'
+            "    BYE) echo OK; exit 0;;\n"
+            "    *) echo OK;;\n"
+            "  esac\n"
+            "done\n"
+        )
+        stub.chmod(0o755)
+        (store.gnupg_home / "gpg-agent.conf").write_text(f"pinentry-program {stub}\n")
+        message = Message(sender=keys.locked.address, to=["bob@example.net"], text="x").finalized()
+        for passphrase in (None, ""):
+            with pytest.raises(PassphraseError):
+                asyncio.run(
+                    SequoiaProtector(store).protect(message, SEQUOIA, passphrase=passphrase)
+                )
+        assert not log.exists()
+    finally:
+        store.shutdown_agent()
+
+
+@pytest.fixture(scope="module")
+def gpg_only_keys() -> Iterator[tuple[TestKey, TestKey, TestKey]]:
+    """Keys gpg can encrypt to and Sequoia cannot as the keystore chose them: a sender, a
+    brainpoolP256r1 key ("no suitable encryption subkey" in Sequoia), and an RSA key whose
+    primary can sign and encrypt, with a cv25519 encryption subkey (pysequoia would encrypt
+    to both)."""
+    factory = new_gnupg_home("e2q")
+    out = new_gnupg_home("e2o")
+    pw = ["--passphrase", ""]
+
+    def made(address: str, algo: str, usage: str, *extra: str) -> TestKey:
+        gpg(factory, *extra, *pw, "--quick-gen-key", address, algo, usage, "0")
+        listing = gpg(factory, "--with-colons", "--list-keys", address).stdout.decode()
+        fpr = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+        return TestKey(address, fpr, out / f"{address}.cert", out / f"{address}.key")
+
+    try:
+        sender = generate_key(factory, out, "gpgonly-sender@example.org")
+        brainpool = made("brainpool@example.net", "brainpoolP256r1", "sign")
+        gpg(factory, *pw, "--quick-add-key", brainpool.fingerprint, "brainpoolP256r1", "encr")
+        # Made earlier, so that the keystore chooses the newer subkey.
+        dual = made(
+            "dual@example.net", "rsa2048", "sign,encr", "--faked-system-time", "20250101T000000"
+        )
+        gpg(factory, *pw, "--quick-add-key", dual.fingerprint, "cv25519", "encr")
+        for key in (brainpool, dual):
+            key.cert.write_bytes(gpg(factory, "--armor", "--export", key.fingerprint).stdout)
+        assert brainpool.secret is not None
+        brainpool.secret.write_bytes(
+            gpg(factory, *pw, "--armor", "--export-secret-keys", brainpool.fingerprint).stdout
+        )
+        yield sender, brainpool, dual
+    finally:
+        kill_agent(factory)
+
+
+def test_keys_only_gpg_can_use_are_named_or_served_by_gpg_under_auto(
+    gpg_only_keys: tuple[TestKey, TestKey, TestKey],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """engine=SEQUOIA: one RecipientKeyError naming every such recipient (UNSUPPORTED, with
+    the hint --engine gpg), nothing encrypted. AUTO (the default engine): the message is
+    made by the GnuPG engine, with one warning naming the key."""
+    sender, brainpool, dual = gpg_only_keys
+    store = Keystore(new_gnupg_home("e2y"))
+    try:
+        assert sender.secret is not None
+        store.import_file(sender.secret)
+        store.import_file(brainpool.cert)
+        store.import_file(dual.cert)
+        message = Message(
+            sender=sender.address, to=[brainpool.address, dual.address], text="x"
+        ).finalized()
+        with pytest.raises(RecipientKeyError) as info:
+            asyncio.run(SequoiaProtector(store).protect(message, SEQUOIA))
+        problems = {p.address: p for p in info.value.problems}
+        assert set(problems) == {brainpool.address, dual.address}
+        for problem in problems.values():
+            assert problem.reason is KeyReason.UNSUPPORTED
+            assert "--engine gpg" in problem.detail
+
+        engine = protector_for(Protection(), keystore=store, certstore=CertStore(store.home / "c"))
+        with caplog.at_level("WARNING", logger="e2email.crypto.sequoia"):
+            (copy,) = asyncio.run(engine.protect(message, Protection()))
+        assert set(copy.encrypted_to) == {
+            sender.fingerprint,
+            brainpool.fingerprint,
+            dual.fingerprint,
+        }
+        assert copy.signed
+        assert b"salt@notations.sequoia-pgp.org" not in copy.raw
+        (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert "GnuPG engine" in warning.getMessage()
+        assert brainpool.fingerprint in warning.getMessage()
+
+        # A signer key Sequoia cannot use: named with an accurate hint, or served by gpg.
+        assert brainpool.secret is not None
+        store.import_file(brainpool.secret)
+        signed = Message(sender=brainpool.address, to=[sender.address], text="x").finalized()
+        only_sign = Protection(encrypt=False, engine=OpenPGPEngine.SEQUOIA)
+        with pytest.raises(SignerKeyError) as signer:
+            asyncio.run(SequoiaProtector(store).protect(signed, only_sign))
+        assert signer.value.problem.reason is KeyReason.BACKEND
+        assert "smartcard or of an algorithm" in signer.value.problem.detail
+        assert "--engine gpg" in signer.value.problem.detail
+        (copy,) = asyncio.run(engine.protect(signed, Protection(encrypt=False)))
+        assert copy.signed and copy.signer == brainpool.fingerprint
+    finally:
+        store.shutdown_agent()

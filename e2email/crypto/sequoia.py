@@ -23,21 +23,31 @@ The certificates and secret keys are exported from gpg once per key (and per cho
 and its expiry) and kept with the keystore, so a bulk run pays the export once, not per
 message. A passphrase-protected secret key stays protected in that cache: every message
 unlocks it with the passphrase it was given (a wrong one is never hidden by an earlier right
-one). Keys whose secret lives on a smartcard (gpg-agent) cannot be used in-process: use the
-GnuPG engine for them (``--engine gpg``).
+one), and only while gpg's secret-key file is the one it came from (a key re-imported under a
+new passphrase is exported anew). Export runs gpg in loopback mode with the passphrase on
+stdin, so no pinentry is ever started.
+
+Keys gpg can use and Sequoia cannot (a secret on a smartcard, DSA/ElGamal, brainpool or
+secp256k1 keys, an RSA primary that encrypts beside the chosen subkey) are found before
+anything is encrypted: with ``engine=AUTO`` ("the best engine available for this message")
+such a message is made by the GnuPG engine, with one warning; with ``engine=SEQUOIA`` the
+error names each key and says ``--engine gpg``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import os
+import subprocess
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from e2email.config import Protection
+from e2email.config import OpenPGPEngine, Protection
 from e2email.crypto.base import (
     CopyKind,
     ProtectedCopy,
@@ -64,6 +74,11 @@ if TYPE_CHECKING:
     from e2email.keystore import Keystore, OpenPGPKey, SubKey
 
 __all__ = ["SequoiaProtector", "available", "raw_sign_encrypt"]
+
+log = logging.getLogger(__name__)
+
+#: What a user can do about a key this engine cannot use.
+_USE_GPG = "use --engine gpg"
 
 
 @functools.cache
@@ -144,6 +159,10 @@ def _reduced(
     return out
 
 
+#: (st_ino, st_mtime_ns, st_size) of a secret-key file, None when there is none.
+_Stamp = tuple[int, int, int] | None
+
+
 @dataclass
 class _KeyCache:
     """Certificates and secret keys exported from one keystore's gpg, cut down for pysequoia.
@@ -151,9 +170,16 @@ class _KeyCache:
     anew; revocation is judged by the keystore before the cache is asked."""
 
     certs: dict[tuple[object, ...], Any] = field(default_factory=dict)
-    secrets: dict[tuple[object, ...], Any] = field(default_factory=dict)
+    #: Secret keys and signers are kept with the identity of gpg's secret-key file they came
+    #: from (:meth:`_Keys._stamp`): a key deleted and re-imported (say under a new passphrase,
+    #: or now protected) is a new file, and whatever was kept from the old one is dropped.
+    secrets: dict[tuple[object, ...], tuple[_Stamp, Any]] = field(default_factory=dict)
     #: Signers of keys that need no passphrase (see _Keys._open).
-    open_signers: dict[tuple[object, ...], Any] = field(default_factory=dict)
+    open_signers: dict[tuple[object, ...], tuple[_Stamp, Any]] = field(default_factory=dict)
+    #: Recipient cache key -> why Sequoia cannot encrypt to it ("" when it can).
+    unusable: dict[tuple[object, ...], str] = field(default_factory=dict)
+    #: Subkey fingerprint -> keygrip (the name of its file in private-keys-v1.d).
+    grips: dict[str, str | None] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -218,6 +244,37 @@ class _Keys:
                 self.cache.certs[ident] = cert
         return cert, sub.fingerprint
 
+    def unusable(self, key: OpenPGPKey) -> str:
+        """Why Sequoia cannot encrypt to exactly the subkey the keystore chose ("" when it
+        can): keys gpg accepts but Sequoia does not (DSA/ElGamal, brainpool, secp256k1: "no
+        suitable encryption subkey"), or whose primary can encrypt too (pysequoia would also
+        encrypt to it, and the packet check would refuse the copy). A trial encryption of
+        nothing, once per key."""
+        sub = key.encryption_subkey()
+        if sub is None:
+            return "no usable encryption subkey"
+        ident = _cache_key(key, sub)
+        with self.cache.lock:
+            known = self.cache.unusable.get(ident)
+        if known is not None:
+            return known
+        why = ""
+        try:
+            cert, fpr = self.recipient(key)
+            _check_encrypted(bytes(_sq().encrypt(b"", [cert])), [fpr])
+        except (RuntimeError, ValueError) as exc:
+            why = _first_line(exc)
+        except CryptoError as exc:
+            why = str(exc)
+        if why:
+            why = (
+                f"the in-process engine cannot encrypt to {sub.algorithm} subkey "
+                f"{sub.key_id} ({why})"
+            )
+        with self.cache.lock:
+            self.cache.unusable[ident] = why
+        return why
+
     def signer(self, key: OpenPGPKey, passphrase: str | None) -> Any:
         """A pysequoia signer for exactly the signing (sub)key the keystore chose, unlocked
         with ``passphrase`` (PassphraseError when it needs one and got none, or a wrong one)."""
@@ -226,18 +283,45 @@ class _Keys:
             reason, detail = key.signing_problem() or (KeyReason.NO_SIGNING_KEY, "")
             raise _signer_problem(key, reason, detail)
         ident = _cache_key(key, sub)
+        # One stat per message: what was kept is used only while gpg's secret-key file is the
+        # one it came from.
+        stamp = self._stamp(sub)
         with self.cache.lock:
             ready = self.cache.open_signers.get(ident)
-            tsk = self.cache.secrets.get(ident)
+            kept = self.cache.secrets.get(ident)
+            if ready is not None and ready[0] != stamp:
+                del self.cache.open_signers[ident]
+                ready = None
+            if kept is not None and kept[0] != stamp:
+                del self.cache.secrets[ident]
+                kept = None
         if ready is not None:
-            return ready
-        if tsk is None:
-            tsk = self._export_secret(key, sub, passphrase)
-            with self.cache.lock:
-                self.cache.secrets[ident] = tsk
+            return ready[1]
+        if kept is not None:
+            try:
+                return self._unlock(key, sub, ident, stamp, kept[1], passphrase)
+            except PassphraseError:
+                # A file with the same identity but another passphrase (or a stat that could
+                # not tell): ask gpg once more before saying the passphrase is wrong.
+                with self.cache.lock:
+                    self.cache.secrets.pop(ident, None)
+        tsk = self._export_secret(key, sub, passphrase, stamp)
+        with self.cache.lock:
+            self.cache.secrets[ident] = (stamp, tsk)
+        return self._unlock(key, sub, ident, stamp, tsk, passphrase)
+
+    def _unlock(
+        self,
+        key: OpenPGPKey,
+        sub: SubKey,
+        ident: tuple[object, ...],
+        stamp: _Stamp,
+        tsk: Any,
+        passphrase: str | None,
+    ) -> Any:
         if passphrase is None:
             try:
-                return self._open(ident, tsk.signer(None))
+                return self._open(ident, stamp, tsk.signer(None))
             except (RuntimeError, ValueError) as exc:
                 failure: BaseException = exc
         else:
@@ -248,7 +332,7 @@ class _Keys:
             # The same call without one tells an unprotected key (a passphrase given for the
             # run is then not needed, as with gpg) from a wrong passphrase.
             try:
-                return self._open(ident, tsk.signer(None))
+                return self._open(ident, stamp, tsk.signer(None))
             except (RuntimeError, ValueError) as exc:
                 if "encrypted" in _first_line(exc):
                     raise PassphraseError(
@@ -264,19 +348,73 @@ class _Keys:
         raise _signer_problem(
             key,
             KeyReason.BACKEND,
-            f"cannot sign in-process with {sub.key_id} ({_first_line(failure)}); a key on a "
-            "smartcard needs --engine gpg",
+            f"the in-process engine cannot sign with {sub.algorithm} key {sub.key_id} "
+            f"({_first_line(failure)}): a key on a smartcard or of an algorithm Sequoia "
+            f"cannot use; {_USE_GPG}",
         ) from failure
 
-    def _open(self, ident: tuple[object, ...], signer: Any) -> Any:
+    def _open(self, ident: tuple[object, ...], stamp: _Stamp, signer: Any) -> Any:
         """Keep the signer of a key that has no passphrase: it unlocks nothing, so keeping it
         hides nothing, and a bulk run does not unpack the key per message. A protected key's
         signer is never kept: each message's passphrase must unlock it."""
         with self.cache.lock:
-            self.cache.open_signers[ident] = signer
+            self.cache.open_signers[ident] = (stamp, signer)
         return signer
 
-    def _export_secret(self, key: OpenPGPKey, sub: SubKey, passphrase: str | None) -> Any:
+    def _gpg(self, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        """gpg on the keystore's home, never asking anyone: batch, no tty, and any passphrase
+        through loopback on stdin, so gpg-agent never starts a pinentry (openpgp._COMMON_ARGS
+        does the same for the GnuPG engine)."""
+        self.keystore.gpg  # noqa: B018 - ensures the home exists
+        cmd = [
+            self.keystore.gpg_binary,
+            "--homedir",
+            str(self.keystore.gnupg_home),
+            "--no-options",
+            "--batch",
+            "--no-tty",
+            *args,
+        ]
+        try:
+            return subprocess.run(cmd, input=stdin, capture_output=True, check=False, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CryptoError(f"cannot run {self.keystore.gpg_binary}: {exc}") from exc
+
+    def _keygrip(self, sub: SubKey) -> str | None:
+        """The keygrip of ``sub`` (gpg names its secret-key file after it), asked once."""
+        fpr = sub.fingerprint.upper()
+        with self.cache.lock:
+            if fpr in self.cache.grips:
+                return self.cache.grips[fpr]
+        done = self._gpg("--with-colons", "--fixed-list-mode", "--with-keygrip", "--list-keys", fpr)
+        grip = None
+        current = None
+        for line in done.stdout.decode("utf-8", errors="replace").splitlines():
+            fields = line.split(":")
+            if fields[0] == "fpr" and len(fields) > 9:
+                current = fields[9].upper()
+            elif fields[0] == "grp" and len(fields) > 9 and current == fpr:
+                grip = fields[9]
+                break
+        with self.cache.lock:
+            self.cache.grips[fpr] = grip
+        return grip
+
+    def _stamp(self, sub: SubKey) -> _Stamp:
+        """The identity of gpg's secret-key file for ``sub`` (gpg 2.1+:
+        ``private-keys-v1.d/<keygrip>.key``), None when there is none."""
+        grip = self._keygrip(sub)
+        if grip is None:
+            return None
+        try:
+            st = os.stat(self.keystore.gnupg_home / "private-keys-v1.d" / f"{grip}.key")
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _export_secret(
+        self, key: OpenPGPKey, sub: SubKey, passphrase: str | None, stamp: _Stamp
+    ) -> Any:
         """The secret key from gpg, with the secret of ``sub`` only. gpg (2.1+) exports a
         protected key only when given its passphrase (it re-protects it with the same one)."""
         sq = _sq()
@@ -284,17 +422,26 @@ class _Keys:
 
         if passphrase is not None and any(c in passphrase for c in "\r\n\0"):
             raise PassphraseError("a passphrase cannot contain CR, LF or NUL")
-        try:
-            data = self.keystore.gpg.export_keys(
-                [key.fingerprint],
-                secret=True,
-                armor=False,
-                passphrase=passphrase,
-                expect_passphrase=False,
-            )
-        except (OSError, ValueError) as exc:
-            raise CryptoError(f"cannot export key {key.fingerprint} from gpg: {exc}") from exc
-        if not data:
+        # Loopback with the passphrase (an empty line for none) on stdin: python-gnupg leaves
+        # out --pinentry-mode loopback without a passphrase, and gpg-agent would then start a
+        # pinentry for a protected key.
+        done = self._gpg(
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase-fd",
+            "0",
+            "--export-secret-keys",
+            key.fingerprint,
+            stdin=(passphrase or "").encode() + b"\n",
+        )
+        data = done.stdout
+        if done.returncode != 0 or not data:
+            if stamp is None:
+                raise _signer_problem(
+                    key,
+                    KeyReason.NO_SECRET_KEY,
+                    f"no secret key for {sub.key_id} in {self.keystore.gnupg_home}",
+                )
             if passphrase is None:
                 raise PassphraseError(
                     f"key {key.fingerprint} is protected by a passphrase and none was given",
@@ -364,6 +511,20 @@ def _check_encrypted(armored: bytes, subkeys: Sequence[str]) -> None:
         )
 
 
+def _unsupported(address: str, key: OpenPGPKey, why: str) -> KeyProblem:
+    return KeyProblem(
+        address, KeyReason.UNSUPPORTED, f"{why}; {_USE_GPG}", fingerprint=key.fingerprint
+    )
+
+
+def _in_process_only(exc: RecipientKeyError | SignerKeyError) -> bool:
+    """Whether ``exc`` says only that this engine cannot use a key gpg can (made by
+    ``protect_sync``: UNSUPPORTED recipients, or a BACKEND signer)."""
+    if isinstance(exc, SignerKeyError):
+        return exc.problem.reason is KeyReason.BACKEND
+    return all(p.reason is KeyReason.UNSUPPORTED for p in exc.problems)
+
+
 def raw_sign_encrypt(payload: bytes, recipients: Sequence[Any], signer: Any) -> bytes:
     """pysequoia's own sign+encrypt call and nothing else: the floor the benchmarks compare
     the engine's protection with."""
@@ -413,7 +574,15 @@ class SequoiaProtector(Protector):
             raise RecipientKeyError([discovered.get(p.address, p) for p in exc.problems]) from None
         # One worker thread for the whole message: the work is a few key exports the first
         # time, then fractions of a millisecond per copy.
-        return await asyncio.to_thread(self.protect_sync, msg, protection, keys, passphrase)
+        try:
+            return await asyncio.to_thread(self.protect_sync, msg, protection, keys, passphrase)
+        except (RecipientKeyError, SignerKeyError) as exc:
+            # AUTO means the best engine available for this message: keys gpg can use and
+            # Sequoia cannot are served by gpg. An explicit engine=SEQUOIA gets the error.
+            if protection.engine is not OpenPGPEngine.AUTO or not _in_process_only(exc):
+                raise
+            log.warning("e2email: using the GnuPG engine for this message: %s", exc)
+        return await self._lookup.protect(msg, protection, passphrase=passphrase)
 
     def protect_sync(
         self,
@@ -424,6 +593,21 @@ class SequoiaProtector(Protector):
     ) -> tuple[ProtectedCopy, ...]:
         """The copies of ``msg`` with keys already resolved (blocking; the benchmarks time it)."""
         sq = _sq()
+        if protection.encrypt:
+            # Every key checked before anything is encrypted, every problem named at once.
+            problems = []
+            for address, key in sorted(keys.recipients.items()):
+                why = self._keys.unusable(key)
+                if why:
+                    problems.append(_unsupported(address, key, why))
+            if keys.own is not None and keys.own.fingerprint not in {
+                k.fingerprint for k in keys.recipients.values()
+            }:
+                why = self._keys.unusable(keys.own)
+                if why:
+                    problems.append(_unsupported(msg.sender.addr_spec, keys.own, why))
+            if problems:
+                raise RecipientKeyError(problems)
         signer_key = keys.signer
         signer = self._keys.signer(signer_key, passphrase) if signer_key is not None else None
         # Autocrypt Level 1, as the gpg engine adds it (issue 10 §3).
