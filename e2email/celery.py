@@ -29,18 +29,22 @@ Produce::
 
 **No duplicates.** Each (Message-ID, copy, recipient) has an idempotency key in the result
 backend (Redis), whose state goes ``queued -> sending -> delivered | maybe-delivered |
-failed``. A worker claims a copy (a lock naming its host and process), and marks its
-recipients ``sending`` *just before* the end-of-data line is written (the SMTP connection's
-``before_end`` hook, as the SQLite outbox does). So a task delivered again (a worker killed,
+failed``. A worker claims a copy (a lock naming its host, boot, PID namespace and process,
+whose lease it renews while it works), and marks its recipients ``sending`` *just before* the
+end-of-data line is written (the SMTP connection's ``before_end`` hook, as the SQLite outbox
+does), and only while the claim is still its own. So a task delivered again (a worker killed,
 Redis's visibility timeout, a retry) skips what the server has, and a copy found ``sending``
 whose claimer is gone was interrupted after the final "." (RFC 5321 §6.1): it is reported
-``maybe-delivered`` and never resent by itself. Use Redis with ``appendonly yes`` (and
-``appendfsync always`` for no window at all) so a Redis restart keeps the states.
+``maybe-delivered`` and never resent by itself; so is a copy whose key is missing (the
+producer writes ``queued`` before it publishes: a missing key was lost, and with it the
+outcome). Use Redis with ``appendonly yes`` (and ``appendfsync always`` for no window at all)
+so a Redis restart keeps the states, and ``maxmemory-policy noeviction`` (a worker warns).
 
 **Retries.** Tasks are ``acks_late`` and ``reject_on_worker_lost``. A 4xx reply or a
 connection fault is retried with exponential back-off (``[celery] retries``, ``retry-delay``,
-``retry-max-delay``) for the recipients it concerns; a 5xx reply is final and recorded with
-the server's reply. Each worker process keeps one open connection per account from task to
+``retry-max-delay``) for the recipients it concerns; a 5xx reply (and refused credentials) is
+final and recorded with the server's reply. Waiting for a copy another worker holds is not
+counted as an attempt. Each worker process keeps one open connection per account from task to
 task (RSET between messages, replaced when the server closed it). Use the ``prefork`` (the
 default) or ``solo`` pool: a process runs one task at a time on its own event loop.
 """
@@ -474,7 +478,7 @@ _REQUEUE = (
 )
 
 
-class ClaimLost(Exception):
+class _ClaimLost(Exception):
     """The worker's claim on a copy ran out (another worker may hold it): the DATA is not
     ended."""
 
@@ -1052,7 +1056,7 @@ class _Run:
             if not self.states.mark_if_held(claim_key, token, items):
                 # Our lease ran out and another worker may be on this copy: the end of
                 # data is never written (raising here leaves the DATA unfinished).
-                raise ClaimLost("the claim on the copy ran out before the end of data")
+                raise _ClaimLost("the claim on the copy ran out before the end of data")
 
         try:
             conn = await slot.get()
@@ -1099,7 +1103,7 @@ class _Run:
         except MessageError as exc:
             self._record(c, todo, "failed", error=str(exc))
             return
-        except ClaimLost:
+        except _ClaimLost:
             # Before the end of data: nothing delivered; the holder now decides.
             slot.abort()
             self.waits += len(todo)
