@@ -29,18 +29,22 @@ Produce::
 
 **No duplicates.** Each (Message-ID, copy, recipient) has an idempotency key in the result
 backend (Redis), whose state goes ``queued -> sending -> delivered | maybe-delivered |
-failed``. A worker claims a copy (a lock naming its host and process), and marks its
-recipients ``sending`` *just before* the end-of-data line is written (the SMTP connection's
-``before_end`` hook, as the SQLite outbox does). So a task delivered again (a worker killed,
+failed``. A worker claims a copy (a lock naming its host, boot, PID namespace and process,
+whose lease it renews while it works), and marks its recipients ``sending`` *just before* the
+end-of-data line is written (the SMTP connection's ``before_end`` hook, as the SQLite outbox
+does), and only while the claim is still its own. So a task delivered again (a worker killed,
 Redis's visibility timeout, a retry) skips what the server has, and a copy found ``sending``
 whose claimer is gone was interrupted after the final "." (RFC 5321 §6.1): it is reported
-``maybe-delivered`` and never resent by itself. Use Redis with ``appendonly yes`` (and
-``appendfsync always`` for no window at all) so a Redis restart keeps the states.
+``maybe-delivered`` and never resent by itself; so is a copy whose key is missing (the
+producer writes ``queued`` before it publishes: a missing key was lost, and with it the
+outcome). Use Redis with ``appendonly yes`` (and ``appendfsync always`` for no window at all)
+so a Redis restart keeps the states, and ``maxmemory-policy noeviction`` (a worker warns).
 
 **Retries.** Tasks are ``acks_late`` and ``reject_on_worker_lost``. A 4xx reply or a
 connection fault is retried with exponential back-off (``[celery] retries``, ``retry-delay``,
-``retry-max-delay``) for the recipients it concerns; a 5xx reply is final and recorded with
-the server's reply. Each worker process keeps one open connection per account from task to
+``retry-max-delay``) for the recipients it concerns; a 5xx reply (and refused credentials) is
+final and recorded with the server's reply. Waiting for a copy another worker holds is not
+counted as an attempt. Each worker process keeps one open connection per account from task to
 task (RSET between messages, replaced when the server closed it). Use the ``prefork`` (the
 default) or ``solo`` pool: a process runs one task at a time on its own event loop.
 """
@@ -69,12 +73,15 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 from celery.signals import worker_process_shutdown
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from e2email.accounts import CONFIG_ENV, Account, Config, default_config_path, load_config
 from e2email.client import AsyncMailer, ProtectedCopy
 from e2email.config import Protection, RetryPolicy
 from e2email.errors import (
+    AuthenticationError,
     ConfigError,
+    ConnectError,
     DeliveryError,
     E2EmailError,
     MessageError,
@@ -131,8 +138,9 @@ class CelerySettings:
     #: Redis transport: an unacknowledged task is delivered again after this many seconds.
     visibility_timeout: float = 3600.0
     #: How long a worker's claim on a copy holds when its process cannot be checked (another
-    #: host): longer than one SMTP transaction can take.
-    claim_lease: float = 600.0
+    #: host or PID namespace), renewed while the holder works: longer than one SMTP
+    #: transaction can take (checked against each account's timeouts).
+    claim_lease: float = 900.0
     #: How long the idempotency keys (and results) are kept.
     state_ttl: int = 7 * 24 * 3600
     #: Copies per task for a campaign (``e2email send --to-file --queue celery``).
@@ -234,7 +242,7 @@ def load_celery_settings(
         backend=backend,
         queue=get("queue", str, "e2email"),
         visibility_timeout=float(get("visibility-timeout", number, 3600.0)),
-        claim_lease=float(get("claim-lease", number, 600.0)),
+        claim_lease=float(get("claim-lease", number, 900.0)),
         state_ttl=int(get("state-ttl", int, 7 * 24 * 3600)),
         batch_size=int(get("batch-size", int, 50)),
         retry=retry,
@@ -245,7 +253,28 @@ def load_celery_settings(
     )
     if settings.batch_size < 1 or settings.claim_lease <= 0 or settings.state_ttl <= 0:
         raise ConfigError(f"{path}: [celery] batch-size, claim-lease and state-ttl must be > 0")
+    if path.exists():
+        _check_lease(path, settings.claim_lease)
     return settings
+
+
+def _check_lease(path: Path, lease: float) -> None:
+    """A claim that can run out in the middle of one SMTP transaction lets a second worker
+    take the copy over and send it again: the lease must be longer than the longest
+    transaction an account's timeouts allow (connect + a command + the data)."""
+    for account in load_config(path).accounts.values():
+        smtp = account.smtp
+        longest = (
+            smtp.effective_connect_timeout
+            + smtp.effective_command_timeout
+            + smtp.effective_data_timeout
+        )
+        if lease <= longest:
+            raise ConfigError(
+                f"{path}: [celery] claim-lease ({lease:g} s) must be longer than account "
+                f"{account.name!r}'s SMTP timeouts added up ({longest:g} s: connect + "
+                "command + data), or a second worker may send a copy still being sent"
+            )
 
 
 def _celery_conf(s: CelerySettings) -> dict[str, Any]:
@@ -418,6 +447,54 @@ _TAKE_OVER = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) end return false"
 )
+# The holder's heartbeat: the lease is extended only while the claim is still its own.
+_RENEW = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
+# The "sending" mark, written only while the claim (KEYS[1]) is still the writer's (ARGV[1]):
+# a worker whose claim ran out must not end the DATA another may be sending too.
+# KEYS[2..] get ARGV[3..] for ARGV[2] seconds.
+_MARK_IF_HELD = (
+    "if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end "
+    "for i = 2, #KEYS do redis.call('set', KEYS[i], ARGV[i + 1], 'EX', ARGV[2]) end "
+    "return 1"
+)
+# Queue again: write "queued" where there is no state, and over "failed" (a copy may be
+# queued again after a permanent failure); anything else is left and its state returned.
+_REQUEUE = (
+    "local out = {} "
+    "for i = 1, #KEYS do "
+    "  local v = redis.call('get', KEYS[i]) "
+    "  local state = nil "
+    "  if v then "
+    "    local ok, d = pcall(cjson.decode, v) "
+    "    if ok and type(d) == 'table' then state = d['state'] end "
+    "  end "
+    "  if (not v) or state == 'failed' then "
+    "    redis.call('set', KEYS[i], ARGV[i + 1], 'EX', ARGV[1]) out[i] = '' "
+    "  else out[i] = tostring(state) end "
+    "end return out"
+)
+
+
+class _ClaimLost(Exception):
+    """The worker's claim on a copy ran out (another worker may hold it): the DATA is not
+    ended."""
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
 
 
 class _States:
@@ -429,8 +506,15 @@ class _States:
         self.lease_ms = max(1, int(lease * 1000))
         self._release = client.register_script(_RELEASE)
         self._take_over = client.register_script(_TAKE_OVER)
+        self._renew = client.register_script(_RENEW)
+        self._mark = client.register_script(_MARK_IF_HELD)
+        self._requeue = client.register_script(_REQUEUE)
         self._host = socket.gethostname()
         self._token = secrets.token_hex(8)
+        # A PID names a process only within one boot and one PID namespace: containers on
+        # one host may share a host name (and PIDs) without seeing each other's processes.
+        self._boot = _boot_id()
+        self._pidns = _pid_namespace()
 
     def get(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
         if not keys:
@@ -445,7 +529,10 @@ class _States:
 
     def claim(self, key: str) -> str | None:
         """Hold the copy ``key``; None when a live worker holds it."""
-        token = f"{self._host}|{os.getpid()}|{self._token}|{secrets.token_hex(4)}"
+        token = (
+            f"{self._host}|{os.getpid()}|{self._token}{secrets.token_hex(4)}"
+            f"|{self._boot}|{self._pidns}"
+        )
         if self.client.set(key, token, nx=True, px=self.lease_ms):
             return token
         held = self.client.get(key)
@@ -458,11 +545,20 @@ class _States:
         return token if taken else None
 
     def _gone(self, holder: str) -> bool:
-        """Is the claim's holder a process of this host that no longer runs? (A holder on
-        another host is waited for until its lease ends.)"""
-        host, _, rest = holder.partition("|")
-        pid_text, _, token = rest.partition("|")
-        if host != self._host or not pid_text.isdigit():
+        """Is the claim's holder a process of this host, boot and PID namespace that no
+        longer runs? (Any other holder is waited for until its lease ends.)"""
+        parts = holder.split("|")
+        if len(parts) != 5:
+            return False
+        host, pid_text, token, boot, pidns = parts
+        if (
+            host != self._host
+            or not pid_text.isdigit()
+            or not self._boot
+            or not self._pidns
+            or boot != self._boot
+            or pidns != self._pidns
+        ):
             return False
         pid = int(pid_text)
         if pid == os.getpid():
@@ -478,6 +574,27 @@ class _States:
     def release(self, key: str, token: str) -> None:
         self._release(keys=[key], args=[token])
 
+    def renew(self, key: str, token: str) -> bool:
+        """Extend the lease of a claim still held; False when it is not."""
+        return bool(self._renew(keys=[key], args=[token, self.lease_ms]))
+
+    def mark_if_held(
+        self, claim_key: str, token: str, items: Mapping[str, Mapping[str, Any]]
+    ) -> bool:
+        """Write ``items`` only if ``claim_key`` still holds ``token`` (atomically)."""
+        keys = [claim_key, *items]
+        args: list[str | int] = [token, self.ttl, *(json.dumps(dict(v)) for v in items.values())]
+        return bool(self._mark(keys=keys, args=args))
+
+    def requeue(self, items: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """Write ``items`` where there is no state or a ``failed`` one; per key, "" when
+        written, else the state found (left as it is)."""
+        if not items:
+            return []
+        args: list[str | int] = [self.ttl, *(json.dumps(dict(v)) for v in items.values())]
+        found = cast(list[Any], self._requeue(keys=list(items), args=args))
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in found]
+
 
 # -- the producer ---------------------------------------------------------------------------
 
@@ -489,6 +606,10 @@ class Enqueued:
     task_ids: tuple[str, ...]
     #: (Message-ID, copy number, recipient) of every queued recipient.
     recipients: tuple[tuple[str, int, str], ...]
+    #: (Message-ID, copy number, recipient, state) of the recipients not queued again: the
+    #: copy was delivered (or maybe delivered) already, or is queued or being sent. A
+    #: ``failed`` one is queued again.
+    skipped: tuple[tuple[str, int, str, str], ...] = ()
 
     @property
     def count(self) -> int:
@@ -545,29 +666,42 @@ class CeleryQueue:
             (item["message_id"], item["copy"], r) for item in items for r in item["recipients"]
         )
         now = time.time()
-        self.states.put(
-            {
-                state_key(mid, number, r): {
-                    "state": "queued",
-                    "message_id": mid,
-                    "copy": number,
-                    "recipient": r,
-                    "updated": now,
+        # "queued" is written before any task is published: a worker that finds no state
+        # for a copy knows its record was lost (evicted, expired), not that it is new.
+        try:
+            found = self.states.requeue(
+                {
+                    state_key(mid, number, r): {
+                        "state": "queued",
+                        "message_id": mid,
+                        "copy": number,
+                        "recipient": r,
+                        "updated": now,
+                    }
+                    for mid, number, r in recipients
                 }
-                for mid, number, r in recipients
-            },
-            only_new=True,
+            )
+            ids: list[str] = []
+            for start in range(0, len(items), size):
+                payload = {
+                    "v": _PAYLOAD_VERSION,
+                    "account": account,
+                    "copies": items[start : start + size],
+                }
+                result = self.app.send_task(TASK_NAME, args=(payload,), queue=conf.queue)
+                ids.append(str(result.id))
+        except (redis.RedisError, KombuOperationalError, OSError) as exc:
+            raise ConnectError(
+                f"cannot queue for the Celery workers: the broker or result backend is "
+                f"unreachable ({type(exc).__name__}: {exc}); nothing more was queued",
+                transient=True,
+            ) from exc
+        skipped = tuple(
+            (mid, number, r, state)
+            for (mid, number, r), state in zip(recipients, found, strict=True)
+            if state
         )
-        ids: list[str] = []
-        for start in range(0, len(items), size):
-            payload = {
-                "v": _PAYLOAD_VERSION,
-                "account": account,
-                "copies": items[start : start + size],
-            }
-            result = self.app.send_task(TASK_NAME, args=(payload,), queue=conf.queue)
-            ids.append(str(result.id))
-        return Enqueued(task_ids=tuple(ids), recipients=recipients)
+        return Enqueued(task_ids=tuple(ids), recipients=recipients, skipped=skipped)
 
     def lookup(self, queued: Enqueued) -> tuple[RecipientState, ...]:
         """The current state of every recipient ``queued`` holds."""
@@ -723,6 +857,7 @@ class _Worker:
             _redis(conf.backend, patient=True), ttl=conf.state_ttl, lease=conf.claim_lease
         )
         self.slots: dict[str, _Slot] = {}
+        _warn_unless_noeviction(self.states.client)
 
     def slot(self, name: str | None) -> _Slot:
         account = self.config.account(name)
@@ -737,6 +872,23 @@ class _Worker:
                 self.loop.run_until_complete(slot.close())
         self.slots.clear()
         self.loop.close()
+
+
+def _warn_unless_noeviction(client: redis.Redis) -> None:
+    """An evicted idempotency key makes a copy's outcome unknown (recorded maybe-delivered,
+    not sent): Redis must not evict (``maxmemory-policy noeviction``)."""
+    try:
+        policy = cast(Mapping[str, Any], client.config_get("maxmemory-policy")).get(
+            "maxmemory-policy"
+        )
+    except redis.RedisError:
+        return  # CONFIG may be disallowed (managed Redis): nothing to check it with
+    if policy is not None and str(policy) != "noeviction":
+        log.warning(
+            "e2email: the result backend's maxmemory-policy is %s, not noeviction: an evicted "
+            "idempotency key leaves its copy maybe-delivered (not sent)",
+            policy,
+        )
 
 
 _worker: _Worker | None = None
@@ -770,8 +922,11 @@ class _Run:
         self.states = worker.states
         self.attempt = attempt
         self.last = last
-        #: Recipients to try again later (a 4xx, a connection fault, a copy another holds).
+        #: Recipients to try again later (a 4xx, a connection fault).
         self.again = 0
+        #: Recipients of copies another worker holds: looked at again later, without
+        #: counting as an attempt.
+        self.waits = 0
         self.report: list[dict[str, Any]] = []
 
     def _record(
@@ -819,24 +974,58 @@ class _Run:
         token = self.states.claim(claim_key)
         if token is None:
             # Another live worker is on this copy right now: look again later.
-            self.again += len(recipients)
+            self.waits += len(recipients)
             return
+        heartbeat = asyncio.ensure_future(self._heartbeat(claim_key, token))
         try:
-            await self._claimed(slot, c, recipients, keys)
+            await self._claimed(slot, c, recipients, keys, claim_key, token)
         finally:
+            heartbeat.cancel()
+            with contextlib.suppress(BaseException):
+                await heartbeat
             self.states.release(claim_key, token)
 
+    async def _heartbeat(self, claim_key: str, token: str) -> None:
+        """Renew the claim's lease while its copy is worked on (a slow server must not let
+        it run out mid-transaction); ``sending`` checks it is still held anyway."""
+        every = max(0.05, self.states.lease_ms / 3000)
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(redis.RedisError):
+                if not await asyncio.to_thread(self.states.renew, claim_key, token):
+                    return
+
     async def _claimed(
-        self, slot: _Slot, c: Mapping[str, Any], recipients: list[str], keys: list[str]
+        self,
+        slot: _Slot,
+        c: Mapping[str, Any],
+        recipients: list[str],
+        keys: list[str],
+        claim_key: str,
+        token: str,
     ) -> None:
         todo: list[str] = []
         interrupted: list[str] = []
+        lost: list[str] = []
         for r, value in zip(recipients, self.states.get(keys), strict=True):
             state = (value or {}).get("state")
-            if state == "sending":
+            if value is None:
+                lost.append(r)
+            elif state == "sending":
                 interrupted.append(r)
             elif state not in _FINAL:
                 todo.append(r)
+        if lost:
+            # The producer writes "queued" before it publishes: no state at all means the
+            # record was lost (evicted, expired, a Redis restart without persistence), and
+            # with it whether the copy was delivered. Never resent on a guess.
+            self._record(
+                c,
+                lost,
+                "maybe-delivered",
+                error="delivery state lost (evicted or expired from the result backend); "
+                "the copy may have been delivered (not sent again)",
+            )
         if interrupted:
             # Marked just before a final "." whose outcome was never recorded: the worker
             # died after it. The server may have it (RFC 5321 §6.1): never resent by itself.
@@ -852,10 +1041,35 @@ class _Run:
         raw = base64.b64decode(c["raw"], validate=True)
 
         async def sending() -> None:
-            self._record(c, todo, "sending")
+            now = _now()
+            items = {
+                state_key(c["message_id"], c["copy"], r): {
+                    "state": "sending",
+                    "message_id": c["message_id"],
+                    "copy": c["copy"],
+                    "recipient": r,
+                    "updated": now,
+                    "attempts": self.attempt,
+                }
+                for r in todo
+            }
+            if not self.states.mark_if_held(claim_key, token, items):
+                # Our lease ran out and another worker may be on this copy: the end of
+                # data is never written (raising here leaves the DATA unfinished).
+                raise _ClaimLost("the claim on the copy ran out before the end of data")
 
         try:
             conn = await slot.get()
+        except AuthenticationError as exc:
+            slot.abort()
+            if exc.transient:
+                self._later(c, todo, f"cannot connect: {exc}", _reply_text(exc))
+            else:
+                # Refused credentials (535): repeating them only brings a lock-out closer.
+                self._record(
+                    c, todo, "failed", reply=_reply_text(exc), error=f"cannot log in: {exc}"
+                )
+            return
         except E2EmailError as exc:
             # No connection (or no password: an unset variable, a failing command): tried
             # again with back-off, the reason recorded, until the last attempt fails it.
@@ -888,6 +1102,11 @@ class _Run:
             return
         except MessageError as exc:
             self._record(c, todo, "failed", error=str(exc))
+            return
+        except _ClaimLost:
+            # Before the end of data: nothing delivered; the holder now decides.
+            slot.abort()
+            self.waits += len(todo)
             return
         except BaseException:
             # E.g. the state store unreachable in `sending` (before the "."): the connection
@@ -926,13 +1145,16 @@ def _reply_text(exc: E2EmailError) -> str | None:
     return str(reply) if reply is not None else None
 
 
-def _deliver_task(self: Any, payload: Mapping[str, Any]) -> dict[str, Any]:
-    """The Celery task: deliver the payload's copies through its account."""
+def _deliver_task(self: Any, payload: Mapping[str, Any], waits: int = 0) -> dict[str, Any]:
+    """The Celery task: deliver the payload's copies through its account. ``waits``: how
+    many of the task's earlier runs only waited for copies other workers held (not counted
+    as attempts)."""
     if not isinstance(payload, Mapping) or payload.get("v") != _PAYLOAD_VERSION:
         raise ConfigError("not an e2email delivery payload of a version this worker knows")
     worker = _worker_for(self.app)
     retry = worker.conf.retry
-    attempt = int(self.request.retries) + 1
+    waits = max(0, int(waits))
+    attempt = max(1, int(self.request.retries) + 1 - waits)
     run = _Run(worker, attempt=attempt, last=attempt >= retry.max_attempts)
     try:
         slot = worker.slot(payload.get("account"))
@@ -954,7 +1176,11 @@ def _deliver_task(self: Any, payload: Mapping[str, Any]) -> dict[str, Any]:
 
     worker.loop.run_until_complete(all_copies())
     if run.again:
-        raise self.retry(countdown=retry.delay(attempt))
+        raise self.retry(args=(payload,), kwargs={"waits": waits}, countdown=retry.delay(attempt))
+    if run.waits:
+        # Only waited for a claim another worker holds: looked at again soon, and the
+        # attempts left for real failures are not used up.
+        raise self.retry(args=(payload,), kwargs={"waits": waits + 1}, countdown=retry.delay(1))
     # Per recipient, as the idempotency keys say now (AsyncResult(...).get() gives this).
     wanted = [
         (str(c["message_id"]), int(c["copy"]), str(r))

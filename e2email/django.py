@@ -953,7 +953,38 @@ async def _enqueue(
         recipients=p.recipients,
         protection=p.protection,
     )
-    queued = await asyncio.to_thread(queue.enqueue, copies, account=account)
+    try:
+        queued = await asyncio.to_thread(queue.enqueue, copies, account=account)
+    except TransportError as exc:
+        # The broker or result backend unreachable: the protected copies are kept in the
+        # local outbox (`e2email outbox retry` delivers them), else the caller keeps a draft.
+        kept = await _keep_protected(mailer, copies, account=account)
+        if not kept:
+            raise
+        return MessageOutcome(
+            0, None, "not-sent", message_id=copies[0].message_id, error=exc, kept=kept
+        )
     return MessageOutcome(
         0, None, "delivered", message_id=copies[0].message_id, detail=f"queued ({queued.count})"
     )
+
+
+async def _keep_protected(
+    mailer: AsyncMailer, copies: Any, *, account: str | None
+) -> tuple[str, ...]:
+    """Store protected copies that could not be queued in the mailer's outbox, unclaimed;
+    () when there is no outbox (or no SMTP settings to deliver them with)."""
+    from e2email.client import outbox_item
+    from e2email.delivery import route_of
+
+    outbox, smtp = mailer.outbox, mailer.smtp
+    if outbox is None or smtp is None:
+        return ()
+    items = [outbox_item(c, smtp) for c in copies]
+    try:
+        return await asyncio.to_thread(
+            outbox.add, items, route=route_of(smtp), claim=False, account=account
+        )
+    except E2EmailError:
+        log.exception("e2email: the protected copies could not be kept in the outbox")
+        return ()

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,10 +30,22 @@ import redis
 from fixtures_pgp import Keys
 from pgp_helpers import gpg_decrypt, multipart_parts, part_body
 
-from e2email.celery import CeleryQueue, Enqueued, make_app, send_via_celery
+from e2email.celery import (
+    TASK_NAME,
+    CeleryQueue,
+    Enqueued,
+    _claim_key,
+    _copy_payload,
+    _Run,
+    _States,
+    load_celery_settings,
+    make_app,
+    send_via_celery,
+    state_key,
+)
 from e2email.client import AsyncMailer, ProtectedCopy
 from e2email.config import Protection
-from e2email.errors import ConfigError
+from e2email.errors import ConfigError, ConnectError
 from e2email.keystore import Keystore
 from e2email.message import Message
 from e2email.testing import Fault, LoopbackSMTPServer, TestCA
@@ -226,6 +239,8 @@ user = "app"
 password-env = "{PASSWORD_ENV}"
 ca-file = "{smtp.ca_file}"
 from = "alice@example.org"
+timeout = 5
+data-timeout = 15
 """
     )
     path.chmod(0o600)
@@ -715,3 +730,343 @@ def test_queue_options_outside_a_campaign_are_usage_errors(config: Path, tmp_pat
     )
     assert done.returncode == 2
     assert "--queue goes with --to-file" in done.stderr
+
+
+# -- review fixes -----------------------------------------------------------------------------
+
+
+def _config_with(folder: Path, name: str, source: Path, **changes: str) -> Path:
+    """A copy of the module's config file with ``key = value`` lines replaced."""
+    lines = []
+    for line in source.read_text().splitlines():
+        key = line.split(" = ", 1)[0]
+        lines.append(f"{key} = {changes[key]}" if key in changes else line)
+    path = folder / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+# -- 1. the broker unreachable at the producer ---------------------------------------------
+
+
+@pytest.fixture
+def down_config(folder: Path, config: Path) -> Path:
+    return _config_with(folder, "down", config, broker=f'"redis://127.0.0.1:{_free_port()}/0"')
+
+
+def test_enqueue_with_redis_down_is_a_transient_connect_error(down_config: Path) -> None:
+    queue = CeleryQueue(make_app(config=down_config))
+    with pytest.raises(ConnectError, match="unreachable") as caught:
+        queue.enqueue([_plain_copy(1, tag="down")], account="app")
+    assert caught.value.transient
+    assert isinstance(caught.value.__cause__, redis.RedisError)
+
+
+def test_bulk_queue_with_redis_down_reports_the_rows_and_exits_4(
+    down_config: Path, sender_store: Keystore, tmp_path: Path
+) -> None:
+    rows = tmp_path / "rows.csv"
+    rows.write_text("email,name\nbob@example.net,Bob\ncarol@example.com,Carol\n")
+    report = tmp_path / "report.csv"
+    done = _cli(
+        "send",
+        "--account",
+        "app",
+        "--to-file",
+        str(rows),
+        "--subject",
+        "s $name",
+        "--body",
+        "b",
+        "--queue",
+        "celery",
+        "--queue-batch",
+        "1",
+        "--report",
+        str(report),
+        config=down_config,
+        home=sender_store.home,
+    )
+    assert done.returncode == 4, done.stderr
+    assert done.stderr.startswith("e2email: error: cannot queue for the Celery workers")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    text = report.read_text()
+    assert "bob@example.net" in text and "carol@example.com" in text
+    assert text.count("not queued") == 2
+
+
+def test_django_queue_with_redis_down_keeps_the_message_in_the_outbox(
+    down_config: Path, sender_store: Keystore, tmp_path: Path
+) -> None:
+    import django
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(
+            EMAIL_BACKEND="e2email.django.EmailBackend",
+            DEFAULT_FROM_EMAIL="Alice <alice@example.org>",
+            E2EMAIL={},
+            USE_TZ=True,
+        )
+        django.setup()
+    from django.core import mail
+    from django.test import override_settings
+
+    from e2email.outbox import Outbox
+
+    outbox = tmp_path / "outbox.sqlite3"
+    conf = {
+        "account": "app",
+        "config": str(down_config),
+        "queue": "celery",
+        "home": str(sender_store.home),
+        "outbox": str(outbox),
+        "drafts": None,
+    }
+    with override_settings(E2EMAIL=conf), pytest.raises(ConnectError) as caught:
+        mail.send_mail("subj", "body\n", None, ["bob@example.net"])
+    assert "kept in the outbox" in " ".join(getattr(caught.value, "__notes__", ()))
+    with override_settings(E2EMAIL=conf):
+        assert mail.send_mail("subj", "body\n", None, ["bob@example.net"], fail_silently=True) == 0
+    box = Outbox(outbox)
+    try:
+        items = box.items()
+        assert len(items) == 2
+    finally:
+        box.close()
+
+
+# -- 2. a claim held in another PID namespace; 3. a claim lost before the end of data --------
+
+
+def test_a_claim_from_another_pid_namespace_or_boot_is_not_taken_over(
+    redis_server: RedisServer,
+) -> None:
+    states = _States(redis_server.client(), ttl=60, lease=30)
+    dead = 2**22 + 12345  # above pid_max's default: no such process here
+    key = _claim_key("ns@celery.test", 0)
+    client = redis_server.client()
+    for boot, pidns in (
+        (states._boot, "4026531999"),  # another container, same host name
+        ("another-boot", states._pidns),
+    ):
+        client.set(key, f"{states._host}|{dead}|abc|{boot}|{pidns}", px=30000)
+        assert states.claim(key) is None
+    # The same boot and namespace: a dead PID is known gone, its claim taken over.
+    client.set(key, f"{states._host}|{dead}|abc|{states._boot}|{states._pidns}", px=30000)
+    token = states.claim(key)
+    assert token is not None and client.get(key) == token.encode()
+    client.delete(key)
+
+
+def test_the_sending_mark_is_written_only_while_the_claim_is_held(
+    redis_server: RedisServer,
+) -> None:
+    states = _States(redis_server.client(), ttl=60, lease=30)
+    key = _claim_key("lease@celery.test", 0)
+    token = states.claim(key)
+    assert token is not None
+    mark = {state_key("lease@celery.test", 0, "bob@example.net"): {"state": "sending"}}
+    assert states.mark_if_held(key, token, mark)
+    # The lease ran out and another worker claimed the copy.
+    redis_server.client().set(key, "elsewhere|1|x|y|z")
+    redis_server.client().delete(*mark)
+    assert not states.mark_if_held(key, token, mark)
+    assert redis_server.client().get(next(iter(mark))) is None
+    redis_server.client().delete(key)
+
+
+def test_the_claim_is_renewed_while_its_copy_is_worked_on(redis_server: RedisServer) -> None:
+    states = _States(redis_server.client(), ttl=60, lease=1.0)
+    key = _claim_key("renew@celery.test", 0)
+    token = states.claim(key)
+    assert token is not None
+    run = _Run(SimpleNamespace(states=states), attempt=1, last=False)  # type: ignore[arg-type]
+
+    async def work() -> None:
+        beat = asyncio.ensure_future(run._heartbeat(key, token))
+        await asyncio.sleep(3.0)  # three leases long
+        beat.cancel()
+
+    asyncio.run(work())
+    assert redis_server.client().get(key) == token.encode()
+    redis_server.client().delete(key)
+
+
+def test_a_claim_lease_not_longer_than_the_smtp_timeouts_is_refused(
+    folder: Path, config: Path
+) -> None:
+    # The module's accounts: 5 s to connect, 5 s per command, 15 s for the data.
+    short = _config_with(folder, "short", config, **{"claim-lease": "25"})
+    with pytest.raises(ConfigError, match=r"claim-lease \(25 s\) must be longer"):
+        load_celery_settings(short)
+    assert load_celery_settings(config).claim_lease == 30
+
+
+# -- 4. a lost idempotency key; 6. a failed copy queued again -------------------------------
+
+
+def test_a_lost_idempotency_key_is_maybe_delivered_not_resent(
+    queue: CeleryQueue, worker: Worker, smtp: LoopbackSMTPServer, redis_server: RedisServer
+) -> None:
+    worker.start()
+    c = _plain_copy(1, tag="evict")
+    queued = queue.enqueue([c], account="app")
+    _wait_for(_final(queue, queued))
+    assert queue.lookup(queued)[0].state == "delivered"
+    redis_server.client().delete(state_key(c.message_id, 0, "bob@example.net"))
+    # The same task delivered again (a redelivery), its state evicted meanwhile.
+    again = queue.app.send_task(
+        TASK_NAME,
+        args=({"v": 1, "account": "app", "copies": [_copy_payload(c, 0)]},),
+        queue=queue.conf.queue,
+    )
+    again.get(timeout=60, propagate=False)
+    (state,) = queue.lookup(queued)
+    assert state.state == "maybe-delivered"
+    assert "delivery state lost" in (state.error or "")
+    assert len(_by_id(smtp, c.message_id)) == 1
+
+
+def test_a_failed_copy_is_queued_again_and_a_delivered_one_is_reported_not_requeued(
+    queue: CeleryQueue, worker: Worker, smtp: LoopbackSMTPServer
+) -> None:
+    worker.start()
+    smtp.faults = (*smtp.faults, Fault("data-end", "reply", 554, "5.6.0 content rejected"))
+    smtp._fault_budget.append(1)
+    c = _plain_copy(1, tag="refail")
+    queued = queue.enqueue([c], account="app")
+    _wait_for(_final(queue, queued))
+    assert queue.lookup(queued)[0].state == "failed"
+    again = queue.enqueue([c], account="app")
+    assert again.skipped == ()
+    _wait_for(_final(queue, again))
+    assert queue.lookup(again)[0].state == "delivered"
+    assert len(_by_id(smtp, c.message_id)) == 1
+    third = queue.enqueue([c], account="app")
+    assert [s[3] for s in third.skipped] == ["delivered"]
+
+
+# -- 5. claim waits are not attempts; 7. refused credentials are final ------------------
+
+
+class _OwnWorker(Worker):
+    """A worker of its own: a given SMTP password, logging at INFO (Celery's retries)."""
+
+    def __init__(self, config: Path, folder: Path, *, name: str, password: str) -> None:
+        super().__init__(config, folder)
+        self.name = name
+        self.password = password
+
+    @property
+    def log(self) -> Path:
+        return self.folder / f"{self.name}{self.runs}.log"
+
+    def start(self) -> None:
+        if self.proc is not None:
+            return
+        self.runs += 1
+        env = {**os.environ, "E2EMAIL_CONFIG": str(self.config), PASSWORD_ENV: self.password}
+        env.pop("E2EMAIL_CELERY_BROKER", None)
+        log = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                str(CELERY),
+                "-A",
+                "e2email.celery",
+                "worker",
+                "--pool",
+                "solo",
+                "--loglevel",
+                "info",
+                "-n",
+                f"{self.name}{self.runs}-{os.getpid()}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            env=env,
+            cwd=self.folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def retries(self) -> int:
+        return self.log.read_text(errors="replace").count("Retry in")
+
+
+def test_waiting_for_another_workers_claim_uses_up_no_attempt(
+    config: Path,
+    queue: CeleryQueue,
+    worker: Worker,
+    smtp: LoopbackSMTPServer,
+    redis_server: RedisServer,
+    folder: Path,
+) -> None:
+    """The copy is held by a worker elsewhere through more task runs than there are attempts;
+    once free, its first real attempt gets a 451 and is still retried, then delivered."""
+    worker.stop()
+    own = _OwnWorker(config, folder, name="waits", password=PASSWORD)
+    own.start()
+    try:
+        smtp.faults = (
+            *smtp.faults,
+            Fault("rcpt", "reply", 451, "4.7.1 come back", address="waiter@example.net"),
+        )
+        smtp._fault_budget.append(1)
+        c = _plain_copy(1, to="waiter@example.net", tag="wait")
+        client = redis_server.client()
+        key = _claim_key(c.message_id, 0)
+        client.set(key, "elsewhere|1|x|y|z", px=60000)
+        queued = queue.enqueue([c], account="app")
+        # retries = 4: five attempts in all; the task runs more often than that, waiting.
+        _wait_for(lambda: own.retries() >= 6, seconds=60)
+        assert queue.lookup(queued)[0].state == "queued"
+        client.delete(key)
+        _wait_for(_final(queue, queued))
+        (state,) = queue.lookup(queued)
+        assert state.state == "delivered", state
+        assert state.attempts == 2  # the 451, then delivered: the waits were not counted
+    finally:
+        own.stop()
+
+
+def test_refused_worker_credentials_are_final_with_the_reply(
+    folder: Path, config: Path, queue: CeleryQueue, worker: Worker
+) -> None:
+    worker.stop()  # the module's worker would take the task with the right password
+    wrong = _OwnWorker(config, folder, name="wrongpw", password="wrong-" + PASSWORD)
+    wrong.start()
+    try:
+        c = _plain_copy(1, tag="pw")
+        queued = queue.enqueue([c], account="app")
+        _wait_for(_final(queue, queued))
+        (state,) = queue.lookup(queued)
+        assert state.state == "failed"
+        assert (state.reply or "").startswith("535"), state
+        assert state.attempts == 1  # not retried: a lock-out is closer with each try
+        assert "maxmemory-policy" not in wrong.log.read_text(errors="replace")
+    finally:
+        wrong.stop()
+
+
+def test_a_worker_warns_when_redis_may_evict_the_idempotency_keys(
+    folder: Path, config: Path, queue: CeleryQueue, worker: Worker, redis_server: RedisServer
+) -> None:
+    worker.stop()
+    client = redis_server.client()
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    own = _OwnWorker(config, folder, name="evicting", password=PASSWORD)
+    own.start()
+    try:
+        c = _plain_copy(1, tag="lru")
+        queued = queue.enqueue([c], account="app")  # the worker process starts on its task
+        _wait_for(_final(queue, queued))
+        assert "maxmemory-policy is allkeys-lru, not noeviction" in own.log.read_text(
+            errors="replace"
+        )
+    finally:
+        own.stop()
+        client.config_set("maxmemory-policy", "noeviction")

@@ -436,21 +436,40 @@ def queue_rows(
     pending: list[tuple[ProtectedCopy, ...]] = []
     pending_rows: list[tuple[Row, str]] = []
     tasks = 0
+    #: The broker or result backend unreachable: every row from there on is not queued.
+    unreachable: E2EmailError | None = None
+    not_queued = "not queued: the Celery broker or result backend is unreachable"
 
     def record(
-        number: int, email: str, status: str, detail: str = "", mid: str | None = None
+        number: int,
+        email: str,
+        status: str,
+        detail: str = "",
+        mid: str | None = None,
+        *,
+        quiet: bool = False,
     ) -> None:
         counts[status] += 1
         if report is not None:
             report.write(row=number, email=email, status=status, detail=detail, message_id=mid)
-        if status != "queued":
+        if status != "queued" and not quiet:
             click.echo(printable(f"row {number} {email}: {status}: {detail}"))
 
     def flush() -> None:
-        nonlocal tasks
+        nonlocal tasks, unreachable
         if not pending:
             return
-        queued = queue.enqueue(pending, account=account.name, batch_size=size)
+        try:
+            queued = queue.enqueue(pending, account=account.name, batch_size=size)
+        except E2EmailError as exc:
+            # Part of this flush may have been queued: running the campaign again queues
+            # each row's copies under the same idempotency keys, so nothing goes twice.
+            unreachable = exc
+            for row, mid in pending_rows:
+                record(row.number, row.email, "not-sent", not_queued, mid, quiet=True)
+            pending.clear()
+            pending_rows.clear()
+            return
         tasks += len(queued.task_ids)
         for row, mid in pending_rows:
             record(row.number, row.email, "queued", mid=mid)
@@ -477,6 +496,9 @@ def queue_rows(
                 continue
             row, message = entry
             mid = f"{row_key(batch, row, secret=secret)[:40]}@{domain}"
+            if unreachable is not None:
+                record(row.number, row.email, "not-sent", not_queued, mid, quiet=True)
+                continue
             try:
                 copies = mailer.protect(replace(message, message_id=mid))
             except E2EmailError as exc:
@@ -493,6 +515,13 @@ def queue_rows(
             report.close()
             with contextlib.suppress(OSError):
                 report_fh.close()
+    if unreachable is not None:
+        fail(
+            f"{unreachable}; queued {counts['queued']} message(s) before; "
+            f"{counts['not-sent']} row(s) not queued (in the report; run the campaign again "
+            "to queue them: what was queued is not sent twice)",
+            EXIT_CONNECTION,
+        )
     click.echo(
         f"queued {counts['queued']} message(s) in {tasks} task(s) for the workers of "
         f"account {account.name}; not queued: {sum(counts.values()) - counts['queued']}",
