@@ -492,10 +492,8 @@ def _enum(kind: Any, value: Any, key: str) -> Any:
 
 def _load_account(name: str, config: Path | None) -> Any:
     """The named account of the accounts file (``e2email config``)."""
-    try:
-        from e2email import accounts  # type: ignore[attr-defined,unused-ignore]
-    except ImportError as exc:  # pragma: no cover - the accounts module ships with e2email
-        raise ConfigError("this e2email has no accounts file support: give 'host'") from exc
+    from e2email import accounts
+
     return accounts.load_config(config).account(name)
 
 

@@ -8,7 +8,6 @@ import asyncio
 import email
 import email.policy
 import email.utils
-import importlib.util
 from collections.abc import Callable
 from email.message import EmailMessage as PyEmailMessage
 from email.mime.image import MIMEImage
@@ -509,14 +508,8 @@ def test_envelope_and_header_overrides_are_honoured(
         assert _decrypt(m.data, recipients_home)["To"] == "Team <bob@example.net>"
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("e2email.accounts") is not None,
-    reason="the accounts file is there: its own tests cover 'account'",
-)
-def test_an_account_without_accounts_support_is_a_clear_error(conf: dict[str, Any]) -> None:
-    no_support = pytest.raises(ImproperlyConfigured, match="no accounts file support")
-    with _configured(E2EMAIL={"account": "work", "home": conf["home"]}), no_support:
-        EmailBackend()
+def test_an_account_and_inline_server_settings_are_refused_together() -> None:
+    """`account` names the server: a `host` beside it is a mistake, named at start-up."""
     both = pytest.raises(ImproperlyConfigured, match="'account' names the server; remove 'host'")
     with _configured(E2EMAIL={"account": "work", "host": "x.example"}), both:
         EmailBackend()
