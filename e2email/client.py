@@ -292,6 +292,11 @@ class AsyncMailer:
             return self._protector
         return self._engine(engine_name(protection))
 
+    def engine_named(self, name: str) -> Protector:
+        """The registered engine ``name`` (e.g. the one that recognised a stored copy or a
+        program's already-protected message), made once per mailer."""
+        return self._engine(name)
+
     def _engine(self, name: str) -> Protector:
         engine = self._engines.get(name)
         if engine is None:

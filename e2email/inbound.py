@@ -18,9 +18,9 @@ from dataclasses import replace
 from email.utils import format_datetime
 
 from e2email.client import AsyncMailer, Mailer, ProtectedCopy, SendResult
-from e2email.config import Protection, Scheme
-from e2email.crypto import openpgp, smime
-from e2email.errors import CryptoError, KeyProblem, KeyReason, MessageError, RecipientKeyError
+from e2email.config import Protection
+from e2email.crypto.base import engine_for_copy
+from e2email.errors import KeyProblem, MessageError
 from e2email.message import (
     Address,
     Message,
@@ -136,16 +136,8 @@ def recipients_without_keys(
 
 
 def _key_problems(core: AsyncMailer, addresses: list[str], prot: Protection) -> list[KeyProblem]:
-    if prot.scheme is Scheme.SMIME:
-        _, problems = core.certstore.resolve_recipients(
-            addresses,
-            key_map=prot.key_map,
-            trusted_self_signed=prot.smime_trust_self_signed,
-            revocation=prot.revocation,
-        )
-        return problems
-    _, problems = core.keystore.resolve_recipients(addresses, key_map=prot.key_map)
-    return problems
+    # The engine that would protect the message judges its keys: no scheme is named here.
+    return core.protector_for(prot).missing_keys(addresses, prot)
 
 
 def _envelope_from(value: str | None) -> str | None:
@@ -239,7 +231,7 @@ def _pass_through(
                 field="message",
             )
     elif prot.encrypt:
-        encrypted_to = _check_encrypted_to(mailer, kind, prot, rcpts, head, body)
+        encrypted_to = _check_encrypted_to(mailer, prot, rcpts, head, body)
 
     sender = author or mail_from or mailer.envelope_from
     if sender is None:
@@ -276,67 +268,13 @@ def _pass_through(
 
 def _check_encrypted_to(
     mailer: AsyncMailer,
-    kind: ProtectionKind,
     prot: Protection,
     rcpts: list[str],
     head: bytes,
     body: bytes,
 ) -> tuple[str, ...]:
     """Every recipient's key among those the message is encrypted to: the fingerprints.
-    Raises RecipientKeyError naming each recipient without a key or not encrypted to."""
-    addresses = [r.lower() for r in rcpts]
-    problems: list[KeyProblem] = []
-    matched: list[str] = []
-    if kind == "pgp-encrypted":
-        keys, problems = mailer.keystore.resolve_recipients(addresses, key_map=prot.key_map)
-        try:
-            key_ids, data_tag = openpgp.encrypted_to_key_ids(body)
-        except CryptoError as exc:
-            raise MessageError(f"cannot read the encrypted part: {exc}", field="message") from None
-        if data_tag == 9:
-            # Symmetrically encrypted data without integrity protection (EFAIL).
-            raise MessageError(
-                "the message is encrypted without integrity protection; refusing it",
-                field="message",
-            )
-        ids = set(key_ids)
-        for address, key in keys.items():
-            subkeys = {s.key_id for s in key.encryption_subkeys()}
-            if subkeys & ids:
-                matched.append(key.fingerprint)
-                continue
-            detail = (
-                "its recipients are hidden (wildcard key IDs)"
-                if ids == {"0" * 16}
-                else f"encrypted to {', '.join(sorted(ids))}, not to {key.fingerprint}"
-            )
-            problems.append(
-                KeyProblem(address, KeyReason.NOT_ENCRYPTED_TO, detail, key.fingerprint)
-            )
-    else:
-        certs, problems = mailer.certstore.resolve_recipients(
-            addresses,
-            key_map=prot.key_map,
-            trusted_self_signed=prot.smime_trust_self_signed,
-            revocation=prot.revocation,
-        )
-        try:
-            found = set(smime.recipient_ids(smime.entity_der(head + b"\r\n" + body)))
-        except CryptoError as exc:
-            raise MessageError(f"cannot read the encrypted part: {exc}", field="message") from None
-        for address, stored in certs.items():
-            cert = stored.certificate
-            if (cert.issuer.public_bytes(), cert.serial_number) in found:
-                matched.append(stored.fingerprint)
-                continue
-            problems.append(
-                KeyProblem(
-                    address,
-                    KeyReason.NOT_ENCRYPTED_TO,
-                    f"not encrypted to the certificate {stored.fingerprint}",
-                    stored.fingerprint,
-                )
-            )
-    if problems:
-        raise RecipientKeyError(problems)
-    return tuple(matched)
+    Raises RecipientKeyError naming each recipient without a key or not encrypted to. The
+    engine that recognises the message's header block judges it: no scheme is named here."""
+    engine = mailer.engine_named(engine_for_copy(None, head + b"\r\n\r\n"))
+    return engine.check_encrypted(head, body, [r.lower() for r in rcpts], prot)

@@ -1026,6 +1026,13 @@ class MockProtector(Protector):
         self.copies.extend(copies)
         return tuple(copies)
 
+    def missing_keys(self, addresses: Sequence[str], protection: Protection) -> list[KeyProblem]:
+        """The refused addresses among ``addresses`` (what a relay asks at RCPT)."""
+        if not protection.encrypt:
+            return []
+        wanted = [a.strip().lower() for a in addresses]
+        return [self._refused[a] for a in dict.fromkeys(wanted) if a in self._refused]
+
     def recheck(self, encrypted_to: Sequence[str]) -> list[KeyProblem]:
         """A refused address's key counts as gone bad since the copy was made."""
         by_fpr = {p.fingerprint: p for p in self._refused.values()}

@@ -105,6 +105,22 @@ def test_mock_refuses_every_named_recipient_and_nothing_is_sent(
     assert asyncio.run(mailer.send(message)).accepted
 
 
+def test_recipient_check_at_rcpt_asks_the_mailers_engine() -> None:
+    """`recipients_without_keys` (the relay's and sendmail's RCPT check) asks the engine
+    that would protect the message, not a store picked by scheme: with the mock engine only
+    the refused address is reported (a keystore lookup would report every address)."""
+    from e2email.inbound import recipients_without_keys
+
+    protector = MockProtector()
+    protector.refuse("mallory@example.com", KeyReason.REVOKED)
+    with Mailer(protector=protector) as mailer:
+        missing = recipients_without_keys(
+            mailer, ["bob@example.net", "MALLORY@example.com", "not an address"]
+        )
+    assert set(missing) == {"MALLORY@example.com", "not an address"}
+    assert "revoked" in missing["MALLORY@example.com"]
+
+
 def test_mock_passphrase_asks_the_mailers_source_once() -> None:
     """A mock key with a passphrase: none given -> PassphraseError(missing); the mailer's
     prompt is then asked once and the right answer protects; a wrong one is refused."""

@@ -26,6 +26,8 @@ from e2email.config import OpenPGPEngine, PasswordSource, Protection, Scheme
 from e2email.errors import (
     ConfigError,
     KeyProblem,
+    KeyReason,
+    MessageError,
     PassphraseError,
     RecipientKeyError,
     SignerKeyError,
@@ -240,6 +242,28 @@ class Protector(abc.ABC):
         self, message: Message, protection: Protection, *, passphrase: str | None = None
     ) -> tuple[ProtectedCopy, ...]:
         """The copies of ``message`` (finalised) as ``protection`` asks."""
+
+    def missing_keys(self, addresses: Sequence[str], protection: Protection) -> list[KeyProblem]:
+        """Why each of ``addresses`` (bare, lower-cased) could not be encrypted to under
+        ``protection``, found as :meth:`protect` finds keys (the store and the policy's key
+        map): for a relay to refuse a recipient at RCPT already. Empty when every address
+        has a usable key. An engine that encrypts overrides it: the default knows no keys, so
+        every address is reported, which refuses rather than accepting a recipient that
+        protection would fail for later. Blocking (run it in a thread)."""
+        return [
+            KeyProblem(a, KeyReason.NOT_FOUND, f"the {self.name} engine cannot look up keys")
+            for a in addresses
+        ]
+
+    def check_encrypted(
+        self, head: bytes, body: bytes, addresses: Sequence[str], protection: Protection
+    ) -> tuple[str, ...]:
+        """For a message a program encrypted itself (``head``: its header block, ``body``:
+        the rest): the fingerprints of ``addresses``' keys it is encrypted to. Raises
+        RecipientKeyError naming each address without a usable key or not encrypted to,
+        MessageError when the encrypted part cannot be read or is not integrity-protected.
+        The default cannot read any format: it refuses. Blocking."""
+        raise MessageError(f"the {self.name} engine cannot check who a message is encrypted to")
 
     def recheck(self, encrypted_to: Sequence[str]) -> list[KeyProblem]:
         """Why a copy this engine encrypted to the keys ``encrypted_to`` (fingerprints, as in

@@ -29,7 +29,7 @@ from e2email.crypto.base import (
 )
 from e2email.discovery.autocrypt import autocrypt_fields
 from e2email.discovery.net import DiscoverySettings
-from e2email.errors import KeyProblem, RecipientKeyError
+from e2email.errors import CryptoError, KeyProblem, KeyReason, MessageError, RecipientKeyError
 from e2email.keystore import Keystore, OpenPGPKey
 from e2email.message import HP, Address, Message, build_payload, message_head, stream_payload
 
@@ -64,6 +64,46 @@ class GpgProtector(Protector):
             recipients=lambda addresses: store.resolve_recipients(addresses, key_map=key_map),
             own=lambda sender: store.encryption_key(sender, key_map=key_map),
         )
+
+    def missing_keys(self, addresses: Sequence[str], protection: Protection) -> list[KeyProblem]:
+        """Each address without a usable key in the keystore or the policy's key map."""
+        _, problems = self.keystore.resolve_recipients(addresses, key_map=protection.key_map)
+        return problems
+
+    def check_encrypted(
+        self, head: bytes, body: bytes, addresses: Sequence[str], protection: Protection
+    ) -> tuple[str, ...]:
+        """Each recipient's usable encryption subkey among the PKESK key IDs of a program's
+        PGP/MIME-encrypted message (RFC 3156 section 4); refuses one without integrity
+        protection (EFAIL: a Symmetrically Encrypted Data packet, tag 9)."""
+        keys, problems = self.keystore.resolve_recipients(addresses, key_map=protection.key_map)
+        try:
+            key_ids, data_tag = openpgp.encrypted_to_key_ids(body)
+        except CryptoError as exc:
+            raise MessageError(f"cannot read the encrypted part: {exc}", field="message") from None
+        if data_tag == 9:
+            raise MessageError(
+                "the message is encrypted without integrity protection; refusing it",
+                field="message",
+            )
+        ids = set(key_ids)
+        matched: list[str] = []
+        for address, key in keys.items():
+            subkeys = {s.key_id for s in key.encryption_subkeys()}
+            if subkeys & ids:
+                matched.append(key.fingerprint)
+                continue
+            detail = (
+                "its recipients are hidden (wildcard key IDs)"
+                if ids == {"0" * 16}
+                else f"encrypted to {', '.join(sorted(ids))}, not to {key.fingerprint}"
+            )
+            problems.append(
+                KeyProblem(address, KeyReason.NOT_ENCRYPTED_TO, detail, key.fingerprint)
+            )
+        if problems:
+            raise RecipientKeyError(problems)
+        return tuple(matched)
 
     async def discover(self, message: Message, protection: Protection) -> dict[str, KeyProblem]:
         """The key discovery hook (issue 10), run once per message before the keys are

@@ -665,6 +665,16 @@ class SequoiaProtector(Protector):
 
         return tuple(one(kind, rcpts) for kind, rcpts in copy_plans(msg))
 
+    def check_encrypted(
+        self, head: bytes, body: bytes, addresses: Sequence[str], protection: Protection
+    ) -> tuple[str, ...]:
+        """As the GnuPG engine reads it (the same keystore and judgement)."""
+        return self._lookup.check_encrypted(head, body, addresses, protection)
+
+    def missing_keys(self, addresses: Sequence[str], protection: Protection) -> list[KeyProblem]:
+        """As the GnuPG engine judges them (one keystore whichever engine runs)."""
+        return self._lookup.missing_keys(addresses, protection)
+
     def recheck(self, encrypted_to: Sequence[str]) -> list[KeyProblem]:
         """The keys judged as for a new message (revoked, expired, disabled, gone)."""
         return self._lookup.recheck(encrypted_to)

@@ -50,7 +50,7 @@ from e2email.crypto.base import (
     plain_copy,
     resolve_keys,
 )
-from e2email.errors import CryptoError, KeyProblem, KeyReason
+from e2email.errors import CryptoError, KeyProblem, KeyReason, MessageError, RecipientKeyError
 from e2email.message import (
     HP,
     Message,
@@ -696,6 +696,49 @@ class SMIMEProtector(Protector):
                 sender, key_map=key_map, trusted_self_signed=trusted, revocation=revocation
             ),
         )
+
+    def check_encrypted(
+        self, head: bytes, body: bytes, addresses: Sequence[str], protection: Protection
+    ) -> tuple[str, ...]:
+        """Each recipient's certificate among the RecipientInfos (issuer and serial number,
+        RFC 5652 section 6.2.1) of a program's S/MIME-encrypted message."""
+        certs, problems = self.certstore.resolve_recipients(
+            addresses,
+            key_map=protection.key_map,
+            trusted_self_signed=protection.smime_trust_self_signed,
+            revocation=protection.revocation,
+        )
+        try:
+            found = set(recipient_ids(entity_der(head + b"\r\n" + body)))
+        except CryptoError as exc:
+            raise MessageError(f"cannot read the encrypted part: {exc}", field="message") from None
+        matched: list[str] = []
+        for address, stored in certs.items():
+            cert = stored.certificate
+            if (cert.issuer.public_bytes(), cert.serial_number) in found:
+                matched.append(stored.fingerprint)
+                continue
+            problems.append(
+                KeyProblem(
+                    address,
+                    KeyReason.NOT_ENCRYPTED_TO,
+                    f"not encrypted to the certificate {stored.fingerprint}",
+                    stored.fingerprint,
+                )
+            )
+        if problems:
+            raise RecipientKeyError(problems)
+        return tuple(matched)
+
+    def missing_keys(self, addresses: Sequence[str], protection: Protection) -> list[KeyProblem]:
+        """Each address without a usable certificate (chain, validity, revocation checked)."""
+        _, problems = self.certstore.resolve_recipients(
+            addresses,
+            key_map=protection.key_map,
+            trusted_self_signed=protection.smime_trust_self_signed,
+            revocation=protection.revocation,
+        )
+        return problems
 
     async def protect(
         self, message: Message, protection: Protection, *, passphrase: str | None = None
