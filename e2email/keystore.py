@@ -15,8 +15,11 @@ unless it is the user's own (secret) key or came in through e2email.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
+import shutil
 import stat
 import subprocess
 import threading
@@ -24,21 +27,33 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import gnupg
 
+from e2email.certd import CERT_DIR, SECRET_DIR, CertDirectory, SecretKeys, is_protected, protect
 from e2email.config import default_home
-from e2email.errors import ConfigError, KeyProblem, KeyReason, KeystoreError, MessageError
+from e2email.errors import (
+    ConfigError,
+    KeyProblem,
+    KeyReason,
+    KeystoreError,
+    MessageError,
+    PassphraseError,
+)
 from e2email.keysources import KeySource, KeySources, SourceKind
 from e2email.message import Address
 from e2email.private import check_private, ensure_private_dir, open_private
 
 __all__ = [
+    "BACKENDS",
     "AddressConflict",
     "GeneratedKey",
     "ImportSummary",
     "KeyChange",
     "Keystore",
+    "MigratedKey",
+    "Migration",
     "OpenPGPKey",
     "SubKey",
     "VettedKey",
@@ -62,6 +77,9 @@ _ALGORITHMS = {
     28: "ed448",
 }
 _LENGTH_BOUND = {1, 2, 3, 16, 17}
+
+#: Where a keystore keeps OpenPGP keys: the certificate store or a GnuPG home.
+BACKENDS = ("certd", "gnupg")
 #: Below this an RSA, DSA or Elgamal key is refused (NIST SP 800-131A; standards item 14).
 MIN_RSA_BITS = 2048
 
@@ -419,9 +437,32 @@ class GeneratedKey:
     user_id: str
 
 
+@dataclass(frozen=True)
+class MigratedKey:
+    """One key ``keys migrate`` moved (or found already moved) into the certificate store."""
+
+    fingerprint: str
+    addresses: tuple[str, ...]
+    #: Fingerprints of the (sub)keys whose secret moved with it.
+    secrets: tuple[str, ...]
+    #: The certificate or secret key was not in the store before.
+    moved: bool
+    #: The secret key had no passphrase in the GnuPG home and is stored as it was.
+    unprotected: bool = False
+
+
+@dataclass(frozen=True)
+class Migration:
+    """What ``keys migrate`` did: the store now serves the home; the GnuPG home is kept."""
+
+    store: Path
+    gnupg_home: Path
+    keys: tuple[MigratedKey, ...]
+
+
 @dataclass
 class _Listing:
-    stamp: tuple[int, ...]
+    stamp: tuple[object, ...]
     keys: tuple[OpenPGPKey, ...] = field(default_factory=tuple)
 
 
@@ -534,6 +575,93 @@ def _subkey(r: dict[str, str], secret_fprs: set[str]) -> SubKey:
         has_secret=r["fpr"] in secret_fprs,
         binding_hash=int(r["hash"]) if r.get("hash") else None,
     )
+
+
+# -- Certificate store helpers -----------------------------------------------------------------
+
+
+def _sq() -> Any:
+    try:
+        import pysequoia
+    except ImportError as exc:
+        raise KeystoreError(f"the certificate store needs pysequoia: {exc}") from exc
+    return pysequoia
+
+
+def _first_line(exc: BaseException) -> str:
+    # pysequoia's errors may carry a Rust backtrace after the first line.
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _file_tag(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _judge(data: bytes) -> list[OpenPGPKey]:
+    """Every certificate in ``data`` judged by e2email's rules without gpg."""
+    from e2email.pgpkeys import keys_from_bytes  # type: ignore[import-not-found,unused-ignore]
+
+    return keys_from_bytes(data)
+
+
+def _secret_fprs(tsk_bytes: bytes) -> set[str]:
+    """Fingerprints of the (sub)keys whose secret key material ``tsk_bytes`` holds (a gpg
+    stub for a key on a card has none: S2K usage 101 is a stub, RFC 9580 §3.7.2.1 / gpg)."""
+    from pysequoia.packet import PacketPile, Tag
+
+    try:
+        packets = list(PacketPile.from_bytes(tsk_bytes))
+    except (RuntimeError, ValueError):
+        return set()
+    return {
+        (p.fingerprint or "").upper()
+        for p in packets
+        if p.tag in (Tag.SecretKey, Tag.SecretSubkey) and p.fingerprint
+    }
+
+
+def _with_secrets(key: OpenPGPKey, tsk_bytes: bytes) -> OpenPGPKey:
+    """``key`` with ``has_secret`` set on each (sub)key whose secret is in ``tsk_bytes``."""
+    held = _secret_fprs(tsk_bytes)
+    return dataclasses.replace(
+        key,
+        primary=dataclasses.replace(key.primary, has_secret=key.primary.fingerprint in held),
+        subkeys=tuple(
+            dataclasses.replace(k, has_secret=k.fingerprint in held) for k in key.subkeys
+        ),
+    )
+
+
+def _armor(data: bytes, *, secret: bool) -> bytes:
+    sq = _sq()
+    kind = sq.ArmorKind.SecretKey if secret else sq.ArmorKind.PublicKey
+    text = sq.armor(data, kind)
+    return text.encode("ascii") if isinstance(text, str) else bytes(text)
+
+
+def _uid_text(packet: Any) -> str:
+    value = packet.user_id
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value or "")
+
+
+def _validity_seconds(expire: str) -> int | None:
+    """``Expire-Date`` (as :func:`check_expiry` accepts it) as seconds from now; None: never."""
+    value = expire.strip().lower()
+    if value in ("0", "never"):
+        return None
+    if "-" in value:
+        day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+        return max(1, int((day - datetime.now(UTC)).total_seconds()))
+    unit = value[-1] if value[-1] in "dwmy" else "d"
+    count = int(value.rstrip("dwmy"))
+    days = {"d": 1, "w": 7, "m": 30, "y": 365}[unit] * count
+    return days * 86400 or None
 
 
 def _filter_address(address: str) -> str:
@@ -700,6 +828,7 @@ class Keystore:
         *,
         gnupg_home: str | os.PathLike[str] | None = None,
         gpg_binary: str = "gpg",
+        backend: str | None = None,
     ) -> None:
         self.home = Path(home) if home is not None else default_home()
         #: False when an existing GnuPG home was named: then gpg's own validity counts, and its
@@ -708,12 +837,46 @@ class Keystore:
         self.gnupg_home = Path(gnupg_home) if gnupg_home is not None else self.home / "gnupg"
         self.gpg_binary = gpg_binary
         self.sources = KeySources(self.home)
+        #: The certificate store of this home (public certificates, cert-d layout) and its
+        #: passphrase-protected secret keys; used when :attr:`backend` is "certd".
+        self.certd = CertDirectory(self.home / CERT_DIR)
+        self.secret_keys = SecretKeys(self.home / SECRET_DIR)
+        if backend is not None and backend not in BACKENDS:
+            raise ConfigError(f"unknown keystore backend {backend!r} ({', '.join(BACKENDS)})")
+        if backend == "certd" and gnupg_home is not None:
+            raise ConfigError("a named GnuPG home is a GnuPG keystore, not a certificate store")
+        #: "certd" (the certificate store) or "gnupg" (a GnuPG home): see the module docstring.
+        self.backend: str = backend or self._pick_backend(gnupg_home is not None)
         self._gpg: gnupg.GPG | None = None
         self._lock = threading.Lock()
         self._listing: _Listing | None = None
         self._minimal: dict[tuple[object, ...], bytes] = {}
+        #: Certificate store: fingerprint -> (file tag, secret file tag, judged key).
+        self._judged: dict[str, tuple[object, object, OpenPGPKey]] = {}
+
+    def _pick_backend(self, named: bool) -> str:
+        """A named GnuPG home is one; a home with a certificate store uses it; a home that
+        still has only e2email's GnuPG home keeps it until ``keys migrate``; a new home gets
+        the certificate store when gpg is not installed, else a GnuPG home (both engines use
+        either; only a GnuPG home serves the GnuPG engine and smartcards)."""
+        if named:
+            return "gnupg"
+        if self.certd.exists():
+            return "certd"
+        if self.gnupg_home.exists():
+            return "gnupg"
+        wanted = os.environ.get("E2EMAIL_KEYSTORE", "").strip().lower()
+        if wanted in BACKENDS:
+            return wanted
+        return "gnupg" if shutil.which(self.gpg_binary) is not None else "certd"
+
+    @property
+    def is_certd(self) -> bool:
+        return self.backend == "certd"
 
     def __repr__(self) -> str:
+        if self.is_certd:
+            return f"Keystore(home={str(self.home)!r}, backend='certd')"
         return f"Keystore(home={str(self.home)!r}, gnupg_home={str(self.gnupg_home)!r})"
 
     # -- GnuPG plumbing ---------------------------------------------------------------------
@@ -721,6 +884,12 @@ class Keystore:
     @property
     def gpg(self) -> gnupg.GPG:
         """The python-gnupg handle, creating the GnuPG home (mode 0700) on first use."""
+        if self.is_certd:
+            raise KeystoreError(
+                f"{self.home} keeps its OpenPGP keys in the certificate store ({CERT_DIR}), "
+                "which the GnuPG engine does not read: use --engine sequoia (or --gnupg-home "
+                "DIR for a GnuPG home)"
+            )
         with self._lock:
             if self._gpg is None:
                 # gpg only warns about a loose home ("unsafe permissions"); whoever may write
@@ -851,7 +1020,14 @@ class Keystore:
             )
         return done.stdout.decode("utf-8", errors="replace")
 
-    def _stamp(self) -> tuple[int, ...]:
+    def _stamp(self) -> tuple[object, ...]:
+        if self.is_certd:
+            return (
+                tuple(sorted(self.certd.tags().items())),
+                tuple(
+                    sorted((f, self.secret_keys.tag(f)) for f in self.secret_keys.fingerprints())
+                ),
+            )
         stamp: list[int] = []
         for name in ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "private-keys-v1.d"):
             try:
@@ -865,11 +1041,14 @@ class Keystore:
     def invalidate(self) -> None:
         """Forget the cached listing (done automatically when the keyring files change)."""
         self._listing = None
+        self._judged.clear()
 
     # -- Listing and lookup -----------------------------------------------------------------
 
     def all_keys(self) -> tuple[OpenPGPKey, ...]:
         """Every certificate in the keystore."""
+        if self.is_certd:
+            return self._all_keys_certd()
         stamp = self._stamp()
         listing = self._listing
         if listing is not None and listing.stamp == stamp and stamp != (0,) * len(stamp):
@@ -1054,13 +1233,28 @@ class Keystore:
 
     # -- Import, export, generate -----------------------------------------------------------
 
-    def import_keys(self, data: bytes, *, source: KeySource | None = None) -> ImportSummary:
+    def import_keys(
+        self,
+        data: bytes,
+        *,
+        source: KeySource | None = None,
+        passphrase: str | None = None,
+        unprotected: bool = False,
+    ) -> ImportSummary:
         """Import armored or binary OpenPGP keys, public or secret, or a bare revocation
         certificate. The summary says, per certificate, which user IDs were added or revoked
         and whether the key was revoked, and which addresses now have more than one key.
-        ``source`` is recorded as the origin of keys new to the keystore."""
+        ``source`` is recorded as the origin of keys new to the keystore.
+
+        The certificate store keeps secret keys only passphrase-protected: a secret key
+        without protection is protected with ``passphrase``, or stored as it is only with
+        ``unprotected=True``, else refused (a GnuPG home keeps them as gpg does)."""
         if not data.strip():
             raise KeystoreError("no key data given")
+        if self.is_certd:
+            return self._import_certd(
+                data, source=source, passphrase=passphrase, unprotected=unprotected
+            )
         # Where the key came from is recorded in the home: check it before gpg changes anything.
         ensure_private_dir(self.home, what="e2email home")
         before = {k.fingerprint: k for k in self.all_keys()}
@@ -1127,7 +1321,13 @@ class Keystore:
                 )
         return tuple(found)
 
-    def import_file(self, path: str | os.PathLike[str]) -> ImportSummary:
+    def import_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        passphrase: str | None = None,
+        unprotected: bool = False,
+    ) -> ImportSummary:
         """Import the keys in a file (see :meth:`import_keys`); its path is recorded as the
         source of keys new to the keystore."""
         try:
@@ -1137,7 +1337,9 @@ class Keystore:
             raise MessageError(f"cannot read {path}: {exc.strerror or exc}") from exc
         source = KeySource(SourceKind.FILE, str(Path(path).resolve()))
         try:
-            return self.import_keys(data, source=source)
+            return self.import_keys(
+                data, source=source, passphrase=passphrase, unprotected=unprotected
+            )
         except KeystoreError as exc:
             raise KeystoreError(f"{path}: {exc}") from exc
 
@@ -1156,6 +1358,11 @@ class Keystore:
                     f"{self.describe_keys(usable)}; export one by its fingerprint"
                 )
             key = max(usable or found, key=lambda k: k.primary.created or datetime.now(UTC))
+        if self.is_certd:
+            raw = self.certd.get(key.fingerprint)
+            if not raw:
+                raise KeystoreError(f"no certificate for {key.fingerprint} in {self.certd.root}")
+            return _armor(raw, secret=False) if armor else raw
         data = self.gpg.export_keys([key.fingerprint], armor=armor)
         out = data.encode("ascii") if isinstance(data, str) else bytes(data)
         if not out:
@@ -1170,6 +1377,7 @@ class Keystore:
         algorithm: str = "ed25519",
         passphrase: str | None = None,
         expire: str = "3y",
+        unprotected: bool = False,
     ) -> GeneratedKey:
         """Make a new key pair for ``address``: Ed25519 signing + Cv25519 encryption by default,
         or ``rsa3072`` / ``rsa4096`` (RSA signing primary + RSA encryption subkey)."""
@@ -1199,6 +1407,10 @@ class Keystore:
             ]
         else:
             raise KeystoreError(f"unknown algorithm {algorithm!r} (ed25519, rsa3072, rsa4096)")
+        if self.is_certd:
+            return self._generate_certd(
+                address, name, algorithm, passphrase, expire, unprotected=unprotected
+            )
         params += ["Key-Usage: sign", "Subkey-Usage: encrypt"]
         if name:
             params.append(f"Name-Real: {name}")
@@ -1232,7 +1444,12 @@ class Keystore:
         cached = self._minimal.get(memo)
         if cached is not None:
             return cached
-        data = _gpg_export(self.gpg_binary, self.gnupg_home, key.fingerprint, addr, sub.fingerprint)
+        if self.is_certd:
+            data = self._minimal_certd(key.fingerprint, addr, sub.fingerprint)
+        else:
+            data = _gpg_export(
+                self.gpg_binary, self.gnupg_home, key.fingerprint, addr, sub.fingerprint
+            )
         if not data:
             raise KeystoreError(f"gpg exported nothing for {key.fingerprint}")
         if len(self._minimal) > 256:  # keys of one sender and its gossip peers: stay small
@@ -1242,8 +1459,369 @@ class Keystore:
 
     def shutdown_agent(self) -> None:
         """Stop the gpg-agent of this GnuPG home (used for throwaway homes in demo and tests)."""
-        subprocess.run(
-            ["gpgconf", "--homedir", str(self.gnupg_home), "--kill", "all"],
-            capture_output=True,
-            check=False,
+        if self.is_certd or not self.gnupg_home.exists():
+            return  # no agent was ever started for it
+        with contextlib.suppress(OSError):  # no gpgconf: no agent either
+            subprocess.run(
+                ["gpgconf", "--homedir", str(self.gnupg_home), "--kill", "all"],
+                capture_output=True,
+                check=False,
+            )
+
+    # -- Migration from e2email's own GnuPG home ----------------------------------------------
+
+    def migrate(self, *, passphrase: str | None = None) -> Migration:
+        """Copy every certificate and secret key of this home's GnuPG home (``HOME/gnupg``)
+        into its certificate store, check both sides hold the same fingerprints and secrets,
+        and only then switch the home to the store (the store folder appears last, by a
+        rename). The GnuPG home is kept as it is (``--gnupg-home HOME/gnupg`` still uses it);
+        running it again moves only what is new. Protected secret keys are exported by gpg
+        under ``passphrase`` (gpg 2.2 re-protects the export with it); keys without a
+        passphrase stay without one. Needs the gpg program."""
+        import tempfile
+
+        if not self.managed:
+            raise ConfigError(
+                "keys migrate moves e2email's own GnuPG home (HOME/gnupg), not a named one"
+            )
+        gnupg_home = self.home / "gnupg"
+        if not gnupg_home.is_dir():
+            raise KeystoreError(f"nothing to migrate: {gnupg_home} does not exist")
+        if shutil.which(self.gpg_binary) is None:
+            raise KeystoreError(f"keys migrate reads {gnupg_home} with gpg, which is not installed")
+        if passphrase is not None and any(c in passphrase for c in "\r\n\0"):
+            raise KeystoreError("a passphrase cannot contain CR, LF or NUL")
+        source = Keystore(self.home, backend="gnupg", gpg_binary=self.gpg_binary)
+        keys = source.all_keys()
+        ensure_private_dir(self.home, what="e2email home")
+        existing = self.certd.exists()
+        # A new store is built beside the home and renamed into place once checked, so a
+        # failure half-way leaves the home on its GnuPG home, unchanged.
+        staging = None if existing else Path(tempfile.mkdtemp(prefix=".migrate-", dir=self.home))
+        target = Keystore(staging or self.home, backend="certd")
+        try:
+            before = {k.fingerprint: k for k in target.all_keys()} if existing else {}
+            moved: list[MigratedKey] = []
+            for key in keys:
+                public = source.gpg.export_keys([key.fingerprint], armor=False)
+                data = public if isinstance(public, bytes) else bytes(public, "latin-1")
+                secret = b""
+                if key.has_secret:
+                    secret = self._gpg_export_secret(source, key, passphrase)
+                target.import_keys(data + secret, unprotected=True)
+                now = target.get(key.fingerprint)
+                if now is None:
+                    raise KeystoreError(f"{key.fingerprint} did not reach the certificate store")
+                held = (
+                    _secret_fprs(target.secret_keys.get(key.fingerprint) or b"")
+                    if key.has_secret
+                    else set()
+                )
+                old = before.get(key.fingerprint)
+                moved.append(
+                    MigratedKey(
+                        fingerprint=key.fingerprint,
+                        addresses=key.addresses,
+                        secrets=tuple(sorted(held)),
+                        moved=old is None or (bool(held) and not old.has_secret),
+                        unprotected=bool(secret) and not is_protected(secret),
+                    )
+                )
+            # Both sides: the same certificates, and every secret gpg has, in the store.
+            target.invalidate()
+            stored = {k.fingerprint: k for k in target.all_keys()}
+            for key in keys:
+                got = stored.get(key.fingerprint)
+                want = {k.fingerprint for k in (key.primary, *key.subkeys) if k.has_secret}
+                have = (
+                    {k.fingerprint for k in (got.primary, *got.subkeys) if k.has_secret}
+                    if got
+                    else set()
+                )
+                if got is None or not want <= have:
+                    raise KeystoreError(
+                        f"migration check failed for {key.fingerprint}: "
+                        + (
+                            "not in the store"
+                            if got is None
+                            else f"secrets {sorted(want - have)} missing"
+                        )
+                        + "; the home still uses its GnuPG home"
+                    )
+            if staging is not None:
+                if target.secret_keys.root.exists():
+                    os.replace(target.secret_keys.root, self.secret_keys.root)
+                target.certd.ensure()
+                os.replace(target.certd.root, self.certd.root)  # the switch
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        self.backend = "certd"
+        self.invalidate()
+        return Migration(store=self.certd.root, gnupg_home=gnupg_home, keys=tuple(moved))
+
+    @staticmethod
+    def _gpg_export_secret(source: Keystore, key: OpenPGPKey, passphrase: str | None) -> bytes:
+        """The secret key from gpg in loopback mode with the passphrase on stdin (never a
+        pinentry); gpg 2.2 exports a protected key only under its passphrase."""
+        source.gpg  # noqa: B018 - ensures the home exists
+        cmd = [
+            source.gpg_binary,
+            "--homedir",
+            str(source.gnupg_home),
+            "--no-options",
+            "--batch",
+            "--no-tty",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase-fd",
+            "0",
+            "--export-secret-keys",
+            key.fingerprint,
+        ]
+        try:
+            done = subprocess.run(
+                cmd,
+                input=(passphrase or "").encode() + b"\n",
+                capture_output=True,
+                check=False,
+                timeout=120,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KeystoreError(f"cannot run {source.gpg_binary}: {exc}") from exc
+        if done.returncode != 0 or not done.stdout:
+            need = "" if passphrase else " (give its passphrase: --passphrase-env VAR)"
+            raise PassphraseError(
+                f"gpg did not export the secret key {key.fingerprint}{need}",
+                fingerprint=key.fingerprint,
+                missing=passphrase is None,
+            )
+        return done.stdout
+
+    # -- The certificate store (backend "certd") ----------------------------------------------
+
+    def secret_key_bytes(self, fingerprint: str) -> bytes | None:
+        """The stored (protected) transferable secret key of primary ``fingerprint``, or None
+        (certificate store only)."""
+        return self.secret_keys.get(fingerprint) if self.is_certd else None
+
+    def secret_key_tag(self, fingerprint: str) -> tuple[int, int, int] | None:
+        """The identity (inode, mtime, size) of that secret key's file, None when none."""
+        return self.secret_keys.tag(fingerprint) if self.is_certd else None
+
+    def _all_keys_certd(self) -> tuple[OpenPGPKey, ...]:
+        """Every certificate in the store, judged without gpg (:mod:`e2email.pgpkeys`); a
+        certificate is judged again only when its file (or its secret key's) changed."""
+        keys: list[OpenPGPKey] = []
+        seen = set()
+        secret_fprs = self.secret_keys.fingerprints()
+        for fpr, path in self.certd.fingerprints():
+            seen.add(fpr)
+            tag = _file_tag(path)
+            sec_tag = self.secret_keys.tag(fpr) if fpr in secret_fprs else None
+            cached = self._judged.get(fpr)
+            if cached is not None and cached[0] == tag and cached[1] == sec_tag:
+                keys.append(cached[2])
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise KeystoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            judged = [k for k in _judge(data) if k.fingerprint == fpr]
+            if not judged:
+                continue  # not a certificate for its file name: never chosen
+            key = judged[0]
+            if sec_tag is not None:
+                key = _with_secrets(key, self.secret_keys.get(fpr) or b"")
+            self._judged[fpr] = (tag, sec_tag, key)
+            keys.append(key)
+        for gone in set(self._judged) - seen:
+            del self._judged[gone]
+        return tuple(keys)
+
+    def _import_certd(
+        self,
+        data: bytes,
+        *,
+        source: KeySource | None,
+        passphrase: str | None,
+        unprotected: bool,
+    ) -> ImportSummary:
+        sq = _sq()
+        ensure_private_dir(self.home, what="e2email home")
+        try:
+            certs = list(sq.Cert.split_bytes(data))
+        except (RuntimeError, ValueError) as exc:
+            certs = []
+            parse_error = _first_line(exc)
+        else:
+            parse_error = ""
+        before = {k.fingerprint: k for k in self.all_keys()}
+        if not certs:
+            certs = self._revocations(data)
+            if not certs:
+                raise KeystoreError(
+                    "no OpenPGP key found in the data" + (f": {parse_error}" if parse_error else "")
+                )
+        # Every secret key is checked before anything is written: all or nothing.
+        secrets: dict[str, bytes] = {}
+        for cert in certs:
+            tsk = cert.secrets if cert.has_secret_keys else None
+            if tsk is None:
+                continue
+            fpr = str(cert.fingerprint).upper()
+            raw = bytes(tsk)
+            if not is_protected(raw):
+                if passphrase:
+                    raw = protect(raw, passphrase)
+                elif not unprotected:
+                    raise KeystoreError(
+                        f"the secret key {fpr} has no passphrase, and the certificate store "
+                        "keeps secret keys only under one: give a passphrase to protect it "
+                        "with (--passphrase-env VAR), or --unprotected to store it as it is"
+                    )
+            secrets[fpr] = raw
+        fprs: list[str] = []
+        written = unchanged = secret_imported = 0
+        for cert in certs:
+            fpr = str(cert.fingerprint).upper()
+            old, new = self.certd.insert(cert)
+            changed = old != new
+            if fpr in secrets and self._store_secret(fpr, secrets[fpr]):
+                secret_imported += 1
+                changed = True
+            written += changed
+            unchanged += not changed
+            fprs.append(fpr)
+        self._minimal.clear()
+        after = {k.fingerprint: k for k in self.all_keys()}
+        changes = [_change(before.get(f), after[f]) for f in dict.fromkeys(fprs) if f in after]
+        new_fprs = [c.fingerprint for c in changes if c.new]
+        if new_fprs:
+            self.sources.record(new_fprs, source or KeySource(SourceKind.DATA))
+        return ImportSummary(
+            fingerprints=tuple(dict.fromkeys(fprs)),
+            imported=written,
+            unchanged=unchanged,
+            secret_imported=secret_imported,
+            revoked=sum(1 for c in changes if c.revoked),
+            changes=tuple(c for c in changes if c.changed),
+            conflicts=self._conflicts(changes, after),
         )
+
+    def _store_secret(self, fpr: str, raw: bytes) -> bool:
+        """Keep the secret key ``raw`` unless the stored one already holds every secret it
+        has (re-importing a key changes nothing, as with gpg)."""
+        old = self.secret_keys.get(fpr)
+        if old is not None and _secret_fprs(raw) <= _secret_fprs(old):
+            return False
+        self.secret_keys.put(fpr, raw)
+        return True
+
+    def _revocations(self, data: bytes) -> list[Any]:
+        """A bare key revocation certificate (what ``gpg --gen-revoke`` writes): each one
+        joined to the certificate it revokes (which must be here); Sequoia checks the
+        signature when the certificate is read, so a forged one revokes nothing."""
+        sq = _sq()
+        from pysequoia.packet import PacketPile, SignatureType, Tag
+
+        try:
+            packets = list(PacketPile.from_bytes(data))
+        except (RuntimeError, ValueError):
+            return []
+        found = []
+        for packet in packets:
+            if packet.tag != Tag.Signature or packet.signature_type != SignatureType.KeyRevocation:
+                continue
+            issuer = (packet.issuer_fingerprint or "").upper()
+            old = self.certd.get(issuer) if len(issuer) == 40 else None
+            if old is None:
+                raise KeystoreError(
+                    f"no OpenPGP key found in the data: a revocation certificate for "
+                    f"{issuer or packet.issuer_key_id}, which is not here"
+                )
+            try:
+                found.append(sq.Cert.from_packets([*PacketPile.from_bytes(old), packet]))
+            except (RuntimeError, ValueError) as exc:
+                raise KeystoreError(f"cannot read the revocation: {_first_line(exc)}") from exc
+        return found
+
+    def _generate_certd(
+        self,
+        address: str,
+        name: str,
+        algorithm: str,
+        passphrase: str | None,
+        expire: str,
+        *,
+        unprotected: bool,
+    ) -> GeneratedKey:
+        """A new key made in this process (Sequoia): a certification primary with signing and
+        encryption subkeys, OpenPGP v4 (RFC 4880 profile: what gpg 2.2 and most peers read)."""
+        sq = _sq()
+        if not passphrase and not unprotected:
+            raise KeystoreError(
+                "the certificate store keeps secret keys only under a passphrase: give one "
+                "(--passphrase-env VAR or --ask-passphrase), or --unprotected for a key without"
+            )
+        suite = {
+            "ed25519": sq.CipherSuite.Cv25519,
+            "rsa3072": sq.CipherSuite.RSA3k,
+            "rsa4096": sq.CipherSuite.RSA4k,
+        }[algorithm]
+        uid = f"{name} <{address}>" if name else f"<{address}>"
+        try:
+            tsk = sq.Tsk.generate(
+                uid,
+                profile=sq.Profile.RFC4880,
+                cipher_suite=suite,
+                validity_seconds=_validity_seconds(expire),
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise KeystoreError(f"key generation failed: {_first_line(exc)}") from exc
+        raw = bytes(tsk)
+        if passphrase:
+            raw = protect(raw, passphrase)
+        cert = sq.Cert.from_bytes(raw)
+        fpr = str(cert.fingerprint).upper()
+        ensure_private_dir(self.home, what="e2email home")
+        self.secret_keys.put(fpr, raw)
+        self.certd.insert(cert)
+        self.sources.record([fpr], KeySource(SourceKind.GENERATED))
+        return GeneratedKey(fingerprint=fpr, user_id=uid)
+
+    def _minimal_certd(self, fingerprint: str, address: str, subkey: str) -> bytes:
+        """As ``gpg --export-options export-minimal`` with ``keep-uid=mbox = ADDRESS`` and
+        only ``subkey``: the primary key, the user IDs whose address is ``address``, that
+        subkey, and only self-signatures (issued by the primary) on them."""
+        sq = _sq()
+        from pysequoia.packet import PacketPile, Tag
+
+        raw = self.certd.get(fingerprint)
+        if raw is None:
+            return b""
+        primary_id = fingerprint[-16:].upper()
+        keep = True
+        out = []
+        for packet in PacketPile.from_bytes(raw):
+            tag = packet.tag
+            if tag == Tag.PublicKey:
+                keep = True
+            elif tag == Tag.UserID:
+                keep = _uid_address(_uid_text(packet)) == address
+            elif tag == Tag.UserAttribute:
+                keep = False
+            elif tag == Tag.PublicSubkey:
+                keep = (packet.fingerprint or "").upper() == subkey.upper()
+            elif tag == Tag.Signature:
+                issuer = (packet.issuer_fingerprint or "").upper()
+                issuer_id = (packet.issuer_key_id or "").upper()
+                if keep and (issuer == fingerprint.upper() or issuer_id == primary_id):
+                    out.append(packet)
+                continue
+            if keep:
+                out.append(packet)
+        try:
+            return bytes(sq.Cert.from_packets(out))
+        except (RuntimeError, ValueError) as exc:
+            raise KeystoreError(f"cannot cut down {fingerprint}: {_first_line(exc)}") from exc

@@ -400,6 +400,29 @@ def engine_name(protection: Protection) -> str:
     return str(protection.scheme.value)
 
 
+def _check_gpg_engine(protection: Protection, keystore: Keystore) -> None:
+    """The GnuPG engine chosen for a new message needs the gpg program and a GnuPG home: say
+    so in one line, naming what works instead, before any key is looked at. (A stored copy's
+    re-check, by engine name, needs neither: the keystore judges keys without gpg.)"""
+    import shutil
+
+    if keystore.is_certd:
+        raise ConfigError(
+            f"the GnuPG engine cannot use the certificate store of {keystore.home}: use "
+            "--engine sequoia, or --gnupg-home DIR for keys in a GnuPG home"
+        )
+    if shutil.which(keystore.gpg_binary) is None:
+        if protection.engine is OpenPGPEngine.GPG:
+            raise ConfigError(
+                f"--engine gpg needs the gpg program, and {keystore.gpg_binary!r} is not "
+                "installed: use --engine sequoia, or install GnuPG"
+            )
+        raise ConfigError(
+            "no OpenPGP engine: pysequoia cannot be imported and gpg is not installed "
+            "(pip install pysequoia, or install GnuPG)"
+        )
+
+
 def _sequoia_available() -> bool:
     from e2email.crypto.sequoia import available
 
@@ -415,6 +438,8 @@ def protector_for(
 ) -> Protector:
     """The engine for ``protection`` (its scheme) or for an engine name."""
     name = protection if isinstance(protection, str) else engine_name(protection)
+    if name == "openpgp" and isinstance(protection, Protection):
+        _check_gpg_engine(protection, keystore)
     entry = _ENGINES.get(name)
     if entry is None:
         raise ConfigError(f"no protection engine named {name!r}")
