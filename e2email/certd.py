@@ -24,10 +24,10 @@ only certificates whose tag changed.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import secrets
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,6 +104,19 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _lock(fd: int) -> None:
+    """An exclusive lock on the open file ``fd``, waiting for it (flock, as ``sq`` takes it;
+    a byte-range lock on Windows, which has no flock)."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
 @dataclass(frozen=True)
 class CertDirectory:
     """An OpenPGP certificate directory (draft-nwjw-openpgp-cert-d)."""
@@ -160,9 +173,9 @@ class CertDirectory:
         """The store's write lock (cert-d §4: ``writelock``, an exclusive advisory lock)."""
         self.ensure()
         lock = self.root / "writelock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _lock(fd)
             yield
         finally:
             os.close(fd)  # closing releases the lock

@@ -1,8 +1,29 @@
 """Where keys live, how they are found by address, and whether they may be used.
 
 The keystore is a directory (``--home`` / ``$E2EMAIL_HOME``, by default the user's data
-directory) holding a GnuPG home for OpenPGP keys in ``gnupg/``. An existing GnuPG home can be
-named instead. Keys are judged by our own rules, not by GnuPG's web of trust: a key you import
+directory) whose OpenPGP keys live in one of two backends behind one interface:
+
+* ``certd``, the certificate store (:mod:`e2email.certd`): public certificates in the OpenPGP
+  certificate directory ``pgp.cert.d/`` (draft-nwjw-openpgp-cert-d), secret keys
+  passphrase-protected in ``secret/``, judged without gpg (:mod:`e2email.pgpkeys`).
+* ``gnupg``, a GnuPG home: e2email's own ``gnupg/``, or an existing one named with
+  ``--gnupg-home`` (smartcards and keys held by gpg-agent), read through gpg's colon listing.
+
+Why the certificate store: it needs no program besides this process (``pip install e2email``
+runs anywhere pysequoia has a wheel), the in-process engine reads keys without a gpg export,
+and its layout is a shared standard rather than e2email's own: ``sq`` and other tools read and
+write the same directory, with its lock and merge rules, so keys are not locked into e2email.
+Secret keys stay in OpenPGP's own protected form (S2K), the form gpg imports and exports, so a
+key moves between the two backends unchanged. Why keep GnuPG homes: smartcards and agent-held
+keys exist only there, and a user's existing keys must keep working until they choose to
+migrate (``keys migrate`` copies, compares both sides, then switches; the old home is kept).
+Which backend: a named GnuPG home; else a home's store when it has one; else its old
+``gnupg/``; a new home gets the store when gpg is missing (or ``E2EMAIL_KEYSTORE=certd``), a
+GnuPG home otherwise, so that the GnuPG engine, which reads only GnuPG homes, still works there.
+Both engines read either backend: the in-process one the store directly, or keys exported from
+gpg; the GnuPG engine over a store is refused in one line, naming ``--engine sequoia``.
+
+Keys are judged by our own rules, not by GnuPG's web of trust: a key you import
 into the keystore is a key you chose, but it must still be current, unrevoked, strong enough and
 able to do the job (standards checklist item 14). Lookups fail closed with a reason per address.
 
@@ -605,7 +626,8 @@ def _judge(data: bytes) -> list[OpenPGPKey]:
     """Every certificate in ``data`` judged by e2email's rules without gpg."""
     from e2email.pgpkeys import keys_from_bytes  # type: ignore[import-not-found,unused-ignore]
 
-    return keys_from_bytes(data)
+    judged: list[OpenPGPKey] = keys_from_bytes(data)
+    return judged
 
 
 def _secret_fprs(tsk_bytes: bytes) -> set[str]:
@@ -622,6 +644,34 @@ def _secret_fprs(tsk_bytes: bytes) -> set[str]:
         for p in packets
         if p.tag in (Tag.SecretKey, Tag.SecretSubkey) and p.fingerprint
     }
+
+
+def _secret_keys_in(data: bytes) -> dict[str, bytes]:
+    """Each transferable secret key in ``data`` (armored or binary, concatenated), by
+    upper-case primary fingerprint: the packets from one primary key to the next."""
+    sq = _sq()
+    from pysequoia.packet import PacketPile, Tag
+
+    try:
+        packets = list(PacketPile.from_bytes(data))
+    except (RuntimeError, ValueError):
+        return {}
+    chunks: list[list[Any]] = []
+    for packet in packets:
+        if packet.tag in (Tag.PublicKey, Tag.SecretKey):
+            chunks.append([])
+        if chunks:
+            chunks[-1].append(packet)
+    found = {}
+    for chunk in chunks:
+        if chunk[0].tag != Tag.SecretKey and not any(p.tag == Tag.SecretSubkey for p in chunk):
+            continue
+        try:
+            tsk = sq.Tsk.from_packets(chunk)
+        except (RuntimeError, ValueError) as exc:
+            raise KeystoreError(f"cannot read a secret key: {_first_line(exc)}") from exc
+        found[(chunk[0].fingerprint or "").upper()] = bytes(tsk)
+    return found
 
 
 def _with_secrets(key: OpenPGPKey, tsk_bytes: bytes) -> OpenPGPKey:
@@ -1665,12 +1715,7 @@ class Keystore:
                 )
         # Every secret key is checked before anything is written: all or nothing.
         secrets: dict[str, bytes] = {}
-        for cert in certs:
-            tsk = cert.secrets if cert.has_secret_keys else None
-            if tsk is None:
-                continue
-            fpr = str(cert.fingerprint).upper()
-            raw = bytes(tsk)
+        for fpr, raw in _secret_keys_in(data).items():
             if not is_protected(raw):
                 if passphrase:
                     raw = protect(raw, passphrase)
