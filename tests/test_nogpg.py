@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,11 +24,7 @@ BIN = Path(sys.executable).parent
 
 
 def _no_gpg_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("GNUPG", "E2EMAIL_", "GPG_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GNUPG", "E2EMAIL_", "GPG_"))}
     env.update(PATH=str(BIN), E2EMAIL_HOME=str(home), **extra)
     return env
 
@@ -53,9 +49,8 @@ def no_gpg() -> Callable[..., subprocess.CompletedProcess[str]]:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "home"
-    yield path
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
 
 
 def test_the_demo_runs_without_gpg(
