@@ -143,3 +143,19 @@ def test_keys_and_a_send_work_without_gpg_and_gpg_reads_what_was_sent(
     finally:
         kill_agent(reader)
         shutil.rmtree(reader, ignore_errors=True)
+
+
+def test_doctor_says_gpg_is_missing_as_information_only(
+    no_gpg: Callable[..., subprocess.CompletedProcess[str]],
+    home: Path,
+    smtp_server: Callable[..., LoopbackSMTPServer],
+) -> None:
+    server = smtp_server(tls="implicit")
+    assert server.ca_file is not None
+    done = no_gpg(
+        home, "doctor", server.host, "--timeout", "2", "--ca-file", str(server.ca_file),
+        "--port-map", f"465={server.port}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr  # the report is still a good one
+    assert "note: gpg is not installed, which only --engine gpg" in done.stdout
+    assert "in-process engine (pysequoia)" in done.stdout
