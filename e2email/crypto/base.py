@@ -397,7 +397,19 @@ def engine_name(protection: Protection) -> str:
             choice is OpenPGPEngine.AUTO and _sequoia_available()
         ):
             return "openpgp-sequoia"
+        if choice is OpenPGPEngine.GPG and not _gpg_installed():
+            # Said before any key is looked at, in one line, with what works instead.
+            raise ConfigError(
+                "--engine gpg needs the gpg program, which is not installed: use "
+                "--engine sequoia (in process), or install GnuPG"
+            )
     return str(protection.scheme.value)
+
+
+def _gpg_installed() -> bool:
+    import shutil
+
+    return shutil.which("gpg") is not None
 
 
 def _check_gpg_engine(protection: Protection, keystore: Keystore) -> None:
@@ -412,11 +424,6 @@ def _check_gpg_engine(protection: Protection, keystore: Keystore) -> None:
             "--engine sequoia, or --gnupg-home DIR for keys in a GnuPG home"
         )
     if shutil.which(keystore.gpg_binary) is None:
-        if protection.engine is OpenPGPEngine.GPG:
-            raise ConfigError(
-                f"--engine gpg needs the gpg program, and {keystore.gpg_binary!r} is not "
-                "installed: use --engine sequoia, or install GnuPG"
-            )
         raise ConfigError(
             "no OpenPGP engine: pysequoia cannot be imported and gpg is not installed "
             "(pip install pysequoia, or install GnuPG)"
