@@ -1,0 +1,467 @@
+"""The gpg-free key judge (issue 9 part 3): e2email.pgpkeys reads certificate bytes with
+pysequoia and must judge every key exactly as the keystore does from gpg's listing, and must
+not be fooled by packets anyone can append (forged bindings, revocations, user IDs)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures_pgp import Keys
+from pgp_helpers import TestKey, generate_key, gpg, kill_agent, new_gnupg_home
+
+from e2email.errors import KeyReason, KeystoreError
+from e2email.keystore import Keystore, OpenPGPKey
+from e2email.pgpkeys import key_from_cert, keys_from_bytes
+
+sq = pytest.importorskip("pysequoia")
+from pysequoia.packet import PacketPile, Tag  # noqa: E402
+
+PW = ["--pinentry-mode", "loopback", "--passphrase", ""]
+
+
+def _export(factory: Path, key: TestKey) -> TestKey:
+    key.cert.write_bytes(gpg(factory, "--armor", "--export", key.fingerprint).stdout)
+    assert key.secret is not None
+    key.secret.write_bytes(
+        gpg(factory, *PW, "--armor", "--export-secret-keys", key.fingerprint).stdout
+    )
+    return key
+
+
+def _add_subkey(
+    factory: Path, key: TestKey, algo: str, usage: str, expire: str = "0", *, at: str | None = None
+) -> None:
+    extra = ["--faked-system-time", at] if at else []
+    gpg(factory, *extra, *PW, "--quick-add-key", key.fingerprint, algo, usage, expire)
+    _export(factory, key)
+
+
+@pytest.fixture(scope="module")
+def made() -> Iterator[dict[str, TestKey]]:
+    """Keys beyond the session fixtures: RSA 3072, an expired encryption subkey under a live
+    primary, a revoked subkey, a revoked user ID, several encryption subkeys, and plain keys
+    that the attack tests tamper with (one each, so gpg never merges two of them)."""
+    factory = new_gnupg_home("e2jf")
+    out = new_gnupg_home("e2jo")
+    try:
+        keys: dict[str, TestKey] = {}
+        keys["rsa3072"] = generate_key(factory, out, "rsa3072@example.com", key_type="rsa3072")
+        for name in ("stale", "revive"):
+            keys[name] = generate_key(
+                factory,
+                out,
+                f"{name}@example.com",
+                encryption_subkey=False,
+                faked_time="20190101T000000",
+            )
+            _add_subkey(factory, keys[name], "cv25519", "encr", "1d", at="20200101T000000")
+        revsub = keys["revsub"] = generate_key(factory, out, "revsub@example.com")
+        gpg(
+            factory,
+            *PW,
+            "--command-fd",
+            "0",
+            "--edit-key",
+            revsub.fingerprint,
+            input=b"key 1\nrevkey\ny\n0\n\ny\nsave\n",
+        )
+        _export(factory, revsub)
+        revuid = keys["revuid"] = generate_key(factory, out, "revuid@example.com")
+        gpg(factory, *PW, "--quick-add-uid", revuid.fingerprint, "Other <other@example.com>")
+        gpg(factory, *PW, "--quick-revoke-uid", revuid.fingerprint, "Other <other@example.com>")
+        _export(factory, revuid)
+        multi = keys["multi"] = generate_key(
+            factory, out, "multi@example.com", faked_time="20240101T000000"
+        )
+        _add_subkey(factory, multi, "cv25519", "encr", at="20250101T000000")
+        _add_subkey(factory, multi, "ed25519", "sign", at="20250101T000000")
+        for name in ("forged", "spliced", "fakerev", "weakrev", "fakeuid"):
+            keys[name] = generate_key(factory, out, f"{name}@example.com")
+        yield keys
+    finally:
+        kill_agent(factory)
+        shutil.rmtree(factory, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# -- Forging packets as an attacker would: valid digest prefix, wrong signature ----------------
+
+
+def _packets(data: bytes) -> list[Any]:
+    return list(PacketPile.from_bytes(data))
+
+
+def _frame(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 192:
+        head = bytes([n])
+    else:
+        n -= 192
+        head = bytes([(n >> 8) + 192, n & 0xFF])
+    return bytes([0xC0 | tag]) + head + body
+
+
+def _key_hash(packet: Any) -> bytes:
+    body = packet.body
+    return b"\x99" + len(body).to_bytes(2, "big") + body
+
+
+def _uid_hash(text: bytes) -> bytes:
+    return b"\xb4" + len(text).to_bytes(4, "big") + text
+
+
+def _subpackets(area: bytes) -> list[tuple[int, bytes]]:
+    out, i = [], 0
+    while i < len(area):
+        n = area[i]
+        assert n < 192, "long subpackets are not needed here"
+        out.append((area[i + 1], area[i + 2 : i + 1 + n]))
+        i += 1 + n
+    return out
+
+
+def _forge(
+    sig: Any,
+    signed: bytes,
+    *,
+    sig_type: int | None = None,
+    hash_algo: int | None = None,
+    drop: frozenset[int] = frozenset(),
+    created: datetime | None = None,
+) -> Any:
+    """A copy of ``sig`` with its hashed subpackets edited (``drop`` removes types, e.g. 9 =
+    key expiration time; ``created`` sets type 2) and the digest prefix recomputed over
+    ``signed`` so that only a real signature check can refuse it: the MPIs are the old ones."""
+    body = sig.body
+    assert body[0] == 4
+    hl = int.from_bytes(body[4:6], "big")
+    rest = body[6 + hl :]
+    ul = int.from_bytes(rest[:2], "big")
+    unhashed, mpis = rest[: 2 + ul], rest[4 + ul :]
+    subs = []
+    for typ, data in _subpackets(body[6 : 6 + hl]):
+        if typ & 0x7F in drop:
+            continue
+        if typ & 0x7F == 2 and created is not None:
+            data = int(created.timestamp()).to_bytes(4, "big")
+        subs.append(bytes([len(data) + 1, typ]) + data)
+    hashed = b"".join(subs)
+    head = (
+        bytes(
+            [
+                4,
+                sig_type if sig_type is not None else body[1],
+                body[2],
+                hash_algo if hash_algo is not None else body[3],
+            ]
+        )
+        + len(hashed).to_bytes(2, "big")
+        + hashed
+    )
+    algo = {2: hashlib.sha1, 8: hashlib.sha256, 10: hashlib.sha512}[head[3]]
+    digest = algo(signed + head + b"\x04\xff" + len(head).to_bytes(4, "big")).digest()
+    forged = _packets(_frame(2, head + unhashed + digest[:2] + mpis))
+    assert len(forged) == 1
+    return forged[0]
+
+
+def _flip_last_mpi_byte(sig: Any) -> Any:
+    raw = bytearray(bytes(sig))
+    raw[-3] ^= 0x01
+    return _packets(bytes(raw))[0]
+
+
+def _binary(packets: list[Any]) -> bytes:
+    return b"".join(bytes(p) for p in packets)
+
+
+def _parts(key: TestKey) -> tuple[Any, Any, Any, Any, Any]:
+    """primary, user ID, its self-signature, encryption subkey, its binding (gpg's order)."""
+    pk = _packets(key.cert.read_bytes())
+    assert [p.tag for p in pk] == [
+        Tag.PublicKey,
+        Tag.UserID,
+        Tag.Signature,
+        Tag.PublicSubkey,
+        Tag.Signature,
+    ]
+    return pk[0], pk[1], pk[2], pk[3], pk[4]
+
+
+# -- The comparison with gpg -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(keys: Keys, made: dict[str, TestKey]) -> Iterator[Keystore]:
+    home = new_gnupg_home("e2js")
+    ks = Keystore(home)
+    for key in [*keys.all(), *made.values()]:
+        ks.import_file(key.cert)
+    for key in (keys.alice, keys.locked, made["multi"], made["rsa3072"], made["revsub"]):
+        assert key.secret is not None
+        ks.import_file(key.secret)
+    yield ks
+    ks.shutdown_agent()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _summary(key: OpenPGPKey, *, secret: bool) -> dict[str, object]:
+    enc = key.encryption_subkey()
+    sign = key.signing_subkey() if secret else None
+    return {
+        "fingerprint": key.fingerprint,
+        "addresses": key.addresses,
+        "encryption_problem": key.encryption_problem(),
+        "signing_problem": key.signing_problem() if secret else None,
+        "encryption_subkey": enc.fingerprint if enc else None,
+        "signing_subkey": sign.fingerprint if sign else None,
+        "expires": key.expires,
+        "subkey_expiry": {
+            s.fingerprint: s.expires
+            for s in key.subkeys
+            if s.problem(datetime.now(UTC)) is None
+            or s.problem(datetime.now(UTC))[0] is KeyReason.EXPIRED  # type: ignore[index]
+        },
+        "has_secret": key.has_secret,
+        "status": key.status(),
+    }
+
+
+SESSION = ["alice", "bob", "carol", "expired", "revoked", "weak", "signonly", "locked", "sha1"]
+MADE = ["rsa3072", "stale", "revsub", "revuid", "multi"]
+SECRET = {"alice", "locked", "multi", "rsa3072", "revsub"}
+
+
+@pytest.mark.parametrize("name", SESSION + MADE)
+def test_judgement_equals_gpgs(
+    name: str, keys: Keys, made: dict[str, TestKey], store: Keystore
+) -> None:
+    """For every kind of key the fixtures make, the judgement from the bytes alone equals the
+    keystore's judgement from gpg's listing: fingerprint, addresses, why it cannot encrypt
+    (or sign, for secret keys), which subkey is chosen, and the expiry dates."""
+    key = getattr(keys, name) if name in SESSION else made[name]
+    secret = name in SECRET
+    source = key.secret if secret else key.cert
+    assert source is not None
+    (ours,) = keys_from_bytes(source.read_bytes())
+    theirs = store.get(key.fingerprint)
+    assert theirs is not None
+    assert _summary(ours, secret=secret) == _summary(theirs, secret=secret)
+
+
+def test_expected_verdicts(keys: Keys, made: dict[str, TestKey]) -> None:
+    """The verdicts themselves (so the table above cannot pass by both sides being wrong)."""
+
+    def verdict(key: TestKey, secret: bool = False) -> OpenPGPKey:
+        path = key.secret if secret else key.cert
+        assert path is not None
+        return keys_from_bytes(path.read_bytes())[0]
+
+    def reason(key: TestKey) -> KeyReason | None:
+        problem = verdict(key).encryption_problem()
+        return problem[0] if problem else None
+
+    assert reason(keys.bob) is None
+    assert reason(keys.expired) is KeyReason.EXPIRED
+    assert reason(keys.revoked) is KeyReason.REVOKED
+    assert verdict(keys.weak).encryption_problem() == (KeyReason.WEAK, "rsa1024 is below 2048 bits")
+    assert verdict(keys.sha1).encryption_problem() == (
+        KeyReason.WEAK,
+        "SHA-1 self-signature on the user ID",
+    )
+    assert reason(keys.signonly) is KeyReason.NO_ENCRYPTION_KEY
+    assert reason(made["stale"]) is KeyReason.NO_ENCRYPTION_KEY
+    assert reason(made["revsub"]) is KeyReason.NO_ENCRYPTION_KEY
+    assert verdict(made["revuid"]).addresses == ("revuid@example.com",)
+    rsa = verdict(made["rsa3072"])
+    assert rsa.primary.algorithm == "rsa3072" and rsa.encryption_problem() is None
+    assert verdict(keys.bob).encryption_subkey().algorithm == "cv25519"  # type: ignore[union-attr]
+    multi = verdict(made["multi"], secret=True)
+    newest = max((s for s in multi.subkeys if "e" in s.capabilities), key=lambda s: s.created)
+    assert multi.encryption_subkey() == newest
+    assert multi.signing_problem() is None and multi.has_secret
+    assert not verdict(made["multi"]).has_secret
+
+
+# -- Attacks: packets anyone can append must never make a key usable ---------------------------
+
+
+def _judge_and_gpg(data: bytes, tmp_path: Path) -> tuple[OpenPGPKey, OpenPGPKey | None]:
+    (ours,) = keys_from_bytes(data)
+    ks = Keystore(tmp_path / "gpg")
+    try:
+        ks.import_keys(data)
+    except KeystoreError:
+        return ours, None
+    return ours, ks.get(ours.fingerprint)
+
+
+def test_forged_binding_signature_binds_no_subkey(made: dict[str, TestKey], tmp_path: Path) -> None:
+    """A subkey whose binding signature is forged (one MPI byte changed, digest prefix still
+    right) is not usable: the naive reading of its key flags would encrypt to it."""
+    primary, uid, uid_sig, sub, binding = _parts(made["forged"])
+    forged = _flip_last_mpi_byte(binding)
+    assert forged.key_flags.transport_encryption  # what a naive judge would believe
+    ours, theirs = _judge_and_gpg(_binary([primary, uid, uid_sig, sub, forged]), tmp_path)
+    assert ours.encryption_subkey() is None
+    assert ours.encryption_problem() is not None
+    assert ours.encryption_problem()[0] is KeyReason.NO_ENCRYPTION_KEY  # type: ignore[index]
+    assert theirs is not None and theirs.encryption_subkey() is None
+
+
+def test_binding_spliced_from_another_key_binds_nothing(
+    keys: Keys, made: dict[str, TestKey], tmp_path: Path
+) -> None:
+    """Another key's encryption subkey with its genuine binding (made by that other primary),
+    spliced into this certificate, and this key's own genuine binding moved under a foreign
+    subkey: neither subkey is bound to this key."""
+    primary, uid, uid_sig, _sub, own_binding = _parts(made["spliced"])
+    *_, other_sub, other_binding = _parts(keys.carol)
+    ours, _ = _judge_and_gpg(_binary([primary, uid, uid_sig, other_sub, other_binding]), tmp_path)
+    assert ours.subkeys == () and ours.encryption_subkey() is None
+    moved = _binary([primary, uid, uid_sig, other_sub, own_binding])
+    (ours,) = keys_from_bytes(moved)
+    assert ours.subkeys == ()
+
+
+def test_forged_newer_binding_does_not_revive_an_expired_subkey(
+    made: dict[str, TestKey], tmp_path: Path
+) -> None:
+    """The only encryption subkey expired in 2020. A newer binding without the expiry (a
+    forgery with a correct digest prefix) is what a naive judge, taking the newest binding,
+    would use; it must stay expired, and gpg agrees."""
+    primary, uid, uid_sig, sub, binding = _parts(made["revive"])
+    assert binding.key_validity_period is not None
+    forged = _forge(
+        binding,
+        _key_hash(primary) + _key_hash(sub),
+        drop=frozenset({9}),
+        created=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    assert (
+        forged.key_validity_period is None and forged.signature_created > binding.signature_created
+    )
+    data = _binary([primary, uid, uid_sig, sub, binding, forged])
+    ours, theirs = _judge_and_gpg(data, tmp_path)
+    assert ours.encryption_subkey() is None
+    problem = ours.encryption_problem()
+    assert problem is not None and problem[0] is KeyReason.NO_ENCRYPTION_KEY
+    assert "expired" in problem[1]
+    (sub_judged,) = ours.subkeys
+    assert sub_judged.expires is not None and sub_judged.expires.year == 2020
+    # gpg's import drops a subkey that carries a bad self-signature: refused there too.
+    assert theirs is not None and theirs.encryption_subkey() is None
+
+
+def test_only_encryption_subkey_expired_is_never_used(made: dict[str, TestKey]) -> None:
+    """pysequoia's encrypt() falls back to an expired subkey when no live one exists; the
+    judge says the certificate has no usable encryption subkey (the expiry comes from the
+    verified binding, not from that fallback)."""
+    data = made["stale"].cert.read_bytes()
+    sq.encrypt(b"x", [sq.Cert.from_bytes(data)])  # pysequoia alone would encrypt to it
+    (ours,) = keys_from_bytes(data)
+    assert ours.encryption_subkey() is None
+    assert ours.encryption_problem() == (
+        KeyReason.NO_ENCRYPTION_KEY,
+        f"key expired: {ours.subkeys[0].key_id} expired on 2020-01-02",
+    )
+
+
+def test_forged_revocations_are_ignored(made: dict[str, TestKey]) -> None:
+    """A forged subkey revocation and a forged key revocation (strong hash, correct digest
+    prefix, wrong signature) prove nothing and are ignored (RFC 9580 §5.2.4: a signature that
+    does not verify counts for nothing), as Sequoia ignores them: honouring them would let
+    anyone switch a key off by appending a packet. (gpg's import instead drops a subkey that
+    carries a bad self-signature; neither makes anything usable that was not.)"""
+    primary, uid, uid_sig, sub, binding = _parts(made["fakerev"])
+    sub_rev = _forge(
+        binding, _key_hash(primary) + _key_hash(sub), sig_type=0x28, drop=frozenset({9, 27})
+    )
+    key_rev = _forge(uid_sig, _key_hash(primary), sig_type=0x20, drop=frozenset({9, 27}))
+    data = _binary([primary, key_rev, uid, uid_sig, sub, binding, sub_rev])
+    (ours,) = keys_from_bytes(data)
+    assert ours.encryption_problem() is None
+    chosen = ours.encryption_subkey()
+    assert chosen is not None and chosen.fingerprint == str(sub.fingerprint).upper()
+    assert not sq.Cert.from_bytes(data).is_revoked  # Sequoia's own view agrees
+    sq.encrypt(b"x", [sq.Cert.from_bytes(data)])
+
+
+def test_revocation_too_weak_to_check_is_honoured(made: dict[str, TestKey]) -> None:
+    """A revocation whose hash (SHA-1) Sequoia's policy will not check is honoured: that
+    fails closed (the key is refused), never open."""
+    primary, uid, uid_sig, sub, binding = _parts(made["weakrev"])
+    sub_rev = _forge(
+        binding,
+        _key_hash(primary) + _key_hash(sub),
+        sig_type=0x28,
+        hash_algo=2,
+        drop=frozenset({9, 27}),
+    )
+    (ours,) = keys_from_bytes(_binary([primary, uid, uid_sig, sub, binding, sub_rev]))
+    assert ours.encryption_subkey() is None
+    problem = ours.encryption_problem()
+    assert problem is not None and problem[0] is KeyReason.NO_ENCRYPTION_KEY
+    key_rev = _forge(
+        uid_sig, _key_hash(primary), sig_type=0x20, hash_algo=2, drop=frozenset({9, 27})
+    )
+    (ours,) = keys_from_bytes(_binary([primary, key_rev, uid, uid_sig, sub, binding]))
+    assert ours.encryption_problem() == (KeyReason.REVOKED, ours.primary.key_id)
+
+
+def test_forged_user_id_is_not_listed(made: dict[str, TestKey], tmp_path: Path) -> None:
+    """A user ID for someone else's address, appended with a forged self-signature, does not
+    file the key under that address."""
+    primary, uid, uid_sig, sub, binding = _parts(made["fakeuid"])
+    text = b"Mallory <victim@example.com>"
+    fake_uid = _packets(_frame(13, text))[0]
+    fake_sig = _forge(
+        uid_sig, _key_hash(primary) + _uid_hash(text), created=datetime(2026, 1, 2, tzinfo=UTC)
+    )
+    data = _binary([primary, uid, uid_sig, fake_uid, fake_sig, sub, binding])
+    ours, theirs = _judge_and_gpg(data, tmp_path)
+    assert ours.addresses == ("fakeuid@example.com",)
+    assert theirs is not None and theirs.addresses == ours.addresses
+
+
+# -- Input handling -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [b"", b"not a key", b"-----BEGIN PGP MESSAGE-----\n\nabc\n"])
+def test_no_certificate_is_a_one_line_keystore_error(data: bytes) -> None:
+    with pytest.raises(KeystoreError) as info:
+        keys_from_bytes(data)
+    assert "\n" not in str(info.value)
+
+
+def test_concatenated_armored_and_binary_certificates(keys: Keys) -> None:
+    armored = keys.bob.cert.read_bytes() + keys.carol.cert.read_bytes()
+    assert [k.fingerprint for k in keys_from_bytes(armored)] == [
+        keys.bob.fingerprint,
+        keys.carol.fingerprint,
+    ]
+    binary = bytes(sq.Cert.from_bytes(keys.bob.cert.read_bytes())) + bytes(
+        sq.Cert.from_bytes(keys.carol.cert.read_bytes())
+    )
+    assert [k.fingerprint for k in keys_from_bytes(binary)] == [
+        keys.bob.fingerprint,
+        keys.carol.fingerprint,
+    ]
+
+
+def test_key_from_cert_counts_secrets(keys: Keys) -> None:
+    assert keys.alice.secret is not None
+    secret = sq.Cert.from_bytes(keys.alice.secret.read_bytes())
+    judged = key_from_cert(secret)
+    assert judged.fingerprint == keys.alice.fingerprint and judged.has_secret
+    assert judged.signing_problem() is None
+    public = key_from_cert(sq.Cert.from_bytes(keys.alice.cert.read_bytes()))
+    assert not public.has_secret
+    tsk = key_from_cert(sq.Tsk.from_bytes(keys.alice.secret.read_bytes()))
+    assert tsk.has_secret and tsk.signing_subkey() == judged.signing_subkey()
