@@ -37,7 +37,6 @@ unless it is the user's own (secret) key or came in through e2email.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import shutil
@@ -674,16 +673,28 @@ def _secret_keys_in(data: bytes) -> dict[str, bytes]:
     return found
 
 
-def _with_secrets(key: OpenPGPKey, tsk_bytes: bytes) -> OpenPGPKey:
-    """``key`` with ``has_secret`` set on each (sub)key whose secret is in ``tsk_bytes``."""
-    held = _secret_fprs(tsk_bytes)
-    return dataclasses.replace(
-        key,
-        primary=dataclasses.replace(key.primary, has_secret=key.primary.fingerprint in held),
-        subkeys=tuple(
-            dataclasses.replace(k, has_secret=k.fingerprint in held) for k in key.subkeys
-        ),
-    )
+def _with_secret_packets(public: bytes, tsk_bytes: bytes) -> bytes:
+    """The stored certificate ``public`` (with every signature merged into it since) with the
+    key packets whose secret ``tsk_bytes`` holds replaced by those secret key packets: the
+    current certificate, as a transferable secret key. ``public`` when that fails."""
+    sq = _sq()
+    from pysequoia.packet import PacketPile, Tag
+
+    try:
+        secret = {
+            (p.fingerprint or "").upper(): p
+            for p in PacketPile.from_bytes(tsk_bytes)
+            if p.tag in (Tag.SecretKey, Tag.SecretSubkey)
+        }
+        out = [
+            secret.get((p.fingerprint or "").upper(), p)
+            if p.tag in (Tag.PublicKey, Tag.PublicSubkey)
+            else p
+            for p in PacketPile.from_bytes(public)
+        ]
+        return bytes(sq.Tsk.from_packets(out))
+    except (RuntimeError, ValueError):
+        return public
 
 
 def _armor(data: bytes, *, secret: bool) -> bytes:
@@ -1677,12 +1688,14 @@ class Keystore:
                 data = path.read_bytes()
             except OSError as exc:
                 raise KeystoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            if sec_tag is not None:
+                # Judged with its secret key material: a signing subkey is shown genuine by
+                # Sequoia picking it to sign (pgpkeys), which needs the secret.
+                data = _with_secret_packets(data, self.secret_keys.get(fpr) or b"")
             judged = [k for k in _judge(data) if k.fingerprint == fpr]
             if not judged:
                 continue  # not a certificate for its file name: never chosen
             key = judged[0]
-            if sec_tag is not None:
-                key = _with_secrets(key, self.secret_keys.get(fpr) or b"")
             self._judged[fpr] = (tag, sec_tag, key)
             keys.append(key)
         for gone in set(self._judged) - seen:
