@@ -24,11 +24,13 @@ only certificates whose tag changed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import secrets
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -355,3 +357,177 @@ def _can_sign(tsk: Any) -> bool:
     except (RuntimeError, ValueError) as exc:
         return "encrypted" in _first_line(exc)
     return True
+
+
+# -- Key generation with gpg-compatible self-signatures --------------------------------------
+
+
+def _mpis(data: bytes, count: int) -> tuple[list[int], bytes]:
+    """``count`` MPIs (RFC 9580 §3.2) from the start of ``data``, and what follows."""
+    values = []
+    pos = 0
+    for _ in range(count):
+        bits = int.from_bytes(data[pos : pos + 2], "big")
+        size = (bits + 7) // 8
+        values.append(int.from_bytes(data[pos + 2 : pos + 2 + size], "big"))
+        pos += 2 + size
+    return values, data[pos:]
+
+
+def _mpi(value: int) -> bytes:
+    return value.bit_length().to_bytes(2, "big") + value.to_bytes(
+        (value.bit_length() + 7) // 8, "big"
+    )
+
+
+def _subpacket(kind: int, data: bytes) -> bytes:
+    return bytes([len(data) + 1, kind]) + data  # every one here is shorter than 191 bytes
+
+
+def _signer_for(algorithm: int, secret: bytes) -> Any:
+    """A function signing a digest with the primary key's secret (unprotected, v4 layout):
+    EdDSA (22) with the 32-byte seed, RSA (1) with d, p, q (u is recomputed)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    if secret[0] != 0:
+        raise KeystoreError("a freshly generated key is protected already")
+    if algorithm == 22:
+        (seed,), _ = _mpis(secret[1:], 1)
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(seed.to_bytes(32, "big"))
+
+        def eddsa(digest: bytes) -> bytes:
+            sig = key.sign(digest)  # legacy EdDSA signs the digest itself (RFC 9580 §5.2.3.3)
+            return _mpi(int.from_bytes(sig[:32], "big")) + _mpi(int.from_bytes(sig[32:], "big"))
+
+        return eddsa
+    if algorithm == 1:
+        return functools.partial(_rsa_sign, secret, rsa, padding, hashes, Prehashed)
+    raise KeystoreError(f"cannot sign with public-key algorithm {algorithm}")
+
+
+def _rsa_sign(
+    secret: bytes, rsa: Any, padding: Any, hashes: Any, prehashed: Any, public: bytes, digest: bytes
+) -> bytes:
+    (n, e), _ = _mpis(public[6:], 2)
+    (d, p, q, _u), _ = _mpis(secret[1:], 4)
+    numbers = rsa.RSAPrivateNumbers(
+        p=p,
+        q=q,
+        d=d,
+        dmp1=rsa.rsa_crt_dmp1(d, p),
+        dmq1=rsa.rsa_crt_dmq1(d, q),
+        iqmp=rsa.rsa_crt_iqmp(p, q),
+        public_numbers=rsa.RSAPublicNumbers(e, n),
+    )
+    key = numbers.private_key()
+    return _mpi(
+        int.from_bytes(key.sign(digest, padding.PKCS1v15(), prehashed(hashes.SHA512())), "big")
+    )
+
+
+def _self_signature(
+    sign: Any,
+    algorithm: int,
+    fingerprint: bytes,
+    prefix: bytes,
+    sig_type: int,
+    subpackets: bytes,
+) -> bytes:
+    """A v4 self-signature (RFC 9580 §5.2.4) with SHA-512 over ``prefix`` (the key, then the
+    user ID or subkey it binds) and the hashed subpackets given plus creation time and issuer
+    fingerprint."""
+    created = _subpacket(2, int(time.time()).to_bytes(4, "big"))
+    hashed = created + subpackets + _subpacket(33, b"\x04" + fingerprint)
+    head = bytes([4, sig_type, algorithm, 10]) + len(hashed).to_bytes(2, "big") + hashed
+    trailer = b"\x04\xff" + len(head).to_bytes(4, "big")
+    digest = hashlib.sha512(prefix + head + trailer).digest()
+    unhashed = _subpacket(16, fingerprint[-8:])
+    signature: bytes = sign(digest)
+    return head + len(unhashed).to_bytes(2, "big") + unhashed + digest[:2] + signature
+
+
+def generate_key(user_id: str, *, suite: str, validity_seconds: int | None) -> bytes:
+    """A new unprotected v4 transferable secret key: a certification and signing primary key
+    and an encryption subkey, as gpg makes them, with self-signatures that advertise only what
+    GnuPG 2.2 reads (Features: SEIPD v1 only, RFC 9580 §5.2.3.32).
+
+    The key material comes from Sequoia (``Tsk.generate``, "cv25519" / "rsa3k" / "rsa4k");
+    the self-signatures are made here because Sequoia's own advertise SEIPD v2, so that any
+    Sequoia-based sender (e2email's own engine among them) would encrypt to the key in a form
+    GnuPG, the most common reader, cannot decrypt. Checked before it is returned: Sequoia
+    reads it, encrypts to exactly its subkey and signs with its primary key."""
+    sq = _sq()
+    from pysequoia.packet import PacketPile, Tag
+
+    suites = {"cv25519": "Cv25519", "rsa3k": "RSA3k", "rsa4k": "RSA4k"}
+    made = sq.Tsk.generate(
+        user_id, profile=sq.Profile.RFC4880, cipher_suite=getattr(sq.CipherSuite, suites[suite])
+    )
+    packets = list(PacketPile.from_bytes(bytes(made)))
+    public = {
+        (p.fingerprint or "").upper(): bytes(p.body)
+        for p in PacketPile.from_bytes(bytes(made.extract_certificate()))
+        if p.tag in (Tag.PublicKey, Tag.PublicSubkey)
+    }
+    primary = packets[0]
+    encryption = None
+    for i, packet in enumerate(packets):
+        following = packets[i + 1] if i + 1 < len(packets) else None
+        if packet.tag == Tag.SecretSubkey and "encryption" in str(
+            getattr(following, "key_flags", "")
+        ):
+            encryption = packet
+    if primary.tag != Tag.SecretKey or encryption is None:
+        raise KeystoreError("key generation gave no primary key and encryption subkey")
+    p_fpr = (primary.fingerprint or "").upper()
+    s_fpr = (encryption.fingerprint or "").upper()
+    p_pub, s_pub = public[p_fpr], public[s_fpr]
+    p_body = bytes(primary.body)
+    algorithm = p_pub[5]
+    sign = _signer_for(algorithm, p_body[len(p_pub) :])
+    if algorithm == 1:
+        sign = functools.partial(sign, p_pub)
+    fpr = bytes.fromhex(p_fpr)
+    expiry = (
+        _subpacket(9, validity_seconds.to_bytes(4, "big")) if validity_seconds is not None else b""
+    )
+    uid = user_id.encode("utf-8")
+    key_prefix = b"\x99" + len(p_pub).to_bytes(2, "big") + p_pub
+    certification = _self_signature(
+        sign,
+        algorithm,
+        fpr,
+        key_prefix + b"\xb4" + len(uid).to_bytes(4, "big") + uid,
+        0x13,
+        _subpacket(27, b"\x03")  # certify and sign
+        + expiry
+        + _subpacket(11, bytes([9, 8, 7]))  # AES-256, AES-192, AES-128
+        + _subpacket(21, bytes([10, 8]))  # SHA-512, SHA-256
+        + _subpacket(22, bytes([0]))  # uncompressed (e2email never compresses)
+        + _subpacket(30, b"\x01")  # SEIPD v1 only: what GnuPG 2.2 and 2.4 decrypt
+        + _subpacket(25, b"\x01"),  # the primary user ID
+    )
+    binding = _self_signature(
+        sign,
+        algorithm,
+        fpr,
+        key_prefix + b"\x99" + len(s_pub).to_bytes(2, "big") + s_pub,
+        0x18,
+        _subpacket(27, b"\x0c") + expiry,  # encrypt communications and storage
+    )
+    raw = (
+        _packet(5, p_body)
+        + _packet(13, uid)
+        + _packet(2, certification)
+        + _packet(7, bytes(encryption.body))
+        + _packet(2, binding)
+    )
+    try:
+        tsk = sq.Tsk.from_bytes(raw)
+        tsk.signer(None)
+        sq.encrypt(b"", [tsk.extract_certificate()], armor=False)
+    except (RuntimeError, ValueError) as exc:
+        raise KeystoreError(f"the generated key does not check: {_first_line(exc)}") from exc
+    return raw

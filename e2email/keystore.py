@@ -51,7 +51,15 @@ from typing import Any
 
 import gnupg
 
-from e2email.certd import CERT_DIR, SECRET_DIR, CertDirectory, SecretKeys, is_protected, protect
+from e2email.certd import (
+    CERT_DIR,
+    SECRET_DIR,
+    CertDirectory,
+    SecretKeys,
+    generate_key,
+    is_protected,
+    protect,
+)
 from e2email.config import default_home
 from e2email.errors import (
     ConfigError,
@@ -1814,30 +1822,20 @@ class Keystore:
         *,
         unprotected: bool,
     ) -> GeneratedKey:
-        """A new key made in this process (Sequoia): a certification primary with signing and
-        encryption subkeys, OpenPGP v4 (RFC 4880 profile: what gpg 2.2 and most peers read)."""
+        """A new key made in this process (:func:`e2email.certd.generate_key`): a signing
+        primary key and an encryption subkey, OpenPGP v4, as gpg makes them."""
         sq = _sq()
         if not passphrase and not unprotected:
             raise KeystoreError(
                 "the certificate store keeps secret keys only under a passphrase: give one "
                 "(--passphrase-env VAR or --ask-passphrase), or --unprotected for a key without"
             )
-        suite = {
-            "ed25519": sq.CipherSuite.Cv25519,
-            "rsa3072": sq.CipherSuite.RSA3k,
-            "rsa4096": sq.CipherSuite.RSA4k,
-        }[algorithm]
+        suite = {"ed25519": "cv25519", "rsa3072": "rsa3k", "rsa4096": "rsa4k"}[algorithm]
         uid = f"{name} <{address}>" if name else f"<{address}>"
         try:
-            tsk = sq.Tsk.generate(
-                uid,
-                profile=sq.Profile.RFC4880,
-                cipher_suite=suite,
-                validity_seconds=_validity_seconds(expire),
-            )
+            raw = generate_key(uid, suite=suite, validity_seconds=_validity_seconds(expire))
         except (RuntimeError, ValueError) as exc:
             raise KeystoreError(f"key generation failed: {_first_line(exc)}") from exc
-        raw = bytes(tsk)
         if passphrase:
             raw = protect(raw, passphrase)
         cert = sq.Cert.from_bytes(raw)

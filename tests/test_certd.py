@@ -278,3 +278,28 @@ def test_keys_migrate_on_the_command_line(keys: Keys, tmp_path: Path) -> None:
         assert "2 of 2 key(s) moved" in done.stdout
     finally:
         old.shutdown_agent()
+
+
+def test_mail_between_keys_generated_in_the_store_is_read_by_gpg(tmp_path: Path) -> None:
+    """Keys made without gpg advertise only what GnuPG reads (SEIPD v1): a message from one to
+    the other, made in process, is decrypted and verified by gpg. (Sequoia's own generated
+    keys advertise SEIPD v2, which gpg cannot decrypt: "packet(1) with unknown version 6".)"""
+    store = Keystore(tmp_path / "home", backend="certd")
+    sender = store.generate("gen-a@example.com", name="Gen A", passphrase="pw a")
+    recipient = store.generate("gen-b@example.com", unprotected=True, expire="1y")
+    key = store.get(sender.fingerprint)
+    assert key is not None and key.status() == "usable" and key.expires is not None
+    engine = SequoiaProtector(store)
+    message = Message(sender="gen-a@example.com", to=["gen-b@example.com"], text="made here")
+    (copy,) = asyncio.run(engine.protect(message.finalized(), SEQUOIA, passphrase="pw a"))
+    reader = new_gnupg_home("e2b")
+    try:
+        gpg(reader, "--import", input=store.secret_key_bytes(recipient.fingerprint))
+        gpg(reader, "--import", input=store.export(sender.fingerprint))
+        _, (_, encrypted) = multipart_parts(copy.raw)
+        plain, status = gpg_decrypt(reader, part_body(encrypted))
+        assert b"made here" in plain
+        assert f"VALIDSIG {sender.fingerprint}" in status
+    finally:
+        kill_agent(reader)
+        shutil.rmtree(reader, ignore_errors=True)
