@@ -800,6 +800,8 @@ def vet_key(data: bytes, address: str, *, gpg_binary: str = "gpg") -> VettedKey 
     addr = _filter_address(address)
     if not data.strip():
         return KeyProblem(addr, KeyReason.NOT_FOUND, "the answer was empty")
+    if shutil.which(gpg_binary) is None:
+        return _vet_key_certd(data, addr)
     scratch_dir = Path(tempfile.mkdtemp(prefix="e2v"))
     scratch = Keystore(scratch_dir, gpg_binary=gpg_binary)
     secret = False
@@ -836,6 +838,75 @@ def vet_key(data: bytes, address: str, *, gpg_binary: str = "gpg") -> VettedKey 
     finally:
         if secret:  # secret keys go through a gpg-agent, which must not outlive the home
             scratch.shutdown_agent()
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def _vet_key_certd(data: bytes, addr: str) -> VettedKey | KeyProblem:
+    """:func:`vet_key` without gpg: the same steps on a throwaway certificate store. User IDs
+    whose address (gpg's ``mbox`` rule, :func:`_uid_address`) is not ``addr`` are dropped with
+    their signatures before anything is judged, as gpg's ``keep-uid`` import filter does; a
+    certificate left without one is dropped; secret key material is never kept."""
+    import tempfile
+
+    sq = _sq()
+    from pysequoia.packet import PacketPile, Tag
+
+    try:
+        packets = list(PacketPile.from_bytes(data))
+    except (RuntimeError, ValueError):
+        return KeyProblem(addr, KeyReason.INVALID, "no OpenPGP key in the answer")
+    chunks: list[list[Any]] = []
+    for packet in packets:
+        if packet.tag in (Tag.PublicKey, Tag.SecretKey):
+            chunks.append([])
+        if chunks:
+            chunks[-1].append(packet)
+    kept: list[bytes] = []
+    for chunk in chunks:
+        out: list[Any] = []
+        keep = True
+        has_uid = False
+        for packet in chunk:
+            if packet.tag == Tag.UserID:
+                keep = _uid_address(_uid_text(packet)) == addr
+                has_uid = has_uid or keep
+            elif packet.tag == Tag.UserAttribute:
+                keep = False
+            elif packet.tag in (Tag.PublicSubkey, Tag.SecretSubkey):
+                keep = True
+            if keep:
+                out.append(packet)
+        if has_uid:
+            try:
+                kept.append(bytes(sq.Cert.from_packets(out)))  # public parts only
+            except (RuntimeError, ValueError):
+                continue
+    if not kept:
+        if chunks:
+            return KeyProblem(addr, KeyReason.ADDRESS_MISMATCH, "no user ID with the address")
+        return KeyProblem(addr, KeyReason.INVALID, "no OpenPGP key in the answer")
+    scratch_dir = Path(tempfile.mkdtemp(prefix="e2v"))
+    try:
+        scratch = Keystore(scratch_dir, backend="certd")
+        scratch.import_keys(b"".join(kept))
+        choice = scratch._choose(addr, None, purpose="encrypt")
+        if isinstance(choice, KeyProblem):
+            if choice.reason is KeyReason.NOT_FOUND:
+                return KeyProblem(addr, KeyReason.ADDRESS_MISMATCH, "no user ID with the address")
+            return choice
+        strays = [u.text for u in choice.user_ids if u.validity != "r" and u.address != addr]
+        if strays:
+            return KeyProblem(
+                addr,
+                KeyReason.ADDRESS_MISMATCH,
+                f"a user ID does not name only the address: {strays[0]!r}",
+                choice.fingerprint,
+            )
+        minimal = scratch._minimal_certd(choice.fingerprint, addr, None)
+        return VettedKey(addr, choice.fingerprint, minimal, choice)
+    except KeystoreError as exc:
+        return KeyProblem(addr, KeyReason.INVALID, str(exc))
+    finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
 
 
@@ -1846,10 +1917,10 @@ class Keystore:
         self.sources.record([fpr], KeySource(SourceKind.GENERATED))
         return GeneratedKey(fingerprint=fpr, user_id=uid)
 
-    def _minimal_certd(self, fingerprint: str, address: str, subkey: str) -> bytes:
+    def _minimal_certd(self, fingerprint: str, address: str, subkey: str | None) -> bytes:
         """As ``gpg --export-options export-minimal`` with ``keep-uid=mbox = ADDRESS`` and
-        only ``subkey``: the primary key, the user IDs whose address is ``address``, that
-        subkey, and only self-signatures (issued by the primary) on them."""
+        only ``subkey`` (None: every subkey): the primary key, the user IDs whose address is
+        ``address``, the subkeys, and only self-signatures (issued by the primary) on them."""
         sq = _sq()
         from pysequoia.packet import PacketPile, Tag
 
@@ -1868,7 +1939,7 @@ class Keystore:
             elif tag == Tag.UserAttribute:
                 keep = False
             elif tag == Tag.PublicSubkey:
-                keep = (packet.fingerprint or "").upper() == subkey.upper()
+                keep = subkey is None or (packet.fingerprint or "").upper() == subkey.upper()
             elif tag == Tag.Signature:
                 issuer = (packet.issuer_fingerprint or "").upper()
                 issuer_id = (packet.issuer_key_id or "").upper()

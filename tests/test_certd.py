@@ -303,3 +303,35 @@ def test_mail_between_keys_generated_in_the_store_is_read_by_gpg(tmp_path: Path)
     finally:
         kill_agent(reader)
         shutil.rmtree(reader, ignore_errors=True)
+
+
+def test_a_discovered_key_is_vetted_without_gpg_as_with_it(keys: Keys, tmp_path: Path) -> None:
+    """Key discovery's vetting (vet_key) with no gpg program gives gpg's answers: the key and
+    only the user IDs naming the address, or the same refusal."""
+    from e2email.keystore import VettedKey, vet_key
+
+    store = Keystore(tmp_path / "home", backend="certd")
+    made = store.generate("two@example.com", name="Two", unprotected=True)
+    tsk = pysequoia.Tsk.from_bytes(store.secret_key_bytes(made.fingerprint) or b"")
+    cert = pysequoia.Cert.from_bytes(store.export(made.fingerprint, armor=False))
+    two_ids = bytes(cert.add_user_id("Other <other@example.net>", tsk.certifier()))
+    cases = [
+        (keys.bob.cert.read_bytes(), "bob@example.net"),
+        (keys.bob.cert.read_bytes(), "carol@example.com"),
+        (keys.expired.cert.read_bytes(), keys.expired.address),
+        (keys.weak.cert.read_bytes(), keys.weak.address),
+        (two_ids, "two@example.com"),
+        (two_ids, "other@example.net"),
+        (b"not a key", "bob@example.net"),
+    ]
+    for data, address in cases:
+        with_gpg = vet_key(data, address)
+        without = vet_key(data, address, gpg_binary="no-such-gpg-program")
+        if isinstance(with_gpg, VettedKey):
+            assert isinstance(without, VettedKey), (address, without)
+            assert without.fingerprint == with_gpg.fingerprint
+            ids = [str(u) for u in pysequoia.Cert.from_bytes(without.data).user_ids]
+            assert all(address in str(u) for u in ids) and len(ids) == 1, ids
+        else:
+            assert isinstance(without, KeyProblem), (address, without)
+            assert without.reason is with_gpg.reason, (address, without, with_gpg)
