@@ -987,6 +987,9 @@ class Keystore:
             raise ConfigError("a named GnuPG home is a GnuPG keystore, not a certificate store")
         #: "certd" (the certificate store) or "gnupg" (a GnuPG home): see the module docstring.
         self.backend: str = backend or self._pick_backend(gnupg_home is not None)
+        if self.backend == "certd":
+            # Only the GnuPG engine uses a GnuPG home here: a copy of the store, made for it.
+            self.gnupg_home = self.home / "gnupg-engine"
         self._gpg: gnupg.GPG | None = None
         self._lock = threading.Lock()
         self._listing: _Listing | None = None
@@ -1023,12 +1026,12 @@ class Keystore:
 
     @property
     def gpg(self) -> gnupg.GPG:
-        """The python-gnupg handle, creating the GnuPG home (mode 0700) on first use."""
-        if self.is_certd:
+        """The python-gnupg handle, creating the GnuPG home (mode 0700) on first use. With the
+        certificate store: the GnuPG engine's copy of it (see :meth:`_sync_engine_home`)."""
+        if self.is_certd and shutil.which(self.gpg_binary) is None:
             raise KeystoreError(
-                f"{self.home} keeps its OpenPGP keys in the certificate store ({CERT_DIR}), "
-                "which the GnuPG engine does not read: use --engine sequoia (or --gnupg-home "
-                "DIR for a GnuPG home)"
+                f"the GnuPG engine needs the gpg program ({self.gpg_binary!r}), which is not "
+                "installed: use --engine sequoia"
             )
         with self._lock:
             if self._gpg is None:
@@ -1043,7 +1046,34 @@ class Keystore:
                 except (OSError, ValueError, RuntimeError) as exc:
                     raise KeystoreError(f"cannot use GnuPG home {self.gnupg_home}: {exc}") from exc
                 self._gpg.encoding = "utf-8"
+            if self.is_certd:
+                self._sync_engine_home(self._gpg)
             return self._gpg
+
+    def _sync_engine_home(self, handle: gnupg.GPG) -> None:
+        """Keep the GnuPG engine's home (``HOME/gnupg-engine``) in step with the certificate
+        store, which stays the one place keys are kept and judged: every certificate and
+        secret key is imported again whenever the store changed (gpg merges what it has; a
+        protected secret key is imported as it is, and unlocked by each message's passphrase
+        through loopback). The state last imported is noted in the folder, so another process
+        does not import an unchanged store again."""
+        stamp = repr(self._stamp()).encode()
+        note = self.gnupg_home / "e2email-synced"
+        try:
+            if note.read_bytes() == stamp:
+                return
+        except OSError:
+            pass
+        data = [path.read_bytes() for _, path in self.certd.fingerprints()]
+        data += [self.secret_keys.get(f) or b"" for f in sorted(self.secret_keys.fingerprints())]
+        if any(data):
+            result = handle.import_keys(b"".join(data))
+            if not result.results:
+                raise KeystoreError(
+                    f"gpg did not take the certificate store into {self.gnupg_home}"
+                )
+        with open_private(note, "wb") as fh:
+            fh.write(stamp)
 
     def _check_keyring_files(self) -> None:
         """The files gpg reads keys and ownertrust from must be as private as the folder:
@@ -1599,7 +1629,7 @@ class Keystore:
 
     def shutdown_agent(self) -> None:
         """Stop the gpg-agent of this GnuPG home (used for throwaway homes in demo and tests)."""
-        if self.is_certd or not self.gnupg_home.exists():
+        if not self.gnupg_home.exists():
             return  # no agent was ever started for it
         with contextlib.suppress(OSError):  # no gpgconf: no agent either
             subprocess.run(

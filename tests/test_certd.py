@@ -20,7 +20,14 @@ import pytest
 from fixtures_pgp import LOCKED_PASSPHRASE, Keys
 from pgp_helpers import gpg, gpg_decrypt, kill_agent, multipart_parts, new_gnupg_home, part_body
 
-from e2email import ConfigError, KeyReason, Message, OpenPGPEngine, PassphraseError, Protection
+from e2email import (
+    KeyReason,
+    Message,
+    OpenPGPEngine,
+    PassphraseError,
+    Protection,
+    RecipientKeyError,
+)
 from e2email.certd import is_protected, protect
 from e2email.certstore import CertStore
 from e2email.crypto.base import protector_for
@@ -200,17 +207,34 @@ def test_the_in_process_engine_reads_keys_from_the_store_and_gpg_reads_its_copy(
     assert signed.signed
 
 
-def test_the_gnupg_engine_over_a_store_is_a_one_line_error(certd_store: Keystore) -> None:
+def test_the_gnupg_engine_uses_the_store_through_its_own_copy(
+    certd_store: Keystore, keys: Keys, recipients_home: Path
+) -> None:
+    """One keystore whichever engine runs: the GnuPG engine over a certificate store gets the
+    store's keys (imported into its own GnuPG home when the store changed), the same refusals
+    (judged by the store), and each message's passphrase unlocks a protected key."""
+    from e2email.crypto.gpg import GpgProtector
+
     certstore = CertStore(certd_store.home / "certs")
-    with pytest.raises(ConfigError, match="--engine sequoia") as err:
-        protector_for(
-            Protection(engine=OpenPGPEngine.GPG), keystore=certd_store, certstore=certstore
-        )
-    assert "\n" not in str(err.value)
-    with pytest.raises(KeystoreError, match="--engine sequoia"):
-        certd_store.gpg  # noqa: B018
-    engine = protector_for(Protection(), keystore=certd_store, certstore=certstore)
-    assert isinstance(engine, SequoiaProtector)
+    gpg_protection = Protection(engine=OpenPGPEngine.GPG)
+    engine = protector_for(gpg_protection, keystore=certd_store, certstore=certstore)
+    assert isinstance(engine, GpgProtector)
+    assert certd_store.gnupg_home == certd_store.home / "gnupg-engine"
+    message = Message(sender="alice@example.org", to=["bob@example.net"], text="via gpg")
+    (copy,) = asyncio.run(engine.protect(message.finalized(), gpg_protection))
+    _, (_, encrypted) = multipart_parts(copy.raw)
+    plain, status = gpg_decrypt(recipients_home, part_body(encrypted))
+    assert b"via gpg" in plain and f"VALIDSIG {keys.alice.fingerprint}" in status
+    locked = Message(sender="locked@example.org", to=["bob@example.net"], text="x").finalized()
+    with pytest.raises(PassphraseError):
+        asyncio.run(engine.protect(locked, gpg_protection, passphrase="wrong"))
+    (signed,) = asyncio.run(engine.protect(locked, gpg_protection, passphrase=LOCKED_PASSPHRASE))
+    assert signed.signed
+    revoked = Message(sender="alice@example.org", to=[keys.revoked.address], text="x")
+    with pytest.raises(RecipientKeyError) as refused:
+        asyncio.run(engine.protect(revoked.finalized(), gpg_protection))
+    assert refused.value.problems[0].reason is KeyReason.REVOKED
+    certd_store.shutdown_agent()
 
 
 def test_migrate_moves_every_key_checks_both_sides_and_keeps_the_gnupg_home(

@@ -413,16 +413,11 @@ def _gpg_installed() -> bool:
 
 
 def _check_gpg_engine(protection: Protection, keystore: Keystore) -> None:
-    """The GnuPG engine chosen for a new message needs the gpg program and a GnuPG home: say
-    so in one line, naming what works instead, before any key is looked at. (A stored copy's
-    re-check, by engine name, needs neither: the keystore judges keys without gpg.)"""
+    """The GnuPG engine chosen for a new message needs the gpg program: say so in one line
+    before any key is looked at. (A stored copy's re-check, by engine name, does not: the
+    keystore judges keys without gpg.)"""
     import shutil
 
-    if keystore.is_certd:
-        raise ConfigError(
-            f"the GnuPG engine cannot use the certificate store of {keystore.home}: use "
-            "--engine sequoia, or --gnupg-home DIR for keys in a GnuPG home"
-        )
     if shutil.which(keystore.gpg_binary) is None:
         raise ConfigError(
             "no OpenPGP engine: pysequoia cannot be imported and gpg is not installed "

@@ -597,11 +597,7 @@ class SequoiaProtector(Protector):
         except (RecipientKeyError, SignerKeyError) as exc:
             # AUTO means the best engine available for this message: keys gpg can use and
             # Sequoia cannot are served by gpg. An explicit engine=SEQUOIA gets the error.
-            if (
-                protection.engine is not OpenPGPEngine.AUTO
-                or not _in_process_only(exc)
-                or self.keystore.is_certd  # no GnuPG home for gpg to use
-            ):
+            if protection.engine is not OpenPGPEngine.AUTO or not _in_process_only(exc):
                 raise
             log.warning("e2email: using the GnuPG engine for this message: %s", exc)
         return await self._lookup.protect(msg, protection, passphrase=passphrase)
