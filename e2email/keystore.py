@@ -19,9 +19,12 @@ keys exist only there, and a user's existing keys must keep working until they c
 migrate (``keys migrate`` copies, compares both sides, then switches; the old home is kept).
 Which backend: a named GnuPG home; else a home's store when it has one; else its old
 ``gnupg/``; a new home gets the store when gpg is missing (or ``E2EMAIL_KEYSTORE=certd``), a
-GnuPG home otherwise, so that the GnuPG engine, which reads only GnuPG homes, still works there.
-Both engines read either backend: the in-process one the store directly, or keys exported from
-gpg; the GnuPG engine over a store is refused in one line, naming ``--engine sequoia``.
+GnuPG home otherwise, as before: existing ways of working (secret keys without a passphrase,
+which the store accepts only when told) stay as they were until a user moves.
+Both engines read either backend: the in-process one reads the store directly, or keys exported
+from gpg; the GnuPG engine reads a store through a GnuPG home of its own (``gnupg-engine/``)
+that the store is imported into whenever it changed, so the store stays the one place keys are
+kept and judged. Without gpg, ``--engine gpg`` is a one-line error naming ``--engine sequoia``.
 
 Keys are judged by our own rules, not by GnuPG's web of trust: a key you import
 into the keystore is a key you chose, but it must still be current, unrevoked, strong enough and
