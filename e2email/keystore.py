@@ -1784,7 +1784,15 @@ class Keystore:
 
     def _all_keys_certd(self) -> tuple[OpenPGPKey, ...]:
         """Every certificate in the store, judged without gpg (:mod:`e2email.pgpkeys`); a
-        certificate is judged again only when its file (or its secret key's) changed."""
+        certificate is judged again only when its file (or its secret key's) changed.
+
+        Every write to the store (ours, and ``sq``'s: cert-d §4) renames a file into its
+        folder, which changes the folder's mtime: while no folder changed, the last listing
+        stands, at the cost of a stat per folder rather than per certificate."""
+        folders = self._store_folders()
+        listing = self._listing
+        if listing is not None and listing.stamp == folders:
+            return listing.keys
         keys: list[OpenPGPKey] = []
         seen = set()
         secret_fprs = self.secret_keys.fingerprints()
@@ -1811,8 +1819,26 @@ class Keystore:
             self._judged[fpr] = (tag, sec_tag, key)
             keys.append(key)
         for gone in set(self._judged) - seen:
-            del self._judged[gone]
-        return tuple(keys)
+            self._judged.pop(gone, None)
+        self._listing = _Listing(stamp=folders, keys=tuple(keys))
+        return self._listing.keys
+
+    def _store_folders(self) -> tuple[object, ...]:
+        """(name, mtime) of the store's folders and of the secret key folder."""
+        stamp: list[object] = []
+        for folder in (self.certd.root, self.secret_keys.root):
+            try:
+                stamp.append(folder.stat().st_mtime_ns)
+            except OSError:
+                stamp.append(0)
+        try:
+            with os.scandir(self.certd.root) as entries:
+                for entry in entries:
+                    if len(entry.name) == 2 and entry.is_dir():
+                        stamp.append((entry.name, entry.stat().st_mtime_ns))
+        except OSError:
+            pass
+        return tuple(sorted(stamp, key=repr))
 
     def _import_certd(
         self,
