@@ -212,7 +212,9 @@ def _signer_problem(key: OpenPGPKey, reason: KeyReason, detail: str) -> SignerKe
 
 
 class _Keys:
-    """pysequoia objects for the keys a keystore chose."""
+    """pysequoia objects for the keys a keystore chose: from a certificate store read directly
+    (certificates, and secret keys as stored, still protected), from a GnuPG home exported
+    by gpg."""
 
     def __init__(self, keystore: Keystore) -> None:
         self.keystore = keystore
