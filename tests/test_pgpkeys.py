@@ -81,7 +81,22 @@ def made() -> Iterator[dict[str, TestKey]]:
         )
         _add_subkey(factory, multi, "cv25519", "encr", at="20250101T000000")
         _add_subkey(factory, multi, "ed25519", "sign", at="20250101T000000")
-        for name in ("forged", "spliced", "fakerev", "weakrev", "fakeuid"):
+        # Genuine SHA-1 signatures on an Ed25519 key: self-signatures, and a subkey revocation.
+        keys["sha1ed"] = generate_key(factory, out, "sha1ed@example.com", cert_digest="SHA1")
+        sha1rev = keys["sha1rev"] = generate_key(factory, out, "sha1rev@example.com")
+        gpg(
+            factory,
+            *PW,
+            "--cert-digest-algo",
+            "SHA1",
+            "--command-fd",
+            "0",
+            "--edit-key",
+            sha1rev.fingerprint,
+            input=b"key 1\nrevkey\ny\n0\n\ny\nsave\n",
+        )
+        _export(factory, sha1rev)
+        for name in ("forged", "spliced", "fakerev", "weakrev", "fakeuid", "sha1uid"):
             keys[name] = generate_key(factory, out, f"{name}@example.com")
         yield keys
     finally:
@@ -234,7 +249,7 @@ def _summary(key: OpenPGPKey, *, secret: bool) -> dict[str, object]:
 
 
 SESSION = ["alice", "bob", "carol", "expired", "revoked", "weak", "signonly", "locked", "sha1"]
-MADE = ["rsa3072", "stale", "revsub", "revuid", "multi"]
+MADE = ["rsa3072", "stale", "revsub", "revuid", "multi", "sha1ed", "sha1rev"]
 SECRET = {"alice", "locked", "multi", "rsa3072", "revsub"}
 
 
@@ -393,9 +408,14 @@ def test_forged_revocations_are_ignored(made: dict[str, TestKey]) -> None:
     sq.encrypt(b"x", [sq.Cert.from_bytes(data)])
 
 
-def test_revocation_too_weak_to_check_is_honoured(made: dict[str, TestKey]) -> None:
-    """A revocation whose hash (SHA-1) Sequoia's policy will not check is honoured: that
-    fails closed (the key is refused), never open."""
+def test_sha1_signatures_are_checked_before_they_count(made: dict[str, TestKey]) -> None:
+    """Sequoia's policy will not check SHA-1 signatures at all, so pgpkeys checks them itself
+    before letting them count towards a refusal. A genuine SHA-1 subkey revocation revokes
+    (and gpg agrees, in the table); forged SHA-1 revocations of the subkey and of the key, and
+    a forged SHA-1 user ID self-signature newer than the real one, count for nothing (they
+    would otherwise let anyone switch a key off)."""
+    (genuine,) = keys_from_bytes(made["sha1rev"].cert.read_bytes())
+    assert [s.validity for s in genuine.subkeys] == ["r"]
     primary, uid, uid_sig, sub, binding = _parts(made["weakrev"])
     sub_rev = _forge(
         binding,
@@ -403,16 +423,35 @@ def test_revocation_too_weak_to_check_is_honoured(made: dict[str, TestKey]) -> N
         sig_type=0x28,
         hash_algo=2,
         drop=frozenset({9, 27}),
+        created=datetime(2026, 1, 3, tzinfo=UTC),
     )
-    (ours,) = keys_from_bytes(_binary([primary, uid, uid_sig, sub, binding, sub_rev]))
-    assert ours.encryption_subkey() is None
-    problem = ours.encryption_problem()
-    assert problem is not None and problem[0] is KeyReason.NO_ENCRYPTION_KEY
     key_rev = _forge(
         uid_sig, _key_hash(primary), sig_type=0x20, hash_algo=2, drop=frozenset({9, 27})
     )
-    (ours,) = keys_from_bytes(_binary([primary, key_rev, uid, uid_sig, sub, binding]))
-    assert ours.encryption_problem() == (KeyReason.REVOKED, ours.primary.key_id)
+    newer_uid_sig = _forge(
+        uid_sig,
+        _key_hash(primary) + _uid_hash(uid.body),
+        hash_algo=2,
+        created=datetime(2026, 1, 3, tzinfo=UTC),
+    )
+    data = _binary([primary, key_rev, uid, uid_sig, newer_uid_sig, sub, binding, sub_rev])
+    (ours,) = keys_from_bytes(data)
+    assert ours.encryption_problem() is None
+    assert ours.user_ids[0].self_sig_hash == 8  # the genuine SHA-256 one is in force
+    chosen = ours.encryption_subkey()
+    assert chosen is not None and chosen.fingerprint == str(sub.fingerprint).upper()
+
+
+def test_forged_sha1_user_id_is_not_listed(made: dict[str, TestKey]) -> None:
+    """A user ID appended with a forged SHA-1 self-signature (which Sequoia's policy will not
+    check) is not taken at its word: it names no address of the key."""
+    primary, uid, uid_sig, sub, binding = _parts(made["sha1uid"])
+    text = b"Mallory <victim@example.com>"
+    fake_uid = _packets(_frame(13, text))[0]
+    fake_sig = _forge(uid_sig, _key_hash(primary) + _uid_hash(text), hash_algo=2)
+    (ours,) = keys_from_bytes(_binary([primary, uid, uid_sig, fake_uid, fake_sig, sub, binding]))
+    assert ours.addresses == ("sha1uid@example.com",)
+    assert ours.encryption_problem() is None
 
 
 def test_forged_user_id_is_not_listed(made: dict[str, TestKey], tmp_path: Path) -> None:
