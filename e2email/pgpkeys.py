@@ -822,7 +822,12 @@ def _judge(parsed: _Parsed, now: datetime) -> OpenPGPKey:
         for r in _of_type(parsed.direct, {_KEY_REVOCATION}, fpr)
     ):
         revoked = True
-    weak_only = not valid and (face_value or any(u.weak_self_signature for u in judged.uids))
+    # Sequoia cannot validate the key, but e2email refuses it as WEAK whatever the rest says: a
+    # key too short, or every user ID bound only by a (genuine) weak-hash self-signature. Any
+    # other key Sequoia cannot validate is invalid.
+    weak_only = not valid and (
+        face_value or bool(judged.uids and all(u.weak_self_signature for u in judged.uids))
+    )
     if weak_only and judged.primary_sigs:
         # Refused as WEAK whatever this says (module docstring); shown as gpg shows it.
         expires = _expiry(parsed.primary, judged.primary_sigs[-1])
@@ -835,16 +840,18 @@ def _judge(parsed: _Parsed, now: datetime) -> OpenPGPKey:
     else:
         validity = ""
 
-    # Primary capabilities: flags of its newest genuine self-signature; encryption confirmed
-    # by Sequoia encrypting to the primary itself (no subkeys in the certificate).
+    # Primary capabilities: flags of its newest self-signature, encryption and signing
+    # confirmed by Sequoia (encrypting to the primary itself, in a certificate without
+    # subkeys; picking it as the one secret key to sign with). A key Sequoia cannot validate
+    # keeps no capability: what its signatures claim must not make it usable.
     caps = _caps(judged.primary_sigs[-1]) if judged.primary_sigs else ""
-    primary_key_id = _key_id(parsed.primary, material)
-    if "e" in caps and valid and not _encrypts_to(judged.base, primary_key_id):
+    if not valid:
+        caps = caps.replace("e", "").replace("s", "")
+    elif "e" in caps and not _encrypts_to(judged.base, _key_id(parsed.primary, material)):
         caps = caps.replace("e", "")
-    if "s" in caps and valid and material.has_secret:
-        only_primary_secret = [*judged.base]
-        if not _signs_with(only_primary_secret):
-            caps = caps.replace("s", "")
+    if "s" in caps and validity == "" and material.has_secret and not _signs_with(judged.base):
+        # (Only a live key can be tested; an expired or revoked one is refused for that.)
+        caps = caps.replace("s", "")
     primary = SubKey(
         fingerprint=fpr,
         algorithm_id=material.algorithm_id,

@@ -96,6 +96,25 @@ def made() -> Iterator[dict[str, TestKey]]:
             input=b"key 1\nrevkey\ny\n0\n\ny\nsave\n",
         )
         _export(factory, sha1rev)
+        # Expired in 2020, its expiry (primary and subkey) extended since: usable again.
+        revived = keys["revived"] = generate_key(
+            factory, out, "revived@example.com", expire="1d", faked_time="20200101T000000"
+        )
+        gpg(factory, *PW, "--quick-set-expire", revived.fingerprint, "2y")
+        listing = gpg(factory, "--with-colons", "--list-keys", revived.fingerprint).stdout
+        (sub_fpr,) = [ln.split(":")[9] for ln in listing.decode().splitlines() if ln[:4] == "fpr:"][
+            1:
+        ]
+        gpg(factory, *PW, "--quick-set-expire", revived.fingerprint, "2y", sub_fpr)
+        _export(factory, revived)
+        # A secret key whose primary secret is a stub (gpg --export-secret-subkeys), with a
+        # signing subkey: it signs with the subkey, never with the primary.
+        stub = keys["stub"] = generate_key(factory, out, "stub@example.com")
+        _add_subkey(factory, stub, "ed25519", "sign")
+        assert stub.secret is not None
+        stub.secret.write_bytes(
+            gpg(factory, *PW, "--armor", "--export-secret-subkeys", stub.fingerprint).stdout
+        )
         for name in ("forged", "spliced", "fakerev", "weakrev", "fakeuid", "sha1uid"):
             keys[name] = generate_key(factory, out, f"{name}@example.com")
         yield keys
@@ -218,7 +237,7 @@ def store(keys: Keys, made: dict[str, TestKey]) -> Iterator[Keystore]:
     ks = Keystore(home)
     for key in [*keys.all(), *made.values()]:
         ks.import_file(key.cert)
-    for key in (keys.alice, keys.locked, made["multi"], made["rsa3072"], made["revsub"]):
+    for key in (keys.alice, keys.locked, *(made[name] for name in sorted(SECRET) if name in made)):
         assert key.secret is not None
         ks.import_file(key.secret)
     yield ks
@@ -249,8 +268,8 @@ def _summary(key: OpenPGPKey, *, secret: bool) -> dict[str, object]:
 
 
 SESSION = ["alice", "bob", "carol", "expired", "revoked", "weak", "signonly", "locked", "sha1"]
-MADE = ["rsa3072", "stale", "revsub", "revuid", "multi", "sha1ed", "sha1rev"]
-SECRET = {"alice", "locked", "multi", "rsa3072", "revsub"}
+MADE = ["rsa3072", "stale", "revsub", "revuid", "multi", "sha1ed", "sha1rev", "revived", "stub"]
+SECRET = {"alice", "locked", "multi", "rsa3072", "revsub", "stub"}
 
 
 @pytest.mark.parametrize("name", SESSION + MADE)
@@ -302,6 +321,10 @@ def test_expected_verdicts(keys: Keys, made: dict[str, TestKey]) -> None:
     assert multi.encryption_subkey() == newest
     assert multi.signing_problem() is None and multi.has_secret
     assert not verdict(made["multi"]).has_secret
+    assert verdict(made["revived"]).encryption_problem() is None
+    stub = verdict(made["stub"], secret=True)
+    assert not stub.primary.has_secret and stub.signing_problem() is None
+    assert stub.signing_subkey() is not None and stub.signing_subkey() != stub.primary
 
 
 # -- Attacks: packets anyone can append must never make a key usable ---------------------------
