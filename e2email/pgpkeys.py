@@ -264,46 +264,85 @@ class _Parsed:
         return out
 
 
-def _split(packets: Sequence[Any]) -> Iterator[_Parsed]:
+def _split(packets: Sequence[Any]) -> list[_Parsed]:
+    """The certificates in a packet sequence (RFC 9580 §10.1), in order of first appearance.
+    A certificate given twice (an update after the original, say) is merged, and a direct-key
+    signature or key revocation is filed with its primary key wherever it appears (a bare
+    revocation certificate appended after the subkeys): both are checked against the primary
+    key alone, so where they stood does not matter."""
     from pysequoia.packet import Tag
 
+    found: dict[str, _Parsed] = {}
     current: _Parsed | None = None
     target: list[Any] | None = None
     for packet in packets:
         tag = packet.tag
         if tag in (Tag.PublicKey, Tag.SecretKey):
-            if current is not None:
-                yield current
-            current = _Parsed(primary=packet)
+            fpr = str(packet.fingerprint).upper()
+            current = found.get(fpr)
+            if current is None:
+                current = found[fpr] = _Parsed(primary=packet)
+            elif tag == Tag.SecretKey:
+                current.primary = packet  # the copy with the secret
             target = current.direct
         elif current is None:
             continue
         elif tag == Tag.UserID:
-            current.user_ids.append(_Component(packet))
-            target = current.user_ids[-1].sigs
+            target = _component(current.user_ids, packet, _body).sigs
         elif tag == Tag.UserAttribute:
-            current.others.append(_Component(packet))
-            target = current.others[-1].sigs
+            target = _component(current.others, packet, _body).sigs
         elif tag in (Tag.PublicSubkey, Tag.SecretSubkey):
-            current.subkeys.append(_Component(packet))
-            target = current.subkeys[-1].sigs
+            secret = tag == Tag.SecretSubkey
+            target = _component(current.subkeys, packet, _fingerprint, secret=secret).sigs
         elif tag == Tag.Signature and target is not None:
-            target.append(packet)
-    if current is not None:
-        yield current
+            fields = _sig_fields(packet)
+            if fields is not None and fields[0] in (_DIRECT_KEY, _KEY_REVOCATION):
+                current.direct.append(packet)
+            else:
+                target.append(packet)
+    return list(found.values())
 
 
-def _packet_piles(data: bytes) -> list[list[Any]]:
+def _body(packet: Any) -> object:
+    return bytes(packet.body)
+
+
+def _fingerprint(packet: Any) -> object:
+    return str(packet.fingerprint).upper()
+
+
+def _component(
+    components: list[_Component],
+    packet: Any,
+    ident: Callable[[Any], object],
+    *,
+    secret: bool = False,
+) -> _Component:
+    """The component ``packet`` starts: the one already seen with the same identity, else a
+    new one. A secret subkey replaces its public copy."""
+    key = ident(packet)
+    for comp in components:
+        if ident(comp.packet) == key:
+            if secret:
+                comp.packet = packet
+            return comp
+    components.append(_Component(packet))
+    return components[-1]
+
+
+def _packets(data: bytes) -> list[Any]:
+    """All packets in ``data``: binary, or one or more armored key blocks (a certificate and a
+    revocation certificate for it, say), in order."""
     from pysequoia.packet import PacketPile
 
     blocks = _ARMOR.findall(data) if b"-----BEGIN PGP" in data else [data]
-    piles = []
+    packets: list[Any] = []
     for block in blocks:
         try:
-            piles.append(list(PacketPile.from_bytes(block)))
+            packets += list(PacketPile.from_bytes(block))
         except (RuntimeError, ValueError) as exc:
             raise KeystoreError(f"cannot read OpenPGP data: {_first_line(exc)}") from exc
-    return piles
+    return packets
 
 
 # -- Asking Sequoia -----------------------------------------------------------------------------
@@ -879,10 +918,12 @@ def _judge(parsed: _Parsed, now: datetime) -> OpenPGPKey:
 def keys_from_bytes(data: bytes, *, now: datetime | None = None) -> list[OpenPGPKey]:
     """Every certificate (public or secret, armored or binary, concatenated) in ``data``,
     judged by e2email's policy without gpg. Secret material present => ``SubKey.has_secret``.
-    KeystoreError when ``data`` holds no certificate."""
+    A certificate given more than once is merged into one judgement; a bare revocation
+    certificate counts when its certificate comes before it in ``data``. KeystoreError when
+    ``data`` holds no certificate."""
     _sq()
     when = now or datetime.now(UTC)
-    keys = [_judge(parsed, when) for pile in _packet_piles(data) for parsed in _split(pile)]
+    keys = [_judge(parsed, when) for parsed in _split(_packets(data))]
     if not keys:
         raise KeystoreError("no OpenPGP certificate found in the data")
     return keys

@@ -117,6 +117,10 @@ def made() -> Iterator[dict[str, TestKey]]:
         )
         for name in ("forged", "spliced", "fakerev", "weakrev", "fakeuid", "sha1uid"):
             keys[name] = generate_key(factory, out, f"{name}@example.com")
+        # A key and, beside it (laterrev.rev), the revocation certificate gpg made for it.
+        later = keys["laterrev"] = generate_key(factory, out, "laterrev@example.com")
+        rev = (factory / "openpgp-revocs.d" / f"{later.fingerprint}.rev").read_text()
+        later.cert.with_suffix(".rev").write_text(rev.replace(":-----BEGIN", "-----BEGIN"))
         yield keys
     finally:
         kill_agent(factory)
@@ -493,6 +497,29 @@ def test_forged_user_id_is_not_listed(made: dict[str, TestKey], tmp_path: Path) 
 
 
 # -- Input handling -----------------------------------------------------------------------------
+
+
+def test_revocation_certificate_after_its_certificate_revokes_it(
+    made: dict[str, TestKey], tmp_path: Path
+) -> None:
+    """A bare revocation certificate (gpg's openpgp-revocs.d file) after the certificate, in
+    armor or binary, revokes it as importing it into gpg does; a certificate given twice is
+    one key."""
+    key = made["laterrev"]
+    cert = key.cert.read_bytes()
+    rev = key.cert.with_suffix(".rev").read_bytes()
+    (before,) = keys_from_bytes(cert)
+    assert before.encryption_problem() is None
+    assert len(keys_from_bytes(cert + cert)) == 1
+    revoked = (KeyReason.REVOKED, before.primary.key_id)
+    for data in (cert + rev, _binary(_packets(cert)) + _binary(_packets(rev))):
+        (after,) = keys_from_bytes(data)
+        assert after.encryption_problem() == revoked
+    ks = Keystore(tmp_path / "gpg")
+    ks.import_keys(cert)
+    ks.import_keys(rev)
+    theirs = ks.get(key.fingerprint)
+    assert theirs is not None and theirs.encryption_problem() == revoked
 
 
 @pytest.mark.parametrize("data", [b"", b"not a key", b"-----BEGIN PGP MESSAGE-----\n\nabc\n"])
