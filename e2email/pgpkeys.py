@@ -31,25 +31,39 @@ and a signature is only read after Sequoia has checked it cryptographically:
   whole certificate (``Cert.expiration``, ``Cert.is_revoked``).
 * Revocations: a subkey or user ID revocation is tested the same way (the reduced certificate
   with the genuine binding plus that one revocation: does Sequoia still use the component?).
-  A revocation Sequoia refuses although its hash is strong is forged (or otherwise invalid)
-  and is ignored: honouring it would let anyone who can append a packet switch a key off
-  silently, and gpg ignores it too. A revocation whose hash is too weak for Sequoia's policy
-  to check (MD5, SHA-1, RIPEMD-160) is honoured: failing closed costs at most a refusal.
-* Weak-hash self-signatures. Sequoia's policy refuses MD5, SHA-1 and RIPEMD-160
-  self-signatures outright, so it cannot say whether one is genuine; gpg verifies them and
-  e2email then refuses the key as WEAK ("SHA-1 self-signature on the user ID"). Such a
-  signature made by the primary key is taken as what it claims *only to refuse*: it marks the
-  user ID's ``self_sig_hash`` or the subkey's ``binding_hash`` as weak, so the existing WEAK
-  reasons fire and users see the same reason as with gpg, and it can never make a key, user ID
-  or subkey usable (a component it is the only evidence for is always WEAK). The worst a
-  forged weak self-signature can do is get a good key refused, which anyone able to alter a
-  certificate can do anyway by deleting its encryption subkey.
+  A revocation Sequoia refuses is forged (or not about that component) and is ignored, as
+  RFC 9580 §5.2.4 and Sequoia ignore any signature that does not verify: honouring it would
+  let anyone who can append a packet switch a key off. Where Sequoia cannot decide (a soft
+  revocation made in the same second as the only bindings, which gpg counts and Sequoia does
+  not) the revocation is honoured: failing closed costs at most a refusal.
+* What Sequoia's policy will not check at all: MD5, SHA-1 and RIPEMD-160 self-signatures,
+  and every signature of a key too short for e2email (RSA/DSA/Elgamal below 2048 bits). gpg
+  checks them and e2email then refuses the key as WEAK ("SHA-1 self-signature on the user
+  ID", "rsa1024 is below 2048 bits"); users must see the same reason, not "no key". Such a
+  signature is checked here (:func:`_check_signature`, with ``cryptography``: RSA, DSA,
+  ECDSA, EdDSA over the RFC 9580 §5.2.4 hash) and counts only if it is genuine, or if it
+  cannot be checked (an algorithm not handled: fail closed). It counts *only towards
+  refusing*: it can mark a user ID's ``self_sig_hash`` or a subkey's ``binding_hash`` weak,
+  revoke, or name the addresses of a key refused as WEAK anyway, but a component it is the
+  only evidence for is always WEAK, so it never makes a key, user ID or subkey usable. A
+  mistake in that check can therefore change only which refusal a user reads.
 
-What is not modelled (each fails closed): third-party revocations by a designated revoker
-(ignored, as gpg does without the revoker's key), subkeys whose genuine binding can be shown
-neither by encrypting nor by signing (authentication-only subkeys, signing subkeys of public
-certificates: e2email uses neither), and Sequoia's policy time being the wall clock (``now``
-only decides which expiry dates have passed).
+Where this differs from gpg, it refuses where gpg would not, never the other way:
+
+* Algorithms Sequoia does not support (brainpool and secp256k1 keys, Elgamal subkeys) cannot
+  be tested, so nothing they carry is bound: such a key reads "key invalid" or "no valid
+  encryption-capable (sub)key". The in-process engine could not use it anyway.
+* A subkey whose binding can be shown genuine neither by encrypting nor by signing is left out:
+  authentication-only subkeys, signing subkeys of public certificates (e2email signs only with
+  its own secret keys), expired signing subkeys (``Tsk.signer()`` wants a live one), and a
+  signing-capable subkey without its back-signature (Sequoia rejects the whole binding; gpg
+  would still encrypt to it).
+* gpg's import drops a subkey that carries any bad self-signature; here a forged signature is
+  ignored and the genuine ones still count (tests/test_pgpkeys.py shows both refuse the
+  forgeries that matter).
+* Revocations by a designated third-party revoker are not honoured (gpg honours them only when
+  it holds the revoker's key). Sequoia's policy time is the wall clock; ``now`` decides only
+  which expiry dates have passed.
 
 Nothing is cached between calls and nothing is written: these are pure functions of the bytes.
 """
@@ -57,6 +71,7 @@ Nothing is cached between calls and nothing is written: these are pure functions
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -147,6 +162,33 @@ def _mpi_end(body: bytes, pos: int) -> int:
     return pos + 2 + (bits + 7) // 8
 
 
+def _public_end(body: bytes) -> int | None:
+    """Where the public part of a key packet's body ends (RFC 9580 §5.5.2, §5.5.5); None when
+    the algorithm or layout is not understood."""
+    version = body[0] if body else 0
+    algo = body[5] if len(body) > 5 else 0
+    if version in (5, 6):
+        return 10 + int.from_bytes(body[6:10], "big") if len(body) >= 10 else None
+    if version != 4:
+        return None
+    try:
+        if algo in _MPI_COUNT:
+            end = 6
+            for _ in range(_MPI_COUNT[algo]):
+                end = _mpi_end(body, end)
+        elif algo in (18, 19, 22):
+            end = _mpi_end(body, 7 + body[6])
+            if algo == 18:  # ECDH: KDF parameters follow (RFC 9580 §5.5.5.6)
+                end = end + 1 + body[end]
+        elif algo in _FIXED_CURVES:
+            end = 6 + _FIXED_CURVES[algo][2]
+        else:
+            return None
+    except IndexError:
+        return None
+    return end if end <= len(body) else None
+
+
 def _key_material(packet: Any, *, secret_tag: bool) -> _KeyMaterial:
     """Algorithm, size and curve from a key packet's body (RFC 9580 §5.5.2), and whether it
     carries usable secret material (not a GnuPG stub: S2K type 101, "gnu-dummy" or a
@@ -155,29 +197,14 @@ def _key_material(packet: Any, *, secret_tag: bool) -> _KeyMaterial:
     version = body[0] if body else 0
     algo = body[5] if len(body) > 5 else 0
     pos = 10 if version in (5, 6) else 6
-    length, curve, end = 0, "", None
-    try:
-        if version in (5, 6):
-            end = pos + int.from_bytes(body[6:10], "big")
-        if algo in _MPI_COUNT:
-            length = int.from_bytes(body[pos : pos + 2], "big")
-            p = pos
-            for _ in range(_MPI_COUNT[algo]):
-                p = _mpi_end(body, p)
-            end = end or p
-        elif algo in (18, 19, 22):
-            oid_len = body[pos]
-            oid = body[pos + 1 : pos + 1 + oid_len].hex()
-            curve, length = _CURVES.get(oid, ("", 0))
-            p = _mpi_end(body, pos + 1 + oid_len)
-            if algo == 18:  # ECDH: KDF parameters follow (RFC 9580 §5.5.5.6)
-                p = p + 1 + body[p]
-            end = end or p
-        elif algo in _FIXED_CURVES:
-            curve, length, size = _FIXED_CURVES[algo]
-            end = end or pos + size
-    except IndexError:
-        end = None
+    length, curve = 0, ""
+    if algo in _MPI_COUNT:
+        length = int.from_bytes(body[pos : pos + 2], "big")
+    elif algo in (18, 19, 22) and len(body) > pos:
+        curve, length = _CURVES.get(body[pos + 1 : pos + 1 + body[pos]].hex(), ("", 0))
+    elif algo in _FIXED_CURVES:
+        curve, length, _ = _FIXED_CURVES[algo]
+    end = _public_end(body)
     has_secret = secret_tag
     if secret_tag and end is not None and end < len(body):
         usage = body[end]
@@ -237,46 +264,85 @@ class _Parsed:
         return out
 
 
-def _split(packets: Sequence[Any]) -> Iterator[_Parsed]:
+def _split(packets: Sequence[Any]) -> list[_Parsed]:
+    """The certificates in a packet sequence (RFC 9580 §10.1), in order of first appearance.
+    A certificate given twice (an update after the original, say) is merged, and a direct-key
+    signature or key revocation is filed with its primary key wherever it appears (a bare
+    revocation certificate appended after the subkeys): both are checked against the primary
+    key alone, so where they stood does not matter."""
     from pysequoia.packet import Tag
 
+    found: dict[str, _Parsed] = {}
     current: _Parsed | None = None
     target: list[Any] | None = None
     for packet in packets:
         tag = packet.tag
         if tag in (Tag.PublicKey, Tag.SecretKey):
-            if current is not None:
-                yield current
-            current = _Parsed(primary=packet)
+            fpr = str(packet.fingerprint).upper()
+            current = found.get(fpr)
+            if current is None:
+                current = found[fpr] = _Parsed(primary=packet)
+            elif tag == Tag.SecretKey:
+                current.primary = packet  # the copy with the secret
             target = current.direct
         elif current is None:
             continue
         elif tag == Tag.UserID:
-            current.user_ids.append(_Component(packet))
-            target = current.user_ids[-1].sigs
+            target = _component(current.user_ids, packet, _body).sigs
         elif tag == Tag.UserAttribute:
-            current.others.append(_Component(packet))
-            target = current.others[-1].sigs
+            target = _component(current.others, packet, _body).sigs
         elif tag in (Tag.PublicSubkey, Tag.SecretSubkey):
-            current.subkeys.append(_Component(packet))
-            target = current.subkeys[-1].sigs
+            secret = tag == Tag.SecretSubkey
+            target = _component(current.subkeys, packet, _fingerprint, secret=secret).sigs
         elif tag == Tag.Signature and target is not None:
-            target.append(packet)
-    if current is not None:
-        yield current
+            fields = _sig_fields(packet)
+            if fields is not None and fields[0] in (_DIRECT_KEY, _KEY_REVOCATION):
+                current.direct.append(packet)
+            else:
+                target.append(packet)
+    return list(found.values())
 
 
-def _packet_piles(data: bytes) -> list[list[Any]]:
+def _body(packet: Any) -> object:
+    return bytes(packet.body)
+
+
+def _fingerprint(packet: Any) -> object:
+    return str(packet.fingerprint).upper()
+
+
+def _component(
+    components: list[_Component],
+    packet: Any,
+    ident: Callable[[Any], object],
+    *,
+    secret: bool = False,
+) -> _Component:
+    """The component ``packet`` starts: the one already seen with the same identity, else a
+    new one. A secret subkey replaces its public copy."""
+    key = ident(packet)
+    for comp in components:
+        if ident(comp.packet) == key:
+            if secret:
+                comp.packet = packet
+            return comp
+    components.append(_Component(packet))
+    return components[-1]
+
+
+def _packets(data: bytes) -> list[Any]:
+    """All packets in ``data``: binary, or one or more armored key blocks (a certificate and a
+    revocation certificate for it, say), in order."""
     from pysequoia.packet import PacketPile
 
     blocks = _ARMOR.findall(data) if b"-----BEGIN PGP" in data else [data]
-    piles = []
+    packets: list[Any] = []
     for block in blocks:
         try:
-            piles.append(list(PacketPile.from_bytes(block)))
+            packets += list(PacketPile.from_bytes(block))
         except (RuntimeError, ValueError) as exc:
             raise KeystoreError(f"cannot read OpenPGP data: {_first_line(exc)}") from exc
-    return piles
+    return packets
 
 
 # -- Asking Sequoia -----------------------------------------------------------------------------
@@ -343,6 +409,177 @@ def _signs_with(packets: Sequence[Any]) -> bool:
 def _key_id(packet: Any, material: _KeyMaterial) -> str:
     fpr = str(packet.fingerprint).upper()
     return fpr[:16] if material.version == 6 else fpr[-16:]
+
+
+# -- Checking what Sequoia's policy will not --------------------------------------------------
+
+#: Hash algorithm IDs (RFC 9580 §9.5) to hashlib names, for signatures checked here.
+_HASHLIB = {
+    1: "md5",
+    2: "sha1",
+    3: "ripemd160",
+    8: "sha256",
+    9: "sha384",
+    10: "sha512",
+    11: "sha224",
+    12: "sha3_256",
+    14: "sha3_512",
+}
+
+
+def _hashed_key(packet: Any) -> bytes:
+    """A v4 key as a signature hashes it (RFC 9580 §5.2.4): 0x99, two-octet length, the
+    public part of the body."""
+    body: bytes = packet.body
+    end = _public_end(body)
+    if end is None:
+        raise ValueError("key packet not understood")
+    return b"\x99" + end.to_bytes(2, "big") + body[:end]
+
+
+def _hashed_user_id(packet: Any) -> bytes:
+    body: bytes = packet.body
+    return b"\xb4" + len(body).to_bytes(4, "big") + body
+
+
+def _mpis(data: bytes, count: int) -> list[int]:
+    out, pos = [], 0
+    for _ in range(count):
+        end = _mpi_end(data, pos)
+        if end > len(data):
+            raise ValueError("truncated MPI")
+        out.append(int.from_bytes(data[pos + 2 : end], "big"))
+        pos = end
+    return out
+
+
+def _check_signature(sig: Any, signer: Any, signed: bytes) -> bool | None:
+    """Whether the v4 signature ``sig`` by the key packet ``signer`` over ``signed`` (the
+    hashed key and component, RFC 9580 §5.2.4) is mathematically valid: True, False, or None
+    when it cannot be checked here (not v4, an algorithm or hash not handled).
+
+    Used only for what Sequoia's policy refuses to check at all (MD5, SHA-1 and RIPEMD-160
+    signatures, keys too short for e2email), and only to decide whether such a signature
+    counts towards refusing the key: a signature found genuine here never makes anything
+    usable, and one found forged is ignored as Sequoia ignores forged signatures."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding, rsa
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+
+    body: bytes = sig.body
+    key: bytes = signer.body
+    if len(body) < 6 or body[0] != 4 or len(key) < 7 or key[0] != 4:
+        return None
+    hash_name = _HASHLIB.get(body[3])
+    pk_algo = body[2]
+    if hash_name is None:
+        return None
+    if pk_algo != key[5]:
+        return False
+    hashed_len = 6 + int.from_bytes(body[4:6], "big")
+    trailer = body[:hashed_len] + b"\x04\xff" + hashed_len.to_bytes(4, "big")
+    try:
+        h = hashlib.new(hash_name)
+    except ValueError:
+        return None  # this OpenSSL lacks the hash (RIPEMD-160)
+    h.update(signed + trailer)
+    digest = h.digest()
+    unhashed_len = int.from_bytes(body[hashed_len : hashed_len + 2], "big")
+    rest = body[hashed_len + 2 + unhashed_len :]
+    if rest[:2] != digest[:2]:
+        return False  # the digest prefix (RFC 9580 §5.2.3) already disagrees
+    values = rest[2:]
+    # MD5 and SHA-1 are named only to check old signatures, so that the key can be refused.
+    hash_algorithm: hashes.HashAlgorithm | None = {
+        "md5": hashes.MD5(),  # noqa: S303
+        "sha1": hashes.SHA1(),  # noqa: S303
+        "sha224": hashes.SHA224(),
+        "sha256": hashes.SHA256(),
+        "sha384": hashes.SHA384(),
+        "sha512": hashes.SHA512(),
+    }.get(hash_name)
+    if hash_algorithm is None and pk_algo not in (22, 27):
+        return None  # EdDSA signs the digest itself; the others need the hash named
+    prehashed = Prehashed(hash_algorithm or hashes.SHA256())
+    try:
+        if pk_algo in (1, 3):  # RSA, PKCS #1 v1.5 (RFC 9580 §5.2.3.1)
+            n, e = _mpis(key[6:], 2)
+            (s_value,) = _mpis(values, 1)
+            size = (n.bit_length() + 7) // 8
+            rsa.RSAPublicNumbers(e, n).public_key().verify(
+                s_value.to_bytes(size, "big"), digest, padding.PKCS1v15(), prehashed
+            )
+        elif pk_algo == 17:  # DSA
+            p, q, g, y = _mpis(key[6:], 4)
+            r, s_value = _mpis(values, 2)
+            params = dsa.DSAParameterNumbers(p, q, g)
+            dsa.DSAPublicNumbers(y, params).public_key().verify(
+                encode_dss_signature(r, s_value), digest, prehashed
+            )
+        elif pk_algo == 19:  # ECDSA
+            oid = key[7 : 7 + key[6]].hex()
+            curve: ec.EllipticCurve | None = {
+                "2a8648ce3d030107": ec.SECP256R1(),
+                "2b81040022": ec.SECP384R1(),
+                "2b81040023": ec.SECP521R1(),
+                "2b2403030208010107": ec.BrainpoolP256R1(),
+                "2b240303020801010b": ec.BrainpoolP384R1(),
+                "2b240303020801010d": ec.BrainpoolP512R1(),
+                "2b8104000a": ec.SECP256K1(),
+            }.get(oid)
+            if curve is None:
+                return None
+            point_at = 7 + key[6]
+            point = key[point_at + 2 : _mpi_end(key, point_at)]
+            r, s_value = _mpis(values, 2)
+            ec.EllipticCurvePublicKey.from_encoded_point(curve, point).verify(
+                encode_dss_signature(r, s_value), digest, ec.ECDSA(prehashed)
+            )
+        elif pk_algo == 22:  # EdDSA (legacy, Ed25519 only): signs the digest itself
+            oid = key[7 : 7 + key[6]].hex()
+            if oid != "2b06010401da470f01":
+                return None
+            point_at = 7 + key[6]
+            point = key[point_at + 2 : _mpi_end(key, point_at)]
+            if len(point) != 33 or point[0] != 0x40:
+                return False
+            r, s_value = _mpis(values, 2)
+            ed25519.Ed25519PublicKey.from_public_bytes(point[1:]).verify(
+                r.to_bytes(32, "big") + s_value.to_bytes(32, "big"), digest
+            )
+        elif pk_algo == 27:  # Ed25519 (RFC 9580 §5.2.3.4)
+            ed25519.Ed25519PublicKey.from_public_bytes(key[6:38]).verify(values[:64], digest)
+        else:
+            return None
+    except InvalidSignature:
+        return False
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return False  # malformed key or signature values: nothing genuine about them
+    return True
+
+
+def _signed(primary: Any, component: Any | None) -> bytes:
+    """What a self-signature on ``component`` (a user ID, a subkey, or None for the primary
+    key itself) hashes before its own fields (RFC 9580 §5.2.4)."""
+    from pysequoia.packet import Tag
+
+    data = _hashed_key(primary)
+    if component is None:
+        return data
+    if component.tag == Tag.UserID:
+        return data + _hashed_user_id(component)
+    return data + _hashed_key(component)
+
+
+def _counts(sig: Any, primary: Any, signed: Callable[[], bytes]) -> bool:
+    """Whether a self-signature that Sequoia's policy refuses to check (a weak hash, or a key
+    too short for e2email) counts towards refusing the key: yes when it checks out here, or
+    when it cannot be checked here (fail closed); no when it is shown to be forged."""
+    try:
+        return _check_signature(sig, primary, signed()) is not False
+    except (ValueError, IndexError):
+        return True
 
 
 # -- Judging ------------------------------------------------------------------------------------
@@ -489,14 +726,19 @@ def _judge_user_ids(parsed: _Parsed, *, face_value: bool) -> _Judged:
             and not _weak(s)
             and _lists_user_id([parsed.primary, comp.packet, s], text)
         ]
-        weak = [s for s in _of_type(comp.sigs, _CERTIFICATIONS, fpr) if face_value or _weak(s)]
+        signed = functools.partial(_signed, parsed.primary, comp.packet)
+        weak = [
+            s
+            for s in _of_type(comp.sigs, _CERTIFICATIONS, fpr)
+            if (face_value or _weak(s)) and _counts(s, parsed.primary, signed)
+        ]
         if not genuine and not weak:
             continue  # no self-signature binds it: gpg drops such a user ID on import
         newest = max((*genuine, *weak), key=_created)
         revoked = False
         for rev in _of_type(comp.sigs, {_CERT_REVOCATION}, fpr):
             if face_value or _weak(rev):
-                revoked = True  # cannot be checked: honoured (fail closed)
+                revoked = revoked or _counts(rev, parsed.primary, signed)
             elif genuine:
                 in_use = functools.partial(_uid_in_use, parsed.primary, comp.packet, text)
                 revoked = revoked or _revoked(rev, genuine, in_use, hard=False)
@@ -536,7 +778,8 @@ def _judge_subkey(
 
     bindings = _of_type(comp.sigs, {_SUBKEY_BINDING}, fpr)
     genuine = [b for b in bindings if not face_value and not _weak(b) and accepted([b], _caps(b))]
-    weak = [b for b in bindings if face_value or _weak(b)]
+    signed = functools.partial(_signed, parsed.primary, comp.packet)
+    weak = [b for b in bindings if (face_value or _weak(b)) and _counts(b, parsed.primary, signed)]
     if not genuine and not weak:
         return None  # nothing shows the primary key bound it: never a candidate
     newest = max((*genuine, *weak), key=_created)
@@ -548,7 +791,7 @@ def _judge_subkey(
 
     for rev in _of_type(comp.sigs, {_SUBKEY_REVOCATION}, fpr):
         if face_value or _weak(rev):
-            revoked = True  # cannot be checked: honoured (fail closed)
+            revoked = revoked or _counts(rev, parsed.primary, signed)
         elif genuine:
             revoked = revoked or _revoked(rev, genuine, in_use, hard=_hard(rev))
     expires = _expiry(comp.packet, newest)
@@ -612,9 +855,18 @@ def _judge(parsed: _Parsed, now: datetime) -> OpenPGPKey:
         except (RuntimeError, ValueError):
             valid = False
         revoked = bool(whole.is_revoked)
-    if any(face_value or _weak(r) for r in _of_type(parsed.direct, {_KEY_REVOCATION}, fpr)):
-        revoked = True  # cannot be checked: honoured (fail closed)
-    weak_only = not valid and (face_value or any(u.weak_self_signature for u in judged.uids))
+    signed = functools.partial(_signed, parsed.primary, None)
+    if any(
+        (face_value or _weak(r)) and _counts(r, parsed.primary, signed)
+        for r in _of_type(parsed.direct, {_KEY_REVOCATION}, fpr)
+    ):
+        revoked = True
+    # Sequoia cannot validate the key, but e2email refuses it as WEAK whatever the rest says: a
+    # key too short, or every user ID bound only by a (genuine) weak-hash self-signature. Any
+    # other key Sequoia cannot validate is invalid.
+    weak_only = not valid and (
+        face_value or bool(judged.uids and all(u.weak_self_signature for u in judged.uids))
+    )
     if weak_only and judged.primary_sigs:
         # Refused as WEAK whatever this says (module docstring); shown as gpg shows it.
         expires = _expiry(parsed.primary, judged.primary_sigs[-1])
@@ -627,16 +879,18 @@ def _judge(parsed: _Parsed, now: datetime) -> OpenPGPKey:
     else:
         validity = ""
 
-    # Primary capabilities: flags of its newest genuine self-signature; encryption confirmed
-    # by Sequoia encrypting to the primary itself (no subkeys in the certificate).
+    # Primary capabilities: flags of its newest self-signature, encryption and signing
+    # confirmed by Sequoia (encrypting to the primary itself, in a certificate without
+    # subkeys; picking it as the one secret key to sign with). A key Sequoia cannot validate
+    # keeps no capability: what its signatures claim must not make it usable.
     caps = _caps(judged.primary_sigs[-1]) if judged.primary_sigs else ""
-    primary_key_id = _key_id(parsed.primary, material)
-    if "e" in caps and valid and not _encrypts_to(judged.base, primary_key_id):
+    if not valid:
+        caps = caps.replace("e", "").replace("s", "")
+    elif "e" in caps and not _encrypts_to(judged.base, _key_id(parsed.primary, material)):
         caps = caps.replace("e", "")
-    if "s" in caps and valid and material.has_secret:
-        only_primary_secret = [*judged.base]
-        if not _signs_with(only_primary_secret):
-            caps = caps.replace("s", "")
+    if "s" in caps and validity == "" and material.has_secret and not _signs_with(judged.base):
+        # (Only a live key can be tested; an expired or revoked one is refused for that.)
+        caps = caps.replace("s", "")
     primary = SubKey(
         fingerprint=fpr,
         algorithm_id=material.algorithm_id,
@@ -664,10 +918,12 @@ def _judge(parsed: _Parsed, now: datetime) -> OpenPGPKey:
 def keys_from_bytes(data: bytes, *, now: datetime | None = None) -> list[OpenPGPKey]:
     """Every certificate (public or secret, armored or binary, concatenated) in ``data``,
     judged by e2email's policy without gpg. Secret material present => ``SubKey.has_secret``.
-    KeystoreError when ``data`` holds no certificate."""
+    A certificate given more than once is merged into one judgement; a bare revocation
+    certificate counts when its certificate comes before it in ``data``. KeystoreError when
+    ``data`` holds no certificate."""
     _sq()
     when = now or datetime.now(UTC)
-    keys = [_judge(parsed, when) for pile in _packet_piles(data) for parsed in _split(pile)]
+    keys = [_judge(parsed, when) for parsed in _split(_packets(data))]
     if not keys:
         raise KeystoreError("no OpenPGP certificate found in the data")
     return keys

@@ -81,8 +81,46 @@ def made() -> Iterator[dict[str, TestKey]]:
         )
         _add_subkey(factory, multi, "cv25519", "encr", at="20250101T000000")
         _add_subkey(factory, multi, "ed25519", "sign", at="20250101T000000")
-        for name in ("forged", "spliced", "fakerev", "weakrev", "fakeuid"):
+        # Genuine SHA-1 signatures on an Ed25519 key: self-signatures, and a subkey revocation.
+        keys["sha1ed"] = generate_key(factory, out, "sha1ed@example.com", cert_digest="SHA1")
+        sha1rev = keys["sha1rev"] = generate_key(factory, out, "sha1rev@example.com")
+        gpg(
+            factory,
+            *PW,
+            "--cert-digest-algo",
+            "SHA1",
+            "--command-fd",
+            "0",
+            "--edit-key",
+            sha1rev.fingerprint,
+            input=b"key 1\nrevkey\ny\n0\n\ny\nsave\n",
+        )
+        _export(factory, sha1rev)
+        # Expired in 2020, its expiry (primary and subkey) extended since: usable again.
+        revived = keys["revived"] = generate_key(
+            factory, out, "revived@example.com", expire="1d", faked_time="20200101T000000"
+        )
+        gpg(factory, *PW, "--quick-set-expire", revived.fingerprint, "2y")
+        listing = gpg(factory, "--with-colons", "--list-keys", revived.fingerprint).stdout
+        (sub_fpr,) = [ln.split(":")[9] for ln in listing.decode().splitlines() if ln[:4] == "fpr:"][
+            1:
+        ]
+        gpg(factory, *PW, "--quick-set-expire", revived.fingerprint, "2y", sub_fpr)
+        _export(factory, revived)
+        # A secret key whose primary secret is a stub (gpg --export-secret-subkeys), with a
+        # signing subkey: it signs with the subkey, never with the primary.
+        stub = keys["stub"] = generate_key(factory, out, "stub@example.com")
+        _add_subkey(factory, stub, "ed25519", "sign")
+        assert stub.secret is not None
+        stub.secret.write_bytes(
+            gpg(factory, *PW, "--armor", "--export-secret-subkeys", stub.fingerprint).stdout
+        )
+        for name in ("forged", "spliced", "fakerev", "weakrev", "fakeuid", "sha1uid"):
             keys[name] = generate_key(factory, out, f"{name}@example.com")
+        # A key and, beside it (laterrev.rev), the revocation certificate gpg made for it.
+        later = keys["laterrev"] = generate_key(factory, out, "laterrev@example.com")
+        rev = (factory / "openpgp-revocs.d" / f"{later.fingerprint}.rev").read_text()
+        later.cert.with_suffix(".rev").write_text(rev.replace(":-----BEGIN", "-----BEGIN"))
         yield keys
     finally:
         kill_agent(factory)
@@ -203,7 +241,7 @@ def store(keys: Keys, made: dict[str, TestKey]) -> Iterator[Keystore]:
     ks = Keystore(home)
     for key in [*keys.all(), *made.values()]:
         ks.import_file(key.cert)
-    for key in (keys.alice, keys.locked, made["multi"], made["rsa3072"], made["revsub"]):
+    for key in (keys.alice, keys.locked, *(made[name] for name in sorted(SECRET) if name in made)):
         assert key.secret is not None
         ks.import_file(key.secret)
     yield ks
@@ -234,8 +272,8 @@ def _summary(key: OpenPGPKey, *, secret: bool) -> dict[str, object]:
 
 
 SESSION = ["alice", "bob", "carol", "expired", "revoked", "weak", "signonly", "locked", "sha1"]
-MADE = ["rsa3072", "stale", "revsub", "revuid", "multi"]
-SECRET = {"alice", "locked", "multi", "rsa3072", "revsub"}
+MADE = ["rsa3072", "stale", "revsub", "revuid", "multi", "sha1ed", "sha1rev", "revived", "stub"]
+SECRET = {"alice", "locked", "multi", "rsa3072", "revsub", "stub"}
 
 
 @pytest.mark.parametrize("name", SESSION + MADE)
@@ -287,6 +325,10 @@ def test_expected_verdicts(keys: Keys, made: dict[str, TestKey]) -> None:
     assert multi.encryption_subkey() == newest
     assert multi.signing_problem() is None and multi.has_secret
     assert not verdict(made["multi"]).has_secret
+    assert verdict(made["revived"]).encryption_problem() is None
+    stub = verdict(made["stub"], secret=True)
+    assert not stub.primary.has_secret and stub.signing_problem() is None
+    assert stub.signing_subkey() is not None and stub.signing_subkey() != stub.primary
 
 
 # -- Attacks: packets anyone can append must never make a key usable ---------------------------
@@ -393,9 +435,14 @@ def test_forged_revocations_are_ignored(made: dict[str, TestKey]) -> None:
     sq.encrypt(b"x", [sq.Cert.from_bytes(data)])
 
 
-def test_revocation_too_weak_to_check_is_honoured(made: dict[str, TestKey]) -> None:
-    """A revocation whose hash (SHA-1) Sequoia's policy will not check is honoured: that
-    fails closed (the key is refused), never open."""
+def test_sha1_signatures_are_checked_before_they_count(made: dict[str, TestKey]) -> None:
+    """Sequoia's policy will not check SHA-1 signatures at all, so pgpkeys checks them itself
+    before letting them count towards a refusal. A genuine SHA-1 subkey revocation revokes
+    (and gpg agrees, in the table); forged SHA-1 revocations of the subkey and of the key, and
+    a forged SHA-1 user ID self-signature newer than the real one, count for nothing (they
+    would otherwise let anyone switch a key off)."""
+    (genuine,) = keys_from_bytes(made["sha1rev"].cert.read_bytes())
+    assert [s.validity for s in genuine.subkeys] == ["r"]
     primary, uid, uid_sig, sub, binding = _parts(made["weakrev"])
     sub_rev = _forge(
         binding,
@@ -403,16 +450,35 @@ def test_revocation_too_weak_to_check_is_honoured(made: dict[str, TestKey]) -> N
         sig_type=0x28,
         hash_algo=2,
         drop=frozenset({9, 27}),
+        created=datetime(2026, 1, 3, tzinfo=UTC),
     )
-    (ours,) = keys_from_bytes(_binary([primary, uid, uid_sig, sub, binding, sub_rev]))
-    assert ours.encryption_subkey() is None
-    problem = ours.encryption_problem()
-    assert problem is not None and problem[0] is KeyReason.NO_ENCRYPTION_KEY
     key_rev = _forge(
         uid_sig, _key_hash(primary), sig_type=0x20, hash_algo=2, drop=frozenset({9, 27})
     )
-    (ours,) = keys_from_bytes(_binary([primary, key_rev, uid, uid_sig, sub, binding]))
-    assert ours.encryption_problem() == (KeyReason.REVOKED, ours.primary.key_id)
+    newer_uid_sig = _forge(
+        uid_sig,
+        _key_hash(primary) + _uid_hash(uid.body),
+        hash_algo=2,
+        created=datetime(2026, 1, 3, tzinfo=UTC),
+    )
+    data = _binary([primary, key_rev, uid, uid_sig, newer_uid_sig, sub, binding, sub_rev])
+    (ours,) = keys_from_bytes(data)
+    assert ours.encryption_problem() is None
+    assert ours.user_ids[0].self_sig_hash == 8  # the genuine SHA-256 one is in force
+    chosen = ours.encryption_subkey()
+    assert chosen is not None and chosen.fingerprint == str(sub.fingerprint).upper()
+
+
+def test_forged_sha1_user_id_is_not_listed(made: dict[str, TestKey]) -> None:
+    """A user ID appended with a forged SHA-1 self-signature (which Sequoia's policy will not
+    check) is not taken at its word: it names no address of the key."""
+    primary, uid, uid_sig, sub, binding = _parts(made["sha1uid"])
+    text = b"Mallory <victim@example.com>"
+    fake_uid = _packets(_frame(13, text))[0]
+    fake_sig = _forge(uid_sig, _key_hash(primary) + _uid_hash(text), hash_algo=2)
+    (ours,) = keys_from_bytes(_binary([primary, uid, uid_sig, fake_uid, fake_sig, sub, binding]))
+    assert ours.addresses == ("sha1uid@example.com",)
+    assert ours.encryption_problem() is None
 
 
 def test_forged_user_id_is_not_listed(made: dict[str, TestKey], tmp_path: Path) -> None:
@@ -431,6 +497,29 @@ def test_forged_user_id_is_not_listed(made: dict[str, TestKey], tmp_path: Path) 
 
 
 # -- Input handling -----------------------------------------------------------------------------
+
+
+def test_revocation_certificate_after_its_certificate_revokes_it(
+    made: dict[str, TestKey], tmp_path: Path
+) -> None:
+    """A bare revocation certificate (gpg's openpgp-revocs.d file) after the certificate, in
+    armor or binary, revokes it as importing it into gpg does; a certificate given twice is
+    one key."""
+    key = made["laterrev"]
+    cert = key.cert.read_bytes()
+    rev = key.cert.with_suffix(".rev").read_bytes()
+    (before,) = keys_from_bytes(cert)
+    assert before.encryption_problem() is None
+    assert len(keys_from_bytes(cert + cert)) == 1
+    revoked = (KeyReason.REVOKED, before.primary.key_id)
+    for data in (cert + rev, _binary(_packets(cert)) + _binary(_packets(rev))):
+        (after,) = keys_from_bytes(data)
+        assert after.encryption_problem() == revoked
+    ks = Keystore(tmp_path / "gpg")
+    ks.import_keys(cert)
+    ks.import_keys(rev)
+    theirs = ks.get(key.fingerprint)
+    assert theirs is not None and theirs.encryption_problem() == revoked
 
 
 @pytest.mark.parametrize("data", [b"", b"not a key", b"-----BEGIN PGP MESSAGE-----\n\nabc\n"])
