@@ -1031,10 +1031,16 @@ class Keystore:
     def gpg(self) -> gnupg.GPG:
         """The python-gnupg handle, creating the GnuPG home (mode 0700) on first use. With the
         certificate store: the GnuPG engine's copy of it (see :meth:`_sync_engine_home`)."""
-        if self.is_certd and shutil.which(self.gpg_binary) is None:
+        if shutil.which(self.gpg_binary) is None:
+            if self.is_certd:
+                raise KeystoreError(
+                    f"the GnuPG engine needs the gpg program ({self.gpg_binary!r}), which is "
+                    "not installed: use --engine sequoia"
+                )
             raise KeystoreError(
-                f"the GnuPG engine needs the gpg program ({self.gpg_binary!r}), which is not "
-                "installed: use --engine sequoia"
+                f"the OpenPGP keys of {self.home} are in the GnuPG home {self.gnupg_home}, and "
+                f"the gpg program ({self.gpg_binary!r}) is not installed: install GnuPG "
+                "(then `e2email keys migrate` moves the keys to a store that needs no gpg)"
             )
         with self._lock:
             if self._gpg is None:
@@ -1878,17 +1884,21 @@ class Keystore:
                     )
             secrets[fpr] = raw
         fprs: list[str] = []
-        written = unchanged = secret_imported = 0
+        touched: set[str] = set()
+        secret_imported = 0
         for cert in certs:
             fpr = str(cert.fingerprint).upper()
             old, new = self.certd.insert(cert)
-            changed = old != new
-            if fpr in secrets and self._store_secret(fpr, secrets[fpr]):
+            if old != new:
+                touched.add(fpr)
+            if fpr in secrets and self._store_secret(fpr, secrets.pop(fpr)):
                 secret_imported += 1
-                changed = True
-            written += changed
-            unchanged += not changed
+                touched.add(fpr)
             fprs.append(fpr)
+        fprs = list(dict.fromkeys(fprs))
+        # As gpg counts them: keys new to the keystore, and keys the data did not change.
+        written = sum(1 for f in fprs if f not in before)
+        unchanged = sum(1 for f in fprs if f not in touched)
         self._minimal.clear()
         after = {k.fingerprint: k for k in self.all_keys()}
         changes = [_change(before.get(f), after[f]) for f in dict.fromkeys(fprs) if f in after]
@@ -1896,7 +1906,7 @@ class Keystore:
         if new_fprs:
             self.sources.record(new_fprs, source or KeySource(SourceKind.DATA))
         return ImportSummary(
-            fingerprints=tuple(dict.fromkeys(fprs)),
+            fingerprints=tuple(fprs),
             imported=written,
             unchanged=unchanged,
             secret_imported=secret_imported,

@@ -359,3 +359,16 @@ def test_a_discovered_key_is_vetted_without_gpg_as_with_it(keys: Keys, tmp_path:
         else:
             assert isinstance(without, KeyProblem), (address, without)
             assert without.reason is with_gpg.reason, (address, without, with_gpg)
+
+
+def test_import_counts_are_gpgs(keys: Keys, tmp_path: Path) -> None:
+    """imported: keys new to the keystore; unchanged: keys the data did not change."""
+    store = Keystore(tmp_path / "home", backend="certd")
+    first = store.import_keys(keys.bob.cert.read_bytes() + keys.carol.cert.read_bytes())
+    assert (first.imported, first.unchanged) == (2, 0)
+    again = store.import_file(keys.bob.cert)
+    assert (again.imported, again.unchanged, again.changes) == (0, 1, ())
+    assert keys.carol.secret is not None
+    secret = store.import_file(keys.carol.secret, unprotected=True)
+    assert (secret.imported, secret.unchanged, secret.secret_imported) == (0, 0, 1)
+    assert secret.changes[0].secret_added

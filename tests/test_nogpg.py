@@ -159,3 +159,21 @@ def test_doctor_says_gpg_is_missing_as_information_only(
     assert done.returncode == 0, done.stdout + done.stderr  # the report is still a good one
     assert "note: gpg is not installed, which only --engine gpg" in done.stdout
     assert "in-process engine (pysequoia)" in done.stdout
+
+
+def test_a_home_still_in_its_gnupg_home_says_what_to_do_without_gpg(
+    no_gpg: Callable[..., subprocess.CompletedProcess[str]], home: Path, keys: Keys
+) -> None:
+    """An e2email home from before the store (HOME/gnupg), on a machine without gpg: one
+    line naming the GnuPG home, GnuPG and `keys migrate`."""
+    from e2email.keystore import Keystore
+
+    old = Keystore(home)
+    assert old.backend == "gnupg"
+    old.import_file(keys.bob.cert)
+    old.shutdown_agent()
+    done = no_gpg(home, "keys", "list")
+    assert done.returncode != 0
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "is not installed" in lines[0] and "keys migrate" in lines[0]
