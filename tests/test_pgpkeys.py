@@ -250,6 +250,7 @@ def store(keys: Keys, made: dict[str, TestKey]) -> Iterator[Keystore]:
 
 
 def _summary(key: OpenPGPKey, *, secret: bool) -> dict[str, object]:
+    now = datetime.now(UTC)
     enc = key.encryption_subkey()
     sign = key.signing_subkey() if secret else None
     return {
@@ -260,11 +261,9 @@ def _summary(key: OpenPGPKey, *, secret: bool) -> dict[str, object]:
         "encryption_subkey": enc.fingerprint if enc else None,
         "signing_subkey": sign.fingerprint if sign else None,
         "expires": key.expires,
-        "subkey_expiry": {
-            s.fingerprint: s.expires
-            for s in key.subkeys
-            if s.problem(datetime.now(UTC)) is None
-            or s.problem(datetime.now(UTC))[0] is KeyReason.EXPIRED  # type: ignore[index]
+        # Every encryption-capable subkey with its expiry and why it may not be used.
+        "encryption_subkeys": {
+            s.fingerprint: (s.expires, s.problem(now)) for s in key.subkeys if "e" in s.capabilities
         },
         "has_secret": key.has_secret,
         "status": key.status(),
