@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -324,7 +325,14 @@ def test_expected_verdicts(keys: Keys, made: dict[str, TestKey]) -> None:
     assert multi.encryption_subkey() == newest
     assert multi.signing_problem() is None and multi.has_secret
     assert not verdict(made["multi"]).has_secret
-    assert verdict(made["revived"]).encryption_problem() is None
+    revived = verdict(made["revived"])
+    assert revived.encryption_problem() is None and revived.expires is not None
+    # ``now`` decides which expiry dates have passed (the validity letters, as gpg's listing).
+    later = revived.expires + timedelta(days=1)
+    (aged,) = keys_from_bytes(made["revived"].cert.read_bytes(), now=later)
+    assert aged.primary.validity == "e"
+    assert aged.encryption_problem(later) == revived.encryption_problem(later)
+    assert aged.encryption_problem(later)[0] is KeyReason.EXPIRED  # type: ignore[index]
     stub = verdict(made["stub"], secret=True)
     assert not stub.primary.has_secret and stub.signing_problem() is None
     assert stub.signing_subkey() is not None and stub.signing_subkey() != stub.primary
@@ -541,6 +549,14 @@ def test_concatenated_armored_and_binary_certificates(keys: Keys) -> None:
         keys.bob.fingerprint,
         keys.carol.fingerprint,
     ]
+
+
+def test_without_pysequoia_a_keystore_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, keys: Keys
+) -> None:
+    monkeypatch.setitem(sys.modules, "pysequoia", None)
+    with pytest.raises(KeystoreError, match=r"pip install 'e2email\[sequoia\]'"):
+        keys_from_bytes(keys.bob.cert.read_bytes())
 
 
 def test_key_from_cert_counts_secrets(keys: Keys) -> None:
