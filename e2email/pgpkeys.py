@@ -397,12 +397,13 @@ def _pkesk_key_id(body: bytes) -> str:
 def _signs_with(packets: Sequence[Any]) -> bool:
     """Whether Sequoia picks the one secret key in ``packets`` to sign: a genuine, live,
     unrevoked binding with signing flags and a valid back-signature. A key it picks but cannot
-    unlock (a passphrase) was still picked."""
+    unlock without its passphrase was still picked (``Tsk.signer()`` selects the key, then
+    fails to use its encrypted secret); any other failure means it was not (fail closed)."""
     try:
         tsk = _sq().Tsk.from_packets(list(packets))
         tsk.signer()
     except (RuntimeError, ValueError) as exc:
-        return not _first_line(exc).startswith("No suitable signing")
+        return "secret key material is encrypted" in _first_line(exc)
     return True
 
 

@@ -364,6 +364,20 @@ def test_forged_binding_signature_binds_no_subkey(made: dict[str, TestKey], tmp_
     assert theirs is not None and theirs.encryption_subkey() is None
 
 
+def test_forged_signing_binding_binds_no_signing_subkey(made: dict[str, TestKey]) -> None:
+    """The same for signing: a secret signing subkey whose binding is forged is never the key
+    to sign with (here the primary's secret is a stub, so nothing can sign)."""
+    assert made["stub"].secret is not None
+    packets = _packets(made["stub"].secret.read_bytes())
+    assert packets[-2].tag == Tag.SecretSubkey and packets[-1].key_flags.signing
+    (good,) = keys_from_bytes(_binary(packets))
+    assert good.signing_problem() is None
+    (ours,) = keys_from_bytes(_binary([*packets[:-1], _flip_last_mpi_byte(packets[-1])]))
+    assert ours.signing_subkey() is None
+    assert ours.signing_problem() is not None
+    assert ours.signing_problem()[0] is KeyReason.NO_SIGNING_KEY  # type: ignore[index]
+
+
 def test_binding_spliced_from_another_key_binds_nothing(
     keys: Keys, made: dict[str, TestKey], tmp_path: Path
 ) -> None:
