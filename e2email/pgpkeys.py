@@ -73,7 +73,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -933,16 +932,7 @@ def keys_from_bytes(data: bytes, *, now: datetime | None = None) -> list[OpenPGP
 def key_from_cert(
     cert: pysequoia.Cert | pysequoia.Tsk, *, now: datetime | None = None
 ) -> OpenPGPKey:
-    """The judgement of one pysequoia certificate; a ``Tsk`` (or a ``Cert`` holding secret
-    keys) counts its secrets."""
-    import pysequoia  # the caller holds a pysequoia object, so it is installed
-
-    if isinstance(cert, pysequoia.Tsk):
-        data = bytes(cert)
-    else:
-        with warnings.catch_warnings():
-            # A Cert's secrets are deprecated in favour of Tsk, but a Cert may still hold them.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            secrets = cert.secrets if cert.has_secret_keys else None
-        data = bytes(secrets) if secrets is not None else bytes(cert)
-    return keys_from_bytes(data, now=now)[0]
+    """The judgement of one pysequoia certificate. A ``Tsk`` counts its secret keys; a
+    ``Cert`` is judged as the public certificate it serialises to (pysequoia deprecates
+    reading secrets from a ``Cert``, and ``Tsk.extract_certificate()`` is meant as public)."""
+    return keys_from_bytes(bytes(cert), now=now)[0]

@@ -8,6 +8,7 @@ import hashlib
 import shutil
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -573,13 +574,31 @@ def test_without_pysequoia_a_keystore_error_says_what_to_install(
         keys_from_bytes(keys.bob.cert.read_bytes())
 
 
-def test_key_from_cert_counts_secrets(keys: Keys) -> None:
+def test_key_from_cert_counts_the_secrets_of_a_tsk(keys: Keys) -> None:
     assert keys.alice.secret is not None
-    secret = sq.Cert.from_bytes(keys.alice.secret.read_bytes())
-    judged = key_from_cert(secret)
-    assert judged.fingerprint == keys.alice.fingerprint and judged.has_secret
-    assert judged.signing_problem() is None
+    secret = key_from_cert(sq.Tsk.from_bytes(keys.alice.secret.read_bytes()))
+    assert secret.fingerprint == keys.alice.fingerprint and secret.has_secret
+    assert secret.signing_problem() is None
     public = key_from_cert(sq.Cert.from_bytes(keys.alice.cert.read_bytes()))
-    assert not public.has_secret
-    tsk = key_from_cert(sq.Tsk.from_bytes(keys.alice.secret.read_bytes()))
-    assert tsk.has_secret and tsk.signing_subkey() == judged.signing_subkey()
+    assert not public.has_secret and public.fingerprint == secret.fingerprint
+    enc = secret.encryption_subkey()
+    assert enc is not None and public.encryption_subkey() == replace(enc, has_secret=False)
+
+
+@pytest.mark.parametrize("profile", ["RFC4880", "RFC9580"])
+def test_keys_made_by_sequoia_v4_and_v6(profile: str) -> None:
+    """Keys a gpg-free keystore makes with pysequoia (v4, and RFC 9580 v6 keys): usable, the
+    encryption subkey chosen, signing with the signing subkey, the expiry read."""
+    tsk = sq.Tsk.generate(
+        "Nova <nova@example.com>", profile=getattr(sq.Profile, profile), validity_seconds=86400
+    )
+    judged = key_from_cert(tsk)
+    assert judged.addresses == ("nova@example.com",)
+    assert judged.encryption_problem() is None and judged.signing_problem() is None
+    enc, sign = judged.encryption_subkey(), judged.signing_subkey()
+    assert enc is not None and enc.algorithm == "cv25519" and enc.has_secret
+    assert sign is not None and sign in judged.subkeys and "s" in sign.capabilities
+    assert judged.expires is not None
+    assert judged.encryption_problem(judged.expires + timedelta(seconds=1)) is not None
+    public = key_from_cert(tsk.extract_certificate())
+    assert not public.has_secret and public.encryption_subkey() == replace(enc, has_secret=False)
