@@ -17,6 +17,7 @@ import pytest
 from fixtures_pgp import Keys
 from pgp_helpers import TestKey, generate_key, gpg, kill_agent, new_gnupg_home
 
+from e2email import pgpkeys
 from e2email.errors import KeyReason, KeystoreError
 from e2email.keystore import Keystore, OpenPGPKey
 from e2email.pgpkeys import key_from_cert, keys_from_bytes
@@ -34,6 +35,11 @@ def _export(factory: Path, key: TestKey) -> TestKey:
         gpg(factory, *PW, "--armor", "--export-secret-keys", key.fingerprint).stdout
     )
     return key
+
+
+def _fingerprints(factory: Path, spec: str) -> list[str]:
+    listing = gpg(factory, "--with-colons", "--list-keys", spec).stdout.decode()
+    return [line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:")]
 
 
 def _add_subkey(
@@ -103,10 +109,7 @@ def made() -> Iterator[dict[str, TestKey]]:
             factory, out, "revived@example.com", expire="1d", faked_time="20200101T000000"
         )
         gpg(factory, *PW, "--quick-set-expire", revived.fingerprint, "2y")
-        listing = gpg(factory, "--with-colons", "--list-keys", revived.fingerprint).stdout
-        (sub_fpr,) = [ln.split(":")[9] for ln in listing.decode().splitlines() if ln[:4] == "fpr:"][
-            1:
-        ]
+        (sub_fpr,) = _fingerprints(factory, revived.fingerprint)[1:]
         gpg(factory, *PW, "--quick-set-expire", revived.fingerprint, "2y", sub_fpr)
         _export(factory, revived)
         # A secret key whose primary secret is a stub (gpg --export-secret-subkeys), with a
@@ -119,6 +122,30 @@ def made() -> Iterator[dict[str, TestKey]]:
         )
         for name in ("forged", "spliced", "fakerev", "weakrev", "fakeuid", "sha1uid"):
             keys[name] = generate_key(factory, out, f"{name}@example.com")
+        # DSA-1024 with SHA-1 self-signatures (an old GnuPG default): refused as WEAK.
+        gpg(
+            factory,
+            *PW,
+            "--cert-digest-algo",
+            "SHA1",
+            "--quick-gen-key",
+            "Test Dsa <dsa1024@example.com>",
+            "dsa1024",
+            "sign",
+            "0",
+        )
+        dsa_fpr = _fingerprints(factory, "dsa1024@example.com")[0]
+        keys["dsa1024"] = _export(
+            factory, TestKey("dsa1024@example.com", dsa_fpr, out / "dsa.cert", out / "dsa.key")
+        )
+        # ECDSA P-256, for the signature check's ECDSA path.
+        gpg(
+            factory, *PW, "--quick-gen-key", "Test P256 <p256@example.com>", "nistp256", "sign", "0"
+        )
+        p256_fpr = _fingerprints(factory, "p256@example.com")[0]
+        keys["p256"] = _export(
+            factory, TestKey("p256@example.com", p256_fpr, out / "p256.cert", out / "p256.key")
+        )
         # A key and, beside it (laterrev.rev), the revocation certificate gpg made for it.
         later = keys["laterrev"] = generate_key(factory, out, "laterrev@example.com")
         rev = (factory / "openpgp-revocs.d" / f"{later.fingerprint}.rev").read_text()
@@ -273,7 +300,19 @@ def _summary(key: OpenPGPKey, *, secret: bool) -> dict[str, object]:
 
 
 SESSION = ["alice", "bob", "carol", "expired", "revoked", "weak", "signonly", "locked", "sha1"]
-MADE = ["rsa3072", "stale", "revsub", "revuid", "multi", "sha1ed", "sha1rev", "revived", "stub"]
+MADE = [
+    "rsa3072",
+    "stale",
+    "revsub",
+    "revuid",
+    "multi",
+    "sha1ed",
+    "sha1rev",
+    "revived",
+    "stub",
+    "dsa1024",
+    "p256",
+]
 SECRET = {"alice", "locked", "multi", "rsa3072", "revsub", "stub"}
 
 
@@ -602,3 +641,15 @@ def test_keys_made_by_sequoia_v4_and_v6(profile: str) -> None:
     assert judged.encryption_problem(judged.expires + timedelta(seconds=1)) is not None
     public = key_from_cert(tsk.extract_certificate())
     assert not public.has_secret and public.encryption_subkey() == replace(enc, has_secret=False)
+
+
+@pytest.mark.parametrize("name", ["sha1", "sha1ed", "weak", "dsa1024", "p256", "rsa3072"])
+def test_signature_check_by_algorithm(name: str, keys: Keys, made: dict[str, TestKey]) -> None:
+    """pgpkeys' own signature check (for what Sequoia's policy will not check) accepts gpg's
+    genuine user ID self-signatures (RSA, EdDSA, DSA, ECDSA; SHA-1 and SHA-2) and refuses
+    each with one bit of its signature changed."""
+    key = getattr(keys, name) if name in SESSION else made[name]
+    primary, uid, uid_sig = _packets(key.cert.read_bytes())[:3]
+    signed = pgpkeys._signed(primary, uid)
+    assert pgpkeys._check_signature(uid_sig, primary, signed) is True
+    assert pgpkeys._check_signature(_flip_last_mpi_byte(uid_sig), primary, signed) is False
