@@ -12,14 +12,15 @@ and a signature is only read after Sequoia has checked it cryptographically:
 
 * pysequoia's raw packets (:class:`pysequoia.packet.PacketPile`) are *not* verified: anyone
   can append a binding signature, a revocation or a newer self-signature that removes an
-  expiry. So each candidate signature is put, alone, into a *reduced certificate* (the primary
-  key, its user IDs and their self-signatures, one component, that one signature) built with
-  ``Cert.from_packets``, and Sequoia is asked whether it accepts it under its StandardPolicy at
-  the current time: for a user ID, whether ``Cert.user_ids`` lists it; for an encryption
-  subkey, whether ``pysequoia.encrypt`` encrypts to exactly that subkey (the PKESK's key ID is
-  checked, so an encryption-capable primary cannot stand in); for a signing subkey with its
-  secret, whether ``Tsk.signer()`` picks it (which also needs the subkey's back-signature,
-  RFC 9580 §5.2.1 0x19). Sequoia verifies self-signatures before it uses them (its
+  expiry. So each candidate signature is put, alone, into a *reduced certificate* built with
+  ``Cert.from_packets`` (the primary key, the one component, that one signature; for a subkey
+  also the user IDs with their genuine self-signatures, so that the primary key is valid), and
+  Sequoia is asked whether it accepts it under its StandardPolicy at the current time: for a
+  user ID, whether ``Cert.user_ids`` lists it; for an encryption subkey, whether
+  ``pysequoia.encrypt`` encrypts to exactly that subkey (the PKESK's key ID is checked, so an
+  encryption-capable primary cannot stand in); for a signing subkey with its secret, whether
+  ``Tsk.signer()`` picks it (which also needs the subkey's back-signature, RFC 9580 §5.2.1
+  0x19). Sequoia verifies self-signatures before it uses them (its
   ``LazySignatures`` checks each one against the primary key before handing it out), so a
   forged or spliced signature never binds anything. Only a signature so accepted is read for
   key flags, key expiry and hash algorithm.
