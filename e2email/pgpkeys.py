@@ -12,14 +12,15 @@ and a signature is only read after Sequoia has checked it cryptographically:
 
 * pysequoia's raw packets (:class:`pysequoia.packet.PacketPile`) are *not* verified: anyone
   can append a binding signature, a revocation or a newer self-signature that removes an
-  expiry. So each candidate signature is put, alone, into a *reduced certificate* (the primary
-  key, its user IDs and their self-signatures, one component, that one signature) built with
-  ``Cert.from_packets``, and Sequoia is asked whether it accepts it under its StandardPolicy at
-  the current time: for a user ID, whether ``Cert.user_ids`` lists it; for an encryption
-  subkey, whether ``pysequoia.encrypt`` encrypts to exactly that subkey (the PKESK's key ID is
-  checked, so an encryption-capable primary cannot stand in); for a signing subkey with its
-  secret, whether ``Tsk.signer()`` picks it (which also needs the subkey's back-signature,
-  RFC 9580 §5.2.1 0x19). Sequoia verifies self-signatures before it uses them (its
+  expiry. So each candidate signature is put, alone, into a *reduced certificate* built with
+  ``Cert.from_packets`` (the primary key, the one component, that one signature; for a subkey
+  also the user IDs with their genuine self-signatures, so that the primary key is valid), and
+  Sequoia is asked whether it accepts it under its StandardPolicy at the current time: for a
+  user ID, whether ``Cert.user_ids`` lists it; for an encryption subkey, whether
+  ``pysequoia.encrypt`` encrypts to exactly that subkey (the PKESK's key ID is checked, so an
+  encryption-capable primary cannot stand in); for a signing subkey with its secret, whether
+  ``Tsk.signer()`` picks it (which also needs the subkey's back-signature, RFC 9580 §5.2.1
+  0x19). Sequoia verifies self-signatures before it uses them (its
   ``LazySignatures`` checks each one against the primary key before handing it out), so a
   forged or spliced signature never binds anything. Only a signature so accepted is read for
   key flags, key expiry and hash algorithm.
@@ -397,12 +398,13 @@ def _pkesk_key_id(body: bytes) -> str:
 def _signs_with(packets: Sequence[Any]) -> bool:
     """Whether Sequoia picks the one secret key in ``packets`` to sign: a genuine, live,
     unrevoked binding with signing flags and a valid back-signature. A key it picks but cannot
-    unlock (a passphrase) was still picked."""
+    unlock without its passphrase was still picked (``Tsk.signer()`` selects the key, then
+    fails to use its encrypted secret); any other failure means it was not (fail closed)."""
     try:
         tsk = _sq().Tsk.from_packets(list(packets))
         tsk.signer()
     except (RuntimeError, ValueError) as exc:
-        return not _first_line(exc).startswith("No suitable signing")
+        return "secret key material is encrypted" in _first_line(exc)
     return True
 
 
@@ -510,13 +512,16 @@ def _check_signature(sig: Any, signer: Any, signed: bytes) -> bool | None:
             rsa.RSAPublicNumbers(e, n).public_key().verify(
                 s_value.to_bytes(size, "big"), digest, padding.PKCS1v15(), prehashed
             )
-        elif pk_algo == 17:  # DSA
+        elif pk_algo == 17:  # DSA (deprecated in cryptography: it may warn, or one day go)
             p, q, g, y = _mpis(key[6:], 4)
             r, s_value = _mpis(values, 2)
-            params = dsa.DSAParameterNumbers(p, q, g)
-            dsa.DSAPublicNumbers(y, params).public_key().verify(
-                encode_dss_signature(r, s_value), digest, prehashed
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    public = dsa.DSAPublicNumbers(y, dsa.DSAParameterNumbers(p, q, g)).public_key()
+                except (AttributeError, NotImplementedError):
+                    return None
+                public.verify(encode_dss_signature(r, s_value), digest, prehashed)
         elif pk_algo == 19:  # ECDSA
             oid = key[7 : 7 + key[6]].hex()
             curve: ec.EllipticCurve | None = {
@@ -932,16 +937,7 @@ def keys_from_bytes(data: bytes, *, now: datetime | None = None) -> list[OpenPGP
 def key_from_cert(
     cert: pysequoia.Cert | pysequoia.Tsk, *, now: datetime | None = None
 ) -> OpenPGPKey:
-    """The judgement of one pysequoia certificate; a ``Tsk`` (or a ``Cert`` holding secret
-    keys) counts its secrets."""
-    import pysequoia  # the caller holds a pysequoia object, so it is installed
-
-    if isinstance(cert, pysequoia.Tsk):
-        data = bytes(cert)
-    else:
-        with warnings.catch_warnings():
-            # A Cert's secrets are deprecated in favour of Tsk, but a Cert may still hold them.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            secrets = cert.secrets if cert.has_secret_keys else None
-        data = bytes(secrets) if secrets is not None else bytes(cert)
-    return keys_from_bytes(data, now=now)[0]
+    """The judgement of one pysequoia certificate. A ``Tsk`` counts its secret keys; a
+    ``Cert`` is judged as the public certificate it serialises to (pysequoia deprecates
+    reading secrets from a ``Cert``, and ``Tsk.extract_certificate()`` is meant as public)."""
+    return keys_from_bytes(bytes(cert), now=now)[0]

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 from fixtures_pgp import Keys
 from pgp_helpers import TestKey, generate_key, gpg, kill_agent, new_gnupg_home
 
+from e2email import pgpkeys
 from e2email.errors import KeyReason, KeystoreError
 from e2email.keystore import Keystore, OpenPGPKey
 from e2email.pgpkeys import key_from_cert, keys_from_bytes
@@ -32,6 +35,11 @@ def _export(factory: Path, key: TestKey) -> TestKey:
         gpg(factory, *PW, "--armor", "--export-secret-keys", key.fingerprint).stdout
     )
     return key
+
+
+def _fingerprints(factory: Path, spec: str) -> list[str]:
+    listing = gpg(factory, "--with-colons", "--list-keys", spec).stdout.decode()
+    return [line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:")]
 
 
 def _add_subkey(
@@ -101,10 +109,7 @@ def made() -> Iterator[dict[str, TestKey]]:
             factory, out, "revived@example.com", expire="1d", faked_time="20200101T000000"
         )
         gpg(factory, *PW, "--quick-set-expire", revived.fingerprint, "2y")
-        listing = gpg(factory, "--with-colons", "--list-keys", revived.fingerprint).stdout
-        (sub_fpr,) = [ln.split(":")[9] for ln in listing.decode().splitlines() if ln[:4] == "fpr:"][
-            1:
-        ]
+        (sub_fpr,) = _fingerprints(factory, revived.fingerprint)[1:]
         gpg(factory, *PW, "--quick-set-expire", revived.fingerprint, "2y", sub_fpr)
         _export(factory, revived)
         # A secret key whose primary secret is a stub (gpg --export-secret-subkeys), with a
@@ -117,6 +122,30 @@ def made() -> Iterator[dict[str, TestKey]]:
         )
         for name in ("forged", "spliced", "fakerev", "weakrev", "fakeuid", "sha1uid"):
             keys[name] = generate_key(factory, out, f"{name}@example.com")
+        # DSA-1024 with SHA-1 self-signatures (an old GnuPG default): refused as WEAK.
+        gpg(
+            factory,
+            *PW,
+            "--cert-digest-algo",
+            "SHA1",
+            "--quick-gen-key",
+            "Test Dsa <dsa1024@example.com>",
+            "dsa1024",
+            "sign",
+            "0",
+        )
+        dsa_fpr = _fingerprints(factory, "dsa1024@example.com")[0]
+        keys["dsa1024"] = _export(
+            factory, TestKey("dsa1024@example.com", dsa_fpr, out / "dsa.cert", out / "dsa.key")
+        )
+        # ECDSA P-256, for the signature check's ECDSA path.
+        gpg(
+            factory, *PW, "--quick-gen-key", "Test P256 <p256@example.com>", "nistp256", "sign", "0"
+        )
+        p256_fpr = _fingerprints(factory, "p256@example.com")[0]
+        keys["p256"] = _export(
+            factory, TestKey("p256@example.com", p256_fpr, out / "p256.cert", out / "p256.key")
+        )
         # A key and, beside it (laterrev.rev), the revocation certificate gpg made for it.
         later = keys["laterrev"] = generate_key(factory, out, "laterrev@example.com")
         rev = (factory / "openpgp-revocs.d" / f"{later.fingerprint}.rev").read_text()
@@ -250,6 +279,7 @@ def store(keys: Keys, made: dict[str, TestKey]) -> Iterator[Keystore]:
 
 
 def _summary(key: OpenPGPKey, *, secret: bool) -> dict[str, object]:
+    now = datetime.now(UTC)
     enc = key.encryption_subkey()
     sign = key.signing_subkey() if secret else None
     return {
@@ -260,11 +290,9 @@ def _summary(key: OpenPGPKey, *, secret: bool) -> dict[str, object]:
         "encryption_subkey": enc.fingerprint if enc else None,
         "signing_subkey": sign.fingerprint if sign else None,
         "expires": key.expires,
-        "subkey_expiry": {
-            s.fingerprint: s.expires
-            for s in key.subkeys
-            if s.problem(datetime.now(UTC)) is None
-            or s.problem(datetime.now(UTC))[0] is KeyReason.EXPIRED  # type: ignore[index]
+        # Every encryption-capable subkey with its expiry and why it may not be used.
+        "encryption_subkeys": {
+            s.fingerprint: (s.expires, s.problem(now)) for s in key.subkeys if "e" in s.capabilities
         },
         "has_secret": key.has_secret,
         "status": key.status(),
@@ -272,7 +300,19 @@ def _summary(key: OpenPGPKey, *, secret: bool) -> dict[str, object]:
 
 
 SESSION = ["alice", "bob", "carol", "expired", "revoked", "weak", "signonly", "locked", "sha1"]
-MADE = ["rsa3072", "stale", "revsub", "revuid", "multi", "sha1ed", "sha1rev", "revived", "stub"]
+MADE = [
+    "rsa3072",
+    "stale",
+    "revsub",
+    "revuid",
+    "multi",
+    "sha1ed",
+    "sha1rev",
+    "revived",
+    "stub",
+    "dsa1024",
+    "p256",
+]
 SECRET = {"alice", "locked", "multi", "rsa3072", "revsub", "stub"}
 
 
@@ -325,7 +365,14 @@ def test_expected_verdicts(keys: Keys, made: dict[str, TestKey]) -> None:
     assert multi.encryption_subkey() == newest
     assert multi.signing_problem() is None and multi.has_secret
     assert not verdict(made["multi"]).has_secret
-    assert verdict(made["revived"]).encryption_problem() is None
+    revived = verdict(made["revived"])
+    assert revived.encryption_problem() is None and revived.expires is not None
+    # ``now`` decides which expiry dates have passed (the validity letters, as gpg's listing).
+    later = revived.expires + timedelta(days=1)
+    (aged,) = keys_from_bytes(made["revived"].cert.read_bytes(), now=later)
+    assert aged.primary.validity == "e"
+    assert aged.encryption_problem(later) == revived.encryption_problem(later)
+    assert aged.encryption_problem(later)[0] is KeyReason.EXPIRED  # type: ignore[index]
     stub = verdict(made["stub"], secret=True)
     assert not stub.primary.has_secret and stub.signing_problem() is None
     assert stub.signing_subkey() is not None and stub.signing_subkey() != stub.primary
@@ -355,6 +402,20 @@ def test_forged_binding_signature_binds_no_subkey(made: dict[str, TestKey], tmp_
     assert ours.encryption_problem() is not None
     assert ours.encryption_problem()[0] is KeyReason.NO_ENCRYPTION_KEY  # type: ignore[index]
     assert theirs is not None and theirs.encryption_subkey() is None
+
+
+def test_forged_signing_binding_binds_no_signing_subkey(made: dict[str, TestKey]) -> None:
+    """The same for signing: a secret signing subkey whose binding is forged is never the key
+    to sign with (here the primary's secret is a stub, so nothing can sign)."""
+    assert made["stub"].secret is not None
+    packets = _packets(made["stub"].secret.read_bytes())
+    assert packets[-2].tag == Tag.SecretSubkey and packets[-1].key_flags.signing
+    (good,) = keys_from_bytes(_binary(packets))
+    assert good.signing_problem() is None
+    (ours,) = keys_from_bytes(_binary([*packets[:-1], _flip_last_mpi_byte(packets[-1])]))
+    assert ours.signing_subkey() is None
+    assert ours.signing_problem() is not None
+    assert ours.signing_problem()[0] is KeyReason.NO_SIGNING_KEY  # type: ignore[index]
 
 
 def test_binding_spliced_from_another_key_binds_nothing(
@@ -544,13 +605,51 @@ def test_concatenated_armored_and_binary_certificates(keys: Keys) -> None:
     ]
 
 
-def test_key_from_cert_counts_secrets(keys: Keys) -> None:
+def test_without_pysequoia_a_keystore_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, keys: Keys
+) -> None:
+    monkeypatch.setitem(sys.modules, "pysequoia", None)
+    with pytest.raises(KeystoreError, match=r"pip install 'e2email\[sequoia\]'"):
+        keys_from_bytes(keys.bob.cert.read_bytes())
+
+
+def test_key_from_cert_counts_the_secrets_of_a_tsk(keys: Keys) -> None:
     assert keys.alice.secret is not None
-    secret = sq.Cert.from_bytes(keys.alice.secret.read_bytes())
-    judged = key_from_cert(secret)
-    assert judged.fingerprint == keys.alice.fingerprint and judged.has_secret
-    assert judged.signing_problem() is None
+    secret = key_from_cert(sq.Tsk.from_bytes(keys.alice.secret.read_bytes()))
+    assert secret.fingerprint == keys.alice.fingerprint and secret.has_secret
+    assert secret.signing_problem() is None
     public = key_from_cert(sq.Cert.from_bytes(keys.alice.cert.read_bytes()))
-    assert not public.has_secret
-    tsk = key_from_cert(sq.Tsk.from_bytes(keys.alice.secret.read_bytes()))
-    assert tsk.has_secret and tsk.signing_subkey() == judged.signing_subkey()
+    assert not public.has_secret and public.fingerprint == secret.fingerprint
+    enc = secret.encryption_subkey()
+    assert enc is not None and public.encryption_subkey() == replace(enc, has_secret=False)
+
+
+@pytest.mark.parametrize("profile", ["RFC4880", "RFC9580"])
+def test_keys_made_by_sequoia_v4_and_v6(profile: str) -> None:
+    """Keys a gpg-free keystore makes with pysequoia (v4, and RFC 9580 v6 keys): usable, the
+    encryption subkey chosen, signing with the signing subkey, the expiry read."""
+    tsk = sq.Tsk.generate(
+        "Nova <nova@example.com>", profile=getattr(sq.Profile, profile), validity_seconds=86400
+    )
+    judged = key_from_cert(tsk)
+    assert judged.addresses == ("nova@example.com",)
+    assert judged.encryption_problem() is None and judged.signing_problem() is None
+    enc, sign = judged.encryption_subkey(), judged.signing_subkey()
+    assert enc is not None and enc.algorithm == "cv25519" and enc.has_secret
+    assert sign is not None and sign in judged.subkeys and "s" in sign.capabilities
+    assert judged.expires is not None
+    assert judged.encryption_problem(judged.expires + timedelta(seconds=1)) is not None
+    public = key_from_cert(tsk.extract_certificate())
+    assert not public.has_secret and public.encryption_subkey() == replace(enc, has_secret=False)
+
+
+@pytest.mark.parametrize("name", ["sha1", "sha1ed", "weak", "dsa1024", "p256", "rsa3072"])
+def test_signature_check_by_algorithm(name: str, keys: Keys, made: dict[str, TestKey]) -> None:
+    """pgpkeys' own signature check (for what Sequoia's policy will not check) accepts gpg's
+    genuine user ID self-signatures (RSA, EdDSA, DSA, ECDSA; SHA-1 and SHA-2) and refuses
+    each with one bit of its signature changed."""
+    key = getattr(keys, name) if name in SESSION else made[name]
+    primary, uid, uid_sig = _packets(key.cert.read_bytes())[:3]
+    signed = pgpkeys._signed(primary, uid)
+    assert pgpkeys._check_signature(uid_sig, primary, signed) is True
+    assert pgpkeys._check_signature(_flip_last_mpi_byte(uid_sig), primary, signed) is False
