@@ -18,7 +18,15 @@ from pathlib import Path
 import pysequoia
 import pytest
 from fixtures_pgp import LOCKED_PASSPHRASE, Keys
-from pgp_helpers import gpg, gpg_decrypt, kill_agent, multipart_parts, new_gnupg_home, part_body
+from pgp_helpers import (
+    gpg,
+    gpg_decrypt,
+    kill_agent,
+    multipart_parts,
+    new_gnupg_home,
+    part_body,
+    sop_decrypt,
+)
 
 from e2email import (
     KeyReason,
@@ -327,6 +335,14 @@ def test_mail_between_keys_generated_in_the_store_is_read_by_gpg(tmp_path: Path)
     finally:
         kill_agent(reader)
         shutil.rmtree(reader, ignore_errors=True)
+    # And by the SOP implementations the interop suite uses, where installed.
+    key_file, cert_file = tmp_path / "gen-b.key", tmp_path / "gen-a.cert"
+    key_file.write_bytes(store.secret_key_bytes(recipient.fingerprint) or b"")
+    cert_file.write_bytes(store.export(sender.fingerprint))
+    for tool in ("sqop", "gosop"):
+        if shutil.which(tool):
+            plain, verified = sop_decrypt(tool, part_body(encrypted), key_file, cert_file, tmp_path)
+            assert b"made here" in plain and verified.strip(), tool
 
 
 def test_a_discovered_key_is_vetted_without_gpg_as_with_it(keys: Keys, tmp_path: Path) -> None:
