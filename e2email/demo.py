@@ -3,7 +3,9 @@
 Alice signs and encrypts a message with an attachment to Bob; e2email submits it over implicit
 TLS (with AUTH) to a real SMTP server on 127.0.0.1 whose certificate comes from a throwaway CA;
 then, as Bob would, the bytes the server received are decrypted and the signature verified with
-Bob's own keystore. Every step is shown. The keys are the public demo keys shipped in
+Bob's own keystore. Every step is shown. No gpg is needed: the keys live in certificate
+stores (:mod:`e2email.certd`), Alice's engine is the in-process one and Bob decrypts with
+pysequoia. The keys are the public demo keys shipped in
 ``e2email/demo_keys/`` (made by ``keys/make-demo-keys.sh``).
 
 Then the same with S/MIME: a local test CA issues X.509 identities to Alice and Bob (moved into
@@ -15,7 +17,6 @@ decrypts it and verifies the CMS signature and the certificate chain with ``cryp
 from __future__ import annotations
 
 import asyncio
-import copy
 import email
 import email.policy
 import hashlib
@@ -125,8 +126,18 @@ def _ciphertext_view(raw: bytes, *, lines: int = 40) -> Text:
 def _decrypt_as_bob(
     bob: Keystore, raw: bytes, sender_fingerprint: str
 ) -> tuple[EmailMessage, str | None, bool]:
-    """Cut the encrypted part out of the received bytes and decrypt it with Bob's key; the
-    signature counts only if it is valid and made by the sender's key."""
+    """Cut the encrypted part out of the received bytes and decrypt it with Bob's key (from
+    his certificate store, in this process: no gpg needed); the signature counts only if it
+    is valid and made by the sender's key, which Bob has in his store."""
+    import pysequoia
+
+    bob_key = bob.find("bob@example.net")[0]
+    secret = bob.secret_key_bytes(bob_key.fingerprint)
+    sender = bob.get(sender_fingerprint)
+    if secret is None or sender is None:
+        raise ValueError("Bob's keystore lacks his secret key or Alice's certificate")
+    alice_cert = pysequoia.Cert.from_bytes(bob.export(sender_fingerprint, armor=False))
+    assert sender.user_ids
     outer = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(outer, EmailMessage)
     parts = outer.get_payload()
@@ -135,31 +146,36 @@ def _decrypt_as_bob(
     encrypted = parts[1]
     assert isinstance(encrypted, EmailMessage)
     armored = encrypted.get_payload(decode=True)
-    # Sequoia's signatures carry a binary salt notation (salt@notations.sequoia-pgp.org) that
-    # gpg writes raw into its status lines; python-gnupg reads those strictly in its encoding
-    # and would stop reading at it, missing DECRYPTION_OKAY. Latin-1 decodes every byte.
-    gpg = copy.copy(bob.gpg)
-    gpg.encoding = "latin-1"
-    result = gpg.decrypt(armored, extra_args=["--trust-model", "always"])
-    if not result.ok:
-        raise ValueError(f"decryption failed: {result.status}")
-    inner = email.message_from_bytes(result.data, policy=email.policy.default)
+    assert isinstance(armored, bytes)
+    try:
+        result = pysequoia.decrypt(
+            armored,
+            decryptor=pysequoia.Tsk.from_bytes(secret).decryptor(None),
+            store=lambda key_ids: [alice_cert],
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"decryption failed: {str(exc).splitlines()[0]}") from exc
+    inner = email.message_from_bytes(bytes(result.bytes or b""), policy=email.policy.default)
     assert isinstance(inner, EmailMessage)
-    signed_by = {result.fingerprint, getattr(result, "pubkey_fingerprint", None)}
-    good = bool(result.valid) and sender_fingerprint in signed_by
-    return inner, getattr(result, "username", None), good
+    signed_by = {str(sig.certificate).upper() for sig in result.valid_sigs}
+    good = sender_fingerprint in signed_by
+    return inner, sender.user_ids[0].text if good else None, good
 
 
 async def _run(console: Console, work: Path) -> DemoOutcome:
-    alice = Keystore(work / "alice")
-    bob = Keystore(work / "bob")
+    # Certificate stores (pgp.cert.d and protected secret keys): the same whether or not gpg
+    # is installed, and the engine is the in-process one (pysequoia, a dependency).
+    alice = Keystore(work / "alice", backend="certd")
+    bob = Keystore(work / "bob", backend="certd")
     try:
         for store, files in (
             (alice, ("alice.sec.asc", "bob.pub.asc")),
             (bob, ("bob.sec.asc", "alice.pub.asc")),
         ):
             for name in files:
-                store.import_keys(demo_key(name))
+                # The demo keys are public test material without a passphrase: stored as
+                # they are, which the certificate store does only when told to.
+                store.import_keys(demo_key(name), unprotected=True)
         alice_fpr = alice.find("alice@example.org")[0].fingerprint
         _show(
             console,

@@ -792,3 +792,28 @@ def diagnose_sync(
 ) -> DoctorReport:
     """:func:`diagnose` on a private event loop."""
     return asyncio.run(diagnose(host, ports=ports, ca_file=ca_file, timeout=timeout))
+
+
+# -- the OpenPGP engines on this machine -------------------------------------------------------
+
+
+def openpgp_engines(*, gpg_binary: str = "gpg") -> list[str]:
+    """What OpenPGP can use here, one line each, for the end of the report. A missing gpg
+    program is only information when the in-process engine is there: only ``--engine gpg``,
+    smartcards and GnuPG homes need it."""
+    import shutil
+
+    from e2email.crypto.sequoia import available
+
+    gpg = shutil.which(gpg_binary)
+    sequoia = available()
+    if sequoia and gpg:
+        return [f"OpenPGP: in-process engine (pysequoia) by default; gpg also found ({gpg})"]
+    if sequoia:
+        return [
+            "OpenPGP: in-process engine (pysequoia); note: gpg is not installed, which only "
+            "--engine gpg, smartcards and GnuPG homes need"
+        ]
+    if gpg:
+        return [f"OpenPGP: gpg ({gpg}); pysequoia cannot be imported (no in-process engine)"]
+    return ["OpenPGP: no engine: gpg is not installed and pysequoia cannot be imported"]

@@ -1,8 +1,32 @@
 """Where keys live, how they are found by address, and whether they may be used.
 
 The keystore is a directory (``--home`` / ``$E2EMAIL_HOME``, by default the user's data
-directory) holding a GnuPG home for OpenPGP keys in ``gnupg/``. An existing GnuPG home can be
-named instead. Keys are judged by our own rules, not by GnuPG's web of trust: a key you import
+directory) whose OpenPGP keys live in one of two backends behind one interface:
+
+* ``certd``, the certificate store (:mod:`e2email.certd`): public certificates in the OpenPGP
+  certificate directory ``pgp.cert.d/`` (draft-nwjw-openpgp-cert-d), secret keys
+  passphrase-protected in ``secret/``, judged without gpg (:mod:`e2email.pgpkeys`).
+* ``gnupg``, a GnuPG home: e2email's own ``gnupg/``, or an existing one named with
+  ``--gnupg-home`` (smartcards and keys held by gpg-agent), read through gpg's colon listing.
+
+Why the certificate store: it needs no program besides this process (``pip install e2email``
+runs anywhere pysequoia has a wheel), the in-process engine reads keys without a gpg export,
+and its layout is a shared standard rather than e2email's own: ``sq`` and other tools read and
+write the same directory, with its lock and merge rules, so keys are not locked into e2email.
+Secret keys stay in OpenPGP's own protected form (S2K), the form gpg imports and exports, so a
+key moves between the two backends unchanged. Why keep GnuPG homes: smartcards and agent-held
+keys exist only there, and a user's existing keys must keep working until they choose to
+migrate (``keys migrate`` copies, compares both sides, then switches; the old home is kept).
+Which backend: a named GnuPG home; else a home's store when it has one; else its old
+``gnupg/``; a new home gets the store when gpg is missing (or ``E2EMAIL_KEYSTORE=certd``), a
+GnuPG home otherwise, as before: existing ways of working (secret keys without a passphrase,
+which the store accepts only when told) stay as they were until a user moves.
+Both engines read either backend: the in-process one reads the store directly, or keys exported
+from gpg; the GnuPG engine reads a store through a GnuPG home of its own (``gnupg-engine/``)
+that the store is imported into whenever it changed, so the store stays the one place keys are
+kept and judged. Without gpg, ``--engine gpg`` is a one-line error naming ``--engine sequoia``.
+
+Keys are judged by our own rules, not by GnuPG's web of trust: a key you import
 into the keystore is a key you chose, but it must still be current, unrevoked, strong enough and
 able to do the job (standards checklist item 14). Lookups fail closed with a reason per address.
 
@@ -15,8 +39,10 @@ unless it is the user's own (secret) key or came in through e2email.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import stat
 import subprocess
 import threading
@@ -24,21 +50,41 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import gnupg
 
+from e2email.certd import (
+    CERT_DIR,
+    SECRET_DIR,
+    CertDirectory,
+    SecretKeys,
+    generate_key,
+    is_protected,
+    protect,
+)
 from e2email.config import default_home
-from e2email.errors import ConfigError, KeyProblem, KeyReason, KeystoreError, MessageError
+from e2email.errors import (
+    ConfigError,
+    KeyProblem,
+    KeyReason,
+    KeystoreError,
+    MessageError,
+    PassphraseError,
+)
 from e2email.keysources import KeySource, KeySources, SourceKind
 from e2email.message import Address
 from e2email.private import check_private, ensure_private_dir, open_private
 
 __all__ = [
+    "BACKENDS",
     "AddressConflict",
     "GeneratedKey",
     "ImportSummary",
     "KeyChange",
     "Keystore",
+    "MigratedKey",
+    "Migration",
     "OpenPGPKey",
     "SubKey",
     "VettedKey",
@@ -62,6 +108,9 @@ _ALGORITHMS = {
     28: "ed448",
 }
 _LENGTH_BOUND = {1, 2, 3, 16, 17}
+
+#: Where a keystore keeps OpenPGP keys: the certificate store or a GnuPG home.
+BACKENDS = ("certd", "gnupg")
 #: Below this an RSA, DSA or Elgamal key is refused (NIST SP 800-131A; standards item 14).
 MIN_RSA_BITS = 2048
 
@@ -419,9 +468,32 @@ class GeneratedKey:
     user_id: str
 
 
+@dataclass(frozen=True)
+class MigratedKey:
+    """One key ``keys migrate`` moved (or found already moved) into the certificate store."""
+
+    fingerprint: str
+    addresses: tuple[str, ...]
+    #: Fingerprints of the (sub)keys whose secret moved with it.
+    secrets: tuple[str, ...]
+    #: The certificate or secret key was not in the store before.
+    moved: bool
+    #: The secret key had no passphrase in the GnuPG home and is stored as it was.
+    unprotected: bool = False
+
+
+@dataclass(frozen=True)
+class Migration:
+    """What ``keys migrate`` did: the store now serves the home; the GnuPG home is kept."""
+
+    store: Path
+    gnupg_home: Path
+    keys: tuple[MigratedKey, ...]
+
+
 @dataclass
 class _Listing:
-    stamp: tuple[int, ...]
+    stamp: tuple[object, ...]
     keys: tuple[OpenPGPKey, ...] = field(default_factory=tuple)
 
 
@@ -536,6 +608,134 @@ def _subkey(r: dict[str, str], secret_fprs: set[str]) -> SubKey:
     )
 
 
+# -- Certificate store helpers -----------------------------------------------------------------
+
+
+def _sq() -> Any:
+    try:
+        import pysequoia
+    except ImportError as exc:
+        raise KeystoreError(f"the certificate store needs pysequoia: {exc}") from exc
+    return pysequoia
+
+
+def _first_line(exc: BaseException) -> str:
+    # pysequoia's errors may carry a Rust backtrace after the first line.
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _file_tag(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _judge(data: bytes) -> list[OpenPGPKey]:
+    """Every certificate in ``data`` judged by e2email's rules without gpg."""
+    from e2email.pgpkeys import keys_from_bytes  # type: ignore[import-not-found,unused-ignore]
+
+    judged: list[OpenPGPKey] = keys_from_bytes(data)
+    return judged
+
+
+def _secret_fprs(tsk_bytes: bytes) -> set[str]:
+    """Fingerprints of the (sub)keys whose secret key material ``tsk_bytes`` holds (a gpg
+    stub for a key on a card has none: S2K usage 101 is a stub, RFC 9580 §3.7.2.1 / gpg)."""
+    from pysequoia.packet import PacketPile, Tag
+
+    try:
+        packets = list(PacketPile.from_bytes(tsk_bytes))
+    except (RuntimeError, ValueError):
+        return set()
+    return {
+        (p.fingerprint or "").upper()
+        for p in packets
+        if p.tag in (Tag.SecretKey, Tag.SecretSubkey) and p.fingerprint
+    }
+
+
+def _secret_keys_in(data: bytes) -> dict[str, bytes]:
+    """Each transferable secret key in ``data`` (armored or binary, concatenated), by
+    upper-case primary fingerprint: the packets from one primary key to the next."""
+    sq = _sq()
+    from pysequoia.packet import PacketPile, Tag
+
+    try:
+        packets = list(PacketPile.from_bytes(data))
+    except (RuntimeError, ValueError):
+        return {}
+    chunks: list[list[Any]] = []
+    for packet in packets:
+        if packet.tag in (Tag.PublicKey, Tag.SecretKey):
+            chunks.append([])
+        if chunks:
+            chunks[-1].append(packet)
+    found = {}
+    for chunk in chunks:
+        if chunk[0].tag != Tag.SecretKey and not any(p.tag == Tag.SecretSubkey for p in chunk):
+            continue
+        try:
+            tsk = sq.Tsk.from_packets(chunk)
+        except (RuntimeError, ValueError) as exc:
+            raise KeystoreError(f"cannot read a secret key: {_first_line(exc)}") from exc
+        found[(chunk[0].fingerprint or "").upper()] = bytes(tsk)
+    return found
+
+
+def _with_secret_packets(public: bytes, tsk_bytes: bytes) -> bytes:
+    """The stored certificate ``public`` (with every signature merged into it since) with the
+    key packets whose secret ``tsk_bytes`` holds replaced by those secret key packets: the
+    current certificate, as a transferable secret key. ``public`` when that fails."""
+    sq = _sq()
+    from pysequoia.packet import PacketPile, Tag
+
+    try:
+        secret = {
+            (p.fingerprint or "").upper(): p
+            for p in PacketPile.from_bytes(tsk_bytes)
+            if p.tag in (Tag.SecretKey, Tag.SecretSubkey)
+        }
+        out = [
+            secret.get((p.fingerprint or "").upper(), p)
+            if p.tag in (Tag.PublicKey, Tag.PublicSubkey)
+            else p
+            for p in PacketPile.from_bytes(public)
+        ]
+        return bytes(sq.Tsk.from_packets(out))
+    except (RuntimeError, ValueError):
+        return public
+
+
+def _armor(data: bytes, *, secret: bool) -> bytes:
+    sq = _sq()
+    kind = sq.ArmorKind.SecretKey if secret else sq.ArmorKind.PublicKey
+    text = sq.armor(data, kind)
+    return text.encode("ascii") if isinstance(text, str) else bytes(text)
+
+
+def _uid_text(packet: Any) -> str:
+    value = packet.user_id
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value or "")
+
+
+def _validity_seconds(expire: str) -> int | None:
+    """``Expire-Date`` (as :func:`check_expiry` accepts it) as seconds from now; None: never."""
+    value = expire.strip().lower()
+    if value in ("0", "never"):
+        return None
+    if "-" in value:
+        day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+        return max(1, int((day - datetime.now(UTC)).total_seconds()))
+    unit = value[-1] if value[-1] in "dwmy" else "d"
+    count = int(value.rstrip("dwmy"))
+    days = {"d": 1, "w": 7, "m": 30, "y": 365}[unit] * count
+    return days * 86400 or None
+
+
 def _filter_address(address: str) -> str:
     """``address`` for a gpg filter expression (``mbox = ADDR``): lower case, and nothing a
     filter would read as syntax (the expression ends at the line)."""
@@ -603,6 +803,8 @@ def vet_key(data: bytes, address: str, *, gpg_binary: str = "gpg") -> VettedKey 
     addr = _filter_address(address)
     if not data.strip():
         return KeyProblem(addr, KeyReason.NOT_FOUND, "the answer was empty")
+    if shutil.which(gpg_binary) is None:
+        return _vet_key_certd(data, addr)
     scratch_dir = Path(tempfile.mkdtemp(prefix="e2v"))
     scratch = Keystore(scratch_dir, gpg_binary=gpg_binary)
     secret = False
@@ -639,6 +841,75 @@ def vet_key(data: bytes, address: str, *, gpg_binary: str = "gpg") -> VettedKey 
     finally:
         if secret:  # secret keys go through a gpg-agent, which must not outlive the home
             scratch.shutdown_agent()
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def _vet_key_certd(data: bytes, addr: str) -> VettedKey | KeyProblem:
+    """:func:`vet_key` without gpg: the same steps on a throwaway certificate store. User IDs
+    whose address (gpg's ``mbox`` rule, :func:`_uid_address`) is not ``addr`` are dropped with
+    their signatures before anything is judged, as gpg's ``keep-uid`` import filter does; a
+    certificate left without one is dropped; secret key material is never kept."""
+    import tempfile
+
+    sq = _sq()
+    from pysequoia.packet import PacketPile, Tag
+
+    try:
+        packets = list(PacketPile.from_bytes(data))
+    except (RuntimeError, ValueError):
+        return KeyProblem(addr, KeyReason.INVALID, "no OpenPGP key in the answer")
+    chunks: list[list[Any]] = []
+    for packet in packets:
+        if packet.tag in (Tag.PublicKey, Tag.SecretKey):
+            chunks.append([])
+        if chunks:
+            chunks[-1].append(packet)
+    kept: list[bytes] = []
+    for chunk in chunks:
+        out: list[Any] = []
+        keep = True
+        has_uid = False
+        for packet in chunk:
+            if packet.tag == Tag.UserID:
+                keep = _uid_address(_uid_text(packet)) == addr
+                has_uid = has_uid or keep
+            elif packet.tag == Tag.UserAttribute:
+                keep = False
+            elif packet.tag in (Tag.PublicSubkey, Tag.SecretSubkey):
+                keep = True
+            if keep:
+                out.append(packet)
+        if has_uid:
+            try:
+                kept.append(bytes(sq.Cert.from_packets(out)))  # public parts only
+            except (RuntimeError, ValueError):
+                continue
+    if not kept:
+        if chunks:
+            return KeyProblem(addr, KeyReason.ADDRESS_MISMATCH, "no user ID with the address")
+        return KeyProblem(addr, KeyReason.INVALID, "no OpenPGP key in the answer")
+    scratch_dir = Path(tempfile.mkdtemp(prefix="e2v"))
+    try:
+        scratch = Keystore(scratch_dir, backend="certd")
+        scratch.import_keys(b"".join(kept))
+        choice = scratch._choose(addr, None, purpose="encrypt")
+        if isinstance(choice, KeyProblem):
+            if choice.reason is KeyReason.NOT_FOUND:
+                return KeyProblem(addr, KeyReason.ADDRESS_MISMATCH, "no user ID with the address")
+            return choice
+        strays = [u.text for u in choice.user_ids if u.validity != "r" and u.address != addr]
+        if strays:
+            return KeyProblem(
+                addr,
+                KeyReason.ADDRESS_MISMATCH,
+                f"a user ID does not name only the address: {strays[0]!r}",
+                choice.fingerprint,
+            )
+        minimal = scratch._minimal_certd(choice.fingerprint, addr, None)
+        return VettedKey(addr, choice.fingerprint, minimal, choice)
+    except KeystoreError as exc:
+        return KeyProblem(addr, KeyReason.INVALID, str(exc))
+    finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
 
 
@@ -700,6 +971,7 @@ class Keystore:
         *,
         gnupg_home: str | os.PathLike[str] | None = None,
         gpg_binary: str = "gpg",
+        backend: str | None = None,
     ) -> None:
         self.home = Path(home) if home is not None else default_home()
         #: False when an existing GnuPG home was named: then gpg's own validity counts, and its
@@ -708,19 +980,68 @@ class Keystore:
         self.gnupg_home = Path(gnupg_home) if gnupg_home is not None else self.home / "gnupg"
         self.gpg_binary = gpg_binary
         self.sources = KeySources(self.home)
+        #: The certificate store of this home (public certificates, cert-d layout) and its
+        #: passphrase-protected secret keys; used when :attr:`backend` is "certd".
+        self.certd = CertDirectory(self.home / CERT_DIR)
+        self.secret_keys = SecretKeys(self.home / SECRET_DIR)
+        if backend is not None and backend not in BACKENDS:
+            raise ConfigError(f"unknown keystore backend {backend!r} ({', '.join(BACKENDS)})")
+        if backend == "certd" and gnupg_home is not None:
+            raise ConfigError("a named GnuPG home is a GnuPG keystore, not a certificate store")
+        #: "certd" (the certificate store) or "gnupg" (a GnuPG home): see the module docstring.
+        self.backend: str = backend or self._pick_backend(gnupg_home is not None)
+        if self.backend == "certd":
+            # Only the GnuPG engine uses a GnuPG home here: a copy of the store, made for it.
+            self.gnupg_home = self.home / "gnupg-engine"
         self._gpg: gnupg.GPG | None = None
         self._lock = threading.Lock()
         self._listing: _Listing | None = None
         self._minimal: dict[tuple[object, ...], bytes] = {}
+        #: Certificate store: fingerprint -> (file tag, secret file tag, judged key).
+        self._judged: dict[str, tuple[object, object, OpenPGPKey]] = {}
+
+    def _pick_backend(self, named: bool) -> str:
+        """A named GnuPG home is one; a home with a certificate store uses it; a home that
+        still has only e2email's GnuPG home keeps it until ``keys migrate``; a new home gets
+        the certificate store when gpg is not installed, else a GnuPG home (both engines use
+        either; only a GnuPG home serves the GnuPG engine and smartcards)."""
+        if named:
+            return "gnupg"
+        if self.certd.exists():
+            return "certd"
+        if self.gnupg_home.exists():
+            return "gnupg"
+        wanted = os.environ.get("E2EMAIL_KEYSTORE", "").strip().lower()
+        if wanted in BACKENDS:
+            return wanted
+        return "gnupg" if shutil.which(self.gpg_binary) is not None else "certd"
+
+    @property
+    def is_certd(self) -> bool:
+        return self.backend == "certd"
 
     def __repr__(self) -> str:
+        if self.is_certd:
+            return f"Keystore(home={str(self.home)!r}, backend='certd')"
         return f"Keystore(home={str(self.home)!r}, gnupg_home={str(self.gnupg_home)!r})"
 
     # -- GnuPG plumbing ---------------------------------------------------------------------
 
     @property
     def gpg(self) -> gnupg.GPG:
-        """The python-gnupg handle, creating the GnuPG home (mode 0700) on first use."""
+        """The python-gnupg handle, creating the GnuPG home (mode 0700) on first use. With the
+        certificate store: the GnuPG engine's copy of it (see :meth:`_sync_engine_home`)."""
+        if shutil.which(self.gpg_binary) is None:
+            if self.is_certd:
+                raise KeystoreError(
+                    f"the GnuPG engine needs the gpg program ({self.gpg_binary!r}), which is "
+                    "not installed: use --engine sequoia"
+                )
+            raise KeystoreError(
+                f"the OpenPGP keys of {self.home} are in the GnuPG home {self.gnupg_home}, and "
+                f"the gpg program ({self.gpg_binary!r}) is not installed: install GnuPG "
+                "(then `e2email keys migrate` moves the keys to a store that needs no gpg)"
+            )
         with self._lock:
             if self._gpg is None:
                 # gpg only warns about a loose home ("unsafe permissions"); whoever may write
@@ -734,7 +1055,34 @@ class Keystore:
                 except (OSError, ValueError, RuntimeError) as exc:
                     raise KeystoreError(f"cannot use GnuPG home {self.gnupg_home}: {exc}") from exc
                 self._gpg.encoding = "utf-8"
+            if self.is_certd:
+                self._sync_engine_home(self._gpg)
             return self._gpg
+
+    def _sync_engine_home(self, handle: gnupg.GPG) -> None:
+        """Keep the GnuPG engine's home (``HOME/gnupg-engine``) in step with the certificate
+        store, which stays the one place keys are kept and judged: every certificate and
+        secret key is imported again whenever the store changed (gpg merges what it has; a
+        protected secret key is imported as it is, and unlocked by each message's passphrase
+        through loopback). The state last imported is noted in the folder, so another process
+        does not import an unchanged store again."""
+        stamp = repr(self._stamp()).encode()
+        note = self.gnupg_home / "e2email-synced"
+        try:
+            if note.read_bytes() == stamp:
+                return
+        except OSError:
+            pass
+        data = [path.read_bytes() for _, path in self.certd.fingerprints()]
+        data += [self.secret_keys.get(f) or b"" for f in sorted(self.secret_keys.fingerprints())]
+        if any(data):
+            result = handle.import_keys(b"".join(data))
+            if not result.results:
+                raise KeystoreError(
+                    f"gpg did not take the certificate store into {self.gnupg_home}"
+                )
+        with open_private(note, "wb") as fh:
+            fh.write(stamp)
 
     def _check_keyring_files(self) -> None:
         """The files gpg reads keys and ownertrust from must be as private as the folder:
@@ -851,7 +1199,14 @@ class Keystore:
             )
         return done.stdout.decode("utf-8", errors="replace")
 
-    def _stamp(self) -> tuple[int, ...]:
+    def _stamp(self) -> tuple[object, ...]:
+        if self.is_certd:
+            return (
+                tuple(sorted(self.certd.tags().items())),
+                tuple(
+                    sorted((f, self.secret_keys.tag(f)) for f in self.secret_keys.fingerprints())
+                ),
+            )
         stamp: list[int] = []
         for name in ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "private-keys-v1.d"):
             try:
@@ -865,11 +1220,14 @@ class Keystore:
     def invalidate(self) -> None:
         """Forget the cached listing (done automatically when the keyring files change)."""
         self._listing = None
+        self._judged.clear()
 
     # -- Listing and lookup -----------------------------------------------------------------
 
     def all_keys(self) -> tuple[OpenPGPKey, ...]:
         """Every certificate in the keystore."""
+        if self.is_certd:
+            return self._all_keys_certd()
         stamp = self._stamp()
         listing = self._listing
         if listing is not None and listing.stamp == stamp and stamp != (0,) * len(stamp):
@@ -1054,13 +1412,28 @@ class Keystore:
 
     # -- Import, export, generate -----------------------------------------------------------
 
-    def import_keys(self, data: bytes, *, source: KeySource | None = None) -> ImportSummary:
+    def import_keys(
+        self,
+        data: bytes,
+        *,
+        source: KeySource | None = None,
+        passphrase: str | None = None,
+        unprotected: bool = False,
+    ) -> ImportSummary:
         """Import armored or binary OpenPGP keys, public or secret, or a bare revocation
         certificate. The summary says, per certificate, which user IDs were added or revoked
         and whether the key was revoked, and which addresses now have more than one key.
-        ``source`` is recorded as the origin of keys new to the keystore."""
+        ``source`` is recorded as the origin of keys new to the keystore.
+
+        The certificate store keeps secret keys only passphrase-protected: a secret key
+        without protection is protected with ``passphrase``, or stored as it is only with
+        ``unprotected=True``, else refused (a GnuPG home keeps them as gpg does)."""
         if not data.strip():
             raise KeystoreError("no key data given")
+        if self.is_certd:
+            return self._import_certd(
+                data, source=source, passphrase=passphrase, unprotected=unprotected
+            )
         # Where the key came from is recorded in the home: check it before gpg changes anything.
         ensure_private_dir(self.home, what="e2email home")
         before = {k.fingerprint: k for k in self.all_keys()}
@@ -1127,7 +1500,13 @@ class Keystore:
                 )
         return tuple(found)
 
-    def import_file(self, path: str | os.PathLike[str]) -> ImportSummary:
+    def import_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        passphrase: str | None = None,
+        unprotected: bool = False,
+    ) -> ImportSummary:
         """Import the keys in a file (see :meth:`import_keys`); its path is recorded as the
         source of keys new to the keystore."""
         try:
@@ -1137,7 +1516,9 @@ class Keystore:
             raise MessageError(f"cannot read {path}: {exc.strerror or exc}") from exc
         source = KeySource(SourceKind.FILE, str(Path(path).resolve()))
         try:
-            return self.import_keys(data, source=source)
+            return self.import_keys(
+                data, source=source, passphrase=passphrase, unprotected=unprotected
+            )
         except KeystoreError as exc:
             raise KeystoreError(f"{path}: {exc}") from exc
 
@@ -1156,6 +1537,11 @@ class Keystore:
                     f"{self.describe_keys(usable)}; export one by its fingerprint"
                 )
             key = max(usable or found, key=lambda k: k.primary.created or datetime.now(UTC))
+        if self.is_certd:
+            raw = self.certd.get(key.fingerprint)
+            if not raw:
+                raise KeystoreError(f"no certificate for {key.fingerprint} in {self.certd.root}")
+            return _armor(raw, secret=False) if armor else raw
         data = self.gpg.export_keys([key.fingerprint], armor=armor)
         out = data.encode("ascii") if isinstance(data, str) else bytes(data)
         if not out:
@@ -1170,6 +1556,7 @@ class Keystore:
         algorithm: str = "ed25519",
         passphrase: str | None = None,
         expire: str = "3y",
+        unprotected: bool = False,
     ) -> GeneratedKey:
         """Make a new key pair for ``address``: Ed25519 signing + Cv25519 encryption by default,
         or ``rsa3072`` / ``rsa4096`` (RSA signing primary + RSA encryption subkey)."""
@@ -1199,6 +1586,10 @@ class Keystore:
             ]
         else:
             raise KeystoreError(f"unknown algorithm {algorithm!r} (ed25519, rsa3072, rsa4096)")
+        if self.is_certd:
+            return self._generate_certd(
+                address, name, algorithm, passphrase, expire, unprotected=unprotected
+            )
         params += ["Key-Usage: sign", "Subkey-Usage: encrypt"]
         if name:
             params.append(f"Name-Real: {name}")
@@ -1232,7 +1623,12 @@ class Keystore:
         cached = self._minimal.get(memo)
         if cached is not None:
             return cached
-        data = _gpg_export(self.gpg_binary, self.gnupg_home, key.fingerprint, addr, sub.fingerprint)
+        if self.is_certd:
+            data = self._minimal_certd(key.fingerprint, addr, sub.fingerprint)
+        else:
+            data = _gpg_export(
+                self.gpg_binary, self.gnupg_home, key.fingerprint, addr, sub.fingerprint
+            )
         if not data:
             raise KeystoreError(f"gpg exported nothing for {key.fingerprint}")
         if len(self._minimal) > 256:  # keys of one sender and its gossip peers: stay small
@@ -1242,8 +1638,386 @@ class Keystore:
 
     def shutdown_agent(self) -> None:
         """Stop the gpg-agent of this GnuPG home (used for throwaway homes in demo and tests)."""
-        subprocess.run(
-            ["gpgconf", "--homedir", str(self.gnupg_home), "--kill", "all"],
-            capture_output=True,
-            check=False,
+        if not self.gnupg_home.exists():
+            return  # no agent was ever started for it
+        with contextlib.suppress(OSError):  # no gpgconf: no agent either
+            subprocess.run(
+                ["gpgconf", "--homedir", str(self.gnupg_home), "--kill", "all"],
+                capture_output=True,
+                check=False,
+            )
+
+    # -- Migration from e2email's own GnuPG home ----------------------------------------------
+
+    def migrate(self, *, passphrase: str | None = None) -> Migration:
+        """Copy every certificate and secret key of this home's GnuPG home (``HOME/gnupg``)
+        into its certificate store, check both sides hold the same fingerprints and secrets,
+        and only then switch the home to the store (the store folder appears last, by a
+        rename). The GnuPG home is kept as it is (``--gnupg-home HOME/gnupg`` still uses it);
+        running it again moves only what is new. Protected secret keys are exported by gpg
+        under ``passphrase`` (gpg 2.2 re-protects the export with it); keys without a
+        passphrase stay without one. Needs the gpg program."""
+        import tempfile
+
+        if not self.managed:
+            raise ConfigError(
+                "keys migrate moves e2email's own GnuPG home (HOME/gnupg), not a named one"
+            )
+        gnupg_home = self.home / "gnupg"
+        if not gnupg_home.is_dir():
+            raise KeystoreError(f"nothing to migrate: {gnupg_home} does not exist")
+        if shutil.which(self.gpg_binary) is None:
+            raise KeystoreError(f"keys migrate reads {gnupg_home} with gpg, which is not installed")
+        if passphrase is not None and any(c in passphrase for c in "\r\n\0"):
+            raise KeystoreError("a passphrase cannot contain CR, LF or NUL")
+        source = Keystore(self.home, backend="gnupg", gpg_binary=self.gpg_binary)
+        keys = source.all_keys()
+        ensure_private_dir(self.home, what="e2email home")
+        existing = self.certd.exists()
+        # A new store is built beside the home and renamed into place once checked, so a
+        # failure half-way leaves the home on its GnuPG home, unchanged.
+        staging = None if existing else Path(tempfile.mkdtemp(prefix=".migrate-", dir=self.home))
+        target = Keystore(staging or self.home, backend="certd")
+        try:
+            before = {k.fingerprint: k for k in target.all_keys()} if existing else {}
+            moved: list[MigratedKey] = []
+            for key in keys:
+                public = source.gpg.export_keys([key.fingerprint], armor=False)
+                data = public if isinstance(public, bytes) else bytes(public, "latin-1")
+                secret = b""
+                if key.has_secret:
+                    secret = self._gpg_export_secret(source, key, passphrase)
+                target.import_keys(data + secret, unprotected=True)
+                now = target.get(key.fingerprint)
+                if now is None:
+                    raise KeystoreError(f"{key.fingerprint} did not reach the certificate store")
+                held = (
+                    _secret_fprs(target.secret_keys.get(key.fingerprint) or b"")
+                    if key.has_secret
+                    else set()
+                )
+                old = before.get(key.fingerprint)
+                moved.append(
+                    MigratedKey(
+                        fingerprint=key.fingerprint,
+                        addresses=key.addresses,
+                        secrets=tuple(sorted(held)),
+                        moved=old is None or (bool(held) and not old.has_secret),
+                        unprotected=bool(secret) and not is_protected(secret),
+                    )
+                )
+            # Both sides: the same certificates, and every secret gpg has, in the store.
+            target.invalidate()
+            stored = {k.fingerprint: k for k in target.all_keys()}
+            for key in keys:
+                got = stored.get(key.fingerprint)
+                want = {k.fingerprint for k in (key.primary, *key.subkeys) if k.has_secret}
+                have = (
+                    {k.fingerprint for k in (got.primary, *got.subkeys) if k.has_secret}
+                    if got
+                    else set()
+                )
+                if got is None or not want <= have:
+                    raise KeystoreError(
+                        f"migration check failed for {key.fingerprint}: "
+                        + (
+                            "not in the store"
+                            if got is None
+                            else f"secrets {sorted(want - have)} missing"
+                        )
+                        + "; the home still uses its GnuPG home"
+                    )
+            if staging is not None:
+                if target.secret_keys.root.exists():
+                    os.replace(target.secret_keys.root, self.secret_keys.root)
+                target.certd.ensure()
+                os.replace(target.certd.root, self.certd.root)  # the switch
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        self.backend = "certd"
+        self.invalidate()
+        return Migration(store=self.certd.root, gnupg_home=gnupg_home, keys=tuple(moved))
+
+    @staticmethod
+    def _gpg_export_secret(source: Keystore, key: OpenPGPKey, passphrase: str | None) -> bytes:
+        """The secret key from gpg in loopback mode with the passphrase on stdin (never a
+        pinentry); gpg 2.2 exports a protected key only under its passphrase."""
+        source.gpg  # noqa: B018 - ensures the home exists
+        cmd = [
+            source.gpg_binary,
+            "--homedir",
+            str(source.gnupg_home),
+            "--no-options",
+            "--batch",
+            "--no-tty",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase-fd",
+            "0",
+            "--export-secret-keys",
+            key.fingerprint,
+        ]
+        try:
+            done = subprocess.run(
+                cmd,
+                input=(passphrase or "").encode() + b"\n",
+                capture_output=True,
+                check=False,
+                timeout=120,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KeystoreError(f"cannot run {source.gpg_binary}: {exc}") from exc
+        if done.returncode != 0 or not done.stdout:
+            need = "" if passphrase else " (give its passphrase: --passphrase-env VAR)"
+            raise PassphraseError(
+                f"gpg did not export the secret key {key.fingerprint}{need}",
+                fingerprint=key.fingerprint,
+                missing=passphrase is None,
+            )
+        return done.stdout
+
+    # -- The certificate store (backend "certd") ----------------------------------------------
+
+    def secret_key_bytes(self, fingerprint: str) -> bytes | None:
+        """The stored (protected) transferable secret key of primary ``fingerprint``, or None
+        (certificate store only)."""
+        return self.secret_keys.get(fingerprint) if self.is_certd else None
+
+    def secret_key_tag(self, fingerprint: str) -> tuple[int, int, int] | None:
+        """The identity (inode, mtime, size) of that secret key's file, None when none."""
+        return self.secret_keys.tag(fingerprint) if self.is_certd else None
+
+    def _all_keys_certd(self) -> tuple[OpenPGPKey, ...]:
+        """Every certificate in the store, judged without gpg (:mod:`e2email.pgpkeys`); a
+        certificate is judged again only when its file (or its secret key's) changed.
+
+        Every write to the store (ours, and ``sq``'s: cert-d §4) renames a file into its
+        folder, which changes the folder's mtime: while no folder changed, the last listing
+        stands, at the cost of a stat per folder rather than per certificate."""
+        folders = self._store_folders()
+        listing = self._listing
+        if listing is not None and listing.stamp == folders:
+            return listing.keys
+        keys: list[OpenPGPKey] = []
+        seen = set()
+        secret_fprs = self.secret_keys.fingerprints()
+        for fpr, path in self.certd.fingerprints():
+            seen.add(fpr)
+            tag = _file_tag(path)
+            sec_tag = self.secret_keys.tag(fpr) if fpr in secret_fprs else None
+            cached = self._judged.get(fpr)
+            if cached is not None and cached[0] == tag and cached[1] == sec_tag:
+                keys.append(cached[2])
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise KeystoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            if sec_tag is not None:
+                # Judged with its secret key material: a signing subkey is shown genuine by
+                # Sequoia picking it to sign (pgpkeys), which needs the secret.
+                data = _with_secret_packets(data, self.secret_keys.get(fpr) or b"")
+            judged = [k for k in _judge(data) if k.fingerprint == fpr]
+            if not judged:
+                continue  # not a certificate for its file name: never chosen
+            key = judged[0]
+            self._judged[fpr] = (tag, sec_tag, key)
+            keys.append(key)
+        for gone in set(self._judged) - seen:
+            self._judged.pop(gone, None)
+        self._listing = _Listing(stamp=folders, keys=tuple(keys))
+        return self._listing.keys
+
+    def _store_folders(self) -> tuple[object, ...]:
+        """(name, mtime) of the store's folders and of the secret key folder."""
+        stamp: list[object] = []
+        for folder in (self.certd.root, self.secret_keys.root):
+            try:
+                stamp.append(folder.stat().st_mtime_ns)
+            except OSError:
+                stamp.append(0)
+        try:
+            with os.scandir(self.certd.root) as entries:
+                for entry in entries:
+                    if len(entry.name) == 2 and entry.is_dir():
+                        stamp.append((entry.name, entry.stat().st_mtime_ns))
+        except OSError:
+            pass
+        return tuple(sorted(stamp, key=repr))
+
+    def _import_certd(
+        self,
+        data: bytes,
+        *,
+        source: KeySource | None,
+        passphrase: str | None,
+        unprotected: bool,
+    ) -> ImportSummary:
+        sq = _sq()
+        ensure_private_dir(self.home, what="e2email home")
+        try:
+            certs = list(sq.Cert.split_bytes(data))
+        except (RuntimeError, ValueError) as exc:
+            certs = []
+            parse_error = _first_line(exc)
+        else:
+            parse_error = ""
+        before = {k.fingerprint: k for k in self.all_keys()}
+        if not certs:
+            certs = self._revocations(data)
+            if not certs:
+                raise KeystoreError(
+                    "no OpenPGP key found in the data" + (f": {parse_error}" if parse_error else "")
+                )
+        # Every secret key is checked before anything is written: all or nothing.
+        secrets: dict[str, bytes] = {}
+        for fpr, raw in _secret_keys_in(data).items():
+            if not is_protected(raw):
+                if passphrase:
+                    raw = protect(raw, passphrase)
+                elif not unprotected:
+                    raise KeystoreError(
+                        f"the secret key {fpr} has no passphrase, and the certificate store "
+                        "keeps secret keys only under one: give a passphrase to protect it "
+                        "with (--passphrase-env VAR), or --unprotected to store it as it is"
+                    )
+            secrets[fpr] = raw
+        fprs: list[str] = []
+        touched: set[str] = set()
+        secret_imported = 0
+        for cert in certs:
+            fpr = str(cert.fingerprint).upper()
+            old, new = self.certd.insert(cert)
+            if old != new:
+                touched.add(fpr)
+            if fpr in secrets and self._store_secret(fpr, secrets.pop(fpr)):
+                secret_imported += 1
+                touched.add(fpr)
+            fprs.append(fpr)
+        fprs = list(dict.fromkeys(fprs))
+        # As gpg counts them: keys new to the keystore, and keys the data did not change.
+        written = sum(1 for f in fprs if f not in before)
+        unchanged = sum(1 for f in fprs if f not in touched)
+        self._minimal.clear()
+        after = {k.fingerprint: k for k in self.all_keys()}
+        changes = [_change(before.get(f), after[f]) for f in dict.fromkeys(fprs) if f in after]
+        new_fprs = [c.fingerprint for c in changes if c.new]
+        if new_fprs:
+            self.sources.record(new_fprs, source or KeySource(SourceKind.DATA))
+        return ImportSummary(
+            fingerprints=tuple(fprs),
+            imported=written,
+            unchanged=unchanged,
+            secret_imported=secret_imported,
+            revoked=sum(1 for c in changes if c.revoked),
+            changes=tuple(c for c in changes if c.changed),
+            conflicts=self._conflicts(changes, after),
         )
+
+    def _store_secret(self, fpr: str, raw: bytes) -> bool:
+        """Keep the secret key ``raw`` unless the stored one already holds every secret it
+        has (re-importing a key changes nothing, as with gpg)."""
+        old = self.secret_keys.get(fpr)
+        if old is not None and _secret_fprs(raw) <= _secret_fprs(old):
+            return False
+        self.secret_keys.put(fpr, raw)
+        return True
+
+    def _revocations(self, data: bytes) -> list[Any]:
+        """A bare key revocation certificate (what ``gpg --gen-revoke`` writes): each one
+        joined to the certificate it revokes (which must be here); Sequoia checks the
+        signature when the certificate is read, so a forged one revokes nothing."""
+        sq = _sq()
+        from pysequoia.packet import PacketPile, SignatureType, Tag
+
+        try:
+            packets = list(PacketPile.from_bytes(data))
+        except (RuntimeError, ValueError):
+            return []
+        found = []
+        for packet in packets:
+            if packet.tag != Tag.Signature or packet.signature_type != SignatureType.KeyRevocation:
+                continue
+            issuer = (packet.issuer_fingerprint or "").upper()
+            old = self.certd.get(issuer) if len(issuer) == 40 else None
+            if old is None:
+                raise KeystoreError(
+                    f"no OpenPGP key found in the data: a revocation certificate for "
+                    f"{issuer or packet.issuer_key_id}, which is not here"
+                )
+            try:
+                found.append(sq.Cert.from_packets([*PacketPile.from_bytes(old), packet]))
+            except (RuntimeError, ValueError) as exc:
+                raise KeystoreError(f"cannot read the revocation: {_first_line(exc)}") from exc
+        return found
+
+    def _generate_certd(
+        self,
+        address: str,
+        name: str,
+        algorithm: str,
+        passphrase: str | None,
+        expire: str,
+        *,
+        unprotected: bool,
+    ) -> GeneratedKey:
+        """A new key made in this process (:func:`e2email.certd.generate_key`): a signing
+        primary key and an encryption subkey, OpenPGP v4, as gpg makes them."""
+        sq = _sq()
+        if not passphrase and not unprotected:
+            raise KeystoreError(
+                "the certificate store keeps secret keys only under a passphrase: give one "
+                "(--passphrase-env VAR or --ask-passphrase), or --unprotected for a key without"
+            )
+        suite = {"ed25519": "cv25519", "rsa3072": "rsa3k", "rsa4096": "rsa4k"}[algorithm]
+        uid = f"{name} <{address}>" if name else f"<{address}>"
+        try:
+            raw = generate_key(uid, suite=suite, validity_seconds=_validity_seconds(expire))
+        except (RuntimeError, ValueError) as exc:
+            raise KeystoreError(f"key generation failed: {_first_line(exc)}") from exc
+        if passphrase:
+            raw = protect(raw, passphrase)
+        cert = sq.Cert.from_bytes(raw)
+        fpr = str(cert.fingerprint).upper()
+        ensure_private_dir(self.home, what="e2email home")
+        self.secret_keys.put(fpr, raw)
+        self.certd.insert(cert)
+        self.sources.record([fpr], KeySource(SourceKind.GENERATED))
+        return GeneratedKey(fingerprint=fpr, user_id=uid)
+
+    def _minimal_certd(self, fingerprint: str, address: str, subkey: str | None) -> bytes:
+        """As ``gpg --export-options export-minimal`` with ``keep-uid=mbox = ADDRESS`` and
+        only ``subkey`` (None: every subkey): the primary key, the user IDs whose address is
+        ``address``, the subkeys, and only self-signatures (issued by the primary) on them."""
+        sq = _sq()
+        from pysequoia.packet import PacketPile, Tag
+
+        raw = self.certd.get(fingerprint)
+        if raw is None:
+            return b""
+        primary_id = fingerprint[-16:].upper()
+        keep = True
+        out = []
+        for packet in PacketPile.from_bytes(raw):
+            tag = packet.tag
+            if tag == Tag.PublicKey:
+                keep = True
+            elif tag == Tag.UserID:
+                keep = _uid_address(_uid_text(packet)) == address
+            elif tag == Tag.UserAttribute:
+                keep = False
+            elif tag == Tag.PublicSubkey:
+                keep = subkey is None or (packet.fingerprint or "").upper() == subkey.upper()
+            elif tag == Tag.Signature:
+                issuer = (packet.issuer_fingerprint or "").upper()
+                issuer_id = (packet.issuer_key_id or "").upper()
+                if keep and (issuer == fingerprint.upper() or issuer_id == primary_id):
+                    out.append(packet)
+                continue
+            if keep:
+                out.append(packet)
+        try:
+            return bytes(sq.Cert.from_packets(out))
+        except (RuntimeError, ValueError) as exc:
+            raise KeystoreError(f"cannot cut down {fingerprint}: {_first_line(exc)}") from exc

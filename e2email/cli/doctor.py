@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from e2email.cli.app import EXIT_CONNECTION, EXIT_OK, State, cli
-from e2email.doctor import PROBED_PORTS, diagnose
+from e2email.doctor import PROBED_PORTS, diagnose, openpgp_engines
 
 
 def _port_map(items: Sequence[str]) -> dict[int, int]:
@@ -97,4 +97,5 @@ def doctor(
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         click.echo(report.describe())
+        click.echo("\n".join(["", *openpgp_engines()]))
     raise SystemExit(EXIT_OK if report.ok else EXIT_CONNECTION)

@@ -22,6 +22,7 @@ from e2email.errors import (
     KeyProblem,
     KeystoreError,
     MessageError,
+    PassphraseError,
     SignerKeyError,
 )
 from e2email.keysources import SourceKind
@@ -73,7 +74,14 @@ def keys() -> None:
     metavar="VAR",
     help="S/MIME: the passphrase of PKCS#12 files and encrypted PEM keys, from $VAR "
     "(otherwise asked on the terminal when needed). The key is stored under it. With "
-    "--autocrypt: the passphrase of your OpenPGP key, to read gossip in encrypted mail.",
+    "--autocrypt: the passphrase of your OpenPGP key, to read gossip in encrypted mail. "
+    "OpenPGP secret keys without a passphrase are stored under it (certificate store).",
+)
+@click.option(
+    "--unprotected",
+    is_flag=True,
+    help="Store an OpenPGP secret key that has no passphrase as it is (the certificate store "
+    "otherwise refuses it).",
 )
 @click.option(
     "--autocrypt",
@@ -89,6 +97,7 @@ def keys_import(
     trust_files: tuple[Path, ...],
     passphrase_env: str | None,
     autocrypt: bool,
+    unprotected: bool,
 ) -> None:
     """Import keys and certificates from FILES.
 
@@ -123,11 +132,18 @@ def keys_import(
         if taken.status != "usable":
             click.echo(f"  note: {taken.status}")
     x509_files = [p for p in files if looks_like_x509(p)]
-    for path in files:
-        if path in x509_files:
-            continue
-        summary = state.keystore().import_file(path)
-        _report_import(path, summary)
+    openpgp_files = [p for p in files if p not in x509_files]
+    if openpgp_files:
+        store = state.keystore()
+        # In the certificate store a secret key without a passphrase is stored under this one.
+        protect_with = (
+            password_from_env(passphrase_env, what="the passphrase to protect secret keys with")()
+            if passphrase_env and store.is_certd
+            else None
+        )
+        for path in openpgp_files:
+            summary = store.import_file(path, passphrase=protect_with, unprotected=unprotected)
+            _report_import(path, summary)
     if not (x509_files or trust_files):
         return
     from e2email.certstore import holds_crl
@@ -470,6 +486,11 @@ def keys_export(
     "--passphrase-env", metavar="VAR", help="Protect the key with the passphrase in $VAR."
 )
 @click.option("--ask-passphrase", is_flag=True, help="Ask for a passphrase on the terminal.")
+@click.option(
+    "--unprotected",
+    is_flag=True,
+    help="OpenPGP: make the key without a passphrase (the certificate store needs this said).",
+)
 @click.pass_obj
 def keys_generate(
     state: State,
@@ -481,6 +502,7 @@ def keys_generate(
     expire: str,
     passphrase_env: str | None,
     ask_passphrase: bool,
+    unprotected: bool,
 ) -> None:
     """Generate a key pair for ADDRESS (Ed25519/Cv25519 by default), or with --smime an S/MIME
     identity for testing (RSA-3072 by default)."""
@@ -530,5 +552,47 @@ def keys_generate(
         algorithm=algorithm or "ed25519",
         passphrase=passphrase,
         expire=expire,
+        unprotected=unprotected,
     )
     click.echo(f"generated {key.fingerprint} {key.user_id}")
+
+
+@keys.command("migrate")
+@click.option(
+    "--passphrase-env",
+    metavar="VAR",
+    help="The passphrase of your secret keys, from $VAR (gpg exports a protected key only "
+    "under it; it stays protected by it). Otherwise asked on the terminal when needed.",
+)
+@click.pass_obj
+def keys_migrate(state: State, passphrase_env: str | None) -> None:
+    """Move this home's OpenPGP keys from its GnuPG home (HOME/gnupg) into the certificate
+    store (HOME/pgp.cert.d and HOME/secret), which both engines read and no gpg is needed
+    for. Every certificate and secret key is copied, both sides are compared, and only then
+    does the home switch to the store. The GnuPG home is kept (use it with --gnupg-home).
+    Running it again moves only what is new."""
+    if state.gnupg_home is not None:
+        raise click.UsageError("keys migrate moves HOME/gnupg; --gnupg-home does not go with it")
+    store = Keystore(state.home, backend="certd")
+    passphrase = (
+        password_from_env(passphrase_env, what="the passphrase of your secret keys")()
+        if passphrase_env
+        else None
+    )
+    try:
+        done = store.migrate(passphrase=passphrase)
+    except PassphraseError as exc:
+        if not exc.missing or not sys.stdin.isatty():
+            raise
+        done = store.migrate(passphrase=_ask("Passphrase of your secret keys", "")())
+    for key in done.keys:
+        what = "moved" if key.moved else "already in the store"
+        secret = f", secret for {len(key.secrets)} key(s)" if key.secrets else ""
+        note = " (no passphrase, as in the GnuPG home)" if key.unprotected else ""
+        who = ", ".join(key.addresses) or "(no address)"
+        click.echo(f"{what}: {key.fingerprint} {who}{secret}{note}")
+    moved = sum(1 for k in done.keys if k.moved)
+    click.echo(
+        f"{moved} of {len(done.keys)} key(s) moved; the home now uses {done.store}; "
+        f"{done.gnupg_home} is kept as it was"
+    )

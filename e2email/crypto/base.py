@@ -421,7 +421,32 @@ def engine_name(protection: Protection) -> str:
             choice is OpenPGPEngine.AUTO and _sequoia_available()
         ):
             return "openpgp-sequoia"
+        if choice is OpenPGPEngine.GPG and not _gpg_installed():
+            # Said before any key is looked at, in one line, with what works instead.
+            raise ConfigError(
+                "--engine gpg needs the gpg program, which is not installed: use "
+                "--engine sequoia (in process), or install GnuPG"
+            )
     return str(protection.scheme.value)
+
+
+def _gpg_installed() -> bool:
+    import shutil
+
+    return shutil.which("gpg") is not None
+
+
+def _check_gpg_engine(protection: Protection, keystore: Keystore) -> None:
+    """The GnuPG engine chosen for a new message needs the gpg program: say so in one line
+    before any key is looked at. (A stored copy's re-check, by engine name, does not: the
+    keystore judges keys without gpg.)"""
+    import shutil
+
+    if shutil.which(keystore.gpg_binary) is None:
+        raise ConfigError(
+            "no OpenPGP engine: pysequoia cannot be imported and gpg is not installed "
+            "(pip install pysequoia, or install GnuPG)"
+        )
 
 
 def _sequoia_available() -> bool:
@@ -439,6 +464,8 @@ def protector_for(
 ) -> Protector:
     """The engine for ``protection`` (its scheme) or for an engine name."""
     name = protection if isinstance(protection, str) else engine_name(protection)
+    if name == "openpgp" and isinstance(protection, Protection):
+        _check_gpg_engine(protection, keystore)
     entry = _ENGINES.get(name)
     if entry is None:
         raise ConfigError(f"no protection engine named {name!r}")

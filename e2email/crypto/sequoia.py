@@ -212,7 +212,9 @@ def _signer_problem(key: OpenPGPKey, reason: KeyReason, detail: str) -> SignerKe
 
 
 class _Keys:
-    """pysequoia objects for the keys a keystore chose."""
+    """pysequoia objects for the keys a keystore chose: from a certificate store read directly
+    (certificates, and secret keys as stored, still protected), from a GnuPG home exported
+    by gpg."""
 
     def __init__(self, keystore: Keystore) -> None:
         self.keystore = keystore
@@ -285,7 +287,7 @@ class _Keys:
         ident = _cache_key(key, sub)
         # One stat per message: what was kept is used only while gpg's secret-key file is the
         # one it came from.
-        stamp = self._stamp(sub)
+        stamp = self._stamp(key, sub)
         with self.cache.lock:
             ready = self.cache.open_signers.get(ident)
             kept = self.cache.secrets.get(ident)
@@ -400,9 +402,12 @@ class _Keys:
             self.cache.grips[fpr] = grip
         return grip
 
-    def _stamp(self, sub: SubKey) -> _Stamp:
+    def _stamp(self, key: OpenPGPKey, sub: SubKey) -> _Stamp:
         """The identity of gpg's secret-key file for ``sub`` (gpg 2.1+:
-        ``private-keys-v1.d/<keygrip>.key``), None when there is none."""
+        ``private-keys-v1.d/<keygrip>.key``), or in a certificate store of the key's secret
+        key file; None when there is none."""
+        if self.keystore.is_certd:
+            return self.keystore.secret_key_tag(key.fingerprint)
         grip = self._keygrip(sub)
         if grip is None:
             return None
@@ -417,9 +422,17 @@ class _Keys:
     ) -> Any:
         """The secret key from gpg, with the secret of ``sub`` only. gpg (2.1+) exports a
         protected key only when given its passphrase (it re-protects it with the same one)."""
-        sq = _sq()
-        from pysequoia.packet import PacketPile
-
+        if self.keystore.is_certd:
+            # The certificate store keeps the key as it came (protected): read, never exported;
+            # the passphrase is checked when the key is unlocked (_unlock).
+            stored = self.keystore.secret_key_bytes(key.fingerprint)
+            if stored is None:
+                raise _signer_problem(
+                    key,
+                    KeyReason.NO_SECRET_KEY,
+                    f"no secret key for {sub.key_id} in {self.keystore.secret_keys.root}",
+                )
+            return self._reduce_secret(key, sub, stored)
         if passphrase is not None and any(c in passphrase for c in "\r\n\0"):
             raise PassphraseError("a passphrase cannot contain CR, LF or NUL")
         # Loopback with the passphrase (an empty line for none) on stdin: python-gnupg leaves
@@ -451,6 +464,13 @@ class _Keys:
             raise PassphraseError(
                 f"wrong passphrase for key {key.fingerprint}", fingerprint=key.fingerprint
             )
+        return self._reduce_secret(key, sub, bytes(data))
+
+    def _reduce_secret(self, key: OpenPGPKey, sub: SubKey, data: bytes) -> Any:
+        """The secret key ``data`` with the secret of ``sub`` only."""
+        sq = _sq()
+        from pysequoia.packet import PacketPile
+
         try:
             packets = list(PacketPile.from_bytes(bytes(data)))
             full = sq.Tsk.from_bytes(bytes(data))
