@@ -350,7 +350,7 @@ class AsyncMailer:
         self.last_stored = tuple(i for i in ids if i is not None)
         subs = [
             Submission(
-                raw=c.raw,
+                raw=c.content,
                 mail_from=c.mail_from,
                 recipients=c.recipients,
                 tag=c,
@@ -687,7 +687,7 @@ class AsyncMailer:
             groups[index] = _Group(index, entry.tag, copies[0].message_id, len(copies))
             for copy, item_id in zip(copies, ids, strict=True):
                 sub = Submission(
-                    raw=copy.raw,
+                    raw=copy.content,
                     mail_from=copy.mail_from,
                     recipients=copy.recipients,
                     tag=index,
@@ -876,7 +876,7 @@ def outbox_item(
     """What the outbox keeps of a protected copy meant for ``smtp``: the bytes, the envelope
     and what a retry needs (``meta`` adds to it); never a secret."""
     return NewItem(
-        raw=copy.raw,
+        raw=copy.content,
         mail_from=copy.mail_from,
         recipients=copy.recipients,
         message_id=copy.message_id,

@@ -67,6 +67,7 @@ from typing import Any
 
 from e2email.errors import ConfigError, SMTPReply
 from e2email.private import check_private, ensure_private_dir, open_private, write_private
+from e2email.spool import Spool
 
 __all__ = [
     "DEFAULT_FILENAME",
@@ -164,15 +165,27 @@ _INLINE_MAX = 1 << 20
 _BLOB_CHUNK = 1 << 20
 
 
-def _write_body(db: sqlite3.Connection, item_id: str, data: bytes) -> None:
+def _inline(data: bytes | Spool) -> bytes:
+    """What ``items.raw`` holds of a copy: the copy when small, else nothing (see bodies)."""
+    if len(data) > _INLINE_MAX:
+        return b""
+    return data if isinstance(data, bytes) else data.getvalue()
+
+
+def _write_body(db: sqlite3.Connection, item_id: str, data: bytes | Spool) -> None:
     """Store ``data`` as the body of ``item_id``: a zeroblob (SQLite does not materialise it in
-    the last column) filled piece by piece."""
+    the last column) filled piece by piece; a spooled copy is read a piece at a time, so
+    storing it never holds it whole."""
     cursor = db.execute(
         "INSERT INTO bodies (item_id, raw) VALUES (?, zeroblob(?))", (item_id, len(data))
     )
     assert cursor.lastrowid is not None
-    view = memoryview(data)
     with db.blobopen("bodies", "raw", cursor.lastrowid) as blob:
+        if isinstance(data, Spool):
+            for piece in data.chunks(_BLOB_CHUNK):
+                blob.write(piece)
+            return
+        view = memoryview(data)
         for start in range(0, len(view), _BLOB_CHUNK):
             blob.write(view[start : start + _BLOB_CHUNK])
 
@@ -231,9 +244,10 @@ class OutboxRecipient:
 
 @dataclass(frozen=True)
 class NewItem:
-    """A protected copy to store: the exact bytes and the envelope."""
+    """A protected copy to store: the exact bytes (or the spool of a large copy, stored a
+    piece at a time) and the envelope."""
 
-    raw: bytes
+    raw: bytes | Spool
     mail_from: str
     recipients: tuple[str, ...]
     message_id: str
@@ -545,7 +559,7 @@ class Outbox:
                         now,
                         now,
                         "sending" if claim else "queued",
-                        item.raw if len(item.raw) <= _INLINE_MAX else b"",
+                        _inline(item.raw),
                         item.mail_from,
                         item.message_id,
                         item.kind,

@@ -14,7 +14,6 @@ import base64
 import dataclasses
 import email
 import email.policy
-import io
 import os
 import re
 import sqlite3
@@ -45,6 +44,7 @@ from e2email.errors import CryptoError, MessageError
 from e2email.keystore import Keystore
 from e2email.message import build_payload, check_wire_safe, stream_payload
 from e2email.outbox import NewItem, Outbox
+from e2email.spool import Spool
 from e2email.testing import LoopbackSMTPServer
 from e2email.transport import SMTPTransport
 
@@ -225,24 +225,25 @@ def test_data_with_dot_lines_across_pieces_arrives_intact(smtp_server: ServerFac
     assert wire.split(b"DATA\r\n", 1)[1] == stuffed + b".\r\nQUIT\r\n"
 
 
-def test_armor_conversion_in_pieces_equals_converting_the_whole() -> None:
+def test_armor_conversion_in_pieces_equals_converting_the_whole(tmp_path: Path) -> None:
     """gpg's output, converted to CRLF piece by piece as it arrives, is what converting it
     whole gives however it is cut (a CRLF split between two pieces included), and trailing
-    line ends become exactly one CRLF."""
+    line ends become exactly one CRLF, in memory and in a spool file."""
     text = (
         b"-----BEGIN PGP MESSAGE-----\n\nab\r\ncd\nef\r\n\r\n=xy\n-----END PGP MESSAGE-----\n\r\n"
     )
     expected = text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").rstrip(b"\r\n") + b"\r\n"
     cuts = [[text[:i], text[i:]] for i in range(len(text) + 1)]
     cuts.append([text[i : i + 1] for i in range(len(text))])
-    for pieces in cuts:
-        out = io.BytesIO()
+    for n, pieces in enumerate(cuts):
+        out = Spool(tmp_path / "spool", memory_max=(0, 20, 1000)[n % 3])
         out.write(b"head\r\n")
         writer = openpgp._ArmorWriter(out)
         for piece in [*pieces, b""]:  # python-gnupg ends with an empty piece
             assert writer(piece) is False  # not kept again in python-gnupg's result
         writer.finish()
         assert out.getvalue() == b"head\r\n" + expected, pieces
+        assert out.in_memory is (n % 3 == 2), n
 
 
 def test_key_id_check_decodes_only_the_first_packets() -> None:

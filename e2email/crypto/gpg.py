@@ -32,6 +32,7 @@ from e2email.discovery.net import DiscoverySettings
 from e2email.errors import KeyProblem, RecipientKeyError
 from e2email.keystore import Keystore, OpenPGPKey
 from e2email.message import HP, Address, Message, build_payload, message_head, stream_payload
+from e2email.spool import Spool, spool_dir
 
 __all__ = ["GpgProtector"]
 
@@ -134,23 +135,31 @@ class GpgProtector(Protector):
         async def one(kind: CopyKind, rcpts: tuple[Address, ...]) -> ProtectedCopy:
             unique = keys.keys_for(rcpts)
             outer, gossip = autocrypt[kind]
-            raw = await asyncio.to_thread(
-                openpgp.encrypt,
-                self.keystore,
-                # Gossip goes in this copy's own payload, inside the encryption (Level 1
-                # "Key Gossip"); the shared payload (Bcc copies) has none.
-                (
-                    stream_payload(msg, hp=HP.CIPHER, canonical=False, extra_fields=gossip)
-                    if gossip
-                    else payload
-                ),
-                recipients=unique,
-                signer=signer,
-                passphrase=passphrase,
-                prefix=head + outer,
-            )
+            # A large copy goes to a private anonymous file as gpg writes it, never whole in
+            # memory; the outbox and DATA read it from there (e2email.spool).
+            spool = Spool(spool_dir(self.keystore.home))
+            try:
+                await asyncio.to_thread(
+                    openpgp.encrypt_into,
+                    spool,
+                    self.keystore,
+                    # Gossip goes in this copy's own payload, inside the encryption (Level 1
+                    # "Key Gossip"); the shared payload (Bcc copies) has none.
+                    (
+                        stream_payload(msg, hp=HP.CIPHER, canonical=False, extra_fields=gossip)
+                        if gossip
+                        else payload
+                    ),
+                    recipients=unique,
+                    signer=signer,
+                    passphrase=passphrase,
+                    prefix=head + outer,
+                )
+            except BaseException:
+                spool.close()  # nothing of a failed copy is kept, not even its ciphertext
+                raise
             return make_copy(
-                raw,
+                spool,
                 msg,
                 kind,
                 rcpts,

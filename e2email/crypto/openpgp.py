@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import io
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,11 +28,13 @@ from typing import Any
 from e2email.errors import CryptoError, KeyProblem, KeyReason, PassphraseError, SignerKeyError
 from e2email.keystore import Keystore, OpenPGPKey
 from e2email.message import new_boundary
+from e2email.spool import Spool
 
 __all__ = [
     "SignatureInfo",
     "dearmor",
     "encrypt",
+    "encrypt_into",
     "encrypted_to_key_ids",
     "sign",
 ]
@@ -131,15 +132,27 @@ class _ChunkReader:
 class _ArmorWriter:
     """Takes gpg's ASCII-armored output as it arrives (python-gnupg's ``on_data``) and writes
     it to ``out`` with CRLF line ends, as the MIME part carries it, so the output is never
-    held twice. Trailing line ends are dropped and one CRLF written by :meth:`finish`."""
+    held twice (nor, in a spool file, once). Trailing line ends are dropped and one CRLF
+    written by :meth:`finish`. An error writing ``out`` (a full disk) is kept for
+    :meth:`finish` to raise: python-gnupg's reader thread would only log it."""
 
-    def __init__(self, out: io.BytesIO) -> None:
+    def __init__(self, out: Spool) -> None:
         self._out = out
         self._held = b""  # a CR at the end of one piece may start a CRLF ending in the next
         self._trailing = 0  # CR and LF bytes at the end of what was written
         self.size = 0
+        self.error: BaseException | None = None
 
     def __call__(self, chunk: bytes) -> bool:
+        if self.error is not None:
+            return False
+        try:
+            self._write(chunk)
+        except Exception as exc:  # re-raised by finish(), in the caller's thread
+            self.error = exc
+        return False  # python-gnupg: do not also keep the piece in result.data
+
+    def _write(self, chunk: bytes) -> None:
         data = self._held + chunk
         self._held = b""
         if data.endswith(b"\r"):
@@ -150,12 +163,11 @@ class _ArmorWriter:
             self.size += len(data)
             tail = len(data) - len(data.rstrip(b"\r\n"))
             self._trailing = self._trailing + tail if tail == len(data) else tail
-        return False  # python-gnupg: do not also keep the piece in result.data
 
     def finish(self) -> None:
-        end = self._out.tell() - self._trailing
-        self._out.truncate(end)
-        self._out.seek(end)
+        if self.error is not None:
+            raise self.error
+        self._out.truncate(len(self._out) - self._trailing)
         self._out.write(b"\r\n")
 
 
@@ -382,7 +394,31 @@ def encrypt(
     passphrase: str | None = None,
     prefix: bytes = b"",
 ) -> bytes:
-    """Make a ``multipart/encrypted`` entity (RFC 3156 §4), signed and encrypted in one OpenPGP
+    """The entity of :func:`encrypt_into`, as bytes."""
+    with Spool() as out:
+        encrypt_into(
+            out,
+            keystore,
+            payload,
+            recipients=recipients,
+            signer=signer,
+            passphrase=passphrase,
+            prefix=prefix,
+        )
+        return out.getvalue()
+
+
+def encrypt_into(
+    out: Spool,
+    keystore: Keystore,
+    payload: bytes | Iterable[bytes],
+    *,
+    recipients: Sequence[OpenPGPKey],
+    signer: OpenPGPKey | None = None,
+    passphrase: str | None = None,
+    prefix: bytes = b"",
+) -> None:
+    """Write a ``multipart/encrypted`` entity (RFC 3156 §4), signed and encrypted in one OpenPGP
     message when ``signer`` is given (§6.2).
 
     ``recipients`` must be the complete, deduplicated list of keys (sender included when
@@ -390,8 +426,9 @@ def encrypt(
 
     ``payload`` may come in pieces (e.g. a :class:`~e2email.message.PayloadStream`): they are
     piped to gpg as they are made, and gpg's output is written, CRLF-converted, straight into
-    the result, so neither the plaintext nor the ciphertext is ever held twice. ``prefix``
-    (e.g. the outer header block) goes before the entity in the returned bytes.
+    ``out`` (empty), so neither the plaintext nor the ciphertext is ever held whole in
+    memory when ``out`` is a spool with a folder. ``prefix`` (e.g. the outer header block)
+    goes before the entity. On an error ``out`` holds nothing usable (the caller closes it).
     """
     if not recipients:
         raise CryptoError("no recipient keys to encrypt to")
@@ -405,10 +442,9 @@ def encrypt(
         if passphrase is not None:
             keystore.forget_passphrase(signing_subkey)
     boundary = new_boundary().encode()
-    out = io.BytesIO()
     out.write(prefix)
     out.write(encrypted_entity_head(boundary))
-    armor_start = out.tell()
+    armor_start = len(out)
     writer = _ArmorWriter(out)
     gpg, made = _gpg_for_call(keystore, writer)
     chunks = [payload] if isinstance(payload, bytes) else payload
@@ -434,6 +470,8 @@ def encrypt(
         problem = _passphrase_problem(result, signer.fingerprint)
         if problem is not None:
             raise problem
+    if writer.error is not None:
+        writer.finish()  # raises the error that writing the output met
     if not getattr(result, "ok", False) or not writer.size:
         raise _failure("encrypt", result) from copy_error
     if copy_error is not None:  # gpg encrypted what it got: not all of the payload
@@ -444,12 +482,9 @@ def encrypt(
     if not ciphers or any(c not in _STRONG_CIPHERS for c in ciphers):
         raise CryptoError(f"gpg encrypted with a cipher other than AES (algorithm {ciphers})")
     writer.finish()
-    # The packet check reads only the first packets of the armored output, in place.
-    with out.getbuffer() as view, view[armor_start:] as armored:
-        _check_encrypted(armored, subkeys)
+    # The packet check reads only the first packets of the armored output, a piece at a time.
+    _check_encrypted(out.chunks(_ARMOR_READ, start=armor_start), subkeys)
     out.write(b"\r\n--" + boundary + b"--\r\n")
-    # The views are released, so getvalue() hands over the buffer without copying it.
-    return out.getvalue()
 
 
 # -- Looking inside OpenPGP messages -----------------------------------------------------------
@@ -461,18 +496,35 @@ _LINE = re.compile(rb"[^\n]*\n?")
 _ARMOR_LINES_PER_BLOCK = 64
 
 
-def _lines(data: bytes | memoryview) -> Iterator[bytes]:
+#: Armored output is read back from a spool this many bytes at a time for the packet check.
+_ARMOR_READ = 1 << 14
+
+#: Armored text: whole (bytes, a view of a buffer) or in pieces as read from a spool.
+Armored = bytes | memoryview | Iterable[bytes]
+
+
+def _lines(data: Armored) -> Iterator[bytes]:
     """The lines of ``data`` without their LF or CRLF, one at a time (only one line is ever
-    copied out of a large buffer)."""
-    pos, size = 0, len(data)
-    while pos < size:
-        match = _LINE.match(data, pos)
-        assert match is not None  # the pattern matches anywhere, if only the empty string
-        pos = match.end()
-        line = match.group()
-        if line.endswith(b"\n"):
-            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-        yield line
+    copied out of a large buffer); ``data`` may come in pieces, a line across two of them."""
+    pieces: Iterable[bytes | memoryview] = (
+        (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+    )
+    rest = b""
+    for piece in pieces:
+        pos, size = 0, len(piece)
+        while pos < size:
+            match = _LINE.match(piece, pos)
+            assert match is not None  # the pattern matches anywhere, if only the empty string
+            pos = match.end()
+            line = bytes(match.group())
+            if rest:
+                line, rest = rest + line, b""
+            if not line.endswith(b"\n"):
+                rest = line  # the end of this piece: the line goes on in the next one
+                break
+            yield line[:-2] if line.endswith(b"\r\n") else line[:-1]
+    if rest:
+        yield rest
 
 
 def _b64decode(text: bytes) -> bytes:
@@ -482,7 +534,7 @@ def _b64decode(text: bytes) -> bytes:
         raise CryptoError(f"malformed ASCII armor: {exc}") from exc
 
 
-def _dearmored(armored: bytes | memoryview, lines_per_block: int) -> Iterator[bytes]:
+def _dearmored(armored: Armored, lines_per_block: int) -> Iterator[bytes]:
     """The binary packets of an ASCII-armored OpenPGP block (RFC 9580 §6), decoded
     ``lines_per_block`` armor lines at a time, as they are asked for."""
     lines = _lines(armored)
@@ -508,7 +560,7 @@ def _dearmored(armored: bytes | memoryview, lines_per_block: int) -> Iterator[by
         yield _b64decode(text)
 
 
-def dearmor(armored: bytes | memoryview) -> bytes:
+def dearmor(armored: Armored) -> bytes:
     """The binary packets of an ASCII-armored OpenPGP block (RFC 9580 §6)."""
     return b"".join(_dearmored(armored, 1 << 16))
 
@@ -549,7 +601,7 @@ def _packet_header(data: bytes, pos: int) -> tuple[int, int, int | None]:
         raise _NeedMore from None
 
 
-def encrypted_to_key_ids(armored: bytes | memoryview) -> tuple[list[str], int]:
+def encrypted_to_key_ids(armored: Armored) -> tuple[list[str], int]:
     """The key IDs in the PKESK packets, and the tag of the encrypted data packet.
 
     Only the first packets are decoded, a few armor lines at a time: the session keys and the
@@ -593,7 +645,7 @@ def encrypted_to_key_ids(armored: bytes | memoryview) -> tuple[list[str], int]:
     raise CryptoError("no encrypted data packet in gpg's output")
 
 
-def _check_encrypted(armored: bytes | memoryview, subkeys: Sequence[str]) -> None:
+def _check_encrypted(armored: Armored, subkeys: Sequence[str]) -> None:
     """Integrity-protected data, and one session key for each chosen subkey and no other."""
     key_ids, data_tag = encrypted_to_key_ids(armored)
     if data_tag == 9:
