@@ -37,6 +37,7 @@ error names each key and says ``--engine gpg``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 import os
@@ -45,6 +46,7 @@ import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from e2email.config import OpenPGPEngine, Protection
@@ -57,7 +59,13 @@ from e2email.crypto.base import (
     make_copy,
     plain_copy,
 )
-from e2email.crypto.openpgp import encrypted_entity_head, encrypted_to_key_ids, signed_entity
+from e2email.crypto.openpgp import (
+    Armored,
+    armor_into,
+    encrypted_entity_head,
+    encrypted_to_key_ids,
+    signed_entity,
+)
 from e2email.discovery.autocrypt import autocrypt_fields
 from e2email.errors import (
     CryptoError,
@@ -68,6 +76,7 @@ from e2email.errors import (
     SignerKeyError,
 )
 from e2email.message import HP, Message, build_payload, message_head, new_boundary
+from e2email.spool import Spool, spool_dir
 
 if TYPE_CHECKING:
     from e2email.crypto.gpg import GpgProtector
@@ -497,7 +506,38 @@ def _encrypted_entity(armored: bytes, prefix: bytes) -> bytes:
     )
 
 
-def _check_encrypted(armored: bytes, subkeys: Sequence[str]) -> None:
+def _armor_crc(block: bytes) -> int:
+    """The CRC-24 of ``block`` (RFC 9580 §6.1), computed by Sequoia's armor writer: Python
+    takes seconds for the tens of megabytes of a large message."""
+    armored = _sq().armor(block, _sq().ArmorKind.Message)
+    line = armored.rstrip().rsplit("\n", 2)[-2]
+    if not line.startswith("="):
+        raise CryptoError("Sequoia's armor has no checksum line")
+    return int.from_bytes(base64.b64decode(line[1:]), "big")
+
+
+def _encrypted_spool(
+    binary: bytes, prefix: bytes, subkeys: Sequence[str], *, directory: Path
+) -> Spool:
+    """RFC 3156 §4 after ``prefix``, the OpenPGP message ``binary`` armored into it, checked
+    (:func:`_check_encrypted`) as written: in a private file in ``directory`` when large
+    (e2email.spool)."""
+    spool = Spool(directory)
+    try:
+        boundary = new_boundary().encode()
+        spool.write(prefix)
+        spool.write(encrypted_entity_head(boundary))
+        start = len(spool)
+        armor_into(spool, binary, block_crc=_armor_crc)
+        _check_encrypted(spool.chunks(1 << 14, start=start), subkeys)
+        spool.write(b"\r\n--" + boundary + b"--\r\n")
+    except BaseException:
+        spool.close()  # nothing of a failed copy is kept
+        raise
+    return spool
+
+
+def _check_encrypted(armored: Armored, subkeys: Sequence[str]) -> None:
     """Integrity-protected data (never the legacy SED packet, EFAIL), and one session key for
     each chosen subkey and no other (Bcc privacy, standards item 21)."""
     key_ids, data_tag = encrypted_to_key_ids(armored)
@@ -648,12 +688,20 @@ class SequoiaProtector(Protector):
                 else payload
             )
             try:
-                armored = _crlf(bytes(sq.encrypt(data, [c for c, _ in chosen], signer=signer)))
+                # Binary, armored here into the copy's spool as it is written: Sequoia's own
+                # armor (and its CRLF conversion) would be two more whole copies.
+                binary = sq.encrypt(data, [c for c, _ in chosen], signer=signer, armor=False)
             except (RuntimeError, ValueError) as exc:
                 raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
-            _check_encrypted(armored, [fpr for _, fpr in chosen])
+            spool = _encrypted_spool(
+                binary,
+                head + outer,
+                [fpr for _, fpr in chosen],
+                directory=spool_dir(self.keystore.home),
+            )
+            del binary
             return make_copy(
-                _encrypted_entity(armored, head + outer),
+                spool,
                 msg,
                 kind,
                 rcpts,
