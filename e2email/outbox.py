@@ -182,7 +182,7 @@ def _write_body(db: sqlite3.Connection, item_id: str, data: bytes | Spool) -> No
     assert cursor.lastrowid is not None
     with db.blobopen("bodies", "raw", cursor.lastrowid) as blob:
         if isinstance(data, Spool):
-            for piece in data.chunks(_BLOB_CHUNK):
+            for piece in data.chunks():  # read from its file: smaller pieces cost nothing
                 blob.write(piece)
             return
         view = memoryview(data)

@@ -80,6 +80,7 @@ def _attachment_of(entity: bytes) -> tuple[bytes, list[bytes]]:
     return content, lines
 
 
+@pytest.mark.parametrize("engine", ["gpg", "sequoia"])
 def test_large_attachment_encrypted_arrives_and_decrypts_to_the_same_bytes(
     keys: Keys,
     sender_store: Keystore,
@@ -87,9 +88,11 @@ def test_large_attachment_encrypted_arrives_and_decrypts_to_the_same_bytes(
     recipients_home: Path,
     blob: bytes,
     tmp_path: Path,
+    engine: str,
 ) -> None:
-    """A 6 MB attachment, signed and encrypted, To one recipient and Bcc another (two copies
-    encrypted side by side from one payload stream), sent with the outbox: both copies arrive,
+    """A 6 MB attachment, signed and encrypted with either engine, To one recipient and Bcc
+    another (two copies, each spooled: written to a file as made, stored in the outbox and sent
+    from there a piece at a time), sent with the outbox: both copies arrive,
     gpg decrypts each to a MIME entity whose attachment is the original bytes (base64 in
     76-character lines), with Alice's good signature; the two plaintexts are identical; the
     outbox is empty afterwards (the large bodies removed with their items)."""
@@ -103,7 +106,12 @@ def test_large_attachment_encrypted_arrives_and_decrypts_to_the_same_bytes(
         attachments=[Attachment("big.bin", blob, "application/octet-stream")],
     )
     outbox = tmp_path / "outbox.sqlite3"
-    with Mailer(smtp=_settings(server), keystore=sender_store, outbox=outbox) as mailer:
+    with Mailer(
+        smtp=_settings(server),
+        keystore=sender_store,
+        outbox=outbox,
+        protection=Protection(engine=engine),
+    ) as mailer:
         result = mailer.send(message)
     assert sorted(result.accepted) == sorted([keys.bob.address, keys.carol.address])
     assert len(server.messages) == 2

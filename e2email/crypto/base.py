@@ -144,6 +144,12 @@ class ProtectedCopy:
         """The bytes, ``size`` at a time (a spooled copy read from its file as it goes)."""
         return chunks_of(self.content, size)
 
+    def discard(self) -> None:
+        """Free a spooled copy's file now (it goes anyway when the copy is garbage); its bytes
+        can no longer be read. Nothing to do for bytes."""
+        if isinstance(self.content, Spool):
+            self.content.close()
+
     @property
     def spooled(self) -> bool:
         """Whether the bytes are in a spool file rather than in memory."""

@@ -169,8 +169,18 @@ class GpgProtector(Protector):
                 scheme=self.name,
             )
 
-        # gpg work is a subprocess per copy: run the copies side by side.
-        return tuple(await asyncio.gather(*(one(kind, rcpts) for kind, rcpts in copy_plans(msg))))
+        # gpg work is a subprocess per copy: run the copies side by side. Every one ends
+        # before this returns or raises: a copy made beside one that failed is discarded
+        # (its spool closed), not left to a task nobody awaits.
+        made = await asyncio.gather(
+            *(one(kind, rcpts) for kind, rcpts in copy_plans(msg)), return_exceptions=True
+        )
+        copies = [c for c in made if isinstance(c, ProtectedCopy)]
+        if len(copies) < len(made):
+            for copy in copies:
+                copy.discard()
+            raise next(e for e in made if isinstance(e, BaseException))
+        return tuple(copies)
 
     def recheck(self, encrypted_to: Sequence[str]) -> list[KeyProblem]:
         """The keys judged as for a new message (revoked, expired, disabled, gone)."""

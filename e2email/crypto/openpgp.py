@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -498,8 +499,8 @@ _CRC24_INIT = 0xB704CE
 #: Binary bytes per armor line: 48 bytes are 64 base64 characters, the line length gpg and
 #: Sequoia write (RFC 9580 §6.3 allows up to 76).
 _ARMOR_LINE_BYTES = 48
-#: Binary bytes armored at a time: a whole number of lines.
-_ARMOR_BLOCK = _ARMOR_LINE_BYTES * 16384
+#: Binary bytes armored at a time: a whole number of lines (192 KiB; 256 KiB of armor).
+_ARMOR_BLOCK = _ARMOR_LINE_BYTES * 4096
 
 
 def crc24(data: bytes, crc: int = _CRC24_INIT) -> int:
@@ -527,6 +528,7 @@ def _gf2_mulmod(a: int, b: int) -> int:
     return product
 
 
+@functools.lru_cache(maxsize=8)
 def _x_pow_bytes(count: int) -> int:
     """x^(8·count) mod the CRC-24 polynomial."""
     result, base, exponent = 1, 1 << 8, count
@@ -548,33 +550,54 @@ def crc24_combine(crc: int, block_crc: int, length: int) -> int:
 
 def armor_into(
     out: Spool,
-    data: bytes,
+    data: bytes | Iterable[bytes],
     *,
     block_crc: Callable[[bytes], int] | None = None,
 ) -> None:
-    """Write ``data`` (an OpenPGP message, binary) to ``out`` as ASCII armor (RFC 9580 §6.2)
-    with CRLF line ends, as a MIME part carries it: the header line, a blank line, base64 in
-    lines of 64 characters, the CRC-24 line (RFC 9580 says new writers may leave it out;
-    GnuPG 2.2 wants it) and the tail line. Written a block at a time: the armor is never
-    held whole. ``block_crc`` computes the CRC-24 of a block faster than Python can (e.g. in
-    the OpenPGP library at hand); blocks are combined with :func:`crc24_combine`."""
+    """Write ``data`` (an OpenPGP message, binary: whole, or in pieces as read from a file)
+    to ``out`` as ASCII armor (RFC 9580 §6.2) with CRLF line ends, as a MIME part carries it:
+    the header line, a blank line, base64 in lines of 64 characters, the CRC-24 line (RFC 9580
+    says new writers may leave it out; GnuPG 2.2 wants it) and the tail line. Written a block
+    at a time: the armor is never held whole. ``block_crc`` computes the CRC-24 of a block
+    faster than Python can (e.g. in the OpenPGP library at hand); blocks are combined with
+    :func:`crc24_combine`."""
     crc = _CRC24_INIT
     out.write(b"-----BEGIN PGP MESSAGE-----\r\n\r\n")
-    view = memoryview(data)
-    for start in range(0, len(view), _ARMOR_BLOCK):
-        block = view[start : start + _ARMOR_BLOCK]
+    for block in _armor_blocks(data):
         if block_crc is None:
-            crc = crc24(bytes(block), crc)
+            crc = crc24(block, crc)
         else:
-            crc = crc24_combine(crc, block_crc(bytes(block)), len(block))
-        lines = [
-            binascii.b2a_base64(block[i : i + _ARMOR_LINE_BYTES], newline=False)
-            for i in range(0, len(block), _ARMOR_LINE_BYTES)
-        ]
+            crc = crc24_combine(crc, block_crc(block), len(block))
+        with memoryview(block) as view:
+            lines = [
+                binascii.b2a_base64(view[i : i + _ARMOR_LINE_BYTES], newline=False)
+                for i in range(0, len(view), _ARMOR_LINE_BYTES)
+            ]
         lines.append(b"")
         out.write(b"\r\n".join(lines))
     checksum = base64.b64encode(crc.to_bytes(3, "big"))
     out.write(b"=" + checksum + b"\r\n-----END PGP MESSAGE-----\r\n")
+
+
+def _armor_blocks(data: bytes | Iterable[bytes]) -> Iterator[bytes]:
+    """``data`` in blocks of :data:`_ARMOR_BLOCK` bytes (whole armor lines), the last one
+    shorter, whatever the pieces it came in."""
+    if isinstance(data, bytes):
+        with memoryview(data) as view:
+            for start in range(0, len(view), _ARMOR_BLOCK):
+                yield bytes(view[start : start + _ARMOR_BLOCK])
+        return
+    held = bytearray()
+    for piece in data:
+        held += piece
+        if len(held) >= _ARMOR_BLOCK:
+            cut = len(held) - len(held) % _ARMOR_BLOCK
+            with memoryview(held) as view:
+                for start in range(0, cut, _ARMOR_BLOCK):
+                    yield bytes(view[start : start + _ARMOR_BLOCK])
+            del held[:cut]
+    if held:
+        yield bytes(held)
 
 
 # -- Looking inside OpenPGP messages -----------------------------------------------------------

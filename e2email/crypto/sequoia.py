@@ -38,13 +38,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import logging
 import os
+import select
+import signal
 import subprocess
+import tempfile
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -76,7 +80,8 @@ from e2email.errors import (
     SignerKeyError,
 )
 from e2email.message import HP, Message, build_payload, message_head, new_boundary
-from e2email.spool import Spool, spool_dir
+from e2email.private import ensure_private_dir
+from e2email.spool import MEMORY_MAX, READ_CHUNK, Spool, SpoolError, spool_dir
 
 if TYPE_CHECKING:
     from e2email.crypto.gpg import GpgProtector
@@ -516,8 +521,101 @@ def _armor_crc(block: bytes) -> int:
     return int.from_bytes(base64.b64decode(line[1:]), "big")
 
 
+#: Where this process's open files can be opened again by name (Linux): Sequoia writes a
+#: large copy's binary output through it into an anonymous file, and reads the payload
+#: through it from a pipe.
+_PROC_FD = Path("/proc/self/fd")
+
+
+@contextlib.contextmanager
+def _encrypted_binary(
+    data: bytes, certs: Sequence[Any], signer: Any, *, directory: Path
+) -> Iterator[bytes | Iterable[bytes]]:
+    """``data`` signed (with ``signer``, when given) and encrypted to ``certs`` by Sequoia,
+    binary: as bytes for the usual message, else read a piece at a time from an anonymous
+    private file in ``directory`` that Sequoia wrote it to (ciphertext only).
+
+    pysequoia's ``encrypt()`` returns its output whole, twice over while it grows and is
+    handed to Python (about three times a large message); ``encrypt_file()`` streams, but
+    between paths. So for a large message the payload goes in through a pipe (never a file:
+    plaintext never touches the disk) and the output goes to an unnamed 0600 file, each by
+    its ``/proc/self/fd`` name (:func:`_encrypt_through_pipe`)."""
+    sq = _sq()
+    if len(data) > MEMORY_MAX and _PROC_FD.is_dir():
+        folder = ensure_private_dir(directory, what="the spool folder")
+        try:
+            out = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - 0600, unnamed; closed below
+        except OSError as exc:
+            raise SpoolError(f"cannot spool a large message in {folder}: {exc}") from exc
+        with out:
+            try:
+                _encrypt_through_pipe(sq, data, certs, signer, out.fileno())
+            except (RuntimeError, ValueError, OSError) as exc:
+                # E.g. a sandbox where /proc/self/fd cannot be opened again: the call in
+                # memory below either works or raises the reason that concerns the message.
+                log.debug("e2email: Sequoia could not stream the copy (%s)", _first_line(exc))
+            else:
+                yield _file_pieces(out.fileno())
+                return
+    try:
+        binary = sq.encrypt(data, certs, signer=signer, armor=False)
+    except (RuntimeError, ValueError) as exc:
+        raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
+    yield binary
+
+
+def _encrypt_through_pipe(
+    sq: Any, data: bytes, certs: Sequence[Any], signer: Any, out: int
+) -> None:
+    """``encrypt_file`` from a pipe that a thread fills with ``data`` to the file ``out``.
+
+    pysequoia holds the GIL for the whole call, so the pipe must fill without it: the thread
+    writes ``data`` in one ``os.write``, one write(2) that runs with the GIL released and
+    blocks, signals masked, until Sequoia has read everything. The call starts only once
+    bytes are in the pipe (that write(2) is under way), and the pipe's write end is closed
+    here first: the running write(2) holds the pipe open, and its end is Sequoia's end of
+    input. Whatever happens, the read end is closed afterwards, so the thread ends (EPIPE
+    when Sequoia stopped reading early)."""
+    read_end, write_end = os.pipe()
+    failed: list[OSError] = []
+
+    def feed() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            os.write(write_end, data)
+        except OSError as exc:
+            failed.append(exc)
+
+    writer = threading.Thread(target=feed, name="e2email-sequoia-feed", daemon=True)
+    try:
+        writer.start()
+        while not select.select([read_end], [], [], 0.05)[0]:
+            if not writer.is_alive():
+                break
+        os.close(write_end)
+        write_end = -1
+        if failed:
+            raise failed[0]
+        sq.encrypt_file(
+            _PROC_FD / str(read_end), _PROC_FD / str(out), certs, signer=signer, armor=False
+        )
+    finally:
+        if write_end >= 0:
+            os.close(write_end)
+        os.close(read_end)
+        writer.join()
+
+
+def _file_pieces(fd: int, size: int = READ_CHUNK) -> Iterator[bytes]:
+    """The bytes of the file ``fd`` from its start, ``size`` at a time."""
+    offset = 0
+    while piece := os.pread(fd, size, offset):
+        offset += len(piece)
+        yield piece
+
+
 def _encrypted_spool(
-    binary: bytes, prefix: bytes, subkeys: Sequence[str], *, directory: Path
+    binary: bytes | Iterable[bytes], prefix: bytes, subkeys: Sequence[str], *, directory: Path
 ) -> Spool:
     """RFC 3156 §4 after ``prefix``, the OpenPGP message ``binary`` armored into it, checked
     (:func:`_check_encrypted`) as written: in a private file in ``directory`` when large
@@ -687,19 +785,15 @@ class SequoiaProtector(Protector):
                 if gossip
                 else payload
             )
-            try:
-                # Binary, armored here into the copy's spool as it is written: Sequoia's own
-                # armor (and its CRLF conversion) would be two more whole copies.
-                binary = sq.encrypt(data, [c for c, _ in chosen], signer=signer, armor=False)
-            except (RuntimeError, ValueError) as exc:
-                raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
-            spool = _encrypted_spool(
-                binary,
-                head + outer,
-                [fpr for _, fpr in chosen],
-                directory=spool_dir(self.keystore.home),
-            )
-            del binary
+            directory = spool_dir(self.keystore.home)
+            # Binary, armored here into the copy's spool as it is written: Sequoia's own
+            # armor (and its CRLF conversion) would be two more whole copies.
+            with _encrypted_binary(
+                data, [c for c, _ in chosen], signer, directory=directory
+            ) as binary:
+                spool = _encrypted_spool(
+                    binary, head + outer, [fpr for _, fpr in chosen], directory=directory
+                )
             return make_copy(
                 spool,
                 msg,
