@@ -9,6 +9,8 @@ by this process's tracemalloc, and compare Python's peak allocations with the co
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import gc
 import json
 import os
@@ -17,12 +19,14 @@ import sys
 import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fixtures_pgp import Keys
 from fixtures_smime import PKI
+from pgp_helpers import gpg_decrypt, multipart_parts, part_body
 
 from e2email import Attachment, Mailer, Message, Protection, Scheme, SMTPSettings, TLSMode
 from e2email.certstore import CertStore
@@ -264,6 +268,44 @@ def test_openpgp_copies_of_a_large_message_are_spooled_and_small_ones_are_bytes(
         del copies
         gc.collect()
         assert _spool_fds(folder) == []
+
+
+@pytest.mark.parametrize("how", ["no /proc", "the pipe fails"])
+def test_sequoia_without_streaming_still_spools_a_large_copy_that_decrypts(
+    keys: Keys,
+    sender_store: Keystore,
+    recipients_home: Path,
+    big_file: Path,
+    how: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where Sequoia cannot stream between a pipe and a file (no /proc/self/fd, or the call
+    failing), the large copy is made in memory and still armored into a spool: gpg decrypts
+    it, with Alice's good signature, to the attachment."""
+    if how == "no /proc":
+        monkeypatch.setattr(sequoia, "_PROC_FD", Path("/nonexistent/fd"))
+    else:
+
+        def broken(*args: object) -> None:
+            raise OSError("no pipes today")
+
+        monkeypatch.setattr(sequoia, "_encrypt_through_pipe", broken)
+    with Mailer(keystore=sender_store, protection=Protection(engine="sequoia")) as mailer:
+        (copy,) = mailer.protect(_big_message(keys.alice.address, keys.bob.address, None, big_file))
+    assert copy.spooled
+    _head, (_version, encrypted) = multipart_parts(copy.raw)
+    plaintext, status = gpg_decrypt(recipients_home, part_body(encrypted))
+    assert f"VALIDSIG {keys.alice.fingerprint}" in status
+    assert big_file.read_bytes() in _attachment(plaintext)
+
+
+def _attachment(entity: bytes) -> bytes:
+    parsed = email.message_from_bytes(entity, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    (part,) = list(parsed.iter_attachments())
+    content = part.get_payload(decode=True)
+    assert isinstance(content, bytes)
+    return content
 
 
 @pytest.mark.parametrize("engine", ["gpg", "sequoia"])

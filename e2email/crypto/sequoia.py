@@ -527,13 +527,38 @@ def _armor_crc(block: bytes) -> int:
 _PROC_FD = Path("/proc/self/fd")
 
 
+def _encrypted_copy(
+    data: bytes,
+    certs: Sequence[Any],
+    signer: Any,
+    subkeys: Sequence[str],
+    *,
+    prefix: bytes,
+    directory: Path,
+) -> bytes | Spool:
+    """The entity (RFC 3156 §4) after ``prefix``: ``data`` signed and encrypted, checked to be
+    encrypted to exactly ``subkeys``. The usual message is made in memory with Sequoia's own
+    armor; a large one (over :data:`~e2email.spool.MEMORY_MAX`) is armored here, a block at a
+    time, into a spool (e2email.spool): Sequoia's armor and its CRLF conversion would be two
+    more whole copies."""
+    if len(data) <= MEMORY_MAX:
+        try:
+            armored = _crlf(bytes(_sq().encrypt(data, certs, signer=signer)))
+        except (RuntimeError, ValueError) as exc:
+            raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
+        _check_encrypted(armored, subkeys)
+        return _encrypted_entity(armored, prefix)
+    with _encrypted_binary(data, certs, signer, directory=directory) as binary:
+        return _encrypted_spool(binary, prefix, subkeys, directory=directory)
+
+
 @contextlib.contextmanager
 def _encrypted_binary(
     data: bytes, certs: Sequence[Any], signer: Any, *, directory: Path
 ) -> Iterator[bytes | Iterable[bytes]]:
-    """``data`` signed (with ``signer``, when given) and encrypted to ``certs`` by Sequoia,
-    binary: as bytes for the usual message, else read a piece at a time from an anonymous
-    private file in ``directory`` that Sequoia wrote it to (ciphertext only).
+    """``data`` (large) signed (with ``signer``, when given) and encrypted to ``certs`` by
+    Sequoia, binary, read a piece at a time from an anonymous private file in ``directory``
+    that Sequoia wrote it to (ciphertext only); where that cannot be done, as bytes.
 
     pysequoia's ``encrypt()`` returns its output whole, twice over while it grows and is
     handed to Python (about three times a large message); ``encrypt_file()`` streams, but
@@ -541,7 +566,7 @@ def _encrypted_binary(
     plaintext never touches the disk) and the output goes to an unnamed 0600 file, each by
     its ``/proc/self/fd`` name (:func:`_encrypt_through_pipe`)."""
     sq = _sq()
-    if len(data) > MEMORY_MAX and _PROC_FD.is_dir():
+    if _PROC_FD.is_dir():
         folder = ensure_private_dir(directory, what="the spool folder")
         try:
             out = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - 0600, unnamed; closed below
@@ -785,17 +810,16 @@ class SequoiaProtector(Protector):
                 if gossip
                 else payload
             )
-            directory = spool_dir(self.keystore.home)
-            # Binary, armored here into the copy's spool as it is written: Sequoia's own
-            # armor (and its CRLF conversion) would be two more whole copies.
-            with _encrypted_binary(
-                data, [c for c, _ in chosen], signer, directory=directory
-            ) as binary:
-                spool = _encrypted_spool(
-                    binary, head + outer, [fpr for _, fpr in chosen], directory=directory
-                )
+            content = _encrypted_copy(
+                data,
+                [c for c, _ in chosen],
+                signer,
+                [fpr for _, fpr in chosen],
+                prefix=head + outer,
+                directory=spool_dir(self.keystore.home),
+            )
             return make_copy(
-                spool,
+                content,
                 msg,
                 kind,
                 rcpts,
