@@ -228,6 +228,26 @@ def test_a_copy_made_with_raw_bytes_or_a_spool_reads_the_same(tmp_path: Path) ->
         assert "yyyy" not in repr(copy)
 
 
+def test_armor_written_block_by_block_is_sequoias_armor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The armor e2email writes a block at a time (RFC 9580 §6.2) is byte for byte what
+    Sequoia writes for the whole (CRLF line ends aside), whatever the data's length against
+    the line and block sizes: base64 lines, and the CRC-24 combined from the blocks' CRCs as
+    Sequoia computes them, or computed in Python; from bytes or from pieces of any size."""
+    pysequoia = pytest.importorskip("pysequoia")
+    monkeypatch.setattr(openpgp, "_ARMOR_BLOCK", 48 * 5)
+    for size in (1, 47, 48, 239, 240, 241, 1000, 4803):
+        data = os.urandom(size)
+        expected = pysequoia.armor(data, pysequoia.ArmorKind.Message).replace("\n", "\r\n")
+        assert openpgp.crc24(data) == openpgp.crc24_combine(
+            openpgp.crc24(data[: size // 3]), openpgp.crc24(data[size // 3 :]), size - size // 3
+        )
+        for source in (data, [data[i : i + 100] for i in range(0, size, 100)]):
+            for block_crc in (sequoia._armor_crc, None):
+                out = Spool()
+                openpgp.armor_into(out, source, block_crc=block_crc)
+                assert out.getvalue() == expected.encode(), (size, block_crc)
+
+
 # -- Engines: large copies are spooled, and nothing outlives them ------------------------------
 
 
