@@ -139,6 +139,7 @@ def test_large_attachment_encrypted_arrives_and_decrypts_to_the_same_bytes(
         assert db.execute("SELECT count(*) FROM bodies").fetchone() == (0,)
 
 
+@pytest.mark.parametrize("engine", ["gpg", "sequoia"])
 def test_large_attachment_signed_only_verifies(
     keys: Keys,
     sender_store: Keystore,
@@ -146,9 +147,11 @@ def test_large_attachment_signed_only_verifies(
     recipients_home: Path,
     blob: bytes,
     tmp_path: Path,
+    engine: str,
 ) -> None:
-    """Signed only (the message assembled in one piece around the payload): gpg verifies the
-    signed part cut out of the received bytes, and it carries the attachment unchanged."""
+    """Signed only (the message assembled in one piece around the payload; with the GnuPG
+    engine in a spool): gpg verifies the signed part cut out of the received bytes, and it
+    carries the attachment unchanged."""
     server = smtp_server(tls="implicit")
     message = Message(
         sender=keys.alice.address,
@@ -157,8 +160,10 @@ def test_large_attachment_signed_only_verifies(
         text="Signed, not sealed.\n",
         attachments=[Attachment("big.bin", blob, "application/octet-stream")],
     )
-    protection = Protection(sign=True, encrypt=False)
+    protection = Protection(sign=True, encrypt=False, engine=engine)
     with Mailer(smtp=_settings(server), keystore=sender_store, protection=protection) as mailer:
+        (copy,) = mailer.protect(message)
+        assert copy.spooled is (engine == "gpg")
         mailer.send(message)
     (received,) = server.messages
     head, (signed, signature_part) = multipart_parts(received.data)

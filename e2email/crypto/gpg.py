@@ -110,19 +110,28 @@ class GpgProtector(Protector):
         if not protection.encrypt:
             assert signer is not None
             # The outer header block goes in as openpgp's prefix: the message is assembled
-            # once, not as an entity and then again as a message (a large one is big).
-            raw, _ = await asyncio.to_thread(
-                openpgp.sign,
-                self.keystore,
-                build_payload(msg, hp=HP.CLEAR),
-                signer=signer,
-                passphrase=passphrase,
-                # Autocrypt in the outer header block (Level 1), outside the signed part:
-                # the signature covers that part only (RFC 3156 §5) and still verifies.
-                prefix=message_head(msg, hp=HP.CLEAR) + autocrypt["main"][0],
-            )
+            # once, in its spool (a private file when large), not as an entity and then
+            # again as a message.
+            spool = Spool(spool_dir(self.keystore.home))
+            try:
+                await asyncio.to_thread(
+                    openpgp.sign_into,
+                    spool,
+                    self.keystore,
+                    build_payload(msg, hp=HP.CLEAR),
+                    signer=signer,
+                    passphrase=passphrase,
+                    # Autocrypt in the outer header block (Level 1), outside the signed part:
+                    # the signature covers that part only (RFC 3156 §5) and still verifies.
+                    prefix=message_head(msg, hp=HP.CLEAR) + autocrypt["main"][0],
+                )
+            except BaseException:
+                spool.close()
+                raise
             return (
-                make_copy(raw, msg, "main", msg.recipients, signed=True, signer=signer.fingerprint),
+                make_copy(
+                    spool, msg, "main", msg.recipients, signed=True, signer=signer.fingerprint
+                ),
             )
 
         # Made once (one set of boundaries), read by each copy's gpg as it goes: a large

@@ -41,6 +41,8 @@ __all__ = [
     "encrypt_into",
     "encrypted_to_key_ids",
     "sign",
+    "sign_into",
+    "signed_entity_into",
 ]
 
 #: RFC 9580 §9.5 hash algorithm IDs -> the names RFC 3156 §5 uses in micalg (lower case).
@@ -285,26 +287,39 @@ def signed_entity(payload: bytes, signature: bytes, micalg: str, *, prefix: byte
     """RFC 3156 §5 ``multipart/signed``: ``payload`` byte for byte (the CRLF before the next
     boundary belongs to the boundary, RFC 2046 §5.1.1), then the armored ``signature`` (CRLF
     lines) as given; ``prefix`` (the outer header block) goes first. Shared by the engines."""
+    return b"".join(_signed_entity_parts(payload, signature, micalg, prefix))
+
+
+def signed_entity_into(
+    out: Spool, payload: bytes, signature: bytes, micalg: str, *, prefix: bytes = b""
+) -> None:
+    """:func:`signed_entity` written to ``out`` (a large message's spool: the entity is not
+    made a second time beside the payload)."""
+    for part in _signed_entity_parts(payload, signature, micalg, prefix):
+        out.write(part)
+
+
+def _signed_entity_parts(
+    payload: bytes, signature: bytes, micalg: str, prefix: bytes
+) -> list[bytes]:
     boundary = new_boundary().encode()
-    return b"".join(
-        [
-            prefix,
-            b'Content-Type: multipart/signed; micalg="' + micalg.encode() + b'";\r\n',
-            b' protocol="application/pgp-signature";\r\n',
-            b' boundary="' + boundary + b'"\r\n',
-            b"\r\n",
-            _PREAMBLE_SIGNED,
-            b"--" + boundary + b"\r\n",
-            payload,
-            b"\r\n--" + boundary + b"\r\n",
-            b'Content-Type: application/pgp-signature; name="signature.asc"\r\n',
-            b"Content-Description: OpenPGP digital signature\r\n",
-            b'Content-Disposition: attachment; filename="signature.asc"\r\n',
-            b"\r\n",
-            signature,
-            b"\r\n--" + boundary + b"--\r\n",
-        ]
-    )
+    return [
+        prefix,
+        b'Content-Type: multipart/signed; micalg="' + micalg.encode() + b'";\r\n',
+        b' protocol="application/pgp-signature";\r\n',
+        b' boundary="' + boundary + b'"\r\n',
+        b"\r\n",
+        _PREAMBLE_SIGNED,
+        b"--" + boundary + b"\r\n",
+        payload,
+        b"\r\n--" + boundary + b"\r\n",
+        b'Content-Type: application/pgp-signature; name="signature.asc"\r\n',
+        b"Content-Description: OpenPGP digital signature\r\n",
+        b'Content-Disposition: attachment; filename="signature.asc"\r\n',
+        b"\r\n",
+        signature,
+        b"\r\n--" + boundary + b"--\r\n",
+    ]
 
 
 def encrypted_entity_head(boundary: bytes) -> bytes:
@@ -348,6 +363,24 @@ def sign(
     (e.g. the outer header block) goes before the entity in the returned bytes, so a whole
     message is assembled in one copy.
     """
+    with Spool() as out:
+        info = sign_into(
+            out, keystore, payload, signer=signer, passphrase=passphrase, prefix=prefix
+        )
+        return out.getvalue(), info
+
+
+def sign_into(
+    out: Spool,
+    keystore: Keystore,
+    payload: bytes,
+    *,
+    signer: OpenPGPKey,
+    passphrase: str | None = None,
+    prefix: bytes = b"",
+) -> SignatureInfo:
+    """:func:`sign`, the message written to ``out`` (a spool: a large one goes to a private
+    file instead of being assembled a second time in memory)."""
     _check_passphrase_text(passphrase)
     subkey = _signing_subkey(signer)
     if passphrase is not None:
@@ -364,8 +397,8 @@ def sign(
     _check_sign_result(result, signer)
     info = _check_signature_status(result, subkey)
     body = _crlf(result.data).rstrip(b"\r\n") + b"\r\n"
-    entity = signed_entity(payload, body, info.micalg, prefix=prefix)
-    return entity, info
+    signed_entity_into(out, payload, body, info.micalg, prefix=prefix)
+    return info
 
 
 def _check_sign_result(result: object, signer: OpenPGPKey) -> None:
