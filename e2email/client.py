@@ -771,7 +771,7 @@ class AsyncMailer:
         fingerprints = [str(f) for f in item.meta.get("encrypted_to") or ()]
         if not fingerprints:
             return ()
-        name = engine_for_copy(item.meta.get("scheme"), item.raw)
+        name = engine_for_copy(item.meta.get("scheme"), item.content)
         engine = self._protector
         if engine is None or engine.name != name:
             engine = self._engine(name)
@@ -899,9 +899,9 @@ def outbox_item(
 def _stored_submission(item: OutboxItem, *, tag: Any) -> Submission:
     """A claimed outbox copy, to its recipients still pending. REQUIRETLS as the copy was
     first sent with: asked then -> asked now; otherwise as the current settings say."""
-    assert item.raw is not None
+    assert item.content is not None
     return Submission(
-        raw=item.raw,
+        raw=item.content,
         mail_from=item.mail_from,
         recipients=item.pending,
         id=item.id,

@@ -494,12 +494,13 @@ def protector_for(
     return entry[0](context)
 
 
-def engine_for_copy(scheme: str | None, raw: bytes | None) -> str:
+def engine_for_copy(scheme: str | None, raw: bytes | Spool | None) -> str:
     """The engine name of a stored copy: as recorded, else recognised from its header block
     (copies stored before the name was recorded), else "openpgp" (the only engine then)."""
     if scheme:
         return scheme
-    head = (raw or b"")[: 1 << 14].split(b"\r\n\r\n", 1)[0].lower()
+    start = raw.read(0, 1 << 14) if isinstance(raw, Spool) else (raw or b"")[: 1 << 14]
+    head = start.split(b"\r\n\r\n", 1)[0].lower()
     for name, (_, recognises) in _ENGINES.items():
         if recognises(head):
             return name
