@@ -18,16 +18,29 @@ ends (``kill -9`` included), so it never outlives the copy, a failed protection 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from e2email.errors import ConfigError
+from e2email.errors import ConfigError, InsecurePathError
 from e2email.private import ensure_private_dir
 
-__all__ = ["MEMORY_MAX", "READ_CHUNK", "Spool", "SpoolError", "chunks_of", "size_of"]
+__all__ = [
+    "MEMORY_MAX",
+    "READ_CHUNK",
+    "Spool",
+    "SpoolError",
+    "chunks_of",
+    "line_pieces",
+    "open_spool_file",
+    "size_of",
+    "spool_dir",
+]
+
+log = logging.getLogger(__name__)
 
 #: A spool stays in memory up to this many bytes (and its copy is then plain ``bytes``).
 MEMORY_MAX = 1 << 20
@@ -97,18 +110,15 @@ class Spool:
     def _roll_over(self) -> None:
         assert self._directory is not None
         assert self._buffer is not None
-        folder = ensure_private_dir(self._directory, what="the spool folder")
-        try:
-            # Mode 0600 and no name: O_TMPFILE where the system has it, else created and
-            # unlinked before this returns (tempfile's own fallback).
-            handle = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - closed by close()
-        except OSError as exc:
-            raise SpoolError(f"cannot spool a large message in {folder}: {exc}") from exc
+        handle = open_spool_file(self._directory)
+        if handle is None:
+            self._directory = None  # stays in memory, as every copy did before spools
+            return
         try:
             handle.write(self._buffer.getbuffer())
         except OSError as exc:
             handle.close()
-            raise SpoolError(f"cannot spool a large message in {folder}: {exc}") from exc
+            raise SpoolError(f"cannot spool a large message in {self._directory}: {exc}") from exc
         except BaseException:
             handle.close()
             raise
@@ -209,6 +219,22 @@ class Spool:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("the spool is closed")
+
+
+def open_spool_file(directory: Path) -> IO[bytes] | None:
+    """A new 0600 file with no name in ``directory`` (made 0700 when missing): ``O_TMPFILE``
+    where the system has it, else created and unlinked before this returns (tempfile's own
+    fallback). None, with a warning, when that cannot be done (a read-only home, a folder
+    that group or others may write): the caller then keeps the bytes in memory, as before
+    spools, rather than fail a message or write where others could look."""
+    try:
+        folder = ensure_private_dir(directory, what="the spool folder")
+        return tempfile.TemporaryFile(dir=folder)
+    except (InsecurePathError, OSError) as exc:
+        log.warning(
+            "e2email: cannot spool a large message in %s (%s): kept in memory", directory, exc
+        )
+        return None
 
 
 def spool_dir(home: Path) -> Path:

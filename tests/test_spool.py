@@ -30,6 +30,7 @@ from pgp_helpers import gpg_decrypt, multipart_parts, part_body
 
 from e2email import Attachment, Mailer, Message, Protection, Scheme, SMTPSettings, TLSMode
 from e2email.certstore import CertStore
+from e2email.crypto import gpg as gpg_engine
 from e2email.crypto import openpgp, sequoia, smime
 from e2email.crypto.base import ProtectedCopy
 from e2email.errors import CryptoError, MessageError
@@ -151,6 +152,49 @@ def test_a_small_spool_stays_in_memory_and_a_large_one_is_an_unnamed_private_fil
     assert _spool_fds(folder) == []
     with pytest.raises(ValueError, match="closed"):
         big.read(0, 1)
+
+
+def test_a_spool_that_cannot_have_its_file_stays_in_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder that cannot be made (a read-only home; here a file is in the way) or that
+    group or others may write: the bytes stay in memory, as before spools, with a warning;
+    nothing is written in the loose folder."""
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    for folder in (blocker / "spool", loose):
+        spool = Spool(folder, memory_max=10)
+        spool.write(b"x" * 100)
+        assert spool.in_memory and spool.contents() == b"x" * 100
+        assert str(folder) in caplog.text
+    assert os.listdir(loose) == []
+
+
+@pytest.mark.parametrize("engine", ["gpg", "sequoia"])
+def test_an_engine_without_a_spool_folder_makes_large_copies_in_memory(
+    keys: Keys,
+    sender_store: Keystore,
+    recipients_home: Path,
+    big_file: Path,
+    tmp_path: Path,
+    engine: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no usable spool folder a large copy is made in memory, as before spools, and
+    decrypts as usual."""
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    monkeypatch.setattr(gpg_engine if engine == "gpg" else sequoia, "spool_dir", lambda h: blocker)
+    with Mailer(keystore=sender_store, protection=Protection(engine=engine)) as mailer:
+        (copy,) = mailer.protect(_big_message(keys.alice.address, keys.bob.address, None, big_file))
+    assert not copy.spooled
+    _head, (_version, encrypted) = multipart_parts(copy.raw)
+    plaintext, status = gpg_decrypt(recipients_home, part_body(encrypted))
+    assert f"VALIDSIG {keys.alice.fingerprint}" in status
+    assert big_file.read_bytes() in _attachment(plaintext)
 
 
 def test_data_and_the_wire_check_read_a_spool_as_they_read_bytes(tmp_path: Path) -> None:

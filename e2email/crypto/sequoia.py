@@ -45,7 +45,6 @@ import os
 import select
 import signal
 import subprocess
-import tempfile
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -80,8 +79,7 @@ from e2email.errors import (
     SignerKeyError,
 )
 from e2email.message import HP, Message, build_payload, message_head, new_boundary
-from e2email.private import ensure_private_dir
-from e2email.spool import MEMORY_MAX, READ_CHUNK, Spool, SpoolError, spool_dir
+from e2email.spool import MEMORY_MAX, READ_CHUNK, Spool, open_spool_file, spool_dir
 
 if TYPE_CHECKING:
     from e2email.crypto.gpg import GpgProtector
@@ -566,12 +564,8 @@ def _encrypted_binary(
     plaintext never touches the disk) and the output goes to an unnamed 0600 file, each by
     its ``/proc/self/fd`` name (:func:`_encrypt_through_pipe`)."""
     sq = _sq()
-    if _PROC_FD.is_dir():
-        folder = ensure_private_dir(directory, what="the spool folder")
-        try:
-            out = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - 0600, unnamed; closed below
-        except OSError as exc:
-            raise SpoolError(f"cannot spool a large message in {folder}: {exc}") from exc
+    out = open_spool_file(directory) if _PROC_FD.is_dir() else None
+    if out is not None:
         with out:
             try:
                 _encrypt_through_pipe(sq, data, certs, signer, out.fileno())
