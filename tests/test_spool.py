@@ -378,6 +378,23 @@ def test_sequoia_without_streaming_still_spools_a_large_copy_that_decrypts(
     assert big_file.read_bytes() in _attachment(plaintext)
 
 
+def test_sequoia_refusing_before_it_reads_the_pipe_ends_the_feeding_thread(
+    tmp_path: Path,
+) -> None:
+    """Sequoia refusing before it reads its input (here: nobody to encrypt to), while a
+    thread is blocked writing a large payload into the pipe: the refusal, as a CryptoError,
+    and the thread ends (the pipe's reader is gone), no file left open."""
+    pytest.importorskip("pysequoia")
+    folder = tmp_path / "spool"
+    with (
+        pytest.raises(CryptoError, match="Sequoia could not encrypt"),
+        sequoia._encrypted_binary(b"x" * 3_000_000, [], None, directory=folder),
+    ):
+        pass
+    assert not [t for t in threading.enumerate() if t.name == "e2email-sequoia-feed"]
+    assert _spool_fds(folder) == []
+
+
 def _attachment(entity: bytes) -> bytes:
     parsed = email.message_from_bytes(entity, policy=email.policy.default)
     assert isinstance(parsed, EmailMessage)

@@ -598,10 +598,10 @@ def _encrypt_through_pipe(
     read_end, write_end = os.pipe()
     failed: list[OSError] = []
 
-    def feed() -> None:
+    def feed(fd: int = write_end) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
-            os.write(write_end, data)
+            os.write(fd, data)
         except OSError as exc:
             failed.append(exc)
 
@@ -622,7 +622,8 @@ def _encrypt_through_pipe(
         if write_end >= 0:
             os.close(write_end)
         os.close(read_end)
-        writer.join()
+        if writer.ident is not None:  # started
+            writer.join()
 
 
 def _file_pieces(fd: int, size: int = READ_CHUNK) -> Iterator[bytes]:
