@@ -36,7 +36,6 @@ __all__ = [
     "chunks_of",
     "line_pieces",
     "open_spool_file",
-    "size_of",
     "spool_dir",
 ]
 
@@ -240,10 +239,6 @@ def open_spool_file(directory: Path) -> IO[bytes] | None:
 def spool_dir(home: Path) -> Path:
     """The folder large copies made with the stores in ``home`` are spooled in."""
     return Path(home) / SPOOL_DIRNAME
-
-
-def size_of(data: bytes | Spool) -> int:
-    return len(data)
 
 
 def chunks_of(data: bytes | Spool, size: int = READ_CHUNK) -> Iterator[bytes]:
