@@ -355,7 +355,7 @@ class AsyncMailer:
         self.last_stored = tuple(i for i in ids if i is not None)
         subs = [
             Submission(
-                raw=c.raw,
+                raw=c.content,
                 mail_from=c.mail_from,
                 recipients=c.recipients,
                 tag=c,
@@ -692,7 +692,7 @@ class AsyncMailer:
             groups[index] = _Group(index, entry.tag, copies[0].message_id, len(copies))
             for copy, item_id in zip(copies, ids, strict=True):
                 sub = Submission(
-                    raw=copy.raw,
+                    raw=copy.content,
                     mail_from=copy.mail_from,
                     recipients=copy.recipients,
                     tag=index,
@@ -776,7 +776,7 @@ class AsyncMailer:
         fingerprints = [str(f) for f in item.meta.get("encrypted_to") or ()]
         if not fingerprints:
             return ()
-        name = engine_for_copy(item.meta.get("scheme"), item.raw)
+        name = engine_for_copy(item.meta.get("scheme"), item.content)
         engine = self._protector
         if engine is None or engine.name != name:
             engine = self._engine(name)
@@ -881,7 +881,7 @@ def outbox_item(
     """What the outbox keeps of a protected copy meant for ``smtp``: the bytes, the envelope
     and what a retry needs (``meta`` adds to it); never a secret."""
     return NewItem(
-        raw=copy.raw,
+        raw=copy.content,
         mail_from=copy.mail_from,
         recipients=copy.recipients,
         message_id=copy.message_id,
@@ -904,9 +904,9 @@ def outbox_item(
 def _stored_submission(item: OutboxItem, *, tag: Any) -> Submission:
     """A claimed outbox copy, to its recipients still pending. REQUIRETLS as the copy was
     first sent with: asked then -> asked now; otherwise as the current settings say."""
-    assert item.raw is not None
+    assert item.content is not None
     return Submission(
-        raw=item.raw,
+        raw=item.content,
         mail_from=item.mail_from,
         recipients=item.pending,
         id=item.id,

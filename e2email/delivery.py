@@ -54,6 +54,7 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.outbox import Outbox
+from e2email.spool import Spool
 from e2email.transport.smtp import DeliveryResult, SMTPConnection, SMTPTransport, TLSInfo
 
 __all__ = [
@@ -96,7 +97,8 @@ class Submission:
     ``tag`` is the caller's, handed back unchanged in the :class:`Outcome`.
     """
 
-    raw: bytes = field(repr=False)
+    #: The bytes, or the spool that holds a large copy (e2email.spool).
+    raw: bytes | Spool = field(repr=False)
     mail_from: str
     recipients: tuple[str, ...]
     id: str = field(default_factory=lambda: f"mem-{next(_ids)}")

@@ -48,6 +48,7 @@ from typing import Literal
 import idna
 
 from e2email.errors import MessageError
+from e2email.spool import Spool, line_pieces
 
 __all__ = [
     "HP",
@@ -1388,19 +1389,29 @@ def build_message(message: Message, *, payload: bytes, hp: HP | None) -> bytes:
     return b"".join([message_head(message, hp=hp), payload])
 
 
-def check_wire_safe(data: bytes) -> None:
+def check_wire_safe(data: bytes | Spool) -> None:
     """Refuse data that is unsafe to hand to SMTP (RFC 5322 §2.1.1, CVE-2023-51764 smuggling):
-    a bare CR or LF, a NUL, any byte >= 0x80, or a line longer than 998 octets."""
+    a bare CR or LF, a NUL, any byte >= 0x80, or a line longer than 998 octets. A spooled copy
+    is read and checked a piece at a time (each piece whole lines), never held whole."""
+    if isinstance(data, Spool):
+        for offset, piece in line_pieces(data):
+            _check_wire_piece(piece, offset)
+        return
+    _check_wire_piece(data, 0)
+
+
+def _check_wire_piece(data: bytes, base: int) -> None:
+    """:func:`check_wire_safe` of ``data``, which starts a line at offset ``base``."""
     if b"\0" in data:
-        raise MessageError(f"NUL byte at offset {data.index(0)}", field="message")
+        raise MessageError(f"NUL byte at offset {base + data.index(0)}", field="message")
     if not data.isascii():
         high = _HIGH_BYTE.search(data)
-        offset = high.start() if high else -1
+        offset = base + high.start() if high else -1
         raise MessageError(f"8-bit byte at offset {offset}", field="message")
     crlf = data.count(b"\r\n")
     if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
         bare = _BARE_CR_OR_LF.search(data)
-        offset = bare.start() if bare else -1
+        offset = base + bare.start() if bare else -1
         raise MessageError(f"bare CR or LF at offset {offset}", field="message")
     # Every line is at most 998 octets: from each line start, a LF within the next 1000 octets
     # (998 + CRLF). rfind jumps to the last LF in that window, so this loops about once per

@@ -67,6 +67,7 @@ from typing import Any
 
 from e2email.errors import ConfigError, SMTPReply
 from e2email.private import check_private, ensure_private_dir, open_private, write_private
+from e2email.spool import READ_CHUNK, Spool, spool_dir
 
 __all__ = [
     "DEFAULT_FILENAME",
@@ -164,23 +165,29 @@ _INLINE_MAX = 1 << 20
 _BLOB_CHUNK = 1 << 20
 
 
-def _write_body(db: sqlite3.Connection, item_id: str, data: bytes) -> None:
+def _inline(data: bytes | Spool) -> bytes:
+    """What ``items.raw`` holds of a copy: the copy when small, else nothing (see bodies)."""
+    if len(data) > _INLINE_MAX:
+        return b""
+    return data if isinstance(data, bytes) else data.getvalue()
+
+
+def _write_body(db: sqlite3.Connection, item_id: str, data: bytes | Spool) -> None:
     """Store ``data`` as the body of ``item_id``: a zeroblob (SQLite does not materialise it in
-    the last column) filled piece by piece."""
+    the last column) filled piece by piece; a spooled copy is read a piece at a time, so
+    storing it never holds it whole."""
     cursor = db.execute(
         "INSERT INTO bodies (item_id, raw) VALUES (?, zeroblob(?))", (item_id, len(data))
     )
     assert cursor.lastrowid is not None
-    view = memoryview(data)
     with db.blobopen("bodies", "raw", cursor.lastrowid) as blob:
+        if isinstance(data, Spool):
+            for piece in data.chunks():  # read from its file: smaller pieces cost nothing
+                blob.write(piece)
+            return
+        view = memoryview(data)
         for start in range(0, len(view), _BLOB_CHUNK):
             blob.write(view[start : start + _BLOB_CHUNK])
-
-
-def _read_body(db: sqlite3.Connection, rowid: int) -> bytes:
-    """The bytes in ``bodies`` row ``rowid``, read straight into one bytes object."""
-    with db.blobopen("bodies", "raw", rowid, readonly=True) as blob:
-        return blob.read()
 
 
 class OutboxError(ConfigError):
@@ -231,9 +238,10 @@ class OutboxRecipient:
 
 @dataclass(frozen=True)
 class NewItem:
-    """A protected copy to store: the exact bytes and the envelope."""
+    """A protected copy to store: the exact bytes (or the spool of a large copy, stored a
+    piece at a time) and the envelope."""
 
-    raw: bytes
+    raw: bytes | Spool
     mail_from: str
     recipients: tuple[str, ...]
     message_id: str
@@ -244,7 +252,11 @@ class NewItem:
 
 @dataclass(frozen=True)
 class OutboxItem:
-    """A stored copy. ``raw`` is loaded only by the calls that send (``claim``, ``get``)."""
+    """A stored copy. Its bytes are loaded only by the calls that send (``claim``, ``get``):
+    :attr:`content` is ``bytes`` for the usual copy and, for a large one, a
+    :class:`~e2email.spool.Spool` it was copied into piece by piece (an unnamed private file
+    beside the outbox), which DATA reads a piece at a time; :attr:`raw` gives ``bytes``
+    either way."""
 
     id: str
     state: ItemState
@@ -261,13 +273,20 @@ class OutboxItem:
     size: int
     meta: Mapping[str, Any]
     claimed_by: str | None = None
-    raw: bytes | None = field(default=None, repr=False)
+    content: bytes | Spool | None = field(default=None, repr=False)
     #: When the end of its data was (about to be) sent in the attempt whose result is not
     #: known; ``None`` when no such attempt is outstanding. See ItemState.MAYBE_DELIVERED.
     maybe_since: float | None = None
     #: The configured account (``[accounts.NAME]``) it was stored for; None: stored without
     #: one (server options on the command line, or an outbox older than schema 4).
     account: str | None = None
+
+    @property
+    def raw(self) -> bytes | None:
+        """The exact bytes, whole (a large copy is read from its spool for this), or None
+        when they were not loaded."""
+        data = self.content
+        return data if data is None or isinstance(data, bytes) else data.getvalue()
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -545,7 +564,7 @@ class Outbox:
                         now,
                         now,
                         "sending" if claim else "queued",
-                        item.raw if len(item.raw) <= _INLINE_MAX else b"",
+                        _inline(item.raw),
                         item.mail_from,
                         item.message_id,
                         item.kind,
@@ -825,10 +844,27 @@ class Outbox:
             size=row[11],
             meta=json.loads(row[12]),
             claimed_by=row[13],
-            raw=(bytes(row[17]) if row[18] is None else _read_body(db, row[18])) if raw else None,
+            content=(
+                (bytes(row[17]) if row[18] is None else self._spool_body(db, row[18]))
+                if raw
+                else None
+            ),
             maybe_since=maybe_since,
             account=row[16],
         )
+
+    def _spool_body(self, db: sqlite3.Connection, rowid: int) -> Spool:
+        """The large body in ``bodies`` row ``rowid``, copied a piece at a time into a spool
+        beside the outbox (never whole in memory: a retried 47 MB copy costs pieces)."""
+        spool = Spool(spool_dir(self.path.parent), memory_max=0)  # large: straight to a file
+        try:
+            with db.blobopen("bodies", "raw", rowid, readonly=True) as blob:
+                while piece := blob.read(READ_CHUNK):
+                    spool.write(piece)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
 
     def get(self, item_id: str, *, raw: bool = True) -> OutboxItem:
         """One item (by ID or unique prefix), with its bytes unless ``raw=False``."""

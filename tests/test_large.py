@@ -14,7 +14,6 @@ import base64
 import dataclasses
 import email
 import email.policy
-import io
 import os
 import re
 import sqlite3
@@ -45,6 +44,7 @@ from e2email.errors import CryptoError, MessageError
 from e2email.keystore import Keystore
 from e2email.message import build_payload, check_wire_safe, stream_payload
 from e2email.outbox import NewItem, Outbox
+from e2email.spool import Spool
 from e2email.testing import LoopbackSMTPServer
 from e2email.transport import SMTPTransport
 
@@ -80,6 +80,7 @@ def _attachment_of(entity: bytes) -> tuple[bytes, list[bytes]]:
     return content, lines
 
 
+@pytest.mark.parametrize("engine", ["gpg", "sequoia"])
 def test_large_attachment_encrypted_arrives_and_decrypts_to_the_same_bytes(
     keys: Keys,
     sender_store: Keystore,
@@ -87,9 +88,11 @@ def test_large_attachment_encrypted_arrives_and_decrypts_to_the_same_bytes(
     recipients_home: Path,
     blob: bytes,
     tmp_path: Path,
+    engine: str,
 ) -> None:
-    """A 6 MB attachment, signed and encrypted, To one recipient and Bcc another (two copies
-    encrypted side by side from one payload stream), sent with the outbox: both copies arrive,
+    """A 6 MB attachment, signed and encrypted with either engine, To one recipient and Bcc
+    another (two copies, each spooled: written to a file as made, stored in the outbox and sent
+    from there a piece at a time), sent with the outbox: both copies arrive,
     gpg decrypts each to a MIME entity whose attachment is the original bytes (base64 in
     76-character lines), with Alice's good signature; the two plaintexts are identical; the
     outbox is empty afterwards (the large bodies removed with their items)."""
@@ -103,7 +106,12 @@ def test_large_attachment_encrypted_arrives_and_decrypts_to_the_same_bytes(
         attachments=[Attachment("big.bin", blob, "application/octet-stream")],
     )
     outbox = tmp_path / "outbox.sqlite3"
-    with Mailer(smtp=_settings(server), keystore=sender_store, outbox=outbox) as mailer:
+    with Mailer(
+        smtp=_settings(server),
+        keystore=sender_store,
+        outbox=outbox,
+        protection=Protection(engine=engine),
+    ) as mailer:
         result = mailer.send(message)
     assert sorted(result.accepted) == sorted([keys.bob.address, keys.carol.address])
     assert len(server.messages) == 2
@@ -124,6 +132,17 @@ def test_large_attachment_encrypted_arrives_and_decrypts_to_the_same_bytes(
         assert content == blob
         assert all(len(line) == 76 for line in lines[:-1]) and 0 < len(lines[-1]) <= 76
         plaintexts.append(plaintext)
+        if received.rcpt_tos == (keys.bob.address,):
+            # The armor written block by block into the spool: the SOP tools read it too.
+            for tool in ("sqop", "gosop"):
+                sop_plain, verified = sop_decrypt(
+                    tool, armored, keys.bob.secret, keys.alice.cert, tmp_path
+                )
+                # Debian 12's gosop writes every decrypted CRLF as LF (as in the interop
+                # tests); the bytes are otherwise identical.
+                expected = plaintext.replace(b"\r\n", b"\n") if tool == "gosop" else plaintext
+                assert sop_plain == expected, tool
+                assert keys.alice.fingerprint[-16:].lower() in verified.lower(), tool
     assert plaintexts[0] == plaintexts[1]
     with Outbox(outbox) as box:
         assert len(box) == 0
@@ -131,6 +150,7 @@ def test_large_attachment_encrypted_arrives_and_decrypts_to_the_same_bytes(
         assert db.execute("SELECT count(*) FROM bodies").fetchone() == (0,)
 
 
+@pytest.mark.parametrize("engine", ["gpg", "sequoia"])
 def test_large_attachment_signed_only_verifies(
     keys: Keys,
     sender_store: Keystore,
@@ -138,9 +158,11 @@ def test_large_attachment_signed_only_verifies(
     recipients_home: Path,
     blob: bytes,
     tmp_path: Path,
+    engine: str,
 ) -> None:
-    """Signed only (the message assembled in one piece around the payload): gpg verifies the
-    signed part cut out of the received bytes, and it carries the attachment unchanged."""
+    """Signed only (the message assembled in one piece around the payload; with the GnuPG
+    engine in a spool): gpg verifies the signed part cut out of the received bytes, and it
+    carries the attachment unchanged."""
     server = smtp_server(tls="implicit")
     message = Message(
         sender=keys.alice.address,
@@ -149,8 +171,10 @@ def test_large_attachment_signed_only_verifies(
         text="Signed, not sealed.\n",
         attachments=[Attachment("big.bin", blob, "application/octet-stream")],
     )
-    protection = Protection(sign=True, encrypt=False)
+    protection = Protection(sign=True, encrypt=False, engine=engine)
     with Mailer(smtp=_settings(server), keystore=sender_store, protection=protection) as mailer:
+        (copy,) = mailer.protect(message)
+        assert copy.spooled is (engine == "gpg")
         mailer.send(message)
     (received,) = server.messages
     head, (signed, signature_part) = multipart_parts(received.data)
@@ -225,24 +249,25 @@ def test_data_with_dot_lines_across_pieces_arrives_intact(smtp_server: ServerFac
     assert wire.split(b"DATA\r\n", 1)[1] == stuffed + b".\r\nQUIT\r\n"
 
 
-def test_armor_conversion_in_pieces_equals_converting_the_whole() -> None:
+def test_armor_conversion_in_pieces_equals_converting_the_whole(tmp_path: Path) -> None:
     """gpg's output, converted to CRLF piece by piece as it arrives, is what converting it
     whole gives however it is cut (a CRLF split between two pieces included), and trailing
-    line ends become exactly one CRLF."""
+    line ends become exactly one CRLF, in memory and in a spool file."""
     text = (
         b"-----BEGIN PGP MESSAGE-----\n\nab\r\ncd\nef\r\n\r\n=xy\n-----END PGP MESSAGE-----\n\r\n"
     )
     expected = text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").rstrip(b"\r\n") + b"\r\n"
     cuts = [[text[:i], text[i:]] for i in range(len(text) + 1)]
     cuts.append([text[i : i + 1] for i in range(len(text))])
-    for pieces in cuts:
-        out = io.BytesIO()
+    for n, pieces in enumerate(cuts):
+        out = Spool(tmp_path / "spool", memory_max=(0, 20, 1000)[n % 3])
         out.write(b"head\r\n")
         writer = openpgp._ArmorWriter(out)
         for piece in [*pieces, b""]:  # python-gnupg ends with an empty piece
             assert writer(piece) is False  # not kept again in python-gnupg's result
         writer.finish()
         assert out.getvalue() == b"head\r\n" + expected, pieces
+        assert out.in_memory is (n % 3 == 2), n
 
 
 def test_key_id_check_decodes_only_the_first_packets() -> None:

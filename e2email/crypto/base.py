@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Generic, Literal, Protocol, TypeVar
 
@@ -33,6 +33,7 @@ from e2email.errors import (
     SignerKeyError,
 )
 from e2email.message import Address, Message, build_message, build_payload
+from e2email.spool import READ_CHUNK, Spool, chunks_of
 
 if TYPE_CHECKING:
     from e2email.certstore import CertStore
@@ -62,13 +63,19 @@ __all__ = [
 CopyKind = Literal["main", "bcc"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ProtectedCopy:
-    """One copy of a message, ready to submit: the exact bytes and its envelope."""
+    """One copy of a message, ready to submit: the exact bytes and its envelope.
+
+    The bytes are :attr:`content`: plain ``bytes`` for the usual message, a
+    :class:`~e2email.spool.Spool` for a large one (kept in a private anonymous file, never
+    held whole: the outbox stores it and DATA sends it a piece at a time through
+    :meth:`chunks`). :attr:`raw` gives them as ``bytes`` either way (reading a spooled copy
+    whole). Made with ``raw=`` (bytes or a spool) as before spools existed."""
 
     #: Left out of repr(): megabytes for a large message. (asyncio.run() formats the repr of
     #: its result in Python 3.11 when it restores the SIGINT handler.)
-    raw: bytes = field(repr=False)
+    content: bytes | Spool = field(repr=False)
     mail_from: str
     recipients: tuple[str, ...]
     #: "main" carries To and Cc (and, when not encrypting, Bcc in the envelope only);
@@ -89,6 +96,67 @@ class ProtectedCopy:
     #: encrypted. The outbox records it, so a retry re-checks those keys with that engine.
     scheme: str | None = None
 
+    def __init__(
+        self,
+        raw: bytes | Spool | None = None,
+        *,
+        mail_from: str,
+        recipients: tuple[str, ...],
+        kind: CopyKind,
+        message_id: str,
+        signed: bool,
+        encrypted_to: tuple[str, ...] = (),
+        signer: str | None = None,
+        outbox_id: str | None = None,
+        scheme: str | None = None,
+        content: bytes | Spool | None = None,
+    ) -> None:
+        # ``content`` is the field's name (dataclasses.replace passes it); ``raw`` the name
+        # every caller used before spools.
+        data = content if content is not None else raw
+        if data is None:
+            raise TypeError("ProtectedCopy needs its bytes (raw=...)")
+        if isinstance(data, bytearray | memoryview):
+            data = bytes(data)
+        setattr_ = object.__setattr__
+        setattr_(self, "content", data)
+        setattr_(self, "mail_from", mail_from)
+        setattr_(self, "recipients", tuple(recipients))
+        setattr_(self, "kind", kind)
+        setattr_(self, "message_id", message_id)
+        setattr_(self, "signed", signed)
+        setattr_(self, "encrypted_to", tuple(encrypted_to))
+        setattr_(self, "signer", signer)
+        setattr_(self, "outbox_id", outbox_id)
+        setattr_(self, "scheme", scheme)
+
+    @property
+    def raw(self) -> bytes:
+        """The exact bytes, whole (a spooled copy is read into memory for this: the outbox
+        and SMTP use :meth:`chunks` instead)."""
+        data = self.content
+        return data if isinstance(data, bytes) else data.getvalue()
+
+    @property
+    def size(self) -> int:
+        """The length of the copy in bytes."""
+        return len(self.content)
+
+    def chunks(self, size: int = READ_CHUNK) -> Iterator[bytes]:
+        """The bytes, ``size`` at a time (a spooled copy read from its file as it goes)."""
+        return chunks_of(self.content, size)
+
+    def discard(self) -> None:
+        """Free a spooled copy's file now (it goes anyway when the copy is garbage); its bytes
+        can no longer be read. Nothing to do for bytes."""
+        if isinstance(self.content, Spool):
+            self.content.close()
+
+    @property
+    def spooled(self) -> bool:
+        """Whether the bytes are in a spool file rather than in memory."""
+        return isinstance(self.content, Spool)
+
 
 # -- Copy plans --------------------------------------------------------------------------------
 
@@ -107,7 +175,7 @@ def copy_plans(message: Message) -> list[Plan]:
 
 
 def make_copy(
-    raw: bytes,
+    raw: bytes | Spool,
     message: Message,
     kind: CopyKind,
     recipients: Iterable[Address],
@@ -120,6 +188,8 @@ def make_copy(
     """A copy of the finalised ``message``, from its sender to ``recipients``."""
     if message.message_id is None:
         raise ValueError("protect a finalised message (Message.finalized())")
+    if isinstance(raw, Spool):
+        raw = raw.contents()  # a small copy is plain bytes, as it always was
     return ProtectedCopy(
         raw=raw,
         mail_from=message.sender.addr_spec,
@@ -475,12 +545,13 @@ def protector_for(
     return entry[0](context)
 
 
-def engine_for_copy(scheme: str | None, raw: bytes | None) -> str:
+def engine_for_copy(scheme: str | None, raw: bytes | Spool | None) -> str:
     """The engine name of a stored copy: as recorded, else recognised from its header block
     (copies stored before the name was recorded), else "openpgp" (the only engine then)."""
     if scheme:
         return scheme
-    head = (raw or b"")[: 1 << 14].split(b"\r\n\r\n", 1)[0].lower()
+    start = raw.read(0, 1 << 14) if isinstance(raw, Spool) else (raw or b"")[: 1 << 14]
+    head = start.split(b"\r\n\r\n", 1)[0].lower()
     for name, (_, recognises) in _ENGINES.items():
         if recognises(head):
             return name

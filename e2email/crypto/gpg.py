@@ -32,6 +32,7 @@ from e2email.discovery.net import DiscoverySettings
 from e2email.errors import CryptoError, KeyProblem, KeyReason, MessageError, RecipientKeyError
 from e2email.keystore import Keystore, OpenPGPKey
 from e2email.message import HP, Address, Message, build_payload, message_head, stream_payload
+from e2email.spool import Spool, spool_dir
 
 __all__ = ["GpgProtector"]
 
@@ -149,19 +150,28 @@ class GpgProtector(Protector):
         if not protection.encrypt:
             assert signer is not None
             # The outer header block goes in as openpgp's prefix: the message is assembled
-            # once, not as an entity and then again as a message (a large one is big).
-            raw, _ = await asyncio.to_thread(
-                openpgp.sign,
-                self.keystore,
-                build_payload(msg, hp=HP.CLEAR),
-                signer=signer,
-                passphrase=passphrase,
-                # Autocrypt in the outer header block (Level 1), outside the signed part:
-                # the signature covers that part only (RFC 3156 §5) and still verifies.
-                prefix=message_head(msg, hp=HP.CLEAR) + autocrypt["main"][0],
-            )
+            # once, in its spool (a private file when large), not as an entity and then
+            # again as a message.
+            spool = Spool(spool_dir(self.keystore.home))
+            try:
+                await asyncio.to_thread(
+                    openpgp.sign_into,
+                    spool,
+                    self.keystore,
+                    build_payload(msg, hp=HP.CLEAR),
+                    signer=signer,
+                    passphrase=passphrase,
+                    # Autocrypt in the outer header block (Level 1), outside the signed part:
+                    # the signature covers that part only (RFC 3156 §5) and still verifies.
+                    prefix=message_head(msg, hp=HP.CLEAR) + autocrypt["main"][0],
+                )
+            except BaseException:
+                spool.close()
+                raise
             return (
-                make_copy(raw, msg, "main", msg.recipients, signed=True, signer=signer.fingerprint),
+                make_copy(
+                    spool, msg, "main", msg.recipients, signed=True, signer=signer.fingerprint
+                ),
             )
 
         # Made once (one set of boundaries), read by each copy's gpg as it goes: a large
@@ -174,23 +184,31 @@ class GpgProtector(Protector):
         async def one(kind: CopyKind, rcpts: tuple[Address, ...]) -> ProtectedCopy:
             unique = keys.keys_for(rcpts)
             outer, gossip = autocrypt[kind]
-            raw = await asyncio.to_thread(
-                openpgp.encrypt,
-                self.keystore,
-                # Gossip goes in this copy's own payload, inside the encryption (Level 1
-                # "Key Gossip"); the shared payload (Bcc copies) has none.
-                (
-                    stream_payload(msg, hp=HP.CIPHER, canonical=False, extra_fields=gossip)
-                    if gossip
-                    else payload
-                ),
-                recipients=unique,
-                signer=signer,
-                passphrase=passphrase,
-                prefix=head + outer,
-            )
+            # A large copy goes to a private anonymous file as gpg writes it, never whole in
+            # memory; the outbox and DATA read it from there (e2email.spool).
+            spool = Spool(spool_dir(self.keystore.home))
+            try:
+                await asyncio.to_thread(
+                    openpgp.encrypt_into,
+                    spool,
+                    self.keystore,
+                    # Gossip goes in this copy's own payload, inside the encryption (Level 1
+                    # "Key Gossip"); the shared payload (Bcc copies) has none.
+                    (
+                        stream_payload(msg, hp=HP.CIPHER, canonical=False, extra_fields=gossip)
+                        if gossip
+                        else payload
+                    ),
+                    recipients=unique,
+                    signer=signer,
+                    passphrase=passphrase,
+                    prefix=head + outer,
+                )
+            except BaseException:
+                spool.close()  # nothing of a failed copy is kept, not even its ciphertext
+                raise
             return make_copy(
-                raw,
+                spool,
                 msg,
                 kind,
                 rcpts,
@@ -200,8 +218,18 @@ class GpgProtector(Protector):
                 scheme=self.name,
             )
 
-        # gpg work is a subprocess per copy: run the copies side by side.
-        return tuple(await asyncio.gather(*(one(kind, rcpts) for kind, rcpts in copy_plans(msg))))
+        # gpg work is a subprocess per copy: run the copies side by side. Every one ends
+        # before this returns or raises: a copy made beside one that failed is discarded
+        # (its spool closed), not left to a task nobody awaits.
+        made = await asyncio.gather(
+            *(one(kind, rcpts) for kind, rcpts in copy_plans(msg)), return_exceptions=True
+        )
+        copies = [c for c in made if isinstance(c, ProtectedCopy)]
+        if len(copies) < len(made):
+            for copy in copies:
+                copy.discard()
+            raise next(e for e in made if isinstance(e, BaseException))
+        return tuple(copies)
 
     def recheck(self, encrypted_to: Sequence[str]) -> list[KeyProblem]:
         """The keys judged as for a new message (revoked, expired, disabled, gone)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import io
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,13 +29,20 @@ from typing import Any
 from e2email.errors import CryptoError, KeyProblem, KeyReason, PassphraseError, SignerKeyError
 from e2email.keystore import Keystore, OpenPGPKey
 from e2email.message import new_boundary
+from e2email.spool import Spool
 
 __all__ = [
     "SignatureInfo",
+    "armor_into",
+    "crc24",
+    "crc24_combine",
     "dearmor",
     "encrypt",
+    "encrypt_into",
     "encrypted_to_key_ids",
     "sign",
+    "sign_into",
+    "signed_entity_into",
 ]
 
 #: RFC 9580 §9.5 hash algorithm IDs -> the names RFC 3156 §5 uses in micalg (lower case).
@@ -131,15 +138,27 @@ class _ChunkReader:
 class _ArmorWriter:
     """Takes gpg's ASCII-armored output as it arrives (python-gnupg's ``on_data``) and writes
     it to ``out`` with CRLF line ends, as the MIME part carries it, so the output is never
-    held twice. Trailing line ends are dropped and one CRLF written by :meth:`finish`."""
+    held twice (nor, in a spool file, once). Trailing line ends are dropped and one CRLF
+    written by :meth:`finish`. An error writing ``out`` (a full disk) is kept for
+    :meth:`finish` to raise: python-gnupg's reader thread would only log it."""
 
-    def __init__(self, out: io.BytesIO) -> None:
+    def __init__(self, out: Spool) -> None:
         self._out = out
         self._held = b""  # a CR at the end of one piece may start a CRLF ending in the next
         self._trailing = 0  # CR and LF bytes at the end of what was written
         self.size = 0
+        self.error: BaseException | None = None
 
     def __call__(self, chunk: bytes) -> bool:
+        if self.error is not None:
+            return False
+        try:
+            self._write(chunk)
+        except Exception as exc:  # re-raised by finish(), in the caller's thread
+            self.error = exc
+        return False  # python-gnupg: do not also keep the piece in result.data
+
+    def _write(self, chunk: bytes) -> None:
         data = self._held + chunk
         self._held = b""
         if data.endswith(b"\r"):
@@ -150,12 +169,11 @@ class _ArmorWriter:
             self.size += len(data)
             tail = len(data) - len(data.rstrip(b"\r\n"))
             self._trailing = self._trailing + tail if tail == len(data) else tail
-        return False  # python-gnupg: do not also keep the piece in result.data
 
     def finish(self) -> None:
-        end = self._out.tell() - self._trailing
-        self._out.truncate(end)
-        self._out.seek(end)
+        if self.error is not None:
+            raise self.error
+        self._out.truncate(len(self._out) - self._trailing)
         self._out.write(b"\r\n")
 
 
@@ -269,26 +287,39 @@ def signed_entity(payload: bytes, signature: bytes, micalg: str, *, prefix: byte
     """RFC 3156 §5 ``multipart/signed``: ``payload`` byte for byte (the CRLF before the next
     boundary belongs to the boundary, RFC 2046 §5.1.1), then the armored ``signature`` (CRLF
     lines) as given; ``prefix`` (the outer header block) goes first. Shared by the engines."""
+    return b"".join(_signed_entity_parts(payload, signature, micalg, prefix))
+
+
+def signed_entity_into(
+    out: Spool, payload: bytes, signature: bytes, micalg: str, *, prefix: bytes = b""
+) -> None:
+    """:func:`signed_entity` written to ``out`` (a large message's spool: the entity is not
+    made a second time beside the payload)."""
+    for part in _signed_entity_parts(payload, signature, micalg, prefix):
+        out.write(part)
+
+
+def _signed_entity_parts(
+    payload: bytes, signature: bytes, micalg: str, prefix: bytes
+) -> list[bytes]:
     boundary = new_boundary().encode()
-    return b"".join(
-        [
-            prefix,
-            b'Content-Type: multipart/signed; micalg="' + micalg.encode() + b'";\r\n',
-            b' protocol="application/pgp-signature";\r\n',
-            b' boundary="' + boundary + b'"\r\n',
-            b"\r\n",
-            _PREAMBLE_SIGNED,
-            b"--" + boundary + b"\r\n",
-            payload,
-            b"\r\n--" + boundary + b"\r\n",
-            b'Content-Type: application/pgp-signature; name="signature.asc"\r\n',
-            b"Content-Description: OpenPGP digital signature\r\n",
-            b'Content-Disposition: attachment; filename="signature.asc"\r\n',
-            b"\r\n",
-            signature,
-            b"\r\n--" + boundary + b"--\r\n",
-        ]
-    )
+    return [
+        prefix,
+        b'Content-Type: multipart/signed; micalg="' + micalg.encode() + b'";\r\n',
+        b' protocol="application/pgp-signature";\r\n',
+        b' boundary="' + boundary + b'"\r\n',
+        b"\r\n",
+        _PREAMBLE_SIGNED,
+        b"--" + boundary + b"\r\n",
+        payload,
+        b"\r\n--" + boundary + b"\r\n",
+        b'Content-Type: application/pgp-signature; name="signature.asc"\r\n',
+        b"Content-Description: OpenPGP digital signature\r\n",
+        b'Content-Disposition: attachment; filename="signature.asc"\r\n',
+        b"\r\n",
+        signature,
+        b"\r\n--" + boundary + b"--\r\n",
+    ]
 
 
 def encrypted_entity_head(boundary: bytes) -> bytes:
@@ -332,6 +363,24 @@ def sign(
     (e.g. the outer header block) goes before the entity in the returned bytes, so a whole
     message is assembled in one copy.
     """
+    with Spool() as out:
+        info = sign_into(
+            out, keystore, payload, signer=signer, passphrase=passphrase, prefix=prefix
+        )
+        return out.getvalue(), info
+
+
+def sign_into(
+    out: Spool,
+    keystore: Keystore,
+    payload: bytes,
+    *,
+    signer: OpenPGPKey,
+    passphrase: str | None = None,
+    prefix: bytes = b"",
+) -> SignatureInfo:
+    """:func:`sign`, the message written to ``out`` (a spool: a large one goes to a private
+    file instead of being assembled a second time in memory)."""
     _check_passphrase_text(passphrase)
     subkey = _signing_subkey(signer)
     if passphrase is not None:
@@ -348,8 +397,8 @@ def sign(
     _check_sign_result(result, signer)
     info = _check_signature_status(result, subkey)
     body = _crlf(result.data).rstrip(b"\r\n") + b"\r\n"
-    entity = signed_entity(payload, body, info.micalg, prefix=prefix)
-    return entity, info
+    signed_entity_into(out, payload, body, info.micalg, prefix=prefix)
+    return info
 
 
 def _check_sign_result(result: object, signer: OpenPGPKey) -> None:
@@ -382,7 +431,31 @@ def encrypt(
     passphrase: str | None = None,
     prefix: bytes = b"",
 ) -> bytes:
-    """Make a ``multipart/encrypted`` entity (RFC 3156 §4), signed and encrypted in one OpenPGP
+    """The entity of :func:`encrypt_into`, as bytes."""
+    with Spool() as out:
+        encrypt_into(
+            out,
+            keystore,
+            payload,
+            recipients=recipients,
+            signer=signer,
+            passphrase=passphrase,
+            prefix=prefix,
+        )
+        return out.getvalue()
+
+
+def encrypt_into(
+    out: Spool,
+    keystore: Keystore,
+    payload: bytes | Iterable[bytes],
+    *,
+    recipients: Sequence[OpenPGPKey],
+    signer: OpenPGPKey | None = None,
+    passphrase: str | None = None,
+    prefix: bytes = b"",
+) -> None:
+    """Write a ``multipart/encrypted`` entity (RFC 3156 §4), signed and encrypted in one OpenPGP
     message when ``signer`` is given (§6.2).
 
     ``recipients`` must be the complete, deduplicated list of keys (sender included when
@@ -390,8 +463,9 @@ def encrypt(
 
     ``payload`` may come in pieces (e.g. a :class:`~e2email.message.PayloadStream`): they are
     piped to gpg as they are made, and gpg's output is written, CRLF-converted, straight into
-    the result, so neither the plaintext nor the ciphertext is ever held twice. ``prefix``
-    (e.g. the outer header block) goes before the entity in the returned bytes.
+    ``out`` (empty), so neither the plaintext nor the ciphertext is ever held whole in
+    memory when ``out`` is a spool with a folder. ``prefix`` (e.g. the outer header block)
+    goes before the entity. On an error ``out`` holds nothing usable (the caller closes it).
     """
     if not recipients:
         raise CryptoError("no recipient keys to encrypt to")
@@ -405,10 +479,9 @@ def encrypt(
         if passphrase is not None:
             keystore.forget_passphrase(signing_subkey)
     boundary = new_boundary().encode()
-    out = io.BytesIO()
     out.write(prefix)
     out.write(encrypted_entity_head(boundary))
-    armor_start = out.tell()
+    armor_start = len(out)
     writer = _ArmorWriter(out)
     gpg, made = _gpg_for_call(keystore, writer)
     chunks = [payload] if isinstance(payload, bytes) else payload
@@ -434,6 +507,8 @@ def encrypt(
         problem = _passphrase_problem(result, signer.fingerprint)
         if problem is not None:
             raise problem
+    if writer.error is not None:
+        writer.finish()  # raises the error that writing the output met
     if not getattr(result, "ok", False) or not writer.size:
         raise _failure("encrypt", result) from copy_error
     if copy_error is not None:  # gpg encrypted what it got: not all of the payload
@@ -444,12 +519,118 @@ def encrypt(
     if not ciphers or any(c not in _STRONG_CIPHERS for c in ciphers):
         raise CryptoError(f"gpg encrypted with a cipher other than AES (algorithm {ciphers})")
     writer.finish()
-    # The packet check reads only the first packets of the armored output, in place.
-    with out.getbuffer() as view, view[armor_start:] as armored:
-        _check_encrypted(armored, subkeys)
+    # The packet check reads only the first packets of the armored output, a piece at a time.
+    _check_encrypted(out.chunks(_ARMOR_READ, start=armor_start), subkeys)
     out.write(b"\r\n--" + boundary + b"--\r\n")
-    # The views are released, so getvalue() hands over the buffer without copying it.
-    return out.getvalue()
+
+
+# -- ASCII armor (RFC 9580 §6) -----------------------------------------------------------------
+
+#: RFC 9580 §6.1 CRC-24: generator polynomial (with its x^24 term) and initial value.
+_CRC24_POLY = 0x1864CFB
+_CRC24_INIT = 0xB704CE
+#: Binary bytes per armor line: 48 bytes are 64 base64 characters, the line length gpg and
+#: Sequoia write (RFC 9580 §6.3 allows up to 76).
+_ARMOR_LINE_BYTES = 48
+#: Binary bytes armored at a time: a whole number of lines (192 KiB; 256 KiB of armor).
+_ARMOR_BLOCK = _ARMOR_LINE_BYTES * 4096
+
+
+def crc24(data: bytes, crc: int = _CRC24_INIT) -> int:
+    """RFC 9580 §6.1 CRC-24 of ``data``, continuing from ``crc`` (byte by byte: for small
+    data and as the reference; large data goes through :func:`armor_into`'s ``block_crc``)."""
+    for byte in data:
+        crc ^= byte << 16
+        for _ in range(8):
+            crc <<= 1
+            if crc & 0x1000000:
+                crc ^= _CRC24_POLY
+    return crc & 0xFFFFFF
+
+
+def _gf2_mulmod(a: int, b: int) -> int:
+    """a·b mod the CRC-24 polynomial, in GF(2)[x] (a, b below x^24)."""
+    product = 0
+    while b:
+        if b & 1:
+            product ^= a
+        b >>= 1
+        a <<= 1
+        if a & 0x1000000:
+            a ^= _CRC24_POLY
+    return product
+
+
+@functools.lru_cache(maxsize=8)
+def _x_pow_bytes(count: int) -> int:
+    """x^(8·count) mod the CRC-24 polynomial."""
+    result, base, exponent = 1, 1 << 8, count
+    while exponent:
+        if exponent & 1:
+            result = _gf2_mulmod(result, base)
+        base = _gf2_mulmod(base, base)
+        exponent >>= 1
+    return result
+
+
+def crc24_combine(crc: int, block_crc: int, length: int) -> int:
+    """The CRC-24 of A followed by B, from ``crc`` (A's, any initial value) and ``block_crc``
+    (B's, with the standard initial value) and B's ``length``. A CRC is linear over GF(2):
+    crc(A‖B) = crc(A)·x^(8|B|) + crc0(B), where crc0(B) = crc(B) + init·x^(8|B|) (+ is XOR)."""
+    shift = _x_pow_bytes(length)
+    return _gf2_mulmod(crc ^ _CRC24_INIT, shift) ^ block_crc
+
+
+def armor_into(
+    out: Spool,
+    data: bytes | Iterable[bytes],
+    *,
+    block_crc: Callable[[bytes], int] | None = None,
+) -> None:
+    """Write ``data`` (an OpenPGP message, binary: whole, or in pieces as read from a file)
+    to ``out`` as ASCII armor (RFC 9580 §6.2) with CRLF line ends, as a MIME part carries it:
+    the header line, a blank line, base64 in lines of 64 characters, the CRC-24 line (RFC 9580
+    says new writers may leave it out; GnuPG 2.2 wants it) and the tail line. Written a block
+    at a time: the armor is never held whole. ``block_crc`` computes the CRC-24 of a block
+    faster than Python can (e.g. in the OpenPGP library at hand); blocks are combined with
+    :func:`crc24_combine`."""
+    crc = _CRC24_INIT
+    out.write(b"-----BEGIN PGP MESSAGE-----\r\n\r\n")
+    for block in _armor_blocks(data):
+        if block_crc is None:
+            crc = crc24(block, crc)
+        else:
+            crc = crc24_combine(crc, block_crc(block), len(block))
+        with memoryview(block) as view:
+            lines = [
+                binascii.b2a_base64(view[i : i + _ARMOR_LINE_BYTES], newline=False)
+                for i in range(0, len(view), _ARMOR_LINE_BYTES)
+            ]
+        lines.append(b"")
+        out.write(b"\r\n".join(lines))
+    checksum = base64.b64encode(crc.to_bytes(3, "big"))
+    out.write(b"=" + checksum + b"\r\n-----END PGP MESSAGE-----\r\n")
+
+
+def _armor_blocks(data: bytes | Iterable[bytes]) -> Iterator[bytes]:
+    """``data`` in blocks of :data:`_ARMOR_BLOCK` bytes (whole armor lines), the last one
+    shorter, whatever the pieces it came in."""
+    if isinstance(data, bytes):
+        with memoryview(data) as view:
+            for start in range(0, len(view), _ARMOR_BLOCK):
+                yield bytes(view[start : start + _ARMOR_BLOCK])
+        return
+    held = bytearray()
+    for piece in data:
+        held += piece
+        if len(held) >= _ARMOR_BLOCK:
+            cut = len(held) - len(held) % _ARMOR_BLOCK
+            with memoryview(held) as view:
+                for start in range(0, cut, _ARMOR_BLOCK):
+                    yield bytes(view[start : start + _ARMOR_BLOCK])
+            del held[:cut]
+    if held:
+        yield bytes(held)
 
 
 # -- Looking inside OpenPGP messages -----------------------------------------------------------
@@ -461,18 +642,35 @@ _LINE = re.compile(rb"[^\n]*\n?")
 _ARMOR_LINES_PER_BLOCK = 64
 
 
-def _lines(data: bytes | memoryview) -> Iterator[bytes]:
+#: Armored output is read back from a spool this many bytes at a time for the packet check.
+_ARMOR_READ = 1 << 14
+
+#: Armored text: whole (bytes, a view of a buffer) or in pieces as read from a spool.
+Armored = bytes | memoryview | Iterable[bytes]
+
+
+def _lines(data: Armored) -> Iterator[bytes]:
     """The lines of ``data`` without their LF or CRLF, one at a time (only one line is ever
-    copied out of a large buffer)."""
-    pos, size = 0, len(data)
-    while pos < size:
-        match = _LINE.match(data, pos)
-        assert match is not None  # the pattern matches anywhere, if only the empty string
-        pos = match.end()
-        line = match.group()
-        if line.endswith(b"\n"):
-            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-        yield line
+    copied out of a large buffer); ``data`` may come in pieces, a line across two of them."""
+    pieces: Iterable[bytes | memoryview] = (
+        (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+    )
+    rest = b""
+    for piece in pieces:
+        pos, size = 0, len(piece)
+        while pos < size:
+            match = _LINE.match(piece, pos)
+            assert match is not None  # the pattern matches anywhere, if only the empty string
+            pos = match.end()
+            line = bytes(match.group())
+            if rest:
+                line, rest = rest + line, b""
+            if not line.endswith(b"\n"):
+                rest = line  # the end of this piece: the line goes on in the next one
+                break
+            yield line[:-2] if line.endswith(b"\r\n") else line[:-1]
+    if rest:
+        yield rest
 
 
 def _b64decode(text: bytes) -> bytes:
@@ -482,7 +680,7 @@ def _b64decode(text: bytes) -> bytes:
         raise CryptoError(f"malformed ASCII armor: {exc}") from exc
 
 
-def _dearmored(armored: bytes | memoryview, lines_per_block: int) -> Iterator[bytes]:
+def _dearmored(armored: Armored, lines_per_block: int) -> Iterator[bytes]:
     """The binary packets of an ASCII-armored OpenPGP block (RFC 9580 §6), decoded
     ``lines_per_block`` armor lines at a time, as they are asked for."""
     lines = _lines(armored)
@@ -508,7 +706,7 @@ def _dearmored(armored: bytes | memoryview, lines_per_block: int) -> Iterator[by
         yield _b64decode(text)
 
 
-def dearmor(armored: bytes | memoryview) -> bytes:
+def dearmor(armored: Armored) -> bytes:
     """The binary packets of an ASCII-armored OpenPGP block (RFC 9580 §6)."""
     return b"".join(_dearmored(armored, 1 << 16))
 
@@ -549,7 +747,7 @@ def _packet_header(data: bytes, pos: int) -> tuple[int, int, int | None]:
         raise _NeedMore from None
 
 
-def encrypted_to_key_ids(armored: bytes | memoryview) -> tuple[list[str], int]:
+def encrypted_to_key_ids(armored: Armored) -> tuple[list[str], int]:
     """The key IDs in the PKESK packets, and the tag of the encrypted data packet.
 
     Only the first packets are decoded, a few armor lines at a time: the session keys and the
@@ -593,7 +791,7 @@ def encrypted_to_key_ids(armored: bytes | memoryview) -> tuple[list[str], int]:
     raise CryptoError("no encrypted data packet in gpg's output")
 
 
-def _check_encrypted(armored: bytes | memoryview, subkeys: Sequence[str]) -> None:
+def _check_encrypted(armored: Armored, subkeys: Sequence[str]) -> None:
     """Integrity-protected data, and one session key for each chosen subkey and no other."""
     key_ids, data_tag = encrypted_to_key_ids(armored)
     if data_tag == 9:

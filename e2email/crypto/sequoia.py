@@ -37,14 +37,19 @@ error names each key and says ``--engine gpg``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import functools
 import logging
 import os
+import select
+import signal
 import subprocess
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from e2email.config import OpenPGPEngine, Protection
@@ -57,7 +62,13 @@ from e2email.crypto.base import (
     make_copy,
     plain_copy,
 )
-from e2email.crypto.openpgp import encrypted_entity_head, encrypted_to_key_ids, signed_entity
+from e2email.crypto.openpgp import (
+    Armored,
+    armor_into,
+    encrypted_entity_head,
+    encrypted_to_key_ids,
+    signed_entity,
+)
 from e2email.discovery.autocrypt import autocrypt_fields
 from e2email.errors import (
     CryptoError,
@@ -68,6 +79,7 @@ from e2email.errors import (
     SignerKeyError,
 )
 from e2email.message import HP, Message, build_payload, message_head, new_boundary
+from e2email.spool import MEMORY_MAX, READ_CHUNK, Spool, open_spool_file, spool_dir
 
 if TYPE_CHECKING:
     from e2email.crypto.gpg import GpgProtector
@@ -517,7 +529,153 @@ def _encrypted_entity(armored: bytes, prefix: bytes) -> bytes:
     )
 
 
-def _check_encrypted(armored: bytes, subkeys: Sequence[str]) -> None:
+def _armor_crc(block: bytes) -> int:
+    """The CRC-24 of ``block`` (RFC 9580 §6.1), computed by Sequoia's armor writer: Python
+    takes seconds for the tens of megabytes of a large message."""
+    armored = _sq().armor(block, _sq().ArmorKind.Message)
+    line = armored.rstrip().rsplit("\n", 2)[-2]
+    if not line.startswith("="):
+        raise CryptoError("Sequoia's armor has no checksum line")
+    return int.from_bytes(base64.b64decode(line[1:]), "big")
+
+
+#: Where this process's open files can be opened again by name (Linux): Sequoia writes a
+#: large copy's binary output through it into an anonymous file, and reads the payload
+#: through it from a pipe.
+_PROC_FD = Path("/proc/self/fd")
+
+
+def _encrypted_copy(
+    data: bytes,
+    certs: Sequence[Any],
+    signer: Any,
+    subkeys: Sequence[str],
+    *,
+    prefix: bytes,
+    directory: Path,
+) -> bytes | Spool:
+    """The entity (RFC 3156 §4) after ``prefix``: ``data`` signed and encrypted, checked to be
+    encrypted to exactly ``subkeys``. The usual message is made in memory with Sequoia's own
+    armor; a large one (over :data:`~e2email.spool.MEMORY_MAX`) is armored here, a block at a
+    time, into a spool (e2email.spool): Sequoia's armor and its CRLF conversion would be two
+    more whole copies."""
+    if len(data) <= MEMORY_MAX:
+        try:
+            armored = _crlf(bytes(_sq().encrypt(data, certs, signer=signer)))
+        except (RuntimeError, ValueError) as exc:
+            raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
+        _check_encrypted(armored, subkeys)
+        return _encrypted_entity(armored, prefix)
+    with _encrypted_binary(data, certs, signer, directory=directory) as binary:
+        return _encrypted_spool(binary, prefix, subkeys, directory=directory)
+
+
+@contextlib.contextmanager
+def _encrypted_binary(
+    data: bytes, certs: Sequence[Any], signer: Any, *, directory: Path
+) -> Iterator[bytes | Iterable[bytes]]:
+    """``data`` (large) signed (with ``signer``, when given) and encrypted to ``certs`` by
+    Sequoia, binary, read a piece at a time from an anonymous private file in ``directory``
+    that Sequoia wrote it to (ciphertext only); where that cannot be done, as bytes.
+
+    pysequoia's ``encrypt()`` returns its output whole, twice over while it grows and is
+    handed to Python (about three times a large message); ``encrypt_file()`` streams, but
+    between paths. So for a large message the payload goes in through a pipe (never a file:
+    plaintext never touches the disk) and the output goes to an unnamed 0600 file, each by
+    its ``/proc/self/fd`` name (:func:`_encrypt_through_pipe`)."""
+    sq = _sq()
+    out = open_spool_file(directory) if _PROC_FD.is_dir() else None
+    if out is not None:
+        with out:
+            try:
+                _encrypt_through_pipe(sq, data, certs, signer, out.fileno())
+            except (RuntimeError, ValueError, OSError) as exc:
+                # E.g. a sandbox where /proc/self/fd cannot be opened again: the call in
+                # memory below either works or raises the reason that concerns the message.
+                log.debug("e2email: Sequoia could not stream the copy (%s)", _first_line(exc))
+            else:
+                yield _file_pieces(out.fileno())
+                return
+    try:
+        binary = sq.encrypt(data, certs, signer=signer, armor=False)
+    except (RuntimeError, ValueError) as exc:
+        raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
+    yield binary
+
+
+def _encrypt_through_pipe(
+    sq: Any, data: bytes, certs: Sequence[Any], signer: Any, out: int
+) -> None:
+    """``encrypt_file`` from a pipe that a thread fills with ``data`` to the file ``out``.
+
+    pysequoia holds the GIL for the whole call, so the pipe must fill without it: the thread
+    writes ``data`` in one ``os.write``, one write(2) that runs with the GIL released and
+    blocks, signals masked, until Sequoia has read everything. The call starts only once
+    bytes are in the pipe (that write(2) is under way), and the pipe's write end is closed
+    here first: the running write(2) holds the pipe open, and its end is Sequoia's end of
+    input. Whatever happens, the read end is closed afterwards, so the thread ends (EPIPE
+    when Sequoia stopped reading early)."""
+    read_end, write_end = os.pipe()
+    failed: list[OSError] = []
+
+    def feed(fd: int = write_end) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            os.write(fd, data)
+        except OSError as exc:
+            failed.append(exc)
+
+    writer = threading.Thread(target=feed, name="e2email-sequoia-feed", daemon=True)
+    try:
+        writer.start()
+        while not select.select([read_end], [], [], 0.05)[0]:
+            if not writer.is_alive():
+                break
+        os.close(write_end)
+        write_end = -1
+        if failed:
+            raise failed[0]
+        sq.encrypt_file(
+            _PROC_FD / str(read_end), _PROC_FD / str(out), certs, signer=signer, armor=False
+        )
+    finally:
+        if write_end >= 0:
+            os.close(write_end)
+        os.close(read_end)
+        if writer.ident is not None:  # started
+            writer.join()
+
+
+def _file_pieces(fd: int, size: int = READ_CHUNK) -> Iterator[bytes]:
+    """The bytes of the file ``fd`` from its start, ``size`` at a time."""
+    offset = 0
+    while piece := os.pread(fd, size, offset):
+        offset += len(piece)
+        yield piece
+
+
+def _encrypted_spool(
+    binary: bytes | Iterable[bytes], prefix: bytes, subkeys: Sequence[str], *, directory: Path
+) -> Spool:
+    """RFC 3156 §4 after ``prefix``, the OpenPGP message ``binary`` armored into it, checked
+    (:func:`_check_encrypted`) as written: in a private file in ``directory`` when large
+    (e2email.spool)."""
+    spool = Spool(directory)
+    try:
+        boundary = new_boundary().encode()
+        spool.write(prefix)
+        spool.write(encrypted_entity_head(boundary))
+        start = len(spool)
+        armor_into(spool, binary, block_crc=_armor_crc)
+        _check_encrypted(spool.chunks(1 << 14, start=start), subkeys)
+        spool.write(b"\r\n--" + boundary + b"--\r\n")
+    except BaseException:
+        spool.close()  # nothing of a failed copy is kept
+        raise
+    return spool
+
+
+def _check_encrypted(armored: Armored, subkeys: Sequence[str]) -> None:
     """Integrity-protected data (never the legacy SED packet, EFAIL), and one session key for
     each chosen subkey and no other (Bcc privacy, standards item 21)."""
     key_ids, data_tag = encrypted_to_key_ids(armored)
@@ -667,13 +825,16 @@ class SequoiaProtector(Protector):
                 if gossip
                 else payload
             )
-            try:
-                armored = _crlf(bytes(sq.encrypt(data, [c for c, _ in chosen], signer=signer)))
-            except (RuntimeError, ValueError) as exc:
-                raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
-            _check_encrypted(armored, [fpr for _, fpr in chosen])
+            content = _encrypted_copy(
+                data,
+                [c for c, _ in chosen],
+                signer,
+                [fpr for _, fpr in chosen],
+                prefix=head + outer,
+                directory=spool_dir(self.keystore.home),
+            )
             return make_copy(
-                _encrypted_entity(armored, head + outer),
+                content,
                 msg,
                 kind,
                 rcpts,

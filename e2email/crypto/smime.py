@@ -59,6 +59,7 @@ from e2email.message import (
     new_boundary,
     stream_payload,
 )
+from e2email.spool import Spool, spool_dir
 
 __all__ = [
     "MICALGS",
@@ -66,6 +67,7 @@ __all__ = [
     "SignatureCheck",
     "decrypt",
     "encrypt",
+    "encrypt_into",
     "entity_der",
     "parse_multipart_signed",
     "recipient_ids",
@@ -237,7 +239,7 @@ def _base64_lines(data: bytes | memoryview) -> bytes:
 _B64_BLOCK = 57 * 4096
 
 
-def _write_base64_lines(out: io.BytesIO, data: bytes) -> None:
+def _write_base64_lines(out: io.BytesIO | Spool, data: bytes) -> None:
     """:func:`_base64_lines` of ``data`` written to ``out`` block by block: a large CMS blob's
     base64 form (a third bigger, plus line ends) is made once, in ``out``, not three times."""
     with memoryview(data) as view:
@@ -378,15 +380,29 @@ def encrypt(
     cipher: SMIMECipher = SMIMECipher.AES256_CBC,
     prefix: bytes = b"",
 ) -> bytes:
-    """An ``application/pkcs7-mime; smime-type=enveloped-data`` entity (RFC 8551 §3.3) of
-    ``payload`` for ``recipients`` (RSA certificates only: ``cryptography`` has no ECDH key
-    agreement, RFC 5753).
+    """The entity of :func:`encrypt_into`, as bytes."""
+    with Spool() as out:
+        encrypt_into(out, payload, recipients=recipients, cipher=cipher, prefix=prefix)
+        return out.getvalue()
+
+
+def encrypt_into(
+    out: Spool,
+    payload: bytes,
+    *,
+    recipients: Sequence[x509.Certificate],
+    cipher: SMIMECipher = SMIMECipher.AES256_CBC,
+    prefix: bytes = b"",
+) -> None:
+    """Write an ``application/pkcs7-mime; smime-type=enveloped-data`` entity (RFC 8551 §3.3)
+    of ``payload`` for ``recipients`` to ``out`` (RSA certificates only: ``cryptography`` has
+    no ECDH key agreement, RFC 5753).
 
     ``recipients`` must be the complete list (the sender included when encrypting to self): the
     output is checked to name exactly these certificates and to use ``cipher``.
 
-    ``prefix`` (e.g. the outer header block) goes before the entity in the returned bytes; the
-    CMS blob is base64-encoded block by block into the one buffer that is returned.
+    ``prefix`` (e.g. the outer header block) goes first; the CMS blob is base64-encoded block
+    by block into ``out`` (a spool: a private file when large), never held a second time.
     """
     unique = list({c.fingerprint(hashes.SHA256()): c for c in recipients}.values())
     if not unique:
@@ -404,8 +420,8 @@ def encrypt(
         der = builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CryptoError(f"cryptography could not encrypt: {exc}") from exc
+    del builder  # it holds the payload too
     _check_enveloped(der, unique, cipher)
-    out = io.BytesIO()
     out.write(prefix)
     out.write(b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data;\r\n")
     out.write(b' name="smime.p7m"\r\n')
@@ -414,8 +430,6 @@ def encrypt(
     out.write(b"Content-Description: S/MIME Encrypted Message\r\n")
     out.write(b"\r\n")
     _write_base64_lines(out, der)
-    del der
-    return out.getvalue()
 
 
 def _enveloped_fields(der: bytes) -> tuple[list[_TLV], _TLV]:
@@ -775,29 +789,42 @@ class SMIMEProtector(Protector):
             raw = signed(HP.CLEAR, message_head(msg, hp=HP.CLEAR))
             return (make_copy(raw, msg, "main", msg.recipients, signed=True, signer=signer_fpr),)
 
-        # Sign once; every copy envelopes the same signed entity (sign, then encrypt).
+        # Sign once; every copy envelopes the same signed entity (sign, then encrypt). Each
+        # copy's base64 goes to its own spool (a private file when large: e2email.spool).
         inner = signed(HP.CIPHER)
+        plans = copy_plans(msg)
         copies = []
-        for kind, rcpts in copy_plans(msg):
-            unique = keys.keys_for(rcpts)
-            raw = encrypt(
-                inner,
-                recipients=[c.certificate for c in unique],
-                cipher=prot.smime_cipher,
-                prefix=message_head(msg, hp=HP.CIPHER),
-            )
-            copies.append(
-                make_copy(
-                    raw,
-                    msg,
-                    kind,
-                    rcpts,
-                    signed=signer is not None,
-                    encrypted_to=[c.fingerprint for c in unique],
-                    signer=signer_fpr,
-                    scheme=self.name,
+        spools: list[Spool] = []
+        try:
+            for n, (kind, rcpts) in enumerate(plans):
+                unique = keys.keys_for(rcpts)
+                spool = Spool(spool_dir(self.certstore.home))
+                spools.append(spool)
+                encrypt_into(
+                    spool,
+                    inner,
+                    recipients=[c.certificate for c in unique],
+                    cipher=prot.smime_cipher,
+                    prefix=message_head(msg, hp=HP.CIPHER),
                 )
-            )
+                if n == len(plans) - 1:
+                    del inner  # enveloped by every copy: not held while the result is used
+                copies.append(
+                    make_copy(
+                        spool,
+                        msg,
+                        kind,
+                        rcpts,
+                        signed=signer is not None,
+                        encrypted_to=[c.fingerprint for c in unique],
+                        signer=signer_fpr,
+                        scheme=self.name,
+                    )
+                )
+        except BaseException:
+            for spool in spools:
+                spool.close()  # nothing of a failed message is kept, not even ciphertext
+            raise
         return tuple(copies)
 
     def recheck(self, encrypted_to: Sequence[str]) -> list[KeyProblem]:

@@ -62,6 +62,7 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.message import check_wire_safe
+from e2email.spool import Spool, line_pieces
 from e2email.transport.ports import (
     NO_TLS_OUTCOMES,
     HostMemory,
@@ -429,7 +430,7 @@ class SMTPConnection:
 
     async def send(
         self,
-        raw: bytes,
+        raw: bytes | Spool,
         *,
         mail_from: str,
         recipients: Sequence[str],
@@ -563,7 +564,7 @@ class SMTPConnection:
 
     async def _data(
         self,
-        raw: bytes,
+        raw: bytes | Spool,
         timeout: float | None,
         before_end: Callable[[], Awaitable[None]] | None = None,
     ) -> aiosmtplib.SMTPResponse:
@@ -631,24 +632,14 @@ class SMTPConnection:
             transport.abort()
 
 
-def _dot_stuffed(raw: bytes, size: int = _DATA_CHUNK) -> Iterator[bytes]:
+def _dot_stuffed(raw: bytes | Spool, size: int = _DATA_CHUNK) -> Iterator[bytes]:
     """``raw`` as DATA content (without the end-of-data line), in pieces of about ``size``
-    bytes cut just after a CRLF: RFC 5321 §4.5.2 transparency, a line that starts with "."
-    gets a second one. Every piece starts a line, so the lines starting inside it are the
-    piece's start and those after its CRLFs."""
-    start, total = 0, len(raw)
-    while start < total:
-        end = start + size
-        if end >= total:
-            end = total
-        else:
-            cut = raw.rfind(b"\r\n", start, end)
-            if cut < 0:  # no line end in the window (lines are < 1000 octets: not seen)
-                cut = raw.find(b"\r\n", end)
-            end = total if cut < 0 else cut + 2
-        piece = raw[start:end].replace(b"\r\n.", b"\r\n..")
+    bytes cut just after a line end: RFC 5321 §4.5.2 transparency, a line that starts with
+    "." gets a second one. Every piece starts a line, so the lines starting inside it are the
+    piece's start and those after its CRLFs. A spooled copy is read a piece at a time."""
+    for _, piece in line_pieces(raw, size):
+        piece = piece.replace(b"\r\n.", b"\r\n..")
         yield b"." + piece if piece.startswith(b".") else piece
-        start = end
 
 
 def _maybe_delivered(after_end: bool) -> str:
@@ -791,7 +782,7 @@ class SMTPTransport:
 
     async def send(
         self,
-        raw: bytes,
+        raw: bytes | Spool,
         *,
         mail_from: str,
         recipients: Sequence[str],
