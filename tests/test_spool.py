@@ -378,6 +378,37 @@ def test_sequoia_without_streaming_still_spools_a_large_copy_that_decrypts(
     assert big_file.read_bytes() in _attachment(plaintext)
 
 
+def test_a_payload_write_cut_short_is_never_encrypted_in_part(
+    keys: Keys,
+    sender_store: Keystore,
+    recipients_home: Path,
+    big_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The feeding thread's one write(2) returning short (the process stopped and continued
+    while it ran: Ctrl-Z, SIGSTOP, a debugger) ends Sequoia's input early: the part it read
+    must not become the copy. The copy is made again in memory and decrypts, with Alice's
+    good signature, to the whole attachment."""
+    real_write = os.write
+    cut: list[int] = []
+
+    def short_write(fd: int, data: bytes) -> int:
+        if threading.current_thread().name == "e2email-sequoia-feed":
+            cut.append(len(data))
+            return real_write(fd, memoryview(data)[: len(data) // 3])
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", short_write)
+    with Mailer(keystore=sender_store, protection=Protection(engine="sequoia")) as mailer:
+        (copy,) = mailer.protect(_big_message(keys.alice.address, keys.bob.address, None, big_file))
+    monkeypatch.undo()
+    assert cut, "the payload did not go through the pipe"
+    _head, (_version, encrypted) = multipart_parts(copy.raw)
+    plaintext, status = gpg_decrypt(recipients_home, part_body(encrypted))
+    assert f"VALIDSIG {keys.alice.fingerprint}" in status
+    assert big_file.read_bytes() in _attachment(plaintext)
+
+
 def test_sequoia_refusing_before_it_reads_the_pipe_ends_the_feeding_thread(
     tmp_path: Path,
 ) -> None:

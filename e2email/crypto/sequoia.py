@@ -617,20 +617,30 @@ def _encrypt_through_pipe(
     when Sequoia stopped reading early)."""
     read_end, write_end = os.pipe()
     failed: list[OSError] = []
+    written: list[int] = []
 
     def feed(fd: int = write_end) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
-            os.write(fd, data)
+            # One write(2), not a loop: Sequoia holds the GIL while it reads, so a second
+            # write could never run. A write(2) cut short (the process stopped and continued:
+            # Ctrl-Z, SIGSTOP, a debugger or a cgroup freeze) is caught below, not looped on.
+            written.append(os.write(fd, data))
         except OSError as exc:
             failed.append(exc)
 
     writer = threading.Thread(target=feed, name="e2email-sequoia-feed", daemon=True)
+    # poll, not select: a descriptor above 1023 (a busy server process) is fine.
+    poller = select.poll()
+    poller.register(read_end, select.POLLIN)
     try:
         writer.start()
-        while not select.select([read_end], [], [], 0.05)[0]:
+        while not poller.poll(50):
             if not writer.is_alive():
                 break
+        # Only once bytes are in the pipe (the write(2) is under way and holds the pipe) or
+        # the thread has ended may its descriptor be closed: closing it earlier could let the
+        # number be reused before the thread writes, sending the payload elsewhere.
         os.close(write_end)
         write_end = -1
         if failed:
@@ -639,11 +649,18 @@ def _encrypt_through_pipe(
             _PROC_FD / str(read_end), _PROC_FD / str(out), certs, signer=signer, armor=False
         )
     finally:
-        if write_end >= 0:
-            os.close(write_end)
+        # The read end first: a thread still writing then gets EPIPE and ends; only then is
+        # its descriptor closed (when the loop above did not get that far).
         os.close(read_end)
         if writer.ident is not None:  # started
             writer.join()
+        if write_end >= 0:
+            os.close(write_end)
+    if failed or written != [len(data)]:
+        # Sequoia encrypted (and signed) only what it read: a copy cut short must never go out.
+        raise OSError(
+            f"the payload reached Sequoia only in part ({sum(written)} of {len(data)} bytes)"
+        )
 
 
 def _file_pieces(fd: int, size: int = READ_CHUNK) -> Iterator[bytes]:
