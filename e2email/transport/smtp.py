@@ -381,6 +381,7 @@ class SMTPConnection:
         # One mail transaction at a time: MAIL..DATA of two sends must not interleave.
         self._lock = asyncio.Lock()
         self._end_of_data_sent = False
+        self._stage: str | None = None
 
     @property
     def tls(self) -> TLSInfo | None:
@@ -415,6 +416,13 @@ class SMTPConnection:
         to it (a lost reply, a timeout or a cancellation after the final ".")? Then the
         server may have taken the message (RFC 5321 §6.1)."""
         return self._end_of_data_sent
+
+    @property
+    def stage(self) -> str | None:
+        """Where the latest :meth:`send` stopped: ``"MAIL"``, ``"RCPT"`` or ``"DATA"`` (the
+        command it was at when it failed), ``None`` when it completed or none was made. A
+        failure at ``"MAIL"`` means the server took nothing of that transaction."""
+        return self._stage
 
     @property
     def is_connected(self) -> bool:
@@ -452,6 +460,7 @@ class SMTPConnection:
         ``maybe_delivered`` set on the error.
         """
         self._end_of_data_sent = False
+        self._stage = None
         rcpts = _check_envelope(mail_from, recipients)
         # SMTP smuggling (CVE-2023-51764) and RFC 5322 §2.1.1: only CRLF line ends, no NUL, no
         # 8-bit bytes, lines of at most 998 octets. aiosmtplib would "repair" bare CR/LF; we
@@ -479,7 +488,7 @@ class SMTPConnection:
         command_timeout, data_timeout = self._timeouts()
         smtp = self._smtp
         async with self._lock:
-            stage = "MAIL"
+            stage = self._stage = "MAIL"
             try:
                 try:
                     await _bounded(
@@ -492,7 +501,7 @@ class SMTPConnection:
                     raise DeliveryError(
                         f"{where} refused the sender {mail_from}", host=where, reply=_reply(exc)
                     ) from exc
-                stage = "RCPT"
+                stage = self._stage = "RCPT"
                 refusals: dict[str, SMTPReply] = {}
                 for rcpt in rcpts:
                     try:
@@ -516,7 +525,7 @@ class SMTPConnection:
                     raise RecipientsRefusedError(
                         [(r, refusals[r]) for r in rcpts], host=where, result=result
                     )
-                stage = "DATA"
+                stage = self._stage = "DATA"
                 try:
                     response = await self._data(raw, data_timeout, before_end)
                 except aiosmtplib.SMTPDataError as exc:
@@ -553,6 +562,7 @@ class SMTPConnection:
             except ValueError as exc:  # aiosmtplib's own address/command-injection checks
                 raise MessageError(server_text(str(exc))) from exc
 
+        self._stage = None
         log.debug("%s accepted message for %d recipient(s)", where, len(rcpts) - len(refusals))
         return DeliveryResult(
             mail_from=mail_from,

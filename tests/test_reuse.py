@@ -1,0 +1,142 @@
+"""Connection reuse without a round trip to spare: no RSET after a transaction the server
+accepted (RFC 5321 §4.1.1.4: its 250 to the end of data already reset the state), RSET after
+anything else or after idling, and a connection the server closed between messages replaced
+at once without counting an attempt. Raw submissions (no crypto): only the SMTP exchange is
+under test."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from e2email import SMTPSettings, TLSMode
+from e2email import delivery as delivery_module
+from e2email.config import RetryPolicy
+from e2email.delivery import Outcome, Submission, deliver
+from e2email.testing import Fault, FaultStage, LoopbackSMTPServer, TestCA
+
+FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, jitter=0)
+
+
+def _settings(server: LoopbackSMTPServer) -> SMTPSettings:
+    assert server.ca_file is not None
+    return SMTPSettings(
+        host=server.host, port=server.port, tls=TLSMode.IMPLICIT, ca_file=server.ca_file, timeout=10
+    )
+
+
+def _subs(n: int, *, to: Sequence[str] = ("bob@example.net",)) -> list[Submission]:
+    return [
+        Submission(
+            raw=f"From: a@example.org\r\nSubject: n{i}\r\n\r\nbody {i}\r\n".encode(),
+            mail_from="a@example.org",
+            recipients=tuple(to),
+        )
+        for i in range(n)
+    ]
+
+
+def _send(server: LoopbackSMTPServer, subs: list[Submission]) -> list[Outcome]:
+    outcomes, fatal = asyncio.run(deliver(_settings(server), subs, retry=FAST, connections=1))
+    assert fatal is None
+    return sorted(outcomes, key=lambda o: subs.index(o.submission))
+
+
+def test_no_rset_after_an_accepted_transaction(
+    smtp_server: Callable[..., LoopbackSMTPServer],
+) -> None:
+    """Four messages over one connection: MAIL follows the previous 250 at once."""
+    server = smtp_server()
+    outcomes = _send(server, _subs(4))
+    assert [o.status for o in outcomes] == ["delivered"] * 4
+    assert [o.attempts for o in outcomes] == [1] * 4
+    assert server.received_commands() == ["EHLO", *["MAIL", "RCPT", "DATA"] * 4, "QUIT"]
+    assert server.connections == 1 and len(server.messages) == 4
+
+
+def test_rset_after_a_refused_transaction_and_the_next_message_still_goes(
+    smtp_server: Callable[..., LoopbackSMTPServer],
+) -> None:
+    """A refused end of data (no 250, so no reset by the server): RSET before the next
+    message, which is then delivered over the same connection; per-recipient results."""
+    server = smtp_server(faults=[Fault("data-end", "reply", 554, "5.6.0 no thanks")])
+    outcomes = _send(server, _subs(3, to=("bob@example.net", "carol@example.com")))
+    assert [o.status for o in outcomes] == ["failed", "delivered", "delivered"]
+    assert [r.status for r in outcomes[0].recipients] == ["failed", "failed"]
+    assert outcomes[0].recipients[0].reply is not None
+    assert outcomes[0].recipients[0].reply.code == 554
+    assert [r.address for r in outcomes[1].recipients] == ["bob@example.net", "carol@example.com"]
+    verbs = server.received_commands()
+    first_end = verbs.index("DATA")
+    assert "RSET" in verbs[first_end:]
+    assert verbs.count("RSET") >= 1 and verbs.count("MAIL") == 3
+    assert server.connections == 1 and len(server.messages) == 2
+
+
+def test_rset_checks_a_connection_that_sat_idle(
+    smtp_server: Callable[..., LoopbackSMTPServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past PROBE_AFTER_IDLE (here: zero seconds) the connection is checked with RSET before
+    it carries the next message."""
+    monkeypatch.setattr(delivery_module, "PROBE_AFTER_IDLE", 0.0)
+    server = smtp_server()
+    outcomes = _send(server, _subs(3))
+    assert [o.status for o in outcomes] == ["delivered"] * 3
+    assert server.received_commands() == [
+        "EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT",
+        "DATA", "QUIT",
+    ]  # fmt: skip
+
+
+class _ClosesAtMail(LoopbackSMTPServer):
+    """Closes the session when MAIL number ``at`` (and, with ``every``, each later one)
+    arrives on a connection that already carried a message: as a server whose idle timeout
+    or per-session limit struck between two transactions."""
+
+    def __init__(self, fault: Fault, *, at: int = 2, every: bool = False, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._fault = fault
+        self._at = at
+        self._every = every
+        self.mails = 0
+
+    def _take_fault(self, stage: FaultStage, address: str | None = None) -> Fault | None:
+        if stage != "mail":
+            return super()._take_fault(stage, address)
+        self.mails += 1
+        if self.mails == self._at or (self._every and self.mails > self._at):
+            self.faults_fired.append(self._fault)
+            return self._fault
+        return None
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault("mail", "drop"), Fault("mail", "reply", 421, "4.4.2 idle too long, closing")],
+    ids=["drop", "421"],
+)
+def test_a_connection_closed_between_messages_is_replaced_without_an_attempt(
+    module_ca: TestCA, fault: Fault
+) -> None:
+    """The server closed the reused connection when the next MAIL came (nothing of that
+    message reached it): the copy goes over a new connection at once, as its first attempt,
+    and is delivered once."""
+    with _ClosesAtMail(fault, ca=module_ca) as server:
+        outcomes = _send(server, _subs(3))
+        assert [o.status for o in outcomes] == ["delivered"] * 3
+        assert [o.attempts for o in outcomes] == [1, 1, 1]
+        assert server.faults_fired == [fault]
+        assert server.connections == 2 and len(server.messages) == 3
+
+
+def test_a_new_connection_that_fails_at_mail_counts_as_an_attempt(module_ca: TestCA) -> None:
+    """Only a reused, unchecked connection is replaced for free: when the new one fails at
+    MAIL too, that is an attempt, retried up to the limit (no endless reconnecting)."""
+    with _ClosesAtMail(Fault("mail", "drop"), every=True, ca=module_ca) as server:
+        outcomes = _send(server, _subs(2))
+        assert [o.status for o in outcomes] == ["delivered", "deferred"]
+        assert outcomes[1].attempts == FAST.max_attempts
+        assert len(server.messages) == 1
