@@ -12,7 +12,9 @@ What it promises, for each :class:`Submission` (one protected copy and its envel
   for them), ``failed`` (refused permanently), ``deferred`` (still undelivered after the
   last attempt, or never tried because the run stopped) or ``maybe-delivered``. With an
   outbox, the copy stays there until every recipient is delivered; the outbox is updated
-  after each attempt, before the outcome is reported.
+  after each attempt, before the outcome is reported (without waiting for the disk: a power
+  cut that loses that record leaves the copy maybe-delivered or queued, as the durable state
+  before it says, see :meth:`Outbox.settle_unsynced`).
 * **A copy is never sent twice by itself.** Once the end of its data (the final ".") is
   sent, the server may have it (RFC 5321 §6.1, RFC 1047): a lost reply, a timeout, a dropped
   connection or an interruption from then on makes it ``maybe-delivered``, which is not
@@ -598,8 +600,10 @@ class DeliveryEngine:
         pending: dict[str, SMTPReply | None] = dict.fromkeys(job.pending)
         job.pending = []
         if self.outbox is not None:
+            # Unsynced: lost only with a power cut, which leaves the copy in flight, so
+            # maybe-delivered all the same (Outbox.settle_unsynced).
             await asyncio.to_thread(
-                self.outbox.settle,
+                self.outbox.settle_unsynced,
                 job.sub.id,
                 pending=pending,
                 error=f"maybe delivered: {exc}",
@@ -639,8 +643,12 @@ class DeliveryEngine:
         retry = retry and self._fatal is None
         delay = self.retry.delay(job.attempts, rand=self._rand) if job.pending else 0.0
         if self.outbox is not None:
+            # Unsynced (one fsync per message fewer): should a power cut lose this record, the
+            # copy is as the last durable state says, in flight (maybe-delivered: never sent
+            # again by itself) once its end of data went out, else queued to send again
+            # (Outbox.settle_unsynced).
             await asyncio.to_thread(
-                self.outbox.settle,
+                self.outbox.settle_unsynced,
                 job.sub.id,
                 delivered=delivered,
                 failed=failed,

@@ -1,0 +1,79 @@
+"""Outcomes recorded without waiting for the disk (Outbox.settle_unsynced): a killed process
+loses none of them, and stores and in-flight marks stay synced (synchronous=FULL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2email.errors import SMTPReply
+from e2email.outbox import ItemState, NewItem, Outbox
+
+_KILLED_AFTER_SETTLING = textwrap.dedent(
+    """
+    import os, signal, sys
+    from e2email.errors import SMTPReply
+    from e2email.outbox import NewItem, Outbox
+    box = Outbox(sys.argv[1])
+    new = NewItem(raw=b"x", mail_from="a@example.org", recipients=("b@example.net",),
+                  message_id="m")
+    sent, later = box.add([new, new])
+    box.mark_in_flight(sent)
+    assert box.settle_unsynced(sent, delivered={"b@example.net": SMTPReply(250, "ok")},
+                               maybe_delivered=False)
+    box.settle_unsynced(later, pending={"b@example.net": SMTPReply(451, "later")},
+                        error="451 later", release=True, maybe_delivered=False)
+    print(sent, later, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no close, no checkpoint
+    """
+)
+
+
+def test_unsynced_outcomes_survive_a_killed_process(tmp_path: Path) -> None:
+    """SIGKILL right after two outcomes were recorded: both are there for the next run (the
+    delivered copy gone, not left maybe-delivered; the refused one queued with its reply)."""
+    path = tmp_path / "o.sqlite3"
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_SETTLING, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    _sent, later = done.stdout.split()
+    with Outbox(path) as box:
+        assert [i.id for i in box.items()] == [later]
+        item = box.get(later, raw=False)
+        assert item.state is ItemState.QUEUED and item.maybe_since is None
+        assert item.last_error == "451 later" and item.attempts == 1
+        assert item.recipients[0].reply == SMTPReply(451, "later")
+
+
+def _synchronous(box: Outbox) -> int:
+    # PRAGMA synchronous: 2 is FULL (what storing and in-flight marks need), 1 NORMAL.
+    db: Any = box._db  # the setting itself is the point of this test
+    return int(db.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def test_stores_stay_synced_around_an_unsynced_outcome(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite3") as box:
+        assert _synchronous(box) == 2
+        new = NewItem(
+            raw=b"x", mail_from="a@example.org", recipients=("b@example.net",), message_id="m"
+        )
+        (item_id,) = box.add([new])
+        box.settle_unsynced(item_id, error="later", release=True)
+        assert _synchronous(box) == 2
+        bad: Any = {"b@example.net": object()}  # no .code: the transaction fails
+        with pytest.raises(AttributeError):
+            box.settle_unsynced(item_id, delivered=bad)
+        assert _synchronous(box) == 2
+        assert box.get(item_id, raw=False).state is ItemState.QUEUED
+    assert os.path.exists(tmp_path / "o.sqlite3")
