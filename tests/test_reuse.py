@@ -140,3 +140,29 @@ def test_a_new_connection_that_fails_at_mail_counts_as_an_attempt(module_ca: Tes
         assert [o.status for o in outcomes] == ["delivered", "deferred"]
         assert outcomes[1].attempts == FAST.max_attempts
         assert len(server.messages) == 1
+
+
+def test_envelope_addresses_are_judged_once_and_bad_ones_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bulk run's envelope is checked without parsing the same address per message; an
+    address that failed is refused each time it comes, with its reason."""
+    from e2email.errors import MessageError
+    from e2email.transport import smtp
+
+    calls: list[str] = []
+    real = smtp.email.utils.parseaddr
+
+    def counting(address: str, *args: Any, **kw: Any) -> tuple[str, str]:
+        calls.append(address)
+        return real(address, *args, **kw)
+
+    monkeypatch.setattr(smtp.email.utils, "parseaddr", counting)
+    monkeypatch.setattr(smtp, "_GOOD_ADDRESSES", {})
+    for _ in range(3):
+        assert smtp._check_envelope("a@example.org", ["b@example.net"]) == ("b@example.net",)
+    assert sorted(calls) == ["a@example.org", "b@example.net"]
+    for _ in range(2):
+        with pytest.raises(MessageError, match="not a plain addr-spec"):
+            smtp._check_envelope("a@example.org", ["b(c)@example.net"])
+    assert calls.count("b(c)@example.net") == 2
