@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -166,3 +167,83 @@ def test_envelope_addresses_are_judged_once_and_bad_ones_every_time(
         with pytest.raises(MessageError, match="not a plain addr-spec"):
             smtp._check_envelope("a@example.org", ["b(c)@example.net"])
     assert calls.count("b(c)@example.net") == 2
+
+
+# -- the in-flight mark, started with DATA ----------------------------------------------------
+
+
+def _outbox_run(
+    server: LoopbackSMTPServer,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    fail: bool = False,
+) -> tuple[list[Outcome], list[str], Any]:
+    """Two small copies stored in an outbox and delivered over one connection; the in-flight
+    marks are recorded (and, with ``fail``, the first one fails like a full disk)."""
+    from e2email.outbox import NewItem, Outbox, OutboxError
+
+    box = Outbox(tmp_path / "o.sqlite3")
+    marks: list[str] = []
+    real = box.mark_in_flight
+
+    def mark(item_id: str) -> None:
+        marks.append(item_id)
+        if fail and len(marks) == 1:
+            raise OutboxError("disk full")
+        real(item_id)
+
+    monkeypatch.setattr(box, "mark_in_flight", mark)
+    raws = [s.raw for s in _subs(2)]
+    ids = box.add(
+        [
+            NewItem(
+                raw=r, mail_from="a@example.org", recipients=("bob@example.net",), message_id="m"
+            )
+            for r in raws
+        ]
+    )
+    subs = [
+        Submission(raw=r, mail_from="a@example.org", recipients=("bob@example.net",), id=i)
+        for r, i in zip(raws, ids, strict=True)
+    ]
+    # A short command timeout: the connection left in the middle of DATA is closed after it.
+    smtp = replace(_settings(server), timeout=1)
+    outcomes, _ = asyncio.run(deliver(smtp, subs, retry=FAST, connections=1, outbox=box))
+    return sorted(outcomes, key=lambda o: subs.index(o.submission)), marks, box
+
+
+def test_an_in_flight_mark_started_with_a_refused_data_is_cleared(
+    smtp_server: Callable[..., LoopbackSMTPServer], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark of a small copy starts with the DATA command (its fsync overlaps DATA's round
+    trip). DATA refused: the mark was written and is cleared again, so the copy is an
+    ordinary failed one, not maybe-delivered; the next copy goes as usual."""
+    from e2email.outbox import ItemState
+
+    server = smtp_server(faults=[Fault("data", "reply", 554, "5.3.4 no")])
+    outcomes, marks, box = _outbox_run(server, tmp_path, monkeypatch)
+    assert [o.status for o in outcomes] == ["failed", "delivered"]
+    first = outcomes[0].submission.id
+    assert marks == [first, outcomes[1].submission.id]  # marked, although DATA was refused
+    item = box.get(first, raw=False)
+    assert item.state is ItemState.FAILED and item.maybe_since is None
+    assert len(box) == 1 and len(server.messages) == 1
+    box.close()
+
+
+def test_no_end_of_data_when_the_in_flight_mark_cannot_be_written(
+    smtp_server: Callable[..., LoopbackSMTPServer], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark fails (disk full) while DATA goes on beside it: that copy's "." is never sent,
+    so the server does not have it, and it stays in the outbox."""
+    server = smtp_server()
+    outcomes, marks, box = _outbox_run(server, tmp_path, monkeypatch, fail=True)
+    assert marks == [o.submission.id for o in outcomes]
+    # Only the second copy reached the server: the first one's "." never went out.
+    assert len(server.messages) == 1
+    assert b"Subject: n1\r\n" in server.messages[0].data
+    assert outcomes[0].status != "delivered" and outcomes[0].kept
+    assert outcomes[1].status == "delivered"
+    assert [i.id for i in box.items()] == [outcomes[0].submission.id]
+    box.close()
