@@ -209,6 +209,60 @@ class _Group:
         )
 
 
+class _GroupStore:
+    """Stores the copies of :meth:`AsyncMailer.send_many`'s messages in the outbox together
+    (group commit): the messages protected while one write waits for the disk are written
+    next, together, with one wait for the disk (:meth:`Outbox.add_groups`). Each message's
+    copies are still durable before any of them is sent: its :meth:`add` returns only then.
+    One write at a time, so a lone message is stored as soon as it comes."""
+
+    def __init__(self, outbox: Outbox, route: str) -> None:
+        self._outbox = outbox
+        self._route = route
+        self._waiting: list[
+            tuple[list[NewItem], tuple[str, str] | None, asyncio.Future[tuple[str, ...]]]
+        ] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def add(self, items: list[NewItem], ledger: tuple[str, str] | None) -> tuple[str, ...]:
+        """The IDs of ``items``, stored (claimed) and durable; raises what refused them (e.g.
+        :class:`LedgerTaken`)."""
+        done: asyncio.Future[tuple[str, ...]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((items, ledger, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        return await done
+
+    async def _write(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                results = await asyncio.to_thread(
+                    self._outbox.add_groups,
+                    [(items, ledger) for items, ledger, _ in batch],
+                    route=self._route,
+                )
+            except Exception as exc:  # the write failed as a whole
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            except BaseException:
+                # Cancelled: the thread may still store them, claimed by this process, as
+                # with a cancelled add(); nobody waits for them any more.
+                for _, _, done in (*batch, *self._waiting):
+                    done.cancel()
+                self._waiting = []
+                raise
+            for (_, _, done), result in zip(batch, results, strict=True):
+                if done.done():
+                    continue
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+
+
 class AsyncMailer:
     """Protects and sends messages. All options are keyword-only.
 
@@ -393,10 +447,16 @@ class AsyncMailer:
         return self.smtp
 
     async def _store(
-        self, copies: Sequence[ProtectedCopy], smtp: SMTPSettings, *, ledger: Any = None
+        self,
+        copies: Sequence[ProtectedCopy],
+        smtp: SMTPSettings,
+        *,
+        ledger: Any = None,
+        group: _GroupStore | None = None,
     ) -> Sequence[str | None]:
         """Put ``copies`` in the outbox (claimed by us, about to be sent): their IDs. A copy
-        that is kept there already (``outbox_id``) is claimed instead of stored again."""
+        that is kept there already (``outbox_id``) is claimed instead of stored again. With
+        ``group``, stored together with other messages' copies (one fsync for all)."""
         outbox = self.outbox
         if outbox is None:
             return [None] * len(copies)
@@ -422,6 +482,8 @@ class AsyncMailer:
                 )
             return kept
         items = [outbox_item(c, smtp) for c in copies]
+        if group is not None:
+            return await group.add(items, ledger)
         return await asyncio.to_thread(outbox.add, items, route=route_of(smtp), ledger=ledger)
 
     @staticmethod
@@ -548,6 +610,7 @@ class AsyncMailer:
             transport=await self._transport(smtp),
         )
         limit = asyncio.Semaphore(concurrency or 2 * (os.cpu_count() or 1))
+        group = _GroupStore(self.outbox, route_of(smtp)) if self.outbox is not None else None
         tasks: set[asyncio.Task[None]] = set()
         #: Keys of this run, with their message's tag: an equal item later in the input is a
         #: duplicate even while the first is still in flight (not yet in the ledger).
@@ -574,8 +637,9 @@ class AsyncMailer:
                         seen[item.key] = item.tag
                     await limit.acquire()
                     one = self._batch_one(
-                        engine, smtp, index, item, prot, batch, groups, emit, limit, copy_done
-                    )
+                        engine, smtp, index, item, prot, batch, groups, emit, limit, copy_done,
+                        group,
+                    )  # fmt: skip
                     if index == 0:
                         await one
                     else:
@@ -614,6 +678,7 @@ class AsyncMailer:
         emit: Callable[[MessageOutcome], None],
         limit: asyncio.Semaphore,
         copy_done: Callable[[Outcome], None],
+        group: _GroupStore | None = None,
     ) -> None:
         try:
             entry = item if isinstance(item, BatchItem) else BatchItem(message=item)
@@ -674,7 +739,7 @@ class AsyncMailer:
                 return
             ledger = (batch, entry.key) if entry.key is not None else None
             try:
-                ids = await self._store(copies, smtp, ledger=ledger)
+                ids = await self._store(copies, smtp, ledger=ledger, group=group)
             except LedgerTaken as exc:
                 # Another run stored or sent this row since the check above.
                 detail = (

@@ -1041,3 +1041,66 @@ class Outbox:
                     # Never leave the connection writing stores without syncing them.
                     self._db.close()
                     raise OutboxError(f"outbox {self.path}: {exc}") from exc
+
+    # -- storing several messages at once (group commit) -----------------------------------
+
+    def add_groups(
+        self,
+        groups: Sequence[tuple[Sequence[NewItem], tuple[str, str] | None]],
+        *,
+        route: str | None = None,
+        account: str | None = None,
+    ) -> list[tuple[str, ...] | ConfigError]:
+        """:meth:`add` (claimed) for several messages at once, each ``(items, ledger)``, with
+        one wait for the disk for them all: a group commit. The result has, per group, its IDs
+        or the error that refused it (:class:`LedgerTaken`, an :class:`OutboxError`, a
+        :class:`ConfigError` for an item without recipients), which stores nothing of that
+        group and leaves the others alone.
+
+        Each group is a transaction of its own; all but the last are committed without
+        waiting for the disk (``synchronous=NORMAL``), the last with it (``FULL``), and a
+        synced commit in SQLite's write-ahead log makes every commit before it durable too
+        (the log is synced up to its end; what a checkpoint moved out of it was synced
+        then). Should the last group fail, a synced no-op update of an item just stored does
+        the same. So when this returns (or raises) every stored copy is as durable as
+        :meth:`add` makes one: nothing is sent before it is."""
+        results: list[tuple[str, ...] | ConfigError] = []
+        unsynced: str | None = None  # an item stored by a commit not synced yet
+        with self._lock:
+            try:
+                for index, (items, ledger) in enumerate(groups):
+                    last = index == len(groups) - 1
+                    try:
+                        ids = self._add_one_of_group(items, ledger, route, account, sync=last)
+                    except ConfigError as exc:  # OutboxError and LedgerTaken too
+                        results.append(exc)
+                        continue
+                    results.append(ids)
+                    unsynced = None if last else (ids[0] if ids else unsynced)
+            finally:
+                if unsynced is not None:
+                    with self._write() as db:
+                        db.execute("UPDATE items SET updated = updated WHERE id = ?", (unsynced,))
+        return results
+
+    def _add_one_of_group(
+        self,
+        items: Sequence[NewItem],
+        ledger: tuple[str, str] | None,
+        route: str | None,
+        account: str | None,
+        *,
+        sync: bool,
+    ) -> tuple[str, ...]:
+        if sync:
+            return self.add(items, route=route, ledger=ledger, account=account)
+        try:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                return self.add(items, route=route, ledger=ledger, account=account)
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            # The setting itself failed: never leave the connection writing unsynced.
+            self._db.close()
+            raise OutboxError(f"outbox {self.path}: {exc}") from exc

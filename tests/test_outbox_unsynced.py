@@ -77,3 +77,77 @@ def test_stores_stay_synced_around_an_unsynced_outcome(tmp_path: Path) -> None:
         assert _synchronous(box) == 2
         assert box.get(item_id, raw=False).state is ItemState.QUEUED
     assert os.path.exists(tmp_path / "o.sqlite3")
+
+
+# -- group commit: several messages' copies stored with one wait for the disk ----------------
+
+
+def _new(n: int, *, to: tuple[str, ...] = ("b@example.net",)) -> list[NewItem]:
+    return [
+        NewItem(raw=f"x{i}".encode(), mail_from="a@example.org", recipients=to, message_id="m")
+        for i in range(n)
+    ]
+
+
+def test_add_groups_stores_each_group_or_says_why_not(tmp_path: Path) -> None:
+    """Per group its IDs, or the error that refused only that group (a ledger key already
+    taken, an item without recipients); the connection is synced again afterwards."""
+    from e2email.errors import ConfigError
+    from e2email.outbox import LedgerTaken
+
+    with Outbox(tmp_path / "o.sqlite3") as box:
+        box.add(_new(1), ledger=("batch", "taken"))
+        results = box.add_groups(
+            [
+                (_new(2), ("batch", "k1")),
+                (_new(1), ("batch", "taken")),
+                (_new(1, to=()), None),
+                (_new(1), None),
+            ],
+            route="host",
+        )
+        assert isinstance(results[1], LedgerTaken)
+        assert isinstance(results[2], ConfigError)
+        stored = [i for r in results if isinstance(r, tuple) for i in r]
+        assert len(stored) == 3 and len(box) == 4
+        assert box.ledger_state("k1") == "queued"
+        assert all(box.get(i, raw=False).state is ItemState.SENDING for i in stored)
+        assert _synchronous(box) == 2
+        # The last group refused: the groups before it are made durable all the same.
+        results = box.add_groups([(_new(1), None), (_new(1), ("batch", "taken"))])
+        assert isinstance(results[0], tuple) and isinstance(results[1], LedgerTaken)
+        assert _synchronous(box) == 2
+
+
+def test_the_copies_of_messages_protected_meanwhile_are_stored_together(tmp_path: Path) -> None:
+    """send_many's store: the messages that come while a write is waiting go in one
+    add_groups call; each caller gets its own IDs or its own error."""
+    import asyncio
+
+    from e2email.client import _GroupStore
+    from e2email.outbox import LedgerTaken
+
+    with Outbox(tmp_path / "o.sqlite3") as box:
+        box.add(_new(1), ledger=("batch", "taken"))
+        calls: list[int] = []
+        real = box.add_groups
+
+        def spy(groups: Any, **kw: Any) -> Any:
+            calls.append(len(groups))
+            return real(groups, **kw)
+
+        box.add_groups = spy  # type: ignore[method-assign]
+        store = _GroupStore(box, "host")
+
+        async def run() -> list[Any]:
+            return await asyncio.gather(
+                *(store.add(_new(2), ("batch", f"k{i}")) for i in range(4)),
+                store.add(_new(1), ("batch", "taken")),
+                return_exceptions=True,
+            )
+
+        results = asyncio.run(run())
+        assert calls == [5]
+        assert isinstance(results[4], LedgerTaken)
+        ids = [i for r in results[:4] for i in r]
+        assert len(set(ids)) == 8 and len(box) == 9
