@@ -247,3 +247,28 @@ def test_no_end_of_data_when_the_in_flight_mark_cannot_be_written(
     assert outcomes[1].status == "delivered"
     assert [i.id for i in box.items()] == [outcomes[0].submission.id]
     box.close()
+
+
+def test_a_batch_parses_each_envelope_address_once(
+    smtp_server: Callable[..., LoopbackSMTPServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAIL and RCPT go out as the checked addresses are, not parsed again per message
+    (aiosmtplib's mail()/rcpt() parsed each address of each message once more)."""
+    from e2email.transport import smtp
+
+    server = smtp_server()
+    calls: list[str] = []
+    real = smtp.email.utils.parseaddr
+
+    def counting(address: str, *args: Any, **kw: Any) -> tuple[str, str]:
+        calls.append(address)
+        return real(address, *args, **kw)
+
+    monkeypatch.setattr(smtp, "_GOOD_ADDRESSES", {})
+    monkeypatch.setattr(smtp.email.utils, "parseaddr", counting)
+    outcomes = _send(server, _subs(4))
+    assert [o.status for o in outcomes] == ["delivered"] * 4
+    assert calls.count("a@example.org") == 1 and calls.count("bob@example.net") == 1
+    assert all(m.mail_from == "a@example.org" for m in server.messages)
+    assert all(m.rcpt_tos == ("bob@example.net",) for m in server.messages)
+    assert all(any(o.startswith("SIZE=") for o in m.mail_options) for m in server.messages)
