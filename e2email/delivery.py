@@ -542,8 +542,20 @@ class DeliveryEngine:
         slot.mark_accepted()
         # The server has it: should recording that fail, the copy is maybe-delivered.
         job.ended = True
-        await self._apply(job, result)
+        # Recorded (and reported) beside the next transaction on this connection, not before
+        # it: the record's trip to the outbox's thread is off the path from one message to
+        # the next. The copy stays live until then, so the run waits for it, and an
+        # interruption meanwhile leaves it in flight (maybe-delivered), as before.
+        task = asyncio.create_task(self._record_accepted(job, result))
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)
         return True
+
+    async def _record_accepted(self, job: _Job, result: DeliveryResult) -> None:
+        try:
+            await self._apply(job, result)
+        except Exception as exc:
+            await self._crash(job, exc)
 
     async def _send_failed(self, slot: _Slot, job: _Job, exc: TransportError) -> bool:
         """The transaction failed, and the server does not have the message."""

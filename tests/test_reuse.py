@@ -272,3 +272,43 @@ def test_a_batch_parses_each_envelope_address_once(
     assert all(m.mail_from == "a@example.org" for m in server.messages)
     assert all(m.rcpt_tos == ("bob@example.net",) for m in server.messages)
     assert all(any(o.startswith("SIZE=") for o in m.mail_options) for m in server.messages)
+
+
+def test_each_outcome_is_reported_after_the_outbox_recorded_it(
+    smtp_server: Callable[..., LoopbackSMTPServer], tmp_path: Any
+) -> None:
+    """The record of an accepted copy runs beside the next transaction, but its outcome is
+    still reported only once the outbox has it: the item is gone when the report comes."""
+    from e2email.delivery import DeliveryEngine
+    from e2email.outbox import NewItem, Outbox, OutboxError
+
+    server = smtp_server()
+    box = Outbox(tmp_path / "o.sqlite3")
+    subs = _subs(5)
+    ids = box.add(
+        [
+            NewItem(raw=s.raw, mail_from=s.mail_from, recipients=s.recipients, message_id="m")
+            for s in subs
+        ]
+    )
+    seen: list[tuple[str, bool]] = []
+
+    def report(outcome: Outcome) -> None:
+        try:
+            box.get(outcome.submission.id, raw=False)
+        except OutboxError:
+            seen.append((outcome.status, True))
+        else:
+            seen.append((outcome.status, False))
+
+    async def run() -> None:
+        async with DeliveryEngine(
+            _settings(server), connections=1, outbox=box, on_outcome=report
+        ) as engine:
+            for sub, item_id in zip(subs, ids, strict=True):
+                await engine.submit(replace(sub, id=item_id))
+
+    asyncio.run(run())
+    assert seen == [("delivered", True)] * 5
+    assert len(box) == 0 and len(server.messages) == 5
+    box.close()
