@@ -30,6 +30,7 @@ from e2email.crypto.base import (
 )
 from e2email.delivery import (
     DeliveryEngine,
+    OutboxWriter,
     Outcome,
     RecipientOutcome,
     Submission,
@@ -207,60 +208,6 @@ class _Group:
             error=errors[-1] if errors else None,
             kept=tuple(o.submission.id for o in self.outcomes if o.kept),
         )
-
-
-class _GroupStore:
-    """Stores the copies of :meth:`AsyncMailer.send_many`'s messages in the outbox together
-    (group commit): the messages protected while one write waits for the disk are written
-    next, together, with one wait for the disk (:meth:`Outbox.add_groups`). Each message's
-    copies are still durable before any of them is sent: its :meth:`add` returns only then.
-    One write at a time, so a lone message is stored as soon as it comes."""
-
-    def __init__(self, outbox: Outbox, route: str) -> None:
-        self._outbox = outbox
-        self._route = route
-        self._waiting: list[
-            tuple[list[NewItem], tuple[str, str] | None, asyncio.Future[tuple[str, ...]]]
-        ] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    async def add(self, items: list[NewItem], ledger: tuple[str, str] | None) -> tuple[str, ...]:
-        """The IDs of ``items``, stored (claimed) and durable; raises what refused them (e.g.
-        :class:`LedgerTaken`)."""
-        done: asyncio.Future[tuple[str, ...]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((items, ledger, done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write())
-        return await done
-
-    async def _write(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            try:
-                results = await asyncio.to_thread(
-                    self._outbox.add_groups,
-                    [(items, ledger) for items, ledger, _ in batch],
-                    route=self._route,
-                )
-            except Exception as exc:  # the write failed as a whole
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                continue
-            except BaseException:
-                # Cancelled: the thread may still store them, claimed by this process, as
-                # with a cancelled add(); nobody waits for them any more.
-                for _, _, done in (*batch, *self._waiting):
-                    done.cancel()
-                self._waiting = []
-                raise
-            for (_, _, done), result in zip(batch, results, strict=True):
-                if done.done():
-                    continue
-                if isinstance(result, Exception):
-                    done.set_exception(result)
-                else:
-                    done.set_result(result)
 
 
 class AsyncMailer:
@@ -452,7 +399,7 @@ class AsyncMailer:
         smtp: SMTPSettings,
         *,
         ledger: Any = None,
-        group: _GroupStore | None = None,
+        group: OutboxWriter | None = None,
     ) -> Sequence[str | None]:
         """Put ``copies`` in the outbox (claimed by us, about to be sent): their IDs. A copy
         that is kept there already (``outbox_id``) is claimed instead of stored again. With
@@ -601,6 +548,8 @@ class AsyncMailer:
                 del groups[group.index]
                 emit(group.result())
 
+        # One writer for the stores and the in-flight marks: they share their fsyncs.
+        group = OutboxWriter(self.outbox, route_of(smtp)) if self.outbox is not None else None
         engine = DeliveryEngine(
             smtp,
             retry=self.retry,
@@ -608,9 +557,9 @@ class AsyncMailer:
             outbox=self.outbox,
             on_outcome=copy_done,
             transport=await self._transport(smtp),
+            writer=group,
         )
         limit = asyncio.Semaphore(concurrency or 2 * (os.cpu_count() or 1))
-        group = _GroupStore(self.outbox, route_of(smtp)) if self.outbox is not None else None
         tasks: set[asyncio.Task[None]] = set()
         #: Keys of this run, with their message's tag: an equal item later in the input is a
         #: duplicate even while the first is still in flight (not yet in the ledger).
@@ -678,7 +627,7 @@ class AsyncMailer:
         emit: Callable[[MessageOutcome], None],
         limit: asyncio.Semaphore,
         copy_done: Callable[[Outcome], None],
-        group: _GroupStore | None = None,
+        group: OutboxWriter | None = None,
     ) -> None:
         try:
             entry = item if isinstance(item, BatchItem) else BatchItem(message=item)

@@ -49,7 +49,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -63,11 +63,12 @@ from e2email.errors import (
     SMTPReply,
     TransportError,
 )
-from e2email.outbox import Outbox
+from e2email.outbox import AddWrite, GroupWrite, MarkWrite, NewItem, Outbox
 from e2email.transport.smtp import DeliveryResult, SMTPConnection, SMTPTransport, TLSInfo
 
 __all__ = [
     "DeliveryEngine",
+    "OutboxWriter",
     "Outcome",
     "RecipientOutcome",
     "RecipientStatus",
@@ -178,6 +179,67 @@ class Outcome:
         if self.deferred:
             return "deferred"
         return "maybe-delivered" if self.maybe_delivered else "failed"
+
+
+class OutboxWriter:
+    """The outbox writes that must be durable before a run goes on (storing a message's copies
+    before they are sent, marking a copy in flight before its final "."), made together: the
+    writes asked for while one group waits for the disk are made next, as one group with one
+    wait for the disk (:meth:`Outbox.write_group`). Each caller still returns only once its
+    own write is durable. One group at a time, so a lone write goes at once. ``send_many``
+    shares one between its stores and its delivery engine, so a copy's in-flight mark and the
+    next messages' stores share their fsync."""
+
+    def __init__(self, outbox: Outbox, route: str | None = None) -> None:
+        self.outbox = outbox
+        self._route = route
+        self._waiting: list[tuple[GroupWrite, asyncio.Future[tuple[str, ...] | None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def add(
+        self, items: Sequence[NewItem], ledger: tuple[str, str] | None = None
+    ) -> tuple[str, ...]:
+        """The IDs of ``items``, stored (claimed) and durable; raises what refused them (e.g.
+        :class:`~e2email.outbox.LedgerTaken`)."""
+        return await self._write(AddWrite(tuple(items), ledger)) or ()
+
+    async def mark(self, item_id: str) -> None:
+        """:meth:`Outbox.mark_in_flight`, durable when this returns."""
+        await self._write(MarkWrite(item_id))
+
+    async def _write(self, op: GroupWrite) -> tuple[str, ...] | None:
+        done: asyncio.Future[tuple[str, ...] | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((op, done))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        return await done
+
+    async def _run(self) -> None:
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            try:
+                results = await asyncio.to_thread(
+                    self.outbox.write_group, [op for op, _ in group], route=self._route
+                )
+            except Exception as exc:  # the group failed as a whole
+                for _, done in group:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            except BaseException:
+                # Cancelled: the thread may still make these writes, as a cancelled
+                # to_thread(outbox.add) may; nobody waits for them any more.
+                for _, done in (*group, *self._waiting):
+                    done.cancel()
+                self._waiting = []
+                raise
+            for (_, done), result in zip(group, results, strict=True):
+                if done.done():
+                    continue
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
 
 
 @dataclass
@@ -302,6 +364,7 @@ class DeliveryEngine:
         on_outcome: Callable[[Outcome], None] | None = None,
         transport: SMTPTransport | None = None,
         rand: Callable[[], float] | None = None,
+        writer: OutboxWriter | None = None,
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
@@ -309,6 +372,10 @@ class DeliveryEngine:
         self.retry = retry if retry is not None else RetryPolicy()
         self.connections = connections
         self.outbox = outbox
+        if writer is not None and writer.outbox is not outbox:
+            raise ValueError("the writer must write to the engine's outbox")
+        #: Makes the in-flight marks (with other durable writes of the run, when shared).
+        self._writer = writer if writer is not None or outbox is None else OutboxWriter(outbox)
         self._on_outcome = on_outcome
         self._transport = transport if transport is not None else SMTPTransport(smtp)
         self._rand = rand
@@ -484,8 +551,8 @@ class DeliveryEngine:
             # Marked before the mark is written: a cancel during the write may still let it
             # land (to_thread cannot be stopped), and _abort must then clear it.
             job.marked = True
-            assert outbox is not None
-            await asyncio.to_thread(outbox.mark_in_flight, sub.id)
+            assert self._writer is not None
+            await self._writer.mark(sub.id)
             # One turn of the event loop: a hang-up that already arrived is noticed before
             # the "." is written (then the server cannot have the message: retried), not
             # after (maybe delivered).

@@ -1042,65 +1042,85 @@ class Outbox:
                     self._db.close()
                     raise OutboxError(f"outbox {self.path}: {exc}") from exc
 
-    # -- storing several messages at once (group commit) -----------------------------------
+    # -- several writes with one wait for the disk (group commit) -------------------------
 
-    def add_groups(
+    def write_group(
         self,
-        groups: Sequence[tuple[Sequence[NewItem], tuple[str, str] | None]],
+        ops: Sequence[GroupWrite],
         *,
         route: str | None = None,
         account: str | None = None,
-    ) -> list[tuple[str, ...] | ConfigError]:
-        """:meth:`add` (claimed) for several messages at once, each ``(items, ledger)``, with
-        one wait for the disk for them all: a group commit. The result has, per group, its IDs
-        or the error that refused it (:class:`LedgerTaken`, an :class:`OutboxError`, a
-        :class:`ConfigError` for an item without recipients), which stores nothing of that
-        group and leaves the others alone.
+    ) -> list[tuple[str, ...] | ConfigError | None]:
+        """Several writes that must each be durable before the caller goes on (storing a
+        message's copies, :meth:`add`; marking a copy in flight, :meth:`mark_in_flight`), with
+        one wait for the disk for them all: a group commit. Per write its result (the IDs of
+        an :class:`AddWrite`, None for a :class:`MarkWrite`) or the error that refused it,
+        which leaves the others alone.
 
-        Each group is a transaction of its own; all but the last are committed without
+        Each write is a transaction of its own; all but the last are committed without
         waiting for the disk (``synchronous=NORMAL``), the last with it (``FULL``), and a
         synced commit in SQLite's write-ahead log makes every commit before it durable too
         (the log is synced up to its end; what a checkpoint moved out of it was synced
-        then). Should the last group fail, a synced no-op update of an item just stored does
-        the same. So when this returns (or raises) every stored copy is as durable as
-        :meth:`add` makes one: nothing is sent before it is."""
-        results: list[tuple[str, ...] | ConfigError] = []
-        unsynced: str | None = None  # an item stored by a commit not synced yet
+        then). Should the last write fail, a synced no-op update of an item written before
+        does the same. So when this returns (or raises) every write in it is as durable as
+        :meth:`add` and :meth:`mark_in_flight` make theirs."""
+        results: list[tuple[str, ...] | ConfigError | None] = []
+        unsynced: str | None = None  # an item written by a commit not synced yet
         with self._lock:
             try:
-                for index, (items, ledger) in enumerate(groups):
-                    last = index == len(groups) - 1
+                for index, op in enumerate(ops):
+                    last = index == len(ops) - 1
                     try:
-                        ids = self._add_one_of_group(items, ledger, route, account, sync=last)
+                        result = self._group_write(op, route, account, sync=last)
                     except ConfigError as exc:  # OutboxError and LedgerTaken too
                         results.append(exc)
                         continue
-                    results.append(ids)
-                    unsynced = None if last else (ids[0] if ids else unsynced)
+                    results.append(result)
+                    touched = result[0] if result else getattr(op, "item_id", None)
+                    unsynced = None if last else (touched or unsynced)
             finally:
                 if unsynced is not None:
                     with self._write() as db:
                         db.execute("UPDATE items SET updated = updated WHERE id = ?", (unsynced,))
         return results
 
-    def _add_one_of_group(
-        self,
-        items: Sequence[NewItem],
-        ledger: tuple[str, str] | None,
-        route: str | None,
-        account: str | None,
-        *,
-        sync: bool,
-    ) -> tuple[str, ...]:
+    def _group_write(
+        self, op: GroupWrite, route: str | None, account: str | None, *, sync: bool
+    ) -> tuple[str, ...] | None:
+        def write() -> tuple[str, ...] | None:
+            if isinstance(op, MarkWrite):
+                self.mark_in_flight(op.item_id)
+                return None
+            return self.add(op.items, route=route, ledger=op.ledger, account=account)
+
         if sync:
-            return self.add(items, route=route, ledger=ledger, account=account)
+            return write()
         try:
             self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                return self.add(items, route=route, ledger=ledger, account=account)
+                return write()
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             # The setting itself failed: never leave the connection writing unsynced.
             self._db.close()
             raise OutboxError(f"outbox {self.path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class AddWrite:
+    """For :meth:`Outbox.write_group`: store ``items`` (claimed), as :meth:`Outbox.add`."""
+
+    items: tuple[NewItem, ...]
+    ledger: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class MarkWrite:
+    """For :meth:`Outbox.write_group`: :meth:`Outbox.mark_in_flight` of ``item_id``."""
+
+    item_id: str
+
+
+#: One write of a group commit (:meth:`Outbox.write_group`).
+GroupWrite = AddWrite | MarkWrite

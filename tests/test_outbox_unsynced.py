@@ -89,20 +89,20 @@ def _new(n: int, *, to: tuple[str, ...] = ("b@example.net",)) -> list[NewItem]:
     ]
 
 
-def test_add_groups_stores_each_group_or_says_why_not(tmp_path: Path) -> None:
-    """Per group its IDs, or the error that refused only that group (a ledger key already
+def test_a_group_write_makes_each_write_or_says_why_not(tmp_path: Path) -> None:
+    """Per write its result, or the error that refused only that write (a ledger key already
     taken, an item without recipients); the connection is synced again afterwards."""
     from e2email.errors import ConfigError
-    from e2email.outbox import LedgerTaken
+    from e2email.outbox import AddWrite, LedgerTaken
 
     with Outbox(tmp_path / "o.sqlite3") as box:
         box.add(_new(1), ledger=("batch", "taken"))
-        results = box.add_groups(
+        results = box.write_group(
             [
-                (_new(2), ("batch", "k1")),
-                (_new(1), ("batch", "taken")),
-                (_new(1, to=()), None),
-                (_new(1), None),
+                AddWrite(tuple(_new(2)), ("batch", "k1")),
+                AddWrite(tuple(_new(1)), ("batch", "taken")),
+                AddWrite(tuple(_new(1, to=()))),
+                AddWrite(tuple(_new(1))),
             ],
             route="host",
         )
@@ -114,40 +114,48 @@ def test_add_groups_stores_each_group_or_says_why_not(tmp_path: Path) -> None:
         assert all(box.get(i, raw=False).state is ItemState.SENDING for i in stored)
         assert _synchronous(box) == 2
         # The last group refused: the groups before it are made durable all the same.
-        results = box.add_groups([(_new(1), None), (_new(1), ("batch", "taken"))])
+        results = box.write_group(
+            [AddWrite(tuple(_new(1))), AddWrite(tuple(_new(1)), ("batch", "taken"))]
+        )
         assert isinstance(results[0], tuple) and isinstance(results[1], LedgerTaken)
         assert _synchronous(box) == 2
 
 
-def test_the_copies_of_messages_protected_meanwhile_are_stored_together(tmp_path: Path) -> None:
-    """send_many's store: the messages that come while a write is waiting go in one
-    add_groups call; each caller gets its own IDs or its own error."""
+def test_writes_asked_for_meanwhile_are_made_together(tmp_path: Path) -> None:
+    """send_many's writer: the stores and in-flight marks asked for while a group waits for
+    the disk go in one write_group call; each caller gets its own result or its own error,
+    and each write is there when its caller goes on."""
     import asyncio
 
-    from e2email.client import _GroupStore
+    from e2email.delivery import OutboxWriter
     from e2email.outbox import LedgerTaken
 
     with Outbox(tmp_path / "o.sqlite3") as box:
         box.add(_new(1), ledger=("batch", "taken"))
+        (sent,) = box.add(_new(1))
         calls: list[int] = []
-        real = box.add_groups
+        real = box.write_group
 
-        def spy(groups: Any, **kw: Any) -> Any:
-            calls.append(len(groups))
-            return real(groups, **kw)
+        def spy(ops: Any, **kw: Any) -> Any:
+            calls.append(len(ops))
+            return real(ops, **kw)
 
-        box.add_groups = spy  # type: ignore[method-assign]
-        store = _GroupStore(box, "host")
+        box.write_group = spy  # type: ignore[method-assign]
+        writer = OutboxWriter(box, "host")
 
         async def run() -> list[Any]:
             return await asyncio.gather(
-                *(store.add(_new(2), ("batch", f"k{i}")) for i in range(4)),
-                store.add(_new(1), ("batch", "taken")),
+                *(writer.add(_new(2), ("batch", f"k{i}")) for i in range(4)),
+                writer.mark(sent),
+                writer.add(_new(1), ("batch", "taken")),
                 return_exceptions=True,
             )
 
         results = asyncio.run(run())
-        assert calls == [5]
-        assert isinstance(results[4], LedgerTaken)
+        assert calls == [6]
+        assert results[4] is None and isinstance(results[5], LedgerTaken)
         ids = [i for r in results[:4] for i in r]
-        assert len(set(ids)) == 8 and len(box) == 9
+        assert len(set(ids)) == 8 and len(box) == 10
+        assert box.get(ids[0], raw=False).state is ItemState.SENDING
+        assert box.get(sent, raw=False).maybe_since is not None
+        assert _synchronous(box) == 2
