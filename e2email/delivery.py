@@ -49,7 +49,8 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -186,15 +187,43 @@ class OutboxWriter:
     before they are sent, marking a copy in flight before its final "."), made together: the
     writes asked for while one group waits for the disk are made next, as one group with one
     wait for the disk (:meth:`Outbox.write_group`). Each caller still returns only once its
-    own write is durable. One group at a time, so a lone write goes at once. ``send_many``
-    shares one between its stores and its delivery engine, so a copy's in-flight mark and the
-    next messages' stores share their fsync."""
+    own write is durable. One group at a time, so a lone write goes at once.
+
+    ``send_many`` shares one between its stores and its delivery engine, so a copy's in-flight
+    mark and the next messages' stores share their fsync: while a transaction is under way on
+    some connection (:meth:`sending`), stores wait for the next in-flight mark (or the end of
+    that transaction) and go with it. Those stores are of messages protected ahead of their
+    turn, so the wait costs no time; when no transaction is under way they go at once.
+
+    Used within one event loop (one ``send_many`` or delivery run)."""
+
+    #: Longest a store waits for a mark to go with (a safety net: every transaction ends).
+    HOLD_LIMIT = 0.05
 
     def __init__(self, outbox: Outbox, route: str | None = None) -> None:
         self.outbox = outbox
         self._route = route
         self._waiting: list[tuple[GroupWrite, asyncio.Future[tuple[str, ...] | None]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._sending = 0
+        self._due = asyncio.Event()
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        """Around a transaction whose copy will be marked in flight before its end of data
+        (or fail before): stores asked for meanwhile wait to go with that mark."""
+        self._sending += 1
+        try:
+            yield
+        finally:
+            self._sending -= 1
+            # Not at once: the next transaction on the connection usually starts before the
+            # loop turns, and its mark is the one to go with.
+            asyncio.get_running_loop().call_soon(self._wake_if_idle)
+
+    def _wake_if_idle(self) -> None:
+        if not self._sending:
+            self._due.set()
 
     async def add(
         self, items: Sequence[NewItem], ledger: tuple[str, str] | None = None
@@ -205,6 +234,7 @@ class OutboxWriter:
 
     async def mark(self, item_id: str) -> None:
         """:meth:`Outbox.mark_in_flight`, durable when this returns."""
+        self._due.set()
         await self._write(MarkWrite(item_id))
 
     async def _write(self, op: GroupWrite) -> tuple[str, ...] | None:
@@ -215,7 +245,27 @@ class OutboxWriter:
         return await done
 
     async def _run(self) -> None:
+        try:
+            await self._groups()
+        except BaseException as exc:
+            # Never leave a caller waiting for a write this task will not make.
+            for _, done in self._waiting:
+                if not done.done():
+                    if isinstance(exc, Exception):
+                        done.set_exception(exc)
+                    else:
+                        done.cancel()
+            self._waiting = []
+            raise
+
+    async def _groups(self) -> None:
         while self._waiting:
+            if self._sending and not any(isinstance(op, MarkWrite) for op, _ in self._waiting):
+                # Stores only, and a mark to come: go with it.
+                self._due.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.HOLD_LIMIT):
+                        await self._due.wait()
             group, self._waiting = self._waiting, []
             try:
                 results = await asyncio.to_thread(
@@ -574,15 +624,16 @@ class DeliveryEngine:
             unchecked = slot.unchecked
             slot.mark_used()
             try:
-                result = await conn.send(
-                    sub.raw,
-                    mail_from=sub.mail_from,
-                    recipients=job.pending,
-                    require_tls=sub.require_tls,
-                    before_end=in_flight if outbox is not None else None,
-                    # The in-flight mark's fsync overlaps DATA's round trip (small copies).
-                    before_end_from_data=True,
-                )
+                with self._writer.sending() if self._writer is not None else nullcontext():
+                    result = await conn.send(
+                        sub.raw,
+                        mail_from=sub.mail_from,
+                        recipients=job.pending,
+                        require_tls=sub.require_tls,
+                        before_end=in_flight if outbox is not None else None,
+                        # The in-flight mark's fsync overlaps DATA's round trip (small copies).
+                        before_end_from_data=True,
+                    )
             except asyncio.CancelledError:
                 job.ended = conn.end_of_data_sent
                 raise

@@ -159,3 +159,57 @@ def test_writes_asked_for_meanwhile_are_made_together(tmp_path: Path) -> None:
         assert box.get(ids[0], raw=False).state is ItemState.SENDING
         assert box.get(sent, raw=False).maybe_since is not None
         assert _synchronous(box) == 2
+
+
+def test_stores_wait_for_the_next_in_flight_mark_while_a_transaction_is_under_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a transaction is under way, a store goes with that transaction's in-flight mark
+    (one group, one fsync); a transaction that ends without a mark lets it go at once; with
+    none under way it goes at once."""
+    import asyncio
+
+    from e2email.delivery import OutboxWriter
+
+    # Should a store wait for the safety limit, this test would take minutes, not fail.
+    monkeypatch.setattr(OutboxWriter, "HOLD_LIMIT", 300.0)
+    with Outbox(tmp_path / "o.sqlite3") as box:
+        (sent,) = box.add(_new(1))
+        calls: list[list[str]] = []
+        real = box.write_group
+
+        def spy(ops: Any, **kw: Any) -> Any:
+            calls.append([type(op).__name__ for op in ops])
+            return real(ops, **kw)
+
+        box.write_group = spy  # type: ignore[method-assign]
+        writer = OutboxWriter(box, "host")
+
+        async def with_mark() -> tuple[str, ...]:
+            with writer.sending():
+                store = asyncio.create_task(writer.add(_new(1)))
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                assert not store.done() and calls == []
+                await writer.mark(sent)
+                assert store.done()
+            return await store
+
+        async def without_mark() -> tuple[str, ...]:
+            with writer.sending():
+                store = asyncio.create_task(writer.add(_new(1)))
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                assert not store.done()
+            return await store  # the transaction ended (failed before its mark)
+
+        async def idle() -> tuple[str, ...]:
+            return await writer.add(_new(1))
+
+        async def all_three() -> list[tuple[str, ...]]:
+            return [await with_mark(), await without_mark(), await idle()]
+
+        stored = asyncio.run(all_three())
+        assert calls == [["AddWrite", "MarkWrite"], ["AddWrite"], ["AddWrite"]]
+        assert all(len(ids) == 1 for ids in stored) and len(box) == 4
+        assert box.get(sent, raw=False).maybe_since is not None
