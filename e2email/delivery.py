@@ -20,10 +20,7 @@ What it promises, for each :class:`Submission` (one protected copy and its envel
   connection or an interruption from then on makes it ``maybe-delivered``, which is not
   retried (``outbox retry --maybe-delivered`` sends it on request). With an outbox this is
   recorded *before* the "." goes out (:meth:`Outbox.mark_in_flight`), so a copy whose sender
-  crashed there is found maybe-delivered too, not resent. For a copy sent in one piece the
-  record starts with the DATA command, so its fsync overlaps DATA's round trip instead of
-  adding to it; a crash in that moment leaves the copy maybe-delivered although its "." had
-  not gone out yet (the safe side: never sent twice by itself).
+  crashed there is found maybe-delivered too, not resent.
 * **Connections are reused.** Each worker keeps one connection and sends message after
   message over it. After a transaction the server accepted, the next MAIL follows at once:
   the server's 250 to the end of data already reset its state (RFC 5321 §4.1.1.4), so an
@@ -631,8 +628,6 @@ class DeliveryEngine:
                         recipients=job.pending,
                         require_tls=sub.require_tls,
                         before_end=in_flight if outbox is not None else None,
-                        # The in-flight mark's fsync overlaps DATA's round trip (small copies).
-                        before_end_from_data=True,
                     )
             except asyncio.CancelledError:
                 job.ended = conn.end_of_data_sent

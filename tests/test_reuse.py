@@ -169,7 +169,7 @@ def test_envelope_addresses_are_judged_once_and_bad_ones_every_time(
     assert calls.count("b(c)@example.net") == 2
 
 
-# -- the in-flight mark, started with DATA ----------------------------------------------------
+# -- the in-flight mark ------------------------------------------------------------------------
 
 
 def _outbox_run(
@@ -213,30 +213,11 @@ def _outbox_run(
     return sorted(outcomes, key=lambda o: subs.index(o.submission)), marks, box
 
 
-def test_an_in_flight_mark_started_with_a_refused_data_is_cleared(
-    smtp_server: Callable[..., LoopbackSMTPServer], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The mark of a small copy starts with the DATA command (its fsync overlaps DATA's round
-    trip). DATA refused: the mark was written and is cleared again, so the copy is an
-    ordinary failed one, not maybe-delivered; the next copy goes as usual."""
-    from e2email.outbox import ItemState
-
-    server = smtp_server(faults=[Fault("data", "reply", 554, "5.3.4 no")])
-    outcomes, marks, box = _outbox_run(server, tmp_path, monkeypatch)
-    assert [o.status for o in outcomes] == ["failed", "delivered"]
-    first = outcomes[0].submission.id
-    assert marks == [first, outcomes[1].submission.id]  # marked, although DATA was refused
-    item = box.get(first, raw=False)
-    assert item.state is ItemState.FAILED and item.maybe_since is None
-    assert len(box) == 1 and len(server.messages) == 1
-    box.close()
-
-
 def test_no_end_of_data_when_the_in_flight_mark_cannot_be_written(
     smtp_server: Callable[..., LoopbackSMTPServer], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The mark fails (disk full) while DATA goes on beside it: that copy's "." is never sent,
-    so the server does not have it, and it stays in the outbox."""
+    """The in-flight mark fails (disk full): that copy's "." is never sent, so the server does
+    not have it, and it stays in the outbox; the next copy goes as usual."""
     server = smtp_server()
     outcomes, marks, box = _outbox_run(server, tmp_path, monkeypatch, fail=True)
     assert marks == [o.submission.id for o in outcomes]

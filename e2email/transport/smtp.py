@@ -486,7 +486,6 @@ class SMTPConnection:
         recipients: Sequence[str],
         require_tls: bool | None = None,
         before_end: Callable[[], Awaitable[None]] | None = None,
-        before_end_from_data: bool = False,
     ) -> DeliveryResult:
         """Send ``raw`` unchanged to ``recipients``.
 
@@ -501,11 +500,7 @@ class SMTPConnection:
         ``before_end`` is awaited just before the end-of-data line is written: the caller
         records there that the message may be delivered from now on (e.g. in the outbox), so
         a crash after the "." is never taken for "not sent". A failure after that line has
-        ``maybe_delivered`` set on the error. With ``before_end_from_data``, for a message
-        sent in one piece (at most :data:`_DATA_CHUNK` bytes), ``before_end`` starts as soon
-        as the DATA command is written, so its wait (an fsync) overlaps DATA's round trip and
-        the writing of the message; it still ends before the end-of-data line is written, and
-        before this returns or raises, whatever happens in between.
+        ``maybe_delivered`` set on the error.
         """
         self._end_of_data_sent = False
         self._stage = None
@@ -571,10 +566,7 @@ class SMTPConnection:
                     )
                 stage = self._stage = "DATA"
                 try:
-                    if before_end is not None and before_end_from_data and len(raw) <= _DATA_CHUNK:
-                        response = await self._data_marked_early(raw, data_timeout, before_end)
-                    else:
-                        response = await self._data(raw, data_timeout, before_end)
+                    response = await self._data(raw, data_timeout, before_end)
                 except aiosmtplib.SMTPDataError as exc:
                     await self._reset()
                     raise DeliveryError(
@@ -667,34 +659,6 @@ class SMTPConnection:
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
         return response
-
-    async def _data_marked_early(
-        self,
-        raw: bytes,
-        timeout: float | None,
-        before_end: Callable[[], Awaitable[None]],
-    ) -> aiosmtplib.SMTPResponse:
-        """:meth:`_data` with ``before_end`` started along with it (see :meth:`send`). A small
-        message spends more time in the caller's record (an fsync) than in DATA's round trip
-        and its writing together: done side by side, they cost the longer of the two."""
-        early = asyncio.ensure_future(before_end())
-
-        async def ready() -> None:
-            await early
-            # One turn of the event loop, as before_end's own end gives when awaited last: a
-            # hang-up that already arrived is noticed before the "." is written.
-            await asyncio.sleep(0)
-
-        try:
-            return await self._data(raw, timeout, ready)
-        finally:
-            if not early.done():
-                # DATA failed first (refused, connection lost, cancelled): the record must be
-                # done before the caller records the outcome (which clears it), never after.
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(early)
-            if not early.cancelled():
-                early.exception()  # retrieved: a failure here is DATA's, already raised
 
     async def _reset(self) -> None:
         """RSET after a refused transaction; its failure cannot change the outcome."""
