@@ -30,6 +30,7 @@ from e2email.crypto.base import (
 )
 from e2email.delivery import (
     DeliveryEngine,
+    OutboxWriter,
     Outcome,
     RecipientOutcome,
     Submission,
@@ -398,10 +399,16 @@ class AsyncMailer:
         return self.smtp
 
     async def _store(
-        self, copies: Sequence[ProtectedCopy], smtp: SMTPSettings, *, ledger: Any = None
+        self,
+        copies: Sequence[ProtectedCopy],
+        smtp: SMTPSettings,
+        *,
+        ledger: Any = None,
+        group: OutboxWriter | None = None,
     ) -> Sequence[str | None]:
         """Put ``copies`` in the outbox (claimed by us, about to be sent): their IDs. A copy
-        that is kept there already (``outbox_id``) is claimed instead of stored again."""
+        that is kept there already (``outbox_id``) is claimed instead of stored again. With
+        ``group``, stored together with other messages' copies (one fsync for all)."""
         outbox = self.outbox
         if outbox is None:
             return [None] * len(copies)
@@ -427,6 +434,8 @@ class AsyncMailer:
                 )
             return kept
         items = [outbox_item(c, smtp) for c in copies]
+        if group is not None:
+            return await group.add(items, ledger)
         return await asyncio.to_thread(outbox.add, items, route=route_of(smtp), ledger=ledger)
 
     @staticmethod
@@ -544,6 +553,8 @@ class AsyncMailer:
                 del groups[group.index]
                 emit(group.result())
 
+        # One writer for the stores and the in-flight marks: they share their fsyncs.
+        group = OutboxWriter(self.outbox, route_of(smtp)) if self.outbox is not None else None
         engine = DeliveryEngine(
             smtp,
             retry=self.retry,
@@ -551,6 +562,7 @@ class AsyncMailer:
             outbox=self.outbox,
             on_outcome=copy_done,
             transport=await self._transport(smtp),
+            writer=group,
         )
         limit = asyncio.Semaphore(concurrency or 2 * (os.cpu_count() or 1))
         tasks: set[asyncio.Task[None]] = set()
@@ -579,8 +591,9 @@ class AsyncMailer:
                         seen[item.key] = item.tag
                     await limit.acquire()
                     one = self._batch_one(
-                        engine, smtp, index, item, prot, batch, groups, emit, limit, copy_done
-                    )
+                        engine, smtp, index, item, prot, batch, groups, emit, limit, copy_done,
+                        group,
+                    )  # fmt: skip
                     if index == 0:
                         await one
                     else:
@@ -619,6 +632,7 @@ class AsyncMailer:
         emit: Callable[[MessageOutcome], None],
         limit: asyncio.Semaphore,
         copy_done: Callable[[Outcome], None],
+        group: OutboxWriter | None = None,
     ) -> None:
         try:
             entry = item if isinstance(item, BatchItem) else BatchItem(message=item)
@@ -679,7 +693,7 @@ class AsyncMailer:
                 return
             ledger = (batch, entry.key) if entry.key is not None else None
             try:
-                ids = await self._store(copies, smtp, ledger=ledger)
+                ids = await self._store(copies, smtp, ledger=ledger, group=group)
             except LedgerTaken as exc:
                 # Another run stored or sent this row since the check above.
                 detail = (

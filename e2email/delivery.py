@@ -12,7 +12,9 @@ What it promises, for each :class:`Submission` (one protected copy and its envel
   for them), ``failed`` (refused permanently), ``deferred`` (still undelivered after the
   last attempt, or never tried because the run stopped) or ``maybe-delivered``. With an
   outbox, the copy stays there until every recipient is delivered; the outbox is updated
-  after each attempt, before the outcome is reported.
+  after each attempt, before the outcome is reported (without waiting for the disk: a power
+  cut that loses that record leaves the copy maybe-delivered or queued, as the durable state
+  before it says, see :meth:`Outbox.settle_unsynced`).
 * **A copy is never sent twice by itself.** Once the end of its data (the final ".") is
   sent, the server may have it (RFC 5321 §6.1, RFC 1047): a lost reply, a timeout, a dropped
   connection or an interruption from then on makes it ``maybe-delivered``, which is not
@@ -20,10 +22,15 @@ What it promises, for each :class:`Submission` (one protected copy and its envel
   recorded *before* the "." goes out (:meth:`Outbox.mark_in_flight`), so a copy whose sender
   crashed there is found maybe-delivered too, not resent.
 * **Connections are reused.** Each worker keeps one connection and sends message after
-  message over it, with RSET (RFC 5321 §4.1.1.5) before each one after the first: a clean
-  transaction state, and a cheap check that the server has not closed an idle connection
-  (which is then replaced without counting as an attempt). ``connections`` workers send side
-  by side: a bounded pool.
+  message over it. After a transaction the server accepted, the next MAIL follows at once:
+  the server's 250 to the end of data already reset its state (RFC 5321 §4.1.1.4), so an
+  RSET there is a wasted round trip per message. RSET (§4.1.1.5) goes first only when the
+  previous transaction did not end that way (a refusal, an error), or when the connection sat
+  idle for :data:`PROBE_AFTER_IDLE` seconds: then it is a cheap check that the server has not
+  closed it (it is then replaced without counting as an attempt). Should the server have
+  closed a connection reused without that check, the MAIL command finds out before anything
+  of the message was sent; the copy then goes over a new connection at once, again without
+  counting an attempt. ``connections`` workers send side by side: a bounded pool.
 * **A problem no retry can fix stops the run**: a certificate that does not verify, refused
   credentials, a 5xx greeting, or a server that stayed unreachable for a copy's every attempt.
   What was not sent is reported ``deferred`` and stays in the outbox;
@@ -39,7 +46,8 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -53,12 +61,13 @@ from e2email.errors import (
     SMTPReply,
     TransportError,
 )
-from e2email.outbox import Outbox
+from e2email.outbox import AddWrite, GroupWrite, MarkWrite, NewItem, Outbox
 from e2email.spool import Spool
 from e2email.transport.smtp import DeliveryResult, SMTPConnection, SMTPTransport, TLSInfo
 
 __all__ = [
     "DeliveryEngine",
+    "OutboxWriter",
     "Outcome",
     "RecipientOutcome",
     "RecipientStatus",
@@ -172,6 +181,116 @@ class Outcome:
         return "maybe-delivered" if self.maybe_delivered else "failed"
 
 
+class OutboxWriter:
+    """The outbox writes that must be durable before a run goes on (storing a message's copies
+    before they are sent, marking a copy in flight before its final "."), made together: the
+    writes asked for while one group waits for the disk are made next, as one group with one
+    wait for the disk (:meth:`Outbox.write_group`). Each caller still returns only once its
+    own write is durable. One group at a time, so a lone write goes at once.
+
+    ``send_many`` shares one between its stores and its delivery engine, so a copy's in-flight
+    mark and the next messages' stores share their fsync: while a transaction is under way on
+    some connection (:meth:`sending`), stores wait for the next in-flight mark (or the end of
+    that transaction) and go with it. Those stores are of messages protected ahead of their
+    turn, so the wait costs no time; when no transaction is under way they go at once.
+
+    Used within one event loop (one ``send_many`` or delivery run)."""
+
+    #: Longest a store waits for a mark to go with (a safety net: every transaction ends).
+    HOLD_LIMIT = 0.05
+
+    def __init__(self, outbox: Outbox, route: str | None = None) -> None:
+        self.outbox = outbox
+        self._route = route
+        self._waiting: list[tuple[GroupWrite, asyncio.Future[tuple[str, ...] | None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._sending = 0
+        self._due = asyncio.Event()
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        """Around a transaction whose copy will be marked in flight before its end of data
+        (or fail before): stores asked for meanwhile wait to go with that mark."""
+        self._sending += 1
+        try:
+            yield
+        finally:
+            self._sending -= 1
+            # Not at once: the next transaction on the connection usually starts before the
+            # loop turns, and its mark is the one to go with.
+            asyncio.get_running_loop().call_soon(self._wake_if_idle)
+
+    def _wake_if_idle(self) -> None:
+        if not self._sending:
+            self._due.set()
+
+    async def add(
+        self, items: Sequence[NewItem], ledger: tuple[str, str] | None = None
+    ) -> tuple[str, ...]:
+        """The IDs of ``items``, stored (claimed) and durable; raises what refused them (e.g.
+        :class:`~e2email.outbox.LedgerTaken`)."""
+        return await self._write(AddWrite(tuple(items), ledger)) or ()
+
+    async def mark(self, item_id: str) -> None:
+        """:meth:`Outbox.mark_in_flight`, durable when this returns."""
+        self._due.set()
+        await self._write(MarkWrite(item_id))
+
+    async def _write(self, op: GroupWrite) -> tuple[str, ...] | None:
+        done: asyncio.Future[tuple[str, ...] | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((op, done))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        return await done
+
+    async def _run(self) -> None:
+        try:
+            await self._groups()
+        except BaseException as exc:
+            # Never leave a caller waiting for a write this task will not make.
+            for _, done in self._waiting:
+                if not done.done():
+                    if isinstance(exc, Exception):
+                        done.set_exception(exc)
+                    else:
+                        done.cancel()
+            self._waiting = []
+            raise
+
+    async def _groups(self) -> None:
+        while self._waiting:
+            if self._sending and not any(isinstance(op, MarkWrite) for op, _ in self._waiting):
+                # Stores only, and a mark to come: go with it.
+                self._due.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.HOLD_LIMIT):
+                        await self._due.wait()
+            group, self._waiting = self._waiting, []
+            try:
+                results = await asyncio.to_thread(
+                    self.outbox.write_group, [op for op, _ in group], route=self._route
+                )
+            except Exception as exc:  # the group failed as a whole
+                for _, done in group:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            except BaseException:
+                # Cancelled: the thread may still make these writes, as a cancelled
+                # to_thread(outbox.add) may; nobody waits for them any more.
+                for _, done in (*group, *self._waiting):
+                    done.cancel()
+                self._waiting = []
+                raise
+            for (_, done), result in zip(group, results, strict=True):
+                if done.done():
+                    continue
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+
+
 @dataclass
 class _Job:
     sub: Submission
@@ -194,27 +313,47 @@ class _Job:
         return self.ended if self.marked else None
 
 
+#: Seconds a connection may sit idle after a successful transaction and still carry the next
+#: message without an RSET first (see the module docstring). Servers close idle sessions after
+#: minutes (RFC 5321 §4.5.3.2.7 suggests 5); a bulk run sends the next message within
+#: milliseconds.
+PROBE_AFTER_IDLE = 1.0
+
+
 class _Slot:
-    """One worker's connection: opened on first use, RSET before reuse, replaced when lost."""
+    """One worker's connection: opened on first use, reused (RSET first unless the previous
+    transaction ended in the server's acceptance just now), replaced when lost."""
 
     def __init__(self, transport: SMTPTransport) -> None:
         self._transport = transport
         self._cm: contextlib.AbstractAsyncContextManager[SMTPConnection] | None = None
         self._conn: SMTPConnection | None = None
         self._used = False
+        #: When the latest transaction ended with the server's acceptance (monotonic), None
+        #: when it did not (or none was made on this connection).
+        self._accepted_at: float | None = None
+        #: The connection :meth:`get` returned was used before and not checked with RSET.
+        self.unchecked = False
         self.opened = 0
 
     async def get(self) -> SMTPConnection:
         conn = self._conn
+        self.unchecked = False
         if conn is not None and self._used:
-            if conn.is_connected:
-                # RSET between messages: a clean state, and proof that the server has not
-                # dropped the connection while it was idle. Errors here are not the next
-                # message's fault, so they only make us reconnect.
+            accepted = self._accepted_at
+            fresh = accepted is not None and time.monotonic() - accepted < PROBE_AFTER_IDLE
+            if conn.is_connected and not fresh:
+                # RSET between messages after anything but a success, or after idling: a
+                # clean state, and proof that the server has not dropped the connection
+                # meanwhile. Errors here are not the next message's fault, so they only make
+                # us reconnect.
                 await _rset(conn)
+            elif conn.is_connected:
+                self.unchecked = True
             if not conn.is_connected:
                 await self.close()
                 conn = None
+                self.unchecked = False
         if conn is None:
             cm = self._transport.connect()
             conn = await cm.__aenter__()
@@ -229,6 +368,11 @@ class _Slot:
 
     def mark_used(self) -> None:
         self._used = True
+        self._accepted_at = None
+
+    def mark_accepted(self) -> None:
+        """The transaction just made ended with the server's acceptance of the data."""
+        self._accepted_at = time.monotonic()
 
     async def close(self) -> None:
         cm, self._cm, self._conn = self._cm, None, None
@@ -269,6 +413,7 @@ class DeliveryEngine:
         on_outcome: Callable[[Outcome], None] | None = None,
         transport: SMTPTransport | None = None,
         rand: Callable[[], float] | None = None,
+        writer: OutboxWriter | None = None,
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
@@ -276,6 +421,10 @@ class DeliveryEngine:
         self.retry = retry if retry is not None else RetryPolicy()
         self.connections = connections
         self.outbox = outbox
+        if writer is not None and writer.outbox is not outbox:
+            raise ValueError("the writer must write to the engine's outbox")
+        #: Makes the in-flight marks (with other durable writes of the run, when shared).
+        self._writer = writer if writer is not None or outbox is None else OutboxWriter(outbox)
         self._on_outcome = on_outcome
         self._transport = transport if transport is not None else SMTPTransport(smtp)
         self._rand = rand
@@ -445,58 +594,83 @@ class DeliveryEngine:
         job.attempts += 1
         job.marked = job.ended = False
         sub = job.sub
-        try:
-            conn = await slot.get()
-        except E2EmailError as exc:
-            if not is_transient(exc):
-                # Certificates, credentials, a 5xx greeting: the same for every copy. Stop.
-                job.attempts -= 1  # this copy never reached the server
-                self._stop(exc)
-                job.error = exc
-                await self._finish(job, stopped=True)
-                return False
-            await self._failed_whole(job, exc, connecting=True)
-            return False
-        slot.mark_used()
         outbox = self.outbox
 
         async def in_flight() -> None:
             # Marked before the mark is written: a cancel during the write may still let it
             # land (to_thread cannot be stopped), and _abort must then clear it.
             job.marked = True
-            assert outbox is not None
-            await asyncio.to_thread(outbox.mark_in_flight, sub.id)
+            assert self._writer is not None
+            await self._writer.mark(sub.id)
             # One turn of the event loop: a hang-up that already arrived is noticed before
             # the "." is written (then the server cannot have the message: retried), not
             # after (maybe delivered).
             await asyncio.sleep(0)
 
-        try:
-            result = await conn.send(
-                sub.raw,
-                mail_from=sub.mail_from,
-                recipients=job.pending,
-                require_tls=sub.require_tls,
-                before_end=in_flight if outbox is not None else None,
-            )
-        except asyncio.CancelledError:
-            job.ended = conn.end_of_data_sent
-            raise
-        except TransportError as exc:
-            if exc.maybe_delivered:
-                await slot.close()
-                job.ended = True
-                await self._maybe_delivered(job, exc)
+        while True:
+            try:
+                conn = await slot.get()
+            except E2EmailError as exc:
+                if not is_transient(exc):
+                    # Certificates, credentials, a 5xx greeting: the same for every copy. Stop.
+                    job.attempts -= 1  # this copy never reached the server
+                    self._stop(exc)
+                    job.error = exc
+                    await self._finish(job, stopped=True)
+                    return False
+                await self._failed_whole(job, exc, connecting=True)
+                return False
+            unchecked = slot.unchecked
+            slot.mark_used()
+            try:
+                with self._writer.sending() if self._writer is not None else nullcontext():
+                    result = await conn.send(
+                        sub.raw,
+                        mail_from=sub.mail_from,
+                        recipients=job.pending,
+                        require_tls=sub.require_tls,
+                        before_end=in_flight if outbox is not None else None,
+                    )
+            except asyncio.CancelledError:
+                job.ended = conn.end_of_data_sent
+                raise
+            except TransportError as exc:
+                if exc.maybe_delivered:
+                    await slot.close()
+                    job.ended = True
+                    await self._maybe_delivered(job, exc)
+                    return True
+                if unchecked and conn.stage == "MAIL" and not conn.is_connected:
+                    # The server closed the reused connection between transactions (an idle
+                    # timeout, a limit of messages per session, with or without a 421):
+                    # nothing of this copy reached it. A new connection, at once and not
+                    # counted as an attempt, as an RSET check would have done.
+                    log.debug("connection to %s was closed between messages: %s", conn.where, exc)
+                    await slot.close()
+                    continue
+                return await self._send_failed(slot, job, exc)
+            except MessageError as exc:
+                # Bad envelope or bytes: no retry can change them.
+                await self._failed_whole(job, exc)
                 return True
-            return await self._send_failed(slot, job, exc)
-        except MessageError as exc:
-            # Bad envelope or bytes: no retry can change them.
-            await self._failed_whole(job, exc)
-            return True
+            break
+        slot.mark_accepted()
         # The server has it: should recording that fail, the copy is maybe-delivered.
         job.ended = True
-        await self._apply(job, result)
+        # Recorded (and reported) beside the next transaction on this connection, not before
+        # it: the record's trip to the outbox's thread is off the path from one message to
+        # the next. The copy stays live until then, so the run waits for it, and an
+        # interruption meanwhile leaves it in flight (maybe-delivered), as before.
+        task = asyncio.create_task(self._record_accepted(job, result))
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)
         return True
+
+    async def _record_accepted(self, job: _Job, result: DeliveryResult) -> None:
+        try:
+            await self._apply(job, result)
+        except Exception as exc:
+            await self._crash(job, exc)
 
     async def _send_failed(self, slot: _Slot, job: _Job, exc: TransportError) -> bool:
         """The transaction failed, and the server does not have the message."""
@@ -558,8 +732,10 @@ class DeliveryEngine:
         pending: dict[str, SMTPReply | None] = dict.fromkeys(job.pending)
         job.pending = []
         if self.outbox is not None:
+            # Unsynced: lost only with a power cut, which leaves the copy in flight, so
+            # maybe-delivered all the same (Outbox.settle_unsynced).
             await asyncio.to_thread(
-                self.outbox.settle,
+                self.outbox.settle_unsynced,
                 job.sub.id,
                 pending=pending,
                 error=f"maybe delivered: {exc}",
@@ -599,8 +775,12 @@ class DeliveryEngine:
         retry = retry and self._fatal is None
         delay = self.retry.delay(job.attempts, rand=self._rand) if job.pending else 0.0
         if self.outbox is not None:
+            # Unsynced (one fsync per message fewer): should a power cut lose this record, the
+            # copy is as the last durable state says, in flight (maybe-delivered: never sent
+            # again by itself) once its end of data went out, else queued to send again
+            # (Outbox.settle_unsynced).
             await asyncio.to_thread(
-                self.outbox.settle,
+                self.outbox.settle_unsynced,
                 job.sub.id,
                 delivered=delivered,
                 failed=failed,

@@ -692,10 +692,32 @@ def _encrypted_spool(
     return spool
 
 
+#: Armor characters read first by the packet check: the session keys and the encrypted data
+#: packet's header come first, and this much holds about 1.5 KB of packets (two RSA-4096 or
+#: a dozen X25519 session keys). A message with more is read on in full.
+_ARMOR_HEAD = 2048
+
+
+def _armor_head(armored: bytes) -> bytes | None:
+    """The first :data:`_ARMOR_HEAD` characters of ``armored`` cut after a whole line, or
+    None when that is all of it."""
+    end = armored.find(b"\n", _ARMOR_HEAD)
+    return None if end < 0 else armored[: end + 1]
+
+
 def _check_encrypted(armored: Armored, subkeys: Sequence[str]) -> None:
     """Integrity-protected data (never the legacy SED packet, EFAIL), and one session key for
     each chosen subkey and no other (Bcc privacy, standards item 21)."""
-    key_ids, data_tag = encrypted_to_key_ids(armored)
+    head = _armor_head(armored) if isinstance(armored, bytes) else None
+    try:
+        # The packets before the encrypted data are all that is looked at: when the head
+        # holds them, reading it is the same check at a fraction of the cost (the armor's
+        # lines are decoded one by one).
+        key_ids, data_tag = encrypted_to_key_ids(head if head is not None else armored)
+    except CryptoError:
+        if head is None:
+            raise
+        key_ids, data_tag = encrypted_to_key_ids(armored)
     if data_tag == 9:
         raise CryptoError("Sequoia produced a message without integrity protection; refusing it")
     expected = sorted(fpr[-16:].upper() for fpr in subkeys)
@@ -761,20 +783,34 @@ class SequoiaProtector(Protector):
             return (plain_copy(msg),)
         _sq()  # a missing extra says so before any key is looked at
         discovered = await self._lookup.discover(msg, protection)
+        resolved = False
+
+        def resolve_and_protect() -> tuple[ProtectedCopy, ...]:
+            nonlocal resolved
+            try:
+                keys = self.resolve(msg, protection)
+            except RecipientKeyError as exc:
+                if not discovered:
+                    raise
+                raise RecipientKeyError(
+                    [discovered.get(p.address, p) for p in exc.problems]
+                ) from None
+            resolved = True
+            return self.protect_sync(msg, protection, keys, passphrase)
+
+        # One trip to a worker thread for the whole message, key lookup included: the work is
+        # a few key exports the first time, then fractions of a millisecond per copy, and
+        # each trip costs about a tenth of that (pysequoia holds the GIL while it works, so a
+        # thread buys no parallelism, only an event loop free while gpg lists or exports).
         try:
-            keys = await asyncio.to_thread(self.resolve, msg, protection)
-        except RecipientKeyError as exc:
-            if not discovered:
-                raise
-            raise RecipientKeyError([discovered.get(p.address, p) for p in exc.problems]) from None
-        # One worker thread for the whole message: the work is a few key exports the first
-        # time, then fractions of a millisecond per copy.
-        try:
-            return await asyncio.to_thread(self.protect_sync, msg, protection, keys, passphrase)
+            return await asyncio.to_thread(resolve_and_protect)
         except (RecipientKeyError, SignerKeyError) as exc:
             # AUTO means the best engine available for this message: keys gpg can use and
             # Sequoia cannot are served by gpg. An explicit engine=SEQUOIA gets the error.
-            if protection.engine is not OpenPGPEngine.AUTO or not _in_process_only(exc):
+            # (The keystore's own judgment, made before: the same for either engine.)
+            if not resolved or protection.engine is not OpenPGPEngine.AUTO:
+                raise
+            if not _in_process_only(exc):
                 raise
             log.warning("e2email: using the GnuPG engine for this message: %s", exc)
         return await self._lookup.protect(msg, protection, passphrase=passphrase)
