@@ -47,7 +47,7 @@ import stat
 import subprocess
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -1727,6 +1727,11 @@ class Keystore:
                         )
                         + "; the home still uses its GnuPG home"
                     )
+            # gpg's "disabled" flag has no place in a certificate: kept in the home's record,
+            # so a key the user disabled stays refused after the move.
+            off = [k.fingerprint for k in keys if k.disabled]
+            if off:
+                self.sources.disable(off)
             if staging is not None:
                 if target.secret_keys.root.exists():
                     os.replace(target.secret_keys.root, self.secret_keys.root)
@@ -1826,13 +1831,19 @@ class Keystore:
             keys.append(key)
         for gone in set(self._judged) - seen:
             self._judged.pop(gone, None)
+        # The store has no flag for a disabled key: gpg's, carried over by ``keys migrate``,
+        # is kept beside the record of key sources.
+        off = self.sources.disabled()
+        if off:
+            keys = [replace(k, disabled=True) if k.fingerprint in off else k for k in keys]
         self._listing = _Listing(stamp=folders, keys=tuple(keys))
         return self._listing.keys
 
     def _store_folders(self) -> tuple[object, ...]:
-        """(name, mtime) of the store's folders and of the secret key folder."""
+        """(name, mtime) of the store's folders, of the secret key folder and of the record
+        of key sources (which holds the disabled keys)."""
         stamp: list[object] = []
-        for folder in (self.certd.root, self.secret_keys.root):
+        for folder in (self.certd.root, self.secret_keys.root, self.sources.path):
             try:
                 stamp.append(folder.stat().st_mtime_ns)
             except OSError:
