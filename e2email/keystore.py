@@ -990,6 +990,9 @@ class Keystore:
             raise ConfigError("a named GnuPG home is a GnuPG keystore, not a certificate store")
         #: "certd" (the certificate store) or "gnupg" (a GnuPG home): see the module docstring.
         self.backend: str = backend or self._pick_backend(gnupg_home is not None)
+        #: Whether the backend was picked from what the home holds (not named): such a
+        #: keystore follows the home to its store when ``keys migrate`` switches it.
+        self._follows = backend is None and gnupg_home is None
         if self.backend == "certd":
             # Only the GnuPG engine uses a GnuPG home here: a copy of the store, made for it.
             self.gnupg_home = self.home / "gnupg-engine"
@@ -1020,6 +1023,22 @@ class Keystore:
     def is_certd(self) -> bool:
         return self.backend == "certd"
 
+    def _follow_migration(self) -> None:
+        """A process that started while the home still used its GnuPG home (a web app, the
+        relay, a worker) switches to the store once ``keys migrate`` made one: the GnuPG home
+        is no longer kept up to date (a revocation imported since is only in the store), so
+        using it would send to keys the user has revoked. One stat per listing."""
+        if self._follows and self.backend == "gnupg" and self.certd.exists():
+            self._switch_to_store()
+
+    def _switch_to_store(self) -> None:
+        with self._lock:
+            self.backend = "certd"
+            self.gnupg_home = self.home / "gnupg-engine"
+            self._gpg = None
+            self._minimal.clear()
+        self.invalidate()
+
     def __repr__(self) -> str:
         if self.is_certd:
             return f"Keystore(home={str(self.home)!r}, backend='certd')"
@@ -1031,6 +1050,7 @@ class Keystore:
     def gpg(self) -> gnupg.GPG:
         """The python-gnupg handle, creating the GnuPG home (mode 0700) on first use. With the
         certificate store: the GnuPG engine's copy of it (see :meth:`_sync_engine_home`)."""
+        self._follow_migration()
         if shutil.which(self.gpg_binary) is None:
             if self.is_certd:
                 raise KeystoreError(
@@ -1226,6 +1246,7 @@ class Keystore:
 
     def all_keys(self) -> tuple[OpenPGPKey, ...]:
         """Every certificate in the keystore."""
+        self._follow_migration()
         if self.is_certd:
             return self._all_keys_certd()
         stamp = self._stamp()
@@ -1740,8 +1761,7 @@ class Keystore:
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-        self.backend = "certd"
-        self.invalidate()
+        self._switch_to_store()
         return Migration(store=self.certd.root, gnupg_home=gnupg_home, keys=tuple(moved))
 
     @staticmethod
