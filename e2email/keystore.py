@@ -1809,6 +1809,22 @@ class Keystore:
         (certificate store only)."""
         return self.secret_keys.get(fingerprint) if self.is_certd else None
 
+    def current_secret_key(self, fingerprint: str) -> bytes | None:
+        """The stored secret key joined to the *current* certificate: the secret key packets
+        of the secret key file in the stored certificate, with every signature merged into it
+        since (a new expiry, a new subkey binding), as the keystore judged it. Signing with the
+        secret file as it was first stored would use its old self-signatures: once the user
+        extends the key's expiry elsewhere, it would look expired to Sequoia. None when no
+        secret key is stored (certificate store only)."""
+        stored = self.secret_key_bytes(fingerprint)
+        if stored is None:
+            return None
+        public = self.certd.get(fingerprint)
+        if public is None:
+            return stored
+        merged = _with_secret_packets(public, stored)
+        return stored if merged is public else merged
+
     def secret_key_tag(self, fingerprint: str) -> tuple[int, int, int] | None:
         """The identity (inode, mtime, size) of that secret key's file, None when none."""
         return self.secret_keys.tag(fingerprint) if self.is_certd else None
@@ -1947,10 +1963,14 @@ class Keystore:
         )
 
     def _store_secret(self, fpr: str, raw: bytes) -> bool:
-        """Keep the secret key ``raw`` unless the stored one already holds every secret it
-        has (re-importing a key changes nothing, as with gpg)."""
+        """Keep the secret key ``raw`` in place of the stored one when it differs and holds
+        every secret the stored one has: a key re-imported under a new passphrase (how a
+        passphrase is changed: the old one may have leaked) or with newer self-signatures
+        replaces the file, and is counted as a secret key imported. The same bytes again
+        change nothing; fewer secrets (a copy with a key moved to a card) never replace
+        more."""
         old = self.secret_keys.get(fpr)
-        if old is not None and _secret_fprs(raw) <= _secret_fprs(old):
+        if old is not None and (raw == old or not _secret_fprs(old) <= _secret_fprs(raw)):
             return False
         self.secret_keys.put(fpr, raw)
         return True
