@@ -40,6 +40,7 @@ unless it is the user's own (secret) key or came in through e2email.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -1000,6 +1001,10 @@ class Keystore:
         self._lock = threading.Lock()
         self._listing: _Listing | None = None
         self._minimal: dict[tuple[object, ...], bytes] = {}
+        #: The store's folder stamp when the GnuPG engine's copy was last brought in step.
+        self._synced_folders: tuple[object, ...] | None = None
+        #: The listing an address index was made from, and the index (see :meth:`find`).
+        self._index: tuple[tuple[OpenPGPKey, ...], dict[str, tuple[OpenPGPKey, ...]]] | None = None
         #: Certificate store: fingerprint -> (file tag, secret file tag, judged key).
         self._judged: dict[str, tuple[object, object, OpenPGPKey]] = {}
 
@@ -1081,28 +1086,51 @@ class Keystore:
 
     def _sync_engine_home(self, handle: gnupg.GPG) -> None:
         """Keep the GnuPG engine's home (``HOME/gnupg-engine``) in step with the certificate
-        store, which stays the one place keys are kept and judged: every certificate and
-        secret key is imported again whenever the store changed (gpg merges what it has; a
-        protected secret key is imported as it is, and unlocked by each message's passphrase
-        through loopback). The state last imported is noted in the folder, so another process
-        does not import an unchanged store again."""
-        stamp = repr(self._stamp()).encode()
+        store, which stays the one place keys are kept and judged: a certificate or secret key
+        whose file changed since it was last imported is imported again (gpg merges what it
+        has; a protected secret key is imported as it is, and unlocked by each message's
+        passphrase through loopback; a secret key file replaced, say under a new passphrase,
+        replaces gpg's copy). The file tags last imported are noted in the folder, so another
+        process imports only what changed since; while no folder of the store changed (one
+        stat per folder) nothing is read at all."""
+        folders = self._store_folders()
+        if self._synced_folders == folders:
+            return
         note = self.gnupg_home / "e2email-synced"
         try:
-            if note.read_bytes() == stamp:
-                return
-        except OSError:
-            pass
-        data = [path.read_bytes() for _, path in self.certd.fingerprints()]
-        data += [self.secret_keys.get(f) or b"" for f in sorted(self.secret_keys.fingerprints())]
+            done = json.loads(note.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            done = {}
+        if not isinstance(done, dict):
+            done = {}
+        old_certs: dict[str, Any] = done.get("certs") or {}
+        old_secrets: dict[str, Any] = done.get("secrets") or {}
+        if not isinstance(old_certs, dict) or not isinstance(old_secrets, dict):
+            old_certs, old_secrets = {}, {}
+        certs = {f: list(t) for f, t in self.certd.tags().items()}
+        secrets = {
+            f: list(t)
+            for f in sorted(self.secret_keys.fingerprints())
+            if (t := self.secret_keys.tag(f)) is not None
+        }
+        data = [self.certd.get(f) or b"" for f, t in sorted(certs.items()) if old_certs.get(f) != t]
+        for fpr, tag in secrets.items():
+            if old_secrets.get(fpr) == tag:
+                continue
+            if fpr in old_secrets:
+                # gpg keeps the secret key it has on import ("not changed"): a replaced file
+                # (a new passphrase) reaches gpg only once the old copy is gone.
+                handle.delete_keys(fpr, secret=True, expect_passphrase=False)
+            data.append(self.secret_keys.get(fpr) or b"")
         if any(data):
             result = handle.import_keys(b"".join(data))
             if not result.results:
                 raise KeystoreError(
                     f"gpg did not take the certificate store into {self.gnupg_home}"
                 )
-        with open_private(note, "wb") as fh:
-            fh.write(stamp)
+        with open_private(note, "w") as fh:
+            json.dump({"certs": certs, "secrets": secrets}, fh)
+        self._synced_folders = folders
 
     def _check_keyring_files(self) -> None:
         """The files gpg reads keys and ownertrust from must be as private as the folder:
@@ -1282,7 +1310,19 @@ class Keystore:
     def find(self, address: str, *, include_revoked: bool = False) -> tuple[OpenPGPKey, ...]:
         """Certificates whose non-revoked user IDs carry ``address`` (case-insensitive)."""
         addr = address.strip().lower()
-        return tuple(k for k in self.all_keys() if k.carries(addr, include_revoked=include_revoked))
+        keys = self.all_keys()
+        # An address -> keys index, made once per listing: a lookup per recipient per message
+        # must not parse every user ID of every key in a large store.
+        index = self._index
+        if index is None or index[0] is not keys:
+            by_address: dict[str, list[OpenPGPKey]] = {}
+            for k in keys:
+                for a in dict.fromkeys(u.address for u in k.user_ids if u.address):
+                    by_address.setdefault(a, []).append(k)
+            index = (keys, {a: tuple(ks) for a, ks in by_address.items()})
+            self._index = index
+        found = index[1].get(addr, ())
+        return tuple(k for k in found if k.carries(addr, include_revoked=include_revoked))
 
     def encryption_key(
         self, address: str, *, key_map: Mapping[str, str] | None = None
@@ -1640,7 +1680,10 @@ class Keystore:
         if sub is None or not key.carries(addr):
             raise KeystoreError(f"{key.fingerprint} has no usable encryption key for {addr}")
         # Every message of a bulk send carries it: made once per key state, not per message.
-        memo = (key.fingerprint, addr, sub.fingerprint, self._stamp())
+        # Keyed on the certificate's own file (one stat) in a store, not on the whole store:
+        # a listing of every certificate per message made the cost grow with the store.
+        state = _file_tag(self.certd.path_for(key.fingerprint)) if self.is_certd else self._stamp()
+        memo = (key.fingerprint, addr, sub.fingerprint, state)
         cached = self._minimal.get(memo)
         if cached is not None:
             return cached

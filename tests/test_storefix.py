@@ -114,3 +114,79 @@ def test_the_in_process_engine_signs_after_the_key_expiry_was_extended(tmp_path:
     store.import_keys(extended)
     assert not isinstance(store.signing_key("sam@example.com"), KeyProblem)
     assert _sign_as(store, "sam@example.com", "pw")
+
+
+@pytest.fixture(scope="module")
+def big_store(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Keystore:
+    store = Keystore(tmp_path_factory.mktemp("big") / "home", backend="certd")
+    for key in keys.all():
+        store.import_file(key.cert)
+    return store
+
+
+def test_a_lookup_and_autocrypt_keydata_do_not_read_the_whole_store(
+    big_store: Keystore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per message, the cost must not grow with the store: no listing of every certificate
+    file for the Autocrypt key data, no parsing of every user ID per lookup."""
+    import e2email.keystore as keystore_module
+    from e2email.certd import CertDirectory
+
+    big_store.find("bob@example.net")
+    key = big_store.encryption_key("bob@example.net")
+    assert not isinstance(key, KeyProblem)
+    big_store.export_minimal(key, "bob@example.net")
+    parsed: list[str] = []
+    real = keystore_module._uid_address
+    monkeypatch.setattr(keystore_module, "_uid_address", lambda t: parsed.append(t) or real(t))
+
+    def listed(self: CertDirectory) -> None:
+        raise AssertionError("every certificate file listed")
+
+    monkeypatch.setattr(CertDirectory, "tags", listed)
+    monkeypatch.setattr(CertDirectory, "fingerprints", listed)
+    for _ in range(3):
+        assert big_store.find("bob@example.net") == (key,)
+        assert big_store.export_minimal(key, "bob@example.net")
+    # Only the found key's user IDs are read (by find, and by export_minimal): not all 11 keys'.
+    assert len(parsed) <= 3 * 2 * len(key.user_ids) < 3 * len(big_store.all_keys())
+
+
+def test_the_gnupg_engine_copy_imports_only_what_changed(
+    keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gnupg
+
+    store = Keystore(tmp_path / "home", backend="certd")
+    for key in (keys.bob, keys.carol, keys.dave):
+        store.import_file(key.cert)
+    try:
+        store.gpg  # noqa: B018 - the first sync imports everything
+        seen: list[int] = []
+        real = gnupg.GPG.import_keys
+
+        def counting(self: gnupg.GPG, data: bytes, *args: object, **kw: object) -> object:
+            seen.append(len(list(pysequoia.Cert.split_bytes(data))))
+            return real(self, data, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(gnupg.GPG, "import_keys", counting)
+        store.gpg  # noqa: B018 - nothing changed: nothing imported
+        assert seen == []
+        store.import_file(keys.erin.cert)
+        store.gpg  # noqa: B018
+        assert seen == [1]
+        # Another process with the same store imports nothing more.
+        Keystore(store.home, backend="certd").gpg  # noqa: B018
+        assert seen == [1]
+        listing = gpg(store.gnupg_home, "--with-colons", "--list-keys").stdout.decode()
+        assert keys.erin.fingerprint in listing
+        # A secret key re-imported under a new passphrase replaces gpg's copy too.
+        raw = generate_key("<pat@example.com>", suite="cv25519", validity_seconds=None)
+        fpr = store.import_keys(protect(raw, "old")).fingerprints[0]
+        store.gpg  # noqa: B018
+        store.import_keys(protect(raw, "new"))
+        store.gpg  # noqa: B018
+        out = gpg(store.gnupg_home, "--passphrase", "new", "--export-secret-keys", fpr).stdout
+        assert out and pysequoia.Tsk.from_bytes(out)
+    finally:
+        store.shutdown_agent()
