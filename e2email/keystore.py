@@ -633,6 +633,13 @@ def _file_tag(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def _refuse_loose(path: Path, st: os.stat_result, *, what: str) -> None:
+    """:func:`check_private` for a path already stat'ed: the same refusal and wording, with
+    no second stat for a path that is fine."""
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        check_private(path, what=what)
+
+
 def _judge(data: bytes) -> list[OpenPGPKey]:
     """Every certificate in ``data`` judged by e2email's rules without gpg."""
     from e2email.pgpkeys import keys_from_bytes  # type: ignore[import-not-found,unused-ignore]
@@ -1888,7 +1895,12 @@ class Keystore:
         secret_fprs = self.secret_keys.fingerprints()
         for fpr, path in self.certd.fingerprints():
             seen.add(fpr)
-            tag = _file_tag(path)
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # gone since it was listed
+            _refuse_loose(path, st, what="certificate file")
+            tag = (st.st_ino, st.st_mtime_ns, st.st_size)
             sec_tag = self.secret_keys.tag(fpr) if fpr in secret_fprs else None
             cached = self._judged.get(fpr)
             if cached is not None and cached[0] == tag and cached[1] == sec_tag:
@@ -1924,14 +1936,22 @@ class Keystore:
         stamp: list[object] = []
         for folder in (self.certd.root, self.secret_keys.root, self.sources.path):
             try:
-                stamp.append(folder.stat().st_mtime_ns)
+                st = folder.stat()
             except OSError:
                 stamp.append(0)
+                continue
+            stamp.append(st.st_mtime_ns)
+            if folder != self.sources.path:  # the record checks itself when read
+                _refuse_loose(folder, st, what="certificate store folder")
         try:
             with os.scandir(self.certd.root) as entries:
                 for entry in entries:
                     if len(entry.name) == 2 and entry.is_dir():
-                        stamp.append((entry.name, entry.stat().st_mtime_ns))
+                        st = entry.stat()
+                        # Whoever may write a folder of the store can swap a certificate in
+                        # it: refused as a loose GnuPG home is. The stat is needed anyway.
+                        _refuse_loose(Path(entry.path), st, what="certificate store folder")
+                        stamp.append((entry.name, st.st_mtime_ns))
         except OSError:
             pass
         return tuple(sorted(stamp, key=repr))

@@ -190,3 +190,27 @@ def test_the_gnupg_engine_copy_imports_only_what_changed(
         assert out and pysequoia.Tsk.from_bytes(out)
     finally:
         store.shutdown_agent()
+
+
+def test_a_store_others_may_write_is_refused(keys: Keys, tmp_path: Path) -> None:
+    """Whoever may write the store can swap a certificate: refused like a loose GnuPG home,
+    whether the store, one of its folders, a certificate file or the secret key folder."""
+    from e2email.errors import InsecurePathError
+
+    store = Keystore(tmp_path / "home", backend="certd")
+    store.import_file(keys.bob.cert)
+    store.generate("me@example.com", passphrase="pw")
+    fpr = keys.bob.fingerprint.lower()
+    folder = store.certd.root / fpr[:2]
+    for path in (store.certd.root, folder, folder / fpr[2:], store.secret_keys.root):
+        mode = path.stat().st_mode & 0o777
+        path.chmod(mode | 0o022)
+        try:
+            with pytest.raises(InsecurePathError, match="writable by group or others"):
+                Keystore(store.home).encryption_key("bob@example.net")
+            if path.is_dir():  # a running process too, even with its listing cached
+                with pytest.raises(InsecurePathError, match=str(path)):
+                    store.all_keys()
+        finally:
+            path.chmod(mode)
+    assert not isinstance(store.encryption_key("bob@example.net"), KeyProblem)
