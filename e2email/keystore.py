@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -67,6 +68,7 @@ from e2email.certd import (
 from e2email.config import default_home
 from e2email.errors import (
     ConfigError,
+    InsecurePathError,
     KeyProblem,
     KeyReason,
     KeystoreError,
@@ -76,6 +78,8 @@ from e2email.errors import (
 from e2email.keysources import KeySource, KeySources, SourceKind
 from e2email.message import Address
 from e2email.private import check_private, ensure_private_dir, open_private
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
@@ -1008,6 +1012,8 @@ class Keystore:
         self._lock = threading.Lock()
         self._listing: _Listing | None = None
         self._minimal: dict[tuple[object, ...], bytes] = {}
+        #: Certificate files left out of the listing (unreadable), each warned about once.
+        self._skipped: set[tuple[Path, object]] = set()
         #: The store's folder stamp when the GnuPG engine's copy was last brought in step.
         self._synced_folders: tuple[object, ...] | None = None
         #: The listing an address index was made from, and the index (see :meth:`find`).
@@ -1908,13 +1914,21 @@ class Keystore:
                 continue
             try:
                 data = path.read_bytes()
-            except OSError as exc:
-                raise KeystoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
-            if sec_tag is not None:
-                # Judged with its secret key material: a signing subkey is shown genuine by
-                # Sequoia picking it to sign (pgpkeys), which needs the secret.
-                data = _with_secret_packets(data, self.secret_keys.get(fpr) or b"")
-            judged = [k for k in _judge(data) if k.fingerprint == fpr]
+                if sec_tag is not None:
+                    # Judged with its secret key material: a signing subkey is shown genuine
+                    # by Sequoia picking it to sign (pgpkeys), which needs the secret.
+                    data = _with_secret_packets(data, self.secret_keys.get(fpr) or b"")
+                judged = [k for k in _judge(data) if k.fingerprint == fpr]
+            except (OSError, KeystoreError) as exc:
+                # One unreadable or damaged file must not stop every command: its key is left
+                # out (its addresses fail closed as having no key), and the file is named.
+                if isinstance(exc, InsecurePathError):
+                    raise
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                if (path, tag) not in self._skipped:
+                    self._skipped.add((path, tag))
+                    _log.warning("left out the certificate %s: %s", path, why or exc)
+                continue
             if not judged:
                 continue  # not a certificate for its file name: never chosen
             key = judged[0]

@@ -5,6 +5,7 @@ extends a key's expiry)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 
@@ -214,3 +215,26 @@ def test_a_store_others_may_write_is_refused(keys: Keys, tmp_path: Path) -> None
         finally:
             path.chmod(mode)
     assert not isinstance(store.encryption_key("bob@example.net"), KeyProblem)
+
+
+def test_one_unreadable_certificate_is_left_out_and_named(
+    keys: Keys, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Keystore(tmp_path / "home", backend="certd")
+    store.import_file(keys.bob.cert)
+    store.import_file(keys.carol.cert)
+    fpr = keys.bob.fingerprint.lower()
+    path = store.certd.root / fpr[:2] / fpr[2:]
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):  # root reads it anyway: a damaged file instead
+            path.chmod(0o600)
+            path.write_bytes(b"\x99damaged")
+        with caplog.at_level("WARNING", logger="e2email.keystore"):
+            fresh = Keystore(store.home)
+            missing = fresh.encryption_key("bob@example.net")
+            assert isinstance(missing, KeyProblem) and missing.reason is KeyReason.NOT_FOUND
+            assert not isinstance(fresh.encryption_key(keys.carol.address), KeyProblem)
+        assert str(path) in caplog.text
+    finally:
+        path.chmod(0o600)
