@@ -2068,16 +2068,27 @@ class Keystore:
             if packet.tag != Tag.Signature or packet.signature_type != SignatureType.KeyRevocation:
                 continue
             issuer = (packet.issuer_fingerprint or "").upper()
-            old = self.certd.get(issuer) if len(issuer) == 40 else None
-            if old is None:
+            key_id = (packet.issuer_key_id or "").upper()
+            if len(issuer) == 40:
+                named = [issuer]
+            elif len(key_id) == 16:
+                # Older revocations (gpg 1.x, RFC 4880 era) name the issuer by key ID only:
+                # every stored certificate with that ID is a candidate, and Sequoia keeps the
+                # revocation only on the one whose key made it.
+                named = [f for f, _ in self.certd.fingerprints() if f[-16:] == key_id]
+            else:
+                named = []
+            olds = [o for o in map(self.certd.get, named) if o is not None]
+            if not olds:
                 raise KeystoreError(
                     f"no OpenPGP key found in the data: a revocation certificate for "
-                    f"{issuer or packet.issuer_key_id}, which is not here"
+                    f"{issuer or key_id}, which is not here"
                 )
-            try:
-                found.append(sq.Cert.from_packets([*PacketPile.from_bytes(old), packet]))
-            except (RuntimeError, ValueError) as exc:
-                raise KeystoreError(f"cannot read the revocation: {_first_line(exc)}") from exc
+            for old in olds:
+                try:
+                    found.append(sq.Cert.from_packets([*PacketPile.from_bytes(old), packet]))
+                except (RuntimeError, ValueError) as exc:
+                    raise KeystoreError(f"cannot read the revocation: {_first_line(exc)}") from exc
         return found
 
     def _generate_certd(

@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pysequoia
 import pytest
@@ -238,3 +239,49 @@ def test_one_unreadable_certificate_is_left_out_and_named(
         assert str(path) in caplog.text
     finally:
         path.chmod(0o600)
+
+
+def _revocation_by_key_id(raw: bytes, signer_raw: bytes) -> bytes:
+    """A key revocation (RFC 9580 §5.2.1.10) of ``raw``'s certificate made by ``signer_raw``'s
+    primary key, naming its issuer by key ID only (as gpg 1.x wrote them), EdDSA/SHA-512."""
+    import hashlib
+    import time
+
+    from pysequoia.packet import PacketPile, Tag
+
+    from e2email.certd import _packet, _signer_for, _subpacket
+
+    def primary(data: bytes, tag: Tag) -> Any:
+        return next(p for p in PacketPile.from_bytes(data) if p.tag == tag)
+
+    target = primary(bytes(pysequoia.Tsk.from_bytes(raw).extract_certificate()), Tag.PublicKey)
+    body = bytes(target.body)
+    signer_pub = bytes(
+        primary(
+            bytes(pysequoia.Tsk.from_bytes(signer_raw).extract_certificate()), Tag.PublicKey
+        ).body
+    )
+    signer_secret = bytes(primary(signer_raw, Tag.SecretKey).body)[len(signer_pub) :]
+    hashed = _subpacket(2, int(time.time()).to_bytes(4, "big")) + _subpacket(29, b"\x00")
+    head = bytes([4, 0x20, 22, 10]) + len(hashed).to_bytes(2, "big") + hashed
+    trailer = b"\x04\xff" + len(head).to_bytes(4, "big")
+    digest = hashlib.sha512(b"\x99" + len(body).to_bytes(2, "big") + body + head + trailer).digest()
+    unhashed = _subpacket(16, bytes.fromhex(str(target.fingerprint))[-8:])
+    sign = _signer_for(22, signer_secret)
+    return _packet(
+        2, head + len(unhashed).to_bytes(2, "big") + unhashed + digest[:2] + sign(digest)
+    )
+
+
+def test_a_revocation_naming_its_issuer_by_key_id_only_is_taken(tmp_path: Path) -> None:
+    raw = generate_key("<old@example.com>", suite="cv25519", validity_seconds=None)
+    other = generate_key("<mallory@example.com>", suite="cv25519", validity_seconds=None)
+    store = Keystore(tmp_path / "home", backend="certd")
+    store.import_keys(bytes(pysequoia.Tsk.from_bytes(raw).extract_certificate()))
+    # A forged one (made by another key, naming this key's ID) revokes nothing.
+    store.import_keys(_revocation_by_key_id(raw, other))
+    assert not isinstance(store.encryption_key("old@example.com"), KeyProblem)
+    summary = store.import_keys(_revocation_by_key_id(raw, raw))
+    assert summary.revoked == 1
+    choice = store.encryption_key("old@example.com")
+    assert isinstance(choice, KeyProblem) and choice.reason is KeyReason.REVOKED
