@@ -48,7 +48,7 @@ import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +64,7 @@ from e2email.certd import (
     generate_key,
     is_protected,
     protect,
+    secret_fingerprints,
 )
 from e2email.config import default_home
 from e2email.errors import (
@@ -485,6 +486,9 @@ class MigratedKey:
     moved: bool
     #: The secret key had no passphrase in the GnuPG home and is stored as it was.
     unprotected: bool = False
+    #: What gpg could do with the key that the store cannot ("" when nothing), e.g. an
+    #: algorithm Sequoia refuses: the key is in the store but will be refused there.
+    lost: str = ""
 
 
 @dataclass(frozen=True)
@@ -500,6 +504,22 @@ class Migration:
 class _Listing:
     stamp: tuple[object, ...]
     keys: tuple[OpenPGPKey, ...] = field(default_factory=tuple)
+
+
+def _lost(before: OpenPGPKey, after: OpenPGPKey) -> str:
+    """What ``before`` (judged by gpg) could do that ``after`` (judged in the store) cannot."""
+    gone = []
+    if before.encryption_problem() is None and after.encryption_problem() is not None:
+        gone.append("encryption")
+    if (
+        before.has_secret
+        and before.signing_problem() is None
+        and after.signing_problem() is not None
+    ):
+        gone.append("signing")
+    if not gone:
+        return ""
+    return f"usable for {' and '.join(gone)} with gpg, not in the store: {after.status()}"
 
 
 def check_expiry(expire: str) -> str:
@@ -655,17 +675,7 @@ def _judge(data: bytes) -> list[OpenPGPKey]:
 def _secret_fprs(tsk_bytes: bytes) -> set[str]:
     """Fingerprints of the (sub)keys whose secret key material ``tsk_bytes`` holds (a gpg
     stub for a key on a card has none: S2K usage 101 is a stub, RFC 9580 §3.7.2.1 / gpg)."""
-    from pysequoia.packet import PacketPile, Tag
-
-    try:
-        packets = list(PacketPile.from_bytes(tsk_bytes))
-    except (RuntimeError, ValueError):
-        return set()
-    return {
-        (p.fingerprint or "").upper()
-        for p in packets
-        if p.tag in (Tag.SecretKey, Tag.SecretSubkey) and p.fingerprint
-    }
+    return secret_fingerprints(tsk_bytes)
 
 
 def _secret_keys_in(data: bytes) -> dict[str, bytes]:
@@ -1726,14 +1736,25 @@ class Keystore:
 
     # -- Migration from e2email's own GnuPG home ----------------------------------------------
 
-    def migrate(self, *, passphrase: str | None = None) -> Migration:
+    def migrate(
+        self,
+        *,
+        passphrase: str | None = None,
+        ask: Callable[[str], str | None] | None = None,
+        unprotected: bool = False,
+    ) -> Migration:
         """Copy every certificate and secret key of this home's GnuPG home (``HOME/gnupg``)
         into its certificate store, check both sides hold the same fingerprints and secrets,
         and only then switch the home to the store (the store folder appears last, by a
         rename). The GnuPG home is kept as it is (``--gnupg-home HOME/gnupg`` still uses it);
-        running it again moves only what is new. Protected secret keys are exported by gpg
-        under ``passphrase`` (gpg 2.2 re-protects the export with it); keys without a
-        passphrase stay without one. Needs the gpg program."""
+        running it again moves only what is new. Needs the gpg program.
+
+        Protected secret keys are exported by gpg under ``passphrase`` (gpg 2.2 re-protects
+        the export with it); when it does not open a key, ``ask(fingerprint)`` is asked for
+        that key's own (None: give up, "wrong passphrase for FPR"). A secret key without a
+        passphrase is protected with ``passphrase``, or stored as it is only when
+        ``unprotected`` says so (as ``keys import``). A key gpg can use but the store judges
+        unusable (DSA/Elgamal, brainpool...) is moved and reported in ``lost``."""
         import tempfile
 
         if not self.managed:
@@ -1750,6 +1771,10 @@ class Keystore:
         source = Keystore(self.home, backend="gnupg", gpg_binary=self.gpg_binary)
         keys = source.all_keys()
         ensure_private_dir(self.home, what="e2email home")
+        # A migration interrupted before its switch leaves a staging folder holding copies
+        # of secret keys: never left lying about.
+        for stale in self.home.glob(".migrate-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         existing = self.certd.exists()
         # A new store is built beside the home and renamed into place once checked, so a
         # failure half-way leaves the home on its GnuPG home, unchanged.
@@ -1763,8 +1788,15 @@ class Keystore:
                 data = public if isinstance(public, bytes) else bytes(public, "latin-1")
                 secret = b""
                 if key.has_secret:
-                    secret = self._gpg_export_secret(source, key, passphrase)
-                target.import_keys(data + secret, unprotected=True)
+                    secret = self._export_asking(source, key, passphrase, ask)
+                if secret and not is_protected(secret) and not passphrase and not unprotected:
+                    raise KeystoreError(
+                        f"the secret key {key.fingerprint} has no passphrase in {gnupg_home}, "
+                        "and the certificate store keeps secret keys only under one: give a "
+                        "passphrase to protect it with (--passphrase-env VAR), or --unprotected "
+                        "to store it as it is; nothing was moved"
+                    )
+                target.import_keys(data + secret, passphrase=passphrase, unprotected=unprotected)
                 now = target.get(key.fingerprint)
                 if now is None:
                     raise KeystoreError(f"{key.fingerprint} did not reach the certificate store")
@@ -1780,7 +1812,7 @@ class Keystore:
                         addresses=key.addresses,
                         secrets=tuple(sorted(held)),
                         moved=old is None or (bool(held) and not old.has_secret),
-                        unprotected=bool(secret) and not is_protected(secret),
+                        unprotected=bool(secret) and not is_protected(secret) and not passphrase,
                     )
                 )
             # Both sides: the same certificates, and every secret gpg has, in the store.
@@ -1789,10 +1821,10 @@ class Keystore:
             for key in keys:
                 got = stored.get(key.fingerprint)
                 want = {k.fingerprint for k in (key.primary, *key.subkeys) if k.has_secret}
+                # The secrets in the stored file (what the store's judge makes of a key it
+                # cannot use is compared below, as the verdict).
                 have = (
-                    {k.fingerprint for k in (got.primary, *got.subkeys) if k.has_secret}
-                    if got
-                    else set()
+                    _secret_fprs(target.secret_keys.get(key.fingerprint) or b"") if want else set()
                 )
                 if got is None or not want <= have:
                     raise KeystoreError(
@@ -1804,21 +1836,65 @@ class Keystore:
                         )
                         + "; the home still uses its GnuPG home"
                     )
+            # The same verdict on both sides: a key gpg can use that the store cannot
+            # (an algorithm or curve Sequoia refuses) is said, not silently "moved".
+            moved = [
+                replace(m, lost=_lost(k, stored[k.fingerprint]))
+                for m, k in zip(moved, keys, strict=True)
+            ]
             # gpg's "disabled" flag has no place in a certificate: kept in the home's record,
             # so a key the user disabled stays refused after the move.
             off = [k.fingerprint for k in keys if k.disabled]
             if off:
                 self.sources.disable(off)
             if staging is not None:
-                if target.secret_keys.root.exists():
-                    os.replace(target.secret_keys.root, self.secret_keys.root)
-                target.certd.ensure()
-                os.replace(target.certd.root, self.certd.root)  # the switch
+                self._switch_in(target)
+        except OSError as exc:
+            raise KeystoreError(
+                f"keys migrate failed: {exc.strerror or exc} ({exc.filename or self.home}); "
+                "the home still uses its GnuPG home"
+            ) from exc
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
         self._switch_to_store()
         return Migration(store=self.certd.root, gnupg_home=gnupg_home, keys=tuple(moved))
+
+    def _switch_in(self, target: Keystore) -> None:
+        """Rename the checked staging store into the home: secret keys first, the certificate
+        folder last (its appearance is the switch). A ``secret/`` left by a migration that
+        stopped between the two renames is merged into, not renamed over."""
+        staged = target.secret_keys.root
+        if staged.exists():
+            if self.secret_keys.root.exists():
+                ensure_private_dir(self.secret_keys.root, what="secret key folder")
+                for item in staged.iterdir():
+                    os.replace(item, self.secret_keys.root / item.name)
+            else:
+                os.replace(staged, self.secret_keys.root)
+        target.certd.ensure()
+        os.replace(target.certd.root, self.certd.root)  # the switch
+
+    def _export_asking(
+        self,
+        source: Keystore,
+        key: OpenPGPKey,
+        passphrase: str | None,
+        ask: Callable[[str], str | None] | None,
+    ) -> bytes:
+        """The secret key from gpg under ``passphrase``, else under what ``ask`` gives for
+        this key (keys of one home may have different passphrases)."""
+        tried = passphrase
+        while True:
+            try:
+                return self._gpg_export_secret(source, key, tried)
+            except PassphraseError:
+                again = ask(key.fingerprint) if ask is not None else None
+                if again is None:
+                    raise
+                if any(c in again for c in "\r\n\0"):
+                    raise KeystoreError("a passphrase cannot contain CR, LF or NUL") from None
+                tried = again
 
     @staticmethod
     def _gpg_export_secret(source: Keystore, key: OpenPGPKey, passphrase: str | None) -> bytes:
@@ -1850,12 +1926,14 @@ class Keystore:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise KeystoreError(f"cannot run {source.gpg_binary}: {exc}") from exc
         if done.returncode != 0 or not done.stdout:
-            need = "" if passphrase else " (give its passphrase: --passphrase-env VAR)"
-            raise PassphraseError(
-                f"gpg did not export the secret key {key.fingerprint}{need}",
-                fingerprint=key.fingerprint,
-                missing=passphrase is None,
-            )
+            if passphrase:
+                message = f"wrong passphrase for {key.fingerprint}: gpg did not export it"
+            else:
+                message = (
+                    f"gpg did not export the secret key {key.fingerprint} "
+                    "(give its passphrase: --passphrase-env VAR)"
+                )
+            raise PassphraseError(message, fingerprint=key.fingerprint, missing=passphrase is None)
         return done.stdout
 
     # -- The certificate store (backend "certd") ----------------------------------------------

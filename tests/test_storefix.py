@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from pgp_helpers import gpg, kill_agent, new_gnupg_home
 from e2email import KeyReason, Message, OpenPGPEngine, PassphraseError, Protection
 from e2email.certd import generate_key, protect
 from e2email.crypto.sequoia import SequoiaProtector
-from e2email.errors import KeyProblem
+from e2email.errors import KeyProblem, KeystoreError
 from e2email.keystore import Keystore
 
 
@@ -285,3 +286,130 @@ def test_a_revocation_naming_its_issuer_by_key_id_only_is_taken(tmp_path: Path) 
     assert summary.revoked == 1
     choice = store.encryption_key("old@example.com")
     assert isinstance(choice, KeyProblem) and choice.reason is KeyReason.REVOKED
+
+
+def _gpg_key(home: Path, address: str, passphrase: str, algo: str = "ed25519") -> str:
+    """A key made by gpg in the e2email home's GnuPG home (sign primary, encryption subkey)."""
+    gnupg_home = home / "gnupg"
+    gnupg_home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pw = ("--passphrase", passphrase)
+    gpg(gnupg_home, *pw, "--quick-gen-key", f"<{address}>", algo, "sign,cert", "never")
+    listing = gpg(gnupg_home, "--with-colons", "--list-keys", f"<{address}>").stdout.decode()
+    fpr = next(ln.split(":")[9] for ln in listing.splitlines() if ln.startswith("fpr:"))
+    sub = "cv25519" if algo == "ed25519" else algo
+    gpg(gnupg_home, *pw, "--quick-add-key", fpr, sub, "encr", "never")
+    return fpr
+
+
+def test_migrate_protects_or_refuses_a_key_without_passphrase(tmp_path: Path) -> None:
+    from e2email.certd import is_protected
+
+    home = tmp_path / "home"
+    fpr = _gpg_key(home, "open@example.com", "")
+    try:
+        with pytest.raises(KeystoreError, match="--unprotected"):
+            Keystore(home, backend="certd").migrate()
+        assert not (home / "pgp.cert.d").exists() and not (home / "secret").exists()
+        done = Keystore(home, backend="certd").migrate(passphrase="now one")
+        assert not done.keys[0].unprotected
+        store = Keystore(home)
+        assert is_protected(store.secret_key_bytes(fpr) or b"")
+        assert _sign_as(store, "open@example.com", "now one")
+    finally:
+        kill_agent(home / "gnupg")
+
+
+def test_migrate_asks_per_key_and_says_which_key_a_passphrase_does_not_open(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    first = _gpg_key(home, "one@example.com", "first")
+    second = _gpg_key(home, "two@example.com", "second")
+    try:
+        with pytest.raises(PassphraseError, match=f"wrong passphrase for ({first}|{second})"):
+            Keystore(home, backend="certd").migrate(passphrase="nope")
+        asked: list[str] = []
+
+        def ask(fpr: str) -> str | None:
+            asked.append(fpr)
+            return "second" if fpr == second else None
+
+        done = Keystore(home, backend="certd").migrate(passphrase="first", ask=ask)
+        assert asked == [second]
+        assert {k.fingerprint for k in done.keys if k.secrets} == {first, second}
+        store = Keystore(home)
+        assert _sign_as(store, "one@example.com", "first")
+        assert _sign_as(store, "two@example.com", "second")
+    finally:
+        kill_agent(home / "gnupg")
+
+
+def test_migrate_says_which_keys_the_store_cannot_use(tmp_path: Path) -> None:
+    """Brainpool: gpg signs and encrypts with it, Sequoia's judge refuses it. The move is
+    reported as such, on the command line too, not as a plain "moved"."""
+    import sys
+
+    home = tmp_path / "home"
+    fpr = _gpg_key(home, "bp@example.com", "", algo="brainpoolP256r1")
+    good = _gpg_key(home, "ok@example.com", "")
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "e2email",
+                "--home",
+                str(home),
+                "keys",
+                "migrate",
+                "--unprotected",
+            ],
+            capture_output=True,
+            timeout=120,
+            check=False,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        line = next(ln for ln in done.stdout.splitlines() if fpr in ln)
+        assert "NOT USABLE HERE: usable for encryption and signing with gpg" in line
+        assert "NOT USABLE" not in next(ln for ln in done.stdout.splitlines() if good in ln)
+        assert "1 key(s) gpg could use are refused in the store" in done.stderr
+    finally:
+        kill_agent(home / "gnupg")
+
+
+def test_an_interrupted_migrate_is_finished_by_the_next_and_leaves_no_secret_copies(
+    tmp_path: Path,
+) -> None:
+    """A crash between the two renames left HOME/secret (and maybe a staging folder with
+    secret keys): the next migrate merges into it and removes the leftovers."""
+    home = tmp_path / "home"
+    fpr = _gpg_key(home, "crash@example.com", "")
+    try:
+        (home / "secret").mkdir(mode=0o700)
+        (home / "secret" / f"{fpr}.pgp").write_bytes(b"from the interrupted run")
+        (home / "secret" / f"{fpr}.pgp").chmod(0o600)
+        stale = home / ".migrate-abc123" / "secret"
+        stale.mkdir(parents=True, mode=0o700)
+        (stale / f"{fpr}.pgp").write_bytes(b"secret copy")
+        done = Keystore(home, backend="certd").migrate(unprotected=True)
+        assert done.keys[0].secrets
+        assert [p.name for p in home.iterdir() if p.name.startswith(".migrate")] == []
+        assert _sign_as(Keystore(home), "crash@example.com", "")
+    finally:
+        kill_agent(home / "gnupg")
+
+
+def test_a_key_stub_is_not_counted_as_a_secret(tmp_path: Path) -> None:
+    """gpg --export-secret-subkeys writes the primary as a gnu-dummy stub (its secret is
+    elsewhere): only the subkeys' secrets are held."""
+    from e2email.certd import secret_fingerprints
+
+    home = tmp_path / "g"
+    fpr = _gpg_key(home, "stub@example.com", "")
+    try:
+        data = gpg(home / "gnupg", "--export-secret-subkeys", fpr).stdout
+    finally:
+        kill_agent(home / "gnupg")
+    held = secret_fingerprints(data)
+    assert held and fpr not in held
