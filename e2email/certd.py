@@ -105,6 +105,24 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename into ``folder`` durable (POSIX: the directory entry is written when the
+    folder is synced); not possible, nor needed, on Windows."""
+    if sys.platform == "win32":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder: the rename stands as it is
+    finally:
+        os.close(fd)
 
 
 def _lock(fd: int) -> None:

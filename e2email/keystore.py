@@ -1038,11 +1038,19 @@ class Keystore:
         either; only a GnuPG home serves the GnuPG engine and smartcards)."""
         if named:
             return "gnupg"
+        wanted = os.environ.get("E2EMAIL_KEYSTORE", "").strip().lower()
         if self.certd.exists():
             return "certd"
         if self.gnupg_home.exists():
+            if wanted == "certd":
+                # Said, not silently ignored: the keys are in the GnuPG home until moved.
+                _log.warning(
+                    "E2EMAIL_KEYSTORE=certd is not used for %s: its keys are in %s; "
+                    "`e2email keys migrate` moves them to the certificate store",
+                    self.home,
+                    self.gnupg_home,
+                )
             return "gnupg"
-        wanted = os.environ.get("E2EMAIL_KEYSTORE", "").strip().lower()
         if wanted in BACKENDS:
             return wanted
         return "gnupg" if shutil.which(self.gpg_binary) is not None else "certd"
@@ -1969,7 +1977,10 @@ class Keystore:
 
         Every write to the store (ours, and ``sq``'s: cert-d §4) renames a file into its
         folder, which changes the folder's mtime: while no folder changed, the last listing
-        stands, at the cost of a stat per folder rather than per certificate."""
+        stands, at the cost of a stat per folder rather than per certificate. A tool that
+        rewrote a certificate file in place instead (against cert-d §4) changes no folder: a
+        running process sees that change at the next change to the store, or when restarted
+        (or :meth:`invalidate` is called)."""
         folders = self._store_folders()
         listing = self._listing
         if listing is not None and listing.stamp == folders:
@@ -2124,10 +2135,11 @@ class Keystore:
         replaces the file, and is counted as a secret key imported. The same bytes again
         change nothing; fewer secrets (a copy with a key moved to a card) never replace
         more."""
-        old = self.secret_keys.get(fpr)
-        if old is not None and (raw == old or not _secret_fprs(old) <= _secret_fprs(raw)):
-            return False
-        self.secret_keys.put(fpr, raw)
+        with self.certd.locked():  # two imports of one key at once: one wins, whole
+            old = self.secret_keys.get(fpr)
+            if old is not None and (raw == old or not _secret_fprs(old) <= _secret_fprs(raw)):
+                return False
+            self.secret_keys.put(fpr, raw)
         return True
 
     def _revocations(self, data: bytes) -> list[Any]:
@@ -2189,17 +2201,28 @@ class Keystore:
             )
         suite = {"ed25519": "cv25519", "rsa3072": "rsa3k", "rsa4096": "rsa4k"}[algorithm]
         uid = f"{name} <{address}>" if name else f"<{address}>"
+        validity = _validity_seconds(expire)
+        if validity is not None and validity >= 2**32:
+            # A key expiration time is 4 octets of seconds after creation (RFC 9580
+            # §5.2.3.13): about 136 years is the most a key can be given.
+            raise KeystoreError(
+                f"expiry {expire!r} is too far away: OpenPGP can say at most about 136 years "
+                "(or 0 for never)"
+            )
         try:
-            raw = generate_key(uid, suite=suite, validity_seconds=_validity_seconds(expire))
-        except (RuntimeError, ValueError) as exc:
+            raw = generate_key(uid, suite=suite, validity_seconds=validity)
+        except (RuntimeError, ValueError, OverflowError) as exc:
             raise KeystoreError(f"key generation failed: {_first_line(exc)}") from exc
         if passphrase:
             raw = protect(raw, passphrase)
         cert = sq.Cert.from_bytes(raw)
         fpr = str(cert.fingerprint).upper()
         ensure_private_dir(self.home, what="e2email home")
-        self.secret_keys.put(fpr, raw)
+        # The certificate first, then its secret (under the store's lock): a reader never
+        # finds a secret key file whose certificate is not there yet.
         self.certd.insert(cert)
+        with self.certd.locked():
+            self.secret_keys.put(fpr, raw)
         self.sources.record([fpr], KeySource(SourceKind.GENERATED))
         return GeneratedKey(fingerprint=fpr, user_id=uid)
 

@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from e2email.certd import generate_key, protect
 from e2email.crypto.sequoia import SequoiaProtector
 from e2email.errors import KeyProblem, KeystoreError
 from e2email.keystore import Keystore
+from e2email.testing import LoopbackSMTPServer
 
 
 def test_a_key_disabled_in_gpg_stays_disabled_after_migrate(keys: Keys, tmp_path: Path) -> None:
@@ -413,3 +415,54 @@ def test_a_key_stub_is_not_counted_as_a_secret(tmp_path: Path) -> None:
         kill_agent(home / "gnupg")
     held = secret_fingerprints(data)
     assert held and fpr not in held
+
+
+def test_an_expiry_beyond_what_openpgp_can_say_is_a_one_line_error(tmp_path: Path) -> None:
+    import sys
+
+    env = {**os.environ, "E2EMAIL_KEYSTORE": "certd"}
+    args = ["--home", str(tmp_path / "home"), "keys", "generate", "--expire", "99999y"]
+    done = subprocess.run(
+        [sys.executable, "-m", "e2email", *args, "--unprotected", "far@example.com"],
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "e2email: error: expiry '99999y' is too far away: OpenPGP can say at most about 136 "
+        "years (or 0 for never)"
+    ]
+
+
+def test_a_keystore_choice_that_cannot_apply_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    home = tmp_path / "home"
+    (home / "gnupg").mkdir(parents=True, mode=0o700)
+    monkeypatch.setenv("E2EMAIL_KEYSTORE", "certd")
+    with caplog.at_level("WARNING", logger="e2email.keystore"):
+        assert Keystore(home).backend == "gnupg"
+    assert "E2EMAIL_KEYSTORE=certd is not used" in caplog.text and "keys migrate" in caplog.text
+
+
+def test_doctor_json_says_which_openpgp_engines_there_are(
+    smtp_server: Callable[..., LoopbackSMTPServer], tmp_path: Path
+) -> None:
+    import json
+    import sys
+
+    server = smtp_server(tls="implicit")
+    assert server.ca_file is not None
+    done = subprocess.run(
+        [sys.executable, "-m", "e2email", "--home", str(tmp_path / "h"), "doctor", server.host,
+         "--timeout", "2", "--ca-file", str(server.ca_file), "--port-map",
+         f"465={server.port}", "--json"],
+        capture_output=True, timeout=120, check=False, text=True,
+    )  # fmt: skip
+    report = json.loads(done.stdout)
+    assert report["openpgp"]["in_process"] is True
+    assert report["openpgp"]["default"] == "sequoia"
+    assert report["openpgp"]["gpg"] == shutil.which("gpg")
