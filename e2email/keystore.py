@@ -1024,6 +1024,8 @@ class Keystore:
         self._minimal: dict[tuple[object, ...], bytes] = {}
         #: Certificate files left out of the listing (unreadable), each warned about once.
         self._skipped: set[tuple[Path, object]] = set()
+        #: (file tag of the record of key sources, the keys disabled in it).
+        self._disabled_cache: tuple[object, frozenset[str]] | None = None
         #: The store's folder stamp when the GnuPG engine's copy was last brought in step.
         self._synced_folders: tuple[object, ...] | None = None
         #: The listing an address index was made from, and the index (see :meth:`find`).
@@ -1981,7 +1983,10 @@ class Keystore:
         rewrote a certificate file in place instead (against cert-d §4) changes no folder: a
         running process sees that change at the next change to the store, or when restarted
         (or :meth:`invalidate` is called)."""
-        folders = self._store_folders()
+        # The store has no flag for a disabled key: gpg's, carried over by ``keys migrate``,
+        # is kept in the record of key sources (read again only when that file changed).
+        off = self._disabled()
+        folders = (*self._store_folders(), off)
         listing = self._listing
         if listing is not None and listing.stamp == folders:
             return listing.keys
@@ -2025,27 +2030,29 @@ class Keystore:
             keys.append(key)
         for gone in set(self._judged) - seen:
             self._judged.pop(gone, None)
-        # The store has no flag for a disabled key: gpg's, carried over by ``keys migrate``,
-        # is kept beside the record of key sources.
-        off = self.sources.disabled()
         if off:
             keys = [replace(k, disabled=True) if k.fingerprint in off else k for k in keys]
         self._listing = _Listing(stamp=folders, keys=tuple(keys))
         return self._listing.keys
 
+    def _disabled(self) -> frozenset[str]:
+        """The keys disabled in the record of key sources, read when the record changed."""
+        tag = _file_tag(self.sources.path)
+        if self._disabled_cache is None or self._disabled_cache[0] != tag:
+            self._disabled_cache = (tag, self.sources.disabled() if tag else frozenset())
+        return self._disabled_cache[1]
+
     def _store_folders(self) -> tuple[object, ...]:
-        """(name, mtime) of the store's folders, of the secret key folder and of the record
-        of key sources (which holds the disabled keys)."""
+        """(name, mtime) of the store's folders and of the secret key folder."""
         stamp: list[object] = []
-        for folder in (self.certd.root, self.secret_keys.root, self.sources.path):
+        for folder in (self.certd.root, self.secret_keys.root):
             try:
                 st = folder.stat()
             except OSError:
                 stamp.append(0)
                 continue
             stamp.append(st.st_mtime_ns)
-            if folder != self.sources.path:  # the record checks itself when read
-                _refuse_loose(folder, st, what="certificate store folder")
+            _refuse_loose(folder, st, what="certificate store folder")
         try:
             with os.scandir(self.certd.root) as entries:
                 for entry in entries:
