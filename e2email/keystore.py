@@ -657,11 +657,11 @@ def _file_tag(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _refuse_loose(path: Path, st: os.stat_result, *, what: str) -> None:
+def _refuse_loose(path: str | Path, st: os.stat_result, *, what: str) -> None:
     """:func:`check_private` for a path already stat'ed: the same refusal and wording, with
-    no second stat for a path that is fine."""
+    no second stat (nor a Path object, per lookup) for a path that is fine."""
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        check_private(path, what=what)
+        check_private(Path(path), what=what)
 
 
 def _judge(data: bytes) -> list[OpenPGPKey]:
@@ -2060,7 +2060,7 @@ class Keystore:
                         st = entry.stat()
                         # Whoever may write a folder of the store can swap a certificate in
                         # it: refused as a loose GnuPG home is. The stat is needed anyway.
-                        _refuse_loose(Path(entry.path), st, what="certificate store folder")
+                        _refuse_loose(entry.path, st, what="certificate store folder")
                         stamp.append((entry.name, st.st_mtime_ns))
         except OSError:
             pass
