@@ -55,6 +55,7 @@ __all__ = [
     "Tag",
     "is_protected",
     "protect",
+    "secret_fingerprints",
 ]
 
 #: The folder names inside an e2email home.
@@ -104,6 +105,24 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename into ``folder`` durable (POSIX: the directory entry is written when the
+    folder is synced); not possible, nor needed, on Windows."""
+    if sys.platform == "win32":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder: the rename stands as it is
+    finally:
+        os.close(fd)
 
 
 def _lock(fd: int) -> None:
@@ -283,6 +302,28 @@ def is_protected(tsk_bytes: bytes) -> bool:
             if body[len(pub)] == 0:
                 return False
     return True
+
+
+def secret_fingerprints(tsk_bytes: bytes) -> set[str]:
+    """Upper-case fingerprints of the (sub)keys whose secret key material ``tsk_bytes``
+    really holds: a GnuPG stub (S2K usage 254/255 with S2K type 101, "gnu-dummy" or a key on
+    a smartcard) holds none, as gpg lists it without its '+'."""
+    from pysequoia.packet import Tag
+
+    try:
+        parts = _secret_parts(tsk_bytes)
+    except (RuntimeError, ValueError, KeyError):
+        return set()
+    found = set()
+    for packet, pub in parts:
+        if packet.tag not in (Tag.SecretKey, Tag.SecretSubkey) or not packet.fingerprint:
+            continue
+        body = bytes(packet.body)
+        usage = body[len(pub)] if len(body) > len(pub) else 0
+        if usage in (254, 255) and len(body) > len(pub) + 2 and body[len(pub) + 2] == 101:
+            continue
+        found.add(str(packet.fingerprint).upper())
+    return found
 
 
 def _s2k(passphrase: bytes, salt: bytes, count_byte: int) -> bytes:

@@ -797,6 +797,23 @@ def diagnose_sync(
 # -- the OpenPGP engines on this machine -------------------------------------------------------
 
 
+def openpgp_engine_info(*, gpg_binary: str = "gpg") -> dict[str, Any]:
+    """The same as :func:`openpgp_engines`, for ``--json``: whether the in-process engine
+    can run, where gpg is (None: not installed), which engine AUTO picks, and the line."""
+    import shutil
+
+    from e2email.crypto.sequoia import available
+
+    gpg = shutil.which(gpg_binary)
+    sequoia = available()
+    return {
+        "in_process": sequoia,
+        "gpg": gpg,
+        "default": "sequoia" if sequoia else ("gpg" if gpg else None),
+        "summary": openpgp_engines(gpg_binary=gpg_binary)[0],
+    }
+
+
 def openpgp_engines(*, gpg_binary: str = "gpg") -> list[str]:
     """What OpenPGP can use here, one line each, for the end of the report. A missing gpg
     program is only information when the in-process engine is there: only ``--engine gpg``,

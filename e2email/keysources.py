@@ -218,17 +218,46 @@ class KeySources:
                 entry["confirmed"] = _iso(when)
             self._save(entries, accepted=pins)
 
+    def disabled(self) -> frozenset[str]:
+        """Fingerprints of keys disabled for use (a certificate store has no flag of its own
+        for it: gpg's "disabled" is kept here when a GnuPG home is migrated)."""
+        found = self._read().get("disabled")
+        return (
+            frozenset(f.upper() for f in found if isinstance(f, str))
+            if isinstance(found, list)
+            else frozenset()
+        )
+
+    def disable(self, fingerprints: Iterable[str]) -> None:
+        """Note these keys as disabled: the keystore refuses them ("key disabled")."""
+        with _LOCK:
+            wanted = self.disabled() | {f.upper() for f in fingerprints}
+            if wanted != self.disabled():
+                self._save(self._load(), disabled=wanted)
+
     def _save(
-        self, entries: dict[str, dict[str, str]], *, accepted: dict[str, str] | None = None
+        self,
+        entries: dict[str, dict[str, str]],
+        *,
+        accepted: dict[str, str] | None = None,
+        disabled: frozenset[str] | None = None,
     ) -> None:
         if accepted is None:
             pins = self._read().get("accepted")
             accepted = pins if isinstance(pins, dict) else {}
+        if disabled is None:
+            disabled = self.disabled()
         ensure_private_dir(self.home, what="e2email home")
         tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             with open_private(tmp) as fh:
-                record = {"version": _VERSION, "keys": entries, "accepted": accepted}
+                record: dict[str, object] = {
+                    "version": _VERSION,
+                    "keys": entries,
+                    "accepted": accepted,
+                }
+                if disabled:
+                    record["disabled"] = sorted(disabled)
                 json.dump(record, fh, indent=1, sort_keys=True)
                 fh.flush()
                 os.fsync(fh.fileno())

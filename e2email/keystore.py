@@ -40,14 +40,16 @@ unless it is the user's own (secret) key or came in through e2email.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import re
 import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,10 +64,12 @@ from e2email.certd import (
     generate_key,
     is_protected,
     protect,
+    secret_fingerprints,
 )
 from e2email.config import default_home
 from e2email.errors import (
     ConfigError,
+    InsecurePathError,
     KeyProblem,
     KeyReason,
     KeystoreError,
@@ -75,6 +79,8 @@ from e2email.errors import (
 from e2email.keysources import KeySource, KeySources, SourceKind
 from e2email.message import Address
 from e2email.private import check_private, ensure_private_dir, open_private
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
@@ -480,6 +486,9 @@ class MigratedKey:
     moved: bool
     #: The secret key had no passphrase in the GnuPG home and is stored as it was.
     unprotected: bool = False
+    #: What gpg could do with the key that the store cannot ("" when nothing), e.g. an
+    #: algorithm Sequoia refuses: the key is in the store but will be refused there.
+    lost: str = ""
 
 
 @dataclass(frozen=True)
@@ -495,6 +504,22 @@ class Migration:
 class _Listing:
     stamp: tuple[object, ...]
     keys: tuple[OpenPGPKey, ...] = field(default_factory=tuple)
+
+
+def _lost(before: OpenPGPKey, after: OpenPGPKey) -> str:
+    """What ``before`` (judged by gpg) could do that ``after`` (judged in the store) cannot."""
+    gone = []
+    if before.encryption_problem() is None and after.encryption_problem() is not None:
+        gone.append("encryption")
+    if (
+        before.has_secret
+        and before.signing_problem() is None
+        and after.signing_problem() is not None
+    ):
+        gone.append("signing")
+    if not gone:
+        return ""
+    return f"usable for {' and '.join(gone)} with gpg, not in the store: {after.status()}"
 
 
 def check_expiry(expire: str) -> str:
@@ -632,6 +657,13 @@ def _file_tag(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def _refuse_loose(path: str | Path, st: os.stat_result, *, what: str) -> None:
+    """:func:`check_private` for a path already stat'ed: the same refusal and wording, with
+    no second stat (nor a Path object, per lookup) for a path that is fine."""
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        check_private(Path(path), what=what)
+
+
 def _judge(data: bytes) -> list[OpenPGPKey]:
     """Every certificate in ``data`` judged by e2email's rules without gpg."""
     from e2email.pgpkeys import keys_from_bytes  # type: ignore[import-not-found,unused-ignore]
@@ -643,17 +675,7 @@ def _judge(data: bytes) -> list[OpenPGPKey]:
 def _secret_fprs(tsk_bytes: bytes) -> set[str]:
     """Fingerprints of the (sub)keys whose secret key material ``tsk_bytes`` holds (a gpg
     stub for a key on a card has none: S2K usage 101 is a stub, RFC 9580 §3.7.2.1 / gpg)."""
-    from pysequoia.packet import PacketPile, Tag
-
-    try:
-        packets = list(PacketPile.from_bytes(tsk_bytes))
-    except (RuntimeError, ValueError):
-        return set()
-    return {
-        (p.fingerprint or "").upper()
-        for p in packets
-        if p.tag in (Tag.SecretKey, Tag.SecretSubkey) and p.fingerprint
-    }
+    return secret_fingerprints(tsk_bytes)
 
 
 def _secret_keys_in(data: bytes) -> dict[str, bytes]:
@@ -990,6 +1012,9 @@ class Keystore:
             raise ConfigError("a named GnuPG home is a GnuPG keystore, not a certificate store")
         #: "certd" (the certificate store) or "gnupg" (a GnuPG home): see the module docstring.
         self.backend: str = backend or self._pick_backend(gnupg_home is not None)
+        #: Whether the backend was picked from what the home holds (not named): such a
+        #: keystore follows the home to its store when ``keys migrate`` switches it.
+        self._follows = backend is None and gnupg_home is None
         if self.backend == "certd":
             # Only the GnuPG engine uses a GnuPG home here: a copy of the store, made for it.
             self.gnupg_home = self.home / "gnupg-engine"
@@ -997,6 +1022,14 @@ class Keystore:
         self._lock = threading.Lock()
         self._listing: _Listing | None = None
         self._minimal: dict[tuple[object, ...], bytes] = {}
+        #: Certificate files left out of the listing (unreadable), each warned about once.
+        self._skipped: set[tuple[Path, object]] = set()
+        #: (file tag of the record of key sources, the keys disabled in it).
+        self._disabled_cache: tuple[object, frozenset[str]] | None = None
+        #: The store's folder stamp when the GnuPG engine's copy was last brought in step.
+        self._synced_folders: tuple[object, ...] | None = None
+        #: The listing an address index was made from, and the index (see :meth:`find`).
+        self._index: tuple[tuple[OpenPGPKey, ...], dict[str, tuple[OpenPGPKey, ...]]] | None = None
         #: Certificate store: fingerprint -> (file tag, secret file tag, judged key).
         self._judged: dict[str, tuple[object, object, OpenPGPKey]] = {}
 
@@ -1007,11 +1040,19 @@ class Keystore:
         either; only a GnuPG home serves the GnuPG engine and smartcards)."""
         if named:
             return "gnupg"
+        wanted = os.environ.get("E2EMAIL_KEYSTORE", "").strip().lower()
         if self.certd.exists():
             return "certd"
         if self.gnupg_home.exists():
+            if wanted == "certd":
+                # Said, not silently ignored: the keys are in the GnuPG home until moved.
+                _log.warning(
+                    "E2EMAIL_KEYSTORE=certd is not used for %s: its keys are in %s; "
+                    "`e2email keys migrate` moves them to the certificate store",
+                    self.home,
+                    self.gnupg_home,
+                )
             return "gnupg"
-        wanted = os.environ.get("E2EMAIL_KEYSTORE", "").strip().lower()
         if wanted in BACKENDS:
             return wanted
         return "gnupg" if shutil.which(self.gpg_binary) is not None else "certd"
@@ -1019,6 +1060,22 @@ class Keystore:
     @property
     def is_certd(self) -> bool:
         return self.backend == "certd"
+
+    def _follow_migration(self) -> None:
+        """A process that started while the home still used its GnuPG home (a web app, the
+        relay, a worker) switches to the store once ``keys migrate`` made one: the GnuPG home
+        is no longer kept up to date (a revocation imported since is only in the store), so
+        using it would send to keys the user has revoked. One stat per listing."""
+        if self._follows and self.backend == "gnupg" and self.certd.exists():
+            self._switch_to_store()
+
+    def _switch_to_store(self) -> None:
+        with self._lock:
+            self.backend = "certd"
+            self.gnupg_home = self.home / "gnupg-engine"
+            self._gpg = None
+            self._minimal.clear()
+        self.invalidate()
 
     def __repr__(self) -> str:
         if self.is_certd:
@@ -1031,6 +1088,7 @@ class Keystore:
     def gpg(self) -> gnupg.GPG:
         """The python-gnupg handle, creating the GnuPG home (mode 0700) on first use. With the
         certificate store: the GnuPG engine's copy of it (see :meth:`_sync_engine_home`)."""
+        self._follow_migration()
         if shutil.which(self.gpg_binary) is None:
             if self.is_certd:
                 raise KeystoreError(
@@ -1061,28 +1119,51 @@ class Keystore:
 
     def _sync_engine_home(self, handle: gnupg.GPG) -> None:
         """Keep the GnuPG engine's home (``HOME/gnupg-engine``) in step with the certificate
-        store, which stays the one place keys are kept and judged: every certificate and
-        secret key is imported again whenever the store changed (gpg merges what it has; a
-        protected secret key is imported as it is, and unlocked by each message's passphrase
-        through loopback). The state last imported is noted in the folder, so another process
-        does not import an unchanged store again."""
-        stamp = repr(self._stamp()).encode()
+        store, which stays the one place keys are kept and judged: a certificate or secret key
+        whose file changed since it was last imported is imported again (gpg merges what it
+        has; a protected secret key is imported as it is, and unlocked by each message's
+        passphrase through loopback; a secret key file replaced, say under a new passphrase,
+        replaces gpg's copy). The file tags last imported are noted in the folder, so another
+        process imports only what changed since; while no folder of the store changed (one
+        stat per folder) nothing is read at all."""
+        folders = self._store_folders()
+        if self._synced_folders == folders:
+            return
         note = self.gnupg_home / "e2email-synced"
         try:
-            if note.read_bytes() == stamp:
-                return
-        except OSError:
-            pass
-        data = [path.read_bytes() for _, path in self.certd.fingerprints()]
-        data += [self.secret_keys.get(f) or b"" for f in sorted(self.secret_keys.fingerprints())]
+            done = json.loads(note.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            done = {}
+        if not isinstance(done, dict):
+            done = {}
+        old_certs: dict[str, Any] = done.get("certs") or {}
+        old_secrets: dict[str, Any] = done.get("secrets") or {}
+        if not isinstance(old_certs, dict) or not isinstance(old_secrets, dict):
+            old_certs, old_secrets = {}, {}
+        certs = {f: list(t) for f, t in self.certd.tags().items()}
+        secrets = {
+            f: list(t)
+            for f in sorted(self.secret_keys.fingerprints())
+            if (t := self.secret_keys.tag(f)) is not None
+        }
+        data = [self.certd.get(f) or b"" for f, t in sorted(certs.items()) if old_certs.get(f) != t]
+        for fpr, tag in secrets.items():
+            if old_secrets.get(fpr) == tag:
+                continue
+            if fpr in old_secrets:
+                # gpg keeps the secret key it has on import ("not changed"): a replaced file
+                # (a new passphrase) reaches gpg only once the old copy is gone.
+                handle.delete_keys(fpr, secret=True, expect_passphrase=False)
+            data.append(self.secret_keys.get(fpr) or b"")
         if any(data):
             result = handle.import_keys(b"".join(data))
             if not result.results:
                 raise KeystoreError(
                     f"gpg did not take the certificate store into {self.gnupg_home}"
                 )
-        with open_private(note, "wb") as fh:
-            fh.write(stamp)
+        with open_private(note, "w") as fh:
+            json.dump({"certs": certs, "secrets": secrets}, fh)
+        self._synced_folders = folders
 
     def _check_keyring_files(self) -> None:
         """The files gpg reads keys and ownertrust from must be as private as the folder:
@@ -1226,6 +1307,7 @@ class Keystore:
 
     def all_keys(self) -> tuple[OpenPGPKey, ...]:
         """Every certificate in the keystore."""
+        self._follow_migration()
         if self.is_certd:
             return self._all_keys_certd()
         stamp = self._stamp()
@@ -1261,7 +1343,19 @@ class Keystore:
     def find(self, address: str, *, include_revoked: bool = False) -> tuple[OpenPGPKey, ...]:
         """Certificates whose non-revoked user IDs carry ``address`` (case-insensitive)."""
         addr = address.strip().lower()
-        return tuple(k for k in self.all_keys() if k.carries(addr, include_revoked=include_revoked))
+        keys = self.all_keys()
+        # An address -> keys index, made once per listing: a lookup per recipient per message
+        # must not parse every user ID of every key in a large store.
+        index = self._index
+        if index is None or index[0] is not keys:
+            by_address: dict[str, list[OpenPGPKey]] = {}
+            for k in keys:
+                for a in dict.fromkeys(u.address for u in k.user_ids if u.address):
+                    by_address.setdefault(a, []).append(k)
+            index = (keys, {a: tuple(ks) for a, ks in by_address.items()})
+            self._index = index
+        found = index[1].get(addr, ())
+        return tuple(k for k in found if k.carries(addr, include_revoked=include_revoked))
 
     def encryption_key(
         self, address: str, *, key_map: Mapping[str, str] | None = None
@@ -1619,7 +1713,10 @@ class Keystore:
         if sub is None or not key.carries(addr):
             raise KeystoreError(f"{key.fingerprint} has no usable encryption key for {addr}")
         # Every message of a bulk send carries it: made once per key state, not per message.
-        memo = (key.fingerprint, addr, sub.fingerprint, self._stamp())
+        # Keyed on the certificate's own file (one stat) in a store, not on the whole store:
+        # a listing of every certificate per message made the cost grow with the store.
+        state = _file_tag(self.certd.path_for(key.fingerprint)) if self.is_certd else self._stamp()
+        memo = (key.fingerprint, addr, sub.fingerprint, state)
         cached = self._minimal.get(memo)
         if cached is not None:
             return cached
@@ -1649,14 +1746,25 @@ class Keystore:
 
     # -- Migration from e2email's own GnuPG home ----------------------------------------------
 
-    def migrate(self, *, passphrase: str | None = None) -> Migration:
+    def migrate(
+        self,
+        *,
+        passphrase: str | None = None,
+        ask: Callable[[str], str | None] | None = None,
+        unprotected: bool = False,
+    ) -> Migration:
         """Copy every certificate and secret key of this home's GnuPG home (``HOME/gnupg``)
         into its certificate store, check both sides hold the same fingerprints and secrets,
         and only then switch the home to the store (the store folder appears last, by a
         rename). The GnuPG home is kept as it is (``--gnupg-home HOME/gnupg`` still uses it);
-        running it again moves only what is new. Protected secret keys are exported by gpg
-        under ``passphrase`` (gpg 2.2 re-protects the export with it); keys without a
-        passphrase stay without one. Needs the gpg program."""
+        running it again moves only what is new. Needs the gpg program.
+
+        Protected secret keys are exported by gpg under ``passphrase`` (gpg 2.2 re-protects
+        the export with it); when it does not open a key, ``ask(fingerprint)`` is asked for
+        that key's own (None: give up, "wrong passphrase for FPR"). A secret key without a
+        passphrase is protected with ``passphrase``, or stored as it is only when
+        ``unprotected`` says so (as ``keys import``). A key gpg can use but the store judges
+        unusable (DSA/Elgamal, brainpool...) is moved and reported in ``lost``."""
         import tempfile
 
         if not self.managed:
@@ -1673,6 +1781,10 @@ class Keystore:
         source = Keystore(self.home, backend="gnupg", gpg_binary=self.gpg_binary)
         keys = source.all_keys()
         ensure_private_dir(self.home, what="e2email home")
+        # A migration interrupted before its switch leaves a staging folder holding copies
+        # of secret keys: never left lying about.
+        for stale in self.home.glob(".migrate-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         existing = self.certd.exists()
         # A new store is built beside the home and renamed into place once checked, so a
         # failure half-way leaves the home on its GnuPG home, unchanged.
@@ -1686,8 +1798,15 @@ class Keystore:
                 data = public if isinstance(public, bytes) else bytes(public, "latin-1")
                 secret = b""
                 if key.has_secret:
-                    secret = self._gpg_export_secret(source, key, passphrase)
-                target.import_keys(data + secret, unprotected=True)
+                    secret = self._export_asking(source, key, passphrase, ask)
+                if secret and not is_protected(secret) and not passphrase and not unprotected:
+                    raise KeystoreError(
+                        f"the secret key {key.fingerprint} has no passphrase in {gnupg_home}, "
+                        "and the certificate store keeps secret keys only under one: give a "
+                        "passphrase to protect it with (--passphrase-env VAR), or --unprotected "
+                        "to store it as it is; nothing was moved"
+                    )
+                target.import_keys(data + secret, passphrase=passphrase, unprotected=unprotected)
                 now = target.get(key.fingerprint)
                 if now is None:
                     raise KeystoreError(f"{key.fingerprint} did not reach the certificate store")
@@ -1703,7 +1822,7 @@ class Keystore:
                         addresses=key.addresses,
                         secrets=tuple(sorted(held)),
                         moved=old is None or (bool(held) and not old.has_secret),
-                        unprotected=bool(secret) and not is_protected(secret),
+                        unprotected=bool(secret) and not is_protected(secret) and not passphrase,
                     )
                 )
             # Both sides: the same certificates, and every secret gpg has, in the store.
@@ -1712,10 +1831,10 @@ class Keystore:
             for key in keys:
                 got = stored.get(key.fingerprint)
                 want = {k.fingerprint for k in (key.primary, *key.subkeys) if k.has_secret}
+                # The secrets in the stored file (what the store's judge makes of a key it
+                # cannot use is compared below, as the verdict).
                 have = (
-                    {k.fingerprint for k in (got.primary, *got.subkeys) if k.has_secret}
-                    if got
-                    else set()
+                    _secret_fprs(target.secret_keys.get(key.fingerprint) or b"") if want else set()
                 )
                 if got is None or not want <= have:
                     raise KeystoreError(
@@ -1727,17 +1846,65 @@ class Keystore:
                         )
                         + "; the home still uses its GnuPG home"
                     )
+            # The same verdict on both sides: a key gpg can use that the store cannot
+            # (an algorithm or curve Sequoia refuses) is said, not silently "moved".
+            moved = [
+                replace(m, lost=_lost(k, stored[k.fingerprint]))
+                for m, k in zip(moved, keys, strict=True)
+            ]
+            # gpg's "disabled" flag has no place in a certificate: kept in the home's record,
+            # so a key the user disabled stays refused after the move.
+            off = [k.fingerprint for k in keys if k.disabled]
+            if off:
+                self.sources.disable(off)
             if staging is not None:
-                if target.secret_keys.root.exists():
-                    os.replace(target.secret_keys.root, self.secret_keys.root)
-                target.certd.ensure()
-                os.replace(target.certd.root, self.certd.root)  # the switch
+                self._switch_in(target)
+        except OSError as exc:
+            raise KeystoreError(
+                f"keys migrate failed: {exc.strerror or exc} ({exc.filename or self.home}); "
+                "the home still uses its GnuPG home"
+            ) from exc
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-        self.backend = "certd"
-        self.invalidate()
+        self._switch_to_store()
         return Migration(store=self.certd.root, gnupg_home=gnupg_home, keys=tuple(moved))
+
+    def _switch_in(self, target: Keystore) -> None:
+        """Rename the checked staging store into the home: secret keys first, the certificate
+        folder last (its appearance is the switch). A ``secret/`` left by a migration that
+        stopped between the two renames is merged into, not renamed over."""
+        staged = target.secret_keys.root
+        if staged.exists():
+            if self.secret_keys.root.exists():
+                ensure_private_dir(self.secret_keys.root, what="secret key folder")
+                for item in staged.iterdir():
+                    os.replace(item, self.secret_keys.root / item.name)
+            else:
+                os.replace(staged, self.secret_keys.root)
+        target.certd.ensure()
+        os.replace(target.certd.root, self.certd.root)  # the switch
+
+    def _export_asking(
+        self,
+        source: Keystore,
+        key: OpenPGPKey,
+        passphrase: str | None,
+        ask: Callable[[str], str | None] | None,
+    ) -> bytes:
+        """The secret key from gpg under ``passphrase``, else under what ``ask`` gives for
+        this key (keys of one home may have different passphrases)."""
+        tried = passphrase
+        while True:
+            try:
+                return self._gpg_export_secret(source, key, tried)
+            except PassphraseError:
+                again = ask(key.fingerprint) if ask is not None else None
+                if again is None:
+                    raise
+                if any(c in again for c in "\r\n\0"):
+                    raise KeystoreError("a passphrase cannot contain CR, LF or NUL") from None
+                tried = again
 
     @staticmethod
     def _gpg_export_secret(source: Keystore, key: OpenPGPKey, passphrase: str | None) -> bytes:
@@ -1769,12 +1936,14 @@ class Keystore:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise KeystoreError(f"cannot run {source.gpg_binary}: {exc}") from exc
         if done.returncode != 0 or not done.stdout:
-            need = "" if passphrase else " (give its passphrase: --passphrase-env VAR)"
-            raise PassphraseError(
-                f"gpg did not export the secret key {key.fingerprint}{need}",
-                fingerprint=key.fingerprint,
-                missing=passphrase is None,
-            )
+            if passphrase:
+                message = f"wrong passphrase for {key.fingerprint}: gpg did not export it"
+            else:
+                message = (
+                    f"gpg did not export the secret key {key.fingerprint} "
+                    "(give its passphrase: --passphrase-env VAR)"
+                )
+            raise PassphraseError(message, fingerprint=key.fingerprint, missing=passphrase is None)
         return done.stdout
 
     # -- The certificate store (backend "certd") ----------------------------------------------
@@ -1783,6 +1952,22 @@ class Keystore:
         """The stored (protected) transferable secret key of primary ``fingerprint``, or None
         (certificate store only)."""
         return self.secret_keys.get(fingerprint) if self.is_certd else None
+
+    def current_secret_key(self, fingerprint: str) -> bytes | None:
+        """The stored secret key joined to the *current* certificate: the secret key packets
+        of the secret key file in the stored certificate, with every signature merged into it
+        since (a new expiry, a new subkey binding), as the keystore judged it. Signing with the
+        secret file as it was first stored would use its old self-signatures: once the user
+        extends the key's expiry elsewhere, it would look expired to Sequoia. None when no
+        secret key is stored (certificate store only)."""
+        stored = self.secret_key_bytes(fingerprint)
+        if stored is None:
+            return None
+        public = self.certd.get(fingerprint)
+        if public is None:
+            return stored
+        merged = _with_secret_packets(public, stored)
+        return stored if merged is public else merged
 
     def secret_key_tag(self, fingerprint: str) -> tuple[int, int, int] | None:
         """The identity (inode, mtime, size) of that secret key's file, None when none."""
@@ -1794,8 +1979,14 @@ class Keystore:
 
         Every write to the store (ours, and ``sq``'s: cert-d §4) renames a file into its
         folder, which changes the folder's mtime: while no folder changed, the last listing
-        stands, at the cost of a stat per folder rather than per certificate."""
-        folders = self._store_folders()
+        stands, at the cost of a stat per folder rather than per certificate. A tool that
+        rewrote a certificate file in place instead (against cert-d §4) changes no folder: a
+        running process sees that change at the next change to the store, or when restarted
+        (or :meth:`invalidate` is called)."""
+        # The store has no flag for a disabled key: gpg's, carried over by ``keys migrate``,
+        # is kept in the record of key sources (read again only when that file changed).
+        off = self._disabled()
+        folders = (*self._store_folders(), off)
         listing = self._listing
         if listing is not None and listing.stamp == folders:
             return listing.keys
@@ -1804,7 +1995,12 @@ class Keystore:
         secret_fprs = self.secret_keys.fingerprints()
         for fpr, path in self.certd.fingerprints():
             seen.add(fpr)
-            tag = _file_tag(path)
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # gone since it was listed
+            _refuse_loose(path, st, what="certificate file")
+            tag = (st.st_ino, st.st_mtime_ns, st.st_size)
             sec_tag = self.secret_keys.tag(fpr) if fpr in secret_fprs else None
             cached = self._judged.get(fpr)
             if cached is not None and cached[0] == tag and cached[1] == sec_tag:
@@ -1812,13 +2008,21 @@ class Keystore:
                 continue
             try:
                 data = path.read_bytes()
-            except OSError as exc:
-                raise KeystoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
-            if sec_tag is not None:
-                # Judged with its secret key material: a signing subkey is shown genuine by
-                # Sequoia picking it to sign (pgpkeys), which needs the secret.
-                data = _with_secret_packets(data, self.secret_keys.get(fpr) or b"")
-            judged = [k for k in _judge(data) if k.fingerprint == fpr]
+                if sec_tag is not None:
+                    # Judged with its secret key material: a signing subkey is shown genuine
+                    # by Sequoia picking it to sign (pgpkeys), which needs the secret.
+                    data = _with_secret_packets(data, self.secret_keys.get(fpr) or b"")
+                judged = [k for k in _judge(data) if k.fingerprint == fpr]
+            except (OSError, KeystoreError) as exc:
+                # One unreadable or damaged file must not stop every command: its key is left
+                # out (its addresses fail closed as having no key), and the file is named.
+                if isinstance(exc, InsecurePathError):
+                    raise
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                if (path, tag) not in self._skipped:
+                    self._skipped.add((path, tag))
+                    _log.warning("left out the certificate %s: %s", path, why or exc)
+                continue
             if not judged:
                 continue  # not a certificate for its file name: never chosen
             key = judged[0]
@@ -1826,22 +2030,38 @@ class Keystore:
             keys.append(key)
         for gone in set(self._judged) - seen:
             self._judged.pop(gone, None)
+        if off:
+            keys = [replace(k, disabled=True) if k.fingerprint in off else k for k in keys]
         self._listing = _Listing(stamp=folders, keys=tuple(keys))
         return self._listing.keys
+
+    def _disabled(self) -> frozenset[str]:
+        """The keys disabled in the record of key sources, read when the record changed."""
+        tag = _file_tag(self.sources.path)
+        if self._disabled_cache is None or self._disabled_cache[0] != tag:
+            self._disabled_cache = (tag, self.sources.disabled() if tag else frozenset())
+        return self._disabled_cache[1]
 
     def _store_folders(self) -> tuple[object, ...]:
         """(name, mtime) of the store's folders and of the secret key folder."""
         stamp: list[object] = []
         for folder in (self.certd.root, self.secret_keys.root):
             try:
-                stamp.append(folder.stat().st_mtime_ns)
+                st = folder.stat()
             except OSError:
                 stamp.append(0)
+                continue
+            stamp.append(st.st_mtime_ns)
+            _refuse_loose(folder, st, what="certificate store folder")
         try:
             with os.scandir(self.certd.root) as entries:
                 for entry in entries:
                     if len(entry.name) == 2 and entry.is_dir():
-                        stamp.append((entry.name, entry.stat().st_mtime_ns))
+                        st = entry.stat()
+                        # Whoever may write a folder of the store can swap a certificate in
+                        # it: refused as a loose GnuPG home is. The stat is needed anyway.
+                        _refuse_loose(entry.path, st, what="certificate store folder")
+                        stamp.append((entry.name, st.st_mtime_ns))
         except OSError:
             pass
         return tuple(sorted(stamp, key=repr))
@@ -1916,12 +2136,17 @@ class Keystore:
         )
 
     def _store_secret(self, fpr: str, raw: bytes) -> bool:
-        """Keep the secret key ``raw`` unless the stored one already holds every secret it
-        has (re-importing a key changes nothing, as with gpg)."""
-        old = self.secret_keys.get(fpr)
-        if old is not None and _secret_fprs(raw) <= _secret_fprs(old):
-            return False
-        self.secret_keys.put(fpr, raw)
+        """Keep the secret key ``raw`` in place of the stored one when it differs and holds
+        every secret the stored one has: a key re-imported under a new passphrase (how a
+        passphrase is changed: the old one may have leaked) or with newer self-signatures
+        replaces the file, and is counted as a secret key imported. The same bytes again
+        change nothing; fewer secrets (a copy with a key moved to a card) never replace
+        more."""
+        with self.certd.locked():  # two imports of one key at once: one wins, whole
+            old = self.secret_keys.get(fpr)
+            if old is not None and (raw == old or not _secret_fprs(old) <= _secret_fprs(raw)):
+                return False
+            self.secret_keys.put(fpr, raw)
         return True
 
     def _revocations(self, data: bytes) -> list[Any]:
@@ -1940,16 +2165,27 @@ class Keystore:
             if packet.tag != Tag.Signature or packet.signature_type != SignatureType.KeyRevocation:
                 continue
             issuer = (packet.issuer_fingerprint or "").upper()
-            old = self.certd.get(issuer) if len(issuer) == 40 else None
-            if old is None:
+            key_id = (packet.issuer_key_id or "").upper()
+            if len(issuer) == 40:
+                named = [issuer]
+            elif len(key_id) == 16:
+                # Older revocations (gpg 1.x, RFC 4880 era) name the issuer by key ID only:
+                # every stored certificate with that ID is a candidate, and Sequoia keeps the
+                # revocation only on the one whose key made it.
+                named = [f for f, _ in self.certd.fingerprints() if f[-16:] == key_id]
+            else:
+                named = []
+            olds = [o for o in map(self.certd.get, named) if o is not None]
+            if not olds:
                 raise KeystoreError(
                     f"no OpenPGP key found in the data: a revocation certificate for "
-                    f"{issuer or packet.issuer_key_id}, which is not here"
+                    f"{issuer or key_id}, which is not here"
                 )
-            try:
-                found.append(sq.Cert.from_packets([*PacketPile.from_bytes(old), packet]))
-            except (RuntimeError, ValueError) as exc:
-                raise KeystoreError(f"cannot read the revocation: {_first_line(exc)}") from exc
+            for old in olds:
+                try:
+                    found.append(sq.Cert.from_packets([*PacketPile.from_bytes(old), packet]))
+                except (RuntimeError, ValueError) as exc:
+                    raise KeystoreError(f"cannot read the revocation: {_first_line(exc)}") from exc
         return found
 
     def _generate_certd(
@@ -1972,17 +2208,28 @@ class Keystore:
             )
         suite = {"ed25519": "cv25519", "rsa3072": "rsa3k", "rsa4096": "rsa4k"}[algorithm]
         uid = f"{name} <{address}>" if name else f"<{address}>"
+        validity = _validity_seconds(expire)
+        if validity is not None and validity >= 2**32:
+            # A key expiration time is 4 octets of seconds after creation (RFC 9580
+            # §5.2.3.13): about 136 years is the most a key can be given.
+            raise KeystoreError(
+                f"expiry {expire!r} is too far away: OpenPGP can say at most about 136 years "
+                "(or 0 for never)"
+            )
         try:
-            raw = generate_key(uid, suite=suite, validity_seconds=_validity_seconds(expire))
-        except (RuntimeError, ValueError) as exc:
+            raw = generate_key(uid, suite=suite, validity_seconds=validity)
+        except (RuntimeError, ValueError, OverflowError) as exc:
             raise KeystoreError(f"key generation failed: {_first_line(exc)}") from exc
         if passphrase:
             raw = protect(raw, passphrase)
         cert = sq.Cert.from_bytes(raw)
         fpr = str(cert.fingerprint).upper()
         ensure_private_dir(self.home, what="e2email home")
-        self.secret_keys.put(fpr, raw)
+        # The certificate first, then its secret (under the store's lock): a reader never
+        # finds a secret key file whose certificate is not there yet.
         self.certd.insert(cert)
+        with self.certd.locked():
+            self.secret_keys.put(fpr, raw)
         self.sources.record([fpr], KeySource(SourceKind.GENERATED))
         return GeneratedKey(fingerprint=fpr, user_id=uid)
 

@@ -258,7 +258,7 @@ def test_migrate_moves_every_key_checks_both_sides_and_keeps_the_gnupg_home(
     try:
         # The protected key cannot be exported without its passphrase: nothing switches.
         with pytest.raises(PassphraseError, match="passphrase"):
-            Keystore(home, backend="certd").migrate()
+            Keystore(home, backend="certd").migrate(unprotected=True)
         assert not (home / "pgp.cert.d").exists()
         assert Keystore(home).backend == "gnupg"
         assert [p.name for p in home.iterdir() if p.name.startswith(".migrate")] == []
@@ -297,7 +297,7 @@ def test_keys_migrate_on_the_command_line(keys: Keys, tmp_path: Path) -> None:
     env = {**os.environ, "E2EMAIL_HOME": str(home)}
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "e2email", "keys", "migrate"],
+            [sys.executable, "-m", "e2email", "keys", "migrate", "--unprotected"],
             capture_output=True,
             env=env,
             timeout=120,

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from e2email.cli.app import EXIT_CONNECTION, EXIT_OK, State, cli
-from e2email.doctor import PROBED_PORTS, diagnose, openpgp_engines
+from e2email.doctor import PROBED_PORTS, diagnose, openpgp_engine_info, openpgp_engines
 
 
 def _port_map(items: Sequence[str]) -> dict[int, int]:
@@ -94,7 +94,7 @@ def doctor(
         diagnose(host, ports=_port_map(port_map), ca_file=ca_file, timeout=timeout)
     )
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        click.echo(json.dumps({**report.to_json(), "openpgp": openpgp_engine_info()}, indent=2))
     else:
         click.echo(report.describe())
         click.echo("\n".join(["", *openpgp_engines()]))

@@ -562,10 +562,17 @@ def keys_generate(
     "--passphrase-env",
     metavar="VAR",
     help="The passphrase of your secret keys, from $VAR (gpg exports a protected key only "
-    "under it; it stays protected by it). Otherwise asked on the terminal when needed.",
+    "under it; it stays protected by it; a key without one is protected with it). Otherwise "
+    "asked on the terminal when needed, and again for each key it does not open.",
+)
+@click.option(
+    "--unprotected",
+    is_flag=True,
+    help="Store secret keys that have no passphrase in the GnuPG home as they are (without "
+    "this, such a key needs a passphrase to be protected with).",
 )
 @click.pass_obj
-def keys_migrate(state: State, passphrase_env: str | None) -> None:
+def keys_migrate(state: State, passphrase_env: str | None, unprotected: bool) -> None:
     """Move this home's OpenPGP keys from its GnuPG home (HOME/gnupg) into the certificate
     store (HOME/pgp.cert.d and HOME/secret), which both engines read and no gpg is needed
     for. Every certificate and secret key is copied, both sides are compared, and only then
@@ -579,20 +586,40 @@ def keys_migrate(state: State, passphrase_env: str | None) -> None:
         if passphrase_env
         else None
     )
+
+    def ask(fingerprint: str) -> str | None:
+        # Keys of one home may have different passphrases: each key gpg did not export is
+        # asked for on a terminal (without one, the error names the key).
+        if not sys.stdin.isatty():
+            return None
+        return getpass.getpass(f"Passphrase of the secret key {fingerprint}: ") or None
+
     try:
-        done = store.migrate(passphrase=passphrase)
+        done = store.migrate(passphrase=passphrase, ask=ask, unprotected=unprotected)
     except PassphraseError as exc:
         if not exc.missing or not sys.stdin.isatty():
             raise
-        done = store.migrate(passphrase=_ask("Passphrase of your secret keys", "")())
+        done = store.migrate(
+            passphrase=_ask("Passphrase of your secret keys", "")(),
+            ask=ask,
+            unprotected=unprotected,
+        )
     for key in done.keys:
         what = "moved" if key.moved else "already in the store"
         secret = f", secret for {len(key.secrets)} key(s)" if key.secrets else ""
         note = " (no passphrase, as in the GnuPG home)" if key.unprotected else ""
         who = ", ".join(key.addresses) or "(no address)"
-        click.echo(f"{what}: {key.fingerprint} {who}{secret}{note}")
+        lost = f"; NOT USABLE HERE: {key.lost}" if key.lost else ""
+        click.echo(f"{what}: {key.fingerprint} {who}{secret}{note}{lost}")
     moved = sum(1 for k in done.keys if k.moved)
     click.echo(
         f"{moved} of {len(done.keys)} key(s) moved; the home now uses {done.store}; "
         f"{done.gnupg_home} is kept as it was"
     )
+    refused = [k for k in done.keys if k.lost]
+    if refused:
+        click.echo(
+            f"warning: {len(refused)} key(s) gpg could use are refused in the store (see above): "
+            f"replace them, or keep using them with --gnupg-home {done.gnupg_home}",
+            err=True,
+        )

@@ -437,7 +437,7 @@ class _Keys:
         if self.keystore.is_certd:
             # The certificate store keeps the key as it came (protected): read, never exported;
             # the passphrase is checked when the key is unlocked (_unlock).
-            stored = self.keystore.secret_key_bytes(key.fingerprint)
+            stored = self.keystore.current_secret_key(key.fingerprint)
             if stored is None:
                 raise _signer_problem(
                     key,
