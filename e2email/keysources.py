@@ -112,8 +112,26 @@ class KeySources:
     def __init__(self, home: Path) -> None:
         self.home = home
         self.path = home / FILE_NAME
+        #: The text last read and the (home, file) stat it was read under: a lookup per
+        #: recipient per message re-reads and re-checks the file only when either changed.
+        self._cache: tuple[tuple[int, ...], str] | None = None
+
+    def _tag(self) -> tuple[int, ...] | None:
+        """What the checks and the read depend on: owner, mode, identity and, for the file,
+        size and modification time; None when the file is absent."""
+        try:
+            home, st = self.home.lstat(), self.path.lstat()
+        except OSError:
+            return None
+        return (
+            home.st_ino, home.st_uid, home.st_mode,
+            st.st_ino, st.st_uid, st.st_mode, st.st_size, st.st_mtime_ns,
+        )  # fmt: skip
 
     def _read(self) -> dict[str, object]:
+        tag = self._tag()
+        if tag is not None and self._cache is not None and self._cache[0] == tag:
+            return self._parse(self._cache[1])
         if not self.path.exists():
             return {}
         # In a named GnuPG home a recorded source vouches for a key: whoever may write the
@@ -121,10 +139,20 @@ class KeySources:
         check_private(self.home, what="e2email home")
         check_private(self.path, what="record of key sources")
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {}
         except (OSError, ValueError):
+            return {}
+        if tag is not None and tag == self._tag():  # unchanged while it was read
+            self._cache = (tag, text)
+        return self._parse(text)
+
+    @staticmethod
+    def _parse(text: str) -> dict[str, object]:
+        try:
+            data = json.loads(text)
+        except ValueError:
             # A damaged record only loses the "where from" notes, never a key or a decision:
             # unknown sources are shown as such.
             return {}

@@ -40,6 +40,7 @@ unless it is the user's own (secret) key or came in through e2email.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -268,8 +269,9 @@ class UserID:
     validity: str
     self_sig_hash: int | None = None
 
-    @property
+    @functools.cached_property
     def address(self) -> str | None:
+        # Computed once per listing, not once per lookup (the user ID never changes).
         return _uid_address(self.text)
 
     @property
@@ -1030,6 +1032,8 @@ class Keystore:
         self._synced_folders: tuple[object, ...] | None = None
         #: The listing an address index was made from, and the index (see :meth:`find`).
         self._index: tuple[tuple[OpenPGPKey, ...], dict[str, tuple[OpenPGPKey, ...]]] | None = None
+        #: Per thread: the listing an operation in :meth:`pinned` uses throughout.
+        self._pin = threading.local()
         #: Certificate store: fingerprint -> (file tag, secret file tag, judged key).
         self._judged: dict[str, tuple[object, object, OpenPGPKey]] = {}
 
@@ -1280,6 +1284,15 @@ class Keystore:
             )
         return done.stdout.decode("utf-8", errors="replace")
 
+    def _pinned_stamp(self) -> tuple[object, ...]:
+        """:meth:`_stamp`, taken once per :meth:`pinned` operation in this thread."""
+        if getattr(self._pin, "depth", 0) == 0:
+            return self._stamp()
+        stamp: tuple[object, ...] | None = getattr(self._pin, "stamp", None)
+        if stamp is None:
+            stamp = self._pin.stamp = self._stamp()
+        return stamp
+
     def _stamp(self) -> tuple[object, ...]:
         if self.is_certd:
             return (
@@ -1302,15 +1315,43 @@ class Keystore:
         """Forget the cached listing (done automatically when the keyring files change)."""
         self._listing = None
         self._judged.clear()
+        self._pin.keys = None
+        self._pin.stamp = None
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """One listing for a whole operation in this thread (all the lookups that resolve one
+        message's keys): the keystore is checked for changes at the first lookup, not at each
+        of them (a stat of every keyring file per lookup was a fifth of a small message's
+        protection). A change made by this process (import, invalidate) still counts at once."""
+        depth = getattr(self._pin, "depth", 0)
+        self._pin.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._pin.depth = depth
+            if depth == 0:
+                self._pin.keys = None
+                self._pin.stamp = None
 
     # -- Listing and lookup -----------------------------------------------------------------
 
     def all_keys(self) -> tuple[OpenPGPKey, ...]:
         """Every certificate in the keystore."""
+        pinned = getattr(self._pin, "depth", 0) > 0
+        if pinned and getattr(self._pin, "keys", None) is not None:
+            keys: tuple[OpenPGPKey, ...] = self._pin.keys
+            return keys
+        keys = self._all_keys()
+        if pinned:
+            self._pin.keys = keys
+        return keys
+
+    def _all_keys(self) -> tuple[OpenPGPKey, ...]:
         self._follow_migration()
         if self.is_certd:
             return self._all_keys_certd()
-        stamp = self._stamp()
+        stamp = self._pinned_stamp()
         listing = self._listing
         if listing is not None and listing.stamp == stamp and stamp != (0,) * len(stamp):
             return listing.keys
@@ -1715,7 +1756,10 @@ class Keystore:
         # Every message of a bulk send carries it: made once per key state, not per message.
         # Keyed on the certificate's own file (one stat) in a store, not on the whole store:
         # a listing of every certificate per message made the cost grow with the store.
-        state = _file_tag(self.certd.path_for(key.fingerprint)) if self.is_certd else self._stamp()
+        if self.is_certd:
+            state: object = _file_tag(self.certd.path_for(key.fingerprint))
+        else:
+            state = self._pinned_stamp()
         memo = (key.fingerprint, addr, sub.fingerprint, state)
         cached = self._minimal.get(memo)
         if cached is not None:

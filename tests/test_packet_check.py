@@ -22,9 +22,14 @@ def _certs(n: int) -> list[object]:
 @pytest.mark.parametrize("count", [2, 24], ids=["in the head", "past the head"])
 def test_the_packet_check_sees_every_session_key(count: int) -> None:
     certs = _certs(count)
-    armored = sequoia._crlf(bytes(pysequoia.encrypt(b"x" * 4000, certs)))
+    # Above 64 KiB of armor (smaller armor is decoded whole, in one step).
+    armored = sequoia._crlf(bytes(pysequoia.encrypt(b"x" * 70_000, certs)))
     key_ids, _ = encrypted_to_key_ids(armored)
     assert len(key_ids) == count
+    small = sequoia._crlf(bytes(pysequoia.encrypt(b"x" * 4000, certs)))
+    assert sequoia._armor_head(small) is None
+    small_ids, small_tag = encrypted_to_key_ids(small)
+    assert sorted(small_ids) == sorted(key_ids) and small_tag == 18
     head = sequoia._armor_head(armored)
     assert head is not None and len(head) < len(armored)
     if count > 2:
@@ -37,3 +42,24 @@ def test_the_packet_check_sees_every_session_key(count: int) -> None:
         sequoia._check_encrypted(armored, subkeys[1:])
     with pytest.raises(CryptoError, match="unexpected set of keys"):
         sequoia._check_encrypted(armored, [*subkeys, "0" * 24 + "0123456789ABCDEF"])
+
+
+def test_small_armor_is_decoded_whole_whatever_its_layout() -> None:
+    """Armor headers, LF or CRLF, with or without the CRC line: the one-step decoding of a
+    small block gives the packets the line-by-line reader gives; a block without its END
+    line is left to that reader (which then says what is wrong)."""
+    from e2email.crypto import openpgp
+
+    (cert,) = _certs(1)
+    lf = bytes(pysequoia.encrypt(b"x" * 4000, [cert]))
+    begin, rest = lf.split(b"\n", 1)
+    variants = [lf, sequoia._crlf(lf), begin + b"\nComment: hi\nVersion: 1\n" + rest]
+    reference = b"".join(openpgp._dearmored(memoryview(lf), 64))
+    for armored in variants:
+        assert openpgp._dearmored_whole(armored) == reference
+        assert encrypted_to_key_ids(armored) == encrypted_to_key_ids(memoryview(lf))
+    no_crc = b"\n".join(ln for ln in lf.split(b"\n") if not ln.startswith(b"="))
+    assert openpgp._dearmored_whole(no_crc) == reference
+    assert openpgp._dearmored_whole(lf.split(b"-----END")[0]) is None
+    with pytest.raises(CryptoError):
+        encrypted_to_key_ids(lf.replace(b"\n", b"\n!", 3))

@@ -162,7 +162,8 @@ def test_the_gnupg_engine_copy_imports_only_what_changed(
 ) -> None:
     import gnupg
 
-    store = Keystore(tmp_path / "home", backend="certd")
+    # A short home: gpg-agent's socket lives in the GnuPG engine's home beside it.
+    store = Keystore(new_gnupg_home(), backend="certd")
     for key in (keys.bob, keys.carol, keys.dave):
         store.import_file(key.cert)
     try:

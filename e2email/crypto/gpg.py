@@ -58,13 +58,14 @@ class GpgProtector(Protector):
         address without one. Blocking (gpg)."""
         store = self.keystore
         key_map = protection.key_map
-        return resolve_keys(
-            message,
-            protection,
-            signer=lambda sender: store.signing_key(sender, key_map=key_map),
-            recipients=lambda addresses: store.resolve_recipients(addresses, key_map=key_map),
-            own=lambda sender: store.encryption_key(sender, key_map=key_map),
-        )
+        with store.pinned():  # one look at the keyring for all of this message's lookups
+            return resolve_keys(
+                message,
+                protection,
+                signer=lambda sender: store.signing_key(sender, key_map=key_map),
+                recipients=lambda addresses: store.resolve_recipients(addresses, key_map=key_map),
+                own=lambda sender: store.encryption_key(sender, key_map=key_map),
+            )
 
     def missing_keys(self, addresses: Sequence[str], protection: Protection) -> list[KeyProblem]:
         """Each address without a usable key in the keystore or the policy's key map."""

@@ -680,9 +680,42 @@ def _b64decode(text: bytes) -> bytes:
         raise CryptoError(f"malformed ASCII armor: {exc}") from exc
 
 
+#: Armor up to this size (a usual message) is decoded in one step, not line by line.
+_ARMOR_WHOLE = 1 << 16
+
+
+def _dearmored_whole(armored: bytes) -> bytes | None:
+    """The packets of a small armored block (RFC 9580 §6.2: the BEGIN line, armor headers up
+    to a blank line, base64 lines, an optional CRC line, the END line) decoded at once; None
+    when it is not laid out so (the line-by-line reader then decides)."""
+    begin = armored.find(b"-----BEGIN PGP")
+    if begin < 0:
+        return None
+    end = armored.find(b"-----END PGP", begin)
+    body_start = armored.find(b"\n", begin)
+    if end < 0 or body_start < 0:
+        return None
+    # The armor headers end at the first blank line (CRLF or LF).
+    blank = re.search(rb"\n[ \t\r]*\n", armored[body_start : end + 1])
+    if blank is None:
+        return None
+    text = armored[body_start + blank.end() : end]
+    crc = text.rfind(b"\n=")
+    if crc >= 0:
+        text = text[: crc + 1]
+    elif text.startswith(b"="):
+        text = b""
+    return _b64decode(text.translate(None, b" \t\r\n"))
+
+
 def _dearmored(armored: Armored, lines_per_block: int) -> Iterator[bytes]:
     """The binary packets of an ASCII-armored OpenPGP block (RFC 9580 §6), decoded
     ``lines_per_block`` armor lines at a time, as they are asked for."""
+    if isinstance(armored, bytes) and len(armored) <= _ARMOR_WHOLE:
+        whole = _dearmored_whole(armored)
+        if whole is not None:
+            yield whole
+            return
     lines = _lines(armored)
     if not any(ln.startswith(b"-----BEGIN PGP") for ln in lines):
         raise CryptoError("no ASCII-armored OpenPGP block found")

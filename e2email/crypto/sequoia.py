@@ -63,6 +63,7 @@ from e2email.crypto.base import (
     plain_copy,
 )
 from e2email.crypto.openpgp import (
+    _ARMOR_WHOLE,
     Armored,
     armor_into,
     encrypted_entity_head,
@@ -701,6 +702,8 @@ _ARMOR_HEAD = 2048
 def _armor_head(armored: bytes) -> bytes | None:
     """The first :data:`_ARMOR_HEAD` characters of ``armored`` cut after a whole line, or
     None when that is all of it."""
+    if len(armored) <= _ARMOR_WHOLE:
+        return None  # decoded whole in one step (openpgp._dearmored_whole), faster still
     end = armored.find(b"\n", _ARMOR_HEAD)
     return None if end < 0 else armored[: end + 1]
 
@@ -798,12 +801,17 @@ class SequoiaProtector(Protector):
             resolved = True
             return self.protect_sync(msg, protection, keys, passphrase)
 
+        def pinned_resolve_and_protect() -> tuple[ProtectedCopy, ...]:
+            # One look at the keystore for the keys and the Autocrypt key data of a message.
+            with self.keystore.pinned():
+                return resolve_and_protect()
+
         # One trip to a worker thread for the whole message, key lookup included: the work is
         # a few key exports the first time, then fractions of a millisecond per copy, and
         # each trip costs about a tenth of that (pysequoia holds the GIL while it works, so a
         # thread buys no parallelism, only an event loop free while gpg lists or exports).
         try:
-            return await asyncio.to_thread(resolve_and_protect)
+            return await asyncio.to_thread(pinned_resolve_and_protect)
         except (RecipientKeyError, SignerKeyError) as exc:
             # AUTO means the best engine available for this message: keys gpg can use and
             # Sequoia cannot are served by gpg. An explicit engine=SEQUOIA gets the error.
