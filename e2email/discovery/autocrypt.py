@@ -180,21 +180,27 @@ def autocrypt_fields(
         if protection.encrypt
         else {}
     )
-    return {
-        kind: autocrypt_for_copy(
-            keystore,
-            sender=sender,
-            sender_key=own,
-            kind=kind,
-            to_cc_keys=to_cc,
-            encrypted=protection.encrypt,
-            # Level 1 "prefer-encrypt": mutual states "an agreement to enable encryption by
-            # default"; a policy that encrypts every message (and refuses rather than send in
-            # clear) is that agreement. Signing only: no attribute, i.e. nopreference.
-            prefer_encrypt=protection.encrypt,
-        )
-        for kind in none
-    }
+    fields = dict(none)
+    # The "bcc" fields only when there is a Bcc copy to put them on.
+    kinds: tuple[Literal["main", "bcc"], ...] = ("main", "bcc") if message.bcc else ("main",)
+    fields.update(
+        {
+            kind: autocrypt_for_copy(
+                keystore,
+                sender=sender,
+                sender_key=own,
+                kind=kind,
+                to_cc_keys=to_cc,
+                encrypted=protection.encrypt,
+                # Level 1 "prefer-encrypt": mutual states "an agreement to enable encryption by
+                # default"; a policy that encrypts every message (and refuses rather than send in
+                # clear) is that agreement. Signing only: no attribute, i.e. nopreference.
+                prefer_encrypt=protection.encrypt,
+            )
+            for kind in kinds
+        }
+    )
+    return fields
 
 
 @dataclass(frozen=True)
