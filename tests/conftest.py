@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,3 +50,20 @@ def smtp_server(module_ca: TestCA) -> Iterator[Callable[..., LoopbackSMTPServer]
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _stop_gpg_agents_in_tmp_path(request: pytest.FixtureRequest) -> Iterator[None]:
+    """gpg starts a gpg-agent daemon per GnuPG home; a test's homes under its ``tmp_path``
+    (keystores made there, and their ``gnupg-engine`` copies) get their agents stopped when it
+    ends, so no test leaves a process behind."""
+    yield
+    tmp = getattr(request.node, "funcargs", {}).get("tmp_path")
+    if tmp is None:
+        return
+    for socket in Path(tmp).rglob("S.gpg-agent"):
+        subprocess.run(
+            ["gpgconf", "--homedir", str(socket.parent), "--kill", "gpg-agent"],
+            capture_output=True,
+            check=False,
+        )
