@@ -174,7 +174,7 @@ def test_large_attachment_signed_only_verifies(
     protection = Protection(sign=True, encrypt=False, engine=engine)
     with Mailer(smtp=_settings(server), keystore=sender_store, protection=protection) as mailer:
         (copy,) = mailer.protect(message)
-        assert copy.spooled is (engine == "gpg")
+        assert copy.spooled  # both engines write a large signed entity into a spool
         mailer.send(message)
     (received,) = server.messages
     head, (signed, signature_part) = multipart_parts(received.data)

@@ -69,6 +69,7 @@ from e2email.crypto.openpgp import (
     encrypted_entity_head,
     encrypted_to_key_ids,
     signed_entity,
+    signed_entity_into,
 )
 from e2email.discovery.autocrypt import autocrypt_fields
 from e2email.errors import (
@@ -517,9 +518,20 @@ def _micalg(signature: bytes, expected_signer: str) -> str:
     return micalg
 
 
-def _signed_entity(payload: bytes, signature: bytes, micalg: str, prefix: bytes) -> bytes:
-    """RFC 3156 §5, as the gpg engine makes it (openpgp.signed_entity)."""
-    return signed_entity(payload, _crlf(signature), micalg, prefix=prefix)
+def _signed_entity(
+    payload: bytes, signature: bytes, micalg: str, prefix: bytes, *, directory: Path
+) -> bytes | Spool:
+    """RFC 3156 §5, as the gpg engine makes it (openpgp.signed_entity); a large one written
+    into a spool (a private file) rather than joined a second time beside the payload."""
+    if len(payload) <= MEMORY_MAX:
+        return signed_entity(payload, _crlf(signature), micalg, prefix=prefix)
+    spool = Spool(directory)
+    try:
+        signed_entity_into(spool, payload, _crlf(signature), micalg, prefix=prefix)
+    except BaseException:
+        spool.close()
+        raise
+    return spool
 
 
 def _encrypted_entity(armored: bytes, prefix: bytes) -> bytes:
@@ -864,7 +876,9 @@ class SequoiaProtector(Protector):
             signature = bytes(sq.sign(signer, payload, mode=sq.SignatureMode.DETACHED))
             micalg = _micalg(signature, sub.fingerprint)
             head = message_head(msg, hp=HP.CLEAR) + autocrypt["main"][0]
-            raw = _signed_entity(payload, signature, micalg, head)
+            raw = _signed_entity(
+                payload, signature, micalg, head, directory=spool_dir(self.keystore.home)
+            )
             return (
                 make_copy(
                     raw, msg, "main", msg.recipients, signed=True, signer=signer_key.fingerprint
