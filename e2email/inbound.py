@@ -19,7 +19,7 @@ from email.utils import format_datetime
 
 from e2email.client import AsyncMailer, Mailer, ProtectedCopy, SendResult
 from e2email.config import Protection
-from e2email.crypto.base import engine_for_copy
+from e2email.crypto.base import engine_for_kind
 from e2email.errors import KeyProblem, MessageError
 from e2email.message import (
     Address,
@@ -231,7 +231,7 @@ def _pass_through(
                 field="message",
             )
     elif prot.encrypt:
-        encrypted_to = _check_encrypted_to(mailer, prot, rcpts, head, body)
+        encrypted_to = _check_encrypted_to(mailer, kind, prot, rcpts, head, body)
 
     sender = author or mail_from or mailer.envelope_from
     if sender is None:
@@ -268,6 +268,7 @@ def _pass_through(
 
 def _check_encrypted_to(
     mailer: AsyncMailer,
+    kind: ProtectionKind,
     prot: Protection,
     rcpts: list[str],
     head: bytes,
@@ -275,6 +276,6 @@ def _check_encrypted_to(
 ) -> tuple[str, ...]:
     """Every recipient's key among those the message is encrypted to: the fingerprints.
     Raises RecipientKeyError naming each recipient without a key or not encrypted to. The
-    engine that recognises the message's header block judges it: no scheme is named here."""
-    engine = mailer.engine_named(engine_for_copy(None, head + b"\r\n\r\n"))
+    engine that reads the message's kind of protection (its parsed Content-Type) judges it."""
+    engine = mailer.engine_named(engine_for_kind(kind))
     return engine.check_encrypted(head, body, [r.lower() for r in rcpts], prot)

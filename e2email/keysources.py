@@ -120,12 +120,16 @@ class KeySources:
         """What the checks and the read depend on: owner, mode, identity and, for the file,
         size and modification time; None when the file is absent."""
         try:
-            home, st = self.home.lstat(), self.path.lstat()
+            # stat, not lstat: what check_private judges and what is read is what a symlink
+            # points to; ctime moves with any chmod, chown or write.
+            home, st = self.home.stat(), self.path.stat()
+            lhome, lst = self.home.lstat(), self.path.lstat()
         except OSError:
             return None
         return (
-            home.st_ino, home.st_uid, home.st_mode,
-            st.st_ino, st.st_uid, st.st_mode, st.st_size, st.st_mtime_ns,
+            home.st_ino, home.st_uid, home.st_mode, home.st_ctime_ns, lhome.st_ino,
+            st.st_ino, st.st_uid, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+            lst.st_ino,
         )  # fmt: skip
 
     def _read(self) -> dict[str, object]:

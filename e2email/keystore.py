@@ -1032,8 +1032,10 @@ class Keystore:
         self._synced_folders: tuple[object, ...] | None = None
         #: The listing an address index was made from, and the index (see :meth:`find`).
         self._index: tuple[tuple[OpenPGPKey, ...], dict[str, tuple[OpenPGPKey, ...]]] | None = None
-        #: Per thread: the listing an operation in :meth:`pinned` uses throughout.
+        #: Per thread: the listing an operation in :meth:`pinned` uses throughout, and the
+        #: generation it was taken at (bumped by every change this process makes).
         self._pin = threading.local()
+        self._generation = 0
         #: Certificate store: fingerprint -> (file tag, secret file tag, judged key).
         self._judged: dict[str, tuple[object, object, OpenPGPKey]] = {}
 
@@ -1289,7 +1291,8 @@ class Keystore:
         if getattr(self._pin, "depth", 0) == 0:
             return self._stamp()
         stamp: tuple[object, ...] | None = getattr(self._pin, "stamp", None)
-        if stamp is None:
+        if stamp is None or getattr(self._pin, "stamp_generation", None) != self._generation:
+            self._pin.stamp_generation = self._generation
             stamp = self._pin.stamp = self._stamp()
         return stamp
 
@@ -1317,13 +1320,15 @@ class Keystore:
         self._judged.clear()
         self._pin.keys = None
         self._pin.stamp = None
+        self._generation += 1  # other threads' pinned listings are dropped at their next look
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[None]:
         """One listing for a whole operation in this thread (all the lookups that resolve one
         message's keys): the keystore is checked for changes at the first lookup, not at each
         of them (a stat of every keyring file per lookup was a fifth of a small message's
-        protection). A change made by this process (import, invalidate) still counts at once."""
+        protection). A change made by this process, in any thread (import, invalidate), still
+        counts at the next lookup; another process's change counts from the next operation."""
         depth = getattr(self._pin, "depth", 0)
         self._pin.depth = depth + 1
         try:
@@ -1339,12 +1344,15 @@ class Keystore:
     def all_keys(self) -> tuple[OpenPGPKey, ...]:
         """Every certificate in the keystore."""
         pinned = getattr(self._pin, "depth", 0) > 0
+        if pinned and getattr(self._pin, "generation", None) != self._generation:
+            self._pin.keys = self._pin.stamp = None  # this process changed the keystore since
         if pinned and getattr(self._pin, "keys", None) is not None:
             keys: tuple[OpenPGPKey, ...] = self._pin.keys
             return keys
+        generation = self._generation
         keys = self._all_keys()
         if pinned:
-            self._pin.keys = keys
+            self._pin.keys, self._pin.generation = keys, generation
         return keys
 
     def _all_keys(self) -> tuple[OpenPGPKey, ...]:
@@ -2153,6 +2161,7 @@ class Keystore:
         for cert in certs:
             fpr = str(cert.fingerprint).upper()
             old, new = self.certd.insert(cert)
+            self._generation += 1  # pinned listings in every thread look again
             if old != new:
                 touched.add(fpr)
             if fpr in secrets and self._store_secret(fpr, secrets.pop(fpr)):
@@ -2274,6 +2283,7 @@ class Keystore:
         self.certd.insert(cert)
         with self.certd.locked():
             self.secret_keys.put(fpr, raw)
+        self._generation += 1
         self.sources.record([fpr], KeySource(SourceKind.GENERATED))
         return GeneratedKey(fingerprint=fpr, user_id=uid)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,14 +57,19 @@ def smtp_server(module_ca: TestCA) -> Iterator[Callable[..., LoopbackSMTPServer]
 def _stop_gpg_agents_in_tmp_path(request: pytest.FixtureRequest) -> Iterator[None]:
     """gpg starts a gpg-agent daemon per GnuPG home; a test's homes under its ``tmp_path``
     (keystores made there, and their ``gnupg-engine`` copies) get their agents stopped when it
-    ends, so no test leaves a process behind."""
+    ends, so no test leaves a process behind. Homes are found by their keyring files (the
+    agent's socket may live in /run/user/UID instead of the home)."""
     yield
     tmp = getattr(request.node, "funcargs", {}).get("tmp_path")
     if tmp is None:
         return
-    for socket in Path(tmp).rglob("S.gpg-agent"):
-        subprocess.run(
-            ["gpgconf", "--homedir", str(socket.parent), "--kill", "gpg-agent"],
-            capture_output=True,
-            check=False,
-        )
+    homes = {p.parent for p in Path(tmp).rglob("private-keys-v1.d")}
+    homes |= {p.parent for p in Path(tmp).rglob("S.gpg-agent")}
+    for home in homes:
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            subprocess.run(
+                ["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
+                capture_output=True,
+                check=False,
+                timeout=10,
+            )

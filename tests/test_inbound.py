@@ -244,6 +244,44 @@ def _encrypted_by_the_program(keys: Keys, home: Path, *to: str, hidden: bool = F
     )
 
 
+def test_the_engine_reading_a_programs_encryption_is_chosen_by_its_content_type(
+    keys: Keys, sender_store: Keystore, smtp_server: ServerFactory, recipients_home: Path
+) -> None:
+    """A PGP/MIME message whose Subject names another scheme is still read as PGP/MIME (the
+    parsed Content-Type decides, not a word anywhere in the header)."""
+    raw = _encrypted_by_the_program(keys, recipients_home, "bob@example.net", "dave@example.com")
+    raw = raw.replace(b"Subject: mutt", b"Subject: Re: pkcs7-mime or pgp?")
+    server = smtp_server(tls="implicit")
+    result = asyncio.run(submit(_mailer(sender_store, server), raw))
+    assert sorted(result.accepted) == ["bob@example.net", "dave@example.com"]
+
+
+@pytest.mark.parametrize("before", [b"x", b""], ids=["inside a line", "at a line start"])
+def test_an_armored_block_in_the_preamble_does_not_stand_in_for_the_encrypted_part(
+    keys: Keys,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
+    before: bytes,
+) -> None:
+    """RFC 3156 §4: the OpenPGP message is the second body part. A decoy block in the
+    preamble, encrypted to every recipient, must not hide that the real part is encrypted
+    to bob only: dave is refused, nothing is sent."""
+    decoy = _encrypted_by_the_program(keys, recipients_home, "bob@example.net", "dave@example.com")
+    decoy_armor = decoy[decoy.index(b"-----BEGIN PGP") : decoy.index(b"-----END PGP")]
+    decoy_armor += b"-----END PGP MESSAGE-----\r\n"
+    real = _encrypted_by_the_program(keys, recipients_home, "bob@example.net")
+    marker = b"This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)\r\n"
+    raw = real.replace(marker, marker + before + decoy_armor)
+    server = smtp_server(tls="implicit")
+    with pytest.raises(RecipientKeyError) as info:
+        asyncio.run(submit(_mailer(sender_store, server), raw))
+    assert [(p.address, p.reason) for p in info.value.problems] == [
+        ("dave@example.com", KeyReason.NOT_ENCRYPTED_TO)
+    ]
+    assert server.messages == []
+
+
 def test_already_encrypted_message_is_sent_as_it_is(
     keys: Keys, sender_store: Keystore, smtp_server: ServerFactory, recipients_home: Path
 ) -> None:

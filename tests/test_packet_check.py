@@ -63,3 +63,22 @@ def test_small_armor_is_decoded_whole_whatever_its_layout() -> None:
     assert openpgp._dearmored_whole(lf.split(b"-----END")[0]) is None
     with pytest.raises(CryptoError):
         encrypted_to_key_ids(lf.replace(b"\n", b"\n!", 3))
+
+
+def test_the_one_step_decoding_leaves_any_unusual_layout_to_the_line_reader() -> None:
+    """Only a block laid out exactly as RFC 9580 §6.2 says is decoded in one step; anything
+    else (BEGIN inside a line, a whitespace-only "blank" line, spaces in the base64) is
+    left to the line reader, so the two never disagree."""
+    from e2email.crypto import openpgp
+
+    (cert,) = _certs(1)
+    lf = bytes(pysequoia.encrypt(b"x" * 4000, [cert]))
+    begin, rest = lf.split(b"\n", 1)
+    assert openpgp._dearmored_whole(lf) is not None
+    for odd in (
+        b"decoy " + lf,
+        begin + b"\n \x0b\n" + rest,
+        lf.replace(b"\n", b" \n", 4),
+        lf.replace(b"-----END", b"x-----END"),
+    ):
+        assert openpgp._dearmored_whole(odd) is None

@@ -26,7 +26,6 @@ from e2email.config import OpenPGPEngine, PasswordSource, Protection, Scheme
 from e2email.errors import (
     ConfigError,
     KeyProblem,
-    KeyReason,
     MessageError,
     PassphraseError,
     RecipientKeyError,
@@ -317,13 +316,10 @@ class Protector(abc.ABC):
         """Why each of ``addresses`` (bare, lower-cased) could not be encrypted to under
         ``protection``, found as :meth:`protect` finds keys (the store and the policy's key
         map): for a relay to refuse a recipient at RCPT already. Empty when every address
-        has a usable key. An engine that encrypts overrides it: the default knows no keys, so
-        every address is reported, which refuses rather than accepting a recipient that
-        protection would fail for later. Blocking (run it in a thread)."""
-        return [
-            KeyProblem(a, KeyReason.NOT_FOUND, f"the {self.name} engine cannot look up keys")
-            for a in addresses
-        ]
+        has a usable key, or when the engine cannot tell before protecting (the default): the
+        RCPT check is only the early answer, :meth:`protect` still refuses the message.
+        Blocking (run it in a thread)."""
+        return []
 
     def check_encrypted(
         self, head: bytes, body: bytes, addresses: Sequence[str], protection: Protection
@@ -543,6 +539,24 @@ def protector_for(
         keystore=keystore, certstore=certstore, discovery_settings=discovery_settings
     )
     return entry[0](context)
+
+
+#: The engine that reads each kind of protection a program may have applied itself
+#: (:func:`e2email.message.existing_protection`, which parses the top-level Content-Type).
+_KIND_ENGINES: dict[str, str] = {
+    "pgp-encrypted": "openpgp",
+    "pgp-signed": "openpgp",
+    "smime-encrypted": "smime",
+    "smime-signed": "smime",
+}
+
+
+def engine_for_kind(kind: str) -> str:
+    """The engine name for a message a program protected itself, by its parsed kind."""
+    try:
+        return _KIND_ENGINES[kind]
+    except KeyError:
+        raise ConfigError(f"no protection engine reads {kind!r} messages") from None
 
 
 def engine_for_copy(scheme: str | None, raw: bytes | Spool | None) -> str:

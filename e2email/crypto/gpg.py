@@ -12,6 +12,9 @@ inside the encryption (Autocrypt Level 1; :mod:`e2email.discovery.autocrypt`).
 from __future__ import annotations
 
 import asyncio
+import email
+import email.message
+import email.policy
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -35,6 +38,23 @@ from e2email.message import HP, Address, Message, build_payload, message_head, s
 from e2email.spool import Spool, spool_dir
 
 __all__ = ["GpgProtector"]
+
+
+def _encrypted_part(head: bytes, body: bytes) -> bytes:
+    """The second body part of a ``multipart/encrypted`` message, the one RFC 3156 §4 says
+    holds the OpenPGP message: only it is read (an armored block in the preamble or the
+    version part must not stand in for it)."""
+    parsed = email.message_from_bytes(head + b"\r\n" + body, policy=email.policy.compat32)
+    parts = parsed.get_payload() if parsed.is_multipart() else None
+    if not isinstance(parts, list) or len(parts) != 2:
+        raise MessageError(
+            "not a PGP/MIME encrypted message (RFC 3156 §4: exactly two parts)", field="message"
+        )
+    second = parts[1]
+    payload = second.get_payload() if isinstance(second, email.message.Message) else None
+    if not isinstance(payload, str):
+        raise MessageError("the encrypted part of the message is not a leaf part", field="message")
+    return payload.encode("ascii", "surrogateescape")
 
 
 class GpgProtector(Protector):
@@ -80,7 +100,7 @@ class GpgProtector(Protector):
         protection (EFAIL: a Symmetrically Encrypted Data packet, tag 9)."""
         keys, problems = self.keystore.resolve_recipients(addresses, key_map=protection.key_map)
         try:
-            key_ids, data_tag = openpgp.encrypted_to_key_ids(body)
+            key_ids, data_tag = openpgp.encrypted_to_key_ids(_encrypted_part(head, body))
         except CryptoError as exc:
             raise MessageError(f"cannot read the encrypted part: {exc}", field="message") from None
         if data_tag == 9:

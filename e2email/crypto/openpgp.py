@@ -687,17 +687,25 @@ _ARMOR_WHOLE = 1 << 16
 def _dearmored_whole(armored: bytes) -> bytes | None:
     """The packets of a small armored block (RFC 9580 §6.2: the BEGIN line, armor headers up
     to a blank line, base64 lines, an optional CRC line, the END line) decoded at once; None
-    when it is not laid out so (the line-by-line reader then decides)."""
+    whenever it is not laid out exactly so, and the line-by-line reader then decides: this
+    may only ever agree with that reader or leave the answer to it."""
     begin = armored.find(b"-----BEGIN PGP")
-    if begin < 0:
+    # The armor lines start lines (as the line reader requires): a BEGIN or END inside a line
+    # (a decoy in a preamble) is not this block's.
+    if begin < 0 or (begin > 0 and armored[begin - 1] != 0x0A):
         return None
     end = armored.find(b"-----END PGP", begin)
     body_start = armored.find(b"\n", begin)
-    if end < 0 or body_start < 0:
+    if end < 0 or body_start < 0 or armored[end - 1] != 0x0A:
         return None
     # The armor headers end at the first blank line (CRLF or LF).
-    blank = re.search(rb"\n[ \t\r]*\n", armored[body_start : end + 1])
+    blank = re.search(rb"\n\r?\n", armored[body_start : end + 1])
     if blank is None:
+        return None
+    # Only "Key: value" armor headers may come before that blank line (a whitespace-only
+    # "blank" line would end the headers for the line reader, not here).
+    headers = armored[body_start + 1 : body_start + blank.start() + 1].split(b"\n")
+    if any(b": " not in line for line in headers if line.rstrip(b"\r")):
         return None
     text = armored[body_start + blank.end() : end]
     crc = text.rfind(b"\n=")
@@ -705,7 +713,12 @@ def _dearmored_whole(armored: bytes) -> bytes | None:
         text = text[: crc + 1]
     elif text.startswith(b"="):
         text = b""
-    return _b64decode(text.translate(None, b" \t\r\n"))
+    if re.search(rb"[^A-Za-z0-9+/=\r\n]", text):
+        return None  # anything but base64 and line ends: the line reader's call
+    try:
+        return base64.b64decode(text.translate(None, b"\r\n"), validate=True)
+    except binascii.Error:
+        return None
 
 
 def _dearmored(armored: Armored, lines_per_block: int) -> Iterator[bytes]:
