@@ -844,28 +844,36 @@ def vet_key(data: bytes, address: str, *, gpg_binary: str = "gpg") -> VettedKey 
             if any(r.get("fingerprint") for r in unfiltered.results):
                 return KeyProblem(addr, KeyReason.ADDRESS_MISMATCH, "no user ID with the address")
             return KeyProblem(addr, KeyReason.INVALID, "no OpenPGP key in the answer")
-        choice = scratch._choose(addr, None, purpose="encrypt")
+        choice = _vetted_choice(scratch, addr)
         if isinstance(choice, KeyProblem):
-            if choice.reason is KeyReason.NOT_FOUND:
-                return KeyProblem(addr, KeyReason.ADDRESS_MISMATCH, "no user ID with the address")
             return choice
-        # gpg's filter kept the user IDs whose ``mbox`` is the address; the keystore must file
-        # every one of them under that same address, or the key would later be chosen for
-        # another address (a user ID naming two). Anything else is refused (fail closed).
-        strays = [u.text for u in choice.user_ids if u.validity != "r" and u.address != addr]
-        if strays:
-            return KeyProblem(
-                addr,
-                KeyReason.ADDRESS_MISMATCH,
-                f"a user ID does not name only the address: {strays[0]!r}",
-                choice.fingerprint,
-            )
         minimal = _gpg_export(gpg_binary, scratch.gnupg_home, choice.fingerprint, addr, None)
         return VettedKey(addr, choice.fingerprint, minimal, choice)
     finally:
         if secret:  # secret keys go through a gpg-agent, which must not outlive the home
             scratch.shutdown_agent()
         shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def _vetted_choice(scratch: Keystore, addr: str) -> OpenPGPKey | KeyProblem:
+    """The one usable key for ``addr`` in a throwaway store holding only what a discovery
+    answer kept for it. The import filter kept the user IDs whose ``mbox`` is the address; the
+    key must carry no other, or it would later be chosen for another address (a user ID
+    naming two). Anything else is refused (fail closed)."""
+    choice = scratch._choose(addr, None, purpose="encrypt")
+    if isinstance(choice, KeyProblem):
+        if choice.reason is KeyReason.NOT_FOUND:
+            return KeyProblem(addr, KeyReason.ADDRESS_MISMATCH, "no user ID with the address")
+        return choice
+    strays = [u.text for u in choice.user_ids if u.validity != "r" and u.address != addr]
+    if strays:
+        return KeyProblem(
+            addr,
+            KeyReason.ADDRESS_MISMATCH,
+            f"a user ID does not name only the address: {strays[0]!r}",
+            choice.fingerprint,
+        )
+    return choice
 
 
 def _vet_key_certd(data: bytes, addr: str) -> VettedKey | KeyProblem:
@@ -916,19 +924,9 @@ def _vet_key_certd(data: bytes, addr: str) -> VettedKey | KeyProblem:
     try:
         scratch = Keystore(scratch_dir, backend="certd")
         scratch.import_keys(b"".join(kept))
-        choice = scratch._choose(addr, None, purpose="encrypt")
+        choice = _vetted_choice(scratch, addr)
         if isinstance(choice, KeyProblem):
-            if choice.reason is KeyReason.NOT_FOUND:
-                return KeyProblem(addr, KeyReason.ADDRESS_MISMATCH, "no user ID with the address")
             return choice
-        strays = [u.text for u in choice.user_ids if u.validity != "r" and u.address != addr]
-        if strays:
-            return KeyProblem(
-                addr,
-                KeyReason.ADDRESS_MISMATCH,
-                f"a user ID does not name only the address: {strays[0]!r}",
-                choice.fingerprint,
-            )
         minimal = scratch._minimal_certd(choice.fingerprint, addr, None)
         return VettedKey(addr, choice.fingerprint, minimal, choice)
     except KeystoreError as exc:
