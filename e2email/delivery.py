@@ -14,7 +14,7 @@ What it promises, for each :class:`Submission` (one protected copy and its envel
   outbox, the copy stays there until every recipient is delivered; the outbox is updated
   after each attempt, before the outcome is reported (without waiting for the disk: a power
   cut that loses that record leaves the copy maybe-delivered or queued, as the durable state
-  before it says, see :meth:`Outbox.settle_unsynced`).
+  before it says, see :meth:`Outbox.settle(synced=False)`).
 * **A copy is never sent twice by itself.** Once the end of its data (the final ".") is
   sent, the server may have it (RFC 5321 §6.1, RFC 1047): a lost reply, a timeout, a dropped
   connection or an interruption from then on makes it ``maybe-delivered``, which is not
@@ -733,13 +733,14 @@ class DeliveryEngine:
         job.pending = []
         if self.outbox is not None:
             # Unsynced: lost only with a power cut, which leaves the copy in flight, so
-            # maybe-delivered all the same (Outbox.settle_unsynced).
+            # maybe-delivered all the same (Outbox.settle(synced=False)).
             await asyncio.to_thread(
-                self.outbox.settle_unsynced,
+                self.outbox.settle,
                 job.sub.id,
                 pending=pending,
                 error=f"maybe delivered: {exc}",
                 maybe_delivered=True,
+                synced=False,
             )
         await self._finish(job, recorded=True)
 
@@ -778,9 +779,9 @@ class DeliveryEngine:
             # Unsynced (one fsync per message fewer): should a power cut lose this record, the
             # copy is as the last durable state says, in flight (maybe-delivered: never sent
             # again by itself) once its end of data went out, else queued to send again
-            # (Outbox.settle_unsynced).
+            # (Outbox.settle(synced=False)).
             await asyncio.to_thread(
-                self.outbox.settle_unsynced,
+                self.outbox.settle,
                 job.sub.id,
                 delivered=delivered,
                 failed=failed,
@@ -790,6 +791,7 @@ class DeliveryEngine:
                 release=not retry,
                 # The server answered (or the data never ended): the outcome is known.
                 maybe_delivered=False,
+                synced=False,
             )
         job.marked = job.ended = False
         if not retry:

@@ -709,6 +709,7 @@ class Outbox:
         retry_at: float | None = None,
         release: bool = False,
         maybe_delivered: bool | None = None,
+        synced: bool = True,
     ) -> bool:
         """Record what one attempt did, in one transaction; True if the item is gone.
 
@@ -722,9 +723,25 @@ class Outbox:
         item is released, :attr:`ItemState.MAYBE_DELIVERED`); False when its outcome is known
         (the in-flight mark of :meth:`mark_in_flight` is cleared); None leaves the mark as it
         is (a release without an attempt).
+
+        ``synced=False`` commits without waiting for the disk to confirm it: the delivery
+        engine records each attempt's outcome so, one fsync per message fewer.
+
+        Why that keeps every promise: the commit is in SQLite's write-ahead log, in the
+        operating system's hands, before this returns, so a crash or ``kill -9`` of this
+        process cannot lose it; only a power cut or an OS crash can, and then only until the
+        next durable commit (the next store or in-flight mark, which syncs the log up to and
+        including this), a checkpoint, or the close of the file. What a lost outcome leaves
+        behind is the item as the durable state before it said: a copy whose end of data was
+        (about to be) sent is in flight, so :attr:`ItemState.MAYBE_DELIVERED`, never sent
+        again by itself; any other is queued and claimed by a process that is gone, so sent
+        again, which is right since the server does not have it. Nothing is lost, nothing is
+        sent twice; at worst a delivered copy is shown as maybe delivered after a power cut,
+        as it would have been had the cut come a moment earlier. Storing a copy and marking
+        it in flight stay synchronous (``synchronous=FULL``).
         """
         now = time.time()
-        with self._write() as db:
+        with contextlib.nullcontext() if synced else self._unsynced(), self._write() as db:
             row = db.execute("SELECT ledger_key FROM items WHERE id = ?", (item_id,)).fetchone()
             if row is None:
                 return True
@@ -1023,58 +1040,24 @@ class Outbox:
             row = db.execute("SELECT state FROM ledger WHERE key = ?", (key,)).fetchone()
             return None if row is None else str(row[0])
 
-    # -- recording outcomes without waiting for the disk -----------------------------------
+    # -- writes that do not wait for the disk ----------------------------------------------
 
-    def settle_unsynced(
-        self,
-        item_id: str,
-        *,
-        delivered: Mapping[str, SMTPReply | None] | None = None,
-        failed: Mapping[str, SMTPReply | None] | None = None,
-        pending: Mapping[str, SMTPReply | None] | None = None,
-        error: str | None = None,
-        attempted: bool = True,
-        retry_at: float | None = None,
-        release: bool = False,
-        maybe_delivered: bool | None = None,
-    ) -> bool:
-        """:meth:`settle`, committed without waiting for the disk to confirm it: the delivery
-        engine records each attempt's outcome so, one fsync per message fewer.
-
-        Why that keeps every promise: the commit is in SQLite's write-ahead log, in the
-        operating system's hands, before this returns, so a crash or ``kill -9`` of this
-        process cannot lose it; only a power cut or an OS crash can, and then only until the
-        next durable commit (the next store or in-flight mark, which syncs the log up to and
-        including this), a checkpoint, or the close of the file. What a lost outcome leaves
-        behind is the item as the durable state before it said: a copy whose end of data was
-        (about to be) sent is in flight, so :attr:`ItemState.MAYBE_DELIVERED`, never sent
-        again by itself; any other is queued and claimed by a process that is gone, so sent
-        again, which is right since the server does not have it. Nothing is lost, nothing is
-        sent twice; at worst a delivered copy is shown as maybe delivered after a power cut,
-        as it would have been had the cut come a moment earlier. Storing a copy and marking
-        it in flight stay synchronous (``synchronous=FULL``)."""
+    @contextlib.contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        """Commits made inside are not waited for on the disk (``synchronous=NORMAL``); the
+        connection is back to ``FULL`` when it ends, or closed if that cannot be set: never
+        left writing stores without syncing them."""
         with self._lock:
             try:
                 self._db.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: {exc}") from exc
             try:
-                return self.settle(
-                    item_id,
-                    delivered=delivered,
-                    failed=failed,
-                    pending=pending,
-                    error=error,
-                    attempted=attempted,
-                    retry_at=retry_at,
-                    release=release,
-                    maybe_delivered=maybe_delivered,
-                )
+                yield
             finally:
                 try:
                     self._db.execute("PRAGMA synchronous=FULL")
                 except sqlite3.Error as exc:
-                    # Never leave the connection writing stores without syncing them.
                     self._db.close()
                     raise OutboxError(f"outbox {self.path}: {exc}") from exc
 
@@ -1131,16 +1114,8 @@ class Outbox:
 
         if sync:
             return write()
-        try:
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                return write()
-            finally:
-                self._db.execute("PRAGMA synchronous=FULL")
-        except sqlite3.Error as exc:
-            # The setting itself failed: never leave the connection writing unsynced.
-            self._db.close()
-            raise OutboxError(f"outbox {self.path}: {exc}") from exc
+        with self._unsynced():
+            return write()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Outcomes recorded without waiting for the disk (Outbox.settle_unsynced): a killed process
+"""Outcomes recorded without waiting for the disk (Outbox.settle(synced=False)): a killed process
 loses none of them, and stores and in-flight marks stay synced (synchronous=FULL)."""
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ _KILLED_AFTER_SETTLING = textwrap.dedent(
                   message_id="m")
     sent, later = box.add([new, new])
     box.mark_in_flight(sent)
-    assert box.settle_unsynced(sent, delivered={"b@example.net": SMTPReply(250, "ok")},
-                               maybe_delivered=False)
-    box.settle_unsynced(later, pending={"b@example.net": SMTPReply(451, "later")},
-                        error="451 later", release=True, maybe_delivered=False)
+    assert box.settle(sent, delivered={"b@example.net": SMTPReply(250, "ok")},
+                      maybe_delivered=False, synced=False)
+    box.settle(later, pending={"b@example.net": SMTPReply(451, "later")},
+               error="451 later", release=True, maybe_delivered=False, synced=False)
     print(sent, later, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # no close, no checkpoint
     """
@@ -69,11 +69,11 @@ def test_stores_stay_synced_around_an_unsynced_outcome(tmp_path: Path) -> None:
             raw=b"x", mail_from="a@example.org", recipients=("b@example.net",), message_id="m"
         )
         (item_id,) = box.add([new])
-        box.settle_unsynced(item_id, error="later", release=True)
+        box.settle(item_id, error="later", release=True, synced=False)
         assert _synchronous(box) == 2
         bad: Any = {"b@example.net": object()}  # no .code: the transaction fails
         with pytest.raises(AttributeError):
-            box.settle_unsynced(item_id, delivered=bad)
+            box.settle(item_id, delivered=bad, synced=False)
         assert _synchronous(box) == 2
         assert box.get(item_id, raw=False).state is ItemState.QUEUED
     assert os.path.exists(tmp_path / "o.sqlite3")
