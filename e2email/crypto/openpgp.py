@@ -839,14 +839,23 @@ def encrypted_to_key_ids(armored: Armored) -> tuple[list[str], int]:
 
 def _check_encrypted(armored: Armored, subkeys: Sequence[str]) -> None:
     """Integrity-protected data, and one session key for each chosen subkey and no other."""
-    key_ids, data_tag = encrypted_to_key_ids(armored)
+    check_session_keys(*encrypted_to_key_ids(armored), subkeys, producer="gpg")
+
+
+def check_session_keys(
+    key_ids: Sequence[str], data_tag: int, subkeys: Sequence[str], *, producer: str
+) -> None:
+    """What an engine's output must be (``key_ids``, ``data_tag``: from
+    :func:`encrypted_to_key_ids`): integrity-protected data, never the legacy SED packet
+    (EFAIL), and one session key for each chosen subkey and no other (Bcc privacy, standards
+    item 21). ``producer`` names the engine in the error."""
     if data_tag == 9:
         raise CryptoError(
-            "gpg produced a message without integrity protection (SED packet); refusing it"
+            f"{producer} produced a message without integrity protection (SED packet); refusing it"
         )
     expected = sorted(fpr[-16:].upper() for fpr in subkeys)
     if sorted(key_ids) != expected:
         raise CryptoError(
-            f"gpg encrypted to an unexpected set of keys ({', '.join(key_ids)}), "
+            f"{producer} encrypted to an unexpected set of keys ({', '.join(key_ids)}), "
             f"not exactly {', '.join(expected)}"
         )

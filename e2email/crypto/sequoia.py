@@ -66,6 +66,7 @@ from e2email.crypto.openpgp import (
     _ARMOR_WHOLE,
     Armored,
     armor_into,
+    check_session_keys,
     encrypted_entity_head,
     encrypted_to_key_ids,
     signed_entity,
@@ -721,8 +722,7 @@ def _armor_head(armored: bytes) -> bytes | None:
 
 
 def _check_encrypted(armored: Armored, subkeys: Sequence[str]) -> None:
-    """Integrity-protected data (never the legacy SED packet, EFAIL), and one session key for
-    each chosen subkey and no other (Bcc privacy, standards item 21)."""
+    """:func:`~e2email.crypto.openpgp.check_session_keys` on Sequoia's armored output."""
     head = _armor_head(armored) if isinstance(armored, bytes) else None
     try:
         # The packets before the encrypted data are all that is looked at: when the head
@@ -733,14 +733,7 @@ def _check_encrypted(armored: Armored, subkeys: Sequence[str]) -> None:
         if head is None:
             raise
         key_ids, data_tag = encrypted_to_key_ids(armored)
-    if data_tag == 9:
-        raise CryptoError("Sequoia produced a message without integrity protection; refusing it")
-    expected = sorted(fpr[-16:].upper() for fpr in subkeys)
-    if sorted(key_ids) != expected:
-        raise CryptoError(
-            f"Sequoia encrypted to an unexpected set of keys ({', '.join(key_ids)}), "
-            f"not exactly {', '.join(expected)}"
-        )
+    check_session_keys(key_ids, data_tag, subkeys, producer="Sequoia")
 
 
 def _unsupported(address: str, key: OpenPGPKey, why: str) -> KeyProblem:
