@@ -629,15 +629,14 @@ class Relay:
         return due, later
 
     def _outcome(self, outcome: Outcome) -> None:
-        sub = outcome.submission
         n = len(outcome.recipients)
         if outcome.status == "delivered":
             self.delivered += 1
-            log.info("%s: delivered upstream to %d recipient(s)", sub.id, n)
+            log.info("%s: delivered upstream to %d recipient(s)", outcome.id, n)
         else:
             log.warning(
                 "%s: %s (%d of %d recipient(s) delivered): %s; kept in the outbox",
-                sub.id,
+                outcome.id,
                 outcome.status,
                 len(outcome.delivered),
                 n,

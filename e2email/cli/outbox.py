@@ -250,7 +250,7 @@ def _send_items(
     failures: list[Outcome] = []
 
     def show(outcome: Outcome) -> None:
-        item = outcome.submission.tag
+        item = outcome.tag
         status = outcome.status
         text = ", ".join(
             r.address if r.status == "delivered" else f"{r.address}: {r.status}: {r.error}"
