@@ -63,6 +63,7 @@ from e2email.errors import (
 from e2email.keystore import Keystore
 from e2email.message import Address, Attachment, Message
 from e2email.outbox import Outbox, OutboxError
+from e2email.outcome import CopyOutcome, RecipientOutcome
 from e2email.transport.ports import HostMemory, PortAttempt
 from e2email.transport.smtp import DeliveryResult, RecipientResult, TLSInfo
 
@@ -78,6 +79,7 @@ __all__ = [
     "CertStore",
     "ConfigError",
     "ConnectError",
+    "CopyOutcome",
     "CopyResult",
     "CryptoError",
     "DeliveryError",
@@ -104,6 +106,7 @@ __all__ = [
     "ProtectedCopy",
     "Protection",
     "RecipientKeyError",
+    "RecipientOutcome",
     "RecipientResult",
     "RecipientsRefusedError",
     "RequireTLSError",

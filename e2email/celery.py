@@ -89,7 +89,8 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.message import Message
-from e2email.transport.smtp import DeliveryResult, SMTPConnection, SMTPTransport
+from e2email.outcome import CopyOutcome
+from e2email.transport.smtp import SMTPConnection, SMTPTransport
 
 __all__ = [
     "BACKEND_ENV",
@@ -1089,7 +1090,7 @@ class _Run:
                 slot.abort()
                 self._record(c, todo, "maybe-delivered", error=f"{exc}; not sent again")
                 return
-            if isinstance(exc, RecipientsRefusedError) and isinstance(exc.result, DeliveryResult):
+            if isinstance(exc, RecipientsRefusedError) and isinstance(exc.result, CopyOutcome):
                 self._apply(c, exc.result)
                 return
             if not isinstance(exc, DeliveryError):
@@ -1121,15 +1122,15 @@ class _Run:
             raise
         self._apply(c, result)
 
-    def _apply(self, c: Mapping[str, Any], result: DeliveryResult) -> None:
+    def _apply(self, c: Mapping[str, Any], result: CopyOutcome) -> None:
         data_reply = str(result.data_reply) if result.data_reply is not None else None
-        delivered = [r.address for r in result.recipients if r.accepted]
+        delivered = list(result.delivered)
         failed: dict[str, str] = {}
         later: dict[str, str | None] = {}
         for r in result.recipients:
-            if r.accepted:
+            if r.status == "delivered":
                 continue
-            if r.reply is not None and not r.reply.is_transient:
+            if r.status == "failed":
                 failed[r.address] = str(r.reply)
             else:
                 later[r.address] = str(r.reply) if r.reply is not None else None

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from e2email.certstore import CertStore
 from e2email.config import PasswordSource, Protection, RetryPolicy, SMTPSettings
@@ -31,8 +31,6 @@ from e2email.crypto.base import (
 from e2email.delivery import (
     DeliveryEngine,
     OutboxWriter,
-    Outcome,
-    RecipientOutcome,
     Submission,
     deliver,
     route_of,
@@ -60,42 +58,34 @@ from e2email.outbox import (
     OutboxItem,
     same_route,
 )
-from e2email.transport.smtp import DeliveryResult, RecipientResult, SMTPTransport
+from e2email.outcome import (
+    BatchResult,
+    CopyOutcome,
+    MessageOutcome,
+    MessageStatus,
+    RecipientOutcome,
+)
+from e2email.transport.smtp import SMTPTransport
 
 __all__ = [
     "AsyncMailer",
     "BatchItem",
     "BatchResult",
+    "CopyOutcome",
     "CopyResult",
     "Mailer",
     "MessageOutcome",
+    "MessageStatus",
     "ProtectedCopy",
     "SendResult",
 ]
 
 
-@dataclass(frozen=True)
-class CopyResult:
-    copy: ProtectedCopy
-    delivery: DeliveryResult
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """What happened to each copy of one message."""
-
-    message_id: str
-    copies: tuple[CopyResult, ...]
-    #: Outbox IDs of the copies still kept there (something was not delivered).
-    kept: tuple[str, ...] = ()
-
-    @property
-    def accepted(self) -> tuple[str, ...]:
-        return tuple(a for c in self.copies for a in c.delivery.accepted)
-
-    @property
-    def refused(self) -> dict[str, SMTPReply | None]:
-        return {r.address: r.reply for c in self.copies for r in c.delivery.refused}
+#: Deprecated names, kept for one release: ``send()`` returns a :class:`MessageOutcome` (with
+#: ``accepted``, ``refused`` and ``copies``) and each copy's outcome is a :class:`CopyOutcome`
+#: (``copy`` and ``delivery`` are still attributes of it).
+SendResult = MessageOutcome
+CopyResult = CopyOutcome
 
 
 @dataclass(frozen=True)
@@ -111,69 +101,6 @@ class BatchItem:
     tag: Any = None
 
 
-#: ``delivered`` to every recipient; ``partial``: to some; ``failed``: refused permanently;
-#: ``deferred``: not delivered yet, kept for a retry; ``not-sent``: could not be protected (key
-#: problem: nothing sent, nothing stored); ``skipped``: already sent by an earlier run (or
-#: being sent by another process); ``duplicate``: its key equals that of an earlier message of
-#: this same run (``duplicate_of`` is that message's tag), so it is not sent again;
-#: ``maybe-delivered``: interrupted after the end of its data was sent (now or by an earlier
-#: run), so the server may have it: kept in the outbox, not sent again by itself.
-MessageStatus = Literal[
-    "delivered",
-    "partial",
-    "failed",
-    "deferred",
-    "not-sent",
-    "skipped",
-    "duplicate",
-    "maybe-delivered",
-]
-
-
-@dataclass(frozen=True)
-class MessageOutcome:
-    """What happened to one message of a batch, per recipient (To, Cc and Bcc)."""
-
-    #: The message's position in the input (0-based).
-    index: int
-    tag: Any
-    status: MessageStatus
-    message_id: str | None = None
-    recipients: tuple[RecipientOutcome, ...] = ()
-    #: The last failure (for ``not-sent``: why it could not be protected).
-    error: Exception | None = None
-    #: Outbox IDs of its copies still kept there.
-    kept: tuple[str, ...] = ()
-    detail: str = ""
-    #: For ``duplicate``: the tag of the earlier message of this run with the same key.
-    duplicate_of: Any = None
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """The result of :meth:`AsyncMailer.send_many`: counts per status and, unless an
-    ``on_outcome`` callback took them as they came, every :class:`MessageOutcome`."""
-
-    counts: Mapping[str, int]
-    outcomes: tuple[MessageOutcome, ...] = ()
-    #: SMTP connections opened.
-    connections: int = 0
-    #: The error that stopped the batch early (certificate, credentials, server unreachable).
-    stopped_by: Exception | None = None
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def ok(self) -> bool:
-        """Was every message delivered (or already delivered by an earlier run, or a duplicate
-        of one that was)?"""
-        return self.total == sum(
-            self.counts.get(s, 0) for s in ("delivered", "skipped", "duplicate")
-        )
-
-
 @dataclass
 class _Group:
     """The copies of one batch message, collected until each has its outcome."""
@@ -182,31 +109,11 @@ class _Group:
     tag: Any
     message_id: str | None
     expected: int
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[CopyOutcome] = field(default_factory=list)
 
     def result(self) -> MessageOutcome:
-        recipients = tuple(r for o in self.outcomes for r in o.recipients)
-        delivered = sum(r.status == "delivered" for r in recipients)
-        status: MessageStatus
-        if delivered == len(recipients):
-            status = "delivered"
-        elif delivered:
-            status = "partial"
-        elif any(r.status == "deferred" for r in recipients):
-            status = "deferred"
-        elif any(r.status == "maybe-delivered" for r in recipients):
-            status = "maybe-delivered"
-        else:
-            status = "failed"
-        errors = [o.error for o in self.outcomes if o.error is not None]
-        return MessageOutcome(
-            index=self.index,
-            tag=self.tag,
-            status=status,
-            message_id=self.message_id,
-            recipients=recipients,
-            error=errors[-1] if errors else None,
-            kept=tuple(o.submission.id for o in self.outcomes if o.kept),
+        return MessageOutcome.of_copies(
+            self.outcomes, message_id=self.message_id, index=self.index, tag=self.tag
         )
 
 
@@ -320,7 +227,9 @@ class AsyncMailer:
         self._discovery_settings = settings
         self._engines.clear()  # made again with these settings when next needed
 
-    async def send(self, message: Message, *, protection: Protection | None = None) -> SendResult:
+    async def send(
+        self, message: Message, *, protection: Protection | None = None
+    ) -> MessageOutcome:
         """Protect ``message`` and submit every copy over one TLS connection.
 
         With an outbox, the protected copies are stored before connecting and each is removed
@@ -336,7 +245,7 @@ class AsyncMailer:
         copies = await self.protect(message, protection=protection)
         return await self.send_copies(copies)
 
-    async def send_copies(self, copies: Sequence[ProtectedCopy]) -> SendResult:
+    async def send_copies(self, copies: Sequence[ProtectedCopy]) -> MessageOutcome:
         """Submit already protected copies (e.g. kept from an earlier failed attempt).
 
         Raises RecipientsRefusedError when any recipient is left undelivered after the retries
@@ -374,14 +283,19 @@ class AsyncMailer:
             kept = tuple(i for i in ids if i is not None)
             attach_unsent(
                 exc,
-                SendResult(message_id=copies[0].message_id, copies=(), kept=kept),
+                MessageOutcome(
+                    status="deferred" if kept else "failed",
+                    message_id=copies[0].message_id,
+                    error=exc,
+                    kept=kept,
+                ),
                 tuple(
                     replace(c, outbox_id=i) if i is not None else c
                     for c, i in zip(copies, ids, strict=True)
                 ),
             )
             raise
-        by_id = {o.submission.id: o for o in outcomes}
+        by_id = {o.id: o for o in outcomes}
         return self._send_result(smtp, [by_id[s.id] for s in subs])
 
     async def _transport(self, smtp: SMTPSettings) -> SMTPTransport:
@@ -439,34 +353,17 @@ class AsyncMailer:
         return await asyncio.to_thread(outbox.add, items, route=route_of(smtp), ledger=ledger)
 
     @staticmethod
-    def _send_result(smtp: SMTPSettings, outcomes: Sequence[Outcome]) -> SendResult:
-        """The SendResult of one message's copies, or the error saying what is left."""
-        copy_results: list[CopyResult] = []
+    def _send_result(smtp: SMTPSettings, outcomes: Sequence[CopyOutcome]) -> MessageOutcome:
+        """The outcome of one message's copies, or the error saying what is left (with that
+        outcome as its ``result``)."""
+        # Each copy's outcome as the delivery engine made it, told which copy it was: the
+        # recipients' values (the server's replies) are the transport's own, unchanged.
+        copy_outcomes = [replace(o, copy=o.tag) for o in outcomes]
         unsent: list[ProtectedCopy] = []
-        kept: list[str] = []
         refused: list[tuple[str, SMTPReply]] = []
         other: Exception | None = None
-        for o in outcomes:
-            copy: ProtectedCopy = o.submission.tag
-            if o.delivered or o.failed:
-                copy_results.append(
-                    CopyResult(
-                        copy=copy,
-                        delivery=DeliveryResult(
-                            mail_from=copy.mail_from,
-                            recipients=tuple(
-                                RecipientResult(
-                                    address=r.address,
-                                    accepted=r.status == "delivered",
-                                    reply=None if r.status == "delivered" else r.reply,
-                                )
-                                for r in o.recipients
-                            ),
-                            data_reply=o.data_reply,
-                            tls=o.tls,
-                        ),
-                    )
-                )
+        for o in copy_outcomes:
+            copy: ProtectedCopy = o.tag
             left = [r for r in o.recipients if r.status != "delivered"]
             if not left:
                 continue
@@ -474,11 +371,9 @@ class AsyncMailer:
                 replace(
                     copy,
                     recipients=tuple(r.address for r in left),
-                    outbox_id=o.submission.id if o.kept else None,
+                    outbox_id=o.id if o.kept else None,
                 )
             )
-            if o.kept:
-                kept.append(o.submission.id)
             for r in left:
                 if r.reply is not None:
                     refused.append((r.address, r.reply))
@@ -488,11 +383,7 @@ class AsyncMailer:
                     other = other or o.error
                 else:
                     refused.append((r.address, SMTPReply(0, r.error or "not delivered")))
-        result = SendResult(
-            message_id=outcomes[0].submission.tag.message_id,
-            copies=tuple(copy_results),
-            kept=tuple(kept),
-        )
+        result = MessageOutcome.of_copies(copy_outcomes, message_id=outcomes[0].tag.message_id)
         if not unsent:
             return result
         if other is not None:
@@ -546,8 +437,8 @@ class AsyncMailer:
             else:
                 collected.append(outcome)
 
-        def copy_done(outcome: Outcome) -> None:
-            group = groups[outcome.submission.tag]
+        def copy_done(outcome: CopyOutcome) -> None:
+            group = groups[outcome.tag]
             group.outcomes.append(outcome)
             if len(group.outcomes) == group.expected:
                 del groups[group.index]
@@ -631,7 +522,7 @@ class AsyncMailer:
         groups: dict[int, _Group],
         emit: Callable[[MessageOutcome], None],
         limit: asyncio.Semaphore,
-        copy_done: Callable[[Outcome], None],
+        copy_done: Callable[[CopyOutcome], None],
         group: OutboxWriter | None = None,
     ) -> None:
         try:
@@ -722,11 +613,11 @@ class AsyncMailer:
         *,
         all_routes: bool = False,
         connections: int | None = None,
-        on_outcome: Callable[[Outcome], None] | None = None,
+        on_outcome: Callable[[CopyOutcome], None] | None = None,
         include_failed: bool = True,
         due_only: bool = False,
         maybe_delivered: bool = False,
-    ) -> tuple[Outcome, ...]:
+    ) -> tuple[CopyOutcome, ...]:
         """Send what waits in the outbox: the items ``ids`` (IDs or unique prefixes), or every
         item meant for this server and user (any server with ``all_routes``). Items the
         server refused before are tried again too (by default); items another live process
@@ -747,7 +638,7 @@ class AsyncMailer:
             route = route_of(smtp)
             items = await asyncio.to_thread(outbox.items)
             wanted = [it.id for it in items if all_routes or same_route(it.route, route)]
-        collected: list[Outcome] = []
+        collected: list[CopyOutcome] = []
         report = on_outcome or collected.append
         engine = DeliveryEngine(
             smtp,
@@ -800,7 +691,7 @@ class AsyncMailer:
         self,
         item: OutboxItem,
         problems: Sequence[KeyProblem],
-        report: Callable[[Outcome], None],
+        report: Callable[[CopyOutcome], None],
         *,
         tag: Any,
     ) -> None:
@@ -811,8 +702,9 @@ class AsyncMailer:
         error = HeldError(problems)
         self.outbox.release([item.id], error=str(error))
         report(
-            Outcome(
+            CopyOutcome(
                 submission=_stored_submission(item, tag=tag),
+                mail_from=item.mail_from,
                 recipients=tuple(
                     RecipientOutcome(a, "deferred", None, str(error)) for a in item.pending
                 ),
@@ -999,10 +891,10 @@ class Mailer:
     ) -> tuple[ProtectedCopy, ...]:
         return self._runner.run(self._async.protect(message, protection=protection))
 
-    def send(self, message: Message, *, protection: Protection | None = None) -> SendResult:
+    def send(self, message: Message, *, protection: Protection | None = None) -> MessageOutcome:
         return self._runner.run(self._async.send(message, protection=protection))
 
-    def send_copies(self, copies: Sequence[ProtectedCopy]) -> SendResult:
+    def send_copies(self, copies: Sequence[ProtectedCopy]) -> MessageOutcome:
         return self._runner.run(self._async.send_copies(copies))
 
     @property
@@ -1040,11 +932,11 @@ class Mailer:
         *,
         all_routes: bool = False,
         connections: int | None = None,
-        on_outcome: Callable[[Outcome], None] | None = None,
+        on_outcome: Callable[[CopyOutcome], None] | None = None,
         include_failed: bool = True,
         due_only: bool = False,
         maybe_delivered: bool = False,
-    ) -> tuple[Outcome, ...]:
+    ) -> tuple[CopyOutcome, ...]:
         return self._runner.run(
             self._async.send_outbox(
                 ids,

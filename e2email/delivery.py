@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from e2email.config import RetryPolicy, SMTPSettings
 from e2email.errors import (
@@ -62,8 +62,9 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.outbox import AddWrite, GroupWrite, MarkWrite, NewItem, Outbox
+from e2email.outcome import CopyOutcome, RecipientOutcome, RecipientStatus, TLSInfo
 from e2email.spool import Spool
-from e2email.transport.smtp import DeliveryResult, SMTPConnection, SMTPTransport, TLSInfo
+from e2email.transport.smtp import SMTPConnection, SMTPTransport
 
 __all__ = [
     "DeliveryEngine",
@@ -78,8 +79,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-RecipientStatus = Literal["delivered", "failed", "deferred", "maybe-delivered"]
 
 _ids = itertools.count(1)
 
@@ -117,68 +116,9 @@ class Submission:
     require_tls: bool | None = None
 
 
-@dataclass(frozen=True)
-class RecipientOutcome:
-    """What finally happened for one envelope recipient of a copy."""
-
-    address: str
-    status: RecipientStatus
-    #: The server's last word about this recipient: DATA's 250 when delivered, the refusal
-    #: when refused, ``None`` when the server never answered about it (e.g. no connection).
-    reply: SMTPReply | None = None
-    #: Why it was not delivered, as one line (``None`` when delivered).
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The final result for one :class:`Submission`."""
-
-    submission: Submission
-    recipients: tuple[RecipientOutcome, ...]
-    #: Attempts made in this run (connections tried or transactions started).
-    attempts: int
-    #: DATA's reply of the last successful transaction, and the TLS it went over.
-    data_reply: SMTPReply | None = None
-    tls: TLSInfo | None = None
-    #: The last failure, when something is not delivered.
-    error: E2EmailError | None = None
-    #: Still stored in the outbox (something is not delivered, and there is an outbox).
-    kept: bool = False
-
-    def _with(self, status: RecipientStatus) -> tuple[str, ...]:
-        return tuple(r.address for r in self.recipients if r.status == status)
-
-    @property
-    def delivered(self) -> tuple[str, ...]:
-        return self._with("delivered")
-
-    @property
-    def failed(self) -> tuple[str, ...]:
-        return self._with("failed")
-
-    @property
-    def deferred(self) -> tuple[str, ...]:
-        return self._with("deferred")
-
-    @property
-    def maybe_delivered(self) -> tuple[str, ...]:
-        """Recipients the server may or may not have accepted the copy for (interrupted after
-        the end of data): not sent again unless asked for."""
-        return self._with("maybe-delivered")
-
-    @property
-    def status(self) -> Literal["delivered", "partial", "failed", "deferred", "maybe-delivered"]:
-        """``delivered`` for every recipient; ``partial`` for some; otherwise ``deferred``
-        when any recipient may still be delivered by a later retry, ``maybe-delivered`` when
-        the server may have it, else ``failed``."""
-        if not self.failed and not self.deferred and not self.maybe_delivered:
-            return "delivered"
-        if self.delivered:
-            return "partial"
-        if self.deferred:
-            return "deferred"
-        return "maybe-delivered" if self.maybe_delivered else "failed"
+#: The former name of a copy's final outcome, kept: it is :class:`e2email.outcome.CopyOutcome`
+#: (with ``submission`` set), the same type the transport returns for one transaction.
+Outcome = CopyOutcome
 
 
 class OutboxWriter:
@@ -666,7 +606,7 @@ class DeliveryEngine:
         task.add_done_callback(self._cleanup.discard)
         return True
 
-    async def _record_accepted(self, job: _Job, result: DeliveryResult) -> None:
+    async def _record_accepted(self, job: _Job, result: CopyOutcome) -> None:
         try:
             await self._apply(job, result)
         except Exception as exc:
@@ -674,7 +614,7 @@ class DeliveryEngine:
 
     async def _send_failed(self, slot: _Slot, job: _Job, exc: TransportError) -> bool:
         """The transaction failed, and the server does not have the message."""
-        if isinstance(exc, RecipientsRefusedError) and isinstance(exc.result, DeliveryResult):
+        if isinstance(exc, RecipientsRefusedError) and isinstance(exc.result, CopyOutcome):
             job.error = exc
             await self._apply(job, exc.result)
         elif isinstance(exc, DeliveryError):
@@ -694,20 +634,19 @@ class DeliveryEngine:
 
     # -- outcomes --------------------------------------------------------------------------
 
-    async def _apply(self, job: _Job, result: DeliveryResult) -> None:
+    async def _apply(self, job: _Job, result: CopyOutcome) -> None:
         """Per recipient: accepted -> delivered; 5xx -> failed; 4xx -> still pending."""
         delivered: dict[str, SMTPReply | None] = {}
         failed: dict[str, SMTPReply | None] = {}
         still: dict[str, SMTPReply | None] = {}
         for r in result.recipients:
-            if r.accepted:
-                delivered[r.address] = result.data_reply
-                job.done[r.address] = RecipientOutcome(r.address, "delivered", result.data_reply)
-            elif r.reply is not None and not r.reply.is_transient:
+            # The transport's own values are final for delivered and failed recipients.
+            if r.status == "delivered":
+                delivered[r.address] = r.reply
+                job.done[r.address] = r
+            elif r.status == "failed":
                 failed[r.address] = r.reply
-                job.done[r.address] = RecipientOutcome(
-                    r.address, "failed", r.reply, f"refused: {r.reply}"
-                )
+                job.done[r.address] = r
             else:
                 still[r.address] = r.reply
                 job.replies[r.address] = r.reply
@@ -877,8 +816,9 @@ class DeliveryEngine:
                 self._crashed = self._crashed or exc
         finally:
             self._forget(job)
-        outcome = Outcome(
+        outcome = CopyOutcome(
             submission=job.sub,
+            mail_from=job.sub.mail_from,
             recipients=tuple(outcomes[a] for a in dict.fromkeys(job.sub.recipients)),
             attempts=job.attempts,
             data_reply=job.data_reply,

@@ -200,7 +200,7 @@ async def _run(console: Console, work: Path) -> DemoOutcome:
                 protection=Protection(sign=True, encrypt=True),
             )
             result = await mailer.send(message)
-            delivery = result.copies[0].delivery
+            delivery = result.copies[0]
             tls = delivery.tls
             _show(
                 console,
@@ -373,7 +373,7 @@ async def _run_smime(console: Console, work: Path) -> bool:
             passphrase=_P12_PASSPHRASE,
         )
         result = await mailer.send(message)
-        delivery = result.copies[0].delivery
+        delivery = result.copies[0]
         tls = delivery.tls
         _show(
             console,

@@ -802,7 +802,7 @@ class EmailBackend(BaseEmailBackend):
                 recipients=p.recipients,
                 protection=p.protection,
             )
-            return MessageOutcome(0, None, "delivered", message_id=result.message_id)
+            return result  # delivered to every recipient (else submit raised)
         # Given recipients not in the header are Bcc (Django leaves Bcc out of the header):
         # each gets a copy of its own, encrypted to them alone (and the sender).
         extra = tuple(Address.parse(r) for r in p.recipients if r.lower() not in shown)

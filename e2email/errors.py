@@ -41,17 +41,15 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 if TYPE_CHECKING:
     # For the types of ``result`` and ``unsent`` only: at run time this module imports nothing
     # from the package, so every layer can import it without a cycle.
-    from e2email.client import BatchResult, MessageOutcome, SendResult
     from e2email.crypto.base import ProtectedCopy
-    from e2email.delivery import Outcome
-    from e2email.transport.smtp import DeliveryResult
+    from e2email.outcome import BatchResult, CopyOutcome, MessageOutcome
 
-#: What an error says was done before it: one copy's delivery (the transport), one message's
-#: (:meth:`AsyncMailer.send`), a batch (:meth:`AsyncMailer.send_many`), one message of a batch
-#: (the Django backend) or the outcomes of an outbox run (:meth:`AsyncMailer.send_outbox`);
-#: None when nothing was attempted.
+#: What an error says was done before it, as the one outcome type of :mod:`e2email.outcome`:
+#: one message's (:meth:`AsyncMailer.send`, and one message of a batch in the Django backend),
+#: one transaction's (the transport), a batch (:meth:`AsyncMailer.send_many`) or the copies of
+#: an outbox run (:meth:`AsyncMailer.send_outbox`); None when nothing was attempted.
 ErrorResult: TypeAlias = (
-    "DeliveryResult | SendResult | BatchResult | MessageOutcome | tuple[Outcome, ...] | None"
+    "MessageOutcome | CopyOutcome | BatchResult | tuple[CopyOutcome, ...] | None"
 )
 
 __all__ = [
@@ -160,6 +158,11 @@ class E2EmailError(Exception):
 
     result: ErrorResult = None
     unsent: tuple[ProtectedCopy, ...] = ()
+
+    @property
+    def unsent_recipients(self) -> tuple[str, ...]:
+        """The recipients not delivered: those of the ``unsent`` copies, each once."""
+        return tuple(dict.fromkeys(a for c in self.unsent for a in c.recipients))
 
 
 class ConfigError(E2EmailError, ValueError):

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from email.utils import format_datetime
 
-from e2email.client import AsyncMailer, Mailer, ProtectedCopy, SendResult
+from e2email.client import AsyncMailer, Mailer, MessageOutcome, ProtectedCopy
 from e2email.config import Protection
 from e2email.crypto.base import engine_for_kind
 from e2email.errors import KeyProblem, MessageError
@@ -41,7 +41,7 @@ async def submit(
     envelope_from: str | None = None,
     recipients: Sequence[str] | None = None,
     protection: Protection | None = None,
-) -> SendResult:
+) -> MessageOutcome:
     """Protect and send one message made by another program.
 
     ``recipients`` is the envelope (sendmail's command line): exactly these addresses get the
@@ -92,7 +92,7 @@ def submit_sync(
     envelope_from: str | None = None,
     recipients: Sequence[str] | None = None,
     protection: Protection | None = None,
-) -> SendResult:
+) -> MessageOutcome:
     """:func:`submit` for the synchronous :class:`Mailer` (same arguments, same errors)."""
     # The facade's own event loop runs the async core, as every Mailer method does.
     return mailer._runner.run(

@@ -433,7 +433,7 @@ class EncryptedSMTPHandler(_logging.Handler):
             self._backlog = backlog
             self._report_once("backlog")
             return
-        left = {o.submission.id for o in outcomes if o.status != "delivered"}
+        left = {o.id for o in outcomes if o.status != "delivered"}
         self._backlog = [i for i in backlog if i in left]
 
     def __repr__(self) -> str:

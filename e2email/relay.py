@@ -47,7 +47,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from e2email import inbound
 from e2email.client import AsyncMailer, ProtectedCopy, outbox_item
 from e2email.config import Protection
-from e2email.delivery import Outcome, route_of
+from e2email.delivery import route_of
 from e2email.errors import (
     ConfigError,
     CryptoError,
@@ -59,6 +59,7 @@ from e2email.errors import (
     SignerKeyError,
 )
 from e2email.outbox import ItemState, Outbox, OutboxItem, same_route
+from e2email.outcome import CopyOutcome
 from e2email.private import ensure_private_dir, write_private
 
 __all__ = [
@@ -628,16 +629,15 @@ class Relay:
                 later = item.next_attempt if later is None else min(later, item.next_attempt)
         return due, later
 
-    def _outcome(self, outcome: Outcome) -> None:
-        sub = outcome.submission
+    def _outcome(self, outcome: CopyOutcome) -> None:
         n = len(outcome.recipients)
         if outcome.status == "delivered":
             self.delivered += 1
-            log.info("%s: delivered upstream to %d recipient(s)", sub.id, n)
+            log.info("%s: delivered upstream to %d recipient(s)", outcome.id, n)
         else:
             log.warning(
                 "%s: %s (%d of %d recipient(s) delivered): %s; kept in the outbox",
-                sub.id,
+                outcome.id,
                 outcome.status,
                 len(outcome.delivered),
                 n,

@@ -40,7 +40,7 @@ from typing import IO, Any, NoReturn
 
 from e2email.accounts import ConfigFileError, load_config
 from e2email.certstore import CertStore
-from e2email.client import AsyncMailer, SendResult
+from e2email.client import AsyncMailer, MessageOutcome
 from e2email.config import (
     HOME_ENV,
     Protection,
@@ -600,7 +600,7 @@ def exit_code_for(error: BaseException) -> int:
 
 async def send_message(
     mailer: AsyncMailer, invocation: Invocation, raw: bytes, *, sender: str | None = None
-) -> SendResult:
+) -> MessageOutcome:
     """Protect and submit the message ``raw`` as ``invocation`` says, through ``mailer``."""
     prepared = prepare(invocation, raw, sender=sender)
     return await submit(

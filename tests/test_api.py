@@ -57,30 +57,26 @@ def _runtime_package_imports(module: object) -> list[str]:
 
 
 def test_errors_carry_typed_results_and_unsent_copies() -> None:
-    """``result`` and ``unsent`` name what they hold (a delivery, a send, a batch or an outbox
-    run's outcomes; the protected copies), not ``Any``, with no import cycle at run time."""
-    from e2email.client import BatchResult, MessageOutcome, SendResult
-    from e2email.delivery import Outcome
-    from e2email.transport.smtp import DeliveryResult
+    """``result`` and ``unsent`` name what they hold (the one outcome type of e2email.outcome:
+    a message's, a transaction's, a batch's or an outbox run's copies; the protected copies),
+    not ``Any``, with no import cycle at run time."""
+    from e2email.outcome import BatchResult, CopyOutcome, MessageOutcome
 
     names = dict(
         vars(errors),
-        SendResult=SendResult,
         BatchResult=BatchResult,
         MessageOutcome=MessageOutcome,
+        CopyOutcome=CopyOutcome,
         ProtectedCopy=e2email.ProtectedCopy,
-        Outcome=Outcome,
-        DeliveryResult=DeliveryResult,
     )
     for cls in (errors.E2EmailError, errors.TransportError, errors.RecipientKeyError):
         hints = typing.get_type_hints(cls, globalns=names)
         assert hints["unsent"] == tuple[e2email.ProtectedCopy, ...]
         assert set(typing.get_args(hints["result"])) == {
-            DeliveryResult,
-            SendResult,
-            BatchResult,
             MessageOutcome,
-            tuple[Outcome, ...],
+            CopyOutcome,
+            BatchResult,
+            tuple[CopyOutcome, ...],
             type(None),
         }
     init = typing.get_type_hints(errors.TransportError.__init__, globalns=names)

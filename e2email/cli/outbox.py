@@ -27,7 +27,7 @@ from e2email.cli.send import (
 )
 from e2email.client import Mailer
 from e2email.config import SMTPSettings
-from e2email.delivery import Outcome, route_of
+from e2email.delivery import route_of
 from e2email.errors import ConfigError, E2EmailError, KeyErrorBase
 from e2email.keystore import Keystore
 from e2email.outbox import (
@@ -38,6 +38,7 @@ from e2email.outbox import (
     RecipientState,
     same_route,
 )
+from e2email.outcome import CopyOutcome
 from e2email.transport.smtp import SMTPTransport
 
 
@@ -245,12 +246,12 @@ def _send_items(
     chosen: list[str],
     flags: _Flags,
     opts: dict[str, Any],
-) -> list[Outcome]:
+) -> list[CopyOutcome]:
     """Send the items ``chosen`` through ``smtp``; the outcomes that were not delivered."""
-    failures: list[Outcome] = []
+    failures: list[CopyOutcome] = []
 
-    def show(outcome: Outcome) -> None:
-        item = outcome.submission.tag
+    def show(outcome: CopyOutcome) -> None:
+        item = outcome.tag
         status = outcome.status
         text = ", ".join(
             r.address if r.status == "delivered" else f"{r.address}: {r.status}: {r.error}"
@@ -282,7 +283,7 @@ def _send_items(
     return failures
 
 
-def _finish(box: Outbox, failures: list[Outcome], *, left_alone: int = 0) -> None:
+def _finish(box: Outbox, failures: list[CopyOutcome], *, left_alone: int = 0) -> None:
     """Exit as the outcome says: a refusal (3 held, 6 refused) if any; 2 when items were left
     alone for want of an account or server options (a usage/config matter); else 0."""
     left = len(box)
@@ -327,7 +328,7 @@ def _retry_by_account(
                 err=True,
             )
         config = state.config(opts["config_file"]) if by_account else None
-        failures: list[Outcome] = []
+        failures: list[CopyOutcome] = []
         for name, item_ids in by_account.items():
             assert config is not None
             account = config.accounts.get(name)

@@ -25,7 +25,7 @@ from e2email.cli.app import (
     secret_source,
     set_interrupt_hint,
 )
-from e2email.client import Mailer, ProtectedCopy, SendResult
+from e2email.client import Mailer, MessageOutcome, ProtectedCopy
 from e2email.config import (
     OpenPGPEngine,
     PasswordSource,
@@ -229,12 +229,12 @@ def _save_draft(home: Path, text: str) -> Path:
     return path
 
 
-def _report(result: SendResult) -> None:
+def _report(result: MessageOutcome) -> None:
     for c in result.copies:
-        label = "copy to To/Cc" if c.copy.kind == "main" else "Bcc copy"
-        tls = f" over {c.delivery.tls.version}" if c.delivery.tls else ""
-        reply = f" ({c.delivery.data_reply})" if c.delivery.data_reply else ""
-        click.echo(f"sent {label}{tls}: accepted for {', '.join(c.delivery.accepted)}{reply}")
+        label = "copy to To/Cc" if c.kind == "main" else "Bcc copy"
+        tls = f" over {c.tls.version}" if c.tls else ""
+        reply = f" ({c.data_reply})" if c.data_reply else ""
+        click.echo(f"sent {label}{tls}: accepted for {', '.join(c.accepted)}{reply}")
 
 
 def delivery_options(command: Any) -> Any:

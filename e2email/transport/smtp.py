@@ -39,7 +39,6 @@ import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
@@ -62,6 +61,7 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.message import check_wire_safe
+from e2email.outcome import CopyOutcome, RecipientOutcome, TLSInfo
 from e2email.spool import Spool, line_pieces
 from e2email.transport.ports import (
     NO_TLS_OUTCOMES,
@@ -120,46 +120,11 @@ _HANDSHAKE_DROPPED_HINT = (
 )
 
 
-@dataclass(frozen=True)
-class TLSInfo:
-    """What TLS protected the session: protocol version and cipher suite as OpenSSL names them,
-    e.g. ``TLSv1.3`` and ``TLS_AES_256_GCM_SHA384``."""
-
-    version: str
-    cipher: str
-
-
-@dataclass(frozen=True)
-class RecipientResult:
-    """What the server said about one envelope recipient.
-
-    ``reply`` is the server's refusal when ``accepted`` is false; for an accepted recipient it
-    is ``None`` (aiosmtplib's ``sendmail()`` does not report positive RCPT replies).
-    """
-
-    address: str
-    accepted: bool
-    reply: SMTPReply | None
-
-
-@dataclass(frozen=True)
-class DeliveryResult:
-    """The outcome of one mail transaction (MAIL, RCPT..., DATA)."""
-
-    mail_from: str
-    recipients: tuple[RecipientResult, ...]
-    #: The final reply to DATA (e.g. ``250 OK queued as X``); ``None`` when DATA was not sent.
-    data_reply: SMTPReply | None
-    #: ``None`` only for the explicitly allowed insecure plaintext mode.
-    tls: TLSInfo | None
-
-    @property
-    def accepted(self) -> tuple[str, ...]:
-        return tuple(r.address for r in self.recipients if r.accepted)
-
-    @property
-    def refused(self) -> tuple[RecipientResult, ...]:
-        return tuple(r for r in self.recipients if not r.accepted)
+#: Deprecated names, kept for one release: one transaction's result is a
+#: :class:`~e2email.outcome.CopyOutcome`, each recipient's a
+#: :class:`~e2email.outcome.RecipientOutcome` (``accepted`` is still a property of it).
+DeliveryResult = CopyOutcome
+RecipientResult = RecipientOutcome
 
 
 #: Envelope addresses that passed :func:`_check_address` lately: a bulk run sends from one
@@ -487,7 +452,7 @@ class SMTPConnection:
         recipients: Sequence[str],
         require_tls: bool | None = None,
         before_end: Callable[[], Awaitable[None]] | None = None,
-    ) -> DeliveryResult:
+    ) -> CopyOutcome:
         """Send ``raw`` unchanged to ``recipients``.
 
         Recipients the server refuses while others are accepted are reported in the result, not
@@ -550,16 +515,11 @@ class SMTPConnection:
                         refusals[rcpt] = _reply(exc)
                         if not smtp.is_connected:  # e.g. 421: the server closed the session
                             raise
-                recipient_results = tuple(
-                    RecipientResult(address=r, accepted=r not in refusals, reply=refusals.get(r))
-                    for r in rcpts
-                )
                 if len(refusals) == len(rcpts):
                     await self._reset()
-                    result = DeliveryResult(
+                    result = CopyOutcome(
                         mail_from=mail_from,
-                        recipients=recipient_results,
-                        data_reply=None,
+                        recipients=tuple(RecipientOutcome.refused(r, refusals[r]) for r in rcpts),
                         tls=self._tls,
                     )
                     raise RecipientsRefusedError(
@@ -604,10 +564,17 @@ class SMTPConnection:
 
         self._stage = None
         log.debug("%s accepted message for %d recipient(s)", where, len(rcpts) - len(refusals))
-        return DeliveryResult(
+        data_reply = _reply(response)
+        return CopyOutcome(
             mail_from=mail_from,
-            recipients=recipient_results,
-            data_reply=_reply(response),
+            # Accepted recipients have DATA's reply as the server's last word about them.
+            recipients=tuple(
+                RecipientOutcome.refused(r, refusals[r])
+                if r in refusals
+                else RecipientOutcome(r, "delivered", data_reply)
+                for r in rcpts
+            ),
+            data_reply=data_reply,
             tls=self._tls,
         )
 
@@ -836,7 +803,7 @@ class SMTPTransport:
         mail_from: str,
         recipients: Sequence[str],
         require_tls: bool | None = None,
-    ) -> DeliveryResult:
+    ) -> CopyOutcome:
         """Send one message over a connection of its own."""
         # Check before connecting, so bad input never costs a connection or reaches a server.
         _check_envelope(mail_from, recipients)
