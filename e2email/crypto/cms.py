@@ -90,8 +90,9 @@ _HASHES: dict[str, type[hashes.SHA256] | type[hashes.SHA384] | type[hashes.SHA51
     "sha512": hashes.SHA512,
 }
 
-#: Plaintext bytes encrypted per yielded piece.
-_PIECE = 1 << 18
+#: Plaintext bytes encrypted per yielded piece (small: the input, padded and encrypted
+#: copies of a piece are alive at once; the calls cost nothing at this size).
+_PIECE = 1 << 16
 
 
 # -- DER writer (X.690) -------------------------------------------------------------------------

@@ -51,7 +51,14 @@ from e2email.crypto.base import (
     plain_copy,
     resolve_keys,
 )
-from e2email.errors import CryptoError, KeyProblem, KeyReason, MessageError, RecipientKeyError
+from e2email.errors import (
+    CryptoError,
+    E2EmailError,
+    KeyProblem,
+    KeyReason,
+    MessageError,
+    RecipientKeyError,
+)
 from e2email.message import (
     HP,
     Message,
@@ -249,6 +256,8 @@ def _base64_lines(data: bytes | bytearray | memoryview) -> bytes:
 #: Input bytes base64-encoded at a time: a multiple of 57 (one 76-character line), so the
 #: blocks' lines are exactly the whole's lines.
 _B64_BLOCK = 57 * 4096
+#: The same for a large message's pieces, smaller: a few of them are alive at once.
+_B64_PIECE = 57 * 1024
 
 
 def _write_base64_lines(out: io.BytesIO | Spool, data: bytes) -> None:
@@ -270,9 +279,12 @@ class _Base64Writer:
 
     def write(self, data: bytes) -> None:
         self._buffer += data
-        if len(self._buffer) >= _B64_BLOCK:
+        if len(self._buffer) >= _B64_PIECE:
             whole = len(self._buffer) - len(self._buffer) % 57
-            self._out.write(_base64_lines(self._buffer[:whole]))
+            with memoryview(self._buffer) as view:
+                for start in range(0, whole, _B64_PIECE):
+                    with view[start : min(start + _B64_PIECE, whole)] as block:
+                        self._out.write(_base64_lines(block))
             del self._buffer[:whole]
 
     def close(self) -> None:
@@ -423,7 +435,7 @@ class _StreamCheck:
             raise _not_canonical()
         if not self._blank:
             self._blank = b"\r\n\r\n" in self._tail + piece[:3] or b"\r\n\r\n" in piece
-        self._tail = piece[-3:]
+        self._tail = piece[-3:] if len(piece) >= 3 else (self._tail + piece)[-3:]
 
     def finalize(self) -> bytes:
         if self._tail.endswith(b"\r") or not self._blank:
@@ -622,6 +634,8 @@ def encrypt_large_into(
     try:
         for piece in envelope.pieces(content, len(content)):
             encoder.write(piece)
+    except E2EmailError:
+        raise  # e.g. an attached file that cannot be read (a MessageError, a ValueError too)
     except ValueError as exc:  # the content's length changed while it was read
         raise CryptoError(f"cannot encrypt: {exc}") from exc
     encoder.close()
