@@ -226,6 +226,7 @@ def test_large_signed_only_message_verifies_with_openssl_and_gpgsm(
 def test_large_message_with_ecdsa_or_pss_signer_and_aes128(
     pki: PKI,
     big_file: Path,
+    gpgsm_home: Path,  # noqa: F811
     tmp_path: Path,
     no_library_cms: None,
     signer: str,
@@ -233,7 +234,7 @@ def test_large_message_with_ecdsa_or_pss_signer_and_aes128(
     printed: list[str],
 ) -> None:
     """An ECDSA signer with SHA-384, and RSASSA-PSS with SHA-512 and AES-128-CBC: openssl
-    decrypts and verifies, and shows the algorithms asked for."""
+    decrypts and verifies, and shows the algorithms asked for; gpgsm verifies."""
     ident = getattr(pki, signer)
     store = CertStore(tmp_path / "home")
     store.import_files([ident.chain_pem, ident.key_pem, pki.bob.cert_pem])
@@ -249,8 +250,9 @@ def test_large_message_with_ecdsa_or_pss_signer_and_aes128(
     shown = cms_print(raw, tmp_path) + cms_print(entity, tmp_path)
     for name in printed:
         assert name in shown
-    signed, _ = _signature(entity)
+    signed, signature = _signature(entity)
     assert _attachment(signed) == big_file.read_bytes()
+    assert gpgsm_verify(gpgsm_home, signed, signature, tmp_path) == sha1_fpr(ident)
 
 
 # -- The objects have cryptography's layout -----------------------------------------------------

@@ -10,6 +10,12 @@ The MIME wrappers are written here rather than by ``cryptography``, which emits 
 ``application/x-pkcs7-signature`` type and serialises through :mod:`email.generator`
 (standards checklist items 7-9). The CMS objects are DER, base64 in 76-column CRLF lines.
 
+A large message (a payload of :data:`LARGE` bytes or more) is never held whole (issue 9 part
+5): ``cryptography``'s builders take and return whole buffers, so its CMS objects are written
+by :mod:`e2email.crypto.cms` instead, in the same layout, as the payload streams past: read
+once to be hashed (:func:`sign_large`), then once per copy to be encrypted
+(:func:`encrypt_large_into`), each copy's base64 going to its spool a block at a time.
+
 Checks beyond what ``cryptography`` promises:
 
 * every signature is verified over the exact bytes it covers before it is used (our own CMS
@@ -927,7 +933,8 @@ def parse_multipart_signed(entity: bytes) -> tuple[bytes, bytes]:
 class SMIMEProtector(Protector):
     """S/MIME (RFC 8551) with the certificates of a :class:`~e2email.certstore.CertStore`:
     sign (detached multipart/signed), or sign then envelope the signed entity once per copy
-    (§3.7), AES-256-CBC unless AES-128-CBC is asked for."""
+    (§3.7), AES-256-CBC unless AES-128-CBC is asked for. A large message is signed and
+    enveloped piece by piece (:data:`LARGE`), its attachments read again for each copy."""
 
     name: ClassVar[str] = "smime"
 
