@@ -255,6 +255,22 @@ def test_large_message_with_ecdsa_or_pss_signer_and_aes128(
     assert gpgsm_verify(gpgsm_home, signed, signature, tmp_path) == sha1_fpr(ident)
 
 
+def test_large_message_encrypted_only_decrypts_to_the_payload(
+    pki: PKI, smime_store: CertStore, big_file: Path, tmp_path: Path, no_library_cms: None
+) -> None:
+    """Encrypt-only: the payload itself (no signature) is enveloped piece by piece and
+    openssl decrypts it to the MIME entity that carries the file."""
+    protector = smime.SMIMEProtector(smime_store)
+    message = _message(pki.alice.address, pki.bob.address, big_file).finalized()
+    protection = Protection(scheme=Scheme.SMIME, sign=False)
+    (copy,) = asyncio.run(protector.protect(message, protection))
+    entity = openssl_decrypt(copy.raw, pki.bob, tmp_path)
+    copy.discard()
+    assert entity is not None
+    assert b"multipart/signed" not in entity.split(b"\r\n\r\n", 1)[0]
+    assert _attachment(entity) == big_file.read_bytes()
+
+
 # -- The objects have cryptography's layout -----------------------------------------------------
 
 

@@ -12,7 +12,7 @@ primitives, with the same algorithms and layout that ``cryptography`` emits for 
   smimeCapabilities (RFC 8551 §2.5); RSA PKCS#1 v1.5, RSASSA-PSS (RFC 4056) or ECDSA (RFC 5753
   §2.1.1 as profiled by RFC 5758); the signer's certificate and chain. The signature is small:
   it is built whole.
-* :func:`envelope`: EnvelopedData (RFC 5652 §6) with one KeyTransRecipientInfo per certificate
+* :class:`Envelope`: EnvelopedData (RFC 5652 §6) with one KeyTransRecipientInfo per certificate
   (issuerAndSerialNumber, rsaEncryption: RSA PKCS#1 v1.5 key transport, RFC 3370 §4.2.1) and
   AES-CBC content encryption (RFC 3565), yielded as DER pieces while the content streams
   through a ``cryptography`` AES-CBC encryptor. Every length is definite and known before the
@@ -38,10 +38,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = [
     "Envelope",
+    "algorithm",
     "ciphertext_length",
     "detached_signature",
     "enveloped_head",
+    "head",
+    "integer",
+    "length_octets",
     "oid",
+    "recipient_info",
     "sequence",
     "set_of",
     "tlv",
