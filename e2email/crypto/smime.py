@@ -10,6 +10,12 @@ The MIME wrappers are written here rather than by ``cryptography``, which emits 
 ``application/x-pkcs7-signature`` type and serialises through :mod:`email.generator`
 (standards checklist items 7-9). The CMS objects are DER, base64 in 76-column CRLF lines.
 
+A large message (a payload of :data:`LARGE` bytes or more) is never held whole (issue 9 part
+5): ``cryptography``'s builders take and return whole buffers, so its CMS objects are written
+by :mod:`e2email.crypto.cms` instead, in the same layout, as the payload streams past: read
+once to be hashed (:func:`sign_large`), then once per copy to be encrypted
+(:func:`encrypt_large_into`), each copy's base64 going to its spool a block at a time.
+
 Checks beyond what ``cryptography`` promises:
 
 * every signature is verified over the exact bytes it covers before it is used (our own CMS
@@ -30,7 +36,7 @@ import io
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -41,6 +47,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from e2email.certstore import CertStore, SignerKey, StoredCert
 from e2email.config import SMIME_DIGESTS, Protection, SMIMECipher
+from e2email.crypto import cms
 from e2email.crypto.base import (
     ProtectedCopy,
     Protector,
@@ -50,10 +57,18 @@ from e2email.crypto.base import (
     plain_copy,
     resolve_keys,
 )
-from e2email.errors import CryptoError, KeyProblem, KeyReason, MessageError, RecipientKeyError
+from e2email.errors import (
+    CryptoError,
+    E2EmailError,
+    KeyProblem,
+    KeyReason,
+    MessageError,
+    RecipientKeyError,
+)
 from e2email.message import (
     HP,
     Message,
+    PayloadStream,
     build_payload,
     message_head,
     new_boundary,
@@ -62,16 +77,20 @@ from e2email.message import (
 from e2email.spool import Spool, spool_dir
 
 __all__ = [
+    "LARGE",
     "MICALGS",
     "SMIMEProtector",
     "SignatureCheck",
+    "SignedEntity",
     "decrypt",
     "encrypt",
     "encrypt_into",
+    "encrypt_large_into",
     "entity_der",
     "parse_multipart_signed",
     "recipient_ids",
     "sign",
+    "sign_large",
     "verify_detached",
 ]
 
@@ -122,6 +141,12 @@ _CIPHER_OIDS = {
 _ALL_HASHES: dict[str, type[hashes.HashAlgorithm]] = {**_HASHES, "sha224": hashes.SHA224}
 
 _PREAMBLE_SIGNED = b"This is an S/MIME signed message (RFC 8551).\r\n"
+
+#: A payload of at least this many bytes is signed and enveloped by e2email's own CMS writer
+#: (:mod:`e2email.crypto.cms`), piece by piece, so that the message is never held whole
+#: (issue 9 part 5); below it, ``cryptography``'s builders, which take and return whole
+#: buffers (nothing to save at that size, and the library's output is the reference).
+LARGE = 4 << 20
 
 
 # -- A minimal DER reader (X.690) ----------------------------------------------------------------
@@ -229,7 +254,7 @@ def _content_info(der: bytes, oid: str, what: str) -> list[_TLV]:
 # -- MIME helpers --------------------------------------------------------------------------------
 
 
-def _base64_lines(data: bytes | memoryview) -> bytes:
+def _base64_lines(data: bytes | bytearray | memoryview) -> bytes:
     """Base64 in 76-character CRLF lines (RFC 2045 §6.8), ending in CRLF."""
     return base64.encodebytes(data).replace(b"\n", b"\r\n")
 
@@ -237,6 +262,8 @@ def _base64_lines(data: bytes | memoryview) -> bytes:
 #: Input bytes base64-encoded at a time: a multiple of 57 (one 76-character line), so the
 #: blocks' lines are exactly the whole's lines.
 _B64_BLOCK = 57 * 4096
+#: The same for a large message's pieces, smaller: a few of them are alive at once.
+_B64_PIECE = 57 * 1024
 
 
 def _write_base64_lines(out: io.BytesIO | Spool, data: bytes) -> None:
@@ -245,6 +272,31 @@ def _write_base64_lines(out: io.BytesIO | Spool, data: bytes) -> None:
     with memoryview(data) as view:
         for start in range(0, len(view), _B64_BLOCK):
             out.write(_base64_lines(view[start : start + _B64_BLOCK]))
+
+
+class _Base64Writer:
+    """:func:`_base64_lines` of everything written, into ``out`` a block at a time: pieces of
+    any size in, whole 76-character lines out, the same lines as the whole's (a block is a
+    multiple of 57 input bytes); :meth:`close` writes the last, short line."""
+
+    def __init__(self, out: Spool) -> None:
+        self._out = out
+        self._buffer = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= _B64_PIECE:
+            whole = len(self._buffer) - len(self._buffer) % 57
+            with memoryview(self._buffer) as view:
+                for start in range(0, whole, _B64_PIECE):
+                    with view[start : min(start + _B64_PIECE, whole)] as block:
+                        self._out.write(_base64_lines(block))
+            del self._buffer[:whole]
+
+    def close(self) -> None:
+        if self._buffer:
+            self._out.write(_base64_lines(self._buffer))
+            self._buffer.clear()
 
 
 def _split_entity(entity: bytes) -> tuple[bytes, bytes]:
@@ -309,40 +361,185 @@ def sign(
     written once, straight into the entity, and signed there, so a large payload is held once.
     ``prefix`` (e.g. the outer header block) goes before the entity in the returned bytes.
     """
-    if digest not in SMIME_DIGESTS:
-        raise CryptoError(f"S/MIME digest {digest!r} is not one of {', '.join(SMIME_DIGESTS)}")
+    _check_digest(digest)
     boundary = new_boundary().encode()
     out = io.BytesIO()
     out.write(prefix)
-    out.write(b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n')
-    out.write(b" micalg=" + MICALGS[digest].encode() + b'; boundary="' + boundary + b'"\r\n')
-    out.write(b"\r\n" + _PREAMBLE_SIGNED + b"--" + boundary + b"\r\n")
+    out.write(_signed_head(boundary, digest))
     start = out.tell()
     for piece in [payload] if isinstance(payload, bytes) else payload:
         out.write(piece)
     end = out.tell()
     with out.getbuffer() as buffer, buffer[start:end] as signed:
         signature = _sign_view(signed, signer=signer, digest=digest, rsa_pss=rsa_pss)
-    out.write(b"\r\n--" + boundary + b"\r\n")
-    out.write(b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n')
-    out.write(b"Content-Transfer-Encoding: base64\r\n")
-    out.write(b'Content-Disposition: attachment; filename="smime.p7s"\r\n')
-    out.write(b"Content-Description: S/MIME Cryptographic Signature\r\n")
-    out.write(b"\r\n" + _base64_lines(signature))
-    out.write(b"\r\n--" + boundary + b"--\r\n")
+    out.write(_signed_tail(boundary, signature))
     # The views are released, so getvalue() hands over the buffer without copying it.
     return out.getvalue()
+
+
+def _check_digest(digest: str) -> None:
+    if digest not in SMIME_DIGESTS:
+        raise CryptoError(f"S/MIME digest {digest!r} is not one of {', '.join(SMIME_DIGESTS)}")
+
+
+def _signed_head(boundary: bytes, digest: str) -> bytes:
+    """A multipart/signed entity up to the signed part (RFC 8551 §3.5.3)."""
+    return b"".join(
+        [
+            b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n',
+            b" micalg=" + MICALGS[digest].encode() + b'; boundary="' + boundary + b'"\r\n',
+            b"\r\n" + _PREAMBLE_SIGNED + b"--" + boundary + b"\r\n",
+        ]
+    )
+
+
+def _signed_tail(boundary: bytes, signature: bytes) -> bytes:
+    """A multipart/signed entity after the signed part: the signature part, the last
+    boundary. The CRLF before the boundary belongs to the boundary (RFC 2046 §5.1.1)."""
+    return b"".join(
+        [
+            b"\r\n--" + boundary + b"\r\n",
+            b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n',
+            b"Content-Transfer-Encoding: base64\r\n",
+            b'Content-Disposition: attachment; filename="smime.p7s"\r\n',
+            b"Content-Description: S/MIME Cryptographic Signature\r\n",
+            b"\r\n" + _base64_lines(signature),
+            b"\r\n--" + boundary + b"--\r\n",
+        ]
+    )
+
+
+class _Pieces(Protocol):
+    """Bytes that can be read piece by piece more than once, with a known total length
+    (a :class:`~e2email.message.PayloadStream`, a :class:`SignedEntity`)."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def __len__(self) -> int: ...
+
+
+class _StreamCheck:
+    """The payload checks of :func:`_sign_view` (canonical CRLF line ends, a header block)
+    and its digest, on pieces as they go past: nothing is kept but the last bytes of the
+    previous piece, for a CRLF or a blank line cut in two."""
+
+    def __init__(self, digest: str) -> None:
+        self._hash = hashes.Hash(_HASHES[digest]())
+        self._tail = b""
+        self._blank = False
+
+    def update(self, piece: bytes) -> None:
+        if not piece:
+            return
+        self._hash.update(piece)
+        after_cr = self._tail.endswith(b"\r")
+        if after_cr != piece.startswith(b"\n"):  # a CR alone, or an LF alone, at the cut
+            raise _not_canonical()
+        # A CR that ends the piece is judged with the next one (or at the end).
+        end = len(piece) - 1 if piece.endswith(b"\r") else len(piece)
+        if _BARE_CR_LF.search(piece, 1, end):
+            raise _not_canonical()
+        if not self._blank:
+            self._blank = b"\r\n\r\n" in self._tail + piece[:3] or b"\r\n\r\n" in piece
+        self._tail = piece[-3:] if len(piece) >= 3 else (self._tail + piece)[-3:]
+
+    def finalize(self) -> bytes:
+        if self._tail.endswith(b"\r") or not self._blank:
+            raise _not_canonical()
+        return self._hash.finalize()
+
+
+class SignedEntity:
+    """A multipart/signed entity (RFC 8551 §3.5.3) over a large payload, held as its parts:
+    its head, the payload (read again, piece by piece, each time the entity is), the tail
+    with the detached signature. Each reading checks that the payload still has the digest
+    that was signed (an attached file rewritten in between would otherwise be sent under a
+    signature that does not verify)."""
+
+    def __init__(
+        self, head: bytes, payload: _Pieces, tail: bytes, *, digest: str, message_digest: bytes
+    ) -> None:
+        self.head = head
+        self.payload = payload
+        self.tail = tail
+        self._digest = digest
+        self._message_digest = message_digest
+
+    def __repr__(self) -> str:
+        return f"SignedEntity({len(self)} bytes)"
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.payload) + len(self.tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.head
+        hasher = hashes.Hash(_HASHES[self._digest]())
+        for piece in self.payload:
+            hasher.update(piece)
+            yield piece
+        if hasher.finalize() != self._message_digest:
+            raise CryptoError("the message changed while it was being protected; nothing was sent")
+        yield self.tail
+
+
+def sign_large(
+    payload: _Pieces,
+    *,
+    signer: SignerKey,
+    digest: str = "sha256",
+    rsa_pss: bool = False,
+    out: Spool | None = None,
+) -> SignedEntity:
+    """:func:`sign` for a large ``payload``, never holding it: the payload is read once to be
+    checked and hashed (or, with ``out``, to be written to ``out`` as it is hashed, after the
+    entity's head: ``out`` then holds the whole entity when this returns), and the detached
+    signature is made by :func:`e2email.crypto.cms.detached_signature` over that digest, in
+    the form ``cryptography`` gives a small one, then verified as :func:`sign` does."""
+    _check_digest(digest)
+    boundary = new_boundary().encode()
+    head = _signed_head(boundary, digest)
+    check = _StreamCheck(digest)
+    if out is not None:
+        out.write(head)
+    for piece in payload:
+        check.update(piece)
+        if out is not None:
+            out.write(piece)
+    message_digest = check.finalize()
+    key = signer.private_key
+    try:
+        signature = cms.detached_signature(
+            message_digest,
+            certificate=signer.certificate,
+            private_key=key,
+            chain=signer.chain,
+            digest=digest,
+            rsa_pss=rsa_pss,
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise CryptoError(f"cannot sign: {exc}") from exc
+    check_sig = verify_detached(b"", signature, digested=(digest, message_digest))
+    if check_sig.certificate != signer.certificate:
+        raise CryptoError("the signature names another signer certificate")
+    tail = _signed_tail(boundary, signature)
+    if out is not None:
+        out.write(tail)
+    return SignedEntity(head, payload, tail, digest=digest, message_digest=message_digest)
 
 
 #: A CR not before LF, or an LF not after CR: not canonical (searched in place, no copy).
 _BARE_CR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
+def _not_canonical() -> CryptoError:
+    return CryptoError("the payload to sign is not a canonical (CRLF) MIME entity")
+
+
 def _sign_view(payload: memoryview, *, signer: SignerKey, digest: str, rsa_pss: bool) -> bytes:
     """The detached CMS signature (DER) of ``payload``, a view of the entity being built."""
     if _BARE_CR_LF.search(payload) or re.search(rb"\r\n\r\n", payload) is None:
         # A bare LF would be signed as LF but could reach the recipient as CRLF (checklist 9).
-        raise CryptoError("the payload to sign is not a canonical (CRLF) MIME entity")
+        raise _not_canonical()
     key = signer.private_key
     pad: padding.PSS | padding.PKCS1v15 | None = None
     if isinstance(key, rsa.RSAPrivateKey):
@@ -404,16 +601,9 @@ def encrypt_into(
     ``prefix`` (e.g. the outer header block) goes first; the CMS blob is base64-encoded block
     by block into ``out`` (a spool: a private file when large), never held a second time.
     """
-    unique = list({c.fingerprint(hashes.SHA256()): c for c in recipients}.values())
-    if not unique:
-        raise CryptoError("no recipient certificates to encrypt to")
+    unique = _unique_rsa(recipients)
     builder = pkcs7.PKCS7EnvelopeBuilder().set_data(payload)
     for cert in unique:
-        if not isinstance(cert.public_key(), rsa.RSAPublicKey):
-            raise CryptoError(
-                f"cannot encrypt to {cert.subject.rfc4514_string()}: only RSA certificates "
-                "are supported"
-            )
         builder = builder.add_recipient(cert)
     builder = builder.set_content_encryption_algorithm(_CIPHERS[cipher])
     try:
@@ -422,6 +612,42 @@ def encrypt_into(
         raise CryptoError(f"cryptography could not encrypt: {exc}") from exc
     del builder  # it holds the payload too
     _check_enveloped(der, unique, cipher)
+    _write_enveloped_head(out, prefix)
+    _write_base64_lines(out, der)
+
+
+def encrypt_large_into(
+    out: Spool,
+    content: _Pieces,
+    *,
+    recipients: Sequence[x509.Certificate],
+    cipher: SMIMECipher = SMIMECipher.AES256_CBC,
+    prefix: bytes = b"",
+) -> None:
+    """:func:`encrypt_into` for a large ``content`` (e.g. a :class:`SignedEntity`), never
+    holding it: the EnvelopedData is written by :class:`e2email.crypto.cms.Envelope` as the
+    content is read and encrypted, and base64-encoded into ``out`` a block at a time. Its
+    fields (every one but the ciphertext) are checked as :func:`encrypt_into` checks
+    ``cryptography``'s output, before any content is read."""
+    unique = _unique_rsa(recipients)
+    try:
+        envelope = cms.Envelope(unique, key_bits=_CIPHERS[cipher].key_size)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise CryptoError(f"cannot encrypt: {exc}") from exc
+    _check_enveloped(envelope.skeleton(), unique, cipher)
+    _write_enveloped_head(out, prefix)
+    encoder = _Base64Writer(out)
+    try:
+        for piece in envelope.pieces(content, len(content)):
+            encoder.write(piece)
+    except E2EmailError:
+        raise  # e.g. an attached file that cannot be read (a MessageError, a ValueError too)
+    except ValueError as exc:  # the content's length changed while it was read
+        raise CryptoError(f"cannot encrypt: {exc}") from exc
+    encoder.close()
+
+
+def _write_enveloped_head(out: Spool, prefix: bytes) -> None:
     out.write(prefix)
     out.write(b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data;\r\n")
     out.write(b' name="smime.p7m"\r\n')
@@ -429,7 +655,19 @@ def encrypt_into(
     out.write(b'Content-Disposition: attachment; filename="smime.p7m"\r\n')
     out.write(b"Content-Description: S/MIME Encrypted Message\r\n")
     out.write(b"\r\n")
-    _write_base64_lines(out, der)
+
+
+def _unique_rsa(recipients: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+    unique = list({c.fingerprint(hashes.SHA256()): c for c in recipients}.values())
+    if not unique:
+        raise CryptoError("no recipient certificates to encrypt to")
+    for cert in unique:
+        if not isinstance(cert.public_key(), rsa.RSAPublicKey):
+            raise CryptoError(
+                f"cannot encrypt to {cert.subject.rfc4514_string()}: only RSA certificates "
+                "are supported"
+            )
+    return unique
 
 
 def _enveloped_fields(der: bytes) -> tuple[list[_TLV], _TLV]:
@@ -502,18 +740,28 @@ class SignatureCheck:
     signing_time: datetime.datetime | None
 
 
-def verify_detached(content: bytes | memoryview, signature: bytes) -> SignatureCheck:
+def verify_detached(
+    content: bytes | memoryview,
+    signature: bytes,
+    *,
+    digested: tuple[str, bytes] | None = None,
+) -> SignatureCheck:
     """Verify a detached CMS SignedData ``signature`` (DER) over ``content`` exactly as given
     (RFC 5652 §5.4, §5.6): one signer, signed attributes with contentType id-data and the
     messageDigest of ``content``, and a valid RSA (PKCS#1 v1.5 or PSS) or ECDSA signature over
-    them by the certificate the SignerInfo names. Raises CryptoError otherwise."""
+    them by the certificate the SignerInfo names. Raises CryptoError otherwise.
+
+    ``digested`` (digest name, value) stands for ``content`` when it was hashed as it streamed
+    past (a large message): the signature must then use that digest."""
     try:
-        return _verify_detached(content, signature)
+        return _verify_detached(content, signature, digested)
     except (IndexError, ValueError, UnicodeDecodeError) as exc:
         raise CryptoError(f"malformed CMS signature: {exc}") from exc
 
 
-def _verify_detached(content: bytes | memoryview, signature: bytes) -> SignatureCheck:
+def _verify_detached(
+    content: bytes | memoryview, signature: bytes, digested: tuple[str, bytes] | None = None
+) -> SignatureCheck:
     fields = _content_info(signature, _OID_SIGNED_DATA, "SignedData")
     encap = _expect(fields[2], 0x30, "EncapsulatedContentInfo").children()
     if _oid(encap[0]) != _OID_DATA:
@@ -543,9 +791,14 @@ def _verify_detached(content: bytes | memoryview, signature: bytes) -> Signature
     if attrs.tag != 0xA0:
         raise CryptoError("the signature has no signed attributes (RFC 8551 §2.5 requires them)")
     sig_alg, sig_value = info[4], _expect(info[5], 0x04, "signature")
-    hasher = hashes.Hash(_ALL_HASHES[digest]())
-    hasher.update(content)
-    message_digest = hasher.finalize()
+    if digested is not None:
+        if digested[0] != digest:
+            raise CryptoError("the signature does not use the digest the content was hashed with")
+        message_digest = digested[1]
+    else:
+        hasher = hashes.Hash(_ALL_HASHES[digest]())
+        hasher.update(content)
+        message_digest = hasher.finalize()
     found: dict[str, bytes] = {}
     signing_time = None
     for attr in attrs.children():
@@ -680,7 +933,8 @@ def parse_multipart_signed(entity: bytes) -> tuple[bytes, bytes]:
 class SMIMEProtector(Protector):
     """S/MIME (RFC 8551) with the certificates of a :class:`~e2email.certstore.CertStore`:
     sign (detached multipart/signed), or sign then envelope the signed entity once per copy
-    (§3.7), AES-256-CBC unless AES-128-CBC is asked for."""
+    (§3.7), AES-256-CBC unless AES-128-CBC is asked for. A large message is signed and
+    enveloped piece by piece (:data:`LARGE`), its attachments read again for each copy."""
 
     name: ClassVar[str] = "smime"
 
@@ -771,9 +1025,11 @@ class SMIMEProtector(Protector):
         # Raises PassphraseError(missing=True) for a protected key: the caller then asks.
         signer_key = self.certstore.signer_key(signer, passphrase) if signer is not None else None
 
-        # Memory (issue 9 part 5): the payload is streamed into the signed entity, which is
-        # the only copy of it; each copy's output is one buffer (outer head, then base64 of
-        # the CMS written block by block), never joined again afterwards.
+        # Memory (issue 9 part 5): a small payload is streamed into the signed entity, which
+        # is its only copy, and cryptography's builders take it whole. From LARGE on, the
+        # payload is never held: it is read once to be hashed (written out as it goes when
+        # only signing), then again for each copy as it is encrypted, by e2email's own CMS
+        # writer (crypto/cms.py); attachments by path are re-read from disk each time.
         def signed(hp: HP, prefix: bytes = b"") -> bytes:
             if signer_key is None:
                 return prefix + build_payload(msg, hp=hp)
@@ -786,12 +1042,38 @@ class SMIMEProtector(Protector):
             )
 
         if not prot.encrypt:
-            raw = signed(HP.CLEAR, message_head(msg, hp=HP.CLEAR))
+            stream = stream_payload(msg, hp=HP.CLEAR)
+            if signer_key is None or len(stream) < LARGE:
+                raw: bytes | Spool = signed(HP.CLEAR, message_head(msg, hp=HP.CLEAR))
+            else:
+                raw = Spool(spool_dir(self.certstore.home))
+                try:
+                    raw.write(message_head(msg, hp=HP.CLEAR))
+                    sign_large(
+                        stream,
+                        signer=signer_key,
+                        digest=prot.smime_digest,
+                        rsa_pss=prot.smime_rsa_pss,
+                        out=raw,
+                    )
+                except BaseException:
+                    raw.close()  # nothing of a failed message is kept
+                    raise
             return (make_copy(raw, msg, "main", msg.recipients, signed=True, signer=signer_fpr),)
 
         # Sign once; every copy envelopes the same signed entity (sign, then encrypt). Each
         # copy's base64 goes to its own spool (a private file when large: e2email.spool).
-        inner = signed(HP.CIPHER)
+        stream = stream_payload(msg, hp=HP.CIPHER)
+        inner: bytes | SignedEntity | PayloadStream
+        if len(stream) < LARGE:
+            inner = signed(HP.CIPHER)
+        elif signer_key is None:
+            inner = stream
+        else:
+            inner = sign_large(
+                stream, signer=signer_key, digest=prot.smime_digest, rsa_pss=prot.smime_rsa_pss
+            )
+        del stream
         plans = copy_plans(msg)
         copies = []
         spools: list[Spool] = []
@@ -800,13 +1082,16 @@ class SMIMEProtector(Protector):
                 unique = keys.keys_for(rcpts)
                 spool = Spool(spool_dir(self.certstore.home))
                 spools.append(spool)
-                encrypt_into(
-                    spool,
-                    inner,
-                    recipients=[c.certificate for c in unique],
-                    cipher=prot.smime_cipher,
-                    prefix=message_head(msg, hp=HP.CIPHER),
-                )
+                certs = [c.certificate for c in unique]
+                head = message_head(msg, hp=HP.CIPHER)
+                if isinstance(inner, bytes):
+                    encrypt_into(
+                        spool, inner, recipients=certs, cipher=prot.smime_cipher, prefix=head
+                    )
+                else:
+                    encrypt_large_into(
+                        spool, inner, recipients=certs, cipher=prot.smime_cipher, prefix=head
+                    )
                 if n == len(plans) - 1:
                     del inner  # enveloped by every copy: not held while the result is used
                 copies.append(
