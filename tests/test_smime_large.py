@@ -17,6 +17,7 @@ import datetime as dt
 import email
 import email.policy
 import hashlib
+import itertools
 import os
 import re
 import tracemalloc
@@ -583,3 +584,80 @@ def test_attachment_rewritten_between_signing_and_encrypting_gives_no_copy(
             smime.SMIMEProtector(smime_store).protect(message, Protection(scheme=Scheme.SMIME))
         )
     assert _spool_fds(spool_dir(smime_store.home)) == []
+
+
+def test_encrypted_only_copies_refuse_a_file_rewritten_between_them(
+    pki: PKI, smime_store: CertStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encrypted, not signed, To and Bcc: each copy reads the file again. Rewritten in place
+    after the first copy (size and time kept), the second copy must not carry other bytes
+    than the first: the payload's digest from the first reading is checked (review finding:
+    the To and Bcc recipients got different attachments, with no error)."""
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(SIZE))
+    encrypt_large_into = smime.encrypt_large_into
+    calls: list[int] = []
+
+    def then_rewrite(*args: Any, **kwargs: Any) -> None:
+        encrypt_large_into(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            info = path.stat()
+            with open(path, "r+b") as file:
+                file.seek(SIZE // 2)
+                file.write(b"CHANGED!")
+            os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+    monkeypatch.setattr(smime, "encrypt_large_into", then_rewrite)
+    message = _message(pki.alice.address, pki.bob.address, path, bcc=pki.carol.address)
+    with pytest.raises(CryptoError, match="changed while it was being protected"):
+        asyncio.run(
+            smime.SMIMEProtector(smime_store).protect(
+                message.finalized(), Protection(scheme=Scheme.SMIME, sign=False)
+            )
+        )
+    assert len(calls) == 1
+    assert _spool_fds(spool_dir(smime_store.home)) == []
+
+
+def _digest_of(*pieces: bytes) -> bytes:
+    check = smime._StreamCheck("sha256")
+    for piece in pieces:
+        check.update(piece)
+    return check.finalize()
+
+
+def test_stream_check_finds_a_bare_cr_first_in_a_piece() -> None:
+    """A CR not followed by LF as a piece's first byte is not canonical, as it is for the
+    whole-buffer check (review finding: the search started at the second byte)."""
+    for pieces in [(b"A: b\r\n\r\nx", b"\ry\r\n"), (b"\rA: b\r\n\r\nx\r\n",)]:
+        with pytest.raises(CryptoError, match="canonical"):
+            _digest_of(*pieces)
+    # Every two-piece cut of short strings agrees with the whole-buffer check.
+    for n in range(1, 5):
+        for tail in itertools.product([b"\r", b"\n", b"a"], repeat=n):
+            whole = b"A: b\r\n\r\n" + b"".join(tail)
+            want = smime._BARE_CR_LF.search(whole) is None
+            for cut in range(1, len(whole)):
+                try:
+                    _digest_of(whole[:cut], whole[cut:])
+                    got = True
+                except CryptoError:
+                    got = False
+                assert got == want, (whole, cut)
+
+
+def test_an_envelope_encrypts_one_content_only(pki: PKI) -> None:
+    """A second use would encrypt other content under the same AES key and CBC IV (equal
+    prefixes show): refused."""
+    envelope = cms.Envelope([pki.bob.cert])
+    list(envelope.pieces([b"A" * 32 + b"secret one"], 42))
+    with pytest.raises(RuntimeError, match="one content"):
+        list(envelope.pieces([b"A" * 32 + b"secret two"], 42))
+
+
+def test_verify_detached_refuses_content_beside_a_digest() -> None:
+    """With ``digested``, content would not be looked at: giving both is a caller's error,
+    not a silent pass."""
+    with pytest.raises(ValueError, match="not both"):
+        smime.verify_detached(b"anything", b"", digested=("sha256", b"\0" * 32))

@@ -156,7 +156,9 @@ def algorithm(dotted: str, parameters: bytes | None = None) -> bytes:
 
 
 def _digest_algorithm(digest: str) -> bytes:
-    # With a NULL parameter, as cryptography writes it (RFC 5754 §2 allows both forms).
+    # With a NULL parameter, as cryptography and OpenSSL write it (byte-for-byte parity with
+    # the small path). RFC 5754 §2 says to generate it absent but to accept both forms;
+    # every reader we test (openssl, gpgsm) does.
     return algorithm(DIGEST_OIDS[digest], tlv(NULL, b""))
 
 
@@ -310,6 +312,7 @@ class Envelope:
         self.recipient_infos = tuple(recipient_info(cert, key) for cert in recipients)
         self.content_algorithm = algorithm(AES_CBC_OIDS[key_bits], tlv(OCTET_STRING, iv))
         self._cipher = Cipher(algorithms.AES(key), modes.CBC(iv))
+        self._used = False
 
     def __repr__(self) -> str:
         return f"Envelope({len(self.recipient_infos)} recipients)"
@@ -321,7 +324,12 @@ class Envelope:
     def pieces(self, content: Iterable[bytes], length: int) -> Iterator[bytes]:
         """The DER of the envelope of the ``length`` bytes ``content`` yields, in pieces as
         they are encrypted. Raises ValueError if ``content`` does not yield exactly ``length``
-        bytes (the lengths written up front would be wrong); nothing after that is yielded."""
+        bytes (the lengths written up front would be wrong); nothing after that is yielded.
+        One use only: a second call would encrypt other content under the same key and IV
+        (CBC with a repeated IV shows equal prefixes), so it raises RuntimeError."""
+        if self._used:
+            raise RuntimeError("an Envelope encrypts one content; make a new one")
+        self._used = True
         yield enveloped_head(
             self.recipient_infos, self.content_algorithm, ciphertext_length(length)
         )

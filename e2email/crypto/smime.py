@@ -68,7 +68,6 @@ from e2email.errors import (
 from e2email.message import (
     HP,
     Message,
-    PayloadStream,
     build_payload,
     message_head,
     new_boundary,
@@ -437,7 +436,9 @@ class _StreamCheck:
             raise _not_canonical()
         # A CR that ends the piece is judged with the next one (or at the end).
         end = len(piece) - 1 if piece.endswith(b"\r") else len(piece)
-        if _BARE_CR_LF.search(piece, 1, end):
+        # A bare CR anywhere up to ``end`` (the first byte too); a bare LF from the second byte
+        # on (an LF first in the piece was judged at the cut, above).
+        if _BARE_CR.search(piece, 0, end) or _BARE_LF.search(piece, 1):
             raise _not_canonical()
         if not self._blank:
             self._blank = b"\r\n\r\n" in self._tail + piece[:3] or b"\r\n\r\n" in piece
@@ -447,6 +448,14 @@ class _StreamCheck:
         if self._tail.endswith(b"\r") or not self._blank:
             raise _not_canonical()
         return self._hash.finalize()
+
+
+#: An attached file changed between two readings of a large payload (e2email reads a large
+#: message again for each copy rather than hold it).
+_CHANGED = (
+    "the message changed while it was being protected (a file attached by path was written "
+    "to meanwhile); nothing was sent"
+)
 
 
 class SignedEntity:
@@ -478,8 +487,37 @@ class SignedEntity:
             hasher.update(piece)
             yield piece
         if hasher.finalize() != self._message_digest:
-            raise CryptoError("the message changed while it was being protected; nothing was sent")
+            raise CryptoError(_CHANGED)
         yield self.tail
+
+
+class _SameEachTime:
+    """A large payload that is read again for each copy (encrypted, not signed), checked to
+    give the same bytes every time: without a signature's digest to compare with, a file
+    rewritten in place between two copies (size and time kept) would otherwise give the To/Cc
+    copy and a Bcc copy different content. The first reading sets the digest; a later one
+    that differs raises before its last piece is encrypted."""
+
+    def __init__(self, payload: _Pieces) -> None:
+        self.payload = payload
+        self._digest: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"_SameEachTime({len(self)} bytes)"
+
+    def __len__(self) -> int:
+        return len(self.payload)
+
+    def __iter__(self) -> Iterator[bytes]:
+        hasher = hashes.Hash(hashes.SHA256())
+        for piece in self.payload:
+            hasher.update(piece)
+            yield piece
+        digest = hasher.finalize()
+        if self._digest is None:
+            self._digest = digest
+        elif digest != self._digest:
+            raise CryptoError(_CHANGED)
 
 
 def sign_large(
@@ -529,6 +567,8 @@ def sign_large(
 
 #: A CR not before LF, or an LF not after CR: not canonical (searched in place, no copy).
 _BARE_CR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 def _not_canonical() -> CryptoError:
@@ -628,7 +668,9 @@ def encrypt_large_into(
     holding it: the EnvelopedData is written by :class:`e2email.crypto.cms.Envelope` as the
     content is read and encrypted, and base64-encoded into ``out`` a block at a time. Its
     fields (every one but the ciphertext) are checked as :func:`encrypt_into` checks
-    ``cryptography``'s output, before any content is read."""
+    ``cryptography``'s output, before any content is read. Unlike :func:`encrypt_into`, it
+    writes as it goes: when it raises, ``out`` holds part of an entity and must be discarded
+    (the engine closes such a spool; nothing of it is stored or sent)."""
     unique = _unique_rsa(recipients)
     try:
         envelope = cms.Envelope(unique, key_bits=_CIPHERS[cipher].key_size)
@@ -752,7 +794,10 @@ def verify_detached(
     them by the certificate the SignerInfo names. Raises CryptoError otherwise.
 
     ``digested`` (digest name, value) stands for ``content`` when it was hashed as it streamed
-    past (a large message): the signature must then use that digest."""
+    past (a large message): the signature must then use that digest, and ``content`` must be
+    empty (a ValueError otherwise: content given with a digest would not be looked at)."""
+    if digested is not None and len(content):
+        raise ValueError("give either the content or its digest, not both")
     try:
         return _verify_detached(content, signature, digested)
     except (IndexError, ValueError, UnicodeDecodeError) as exc:
@@ -1019,6 +1064,8 @@ class SMIMEProtector(Protector):
     def _protect(
         self, msg: Message, prot: Protection, passphrase: str | None
     ) -> tuple[ProtectedCopy, ...]:
+        if msg.message_id is None:  # before any work: a large payload would be read and signed
+            raise ValueError("protect a finalised message (Message.finalized())")
         keys = self.resolve(msg, prot)
         signer = keys.signer
         signer_fpr = signer.fingerprint if signer is not None else None
@@ -1064,11 +1111,11 @@ class SMIMEProtector(Protector):
         # Sign once; every copy envelopes the same signed entity (sign, then encrypt). Each
         # copy's base64 goes to its own spool (a private file when large: e2email.spool).
         stream = stream_payload(msg, hp=HP.CIPHER)
-        inner: bytes | SignedEntity | PayloadStream
+        inner: bytes | SignedEntity | _SameEachTime
         if len(stream) < LARGE:
             inner = signed(HP.CIPHER)
         elif signer_key is None:
-            inner = stream
+            inner = _SameEachTime(stream)
         else:
             inner = sign_large(
                 stream, signer=signer_key, digest=prot.smime_digest, rsa_pss=prot.smime_rsa_pss
