@@ -304,3 +304,35 @@ def test_a_cancel_as_the_replies_arrive_stops_before_the_message(
 
     asyncio.run(run())
     assert server.messages == [] and b"body 0" not in b"".join(_chunks(server))
+
+
+@pytest.mark.parametrize("with_outbox", [False, True], ids=["no-outbox", "outbox"])
+def test_the_end_of_data_rides_with_the_last_piece_unless_a_mark_comes_between(
+    smtp_server: ServerFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, with_outbox: bool
+) -> None:
+    """Without an outbox nothing waits between the message and its final ".": both go in one
+    write (one TLS record, one send). With one, the in-flight mark comes between, so the "."
+    is a write of its own after it. Per message: the group, then the data (and the ".")."""
+    import aiosmtplib.protocol
+
+    writes: list[bytes] = []
+    real = aiosmtplib.protocol.SMTPProtocol.write
+
+    def write(self: aiosmtplib.protocol.SMTPProtocol, data: bytes) -> None:
+        writes.append(bytes(data))
+        real(self, data)
+
+    monkeypatch.setattr(aiosmtplib.protocol.SMTPProtocol, "write", write)
+    server = smtp_server(offer_pipelining=True)
+    if with_outbox:
+        outcomes, _ = _outbox_run(server, Outbox(tmp_path / "o.sqlite3"), [BOB, BOB])
+    else:
+        outcomes = _send(server, _subs(2))
+    assert [o.status for o in outcomes] == ["delivered"] * 2
+    sent = [w for w in writes if w.startswith((b"MAIL", b"From:", b"."))]
+    stuffed = [_raw(i).replace(b"\r\n.dot", b"\r\n..dot") for i in range(2)]
+    if with_outbox:
+        assert sent[1:] == [stuffed[0], b".\r\n", sent[3], stuffed[1], b".\r\n"]
+    else:
+        assert sent[1:] == [stuffed[0] + b".\r\n", sent[2], stuffed[1] + b".\r\n"]
+    assert sent[0].startswith(b"MAIL FROM:") and sent[0].endswith(b"DATA\r\n")

@@ -865,17 +865,27 @@ class SMTPConnection:
         try:
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-            for piece in _dot_stuffed(raw):
+            end = b".\r\n" if raw.endswith(b"\r\n") else b"\r\n.\r\n"
+            pieces = _dot_stuffed(raw)
+            piece = next(pieces, None)
+            while piece is not None:
+                following = next(pieces, None)
+                if following is None and before_end is None:
+                    # Nothing to wait for before the end: the last piece and the end-of-data
+                    # line in one write (one TLS record and one send per message, not two).
+                    end = piece + end
+                    break
                 protocol.write(piece)
                 async with asyncio.timeout(timeout):
                     # aiosmtplib's copy of asyncio's StreamWriter.drain(): returns once the
                     # transport's buffer is below its low-water mark (raises if the
                     # connection was lost).
                     await protocol._drain_helper()
+                piece = following
             if before_end is not None:
                 await before_end()
             # Reading the reply starts right after the last write, so it cannot be missed.
-            protocol.write(b".\r\n" if raw.endswith(b"\r\n") else b"\r\n.\r\n")
+            protocol.write(end)
             self._end_of_data_sent = True
             response = await _bounded(smtp, read_reply(), timeout)
             self._end_of_data_sent = False
