@@ -398,6 +398,11 @@ class _Replies(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self._inner.write(data)
 
+    def ready(self) -> aiosmtplib.SMTPResponse | None:
+        """The next reply if it has arrived already (a group's replies mostly come in one
+        packet: no wait, so no timer, for the second and later), else ``None``."""
+        return self._replies.popleft() if self._replies else None
+
     async def read(self) -> aiosmtplib.SMTPResponse:
         """The next reply; the connection's loss (or a malformed reply) raises as aiosmtplib
         would (:class:`aiosmtplib.SMTPServerDisconnected`, ``SMTPResponseException``)."""
@@ -467,6 +472,17 @@ class _Replies(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._inner.resume_writing()
+
+
+async def _next_reply(
+    smtp: aiosmtplib.SMTP, replies: _Replies, timeout: float | None
+) -> aiosmtplib.SMTPResponse:
+    """The next reply of a pipelined group, waited for (see :func:`_bounded`) only when it
+    has not arrived yet."""
+    reply = replies.ready()
+    if reply is None:
+        reply = await _bounded(smtp, replies.read(), timeout)
+    return reply
 
 
 def _raise_if_cancelled() -> None:
@@ -781,7 +797,7 @@ class SMTPConnection:
             # out of step (the next command would get an old reply) and is closed.
             unread = len(rcpts) + 2
             try:
-                mail = await _bounded(smtp, replies.read(), command_timeout)
+                mail = await _next_reply(smtp, replies, command_timeout)
                 unread -= 1
                 if mail.code != 250:
                     if mail.code != 421:  # 421: the server is closing (RFC 5321 §3.8)
@@ -792,7 +808,7 @@ class SMTPConnection:
                     raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, mail_from)
                 self._stage = "RCPT"
                 for rcpt in rcpts:
-                    reply = await _bounded(smtp, replies.read(), command_timeout)
+                    reply = await _next_reply(smtp, replies, command_timeout)
                     unread -= 1
                     if reply.code not in (250, 251):
                         refusals[rcpt] = _reply(reply)
@@ -805,7 +821,7 @@ class SMTPConnection:
                     unread = 0
                     self._stage = "RCPT"
                     return refusals, None
-                start = await _bounded(smtp, replies.read(), data_timeout)
+                start = await _next_reply(smtp, replies, data_timeout)
                 unread -= 1
             except BaseException:
                 if unread:
@@ -821,10 +837,10 @@ class SMTPConnection:
         once with a lone "." (the caller's RSET then clears the transaction)."""
         reply: aiosmtplib.SMTPResponse | None = None
         for _ in range(unread):
-            reply = await _bounded(self._smtp, replies.read(), timeout)
+            reply = await _next_reply(self._smtp, replies, timeout)
         if reply is not None and reply.code == 354:
             replies.write(b".\r\n")
-            await _bounded(self._smtp, replies.read(), timeout)
+            await _next_reply(self._smtp, replies, timeout)
 
     async def _data(
         self,
