@@ -17,7 +17,7 @@ from e2email.config import RetryPolicy
 from e2email.delivery import DeliveryEngine, Outcome, Submission, deliver
 from e2email.errors import ConnectError, DeliveryError, RecipientsRefusedError
 from e2email.outbox import ItemState, NewItem, Outbox
-from e2email.testing import Fault, LoopbackSMTPServer
+from e2email.testing import Fault, LoopbackSMTPServer, TestCA, _RecordingSMTP
 from e2email.transport.smtp import SMTPConnection, SMTPTransport
 
 ServerFactory = Callable[..., LoopbackSMTPServer]
@@ -336,3 +336,100 @@ def test_the_end_of_data_rides_with_the_last_piece_unless_a_mark_comes_between(
     else:
         assert sent[1:] == [stuffed[0] + b".\r\n", sent[2], stuffed[1] + b".\r\n"]
     assert sent[0].startswith(b"MAIL FROM:") and sent[0].endswith(b"DATA\r\n")
+
+
+class _Says354ToAnyone(LoopbackSMTPServer):
+    """A server that answers DATA with 354 even when no recipient was accepted (RFC 2920
+    §3.1 warns of such servers); it records the line that then ends the data."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.ended_with: list[bytes] = []
+        owner = self
+
+        class _Protocol(_RecordingSMTP):
+            async def smtp_DATA(self, arg: str) -> None:
+                assert self.envelope is not None
+                if self.envelope.rcpt_tos:
+                    await super().smtp_DATA(arg)
+                    return
+                await self.push("354 go ahead")
+                owner.ended_with.append(await self._reader.readuntil(b"\r\n"))
+                await self.push("554 5.5.1 no valid recipients")
+                self.envelope = self._create_envelope()
+
+        self._protocol_class = _Protocol
+
+
+def test_a_354_with_no_recipient_accepted_is_ended_with_a_lone_dot(module_ca: TestCA) -> None:
+    """RFC 2920 §3.1: every RCPT refused but DATA answered 354: the client ends that empty
+    message at once with a lone ".", reports the refusals, resets, and the connection carries
+    the next message."""
+    with _Says354ToAnyone(
+        ca=module_ca, offer_pipelining=True, refuse_recipients={CAROL: (550, "5.1.1 no")}
+    ) as server:
+
+        def steps(conn: SMTPConnection) -> list[Coroutine[Any, Any, None]]:
+            async def refused() -> None:
+                with pytest.raises(RecipientsRefusedError) as info:
+                    await conn.send(_raw(0), mail_from=SENDER, recipients=[CAROL])
+                assert info.value.refused[CAROL].code == 550
+
+            async def fine() -> None:
+                await conn.send(_raw(1), mail_from=SENDER, recipients=[BOB])
+
+            return [refused(), fine()]
+
+        _on_one_connection(server, steps)
+        assert server.ended_with == [b".\r\n"]
+        assert [m.data for m in server.messages] == [_raw(1)]
+        assert server.received_commands()[-5:] == ["RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+        assert b"body 0" not in b"".join(_chunks(server))
+
+
+class _Inner:
+    """Stands in for aiosmtplib's protocol behind :class:`_Replies`."""
+
+    def __init__(self) -> None:
+        self.lost: list[Exception | None] = []
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
+
+def test_the_reply_reader_keeps_every_reply_however_the_packets_fall() -> None:
+    """Replies split across packets, several in one packet, multi-line replies: each comes
+    out whole and in order; a malformed line or the connection's loss ends the reading with
+    aiosmtplib's exception, and the loss still reaches aiosmtplib's protocol."""
+    import aiosmtplib
+
+    from e2email.transport.smtp import _Replies
+
+    async def run() -> None:
+        inner = _Inner()
+        replies = _Replies(inner)  # type: ignore[arg-type]
+        replies.data_received(b"250-first li")
+        assert replies.ready() is None
+        replies.data_received(b"ne\r\n250 second line\r\n250 2.1.5 OK\r\n35")
+        replies.data_received(b"4 go ahead\r\n")
+        got = [await replies.read() for _ in range(3)]
+        assert [(r.code, r.message) for r in got] == [
+            (250, "first line\nsecond line"),
+            (250, "2.1.5 OK"),
+            (354, "go ahead"),
+        ]
+        waiting = asyncio.ensure_future(replies.read())
+        await asyncio.sleep(0)
+        lost = ConnectionResetError("reset")
+        replies.connection_lost(lost)
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            await waiting
+        assert inner.lost == [lost]
+
+        bad = _Replies(_Inner())  # type: ignore[arg-type]
+        bad.data_received(b"250 fine\r\nHELLO there\r\n")
+        assert (await bad.read()).code == 250
+        with pytest.raises(aiosmtplib.SMTPResponseException, match="Malformed"):
+            await bad.read()
+
+    asyncio.run(run())

@@ -13,6 +13,9 @@ standards item 4) and refuses to move anything but an EHLO and STARTTLS in the c
 * AUTH (PLAIN or LOGIN, RFC 4954; or XOAUTH2 with an OAuth2 access token) happens only after
   TLS, and the password or token source is asked only then.
 * REQUIRETLS (RFC 8689) when asked: refused before MAIL if the server does not offer it.
+* PIPELINING (RFC 2920) when the server offers it: MAIL, every RCPT and DATA in one write,
+  their replies read in order (see :meth:`SMTPConnection._pipelined`); the outcomes are those
+  of the one-command-at-a-time exchange.
 * Without a configured port, the ports of ``SMTPSettings.port_order`` are tried in turn, but
   only past ports that cannot be reached or offer no STARTTLS (reported); a certificate or
   TLS version failure stops the search. See :mod:`e2email.transport.ports`.
