@@ -433,3 +433,43 @@ def test_the_reply_reader_keeps_every_reply_however_the_packets_fall() -> None:
             await bad.read()
 
     asyncio.run(run())
+
+
+def test_pipelining_after_starttls_and_auth_with_requiretls(smtp_server: ServerFactory) -> None:
+    """Over STARTTLS (the transport replaced by the upgrade) with AUTH: the group goes in one
+    write inside TLS, MAIL carries SIZE and REQUIRETLS (RFC 8689), and nothing of it is seen
+    in the clear."""
+    server = smtp_server(
+        tls="starttls",
+        credentials={"alice": "s3cret"},
+        offer_pipelining=True,
+        offer_requiretls=True,
+    )
+    assert server.ca_file is not None
+    settings = SMTPSettings(
+        host=server.host,
+        port=server.port,
+        tls=TLSMode.STARTTLS,
+        ca_file=server.ca_file,
+        username="alice",
+        password="s3cret",
+        timeout=10,
+    )
+
+    async def run() -> None:
+        async with SMTPTransport(settings).connect() as conn:
+            assert conn.pipelining
+            for i in range(2):
+                await conn.send(_raw(i), mail_from=SENDER, recipients=[BOB], require_tls=True)
+
+    asyncio.run(run())
+    assert [m.data for m in server.messages] == [_raw(0), _raw(1)]
+    assert all(m.requiretls and m.auth_user == "alice" for m in server.messages)
+    groups = [data for tls, data in server.transcript if data.startswith(b"MAIL FROM:")]
+    assert groups == [
+        f"MAIL FROM:<{SENDER}> SIZE={len(_raw(i))} REQUIRETLS\r\nRCPT TO:<{BOB}>\r\n"
+        "DATA\r\n".encode()
+        for i in range(2)
+    ]
+    assert all(tls for tls, data in server.transcript if data.startswith(b"MAIL FROM:"))
+    assert b"MAIL" not in server.cleartext()
