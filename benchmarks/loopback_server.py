@@ -3,7 +3,8 @@ peak memory figure with the sender being measured.
 
 Prints one JSON line (host, port, ca_file), then answers commands read from stdin, one per
 line: ``stats`` (messages, bytes and connections so far, as JSON), ``clear`` (forget received
-messages) and ``quit``.
+messages), ``pipelining on`` / ``pipelining off`` (offer PIPELINING, RFC 2920, to the next
+sessions: on at the start, as Postfix does) and ``quit``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class _Unlimited(LoopbackSMTPServer):
 
 
 def main() -> None:
-    with _Unlimited(tls="implicit") as server:
+    with _Unlimited(tls="implicit", offer_pipelining=True) as server:
         print(
             json.dumps({"host": server.host, "port": server.port, "ca_file": str(server.ca_file)}),
             flush=True,
@@ -48,6 +49,9 @@ def main() -> None:
                 # The server also keeps a transcript of every chunk; drop both.
                 server.messages.clear()
                 server.transcript.clear()
+                print("{}", flush=True)
+            elif command in ("pipelining on", "pipelining off"):
+                server.offer_pipelining = command.endswith("on")
                 print("{}", flush=True)
             elif command == "quit":
                 break

@@ -597,6 +597,11 @@ class DeliveryEngine:
         slot.mark_accepted()
         # The server has it: should recording that fail, the copy is maybe-delivered.
         job.ended = True
+        if self.outbox is None:
+            # Nothing to write, so nothing to wait for: recorded and reported at once (a task
+            # would only cost the event loop a turn per message).
+            await self._record_accepted(job, result)
+            return True
         # Recorded (and reported) beside the next transaction on this connection, not before
         # it: the record's trip to the outbox's thread is off the path from one message to
         # the next. The copy stays live until then, so the run waits for it, and an

@@ -267,6 +267,10 @@ class _Handler:
             # RFC 8689 §4.1: REQUIRETLS is offered only inside TLS. Before the last line
             # ("250 HELP"), which must stay the one without a dash.
             out.insert(len(out) - 1, "250-REQUIRETLS")
+        if owner.offer_pipelining:
+            # RFC 2920. aiosmtpd reads commands line by line from a stream, so a group of them
+            # in one packet is answered one by one, in order: it only never said so.
+            out.insert(len(out) - 1, "250-PIPELINING")
         return out
 
     async def handle_exception(self, error: Exception) -> str:
@@ -595,6 +599,8 @@ class LoopbackSMTPServer:
     * ``offer_requiretls``: advertise REQUIRETLS (RFC 8689) after TLS and accept it on MAIL
       FROM (recorded in :attr:`ReceivedMessage.mail_options`); without it a MAIL FROM carrying
       REQUIRETLS is refused with 555, as by a server that does not know the extension.
+    * ``offer_pipelining``: advertise PIPELINING (RFC 2920), as Postfix, Exim and the large
+      providers do (aiosmtpd itself does not). An attribute: may be changed between sessions.
     * ``refuse_recipients``: address -> (code, text) replied to RCPT for that address.
     * ``faults``: misbehaviours to act out (see :class:`Fault`). :attr:`faults_fired` lists
       those that fired, in order; :attr:`connections` counts accepted TCP connections.
@@ -616,6 +622,7 @@ class LoopbackSMTPServer:
         tls_versions: tuple[ssl.TLSVersion, ssl.TLSVersion] | None = None,
         offer_requiretls: bool = False,
         xoauth2_tokens: Mapping[str, str] | None = None,
+        offer_pipelining: bool = False,
     ) -> None:
         if tls not in ("implicit", "starttls", "none"):
             raise ValueError(f"tls must be 'implicit', 'starttls' or 'none', not {tls!r}")
@@ -652,6 +659,8 @@ class LoopbackSMTPServer:
         )
         self._refuse = {k.lower(): v for k, v in (refuse_recipients or {}).items()}
         self._offer_requiretls = offer_requiretls
+        #: Advertise PIPELINING in the next EHLO replies.
+        self.offer_pipelining = offer_pipelining
         self.faults: tuple[Fault, ...] = tuple(faults)
         self._fault_budget: list[int | None] = [f.times for f in self.faults]
         #: The faults that fired, in firing order.

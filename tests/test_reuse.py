@@ -22,6 +22,20 @@ from e2email.testing import Fault, FaultStage, LoopbackSMTPServer, TestCA
 FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, jitter=0)
 
 
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelining"])
+def smtp_server(
+    request: pytest.FixtureRequest, smtp_server: Callable[..., LoopbackSMTPServer]
+) -> Callable[..., LoopbackSMTPServer]:
+    """Every test here twice: against a server without PIPELINING and one offering it (RFC
+    2920, as Postfix does): the reuse rules are the same either way."""
+
+    def make(**kwargs: Any) -> LoopbackSMTPServer:
+        kwargs.setdefault("offer_pipelining", request.param)
+        return smtp_server(**kwargs)
+
+    return make
+
+
 def _settings(server: LoopbackSMTPServer) -> SMTPSettings:
     assert server.ca_file is not None
     return SMTPSettings(
@@ -119,13 +133,14 @@ class _ClosesAtMail(LoopbackSMTPServer):
     [Fault("mail", "drop"), Fault("mail", "reply", 421, "4.4.2 idle too long, closing")],
     ids=["drop", "421"],
 )
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelining"])
 def test_a_connection_closed_between_messages_is_replaced_without_an_attempt(
-    module_ca: TestCA, fault: Fault
+    module_ca: TestCA, fault: Fault, pipelining: bool
 ) -> None:
     """The server closed the reused connection when the next MAIL came (nothing of that
     message reached it): the copy goes over a new connection at once, as its first attempt,
     and is delivered once."""
-    with _ClosesAtMail(fault, ca=module_ca) as server:
+    with _ClosesAtMail(fault, ca=module_ca, offer_pipelining=pipelining) as server:
         outcomes = _send(server, _subs(3))
         assert [o.status for o in outcomes] == ["delivered"] * 3
         assert [o.attempts for o in outcomes] == [1, 1, 1]
@@ -133,10 +148,15 @@ def test_a_connection_closed_between_messages_is_replaced_without_an_attempt(
         assert server.connections == 2 and len(server.messages) == 3
 
 
-def test_a_new_connection_that_fails_at_mail_counts_as_an_attempt(module_ca: TestCA) -> None:
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelining"])
+def test_a_new_connection_that_fails_at_mail_counts_as_an_attempt(
+    module_ca: TestCA, pipelining: bool
+) -> None:
     """Only a reused, unchecked connection is replaced for free: when the new one fails at
     MAIL too, that is an attempt, retried up to the limit (no endless reconnecting)."""
-    with _ClosesAtMail(Fault("mail", "drop"), every=True, ca=module_ca) as server:
+    with _ClosesAtMail(
+        Fault("mail", "drop"), every=True, ca=module_ca, offer_pipelining=pipelining
+    ) as server:
         outcomes = _send(server, _subs(2))
         assert [o.status for o in outcomes] == ["delivered", "deferred"]
         assert outcomes[1].attempts == FAST.max_attempts

@@ -13,6 +13,9 @@ standards item 4) and refuses to move anything but an EHLO and STARTTLS in the c
 * AUTH (PLAIN or LOGIN, RFC 4954; or XOAUTH2 with an OAuth2 access token) happens only after
   TLS, and the password or token source is asked only then.
 * REQUIRETLS (RFC 8689) when asked: refused before MAIL if the server does not offer it.
+* PIPELINING (RFC 2920) when the server offers it: MAIL, every RCPT and DATA in one write,
+  their replies read in order (see :meth:`SMTPConnection._pipelined`); the outcomes are those
+  of the one-command-at-a-time exchange.
 * Without a configured port, the ports of ``SMTPSettings.port_order`` are tried in turn, but
   only past ports that cannot be reached or offer no STARTTLS (reported); a certificate or
   TLS version failure stops the search. See :mod:`e2email.transport.ports`.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import email.utils
 import json
@@ -44,6 +48,7 @@ from types import MappingProxyType
 from typing import TypeVar
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
 from e2email.config import SMTPSettings, TLSMode
 from e2email.errors import (
@@ -319,6 +324,135 @@ async def _rcpt(smtp: aiosmtplib.SMTP, recipient: str) -> None:
         raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
 
 
+#: The longest reply :class:`_Replies` takes (aiosmtplib's bound for one whole reply).
+_MAX_REPLY = 32 * 1024
+
+
+class _Replies(asyncio.Protocol):
+    """The server's replies to a pipelined group of commands (RFC 2920), read in order.
+
+    aiosmtplib reads one reply per command written and awaited: its protocol parses a reply
+    only when data arrives while a read is pending, and drops what arrives otherwise, so two
+    replies in one packet (what pipelining produces) would lose the second. While a pipelined
+    transaction is under way this protocol takes the connection's incoming bytes instead
+    (``asyncio.BaseTransport.set_protocol``, the public way to do so) and keeps every reply;
+    writes, flow control and the loss of the connection still go to aiosmtplib's protocol, so
+    its state stays true. Put back with :meth:`installed`'s exit before any aiosmtplib command
+    (RSET, QUIT) is sent.
+    """
+
+    def __init__(self, inner: SMTPProtocol) -> None:
+        self._inner = inner
+        self._buffer = bytearray()
+        self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        #: What ends the reading: the connection's loss, or a reply that cannot be parsed.
+        self._failure: aiosmtplib.SMTPException | None = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls, smtp: aiosmtplib.SMTP) -> Iterator[_Replies]:
+        protocol, transport = smtp.protocol, smtp.transport
+        if protocol is None or transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        replies = cls(protocol)
+        transport.set_protocol(replies)
+        try:
+            yield replies
+        finally:
+            # Unread bytes are dropped with this object, as aiosmtplib drops unsolicited data.
+            transport.set_protocol(protocol)
+
+    def write(self, data: bytes) -> None:
+        self._inner.write(data)
+
+    def ready(self) -> aiosmtplib.SMTPResponse | None:
+        """The next reply if it has arrived already (a group's replies mostly come in one
+        packet: no wait, so no timer, for the second and later), else ``None``."""
+        return self._replies.popleft() if self._replies else None
+
+    async def read(self) -> aiosmtplib.SMTPResponse:
+        """The next reply; the connection's loss (or a malformed reply) raises as aiosmtplib
+        would (:class:`aiosmtplib.SMTPServerDisconnected`, ``SMTPResponseException``)."""
+        while not self._replies:
+            if self._failure is not None:
+                raise self._failure
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._failure is not None:
+            return
+        self._buffer += data
+        # Every complete reply (RFC 5321 §4.2: "code-" lines, then one "code SP" line).
+        start = 0
+        lines: list[bytes] = []
+        while True:
+            end = self._buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = bytes(self._buffer[start : end + 1])
+            start = end + 1
+            code = line[:3]
+            if not code.isdigit():
+                text = f"Malformed SMTP response line: {line.decode('ascii', 'replace')}"
+                self._fail(aiosmtplib.SMTPResponseException(-1, text))
+                return
+            lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                text = b"\n".join(lines).decode("utf-8", "surrogateescape")
+                self._replies.append(aiosmtplib.SMTPResponse(int(code), text))
+                lines = []
+                del self._buffer[:start]
+                start = 0
+        if len(self._buffer) > _MAX_REPLY:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+            return
+        if self._replies:
+            self._wake()
+
+    def _fail(self, failure: aiosmtplib.SMTPException) -> None:
+        if self._failure is None:
+            self._failure = failure
+        self._buffer.clear()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # the transport closes, and connection_lost() follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        lost.__cause__ = exc
+        self._fail(lost)
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+async def _next_reply(
+    smtp: aiosmtplib.SMTP, replies: _Replies, timeout: float | None
+) -> aiosmtplib.SMTPResponse:
+    """The next reply of a pipelined group, waited for (see :func:`_bounded`) only when it
+    has not arrived yet."""
+    reply = replies.ready()
+    if reply is None:
+        reply = await _bounded(smtp, replies.read(), timeout)
+    return reply
+
+
 def _raise_if_cancelled() -> None:
     """Raise CancelledError if this task was asked to stop while a wait swallowed the request.
 
@@ -434,6 +568,13 @@ class SMTPConnection:
         return self._stage
 
     @property
+    def pipelining(self) -> bool:
+        """Does the server offer PIPELINING (RFC 2920)? Then :meth:`send` writes MAIL, every
+        RCPT and DATA at once and reads their replies after: two round trips per message
+        instead of three plus one per recipient."""
+        return "pipelining" in self._extensions
+
+    @property
     def is_connected(self) -> bool:
         """Is the session still up (not closed by us, the server or a failure)?"""
         return bool(self._smtp.is_connected)
@@ -496,25 +637,37 @@ class SMTPConnection:
             options.append("REQUIRETLS")
         command_timeout, data_timeout = self._timeouts()
         smtp = self._smtp
+        pipelined = self.pipelining
         async with self._lock:
-            stage = self._stage = "MAIL"
+            self._stage = "MAIL"
             try:
+                response: aiosmtplib.SMTPResponse | None = None
                 try:
-                    await _bounded(smtp, _mail(smtp, mail_from, options), command_timeout)
+                    if pipelined:
+                        refusals, response = await self._pipelined(
+                            raw, mail_from, rcpts, options, before_end
+                        )
+                    else:
+                        await _bounded(smtp, _mail(smtp, mail_from, options), command_timeout)
+                        self._stage = "RCPT"
+                        refusals = {}
+                        for rcpt in rcpts:
+                            try:
+                                await _bounded(smtp, _rcpt(smtp, rcpt), command_timeout)
+                            except aiosmtplib.SMTPRecipientRefused as exc:
+                                refusals[rcpt] = _reply(exc)
+                                if not smtp.is_connected:  # e.g. 421: the server closed it
+                                    raise
                 except aiosmtplib.SMTPSenderRefused as exc:
                     await self._reset()
                     raise DeliveryError(
                         f"{where} refused the sender {mail_from}", host=where, reply=_reply(exc)
                     ) from exc
-                stage = self._stage = "RCPT"
-                refusals: dict[str, SMTPReply] = {}
-                for rcpt in rcpts:
-                    try:
-                        await _bounded(smtp, _rcpt(smtp, rcpt), command_timeout)
-                    except aiosmtplib.SMTPRecipientRefused as exc:
-                        refusals[rcpt] = _reply(exc)
-                        if not smtp.is_connected:  # e.g. 421: the server closed the session
-                            raise
+                except aiosmtplib.SMTPDataError as exc:  # pipelined: DATA or the data refused
+                    await self._reset()
+                    raise DeliveryError(
+                        f"{where} refused the message data", host=where, reply=_reply(exc)
+                    ) from exc
                 if len(refusals) == len(rcpts):
                     await self._reset()
                     result = CopyOutcome(
@@ -525,15 +678,17 @@ class SMTPConnection:
                     raise RecipientsRefusedError(
                         [(r, refusals[r]) for r in rcpts], host=where, result=result
                     )
-                stage = self._stage = "DATA"
                 try:
-                    response = await self._data(raw, data_timeout, before_end)
+                    if response is None:
+                        self._stage = "DATA"
+                        response = await self._data(raw, data_timeout, before_end)
                 except aiosmtplib.SMTPDataError as exc:
                     await self._reset()
                     raise DeliveryError(
                         f"{where} refused the message data", host=where, reply=_reply(exc)
                     ) from exc
             except aiosmtplib.SMTPTimeoutError as exc:
+                stage = self._stage
                 timeout = data_timeout if stage == "DATA" else command_timeout
                 error = ConnectError(
                     f"timed out after {timeout:g} s waiting for {where}'s reply to {stage}"
@@ -545,11 +700,11 @@ class SMTPConnection:
             except aiosmtplib.SMTPResponseException as exc:
                 # Anything else with a code, e.g. a 421 to RCPT that closed the session.
                 raise DeliveryError(
-                    f"{where} refused the message at {stage}", host=where, reply=_reply(exc)
+                    f"{where} refused the message at {self._stage}", host=where, reply=_reply(exc)
                 ) from exc
             except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:
                 error = ConnectError(
-                    f"connection to {where} lost at {stage}: {_reason(exc)}"
+                    f"connection to {where} lost at {self._stage}: {_reason(exc)}"
                     + _maybe_delivered(self._end_of_data_sent),
                     host=where,
                 )
@@ -578,42 +733,147 @@ class SMTPConnection:
             tls=self._tls,
         )
 
+    async def _pipelined(
+        self,
+        raw: bytes | Spool,
+        mail_from: str,
+        rcpts: Sequence[str],
+        options: Sequence[str],
+        before_end: Callable[[], Awaitable[None]] | None,
+    ) -> tuple[dict[str, SMTPReply], aiosmtplib.SMTPResponse | None]:
+        """MAIL, every RCPT and DATA in one write, their replies read in order (RFC 2920
+        §3.1: DATA ends the group, its outcome decides what follows), then the message as in
+        :meth:`_data`. Returns the refused recipients and the final reply, ``None`` when every
+        recipient was refused (the caller resets and reports them, as without pipelining).
+
+        Raises as the one-command-at-a-time exchange does: ``SMTPSenderRefused`` (after the
+        rest of the group's replies were read), ``SMTPRecipientRefused`` for a refusal that
+        ended the session, ``SMTPDataError`` for DATA or the message refused; the caller sends
+        RSET, once the replies are read and aiosmtplib has the connection back.
+
+        What the server closed before this transaction is found at MAIL (stage ``"MAIL"``),
+        with nothing of the message sent: only the envelope commands went out.
+        """
+        smtp = self._smtp
+        command_timeout, data_timeout = self._timeouts()
+        group = [b"MAIL FROM:<" + mail_from.encode("ascii") + b">"]
+        group[0] += b"".join(b" " + option.encode("ascii") for option in options)
+        group.extend(b"RCPT TO:<" + rcpt.encode("ascii") + b">" for rcpt in rcpts)
+        group.append(b"DATA\r\n")
+        refusals: dict[str, SMTPReply] = {}
+        with _Replies.installed(smtp) as replies:
+            replies.write(b"\r\n".join(group))
+            # Replies still to read: should anything stop the reading early, the session is
+            # out of step (the next command would get an old reply) and is closed.
+            unread = len(rcpts) + 2
+            try:
+                mail = await _next_reply(smtp, replies, command_timeout)
+                unread -= 1
+                if mail.code != 250:
+                    if mail.code != 421:  # 421: the server is closing (RFC 5321 §3.8)
+                        with contextlib.suppress(aiosmtplib.SMTPException):
+                            # "503 need MAIL" to each RCPT and to DATA, as a rule.
+                            await self._drain_group(replies, unread, data_timeout)
+                            unread = 0
+                    raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, mail_from)
+                self._stage = "RCPT"
+                for rcpt in rcpts:
+                    reply = await _next_reply(smtp, replies, command_timeout)
+                    unread -= 1
+                    if reply.code not in (250, 251):
+                        refusals[rcpt] = _reply(reply)
+                        if reply.code == 421 or not smtp.is_connected:  # closing, §3.8
+                            raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
+                self._stage = "DATA"
+                if len(refusals) == len(rcpts):
+                    # RFC 2920 §3.1: DATA's reply must be read all the same (503 or 554).
+                    await self._drain_group(replies, unread, data_timeout)
+                    unread = 0
+                    self._stage = "RCPT"
+                    return refusals, None
+                start = await _next_reply(smtp, replies, data_timeout)
+                unread -= 1
+            except BaseException:
+                if unread:
+                    smtp.close()
+                raise
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            return refusals, await self._body(raw, data_timeout, before_end, replies.read)
+
+    async def _drain_group(self, replies: _Replies, unread: int, timeout: float | None) -> None:
+        """Read the last ``unread`` replies of a pipelined group whose transaction is refused.
+        RFC 2920 §3.1: a server may still answer DATA with 354; that empty message is ended at
+        once with a lone "." (the caller's RSET then clears the transaction)."""
+        reply: aiosmtplib.SMTPResponse | None = None
+        for _ in range(unread):
+            reply = await _next_reply(self._smtp, replies, timeout)
+        if reply is not None and reply.code == 354:
+            replies.write(b".\r\n")
+            await _next_reply(self._smtp, replies, timeout)
+
     async def _data(
         self,
         raw: bytes | Spool,
         timeout: float | None,
         before_end: Callable[[], Awaitable[None]] | None = None,
     ) -> aiosmtplib.SMTPResponse:
-        """DATA (RFC 5321 §4.1.1.4): ``raw`` dot-stuffed and streamed in pieces, then the
-        end-of-data line; the final reply. aiosmtplib's own ``data()`` would copy the whole
-        message twice (line-end repair, dot-stuffing) and buffer it all in the transport; the
-        bytes here already passed :func:`check_wire_safe`, so they need no repair.
-
-        ``timeout`` bounds the wait for each reply and for each piece to be taken by the
-        connection (RFC 5321 §4.5.3.2.5 times each send of a data block, not the whole);
-        a timeout or lost connection closes the session, since it is mid-DATA.
-        """
+        """DATA (RFC 5321 §4.1.1.4), then the message (:meth:`_body`); the final reply."""
         smtp = self._smtp
         start = await _bounded(smtp, smtp.execute_command(b"DATA", timeout=None), timeout)
         if start.code != 354:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
         protocol = smtp.protocol
+        if protocol is None:
+            smtp.close()
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        return await self._body(raw, timeout, before_end, lambda: protocol.read_response())
+
+    async def _body(
+        self,
+        raw: bytes | Spool,
+        timeout: float | None,
+        before_end: Callable[[], Awaitable[None]] | None,
+        read_reply: Callable[[], Awaitable[aiosmtplib.SMTPResponse]],
+    ) -> aiosmtplib.SMTPResponse:
+        """The message after the server's 354: ``raw`` dot-stuffed and streamed in pieces,
+        then the end-of-data line; the final reply, read with ``read_reply``. aiosmtplib's own
+        ``data()`` would copy the whole message twice (line-end repair, dot-stuffing) and
+        buffer it all in the transport; the bytes here already passed
+        :func:`check_wire_safe`, so they need no repair.
+
+        ``timeout`` bounds the wait for the reply and for each piece to be taken by the
+        connection (RFC 5321 §4.5.3.2.5 times each send of a data block, not the whole);
+        a timeout or lost connection closes the session, since it is mid-DATA.
+        """
+        smtp = self._smtp
+        protocol = smtp.protocol
         try:
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-            for piece in _dot_stuffed(raw):
+            end = b".\r\n" if raw.endswith(b"\r\n") else b"\r\n.\r\n"
+            pieces = _dot_stuffed(raw)
+            piece = next(pieces, None)
+            while piece is not None:
+                following = next(pieces, None)
+                if following is None and before_end is None:
+                    # Nothing to wait for before the end: the last piece and the end-of-data
+                    # line in one write (one TLS record and one send per message, not two).
+                    end = piece + end
+                    break
                 protocol.write(piece)
                 async with asyncio.timeout(timeout):
                     # aiosmtplib's copy of asyncio's StreamWriter.drain(): returns once the
                     # transport's buffer is below its low-water mark (raises if the
                     # connection was lost).
                     await protocol._drain_helper()
+                piece = following
             if before_end is not None:
                 await before_end()
             # Reading the reply starts right after the last write, so it cannot be missed.
-            protocol.write(b".\r\n" if raw.endswith(b"\r\n") else b"\r\n.\r\n")
+            protocol.write(end)
             self._end_of_data_sent = True
-            response = await _bounded(smtp, protocol.read_response(timeout=None), timeout)
+            response = await _bounded(smtp, read_reply(), timeout)
             self._end_of_data_sent = False
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
             smtp.close()
