@@ -85,7 +85,6 @@ from e2email.errors import (
     DeliveryError,
     E2EmailError,
     MessageError,
-    RecipientsRefusedError,
     TransportError,
 )
 from e2email.message import Message
@@ -1090,9 +1089,6 @@ class _Run:
                 slot.abort()
                 self._record(c, todo, "maybe-delivered", error=f"{exc}; not sent again")
                 return
-            if isinstance(exc, RecipientsRefusedError) and isinstance(exc.result, CopyOutcome):
-                self._apply(c, exc.result)
-                return
             if not isinstance(exc, DeliveryError):
                 slot.abort()
             reply = _reply_text(exc)
@@ -1127,18 +1123,23 @@ class _Run:
         delivered = list(result.delivered)
         failed: dict[str, str] = {}
         later: dict[str, str | None] = {}
+        why: dict[str, str | None] = {}
         for r in result.recipients:
             if r.status == "delivered":
                 continue
+            why[r.address] = r.error
             if r.status == "failed":
                 failed[r.address] = str(r.reply)
             else:
                 later[r.address] = str(r.reply) if r.reply is not None else None
         self._record(c, delivered, "delivered", reply=data_reply)
+        # The transport's own words (e.g. "refused the message data: 554 ..." for a refused
+        # transaction); a refused RCPT says "refused: <reply>".
         for address, refusal in failed.items():
-            self._record(c, [address], "failed", reply=refusal, error=f"refused: {refusal}")
+            error = why[address] or f"refused: {refusal}"
+            self._record(c, [address], "failed", reply=refusal, error=error)
         for address, maybe in later.items():
-            self._later(c, [address], f"refused for now: {maybe}", maybe)
+            self._later(c, [address], why[address] or f"refused for now: {maybe}", maybe)
 
 
 def _reply_text(exc: E2EmailError) -> str | None:

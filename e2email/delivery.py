@@ -57,7 +57,6 @@ from e2email.errors import (
     DeliveryError,
     E2EmailError,
     MessageError,
-    RecipientsRefusedError,
     SMTPReply,
     TransportError,
 )
@@ -594,6 +593,13 @@ class DeliveryEngine:
                 await self._failed_whole(job, exc)
                 return True
             break
+        if result.error is not None:
+            # The server refused the transaction (the sender, every recipient, or the data)
+            # and the session was reset: its answer for each recipient, as the transport
+            # made it (5xx failed, 4xx retried).
+            job.error = result.error
+            await self._apply(job, result)
+            return True
         slot.mark_accepted()
         # The server has it: should recording that fail, the copy is maybe-delivered.
         job.ended = True
@@ -619,11 +625,8 @@ class DeliveryEngine:
 
     async def _send_failed(self, slot: _Slot, job: _Job, exc: TransportError) -> bool:
         """The transaction failed, and the server does not have the message."""
-        if isinstance(exc, RecipientsRefusedError) and isinstance(exc.result, CopyOutcome):
-            job.error = exc
-            await self._apply(job, exc.result)
-        elif isinstance(exc, DeliveryError):
-            # MAIL, DATA or every recipient refused (or a reply that closed the session).
+        if isinstance(exc, DeliveryError):
+            # A reply that closed the session (e.g. 421): the same for every recipient.
             await self._failed_whole(job, exc)
         else:
             await slot.close()

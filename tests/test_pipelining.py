@@ -120,9 +120,10 @@ def test_every_rcpt_refused_reads_the_data_reply_then_resets(smtp_server: Server
 
     def steps(conn: SMTPConnection) -> list[Coroutine[Any, Any, None]]:
         async def refused() -> None:
-            with pytest.raises(RecipientsRefusedError) as info:
-                await conn.send(_raw(0), mail_from=SENDER, recipients=[CAROL])
-            assert info.value.refused[CAROL].code == 550
+            result = await conn.send(_raw(0), mail_from=SENDER, recipients=[CAROL])
+            assert isinstance(result.error, RecipientsRefusedError)
+            assert result.error.refused[CAROL].code == 550
+            assert [(r.address, r.status) for r in result.recipients] == [(CAROL, "failed")]
             assert conn.stage == "RCPT" and not conn.end_of_data_sent
 
         async def fine() -> None:
@@ -151,18 +152,22 @@ def test_every_rcpt_refused_reads_the_data_reply_then_resets(smtp_server: Server
 def test_a_refused_transaction_leaves_the_session_in_step(
     smtp_server: ServerFactory, fault: Fault, stage: str, code: int
 ) -> None:
-    """A refusal of the sender, of DATA or of the message: DeliveryError with the server's
-    reply, nothing delivered, then RSET; the next message on the same connection is paired
-    with its own replies and delivered."""
+    """A refusal of the sender, of DATA or of the message: an outcome whose error is a
+    DeliveryError with the server's reply, nothing delivered, then RSET; the next message on
+    the same connection is paired with its own replies and delivered."""
     server = smtp_server(offer_pipelining=True, faults=[fault])
 
     def steps(conn: SMTPConnection) -> list[Coroutine[Any, Any, None]]:
         async def refused() -> None:
-            with pytest.raises(DeliveryError) as info:
-                await conn.send(_raw(0), mail_from=SENDER, recipients=[BOB])
-            assert not isinstance(info.value, RecipientsRefusedError)
-            assert info.value.reply is not None and info.value.reply.code == code
-            assert conn.stage == stage and conn.is_connected and not info.value.maybe_delivered
+            result = await conn.send(_raw(0), mail_from=SENDER, recipients=[BOB])
+            error = result.error
+            assert isinstance(error, DeliveryError)
+            assert not isinstance(error, RecipientsRefusedError)
+            assert error.reply is not None and error.reply.code == code
+            assert conn.stage == stage and conn.is_connected and not error.maybe_delivered
+            (bob,) = result.recipients
+            assert bob.status == ("deferred" if code < 500 else "failed")
+            assert bob.reply == error.reply and result.accepted == ()
 
         async def fine() -> None:
             result = await conn.send(_raw(1), mail_from=SENDER, recipients=[BOB])
@@ -371,9 +376,9 @@ def test_a_354_with_no_recipient_accepted_is_ended_with_a_lone_dot(module_ca: Te
 
         def steps(conn: SMTPConnection) -> list[Coroutine[Any, Any, None]]:
             async def refused() -> None:
-                with pytest.raises(RecipientsRefusedError) as info:
-                    await conn.send(_raw(0), mail_from=SENDER, recipients=[CAROL])
-                assert info.value.refused[CAROL].code == 550
+                result = await conn.send(_raw(0), mail_from=SENDER, recipients=[CAROL])
+                assert isinstance(result.error, RecipientsRefusedError)
+                assert result.error.refused[CAROL].code == 550
 
             async def fine() -> None:
                 await conn.send(_raw(1), mail_from=SENDER, recipients=[BOB])
@@ -473,3 +478,26 @@ def test_pipelining_after_starttls_and_auth_with_requiretls(smtp_server: ServerF
     ]
     assert all(tls for tls, data in server.transcript if data.startswith(b"MAIL FROM:"))
     assert b"MAIL" not in server.cleartext()
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelining"])
+def test_a_refused_transaction_keeps_each_recipients_own_answer(
+    smtp_server: ServerFactory, pipelining: bool
+) -> None:
+    """DATA refused for now (451) after Carol was refused for good (550) at RCPT: the
+    transport's outcome keeps Carol's 550 (failed) and gives Bob the 451 (deferred); the
+    engine retries Bob only (one RCPT for Carol in all; before, the whole transaction's 451
+    was applied to both and Carol was asked again), and Bob is delivered."""
+    server = smtp_server(
+        offer_pipelining=pipelining,
+        refuse_recipients={CAROL: (550, "5.1.1 no such user")},
+        faults=[Fault("data", "reply", 451, "4.3.0 try later")],
+    )
+    (outcome,) = _send(server, _subs(1, to=(BOB, CAROL)))
+    assert outcome.delivered == (BOB,) and outcome.failed == (CAROL,)
+    (carol,) = [r for r in outcome.recipients if r.address == CAROL]
+    assert carol.reply is not None and carol.reply.code == 550
+    assert outcome.attempts == 2
+    rcpts = [line for _, line in server.transcript if b"RCPT TO:<" + CAROL.encode() in line]
+    assert len(rcpts) == 1, rcpts
+    assert [m.rcpt_tos for m in server.messages] == [(BOB,)]

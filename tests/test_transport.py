@@ -358,25 +358,29 @@ def test_one_of_three_recipients_refused(smtp_server: ServerFactory) -> None:
 
 
 def test_all_recipients_refused(smtp_server: ServerFactory) -> None:
-    """Every recipient refused: RecipientsRefusedError with each reply and the result; DATA is
-    never sent and the transaction is reset."""
+    """Every recipient refused: returned, not raised (issue 9: the transport reports what the
+    server answered per recipient), with a RecipientsRefusedError naming each reply as the
+    outcome's error; DATA is never sent and the transaction is reset."""
     refusal = (550, "5.1.1 No such user")
     server = smtp_server(
         tls="implicit",
         refuse_recipients={"bob@example.net": refusal, "carol@example.net": refusal},
     )
-    with pytest.raises(RecipientsRefusedError) as info:
-        send(settings_for(server), recipients=["bob@example.net", "carol@example.net"])
+    result = send(settings_for(server), recipients=["bob@example.net", "carol@example.net"])
 
-    err = info.value
+    err = result.error
+    assert isinstance(err, RecipientsRefusedError)
     assert err.refused == {
         "bob@example.net": SMTPReply(*refusal),
         "carol@example.net": SMTPReply(*refusal),
     }
     assert err.accepted == ()
-    assert isinstance(err.result, DeliveryResult)
-    assert err.result.accepted == ()
-    assert err.result.data_reply is None
+    assert [(r.address, r.status, r.reply) for r in result.recipients] == [
+        ("bob@example.net", "failed", SMTPReply(*refusal)),
+        ("carol@example.net", "failed", SMTPReply(*refusal)),
+    ]
+    assert result.accepted == ()
+    assert result.data_reply is None
     assert server.received_commands() == ["EHLO", "MAIL", "RCPT", "RCPT", "RSET", "QUIT"]
     assert server.messages == []
 
@@ -395,10 +399,10 @@ def test_several_messages_over_one_connection(smtp_server: ServerFactory) -> Non
     async def run() -> None:
         async with SMTPTransport(settings).connect() as conn:
             await conn.send(RAW, mail_from="alice@example.org", recipients=["bob@example.net"])
-            with pytest.raises(RecipientsRefusedError):
-                await conn.send(
-                    RAW, mail_from="alice@example.org", recipients=["nobody@example.net"]
-                )
+            refused = await conn.send(
+                RAW, mail_from="alice@example.org", recipients=["nobody@example.net"]
+            )
+            assert isinstance(refused.error, RecipientsRefusedError)
             await conn.send(second, mail_from="alice@example.org", recipients=["bob@example.net"])
 
     asyncio.run(run())
@@ -684,32 +688,54 @@ def test_message_without_final_crlf_gets_one(smtp_server: ServerFactory) -> None
 # -- transient or permanent ---------------------------------------------------------------------
 
 
+def failure(settings: SMTPSettings) -> tuple[TransportError, DeliveryResult | None]:
+    """The error of a failed send: raised (no answer per recipient, or the session ended),
+    or the returned outcome's (the server refused the transaction), with that outcome."""
+    try:
+        result = send(settings)
+    except TransportError as exc:
+        return exc, None
+    assert isinstance(result.error, TransportError), "a refused transaction names its error"
+    return result.error, result
+
+
 @pytest.mark.parametrize(
-    ("fault", "error", "transient"),
+    ("fault", "error", "transient", "returned"),
     [
-        (Fault("data-end", "reply", 451, "4.3.0 try later"), DeliveryError, True),
-        (Fault("data-end", "reply", 554, "5.6.0 rejected"), DeliveryError, False),
-        (Fault("mail", "reply", 452, "4.3.1 out of space"), DeliveryError, True),
-        (Fault("mail", "reply", 421, "4.3.2 closing"), DeliveryError, True),
-        (Fault("mail", "reply", 553, "5.7.1 not your address"), DeliveryError, False),
-        (Fault("data", "drop"), ConnectError, True),
-        (Fault("data-end", "drop"), ConnectError, True),
-        (Fault("rcpt", "reply", 450, "4.2.1 busy"), RecipientsRefusedError, True),
-        (Fault("rcpt", "reply", 550, "5.1.1 no such user"), RecipientsRefusedError, False),
-        (Fault("connect", "reply", 421, "4.3.2 busy"), ConnectError, True),
-        (Fault("connect", "reply", 554, "5.3.2 no service"), ConnectError, False),
+        (Fault("data-end", "reply", 451, "4.3.0 try later"), DeliveryError, True, True),
+        (Fault("data-end", "reply", 554, "5.6.0 rejected"), DeliveryError, False, True),
+        (Fault("mail", "reply", 452, "4.3.1 out of space"), DeliveryError, True, True),
+        (Fault("mail", "reply", 421, "4.3.2 closing"), DeliveryError, True, False),
+        (Fault("mail", "reply", 553, "5.7.1 not your address"), DeliveryError, False, True),
+        (Fault("data", "drop"), ConnectError, True, False),
+        (Fault("data-end", "drop"), ConnectError, True, False),
+        (Fault("rcpt", "reply", 450, "4.2.1 busy"), RecipientsRefusedError, True, True),
+        (Fault("rcpt", "reply", 550, "5.1.1 no such user"), RecipientsRefusedError, False, True),
+        (Fault("connect", "reply", 421, "4.3.2 busy"), ConnectError, True, False),
+        (Fault("connect", "reply", 554, "5.3.2 no service"), ConnectError, False, False),
     ],
 )
 def test_transient_tells_retryable_from_permanent(
-    smtp_server: ServerFactory, fault: Fault, error: type[Exception], transient: bool
+    smtp_server: ServerFactory,
+    fault: Fault,
+    error: type[Exception],
+    transient: bool,
+    returned: bool,
 ) -> None:
     """Each failure maps to the right TransportError subclass and its transient flag: 4xx,
-    drops and timeouts are transient, 5xx are not. Nothing is recorded by the server."""
+    drops and timeouts are transient, 5xx are not. What the server answered about the
+    transaction comes back as the outcome (each recipient deferred for a 4xx, failed for a
+    5xx, with the reply); a lost connection or a reply that ended the session is raised.
+    Nothing is recorded by the server."""
     server = smtp_server(tls="implicit", faults=[fault])
-    with pytest.raises(error) as info:
-        send(settings_for(server))
-    assert isinstance(info.value, TransportError)
-    assert info.value.transient is transient
+    err, result = failure(settings_for(server))
+    assert isinstance(err, error)
+    assert err.transient is transient
+    assert (result is not None) is returned
+    if result is not None:
+        want = "deferred" if transient else "failed"
+        assert [(r.address, r.status) for r in result.recipients] == [("bob@example.net", want)]
+        assert result.recipients[0].reply == SMTPReply(fault.code, fault.text)
     assert server.faults_fired == [fault]
     assert server.messages == []
 
@@ -718,8 +744,7 @@ def test_retry_after_transient_fault_succeeds(smtp_server: ServerFactory) -> Non
     """After a transient data-end refusal (times=1) a second send delivers the exact bytes
     once: the fault does not leave a half-recorded message."""
     server = smtp_server(tls="implicit", faults=[Fault("data-end", "reply", 451, "4.3.0 later")])
-    with pytest.raises(DeliveryError):
-        send(settings_for(server))
+    assert isinstance(send(settings_for(server)).error, DeliveryError)
     send(settings_for(server))
     assert [m.data for m in server.messages] == [RAW]
     assert server.connections == 2

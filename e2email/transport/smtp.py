@@ -66,7 +66,7 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.message import check_wire_safe
-from e2email.outcome import CopyOutcome, RecipientOutcome, TLSInfo
+from e2email.outcome import CopyOutcome, RecipientOutcome, RecipientStatus, TLSInfo
 from e2email.spool import Spool, line_pieces
 from e2email.transport.ports import (
     NO_TLS_OUTCOMES,
@@ -596,11 +596,16 @@ class SMTPConnection:
     ) -> CopyOutcome:
         """Send ``raw`` unchanged to ``recipients``.
 
-        Recipients the server refuses while others are accepted are reported in the result, not
-        raised. All refused: :class:`RecipientsRefusedError`. Sender or data refused:
-        :class:`DeliveryError`. Connection lost or timed out: :class:`ConnectError`. After a
-        refused transaction the session is reset (RSET, RFC 5321 §4.1.1.5) and can carry
-        another message. ``require_tls`` overrides ``SMTPSettings.require_tls`` for this
+        Whatever the server answers is returned, not raised: one :class:`RecipientOutcome` per
+        recipient (accepted: ``delivered`` with DATA's reply; refused at RCPT, MAIL or DATA:
+        ``failed`` for a 5xx, ``deferred`` for a 4xx, with that reply, RFC 5321 §4.2.1). When
+        the server refused the transaction (the sender, every recipient, or the data), the
+        outcome's ``error`` says so (:class:`DeliveryError`, :class:`RecipientsRefusedError`)
+        and the session is reset (RSET, RFC 5321 §4.1.1.5) and can carry another message.
+        Raised: what leaves no answer about the recipients or ends the session: the
+        connection lost or timed out (:class:`ConnectError`), a reply that closed the session
+        (e.g. 421, :class:`DeliveryError`), bad input (:class:`MessageError`).
+        ``require_tls`` overrides ``SMTPSettings.require_tls`` for this
         message: REQUIRETLS (RFC 8689) on MAIL FROM, or :class:`RequireTLSError` before MAIL
         when the server does not offer it.
 
@@ -640,17 +645,17 @@ class SMTPConnection:
         pipelined = self.pipelining
         async with self._lock:
             self._stage = "MAIL"
+            refusals: dict[str, SMTPReply] = {}
             try:
                 response: aiosmtplib.SMTPResponse | None = None
                 try:
                     if pipelined:
-                        refusals, response = await self._pipelined(
-                            raw, mail_from, rcpts, options, before_end
+                        response = await self._pipelined(
+                            raw, mail_from, rcpts, options, before_end, refusals
                         )
                     else:
                         await _bounded(smtp, _mail(smtp, mail_from, options), command_timeout)
                         self._stage = "RCPT"
-                        refusals = {}
                         for rcpt in rcpts:
                             try:
                                 await _bounded(smtp, _rcpt(smtp, rcpt), command_timeout)
@@ -660,33 +665,36 @@ class SMTPConnection:
                                     raise
                 except aiosmtplib.SMTPSenderRefused as exc:
                     await self._reset()
-                    raise DeliveryError(
+                    sender = DeliveryError(
                         f"{where} refused the sender {mail_from}", host=where, reply=_reply(exc)
-                    ) from exc
+                    )
+                    if self._closed_by(exc):
+                        raise sender from exc
+                    return self._refused(mail_from, rcpts, {}, sender)
                 except aiosmtplib.SMTPDataError as exc:  # pipelined: DATA or the data refused
                     await self._reset()
-                    raise DeliveryError(
+                    data = DeliveryError(
                         f"{where} refused the message data", host=where, reply=_reply(exc)
-                    ) from exc
+                    )
+                    if self._closed_by(exc):
+                        raise data from exc
+                    return self._refused(mail_from, rcpts, refusals, data)
                 if len(refusals) == len(rcpts):
                     await self._reset()
-                    result = CopyOutcome(
-                        mail_from=mail_from,
-                        recipients=tuple(RecipientOutcome.refused(r, refusals[r]) for r in rcpts),
-                        tls=self._tls,
-                    )
-                    raise RecipientsRefusedError(
-                        [(r, refusals[r]) for r in rcpts], host=where, result=result
-                    )
+                    every = RecipientsRefusedError([(r, refusals[r]) for r in rcpts], host=where)
+                    return self._refused(mail_from, rcpts, refusals, every)
                 try:
                     if response is None:
                         self._stage = "DATA"
                         response = await self._data(raw, data_timeout, before_end)
                 except aiosmtplib.SMTPDataError as exc:
                     await self._reset()
-                    raise DeliveryError(
+                    data = DeliveryError(
                         f"{where} refused the message data", host=where, reply=_reply(exc)
-                    ) from exc
+                    )
+                    if self._closed_by(exc):
+                        raise data from exc
+                    return self._refused(mail_from, rcpts, refusals, data)
             except aiosmtplib.SMTPTimeoutError as exc:
                 stage = self._stage
                 timeout = data_timeout if stage == "DATA" else command_timeout
@@ -733,6 +741,36 @@ class SMTPConnection:
             tls=self._tls,
         )
 
+    def _closed_by(self, exc: aiosmtplib.SMTPResponseException) -> bool:
+        """Did this refusal end the session (a 421, RFC 5321 §3.8, or the server gone)? Then
+        it is raised, like a lost connection: nothing more can be said per recipient, and a
+        reused connection closed at MAIL is replaced without counting an attempt."""
+        return exc.code == 421 or not self._smtp.is_connected
+
+    def _refused(
+        self,
+        mail_from: str,
+        rcpts: Sequence[str],
+        refusals: Mapping[str, SMTPReply],
+        error: DeliveryError,
+    ) -> CopyOutcome:
+        """The outcome of a transaction the server refused as a whole (the sender, every
+        recipient, or the data): recipients it refused at RCPT keep that reply; the others get
+        the refusal of the transaction, ``deferred`` for a 4xx and ``failed`` for a 5xx (RFC
+        5321 §4.2.1), with ``error``'s text. ``error`` goes with the outcome, not raised."""
+        status: RecipientStatus = "deferred" if error.transient else "failed"
+        return CopyOutcome(
+            mail_from=mail_from,
+            recipients=tuple(
+                RecipientOutcome.refused(r, refusals[r])
+                if r in refusals
+                else RecipientOutcome(r, status, error.reply, str(error))
+                for r in rcpts
+            ),
+            tls=self._tls,
+            error=error,
+        )
+
     async def _pipelined(
         self,
         raw: bytes | Spool,
@@ -740,10 +778,12 @@ class SMTPConnection:
         rcpts: Sequence[str],
         options: Sequence[str],
         before_end: Callable[[], Awaitable[None]] | None,
-    ) -> tuple[dict[str, SMTPReply], aiosmtplib.SMTPResponse | None]:
+        refusals: dict[str, SMTPReply],
+    ) -> aiosmtplib.SMTPResponse | None:
         """MAIL, every RCPT and DATA in one write, their replies read in order (RFC 2920
         §3.1: DATA ends the group, its outcome decides what follows), then the message as in
-        :meth:`_data`. Returns the refused recipients and the final reply, ``None`` when every
+        :meth:`_data`. Fills ``refusals`` with the refused recipients as their replies come
+        (so a refusal of the data keeps them) and returns the final reply, ``None`` when every
         recipient was refused (the caller resets and reports them, as without pipelining).
 
         Raises as the one-command-at-a-time exchange does: ``SMTPSenderRefused`` (after the
@@ -760,7 +800,6 @@ class SMTPConnection:
         group[0] += b"".join(b" " + option.encode("ascii") for option in options)
         group.extend(b"RCPT TO:<" + rcpt.encode("ascii") + b">" for rcpt in rcpts)
         group.append(b"DATA\r\n")
-        refusals: dict[str, SMTPReply] = {}
         with _Replies.installed(smtp) as replies:
             replies.write(b"\r\n".join(group))
             # Replies still to read: should anything stop the reading early, the session is
@@ -790,7 +829,7 @@ class SMTPConnection:
                     await self._drain_group(replies, unread, data_timeout)
                     unread = 0
                     self._stage = "RCPT"
-                    return refusals, None
+                    return None
                 start = await _next_reply(smtp, replies, data_timeout)
                 unread -= 1
             except BaseException:
@@ -799,7 +838,7 @@ class SMTPConnection:
                 raise
             if start.code != 354:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
-            return refusals, await self._body(raw, data_timeout, before_end, replies.read)
+            return await self._body(raw, data_timeout, before_end, replies.read)
 
     async def _drain_group(self, replies: _Replies, unread: int, timeout: float | None) -> None:
         """Read the last ``unread`` replies of a pipelined group whose transaction is refused.
