@@ -59,9 +59,11 @@ class FeedResult:
 
 
 def available() -> bool:
-    """Whether a feeder child can be started here (a POSIX ``posix_spawn`` and a known
-    interpreter)."""
-    return hasattr(os, "posix_spawn") and bool(sys.executable)
+    """Whether a feeder child can be started here: a POSIX ``posix_spawn``, and
+    ``sys.executable`` a Python interpreter (in a program that embeds Python, e.g. uWSGI, it
+    is that program, which must not be run with the child's arguments)."""
+    name = os.path.basename(sys.executable or "").lower()
+    return hasattr(os, "posix_spawn") and name.startswith("python")
 
 
 def _command() -> list[str]:

@@ -255,3 +255,12 @@ def test_sequoia_never_holds_a_large_payload_whole(
     payload = len(stream_payload(message, hp=None))
     assert copy.size > payload
     assert peak < payload // 2, (peak, payload)
+
+
+def test_no_feeder_where_python_is_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under uWSGI (or any program embedding Python) sys.executable is that program: it is
+    never started with the feeder's arguments; the copy is made as before instead."""
+    monkeypatch.setattr(sys, "executable", "/usr/bin/uwsgi")
+    assert not feed.available()
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3.11")
+    assert feed.available()
