@@ -27,6 +27,7 @@ from e2email import (
     TLSMode,
     feed,
 )
+from e2email.crypto import sequoia
 from e2email.crypto.base import protector_for
 from e2email.keystore import Keystore
 from e2email.message import PayloadStream, stream_payload
@@ -56,6 +57,12 @@ payload = pickle.load(sys.stdin.buffer)
 os.write(1, next(iter(payload)))
 os.write(2, b"wrote 10 1000\\n")
 """
+
+
+@pytest.fixture(autouse=True)
+def feed_from_1_mib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feeder from 1 MiB up (8 MiB by default), so that a few megabytes exercise it."""
+    monkeypatch.setattr(sequoia, "FEED_MIN", 1 << 20)
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +202,39 @@ def _sent_attachment(server: LoopbackSMTPServer, recipients_home: Path, keys: Ke
     content = part.get_payload(decode=True)
     assert isinstance(content, bytes)
     return content
+
+
+def _send(server: LoopbackSMTPServer, sender_store: Keystore, message: Message) -> None:
+    with Mailer(
+        smtp=_settings(server),
+        keystore=sender_store,
+        protection=Protection(engine=OpenPGPEngine.SEQUOIA),
+    ) as mailer:
+        result = mailer.send(message)
+    assert len(result.accepted) == 1
+
+
+@pytest.mark.parametrize("feed_min", [1 << 20, sequoia.FEED_MIN])
+def test_a_copy_fed_by_the_child_arrives_whole_and_verifies(
+    keys: Keys,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
+    big_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    feed_min: int,
+) -> None:
+    """gpg decrypts what the server received to the whole file, with Alice's good signature:
+    fed by the child (over FEED_MIN), or, below it, from the payload whole as before."""
+    monkeypatch.setattr(sequoia, "FEED_MIN", feed_min)
+    server = smtp_server(tls="implicit")
+    with caplog.at_level(logging.DEBUG, logger="e2email.crypto.sequoia"):
+        _send(server, sender_store, _message(keys, Attachment.from_path(big_file)))
+    assert _sent_attachment(server, recipients_home, keys) == big_file.read_bytes()
+    fed = [r for r in caplog.records if getattr(r, "feeder_peak_rss", 0)]
+    assert len(fed) == (1 if feed_min < SIZE else 0)
+    assert "made again" not in caplog.text
 
 
 @pytest.mark.parametrize("failure", ["killed mid-way", "cannot start"])

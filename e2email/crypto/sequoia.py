@@ -568,6 +568,13 @@ def _armor_crc(block: bytes) -> int:
 _PROC_FD = Path("/proc/self/fd")
 
 
+#: Payloads from this size up are fed to Sequoia by a child process (:mod:`e2email.feed`),
+#: never held whole here. Below it the child would cost more than it saves: a Python
+#: interpreter of its own (about 22 MB, and 0.05 to 0.2 s to start) against a payload of a
+#: few megabytes held once.
+FEED_MIN = 8 << 20
+
+
 def _encrypted_copy(
     data: PayloadStream,
     certs: Sequence[Any],
@@ -606,14 +613,14 @@ def _encrypted_binary(
     handed to Python (about three times a large message); ``encrypt_file()`` streams, but
     between paths. So for a large message the payload goes in through a pipe (never a file:
     plaintext never touches the disk) and the output goes to an unnamed 0600 file, each by
-    its ``/proc/self/fd`` name. The pipe is fed piece by piece by a child process
-    (:mod:`e2email.feed`: the payload is never held whole here), or, where that child cannot
-    run, from the payload made whole (:func:`_encrypt_through_pipe`)."""
+    its ``/proc/self/fd`` name. From :data:`FEED_MIN` up the pipe is fed piece by piece by a
+    child process (:mod:`e2email.feed`: the payload is never held whole here); below it, or
+    where that child cannot run, from the payload made whole (:func:`_encrypt_through_pipe`)."""
     sq = _sq()
     out = open_spool_file(directory) if _PROC_FD.is_dir() else None
     if out is not None:
         with out:
-            if _feed.available():
+            if len(data) >= FEED_MIN and _feed.available():
                 try:
                     _encrypt_from_feeder(sq, data, certs, signer, out.fileno())
                 except (RuntimeError, ValueError, OSError) as exc:
