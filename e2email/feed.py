@@ -93,7 +93,8 @@ class Feeder:
         try:
             # -I: no environment variables, no user site, no current directory on sys.path.
             # setpgroup=0: a Ctrl-C at the terminal reaches this process, which stops the
-            # send after the reader returns; the child, once done, just exits.
+            # send after the reader returns; the child, once done, just exits. setsigmask:
+            # no signal blocked in the child, whatever this (worker) thread blocks.
             self.pid = os.posix_spawn(
                 sys.executable,
                 _command(),
@@ -104,6 +105,7 @@ class Feeder:
                     (os.POSIX_SPAWN_DUP2, report_w, 2),
                 ],
                 setpgroup=0,
+                setsigmask=(),
             )
         except BaseException:
             for fd in (data_r, in_w, report_r):
@@ -131,17 +133,16 @@ class Feeder:
 
     def close(self, *, kill: bool = False) -> None:
         """Close the read end and reap the child (killed first when ``kill``)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self._report):
+            # Both ends closed first: a child still writing either gets EPIPE and ends.
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._report = -1
         if self.pid and not self._reaped:
             if kill:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
             self._wait()
-        if self._report >= 0:
-            os.close(self._report)
-            self._report = -1
 
     def _wait(self) -> int:
         _, status = os.waitpid(self.pid, 0)
@@ -160,11 +161,18 @@ class Feeder:
         while piece := os.read(self._report, 65536):
             if len(report) < _REPORT_MAX:
                 report += piece
+        os.close(self._report)
+        self._report = -1
         code = self._wait()
         said = report.decode("utf-8", "replace").strip()
         lines = said.splitlines()
         done = lines[0].split() if len(lines) == 1 else []
-        if code == 0 and done[:2] == ["wrote", str(self.size)] and len(done) == 3:
+        if (
+            code == 0
+            and len(done) == 3
+            and done[:2] == ["wrote", str(self.size)]
+            and done[2].isdigit()
+        ):
             return FeedResult(self.size, int(done[2]))
         why = lines[-1] if lines else "no report"
         how = f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
