@@ -27,10 +27,11 @@ from e2email.keystore import Keystore
 imported = {"import e2email": "cryptography" in sys.modules}
 smtp = SMTPSettings(host=info["host"], port=info["port"], tls=TLSMode.IMPLICIT,
                     ca_file=Path(info["ca_file"]), timeout=60)
-with Mailer(smtp=smtp, keystore=Keystore(Path(info["home"])),
-            protection=Protection(engine=OpenPGPEngine.SEQUOIA)) as mailer:
-    mailer.send(Message(sender=info["sender"], to=[info["to"]], subject="s", text="t\\n"))
-imported["API send"] = "cryptography" in sys.modules
+for engine in (OpenPGPEngine.SEQUOIA, OpenPGPEngine.GPG):
+    with Mailer(smtp=smtp, keystore=Keystore(Path(info["home"])),
+                protection=Protection(engine=engine)) as mailer:
+        mailer.send(Message(sender=info["sender"], to=[info["to"]], subject="s", text="t\\n"))
+    imported[f"API send, {engine.value}"] = "cryptography" in sys.modules
 from e2email.cli import main
 try:
     main(["--home", info["home"], "send", "--engine", "sequoia", "--from", info["sender"],
@@ -46,7 +47,7 @@ print(json.dumps(imported))
 """
 
 
-def test_sending_openpgp_with_the_sequoia_engine_never_imports_cryptography(
+def test_sending_openpgp_never_imports_cryptography(
     keys: Keys, sender_store: Keystore, smtp_server: ServerFactory
 ) -> None:
     server = smtp_server(tls="implicit")
@@ -70,14 +71,15 @@ def test_sending_openpgp_with_the_sequoia_engine_never_imports_cryptography(
     imported = json.loads(done.stdout.strip().splitlines()[-1])
     assert imported == {
         "import e2email": False,
-        "API send": False,
+        "API send, sequoia": False,
+        "API send, gpg": False,
         "CLI exit": 0,
         "CLI send": False,
         # The public names that need it still import (and then load it).
         "CertStore": "e2email.certstore",
         "after CertStore": True,
     }
-    assert len(server.messages) == 2
+    assert len(server.messages) == 3
     assert all(b"multipart/encrypted" in m.data for m in server.messages)
 
 
