@@ -3,13 +3,16 @@ process that holds the GIL while it reads (the Sequoia engine's large copies).
 
 pysequoia's ``encrypt_file`` reads its input while holding this process's GIL, so no Python
 code of this process can run to feed it: it used to get the payload as one ``bytes`` (34 MB
-for a 25 MB attachment) written by a thread in one ``write(2)``. Here a child process
-(``python -I -m e2email.feed``) gets the :class:`~e2email.message.PayloadStream` pickled over
-its standard input (a file attached with ``Attachment.from_path`` travels as its path, size
-and identity, and is read again, and checked unchanged, by the child; an attachment given as
-bytes travels as those bytes, written from the object itself, not from a copy), and writes
-the stream's pieces to its standard output: the write end of the pipe the reader reads. The
-payload is never held whole in this process, and never touches the disk.
+for a 25 MB attachment) written by a thread in one ``write(2)``. Here a child process gets
+the :class:`~e2email.message.PayloadStream` pickled over its standard input (a file attached
+with ``Attachment.from_path`` travels as its path, size and identity, and is read again, and
+checked unchanged, by the child; an attachment given as bytes travels as those bytes, written
+from the object itself, not from a copy), and writes the stream's pieces to its standard
+output: the write end of the pipe the reader reads. The child is ``python -I -c`` a bootstrap
+that first takes this process's module search path (``sys.path``) from its standard input,
+then imports this module: it runs the same e2email and the same libraries as this process,
+however they were found (an editable install, a checkout, PYTHONPATH, which ``-I`` would
+ignore). The payload is never held whole in this process, and never touches the disk.
 
 It fails closed: the reader sees the end of its input when the child exits, whether it
 finished or was killed mid-way, so :meth:`Feeder.finish` says the payload went in whole only
@@ -66,9 +69,17 @@ def available() -> bool:
     return hasattr(os, "posix_spawn") and name.startswith("python")
 
 
+#: What the child runs: this process's ``sys.path`` (the first pickle on its standard input),
+#: then :func:`_main`.
+_BOOTSTRAP = (
+    "import pickle, sys; sys.path[:] = pickle.load(sys.stdin.buffer); "
+    "import e2email.feed; sys.exit(e2email.feed._main())"
+)
+
+
 def _command() -> list[str]:
     """The child's command line: nothing of the message (the process table is public)."""
-    return [sys.executable, "-I", "-m", "e2email.feed"]
+    return [sys.executable, "-I", "-c", _BOOTSTRAP]
 
 
 def _env() -> dict[str, str]:
@@ -120,7 +131,10 @@ class Feeder:
             # Pickled straight into the pipe: pickle writes a large bytes object (an
             # attachment given as bytes) from the object itself, never a second copy.
             with open(in_w, "wb", closefd=True) as pipe:
-                pickle.Pickler(pipe, protocol=pickle.HIGHEST_PROTOCOL).dump(payload)
+                pickler = pickle.Pickler(pipe, protocol=pickle.HIGHEST_PROTOCOL)
+                pickler.dump([entry for entry in sys.path if isinstance(entry, str)])
+                pickler.clear_memo()  # two pickles, each read by an unpickler of its own
+                pickler.dump(payload)
         except BaseException:
             self.close(kill=True)
             raise
@@ -180,13 +194,14 @@ class Feeder:
 
 
 def _main() -> int:
-    """The child: the pickled payload from standard input, its pieces to standard output,
-    then ``wrote N`` on standard error."""
+    """The child, once :data:`_BOOTSTRAP` has read the module search path: the pickled
+    payload from standard input, its pieces to standard output, then ``wrote N PEAK`` on
+    standard error."""
     written = 0
     try:
-        with open(0, "rb", closefd=False) as source:
-            # From the parent that started this process, over a pipe only it holds.
-            payload = pickle.load(source)  # noqa: S301
+        # From the parent that started this process, over a pipe only it holds; the same
+        # buffered reader as the bootstrap's, which may have read ahead.
+        payload = pickle.load(sys.stdin.buffer)  # noqa: S301
         for piece in payload:
             view = memoryview(piece)
             while view:
@@ -214,7 +229,3 @@ def _peak_rss() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -41,6 +41,7 @@ SIZE = 6_000_000 + 17
 #: A feeder killed mid-way: it writes about 200 KB of the payload, then SIGKILLs itself.
 KILLED_MIDWAY = """
 import os, pickle, signal, sys
+sys.path[:] = pickle.load(sys.stdin.buffer)
 payload = pickle.load(sys.stdin.buffer)
 written = 0
 for piece in payload:
@@ -53,6 +54,7 @@ for piece in payload:
 #: A feeder that exits 0 but reports fewer bytes than the payload has.
 SHORT_REPORT = """
 import os, pickle, sys
+sys.path[:] = pickle.load(sys.stdin.buffer)
 payload = pickle.load(sys.stdin.buffer)
 os.write(1, next(iter(payload)))
 os.write(2, b"wrote 10 1000\\n")
@@ -159,6 +161,23 @@ def test_a_feeder_reporting_fewer_bytes_is_a_feed_error(
             feeder.finish()
 
 
+def test_the_feeder_imports_from_this_process_s_module_search_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child finds what this process finds (here a module only on this process's
+    sys.path, as with PYTHONPATH, which the child's -I would ignore): it unpickles the same
+    classes from the same code."""
+    (tmp_path / "feed_probe_pieces.py").write_text(
+        "class Pieces:\n    def __iter__(self):\n        return iter([b'only ', b'here'])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import feed_probe_pieces  # type: ignore[import-not-found]
+
+    with feed.Feeder(feed_probe_pieces.Pieces(), 9) as feeder:
+        assert _drain(feeder.fd) == b"only here"
+        assert feeder.finish().written == 9
+
+
 def test_the_feeder_gets_no_secret_and_its_command_line_shows_nothing(
     keys: Keys, big_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -175,7 +194,7 @@ def test_the_feeder_gets_no_secret_and_its_command_line_shows_nothing(
         environ = Path(f"/proc/{feeder.pid}/environ").read_bytes()
         assert first + _drain(feeder.fd) == bytes(stream)
         feeder.finish()
-    assert cmdline[1:] == [b"-I", b"-m", b"e2email.feed", b""]
+    assert cmdline[1:] == [b"-I", b"-c", feed._BOOTSTRAP.encode(), b""]
     assert b"hunter2" not in environ
     for shown in (keys.bob.address, "large", str(big_file), "big.bin"):
         assert shown.encode() not in b" ".join(cmdline)
