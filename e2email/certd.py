@@ -37,13 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-
-try:  # cryptography >= 47 keeps CFB with the decrepit modes; OpenPGP's secret keys still use it
-    from cryptography.hazmat.decrepit.ciphers.modes import CFB
-except ImportError:  # pragma: no cover - older cryptography
-    from cryptography.hazmat.primitives.ciphers.modes import CFB
-
 from e2email.errors import KeystoreError
 from e2email.private import check_private, ensure_private_dir
 
@@ -358,7 +351,14 @@ def protect(tsk_bytes: bytes, passphrase: str) -> bytes:
     (S2K usage 254, AES-256, iterated+salted SHA-256; RFC 9580 §5.5.3). Checked by unlocking
     the result with pysequoia before it is returned."""
     sq = _sq()
+    # `cryptography` here, not at the top: about 10 MB, needed only to protect a key.
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
     from pysequoia.packet import PacketPile, Tag
+
+    try:  # cryptography >= 47 keeps CFB with the decrepit modes; OpenPGP's secret keys use it
+        from cryptography.hazmat.decrepit.ciphers.modes import CFB
+    except ImportError:  # pragma: no cover - older cryptography
+        from cryptography.hazmat.primitives.ciphers.modes import CFB
 
     if not passphrase:
         raise KeystoreError("an empty passphrase protects nothing")

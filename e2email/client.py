@@ -16,9 +16,8 @@ from collections import Counter
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from e2email.certstore import CertStore
 from e2email.config import PasswordSource, Protection, RetryPolicy, SMTPSettings
 from e2email.crypto.base import (
     Passphrase,
@@ -66,6 +65,11 @@ from e2email.outcome import (
     RecipientOutcome,
 )
 from e2email.transport.smtp import SMTPTransport
+
+if TYPE_CHECKING:
+    # Imported when first used (AsyncMailer.certstore): it loads `cryptography`, about 10 MB
+    # that OpenPGP never needs.
+    from e2email.certstore import CertStore
 
 __all__ = [
     "AsyncMailer",
@@ -159,7 +163,7 @@ class AsyncMailer:
         self.connections = connections
         self.smtp = smtp
         self.keystore = keystore if keystore is not None else Keystore()
-        self.certstore = certstore if certstore is not None else CertStore(self.keystore.home)
+        self._certstore = certstore
         self.protection = protection if protection is not None else Protection()
         self.envelope_from = envelope_from
         #: The signing key's passphrase, its source asked at most once.
@@ -174,6 +178,16 @@ class AsyncMailer:
 
     def __repr__(self) -> str:
         return f"AsyncMailer(smtp={self.smtp!r}, keystore={self.keystore!r})"
+
+    @property
+    def certstore(self) -> CertStore:
+        """The S/MIME certificate store: the one given, else the keystore home's, made when
+        first asked for (by S/MIME), so OpenPGP never loads ``cryptography`` (about 10 MB)."""
+        if self._certstore is None:
+            from e2email.certstore import CertStore
+
+            self._certstore = CertStore(self.keystore.home)
+        return self._certstore
 
     async def protect(
         self, message: Message, *, protection: Protection | None = None
@@ -211,7 +225,7 @@ class AsyncMailer:
             engine = self._engines[name] = protector_for(
                 name,
                 keystore=self.keystore,
-                certstore=self.certstore,
+                certstore=lambda: self.certstore,
                 discovery_settings=self._discovery_settings,
             )
         return engine
@@ -747,7 +761,6 @@ class AsyncMailer:
         options: dict[str, Any] = {
             "smtp": smtp,
             "keystore": Keystore(home, gnupg_home=account.gnupg_home),
-            "certstore": CertStore(home),
             "protection": account.protection,
             "passphrase": passphrase if passphrase is not None else account.passphrase,
             "outbox": (account.outbox or home / DEFAULT_FILENAME) if outbox else None,

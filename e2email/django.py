@@ -89,7 +89,6 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.message import EmailMessage
 
-from e2email.certstore import CertStore
 from e2email.client import AsyncMailer, BatchItem, MessageOutcome
 from e2email.config import (
     PasswordSource,
@@ -661,7 +660,6 @@ class EmailBackend(BaseEmailBackend):
                     keystore=Keystore(s.home, gnupg_home=s.gnupg_home),
                     protection=s.protection,
                     passphrase=s.passphrase,
-                    certstore=CertStore(s.home),
                     # A path, not an Outbox: the mailer then owns it and closes it.
                     outbox=s.outbox,
                     retry=s.retry,

@@ -31,8 +31,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from cryptography import x509
-
 from e2email.config import host_for_connecting
 from e2email.transport.smtp import client_tls_context
 from e2email.transport.text import server_text
@@ -600,6 +598,9 @@ def _report(label: int, port: int, host: str, f: _Findings) -> PortReport:
 def _certificate_info(
     der: bytes, host: str, verified: bool, verify_error: str | None
 ) -> CertificateInfo:
+    # Here, not at the top: `cryptography` (about 10 MB) loaded only when a server is checked.
+    from cryptography import x509
+
     cert = x509.load_der_x509_certificate(der)
     names: list[str] = []
     with contextlib.suppress(x509.ExtensionNotFound):

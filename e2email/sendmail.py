@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from e2email.accounts import ConfigFileError, load_config
-from e2email.certstore import CertStore
 from e2email.client import AsyncMailer, MessageOutcome
 from e2email.config import (
     HOME_ENV,
@@ -640,7 +639,6 @@ def _mailer_from_options(invocation: Invocation) -> AsyncMailer:
         smtp=smtp,
         keystore=keystore,
         protection=Protection(),
-        certstore=CertStore(home),
         outbox=Outbox.in_home(home),
         retry=_RETRY,
     )

@@ -41,7 +41,6 @@ from e2email.bulk import (
     read_rows,
     row_key,
 )
-from e2email.certstore import CertStore
 from e2email.cli.app import (
     EXIT_AUTH,
     EXIT_CONNECTION,
@@ -315,7 +314,6 @@ def _send_rows(
                 keystore=state.keystore(),
                 protection=protection,
                 passphrase=passphrase,
-                certstore=CertStore(state.home),
                 outbox=box,
                 retry=retry_policy(opts),
                 connections=opts["connections"],
@@ -480,7 +478,6 @@ def queue_rows(
         keystore=state.keystore(),
         protection=protection,
         passphrase=passphrase,
-        certstore=CertStore(state.home),
     )
     try:
         built = build_messages(

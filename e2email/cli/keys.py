@@ -8,11 +8,11 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import click
 
-from e2email.certstore import CertKind, CertStore, StoredCert, describe, looks_like_x509
 from e2email.cli.app import State, cli
 from e2email.config import (
     password_from_env,
@@ -28,6 +28,11 @@ from e2email.errors import (
 from e2email.keysources import SourceKind
 from e2email.keystore import ImportSummary, Keystore, OpenPGPKey, check_expiry
 from e2email.message import Address
+
+if TYPE_CHECKING:
+    # Imported where used: e2email.certstore loads `cryptography` (about 10 MB), which no
+    # other command (e.g. `send` of an OpenPGP message) needs.
+    from e2email.certstore import CertStore, StoredCert
 from e2email.private import write_private
 
 
@@ -117,6 +122,7 @@ def keys_import(
             raise click.UsageError("--trust does not go with --autocrypt")
         _import_autocrypt(state, files, passphrase_env)
         return
+    from e2email.certstore import CertKind, CertStore, looks_like_x509
     from e2email.discovery.smime import import_signer, is_smime_signed_message
 
     # A received S/MIME signed message: its signer's certificate, once the signature and the
@@ -260,6 +266,8 @@ def keys_list(state: State) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from e2email.certstore import CertStore
+
     found = state.keystore().all_keys()
     certstore = CertStore(state.home)
     certs = certstore.all_certs()
@@ -335,6 +343,8 @@ def keys_accept(state: State, address: str, fingerprint: str) -> None:
 def _list_smime(certstore: CertStore, certs: tuple[StoredCert, ...], *, separate: bool) -> None:
     """One block per certificate: the address line first (address, kind, usable or why not),
     then subject, issuer, validity, key and SHA-256 fingerprint (the --key value)."""
+    from e2email.certstore import CertKind, describe
+
     if separate:
         click.echo("")
     click.echo(f"S/MIME ({certstore.root}):")
@@ -410,6 +420,8 @@ def keys_export(
     if not smime:
         data = state.keystore().export(address)
     else:
+        from e2email.certstore import CertKind, CertStore
+
         certstore = CertStore(state.home)
         stored = certstore.get(address) if "@" not in address else None
         if stored is None:
@@ -514,6 +526,8 @@ def keys_generate(
                 "S/MIME identities are RSA (rsa2048, rsa3072, rsa4096) or ecdsa-p256"
             )
         passphrase = _new_passphrase(passphrase_env, ask_passphrase)
+        from e2email.certstore import CertStore
+
         certstore = CertStore(state.home)
         made = certstore.generate_identity(
             address,

@@ -12,7 +12,6 @@ from typing import Any
 import click
 
 from e2email.bulk import printable
-from e2email.certstore import CertStore
 from e2email.cli.app import EXIT_KEY, EXIT_REJECTED, EXIT_USAGE, State, cli, exit_code_for, fail
 from e2email.cli.send import (
     ACCOUNT,
@@ -265,7 +264,6 @@ def _send_items(
         smtp=smtp,
         # To re-check the keys each copy was encrypted to: one revoked since is held.
         keystore=keystore,
-        certstore=CertStore(keystore.home),
         outbox=box,
         retry=retry_policy(opts),
         connections=opts["connections"],

@@ -13,7 +13,6 @@ from typing import Any
 
 import click
 
-from e2email.certstore import CertStore
 from e2email.cli.app import State, cli, secret_source
 from e2email.cli.send import (
     SMTP_OPTION_NAMES,
@@ -211,7 +210,6 @@ def _mailer(state: State, opts: dict[str, Any]) -> AsyncMailer:
         keystore=state.keystore(),
         protection=protection,
         passphrase=passphrase,
-        certstore=CertStore(state.home),
         outbox=Outbox.in_home(state.home),
         retry=retry_policy(opts),
         connections=opts["connections"],

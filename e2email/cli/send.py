@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from e2email.certstore import CertStore
 from e2email.cli.app import (
     EXIT_INTERRUPTED,
     State,
@@ -770,7 +769,6 @@ def _send(state: State, opts: dict[str, Any], text: str) -> None:
         keystore=state.keystore(),
         protection=protection,
         passphrase=passphrase,
-        certstore=CertStore(state.home),
         outbox=outbox_for(state, opts) if smtp is not None else None,
         retry=retry_policy(opts),
     ) as mailer:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Generic, Literal, Protocol, TypeVar
@@ -401,9 +402,16 @@ class EngineContext:
     """What an engine factory may use to make its engine (grows with keyword fields)."""
 
     keystore: Keystore
-    certstore: CertStore
+    #: The S/MIME certificate store, or a function that gives it when it is first asked for
+    #: (:attr:`certstore`): importing it loads ``cryptography``, which OpenPGP never needs.
+    certstore_source: CertStore | Callable[[], CertStore]
     #: Network settings for OpenPGP key discovery (issue 10); None: the defaults.
     discovery_settings: DiscoverySettings | None = None
+
+    @functools.cached_property
+    def certstore(self) -> CertStore:
+        source = self.certstore_source
+        return source() if callable(source) else source
 
 
 EngineFactory = Callable[[EngineContext], Protector]
@@ -525,10 +533,11 @@ def protector_for(
     protection: Protection | str,
     *,
     keystore: Keystore,
-    certstore: CertStore,
+    certstore: CertStore | Callable[[], CertStore],
     discovery_settings: DiscoverySettings | None = None,
 ) -> Protector:
-    """The engine for ``protection`` (its scheme) or for an engine name."""
+    """The engine for ``protection`` (its scheme) or for an engine name. ``certstore`` may be
+    a function that gives the store: it is then called only by an engine that needs it."""
     name = protection if isinstance(protection, str) else engine_name(protection)
     if name == "openpgp" and isinstance(protection, Protection):
         _check_gpg_engine(protection, keystore)
@@ -536,7 +545,7 @@ def protector_for(
     if entry is None:
         raise ConfigError(f"no protection engine named {name!r}")
     context = EngineContext(
-        keystore=keystore, certstore=certstore, discovery_settings=discovery_settings
+        keystore=keystore, certstore_source=certstore, discovery_settings=discovery_settings
     )
     return entry[0](context)
 

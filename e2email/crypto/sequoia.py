@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from e2email import feed as _feed
 from e2email.config import OpenPGPEngine, Protection
 from e2email.crypto.base import (
     CopyKind,
@@ -81,7 +82,15 @@ from e2email.errors import (
     RecipientKeyError,
     SignerKeyError,
 )
-from e2email.message import HP, Message, build_payload, message_head, new_boundary
+from e2email.message import (
+    HP,
+    Message,
+    PayloadStream,
+    build_payload,
+    message_head,
+    new_boundary,
+    stream_payload,
+)
 from e2email.spool import MEMORY_MAX, READ_CHUNK, Spool, open_spool_file, spool_dir
 
 if TYPE_CHECKING:
@@ -559,8 +568,15 @@ def _armor_crc(block: bytes) -> int:
 _PROC_FD = Path("/proc/self/fd")
 
 
+#: Payloads from this size up are fed to Sequoia by a child process (:mod:`e2email.feed`),
+#: never held whole here. Below it the child would cost more than it saves: a Python
+#: interpreter of its own (about 22 MB, and 0.05 to 0.2 s to start) against a payload of a
+#: few megabytes held once.
+FEED_MIN = 8 << 20
+
+
 def _encrypted_copy(
-    data: bytes,
+    data: PayloadStream,
     certs: Sequence[Any],
     signer: Any,
     subkeys: Sequence[str],
@@ -574,8 +590,9 @@ def _encrypted_copy(
     time, into a spool (e2email.spool): Sequoia's armor and its CRLF conversion would be two
     more whole copies."""
     if len(data) <= MEMORY_MAX:
+        whole = bytes(data)  # a MessageError (a file changed since it was attached) as it is
         try:
-            armored = _crlf(bytes(_sq().encrypt(data, certs, signer=signer)))
+            armored = _crlf(bytes(_sq().encrypt(whole, certs, signer=signer)))
         except (RuntimeError, ValueError) as exc:
             raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
         _check_encrypted(armored, subkeys)
@@ -586,7 +603,7 @@ def _encrypted_copy(
 
 @contextlib.contextmanager
 def _encrypted_binary(
-    data: bytes, certs: Sequence[Any], signer: Any, *, directory: Path
+    data: PayloadStream, certs: Sequence[Any], signer: Any, *, directory: Path
 ) -> Iterator[bytes | Iterable[bytes]]:
     """``data`` (large) signed (with ``signer``, when given) and encrypted to ``certs`` by
     Sequoia, binary, read a piece at a time from an anonymous private file in ``directory``
@@ -596,13 +613,31 @@ def _encrypted_binary(
     handed to Python (about three times a large message); ``encrypt_file()`` streams, but
     between paths. So for a large message the payload goes in through a pipe (never a file:
     plaintext never touches the disk) and the output goes to an unnamed 0600 file, each by
-    its ``/proc/self/fd`` name (:func:`_encrypt_through_pipe`)."""
+    its ``/proc/self/fd`` name. From :data:`FEED_MIN` up the pipe is fed piece by piece by a
+    child process (:mod:`e2email.feed`: the payload is never held whole here); below it, or
+    where that child cannot run, from the payload made whole (:func:`_encrypt_through_pipe`)."""
     sq = _sq()
     out = open_spool_file(directory) if _PROC_FD.is_dir() else None
     if out is not None:
         with out:
+            if len(data) >= FEED_MIN and _feed.available():
+                try:
+                    _encrypt_from_feeder(sq, data, certs, signer, out.fileno())
+                except (RuntimeError, ValueError, OSError) as exc:
+                    # The feeder could not start, failed or was killed (what Sequoia wrote
+                    # is then never used: it may be a truncated payload's), or Sequoia
+                    # failed: the copy is made again below, from the payload whole.
+                    log.warning(
+                        "e2email: the large copy is made again in memory: %s",
+                        _first_line(exc),
+                    )
+                    out.truncate(0)
+                else:
+                    yield _file_pieces(out.fileno())
+                    return
+            whole = bytes(data)
             try:
-                _encrypt_through_pipe(sq, data, certs, signer, out.fileno())
+                _encrypt_through_pipe(sq, whole, certs, signer, out.fileno())
             except (RuntimeError, ValueError, OSError) as exc:
                 # E.g. a sandbox where /proc/self/fd cannot be opened again: the call in
                 # memory below either works or raises the reason that concerns the message.
@@ -610,11 +645,35 @@ def _encrypted_binary(
             else:
                 yield _file_pieces(out.fileno())
                 return
+    else:
+        whole = bytes(data)
     try:
-        binary = sq.encrypt(data, certs, signer=signer, armor=False)
+        binary = sq.encrypt(whole, certs, signer=signer, armor=False)
     except (RuntimeError, ValueError) as exc:
         raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
     yield binary
+
+
+def _encrypt_from_feeder(
+    sq: Any, data: PayloadStream, certs: Sequence[Any], signer: Any, out: int
+) -> None:
+    """``encrypt_file`` from a pipe that a child process (:class:`e2email.feed.Feeder`) fills
+    with ``data``'s pieces, to the file ``out``. Raises (FeedError, an OSError) unless the
+    child fed exactly ``len(data)`` bytes: Sequoia signs and encrypts whatever it read before
+    the end of its input, and a child killed mid-way ends that input early."""
+    size = len(data)
+    with _feed.Feeder(data, size) as feeder:
+        sq.encrypt_file(
+            _PROC_FD / str(feeder.fd), _PROC_FD / str(out), certs, signer=signer, armor=False
+        )
+        done = feeder.finish()
+    # The child's own memory, not this process's (benchmarks/run.py reports it).
+    log.debug(
+        "e2email: the payload feeder wrote %d bytes (its peak memory %d MB)",
+        done.written,
+        done.peak_rss >> 20,
+        extra={"feeder_peak_rss": done.peak_rss},
+    )
 
 
 def _encrypt_through_pipe(
@@ -880,7 +939,7 @@ class SequoiaProtector(Protector):
 
         # Encrypted (alone or signed inside, RFC 3156 §6.2): binary literal data, so a
         # program's own MIME body goes in as it wrote it, not re-encoded for signing.
-        payload = build_payload(msg, hp=HP.CIPHER, canonical=False)
+        stream = stream_payload(msg, hp=HP.CIPHER, canonical=False)
         head = message_head(msg, hp=HP.CIPHER)
 
         def one(kind: CopyKind, rcpts: Sequence[Any]) -> ProtectedCopy:
@@ -889,9 +948,9 @@ class SequoiaProtector(Protector):
             outer, gossip = autocrypt[kind]
             # Gossip only inside this copy's own payload; Bcc copies share the plain one.
             data = (
-                build_payload(msg, hp=HP.CIPHER, canonical=False, extra_fields=gossip)
+                stream_payload(msg, hp=HP.CIPHER, canonical=False, extra_fields=gossip)
                 if gossip
-                else payload
+                else stream
             )
             content = _encrypted_copy(
                 data,
