@@ -960,10 +960,10 @@ async def _enqueue(
         if not kept:
             raise
         return MessageOutcome(
-            0, None, "not-sent", message_id=copies[0].message_id, error=exc, kept=kept
+            status="not-sent", message_id=copies[0].message_id, error=exc, kept=kept
         )
     return MessageOutcome(
-        0, None, "delivered", message_id=copies[0].message_id, detail=f"queued ({queued.count})"
+        status="delivered", message_id=copies[0].message_id, detail=f"queued ({queued.count})"
     )
 
 

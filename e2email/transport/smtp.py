@@ -41,7 +41,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import aiosmtplib
 
@@ -61,7 +61,7 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.message import check_wire_safe
-from e2email.outcome import CopyOutcome, RecipientOutcome, TLSInfo
+from e2email.outcome import CopyOutcome, RecipientOutcome, TLSInfo, deprecated_name
 from e2email.spool import Spool, line_pieces
 from e2email.transport.ports import (
     NO_TLS_OUTCOMES,
@@ -122,9 +122,19 @@ _HANDSHAKE_DROPPED_HINT = (
 
 #: Deprecated names, kept for one release: one transaction's result is a
 #: :class:`~e2email.outcome.CopyOutcome`, each recipient's a
-#: :class:`~e2email.outcome.RecipientOutcome` (``accepted`` is still a property of it).
-DeliveryResult = CopyOutcome
-RecipientResult = RecipientOutcome
+#: :class:`~e2email.outcome.RecipientOutcome` (``accepted`` is still a property of it). Reading
+#: them warns (DeprecationWarning); their old positional forms raise TypeError.
+if TYPE_CHECKING:
+    DeliveryResult = CopyOutcome
+    RecipientResult = RecipientOutcome
+_DEPRECATED = {
+    "DeliveryResult": (CopyOutcome, "e2email.outcome.CopyOutcome"),
+    "RecipientResult": (RecipientOutcome, "e2email.outcome.RecipientOutcome"),
+}
+
+
+def __getattr__(name: str) -> object:  # PEP 562: the deprecated names above
+    return deprecated_name(__name__, name, _DEPRECATED)
 
 
 #: Envelope addresses that passed :func:`_check_address` lately: a bulk run sends from one
