@@ -457,3 +457,34 @@ def test_the_cli_report_shows_the_transports_reply(
     refused = RecipientOutcome.from_refusal(CAROL, REFUSAL)
     assert entries[CAROL]["status"] == refused.status == "failed"
     assert entries[CAROL]["detail"] == f"{CAROL}: {refused.error}"
+
+
+def test_a_django_message_kept_when_the_broker_is_down_names_its_recipients(
+    tmp_path: Path,
+) -> None:
+    """The Django backend's queue path: the broker unreachable, the protected copies kept in
+    the outbox; the ``not-sent`` outcome lists each recipient, waiting there (deferred)."""
+    pytest.importorskip("django")
+    from e2email.django import _enqueue, _Prepared
+
+    class DownQueue:
+        def enqueue(self, copies: Any, *, account: str | None) -> Any:
+            raise E.ConnectError("the broker is unreachable", host="broker")
+
+    settings = SMTPSettings(host="127.0.0.1", port=1, tls=TLSMode.IMPLICIT)
+    mailer = AsyncMailer(smtp=settings, protector=MockProtector(), outbox=tmp_path / "o.sqlite3")
+    try:
+        p = _Prepared(
+            raw=b"From: app@example.org\r\nTo: bob@example.net\r\nSubject: s\r\n\r\nhi\r\n",
+            envelope_from="app@example.org",
+            recipients=[BOB, CAROL],
+            bcc=[CAROL],
+            protection=mailer.protection,
+            policy_key=None,
+        )
+        outcome = asyncio.run(_enqueue(DownQueue(), mailer, p, account=None))
+    finally:
+        mailer.close()
+    assert outcome.status == "not-sent" and len(outcome.kept) == 2
+    assert set(outcome.unsent) == {BOB, CAROL} and outcome.accepted == ()
+    assert {r.status for r in outcome.recipients} == {"deferred"}
