@@ -434,6 +434,11 @@ class AsyncMailer:
         if not unsent:
             return result
         if other is not None:
+            # The error carries the outcome, which does not point back to it (no cycle).
+            copy_outcomes = [
+                replace(o, error=None) if o.error is other else o for o in copy_outcomes
+            ]
+            result = replace(result, copies=tuple(copy_outcomes), error=None)
             attach_unsent(other, result, tuple(unsent))
             raise other
         error = RecipientsRefusedError(

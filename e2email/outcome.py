@@ -148,8 +148,9 @@ class CopyOutcome:
     tls: TLSInfo | None = None
     #: Attempts made (connections tried or transactions started); 1 for one transaction.
     attempts: int = 1
-    #: The last failure, when something is not delivered. Not compared: errors have no value
-    #: equality (an outcome and its pickled copy are equal).
+    #: The last failure, when something is not delivered (``None`` in the ``result`` of the
+    #: error that says it: no reference cycle). Not compared: errors have no value equality
+    #: (an outcome and its pickled copy are equal).
     error: E2EmailError | None = field(default=None, compare=False)
     #: Still stored in the outbox (something is not delivered, and there is an outbox).
     kept: bool = False
@@ -242,9 +243,9 @@ class MessageOutcome:
     :meth:`~e2email.AsyncMailer.send` and, per message, by
     :meth:`~e2email.AsyncMailer.send_many`. Keyword arguments only.
 
-    Made from ``copies`` alone, its ``status``, ``recipients``, ``error`` and ``kept`` are
-    taken from them; without copies, ``status`` must be given (there is no default: an
-    outcome never says ``delivered`` by omission).
+    Made from ``copies`` alone, its ``status``, ``recipients`` and ``kept`` are taken from
+    them (and ``error`` too with :meth:`of_copies`); without copies, ``status`` must be given
+    (there is no default: an outcome never says ``delivered`` by omission).
 
     ``recipients`` lists every recipient of every copy as the copies' outcomes have them; for
     ``not-sent`` every To, Cc and Bcc address (``failed``, with the reason it could not be
@@ -282,9 +283,6 @@ class MessageOutcome:
         if copies and not self.kept:
             kept = tuple(c.id for c in copies if c.kept and c.id is not None)
             object.__setattr__(self, "kept", kept)
-        if copies and self.error is None:
-            errors = [c.error for c in copies if c.error is not None]
-            object.__setattr__(self, "error", errors[-1] if errors else None)
         if self.status is None:
             if not copies:
                 raise TypeError("MessageOutcome needs a status when it has no copies")
@@ -303,8 +301,16 @@ class MessageOutcome:
         index: int = 0,
         tag: Any = None,
     ) -> MessageOutcome:
-        """The outcome of a message whose every copy has its outcome."""
-        return cls(index=index, tag=tag, message_id=message_id, copies=tuple(copies))
+        """The outcome of a message whose every copy has its outcome (``error``: the last
+        copy's failure)."""
+        errors = [c.error for c in copies if c.error is not None]
+        return cls(
+            index=index,
+            tag=tag,
+            message_id=message_id,
+            copies=tuple(copies),
+            error=errors[-1] if errors else None,
+        )
 
     @property
     def accepted(self) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from e2email import (
     Message,
     Protection,
     RecipientsRefusedError,
+    RetryPolicy,
     SMTPReply,
     SMTPSettings,
     TLSMode,
@@ -232,7 +233,8 @@ def test_a_message_outcome_made_from_copies_takes_its_status_from_them() -> None
     assert isinstance(made, MessageOutcome)
     assert made.status == "partial" and made.accepted == (BOB,) and made.unsent == (CAROL,)
     assert made.recipients == copy.recipients and made.refused == {CAROL: REFUSAL}
-    assert made.kept == ("item-1",) and made.error is failure
+    assert made.kept == ("item-1",) and made.error is None
+    assert MessageOutcome.of_copies((copy,), message_id="<m@x>").error is failure
     every = CopyOutcome(recipients=(RecipientOutcome.from_refusal(BOB, SMTPReply(450, "later")),))
     assert MessageOutcome(copies=(every,)).status == "deferred"
     with pytest.raises(TypeError, match="needs a status"):
@@ -488,3 +490,19 @@ def test_a_django_message_kept_when_the_broker_is_down_names_its_recipients(
     assert outcome.status == "not-sent" and len(outcome.kept) == 2
     assert set(outcome.unsent) == {BOB, CAROL} and outcome.accepted == ()
     assert {r.status for r in outcome.recipients} == {"deferred"}
+
+
+def test_the_error_of_a_failed_connection_and_its_result_make_no_cycle(
+    smtp_server: ServerFactory,
+) -> None:
+    """A certificate that does not verify: the TLSError raised by ``send()`` carries the
+    message's outcome, whose ``error`` does not point back to it."""
+    server = smtp_server(tls="implicit")
+    wrong = SMTPSettings(host=server.host, port=server.port, tls=TLSMode.IMPLICIT)
+    mailer = AsyncMailer(smtp=wrong, protector=MockProtector(), retry=RetryPolicy(max_attempts=1))
+    with pytest.raises(E.TLSError) as info:
+        asyncio.run(mailer.send(_message()))
+    result = info.value.result
+    assert isinstance(result, MessageOutcome) and result.unsent == (BOB, CAROL)
+    assert result.error is None and result.copies[0].error is None
+    assert result.copies[0].recipients[0].error == str(info.value)
