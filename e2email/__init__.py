@@ -26,11 +26,15 @@ if _typing.TYPE_CHECKING:
         AsyncMailer,
         BatchItem,
         BatchResult,
-        CopyResult,
         Mailer,
         MessageOutcome,
         ProtectedCopy,
-        SendResult,
+    )
+    from e2email.client import (
+        CopyResult as CopyResult,  # deprecated: CopyOutcome
+    )
+    from e2email.client import (
+        SendResult as SendResult,  # deprecated: MessageOutcome
     )
     from e2email.config import (
         OpenPGPEngine,
@@ -73,7 +77,9 @@ if _typing.TYPE_CHECKING:
     from e2email.outbox import Outbox, OutboxError
     from e2email.outcome import CopyOutcome, RecipientOutcome
     from e2email.transport.ports import HostMemory, PortAttempt
-    from e2email.transport.smtp import DeliveryResult, RecipientResult, TLSInfo
+    from e2email.transport.smtp import DeliveryResult as DeliveryResult  # deprecated
+    from e2email.transport.smtp import RecipientResult as RecipientResult  # deprecated
+    from e2email.transport.smtp import TLSInfo
 
 __version__ = "0.1.0"
 
@@ -136,17 +142,33 @@ _MODULES = {
 }
 
 
+#: Deprecated names (the same types under their new names), kept for one release.
+_DEPRECATED = {
+    "CopyResult": "CopyOutcome",
+    "DeliveryResult": "CopyOutcome",
+    "RecipientResult": "RecipientOutcome",
+    "SendResult": "MessageOutcome",
+}
+
+
 def __getattr__(name: str) -> object:
     module = _MODULES.get(name)
     if module is None:
         raise AttributeError(f"module 'e2email' has no attribute {name!r}")
+    if name in _DEPRECATED:
+        # Not cached, so that each reading outside e2email warns (DeprecationWarning).
+        from e2email.outcome import deprecated_name
+
+        value = getattr(_importlib.import_module("e2email.outcome"), _DEPRECATED[name])
+        names = {name: (value, f"e2email.{_DEPRECATED[name]}")}
+        return deprecated_name("e2email", name, names)
     value = getattr(_importlib.import_module(module), name)
     globals()[name] = value  # found directly from now on
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_MODULES})
+    return sorted({*globals(), *_MODULES} - _DEPRECATED.keys())
 
 
 __all__ = [
@@ -160,10 +182,8 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "CopyOutcome",
-    "CopyResult",
     "CryptoError",
     "DeliveryError",
-    "DeliveryResult",
     "E2EmailError",
     "HeldError",
     "HostMemory",
@@ -187,7 +207,6 @@ __all__ = [
     "Protection",
     "RecipientKeyError",
     "RecipientOutcome",
-    "RecipientResult",
     "RecipientsRefusedError",
     "RequireTLSError",
     "RetryPolicy",
@@ -196,7 +215,6 @@ __all__ = [
     "SMTPReply",
     "SMTPSettings",
     "Scheme",
-    "SendResult",
     "SignerKeyError",
     "TLSError",
     "TLSInfo",

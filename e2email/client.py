@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from e2email.config import PasswordSource, Protection, RetryPolicy, SMTPSettings
 from e2email.crypto.base import (
+    CopyKind,
     Passphrase,
     ProtectedCopy,
     Protector,
@@ -63,6 +64,8 @@ from e2email.outcome import (
     MessageOutcome,
     MessageStatus,
     RecipientOutcome,
+    RecipientStatus,
+    deprecated_name,
 )
 from e2email.transport.smtp import SMTPTransport
 
@@ -87,9 +90,19 @@ __all__ = [
 
 #: Deprecated names, kept for one release: ``send()`` returns a :class:`MessageOutcome` (with
 #: ``accepted``, ``refused`` and ``copies``) and each copy's outcome is a :class:`CopyOutcome`
-#: (``copy`` and ``delivery`` are still attributes of it).
-SendResult = MessageOutcome
-CopyResult = CopyOutcome
+#: (``copy`` and ``delivery`` are still attributes of it). Reading them from outside e2email
+#: warns (DeprecationWarning); their old positional forms raise TypeError.
+if TYPE_CHECKING:
+    SendResult = MessageOutcome
+    CopyResult = CopyOutcome
+_DEPRECATED = {
+    "SendResult": (MessageOutcome, "e2email.outcome.MessageOutcome"),
+    "CopyResult": (CopyOutcome, "e2email.outcome.CopyOutcome"),
+}
+
+
+def __getattr__(name: str) -> object:  # PEP 562: the deprecated names above
+    return deprecated_name(__name__, name, _DEPRECATED)
 
 
 @dataclass(frozen=True)
@@ -114,11 +127,36 @@ class _Group:
     message_id: str | None
     expected: int
     outcomes: list[CopyOutcome] = field(default_factory=list)
+    #: Each copy's kind by its submission's ID (known for the copies protected by this run).
+    kinds: dict[str, CopyKind] = field(default_factory=dict)
+
+    def add(self, outcome: CopyOutcome) -> None:
+        """Keep ``outcome`` without the copy's bytes: a batch's outcomes stay small."""
+        kind = self.kinds.pop(outcome.id, None) if outcome.id is not None else None
+        small = outcome.summary()
+        self.outcomes.append(replace(small, kind=kind) if kind is not None else small)
 
     def result(self) -> MessageOutcome:
         return MessageOutcome.of_copies(
             self.outcomes, message_id=self.message_id, index=self.index, tag=self.tag
         )
+
+
+def _not_sent(index: int, tag: Any, message: Message, exc: E2EmailError) -> MessageOutcome:
+    """A message that could not be protected: nothing sent or stored, so every To, Cc and Bcc
+    address is ``failed`` for the reason (and in ``unsent``)."""
+    why = str(exc)
+    return MessageOutcome(
+        index=index,
+        tag=tag,
+        status="not-sent",
+        recipients=tuple(
+            RecipientOutcome(a, "failed", None, why)
+            for a in dict.fromkeys(r.addr_spec for r in message.recipients)
+        ),
+        error=exc,
+        detail=why,
+    )
 
 
 class AsyncMailer:
@@ -295,12 +333,19 @@ class AsyncMailer:
             )
         except E2EmailError as exc:
             kept = tuple(i for i in ids if i is not None)
+            status: RecipientStatus = "deferred" if kept else "failed"
             attach_unsent(
                 exc,
+                # Not error=exc: this outcome is exc.result (no reference cycle); every
+                # recipient is left, for the reason exc gives.
                 MessageOutcome(
-                    status="deferred" if kept else "failed",
+                    status=status,
                     message_id=copies[0].message_id,
-                    error=exc,
+                    recipients=tuple(
+                        RecipientOutcome(a, status, None, str(exc))
+                        for c in copies
+                        for a in c.recipients
+                    ),
                     kept=kept,
                 ),
                 tuple(
@@ -372,12 +417,14 @@ class AsyncMailer:
         outcome as its ``result``)."""
         # Each copy's outcome as the delivery engine made it, told which copy it was: the
         # recipients' values (the server's replies) are the transport's own, unchanged.
-        copy_outcomes = [replace(o, copy=o.tag) for o in outcomes]
+        # The copy replaces the submission (the same bytes, once), and is no longer the tag.
+        copy_outcomes = [replace(o, copy=o.tag, submission=None, tag=None) for o in outcomes]
         unsent: list[ProtectedCopy] = []
         refused: list[tuple[str, SMTPReply]] = []
         other: Exception | None = None
         for o in copy_outcomes:
-            copy: ProtectedCopy = o.tag
+            assert o.copy is not None
+            copy = o.copy
             left = [r for r in o.recipients if r.status != "delivered"]
             if not left:
                 continue
@@ -401,6 +448,11 @@ class AsyncMailer:
         if not unsent:
             return result
         if other is not None:
+            # The error carries the outcome, which does not point back to it (no cycle).
+            copy_outcomes = [
+                replace(o, error=None) if o.error is other else o for o in copy_outcomes
+            ]
+            result = replace(result, copies=tuple(copy_outcomes), error=None)
             attach_unsent(other, result, tuple(unsent))
             raise other
         error = RecipientsRefusedError(
@@ -453,7 +505,7 @@ class AsyncMailer:
 
         def copy_done(outcome: CopyOutcome) -> None:
             group = groups[outcome.tag]
-            group.outcomes.append(outcome)
+            group.add(outcome)
             if len(group.outcomes) == group.expected:
                 del groups[group.index]
                 emit(group.result())
@@ -484,9 +536,9 @@ class AsyncMailer:
                         if item.key in seen:
                             emit(
                                 MessageOutcome(
-                                    index,
-                                    item.tag,
-                                    "duplicate",
+                                    index=index,
+                                    tag=item.tag,
+                                    status="duplicate",
                                     detail="same key as an earlier message of this batch",
                                     duplicate_of=seen[item.key],
                                 )
@@ -546,7 +598,12 @@ class AsyncMailer:
                 state = await asyncio.to_thread(outbox.ledger_state, entry.key)
                 if state == "done":
                     emit(
-                        MessageOutcome(index, entry.tag, "skipped", detail="sent by an earlier run")
+                        MessageOutcome(
+                            index=index,
+                            tag=entry.tag,
+                            status="skipped",
+                            detail="sent by an earlier run",
+                        )
                     )
                     return
                 if state == "queued":
@@ -562,9 +619,9 @@ class AsyncMailer:
                         if maybe:
                             emit(
                                 MessageOutcome(
-                                    index,
-                                    entry.tag,
-                                    "maybe-delivered",
+                                    index=index,
+                                    tag=entry.tag,
+                                    status="maybe-delivered",
                                     kept=tuple(maybe),
                                     detail="an earlier run was interrupted after sending it, "
                                     "so the server may have it; not sent again by itself "
@@ -574,9 +631,9 @@ class AsyncMailer:
                             return
                         emit(
                             MessageOutcome(
-                                index,
-                                entry.tag,
-                                "skipped",
+                                index=index,
+                                tag=entry.tag,
+                                status="skipped",
                                 detail="in the outbox, being sent by another process",
                             )
                         )
@@ -594,7 +651,7 @@ class AsyncMailer:
                 copies = await self.protect(entry.message, protection=prot)
             except E2EmailError as exc:
                 # Fail closed for this message only; nothing of it is sent or stored.
-                emit(MessageOutcome(index, entry.tag, "not-sent", error=exc, detail=str(exc)))
+                emit(_not_sent(index, entry.tag, entry.message, exc))
                 return
             ledger = (batch, entry.key) if entry.key is not None else None
             try:
@@ -606,9 +663,9 @@ class AsyncMailer:
                     if exc.state == "done"
                     else "in the outbox, being sent by another process"
                 )
-                emit(MessageOutcome(index, entry.tag, "skipped", detail=detail))
+                emit(MessageOutcome(index=index, tag=entry.tag, status="skipped", detail=detail))
                 return
-            groups[index] = _Group(index, entry.tag, copies[0].message_id, len(copies))
+            groups[index] = one = _Group(index, entry.tag, copies[0].message_id, len(copies))
             for copy, item_id in zip(copies, ids, strict=True):
                 sub = Submission(
                     raw=copy.content,
@@ -617,7 +674,9 @@ class AsyncMailer:
                     tag=index,
                     require_tls=smtp.require_tls,
                 )
-                await engine.submit(replace(sub, id=item_id) if item_id is not None else sub)
+                sub = replace(sub, id=item_id) if item_id is not None else sub
+                one.kinds[sub.id] = copy.kind
+                await engine.submit(sub)
         finally:
             limit.release()
 
@@ -711,13 +770,14 @@ class AsyncMailer:
     ) -> None:
         """Do not send ``item`` (claimed): it is encrypted to a key no longer fit. It goes
         back to the outbox with the reason, and is reported deferred with that reason (the
-        outcome's submission carries ``tag``)."""
+        outcome's ``tag`` is ``tag``)."""
         assert self.outbox is not None
         error = HeldError(problems)
         self.outbox.release([item.id], error=str(error))
         report(
             CopyOutcome(
-                submission=_stored_submission(item, tag=tag),
+                id=item.id,
+                tag=tag,
                 mail_from=item.mail_from,
                 recipients=tuple(
                     RecipientOutcome(a, "deferred", None, str(error)) for a in item.pending

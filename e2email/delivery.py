@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from e2email.config import RetryPolicy, SMTPSettings
 from e2email.errors import (
@@ -61,7 +61,13 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.outbox import AddWrite, GroupWrite, MarkWrite, NewItem, Outbox
-from e2email.outcome import CopyOutcome, RecipientOutcome, RecipientStatus, TLSInfo
+from e2email.outcome import (
+    CopyOutcome,
+    RecipientOutcome,
+    RecipientStatus,
+    TLSInfo,
+    deprecated_name,
+)
 from e2email.spool import Spool
 from e2email.transport.smtp import SMTPConnection, SMTPTransport
 
@@ -117,7 +123,14 @@ class Submission:
 
 #: The former name of a copy's final outcome, kept: it is :class:`e2email.outcome.CopyOutcome`
 #: (with ``submission`` set), the same type the transport returns for one transaction.
-Outcome = CopyOutcome
+#: Reading it from outside e2email warns (DeprecationWarning).
+if TYPE_CHECKING:
+    Outcome = CopyOutcome
+_DEPRECATED = {"Outcome": (CopyOutcome, "e2email.outcome.CopyOutcome")}
+
+
+def __getattr__(name: str) -> object:  # PEP 562: the deprecated name above
+    return deprecated_name(__name__, name, _DEPRECATED)
 
 
 class OutboxWriter:

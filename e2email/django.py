@@ -115,6 +115,7 @@ from e2email.inbound import protect as inbound_protect
 from e2email.inbound import submit
 from e2email.keystore import Keystore
 from e2email.message import Address, Message, existing_protection
+from e2email.outcome import RecipientOutcome
 from e2email.private import ensure_private_dir, write_private
 
 __all__ = ["EmailBackend", "load_settings"]
@@ -958,10 +959,19 @@ async def _enqueue(
         if not kept:
             raise
         return MessageOutcome(
-            0, None, "not-sent", message_id=copies[0].message_id, error=exc, kept=kept
+            status="not-sent",
+            message_id=copies[0].message_id,
+            # Each recipient waits in the outbox (deferred) for `e2email outbox retry`.
+            recipients=tuple(
+                RecipientOutcome(a, "deferred", None, str(exc))
+                for c in copies
+                for a in c.recipients
+            ),
+            error=exc,
+            kept=kept,
         )
     return MessageOutcome(
-        0, None, "delivered", message_id=copies[0].message_id, detail=f"queued ({queued.count})"
+        status="delivered", message_id=copies[0].message_id, detail=f"queued ({queued.count})"
     )
 
 

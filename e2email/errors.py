@@ -159,10 +159,24 @@ class E2EmailError(Exception):
     result: ErrorResult = None
     unsent: tuple[ProtectedCopy, ...] = ()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Many subclasses' __init__ takes other arguments than ``args`` (the problems, the
+        # refusals, keywords) and builds the message from them, so pickle's default (calling
+        # the class with ``args``) fails or garbles the message. Rebuild without __init__:
+        # the same ``args`` (the message), then every attribute (``result``, ``refused``...).
+        return (_rebuild_error, (type(self), self.args), self.__dict__)
+
     @property
     def unsent_recipients(self) -> tuple[str, ...]:
         """The recipients not delivered: those of the ``unsent`` copies, each once."""
         return tuple(dict.fromkeys(a for c in self.unsent for a in c.recipients))
+
+
+def _rebuild_error(cls: type[E2EmailError], args: tuple[Any, ...]) -> E2EmailError:
+    """An unpickled error: made with ``args`` as they were, not through ``cls.__init__``."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
 
 
 class ConfigError(E2EmailError, ValueError):

@@ -14,9 +14,10 @@ import pytest
 
 from e2email import SMTPSettings, TLSMode
 from e2email.config import RetryPolicy
-from e2email.delivery import DeliveryEngine, Outcome, Submission, deliver
+from e2email.delivery import DeliveryEngine, Submission, deliver
 from e2email.errors import ConnectError, DeliveryError, RecipientsRefusedError
 from e2email.outbox import ItemState, NewItem, Outbox
+from e2email.outcome import CopyOutcome
 from e2email.testing import Fault, LoopbackSMTPServer, TestCA, _RecordingSMTP
 from e2email.transport.smtp import SMTPConnection, SMTPTransport
 
@@ -43,7 +44,7 @@ def _subs(n: int, *, to: Sequence[str] = (BOB,)) -> list[Submission]:
     return [Submission(raw=_raw(i), mail_from=SENDER, recipients=tuple(to)) for i in range(n)]
 
 
-def _send(server: LoopbackSMTPServer, subs: list[Submission]) -> list[Outcome]:
+def _send(server: LoopbackSMTPServer, subs: list[Submission]) -> list[CopyOutcome]:
     outcomes, fatal = asyncio.run(deliver(_settings(server), subs, retry=FAST, connections=1))
     assert fatal is None
     return sorted(outcomes, key=lambda o: subs.index(o.submission))
@@ -238,7 +239,7 @@ def test_a_421_to_rcpt_closes_the_session(smtp_server: ServerFactory) -> None:
 
 def _outbox_run(
     server: LoopbackSMTPServer, box: Outbox, to: Sequence[str]
-) -> tuple[list[Outcome], tuple[str, ...]]:
+) -> tuple[list[CopyOutcome], tuple[str, ...]]:
     """Copy ``i`` to ``to[i]``, stored in ``box`` and delivered with it."""
     ids = box.add(
         [
@@ -246,7 +247,7 @@ def _outbox_run(
             for i, r in enumerate(to)
         ]
     )
-    outcomes: list[Outcome] = []
+    outcomes: list[CopyOutcome] = []
 
     async def run() -> None:
         engine = DeliveryEngine(

@@ -16,7 +16,8 @@ import pytest
 from e2email import SMTPSettings, TLSMode
 from e2email import delivery as delivery_module
 from e2email.config import RetryPolicy
-from e2email.delivery import Outcome, Submission, deliver
+from e2email.delivery import Submission, deliver
+from e2email.outcome import CopyOutcome
 from e2email.testing import Fault, FaultStage, LoopbackSMTPServer, TestCA
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, jitter=0)
@@ -54,7 +55,7 @@ def _subs(n: int, *, to: Sequence[str] = ("bob@example.net",)) -> list[Submissio
     ]
 
 
-def _send(server: LoopbackSMTPServer, subs: list[Submission]) -> list[Outcome]:
+def _send(server: LoopbackSMTPServer, subs: list[Submission]) -> list[CopyOutcome]:
     outcomes, fatal = asyncio.run(deliver(_settings(server), subs, retry=FAST, connections=1))
     assert fatal is None
     return sorted(outcomes, key=lambda o: subs.index(o.submission))
@@ -198,7 +199,7 @@ def _outbox_run(
     monkeypatch: pytest.MonkeyPatch,
     *,
     fail: bool = False,
-) -> tuple[list[Outcome], list[str], Any]:
+) -> tuple[list[CopyOutcome], list[str], Any]:
     """Two small copies stored in an outbox and delivered over one connection; the in-flight
     marks are recorded (and, with ``fail``, the first one fails like a full disk)."""
     from e2email.outbox import NewItem, Outbox, OutboxError
@@ -294,7 +295,7 @@ def test_each_outcome_is_reported_after_the_outbox_recorded_it(
     )
     seen: list[tuple[str, bool]] = []
 
-    def report(outcome: Outcome) -> None:
+    def report(outcome: CopyOutcome) -> None:
         try:
             box.get(outcome.submission.id, raw=False)
         except OutboxError:

@@ -48,7 +48,7 @@ from e2email import (
     TLSMode,
 )
 from e2email.certstore import CertKind, CertStore, StoredCert, describe, fingerprint
-from e2email.client import SendResult
+from e2email.client import MessageOutcome
 from e2email.config import SMIMECipher
 from e2email.crypto import smime
 from e2email.errors import CryptoError, KeyProblem, KeystoreError
@@ -95,7 +95,9 @@ def _settings(server: LoopbackSMTPServer) -> SMTPSettings:
     )
 
 
-def _send(store: CertStore, settings: SMTPSettings, message: Message, **prot: object) -> SendResult:
+def _send(
+    store: CertStore, settings: SMTPSettings, message: Message, **prot: object
+) -> MessageOutcome:
     protection = Protection(scheme=Scheme.SMIME, **prot)  # type: ignore[arg-type]
     with Mailer(
         smtp=settings, keystore=Keystore(store.home), certstore=store, protection=protection

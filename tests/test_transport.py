@@ -35,8 +35,9 @@ from e2email.errors import (
 )
 from e2email.keystore import Keystore
 from e2email.message import check_wire_safe
+from e2email.outcome import CopyOutcome
 from e2email.testing import Fault, LoopbackSMTPServer, TestCA
-from e2email.transport import DeliveryResult, SMTPTransport
+from e2email.transport import SMTPTransport
 from e2email.transport import smtp as smtp_module
 
 ServerFactory = Callable[..., LoopbackSMTPServer]
@@ -75,7 +76,7 @@ def settings_for(server: LoopbackSMTPServer, **kwargs: Any) -> SMTPSettings:
     )
 
 
-def send(settings: SMTPSettings, raw: bytes = RAW, **kwargs: Any) -> DeliveryResult:
+def send(settings: SMTPSettings, raw: bytes = RAW, **kwargs: Any) -> CopyOutcome:
     kwargs.setdefault("mail_from", "alice@example.org")
     kwargs.setdefault("recipients", ["bob@example.net"])
     return asyncio.run(SMTPTransport(settings).send(raw, **kwargs))
@@ -140,7 +141,7 @@ def test_starttls_comes_before_anything_but_ehlo(smtp_server: ServerFactory) -> 
     spy = PasswordSpy(server)
     settings = settings_for(server, username=USER, password=spy)
 
-    async def run() -> tuple[dict[str, str], DeliveryResult]:
+    async def run() -> tuple[dict[str, str], CopyOutcome]:
         async with SMTPTransport(settings).connect() as conn:
             extensions = dict(conn.extensions)
             result = await conn.send(
@@ -688,7 +689,7 @@ def test_message_without_final_crlf_gets_one(smtp_server: ServerFactory) -> None
 # -- transient or permanent ---------------------------------------------------------------------
 
 
-def failure(settings: SMTPSettings) -> tuple[TransportError, DeliveryResult | None]:
+def failure(settings: SMTPSettings) -> tuple[TransportError, CopyOutcome | None]:
     """The error of a failed send: raised (no answer per recipient, or the session ended),
     or the returned outcome's (the server refused the transaction), with that outcome."""
     try:

@@ -45,7 +45,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
@@ -66,7 +66,13 @@ from e2email.errors import (
     TransportError,
 )
 from e2email.message import check_wire_safe
-from e2email.outcome import CopyOutcome, RecipientOutcome, RecipientStatus, TLSInfo
+from e2email.outcome import (
+    CopyOutcome,
+    RecipientOutcome,
+    RecipientStatus,
+    TLSInfo,
+    deprecated_name,
+)
 from e2email.spool import Spool, line_pieces
 from e2email.transport.ports import (
     NO_TLS_OUTCOMES,
@@ -127,9 +133,19 @@ _HANDSHAKE_DROPPED_HINT = (
 
 #: Deprecated names, kept for one release: one transaction's result is a
 #: :class:`~e2email.outcome.CopyOutcome`, each recipient's a
-#: :class:`~e2email.outcome.RecipientOutcome` (``accepted`` is still a property of it).
-DeliveryResult = CopyOutcome
-RecipientResult = RecipientOutcome
+#: :class:`~e2email.outcome.RecipientOutcome` (``accepted`` is still a property of it). Reading
+#: them warns (DeprecationWarning); their old positional forms raise TypeError.
+if TYPE_CHECKING:
+    DeliveryResult = CopyOutcome
+    RecipientResult = RecipientOutcome
+_DEPRECATED = {
+    "DeliveryResult": (CopyOutcome, "e2email.outcome.CopyOutcome"),
+    "RecipientResult": (RecipientOutcome, "e2email.outcome.RecipientOutcome"),
+}
+
+
+def __getattr__(name: str) -> object:  # PEP 562: the deprecated names above
+    return deprecated_name(__name__, name, _DEPRECATED)
 
 
 #: Envelope addresses that passed :func:`_check_address` lately: a bulk run sends from one
@@ -732,7 +748,7 @@ class SMTPConnection:
             mail_from=mail_from,
             # Accepted recipients have DATA's reply as the server's last word about them.
             recipients=tuple(
-                RecipientOutcome.refused(r, refusals[r])
+                RecipientOutcome.from_refusal(r, refusals[r])
                 if r in refusals
                 else RecipientOutcome(r, "delivered", data_reply)
                 for r in rcpts
@@ -762,7 +778,7 @@ class SMTPConnection:
         return CopyOutcome(
             mail_from=mail_from,
             recipients=tuple(
-                RecipientOutcome.refused(r, refusals[r])
+                RecipientOutcome.from_refusal(r, refusals[r])
                 if r in refusals
                 else RecipientOutcome(r, status, error.reply, str(error))
                 for r in rcpts
