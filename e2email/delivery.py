@@ -74,7 +74,6 @@ from e2email.transport.smtp import SMTPConnection, SMTPTransport
 __all__ = [
     "DeliveryEngine",
     "OutboxWriter",
-    "Outcome",
     "RecipientOutcome",
     "RecipientStatus",
     "Submission",
@@ -107,7 +106,7 @@ class Submission:
     """One protected copy to deliver: the exact bytes and the envelope.
 
     ``id`` is its outbox item ID when there is an outbox (any unique string otherwise);
-    ``tag`` is the caller's, handed back unchanged in the :class:`Outcome`.
+    ``tag`` is the caller's, handed back unchanged in the :class:`~e2email.outcome.CopyOutcome`.
     """
 
     #: The bytes, or the spool that holds a large copy (e2email.spool).
@@ -344,7 +343,8 @@ class DeliveryEngine:
 
     Use as an async context manager; :meth:`submit` copies while it runs (it waits when the
     workers are busy, so a producer never runs far ahead); leaving the block waits until every
-    submission has its :class:`Outcome`, passed to ``on_outcome`` as soon as it is final::
+    submission has its :class:`~e2email.outcome.CopyOutcome`, passed to ``on_outcome`` as
+    soon as it is final::
 
         async with DeliveryEngine(settings, connections=4, on_outcome=report) as engine:
             for sub in submissions:
@@ -362,7 +362,7 @@ class DeliveryEngine:
         retry: RetryPolicy | None = None,
         connections: int = 1,
         outbox: Outbox | None = None,
-        on_outcome: Callable[[Outcome], None] | None = None,
+        on_outcome: Callable[[CopyOutcome], None] | None = None,
         transport: SMTPTransport | None = None,
         rand: Callable[[], float] | None = None,
         writer: OutboxWriter | None = None,
@@ -877,10 +877,10 @@ async def deliver(
     outbox: Outbox | None = None,
     rand: Callable[[], float] | None = None,
     transport: SMTPTransport | None = None,
-) -> tuple[list[Outcome], E2EmailError | None]:
+) -> tuple[list[CopyOutcome], E2EmailError | None]:
     """Deliver ``submissions``: an outcome for every one (in the order they became final),
     and the error that stopped the run early, if one did."""
-    outcomes: list[Outcome] = []
+    outcomes: list[CopyOutcome] = []
     engine = DeliveryEngine(
         smtp,
         retry=retry,
