@@ -333,8 +333,8 @@ class _Slot:
 
 
 async def _rset(conn: SMTPConnection) -> None:
-    # SMTPConnection._reset() sends RSET under the command timeout and swallows errors (after
-    # which the connection reports not connected). A public reset() would be nicer.
+    # SMTPConnection._reset() sends RSET under the command timeout; on any error it closes the
+    # session (which then reports not connected). A public reset() would be nicer.
     await conn._reset()
 
 
