@@ -42,6 +42,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -574,6 +575,7 @@ class SMTPConnection:
         #: The latest send closed the session itself, the server's replies being out of step
         #: with the commands, after a refusal it could still read (see :meth:`_closed_by`).
         self._out_of_step = False
+        self._reset_at: float | None = None
 
     @property
     def tls(self) -> TLSInfo | None:
@@ -617,6 +619,13 @@ class SMTPConnection:
         return self._stage
 
     @property
+    def reset_at(self) -> float | None:
+        """When (``time.monotonic()``) the server accepted the RSET with which the latest
+        :meth:`send` cleared its refused transaction; ``None`` if it made none (or it
+        failed, which closes the session). The session was then clean and alive."""
+        return self._reset_at
+
+    @property
     def pipelining(self) -> bool:
         """Does the server offer PIPELINING (RFC 2920)? Then :meth:`send` writes MAIL, every
         RCPT and DATA at once and reads their replies after: two round trips per message
@@ -652,8 +661,9 @@ class SMTPConnection:
         outcome's ``error`` says so (:class:`DeliveryError`, :class:`RecipientsRefusedError`)
         and the session is reset (RSET, RFC 5321 §4.1.1.5) and can carry another message.
         Raised: what leaves no answer about the recipients or ends the session: the
-        connection lost or timed out (:class:`ConnectError`), a reply that closed the session
-        (e.g. 421, :class:`DeliveryError`), bad input (:class:`MessageError`).
+        connection lost or timed out, or a reply that cannot be read or comes out of step
+        (:class:`ConnectError`, the session closed), a reply that closed the session (e.g.
+        421, :class:`DeliveryError`), bad input (:class:`MessageError`).
         ``require_tls`` overrides ``SMTPSettings.require_tls`` for this
         message: REQUIRETLS (RFC 8689) on MAIL FROM, or :class:`RequireTLSError` before MAIL
         when the server does not offer it.
@@ -666,6 +676,7 @@ class SMTPConnection:
         self._end_of_data_sent = False
         self._stage = None
         self._out_of_step = False
+        self._reset_at = None
         rcpts = _check_envelope(mail_from, recipients)
         # SMTP smuggling (CVE-2023-51764) and RFC 5322 §2.1.1: only CRLF line ends, no NUL, no
         # 8-bit bytes, lines of at most 998 octets. aiosmtplib would "repair" bare CR/LF; we
@@ -1043,6 +1054,7 @@ class SMTPConnection:
         command_timeout, _ = self._timeouts()
         try:
             await _bounded(self._smtp, self._smtp.rset(timeout=None), command_timeout)
+            self._reset_at = time.monotonic()
         except (aiosmtplib.SMTPException, OSError):
             # Refused, unreadable, timed out: a session that cannot be reset is in no known
             # state (the next MAIL could get this RSET's late reply), so it is not reused.
