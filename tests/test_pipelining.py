@@ -6,6 +6,7 @@ come out as without it. Raw submissions (no crypto): only the SMTP exchange is u
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -566,7 +567,7 @@ class _Scripted:
 
 def _scripted_run(
     ca: TestCA,
-    script: _Scripted,
+    script: _Scripted | _FirstOnly,
     body: Callable[[SMTPSettings], Coroutine[Any, Any, Any]],
 ) -> Any:
     async def run() -> Any:
@@ -729,3 +730,41 @@ def test_a_354_after_a_refused_sender_closes_the_session(module_ca: TestCA) -> N
     assert [r.status for r in result.recipients] == ["failed"]
     assert not connected
     assert b"<end of data>" not in script.seen and b"RSET\r\n" not in script.seen
+
+
+class _FirstOnly:
+    """Offers PIPELINING, but answers only the first command of each packet it reads (a
+    server that does not really pipeline)."""
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            w.write(b"220 hi\r\n")
+            await r.readline()  # EHLO
+            w.write(b"250-x\r\n250 PIPELINING\r\n")
+            while chunk := await r.read(65536):
+                w.write(b"250 ok\r\n" if not chunk.startswith(b"QUIT") else b"221 bye\r\n")
+                await w.drain()
+        except ConnectionError:
+            return
+        finally:
+            w.close()
+
+
+def test_a_timeout_in_a_pipelined_group_says_the_commands_went_together(
+    module_ca: TestCA,
+) -> None:
+    """The reply to RCPT never comes (the server answered MAIL only): the timeout says that
+    the commands were pipelined, the likely cause, and nothing was delivered."""
+    script = _FirstOnly()
+
+    async def body(settings: SMTPSettings) -> ConnectError:
+        settings = dataclasses.replace(settings, command_timeout=0.2)
+        async with SMTPTransport(settings).connect() as conn:
+            assert conn.pipelining
+            with pytest.raises(ConnectError) as info:
+                await conn.send(_RAW, mail_from=SENDER, recipients=[BOB])
+            return info.value
+
+    error = _scripted_run(module_ca, script, body)
+    assert "reply to RCPT" in str(error) and "PIPELINING" in str(error)
+    assert error.transient and not error.maybe_delivered

@@ -576,6 +576,8 @@ class SMTPConnection:
         #: with the commands, after a refusal it could still read (see :meth:`_closed_by`).
         self._out_of_step = False
         self._reset_at: float | None = None
+        #: The latest send is reading the replies to a pipelined group (RFC 2920).
+        self._in_group = False
 
     @property
     def tls(self) -> TLSInfo | None:
@@ -677,6 +679,7 @@ class SMTPConnection:
         self._stage = None
         self._out_of_step = False
         self._reset_at = None
+        self._in_group = False
         rcpts = _check_envelope(mail_from, recipients)
         # SMTP smuggling (CVE-2023-51764) and RFC 5322 §2.1.1: only CRLF line ends, no NUL, no
         # 8-bit bytes, lines of at most 998 octets. aiosmtplib would "repair" bare CR/LF; we
@@ -759,8 +762,18 @@ class SMTPConnection:
             except aiosmtplib.SMTPTimeoutError as exc:
                 stage = self._stage
                 timeout = data_timeout if stage == "DATA" else command_timeout
+                hint = ""
+                if self._in_group:
+                    # A server that offers PIPELINING yet answers only the first command of
+                    # each packet leaves the rest of the group unanswered: say so, or the
+                    # timeout looks like a slow server.
+                    hint = (
+                        " (MAIL, RCPT and DATA were sent together, as its offer of PIPELINING"
+                        " allows, RFC 2920; it may not really support that)"
+                    )
                 error = ConnectError(
                     f"timed out after {timeout:g} s waiting for {where}'s reply to {stage}"
+                    + hint
                     + _maybe_delivered(self._end_of_data_sent),
                     host=where,
                 )
@@ -886,6 +899,7 @@ class SMTPConnection:
         # not queued without end. (One stray reply within that bound is caught before the ".".)
         with _Replies.installed(smtp, limit=len(rcpts) + 3) as replies:
             replies.write(b"\r\n".join(group))
+            self._in_group = True
             # Replies still to read: should anything stop the reading early, the session is
             # out of step (the next command would get an old reply) and is closed.
             unread = len(rcpts) + 2
@@ -918,6 +932,7 @@ class SMTPConnection:
                     # RFC 2920 §3.1: DATA's reply must be read all the same (503 or 554).
                     last = await self._drain_group(replies, unread, data_timeout)
                     unread = 0
+                    self._in_group = False
                     if last is not None and last.code == 354:
                         # RFC 2920 §3.1: a 354 with no recipient accepted; that empty message
                         # is ended at once with a lone "." (the caller's RSET then clears it).
@@ -927,6 +942,7 @@ class SMTPConnection:
                     return None
                 start = await _next_reply(smtp, replies, data_timeout)
                 unread -= 1
+                self._in_group = False
             except BaseException:
                 if unread:
                     smtp.close()
