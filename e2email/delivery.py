@@ -291,8 +291,11 @@ class _Slot:
         conn = self._conn
         self.unchecked = False
         if conn is not None and self._used:
-            accepted = self._accepted_at
-            fresh = accepted is not None and time.monotonic() - accepted < PROBE_AFTER_IDLE
+            # Clean just now: the server's 250 to the end of data, or to the RSET with which
+            # the transport cleared a refused transaction (a second RSET would only repeat
+            # that one's check).
+            clean = self._accepted_at if self._accepted_at is not None else conn.reset_at
+            fresh = clean is not None and time.monotonic() - clean < PROBE_AFTER_IDLE
             if conn.is_connected and not fresh:
                 # RSET between messages after anything but a success, or after idling: a
                 # clean state, and proof that the server has not dropped the connection
@@ -333,8 +336,8 @@ class _Slot:
 
 
 async def _rset(conn: SMTPConnection) -> None:
-    # SMTPConnection._reset() sends RSET under the command timeout and swallows errors (after
-    # which the connection reports not connected). A public reset() would be nicer.
+    # SMTPConnection._reset() sends RSET under the command timeout; on any error it closes the
+    # session (which then reports not connected). A public reset() would be nicer.
     await conn._reset()
 
 

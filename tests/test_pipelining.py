@@ -6,6 +6,7 @@ come out as without it. Raw submissions (no crypto): only the SMTP exchange is u
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from e2email import SMTPSettings, TLSMode
 from e2email.config import RetryPolicy
 from e2email.delivery import DeliveryEngine, Submission, deliver
-from e2email.errors import ConnectError, DeliveryError, RecipientsRefusedError
+from e2email.errors import ConnectError, DeliveryError, E2EmailError, RecipientsRefusedError
 from e2email.outbox import ItemState, NewItem, Outbox
 from e2email.outcome import CopyOutcome
 from e2email.testing import Fault, LoopbackSMTPServer, TestCA, _RecordingSMTP
@@ -502,3 +503,268 @@ def test_a_refused_transaction_keeps_each_recipients_own_answer(
     rcpts = [line for _, line in server.transcript if b"RCPT TO:<" + CAROL.encode() in line]
     assert len(rcpts) == 1, rcpts
     assert [m.rcpt_tos for m in server.messages] == [(BOB,)]
+
+
+# -- servers out of step: a scripted TLS server answers exactly the bytes each test gives it --
+
+_RAW = b"From: a@example.org\r\nSubject: x\r\n\r\nbody\r\n"
+
+
+class _Scripted:
+    """A TLS SMTP server whose ``on(verb, n)`` gives the bytes to write for the n-th (0-based)
+    command ``verb``, or for the n-th end of data (verb ``"END"``); ``None``: the normal
+    answer. It records every command line (and ``<end of data>``) and counts whole messages."""
+
+    def __init__(self, pipelining: bool, on: Callable[[str, int], list[bytes] | None]) -> None:
+        self.pipelining, self.on = pipelining, on
+        self.seen: list[bytes] = []
+        self.stored = 0
+        self.counts: dict[str, int] = {}
+
+    def _answer(self, verb: str, normal: bytes) -> list[bytes]:
+        n = self.counts.get(verb, 0)
+        self.counts[verb] = n + 1
+        special = self.on(verb, n)
+        return special if special is not None else [normal]
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async def send(chunks: list[bytes]) -> None:
+            for c in chunks:
+                w.write(c)
+                await w.drain()
+
+        try:
+            await send([b"220 hi\r\n"])
+            while line := await r.readline():
+                verb = line[:4].upper().decode()
+                self.seen.append(line)
+                if verb == "EHLO":
+                    ext = b"250-PIPELINING\r\n" if self.pipelining else b""
+                    await send([b"250-x\r\n" + ext + b"250 SIZE 1000000\r\n"])
+                elif verb == "QUIT":
+                    await send([b"221 bye\r\n"])
+                    return
+                elif verb == "DATA":
+                    out = self._answer("DATA", b"354 go\r\n")
+                    await send(out)
+                    if not out[0].startswith(b"354"):
+                        continue
+                    body = b""
+                    while (body := await r.readline()) not in (b".\r\n", b""):
+                        pass
+                    if body != b".\r\n":
+                        return
+                    self.stored += 1
+                    self.seen.append(b"<end of data>")
+                    await send(self._answer("END", b"250 queued\r\n"))
+                else:
+                    await send(self._answer(verb, b"250 ok\r\n"))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            w.close()
+
+
+def _scripted_run(
+    ca: TestCA,
+    script: _Scripted | _FirstOnly,
+    body: Callable[[SMTPSettings], Coroutine[Any, Any, Any]],
+) -> Any:
+    async def run() -> Any:
+        srv = await asyncio.start_server(
+            script.handle, "127.0.0.1", 0, ssl=ca.server_context("127.0.0.1")
+        )
+        port = srv.sockets[0].getsockname()[1]
+        settings = SMTPSettings(
+            host="127.0.0.1", port=port, tls=TLSMode.IMPLICIT, ca_file=ca.ca_file, timeout=10
+        )
+        try:
+            return await body(settings)
+        finally:
+            srv.close()
+
+    return asyncio.run(run())
+
+
+def _one_send(ca: TestCA, script: _Scripted) -> tuple[CopyOutcome | E2EmailError, bool]:
+    """One send over one connection: its outcome (or error) and whether the session is up."""
+
+    async def body(settings: SMTPSettings) -> tuple[CopyOutcome | E2EmailError, bool]:
+        async with SMTPTransport(settings).connect() as conn:
+            try:
+                result: CopyOutcome | E2EmailError = await conn.send(
+                    _RAW, mail_from=SENDER, recipients=[BOB]
+                )
+            except E2EmailError as exc:
+                result = exc
+            return result, conn.is_connected
+
+    result: tuple[CopyOutcome | E2EmailError, bool] = _scripted_run(ca, script, body)
+    return result
+
+
+_BOTH = pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-by-one"])
+
+
+@_BOTH
+def test_an_unreadable_reply_to_the_final_dot_is_maybe_delivered(
+    module_ca: TestCA, pipelining: bool
+) -> None:
+    """The server stored the message; its reply to "." cannot be parsed. That is "may or may
+    not have accepted" (RFC 5321 §6.1), not a refusal, and the session is out of step: closed."""
+    script = _Scripted(pipelining, lambda v, n: [b"OK queued as 1\r\n"] if v == "END" else None)
+    result, connected = _one_send(module_ca, script)
+    assert isinstance(result, ConnectError), result
+    assert result.maybe_delivered and result.transient
+    assert "unreadable reply" in str(result) and "may or may not" in str(result)
+    assert not connected
+    assert script.stored == 1
+
+
+@_BOTH
+def test_one_unreadable_reply_does_not_fail_the_rest_of_the_batch(
+    module_ca: TestCA, pipelining: bool
+) -> None:
+    """A garbled reply to the first copy's RCPT: a transient error for that copy (retried, and
+    delivered), and a new connection for the rest, which are delivered too (the bad line used
+    to stay in aiosmtplib's buffer and fail every later copy for good)."""
+    script = _Scripted(pipelining, lambda v, n: [b"hello\r\n"] if (v, n) == ("RCPT", 0) else None)
+    subs = [Submission(raw=_RAW, mail_from=SENDER, recipients=(BOB,)) for _ in range(3)]
+
+    async def body(settings: SMTPSettings) -> list[CopyOutcome]:
+        outcomes, fatal = await deliver(settings, subs, retry=FAST, connections=1)
+        assert fatal is None
+        return sorted(outcomes, key=lambda o: subs.index(o.submission))
+
+    outcomes = _scripted_run(module_ca, script, body)
+    assert [o.status for o in outcomes] == ["delivered"] * 3
+    assert script.stored == 3
+
+
+def test_a_reset_that_fails_closes_the_session(module_ca: TestCA) -> None:
+    """Every recipient refused, and the RSET after it answered with a line that cannot be
+    parsed: the session is in no known state, so it is closed, not reused."""
+    script = _Scripted(
+        False,
+        lambda v, n: {"RCPT": [b"550 5.1.1 no\r\n"], "RSET": [b"what?\r\n"]}.get(v),
+    )
+    result, connected = _one_send(module_ca, script)
+    assert isinstance(result, CopyOutcome)
+    assert isinstance(result.error, RecipientsRefusedError)
+    assert b"RSET\r\n" in script.seen
+    assert not connected
+
+
+@pytest.mark.parametrize("verb", ["DATA", "END"])
+@_BOTH
+def test_a_421_closes_the_session_without_rset(
+    module_ca: TestCA, pipelining: bool, verb: str
+) -> None:
+    """421 (RFC 5321 §3.8: the server is closing) to DATA or to the final ".", the server slow
+    to hang up: the client closes at once, sends no RSET, raises (nothing delivered)."""
+    script = _Scripted(
+        pipelining, lambda v, n: [b"421 4.3.2 closing\r\n"] if (v, n) == (verb, 0) else None
+    )
+    result, connected = _one_send(module_ca, script)
+    assert isinstance(result, DeliveryError), result
+    assert result.reply is not None and result.reply.code == 421
+    assert not result.maybe_delivered
+    assert not connected
+    assert b"RSET\r\n" not in script.seen
+
+
+def test_a_reply_already_there_before_the_end_of_data_is_not_its_answer(
+    module_ca: TestCA,
+) -> None:
+    """Pipelined: "354" and a stray "250" in one packet, and the real answer to "." a 554. The
+    stray reply was there before the "." was written, so it is not the answer: the "." is not
+    sent, the session is closed, and the error (nothing delivered) lets the copy be retried."""
+    script = _Scripted(
+        True,
+        lambda v, n: {
+            "DATA": [b"354 go\r\n250 2.0.0 stray\r\n"],
+            "END": [b"554 5.7.1 rejected\r\n"],
+        }.get(v),
+    )
+    result, connected = _one_send(module_ca, script)
+    assert isinstance(result, ConnectError), result
+    assert not result.maybe_delivered and result.transient
+    assert "out of step" in str(result)
+    assert not connected
+    assert script.stored == 0
+
+
+def test_replies_after_the_final_one_close_the_session(module_ca: TestCA) -> None:
+    """Pipelined: the answer to "." comes with a second, unasked-for reply. The answer stands
+    (delivered), but the session is out of step and is not used again."""
+    script = _Scripted(
+        True, lambda v, n: [b"250 queued\r\n250 and again\r\n"] if v == "END" else None
+    )
+    result, connected = _one_send(module_ca, script)
+    assert isinstance(result, CopyOutcome), result
+    assert result.accepted == (BOB,)
+    assert not connected
+
+
+def test_more_replies_than_commands_end_the_group(module_ca: TestCA) -> None:
+    """Pipelined: a server that answers one RCPT with many replies (more than the group has
+    commands) is out of step: not queued without end, but a transient error, session closed."""
+    script = _Scripted(True, lambda v, n: [b"250 ok\r\n" * 8] if v == "RCPT" else None)
+    result, connected = _one_send(module_ca, script)
+    assert isinstance(result, ConnectError), result
+    assert result.transient and not result.maybe_delivered
+    assert "more replies" in str(result)
+    assert not connected
+    assert script.stored == 0
+
+
+def test_a_354_after_a_refused_sender_closes_the_session(module_ca: TestCA) -> None:
+    """Pipelined: MAIL refused, yet RCPT and DATA accepted (354). Only when no recipient was
+    accepted does RFC 2920 §3.1 have the client end that message with a lone "."; a server
+    this confused gets nothing more: the session is closed, the sender's refusal reported."""
+    script = _Scripted(True, lambda v, n: [b"550 5.7.1 not you\r\n"] if v == "MAIL" else None)
+    result, connected = _one_send(module_ca, script)
+    assert isinstance(result, CopyOutcome), result
+    assert isinstance(result.error, DeliveryError)
+    assert result.error.reply is not None and result.error.reply.code == 550
+    assert [r.status for r in result.recipients] == ["failed"]
+    assert not connected
+    assert b"<end of data>" not in script.seen and b"RSET\r\n" not in script.seen
+
+
+class _FirstOnly:
+    """Offers PIPELINING, but answers only the first command of each packet it reads (a
+    server that does not really pipeline)."""
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            w.write(b"220 hi\r\n")
+            await r.readline()  # EHLO
+            w.write(b"250-x\r\n250 PIPELINING\r\n")
+            while chunk := await r.read(65536):
+                w.write(b"250 ok\r\n" if not chunk.startswith(b"QUIT") else b"221 bye\r\n")
+                await w.drain()
+        except ConnectionError:
+            return
+        finally:
+            w.close()
+
+
+def test_a_timeout_in_a_pipelined_group_says_the_commands_went_together(
+    module_ca: TestCA,
+) -> None:
+    """The reply to RCPT never comes (the server answered MAIL only): the timeout says that
+    the commands were pipelined, the likely cause, and nothing was delivered."""
+    script = _FirstOnly()
+
+    async def body(settings: SMTPSettings) -> ConnectError:
+        settings = dataclasses.replace(settings, command_timeout=0.2)
+        async with SMTPTransport(settings).connect() as conn:
+            assert conn.pipelining
+            with pytest.raises(ConnectError) as info:
+                await conn.send(_RAW, mail_from=SENDER, recipients=[BOB])
+            return info.value
+
+    error = _scripted_run(module_ca, script, body)
+    assert "reply to RCPT" in str(error) and "PIPELINING" in str(error)
+    assert error.transient and not error.maybe_delivered

@@ -42,6 +42,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -355,10 +356,15 @@ class _Replies(asyncio.Protocol):
     writes, flow control and the loss of the connection still go to aiosmtplib's protocol, so
     its state stays true. Put back with :meth:`installed`'s exit before any aiosmtplib command
     (RSET, QUIT) is sent.
+
+    At most ``limit`` replies are kept unread (a well-behaved server cannot have sent more
+    than the transaction's commands ahead): more means the server is out of step with the
+    commands, and the reading fails, as for a reply that cannot be parsed.
     """
 
-    def __init__(self, inner: SMTPProtocol) -> None:
+    def __init__(self, inner: SMTPProtocol, *, limit: int = 1 << 30) -> None:
         self._inner = inner
+        self._limit = limit
         self._buffer = bytearray()
         self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -367,11 +373,11 @@ class _Replies(asyncio.Protocol):
 
     @classmethod
     @contextlib.contextmanager
-    def installed(cls, smtp: aiosmtplib.SMTP) -> Iterator[_Replies]:
+    def installed(cls, smtp: aiosmtplib.SMTP, *, limit: int) -> Iterator[_Replies]:
         protocol, transport = smtp.protocol, smtp.transport
         if protocol is None or transport is None or transport.is_closing():
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        replies = cls(protocol)
+        replies = cls(protocol, limit=limit)
         transport.set_protocol(replies)
         try:
             yield replies
@@ -381,6 +387,21 @@ class _Replies(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         self._inner.write(data)
+
+    @property
+    def queued(self) -> bool:
+        """Has a reply arrived that no read took yet?"""
+        return bool(self._replies)
+
+    def check_idle(self) -> None:
+        """Raise if anything arrived that no read took: what ends the reading (the
+        connection's loss, a malformed reply), or a reply (then the server is out of step)."""
+        if self._failure is not None:
+            raise self._failure
+        if self._replies:
+            raise aiosmtplib.SMTPServerDisconnected(
+                "the server replied before the end of the data (out of step)"
+            )
 
     def ready(self) -> aiosmtplib.SMTPResponse | None:
         """The next reply if it has arrived already (a group's replies mostly come in one
@@ -426,6 +447,16 @@ class _Replies(asyncio.Protocol):
             if line[3:4] != b"-":
                 text = b"\n".join(lines).decode("utf-8", "surrogateescape")
                 self._replies.append(aiosmtplib.SMTPResponse(int(code), text))
+                if len(self._replies) > self._limit:
+                    # Replies to commands never sent: whatever is read next could be any of
+                    # them. What came before is dropped too; the caller closes the session.
+                    self._replies.clear()
+                    self._fail(
+                        aiosmtplib.SMTPResponseException(
+                            -1, "the server sent more replies than there were commands"
+                        )
+                    )
+                    return
                 lines = []
                 del self._buffer[:start]
                 start = 0
@@ -541,6 +572,12 @@ class SMTPConnection:
         self._lock = asyncio.Lock()
         self._end_of_data_sent = False
         self._stage: str | None = None
+        #: The latest send closed the session itself, the server's replies being out of step
+        #: with the commands, after a refusal it could still read (see :meth:`_closed_by`).
+        self._out_of_step = False
+        self._reset_at: float | None = None
+        #: The latest send is reading the replies to a pipelined group (RFC 2920).
+        self._in_group = False
 
     @property
     def tls(self) -> TLSInfo | None:
@@ -584,6 +621,13 @@ class SMTPConnection:
         return self._stage
 
     @property
+    def reset_at(self) -> float | None:
+        """When (``time.monotonic()``) the server accepted the RSET with which the latest
+        :meth:`send` cleared its refused transaction; ``None`` if it made none (or it
+        failed, which closes the session). The session was then clean and alive."""
+        return self._reset_at
+
+    @property
     def pipelining(self) -> bool:
         """Does the server offer PIPELINING (RFC 2920)? Then :meth:`send` writes MAIL, every
         RCPT and DATA at once and reads their replies after: two round trips per message
@@ -619,8 +663,9 @@ class SMTPConnection:
         outcome's ``error`` says so (:class:`DeliveryError`, :class:`RecipientsRefusedError`)
         and the session is reset (RSET, RFC 5321 §4.1.1.5) and can carry another message.
         Raised: what leaves no answer about the recipients or ends the session: the
-        connection lost or timed out (:class:`ConnectError`), a reply that closed the session
-        (e.g. 421, :class:`DeliveryError`), bad input (:class:`MessageError`).
+        connection lost or timed out, or a reply that cannot be read or comes out of step
+        (:class:`ConnectError`, the session closed), a reply that closed the session (e.g.
+        421, :class:`DeliveryError`), bad input (:class:`MessageError`).
         ``require_tls`` overrides ``SMTPSettings.require_tls`` for this
         message: REQUIRETLS (RFC 8689) on MAIL FROM, or :class:`RequireTLSError` before MAIL
         when the server does not offer it.
@@ -632,6 +677,9 @@ class SMTPConnection:
         """
         self._end_of_data_sent = False
         self._stage = None
+        self._out_of_step = False
+        self._reset_at = None
+        self._in_group = False
         rcpts = _check_envelope(mail_from, recipients)
         # SMTP smuggling (CVE-2023-51764) and RFC 5322 §2.1.1: only CRLF line ends, no NUL, no
         # 8-bit bytes, lines of at most 998 octets. aiosmtplib would "repair" bare CR/LF; we
@@ -680,20 +728,20 @@ class SMTPConnection:
                                 if not smtp.is_connected:  # e.g. 421: the server closed it
                                     raise
                 except aiosmtplib.SMTPSenderRefused as exc:
-                    await self._reset()
                     sender = DeliveryError(
                         f"{where} refused the sender {mail_from}", host=where, reply=_reply(exc)
                     )
                     if self._closed_by(exc):
                         raise sender from exc
+                    await self._reset()
                     return self._refused(mail_from, rcpts, {}, sender)
                 except aiosmtplib.SMTPDataError as exc:  # pipelined: DATA or the data refused
-                    await self._reset()
                     data = DeliveryError(
                         f"{where} refused the message data", host=where, reply=_reply(exc)
                     )
                     if self._closed_by(exc):
                         raise data from exc
+                    await self._reset()
                     return self._refused(mail_from, rcpts, refusals, data)
                 if len(refusals) == len(rcpts):
                     await self._reset()
@@ -704,25 +752,49 @@ class SMTPConnection:
                         self._stage = "DATA"
                         response = await self._data(raw, data_timeout, before_end)
                 except aiosmtplib.SMTPDataError as exc:
-                    await self._reset()
                     data = DeliveryError(
                         f"{where} refused the message data", host=where, reply=_reply(exc)
                     )
                     if self._closed_by(exc):
                         raise data from exc
+                    await self._reset()
                     return self._refused(mail_from, rcpts, refusals, data)
             except aiosmtplib.SMTPTimeoutError as exc:
                 stage = self._stage
                 timeout = data_timeout if stage == "DATA" else command_timeout
+                hint = ""
+                if self._in_group:
+                    # A server that offers PIPELINING yet answers only the first command of
+                    # each packet leaves the rest of the group unanswered: say so, or the
+                    # timeout looks like a slow server.
+                    hint = (
+                        " (MAIL, RCPT and DATA were sent together, as its offer of PIPELINING"
+                        " allows, RFC 2920; it may not really support that)"
+                    )
                 error = ConnectError(
                     f"timed out after {timeout:g} s waiting for {where}'s reply to {stage}"
+                    + hint
                     + _maybe_delivered(self._end_of_data_sent),
                     host=where,
                 )
                 error.maybe_delivered = self._end_of_data_sent
                 raise error from exc
             except aiosmtplib.SMTPResponseException as exc:
-                # Anything else with a code, e.g. a 421 to RCPT that closed the session.
+                # Anything else with a code, e.g. a 421 to RCPT that closed the session, or a
+                # reply that could not be parsed (aiosmtplib's code -1, which leaves the bad
+                # line in its buffer) or came out of step: either way the session is over, as
+                # a later command would read a reply not meant for it.
+                smtp.close()
+                if exc.code < 200:
+                    # Not the server's answer, so no refusal (a retry may well work); after
+                    # the final "." the server may have taken the message (RFC 5321 §6.1).
+                    error = ConnectError(
+                        f"unreadable reply from {where} at {self._stage}: "
+                        f"{server_text(exc.message)}" + _maybe_delivered(self._end_of_data_sent),
+                        host=where,
+                    )
+                    error.maybe_delivered = self._end_of_data_sent
+                    raise error from exc
                 raise DeliveryError(
                     f"{where} refused the message at {self._stage}", host=where, reply=_reply(exc)
                 ) from exc
@@ -760,8 +832,14 @@ class SMTPConnection:
     def _closed_by(self, exc: aiosmtplib.SMTPResponseException) -> bool:
         """Did this refusal end the session (a 421, RFC 5321 §3.8, or the server gone)? Then
         it is raised, like a lost connection: nothing more can be said per recipient, and a
-        reused connection closed at MAIL is replaced without counting an attempt."""
-        return exc.code == 421 or not self._smtp.is_connected
+        reused connection closed at MAIL is replaced without counting an attempt. Asked
+        before any RSET: after a 421 nothing more is sent (the server may be slow to hang
+        up), so the session is closed here. A session this side closed because the server
+        got out of step (:attr:`_out_of_step`) still has its refusal reported, not raised."""
+        if exc.code == 421:
+            self._smtp.close()
+            return True
+        return not self._smtp.is_connected and not self._out_of_step
 
     def _refused(
         self,
@@ -816,8 +894,12 @@ class SMTPConnection:
         group[0] += b"".join(b" " + option.encode("ascii") for option in options)
         group.extend(b"RCPT TO:<" + rcpt.encode("ascii") + b">" for rcpt in rcpts)
         group.append(b"DATA\r\n")
-        with _Replies.installed(smtp) as replies:
+        # More unread replies than the group's and the one to the final "." would mean the
+        # server answers commands never sent (RFC 2920 §3.1: one reply per command): refused,
+        # not queued without end. (One stray reply within that bound is caught before the ".".)
+        with _Replies.installed(smtp, limit=len(rcpts) + 3) as replies:
             replies.write(b"\r\n".join(group))
+            self._in_group = True
             # Replies still to read: should anything stop the reading early, the session is
             # out of step (the next command would get an old reply) and is closed.
             unread = len(rcpts) + 2
@@ -828,8 +910,14 @@ class SMTPConnection:
                     if mail.code != 421:  # 421: the server is closing (RFC 5321 §3.8)
                         with contextlib.suppress(aiosmtplib.SMTPException):
                             # "503 need MAIL" to each RCPT and to DATA, as a rule.
-                            await self._drain_group(replies, unread, data_timeout)
+                            last = await self._drain_group(replies, unread, data_timeout)
                             unread = 0
+                            if last is not None and last.code == 354:
+                                # DATA taken without a sender: a server this confused is
+                                # not sent even a lone "." (RFC 2920 §3.1 allows that only
+                                # when no recipient was accepted); the refusal stands.
+                                smtp.close()
+                                self._out_of_step = True
                     raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, mail_from)
                 self._stage = "RCPT"
                 for rcpt in rcpts:
@@ -842,30 +930,58 @@ class SMTPConnection:
                 self._stage = "DATA"
                 if len(refusals) == len(rcpts):
                     # RFC 2920 §3.1: DATA's reply must be read all the same (503 or 554).
-                    await self._drain_group(replies, unread, data_timeout)
+                    last = await self._drain_group(replies, unread, data_timeout)
                     unread = 0
+                    self._in_group = False
+                    if last is not None and last.code == 354:
+                        # RFC 2920 §3.1: a 354 with no recipient accepted; that empty message
+                        # is ended at once with a lone "." (the caller's RSET then clears it).
+                        replies.write(b".\r\n")
+                        await _next_reply(smtp, replies, data_timeout)
                     self._stage = "RCPT"
                     return None
                 start = await _next_reply(smtp, replies, data_timeout)
                 unread -= 1
+                self._in_group = False
             except BaseException:
                 if unread:
                     smtp.close()
                 raise
             if start.code != 354:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
-            return await self._body(raw, data_timeout, before_end, replies.read)
 
-    async def _drain_group(self, replies: _Replies, unread: int, timeout: float | None) -> None:
-        """Read the last ``unread`` replies of a pipelined group whose transaction is refused.
-        RFC 2920 §3.1: a server may still answer DATA with 354; that empty message is ended at
-        once with a lone "." (the caller's RSET then clears the transaction)."""
+            def in_step() -> None:
+                # Just before the ".": a reply already here was sent before the server saw
+                # the end of the data, so it cannot be the answer to it, and taking it for
+                # one could report a refused message delivered. Nothing was delivered yet
+                # (the "." was not sent), so the copy may be tried again.
+                try:
+                    replies.check_idle()
+                except aiosmtplib.SMTPException:
+                    smtp.close()
+                    raise
+
+            async def final() -> aiosmtplib.SMTPResponse:
+                response = await replies.read()
+                if replies.queued:
+                    # More replies after the last one: out of step, so the session is not
+                    # used again. This reply came after the "." and stands.
+                    smtp.close()
+                    self._out_of_step = True
+                return response
+
+            return await self._body(raw, data_timeout, before_end, final, in_step)
+
+    async def _drain_group(
+        self, replies: _Replies, unread: int, timeout: float | None
+    ) -> aiosmtplib.SMTPResponse | None:
+        """Read the last ``unread`` replies of a pipelined group whose transaction is refused;
+        the last of them (DATA's), which the caller judges: a server may still answer DATA
+        with 354 (RFC 2920 §3.1)."""
         reply: aiosmtplib.SMTPResponse | None = None
         for _ in range(unread):
             reply = await _next_reply(self._smtp, replies, timeout)
-        if reply is not None and reply.code == 354:
-            replies.write(b".\r\n")
-            await _next_reply(self._smtp, replies, timeout)
+        return reply
 
     async def _data(
         self,
@@ -890,6 +1006,7 @@ class SMTPConnection:
         timeout: float | None,
         before_end: Callable[[], Awaitable[None]] | None,
         read_reply: Callable[[], Awaitable[aiosmtplib.SMTPResponse]],
+        in_step: Callable[[], None] | None = None,
     ) -> aiosmtplib.SMTPResponse:
         """The message after the server's 354: ``raw`` dot-stuffed and streamed in pieces,
         then the end-of-data line; the final reply, read with ``read_reply``. aiosmtplib's own
@@ -925,6 +1042,8 @@ class SMTPConnection:
                 piece = following
             if before_end is not None:
                 await before_end()
+            if in_step is not None:
+                in_step()
             # Reading the reply starts right after the last write, so it cannot be missed.
             protocol.write(end)
             self._end_of_data_sent = True
@@ -944,12 +1063,18 @@ class SMTPConnection:
         return response
 
     async def _reset(self) -> None:
-        """RSET after a refused transaction; its failure cannot change the outcome."""
+        """RSET after a refused transaction; its failure cannot change the outcome, but closes
+        the session."""
         if not self._smtp.is_connected:
             return
         command_timeout, _ = self._timeouts()
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+        try:
             await _bounded(self._smtp, self._smtp.rset(timeout=None), command_timeout)
+            self._reset_at = time.monotonic()
+        except (aiosmtplib.SMTPException, OSError):
+            # Refused, unreadable, timed out: a session that cannot be reset is in no known
+            # state (the next MAIL could get this RSET's late reply), so it is not reused.
+            self._smtp.close()
 
     async def _close(self) -> None:
         await _quit_quietly(self._smtp)
