@@ -610,9 +610,10 @@ class DeliveryEngine:
                 return True
             break
         if result.error is not None:
-            # The server refused the transaction (the sender, every recipient, or the data)
-            # and the session was reset: its answer for each recipient, as the transport
-            # made it (5xx failed, 4xx retried).
+            # The server refused the transaction (the sender, every recipient, or the data):
+            # its answer for each recipient, as the transport made it (5xx failed, 4xx
+            # retried). The session was reset, or closed when it was out of step; the slot
+            # reconnects for the next copy when it is down.
             job.error = result.error
             await self._apply(job, result)
             return True
