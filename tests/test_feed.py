@@ -45,7 +45,7 @@ sys.path[:] = pickle.load(sys.stdin.buffer)
 payload = pickle.load(sys.stdin.buffer)
 written = 0
 for piece in payload:
-    os.write(1, piece)
+    os.write(3, piece)
     written += len(piece)
     if written > 200_000:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -56,7 +56,7 @@ SHORT_REPORT = """
 import os, pickle, sys
 sys.path[:] = pickle.load(sys.stdin.buffer)
 payload = pickle.load(sys.stdin.buffer)
-os.write(1, next(iter(payload)))
+os.write(3, next(iter(payload)))
 os.write(2, b"wrote 10 1000\\n")
 """
 
