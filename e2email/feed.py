@@ -145,6 +145,10 @@ class Feeder:
         report_r, report_w = os.pipe()
         # A socket, not a pipe, for the pickles: see _NoSignalWriter.
         ours, theirs = socket.socketpair()
+        # Blocking, whatever socket.setdefaulttimeout() says: a timeout would make the
+        # child's end non-blocking, and cut a slow child's pickle short here.
+        ours.settimeout(None)
+        theirs.settimeout(None)
         self.fd = data_r
         self._report = report_r
         # The child's ends: its standard input, its data descriptor, its report.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tracemalloc
@@ -520,3 +521,17 @@ def test_a_stalled_or_failed_feeder_is_given_up_on_and_the_log_names_no_file(
     assert "contract.pdf" not in warnings[0]
     if child == "never writes":
         assert "wrote nothing in 0.5 seconds" in caplog.text
+
+
+def test_a_default_socket_timeout_does_not_reach_the_feeder() -> None:
+    """socket.setdefaulttimeout() (a program's, for its own sockets) would make the pickles'
+    socket non-blocking in the child: it is not applied."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5)
+    try:
+        payload = [os.urandom(3_000_000)]
+        with feed.Feeder(payload, 3_000_000) as feeder:
+            assert _drain(feeder.fd) == payload[0]
+            assert feeder.finish().written == 3_000_000
+    finally:
+        socket.setdefaulttimeout(previous)
