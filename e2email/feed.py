@@ -140,7 +140,6 @@ class Feeder:
         self.size = size
         self.pid = 0
         self._reaped = False
-        self._code: int | None = None
         data_r, data_w = os.pipe()
         report_r, report_w = os.pipe()
         # A socket, not a pipe, for the pickles: see _NoSignalWriter.

@@ -421,8 +421,9 @@ class EngineContext:
     ) -> None:
         # A custom __init__ (the class stays a frozen dataclass) for the old keyword
         # ``certstore=``, which code written before ``certstore_source`` passes.
-        if (certstore_source is None) == (certstore is None):
-            raise TypeError("EngineContext() needs one of certstore_source= and certstore=")
+        # (Neither is accepted, as before: an engine that needs no store never asks for it.)
+        if certstore_source is not None and certstore is not None:
+            raise TypeError("EngineContext() takes certstore_source= or certstore=, not both")
         source = certstore_source if certstore_source is not None else certstore
         object.__setattr__(self, "keystore", keystore)
         object.__setattr__(self, "certstore_source", source)
