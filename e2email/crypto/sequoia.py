@@ -633,13 +633,13 @@ def _encrypted_binary(
                     # failed: the copy is made again below, from the payload whole. The
                     # reason logged is generic: the child's own words may name the
                     # attachment's file.
-                    log.warning(
-                        "e2email: the large copy is made again in memory: %s",
-                        "the payload feeder failed"
-                        if isinstance(exc, OSError)
-                        else "Sequoia could not read the payload from the feeder",
-                    )
-                    log.debug("e2email: the payload feeder: %s", _first_line(exc))
+                    if isinstance(exc, _FeederNotStarted):
+                        why = str(exc)
+                    elif isinstance(exc, OSError):
+                        why = "the payload feeder failed"
+                    else:
+                        why = "Sequoia failed on the fed payload"
+                    log.warning("e2email: the large copy is made again in memory: %s", why)
                     out.truncate(0)
                 else:
                     yield _file_pieces(out.fileno())
@@ -663,6 +663,10 @@ def _encrypted_binary(
     yield binary
 
 
+class _FeederNotStarted(_feed.FeedError):
+    """The payload feeder wrote nothing within :data:`FEED_START_TIMEOUT`."""
+
+
 def _encrypt_from_feeder(
     sq: Any, data: PayloadStream, certs: Sequence[Any], signer: Any, out: int
 ) -> None:
@@ -676,7 +680,7 @@ def _encrypt_from_feeder(
         # wait for the child's first bytes releases it (signal handlers, other threads and
         # an event loop run on), and a child that never starts feeding is given up on.
         if not feeder.started(FEED_START_TIMEOUT):
-            raise _feed.FeedError(
+            raise _FeederNotStarted(
                 f"the payload feeder wrote nothing in {FEED_START_TIMEOUT:g} seconds"
             )
         sq.encrypt_file(
