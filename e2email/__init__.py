@@ -16,7 +16,7 @@ API, synchronous::
 # Every public name is imported when first used (PEP 562), not by ``import e2email``: the
 # OpenPGP paths then never load ``cryptography`` (about 10 MB of every process's memory, needed
 # only by S/MIME and the certificate store), and a module such as e2email.message can be
-# imported alone (the Sequoia engine's payload feeder, e2email.crypto.feed, needs only that).
+# imported alone (the Sequoia engine's payload feeder, e2email.feed, needs only that).
 import importlib as _importlib
 import typing as _typing
 
@@ -154,7 +154,7 @@ _DEPRECATED = {
 def __getattr__(name: str) -> object:
     module = _MODULES.get(name)
     if module is None:
-        raise AttributeError(f"module 'e2email' has no attribute {name!r}")
+        return _submodule(name)
     if name in _DEPRECATED:
         # Not cached, so that each reading outside e2email warns (DeprecationWarning).
         from e2email.outcome import deprecated_name
@@ -165,6 +165,20 @@ def __getattr__(name: str) -> object:
     value = getattr(_importlib.import_module(module), name)
     globals()[name] = value  # found directly from now on
     return value
+
+
+def _submodule(name: str) -> object:
+    """``e2email.errors`` and the like after a bare ``import e2email``: a submodule, imported
+    now (the import binds it here, so this runs once per submodule)."""
+    missing = AttributeError(f"module 'e2email' has no attribute {name!r}")
+    if not name.isidentifier() or name.startswith("__"):
+        raise missing
+    try:
+        return _importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise  # the submodule exists but something it imports is missing
+        raise missing from None
 
 
 def __dir__() -> list[str]:

@@ -227,6 +227,12 @@ class AsyncMailer:
             self._certstore = CertStore(self.keystore.home)
         return self._certstore
 
+    @certstore.setter
+    def certstore(self, store: CertStore) -> None:
+        # Settable, as it was when it was a plain attribute.
+        self._certstore = store
+        self._engines.clear()  # made again with this store when next needed
+
     async def protect(
         self, message: Message, *, protection: Protection | None = None
     ) -> tuple[ProtectedCopy, ...]:

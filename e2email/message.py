@@ -582,9 +582,11 @@ class Attachment:
         changed. It must be readable now. The type is guessed from the name when not given.
 
         The gpg engine pipes the payload to gpg as it is read, so neither the file nor its
-        base64 form is ever held whole. The Sequoia engine (pysequoia takes and returns whole
-        byte strings) and S/MIME (``cryptography`` signs and envelopes whole buffers) hold the
-        encoded payload once, read into it block by block; never the file's bytes as well."""
+        base64 form is ever held whole. The Sequoia engine does the same for a large payload
+        (from ``e2email.crypto.sequoia.FEED_MIN`` up, where a child process can be started: the
+        child reads the file and feeds Sequoia); for a smaller one it holds the encoded payload
+        once, as S/MIME does (``cryptography`` signs and envelopes whole buffers), read into it
+        block by block; never the file's bytes as well."""
         where = Path(path)
         shown = os.fspath(path)
         try:

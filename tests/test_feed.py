@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tracemalloc
 from collections.abc import Callable
@@ -45,7 +48,7 @@ sys.path[:] = pickle.load(sys.stdin.buffer)
 payload = pickle.load(sys.stdin.buffer)
 written = 0
 for piece in payload:
-    os.write(1, piece)
+    os.write(3, piece)
     written += len(piece)
     if written > 200_000:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -56,7 +59,7 @@ SHORT_REPORT = """
 import os, pickle, sys
 sys.path[:] = pickle.load(sys.stdin.buffer)
 payload = pickle.load(sys.stdin.buffer)
-os.write(1, next(iter(payload)))
+os.write(3, next(iter(payload)))
 os.write(2, b"wrote 10 1000\\n")
 """
 
@@ -323,3 +326,212 @@ def test_no_feeder_where_python_is_embedded(monkeypatch: pytest.MonkeyPatch) -> 
     assert not feed.available()
     monkeypatch.setattr(sys, "executable", "/usr/bin/python3.11")
     assert feed.available()
+
+
+# Review findings (round 4): what else runs in the child, signals, descriptors, search path.
+
+#: A child whose start writes to its standard output (as a sitecustomize, a .pth file's
+#: import line or a module imported while unpickling may): never part of the payload.
+STRAY_AT_START = "import os; os.write(1, b'EXTRA\\n'); "
+
+
+def test_stray_output_of_the_child_never_reaches_the_payload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its standard output is not the payload's pipe: the reader gets the payload exactly,
+    and the stray line makes a report that finish() refuses (the copy is then made again)."""
+    monkeypatch.setattr(
+        feed, "_command", lambda: [sys.executable, "-I", "-c", STRAY_AT_START + feed._BOOTSTRAP]
+    )
+    with feed.Feeder([b"the payload"], 11) as feeder:
+        received = _drain(feeder.fd)
+        with pytest.raises(feed.FeedError, match="did not feed the whole payload"):
+            feeder.finish()
+    assert received == b"the payload"
+
+
+def test_the_child_is_in_this_process_s_process_group() -> None:
+    """A Ctrl-C at the terminal (SIGINT to the foreground process group) reaches the child
+    too: it stops, and Sequoia, waiting on it, sees the end of its input."""
+    with feed.Feeder([b"x"], 1) as feeder:
+        assert os.getpgid(feeder.pid) == os.getpgrp()
+        assert _drain(feeder.fd) == b"x"
+        feeder.finish()
+
+
+CLOSED_STDIO = """
+import os, sys
+out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)
+os.dup2(out, 20)
+for fd in (0, 1, 2, out):
+    os.close(fd)
+from e2email import feed
+with feed.Feeder([b"abc", b"def"], 6) as feeder:
+    received = b""
+    while piece := os.read(feeder.fd, 65536):
+        received += piece
+    result = feeder.finish()
+os.write(20, repr((received, result.written)).encode())
+"""
+
+
+def test_a_process_started_with_0_1_2_closed_feeds_its_payload(tmp_path: Path) -> None:
+    """New pipes then take the numbers 0, 1 and 2: moved high before the child's
+    descriptors are set up, none overwrites another."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", CLOSED_STDIO, str(out)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.read_text() == repr((b"abcdef", 6)), done.stderr
+
+
+SIGPIPE_DEFAULT = """
+import signal, sys
+from e2email import feed
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as many command-line programs do
+# A child gone before it read its payload (here it exits at once).
+feed._command = lambda: [sys.executable, "-I", "-c", "import sys; sys.exit(3)"]
+payload = [b"x" * 4_000_000]
+try:
+    with feed.Feeder(payload, len(payload[0])) as feeder:
+        feeder.finish()
+except OSError as exc:
+    print("refused:", type(exc).__name__)
+print("alive")
+"""
+
+
+def test_a_child_gone_early_never_kills_a_process_with_sigpipe_at_its_default() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SIGPIPE_DEFAULT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.splitlines()[-1] == "alive"
+    assert "refused" in done.stdout
+
+
+def test_the_child_never_takes_e2email_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative entry of sys.path ('' is the current directory) is not passed on: an
+    e2email package in a hostile current directory never stands in for this one."""
+    hostile = tmp_path / "e2email"
+    hostile.mkdir()
+    (hostile / "__init__.py").write_text("raise SystemExit(7)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", "relative", *sys.path])
+    with feed.Feeder([b"payload"], 7) as feeder:
+        assert _drain(feeder.fd) == b"payload"
+        assert feeder.finish().written == 7
+    assert feed._search_path()[0] == str(Path(feed.__file__).parent.parent)
+    assert all(os.path.isabs(entry) for entry in feed._search_path())
+
+
+def test_the_child_inherits_no_other_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inheritable descriptor of this process (a socket, a file) is closed in the child
+    before anything of it runs."""
+    (tmp_path / "feed_probe_fd.py").write_text(
+        "import os\n"
+        "class FdProbe:\n"
+        "    def __init__(self, fd):\n        self.fd = fd\n"
+        "    def __iter__(self):\n"
+        "        try:\n            os.fstat(self.fd)\n"
+        "        except OSError:\n            return iter([b'shut'])\n"
+        "        return iter([b'open'])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import feed_probe_fd  # type: ignore[import-not-found]
+
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.set_inheritable(fd, True)
+        with feed.Feeder(feed_probe_fd.FdProbe(fd), 4) as feeder:
+            assert _drain(feeder.fd) == b"shut"
+            feeder.finish()
+    finally:
+        os.close(fd)
+
+
+def test_with_sigchld_ignored_an_exact_report_is_trusted() -> None:
+    """With SIGCHLD ignored the system reaps the child itself and its exit status cannot be
+    had: its one-line exact report is trusted (the copy is not made twice); a short one is
+    still refused."""
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        with feed.Feeder([b"abc"], 3) as feeder:
+            assert _drain(feeder.fd) == b"abc"
+            assert feeder.finish().written == 3
+        with feed.Feeder([b"abc"], 4) as feeder:
+            _drain(feeder.fd)
+            with pytest.raises(feed.FeedError, match="exit status unknown"):
+                feeder.finish()
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+def test_no_feeder_in_a_frozen_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3.11")
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert not feed.available()
+
+
+#: A child that never starts feeding (stalled before it writes anything).
+NEVER_WRITES = "import time; time.sleep(120)"
+
+#: A child that fails with a report naming the attachment's file.
+FAILS_NAMING_THE_FILE = (
+    "import os, sys; os.write(2, b'failed after 0 bytes: MessageError: "
+    "/secret/dir/contract.pdf changed since it was attached\\n'); sys.exit(1)"
+)
+
+
+@pytest.mark.parametrize("child", ["never writes", "fails naming the file"])
+def test_a_stalled_or_failed_feeder_is_given_up_on_and_the_log_names_no_file(
+    keys: Keys,
+    sender_store: Keystore,
+    smtp_server: ServerFactory,
+    recipients_home: Path,
+    big_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    child: str,
+) -> None:
+    """A child that writes nothing is given up on after FEED_START_TIMEOUT (waited for with
+    the GIL released, before Sequoia is called) and the copy is made in memory; the warning
+    never repeats the child's words, which may name the attachment's file."""
+    monkeypatch.setattr(sequoia, "FEED_START_TIMEOUT", 0.5)
+    _script(monkeypatch, NEVER_WRITES if child == "never writes" else FAILS_NAMING_THE_FILE)
+    server = smtp_server(tls="implicit")
+    with caplog.at_level(logging.DEBUG, logger="e2email.crypto.sequoia"):
+        _send(server, sender_store, _message(keys, Attachment.from_path(big_file)))
+    assert _sent_attachment(server, recipients_home, keys) == big_file.read_bytes()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "made again in memory" in warnings[0]
+    assert "contract.pdf" not in warnings[0]
+    if child == "never writes":
+        assert "wrote nothing in 0.5 seconds" in caplog.text
+
+
+def test_a_default_socket_timeout_does_not_reach_the_feeder() -> None:
+    """socket.setdefaulttimeout() (a program's, for its own sockets) would make the pickles'
+    socket non-blocking in the child: it is not applied."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5)
+    try:
+        payload = [os.urandom(3_000_000)]
+        with feed.Feeder(payload, 3_000_000) as feeder:
+            assert _drain(feeder.fd) == payload[0]
+            assert feeder.finish().written == 3_000_000
+    finally:
+        socket.setdefaulttimeout(previous)

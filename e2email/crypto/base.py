@@ -397,9 +397,12 @@ class Passphrase:
 # -- The registry ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False)
 class EngineContext:
-    """What an engine factory may use to make its engine (grows with keyword fields)."""
+    """What an engine factory may use to make its engine (grows with keyword fields).
+
+    The certificate store is given as ``certstore_source`` or, as before that field was
+    added, ``certstore`` (either one: a store or a function that gives it)."""
 
     keystore: Keystore
     #: The S/MIME certificate store, or a function that gives it when it is first asked for
@@ -407,6 +410,24 @@ class EngineContext:
     certstore_source: CertStore | Callable[[], CertStore]
     #: Network settings for OpenPGP key discovery (issue 10); None: the defaults.
     discovery_settings: DiscoverySettings | None = None
+
+    def __init__(
+        self,
+        *,
+        keystore: Keystore,
+        certstore_source: CertStore | Callable[[], CertStore] | None = None,
+        certstore: CertStore | Callable[[], CertStore] | None = None,
+        discovery_settings: DiscoverySettings | None = None,
+    ) -> None:
+        # A custom __init__ (the class stays a frozen dataclass) for the old keyword
+        # ``certstore=``, which code written before ``certstore_source`` passes.
+        # (Neither is accepted, as before: an engine that needs no store never asks for it.)
+        if certstore_source is not None and certstore is not None:
+            raise TypeError("EngineContext() takes certstore_source= or certstore=, not both")
+        source = certstore_source if certstore_source is not None else certstore
+        object.__setattr__(self, "keystore", keystore)
+        object.__setattr__(self, "certstore_source", source)
+        object.__setattr__(self, "discovery_settings", discovery_settings)
 
     @functools.cached_property
     def certstore(self) -> CertStore:

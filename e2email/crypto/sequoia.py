@@ -574,6 +574,10 @@ _PROC_FD = Path("/proc/self/fd")
 #: few megabytes held once.
 FEED_MIN = 8 << 20
 
+#: How long the payload feeder may take to start writing (an interpreter's start, a few
+#: tenths of a second on a busy machine) before the copy is made in memory instead.
+FEED_START_TIMEOUT = 30.0
+
 
 def _encrypted_copy(
     data: PayloadStream,
@@ -626,11 +630,16 @@ def _encrypted_binary(
                 except (RuntimeError, ValueError, OSError) as exc:
                     # The feeder could not start, failed or was killed (what Sequoia wrote
                     # is then never used: it may be a truncated payload's), or Sequoia
-                    # failed: the copy is made again below, from the payload whole.
-                    log.warning(
-                        "e2email: the large copy is made again in memory: %s",
-                        _first_line(exc),
-                    )
+                    # failed: the copy is made again below, from the payload whole. The
+                    # reason logged is generic: the child's own words may name the
+                    # attachment's file.
+                    if isinstance(exc, _FeederNotStarted):
+                        why = str(exc)
+                    elif isinstance(exc, OSError):
+                        why = "the payload feeder failed"
+                    else:
+                        why = "Sequoia failed on the fed payload"
+                    log.warning("e2email: the large copy is made again in memory: %s", why)
                     out.truncate(0)
                 else:
                     yield _file_pieces(out.fileno())
@@ -654,6 +663,10 @@ def _encrypted_binary(
     yield binary
 
 
+class _FeederNotStarted(_feed.FeedError):
+    """The payload feeder wrote nothing within :data:`FEED_START_TIMEOUT`."""
+
+
 def _encrypt_from_feeder(
     sq: Any, data: PayloadStream, certs: Sequence[Any], signer: Any, out: int
 ) -> None:
@@ -663,6 +676,13 @@ def _encrypt_from_feeder(
     the end of its input, and a child killed mid-way ends that input early."""
     size = len(data)
     with _feed.Feeder(data, size) as feeder:
+        # pysequoia holds the GIL while it waits for input: here, before it is called, the
+        # wait for the child's first bytes releases it (signal handlers, other threads and
+        # an event loop run on), and a child that never starts feeding is given up on.
+        if not feeder.started(FEED_START_TIMEOUT):
+            raise _FeederNotStarted(
+                f"the payload feeder wrote nothing in {FEED_START_TIMEOUT:g} seconds"
+            )
         sq.encrypt_file(
             _PROC_FD / str(feeder.fd), _PROC_FD / str(out), certs, signer=signer, armor=False
         )
