@@ -1823,3 +1823,28 @@ def test_random_mime_trees_keep_their_content(seed: int) -> None:
         assert not line.startswith(b"From ") and not line.endswith((b" ", b"\t")), line
     assert leaves(entity) == leaves(crlf(raw))
     assert MimeBody.parse(entity) == body
+
+
+def test_a_finalized_message_is_finalized_as_itself() -> None:
+    """Finalizing a message that already has its Date and Message-ID copies nothing (it is
+    immutable, and its checks already ran): the mailer finalizes every message it sends."""
+    message = Message(sender="a@example.org", to=["b@example.net"], subject="s", text="t")
+    final = message.finalized()
+    assert final is not message and final.message_id is not None and final.date is not None
+    assert final.finalized() is final
+
+
+def test_seven_bit_text_is_judged_as_its_lines_are() -> None:
+    """The one-match check of a whole text agrees with the line-by-line rule (a line over 76
+    characters, one ending in white space, one starting with "." or "From ", or a non-ASCII
+    character makes it quoted-printable)."""
+    import itertools
+
+    from e2email.message import _SEVEN_BIT_LINE, _SEVEN_BIT_TEXT
+
+    pieces = ["a", " ", "\t", ".", "From ", "\n", "é", "x" * 75, "F"]
+    for n in range(5):
+        for parts in itertools.product(pieces, repeat=n):
+            text = "".join(parts)
+            lines = all(_SEVEN_BIT_LINE.fullmatch(line) for line in text.split("\n"))
+            assert (_SEVEN_BIT_TEXT.fullmatch(text) is not None) == lines, repr(text)
