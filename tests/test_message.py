@@ -1832,6 +1832,11 @@ def test_a_finalized_message_is_finalized_as_itself() -> None:
     final = message.finalized()
     assert final is not message and final.message_id is not None and final.date is not None
     assert final.finalized() is final
+    # The copy is the message with those two fields set, field for field.
+    import dataclasses
+
+    assert final == dataclasses.replace(message, date=final.date, message_id=final.message_id)
+    assert message.date is None and message.message_id is None  # the original is unchanged
 
 
 def test_seven_bit_text_is_judged_as_its_lines_are() -> None:
