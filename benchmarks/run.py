@@ -40,6 +40,7 @@ import logging
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -303,14 +304,47 @@ def bench_split(
         for payload in payloads:
             raw_sign_encrypt(payload, certs, signer)
         out["raw"] = (time.perf_counter() - started) * 1000 / n
-        ratio = out["protect"] / out["raw"]
+        # On a shared VM the speed drifts over seconds, so the two measured one after the
+        # other can differ by 10% for reasons of their own: the ratio is also taken from
+        # blocks of 50 messages measured alternately (protect, raw, protect, raw...), and
+        # its median reported.
+        ratios = asyncio.run(_alternating(mailer, messages, payloads, certs, signer))
+        ratio = statistics.median(ratios)
         line += (
             f"\n  raw pysequoia sign+encrypt: {out['raw']:.3f} ms; protection / raw = "
-            f"{ratio:.2f}x (target <= 3x: {'met' if ratio <= 3 else 'NOT met'})"
+            f"{out['protect'] / out['raw']:.2f}x measured one after the other, "
+            f"{ratio:.2f}x the median of {len(ratios)} alternating blocks "
+            f"({min(ratios):.2f}x-{max(ratios):.2f}x) (target <= 3x: "
+            f"{'met' if ratio <= 3 else 'NOT met'})"
         )
     print(line, flush=True)
     mailer.close()
     return out
+
+
+async def _alternating(
+    mailer: AsyncMailer,
+    messages: list[Message],
+    payloads: list[bytes],
+    certs: list[Any],
+    signer: Any,
+    *,
+    block: int = 50,
+) -> list[float]:
+    """protect / raw per pair of blocks of ``block`` messages, measured alternately."""
+    from e2email.crypto.sequoia import raw_sign_encrypt
+
+    ratios = []
+    for start in range(0, len(messages) - block + 1, block):
+        began = time.perf_counter()
+        for message in messages[start : start + block]:
+            await mailer.protect(message)
+        protect = time.perf_counter() - began
+        began = time.perf_counter()
+        for payload in payloads[start : start + block]:
+            raw_sign_encrypt(payload, certs, signer)
+        ratios.append(protect / (time.perf_counter() - began))
+    return ratios
 
 
 def _ok(result: Any) -> None:
@@ -579,12 +613,18 @@ def main() -> None:
                     for name, rate in rates.items():
                         print(f"  {engine.value:<8} {name:<27} {rate / peer:>6.2f}x", flush=True)
                 for engine, rates in all_rates.items():
-                    ratio = rates["one connection"] / peer
+                    # envelope keeps nothing on disk: the like-for-like row is e2email
+                    # without its durable outbox; the outbox's row is printed beside it.
                     goal = 10 if engine is OpenPGPEngine.SEQUOIA else 2
-                    print(
-                        f"target ({engine.value}, one connection >= {goal}x envelope): "
-                        f"{'met' if ratio >= goal else 'NOT met'}"
-                    )
+                    for row, what in (
+                        ("one connection, no outbox", "no outbox, as envelope"),
+                        ("one connection", "with the durable outbox"),
+                    ):
+                        ratio = rates[row] / peer
+                        print(
+                            f"target ({engine.value}, one connection >= {goal}x envelope; "
+                            f"{what}): {ratio:.2f}x, {'met' if ratio >= goal else 'NOT met'}"
+                        )
             if args.attachment_mb:
                 _smime_identities(home)
                 big = work / "big.bin"
