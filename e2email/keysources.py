@@ -16,11 +16,12 @@ file renamed over the old one), so a crash never leaves half a record.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,6 +116,38 @@ class KeySources:
         #: The text last read and the (home, file) stat it was read under: a lookup per
         #: recipient per message re-reads and re-checks the file only when either changed.
         self._cache: tuple[tuple[int, ...], str] | None = None
+        #: Per thread, during :meth:`pinned`: the record as read at its first lookup.
+        self._pin = threading.local()
+        #: Bumped by every write of this process, so a pinned reading never hides it.
+        self._generation = 0
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """One reading of the record for a whole operation in this thread (the lookups that
+        resolve one message's keys: each recipient's accepted key, each key's source), as
+        :meth:`e2email.keystore.Keystore.pinned` does for the listing: checked for changes at
+        the first lookup, not at each. A write by this process counts at the next lookup;
+        another process's, from the next operation."""
+        depth = getattr(self._pin, "depth", 0)
+        self._pin.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._pin.depth = depth
+            if depth == 0:
+                self._pin.data = None
+
+    def _lookup(self) -> dict[str, object]:
+        """:meth:`_read` for the read-only lookups: once per :meth:`pinned` operation. The
+        result is not to be changed (writes read the record afresh, under the lock)."""
+        if getattr(self._pin, "depth", 0) == 0:
+            return self._read()
+        data: dict[str, object] | None = getattr(self._pin, "data", None)
+        if data is None or getattr(self._pin, "generation", None) != self._generation:
+            generation = self._generation
+            data = self._pin.data = self._read()
+            self._pin.generation = generation
+        return data
 
     def _tag(self) -> tuple[int, ...] | None:
         """What the checks and the read depend on: owner, mode, identity and, for the file,
@@ -169,8 +202,9 @@ class KeySources:
         )
 
     def get(self, fingerprint: str) -> KeySource | None:
-        entry = self._load().get(fingerprint.upper())
-        if entry is None:
+        keys = self._lookup().get("keys")
+        entry = keys.get(fingerprint.upper()) if isinstance(keys, dict) else None
+        if not isinstance(entry, dict):
             return None
         try:
             kind = SourceKind(entry.get("source", ""))
@@ -232,7 +266,7 @@ class KeySources:
 
     def accepted(self, address: str) -> str | None:
         """The fingerprint accepted by hand for ``address`` (``keys accept``), if any."""
-        pins = self._read().get("accepted")
+        pins = self._lookup().get("accepted")
         value = pins.get(address.strip().lower()) if isinstance(pins, dict) else None
         return value if isinstance(value, str) else None
 
@@ -296,3 +330,4 @@ class KeySources:
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
+            self._generation += 1

@@ -1302,10 +1302,13 @@ class Keystore:
                     sorted((f, self.secret_keys.tag(f)) for f in self.secret_keys.fingerprints())
                 ),
             )
+        home = os.fspath(self.gnupg_home)
         stamp: list[int] = []
         for name in ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "private-keys-v1.d"):
             try:
-                st = (self.gnupg_home / name).stat()
+                # os.stat of a joined string: a Path per file per message cost more than
+                # the stat itself.
+                st = os.stat(os.path.join(home, name))
             except OSError:
                 stamp += [0, 0]
             else:
@@ -1330,7 +1333,8 @@ class Keystore:
         depth = getattr(self._pin, "depth", 0)
         self._pin.depth = depth + 1
         try:
-            yield
+            with self.sources.pinned():  # the key-sources record: read once, the same way
+                yield
         finally:
             self._pin.depth = depth
             if depth == 0:

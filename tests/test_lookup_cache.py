@@ -42,3 +42,37 @@ def test_a_pinned_listing_sees_an_import_made_by_another_thread(keys: Keys, tmp_
         other.start()
         other.join()
         assert [k.fingerprint for k in store.find(keys.bob.address)] == [keys.bob.fingerprint]
+
+
+def test_a_pinned_operation_reads_the_key_sources_record_once(tmp_path: Path) -> None:
+    """Within one pinned operation (one message's key lookups) the record is read once: a
+    change by another process counts from the next operation; a write by this process, at
+    once."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    sources = KeySources(home)
+    sources.accept("bob@example.net", "A" * 40)
+    reads = 0
+    real = sources._read
+
+    def counting() -> dict[str, object]:
+        nonlocal reads
+        reads += 1
+        return real()
+
+    sources._read = counting  # type: ignore[method-assign]
+    other = KeySources(home)  # another process, as far as the record is concerned
+    with sources.pinned():
+        assert sources.accepted("bob@example.net") == "A" * 40
+        assert sources.accepted("carol@example.net") is None
+        assert sources.get("A" * 40) is None
+        assert reads == 1
+        other.accept("bob@example.net", "B" * 40)
+        assert sources.accepted("bob@example.net") == "A" * 40  # pinned: the first reading
+        sources.accept("carol@example.net", "C" * 40)  # this process writes: seen at once
+        assert sources.accepted("carol@example.net") == "C" * 40
+        assert sources.accepted("bob@example.net") == "B" * 40
+    assert sources.accepted("bob@example.net") == "B" * 40
+    before = reads
+    sources.accepted("bob@example.net")
+    assert reads == before + 1  # not pinned: every lookup looks at the record
