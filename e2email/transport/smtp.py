@@ -727,6 +727,15 @@ class SMTPConnection:
                                 refusals[rcpt] = _reply(exc)
                                 if not smtp.is_connected:  # e.g. 421: the server closed it
                                     raise
+                    if len(refusals) == len(rcpts):
+                        await self._reset()
+                        every = RecipientsRefusedError(
+                            [(r, refusals[r]) for r in rcpts], host=where
+                        )
+                        return self._refused(mail_from, rcpts, refusals, every)
+                    if response is None:
+                        self._stage = "DATA"
+                        response = await self._data(raw, data_timeout, before_end)
                 except aiosmtplib.SMTPSenderRefused as exc:
                     sender = DeliveryError(
                         f"{where} refused the sender {mail_from}", host=where, reply=_reply(exc)
@@ -735,23 +744,7 @@ class SMTPConnection:
                         raise sender from exc
                     await self._reset()
                     return self._refused(mail_from, rcpts, {}, sender)
-                except aiosmtplib.SMTPDataError as exc:  # pipelined: DATA or the data refused
-                    data = DeliveryError(
-                        f"{where} refused the message data", host=where, reply=_reply(exc)
-                    )
-                    if self._closed_by(exc):
-                        raise data from exc
-                    await self._reset()
-                    return self._refused(mail_from, rcpts, refusals, data)
-                if len(refusals) == len(rcpts):
-                    await self._reset()
-                    every = RecipientsRefusedError([(r, refusals[r]) for r in rcpts], host=where)
-                    return self._refused(mail_from, rcpts, refusals, every)
-                try:
-                    if response is None:
-                        self._stage = "DATA"
-                        response = await self._data(raw, data_timeout, before_end)
-                except aiosmtplib.SMTPDataError as exc:
+                except aiosmtplib.SMTPDataError as exc:  # DATA or the data refused
                     data = DeliveryError(
                         f"{where} refused the message data", host=where, reply=_reply(exc)
                     )
