@@ -34,6 +34,9 @@ FILE_NAME = "key-sources.json"
 #: Read-modify-write of the record happens from several threads at once (discovered keys of
 #: one message are imported side by side).
 _LOCK = threading.RLock()
+#: Writes made by this process, per record file (bumped under :data:`_LOCK`): a pinned
+#: reading (:meth:`KeySources.pinned`) is read again when any instance wrote since.
+_WRITES: dict[str, int] = {}
 _VERSION = 1
 
 
@@ -118,16 +121,18 @@ class KeySources:
         self._cache: tuple[tuple[int, ...], str] | None = None
         #: Per thread, during :meth:`pinned`: the record as read at its first lookup.
         self._pin = threading.local()
-        #: Bumped by every write of this process, so a pinned reading never hides it.
-        self._generation = 0
+        #: The key of this home's record in :data:`_WRITES` (every instance for the same
+        #: file shares it).
+        self._writes_key = os.path.realpath(self.path)
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[None]:
         """One reading of the record for a whole operation in this thread (the lookups that
         resolve one message's keys: each recipient's accepted key, each key's source), as
         :meth:`e2email.keystore.Keystore.pinned` does for the listing: checked for changes at
-        the first lookup, not at each. A write by this process counts at the next lookup;
-        another process's, from the next operation."""
+        the first lookup, not at each. A write by this process (any thread, any instance for
+        the same home) counts at the next lookup; another process's, from the next
+        operation."""
         depth = getattr(self._pin, "depth", 0)
         self._pin.depth = depth + 1
         try:
@@ -143,10 +148,10 @@ class KeySources:
         if getattr(self._pin, "depth", 0) == 0:
             return self._read()
         data: dict[str, object] | None = getattr(self._pin, "data", None)
-        if data is None or getattr(self._pin, "generation", None) != self._generation:
-            generation = self._generation
+        writes = _WRITES.get(self._writes_key, 0)
+        if data is None or getattr(self._pin, "writes", None) != writes:
             data = self._pin.data = self._read()
-            self._pin.generation = generation
+            self._pin.writes = writes
         return data
 
     def _tag(self) -> tuple[int, ...] | None:
@@ -330,4 +335,4 @@ class KeySources:
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
-            self._generation += 1
+            _WRITES[self._writes_key] = _WRITES.get(self._writes_key, 0) + 1  # under _LOCK

@@ -1328,8 +1328,11 @@ class Keystore:
         """One listing for a whole operation in this thread (all the lookups that resolve one
         message's keys): the keystore is checked for changes at the first lookup, not at each
         of them (a stat of every keyring file per lookup was a fifth of a small message's
-        protection). A change made by this process, in any thread (import, invalidate), still
-        counts at the next lookup; another process's change counts from the next operation."""
+        protection). A change made through this Keystore, in any thread (import, invalidate),
+        still counts at the next lookup; another process's (or another Keystore object's)
+        change to the keyring counts from the next operation: at worst one message's lookups
+        see the keys as they were when it began. The key-sources record is pinned the same
+        way, but sees a write by any of this process's objects at once."""
         depth = getattr(self._pin, "depth", 0)
         self._pin.depth = depth + 1
         try:

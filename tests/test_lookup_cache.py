@@ -61,13 +61,14 @@ def test_a_pinned_operation_reads_the_key_sources_record_once(tmp_path: Path) ->
         return real()
 
     sources._read = counting  # type: ignore[method-assign]
-    other = KeySources(home)  # another process, as far as the record is concerned
     with sources.pinned():
         assert sources.accepted("bob@example.net") == "A" * 40
         assert sources.accepted("carol@example.net") is None
         assert sources.get("A" * 40) is None
         assert reads == 1
-        other.accept("bob@example.net", "B" * 40)
+        # Another process writes (the file replaced behind this process's back).
+        record = home / "key-sources.json"
+        record.write_text(record.read_text().replace("A" * 40, "B" * 40))
         assert sources.accepted("bob@example.net") == "A" * 40  # pinned: the first reading
         sources.accept("carol@example.net", "C" * 40)  # this process writes: seen at once
         assert sources.accepted("carol@example.net") == "C" * 40
@@ -76,3 +77,19 @@ def test_a_pinned_operation_reads_the_key_sources_record_once(tmp_path: Path) ->
     before = reads
     sources.accepted("bob@example.net")
     assert reads == before + 1  # not pinned: every lookup looks at the record
+
+
+def test_a_pinned_reading_sees_a_write_by_another_instance_for_the_same_home(
+    tmp_path: Path,
+) -> None:
+    """Another KeySources (another Keystore, client or CLI path) for the same home in this
+    process: its write counts at the next lookup too (review finding: only the writing
+    instance's own pins saw it)."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    a, b = KeySources(home), KeySources(home)
+    a.accept("bob@example.net", "A" * 40)
+    with a.pinned():
+        assert a.accepted("bob@example.net") == "A" * 40
+        b.accept("bob@example.net", "B" * 40)
+        assert a.accepted("bob@example.net") == "B" * 40

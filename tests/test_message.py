@@ -1853,3 +1853,28 @@ def test_seven_bit_text_is_judged_as_its_lines_are() -> None:
             text = "".join(parts)
             lines = all(_SEVEN_BIT_LINE.fullmatch(line) for line in text.split("\n"))
             assert (_SEVEN_BIT_TEXT.fullmatch(text) is not None) == lines, repr(text)
+
+
+def test_the_seven_bit_check_needs_no_memory_per_line() -> None:
+    """One match over a whole text keeps no backtracking point per line (review finding: 120
+    bytes a line, a GB for 10 MB of blank lines)."""
+    import tracemalloc
+
+    from e2email.message import _SEVEN_BIT_TEXT
+
+    blank, short = "\n" * 1_000_000, "a\n" * 500_000
+    tracemalloc.start()
+    try:
+        assert _SEVEN_BIT_TEXT.fullmatch(blank)
+        assert _SEVEN_BIT_TEXT.fullmatch(short)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
+
+
+def test_a_sender_domain_too_long_for_a_message_id_says_so() -> None:
+    domain = ".".join(["a" * 60] * 4) + ".example"
+    message = Message(sender=f"a@{domain}", to=["b@example.net"], subject="s", text="t")
+    with pytest.raises(MessageError, match="sender's domain is too long"):
+        message.finalized()

@@ -768,3 +768,31 @@ def test_a_timeout_in_a_pipelined_group_says_the_commands_went_together(
     error = _scripted_run(module_ca, script, body)
     assert "reply to RCPT" in str(error) and "PIPELINING" in str(error)
     assert error.transient and not error.maybe_delivered
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        {"RCPT": [b"550 5.1.1 no\r\n"], "DATA": [b"421 4.3.2 closing\r\n"]},
+        {
+            "MAIL": [b"550 5.7.1 no\r\n"],
+            "RCPT": [b"503 need MAIL\r\n"],
+            "DATA": [b"421 4.3.2 bye\r\n"],
+        },
+    ],
+    ids=["every-rcpt-refused", "sender-refused"],
+)
+def test_a_421_among_the_drained_replies_closes_the_session(
+    module_ca: TestCA, replies: dict[str, list[bytes]]
+) -> None:
+    """A refused group's remaining replies are read all the same; a 421 among them means the
+    server is closing (RFC 5321 §3.8): no RSET, no next MAIL on that session (review
+    finding: it was ignored and the session reset and reused)."""
+    script = _Scripted(True, lambda verb, n: replies.get(verb))
+    result, connected = _one_send(module_ca, script)
+    assert b"RSET\r\n" not in script.seen
+    assert not connected
+    if "MAIL" not in replies:  # every recipient refused: their outcome, each with its reply
+        assert isinstance(result, CopyOutcome)
+        assert isinstance(result.error, RecipientsRefusedError)
+        assert [r.status for r in result.recipients] == ["failed"]

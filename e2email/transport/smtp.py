@@ -972,8 +972,15 @@ class SMTPConnection:
         the last of them (DATA's), which the caller judges: a server may still answer DATA
         with 354 (RFC 2920 §3.1)."""
         reply: aiosmtplib.SMTPResponse | None = None
+        closing = False
         for _ in range(unread):
             reply = await _next_reply(self._smtp, replies, timeout)
+            closing = closing or reply.code == 421
+        if closing:
+            # A 421 among them: the server is closing (RFC 5321 §3.8); nothing more is sent
+            # on this session, not even RSET.
+            self._smtp.close()
+            self._out_of_step = True
         return reply
 
     async def _data(
