@@ -480,8 +480,10 @@ class AsyncMailer:
         on_outcome: Callable[[MessageOutcome], None] | None = None,
     ) -> BatchResult:
         """Protect and send many messages: ``connections`` SMTP connections side by side, each
-        carrying message after message, while up to ``concurrency`` messages (default: twice
-        the CPUs; gpg is a process per message) are being protected.
+        carrying message after message, while up to ``concurrency`` messages are being
+        protected (default: the engine's ``protections_per_cpu`` times the CPUs, at least one
+        per connection: twice the CPUs for gpg, a process per message; once for the
+        in-process engines, which hold the GIL while they work).
 
         ``messages`` is read lazily and protected copies wait only in the outbox (when there is
         one) and a short queue, so a batch of any length runs in bounded memory. Each message
@@ -527,7 +529,9 @@ class AsyncMailer:
             transport=await self._transport(smtp),
             writer=group,
         )
-        limit = asyncio.Semaphore(concurrency or 2 * (os.cpu_count() or 1))
+        per_cpu = self.protector_for(prot).protections_per_cpu
+        default = max(per_cpu * (os.cpu_count() or 1), engine.connections)
+        limit = asyncio.Semaphore(concurrency or default)
         tasks: set[asyncio.Task[None]] = set()
         #: Keys of this run, with their message's tag: an equal item later in the input is a
         #: duplicate even while the first is still in flight (not yet in the ledger).

@@ -61,6 +61,7 @@ class GpgProtector(Protector):
     """OpenPGP through gpg. Each copy's gpg runs in a worker thread, the copies side by side."""
 
     name: ClassVar[str] = "openpgp"
+    protections_per_cpu: ClassVar[int] = 2  # the work is in gpg's processes
 
     def __init__(
         self, keystore: Keystore, *, discovery_settings: DiscoverySettings | None = None
