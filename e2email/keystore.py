@@ -680,22 +680,34 @@ def _secret_fprs(tsk_bytes: bytes) -> set[str]:
     return secret_fingerprints(tsk_bytes)
 
 
-def _secret_keys_in(data: bytes) -> dict[str, bytes]:
-    """Each transferable secret key in ``data`` (armored or binary, concatenated), by
-    upper-case primary fingerprint: the packets from one primary key to the next."""
-    sq = _sq()
+def _certificate_chunks(data: bytes) -> list[list[Any]] | None:
+    """The packets of ``data`` (armored or binary, concatenated certificates or secret keys)
+    cut into one list per certificate, each from its primary key packet to the next; None
+    when ``data`` is not OpenPGP packets at all."""
     from pysequoia.packet import PacketPile, Tag
 
     try:
         packets = list(PacketPile.from_bytes(data))
     except (RuntimeError, ValueError):
-        return {}
+        return None
     chunks: list[list[Any]] = []
     for packet in packets:
         if packet.tag in (Tag.PublicKey, Tag.SecretKey):
             chunks.append([])
         if chunks:
             chunks[-1].append(packet)
+    return chunks
+
+
+def _secret_keys_in(data: bytes) -> dict[str, bytes]:
+    """Each transferable secret key in ``data`` (armored or binary, concatenated), by
+    upper-case primary fingerprint: the packets from one primary key to the next."""
+    sq = _sq()
+    from pysequoia.packet import Tag
+
+    chunks = _certificate_chunks(data)
+    if chunks is None:
+        return {}
     found = {}
     for chunk in chunks:
         if chunk[0].tag != Tag.SecretKey and not any(p.tag == Tag.SecretSubkey for p in chunk):
@@ -884,18 +896,11 @@ def _vet_key_certd(data: bytes, addr: str) -> VettedKey | KeyProblem:
     import tempfile
 
     sq = _sq()
-    from pysequoia.packet import PacketPile, Tag
+    from pysequoia.packet import Tag
 
-    try:
-        packets = list(PacketPile.from_bytes(data))
-    except (RuntimeError, ValueError):
+    chunks = _certificate_chunks(data)
+    if chunks is None:
         return KeyProblem(addr, KeyReason.INVALID, "no OpenPGP key in the answer")
-    chunks: list[list[Any]] = []
-    for packet in packets:
-        if packet.tag in (Tag.PublicKey, Tag.SecretKey):
-            chunks.append([])
-        if chunks:
-            chunks[-1].append(packet)
     kept: list[bytes] = []
     for chunk in chunks:
         out: list[Any] = []
