@@ -90,6 +90,14 @@ _EW_SUFFIX = "?="
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+#: A plain addr-spec, as nearly every address is written: a dot-atom local part, "@", ASCII
+#: host-name labels (either case). One match of this (and the length limits) accepts it
+#: with exactly the result of the general checks (:func:`_check_addr_spec`), which are
+#: skipped; anything else goes through them and is accepted or refused as it always was.
+_PLAIN_ADDR = re.compile(
+    rf"({_DOT_ATOM.pattern})@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+)
 # RFC 2045 token (any CHAR except SPACE, CTLs and tspecials).
 _TOKEN = r"[!#$%&'*+.^_`{|}~0-9A-Za-z-]{1,127}"  # RFC 6838 §4.2: at most 127 characters
 _MIME_TYPE = re.compile(rf"({_TOKEN})/({_TOKEN})")
@@ -169,6 +177,21 @@ def _normalise_domain(domain: str, shown: str) -> str:
     if labels[-1].isdigit():
         raise MessageError(f"{shown!r}: IP addresses are not supported as a domain")
     return domain
+
+
+def _plain_addr_spec(addr_spec: str) -> str | None:
+    """:func:`_check_addr_spec` of a plain addr-spec (:data:`_PLAIN_ADDR`) that passes every
+    check; None for anything else (which the general checks then accept or refuse)."""
+    match = _PLAIN_ADDR.fullmatch(addr_spec)
+    if match is None:
+        return None
+    local, domain = match.groups()
+    if len(local) > 64 or len(domain) > 253 or len(addr_spec) > 254:
+        return None
+    domain = domain.lower()
+    if domain.rpartition(".")[2].isdigit():
+        return None  # an IP address: the general checks say so
+    return f"{local}@{domain}"
 
 
 def _check_addr_spec(addr_spec: str) -> str:
@@ -286,15 +309,17 @@ class Address:
         if not isinstance(self.addr_spec, str) or not isinstance(self.display_name, str):
             raise MessageError("address and display name must be strings")
         name = self.display_name
-        bad = _CONTROLS.search(name)
-        if bad:
-            raise MessageError(
-                f"display name {name!r}: {_describe_control(bad.group())} is not allowed"
-            )
-        _check_unicode(name, "display name", None)
-        name = re.sub(" {2,}", " ", name.strip(" "))
-        object.__setattr__(self, "display_name", name)
-        object.__setattr__(self, "addr_spec", _check_addr_spec(self.addr_spec))
+        if name:
+            bad = _CONTROLS.search(name)
+            if bad:
+                raise MessageError(
+                    f"display name {name!r}: {_describe_control(bad.group())} is not allowed"
+                )
+            _check_unicode(name, "display name", None)
+            name = re.sub(" {2,}", " ", name.strip(" "))
+            object.__setattr__(self, "display_name", name)
+        addr_spec = _plain_addr_spec(self.addr_spec) or _check_addr_spec(self.addr_spec)
+        object.__setattr__(self, "addr_spec", addr_spec)
 
     @classmethod
     def parse(cls, text: str) -> Address:
@@ -302,6 +327,10 @@ class Address:
         ``"Quoted, Name" <a@b.org>``. Errors have ``field=None``; the caller names the field."""
         if not isinstance(text, str):
             raise MessageError(f"an address must be a string, not {type(text).__name__}")
+        if _plain_addr_spec(text) is not None:
+            # A bare plain addr-spec that passes every check: what the tokenizer below
+            # would make of it, without its loop over each character.
+            return cls(text)
         bad = _CONTROLS.search(text)
         if bad:
             raise MessageError(

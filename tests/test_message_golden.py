@@ -406,6 +406,14 @@ ADDRESSES = [
     "a@xn--ls8h.la",
     "a@☃.net",
     "a@b.org\ufeff",
+    "a@" + "b." * 500 + "org",
+    "a@" + "b." * 130 + "org",
+    "a@" + "b." * 125 + "org",
+    "x" * 64 + "@" + "b." * 94 + "org",
+    "x" * 64 + "@" + "b." * 93 + "org",
+    "A.B@C.D.E.F",
+    "a@b.org.x1",
+    "a@b.org.1",
 ]
 
 
@@ -571,7 +579,7 @@ def _digest(group: str) -> str:
 
 GOLDEN = {
     "payloads": "3d174af8b28c6018302e7cfe1b8ef8c505365c7381695c5dc2f630be2d4e1ec1",
-    "addresses": "29cb0020833906e7e90d714b34861033ce0c07b350626e318de5cb04b26919ee",
+    "addresses": "0861a4c2a4bc376d162ba2fb9c7b29829d8ced1458abbf51a4ee4da9a4756c2e",
     "headers": "3a8ca6f240a6df68b7af6cab3dd8c39228a6e8b172273318619160d0cb4381cc",
     "wire": "3cbe9af307c23cb5915e8423f0b6761e49094d5be1fd153a788dd09cb4f09eb5",
     "fuzz": "4e21732f6d11c0405e431e2606f93f0e2a171ac50ed11ac4661340b8e4a56812",
@@ -588,3 +596,25 @@ def fixed_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("group", sorted(GOLDEN))
 def test_output_is_what_the_general_path_made(group: str) -> None:
     assert _digest(group) == GOLDEN[group]
+
+
+def _address_texts() -> Iterator[str]:
+    yield from ADDRESSES
+    rng = random.Random(11)
+    for _ in range(3000):
+        yield _fuzz_address(rng)
+
+
+def test_a_plain_addr_spec_is_judged_as_the_general_checks_judge_it() -> None:
+    plain = 0
+    for text in _address_texts():
+        fast = message_module._plain_addr_spec(text)
+        if fast is not None:
+            plain += 1
+            assert message_module._check_addr_spec(text) == fast, text
+    assert plain > 500  # the corpus exercises the fast path, not only the general one
+    assert message_module._plain_addr_spec("Alice.B+x@Mail.Example.ORG") == (
+        "Alice.B+x@mail.example.org"
+    )
+    for text in ("a@b.org ", "<a@b.org>", "a@[1.2.3.4]", "a@b.123", "a@bücher.example"):
+        assert message_module._plain_addr_spec(text) is None
