@@ -931,6 +931,42 @@ class HP(enum.Enum):
 # --------------------------------------------------------------------------------------------
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _date_text(date: datetime.datetime) -> str:
+    """``format_datetime(date)``: the RFC 5322 §3.3 date-time, written here for the usual
+    offset of whole minutes (the stdlib's goes through ``timetuple`` and ``strftime``, a
+    sixth of a message's header work); any other offset, or none, is left to it."""
+    offset = date.utcoffset()
+    if offset is None or offset.microseconds or offset.seconds % 60:
+        return format_datetime(date)
+    minutes = offset.days * 1440 + offset.seconds // 60
+    hours, minutes = divmod(abs(minutes), 60)
+    sign = "-" if offset.days < 0 else "+"
+    return (
+        f"{_DAYS[date.weekday()]}, {date.day:02d} {_MONTHS[date.month - 1]} {date.year:04d} "
+        f"{date.hour:02d}:{date.minute:02d}:{date.second:02d} {sign}{hours:02d}{minutes:02d}"
+    )
+
+
+def _one_line_header(name: str, value: str) -> bytes | None:
+    """:func:`render_header`'s bytes for a field that goes out as it is, on one line: a
+    valid name, a value of printable ASCII (no control character, not even TAB) that fits
+    in 78 octets with it and, for free text, needs no encoded-word (no "=?", no blank at
+    either end or twice in a row). None for anything else (the general path's)."""
+    if not value or len(name) + len(value) > _MAX_LINE - 2:
+        return None
+    if not (value.isascii() and value.isprintable() and _FIELD_NAME.fullmatch(name)):
+        return None
+    if name.lower() in _UNSTRUCTURED and (
+        "=?" in value or value[0] == " " or value[-1] == " " or "  " in value
+    ):
+        return None
+    return f"{name}: {value}\r\n".encode("ascii")
+
+
 def _check_header(name: str, value: str) -> None:
     if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
         raise MessageError(f"invalid header field name {name!r}")
@@ -1024,6 +1060,10 @@ def render_header(name: str, value: str) -> bytes:
     other header must be ASCII already (use :meth:`Address.header_form` for addresses) and is
     folded at its spaces. CR, LF, NUL and other control characters are refused.
     """
+    if isinstance(name, str) and isinstance(value, str):
+        line = _one_line_header(name, value)
+        if line is not None:
+            return line
     _check_header(name, value)
     return ("\r\n".join(_header_lines(name, value)) + "\r\n").encode("ascii")
 
@@ -1036,6 +1076,8 @@ def _hp_outer(name: str, value: str) -> bytes:
         lines = [head]
     elif name.lower() in _UNSTRUCTURED and not _plain_unstructured(head, value):
         lines = _fold_encoded(head, value)
+    elif len(head) + 1 + len(value) <= _MAX_LINE:
+        return f"{head} {value}\r\n".encode("ascii")  # fits: _fold_words's one line
     else:
         lines = _fold_words(head, value.split(" "))
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
@@ -1283,7 +1325,7 @@ def _require_finalized(message: Message) -> tuple[datetime.datetime, str]:
 def _outer_fields(message: Message, hp: HP | None) -> list[tuple[str, str]]:
     """The non-structural header fields of the outer message, in order."""
     date, message_id = _require_finalized(message)
-    fields = [("Date", format_datetime(date)), ("From", message.sender.header_form())]
+    fields = [("Date", _date_text(date)), ("From", message.sender.header_form())]
     # As the author wrote them (an address listed twice stays so), outside as inside: a
     # reader without RFC 9788 sees the same To and Cc as one that reads the protected part.
     if message.to_field:
@@ -1312,7 +1354,7 @@ def _protected_fields(message: Message) -> list[tuple[str, str]]:
     if message.reply_to:
         fields.append(("Reply-To", ", ".join(a.header_form() for a in message.reply_to)))
     fields.append(("Subject", message.subject))
-    fields.append(("Date", format_datetime(date)))
+    fields.append(("Date", _date_text(date)))
     fields.append(("Message-ID", f"<{message_id}>"))
     fields.extend(_extra_fields(message, outside=False, hp=None))
     return fields

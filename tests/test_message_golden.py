@@ -12,6 +12,7 @@ what it refuses. Boundaries are made deterministic; everything else is the modul
 from __future__ import annotations
 
 import datetime
+import email.utils
 import hashlib
 import itertools
 import random
@@ -618,3 +619,66 @@ def test_a_plain_addr_spec_is_judged_as_the_general_checks_judge_it() -> None:
     )
     for text in ("a@b.org ", "<a@b.org>", "a@[1.2.3.4]", "a@b.123", "a@bücher.example"):
         assert message_module._plain_addr_spec(text) is None
+
+
+def test_the_date_is_written_as_format_datetime_writes_it() -> None:
+    zones: list[datetime.tzinfo] = [*ZONES]
+    for minutes in range(-1439, 1440, 7):
+        zones.append(datetime.timezone(datetime.timedelta(minutes=minutes)))
+    zones.append(datetime.timezone(datetime.timedelta(hours=-2, seconds=-1)))
+    zones.append(datetime.timezone(datetime.timedelta(microseconds=1)))
+    zones.append(datetime.timezone(-datetime.timedelta(microseconds=1)))
+    try:
+        import zoneinfo
+
+        for key in ("Europe/Berlin", "America/St_Johns", "Asia/Kathmandu", "Pacific/Chatham"):
+            zones.append(zoneinfo.ZoneInfo(key))
+    except (ImportError, zoneinfo.ZoneInfoNotFoundError):
+        pass  # no time zone database here: the fixed offsets still cover the arithmetic
+    rng = random.Random(5)
+    seconds = int(datetime.timedelta(days=3_600_000).total_seconds())
+    start = datetime.datetime(1, 1, 2)
+    for zone in zones:
+        for _ in range(40):
+            moment = start + datetime.timedelta(seconds=rng.randrange(seconds))
+            date = moment.replace(tzinfo=zone)
+            assert message_module._date_text(date) == email.utils.format_datetime(date)
+
+
+def _header_pairs() -> Iterator[tuple[object, object]]:
+    yield from HEADERS
+    yield from ((1, "v"), ("X-A", 1), (b"X-A", "v"), ("X-A", b"v"))
+    rng = random.Random(13)
+    chars = ["a", "b", " ", "  ", ":", "\t", "\x7f", "\x00", "é", "=?", "\r\n", "x" * 20]
+    for _ in range(3000):
+        name = rng.choice(("Subject", "subject", "Comments", "X-Test", "To", "X:Y", "X Y", ""))
+        if rng.random() < 0.1:
+            name = "N" * rng.choice((60, 75, 76, 77))
+        value = "".join(
+            rng.choices(chars, [30, 30, 12, 1, 1, 1, 1, 1, 1, 1, 1, 4], k=rng.randrange(40))
+        )
+        yield name, value
+
+
+def test_a_one_line_header_is_what_the_general_path_writes() -> None:
+    fast_count = 0
+    for name, value in _header_pairs():
+        try:
+            message_module._check_header(name, value)  # type: ignore[arg-type]
+            general: bytes | str = (
+                "\r\n".join(message_module._header_lines(name, value)) + "\r\n"  # type: ignore[arg-type]
+            ).encode("ascii")
+        except MessageError as exc:
+            general = f"error {exc.reason!r} {exc.field!r}"
+        try:
+            rendered: bytes | str = render_header(name, value)  # type: ignore[arg-type]
+        except MessageError as exc:
+            rendered = f"error {exc.reason!r} {exc.field!r}"
+        assert rendered == general, (name, value)
+        if isinstance(name, str) and isinstance(value, str):
+            fast = message_module._one_line_header(name, value)
+            if fast is not None:
+                fast_count += 1
+                assert fast == general, (name, value)
+    assert fast_count > 300
+    assert message_module._one_line_header("Subject", "Hello there") == b"Subject: Hello there\r\n"
