@@ -1845,14 +1845,16 @@ def test_seven_bit_text_is_judged_as_its_lines_are() -> None:
     character makes it quoted-printable)."""
     import itertools
 
-    from e2email.message import _SEVEN_BIT_LINE, _SEVEN_BIT_TEXT
+    from e2email.message import _SEVEN_BIT_LINE, _seven_bit_body
 
-    pieces = ["a", " ", "\t", ".", "From ", "\n", "é", "x" * 75, "F"]
+    pieces = ["a", " ", "\t", ".", "From ", "\n", "é", "x" * 75, "F", "\x7f", "\x0b", "\x85"]
     for n in range(5):
         for parts in itertools.product(pieces, repeat=n):
             text = "".join(parts)
             lines = all(_SEVEN_BIT_LINE.fullmatch(line) for line in text.split("\n"))
-            assert (_SEVEN_BIT_TEXT.fullmatch(text) is not None) == lines, repr(text)
+            body = _seven_bit_body(text)
+            assert (body is not None) == lines, repr(text)
+            assert body is None or body == text.replace("\n", "\r\n").encode("ascii")
 
 
 def test_the_seven_bit_check_needs_no_memory_per_line() -> None:
@@ -1860,13 +1862,13 @@ def test_the_seven_bit_check_needs_no_memory_per_line() -> None:
     bytes a line, a GB for 10 MB of blank lines)."""
     import tracemalloc
 
-    from e2email.message import _SEVEN_BIT_TEXT
+    from e2email.message import _SEVEN_BIT_SHAPE
 
-    blank, short = "\n" * 1_000_000, "a\n" * 500_000
+    blank, short = b"\n" * 1_000_000, b"a\n" * 500_000
     tracemalloc.start()
     try:
-        assert _SEVEN_BIT_TEXT.fullmatch(blank)
-        assert _SEVEN_BIT_TEXT.fullmatch(short)
+        assert _SEVEN_BIT_SHAPE.fullmatch(blank)
+        assert _SEVEN_BIT_SHAPE.fullmatch(short)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
