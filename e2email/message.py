@@ -128,7 +128,11 @@ _FALLBACK_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY
 # Headers whose value is free text (RFC 5322 unstructured): non-ASCII and overlong words are
 # written as encoded-words. Every other header must be ASCII and is folded at spaces only.
 _UNSTRUCTURED = frozenset({"subject", "comments"})
-_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# A CR not before LF, a LF not after CR: two patterns, each starting with its one literal
+# byte, which the regex engine finds with a tight scan (one alternation of both is tried at
+# every byte, ten times slower; three counts of CR, LF and CRLF are slower too).
+_CR_NOT_CRLF = re.compile(rb"\r(?!\n)")
+_LF_NOT_CRLF = re.compile(rb"\n(?<!\r\n)")
 _HIGH_BYTE = re.compile(rb"[\x80-\xff]")
 # Fields build_message writes itself; a payload header block must not repeat them.
 _OUTER_NAMES = re.compile(
@@ -1527,11 +1531,9 @@ def _check_wire_piece(data: bytes, base: int) -> None:
         high = _HIGH_BYTE.search(data)
         offset = base + high.start() if high else -1
         raise MessageError(f"8-bit byte at offset {offset}", field="message")
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
-        bare = _BARE_CR_OR_LF.search(data)
-        offset = base + bare.start() if bare else -1
-        raise MessageError(f"bare CR or LF at offset {offset}", field="message")
+    bare = [m.start() for m in (_CR_NOT_CRLF.search(data), _LF_NOT_CRLF.search(data)) if m]
+    if bare:
+        raise MessageError(f"bare CR or LF at offset {base + min(bare)}", field="message")
     # Every line is at most 998 octets: from each line start, a LF within the next 1000 octets
     # (998 + CRLF). rfind jumps to the last LF in that window, so this loops about once per
     # kilobyte, never per line, and copies nothing (until it has an error to report).
