@@ -921,6 +921,7 @@ class Message:
         # two new values are checked (dataclasses.replace would parse every address again,
         # a tenth of a millisecond per message in a bulk run).
         final = copy.copy(self)
+        final.__dict__.pop("_fields", None)  # made for the other Date and Message-ID
         object.__setattr__(final, "date", date)
         object.__setattr__(final, "message_id", message_id)
         final._check_id_and_date()
@@ -1346,10 +1347,56 @@ def _require_finalized(message: Message) -> tuple[datetime.datetime, str]:
     return message.date, message.message_id
 
 
-def _outer_fields(message: Message, hp: HP | None) -> list[tuple[str, str]]:
-    """The non-structural header fields of the outer message, in order."""
+class _Fields:
+    """A finalized message's header fields, worked out once for all the payloads and heads
+    made of it (a send makes the outer fields twice, for the HP-Outer record and the head
+    itself, and writes the Date three times). Kept in the message's ``__dict__`` (not a
+    field: not compared, not shown): a Message does not change once made, and
+    :meth:`Message.finalized`'s copy, the one object that is changed after it is made (its
+    Date and Message-ID), starts without it. Made for the Date and Message-ID objects it was
+    made with, and made anew if those are not the message's (whatever sets them)."""
+
+    __slots__ = ("date", "date_text", "message_id", "outer", "protected")
+
+    def __init__(self, date: datetime.datetime, message_id: str) -> None:
+        self.date = date
+        self.message_id = message_id
+        self.date_text = _date_text(date)
+        self.outer: dict[HP | None, tuple[tuple[str, str], ...]] = {}
+        self.protected: tuple[tuple[str, str], ...] | None = None
+
+
+def _fields(message: Message) -> _Fields:
     date, message_id = _require_finalized(message)
-    fields = [("Date", _date_text(date)), ("From", message.sender.header_form())]
+    fields = message.__dict__.get("_fields")
+    if not (
+        isinstance(fields, _Fields) and fields.date is date and fields.message_id is message_id
+    ):
+        fields = _Fields(date, message_id)
+        message.__dict__["_fields"] = fields  # not a dataclass field: frozen does not apply
+    return fields
+
+
+def _outer_fields(message: Message, hp: HP | None) -> tuple[tuple[str, str], ...]:
+    """The non-structural header fields of the outer message, in order."""
+    memo = _fields(message)
+    found = memo.outer.get(hp)
+    if found is None:
+        found = memo.outer[hp] = tuple(_make_outer_fields(message, hp, memo))
+    return found
+
+
+def _protected_fields(message: Message) -> tuple[tuple[str, str], ...]:
+    """The header fields inside the protected payload (RFC 9788 §2). Never Bcc."""
+    memo = _fields(message)
+    if memo.protected is None:
+        memo.protected = tuple(_make_protected_fields(message, memo))
+    return memo.protected
+
+
+def _make_outer_fields(message: Message, hp: HP | None, memo: _Fields) -> list[tuple[str, str]]:
+    message_id = memo.message_id
+    fields = [("Date", memo.date_text), ("From", message.sender.header_form())]
     # As the author wrote them (an address listed twice stays so), outside as inside: a
     # reader without RFC 9788 sees the same To and Cc as one that reads the protected part.
     if message.to_field:
@@ -1366,9 +1413,8 @@ def _outer_fields(message: Message, hp: HP | None) -> list[tuple[str, str]]:
     return fields
 
 
-def _protected_fields(message: Message) -> list[tuple[str, str]]:
-    """The header fields inside the protected payload (RFC 9788 §2). Never Bcc."""
-    date, message_id = _require_finalized(message)
+def _make_protected_fields(message: Message, memo: _Fields) -> list[tuple[str, str]]:
+    message_id = memo.message_id
     fields = [("From", message.sender.header_form())]
     # As the author wrote them: duplicates are removed from the recipients, not the header.
     if message.to_field:
@@ -1378,7 +1424,7 @@ def _protected_fields(message: Message) -> list[tuple[str, str]]:
     if message.reply_to:
         fields.append(("Reply-To", ", ".join(a.header_form() for a in message.reply_to)))
     fields.append(("Subject", message.subject))
-    fields.append(("Date", _date_text(date)))
+    fields.append(("Date", memo.date_text))
     fields.append(("Message-ID", f"<{message_id}>"))
     fields.extend(_extra_fields(message, outside=False, hp=None))
     return fields

@@ -730,3 +730,66 @@ def test_the_wire_check_refuses_what_it_refused() -> None:
             assert got == expected, data
         seen.add(got.partition(" at ")[0])
     assert {"ok", "bare CR or LF", "NUL byte"} <= seen
+
+
+def test_a_message_s_header_fields_are_worked_out_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send makes the payload (with its HP-Outer record of the outer fields) and the outer
+    head of one message: the Date is written once and the outer fields made once."""
+    calls: dict[str, int] = {"date": 0, "outer": 0, "protected": 0}
+
+    def counted(name: str, function: Callable[..., object]) -> Callable[..., object]:
+        def wrapper(*args: object) -> object:
+            calls[name] += 1
+            return function(*args)
+
+        return wrapper
+
+    for name, attribute in (
+        ("date", "_date_text"),
+        ("outer", "_make_outer_fields"),
+        ("protected", "_make_protected_fields"),
+    ):
+        monkeypatch.setattr(
+            message_module, attribute, counted(name, getattr(message_module, attribute))
+        )
+    msg = Message(sender="alice@example.org", to="bob@example.net", subject="s", text="t")
+    final = msg.finalized()
+    payload = build_payload(final, hp=HP.CIPHER)
+    head = message_head(final, hp=HP.CIPHER)
+    build_payload(final, hp=HP.CIPHER, extra_fields=GOSSIP)
+    assert calls == {"date": 1, "outer": 1, "protected": 1}
+    assert b"HP-Outer: Subject: [...]\r\n" in payload and b"Subject: [...]\r\n" in head
+    # The same message signed only: its own outer fields (the Subject is not hidden).
+    assert b"Subject: s\r\n" in message_head(final, hp=HP.CLEAR)
+    assert calls == {"date": 1, "outer": 2, "protected": 1}
+
+
+def test_what_is_worked_out_once_follows_the_message() -> None:
+    """Every message renders its own fields: a finalized copy, a replaced one, and one whose
+    Date or Message-ID was set anew after it was rendered."""
+    import dataclasses
+
+    first = Message(
+        sender="alice@example.org",
+        to="bob@example.net",
+        subject="first",
+        date=DATES[0],
+        message_id="one@example.org",
+    )
+    assert b"Subject: first\r\n" in message_head(first, hp=HP.CLEAR)
+    second = dataclasses.replace(first, subject="second", message_id="two@example.org")
+    head = message_head(second, hp=HP.CLEAR)
+    assert b"Subject: second\r\n" in head and b"<two@example.org>" in head
+    assert b"Subject: first\r\n" in message_head(first, hp=HP.CLEAR)
+    # finalized() fills in what is missing on a copy: the copy renders its own values.
+    partial = dataclasses.replace(first, message_id=None)
+    final = partial.finalized()
+    assert final.message_id != "one@example.org"
+    assert f"<{final.message_id}>".encode() in message_head(final, hp=None)
+    # Date and Message-ID are what the rendered fields were made for: set anew (as only
+    # finalized() does, on its copy), they are rendered anew.
+    object.__setattr__(final, "date", DATES[1])
+    object.__setattr__(final, "message_id", "three@example.org")
+    head = message_head(final, hp=None)
+    assert b"Date: Fri, 31 Dec 1999 23:59:59 +0000\r\n" in head
+    assert b"<three@example.org>" in head
