@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import datetime
 import email.message
 import email.policy
@@ -337,10 +336,16 @@ class Address:
         ``"Quoted, Name" <a@b.org>``. Errors have ``field=None``; the caller names the field."""
         if not isinstance(text, str):
             raise MessageError(f"an address must be a string, not {type(text).__name__}")
-        if _plain_addr_spec(text) is not None:
+        simple = _plain_addr_spec(text)
+        if simple is not None:
             # A bare plain addr-spec that passes every check: what the tokenizer below
-            # would make of it, without its loop over each character.
-            return cls(text)
+            # would make of it, without its loop over each character (and, for this class,
+            # without __post_init__ checking it again: this is the address it would make).
+            if cls is not Address:
+                return cls(text)
+            address = object.__new__(cls)
+            address.__dict__.update(addr_spec=simple, display_name="")
+            return address
         bad = _CONTROLS.search(text)
         if bad:
             raise MessageError(
@@ -669,11 +674,28 @@ def _coerce_address(value: object, field_name: str) -> Address:
 
 
 def _coerce_addresses(value: object, field_name: str) -> tuple[Address, ...]:
+    if type(value) is tuple or type(value) is list:
+        # The usual (and the defaults): no need to ask the Iterable ABC; an Address as it is.
+        return tuple(a if type(a) is Address else _coerce_address(a, field_name) for a in value)
     if isinstance(value, str | Address):
         return (_coerce_address(value, field_name),)
     if isinstance(value, bytes | bytearray) or not isinstance(value, Iterable):
         raise MessageError("expected an address or a list of addresses", field=field_name)
     return tuple(_coerce_address(item, field_name) for item in value)
+
+
+def _check_attachments(attachments: object) -> tuple[Attachment, ...]:
+    if type(attachments) is tuple and not attachments:
+        return ()  # none, the default: nothing to ask the Iterable ABC
+    if isinstance(attachments, Attachment):
+        attachments = (attachments,)
+    if not isinstance(attachments, Iterable):
+        raise MessageError("expected a list of attachments", field="attachments")
+    attachments = tuple(attachments)
+    for item in attachments:
+        if not isinstance(item, Attachment):
+            raise MessageError(f"not an Attachment: {item!r}", field="attachments")
+    return attachments
 
 
 def _check_body(text: object, field_name: str) -> None:
@@ -768,8 +790,8 @@ class Message:
             "shown_to": shown_to,
             "shown_cc": shown_cc,
         }
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
+        # What object.__setattr__ would do for each (frozen dataclass, no slots), at once.
+        self.__dict__.update(values)
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -779,26 +801,19 @@ class Message:
 
         if not isinstance(self.subject, str):
             raise MessageError("must be a string", field="subject")
-        bad = _CONTROLS_BUT_TAB.search(self.subject)
-        if bad:
-            raise MessageError(
-                f"{_describe_control(bad.group())} is not allowed in the subject", field="subject"
-            )
-        _check_unicode(self.subject, "the subject", "subject")
+        if not (self.subject.isascii() and self.subject.isprintable()):  # else nothing to find
+            bad = _CONTROLS_BUT_TAB.search(self.subject)
+            if bad:
+                raise MessageError(
+                    f"{_describe_control(bad.group())} is not allowed in the subject",
+                    field="subject",
+                )
+            _check_unicode(self.subject, "the subject", "subject")
         _check_body(self.text, "text")
         if self.html is not None:
             _check_body(self.html, "html")
 
-        attachments = self.attachments
-        if isinstance(attachments, Attachment):
-            attachments = (attachments,)
-        if not isinstance(attachments, Iterable):
-            raise MessageError("expected a list of attachments", field="attachments")
-        attachments = tuple(attachments)
-        for item in attachments:
-            if not isinstance(item, Attachment):
-                raise MessageError(f"not an Attachment: {item!r}", field="attachments")
-        object.__setattr__(self, "attachments", attachments)
+        object.__setattr__(self, "attachments", _check_attachments(self.attachments))
         object.__setattr__(self, "headers", _check_extra_headers(self.headers))
         if self.body is not None:
             if not isinstance(self.body, MimeBody):
@@ -920,8 +935,11 @@ class Message:
         # Every other field was checked when this message was made and is unchanged: only the
         # two new values are checked (dataclasses.replace would parse every address again,
         # a tenth of a millisecond per message in a bulk run).
-        final = copy.copy(self)
-        final.__dict__.pop("_fields", None)  # made for the other Date and Message-ID
+        # copy.copy's result (a new object with this one's attributes) without its protocol
+        # look-ups; not the header fields worked out for the other Date and Message-ID.
+        final = object.__new__(type(self))
+        final.__dict__.update(self.__dict__)
+        final.__dict__.pop("_fields", None)
         object.__setattr__(final, "date", date)
         object.__setattr__(final, "message_id", message_id)
         final._check_id_and_date()
@@ -962,6 +980,23 @@ def _date_text(date: datetime.datetime) -> str:
     )
 
 
+#: The fields this module writes, as it spells them (valid names, no need to match them),
+#: each with whether it is free text (:data:`_UNSTRUCTURED`).
+_OWN_FIELDS = {
+    name: name.lower() in _UNSTRUCTURED
+    for name in (
+        "Date",
+        "From",
+        "To",
+        "Cc",
+        "Reply-To",
+        "Subject",
+        "Message-ID",
+        "Content-Transfer-Encoding",
+    )
+}
+
+
 def _one_line_header(name: str, value: str) -> bytes | None:
     """:func:`render_header`'s bytes for a field that goes out as it is, on one line: a
     valid name, a value of printable ASCII (no control character, not even TAB) that fits
@@ -969,11 +1004,14 @@ def _one_line_header(name: str, value: str) -> bytes | None:
     either end or twice in a row). None for anything else (the general path's)."""
     if not value or len(name) + len(value) > _MAX_LINE - 2:
         return None
-    if not (value.isascii() and value.isprintable() and _FIELD_NAME.fullmatch(name)):
+    if not (value.isascii() and value.isprintable()):
         return None
-    if name.lower() in _UNSTRUCTURED and (
-        "=?" in value or value[0] == " " or value[-1] == " " or "  " in value
-    ):
+    free = _OWN_FIELDS.get(name)
+    if free is None:
+        if not _FIELD_NAME.fullmatch(name):
+            return None
+        free = name.lower() in _UNSTRUCTURED
+    if free and ("=?" in value or value[0] == " " or value[-1] == " " or "  " in value):
         return None
     return f"{name}: {value}\r\n".encode("ascii")
 
@@ -1639,6 +1677,8 @@ _DROPPED = frozenset({"return-path", "mime-version"})
 
 
 def _check_extra_headers(value: object) -> tuple[tuple[str, str], ...]:
+    if type(value) is tuple and not value:
+        return ()  # none, the default
     items: Iterable[object]
     if isinstance(value, Mapping):
         items = list(value.items())
