@@ -70,6 +70,7 @@ from e2email.crypto.openpgp import (
     check_session_keys,
     encrypted_entity_head,
     encrypted_to_key_ids,
+    packet_key_ids,
     signed_entity,
     signed_entity_into,
 )
@@ -287,7 +288,7 @@ class _Keys:
         why = ""
         try:
             cert, fpr = self.recipient(key)
-            _check_encrypted(bytes(_sq().encrypt(b"", [cert])), [fpr])
+            _check_binary(bytes(_sq().encrypt(b"", [cert], armor=False)), [fpr])
         except (RuntimeError, ValueError) as exc:
             why = _first_line(exc)
         except CryptoError as exc:
@@ -595,12 +596,16 @@ def _encrypted_copy(
     more whole copies."""
     if len(data) <= MEMORY_MAX:
         whole = bytes(data)  # a MessageError (a file changed since it was attached) as it is
+        sq = _sq()
         try:
-            armored = _crlf(bytes(_sq().encrypt(whole, certs, signer=signer)))
+            packets = bytes(sq.encrypt(whole, certs, signer=signer, armor=False))
         except (RuntimeError, ValueError) as exc:
             raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
-        _check_encrypted(armored, subkeys)
-        return _encrypted_entity(armored, prefix)
+        # The check reads the packets Sequoia returned, before they are armored: the same
+        # packets the armor then carries, with no armor to decode again (that decoding was
+        # about a tenth of a small message's protection).
+        _check_binary(packets, subkeys)
+        return _encrypted_entity(_armored(sq, packets), prefix)
     with _encrypted_binary(data, certs, signer, directory=directory) as binary:
         return _encrypted_spool(binary, prefix, subkeys, directory=directory)
 
@@ -798,6 +803,21 @@ def _armor_head(armored: bytes) -> bytes | None:
         return None  # decoded whole in one step (openpgp._dearmored_whole), faster still
     end = armored.find(b"\n", _ARMOR_HEAD)
     return None if end < 0 else armored[: end + 1]
+
+
+def _armored(sq: Any, binary: bytes) -> bytes:
+    """The OpenPGP message ``binary`` in ASCII armor (RFC 9580 §6.2, with its CRC-24 line)
+    by Sequoia's armor writer (the one its ``encrypt`` uses), with CRLF line ends."""
+    try:
+        text = sq.armor(binary, sq.ArmorKind.Message)
+    except (RuntimeError, ValueError) as exc:
+        raise CryptoError(f"Sequoia could not armor the message: {_first_line(exc)}") from exc
+    return _crlf(text.encode("ascii"))
+
+
+def _check_binary(binary: bytes, subkeys: Sequence[str]) -> None:
+    """:func:`~e2email.crypto.openpgp.check_session_keys` on Sequoia's binary output."""
+    check_session_keys(*packet_key_ids(binary), subkeys, producer="Sequoia")
 
 
 def _check_encrypted(armored: Armored, subkeys: Sequence[str]) -> None:
