@@ -49,11 +49,11 @@ import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import gnupg
 
@@ -506,6 +506,47 @@ class Migration:
 class _Listing:
     stamp: tuple[object, ...]
     keys: tuple[OpenPGPKey, ...] = field(default_factory=tuple)
+
+
+#: Answers kept per keystore state (:meth:`Keystore.judged`): past this many, new ones are
+#: computed each time (a bulk run to a great many different addresses).
+_MAX_ANSWERS = 4096
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class _Answers:
+    """Answers made from one listing and one reading of the record of key sources, valid
+    from ``since`` (the latest of the keys' creation and expiry times not after the moment
+    they were made) until ``until`` (the earliest after it): the keystore's judgment of a
+    key changes only as the clock passes one of those times (SubKey.problem)."""
+
+    keys: tuple[OpenPGPKey, ...]
+    record: Mapping[str, object]
+    since: datetime | None
+    until: datetime | None
+    answers: dict[Hashable, object] = field(default_factory=dict)
+
+    @classmethod
+    def for_listing(
+        cls, keys: tuple[OpenPGPKey, ...], record: Mapping[str, object], now: datetime
+    ) -> _Answers:
+        times = {
+            t
+            for key in keys
+            for sub in (key.primary, *key.subkeys)
+            for t in (sub.created, sub.expires)
+            if t is not None
+        }
+        since = max((t for t in times if t <= now), default=None)
+        until = min((t for t in times if t > now), default=None)
+        return cls(keys, record, since, until)
+
+    def holds(self, now: datetime) -> bool:
+        return (self.since is None or self.since <= now) and (
+            self.until is None or now < self.until
+        )
 
 
 def _lost(before: OpenPGPKey, after: OpenPGPKey) -> str:
@@ -1041,6 +1082,8 @@ class Keystore:
         self._generation = 0
         #: Certificate store: fingerprint -> (file tag, secret file tag, judged key).
         self._judged: dict[str, tuple[object, object, OpenPGPKey]] = {}
+        #: Answers kept for the keystore state they were made in (see :meth:`judged`).
+        self._answers: _Answers | None = None
 
     def _pick_backend(self, named: bool) -> str:
         """A named GnuPG home is one; a home with a certificate store uses it; a home that
@@ -1324,6 +1367,7 @@ class Keystore:
         """Forget the cached listing (done automatically when the keyring files change)."""
         self._listing = None
         self._judged.clear()
+        self._answers = None
         self._pin.keys = None
         self._pin.stamp = None
         self._generation += 1  # other threads' pinned listings are dropped at their next look
@@ -1348,6 +1392,43 @@ class Keystore:
             if depth == 0:
                 self._pin.keys = None
                 self._pin.stamp = None
+
+    def judged(self, question: Hashable, answer: Callable[[], _T]) -> _T:
+        """``answer()``, given again for the same ``question`` for as long as nothing it
+        may depend on has changed: the listing (any write to the keystore, by this process
+        or another, gives a new one: :meth:`all_keys`), the record of key sources (any write
+        gives a new reading: :meth:`KeySources.snapshot`), and the span of time between two
+        of the listed keys' creation or expiry times that holds the present (a key expiring,
+        or the clock set back, ends it). For answers made only from those (the keys one
+        message needs: judged once per keystore state, not once per message); an exception
+        is never kept. Meant for a :meth:`pinned` operation, where the listing is looked at
+        once."""
+        keys = self.all_keys()
+        record = self.sources.snapshot()
+        now = datetime.now(UTC)
+        held = self._answers
+        if (
+            held is None
+            or held.keys is not keys
+            or held.record is not record
+            or not held.holds(now)
+        ):
+            held = self._answers = _Answers.for_listing(keys, record, now)
+        try:
+            return cast(_T, held.answers[question])
+        except KeyError:
+            pass
+        value = answer()
+        # Kept only if it was made from that very state (the listing of this operation,
+        # the same record, and still inside the span).
+        if (
+            self.all_keys() is keys
+            and self.sources.snapshot() is record
+            and held.holds(datetime.now(UTC))
+            and len(held.answers) < _MAX_ANSWERS
+        ):
+            held.answers[question] = value
+        return value
 
     # -- Listing and lookup -----------------------------------------------------------------
 

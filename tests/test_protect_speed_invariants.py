@@ -6,15 +6,38 @@ integrity-protected data)."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, tzinfo
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fixtures_pgp import Keys
-from pgp_helpers import gpg_decrypt, multipart_parts, part_body
+from pgp_helpers import (
+    generate_key,
+    gpg,
+    gpg_decrypt,
+    kill_agent,
+    multipart_parts,
+    new_gnupg_home,
+    part_body,
+    revoke,
+)
 
-from e2email import CryptoError, Mailer, Message, OpenPGPEngine, Protection
+from e2email import (
+    CryptoError,
+    KeyReason,
+    Mailer,
+    Message,
+    OpenPGPEngine,
+    Protection,
+    RecipientKeyError,
+    keystore,
+)
 from e2email.crypto import openpgp, sequoia
-from e2email.keystore import Keystore
+from e2email.keystore import Keystore, OpenPGPKey
 
 SEQUOIA = Protection(engine=OpenPGPEngine.SEQUOIA)
 
@@ -130,3 +153,180 @@ def test_the_binary_packet_walk_agrees_with_the_armored_one() -> None:
         sequoia._check_binary(pkesk + bytes([0xC9, 4]) + b"abcd", ["0" * 24 + ids[0]])
     with pytest.raises(CryptoError, match="no encrypted data packet"):
         openpgp.packet_key_ids(pkesk)
+
+
+# -- Key resolution: judged once per keystore state ----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Made:
+    """Certificates made for this module: ``rita`` (before and after her revocation), two
+    keys for ``twin@example.com``, and ``soon@example.com`` (expires in a day)."""
+
+    rita: bytes
+    rita_revoked: bytes
+    rita_fpr: str
+    twin1: bytes
+    twin1_fpr: str
+    twin2: bytes
+    twin2_fpr: str
+    soon: bytes
+    soon_fpr: str
+
+
+@pytest.fixture(scope="module")
+def made() -> Iterator[_Made]:
+    factory = new_gnupg_home("e2v")
+    out = new_gnupg_home("e2w")
+    try:
+        rita = generate_key(factory, out, "rita@example.com")
+        before = rita.cert.read_bytes()
+        revoke(factory, rita)
+        twin1 = generate_key(factory, out, "twin@example.com")
+        twin1_cert = twin1.cert.read_bytes()  # the file is the next key's below
+        twin2 = generate_key(factory, out, "twin@example.com")
+        soon = generate_key(factory, out, "soon@example.com", expire="1d")
+        yield _Made(
+            before,
+            rita.cert.read_bytes(),
+            rita.fingerprint,
+            twin1_cert,
+            twin1.fingerprint,
+            twin2.cert.read_bytes(),
+            twin2.fingerprint,
+            soon.cert.read_bytes(),
+            soon.fingerprint,
+        )
+    finally:
+        kill_agent(factory)
+        shutil.rmtree(factory, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+TWIN = "twin@example.com"
+SOON = "soon@example.com"
+
+
+def _store(keys: Keys, home: Path, *certs: bytes) -> Keystore:
+    store = Keystore(home)
+    store.import_file(keys.alice.cert)
+    assert keys.alice.secret is not None
+    store.import_file(keys.alice.secret)
+    for cert in certs:
+        store.import_keys(cert)
+    return store
+
+
+def _protect(store: Keystore, keys: Keys, to: str) -> str:
+    """The key the copy to ``to`` is encrypted to, besides the sender's own."""
+    with Mailer(keystore=store, protection=SEQUOIA) as mailer:
+        (copy,) = mailer.protect(_message(keys, to=to))
+    (key,) = set(copy.encrypted_to) - {keys.alice.fingerprint}
+    return key
+
+
+def _refusal(store: Keystore, keys: Keys, to: str) -> KeyReason:
+    with pytest.raises(RecipientKeyError) as refused:
+        _protect(store, keys, to)
+    (problem,) = refused.value.problems
+    assert problem.address == to
+    return problem.reason
+
+
+def test_the_keys_of_a_message_are_judged_once_per_keystore_state(
+    keys: Keys, tmp_path: Path, made: _Made, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second message to the same people judges no key again (the answer is kept for
+    the keystore state); another address is judged anew; the other engine uses the same
+    judgment."""
+    store = _store(keys, tmp_path, keys.bob.cert.read_bytes(), made.rita)
+    judged: list[str] = []
+    for name in ("encryption_problem", "signing_problem"):
+        real = getattr(OpenPGPKey, name)
+
+        def counted(self: OpenPGPKey, *args: Any, _real: Any = real, **kw: Any) -> Any:
+            judged.append(self.fingerprint)
+            return _real(self, *args, **kw)
+
+        monkeypatch.setattr(OpenPGPKey, name, counted)
+    with Mailer(keystore=store, protection=SEQUOIA) as mailer:
+        mailer.protect(_message(keys, to=keys.bob.address))
+        assert judged
+        judged.clear()
+        mailer.protect(_message(keys, to=keys.bob.address))
+        assert judged == []
+        mailer.protect(_message(keys, to="rita@example.com"))
+        assert made.rita_fpr in judged
+    judged.clear()
+    with Mailer(keystore=store, protection=Protection(engine=OpenPGPEngine.GPG)) as mailer:
+        for to in (keys.bob.address, "rita@example.com"):  # the one judgment, both engines
+            mailer.protect(_message(keys, to=to))
+    assert judged == []
+
+
+@pytest.mark.parametrize("writer", ["this object", "another object", "gpg"])
+def test_a_revocation_deletion_or_second_key_written_between_two_messages_counts(
+    keys: Keys, tmp_path: Path, made: _Made, writer: str
+) -> None:
+    """What is kept never outlives a change to the keystore: a revocation, a deletion and
+    a second usable key for an address, each written between two messages by this Keystore
+    object, by another on the same home, or by gpg itself, decide the next message."""
+    store = _store(keys, tmp_path, made.rita, made.twin1)
+    other = Keystore(tmp_path)
+
+    def write(data: bytes) -> None:
+        if writer == "this object":
+            store.import_keys(data)
+        elif writer == "another object":
+            other.import_keys(data)
+        else:
+            gpg(store.gnupg_home, "--import", input=data)
+
+    for _ in range(2):  # the second time from what was kept
+        assert _protect(store, keys, "rita@example.com") == made.rita_fpr
+        assert _protect(store, keys, TWIN) == made.twin1_fpr
+    write(made.rita_revoked)
+    assert _refusal(store, keys, "rita@example.com") is KeyReason.REVOKED
+    write(made.twin2)
+    assert _refusal(store, keys, TWIN) is KeyReason.AMBIGUOUS
+    if writer != "this object":  # deleted by hand (the library has no deletion)
+        gpg(store.gnupg_home, "--delete-keys", made.twin2_fpr)
+        assert _protect(store, keys, TWIN) == made.twin1_fpr
+        gpg(store.gnupg_home, "--delete-keys", made.twin1_fpr)
+        assert _refusal(store, keys, TWIN) is KeyReason.NOT_FOUND
+
+
+def test_a_key_accepted_by_another_object_between_two_messages_counts(
+    keys: Keys, tmp_path: Path, made: _Made
+) -> None:
+    """The key accepted for an address (the record of key sources, written by another
+    object on the same home) decides the next message, and again when it changes back."""
+    store = _store(keys, tmp_path, made.twin1, made.twin2)
+    assert _refusal(store, keys, TWIN) is KeyReason.AMBIGUOUS
+    other = Keystore(tmp_path)
+    for chosen in (made.twin1_fpr, made.twin2_fpr, made.twin1_fpr):
+        other.sources.accept(TWIN, chosen)
+        for _ in range(2):
+            assert _protect(store, keys, TWIN) == chosen
+
+
+def test_a_key_expiring_between_two_messages_is_refused_and_a_clock_set_back_counts(
+    keys: Keys, tmp_path: Path, made: _Made, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Time passing a key's expiry decides the next message, though nothing was written;
+    the clock set back before it makes the key usable again."""
+    store = _store(keys, tmp_path, made.soon)
+    for _ in range(2):
+        assert _protect(store, keys, SOON) == made.soon_fpr
+    real = datetime
+
+    class _Later(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+            return real.now(tz) + timedelta(days=2)
+
+    monkeypatch.setattr(keystore, "datetime", _Later)
+    for _ in range(2):
+        assert _refusal(store, keys, SOON) is KeyReason.EXPIRED
+    monkeypatch.setattr(keystore, "datetime", real)
+    assert _protect(store, keys, SOON) == made.soon_fpr
