@@ -287,10 +287,39 @@ class OpenPGPKey:
     subkeys: tuple[SubKey, ...]
     user_ids: tuple[UserID, ...]
     disabled: bool = False
+    #: The choices and judgments made at the present time (:meth:`_timed`): name -> (from,
+    #: until, answer). Never copied to another key (``replace`` makes a new one).
+    _now_answers: dict[str, tuple[datetime | None, datetime | None, object]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @property
     def fingerprint(self) -> str:
         return self.primary.fingerprint
+
+    def _timed(self, name: str, answer: Callable[[datetime], _T]) -> _T:
+        """``answer(now)``, given again while the clock stays between the same two of this
+        key's creation and expiry times (the only moments its judgment can change:
+        :meth:`SubKey.problem`); a clock set back counts as well."""
+        now = datetime.now(UTC)
+        held = self._now_answers.get(name)
+        if (
+            held is not None
+            and (held[0] is None or held[0] <= now)
+            and (held[1] is None or now < held[1])
+        ):
+            return cast(_T, held[2])
+        value = answer(now)
+        times = [
+            t
+            for sub in (self.primary, *self.subkeys)
+            for t in (sub.created, sub.expires)
+            if t is not None
+        ]
+        since = max((t for t in times if t <= now), default=None)
+        until = min((t for t in times if t > now), default=None)
+        self._now_answers[name] = (since, until, value)
+        return value
 
     @property
     def has_secret(self) -> bool:
@@ -349,11 +378,15 @@ class OpenPGPKey:
         """The (sub)key to encrypt to: the newest usable encryption-capable one (RFC 9580
         §5.5.2 leaves the choice to the sender; the newest is what GnuPG would pick among
         good ones, but here the refused ones are never candidates)."""
+        if now is None:  # asked several times per message: once per span of time
+            return self._timed("encryption_subkey", self.encryption_subkey)
         return self._newest(self.encryption_subkeys(now))
 
     def signing_subkey(self, now: datetime | None = None) -> SubKey | None:
         """The (sub)key to sign with: the newest usable signing-capable one with its secret."""
-        return self._newest(self._usable("s", now or datetime.now(UTC), need_secret=True))
+        if now is None:
+            return self._timed("signing_subkey", self.signing_subkey)
+        return self._newest(self._usable("s", now, need_secret=True))
 
     @staticmethod
     def _newest(keys: Sequence[SubKey]) -> SubKey | None:
@@ -817,7 +850,10 @@ def _filter_address(address: str) -> str:
     """``address`` for a gpg filter expression (``mbox = ADDR``): lower case, and nothing a
     filter would read as syntax (the expression ends at the line)."""
     addr = address.strip().lower()
-    if not addr or any(c.isspace() or not c.isprintable() for c in addr) or "@" not in addr:
+    # Whitespace or anything unprintable: the only printable whitespace is the ASCII space
+    # (str.isprintable: Unicode "Other" and "Separator" are unprintable but for it), and
+    # the whole string is judged in one call rather than a character at a time.
+    if not addr or not addr.isprintable() or " " in addr or "@" not in addr:
         raise MessageError(f"invalid address {address!r}")
     return addr
 
@@ -1082,6 +1118,8 @@ class Keystore:
         self._generation = 0
         #: Certificate store: fingerprint -> (file tag, secret file tag, judged key).
         self._judged: dict[str, tuple[object, object, OpenPGPKey]] = {}
+        #: The GnuPG home and the paths of the files :meth:`_stamp` looks at.
+        self._stamp_paths: tuple[Path, list[str]] | None = None
         #: Answers kept for the keystore state they were made in (see :meth:`judged`).
         self._answers: _Answers | None = None
 
@@ -1350,13 +1388,17 @@ class Keystore:
                     sorted((f, self.secret_keys.tag(f)) for f in self.secret_keys.fingerprints())
                 ),
             )
-        home = os.fspath(self.gnupg_home)
+        home = self.gnupg_home
+        paths = self._stamp_paths
+        if paths is None or paths[0] is not home:
+            # Joined strings, once per home: a Path (or a join) per file per message cost
+            # more than the stat itself.
+            names = ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "private-keys-v1.d")
+            paths = self._stamp_paths = (home, [os.path.join(home, n) for n in names])
         stamp: list[int] = []
-        for name in ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "private-keys-v1.d"):
+        for path in paths[1]:
             try:
-                # os.stat of a joined string: a Path per file per message cost more than
-                # the stat itself.
-                st = os.stat(os.path.join(home, name))
+                st = os.stat(path)
             except OSError:
                 stamp += [0, 0]
             else:

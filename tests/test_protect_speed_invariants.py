@@ -330,3 +330,59 @@ def test_a_key_expiring_between_two_messages_is_refused_and_a_clock_set_back_cou
         assert _refusal(store, keys, SOON) is KeyReason.EXPIRED
     monkeypatch.setattr(keystore, "datetime", real)
     assert _protect(store, keys, SOON) == made.soon_fpr
+
+
+def test_a_keys_subkey_choice_is_made_once_per_span_of_time(
+    keys: Keys, tmp_path: Path, made: _Made, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encryption and signing (sub)key of a key are chosen once while the clock stays
+    between two of its times (asked several times per message), and again once it passes
+    an expiry, or is set back before it."""
+    store = _store(keys, tmp_path, made.soon)
+    soon, alice = store.get(made.soon_fpr), store.get(keys.alice.fingerprint)
+    assert soon is not None and alice is not None
+    chosen = soon.encryption_subkey()
+    signing = alice.signing_subkey()
+    assert chosen is not None and chosen.expires is not None and signing is not None
+    asked: list[str] = []
+    real_usable = OpenPGPKey._usable
+
+    def usable(self: OpenPGPKey, capability: str, now: datetime, **kw: Any) -> Any:
+        asked.append(capability)
+        return real_usable(self, capability, now, **kw)
+
+    monkeypatch.setattr(OpenPGPKey, "_usable", usable)
+    for _ in range(3):
+        assert soon.encryption_subkey() == chosen
+        assert alice.signing_subkey() == signing
+    assert asked == []
+    real = datetime
+
+    class _Later(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+            return real.now(tz) + timedelta(days=2)
+
+    monkeypatch.setattr(keystore, "datetime", _Later)
+    assert soon.encryption_subkey() is None
+    assert soon.encryption_subkey() is None
+    assert asked == ["e"]
+    monkeypatch.setattr(keystore, "datetime", real)
+    assert soon.encryption_subkey() == chosen
+    assert asked == ["e", "e"]
+    # A changed copy of the key (replace) never shares what was kept.
+    from dataclasses import replace
+
+    assert replace(soon, subkeys=()).encryption_subkey() is None
+    assert soon.encryption_subkey() == chosen
+
+
+@pytest.mark.parametrize("odd", [" ", "\t", "\n", "\x00", "\x7f", "\u00a0", "\u2028", "\u200b"])
+def test_an_address_for_a_gpg_filter_still_refuses_whitespace_and_unprintables(odd: str) -> None:
+    """The address check made in one call per string refuses what the check per character
+    refused: any whitespace, any unprintable character."""
+    from e2email.errors import MessageError
+
+    assert keystore._filter_address(" Bob@Example.NET ") == "bob@example.net"
+    with pytest.raises(MessageError):
+        keystore._filter_address(f"bob{odd}x@example.net")
