@@ -875,6 +875,16 @@ class SequoiaProtector(Protector):
         # make, so whatever that one is given (e.g. discovery settings) serves this one too.
         self._lookup = lookup if lookup is not None else GpgProtector(keystore)
         self._keys = _Keys(keystore)
+        #: The keystore's home and its spool folder, made once (two Path objects per copy
+        #: were a few microseconds of every message).
+        self._spool: tuple[Path, Path] | None = None
+
+    def _spool_dir(self) -> Path:
+        home = self.keystore.home
+        held = self._spool
+        if held is None or held[0] is not home:
+            held = self._spool = (home, spool_dir(home))
+        return held[1]
 
     def __repr__(self) -> str:
         return f"SequoiaProtector({self.keystore!r})"
@@ -969,9 +979,7 @@ class SequoiaProtector(Protector):
             signature = bytes(sq.sign(signer, payload, mode=sq.SignatureMode.DETACHED))
             micalg = _micalg(signature, sub.fingerprint)
             head = message_head(msg, hp=HP.CLEAR) + autocrypt["main"][0]
-            raw = _signed_entity(
-                payload, signature, micalg, head, directory=spool_dir(self.keystore.home)
-            )
+            raw = _signed_entity(payload, signature, micalg, head, directory=self._spool_dir())
             return (
                 make_copy(
                     raw, msg, "main", msg.recipients, signed=True, signer=signer_key.fingerprint
@@ -999,7 +1007,7 @@ class SequoiaProtector(Protector):
                 signer,
                 [fpr for _, fpr in chosen],
                 prefix=head + outer,
-                directory=spool_dir(self.keystore.home),
+                directory=self._spool_dir(),
             )
             return make_copy(
                 content,
