@@ -207,11 +207,11 @@ TWIN = "twin@example.com"
 SOON = "soon@example.com"
 
 
-def _store(keys: Keys, home: Path, *certs: bytes) -> Keystore:
-    store = Keystore(home)
+def _store(keys: Keys, home: Path, *certs: bytes, backend: str | None = None) -> Keystore:
+    store = Keystore(home, backend=backend)
     store.import_file(keys.alice.cert)
     assert keys.alice.secret is not None
-    store.import_file(keys.alice.secret)
+    store.import_file(keys.alice.secret, unprotected=True)
     for cert in certs:
         store.import_keys(cert)
     return store
@@ -264,23 +264,34 @@ def test_the_keys_of_a_message_are_judged_once_per_keystore_state(
     assert judged == []
 
 
-@pytest.mark.parametrize("writer", ["this object", "another object", "gpg"])
+@pytest.mark.parametrize(
+    "writer", ["this object", "another object", "gpg", "another object, certificate store"]
+)
 def test_a_revocation_deletion_or_second_key_written_between_two_messages_counts(
     keys: Keys, tmp_path: Path, made: _Made, writer: str
 ) -> None:
     """What is kept never outlives a change to the keystore: a revocation, a deletion and
     a second usable key for an address, each written between two messages by this Keystore
-    object, by another on the same home, or by gpg itself, decide the next message."""
-    store = _store(keys, tmp_path, made.rita, made.twin1)
-    other = Keystore(tmp_path)
+    object, by another on the same home (a GnuPG home or a certificate store), or by gpg
+    itself, decide the next message."""
+    certd = writer.endswith("certificate store")
+    backend = "certd" if certd else None
+    store = _store(keys, tmp_path, made.rita, made.twin1, backend=backend)
+    other = Keystore(tmp_path, backend=backend)
+
+    def delete(fingerprint: str) -> None:
+        if certd:
+            store.certd.path_for(fingerprint).unlink()
+        else:
+            gpg(store.gnupg_home, "--delete-keys", fingerprint)
 
     def write(data: bytes) -> None:
         if writer == "this object":
             store.import_keys(data)
-        elif writer == "another object":
-            other.import_keys(data)
-        else:
+        elif writer == "gpg":
             gpg(store.gnupg_home, "--import", input=data)
+        else:
+            other.import_keys(data)
 
     for _ in range(2):  # the second time from what was kept
         assert _protect(store, keys, "rita@example.com") == made.rita_fpr
@@ -290,9 +301,9 @@ def test_a_revocation_deletion_or_second_key_written_between_two_messages_counts
     write(made.twin2)
     assert _refusal(store, keys, TWIN) is KeyReason.AMBIGUOUS
     if writer != "this object":  # deleted by hand (the library has no deletion)
-        gpg(store.gnupg_home, "--delete-keys", made.twin2_fpr)
+        delete(made.twin2_fpr)
         assert _protect(store, keys, TWIN) == made.twin1_fpr
-        gpg(store.gnupg_home, "--delete-keys", made.twin1_fpr)
+        delete(made.twin1_fpr)
         assert _refusal(store, keys, TWIN) is KeyReason.NOT_FOUND
 
 
