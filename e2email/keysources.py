@@ -20,8 +20,9 @@ import contextlib
 import enum
 import json
 import os
+import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,8 @@ _LOCK = threading.RLock()
 #: Writes made by this process, per record file (bumped under :data:`_LOCK`): a pinned
 #: reading (:meth:`KeySources.pinned`) is read again when any instance wrote since.
 _WRITES: dict[str, int] = {}
+#: The record of a home that has none, as :meth:`KeySources.snapshot` gives it (never changed).
+_NOTHING: Mapping[str, object] = {}
 _VERSION = 1
 
 
@@ -119,6 +122,11 @@ class KeySources:
         #: The text last read and the (home, file) stat it was read under: a lookup per
         #: recipient per message re-reads and re-checks the file only when either changed.
         self._cache: tuple[tuple[int, ...], str] | None = None
+        #: The record as parsed from that text (:meth:`snapshot`): one object per reading,
+        #: never changed, so that whoever keeps a judgment made from it can tell by its
+        #: identity that the record has not changed since.
+        self._parsed: tuple[tuple[int, ...], Mapping[str, object]] | None = None
+        self._home_name, self._path_name = os.fspath(home), os.fspath(self.path)
         #: Per thread, during :meth:`pinned`: the record as read at its first lookup.
         self._pin = threading.local()
         #: The key of this home's record in :data:`_WRITES` (every instance for the same
@@ -142,26 +150,46 @@ class KeySources:
             if depth == 0:
                 self._pin.data = None
 
-    def _lookup(self) -> dict[str, object]:
-        """:meth:`_read` for the read-only lookups: once per :meth:`pinned` operation. The
-        result is not to be changed (writes read the record afresh, under the lock)."""
+    def snapshot(self) -> Mapping[str, object]:
+        """The record as the read-only lookups see it: once per :meth:`pinned` operation.
+        The same object for as long as the record is unchanged (its file, and the home's
+        owner and mode: :meth:`_tag`), a new one after any change: a judgment made from it
+        stands while the object is the same. Never to be changed (writes read the record
+        afresh, under the lock)."""
         if getattr(self._pin, "depth", 0) == 0:
             return self._read()
-        data: dict[str, object] | None = getattr(self._pin, "data", None)
+        data: Mapping[str, object] | None = getattr(self._pin, "data", None)
         writes = _WRITES.get(self._writes_key, 0)
         if data is None or getattr(self._pin, "writes", None) != writes:
             data = self._pin.data = self._read()
             self._pin.writes = writes
         return data
 
+    def _read(self) -> Mapping[str, object]:
+        """The record, looked at for changes (:meth:`_tag`) and read again only after one:
+        the same object while unchanged (read-only; writers use :meth:`_fresh`)."""
+        tag = self._tag()
+        parsed = self._parsed
+        if tag is not None and parsed is not None and parsed[0] == tag:
+            return parsed[1]
+        if tag is None and not os.path.lexists(self._path_name):
+            return _NOTHING  # no record: the same (empty) object each time
+        data = self._fresh()
+        cache = self._cache
+        if tag is not None and cache is not None and cache[0] == tag:
+            self._parsed = (tag, data)  # read under this very tag (see _fresh)
+        return data
+
     def _tag(self) -> tuple[int, ...] | None:
         """What the checks and the read depend on: owner, mode, identity and, for the file,
         size and modification time; None when the file is absent."""
         try:
-            # stat, not lstat: what check_private judges and what is read is what a symlink
-            # points to; ctime moves with any chmod, chown or write.
-            home, st = self.home.stat(), self.path.stat()
-            lhome, lst = self.home.lstat(), self.path.lstat()
+            # What check_private judges and what is read is what a symlink points to (stat),
+            # the link itself is told by its inode (lstat); ctime moves with any chmod, chown
+            # or write. A path that is no link is its own target: one lstat serves both.
+            lhome, lst = os.lstat(self._home_name), os.lstat(self._path_name)
+            home = os.stat(self._home_name) if stat.S_ISLNK(lhome.st_mode) else lhome
+            st = os.stat(self._path_name) if stat.S_ISLNK(lst.st_mode) else lst
         except OSError:
             return None
         return (
@@ -170,7 +198,8 @@ class KeySources:
             lst.st_ino,
         )  # fmt: skip
 
-    def _read(self) -> dict[str, object]:
+    def _fresh(self) -> dict[str, object]:
+        """The record parsed afresh: the caller may change it (the writers)."""
         tag = self._tag()
         if tag is not None and self._cache is not None and self._cache[0] == tag:
             return self._parse(self._cache[1])
@@ -201,13 +230,13 @@ class KeySources:
         return data if isinstance(data, dict) else {}
 
     def _load(self) -> dict[str, dict[str, str]]:
-        keys = self._read().get("keys")
+        keys = self._fresh().get("keys")
         return (
             {k: v for k, v in keys.items() if isinstance(v, dict)} if isinstance(keys, dict) else {}
         )
 
     def get(self, fingerprint: str) -> KeySource | None:
-        keys = self._lookup().get("keys")
+        keys = self.snapshot().get("keys")
         entry = keys.get(fingerprint.upper()) if isinstance(keys, dict) else None
         if not isinstance(entry, dict):
             return None
@@ -271,7 +300,7 @@ class KeySources:
 
     def accepted(self, address: str) -> str | None:
         """The fingerprint accepted by hand for ``address`` (``keys accept``), if any."""
-        pins = self._lookup().get("accepted")
+        pins = self.snapshot().get("accepted")
         value = pins.get(address.strip().lower()) if isinstance(pins, dict) else None
         return value if isinstance(value, str) else None
 
@@ -279,7 +308,7 @@ class KeySources:
         """Make ``fingerprint`` the key for ``address`` (it decides between several keys that
         carry the address, and a discovered key that differs from it is refused again)."""
         with _LOCK:
-            data = self._read()
+            data = self._fresh()
             pins = data.get("accepted")
             pins = dict(pins) if isinstance(pins, dict) else {}
             pins[address.strip().lower()] = fingerprint.upper()
@@ -292,7 +321,7 @@ class KeySources:
     def disabled(self) -> frozenset[str]:
         """Fingerprints of keys disabled for use (a certificate store has no flag of its own
         for it: gpg's "disabled" is kept here when a GnuPG home is migrated)."""
-        found = self._read().get("disabled")
+        found = self._fresh().get("disabled")
         return (
             frozenset(f.upper() for f in found if isinstance(f, str))
             if isinstance(found, list)
@@ -314,7 +343,7 @@ class KeySources:
         disabled: frozenset[str] | None = None,
     ) -> None:
         if accepted is None:
-            pins = self._read().get("accepted")
+            pins = self._fresh().get("accepted")
             accepted = pins if isinstance(pins, dict) else {}
         if disabled is None:
             disabled = self.disabled()

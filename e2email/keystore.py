@@ -49,11 +49,11 @@ import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import gnupg
 
@@ -287,10 +287,39 @@ class OpenPGPKey:
     subkeys: tuple[SubKey, ...]
     user_ids: tuple[UserID, ...]
     disabled: bool = False
+    #: The choices and judgments made at the present time (:meth:`_timed`): name -> (from,
+    #: until, answer). Never copied to another key (``replace`` makes a new one).
+    _now_answers: dict[str, tuple[datetime | None, datetime | None, object]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @property
     def fingerprint(self) -> str:
         return self.primary.fingerprint
+
+    def _timed(self, name: str, answer: Callable[[datetime], _T]) -> _T:
+        """``answer(now)``, given again while the clock stays between the same two of this
+        key's creation and expiry times (the only moments its judgment can change:
+        :meth:`SubKey.problem`); a clock set back counts as well."""
+        now = datetime.now(UTC)
+        held = self._now_answers.get(name)
+        if (
+            held is not None
+            and (held[0] is None or held[0] <= now)
+            and (held[1] is None or now < held[1])
+        ):
+            return cast(_T, held[2])
+        value = answer(now)
+        times = [
+            t
+            for sub in (self.primary, *self.subkeys)
+            for t in (sub.created, sub.expires)
+            if t is not None
+        ]
+        since = max((t for t in times if t <= now), default=None)
+        until = min((t for t in times if t > now), default=None)
+        self._now_answers[name] = (since, until, value)
+        return value
 
     @property
     def has_secret(self) -> bool:
@@ -349,11 +378,15 @@ class OpenPGPKey:
         """The (sub)key to encrypt to: the newest usable encryption-capable one (RFC 9580
         §5.5.2 leaves the choice to the sender; the newest is what GnuPG would pick among
         good ones, but here the refused ones are never candidates)."""
+        if now is None:  # asked several times per message: once per span of time
+            return self._timed("encryption_subkey", self.encryption_subkey)
         return self._newest(self.encryption_subkeys(now))
 
     def signing_subkey(self, now: datetime | None = None) -> SubKey | None:
         """The (sub)key to sign with: the newest usable signing-capable one with its secret."""
-        return self._newest(self._usable("s", now or datetime.now(UTC), need_secret=True))
+        if now is None:
+            return self._timed("signing_subkey", self.signing_subkey)
+        return self._newest(self._usable("s", now, need_secret=True))
 
     @staticmethod
     def _newest(keys: Sequence[SubKey]) -> SubKey | None:
@@ -506,6 +539,47 @@ class Migration:
 class _Listing:
     stamp: tuple[object, ...]
     keys: tuple[OpenPGPKey, ...] = field(default_factory=tuple)
+
+
+#: Answers kept per keystore state (:meth:`Keystore.judged`): past this many, new ones are
+#: computed each time (a bulk run to a great many different addresses).
+_MAX_ANSWERS = 4096
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class _Answers:
+    """Answers made from one listing and one reading of the record of key sources, valid
+    from ``since`` (the latest of the keys' creation and expiry times not after the moment
+    they were made) until ``until`` (the earliest after it): the keystore's judgment of a
+    key changes only as the clock passes one of those times (SubKey.problem)."""
+
+    keys: tuple[OpenPGPKey, ...]
+    record: Mapping[str, object]
+    since: datetime | None
+    until: datetime | None
+    answers: dict[Hashable, object] = field(default_factory=dict)
+
+    @classmethod
+    def for_listing(
+        cls, keys: tuple[OpenPGPKey, ...], record: Mapping[str, object], now: datetime
+    ) -> _Answers:
+        times = {
+            t
+            for key in keys
+            for sub in (key.primary, *key.subkeys)
+            for t in (sub.created, sub.expires)
+            if t is not None
+        }
+        since = max((t for t in times if t <= now), default=None)
+        until = min((t for t in times if t > now), default=None)
+        return cls(keys, record, since, until)
+
+    def holds(self, now: datetime) -> bool:
+        return (self.since is None or self.since <= now) and (
+            self.until is None or now < self.until
+        )
 
 
 def _lost(before: OpenPGPKey, after: OpenPGPKey) -> str:
@@ -776,7 +850,10 @@ def _filter_address(address: str) -> str:
     """``address`` for a gpg filter expression (``mbox = ADDR``): lower case, and nothing a
     filter would read as syntax (the expression ends at the line)."""
     addr = address.strip().lower()
-    if not addr or any(c.isspace() or not c.isprintable() for c in addr) or "@" not in addr:
+    # Whitespace or anything unprintable: the only printable whitespace is the ASCII space
+    # (str.isprintable: Unicode "Other" and "Separator" are unprintable but for it), and
+    # the whole string is judged in one call rather than a character at a time.
+    if not addr or not addr.isprintable() or " " in addr or "@" not in addr:
         raise MessageError(f"invalid address {address!r}")
     return addr
 
@@ -1041,6 +1118,10 @@ class Keystore:
         self._generation = 0
         #: Certificate store: fingerprint -> (file tag, secret file tag, judged key).
         self._judged: dict[str, tuple[object, object, OpenPGPKey]] = {}
+        #: The GnuPG home and the paths of the files :meth:`_stamp` looks at.
+        self._stamp_paths: tuple[Path, list[str]] | None = None
+        #: Answers kept for the keystore state they were made in (see :meth:`judged`).
+        self._answers: _Answers | None = None
 
     def _pick_backend(self, named: bool) -> str:
         """A named GnuPG home is one; a home with a certificate store uses it; a home that
@@ -1307,13 +1388,17 @@ class Keystore:
                     sorted((f, self.secret_keys.tag(f)) for f in self.secret_keys.fingerprints())
                 ),
             )
-        home = os.fspath(self.gnupg_home)
+        home = self.gnupg_home
+        paths = self._stamp_paths
+        if paths is None or paths[0] is not home:
+            # Joined strings, once per home: a Path (or a join) per file per message cost
+            # more than the stat itself.
+            names = ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "private-keys-v1.d")
+            paths = self._stamp_paths = (home, [os.path.join(home, n) for n in names])
         stamp: list[int] = []
-        for name in ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "private-keys-v1.d"):
+        for path in paths[1]:
             try:
-                # os.stat of a joined string: a Path per file per message cost more than
-                # the stat itself.
-                st = os.stat(os.path.join(home, name))
+                st = os.stat(path)
             except OSError:
                 stamp += [0, 0]
             else:
@@ -1324,6 +1409,7 @@ class Keystore:
         """Forget the cached listing (done automatically when the keyring files change)."""
         self._listing = None
         self._judged.clear()
+        self._answers = None
         self._pin.keys = None
         self._pin.stamp = None
         self._generation += 1  # other threads' pinned listings are dropped at their next look
@@ -1348,6 +1434,43 @@ class Keystore:
             if depth == 0:
                 self._pin.keys = None
                 self._pin.stamp = None
+
+    def judged(self, question: Hashable, answer: Callable[[], _T]) -> _T:
+        """``answer()``, given again for the same ``question`` for as long as nothing it
+        may depend on has changed: the listing (any write to the keystore, by this process
+        or another, gives a new one: :meth:`all_keys`), the record of key sources (any write
+        gives a new reading: :meth:`KeySources.snapshot`), and the span of time between two
+        of the listed keys' creation or expiry times that holds the present (a key expiring,
+        or the clock set back, ends it). For answers made only from those (the keys one
+        message needs: judged once per keystore state, not once per message); an exception
+        is never kept. Meant for a :meth:`pinned` operation, where the listing is looked at
+        once."""
+        keys = self.all_keys()
+        record = self.sources.snapshot()
+        now = datetime.now(UTC)
+        held = self._answers
+        if (
+            held is None
+            or held.keys is not keys
+            or held.record is not record
+            or not held.holds(now)
+        ):
+            held = self._answers = _Answers.for_listing(keys, record, now)
+        try:
+            return cast(_T, held.answers[question])
+        except KeyError:
+            pass
+        value = answer()
+        # Kept only if it was made from that very state (the listing of this operation,
+        # the same record, and still inside the span).
+        if (
+            self.all_keys() is keys
+            and self.sources.snapshot() is record
+            and held.holds(datetime.now(UTC))
+            and len(held.answers) < _MAX_ANSWERS
+        ):
+            held.answers[question] = value
+        return value
 
     # -- Listing and lookup -----------------------------------------------------------------
 

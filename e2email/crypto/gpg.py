@@ -79,14 +79,34 @@ class GpgProtector(Protector):
         address without one. Blocking (gpg)."""
         store = self.keystore
         key_map = protection.key_map
+        # Everything the keys of a message are chosen and judged from: the same question
+        # is answered once per keystore state (Keystore.judged: a write to the keystore or
+        # to the record of key sources, by any process, or the clock passing a key's
+        # creation or expiry time, asks it again). A refusal is never kept.
+        question = (
+            "resolve",
+            message.sender.addr_spec,
+            tuple(a.addr_spec for a in message.recipients),
+            protection.sign,
+            protection.encrypt,
+            protection.encrypt_to_self,
+            tuple(sorted(key_map.items())),
+        )
         with store.pinned():  # one look at the keyring for all of this message's lookups
-            return resolve_keys(
-                message,
-                protection,
-                signer=lambda sender: store.signing_key(sender, key_map=key_map),
-                recipients=lambda addresses: store.resolve_recipients(addresses, key_map=key_map),
-                own=lambda sender: store.encryption_key(sender, key_map=key_map),
+            found = store.judged(
+                question,
+                lambda: resolve_keys(
+                    message,
+                    protection,
+                    signer=lambda sender: store.signing_key(sender, key_map=key_map),
+                    recipients=lambda addresses: store.resolve_recipients(
+                        addresses, key_map=key_map
+                    ),
+                    own=lambda sender: store.encryption_key(sender, key_map=key_map),
+                ),
             )
+        # Each message its own mapping (the one kept is never handed out).
+        return Resolved(signer=found.signer, recipients=dict(found.recipients), own=found.own)
 
     def missing_keys(self, addresses: Sequence[str], protection: Protection) -> list[KeyProblem]:
         """Each address without a usable key in the keystore or the policy's key map."""

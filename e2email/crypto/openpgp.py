@@ -40,6 +40,7 @@ __all__ = [
     "encrypt",
     "encrypt_into",
     "encrypted_to_key_ids",
+    "packet_key_ids",
     "sign",
     "sign_into",
     "signed_entity_into",
@@ -798,7 +799,19 @@ def encrypted_to_key_ids(armored: Armored) -> tuple[list[str], int]:
 
     Only the first packets are decoded, a few armor lines at a time: the session keys and the
     header of the encrypted data packet, never its (possibly many megabytes of) body."""
-    blocks = _dearmored(armored, _ARMOR_LINES_PER_BLOCK)
+    return _session_key_ids(_dearmored(armored, _ARMOR_LINES_PER_BLOCK))
+
+
+def packet_key_ids(packets: bytes | Iterable[bytes]) -> tuple[list[str], int]:
+    """:func:`encrypted_to_key_ids` of a binary OpenPGP message (whole, or in pieces as read
+    from a file): the same packet walk on the bytes an engine returned, with no armor to
+    decode (an engine's binary output is checked before it is armored)."""
+    return _session_key_ids(iter((packets,)) if isinstance(packets, bytes) else iter(packets))
+
+
+def _session_key_ids(blocks: Iterator[bytes]) -> tuple[list[str], int]:
+    """The packet walk of :func:`encrypted_to_key_ids` over binary ``blocks``, read only as
+    far as the header of the encrypted data packet."""
     data = b""
     pos = 0
     key_ids: list[str] = []

@@ -70,6 +70,7 @@ from e2email.crypto.openpgp import (
     check_session_keys,
     encrypted_entity_head,
     encrypted_to_key_ids,
+    packet_key_ids,
     signed_entity,
     signed_entity_into,
 )
@@ -287,7 +288,7 @@ class _Keys:
         why = ""
         try:
             cert, fpr = self.recipient(key)
-            _check_encrypted(bytes(_sq().encrypt(b"", [cert])), [fpr])
+            _check_binary(bytes(_sq().encrypt(b"", [cert], armor=False)), [fpr])
         except (RuntimeError, ValueError) as exc:
             why = _first_line(exc)
         except CryptoError as exc:
@@ -436,7 +437,8 @@ class _Keys:
         if grip is None:
             return None
         try:
-            st = os.stat(self.keystore.gnupg_home / "private-keys-v1.d" / f"{grip}.key")
+            # A joined string: three Path objects per message cost more than the stat.
+            st = os.stat(os.path.join(self.keystore.gnupg_home, "private-keys-v1.d", f"{grip}.key"))
         except OSError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -595,12 +597,16 @@ def _encrypted_copy(
     more whole copies."""
     if len(data) <= MEMORY_MAX:
         whole = bytes(data)  # a MessageError (a file changed since it was attached) as it is
+        sq = _sq()
         try:
-            armored = _crlf(bytes(_sq().encrypt(whole, certs, signer=signer)))
+            packets = bytes(sq.encrypt(whole, certs, signer=signer, armor=False))
         except (RuntimeError, ValueError) as exc:
             raise CryptoError(f"Sequoia could not encrypt: {_first_line(exc)}") from exc
-        _check_encrypted(armored, subkeys)
-        return _encrypted_entity(armored, prefix)
+        # The check reads the packets Sequoia returned, before they are armored: the same
+        # packets the armor then carries, with no armor to decode again (that decoding was
+        # about a tenth of a small message's protection).
+        _check_binary(packets, subkeys)
+        return _encrypted_entity(_armored(sq, packets), prefix)
     with _encrypted_binary(data, certs, signer, directory=directory) as binary:
         return _encrypted_spool(binary, prefix, subkeys, directory=directory)
 
@@ -800,6 +806,21 @@ def _armor_head(armored: bytes) -> bytes | None:
     return None if end < 0 else armored[: end + 1]
 
 
+def _armored(sq: Any, binary: bytes) -> bytes:
+    """The OpenPGP message ``binary`` in ASCII armor (RFC 9580 §6.2, with its CRC-24 line)
+    by Sequoia's armor writer (the one its ``encrypt`` uses), with CRLF line ends."""
+    try:
+        text = sq.armor(binary, sq.ArmorKind.Message)
+    except (RuntimeError, ValueError) as exc:
+        raise CryptoError(f"Sequoia could not armor the message: {_first_line(exc)}") from exc
+    return _crlf(text.encode("ascii"))
+
+
+def _check_binary(binary: bytes, subkeys: Sequence[str]) -> None:
+    """:func:`~e2email.crypto.openpgp.check_session_keys` on Sequoia's binary output."""
+    check_session_keys(*packet_key_ids(binary), subkeys, producer="Sequoia")
+
+
 def _check_encrypted(armored: Armored, subkeys: Sequence[str]) -> None:
     """:func:`~e2email.crypto.openpgp.check_session_keys` on Sequoia's armored output."""
     head = _armor_head(armored) if isinstance(armored, bytes) else None
@@ -854,6 +875,16 @@ class SequoiaProtector(Protector):
         # make, so whatever that one is given (e.g. discovery settings) serves this one too.
         self._lookup = lookup if lookup is not None else GpgProtector(keystore)
         self._keys = _Keys(keystore)
+        #: The keystore's home and its spool folder, made once (two Path objects per copy
+        #: were a few microseconds of every message).
+        self._spool: tuple[Path, Path] | None = None
+
+    def _spool_dir(self) -> Path:
+        home = self.keystore.home
+        held = self._spool
+        if held is None or held[0] is not home:
+            held = self._spool = (home, spool_dir(home))
+        return held[1]
 
     def __repr__(self) -> str:
         return f"SequoiaProtector({self.keystore!r})"
@@ -948,9 +979,7 @@ class SequoiaProtector(Protector):
             signature = bytes(sq.sign(signer, payload, mode=sq.SignatureMode.DETACHED))
             micalg = _micalg(signature, sub.fingerprint)
             head = message_head(msg, hp=HP.CLEAR) + autocrypt["main"][0]
-            raw = _signed_entity(
-                payload, signature, micalg, head, directory=spool_dir(self.keystore.home)
-            )
+            raw = _signed_entity(payload, signature, micalg, head, directory=self._spool_dir())
             return (
                 make_copy(
                     raw, msg, "main", msg.recipients, signed=True, signer=signer_key.fingerprint
@@ -978,7 +1007,7 @@ class SequoiaProtector(Protector):
                 signer,
                 [fpr for _, fpr in chosen],
                 prefix=head + outer,
-                directory=spool_dir(self.keystore.home),
+                directory=self._spool_dir(),
             )
             return make_copy(
                 content,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import functools
 import json
 import os
 import threading
@@ -61,6 +62,7 @@ MAX_HEADER = 10 * 1024
 _FOLD = 76
 
 
+@functools.lru_cache(maxsize=64)  # the same sender's header on every message of a run
 def _fold(attributes: str, keydata: bytes) -> str:
     """``attributes`` then ``keydata=`` and the base64 in lines of at most 76 characters,
     each continuation line starting with a space (RFC 5322 §2.2.3 folding; Autocrypt
