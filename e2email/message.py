@@ -191,6 +191,8 @@ def _normalise_domain(domain: str, shown: str) -> str:
 def _plain_addr_spec(addr_spec: str) -> str | None:
     """:func:`_check_addr_spec` of a plain addr-spec (:data:`_PLAIN_ADDR`) that passes every
     check; None for anything else (which the general checks then accept or refuse)."""
+    if len(addr_spec) > 254:
+        return None  # refused by the general checks, before any pattern runs over it
     match = _PLAIN_ADDR.fullmatch(addr_spec)
     if match is None:
         return None
@@ -801,6 +803,10 @@ class Message:
 
         if not isinstance(self.subject, str):
             raise MessageError("must be a string", field="subject")
+        if type(self.subject) is not str:
+            # A str subclass (an Enum member, or one whose __str__ says something else) is
+            # kept as its characters: those are what is checked and what is written.
+            object.__setattr__(self, "subject", str.__str__(self.subject))
         if not (self.subject.isascii() and self.subject.isprintable()):  # else nothing to find
             bad = _CONTROLS_BUT_TAB.search(self.subject)
             if bad:
@@ -913,6 +919,13 @@ class Message:
     def recipients(self) -> tuple[Address, ...]:
         """Every envelope recipient: To, then Cc, then Bcc."""
         return self.to + self.cc + self.bcc
+
+    def __getstate__(self) -> dict[str, object]:
+        # Pickles and copies carry the message, not the header fields worked out for it
+        # (_fields: a cache, private to this module, whose class has no pickle state).
+        state = dict(self.__dict__)
+        state.pop("_fields", None)
+        return state
 
     def finalized(self) -> Message:
         """A copy with Date (now, local time zone) and Message-ID filled in where missing;
@@ -1109,11 +1122,12 @@ def render_header(name: str, value: str) -> bytes:
     other header must be ASCII already (use :meth:`Address.header_form` for addresses) and is
     folded at its spaces. CR, LF, NUL and other control characters are refused.
     """
-    if isinstance(name, str) and isinstance(value, str):
+    if type(name) is str and type(value) is str:  # a subclass may format as other text
         line = _one_line_header(name, value)
         if line is not None:
             return line
     _check_header(name, value)
+    name, value = str.__str__(name), str.__str__(value)  # the characters checked, as written
     return ("\r\n".join(_header_lines(name, value)) + "\r\n").encode("ascii")
 
 
@@ -1125,7 +1139,7 @@ def _hp_outer(name: str, value: str) -> bytes:
         lines = [head]
     elif name.lower() in _UNSTRUCTURED and not _plain_unstructured(head, value):
         lines = _fold_encoded(head, value)
-    elif len(head) + 1 + len(value) <= _MAX_LINE:
+    elif type(value) is str and len(head) + 1 + len(value) <= _MAX_LINE:
         return f"{head} {value}\r\n".encode("ascii")  # fits: _fold_words's one line
     else:
         lines = _fold_words(head, value.split(" "))
@@ -1391,8 +1405,11 @@ class _Fields:
     itself, and writes the Date three times). Kept in the message's ``__dict__`` (not a
     field: not compared, not shown): a Message does not change once made, and
     :meth:`Message.finalized`'s copy, the one object that is changed after it is made (its
-    Date and Message-ID), starts without it. Made for the Date and Message-ID objects it was
-    made with, and made anew if those are not the message's (whatever sets them)."""
+    Date and Message-ID), starts without it, and pickles and copies leave it out. A message
+    given with its own Date and Message-ID keeps it for as long as the caller keeps the
+    message (about 1.2 KB per protection mode it was sent with). Made for the Date and
+    Message-ID objects it was made with, and made anew if those are not the message's
+    (whatever sets them)."""
 
     __slots__ = ("date", "date_text", "message_id", "outer", "protected")
 
@@ -1692,6 +1709,9 @@ def _check_extra_headers(value: object) -> tuple[tuple[str, str], ...]:
             raise MessageError(f"not a (name, value) pair: {item!r}", field="headers")
         name, text = item
         _check_header(name, text)
+        # Plain str: the characters checked are the ones written (a subclass's __str__ or
+        # __format__ could say something else, e.g. a CRLF and another field).
+        name, text = str.__str__(name), str.__str__(text)
         lower = name.lower()
         if lower in _STRUCTURAL or lower.startswith("content-"):
             raise MessageError(

@@ -793,3 +793,80 @@ def test_what_is_worked_out_once_follows_the_message() -> None:
     head = message_head(final, hp=None)
     assert b"Date: Fri, 31 Dec 1999 23:59:59 +0000\r\n" in head
     assert b"<three@example.org>" in head
+
+
+# -- Review findings (rev5-t) ------------------------------------------------------------------
+
+_FIXED_DATE = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+
+
+class _Subject(str, __import__("enum").Enum):  # a way programs keep subjects as constants
+    REPORT = "Monthly report"
+
+
+class _Shown(str):
+    """A str whose __str__ (what an f-string writes) is not its characters."""
+
+    def __str__(self) -> str:
+        return "hi\r\nBcc: spy@evil.example"
+
+
+class _EvilName(str):
+    def __str__(self) -> str:
+        return "X-A: v\r\nBcc: spy@evil.example\r\nX-B"
+
+
+def test_a_str_subclass_is_written_as_its_characters_never_as_its_str() -> None:
+    assert render_header("Subject", _Subject.REPORT) == b"Subject: Monthly report\r\n"
+    assert render_header("X-Tag", _Shown("hello")) == b"X-Tag: hello\r\n"
+    assert render_header(_EvilName("X-A"), "v") == b"X-A: v\r\n"
+    assert message_module._hp_outer("X-Tag", _Shown("hello")) == b"HP-Outer: X-Tag: hello\r\n"
+    m = Message(
+        sender="a@b.org",
+        to=["c@d.org"],
+        subject=_Shown("hello"),
+        text="x",
+        headers=[("X-Tag", _Shown("hello")), (_EvilName("X-A"), "v")],
+        date=_FIXED_DATE,
+        message_id="m@b.org",
+    )
+    assert type(m.subject) is str and all(type(n) is str and type(v) is str for n, v in m.headers)
+    for hp in (None, HP.CLEAR, HP.CIPHER):
+        assert b"Bcc" not in message_head(m, hp=hp)
+        assert b"Bcc" not in build_payload(m, hp=HP.CLEAR if hp is None else hp)
+    assert b"Subject: Monthly report\r\n" in message_head(
+        Message(sender="a@b.org", to=["c@d.org"], subject=_Subject.REPORT, text="x").finalized(),
+        hp=None,
+    )
+
+
+def test_a_rendered_message_pickles_and_copies_without_its_worked_out_fields() -> None:
+    import copy
+    import pickle
+
+    m = Message(
+        sender="a@b.org", to=["c@d.org"], subject="Hi", text="x", date=_FIXED_DATE,
+        message_id="m@b.org",
+    )  # fmt: skip
+    head = message_head(m, hp=HP.CIPHER)
+    assert "_fields" in vars(m)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        again = pickle.loads(pickle.dumps(m, protocol=protocol))
+        assert again == m and "_fields" not in vars(again)
+        assert message_head(again, hp=HP.CIPHER) == head
+    for made in (copy.copy(m), copy.deepcopy(m)):
+        assert "_fields" not in vars(made) and message_head(made, hp=HP.CIPHER) == head
+
+
+def test_an_overlong_address_is_refused_before_the_plain_pattern_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Refuse:
+        def fullmatch(self, text: str) -> None:
+            raise AssertionError("the plain-address pattern ran over an overlong text")
+
+    monkeypatch.setattr(message_module, "_PLAIN_ADDR", Refuse())
+    with pytest.raises(MessageError):
+        Address.parse("a" * 300 + "@b.org")
+    with pytest.raises(MessageError):
+        Address.parse("a." * 50_000 + "!")
