@@ -543,7 +543,7 @@ class _Listing:
 
 #: Answers kept per keystore state (:meth:`Keystore.judged`): past this many, new ones are
 #: computed each time (a bulk run to a great many different addresses).
-_MAX_ANSWERS = 4096
+_MAX_ANSWERS = 1024
 
 _T = TypeVar("_T")
 
@@ -1400,9 +1400,12 @@ class Keystore:
             try:
                 st = os.stat(path)
             except OSError:
-                stamp += [0, 0]
+                stamp += [0, 0, 0, 0]
             else:
-                stamp += [st.st_mtime_ns, st.st_size]
+                # The inode and the change time too: a keybox deletion only marks its
+                # record (same size), and a write in the same mtime tick, or one whose mtime
+                # was set back, still moves ctime.
+                stamp += [st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns]
         return tuple(stamp)
 
     def invalidate(self) -> None:

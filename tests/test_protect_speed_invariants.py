@@ -397,3 +397,103 @@ def test_an_address_for_a_gpg_filter_still_refuses_whitespace_and_unprintables(o
     assert keystore._filter_address(" Bob@Example.NET ") == "bob@example.net"
     with pytest.raises(MessageError):
         keystore._filter_address(f"bob{odd}x@example.net")
+
+
+# -- Review findings (rev5-p) ------------------------------------------------------------------
+
+
+def test_the_kept_question_holds_only_the_key_map_entries_of_the_message(
+    keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An account's key map may be large: the question kept per message names only the
+    entries its addresses use, not a sorted copy of the whole map."""
+    from e2email.crypto.gpg import GpgProtector
+
+    store = _store(keys, tmp_path, keys.bob.cert.read_bytes())
+    asked: list[Any] = []
+    real = Keystore.judged
+
+    def spy(self: Keystore, question: Any, answer: Any) -> Any:
+        asked.append(question)
+        return real(self, question, answer)
+
+    monkeypatch.setattr(Keystore, "judged", spy)
+    big = {f"user{j}@example.net": keys.bob.fingerprint for j in range(5000)}
+    big[keys.bob.address] = keys.bob.fingerprint
+    msg = Message(sender=keys.alice.address, to=[keys.bob.address], subject="s", text="x")
+    found = GpgProtector(store).resolve(msg, Protection(key_map=big))
+    assert found.recipients[keys.bob.address].fingerprint == keys.bob.fingerprint
+    (question,) = asked
+    assert len(repr(question)) < 1000
+    # A changed entry for this message's address is another question.
+    other = dict(big, **{keys.bob.address: keys.alice.fingerprint})
+    GpgProtector(store).resolve(msg, Protection(key_map=other))
+    assert asked[1] != asked[0]
+
+
+def test_a_message_to_many_addresses_is_judged_but_not_kept(
+    keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from e2email.crypto import gpg as gpg_engine
+
+    store = _store(keys, tmp_path, keys.bob.cert.read_bytes())
+    monkeypatch.setattr(gpg_engine, "_KEPT_ADDRESSES", 1)
+    msg = Message(sender=keys.alice.address, to=[keys.bob.address], subject="s", text="x")
+    gpg_engine.GpgProtector(store).resolve(msg, SEQUOIA)
+    assert store._answers is None or not store._answers.answers
+
+
+def test_a_keybox_write_with_the_same_size_and_mtime_is_seen(keys: Keys, tmp_path: Path) -> None:
+    """A keybox deletion only marks its record (same size, same inode); written within the
+    same mtime tick (here: its mtime set back) it is still seen, by its change time."""
+    import os
+
+    store = _store(keys, tmp_path, keys.bob.cert.read_bytes(), backend="gnupg")
+    assert _protect(store, keys, keys.bob.address) == keys.bob.fingerprint
+    kbx = store.gnupg_home / "pubring.kbx"
+    before = kbx.stat()
+    gpg(store.gnupg_home, "--batch", "--yes", "--delete-keys", keys.bob.fingerprint)
+    after = kbx.stat()
+    assert (after.st_size, after.st_ino) == (before.st_size, before.st_ino)
+    os.utime(kbx, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert _refusal(store, keys, keys.bob.address) is KeyReason.NOT_FOUND
+
+
+def test_a_truncated_v6_session_key_is_refused_as_such() -> None:
+    with pytest.raises(CryptoError, match="truncated"):
+        openpgp.packet_key_ids(bytes([0xC1, 1, 6, 0xD2, 2, 1, 0]))
+
+
+def test_packet_key_ids_takes_any_bytes_like() -> None:
+    with pytest.raises(CryptoError):  # not a TypeError from iterating ints
+        openpgp.packet_key_ids(bytearray(b"\xc1\x00"))
+    with pytest.raises(CryptoError):
+        openpgp.packet_key_ids(memoryview(b"\xc1\x00"))
+
+
+def test_a_plaintext_packet_before_the_encrypted_data_is_refused() -> None:
+    import pysequoia
+
+    bob = pysequoia.Cert.from_file(str(Path(sequoia.__file__).parents[1] / "demo_keys/bob.pub.asc"))
+    binary = bytes(pysequoia.encrypt(b"secret", [bob], armor=False))
+    (kid,), _ = openpgp.packet_key_ids(binary)
+    _, start, length = openpgp._packet_header(binary, 0)
+    assert length is not None
+    literal = b"b\x00\x00\x00\x00\x00PLAINTEXT"
+    leak = bytes([0xCB, len(literal)]) + literal
+    for bad in (leak + binary, binary[: start + length] + leak + binary[start + length :]):
+        with pytest.raises(CryptoError, match="before the encrypted data"):
+            sequoia._check_binary(bad, ["0" * 24 + kid])
+    marker = bytes([0xCA, 3]) + b"PGP"  # the marker packet (RFC 9580 §5.8) is allowed
+    assert openpgp.packet_key_ids(marker + binary)[0] == [kid]
+
+
+def test_sequoias_armor_writer_gives_the_bytes_encrypt_armors_for_v4_recipients() -> None:
+    import pysequoia
+
+    bob = pysequoia.Cert.from_file(str(Path(sequoia.__file__).parents[1] / "demo_keys/bob.pub.asc"))
+    for size in (0, 1, 57, 4000, 70_000):
+        armored = pysequoia.encrypt(b"x" * size, [bob])
+        text = armored.decode() if isinstance(armored, bytes) else armored
+        binary = openpgp._dearmored_whole(sequoia._crlf(text.encode()))
+        assert sequoia._armored(pysequoia, binary) == sequoia._crlf(text.encode())

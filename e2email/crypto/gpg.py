@@ -57,6 +57,11 @@ def _encrypted_part(head: bytes, body: bytes) -> bytes:
     return payload.encode("ascii", "surrogateescape")
 
 
+#: The most addresses (sender and recipients) a message may have for the keys it needs to be
+#: kept per keystore state (:meth:`~e2email.keystore.Keystore.judged`).
+_KEPT_ADDRESSES = 32
+
+
 class GpgProtector(Protector):
     """OpenPGP through gpg. Each copy's gpg runs in a worker thread, the copies side by side."""
 
@@ -83,28 +88,32 @@ class GpgProtector(Protector):
         # is answered once per keystore state (Keystore.judged: a write to the keystore or
         # to the record of key sources, by any process, or the clock passing a key's
         # creation or expiry time, asks it again). A refusal is never kept.
+        addresses = (message.sender.addr_spec, *(a.addr_spec for a in message.recipients))
         question = (
             "resolve",
-            message.sender.addr_spec,
-            tuple(a.addr_spec for a in message.recipients),
+            addresses,
             protection.sign,
             protection.encrypt,
             protection.encrypt_to_self,
-            tuple(sorted(key_map.items())),
+            # Only the key map's entries for this message's addresses (all the lookups
+            # read): not a sort and a copy of the whole map (an account's may be large).
+            tuple(key_map.get(a.strip().lower()) for a in addresses) if key_map else (),
         )
-        with store.pinned():  # one look at the keyring for all of this message's lookups
-            found = store.judged(
-                question,
-                lambda: resolve_keys(
-                    message,
-                    protection,
-                    signer=lambda sender: store.signing_key(sender, key_map=key_map),
-                    recipients=lambda addresses: store.resolve_recipients(
-                        addresses, key_map=key_map
-                    ),
-                    own=lambda sender: store.encryption_key(sender, key_map=key_map),
-                ),
+
+        def resolve() -> Resolved[OpenPGPKey]:
+            return resolve_keys(
+                message,
+                protection,
+                signer=lambda sender: store.signing_key(sender, key_map=key_map),
+                recipients=lambda addresses: store.resolve_recipients(addresses, key_map=key_map),
+                own=lambda sender: store.encryption_key(sender, key_map=key_map),
             )
+
+        with store.pinned():  # one look at the keyring for all of this message's lookups
+            # A message to a great many addresses is judged afresh: kept, its answer would
+            # hold all of them (the saving is per message, the same either way).
+            many = len(addresses) > _KEPT_ADDRESSES
+            found = resolve() if many else store.judged(question, resolve)
         # Each message its own mapping (the one kept is never handed out).
         return Resolved(signer=found.signer, recipients=dict(found.recipients), own=found.own)
 

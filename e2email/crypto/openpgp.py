@@ -806,7 +806,14 @@ def packet_key_ids(packets: bytes | Iterable[bytes]) -> tuple[list[str], int]:
     """:func:`encrypted_to_key_ids` of a binary OpenPGP message (whole, or in pieces as read
     from a file): the same packet walk on the bytes an engine returned, with no armor to
     decode (an engine's binary output is checked before it is armored)."""
-    return _session_key_ids(iter((packets,)) if isinstance(packets, bytes) else iter(packets))
+    if isinstance(packets, bytes | bytearray | memoryview):
+        return _session_key_ids(iter((bytes(packets),)))
+    return _session_key_ids(iter(packets))
+
+
+#: Packets that may come before the encrypted data (RFC 9580 §10.3): session keys (1; 3, a
+#: passphrase's, is refused on its own), the marker (10) and padding (21).
+_BEFORE_DATA = frozenset({1, 3, 10, 21})
 
 
 def _session_key_ids(blocks: Iterator[bytes]) -> tuple[list[str], int]:
@@ -824,6 +831,12 @@ def _session_key_ids(blocks: Iterator[bytes]) -> tuple[list[str], int]:
                 return key_ids, tag
             if tag == 3:  # symmetric-key session key: we never ask for one
                 raise CryptoError("output contains a passphrase-encrypted session key")
+            if tag not in _BEFORE_DATA:
+                # Nothing readable may come before the encrypted data (a literal or
+                # compressed packet there would travel in clear beside it).
+                raise CryptoError(
+                    f"unexpected OpenPGP packet (tag {tag}) before the encrypted data"
+                )
             if length is None:
                 break
             if start + length > len(data):
@@ -843,6 +856,8 @@ def _session_key_ids(blocks: Iterator[bytes]) -> tuple[list[str], int]:
             key_ids.append(body[1:9].hex().upper())
         elif version == 6:
             # v6 PKESK: a key version and fingerprint follow (RFC 9580 §5.1.1)
+            if len(body) < 2 or body[1] < 1 or len(body) < 2 + body[1]:
+                raise CryptoError("truncated v6 PKESK packet")
             size = body[1]
             key_ids.append(body[3 : 2 + size].hex().upper()[-16:])
         else:

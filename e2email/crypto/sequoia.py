@@ -808,7 +808,9 @@ def _armor_head(armored: bytes) -> bytes | None:
 
 def _armored(sq: Any, binary: bytes) -> bytes:
     """The OpenPGP message ``binary`` in ASCII armor (RFC 9580 §6.2, with its CRC-24 line)
-    by Sequoia's armor writer (the one its ``encrypt`` uses), with CRLF line ends."""
+    by Sequoia's armor writer, with CRLF line ends: for v4 recipients (SEIPD v1) the bytes
+    ``encrypt(armor=True)`` writes; for SEIPD v2 a CRC line it would leave out (RFC 9580
+    §6.1: readers must not reject one)."""
     try:
         text = sq.armor(binary, sq.ArmorKind.Message)
     except (RuntimeError, ValueError) as exc:
