@@ -144,10 +144,14 @@ class OutboxWriter:
     some connection (:meth:`sending`), stores wait for the next in-flight mark (or the end of
     that transaction) and go with it. Those stores are of messages protected ahead of their
     turn, so the wait costs no time; when no transaction is under way they go at once.
+    Attempts' outcomes (:meth:`settle`, which need no wait for the disk of their own) wait
+    the same way: a copy's outcome goes with the next copy's in-flight mark, one trip to the
+    outbox's thread for both.
 
     Used within one event loop (one ``send_many`` or delivery run)."""
 
-    #: Longest a store waits for a mark to go with (a safety net: every transaction ends).
+    #: Longest a store or outcome waits for a mark to go with (a safety net: every
+    #: transaction ends).
     HOLD_LIMIT = 0.05
 
     def __init__(self, outbox: Outbox, route: str | None = None) -> None:
