@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from e2email.config import PasswordSource, Protection, RetryPolicy, SMTPSettings
 from e2email.crypto.base import (
@@ -531,44 +531,74 @@ class AsyncMailer:
         )
         per_cpu = self.protector_for(prot).protections_per_cpu
         default = max(per_cpu * (os.cpu_count() or 1), engine.connections)
-        limit = asyncio.Semaphore(concurrency or default)
-        tasks: set[asyncio.Task[None]] = set()
+        protectors = concurrency or default
         #: Keys of this run, with their message's tag: an equal item later in the input is a
         #: duplicate even while the first is still in flight (not yet in the ledger).
         seen: dict[str, Any] = {}
+        index = 0
+        # A plain iterable is read with next() (nothing to wait for, so no two readers can
+        # interleave); an asynchronous one by one reader at a time.
+        items = None if isinstance(messages, AsyncIterable) else iter(messages)
+        aitems = aiter(messages) if isinstance(messages, AsyncIterable) else None
+        reading = asyncio.Lock()
+
+        async def pull() -> tuple[int, Message | BatchItem] | None:
+            """The next input item to protect, with its index (None at the end of the input
+            or once the run stopped). A duplicate key is reported here, in input order."""
+            nonlocal index
+            while not engine.stopped:
+                item: Message | BatchItem | object
+                if items is not None:
+                    item = next(items, _END)
+                else:
+                    assert aitems is not None
+                    async with reading:
+                        item = await anext(aitems, _END)
+                        if engine.stopped:
+                            return None  # read, but the run stopped meanwhile
+                if item is _END:
+                    return None
+                item = cast("Message | BatchItem", item)
+                at = index
+                index += 1
+                if isinstance(item, BatchItem) and item.key is not None:
+                    if item.key in seen:
+                        emit(
+                            MessageOutcome(
+                                index=at,
+                                tag=item.tag,
+                                status="duplicate",
+                                detail="same key as an earlier message of this batch",
+                                duplicate_of=seen[item.key],
+                            )
+                        )
+                        continue
+                    seen[item.key] = item.tag
+                return at, item
+            return None
+
+        async def protector() -> None:
+            # Message after message: one task per protection in flight for the whole run,
+            # not one per message (a task, a semaphore hand-off and a wake-up of the reading
+            # loop per message cost the event loop turns, each a chance for the protecting
+            # threads to take the GIL from it).
+            while (got := await pull()) is not None:
+                await self._batch_one(
+                    engine, smtp, got[0], got[1], prot, batch, groups, emit, copy_done, group
+                )
+
+        tasks: list[asyncio.Task[None]] = []
         async with engine:
             try:
-                index = 0
-                async for item in _aiter(messages):
-                    if engine.stopped:
-                        break
-                    if isinstance(item, BatchItem) and item.key is not None:
-                        if item.key in seen:
-                            emit(
-                                MessageOutcome(
-                                    index=index,
-                                    tag=item.tag,
-                                    status="duplicate",
-                                    detail="same key as an earlier message of this batch",
-                                    duplicate_of=seen[item.key],
-                                )
-                            )
-                            index += 1
-                            continue
-                        seen[item.key] = item.tag
-                    await limit.acquire()
-                    one = self._batch_one(
-                        engine, smtp, index, item, prot, batch, groups, emit, limit, copy_done,
+                first = await pull()
+                if first is not None:
+                    # The first alone: a passphrase asked once, gpg-agent warm, before the
+                    # rest run in parallel.
+                    await self._batch_one(
+                        engine, smtp, first[0], first[1], prot, batch, groups, emit, copy_done,
                         group,
                     )  # fmt: skip
-                    if index == 0:
-                        await one
-                    else:
-                        task = asyncio.create_task(one)
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                    index += 1
-                if tasks:
+                    tasks = [asyncio.create_task(protector()) for _ in range(protectors)]
                     await asyncio.gather(*tasks)
             except BaseException:
                 for task in tasks:
@@ -597,98 +627,94 @@ class AsyncMailer:
         batch: str,
         groups: dict[int, _Group],
         emit: Callable[[MessageOutcome], None],
-        limit: asyncio.Semaphore,
         copy_done: Callable[[CopyOutcome], None],
         group: OutboxWriter | None = None,
     ) -> None:
-        try:
-            entry = item if isinstance(item, BatchItem) else BatchItem(message=item)
-            outbox = self.outbox
-            if entry.key is not None and outbox is not None:
-                state = await asyncio.to_thread(outbox.ledger_state, entry.key)
-                if state == "done":
+        entry = item if isinstance(item, BatchItem) else BatchItem(message=item)
+        outbox = self.outbox
+        if entry.key is not None and outbox is not None:
+            state = await asyncio.to_thread(outbox.ledger_state, entry.key)
+            if state == "done":
+                emit(
+                    MessageOutcome(
+                        index=index,
+                        tag=entry.tag,
+                        status="skipped",
+                        detail="sent by an earlier run",
+                    )
+                )
+                return
+            if state == "queued":
+                # Protected and stored by an earlier run that did not finish: send those
+                # very copies (protecting again would make a second, different message).
+                stored = await asyncio.to_thread(outbox.claim, ledger_keys=[entry.key])
+                if not stored:
+                    maybe = [
+                        it.id
+                        for it in await asyncio.to_thread(outbox.items, ledger_key=entry.key)
+                        if it.state is ItemState.MAYBE_DELIVERED
+                    ]
+                    if maybe:
+                        emit(
+                            MessageOutcome(
+                                index=index,
+                                tag=entry.tag,
+                                status="maybe-delivered",
+                                kept=tuple(maybe),
+                                detail="an earlier run was interrupted after sending it, "
+                                "so the server may have it; not sent again by itself "
+                                "(`e2email outbox retry --maybe-delivered` sends it)",
+                            )
+                        )
+                        return
                     emit(
                         MessageOutcome(
                             index=index,
                             tag=entry.tag,
                             status="skipped",
-                            detail="sent by an earlier run",
+                            detail="in the outbox, being sent by another process",
                         )
                     )
                     return
-                if state == "queued":
-                    # Protected and stored by an earlier run that did not finish: send those
-                    # very copies (protecting again would make a second, different message).
-                    stored = await asyncio.to_thread(outbox.claim, ledger_keys=[entry.key])
-                    if not stored:
-                        maybe = [
-                            it.id
-                            for it in await asyncio.to_thread(outbox.items, ledger_key=entry.key)
-                            if it.state is ItemState.MAYBE_DELIVERED
-                        ]
-                        if maybe:
-                            emit(
-                                MessageOutcome(
-                                    index=index,
-                                    tag=entry.tag,
-                                    status="maybe-delivered",
-                                    kept=tuple(maybe),
-                                    detail="an earlier run was interrupted after sending it, "
-                                    "so the server may have it; not sent again by itself "
-                                    "(`e2email outbox retry --maybe-delivered` sends it)",
-                                )
-                            )
-                            return
-                        emit(
-                            MessageOutcome(
-                                index=index,
-                                tag=entry.tag,
-                                status="skipped",
-                                detail="in the outbox, being sent by another process",
-                            )
-                        )
-                        return
-                    groups[index] = _Group(index, entry.tag, stored[0].message_id, len(stored))
-                    for it in stored:
-                        # Stored by an earlier run: its keys may have been revoked since.
-                        problems = await asyncio.to_thread(self.recheck_keys, it)
-                        if problems:
-                            self._hold(it, problems, copy_done, tag=index)
-                            continue
-                        await engine.submit(_stored_submission(it, tag=index))
-                    return
-            try:
-                copies = await self.protect(entry.message, protection=prot)
-            except E2EmailError as exc:
-                # Fail closed for this message only; nothing of it is sent or stored.
-                emit(_not_sent(index, entry.tag, entry.message, exc))
+                groups[index] = _Group(index, entry.tag, stored[0].message_id, len(stored))
+                for it in stored:
+                    # Stored by an earlier run: its keys may have been revoked since.
+                    problems = await asyncio.to_thread(self.recheck_keys, it)
+                    if problems:
+                        self._hold(it, problems, copy_done, tag=index)
+                        continue
+                    await engine.submit(_stored_submission(it, tag=index))
                 return
-            ledger = (batch, entry.key) if entry.key is not None else None
-            try:
-                ids = await self._store(copies, smtp, ledger=ledger, group=group)
-            except LedgerTaken as exc:
-                # Another run stored or sent this row since the check above.
-                detail = (
-                    "sent by another run"
-                    if exc.state == "done"
-                    else "in the outbox, being sent by another process"
-                )
-                emit(MessageOutcome(index=index, tag=entry.tag, status="skipped", detail=detail))
-                return
-            groups[index] = one = _Group(index, entry.tag, copies[0].message_id, len(copies))
-            for copy, item_id in zip(copies, ids, strict=True):
-                sub = Submission(
-                    raw=copy.content,
-                    mail_from=copy.mail_from,
-                    recipients=copy.recipients,
-                    tag=index,
-                    require_tls=smtp.require_tls,
-                )
-                sub = replace(sub, id=item_id) if item_id is not None else sub
-                one.kinds[sub.id] = copy.kind
-                await engine.submit(sub)
-        finally:
-            limit.release()
+        try:
+            copies = await self.protect(entry.message, protection=prot)
+        except E2EmailError as exc:
+            # Fail closed for this message only; nothing of it is sent or stored.
+            emit(_not_sent(index, entry.tag, entry.message, exc))
+            return
+        ledger = (batch, entry.key) if entry.key is not None else None
+        try:
+            ids = await self._store(copies, smtp, ledger=ledger, group=group)
+        except LedgerTaken as exc:
+            # Another run stored or sent this row since the check above.
+            detail = (
+                "sent by another run"
+                if exc.state == "done"
+                else "in the outbox, being sent by another process"
+            )
+            emit(MessageOutcome(index=index, tag=entry.tag, status="skipped", detail=detail))
+            return
+        groups[index] = one = _Group(index, entry.tag, copies[0].message_id, len(copies))
+        for copy, item_id in zip(copies, ids, strict=True):
+            sub = Submission(
+                raw=copy.content,
+                mail_from=copy.mail_from,
+                recipients=copy.recipients,
+                tag=index,
+                require_tls=smtp.require_tls,
+            )
+            sub = replace(sub, id=item_id) if item_id is not None else sub
+            one.kinds[sub.id] = copy.kind
+            await engine.submit(sub)
 
     async def send_outbox(
         self,
@@ -917,13 +943,8 @@ def attach_unsent(
         vars(error).update(result=result, unsent=unsent)
 
 
-async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> Any:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
+#: The end of send_many's input.
+_END = object()
 
 
 class Mailer:

@@ -60,7 +60,7 @@ from e2email.errors import (
     SMTPReply,
     TransportError,
 )
-from e2email.outbox import AddWrite, GroupWrite, MarkWrite, NewItem, Outbox
+from e2email.outbox import AddWrite, GroupWrite, MarkWrite, NewItem, Outbox, SettleWrite
 from e2email.outcome import (
     CopyOutcome,
     RecipientOutcome,
@@ -144,10 +144,14 @@ class OutboxWriter:
     some connection (:meth:`sending`), stores wait for the next in-flight mark (or the end of
     that transaction) and go with it. Those stores are of messages protected ahead of their
     turn, so the wait costs no time; when no transaction is under way they go at once.
+    Attempts' outcomes (:meth:`settle`, which need no wait for the disk of their own) wait
+    the same way: a copy's outcome goes with the next copy's in-flight mark, one trip to the
+    outbox's thread for both.
 
     Used within one event loop (one ``send_many`` or delivery run)."""
 
-    #: Longest a store waits for a mark to go with (a safety net: every transaction ends).
+    #: Longest a store or outcome waits for a mark to go with (a safety net: every
+    #: transaction ends).
     HOLD_LIMIT = 0.05
 
     def __init__(self, outbox: Outbox, route: str | None = None) -> None:
@@ -186,6 +190,12 @@ class OutboxWriter:
         """:meth:`Outbox.mark_in_flight`, durable when this returns."""
         self._due.set()
         await self._write(MarkWrite(item_id))
+
+    async def settle(self, op: SettleWrite) -> None:
+        """Record an attempt's outcome (:meth:`Outbox.settle` with ``synced=False``): with
+        the next group, so while a transaction is under way with its in-flight mark, one trip
+        to the outbox's thread and one wait for the disk for both instead of two trips."""
+        await self._write(op)
 
     async def _write(self, op: GroupWrite) -> tuple[str, ...] | None:
         done: asyncio.Future[tuple[str, ...] | None] = asyncio.get_running_loop().create_future()
@@ -739,23 +749,24 @@ class DeliveryEngine:
         retry = bool(job.pending) and job.attempts < self.retry.max_attempts
         retry = retry and self._fatal is None
         delay = self.retry.delay(job.attempts, rand=self._rand) if job.pending else 0.0
-        if self.outbox is not None:
+        if self._writer is not None:
             # Unsynced (one fsync per message fewer): should a power cut lose this record, the
             # copy is as the last durable state says, in flight (maybe-delivered: never sent
             # again by itself) once its end of data went out, else queued to send again
-            # (Outbox.settle(synced=False)).
-            await asyncio.to_thread(
-                self.outbox.settle,
-                job.sub.id,
-                delivered=delivered,
-                failed=failed,
-                pending=pending,
-                error=_error_text(job, failed),
-                retry_at=time.time() + delay if job.pending else None,
-                release=not retry,
-                # The server answered (or the data never ended): the outcome is known.
-                maybe_delivered=False,
-                synced=False,
+            # (Outbox.settle(synced=False)). Made with the next in-flight mark of the run (one
+            # trip to the outbox's thread for both), which also makes it durable.
+            await self._writer.settle(
+                SettleWrite(
+                    job.sub.id,
+                    delivered=delivered,
+                    failed=failed,
+                    pending=pending,
+                    error=_error_text(job, failed),
+                    retry_at=time.time() + delay if job.pending else None,
+                    release=not retry,
+                    # The server answered (or the data never ended): the outcome is known.
+                    maybe_delivered=False,
+                )
             )
         job.marked = job.ended = False
         if not retry:

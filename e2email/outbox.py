@@ -1069,12 +1069,12 @@ class Outbox:
         *,
         route: str | None = None,
         account: str | None = None,
-    ) -> list[tuple[str, ...] | ConfigError | None]:
+    ) -> list[tuple[str, ...] | Exception | None]:
         """Several writes that must each be durable before the caller goes on (storing a
         message's copies, :meth:`add`; marking a copy in flight, :meth:`mark_in_flight`), with
         one wait for the disk for them all: a group commit. Per write its result (the IDs of
-        an :class:`AddWrite`, None for a :class:`MarkWrite`) or the error that refused it,
-        which leaves the others alone.
+        an :class:`AddWrite`, None for a :class:`MarkWrite` or :class:`SettleWrite`) or the
+        error that refused it, which leaves the others alone.
 
         Each write is a transaction of its own; all but the last are committed without
         waiting for the disk (``synchronous=NORMAL``), the last with it (``FULL``), and a
@@ -1082,21 +1082,41 @@ class Outbox:
         (the log is synced up to its end; what a checkpoint moved out of it was synced
         then). Should the last write fail, a synced no-op update of an item written before
         does the same. So when this returns (or raises) every write in it is as durable as
-        :meth:`add` and :meth:`mark_in_flight` make theirs."""
-        results: list[tuple[str, ...] | ConfigError | None] = []
+        :meth:`add` and :meth:`mark_in_flight` make theirs.
+
+        A :class:`SettleWrite` (an attempt's outcome, :meth:`settle` with ``synced=False``)
+        needs no wait for the disk of its own: settles go first, unsynced, and become durable
+        with the stores and marks after them; a group of settles alone waits for no disk,
+        as ``settle(synced=False)`` does. (A settle and a store or mark of the same item never
+        share a group: a copy is settled only after its transaction, whose mark was written
+        and waited for before its end of data.)"""
+        results: list[tuple[str, ...] | Exception | None] = [None] * len(ops)
+        # Stable: the stores and marks keep their order (and the settles theirs).
+        order = sorted(range(len(ops)), key=lambda i: not isinstance(ops[i], SettleWrite))
+        durable = [i for i in order if not isinstance(ops[i], SettleWrite)]
+        synced_at = durable[-1] if durable else -1
         unsynced: str | None = None  # an item written by a commit not synced yet
         with self._lock:
             try:
-                for index, op in enumerate(ops):
-                    last = index == len(ops) - 1
+                for index in order:
+                    op = ops[index]
+                    last = index == synced_at
                     try:
                         result = self._group_write(op, route, account, sync=last)
                     except ConfigError as exc:  # OutboxError and LedgerTaken too
-                        results.append(exc)
+                        results[index] = exc
                         continue
-                    results.append(result)
-                    touched = result[0] if result else getattr(op, "item_id", None)
-                    unsynced = None if last else (touched or unsynced)
+                    except Exception as exc:
+                        if not isinstance(op, SettleWrite):
+                            raise
+                        # An outcome that cannot be recorded is its own caller's failure,
+                        # not the stores' and marks' that share its group.
+                        results[index] = exc
+                        continue
+                    results[index] = result
+                    if not isinstance(op, SettleWrite):
+                        touched = result[0] if result else getattr(op, "item_id", None)
+                        unsynced = None if last else (touched or unsynced)
             finally:
                 if unsynced is not None:
                     with self._write() as db:
@@ -1109,6 +1129,19 @@ class Outbox:
         def write() -> tuple[str, ...] | None:
             if isinstance(op, MarkWrite):
                 self.mark_in_flight(op.item_id)
+                return None
+            if isinstance(op, SettleWrite):
+                # synced=True: the group's setting (NORMAL but for its last write) applies.
+                self.settle(
+                    op.item_id,
+                    delivered=op.delivered,
+                    failed=op.failed,
+                    pending=op.pending,
+                    error=op.error,
+                    retry_at=op.retry_at,
+                    release=op.release,
+                    maybe_delivered=op.maybe_delivered,
+                )
                 return None
             return self.add(op.items, route=route, ledger=op.ledger, account=account)
 
@@ -1133,5 +1166,21 @@ class MarkWrite:
     item_id: str
 
 
+@dataclass(frozen=True)
+class SettleWrite:
+    """For :meth:`Outbox.write_group`: :meth:`Outbox.settle` of one attempt's outcome, with
+    ``attempted=True`` and, as ``synced=False``, no wait for the disk of its own (it is
+    durable once a later synced write of the group, or any later synced commit, is)."""
+
+    item_id: str
+    delivered: Mapping[str, SMTPReply | None] | None = None
+    failed: Mapping[str, SMTPReply | None] | None = None
+    pending: Mapping[str, SMTPReply | None] | None = None
+    error: str | None = None
+    retry_at: float | None = None
+    release: bool = False
+    maybe_delivered: bool | None = None
+
+
 #: One write of a group commit (:meth:`Outbox.write_group`).
-GroupWrite = AddWrite | MarkWrite
+GroupWrite = AddWrite | MarkWrite | SettleWrite

@@ -213,3 +213,168 @@ def test_stores_wait_for_the_next_in_flight_mark_while_a_transaction_is_under_wa
         assert calls == [["AddWrite", "MarkWrite"], ["AddWrite"], ["AddWrite"]]
         assert all(len(ids) == 1 for ids in stored) and len(box) == 4
         assert box.get(sent, raw=False).maybe_since is not None
+
+
+# -- outcomes with the group: one trip to the outbox's thread per message, not two ---------
+
+
+def test_settles_go_first_unsynced_and_the_last_store_or_mark_syncs_the_group(
+    tmp_path: Path,
+) -> None:
+    """An attempt's outcome (SettleWrite) in a group is made before the group's stores and
+    marks, without waiting for the disk; the last store or mark is the synced commit that
+    makes the group durable; a group of outcomes alone waits for no disk (as
+    settle(synced=False)). Each write gets its own result, in the order asked."""
+    from e2email.outbox import MarkWrite, SettleWrite
+
+    with Outbox(tmp_path / "o.sqlite3") as box:
+        done, later, marked = box.add(_new(3))
+        seen: list[tuple[str, int]] = []
+        settle, mark = box.settle, box.mark_in_flight
+
+        def spy_settle(item_id: str, **kw: Any) -> bool:
+            seen.append(("settle", _synchronous(box)))
+            return settle(item_id, **kw)
+
+        def spy_mark(item_id: str) -> None:
+            seen.append(("mark", _synchronous(box)))
+            mark(item_id)
+
+        box.settle = spy_settle  # type: ignore[method-assign]
+        box.mark_in_flight = spy_mark  # type: ignore[method-assign]
+        ok = SMTPReply(250, "ok")
+        results = box.write_group(
+            [
+                MarkWrite(marked),
+                SettleWrite(done, delivered={"b@example.net": ok}, maybe_delivered=False),
+                SettleWrite(later, pending={"b@example.net": SMTPReply(451, "later")},
+                            error="451 later", release=True, maybe_delivered=False),
+            ]
+        )  # fmt: skip
+        assert results == [None, None, None]
+        assert seen == [("settle", 1), ("settle", 1), ("mark", 2)]
+        assert [i.id for i in box.items()] == [later, marked]
+        assert box.get(later, raw=False).state is ItemState.QUEUED
+        assert box.get(marked, raw=False).maybe_since is not None
+        seen.clear()
+        assert box.write_group([SettleWrite(later, error="again", release=True)]) == [None]
+        assert seen == [("settle", 1)]
+        assert box.get(later, raw=False).attempts == 2
+        assert _synchronous(box) == 2
+
+
+def test_an_outcome_that_cannot_be_recorded_fails_only_its_own_write(tmp_path: Path) -> None:
+    """A settle that raises (here: a reply without a code) is its caller's error; the mark
+    in the same group is made and synced all the same."""
+    from e2email.outbox import MarkWrite, SettleWrite
+
+    with Outbox(tmp_path / "o.sqlite3") as box:
+        bad_item, marked = box.add(_new(2))
+        bad: Any = {"b@example.net": object()}
+        results = box.write_group([SettleWrite(bad_item, delivered=bad), MarkWrite(marked)])
+        assert isinstance(results[0], AttributeError) and results[1] is None
+        assert box.get(marked, raw=False).maybe_since is not None
+        assert box.get(bad_item, raw=False).state is ItemState.SENDING
+        assert _synchronous(box) == 2
+
+
+_KILLED_AFTER_A_GROUP = textwrap.dedent(
+    """
+    import os, signal, sys
+    from e2email.errors import SMTPReply
+    from e2email.outbox import MarkWrite, NewItem, Outbox, SettleWrite
+    box = Outbox(sys.argv[1])
+    new = NewItem(raw=b"x", mail_from="a@example.org", recipients=("b@example.net",),
+                  message_id="m")
+    sent, nxt = box.add([new, new])
+    box.mark_in_flight(sent)
+    box.write_group([MarkWrite(nxt), SettleWrite(sent,
+        delivered={"b@example.net": SMTPReply(250, "ok")}, maybe_delivered=False)])
+    print(sent, nxt, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no close, no checkpoint
+    """
+)
+
+
+def test_an_outcome_made_with_the_next_mark_survives_a_killed_process(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_A_GROUP, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    _sent, nxt = done.stdout.split()
+    with Outbox(path) as box:
+        assert [i.id for i in box.items()] == [nxt]
+        assert box.get(nxt, raw=False).state is ItemState.MAYBE_DELIVERED
+
+
+def test_a_run_records_each_outcome_with_the_next_in_flight_mark(
+    smtp_server: Any, tmp_path: Path
+) -> None:
+    """Messages over one connection with an outbox: each copy's outcome is written in the
+    same trip to the outbox's thread (and the same group) as the next copy's in-flight mark,
+    not in a trip of its own: one write_group per message and no settle outside one (the old
+    code made a to_thread(settle) per message besides). The outbox ends empty."""
+    import asyncio
+    import threading
+
+    from e2email.config import SMTPSettings, TLSMode
+    from e2email.delivery import DeliveryEngine, Submission
+
+    server = smtp_server()
+    assert server.ca_file is not None
+    smtp = SMTPSettings(
+        host=server.host, port=server.port, tls=TLSMode.IMPLICIT, ca_file=server.ca_file,
+        timeout=10,
+    )  # fmt: skip
+    box = Outbox(tmp_path / "o.sqlite3")
+    n = 6
+    raw = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: x\r\n\r\nhi\r\n"
+    ids = box.add(
+        [
+            NewItem(raw=raw, mail_from="a@example.org", recipients=("b@example.net",),
+                    message_id=f"<{i}@x>")
+            for i in range(n)
+        ]
+    )  # fmt: skip
+    in_group = threading.local()
+    groups: list[list[str]] = []
+    alone: list[str] = []
+    write_group, settle = box.write_group, box.settle
+
+    def spy_group(ops: Any, **kw: Any) -> Any:
+        groups.append([type(op).__name__ for op in ops])
+        in_group.on = True
+        try:
+            return write_group(ops, **kw)
+        finally:
+            in_group.on = False
+
+    def spy_settle(item_id: str, **kw: Any) -> bool:
+        if not getattr(in_group, "on", False):
+            alone.append(item_id)
+        return settle(item_id, **kw)
+
+    box.write_group = spy_group  # type: ignore[method-assign]
+    box.settle = spy_settle  # type: ignore[method-assign]
+    outcomes: list[Any] = []
+
+    async def run() -> None:
+        async with DeliveryEngine(smtp, outbox=box, on_outcome=outcomes.append) as engine:
+            for item_id in ids:
+                await engine.submit(
+                    Submission(raw=raw, mail_from="a@example.org",
+                               recipients=("b@example.net",), id=item_id)
+                )  # fmt: skip
+
+    asyncio.run(run())
+    assert [o.status for o in outcomes] == ["delivered"] * n
+    assert alone == []
+    assert len(groups) <= n + 1
+    assert sum(g.count("SettleWrite") for g in groups) == n
+    assert sum(g.count("MarkWrite") for g in groups) == n
+    assert len(box) == 0 and len(server.messages) == n
+    box.close()
