@@ -11,6 +11,7 @@ no copy reveals a Bcc recipient, not even as a key ID (OpenPGP) or an issuer and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections import Counter
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
@@ -499,6 +500,12 @@ class AsyncMailer:
         :attr:`BatchItem.key`.
         """
         smtp = self._require_smtp()
+        if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 0
+        ):
+            # Checked before anything is sent (a negative number made no protecting task:
+            # the first message alone was sent, the rest silently never read).
+            raise ConfigError(f"concurrency must be a positive whole number, not {concurrency!r}")
         prot = protection if protection is not None else self.protection
         counts: Counter[str] = Counter()
         collected: list[MessageOutcome] = []
@@ -541,12 +548,15 @@ class AsyncMailer:
         items = None if isinstance(messages, AsyncIterable) else iter(messages)
         aitems = aiter(messages) if isinstance(messages, AsyncIterable) else None
         reading = asyncio.Lock()
+        ended = False
 
         async def pull() -> tuple[int, Message | BatchItem] | None:
             """The next input item to protect, with its index (None at the end of the input
-            or once the run stopped). A duplicate key is reported here, in input order."""
-            nonlocal index
-            while not engine.stopped:
+            or once the run stopped). A duplicate key is reported here, in input order. The
+            input's first end is its end: an iterator that would give more afterwards (a file
+            being appended to) is not read past it."""
+            nonlocal index, ended
+            while not engine.stopped and not ended:
                 item: Message | BatchItem | object
                 if items is not None:
                     item = next(items, _END)
@@ -557,6 +567,7 @@ class AsyncMailer:
                         if engine.stopped:
                             return None  # read, but the run stopped meanwhile
                 if item is _END:
+                    ended = True
                     return None
                 item = cast("Message | BatchItem", item)
                 at = index
@@ -704,17 +715,29 @@ class AsyncMailer:
             emit(MessageOutcome(index=index, tag=entry.tag, status="skipped", detail=detail))
             return
         groups[index] = one = _Group(index, entry.tag, copies[0].message_id, len(copies))
-        for copy, item_id in zip(copies, ids, strict=True):
-            sub = Submission(
-                raw=copy.content,
-                mail_from=copy.mail_from,
-                recipients=copy.recipients,
-                tag=index,
-                require_tls=smtp.require_tls,
-            )
-            sub = replace(sub, id=item_id) if item_id is not None else sub
-            one.kinds[sub.id] = copy.kind
-            await engine.submit(sub)
+        handed: set[str] = set()
+        try:
+            for copy, item_id in zip(copies, ids, strict=True):
+                sub = Submission(
+                    raw=copy.content,
+                    mail_from=copy.mail_from,
+                    recipients=copy.recipients,
+                    tag=index,
+                    require_tls=smtp.require_tls,
+                )
+                sub = replace(sub, id=item_id) if item_id is not None else sub
+                one.kinds[sub.id] = copy.kind
+                handed.add(sub.id)  # the engine answers for it from here (even if cancelled)
+                await engine.submit(sub)
+        except BaseException:
+            # Stopped (cancelled) between storing the copies and handing them all over: the
+            # ones the engine never got are given back to the outbox's queue now, or they
+            # would stay claimed by this process (no send_outbox of it would take them).
+            left = [i for i in ids if i is not None and i not in handed]
+            if left and outbox is not None:
+                with contextlib.suppress(Exception):
+                    outbox.release(left)
+            raise
 
     async def send_outbox(
         self,

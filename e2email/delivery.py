@@ -218,6 +218,22 @@ class OutboxWriter:
             self._waiting = []
             raise
 
+    async def close(self) -> None:
+        """The end of an aborted run: the stores and marks whose callers were cancelled and
+        that are not written yet are dropped (nobody sent those copies), the outcomes still
+        queued are written (each holds the server's answer), and the group in the outbox's
+        thread, which cannot be stopped, is waited for. After this no write of the run lands
+        late, so what the run then records about its copies stands."""
+        self._waiting = [(op, done) for op, done in self._waiting if _wanted(op, done)]
+        self._due.set()
+        task = self._task
+        if task is not None and not task.done():
+            with contextlib.suppress(BaseException):
+                await task
+        elif self._waiting:
+            with contextlib.suppress(BaseException):
+                await self._run()
+
     async def _groups(self) -> None:
         while self._waiting:
             if self._sending and not any(isinstance(op, MarkWrite) for op, _ in self._waiting):
@@ -227,6 +243,11 @@ class OutboxWriter:
                     async with asyncio.timeout(self.HOLD_LIMIT):
                         await self._due.wait()
             group, self._waiting = self._waiting, []
+            # A store or mark whose caller was cancelled meanwhile is not made: its copy is
+            # not going to be sent (an outcome is made all the same: it is the server's).
+            group = [(op, done) for op, done in group if _wanted(op, done)]
+            if not group:
+                continue
             try:
                 results = await asyncio.to_thread(
                     self.outbox.write_group, [op for op, _ in group], route=self._route
@@ -243,13 +264,27 @@ class OutboxWriter:
                     done.cancel()
                 self._waiting = []
                 raise
-            for (_, done), result in zip(group, results, strict=True):
+            orphans: list[str] = []
+            for (op, done), result in zip(group, results, strict=True):
                 if done.done():
+                    if isinstance(op, AddWrite) and isinstance(result, tuple):
+                        # Stored (and claimed by this process) for a caller cancelled
+                        # meanwhile, which will never submit them: back in the queue, or
+                        # they would stay claimed until this process ends.
+                        orphans.extend(result)
                     continue
                 if isinstance(result, Exception):
                     done.set_exception(result)
                 else:
                     done.set_result(result)
+            if orphans:
+                await asyncio.to_thread(self.outbox.release, orphans)
+
+
+def _wanted(op: GroupWrite, done: asyncio.Future[tuple[str, ...] | None]) -> bool:
+    """Whether a queued write is still to be made: an outcome always; a store or an
+    in-flight mark only while its caller waits for it."""
+    return isinstance(op, SettleWrite) or not done.done()
 
 
 @dataclass
@@ -473,6 +508,11 @@ class DeliveryEngine:
         # Shielded: a second Ctrl-C must not leave the workers (and connections) running.
         with contextlib.suppress(BaseException):
             await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        if self._writer is not None:
+            # No write of this run may land after the settles below (a late in-flight mark
+            # would say "the server may have it" of a copy whose end of data never went).
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._writer.close())
         if self.outbox is not None and self._live:
             for job in list(self._live.values()):
                 maybe = job.settled_mark()
