@@ -688,13 +688,7 @@ class AsyncMailer:
                     )
                     return
                 groups[index] = _Group(index, entry.tag, stored[0].message_id, len(stored))
-                for it in stored:
-                    # Stored by an earlier run: its keys may have been revoked since.
-                    problems = await asyncio.to_thread(self.recheck_keys, it)
-                    if problems:
-                        self._hold(it, problems, copy_done, tag=index)
-                        continue
-                    await engine.submit(_stored_submission(it, tag=index))
+                await self._submit_stored(engine, stored, copy_done, tag=lambda _: index)
                 return
         try:
             copies = await self.protect(entry.message, protection=prot)
@@ -793,12 +787,7 @@ class AsyncMailer:
                     due_only=due_only,
                     maybe_delivered=maybe_delivered,
                 )
-                for it in claimed:
-                    problems = await asyncio.to_thread(self.recheck_keys, it)
-                    if problems:
-                        self._hold(it, problems, report, tag=it)
-                        continue
-                    await engine.submit(_stored_submission(it, tag=it))
+                await self._submit_stored(engine, claimed, report, tag=lambda it: it)
         if engine.fatal is not None:
             if isinstance(engine.fatal, TransportError):
                 engine.fatal.result = tuple(collected)
@@ -818,6 +807,24 @@ class AsyncMailer:
         if engine is None or engine.name != name:
             engine = self._engine(name)
         return tuple(engine.recheck(fingerprints))
+
+    async def _submit_stored(
+        self,
+        engine: DeliveryEngine,
+        items: Sequence[OutboxItem],
+        report: Callable[[CopyOutcome], None],
+        *,
+        tag: Callable[[OutboxItem], Any],
+    ) -> None:
+        """Hand copies stored earlier (claimed) to ``engine``, each after its keys are
+        checked again (they may have been revoked since): a copy whose keys no longer fit is
+        held instead (:meth:`_hold`)."""
+        for it in items:
+            problems = await asyncio.to_thread(self.recheck_keys, it)
+            if problems:
+                self._hold(it, problems, report, tag=tag(it))
+                continue
+            await engine.submit(_stored_submission(it, tag=tag(it)))
 
     def _hold(
         self,
