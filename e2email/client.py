@@ -588,27 +588,46 @@ class AsyncMailer:
                 return at, item
             return None
 
+        #: The first error of this side of the run (the input, the outcome callback, the
+        #: outbox refusing a store): raised once the transactions under way have ended.
+        failures: list[Exception] = []
+
+        async def step() -> bool:
+            """Read and protect (and store, and hand over) the next message; False at the
+            end of the input, once the run stopped, or after a failure."""
+            if failures:
+                return False
+            try:
+                got = await pull()
+                if got is None:
+                    return False
+                await self._batch_one(
+                    engine, smtp, got[0], got[1], prot, batch, groups, emit, copy_done, group
+                )
+            except Exception as exc:
+                # As the engine does when the callback fails for a copy it sent: stop, and
+                # let the transactions under way end (cancelling them would cut copies off
+                # after their end of data, leaving them maybe-delivered).
+                if not failures:
+                    failures.append(exc)
+                engine.stop(E2EmailError(f"sending stopped: {exc!r}"))
+                return False
+            return True
+
         async def protector() -> None:
             # Message after message: one task per protection in flight for the whole run,
             # not one per message (a task, a semaphore hand-off and a wake-up of the reading
             # loop per message cost the event loop turns, each a chance for the protecting
             # threads to take the GIL from it).
-            while (got := await pull()) is not None:
-                await self._batch_one(
-                    engine, smtp, got[0], got[1], prot, batch, groups, emit, copy_done, group
-                )
+            while await step():
+                pass
 
         tasks: list[asyncio.Task[None]] = []
         async with engine:
             try:
-                first = await pull()
-                if first is not None:
-                    # The first alone: a passphrase asked once, gpg-agent warm, before the
-                    # rest run in parallel.
-                    await self._batch_one(
-                        engine, smtp, first[0], first[1], prot, batch, groups, emit, copy_done,
-                        group,
-                    )  # fmt: skip
+                # The first alone: a passphrase asked once, gpg-agent warm, before the rest
+                # run in parallel.
+                if await step():
                     tasks = [asyncio.create_task(protector()) for _ in range(protectors)]
                     await asyncio.gather(*tasks)
             except BaseException:
@@ -616,6 +635,8 @@ class AsyncMailer:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
+        if failures:
+            raise failures[0]
         result = BatchResult(
             counts=dict(counts),
             outcomes=tuple(collected),

@@ -835,6 +835,13 @@ class DeliveryEngine:
             return
         await self._queue.put(job)
 
+    def stop(self, error: E2EmailError) -> None:
+        """Stop the run as a fatal error would (no new copy is sent, those queued are
+        reported with ``error``), letting the transactions under way end: for a caller whose
+        own part failed (e.g. its outcome callback raised), so that no copy in the middle of
+        its transaction is cut off and left maybe-delivered."""
+        self._stop(error)
+
     def _stop(self, error: E2EmailError) -> None:
         if self._fatal is not None:
             return

@@ -17,7 +17,7 @@ from test_send_many_pool import FAST, _Counting, _mailer, _message, _settings
 from e2email import ConfigError, Mailer, Message, Protection
 from e2email.delivery import DeliveryEngine, Submission
 from e2email.outbox import ItemState, MarkWrite, NewItem, Outbox
-from e2email.testing import MockProtector
+from e2email.testing import Fault, MockProtector
 
 RAW = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: x\r\n\r\nhi\r\n"
 
@@ -160,3 +160,56 @@ def test_a_batch_whose_input_fails_leaves_every_stored_item_sendable(
             m.send_many(source(), concurrency=4)
         m.send_outbox()
         assert m.outbox is not None and len(m.outbox) == 0
+
+
+def test_an_outcome_callback_failing_for_an_unsent_message_stops_the_batch_gracefully(
+    smtp_server: Any, tmp_path: Path
+) -> None:
+    """on_outcome fails on a not-sent outcome (reported by the protecting side): the batch
+    stops as when it fails for a copy the engine sent: the transactions under way end (none
+    is cut off after its end of data, so none is left maybe-delivered), the error is raised."""
+    # The first messages' final replies a little late: when message 6 is refused, other
+    # copies are past their end of data, waiting for theirs.
+    server = smtp_server(
+        offer_pipelining=True, faults=[Fault("data-end", "stall", seconds=0.05, times=12)]
+    )
+
+    def msg(i: int) -> Message:
+        to = "mallory@example.com" if i == 6 else "bob@example.net"
+        return Message(sender="alice@example.org", to=[to], subject=f"n{i}", text=f"body {i}")
+
+    reported: list[tuple[int, str]] = []
+
+    def report(outcome: Any) -> None:
+        reported.append((outcome.index, outcome.status))
+        if outcome.status == "not-sent":
+            raise RuntimeError("report file full")
+
+    m = _mailer_with_outbox(server, tmp_path)
+    for _ in range(2):
+        reported.clear()
+        with pytest.raises(RuntimeError, match="report file full"):
+            asyncio.run(m.send_many([msg(i) for i in range(40)], concurrency=3, on_outcome=report))
+        # Every message handed over before the failure got its outcome (the run drained,
+        # it was not cut off): message 0 at least was under way.
+        assert (6, "not-sent") in reported
+        assert {i for i, status in reported if status != "not-sent"} >= {0}
+        assert m.outbox is not None
+        states = {i.state for i in m.outbox.items()}
+        assert ItemState.MAYBE_DELIVERED not in states and ItemState.SENDING not in states
+        asyncio.run(m.send_outbox())
+        assert len(m.outbox) == 0
+    m.close()
+
+
+def _mailer_with_outbox(server: Any, tmp_path: Path) -> Any:
+    from e2email import AsyncMailer
+
+    return AsyncMailer(
+        smtp=_settings(server),
+        protector=MockProtector(refuse={"mallory@example.com": "revoked"}),
+        protection=Protection(sign=True, encrypt=True),
+        connections=2,
+        retry=FAST,
+        outbox=tmp_path / "o.sqlite3",
+    )
