@@ -1051,10 +1051,12 @@ class SMTPConnection:
         group.extend(b"RCPT TO:<" + rcpt.encode("ascii") + b">" for rcpt in rcpts)
         group.append(b"BDAT %d LAST\r\n" % size)
         head = b"\r\n".join(group)
-        # One reply per command (RFC 2920 §3.1): more unread than that and the server answers
-        # commands never sent; the reading fails rather than pair a reply with the wrong one.
+        # One reply per command (RFC 2920 §3.1). One more unread is let in, so that a stray
+        # reply right after BDAT's closes the session without undoing BDAT's answer (as after
+        # "."); beyond that the server answers commands never sent, and the reading fails
+        # rather than pair a reply with the wrong command.
         commands = len(rcpts) + 2
-        with _Replies.installed(smtp, limit=commands) as replies:
+        with _Replies.installed(smtp, limit=commands + 1) as replies:
             self._in_group = self._chunked_group = True
             # Replies still to read: should anything stop the reading early (or the writing),
             # the session is out of step (or mid-chunk) and is closed.
