@@ -426,7 +426,7 @@ def test_the_bdat_reply_is_waited_for_with_the_data_timeout(smtp_server: ServerF
     """BDAT's reply is the message's final answer: waited for as long as the data timeout
     allows (a server taking longer than the command timeout there is fine), and a timeout
     there is maybe-delivered, its error saying the commands went together."""
-    server = _chunking(smtp_server, faults=[Fault("data-end", "stall", seconds=0.6)])
+    server = _chunking(smtp_server, faults=[Fault("data-end", "stall", seconds=1.5)])
 
     def steps(conn: SMTPConnection) -> list[Coroutine[Any, Any, None]]:
         async def slow() -> None:
@@ -435,7 +435,7 @@ def test_the_bdat_reply_is_waited_for_with_the_data_timeout(smtp_server: ServerF
 
         return [slow()]
 
-    _on_one_connection(server, steps, command_timeout=0.2, data_timeout=10)
+    _on_one_connection(server, steps, command_timeout=1.0, data_timeout=10)
     assert [m.data for m in server.messages] == [_raw(0)]
 
     stalled = _chunking(smtp_server, faults=[Fault("data-end", "stall", seconds=30)])

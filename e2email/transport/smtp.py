@@ -622,14 +622,18 @@ class SMTPConnection:
     def end_of_data_sent(self) -> bool:
         """Has the latest :meth:`send` written the end-of-data line without reading the reply
         to it (a lost reply, a timeout or a cancellation after the final ".")? Then the
-        server may have taken the message (RFC 5321 §6.1)."""
+        server may have taken the message (RFC 5321 §6.1). With CHUNKING (:attr:`chunking`)
+        the same from the message's last octet until a reply settles it (BDAT's, or a
+        refusal of MAIL or of every RCPT)."""
         return self._end_of_data_sent
 
     @property
     def stage(self) -> str | None:
         """Where the latest :meth:`send` stopped: ``"MAIL"``, ``"RCPT"`` or ``"DATA"`` (the
-        command it was at when it failed), ``None`` when it completed or none was made. A
-        failure at ``"MAIL"`` means the server took nothing of that transaction."""
+        command it was at when it failed; BDAT counts as ``"DATA"``), ``None`` when it
+        completed or none was made. A failure at ``"MAIL"`` means the server took nothing of
+        that transaction, unless the error says it may have (``maybe_delivered``: with
+        CHUNKING the message goes in the same write as MAIL)."""
         return self._stage
 
     @property
@@ -690,10 +694,12 @@ class SMTPConnection:
         message: REQUIRETLS (RFC 8689) on MAIL FROM, or :class:`RequireTLSError` before MAIL
         when the server does not offer it.
 
-        ``before_end`` is awaited just before the end-of-data line is written: the caller
-        records there that the message may be delivered from now on (e.g. in the outbox), so
-        a crash after the "." is never taken for "not sent". A failure after that line has
-        ``maybe_delivered`` set on the error.
+        ``before_end`` is awaited just before the end-of-data line is written (with CHUNKING:
+        before the write that carries the message's last octet, for a small message the one
+        write of the whole transaction): the caller records there that the message may be
+        delivered from now on (e.g. in the outbox), so a crash after the "." is never taken
+        for "not sent". A failure after that line (or octet) has ``maybe_delivered`` set on
+        the error.
         """
         self._end_of_data_sent = False
         self._stage = None
