@@ -27,7 +27,7 @@ from e2email.keystore import Keystore
 from e2email.outbox import ItemState, NewItem, Outbox
 from e2email.outcome import CopyOutcome
 from e2email.spool import Spool
-from e2email.testing import Fault, LoopbackSMTPServer, TestCA, _verbs
+from e2email.testing import Fault, FaultStage, LoopbackSMTPServer, TestCA, _verbs
 from e2email.transport.smtp import SMTPConnection, SMTPTransport
 
 ServerFactory = Callable[..., LoopbackSMTPServer]
@@ -298,6 +298,36 @@ def test_a_drop_after_the_last_octet_is_maybe_delivered(
 
     _on_one_connection(server, steps)
     assert len(server.messages) == stored
+
+
+class _RefusesSecondMail(LoopbackSMTPServer):
+    """Answers the second MAIL of its life with 421 and closes: a per-session limit."""
+
+    mails = 0
+
+    def _take_fault(self, stage: FaultStage, address: str | None = None) -> Fault | None:
+        if stage == "mail":
+            self.mails += 1
+            if self.mails == 2:
+                return Fault("mail", "reply", 421, "4.7.0 too many messages, closing")
+        return super()._take_fault(stage, address)
+
+
+def test_a_421_to_mail_between_messages_is_replaced_without_an_attempt(
+    module_ca: TestCA,
+) -> None:
+    """The reused connection's next MAIL answered 421 (the chunk already written with it):
+    the server refused the transaction, so nothing was delivered; the copy goes over a new
+    connection at once, as its first attempt, and arrives once."""
+    with _RefusesSecondMail(ca=module_ca, offer_pipelining=True, offer_chunking=True) as server:
+        subs = [Submission(raw=_raw(i), mail_from=SENDER, recipients=(BOB,)) for i in range(3)]
+        outcomes = _send(server, subs)
+        assert [(o.status, o.attempts) for o in outcomes] == [("delivered", 1)] * 3
+        assert server.connections == 2
+        assert sorted(m.data for m in server.messages) == sorted(_raw(i) for i in range(3))
+        # The refused copy's whole group reached the server, which read no further than MAIL.
+        assert b"".join(d for _, d in server.transcript).count(_group(_raw(1), [BOB])) == 2
+        assert server.received_commands().count("BDAT") == 3
 
 
 def _big(size: int = 1_200_000) -> bytes:
