@@ -141,6 +141,19 @@ def test_each_message_is_one_write_and_arrives_exact(
     assert _last_session(server) == ["EHLO", *["MAIL", "RCPT", "RCPT", "BDAT"] * 3, "QUIT"]
 
 
+def test_a_copy_without_a_final_crlf_gets_one(
+    server: LoopbackSMTPServer, writes: list[bytes]
+) -> None:
+    """A copy whose last line lacks its CRLF: the chunk (and SIZE) count the CRLF added, as
+    the DATA path adds one before its ".", and the server has the copy with it."""
+    before = len(server.messages)
+    raw = _raw(0)[:-2]
+    (outcome,) = _send(server, [Submission(raw=raw, mail_from=SENDER, recipients=(BOB,))])
+    assert outcome.status == "delivered"
+    assert [m.data for m in server.messages[before:]] == [raw + b"\r\n"]
+    assert _group(raw + b"\r\n", [BOB]) in writes
+
+
 def test_gpg_decrypts_what_the_server_received(
     server: LoopbackSMTPServer,
     keys: Keys,
