@@ -4,7 +4,8 @@ peak memory figure with the sender being measured.
 Prints one JSON line (host, port, ca_file), then answers commands read from stdin, one per
 line: ``stats`` (messages, bytes and connections so far, as JSON), ``clear`` (forget received
 messages), ``pipelining on`` / ``pipelining off`` (offer PIPELINING, RFC 2920, to the next
-sessions: on at the start, as Postfix does) and ``quit``.
+sessions: on at the start, as Postfix does), ``chunking on`` / ``chunking off`` (offer
+CHUNKING, RFC 3030, likewise: on at the start, as Postfix 3.4 and later does) and ``quit``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class _Unlimited(LoopbackSMTPServer):
 
 
 def main() -> None:
-    with _Unlimited(tls="implicit", offer_pipelining=True) as server:
+    with _Unlimited(tls="implicit", offer_pipelining=True, offer_chunking=True) as server:
         print(
             json.dumps({"host": server.host, "port": server.port, "ca_file": str(server.ca_file)}),
             flush=True,
@@ -52,6 +53,9 @@ def main() -> None:
                 print("{}", flush=True)
             elif command in ("pipelining on", "pipelining off"):
                 server.offer_pipelining = command.endswith("on")
+                print("{}", flush=True)
+            elif command in ("chunking on", "chunking off"):
+                server.offer_chunking = command.endswith("on")
                 print("{}", flush=True)
             elif command == "quit":
                 break

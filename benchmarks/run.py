@@ -8,8 +8,11 @@ Measures, with small (4 KB) signed and encrypted OpenPGP messages to one recipie
 * ``new connection``: every message over a connection of its own (``AsyncMailer.send`` per
   message, four at a time);
 * ``one connection``: ``send_many`` over one reused connection; the server offers PIPELINING
-  (RFC 2920) as Postfix does, so MAIL, RCPT and DATA go in one write; the same again against
-  it without the offer (``no pipelining``: one round trip per command);
+  (RFC 2920) and CHUNKING (RFC 3030) as Postfix (3.4 and later) does, so MAIL, RCPT, ``BDAT
+  <size> LAST`` and the message go in one write: one round trip per message; the same again
+  against it without CHUNKING (``no chunking``: MAIL, RCPT and DATA in one write, then the
+  message and its "."; two round trips) and without either offer (``no pipelining``: one
+  round trip per command);
 * ``pool``: ``send_many`` over a pool of ``--connections`` connections;
 * ``pool, no outbox``: the same without the durable outbox, to show what durability costs;
 * ``envelope``: the same messages through the ``envelope`` library (the closest Python peer),
@@ -204,8 +207,27 @@ def bench_e2email(
     )
     rates["one connection, no outbox"] = _row("one connection, no outbox", n, seconds, stats)
 
+    # The same against a server that does not offer CHUNKING (RFC 3030): MAIL, RCPT and DATA
+    # in one write, then the message and its "." (two round trips per message).
+    server.command("chunking off")
+    try:
+        m = _mailer(home, outbox=True, connections=1)
+        seconds, stats = _measure(
+            server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "one-nochunk"))))
+        )
+        rates["one conn., no chunking"] = _row("one conn., no chunking", n, seconds, stats)
+        m = _mailer(home, outbox=False, connections=1)
+        seconds, stats = _measure(
+            server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "one-mem-nochunk"))))
+        )
+        name = "one conn., no outbox/chunk."
+        rates[name] = _row(name, n, seconds, stats)
+    finally:
+        server.command("chunking on")
+
     # The same against a server that does not offer PIPELINING (RFC 2920): one round trip
-    # per command, as to aiosmtpd as it comes.
+    # per command, as to aiosmtpd as it comes (CHUNKING alone is not used: see
+    # SMTPConnection.chunking).
     server.command("pipelining off")
     try:
         m = _mailer(home, outbox=True, connections=1)
@@ -422,26 +444,35 @@ def bench_alternating(
     server: Server, home: Path, peer: EnvelopePeer, *, rounds: int = 5, n: int = 300
 ) -> dict[str, list[float]]:
     """The 10x target's rows against envelope measured alternately, in ``rounds`` rounds of
-    ``n`` e2email messages (Sequoia, one reused connection, without and with the outbox) and
-    ``n // 3`` envelope messages: this VM's speed drifts over a run (envelope from 37 to 51
-    msg/s in runs an hour apart), so each round's ratio is taken within the same minute."""
-    ratios: dict[str, list[float]] = {"no outbox": [], "outbox": []}
+    ``n`` e2email messages (Sequoia, one reused connection, without and with the outbox, and
+    without the outbox against the server with its CHUNKING offer withdrawn, for the A/B of
+    BDAT against DATA) and ``n // 3`` envelope messages: this VM's speed drifts over a run
+    (envelope from 37 to 51 msg/s in runs an hour apart), so each round's ratio is taken
+    within the same minute."""
+    ratios: dict[str, list[float]] = {"no outbox": [], "outbox": [], "no outbox/chunk.": []}
     engine = OpenPGPEngine.SEQUOIA
     mailers = {
         name: _engine_mailer(server, home, outbox=outbox, connections=1, engine=engine)
-        for name, outbox in (("no outbox", False), ("outbox", True))
+        for name, outbox in (("no outbox", False), ("outbox", True), ("no outbox/chunk.", False))
     }
     for mailer in mailers.values():
         _ok(asyncio.run(mailer.send_many(_messages(10, "alt-warm"))))
     for r in range(rounds):
         rates = {}
         for name, mailer in mailers.items():
-            seconds, _ = _measure(
-                server,
-                lambda m=mailer, tag=f"alt-{name}-{r}": _ok(
-                    asyncio.run(m.send_many(_messages(n, tag)))
-                ),
-            )
+            chunking = "chunk." not in name
+            if not chunking:
+                server.command("chunking off")  # each send_many opens its own connection
+            try:
+                seconds, _ = _measure(
+                    server,
+                    lambda m=mailer, tag=f"alt-{name}-{r}": _ok(
+                        asyncio.run(m.send_many(_messages(n, tag)))
+                    ),
+                )
+            finally:
+                if not chunking:
+                    server.command("chunking on")
             rates[name] = n / seconds
         seconds, _ = _measure(server, lambda tag=f"alt-envelope-{r}": peer.send(tag, n // 3))
         envelope_rate = (n // 3) / seconds
@@ -449,7 +480,8 @@ def bench_alternating(
             ratios[name].append(rates[name] / envelope_rate)
         print(
             f"  round {r + 1}: no outbox {rates['no outbox']:.0f} msg/s, outbox "
-            f"{rates['outbox']:.0f} msg/s, envelope {envelope_rate:.1f} msg/s",
+            f"{rates['outbox']:.0f} msg/s, no outbox/chunk. {rates['no outbox/chunk.']:.0f} "
+            f"msg/s, envelope {envelope_rate:.1f} msg/s",
             flush=True,
         )
     for mailer in mailers.values():

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any, AnyStr, ClassVar, Literal, NoReturn
 
 import trustme
+from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
 from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
-from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from e2email.config import Protection
 from e2email.crypto.base import ProtectedCopy, Protector, copy_plans, make_copy
@@ -219,7 +219,7 @@ class ReceivedMessage:
     mail_from: str
     rcpt_tos: tuple[str, ...]
     #: The exact bytes after the DATA command, dot-unstuffed, CRLF line ends as sent, without
-    #: the terminating ``.``.
+    #: the terminating ``.``; or the BDAT chunks joined, as sent (RFC 3030).
     data: bytes
     tls_version: str | None
     cipher: str | None
@@ -271,6 +271,9 @@ class _Handler:
             # RFC 2920. aiosmtpd reads commands line by line from a stream, so a group of them
             # in one packet is answered one by one, in order: it only never said so.
             out.insert(len(out) - 1, "250-PIPELINING")
+        if owner.offer_chunking:
+            # RFC 3030: BDAT, served by _RecordingSMTP.smtp_BDAT (aiosmtpd has none).
+            out.insert(len(out) - 1, "250-CHUNKING")
         return out
 
     async def handle_exception(self, error: Exception) -> str:
@@ -357,6 +360,9 @@ class _RecordingSMTP(_AiosmtpdSMTP):
         self._owner = owner
         # ("c", tls_active, data) for client chunks, ("s", tls_active, line) for replies.
         self._log: list[tuple[str, bool, bytes]] = []
+        #: The BDAT chunks of the current transaction so far (RFC 3030), with the envelope
+        #: they belong to: an RSET, a new MAIL or a final reply starts a new one.
+        self._chunks: tuple[Any, bytearray] | None = None
         with owner._lock:
             owner._connections.append(self._log)
             owner._protocols.add(self)
@@ -473,6 +479,65 @@ class _RecordingSMTP(_AiosmtpdSMTP):
                 return
         await super().smtp_DATA(arg)
 
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030 BDAT: ``BDAT <size> [LAST]`` and exactly ``size`` octets of the message,
+        which are read whatever the answer (§2: the octets that follow cannot be told from
+        commands). Chunks accumulate; the LAST one ends the message, which is then taken as
+        one ended by DATA's "." is (the same hook, record and faults at ``"data-end"``).
+        A fault at ``"data"`` fires at a transaction's first BDAT: a reply refuses the chunk
+        once read (the transaction is over, as after a refused DATA); a drop hangs up after a
+        line of it; a stall waits before the chunk is read."""
+        words = (arg or "").split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or words[1:] not in ([], ["LAST"]):
+            # Without a size the chunk cannot be found in the stream: give up on the session.
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        size, last = int(words[0]), len(words) == 2
+        envelope = self.envelope
+        assert envelope is not None  # made with the session
+        chunks = self._chunks
+        first = chunks is None or chunks[0] is not envelope
+        fault = self._owner._take_fault("data") if first and envelope.rcpt_tos else None
+        if fault is not None and fault.action == "drop":
+            with contextlib.suppress(Exception):
+                await self._reader.readuntil(b"\r\n")
+            await self._drop()
+        reply = await self._apply_fault(fault) if fault is not None else None
+        chunk = await self._reader.readexactly(size)
+        if await self.check_helo_needed() or await self.check_auth_needed("BDAT"):
+            return
+        if reply is not None:
+            self._chunks = None
+            self.envelope = self._create_envelope()  # as after any reply to the data
+            await self.push(reply)
+            return
+        if not envelope.mail_from:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if first or chunks is None:
+            chunks = self._chunks = (envelope, bytearray())
+        content = chunks[1]
+        content += chunk
+        limit = self.data_size_limit
+        if limit and len(content) > limit:
+            self._chunks = None
+            self.envelope = self._create_envelope()
+            await self.push("552 5.3.4 Error: too much mail data")
+            return
+        if not last:
+            await self.push(f"250 2.0.0 {size} octets received")
+            return
+        self._chunks = None
+        envelope.content = envelope.original_content = bytes(content)
+        status = await self._call_handler_hook("DATA")
+        self.envelope = self._create_envelope()
+        await self.push("250 OK" if status is MISSING else status)
+
     async def auth_XOAUTH2(self, _: Any, args: list[str]) -> AuthResult:
         """SASL XOAUTH2 as Gmail and Microsoft 365 speak it: the initial response is
         ``base64("user=" U "\\x01auth=Bearer " T "\\x01\\x01")``. A bad token gets a 334 with a
@@ -524,21 +589,38 @@ def _parse_xoauth2(blob: bytes) -> tuple[str | None, str | None]:
 
 
 def _verbs(log: list[tuple[str, bool, bytes]]) -> list[str]:
-    """The command verbs of one connection, skipping DATA content and AUTH continuation lines.
+    """The command verbs of one connection, skipping DATA content, BDAT chunks and AUTH
+    continuation lines.
 
     Each final reply line tells how the next client line is to be read (RFC 5321 §4.2, RFC
     4954 §4): after 334 it is an AUTH response, after 354 message data up to ``.``, else a
-    command. The greeting counts as the reply that comes before the first command.
+    command. The greeting counts as the reply that comes before the first command. The
+    ``size`` octets after a ``BDAT <size>`` line are its chunk (RFC 3030 §2), whatever the reply.
     """
-    lines: deque[bytes] = deque()
+    pending = bytearray()  # the client's bytes not yet taken
+    skip = 0  # octets of a BDAT chunk still to pass over
     replies: deque[int] = deque()
-    pending = b""
     verbs: list[str] = []
     awaiting = True  # the greeting
     mode = "cmd"
 
+    def next_line() -> bytes | None:
+        nonlocal skip
+        if skip:
+            passed = min(skip, len(pending))
+            del pending[:passed]
+            skip -= passed
+            if skip:
+                return None
+        end = pending.find(b"\r\n")
+        if end < 0:
+            return None
+        line = bytes(pending[:end])
+        del pending[: end + 2]
+        return line
+
     def pump() -> None:
-        nonlocal awaiting, mode
+        nonlocal awaiting, mode, skip
         while True:
             if awaiting:
                 if not replies:
@@ -551,23 +633,24 @@ def _verbs(log: list[tuple[str, bool, bytes]]) -> list[str]:
                     mode = "data"
                 else:
                     mode = "cmd"
-            if not lines:
+            line = next_line()
+            if line is None:
                 return
-            line = lines.popleft()
             if mode == "data":
                 if line == b".":
                     awaiting = True
                 continue
             awaiting = True
             if mode == "cmd":
-                verb = line.split(b" ", 1)[0].upper()
+                words = line.split(b" ")
+                verb = words[0].upper()
                 verbs.append(verb.decode("ascii", "replace"))
+                if verb == b"BDAT" and len(words) > 1 and words[1].isdigit():
+                    skip = int(words[1])
 
     for kind, _tls, chunk in log:
         if kind == "c":
             pending += chunk
-            *complete, pending = pending.split(b"\r\n")
-            lines.extend(complete)
         elif len(chunk) < 4 or chunk[3:4] != b"-":  # last line of a reply
             try:
                 replies.append(int(chunk[:3]))
@@ -601,6 +684,9 @@ class LoopbackSMTPServer:
       REQUIRETLS is refused with 555, as by a server that does not know the extension.
     * ``offer_pipelining``: advertise PIPELINING (RFC 2920), as Postfix, Exim and the large
       providers do (aiosmtpd itself does not). An attribute: may be changed between sessions.
+    * ``offer_chunking``: advertise CHUNKING (RFC 3030), as Postfix (3.4 and later), Exim,
+      Gmail and Exchange do, and take BDAT (aiosmtpd has none): the chunks are recorded as
+      the message's :attr:`ReceivedMessage.data`. An attribute, like ``offer_pipelining``.
     * ``refuse_recipients``: address -> (code, text) replied to RCPT for that address.
     * ``faults``: misbehaviours to act out (see :class:`Fault`). :attr:`faults_fired` lists
       those that fired, in order; :attr:`connections` counts accepted TCP connections.
@@ -623,6 +709,7 @@ class LoopbackSMTPServer:
         offer_requiretls: bool = False,
         xoauth2_tokens: Mapping[str, str] | None = None,
         offer_pipelining: bool = False,
+        offer_chunking: bool = False,
     ) -> None:
         if tls not in ("implicit", "starttls", "none"):
             raise ValueError(f"tls must be 'implicit', 'starttls' or 'none', not {tls!r}")
@@ -661,6 +748,8 @@ class LoopbackSMTPServer:
         self._offer_requiretls = offer_requiretls
         #: Advertise PIPELINING in the next EHLO replies.
         self.offer_pipelining = offer_pipelining
+        #: Advertise CHUNKING (and take BDAT) in the next EHLO replies.
+        self.offer_chunking = offer_chunking
         self.faults: tuple[Fault, ...] = tuple(faults)
         self._fault_budget: list[int | None] = [f.times for f in self.faults]
         #: The faults that fired, in firing order.

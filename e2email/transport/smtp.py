@@ -16,6 +16,10 @@ standards item 4) and refuses to move anything but an EHLO and STARTTLS in the c
 * PIPELINING (RFC 2920) when the server offers it: MAIL, every RCPT and DATA in one write,
   their replies read in order (see :meth:`SMTPConnection._pipelined`); the outcomes are those
   of the one-command-at-a-time exchange.
+* CHUNKING (RFC 3030) when the server offers it together with PIPELINING: MAIL, every RCPT,
+  ``BDAT <size> LAST`` and the message itself in one write, the replies read after: one round
+  trip per message, no dot-stuffing (see :meth:`SMTPConnection._chunked`). Servers without
+  both get DATA as before.
 * Without a configured port, the ports of ``SMTPSettings.port_order`` are tried in turn, but
   only past ports that cannot be reached or offer no STARTTLS (reported); a certificate or
   TLS version failure stops the search. See :mod:`e2email.transport.ports`.
@@ -74,7 +78,7 @@ from e2email.outcome import (
     TLSInfo,
     deprecated_name,
 )
-from e2email.spool import Spool, line_pieces
+from e2email.spool import Spool, chunks_of, line_pieces
 from e2email.transport.ports import (
     NO_TLS_OUTCOMES,
     HostMemory,
@@ -388,17 +392,23 @@ class _Replies(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self._inner.write(data)
 
+    async def drained(self) -> None:
+        """Return once the connection has taken what was written (flow control: aiosmtplib's
+        copy of asyncio's ``StreamWriter.drain()``, which raises if the connection was lost)."""
+        await self._inner._drain_helper()
+
     @property
     def queued(self) -> bool:
         """Has a reply arrived that no read took yet?"""
         return bool(self._replies)
 
-    def check_idle(self) -> None:
+    def check_idle(self, allowed: int = 0) -> None:
         """Raise if anything arrived that no read took: what ends the reading (the
-        connection's loss, a malformed reply), or a reply (then the server is out of step)."""
+        connection's loss, a malformed reply), or more than ``allowed`` replies (then the
+        server is out of step)."""
         if self._failure is not None:
             raise self._failure
-        if self._replies:
+        if len(self._replies) > allowed:
             raise aiosmtplib.SMTPServerDisconnected(
                 "the server replied before the end of the data (out of step)"
             )
@@ -578,6 +588,8 @@ class SMTPConnection:
         self._reset_at: float | None = None
         #: The latest send is reading the replies to a pipelined group (RFC 2920).
         self._in_group = False
+        #: The latest send's group carried the message in BDAT (RFC 3030).
+        self._chunked_group = False
 
     @property
     def tls(self) -> TLSInfo | None:
@@ -610,14 +622,18 @@ class SMTPConnection:
     def end_of_data_sent(self) -> bool:
         """Has the latest :meth:`send` written the end-of-data line without reading the reply
         to it (a lost reply, a timeout or a cancellation after the final ".")? Then the
-        server may have taken the message (RFC 5321 §6.1)."""
+        server may have taken the message (RFC 5321 §6.1). With CHUNKING (:attr:`chunking`)
+        the same from the message's last octet until a reply settles it (BDAT's, or a
+        refusal of MAIL or of every RCPT)."""
         return self._end_of_data_sent
 
     @property
     def stage(self) -> str | None:
         """Where the latest :meth:`send` stopped: ``"MAIL"``, ``"RCPT"`` or ``"DATA"`` (the
-        command it was at when it failed), ``None`` when it completed or none was made. A
-        failure at ``"MAIL"`` means the server took nothing of that transaction."""
+        command it was at when it failed; BDAT counts as ``"DATA"``), ``None`` when it
+        completed or none was made. A failure at ``"MAIL"`` means the server took nothing of
+        that transaction, unless the error says it may have (``maybe_delivered``: with
+        CHUNKING the message goes in the same write as MAIL)."""
         return self._stage
 
     @property
@@ -633,6 +649,14 @@ class SMTPConnection:
         RCPT and DATA at once and reads their replies after: two round trips per message
         instead of three plus one per recipient."""
         return "pipelining" in self._extensions
+
+    @property
+    def chunking(self) -> bool:
+        """Does the server offer CHUNKING (RFC 3030) *and* PIPELINING (RFC 2920)? Then
+        :meth:`send` writes MAIL, every RCPT, ``BDAT <size> LAST`` and the message at once and
+        reads the replies after: one round trip per message. (CHUNKING alone would save
+        nothing over DATA: each command would still wait for its reply.)"""
+        return "chunking" in self._extensions and "pipelining" in self._extensions
 
     @property
     def is_connected(self) -> bool:
@@ -670,16 +694,19 @@ class SMTPConnection:
         message: REQUIRETLS (RFC 8689) on MAIL FROM, or :class:`RequireTLSError` before MAIL
         when the server does not offer it.
 
-        ``before_end`` is awaited just before the end-of-data line is written: the caller
-        records there that the message may be delivered from now on (e.g. in the outbox), so
-        a crash after the "." is never taken for "not sent". A failure after that line has
-        ``maybe_delivered`` set on the error.
+        ``before_end`` is awaited just before the end-of-data line is written (with CHUNKING:
+        before the write that carries the message's last octet, for a small message the one
+        write of the whole transaction): the caller records there that the message may be
+        delivered from now on (e.g. in the outbox), so a crash after the "." is never taken
+        for "not sent". A failure after that line (or octet) has ``maybe_delivered`` set on
+        the error.
         """
         self._end_of_data_sent = False
         self._stage = None
         self._out_of_step = False
         self._reset_at = None
         self._in_group = False
+        self._chunked_group = False
         rcpts = _check_envelope(mail_from, recipients)
         # SMTP smuggling (CVE-2023-51764) and RFC 5322 §2.1.1: only CRLF line ends, no NUL, no
         # 8-bit bytes, lines of at most 998 octets. aiosmtplib would "repair" bare CR/LF; we
@@ -707,13 +734,18 @@ class SMTPConnection:
         command_timeout, data_timeout = self._timeouts()
         smtp = self._smtp
         pipelined = self.pipelining
+        chunked = self.chunking
         async with self._lock:
             self._stage = "MAIL"
             refusals: dict[str, SMTPReply] = {}
             try:
                 response: aiosmtplib.SMTPResponse | None = None
                 try:
-                    if pipelined:
+                    if chunked:
+                        response = await self._chunked(
+                            raw, mail_from, rcpts, options, before_end, refusals
+                        )
+                    elif pipelined:
                         response = await self._pipelined(
                             raw, mail_from, rcpts, options, before_end, refusals
                         )
@@ -761,8 +793,12 @@ class SMTPConnection:
                     # each packet leaves the rest of the group unanswered: say so, or the
                     # timeout looks like a slow server.
                     hint = (
-                        " (MAIL, RCPT and DATA were sent together, as its offer of PIPELINING"
-                        " allows, RFC 2920; it may not really support that)"
+                        " (MAIL, RCPT and BDAT with the message were sent together, as its"
+                        " offer of PIPELINING and CHUNKING allows, RFC 2920 and RFC 3030; it"
+                        " may not really support that)"
+                        if self._chunked_group
+                        else " (MAIL, RCPT and DATA were sent together, as its offer of"
+                        " PIPELINING allows, RFC 2920; it may not really support that)"
                     )
                 error = ConnectError(
                     f"timed out after {timeout:g} s waiting for {where}'s reply to {stage}"
@@ -982,6 +1018,143 @@ class SMTPConnection:
             self._smtp.close()
             self._out_of_step = True
         return reply
+
+    async def _chunked(
+        self,
+        raw: bytes | Spool,
+        mail_from: str,
+        rcpts: Sequence[str],
+        options: Sequence[str],
+        before_end: Callable[[], Awaitable[None]] | None,
+        refusals: dict[str, SMTPReply],
+    ) -> aiosmtplib.SMTPResponse | None:
+        """MAIL, every RCPT, ``BDAT <size> LAST`` and the message in one write (RFC 3030 §4.2
+        with RFC 2920), then the replies in order: MAIL's, each RCPT's, and BDAT's, which is the
+        final answer about the message, as the reply to "." is. One round trip per message.
+
+        The chunk is the copy's exact octets (a CRLF added if it lacks the last one, as the
+        DATA path does): no dot-stuffing, no end-of-data line (RFC 3030 §2); they passed
+        :func:`check_wire_safe` like any copy. A copy larger than one piece is one chunk all
+        the same, its pieces written with flow control as :meth:`_body` does. ``before_end``
+        is awaited before the last piece is written: for a small copy, before the one write
+        (the server may deliver as soon as it has every octet). From the last octet on the
+        send is ``end_of_data_sent``: a reply lost after it may hide a delivery, even with no
+        reply at all come back (a server may hold its replies until it has read the whole
+        group, RFC 2920 §3.2), so a connection lost then is maybe-delivered.
+
+        The server reads the chunk even when it refused MAIL or every RCPT (RFC 3030 §2) and
+        then refuses BDAT (503, 554): the same outcomes as the DATA path, found from the
+        replies: ``SMTPSenderRefused`` (once the rest were read), ``SMTPRecipientRefused`` for
+        a refusal that closes the session, ``SMTPDataError`` for the message refused; ``None``
+        when every recipient was refused. ``refusals`` is filled as in :meth:`_pipelined`.
+        """
+        smtp = self._smtp
+        command_timeout, data_timeout = self._timeouts()
+        tail = b"" if raw.endswith(b"\r\n") else b"\r\n"
+        size = len(raw) + len(tail)
+        group = [b"MAIL FROM:<" + mail_from.encode("ascii") + b">"]
+        group[0] += b"".join(b" " + option.encode("ascii") for option in options)
+        group.extend(b"RCPT TO:<" + rcpt.encode("ascii") + b">" for rcpt in rcpts)
+        group.append(b"BDAT %d LAST\r\n" % size)
+        head = b"\r\n".join(group)
+        # One reply per command (RFC 2920 §3.1). One more unread is let in, so that a stray
+        # reply right after BDAT's closes the session without undoing BDAT's answer (as after
+        # "."); beyond that the server answers commands never sent, and the reading fails
+        # rather than pair a reply with the wrong command.
+        commands = len(rcpts) + 2
+        with _Replies.installed(smtp, limit=commands + 1) as replies:
+            self._in_group = self._chunked_group = True
+            # Replies still to read: should anything stop the reading early (or the writing),
+            # the session is out of step (or mid-chunk) and is closed.
+            unread = commands
+            try:
+                pieces = chunks_of(raw, _DATA_CHUNK)
+                piece = next(pieces, b"")
+                following = next(pieces, None)
+                if following is None:
+                    last = head + piece + tail
+                    # Nothing written yet: any reply here is not an answer to this group.
+                    allowed = 0
+                else:
+                    replies.write(head + piece)
+                    self._stage = "DATA"
+                    while following is not None:
+                        piece = following
+                        try:
+                            async with asyncio.timeout(data_timeout):
+                                await replies.drained()
+                        except TimeoutError as exc:  # a piece was not taken in time
+                            raise aiosmtplib.SMTPTimeoutError(
+                                "Timed out sending the message data"
+                            ) from exc
+                        following = next(pieces, None)
+                        if following is not None:
+                            replies.write(piece)
+                    last = piece + tail
+                    # MAIL's and the RCPTs' replies may have come; BDAT's cannot have.
+                    allowed = commands - 1
+                if before_end is not None:
+                    await before_end()
+                # A hang-up noticed meanwhile (the server closed a reused session, or went
+                # away mid-chunk) stops the send before the last octet: nothing delivered.
+                replies.check_idle(allowed)
+                replies.write(last)
+                self._end_of_data_sent = True
+                self._stage = "MAIL"
+                mail = await _next_reply(smtp, replies, command_timeout)
+                unread -= 1
+                if mail.code != 250:
+                    # No transaction, so nothing can be delivered, whatever comes next.
+                    self._end_of_data_sent = False
+                    if mail.code != 421:  # 421: the server is closing (RFC 5321 §3.8)
+                        with contextlib.suppress(aiosmtplib.SMTPException):
+                            # "503 need MAIL" to each RCPT and to BDAT, as a rule.
+                            final = await self._drain_group(replies, unread, data_timeout)
+                            unread = 0
+                            if final is not None and final.code == 250:
+                                # The chunk taken without a sender: a server this confused
+                                # is not used again; the sender's refusal stands.
+                                smtp.close()
+                                self._out_of_step = True
+                    raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, mail_from)
+                self._stage = "RCPT"
+                for rcpt in rcpts:
+                    reply = await _next_reply(smtp, replies, command_timeout)
+                    unread -= 1
+                    if reply.code not in (250, 251):
+                        refusals[rcpt] = _reply(reply)
+                        if reply.code == 421:  # closing (§3.8): BDAT is not taken
+                            self._end_of_data_sent = False
+                            raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
+                self._stage = "DATA"
+                if len(refusals) == len(rcpts):
+                    # RFC 3030 §2: the chunk was read, and BDAT refused (503 or 554). No
+                    # recipient, so nothing can be delivered, whatever comes next.
+                    self._end_of_data_sent = False
+                    final = await self._drain_group(replies, unread, data_timeout)
+                    unread = 0
+                    self._in_group = False
+                    if final is not None and final.code == 250:
+                        # "Accepted" with no recipient: out of step; the refusals stand.
+                        smtp.close()
+                        self._out_of_step = True
+                    self._stage = "RCPT"
+                    return None
+                response = await _next_reply(smtp, replies, data_timeout)
+                unread -= 1
+                self._end_of_data_sent = self._in_group = False
+            except BaseException:
+                if unread:
+                    smtp.close()
+                raise
+            if replies.queued:
+                # More replies after the last one: out of step, so the session is not used
+                # again. This reply came after the last octet and stands.
+                smtp.close()
+                self._out_of_step = True
+        if response.code != 250:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
 
     async def _data(
         self,
