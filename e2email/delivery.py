@@ -28,9 +28,12 @@ What it promises, for each :class:`Submission` (one protected copy and its envel
   previous transaction did not end that way (a refusal, an error), or when the connection sat
   idle for :data:`PROBE_AFTER_IDLE` seconds: then it is a cheap check that the server has not
   closed it (it is then replaced without counting as an attempt). Should the server have
-  closed a connection reused without that check, the MAIL command finds out before anything
-  of the message was sent; the copy then goes over a new connection at once, again without
-  counting an attempt. ``connections`` workers send side by side: a bounded pool.
+  closed a connection reused without that check, the MAIL command finds out (its 421, or
+  the hang-up seen before anything of the message was sent); the copy then goes over a new
+  connection at once, again without counting an attempt. With CHUNKING (RFC 3030) the
+  message goes in MAIL's own write, so a connection lost with no reply at all after that
+  write leaves the copy maybe-delivered (the server may have read it all before it went).
+  ``connections`` workers send side by side: a bounded pool.
 * **A problem no retry can fix stops the run**: a certificate that does not verify, refused
   credentials, a 5xx greeting, or a server that stayed unreachable for a copy's every attempt.
   What was not sent is reported ``deferred`` and stays in the outbox;
