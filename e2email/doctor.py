@@ -4,7 +4,7 @@ For each of ports 25, 465, 587 and 2525, concurrently and with timeouts: is it r
 it speak implicit TLS, STARTTLS or no TLS, which TLS version and cipher, the certificate
 (subject, issuer, expiry, host-name match, whether it verifies exactly as ``e2email send``
 would verify it), and the SMTP extensions (AUTH mechanisms, SIZE, 8BITMIME, SMTPUTF8,
-REQUIRETLS, PIPELINING). Then a recommendation in plain words.
+REQUIRETLS, PIPELINING, CHUNKING). Then a recommendation in plain words.
 
 The probe only ever sends EHLO, STARTTLS and QUIT: never AUTH, never MAIL, so it sends no mail
 and no credentials, whatever the port (port 25 included). When a certificate does not verify,
@@ -105,6 +105,8 @@ class PortReport:
     smtputf8: bool = False
     requiretls: bool = False
     pipelining: bool = False
+    #: CHUNKING (RFC 3030, BDAT): with PIPELINING, a message goes in one round trip.
+    chunking: bool = False
     #: Would ``e2email send`` accept this port (verified TLS >= 1.2)?
     usable: bool = False
     #: What is wrong or worth knowing, in plain words.
@@ -587,6 +589,7 @@ def _report(label: int, port: int, host: str, f: _Findings) -> PortReport:
         smtputf8="SMTPUTF8" in ext,
         requiretls="REQUIRETLS" in ext,
         pipelining="PIPELINING" in ext,
+        chunking="CHUNKING" in ext,
         usable=usable,
         problems=tuple(problems),
     )
@@ -734,6 +737,7 @@ def _describe_port(r: PortReport) -> list[str]:
                 ("SMTPUTF8", r.smtputf8),
                 ("REQUIRETLS", r.requiretls),
                 ("PIPELINING", r.pipelining),
+                ("CHUNKING", r.chunking),
             )
             if on
         ]

@@ -60,7 +60,9 @@ def test_json_for_implicit_starttls_plain_and_closed(
     version, cipher, verified certificate with names and expiry, extensions read inside TLS,
     usability, and a recommendation of 465. Exit status 0. Only EHLO/STARTTLS/QUIT reached the
     servers, although all of them require AUTH."""
-    implicit = smtp_server(tls="implicit", credentials={"u": "p"})
+    implicit = smtp_server(
+        tls="implicit", credentials={"u": "p"}, offer_pipelining=True, offer_chunking=True
+    )
     starttls = smtp_server(
         tls="starttls", credentials={"u": "p"}, xoauth2_tokens={"u": "t"}, offer_requiretls=True
     )
@@ -104,6 +106,7 @@ def test_json_for_implicit_starttls_plain_and_closed(
     assert p465["auth_mechanisms"] == ["PLAIN", "LOGIN"]
     assert p465["size_limit"] == 33554432 and p465["eightbitmime"] is True
     assert p465["requiretls"] is False and p465["problems"] == []
+    assert p465["pipelining"] is True and p465["chunking"] is True
 
     p587 = ports[587]
     assert p587["tls"] == "starttls" and p587["usable"] is True
@@ -111,6 +114,7 @@ def test_json_for_implicit_starttls_plain_and_closed(
     assert "STARTTLS" not in p587["extensions"]  # the EHLO after TLS
     assert "REQUIRETLS" not in p587["extensions_before_tls"]
     assert p587["requiretls"] is True
+    assert p587["pipelining"] is False and p587["chunking"] is False
     assert p587["auth_mechanisms"] == ["PLAIN", "LOGIN", "XOAUTH2"]
 
     p25 = ports[25]
