@@ -488,12 +488,15 @@ class _RecordingSMTP(_AiosmtpdSMTP):
         once read (the transaction is over, as after a refused DATA); a drop hangs up after a
         line of it; a stall waits before the chunk is read."""
         words = (arg or "").split()
-        if not 1 <= len(words) <= 2 or not words[0].isdigit() or words[1:] not in ([], ["LAST"]):
-            # Without a size the chunk cannot be found in the stream: give up on the session.
+        ok = 1 <= len(words) <= 2 and words[0].isdigit() and len(words[0]) <= 12
+        if not ok or [w.upper() for w in words[1:]] not in ([], ["LAST"]):  # ABNF: any case
+            # Without a size the chunk cannot be found in the stream: give up on the session,
+            # now (its octets must never be read as commands).
             await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
             if self.transport is not None:
-                self.transport.close()
-            return
+                self.transport.close()  # the reply is flushed first
+            # connection_lost() cancels the session task, which is the one running this.
+            await asyncio.Event().wait()
         size, last = int(words[0]), len(words) == 2
         envelope = self.envelope
         assert envelope is not None  # made with the session

@@ -22,7 +22,7 @@ from pgp_helpers import gpg_decrypt, multipart_parts, part_body
 from e2email import AsyncMailer, Message, OpenPGPEngine, Protection, SMTPSettings, TLSMode
 from e2email.config import RetryPolicy
 from e2email.delivery import DeliveryEngine, Submission, deliver
-from e2email.errors import ConnectError, DeliveryError, RecipientsRefusedError
+from e2email.errors import ConnectError, DeliveryError, E2EmailError, RecipientsRefusedError
 from e2email.keystore import Keystore
 from e2email.outbox import ItemState, NewItem, Outbox
 from e2email.outcome import CopyOutcome
@@ -348,29 +348,28 @@ def _big(size: int = 1_200_000) -> bytes:
     return b"From: a@example.org\r\nSubject: big\r\n\r\n" + line * (size // len(line))
 
 
-def test_a_drop_before_the_last_octet_is_not_delivered(smtp_server: ServerFactory) -> None:
-    """A large copy, the server gone at MAIL while the chunk is still being written: the send
-    stops before the last octet (the mark waits until the loss is seen), so the server cannot
-    have the message: a ConnectError, not maybe-delivered."""
-    server = _chunking(smtp_server, faults=[Fault("mail", "drop")])
+def test_a_large_copy_goes_by_data_so_a_refusal_stops_it_before_the_message(
+    smtp_server: ServerFactory,
+) -> None:
+    """A copy larger than one write goes by DATA, not BDAT: the kernel would take megabytes
+    of a chunk before the server read MAIL, so a 421 (or a drop) at MAIL would come after the
+    whole message went and leave it maybe-delivered. With DATA the 421 stops it before the
+    message: a refusal, retried, the server holding nothing (review rev5-c finding 1)."""
+    server = _chunking(smtp_server, faults=[Fault("mail", "reply", 421, "4.7.0 too many")])
 
     def steps(conn: SMTPConnection) -> list[Coroutine[Any, Any, None]]:
-        async def until_lost() -> None:
-            async with asyncio.timeout(10):
-                while conn.is_connected:
-                    await asyncio.sleep(0.01)
+        async def refused() -> None:
+            with pytest.raises(DeliveryError) as info:
+                await conn.send(_big(), mail_from=SENDER, recipients=[BOB])
+            assert not info.value.maybe_delivered and info.value.reply is not None
+            assert info.value.reply.code == 421
 
-        async def dropped() -> None:
-            with pytest.raises(ConnectError) as info:
-                await conn.send(_big(), mail_from=SENDER, recipients=[BOB], before_end=until_lost)
-            assert not info.value.maybe_delivered and not conn.end_of_data_sent
-            assert "lost at DATA" in str(info.value)
-
-        return [dropped()]
+        return [refused()]
 
     _on_one_connection(server, steps)
     assert server.messages == []
-    assert b"BDAT %d LAST\r\n" % len(_big()) in b"".join(d for _, d in server.transcript)
+    sent = b"".join(d for _, d in server.transcript)
+    assert b"BDAT" not in sent and b"x" * 69 not in sent
 
 
 @pytest.mark.parametrize("large", [False, True], ids=["small", "large-spooled"])
@@ -378,8 +377,8 @@ def test_the_mark_comes_before_the_last_octet(
     server: LoopbackSMTPServer, writes: list[bytes], tmp_path: Path, large: bool
 ) -> None:
     """The outbox's in-flight mark is awaited before the write that carries the last octet:
-    for a small copy before its one write; a large spooled copy is one chunk (``BDAT <total>
-    LAST``) streamed in pieces, of which only the last follows the mark."""
+    for a small copy before its one write (BDAT); a large spooled copy goes by DATA, its
+    end-of-data line after the mark."""
     raw = _big() if large else _raw(0)
     copy: bytes | Spool = raw
     if large:
@@ -398,17 +397,16 @@ def test_the_mark_comes_before_the_last_octet(
             result = await conn.send(copy, mail_from=SENDER, recipients=[BOB], before_end=mark)
             assert result.accepted == (BOB,)
             sent = writes[start:]
-            assert sent[0].startswith(
-                f"MAIL FROM:<{SENDER}> SIZE={len(raw)}\r\nRCPT TO:<{BOB}>\r\n"
-                f"BDAT {len(raw)} LAST\r\n".encode()
-            )
-            assert b"".join(sent).endswith(raw) and len(b"".join(sent)) == len(_group(raw, [BOB]))
             assert marked == [len(writes) - 1]  # only the last write after the mark
-            assert len(sent) > 2 if large else len(sent) == 1
+            if large:
+                assert sent[0].endswith(b"DATA\r\n") and sent[-1] == b".\r\n"
+            else:
+                assert sent == [_group(raw, [BOB])]
 
     asyncio.run(main())
     assert [m.data for m in server.messages[before:]] == [raw]
-    assert _last_session(server) == ["EHLO", "MAIL", "RCPT", "BDAT", "QUIT"]
+    verb = "DATA" if large else "BDAT"
+    assert _last_session(server) == ["EHLO", "MAIL", "RCPT", verb, "QUIT"]
 
 
 def test_outbox_states_with_chunking(smtp_server: ServerFactory, tmp_path: Path) -> None:
@@ -620,3 +618,160 @@ def test_the_loopback_server_takes_bdat(module_ca: TestCA) -> None:
             "EHLO", "BDAT", "NOOP", "MAIL", "RCPT", "BDAT", "BDAT", "MAIL", "RCPT", "BDAT",
             "QUIT",
         ]  # fmt: skip
+
+
+# -- Review findings (rev5-c) ------------------------------------------------------------------
+
+
+def test_a_421_to_one_rcpt_from_a_server_that_goes_on_is_not_retried_into_duplicates(
+    smtp_server: ServerFactory,
+) -> None:
+    """A 421 to one RCPT from a server that does not hang up, and BDAT (already written)
+    taken for the other recipient: every reply is read before deciding, so the accepted
+    recipient is delivered once and the refused one deferred, never the copy sent again."""
+    server = _chunking(smtp_server, refuse_recipients={CAROL: (421, "4.7.0 rate limited")})
+    outcomes = _send(server, [Submission(raw=_raw(0), mail_from=SENDER, recipients=(BOB, CAROL))])
+    assert [tuple(m.rcpt_tos) for m in server.messages] == [(BOB,)]
+    (outcome,) = outcomes
+    assert {r.address: r.status for r in outcome.recipients}[BOB] == "delivered"
+
+
+class _Scripted:
+    """A CHUNKING server answering from a script: what it says to EHLO, MAIL and BDAT
+    (``hold``: every reply held until the end of the data, then ``delay`` seconds more, as a
+    Postfix with a content filter flushes them)."""
+
+    def __init__(
+        self, mail: bytes = b"250 ok\r\n", bdat: bytes = b"250 ok\r\n", *, delay: float = 0
+    ) -> None:
+        self.mail, self.bdat, self.delay, self.stored = mail, bdat, delay, 0
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        out: list[bytes] = []
+        try:
+            w.write(b"220 hi\r\n")
+            while line := await r.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    w.write(b"250-x\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+                elif verb == b"MAIL":
+                    out.append(self.mail)
+                elif verb == b"BDAT":
+                    await r.readexactly(int(line.split()[1]))
+                    await asyncio.sleep(self.delay)
+                    self.stored += 1
+                    w.write(b"".join(out) + self.bdat)
+                    out.clear()
+                elif verb == b"QUIT":
+                    w.write(b"221 bye\r\n")
+                    await w.drain()
+                    return
+                else:
+                    out.append(b"250 ok\r\n")
+                await w.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            w.close()
+
+
+def _against(ca: TestCA, script: _Scripted, **settings: Any) -> Any:
+    async def run() -> Any:
+        srv = await asyncio.start_server(
+            script.handle, "127.0.0.1", 0, ssl=ca.server_context("127.0.0.1")
+        )
+        st = SMTPSettings(
+            host="127.0.0.1",
+            port=srv.sockets[0].getsockname()[1],
+            tls=TLSMode.IMPLICIT,
+            ca_file=ca.ca_file,
+            timeout=10,
+            **settings,
+        )
+        try:
+            async with SMTPTransport(st).connect() as conn:
+                try:
+                    return await conn.send(_raw(0), mail_from=SENDER, recipients=[BOB])
+                except E2EmailError as exc:
+                    return exc
+        finally:
+            srv.close()
+
+    return asyncio.run(run())
+
+
+def test_replies_held_until_the_end_of_the_data_get_the_data_timeout(module_ca: TestCA) -> None:
+    """A server that holds every reply until it has taken the message (behind a 1.5 s
+    filter): MAIL's reply too comes after the data, so it is waited for with the data
+    timeout, not the command timeout (which would make a delivered copy maybe-delivered)."""
+    script = _Scripted(delay=1.5)
+    result = _against(module_ca, script, command_timeout=1.0, data_timeout=10)
+    assert not isinstance(result, E2EmailError), result
+    assert result.accepted == (BOB,) and script.stored == 1
+
+
+def test_an_extra_reply_never_turns_a_refused_message_into_delivered(module_ca: TestCA) -> None:
+    result = _against(module_ca, _Scripted(mail=b"250 ok\r\n250 ok\r\n", bdat=b"554 no\r\n"))
+    assert isinstance(result, ConnectError) and result.maybe_delivered, result
+
+
+def test_a_message_taken_after_its_sender_was_refused_is_maybe_delivered(
+    module_ca: TestCA,
+) -> None:
+    """MAIL refused 451, yet BDAT answered 250: not a refusal (a retry would deliver it
+    again) but maybe-delivered."""
+    script = _Scripted(mail=b"451 4.7.1 later\r\n", bdat=b"250 2.0.0 queued anyway\r\n")
+    result = _against(module_ca, script)
+    assert isinstance(result, ConnectError) and result.maybe_delivered, result
+
+
+def test_a_malformed_bdat_line_ends_the_test_servers_session(module_ca: TestCA) -> None:
+    """The loopback server: after a BDAT it cannot parse, nothing more of the stream is read
+    (its octets would be taken for commands: a smuggled message)."""
+
+    async def talk(server: LoopbackSMTPServer) -> None:
+        r, w = await asyncio.open_connection(
+            server.host, server.port, ssl=module_ca.client_context()
+        )
+        await r.readline()
+        w.write(b"EHLO me\r\n")
+        while (await r.readline())[3:4] == b"-":
+            pass
+        w.write(
+            b"BDAT 5x\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<y@example.net>\r\nDATA\r\n"
+            b"Subject: smuggled\r\n\r\nhi\r\n.\r\n"
+        )
+        assert (await r.readline()).startswith(b"501")
+        assert await r.read() == b""
+        w.close()
+
+    with LoopbackSMTPServer(ca=module_ca, offer_pipelining=True, offer_chunking=True) as server:
+        asyncio.run(talk(server))
+        assert server.messages == []
+
+
+class _DropsSecondMail(LoopbackSMTPServer):
+    """Hangs up, without a reply, when the second MAIL of its life arrives: a server that
+    closed a reused session just as the next message was written."""
+
+    mails = 0
+
+    def _take_fault(self, stage: FaultStage, address: str | None = None) -> Fault | None:
+        if stage == "mail":
+            self.mails += 1
+            if self.mails == 2:
+                return Fault("mail", "drop")
+        return super()._take_fault(stage, address)
+
+
+def test_a_reused_session_closed_with_no_reply_at_all_is_not_maybe_delivered(
+    module_ca: TestCA,
+) -> None:
+    """No reply at all to the group, on a session that carried a message before: the server
+    closed it between messages (its close crossed the write), so the copy goes again over a
+    new connection, as without CHUNKING, not left maybe-delivered."""
+    with _DropsSecondMail(ca=module_ca, offer_pipelining=True, offer_chunking=True) as server:
+        subs = [Submission(raw=_raw(i), mail_from=SENDER, recipients=(BOB,)) for i in range(3)]
+        outcomes = _send(server, subs)
+        assert [o.status for o in outcomes] == ["delivered"] * 3
+        assert sorted(m.data for m in server.messages) == sorted(_raw(i) for i in range(3))

@@ -78,7 +78,7 @@ from e2email.outcome import (
     TLSInfo,
     deprecated_name,
 )
-from e2email.spool import Spool, chunks_of, line_pieces
+from e2email.spool import Spool, line_pieces
 from e2email.transport.ports import (
     NO_TLS_OUTCOMES,
     HostMemory,
@@ -127,6 +127,11 @@ _VERSION_REASONS = frozenset(
 #: DATA is written in pieces of about this size, each cut just after a CRLF and each waiting
 #: for the connection to take it (flow control), so a large message is never copied whole.
 _DATA_CHUNK = 256 * 1024
+#: The largest copy sent with BDAT (RFC 3030) in the same write as MAIL and RCPT: larger ones
+#: go by DATA, whose 354 lets a refusal of the sender or recipients stop the send before the
+#: message (a kernel's socket buffers would take megabytes before the server read MAIL). The
+#: round trip saved matters for small messages only.
+_CHUNK_MAX = _DATA_CHUNK
 
 _T = TypeVar("_T")
 
@@ -392,23 +397,18 @@ class _Replies(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self._inner.write(data)
 
-    async def drained(self) -> None:
-        """Return once the connection has taken what was written (flow control: aiosmtplib's
-        copy of asyncio's ``StreamWriter.drain()``, which raises if the connection was lost)."""
-        await self._inner._drain_helper()
-
     @property
     def queued(self) -> bool:
         """Has a reply arrived that no read took yet?"""
         return bool(self._replies)
 
-    def check_idle(self, allowed: int = 0) -> None:
+    def check_idle(self) -> None:
         """Raise if anything arrived that no read took: what ends the reading (the
-        connection's loss, a malformed reply), or more than ``allowed`` replies (then the
-        server is out of step)."""
+        connection's loss, a malformed reply), or a reply (then the server is out of
+        step)."""
         if self._failure is not None:
             raise self._failure
-        if len(self._replies) > allowed:
+        if self._replies:
             raise aiosmtplib.SMTPServerDisconnected(
                 "the server replied before the end of the data (out of step)"
             )
@@ -590,6 +590,9 @@ class SMTPConnection:
         self._in_group = False
         #: The latest send's group carried the message in BDAT (RFC 3030).
         self._chunked_group = False
+        #: A transaction was under way on this session before the current one (a session
+        #: the server may since have closed between messages).
+        self._carried = False
 
     @property
     def tls(self) -> TLSInfo | None:
@@ -737,13 +740,14 @@ class SMTPConnection:
         chunked = self.chunking
         async with self._lock:
             self._stage = "MAIL"
+            carried, self._carried = self._carried, True
             refusals: dict[str, SMTPReply] = {}
             try:
                 response: aiosmtplib.SMTPResponse | None = None
                 try:
-                    if chunked:
+                    if chunked and isinstance(raw, bytes) and len(raw) <= _CHUNK_MAX:
                         response = await self._chunked(
-                            raw, mail_from, rcpts, options, before_end, refusals
+                            raw, mail_from, rcpts, options, before_end, refusals, carried=carried
                         )
                     elif pipelined:
                         response = await self._pipelined(
@@ -1021,140 +1025,131 @@ class SMTPConnection:
 
     async def _chunked(
         self,
-        raw: bytes | Spool,
+        raw: bytes,
         mail_from: str,
         rcpts: Sequence[str],
         options: Sequence[str],
         before_end: Callable[[], Awaitable[None]] | None,
         refusals: dict[str, SMTPReply],
+        *,
+        carried: bool,
     ) -> aiosmtplib.SMTPResponse | None:
         """MAIL, every RCPT, ``BDAT <size> LAST`` and the message in one write (RFC 3030 §4.2
-        with RFC 2920), then the replies in order: MAIL's, each RCPT's, and BDAT's, which is the
-        final answer about the message, as the reply to "." is. One round trip per message.
+        with RFC 2920), then every reply of the group: MAIL's, each RCPT's, and BDAT's, which
+        is the final answer about the message, as the reply to "." is. One round trip per
+        message. For copies that fit in one write (:data:`_CHUNK_MAX`); larger ones go by
+        DATA, whose 354 lets a refusal at MAIL or RCPT stop the send before the message.
 
         The chunk is the copy's exact octets (a CRLF added if it lacks the last one, as the
         DATA path does): no dot-stuffing, no end-of-data line (RFC 3030 §2); they passed
-        :func:`check_wire_safe` like any copy. A copy larger than one piece is one chunk all
-        the same, its pieces written with flow control as :meth:`_body` does. ``before_end``
-        is awaited before the last piece is written: for a small copy, before the one write
-        (the server may deliver as soon as it has every octet). From the last octet on the
-        send is ``end_of_data_sent``: a reply lost after it may hide a delivery, even with no
-        reply at all come back (a server may hold its replies until it has read the whole
-        group, RFC 2920 §3.2), so a connection lost then is maybe-delivered.
+        :func:`check_wire_safe` like any copy. ``before_end`` is awaited before the write
+        (the server may deliver once it has every octet); from then on the send is
+        ``end_of_data_sent``.
 
-        The server reads the chunk even when it refused MAIL or every RCPT (RFC 3030 §2) and
-        then refuses BDAT (503, 554): the same outcomes as the DATA path, found from the
-        replies: ``SMTPSenderRefused`` (once the rest were read), ``SMTPRecipientRefused`` for
-        a refusal that closes the session, ``SMTPDataError`` for the message refused; ``None``
-        when every recipient was refused. ``refusals`` is filled as in :meth:`_pipelined`.
+        Every reply is read before anything is decided (with the data timeout: a server may
+        hold them all until it has taken the message, RFC 2920 §3.2, e.g. behind a content
+        filter), since a server may go on after a refusal: the server reads the chunk even when
+        it refused MAIL or every RCPT (RFC 3030 §2) and then refuses BDAT (503, 554), giving
+        the same outcomes as the DATA path: ``SMTPSenderRefused``, ``SMTPDataError`` for the
+        message refused, ``None`` when every recipient was refused (``refusals`` filled as in
+        :meth:`_pipelined`). A BDAT accepted after a refused sender or with no recipient
+        accepted, or replies out of step, are no answer one can trust after the message went:
+        the session is closed and the copy is maybe-delivered. A connection lost before every
+        reply came is maybe-delivered too, except when the server had said 421 (it was closing:
+        nothing taken), or when it gave no reply at all on a connection that had carried a
+        message before: the server closed it between messages (its close crossed this write)
+        and the copy goes again (found at MAIL, as without CHUNKING).
         """
         smtp = self._smtp
-        command_timeout, data_timeout = self._timeouts()
+        _, data_timeout = self._timeouts()
         tail = b"" if raw.endswith(b"\r\n") else b"\r\n"
         size = len(raw) + len(tail)
         group = [b"MAIL FROM:<" + mail_from.encode("ascii") + b">"]
         group[0] += b"".join(b" " + option.encode("ascii") for option in options)
         group.extend(b"RCPT TO:<" + rcpt.encode("ascii") + b">" for rcpt in rcpts)
         group.append(b"BDAT %d LAST\r\n" % size)
-        head = b"\r\n".join(group)
-        # One reply per command (RFC 2920 §3.1). One more unread is let in, so that a stray
-        # reply right after BDAT's closes the session without undoing BDAT's answer (as after
-        # "."); beyond that the server answers commands never sent, and the reading fails
-        # rather than pair a reply with the wrong command.
+        # One reply per command (RFC 2920 §3.1); one more is let in, so that a stray reply
+        # is seen (and judged below) rather than failing the reading.
         commands = len(rcpts) + 2
+        got: list[aiosmtplib.SMTPResponse] = []
         with _Replies.installed(smtp, limit=commands + 1) as replies:
             self._in_group = self._chunked_group = True
-            # Replies still to read: should anything stop the reading early (or the writing),
-            # the session is out of step (or mid-chunk) and is closed.
-            unread = commands
             try:
-                pieces = chunks_of(raw, _DATA_CHUNK)
-                piece = next(pieces, b"")
-                following = next(pieces, None)
-                if following is None:
-                    last = head + piece + tail
-                    # Nothing written yet: any reply here is not an answer to this group.
-                    allowed = 0
-                else:
-                    replies.write(head + piece)
-                    self._stage = "DATA"
-                    while following is not None:
-                        piece = following
-                        try:
-                            async with asyncio.timeout(data_timeout):
-                                await replies.drained()
-                        except TimeoutError as exc:  # a piece was not taken in time
-                            raise aiosmtplib.SMTPTimeoutError(
-                                "Timed out sending the message data"
-                            ) from exc
-                        following = next(pieces, None)
-                        if following is not None:
-                            replies.write(piece)
-                    last = piece + tail
-                    # MAIL's and the RCPTs' replies may have come; BDAT's cannot have.
-                    allowed = commands - 1
                 if before_end is not None:
                     await before_end()
-                # A hang-up noticed meanwhile (the server closed a reused session, or went
-                # away mid-chunk) stops the send before the last octet: nothing delivered.
-                replies.check_idle(allowed)
-                replies.write(last)
+                # A hang-up noticed meanwhile (the server closed a reused session) stops the
+                # send before anything of the message went: nothing delivered.
+                replies.check_idle()
+                replies.write(b"\r\n".join(group) + raw + tail)
                 self._end_of_data_sent = True
+                for stage in ("MAIL", *("RCPT" for _ in rcpts), "DATA"):
+                    self._stage = stage
+                    got.append(await _next_reply(smtp, replies, data_timeout))
+                extra: list[aiosmtplib.SMTPResponse] = []
+                while (more := replies.ready()) is not None:
+                    extra.append(more)
+            except (aiosmtplib.SMTPServerDisconnected, OSError):
+                smtp.close()
+                closing = next((r for r in got if r.code == 421), None)
+                if closing is None and not (not got and carried):
+                    raise
+                # Closing after a 421 (RFC 5321 §3.8), or closed before this transaction
+                # (no reply at all on a session that carried one): the message was not
+                # taken, and the server said why or nothing.
+                self._end_of_data_sent = False
                 self._stage = "MAIL"
-                mail = await _next_reply(smtp, replies, command_timeout)
-                unread -= 1
-                if mail.code != 250:
-                    # No transaction, so nothing can be delivered, whatever comes next.
-                    self._end_of_data_sent = False
-                    if mail.code != 421:  # 421: the server is closing (RFC 5321 §3.8)
-                        with contextlib.suppress(aiosmtplib.SMTPException):
-                            # "503 need MAIL" to each RCPT and to BDAT, as a rule.
-                            final = await self._drain_group(replies, unread, data_timeout)
-                            unread = 0
-                            if final is not None and final.code == 250:
-                                # The chunk taken without a sender: a server this confused
-                                # is not used again; the sender's refusal stands.
-                                smtp.close()
-                                self._out_of_step = True
-                    raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, mail_from)
+                self._out_of_step = True
+                if closing is None:
+                    raise
+                if got[0].code != 250:
+                    raise aiosmtplib.SMTPSenderRefused(
+                        got[0].code, got[0].message, mail_from
+                    ) from None
                 self._stage = "RCPT"
-                for rcpt in rcpts:
-                    reply = await _next_reply(smtp, replies, command_timeout)
-                    unread -= 1
+                for rcpt, reply in zip(rcpts, got[1:], strict=False):
                     if reply.code not in (250, 251):
                         refusals[rcpt] = _reply(reply)
-                        if reply.code == 421:  # closing (§3.8): BDAT is not taken
-                            self._end_of_data_sent = False
-                            raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
-                self._stage = "DATA"
-                if len(refusals) == len(rcpts):
-                    # RFC 3030 §2: the chunk was read, and BDAT refused (503 or 554). No
-                    # recipient, so nothing can be delivered, whatever comes next.
-                    self._end_of_data_sent = False
-                    final = await self._drain_group(replies, unread, data_timeout)
-                    unread = 0
-                    self._in_group = False
-                    if final is not None and final.code == 250:
-                        # "Accepted" with no recipient: out of step; the refusals stand.
-                        smtp.close()
-                        self._out_of_step = True
-                    self._stage = "RCPT"
-                    return None
-                response = await _next_reply(smtp, replies, data_timeout)
-                unread -= 1
-                self._end_of_data_sent = self._in_group = False
+                rcpt = rcpts[len(got) - 2]
+                raise aiosmtplib.SMTPRecipientRefused(closing.code, closing.message, rcpt) from None
             except BaseException:
-                if unread:
-                    smtp.close()
+                smtp.close()  # mid-group: out of step whatever comes next
                 raise
-            if replies.queued:
-                # More replies after the last one: out of step, so the session is not used
-                # again. This reply came after the last octet and stands.
-                smtp.close()
-                self._out_of_step = True
-        if response.code != 250:
-            raise aiosmtplib.SMTPDataError(response.code, response.message)
-        return response
+        self._in_group = False
+        mail, rcpt_replies, final = got[0], got[1:-1], got[-1]
+        for rcpt, reply in zip(rcpts, rcpt_replies, strict=True):
+            if reply.code not in (250, 251):
+                refusals[rcpt] = _reply(reply)
+        closes = any(r.code == 421 for r in got)
+        no_transaction = mail.code != 250 or len(refusals) == len(rcpts)
+        if extra or (no_transaction and final.code == 250):
+            # Replies that do not pair with the commands (one too many), or the message
+            # accepted with no sender or recipient: whatever the server did with it cannot be
+            # known; the session is not used again.
+            smtp.close()
+            self._out_of_step = True
+            if final.code == 250 and all(r.code in (250, 251) for r in (*got, *extra)):
+                return final  # every reply a yes: the message stands delivered
+            raise aiosmtplib.SMTPResponseException(
+                -1, "the server's replies to the message do not match its commands"
+            )
+        # No transaction, or the message refused: nothing delivered.
+        if no_transaction or final.code != 250:
+            self._end_of_data_sent = False
+        if closes:
+            # A 421 among them: the server is closing; nothing more is sent on this session.
+            smtp.close()
+            self._out_of_step = True
+        if mail.code != 250:
+            self._stage = "MAIL"
+            raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, mail_from)
+        if len(refusals) == len(rcpts):
+            self._stage = "RCPT"
+            return None
+        self._stage = "DATA"
+        if final.code != 250:
+            raise aiosmtplib.SMTPDataError(final.code, final.message)
+        self._end_of_data_sent = False
+        return final
 
     async def _data(
         self,
