@@ -18,8 +18,8 @@ standards item 4) and refuses to move anything but an EHLO and STARTTLS in the c
   of the one-command-at-a-time exchange.
 * CHUNKING (RFC 3030) when the server offers it together with PIPELINING: MAIL, every RCPT,
   ``BDAT <size> LAST`` and the message itself in one write, the replies read after: one round
-  trip per message, no dot-stuffing (see :meth:`SMTPConnection._chunked`). Servers without
-  both get DATA as before.
+  trip per message, no dot-stuffing (see :meth:`SMTPConnection._chunked`), for copies that
+  fit in one write; larger copies, and servers without both offers, get DATA as before.
 * Without a configured port, the ports of ``SMTPSettings.port_order`` are tried in turn, but
   only past ports that cannot be reached or offer no STARTTLS (reported); a certificate or
   TLS version failure stops the search. See :mod:`e2email.transport.ports`.
