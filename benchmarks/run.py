@@ -207,42 +207,28 @@ def bench_e2email(
     )
     rates["one connection, no outbox"] = _row("one connection, no outbox", n, seconds, stats)
 
+    def without(offer: str, tag: str, names: tuple[str, str]) -> None:
+        """The two one-connection rows (with and without the outbox) against the server with
+        ``offer`` withdrawn."""
+        server.command(f"{offer} off")
+        try:
+            for outbox, name in zip((True, False), names, strict=True):
+                m = _mailer(home, outbox=outbox, connections=1)
+                seconds, stats = _measure(
+                    server,
+                    lambda m=m, t=f"{tag}-{outbox}": _ok(asyncio.run(m.send_many(_messages(n, t)))),
+                )
+                rates[name] = _row(name, n, seconds, stats)
+        finally:
+            server.command(f"{offer} on")
+
     # The same against a server that does not offer CHUNKING (RFC 3030): MAIL, RCPT and DATA
     # in one write, then the message and its "." (two round trips per message).
-    server.command("chunking off")
-    try:
-        m = _mailer(home, outbox=True, connections=1)
-        seconds, stats = _measure(
-            server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "one-nochunk"))))
-        )
-        rates["one conn., no chunking"] = _row("one conn., no chunking", n, seconds, stats)
-        m = _mailer(home, outbox=False, connections=1)
-        seconds, stats = _measure(
-            server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "one-mem-nochunk"))))
-        )
-        name = "one conn., no outbox/chunk."
-        rates[name] = _row(name, n, seconds, stats)
-    finally:
-        server.command("chunking on")
-
+    without("chunking", "one-nochunk", ("one conn., no chunking", "one conn., no outbox/chunk."))
     # The same against a server that does not offer PIPELINING (RFC 2920): one round trip
     # per command, as to aiosmtpd as it comes (CHUNKING alone is not used: see
     # SMTPConnection.chunking).
-    server.command("pipelining off")
-    try:
-        m = _mailer(home, outbox=True, connections=1)
-        seconds, stats = _measure(
-            server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "one-nopipe"))))
-        )
-        rates["one conn., no pipelining"] = _row("one conn., no pipelining", n, seconds, stats)
-        m = _mailer(home, outbox=False, connections=1)
-        seconds, stats = _measure(
-            server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "one-mem-nopipe"))))
-        )
-        name = "one conn., no outbox/pipel."
-        rates[name] = _row(name, n, seconds, stats)
-    finally:
-        server.command("pipelining on")
+    without("pipelining", "one-nopipe", ("one conn., no pipelining", "one conn., no outbox/pipel."))
 
     m = _mailer(home, outbox=True, connections=connections)
     seconds, stats = _measure(server, lambda: _ok(asyncio.run(m.send_many(_messages(n, "pool")))))
