@@ -32,7 +32,8 @@ What it promises, for each :class:`Submission` (one protected copy and its envel
   the hang-up seen before anything of the message was sent); the copy then goes over a new
   connection at once, again without counting an attempt. With CHUNKING (RFC 3030) the
   message goes in MAIL's own write, so a connection lost with no reply at all after that
-  write leaves the copy maybe-delivered (the server may have read it all before it went).
+  write leaves the copy maybe-delivered (the server may have read it all before it went):
+  a reused session closed as the write went out is no longer told from that.
   ``connections`` workers send side by side: a bounded pool.
 * **A problem no retry can fix stops the run**: a certificate that does not verify, refused
   credentials, a 5xx greeting, or a server that stayed unreachable for a copy's every attempt.

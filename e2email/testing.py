@@ -488,7 +488,8 @@ class _RecordingSMTP(_AiosmtpdSMTP):
         once read (the transaction is over, as after a refused DATA); a drop hangs up after a
         line of it; a stall waits before the chunk is read."""
         words = (arg or "").split()
-        ok = 1 <= len(words) <= 2 and words[0].isdigit() and len(words[0]) <= 12
+        ok = 1 <= len(words) <= 2 and words[0].isascii() and words[0].isdigit()
+        ok = ok and len(words[0]) <= 12
         if not ok or [w.upper() for w in words[1:]] not in ([], ["LAST"]):  # ABNF: any case
             # Without a size the chunk cannot be found in the stream: give up on the session,
             # now (its octets must never be read as commands).

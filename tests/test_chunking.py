@@ -636,7 +636,7 @@ def test_a_421_to_one_rcpt_from_a_server_that_goes_on_is_not_retried_into_duplic
     assert {r.address: r.status for r in outcome.recipients}[BOB] == "delivered"
 
 
-class _Scripted:
+class _HeldScript:
     """A CHUNKING server answering from a script: what it says to EHLO, MAIL and BDAT
     (``hold``: every reply held until the end of the data, then ``delay`` seconds more, as a
     Postfix with a content filter flushes them)."""
@@ -675,7 +675,7 @@ class _Scripted:
             w.close()
 
 
-def _against(ca: TestCA, script: _Scripted, **settings: Any) -> Any:
+def _against(ca: TestCA, script: _HeldScript, **settings: Any) -> Any:
     async def run() -> Any:
         srv = await asyncio.start_server(
             script.handle, "127.0.0.1", 0, ssl=ca.server_context("127.0.0.1")
@@ -704,14 +704,14 @@ def test_replies_held_until_the_end_of_the_data_get_the_data_timeout(module_ca: 
     """A server that holds every reply until it has taken the message (behind a 1.5 s
     filter): MAIL's reply too comes after the data, so it is waited for with the data
     timeout, not the command timeout (which would make a delivered copy maybe-delivered)."""
-    script = _Scripted(delay=1.5)
+    script = _HeldScript(delay=1.5)
     result = _against(module_ca, script, command_timeout=1.0, data_timeout=10)
     assert not isinstance(result, E2EmailError), result
     assert result.accepted == (BOB,) and script.stored == 1
 
 
 def test_an_extra_reply_never_turns_a_refused_message_into_delivered(module_ca: TestCA) -> None:
-    result = _against(module_ca, _Scripted(mail=b"250 ok\r\n250 ok\r\n", bdat=b"554 no\r\n"))
+    result = _against(module_ca, _HeldScript(mail=b"250 ok\r\n250 ok\r\n", bdat=b"554 no\r\n"))
     assert isinstance(result, ConnectError) and result.maybe_delivered, result
 
 
@@ -720,7 +720,7 @@ def test_a_message_taken_after_its_sender_was_refused_is_maybe_delivered(
 ) -> None:
     """MAIL refused 451, yet BDAT answered 250: not a refusal (a retry would deliver it
     again) but maybe-delivered."""
-    script = _Scripted(mail=b"451 4.7.1 later\r\n", bdat=b"250 2.0.0 queued anyway\r\n")
+    script = _HeldScript(mail=b"451 4.7.1 later\r\n", bdat=b"250 2.0.0 queued anyway\r\n")
     result = _against(module_ca, script)
     assert isinstance(result, ConnectError) and result.maybe_delivered, result
 
@@ -750,28 +750,117 @@ def test_a_malformed_bdat_line_ends_the_test_servers_session(module_ca: TestCA) 
         assert server.messages == []
 
 
-class _DropsSecondMail(LoopbackSMTPServer):
-    """Hangs up, without a reply, when the second MAIL of its life arrives: a server that
-    closed a reused session just as the next message was written."""
+class _Planned:
+    """A CHUNKING and PIPELINING server run from a plan per (connection, transaction):
+    ``mail``, ``rcpt`` (replies), ``bdat`` (a reply, or "drop": take the chunk, then hang up
+    after the first ``flush`` held replies), ``hold`` (replies held until BDAT, as Postfix
+    flushes them only when it would wait for input)."""
 
-    mails = 0
+    def __init__(self, plan: Any) -> None:
+        self.plan, self.conns = plan, 0
+        self.stored: list[tuple[int, bytes]] = []
 
-    def _take_fault(self, stage: FaultStage, address: str | None = None) -> Fault | None:
-        if stage == "mail":
-            self.mails += 1
-            if self.mails == 2:
-                return Fault("mail", "drop")
-        return super()._take_fault(stage, address)
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conn, tx, n = self.conns, 0, 0
+        out: list[bytes] = []
+        p: dict[str, Any] = {}
+        self.conns += 1
+        try:
+            w.write(b"220 hi\r\n")
+            while line := await r.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    out.append(b"250-x\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+                elif verb == b"MAIL":
+                    p, n = self.plan(conn, tx) or {}, 0
+                    out.append(p.get("mail", b"250 ok\r\n"))
+                elif verb == b"RCPT":
+                    planned = p.get("rcpt", [])
+                    out.append(planned[n] if n < len(planned) else b"250 ok\r\n")
+                    n += 1
+                elif verb == b"BDAT":
+                    data = await r.readexactly(int(line.split()[1]))
+                    tx += 1
+                    act = p.get("bdat", b"250 queued\r\n")
+                    if act == "drop":
+                        self.stored.append((conn, data))
+                        w.write(b"".join(out[: p.get("flush", 0)]))
+                        await w.drain()
+                        return
+                    if act.startswith(b"250"):
+                        self.stored.append((conn, data))
+                    out.append(act)
+                elif verb == b"QUIT":
+                    out.append(b"221 bye\r\n")
+                else:
+                    out.append(b"250 ok\r\n")
+                if not (p.get("hold") and verb in (b"MAIL", b"RCPT")):
+                    w.write(b"".join(out))
+                    out.clear()
+                    await w.drain()
+                if verb == b"QUIT":
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            w.close()
 
 
-def test_a_reused_session_closed_with_no_reply_at_all_is_not_maybe_delivered(
+def _planned(ca: TestCA, plan: Any, subs: list[Submission]) -> tuple[Any, _Planned]:
+    server = _Planned(plan)
+
+    async def main() -> Any:
+        srv = await asyncio.start_server(
+            server.handle, "127.0.0.1", 0, ssl=ca.server_context("127.0.0.1")
+        )
+        settings = SMTPSettings(
+            host="127.0.0.1",
+            port=srv.sockets[0].getsockname()[1],
+            tls=TLSMode.IMPLICIT,
+            ca_file=ca.ca_file,
+            timeout=10,
+        )
+        try:
+            outcomes, _ = await deliver(settings, subs, retry=FAST, connections=1)
+            return outcomes
+        finally:
+            srv.close()
+
+    return asyncio.run(main()), server
+
+
+def test_a_421_then_a_yes_then_a_lost_connection_is_maybe_delivered(module_ca: TestCA) -> None:
+    """A 421 to Carol from a server that went on: Bob accepted, the chunk taken for him, the
+    connection lost before BDAT's reply. The yes after the 421 shows the server did not close:
+    it may have Bob's copy, so it is maybe-delivered, never sent again."""
+
+    def plan(conn: int, tx: int) -> dict[str, Any]:
+        if conn == 0:
+            return {
+                "rcpt": [b"421 4.7.0 rate limited\r\n"],
+                "bdat": "drop",
+                "flush": 3,
+                "hold": True,
+            }
+        return {}
+
+    sub = Submission(raw=_raw(0), mail_from=SENDER, recipients=(CAROL, BOB))
+    (outcome,), server = _planned(module_ca, plan, [sub])
+    assert [c for c, _ in server.stored] == [0]
+    assert outcome.status == "maybe-delivered"
+
+
+def test_no_reply_at_all_after_the_write_is_maybe_delivered_even_on_a_reused_session(
     module_ca: TestCA,
 ) -> None:
-    """No reply at all to the group, on a session that carried a message before: the server
-    closed it between messages (its close crossed the write), so the copy goes again over a
-    new connection, as without CHUNKING, not left maybe-delivered."""
-    with _DropsSecondMail(ca=module_ca, offer_pipelining=True, offer_chunking=True) as server:
-        subs = [Submission(raw=_raw(i), mail_from=SENDER, recipients=(BOB,)) for i in range(3)]
-        outcomes = _send(server, subs)
-        assert [o.status for o in outcomes] == ["delivered"] * 3
-        assert sorted(m.data for m in server.messages) == sorted(_raw(i) for i in range(3))
+    """A server that holds its replies until the message is queued (as Postfix does) queues
+    the second message of a session, then the connection is lost with no reply at all: the
+    message went in MAIL's own write, so it may be there: maybe-delivered, not sent again."""
+
+    def plan(conn: int, tx: int) -> dict[str, Any]:
+        return {"bdat": "drop", "hold": True} if (conn, tx) == (0, 1) else {"hold": True}
+
+    subs = [Submission(raw=_raw(i), mail_from=SENDER, recipients=(BOB,)) for i in range(3)]
+    outcomes, server = _planned(module_ca, plan, subs)
+    assert [d for _, d in server.stored].count(_raw(1)) == 1
+    assert [o.status for o in outcomes] == ["delivered", "maybe-delivered", "delivered"]

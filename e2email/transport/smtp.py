@@ -590,9 +590,6 @@ class SMTPConnection:
         self._in_group = False
         #: The latest send's group carried the message in BDAT (RFC 3030).
         self._chunked_group = False
-        #: A transaction was under way on this session before the current one (a session
-        #: the server may since have closed between messages).
-        self._carried = False
 
     @property
     def tls(self) -> TLSInfo | None:
@@ -740,14 +737,13 @@ class SMTPConnection:
         chunked = self.chunking
         async with self._lock:
             self._stage = "MAIL"
-            carried, self._carried = self._carried, True
             refusals: dict[str, SMTPReply] = {}
             try:
                 response: aiosmtplib.SMTPResponse | None = None
                 try:
                     if chunked and isinstance(raw, bytes) and len(raw) <= _CHUNK_MAX:
                         response = await self._chunked(
-                            raw, mail_from, rcpts, options, before_end, refusals, carried=carried
+                            raw, mail_from, rcpts, options, before_end, refusals
                         )
                     elif pipelined:
                         response = await self._pipelined(
@@ -1031,8 +1027,6 @@ class SMTPConnection:
         options: Sequence[str],
         before_end: Callable[[], Awaitable[None]] | None,
         refusals: dict[str, SMTPReply],
-        *,
-        carried: bool,
     ) -> aiosmtplib.SMTPResponse | None:
         """MAIL, every RCPT, ``BDAT <size> LAST`` and the message in one write (RFC 3030 §4.2
         with RFC 2920), then every reply of the group: MAIL's, each RCPT's, and BDAT's, which
@@ -1055,10 +1049,12 @@ class SMTPConnection:
         :meth:`_pipelined`). A BDAT accepted after a refused sender or with no recipient
         accepted, or replies out of step, are no answer one can trust after the message went:
         the session is closed and the copy is maybe-delivered. A connection lost before every
-        reply came is maybe-delivered too, except when the server had said 421 (it was closing:
-        nothing taken), or when it gave no reply at all on a connection that had carried a
-        message before: the server closed it between messages (its close crossed this write)
-        and the copy goes again (found at MAIL, as without CHUNKING).
+        reply came is maybe-delivered too (even with no reply at all: a server may hold its
+        replies until the message is queued), except after a 421 that no yes followed (the
+        server was closing: nothing taken). So a reused session that the server closed just
+        as this write went out leaves the copy maybe-delivered, where DATA would have found
+        the close at MAIL: the delivery engine's RSET after a second of idling keeps that
+        window small.
         """
         smtp = self._smtp
         _, data_timeout = self._timeouts()
@@ -1090,27 +1086,27 @@ class SMTPConnection:
                     extra.append(more)
             except (aiosmtplib.SMTPServerDisconnected, OSError):
                 smtp.close()
-                closing = next((r for r in got if r.code == 421), None)
-                if closing is None and not (not got and carried):
+                # A 421 (RFC 5321 §3.8) that nothing accepted followed: the server was
+                # closing and took nothing. A yes after it shows it went on (and may have
+                # the message); no reply at all says nothing: maybe-delivered, both.
+                first = next((i for i, r in enumerate(got) if r.code == 421), None)
+                if first is None or any(r.code in (250, 251) for r in got[first + 1 :]):
                     raise
-                # Closing after a 421 (RFC 5321 §3.8), or closed before this transaction
-                # (no reply at all on a session that carried one): the message was not
-                # taken, and the server said why or nothing.
+                closing = got[first]
                 self._end_of_data_sent = False
-                self._stage = "MAIL"
                 self._out_of_step = True
-                if closing is None:
-                    raise
-                if got[0].code != 250:
+                if first == 0:
+                    self._stage = "MAIL"
                     raise aiosmtplib.SMTPSenderRefused(
-                        got[0].code, got[0].message, mail_from
+                        closing.code, closing.message, mail_from
                     ) from None
                 self._stage = "RCPT"
                 for rcpt, reply in zip(rcpts, got[1:], strict=False):
                     if reply.code not in (250, 251):
                         refusals[rcpt] = _reply(reply)
-                rcpt = rcpts[len(got) - 2]
-                raise aiosmtplib.SMTPRecipientRefused(closing.code, closing.message, rcpt) from None
+                raise aiosmtplib.SMTPRecipientRefused(
+                    closing.code, closing.message, rcpts[first - 1]
+                ) from None
             except BaseException:
                 smtp.close()  # mid-group: out of step whatever comes next
                 raise
@@ -1128,6 +1124,7 @@ class SMTPConnection:
             smtp.close()
             self._out_of_step = True
             if final.code == 250 and all(r.code in (250, 251) for r in (*got, *extra)):
+                self._end_of_data_sent = False
                 return final  # every reply a yes: the message stands delivered
             raise aiosmtplib.SMTPResponseException(
                 -1, "the server's replies to the message do not match its commands"
