@@ -7,9 +7,10 @@ last octet is maybe-delivered. Raw submissions (no crypto) but for the gpg round
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -524,32 +525,43 @@ class _Scripted:
             w.close()
 
 
-def _scripted(ca: TestCA, bdat: bytes) -> tuple[CopyOutcome | ConnectError, bool, int]:
-    script = _Scripted(bdat)
-
-    async def run() -> tuple[CopyOutcome | ConnectError, bool]:
-        srv = await asyncio.start_server(
-            script.handle, "127.0.0.1", 0, ssl=ca.server_context("127.0.0.1")
-        )
-        settings = SMTPSettings(
+@contextlib.asynccontextmanager
+async def _tls_server(
+    ca: TestCA,
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    **settings: Any,
+) -> AsyncIterator[SMTPSettings]:
+    """A TLS server on loopback answering with ``handle``: the settings to reach it."""
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ca.server_context("127.0.0.1"))
+    try:
+        yield SMTPSettings(
             host="127.0.0.1",
             port=srv.sockets[0].getsockname()[1],
             tls=TLSMode.IMPLICIT,
             ca_file=ca.ca_file,
             timeout=10,
+            **settings,
         )
-        try:
-            async with SMTPTransport(settings).connect() as conn:
-                assert conn.chunking
-                try:
-                    result: CopyOutcome | ConnectError = await conn.send(
-                        _raw(0), mail_from=SENDER, recipients=[BOB]
-                    )
-                except ConnectError as exc:
-                    result = exc
-                return result, conn.is_connected
-        finally:
-            srv.close()
+    finally:
+        srv.close()
+
+
+def _scripted(ca: TestCA, bdat: bytes) -> tuple[CopyOutcome | ConnectError, bool, int]:
+    script = _Scripted(bdat)
+
+    async def run() -> tuple[CopyOutcome | ConnectError, bool]:
+        async with (
+            _tls_server(ca, script.handle) as settings,
+            SMTPTransport(settings).connect() as conn,
+        ):
+            assert conn.chunking
+            try:
+                result: CopyOutcome | ConnectError = await conn.send(
+                    _raw(0), mail_from=SENDER, recipients=[BOB]
+                )
+            except ConnectError as exc:
+                result = exc
+            return result, conn.is_connected
 
     result, connected = asyncio.run(run())
     return result, connected, script.stored
@@ -677,25 +689,14 @@ class _HeldScript:
 
 def _against(ca: TestCA, script: _HeldScript, **settings: Any) -> Any:
     async def run() -> Any:
-        srv = await asyncio.start_server(
-            script.handle, "127.0.0.1", 0, ssl=ca.server_context("127.0.0.1")
-        )
-        st = SMTPSettings(
-            host="127.0.0.1",
-            port=srv.sockets[0].getsockname()[1],
-            tls=TLSMode.IMPLICIT,
-            ca_file=ca.ca_file,
-            timeout=10,
-            **settings,
-        )
-        try:
-            async with SMTPTransport(st).connect() as conn:
-                try:
-                    return await conn.send(_raw(0), mail_from=SENDER, recipients=[BOB])
-                except E2EmailError as exc:
-                    return exc
-        finally:
-            srv.close()
+        async with (
+            _tls_server(ca, script.handle, **settings) as st,
+            SMTPTransport(st).connect() as conn,
+        ):
+            try:
+                return await conn.send(_raw(0), mail_from=SENDER, recipients=[BOB])
+            except E2EmailError as exc:
+                return exc
 
     return asyncio.run(run())
 
@@ -810,21 +811,9 @@ def _planned(ca: TestCA, plan: Any, subs: list[Submission]) -> tuple[Any, _Plann
     server = _Planned(plan)
 
     async def main() -> Any:
-        srv = await asyncio.start_server(
-            server.handle, "127.0.0.1", 0, ssl=ca.server_context("127.0.0.1")
-        )
-        settings = SMTPSettings(
-            host="127.0.0.1",
-            port=srv.sockets[0].getsockname()[1],
-            tls=TLSMode.IMPLICIT,
-            ca_file=ca.ca_file,
-            timeout=10,
-        )
-        try:
+        async with _tls_server(ca, server.handle) as settings:
             outcomes, _ = await deliver(settings, subs, retry=FAST, connections=1)
             return outcomes
-        finally:
-            srv.close()
 
     return asyncio.run(main()), server
 
