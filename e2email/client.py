@@ -505,7 +505,9 @@ class AsyncMailer:
         ):
             # Checked before anything is sent (a negative number made no protecting task:
             # the first message alone was sent, the rest silently never read).
-            raise ConfigError(f"concurrency must be a positive whole number, not {concurrency!r}")
+            raise ConfigError(
+                f"concurrency must be a whole number (0: the default), not {concurrency!r}"
+            )
         prot = protection if protection is not None else self.protection
         counts: Counter[str] = Counter()
         collected: list[MessageOutcome] = []

@@ -1101,9 +1101,7 @@ class SMTPConnection:
                         closing.code, closing.message, mail_from
                     ) from None
                 self._stage = "RCPT"
-                for rcpt, reply in zip(rcpts, got[1:], strict=False):
-                    if reply.code not in (250, 251):
-                        refusals[rcpt] = _reply(reply)
+                _note_refusals(rcpts, got[1:], refusals)
                 raise aiosmtplib.SMTPRecipientRefused(
                     closing.code, closing.message, rcpts[first - 1]
                 ) from None
@@ -1111,10 +1109,8 @@ class SMTPConnection:
                 smtp.close()  # mid-group: out of step whatever comes next
                 raise
         self._in_group = False
-        mail, rcpt_replies, final = got[0], got[1:-1], got[-1]
-        for rcpt, reply in zip(rcpts, rcpt_replies, strict=True):
-            if reply.code not in (250, 251):
-                refusals[rcpt] = _reply(reply)
+        mail, final = got[0], got[-1]
+        _note_refusals(rcpts, got[1:-1], refusals)
         closes = any(r.code == 421 for r in got)
         no_transaction = mail.code != 250 or len(refusals) == len(rcpts)
         if extra or (no_transaction and final.code == 250):
@@ -1129,9 +1125,9 @@ class SMTPConnection:
             raise aiosmtplib.SMTPResponseException(
                 -1, "the server's replies to the message do not match its commands"
             )
-        # No transaction, or the message refused: nothing delivered.
-        if no_transaction or final.code != 250:
-            self._end_of_data_sent = False
+        # A reply to every command, in step: the server's word on the message, whatever it
+        # says (delivered or refused), so no longer "maybe".
+        self._end_of_data_sent = False
         if closes:
             # A 421 among them: the server is closing; nothing more is sent on this session.
             smtp.close()
@@ -1145,7 +1141,6 @@ class SMTPConnection:
         self._stage = "DATA"
         if final.code != 250:
             raise aiosmtplib.SMTPDataError(final.code, final.message)
-        self._end_of_data_sent = False
         return final
 
     async def _data(
@@ -1251,6 +1246,16 @@ class SMTPConnection:
         self._smtp.close()
         if isinstance(transport, asyncio.WriteTransport):
             transport.abort()
+
+
+def _note_refusals(
+    rcpts: Sequence[str], replies: Sequence[aiosmtplib.SMTPResponse], refusals: dict[str, SMTPReply]
+) -> None:
+    """Record in ``refusals`` each of ``rcpts`` whose RCPT reply (in order; as many as came)
+    is not 250 or 251 (RFC 5321 §4.1.1.3)."""
+    for rcpt, reply in zip(rcpts, replies, strict=False):
+        if reply.code not in (250, 251):
+            refusals[rcpt] = _reply(reply)
 
 
 def _dot_stuffed(raw: bytes | Spool, size: int = _DATA_CHUNK) -> Iterator[bytes]:
